@@ -1,0 +1,3 @@
+//! The embedded BGP speaker. `wire` is the pure codec; sessions, RIB and policy are built on it.
+
+pub mod wire;

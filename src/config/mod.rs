@@ -1,0 +1,8 @@
+//! Calico `projectcalico.org/v3` resources: serde types, defaults and validation. Knows nothing of etcd.
+//!
+//! Parse, then validate, then apply: the serde types mirror Calico's YAML/JSON; `validate()` on each
+//! resource returns a [`ConfigError`] naming the resource, the field and the bad value.
+
+pub mod meta;
+
+pub use meta::{ConfigError, ObjectMeta, API_VERSION};

@@ -1,0 +1,10 @@
+//! margay: one binary that replaces calico-node + BIRD + confd on a Kubernetes node.
+//!
+//! The parts below are composed by `node` (the DaemonSet daemon) and `reflector` (the standalone route
+//! reflector). Arrows point down only: parts never reach up into the composers. See DESIGN.md for the map.
+
+pub mod bgp;
+pub mod config;
+pub mod dataplane;
+pub mod datastore;
+pub mod ipam;
