@@ -81,6 +81,8 @@ pub struct Nlri {
 }
 
 /// A whole BGP message (RFC 4271 section 4).
+// UPDATE is by far the most frequent message and is consumed right after decode: keep it inline.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
     Open(Open),
