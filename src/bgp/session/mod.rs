@@ -24,8 +24,8 @@
 pub mod config;
 pub mod fsm;
 pub mod open;
-// pub mod peer;
-// pub mod listener;
+pub mod listener;
+pub mod peer;
 pub mod sockopt;
 
 use std::net::IpAddr;
@@ -37,7 +37,9 @@ use crate::bgp::wire::{Family, Update};
 
 pub use config::{GracefulRestartConfig, Password, PeerConfig, Timers};
 pub use fsm::{Action, ConnId, Event, MessageError, Session, State, Timer};
+pub use listener::{Listener, ListenerError, ListenerHandle};
 pub use open::{Negotiated, OpenError, PeerGracefulRestart};
+pub use peer::{spawn_peer, PeerHandle};
 
 /// Identifies one Established session of a peer. It changes every time the session comes up again, so
 /// the RIB can tell which session a batch of pre-encoded UPDATEs was built for: bytes encoded for an
