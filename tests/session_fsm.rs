@@ -167,6 +167,7 @@ fn connect_retry_expiry_reconnects() {
     s.handle(Event::ManualStart);
     let a = s.handle(Event::ConnectRetryTimerExpires);
     assert!(has(&a, |a| *a == Action::Connect));
+    assert_eq!(last_error(&a).as_deref(), Some("connect: timed out"));
     assert_eq!(s.state(), State::Connect);
 }
 

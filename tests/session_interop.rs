@@ -29,7 +29,11 @@ const LIMIT: Duration = Duration::from_secs(60);
 
 fn prereqs(test: &str, daemon_ok: bool, daemon: &str) -> bool {
     require(is_root(), test, "needs root for network namespaces")
-        && require(daemon_ok, test, &format!("{daemon} is not installed (scripts/install-deps.sh)"))
+        && require(
+            daemon_ok,
+            test,
+            &format!("{daemon} is not installed (scripts/install-deps.sh)"),
+        )
 }
 
 fn ip(s: &str) -> IpAddr {
@@ -81,12 +85,20 @@ async fn eventually<T>(what: &str, mut f: impl FnMut() -> Result<T, String>) -> 
 }
 
 /// Wait until the peer's status satisfies `pred`.
-async fn status_until(h: &PeerHandle, what: &str, pred: impl Fn(&margay::bgp::session::PeerStatus) -> bool) {
+async fn status_until(
+    h: &PeerHandle,
+    what: &str,
+    pred: impl Fn(&margay::bgp::session::PeerStatus) -> bool,
+) {
     let mut w = h.watch_status();
     let r = tokio::time::timeout(LIMIT, w.wait_for(|s| pred(s))).await;
     match r {
         Ok(Ok(_)) => {}
-        _ => panic!("peer {} never reached {what}; status: {:#?}", h.peer(), h.status()),
+        _ => panic!(
+            "peer {} never reached {what}; status: {:#?}",
+            h.peer(),
+            h.status()
+        ),
     }
 }
 
@@ -95,7 +107,10 @@ fn announced(ev: &SessionEvent) -> Vec<IpNetwork> {
         SessionEvent::Updates { updates, .. } => updates
             .iter()
             .flat_map(|u| {
-                u.nlri.iter().chain(u.attributes.mp_reach.iter().flat_map(|m| m.nlri.iter())).map(|n| n.prefix)
+                u.nlri
+                    .iter()
+                    .chain(u.attributes.mp_reach.iter().flat_map(|m| m.nlri.iter()))
+                    .map(|n| n.prefix)
             })
             .collect(),
         _ => Vec::new(),
@@ -146,33 +161,58 @@ fn bird_sessions_ipv4_ipv6_four_octet_as_and_end_of_rib() {
     let bird = Bird::start(&link.peer_ns, &bird_conf(9));
     in_netns(&link.margay_ns, move || async move {
         let (tx, mut rx) = mpsc::channel(1024);
-        let p4 = spawn_peer(peer_cfg("10.0.0.2", 4200000002, 4200000001), None, tx.clone());
+        let p4 = spawn_peer(
+            peer_cfg("10.0.0.2", 4200000002, 4200000001),
+            None,
+            tx.clone(),
+        );
         let p6 = spawn_peer(peer_cfg("fd00::2", 4200000002, 4200000001), None, tx);
         let mut seen = Vec::new();
         let mut sessions = std::collections::HashMap::new();
         for peer in [ip("10.0.0.2"), ip("fd00::2")] {
-            let ev = expect_event(&mut rx, &mut seen, "Established", |e| {
-                matches!(e, SessionEvent::Established { peer: p, .. } if *p == peer)
-            })
+            let ev = expect_event(
+                &mut rx,
+                &mut seen,
+                "Established",
+                |e| matches!(e, SessionEvent::Established { peer: p, .. } if *p == peer),
+            )
             .await;
-            let SessionEvent::Established { negotiated, session, .. } = ev else { unreachable!() };
+            let SessionEvent::Established {
+                negotiated,
+                session,
+                ..
+            } = ev
+            else {
+                unreachable!()
+            };
             assert_eq!(negotiated.peer_as, 4200000002);
             assert!(negotiated.four_octet_as);
             assert_eq!(negotiated.hold_time, 9);
-            assert!(negotiated.peer_graceful_restart.is_some(), "BIRD has graceful restart on");
-            let fam = if peer.is_ipv4() { Family::IPV4_UNICAST } else { Family::IPV6_UNICAST };
+            assert!(
+                negotiated.peer_graceful_restart.is_some(),
+                "BIRD has graceful restart on"
+            );
+            let fam = if peer.is_ipv4() {
+                Family::IPV4_UNICAST
+            } else {
+                Family::IPV6_UNICAST
+            };
             assert_eq!(negotiated.families, vec![fam]);
             sessions.insert(peer, (session, fam));
         }
         // BIRD's routes arrive, then its End-of-RIB per family.
-        for (peer, want) in [(ip("10.0.0.2"), vec!["192.0.2.0/24", "198.51.100.0/24"]), (ip("fd00::2"), vec!["2001:db8:1::/48"])]
-        {
+        for (peer, want) in [
+            (ip("10.0.0.2"), vec!["192.0.2.0/24", "198.51.100.0/24"]),
+            (ip("fd00::2"), vec!["2001:db8:1::/48"]),
+        ] {
             let fam = sessions[&peer].1;
             let mut got = Vec::new();
             loop {
                 let ev = expect_event(&mut rx, &mut seen, "Updates or End-of-RIB", |e| match e {
                     SessionEvent::Updates { peer: p, .. } => *p == peer,
-                    SessionEvent::EndOfRib { peer: p, family, .. } => *p == peer && *family == fam,
+                    SessionEvent::EndOfRib {
+                        peer: p, family, ..
+                    } => *p == peer && *family == fam,
                     _ => false,
                 })
                 .await;
@@ -182,24 +222,42 @@ fn bird_sessions_ipv4_ipv6_four_octet_as_and_end_of_rib() {
                 got.extend(announced(&ev));
             }
             for w in want {
-                assert!(got.contains(&net(w)), "{w} from {peer} before End-of-RIB; got {got:?}");
+                assert!(
+                    got.contains(&net(w)),
+                    "{w} from {peer} before End-of-RIB; got {got:?}"
+                );
             }
         }
 
         // Our route and End-of-RIB go the other way.
         let (s4, _) = sessions[&ip("10.0.0.2")];
         let update = Update {
-            nlri: vec![Nlri { prefix: net("203.0.113.0/24"), path_id: 0 }],
+            nlri: vec![Nlri {
+                prefix: net("203.0.113.0/24"),
+                path_id: 0,
+            }],
             attributes: PathAttributes {
                 origin: Some(Origin::Igp),
-                as_path: Some(AsPath { segments: vec![AsSegment::Sequence(vec![4200000001])] }),
+                as_path: Some(AsPath {
+                    segments: vec![AsSegment::Sequence(vec![4200000001])],
+                }),
                 next_hop: Some(Ipv4Addr::new(10, 0, 0, 1)),
                 ..Default::default()
             },
             ..Default::default()
         };
-        p4.send(PeerCommand::SendUpdateList { session: s4, updates: vec![update] }).await.expect("send");
-        p4.send(PeerCommand::SendEndOfRib { session: s4, family: Family::IPV4_UNICAST }).await.expect("send");
+        p4.send(PeerCommand::SendUpdateList {
+            session: s4,
+            updates: vec![update],
+        })
+        .await
+        .expect("send");
+        p4.send(PeerCommand::SendEndOfRib {
+            session: s4,
+            family: Family::IPV4_UNICAST,
+        })
+        .await
+        .expect("send");
         let route = eventually("BIRD to hold 203.0.113.0/24 from margay", || {
             let out = bird.birdc("show route 203.0.113.0/24 all");
             if out.contains("203.0.113.0/24") && out.contains("4200000001") {
@@ -218,7 +276,10 @@ fn bird_sessions_ipv4_ipv6_four_octet_as_and_end_of_rib() {
         for p in [&p4, &p6] {
             let st = p.status();
             assert_eq!(st.state, State::Established);
-            assert!(st.counters.updates_in >= 1 && st.counters.prefixes_in >= 1, "{st:#?}");
+            assert!(
+                st.counters.updates_in >= 1 && st.counters.prefixes_in >= 1,
+                "{st:#?}"
+            );
         }
         p4.shutdown().await;
         p6.shutdown().await;
@@ -262,7 +323,10 @@ fn bird_wrong_as_keeps_session_down_with_plain_reason() {
         .await;
         assert_ne!(p.status().state, State::Established);
         while let Ok(ev) = rx.try_recv() {
-            assert!(!matches!(ev, SessionEvent::Established { .. }), "must never establish: {ev:?}");
+            assert!(
+                !matches!(ev, SessionEvent::Established { .. }),
+                "must never establish: {ev:?}"
+            );
         }
         p.shutdown().await;
     });
@@ -286,11 +350,24 @@ fn bird_hold_timer_expires_when_peer_is_stopped() {
         cfg.timers.hold_time = 3;
         let p = spawn_peer(cfg, None, tx);
         let mut seen = Vec::new();
-        expect_event(&mut rx, &mut seen, "Established", |e| matches!(e, SessionEvent::Established { .. })).await;
+        expect_event(&mut rx, &mut seen, "Established", |e| {
+            matches!(e, SessionEvent::Established { .. })
+        })
+        .await;
         bird.stop_signal();
-        let ev = expect_event(&mut rx, &mut seen, "Down", |e| matches!(e, SessionEvent::Down { .. })).await;
+        let ev = expect_event(&mut rx, &mut seen, "Down", |e| {
+            matches!(e, SessionEvent::Down { .. })
+        })
+        .await;
         bird.cont_signal();
-        let SessionEvent::Down { reason, graceful_restart, .. } = ev else { unreachable!() };
+        let SessionEvent::Down {
+            reason,
+            graceful_restart,
+            ..
+        } = ev
+        else {
+            unreachable!()
+        };
         assert_eq!(reason, "hold timer expired");
         let gr = graceful_restart.expect("BIRD is GR-capable: routes kept stale");
         assert_eq!(gr.restart_time, 120, "BIRD's default restart time");
@@ -346,12 +423,23 @@ fn gobgp_md5_password_right_and_wrong() {
         cfg.password = Some(Password("s3cret-md5".into()));
         let p = spawn_peer(cfg.clone(), None, tx.clone());
         let mut seen = Vec::new();
-        let ev = expect_event(&mut rx, &mut seen, "Established", |e| matches!(e, SessionEvent::Established { .. })).await;
-        let SessionEvent::Established { negotiated, .. } = ev else { unreachable!() };
-        assert_eq!(negotiated.families, vec![Family::IPV4_UNICAST, Family::IPV6_UNICAST]);
+        let ev = expect_event(&mut rx, &mut seen, "Established", |e| {
+            matches!(e, SessionEvent::Established { .. })
+        })
+        .await;
+        let SessionEvent::Established { negotiated, .. } = ev else {
+            unreachable!()
+        };
+        assert_eq!(
+            negotiated.families,
+            vec![Family::IPV4_UNICAST, Family::IPV6_UNICAST]
+        );
         let mut got = Vec::new();
         while !got.contains(&net("10.10.0.0/24")) {
-            let ev = expect_event(&mut rx, &mut seen, "GoBGP's route", |e| matches!(e, SessionEvent::Updates { .. })).await;
+            let ev = expect_event(&mut rx, &mut seen, "GoBGP's route", |e| {
+                matches!(e, SessionEvent::Updates { .. })
+            })
+            .await;
             got.extend(announced(&ev));
         }
         eventually("gobgp to show the neighbor Established", || {
@@ -379,14 +467,19 @@ fn gobgp_md5_password_right_and_wrong() {
         cfg.password = Some(Password("wrong-password".into()));
         let bad = spawn_peer(cfg, None, tx2);
         status_until(&bad, "a failed connect", |s| {
-            s.last_error.as_deref().is_some_and(|e| e.starts_with("connect: "))
+            s.last_error
+                .as_deref()
+                .is_some_and(|e| e.starts_with("connect: "))
         })
         .await;
         let st = bad.status();
         assert_ne!(st.state, State::Established, "{st:#?}");
         assert_eq!(st.counters.established, 0);
         while let Ok(ev) = rx2.try_recv() {
-            assert!(!matches!(ev, SessionEvent::Established { .. }), "must never establish: {ev:?}");
+            assert!(
+                !matches!(ev, SessionEvent::Established { .. }),
+                "must never establish: {ev:?}"
+            );
         }
         let out = gobgp.gobgp("neighbor");
         assert!(!out.contains("Establ"), "{out}");
@@ -422,21 +515,35 @@ router bgp 65000
 "#;
     let frr = Frr::start(&link.peer_ns, conf);
     in_netns(&link.margay_ns, move || async move {
-        let listener = Listener::bind(&[SocketAddr::new(ip("fd00::1"), 179)]).await.expect("bind listener");
+        let listener = Listener::bind(&[SocketAddr::new(ip("fd00::1"), 179)])
+            .await
+            .expect("bind listener");
         let (tx, mut rx) = mpsc::channel(1024);
         let mut cfg = peer_cfg("fd00::2", 65000, 65000);
         cfg.passive = true;
         cfg.password = Some(Password("frr-md5-key".into()));
         let p = spawn_peer(cfg, Some(listener.handle()), tx);
         let mut seen = Vec::new();
-        let ev = expect_event(&mut rx, &mut seen, "Established", |e| matches!(e, SessionEvent::Established { .. })).await;
-        let SessionEvent::Established { negotiated, .. } = ev else { unreachable!() };
+        let ev = expect_event(&mut rx, &mut seen, "Established", |e| {
+            matches!(e, SessionEvent::Established { .. })
+        })
+        .await;
+        let SessionEvent::Established { negotiated, .. } = ev else {
+            unreachable!()
+        };
         assert!(negotiated.is_ibgp());
         assert_eq!(negotiated.families, vec![Family::IPV6_UNICAST]);
         let mut got = Vec::new();
         loop {
             let ev = expect_event(&mut rx, &mut seen, "FRR's route and End-of-RIB", |e| {
-                matches!(e, SessionEvent::Updates { .. } | SessionEvent::EndOfRib { family: Family::IPV6_UNICAST, .. })
+                matches!(
+                    e,
+                    SessionEvent::Updates { .. }
+                        | SessionEvent::EndOfRib {
+                            family: Family::IPV6_UNICAST,
+                            ..
+                        }
+                )
             })
             .await;
             if matches!(ev, SessionEvent::EndOfRib { .. }) {
@@ -447,8 +554,12 @@ router bgp 65000
         assert!(got.contains(&net("2001:db8:2::/48")), "{got:?}");
         let summary = eventually("FRR to show fd00::1 Established", || {
             let out = frr.vtysh("show bgp summary json");
-            let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| format!("{e}: {out}"))?;
-            let state = v["ipv6Unicast"]["peers"]["fd00::1"]["state"].as_str().unwrap_or("").to_string();
+            let v: serde_json::Value =
+                serde_json::from_str(&out).map_err(|e| format!("{e}: {out}"))?;
+            let state = v["ipv6Unicast"]["peers"]["fd00::1"]["state"]
+                .as_str()
+                .unwrap_or("")
+                .to_string();
             if state == "Established" {
                 Ok(v)
             } else {

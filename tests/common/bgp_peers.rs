@@ -36,14 +36,20 @@ impl Link {
         let netns = Netns::new(&[&a, &b]);
         let va = unique(&format!("{tag}x"));
         let vb = unique(&format!("{tag}y"));
-        sh(&format!("ip -n {a} link add {va} type veth peer name {vb} netns {b}"));
+        sh(&format!(
+            "ip -n {a} link add {va} type veth peer name {vb} netns {b}"
+        ));
         sh(&format!("ip -n {a} addr add {MARGAY_V4}/24 dev {va}"));
         sh(&format!("ip -n {a} addr add {MARGAY_V6}/64 dev {va} nodad"));
         sh(&format!("ip -n {b} addr add {PEER_V4}/24 dev {vb}"));
         sh(&format!("ip -n {b} addr add {PEER_V6}/64 dev {vb} nodad"));
         sh(&format!("ip -n {a} link set {va} up"));
         sh(&format!("ip -n {b} link set {vb} up"));
-        Link { margay_ns: a, peer_ns: b, _netns: netns }
+        Link {
+            margay_ns: a,
+            peer_ns: b,
+            _netns: netns,
+        }
     }
 }
 
@@ -60,7 +66,10 @@ where
         let file = fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
         nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
             .unwrap_or_else(|e| panic!("setns {path}: {e}"));
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
         rt.block_on(f())
     });
     match handle.join() {
@@ -102,7 +111,10 @@ impl Proc {
             .stderr(err)
             .spawn()
             .unwrap_or_else(|e| panic!("start {what}: {e}"));
-        Proc { child, what: what.to_string() }
+        Proc {
+            child,
+            what: what.to_string(),
+        }
     }
 
     fn pid(&self) -> i32 {
@@ -113,7 +125,10 @@ impl Proc {
 impl Drop for Proc {
     fn drop(&mut self) {
         // `ip netns exec` execs the daemon, so the child's PID is the daemon's.
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), nix::sys::signal::Signal::SIGCONT);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid()),
+            nix::sys::signal::Signal::SIGCONT,
+        );
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = &self.what;
@@ -121,7 +136,8 @@ impl Drop for Proc {
 }
 
 fn signal(pid: i32, sig: nix::sys::signal::Signal) {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).unwrap_or_else(|e| panic!("kill -{sig} {pid}: {e}"));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig)
+        .unwrap_or_else(|e| panic!("kill -{sig} {pid}: {e}"));
 }
 
 fn read_log(p: &Path) -> String {
@@ -145,7 +161,11 @@ impl Bird {
     /// Start BIRD with `conf` (a whole bird.conf) and wait until its control socket answers.
     pub fn start(ns: &str, conf: &str) -> Bird {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut b = Bird { dir, ns: ns.to_string(), proc: None };
+        let mut b = Bird {
+            dir,
+            ns: ns.to_string(),
+            proc: None,
+        };
         fs::write(b.path("bird.conf"), conf).expect("write bird.conf");
         b.launch();
         b
@@ -178,7 +198,11 @@ impl Bird {
     }
 
     pub fn birdc(&self, cmd: &str) -> String {
-        try_sh(&format!("birdc -s {} {cmd}", self.path("bird.ctl").display())).1
+        try_sh(&format!(
+            "birdc -s {} {cmd}",
+            self.path("bird.ctl").display()
+        ))
+        .1
     }
 
     pub fn pid(&self) -> i32 {
@@ -239,10 +263,27 @@ impl GoBgp {
         let p = Proc::spawn(
             "gobgpd",
             ns,
-            &["gobgpd", "-f", s(&conf), "-t", "toml", "-l", "info", "-p", "--api-hosts", &api, "--pprof-disable"],
+            &[
+                "gobgpd",
+                "-f",
+                s(&conf),
+                "-t",
+                "toml",
+                "-l",
+                "info",
+                "-p",
+                "--api-hosts",
+                &api,
+                "--pprof-disable",
+            ],
             &log,
         );
-        let g = GoBgp { dir, ns: ns.to_string(), api_port, proc: Some(p) };
+        let g = GoBgp {
+            dir,
+            ns: ns.to_string(),
+            api_port,
+            proc: Some(p),
+        };
         wait_for("GoBGP API", Duration::from_secs(20), || {
             let (ok, out) = g.gobgp_ok("global");
             if ok {
@@ -255,7 +296,10 @@ impl GoBgp {
     }
 
     fn gobgp_ok(&self, args: &str) -> (bool, String) {
-        try_sh(&format!("ip netns exec {} gobgp -u 127.0.0.1 -p {} {args}", self.ns, self.api_port))
+        try_sh(&format!(
+            "ip netns exec {} gobgp -u 127.0.0.1 -p {} {args}",
+            self.ns, self.api_port
+        ))
     }
 
     pub fn gobgp(&self, args: &str) -> String {
@@ -289,11 +333,17 @@ pub struct Frr {
 impl Frr {
     /// Start zebra and bgpd; `bgpd_conf` is bgpd's whole configuration.
     pub fn start(ns: &str, bgpd_conf: &str) -> Frr {
-        let dir = tempfile::Builder::new().prefix("margay-frr").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("margay-frr")
+            .tempdir()
+            .expect("tempdir");
         let d = dir.path().to_path_buf();
         fs::write(d.join("zebra.conf"), "hostname zebra\n").expect("zebra.conf");
         fs::write(d.join("bgpd.conf"), bgpd_conf).expect("bgpd.conf");
-        sh(&format!("chown -R frr:frr {0} && chmod 755 {0}", d.display()));
+        sh(&format!(
+            "chown -R frr:frr {0} && chmod 755 {0}",
+            d.display()
+        ));
         let zserv = d.join("zserv.api");
         let zserv_arg = s(&zserv).to_string();
         let vty = s(&d).to_string();
@@ -301,8 +351,21 @@ impl Frr {
             "zebra",
             ns,
             &[
-                "/usr/lib/frr/zebra", "-u", "frr", "-g", "frr", "-z", &zserv_arg, "--vty_socket", &vty, "-P", "0",
-                "-i", s(&d.join("zebra.pid")), "-f", s(&d.join("zebra.conf")),
+                "/usr/lib/frr/zebra",
+                "-u",
+                "frr",
+                "-g",
+                "frr",
+                "-z",
+                &zserv_arg,
+                "--vty_socket",
+                &vty,
+                "-P",
+                "0",
+                "-i",
+                s(&d.join("zebra.pid")),
+                "-f",
+                s(&d.join("zebra.conf")),
             ],
             &d.join("zebra.log"),
         );
@@ -317,25 +380,51 @@ impl Frr {
             "bgpd",
             ns,
             &[
-                "/usr/lib/frr/bgpd", "-u", "frr", "-g", "frr", "-z", &zserv_arg, "--vty_socket", &vty, "-P", "0",
-                "-n", "-i", s(&d.join("bgpd.pid")), "-f", s(&d.join("bgpd.conf")),
+                "/usr/lib/frr/bgpd",
+                "-u",
+                "frr",
+                "-g",
+                "frr",
+                "-z",
+                &zserv_arg,
+                "--vty_socket",
+                &vty,
+                "-P",
+                "0",
+                "-n",
+                "-i",
+                s(&d.join("bgpd.pid")),
+                "-f",
+                s(&d.join("bgpd.conf")),
             ],
             &d.join("bgpd.log"),
         );
-        let f = Frr { dir, ns: ns.to_string(), zebra: Some(zebra), bgpd: Some(bgpd) };
+        let f = Frr {
+            dir,
+            ns: ns.to_string(),
+            zebra: Some(zebra),
+            bgpd: Some(bgpd),
+        };
         wait_for("bgpd's vty", Duration::from_secs(20), || {
             let out = f.vtysh("show bgp summary json");
             if out.trim_start().starts_with('{') {
                 Ok(())
             } else {
-                Err(format!("{out}\nlog: {}", read_log(&f.dir.path().join("bgpd.log"))))
+                Err(format!(
+                    "{out}\nlog: {}",
+                    read_log(&f.dir.path().join("bgpd.log"))
+                ))
             }
         });
         f
     }
 
     pub fn vtysh(&self, cmd: &str) -> String {
-        try_sh(&format!("vtysh --vty_socket {} -d bgpd -c '{cmd}'", self.dir.path().display())).1
+        try_sh(&format!(
+            "vtysh --vty_socket {} -d bgpd -c '{cmd}'",
+            self.dir.path().display()
+        ))
+        .1
     }
 
     pub fn bgpd_pid(&self) -> i32 {

@@ -346,6 +346,11 @@ impl Session {
         match self.state {
             // RFC 4271 8.2.2 Connect / Active: drop the attempt, restart the timer, connect again.
             State::Connect | State::Active => {
+                if self.state == State::Connect {
+                    // The attempt in flight got no answer (a silent peer, a firewall, or a TCP MD5
+                    // mismatch: the kernel drops wrongly signed segments without a reply).
+                    out.push(Action::LastError("connect: timed out".into()));
+                }
                 out.push(Action::StartTimer(
                     Timer::ConnectRetry,
                     self.cfg.timers.connect_retry,

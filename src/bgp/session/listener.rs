@@ -72,7 +72,15 @@ impl ListenerHandle {
         conns: mpsc::Sender<TcpStream>,
     ) -> Result<(), ListenerError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Request::Register { peer, password, conns, reply }).await.map_err(|_| ListenerError::Gone)?;
+        self.tx
+            .send(Request::Register {
+                peer,
+                password,
+                conns,
+                reply,
+            })
+            .await
+            .map_err(|_| ListenerError::Gone)?;
         rx.await.map_err(|_| ListenerError::Gone)?
     }
 
@@ -99,12 +107,19 @@ impl Listener {
         let mut bound = Vec::new();
         for &addr in addrs {
             let l = bind_one(addr).map_err(|source| ListenerError::Bind { addr, source })?;
-            bound.push(l.local_addr().map_err(|source| ListenerError::Bind { addr, source })?);
+            bound.push(
+                l.local_addr()
+                    .map_err(|source| ListenerError::Bind { addr, source })?,
+            );
             listeners.push(Arc::new(l));
         }
         let (tx, rx) = mpsc::channel(64);
         let task = tokio::spawn(run(listeners, rx));
-        Ok(Listener { handle: ListenerHandle { tx }, addrs: bound, _task: super::peer::AbortOnDrop(task) })
+        Ok(Listener {
+            handle: ListenerHandle { tx },
+            addrs: bound,
+            _task: super::peer::AbortOnDrop(task),
+        })
     }
 
     pub fn handle(&self) -> ListenerHandle {
@@ -117,7 +132,11 @@ impl Listener {
 }
 
 fn bind_one(addr: SocketAddr) -> io::Result<TcpListener> {
-    let sock = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    let sock = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
     sock.set_reuseaddr(true)?;
     sock.bind(addr)?;
     sock.listen(128)
@@ -204,9 +223,17 @@ async fn run(listeners: Vec<Arc<TcpListener>>, mut requests: mpsc::Receiver<Requ
     }
 }
 
-fn set_md5_all(listeners: &[Arc<TcpListener>], peer: IpAddr, password: Option<&Password>) -> Result<(), ListenerError> {
+fn set_md5_all(
+    listeners: &[Arc<TcpListener>],
+    peer: IpAddr,
+    password: Option<&Password>,
+) -> Result<(), ListenerError> {
     for l in listeners {
-        let addr = l.local_addr().map_err(|source| ListenerError::Md5 { peer, addr: ([0, 0, 0, 0], 0).into(), source })?;
+        let addr = l.local_addr().map_err(|source| ListenerError::Md5 {
+            peer,
+            addr: ([0, 0, 0, 0], 0).into(),
+            source,
+        })?;
         // An IPv4 socket cannot key an IPv6 peer and vice versa (unless dual-stack IPv6).
         if addr.is_ipv4() && peer.is_ipv6() {
             continue;
@@ -225,9 +252,14 @@ fn set_md5_all(listeners: &[Arc<TcpListener>], peer: IpAddr, password: Option<&P
 /// RFC 4486: tell an unknown speaker why before closing.
 async fn reject(mut stream: TcpStream) {
     let mut buf = BytesMut::new();
-    let n = Notification { code: code::CEASE, subcode: code::CEASE_CONNECTION_REJECTED, data: Vec::new() };
+    let n = Notification {
+        code: code::CEASE,
+        subcode: code::CEASE_CONNECTION_REJECTED,
+        data: Vec::new(),
+    };
     if encode(&Message::Notification(n), &EncodeCtx::default(), &mut buf).is_ok() {
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), stream.write_all(&buf)).await;
+        let _ =
+            tokio::time::timeout(std::time::Duration::from_secs(2), stream.write_all(&buf)).await;
     }
     let _ = stream.shutdown().await;
 }

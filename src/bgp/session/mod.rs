@@ -23,8 +23,8 @@
 
 pub mod config;
 pub mod fsm;
-pub mod open;
 pub mod listener;
+pub mod open;
 pub mod peer;
 pub mod sockopt;
 

@@ -21,8 +21,8 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::bgp::wire::{
-    decode_full, encode, peek_len, DecodeCtx, DecodeError, EncodeCtx, Family, Message, MpUnreach, Notification,
-    PathAttributes, Rfc7606Action, Update, HEADER_LEN,
+    decode_full, encode, peek_len, DecodeCtx, DecodeError, EncodeCtx, Family, Message, MpUnreach,
+    Notification, PathAttributes, Rfc7606Action, Update, HEADER_LEN,
 };
 
 use super::config::PeerConfig;
@@ -63,7 +63,10 @@ impl PeerHandle {
     }
 
     pub async fn send(&self, c: PeerCommand) -> Result<(), SessionError> {
-        self.cmd.send(c).await.map_err(|_| SessionError::TaskGone { peer: self.peer })
+        self.cmd
+            .send(c)
+            .await
+            .map_err(|_| SessionError::TaskGone { peer: self.peer })
     }
 
     /// The peer's current status.
@@ -94,7 +97,11 @@ impl Drop for PeerHandle {
 
 /// Start the task for one peer. `listener` (when given) delivers the connections the peer opens to us;
 /// `events` is the RIB's inbox shared by all peers. The session starts right away (ManualStart).
-pub fn spawn_peer(cfg: PeerConfig, listener: Option<ListenerHandle>, events: mpsc::Sender<SessionEvent>) -> PeerHandle {
+pub fn spawn_peer(
+    cfg: PeerConfig,
+    listener: Option<ListenerHandle>,
+    events: mpsc::Sender<SessionEvent>,
+) -> PeerHandle {
     let peer = cfg.peer_addr;
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
     let (owner_tx, owner_rx) = oneshot::channel();
@@ -110,7 +117,13 @@ pub fn spawn_peer(cfg: PeerConfig, listener: Option<ListenerHandle>, events: mps
     let (status_tx, status_rx) = watch::channel(status);
     let task = PeerTask::new(cfg, listener, events, status_tx);
     let join = tokio::spawn(task.run(cmd_rx, owner_rx));
-    PeerHandle { peer, cmd: cmd_tx, status: status_rx, owner: Some(owner_tx), task: Some(join) }
+    PeerHandle {
+        peer,
+        cmd: cmd_tx,
+        status: status_rx,
+        owner: Some(owner_tx),
+        task: Some(join),
+    }
 }
 
 /// What the per-connection tasks report.
@@ -203,10 +216,17 @@ impl PeerTask {
         }
     }
 
-    async fn run(mut self, mut cmds: mpsc::Receiver<PeerCommand>, mut owner: oneshot::Receiver<()>) {
+    async fn run(
+        mut self,
+        mut cmds: mpsc::Receiver<PeerCommand>,
+        mut owner: oneshot::Receiver<()>,
+    ) {
         let (in_tx, mut incoming) = mpsc::channel::<TcpStream>(4);
         if let Some(l) = &self.listener {
-            if let Err(e) = l.register(self.cfg.peer_addr, self.cfg.password.clone(), in_tx.clone()).await {
+            if let Err(e) = l
+                .register(self.cfg.peer_addr, self.cfg.password.clone(), in_tx.clone())
+                .await
+            {
                 self.last_error = Some(e.to_string());
             }
         }
@@ -226,10 +246,10 @@ impl PeerTask {
                 Some(msg) = self.internal_rx.recv() => self.internal(msg).await,
                 _ = sleep_until_opt(next_timer), if next_timer.is_some() => {
                     let now = Instant::now();
-                    for i in 0..4 {
+                    for (i, ev) in TIMER_EVENTS.iter().enumerate() {
                         if self.timers[i].is_some_and(|t| t <= now) {
                             self.timers[i] = None;
-                            self.feed(TIMER_EVENTS[i].clone()).await;
+                            self.feed(ev.clone()).await;
                         }
                     }
                 }
@@ -249,7 +269,11 @@ impl PeerTask {
 
     fn publish(&self) {
         let state = self.session.state();
-        let neg = if state == State::Established { self.session.negotiated() } else { None };
+        let neg = if state == State::Established {
+            self.session.negotiated()
+        } else {
+            None
+        };
         self.status.send_if_modified(|s| {
             let mut changed = false;
             if s.state != state {
@@ -310,10 +334,17 @@ impl PeerTask {
                 self.counters.established += 1;
                 self.last_error = None;
                 self.set_contexts(&neg);
-                let ev = SessionEvent::Established { peer: self.cfg.peer_addr, session: self.session_id, negotiated: neg };
+                let ev = SessionEvent::Established {
+                    peer: self.cfg.peer_addr,
+                    session: self.session_id,
+                    negotiated: neg,
+                };
                 let _ = self.events.send(ev).await;
             }
-            Action::Down { reason, graceful_restart } => {
+            Action::Down {
+                reason,
+                graceful_restart,
+            } => {
                 let ev = SessionEvent::Down {
                     peer: self.cfg.peer_addr,
                     session: self.session_id,
@@ -362,8 +393,8 @@ impl PeerTask {
         let cfg = self.cfg.clone();
         let tx = self.internal_tx.clone();
         let task = tokio::spawn(async move {
-            let r = tokio::time::timeout(cfg.timers.connect_retry.max(Duration::from_secs(1)), connect(&cfg)).await;
-            let r = r.unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "connect: timed out")));
+            // No timeout here: the FSM's ConnectRetryTimer replaces an attempt that takes too long.
+            let r = connect(&cfg).await;
             let _ = tx.send(Internal::Connected(id, r)).await;
         });
         self.connecting = Some(AbortOnDrop(task));
@@ -386,8 +417,22 @@ impl PeerTask {
         let (control_tx, control_rx) = mpsc::unbounded_channel();
         let (data_tx, data_rx) = mpsc::channel(DATA_QUEUE);
         let reader = tokio::spawn(reader(id, rd, self.internal_tx.clone()));
-        let writer = tokio::spawn(writer(id, wr, control_rx, data_rx, self.internal_tx.clone()));
-        self.conns.insert(id, Conn { control: control_tx, data: data_tx, _reader: AbortOnDrop(reader), writer });
+        let writer = tokio::spawn(writer(
+            id,
+            wr,
+            control_rx,
+            data_rx,
+            self.internal_tx.clone(),
+        ));
+        self.conns.insert(
+            id,
+            Conn {
+                control: control_tx,
+                data: data_tx,
+                _reader: AbortOnDrop(reader),
+                writer,
+            },
+        );
     }
 
     async fn internal(&mut self, msg: Internal) {
@@ -400,17 +445,23 @@ impl PeerTask {
             Internal::Connected(id, Err(e)) => {
                 self.connecting = None;
                 let reason = format!("connect: {}", sockopt::io_text(&e));
-                self.feed(Event::TcpConnectionFails { conn: id, reason }).await;
+                self.feed(Event::TcpConnectionFails { conn: id, reason })
+                    .await;
             }
             Internal::Closed(id, reason) => {
                 if self.conns.remove(&id).is_some() {
-                    self.feed(Event::TcpConnectionFails { conn: id, reason }).await;
+                    self.feed(Event::TcpConnectionFails { conn: id, reason })
+                        .await;
                 }
             }
             Internal::HeaderError(id, e) => {
                 let (code, subcode, data) = e.notification();
                 let err = MessageError {
-                    notification: Notification { code, subcode, data },
+                    notification: Notification {
+                        code,
+                        subcode,
+                        data,
+                    },
                     reason: format!("message from {}: {e}", self.cfg.peer_addr),
                 };
                 self.feed(Event::BgpHeaderErr(id, err)).await;
@@ -431,7 +482,11 @@ impl PeerTask {
             self.counters.messages_in += 1;
             let is_main = self.session.main_conn() == Some(id);
             let established = is_main && self.session.state() == State::Established;
-            let ctx = if is_main && matches!(self.session.state(), State::OpenConfirm | State::Established) {
+            let ctx = if is_main
+                && matches!(
+                    self.session.state(),
+                    State::OpenConfirm | State::Established
+                ) {
                 &self.decode_ctx
             } else {
                 &DecodeCtx::default()
@@ -468,8 +523,11 @@ impl PeerTask {
                             saw_update = true;
                             if let Some(family) = u.end_of_rib() {
                                 self.flush_updates(&mut batch).await;
-                                let ev =
-                                    SessionEvent::EndOfRib { peer: self.cfg.peer_addr, session: self.session_id, family };
+                                let ev = SessionEvent::EndOfRib {
+                                    peer: self.cfg.peer_addr,
+                                    session: self.session_id,
+                                    family,
+                                };
                                 let _ = self.events.send(ev).await;
                             } else {
                                 self.count_prefixes(&u);
@@ -512,17 +570,22 @@ impl PeerTask {
                     let (code, subcode, data) = e.notification();
                     let peer = self.cfg.peer_addr;
                     let t = frame.get(18).copied().unwrap_or(0);
-                    let (ev, what): (fn(ConnId, MessageError) -> Event, &str) = if e.is_header_error() {
-                        (Event::BgpHeaderErr, "message")
-                    } else if t == 1 {
-                        (Event::BgpOpenMsgErr, "OPEN")
-                    } else if t == 2 {
-                        (Event::UpdateMsgErr, "UPDATE")
-                    } else {
-                        (Event::BgpHeaderErr, "message")
-                    };
+                    let (ev, what): (fn(ConnId, MessageError) -> Event, &str) =
+                        if e.is_header_error() {
+                            (Event::BgpHeaderErr, "message")
+                        } else if t == 1 {
+                            (Event::BgpOpenMsgErr, "OPEN")
+                        } else if t == 2 {
+                            (Event::UpdateMsgErr, "UPDATE")
+                        } else {
+                            (Event::BgpHeaderErr, "message")
+                        };
                     let err = MessageError {
-                        notification: Notification { code, subcode, data },
+                        notification: Notification {
+                            code,
+                            subcode,
+                            data,
+                        },
                         reason: format!("{what} from {peer}: {e}"),
                     };
                     self.feed(ev(id, err)).await;
@@ -538,7 +601,8 @@ impl PeerTask {
 
     fn count_prefixes(&mut self, u: &Update) {
         let a = &u.attributes;
-        self.counters.prefixes_in += (u.nlri.len() + a.mp_reach.as_ref().map_or(0, |m| m.nlri.len())) as u64;
+        self.counters.prefixes_in +=
+            (u.nlri.len() + a.mp_reach.as_ref().map_or(0, |m| m.nlri.len())) as u64;
         self.counters.withdrawals_in +=
             (u.withdrawn.len() + a.mp_unreach.as_ref().map_or(0, |m| m.withdrawn.len())) as u64;
     }
@@ -548,7 +612,11 @@ impl PeerTask {
             return;
         }
         let updates = std::mem::take(batch);
-        let ev = SessionEvent::Updates { peer: self.cfg.peer_addr, session: self.session_id, updates };
+        let ev = SessionEvent::Updates {
+            peer: self.cfg.peer_addr,
+            session: self.session_id,
+            updates,
+        };
         let _ = self.events.send(ev).await;
     }
 
@@ -560,7 +628,8 @@ impl PeerTask {
             PeerCommand::SendUpdateList { session, updates } => {
                 let mut buf = BytesMut::new();
                 for u in &updates {
-                    if let Err(e) = encode(&Message::Update(u.clone()), &self.encode_ctx, &mut buf) {
+                    if let Err(e) = encode(&Message::Update(u.clone()), &self.encode_ctx, &mut buf)
+                    {
                         tracing::error!(peer = %self.cfg.peer_addr, "UPDATE not sent: {e}");
                     }
                 }
@@ -571,7 +640,9 @@ impl PeerTask {
                 let eor = Message::Update(Update::end_of_rib_for(family));
                 match encode(&eor, &self.encode_ctx, &mut buf) {
                     Ok(()) => self.send_data(session, buf.freeze()).await,
-                    Err(e) => tracing::error!(peer = %self.cfg.peer_addr, "End-of-RIB for {}: {e}", family_text(family)),
+                    Err(e) => {
+                        tracing::error!(peer = %self.cfg.peer_addr, "End-of-RIB for {}: {e}", family_text(family))
+                    }
                 }
             }
             PeerCommand::SendRouteRefresh { session, family } => {
@@ -589,12 +660,16 @@ impl PeerTask {
                 if *new == self.cfg {
                     return;
                 }
-                let was_running = self.session.state() != State::Idle || self.timers[timer_index(Timer::IdleHold)].is_some();
+                let was_running = self.session.state() != State::Idle
+                    || self.timers[timer_index(Timer::IdleHold)].is_some();
                 self.feed(Event::ManualStop).await;
                 if let Some(l) = &self.listener {
                     if new.password != self.cfg.password || new.peer_addr != self.cfg.peer_addr {
                         l.unregister(self.cfg.peer_addr);
-                        if let Err(e) = l.register(new.peer_addr, new.password.clone(), in_tx.clone()).await {
+                        if let Err(e) = l
+                            .register(new.peer_addr, new.password.clone(), in_tx.clone())
+                            .await
+                        {
                             self.last_error = Some(e.to_string());
                         }
                     }
@@ -610,7 +685,10 @@ impl PeerTask {
 
     /// Queue pre-encoded UPDATEs on the Established connection of `session`; dropped otherwise.
     async fn send_data(&mut self, session: SessionId, bytes: Bytes) {
-        if session != self.session_id || self.session.state() != State::Established || bytes.is_empty() {
+        if session != self.session_id
+            || self.session.state() != State::Established
+            || bytes.is_empty()
+        {
             return;
         }
         let Some(c) = self.main_conn() else { return };
@@ -625,11 +703,17 @@ impl PeerTask {
 
 fn withdraw_update(family: Family, nlri: Vec<crate::bgp::wire::Nlri>) -> Update {
     if family == Family::IPV4_UNICAST {
-        Update { withdrawn: nlri, ..Default::default() }
+        Update {
+            withdrawn: nlri,
+            ..Default::default()
+        }
     } else {
         Update {
             attributes: PathAttributes {
-                mp_unreach: Some(MpUnreach { family, withdrawn: nlri }),
+                mp_unreach: Some(MpUnreach {
+                    family,
+                    withdrawn: nlri,
+                }),
                 ..Default::default()
             },
             ..Default::default()
@@ -662,15 +746,26 @@ async fn sleep_until_opt(t: Option<Instant>) {
 async fn connect(cfg: &PeerConfig) -> io::Result<TcpStream> {
     let dest = SocketAddr::new(cfg.peer_addr, cfg.peer_port);
     let v6 = dest.is_ipv6();
-    let sock = if v6 { TcpSocket::new_v6()? } else { TcpSocket::new_v4()? };
+    let sock = if v6 {
+        TcpSocket::new_v6()?
+    } else {
+        TcpSocket::new_v4()?
+    };
     if let Some(src) = cfg.source_addr {
         sock.bind(SocketAddr::new(src, 0)).map_err(|e| {
-            io::Error::new(e.kind(), format!("bind source address {src}: {}", sockopt::io_text(&e)))
+            io::Error::new(
+                e.kind(),
+                format!("bind source address {src}: {}", sockopt::io_text(&e)),
+            )
         })?;
     }
     if let Some(p) = &cfg.password {
-        sockopt::set_md5(&sock, v6, cfg.peer_addr, Some(p.0.as_bytes()))
-            .map_err(|e| io::Error::new(e.kind(), format!("set TCP MD5 password: {}", sockopt::io_text(&e))))?;
+        sockopt::set_md5(&sock, v6, cfg.peer_addr, Some(p.0.as_bytes())).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("set TCP MD5 password: {}", sockopt::io_text(&e)),
+            )
+        })?;
     }
     sockopt::apply_ttl(&sock, v6, cfg.ttl, cfg.ttl_security_hops)?;
     sock.connect(dest).await
@@ -685,7 +780,9 @@ async fn reader(id: ConnId, mut rd: OwnedReadHalf, tx: mpsc::Sender<Internal>) {
         }
         match rd.read_buf(&mut buf).await {
             Ok(0) => {
-                let _ = tx.send(Internal::Closed(id, "connection closed by peer".into())).await;
+                let _ = tx
+                    .send(Internal::Closed(id, "connection closed by peer".into()))
+                    .await;
                 return;
             }
             Ok(_) => {}
@@ -737,7 +834,12 @@ async fn writer(
             Some(b) = data.recv() => wr.write_all(&b).await,
         };
         if let Err(e) = r {
-            let _ = tx.send(Internal::Closed(id, format!("write: {}", sockopt::io_text(&e)))).await;
+            let _ = tx
+                .send(Internal::Closed(
+                    id,
+                    format!("write: {}", sockopt::io_text(&e)),
+                ))
+                .await;
             return;
         }
     }
