@@ -1,3 +1,4 @@
 //! The embedded BGP speaker. `wire` is the pure codec; sessions, RIB and policy are built on it.
 
+pub mod session;
 pub mod wire;
