@@ -2,4 +2,5 @@
 
 pub mod policy;
 pub mod rib;
+pub mod session;
 pub mod wire;
