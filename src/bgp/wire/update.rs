@@ -426,21 +426,17 @@ fn merge_as4(attrs: &mut PathAttributes, st: &mut AttrState) {
     // Keep the leading (n - n4) ASes of AS_PATH (the old speakers' hops), then the AS4_PATH.
     let mut take = n - n4;
     let mut out = Vec::with_capacity(path.segments.len() + as4.segments.len());
-    let mut front = true;
     // Whether the last kept segment is a SEQUENCE cut short: the AS4_PATH continues it.
     let mut split = false;
     for seg in path.segments.drain(..) {
         match seg {
-            AsSegment::ConfedSequence(_) | AsSegment::ConfedSet(_) => {
-                if front || take > 0 {
-                    out.push(seg);
-                }
-            }
+            // RFC 6793 4.2.3: a confederation segment is kept when it leads the path or is adjacent
+            // to a kept segment, which is every one met before the cut.
+            AsSegment::ConfedSequence(_) | AsSegment::ConfedSet(_) => out.push(seg),
             AsSegment::Sequence(v) => {
                 if take == 0 {
                     break;
                 }
-                front = false;
                 let k = take.min(v.len());
                 take -= k;
                 split = k < v.len();
@@ -450,7 +446,6 @@ fn merge_as4(attrs: &mut PathAttributes, st: &mut AttrState) {
                 if take == 0 {
                     break;
                 }
-                front = false;
                 take -= 1;
                 split = false;
                 out.push(AsSegment::Set(v));
