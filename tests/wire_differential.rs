@@ -20,14 +20,15 @@ use wire_gen::*;
 
 type Pfx = (String, u32);
 type Segs = Vec<(u8, Vec<u32>)>;
+/// (code, MP family or 4-octet ASN where the capability has one)
+type Cap = (u8, Option<(u16, u8)>, Option<u32>);
 
 /// What both decoders must agree on.
 #[derive(Debug, Default, PartialEq)]
 struct Canon {
     kind: &'static str,
     open: Option<(u8, u16, u16, Ipv4Addr)>,
-    /// (code, MP family or 4-octet ASN where the capability has one)
-    caps: Vec<(u8, Option<(u16, u8)>, Option<u32>)>,
+    caps: Vec<Cap>,
     withdrawn: Vec<Pfx>,
     announced: Vec<Pfx>,
     origin: Option<u8>,
