@@ -6,5 +6,6 @@ cd "$(dirname "$0")/.."
 export CI="${CI:-true}"
 scripts/install-deps.sh
 cargo build --all-targets --locked
+scripts/fuzz.sh  # bgp::wire decoder fuzzing, bounded (FUZZ_SECONDS, default 60)
 # Integration tests create namespaces and start daemons; keep parallelism modest on small machines.
 cargo test --all-targets --locked -- --test-threads "${TEST_THREADS:-2}"
