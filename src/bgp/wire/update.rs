@@ -7,7 +7,7 @@ use bytes::{BufMut, BytesMut};
 
 use super::attr::{self, FLAG_EXTENDED_LENGTH, FLAG_OPTIONAL, FLAG_PARTIAL, FLAG_TRANSITIVE};
 use super::error::{DecodeError, EncodeError, Rfc7606Action};
-use super::nlri::{decode_nlri, encode_nlris, nlri_len};
+use super::nlri::{decode_nlri, encode_nlris, encode_nlris_sized, nlri_len};
 use super::types::*;
 use super::{begin_message, finish_message, msg_type, DecodeCtx, EncodeCtx, HEADER_LEN};
 
@@ -914,7 +914,7 @@ fn encode_updates_inner(
                 o.put_u8(nhl as u8);
                 o.put_slice(&nh[..nhl]);
                 o.put_u8(0);
-                encode_nlris(chunk, family, ap, o)
+                encode_nlris_sized(chunk, family, ap, size, o)
             })?;
             out.put_slice(&fixed);
             let alen = (out.len() - apos - 2) as u16;
@@ -923,7 +923,7 @@ fn encode_updates_inner(
             out.put_slice(&fixed);
             let alen = (out.len() - apos - 2) as u16;
             out[apos..apos + 2].copy_from_slice(&alen.to_be_bytes());
-            encode_nlris(chunk, family, ap, out)?;
+            encode_nlris_sized(chunk, family, ap, size, out)?;
         }
         finish_message(out, m, "UPDATE", max)?;
         count += 1;
@@ -979,7 +979,7 @@ fn encode_withdrawals_inner(
         let m = begin_message(out, msg_type::UPDATE);
         if body_mode {
             out.put_u16(size as u16);
-            encode_nlris(chunk, family, ap, out)?;
+            encode_nlris_sized(chunk, family, ap, size, out)?;
             out.put_u16(0);
         } else {
             out.put_u16(0);
@@ -988,7 +988,7 @@ fn encode_withdrawals_inner(
             put_attr(out, FLAG_OPTIONAL, attr::MP_UNREACH_NLRI, |o| {
                 o.put_u16(family.afi.code());
                 o.put_u8(family.safi.code());
-                encode_nlris(chunk, family, ap, o)
+                encode_nlris_sized(chunk, family, ap, size, o)
             })?;
             let alen = (out.len() - apos - 2) as u16;
             out[apos..apos + 2].copy_from_slice(&alen.to_be_bytes());
