@@ -427,6 +427,8 @@ fn merge_as4(attrs: &mut PathAttributes, st: &mut AttrState) {
     let mut take = n - n4;
     let mut out = Vec::with_capacity(path.segments.len() + as4.segments.len());
     let mut front = true;
+    // Whether the last kept segment is a SEQUENCE cut short: the AS4_PATH continues it.
+    let mut split = false;
     for seg in path.segments.drain(..) {
         match seg {
             AsSegment::ConfedSequence(_) | AsSegment::ConfedSet(_) => {
@@ -441,6 +443,7 @@ fn merge_as4(attrs: &mut PathAttributes, st: &mut AttrState) {
                 front = false;
                 let k = take.min(v.len());
                 take -= k;
+                split = k < v.len();
                 out.push(AsSegment::Sequence(v[..k].to_vec()));
             }
             AsSegment::Set(v) => {
@@ -449,19 +452,20 @@ fn merge_as4(attrs: &mut PathAttributes, st: &mut AttrState) {
                 }
                 front = false;
                 take -= 1;
+                split = false;
                 out.push(AsSegment::Set(v));
             }
         }
     }
-    for seg in as4.segments {
-        if let (Some(AsSegment::Sequence(last)), AsSegment::Sequence(v)) = (out.last_mut(), &seg) {
-            if last.len() + v.len() <= 255 {
-                last.extend_from_slice(v);
-                continue;
-            }
+    let mut as4 = as4.segments;
+    if split && matches!(as4.first(), Some(AsSegment::Sequence(_))) {
+        if let (Some(AsSegment::Sequence(last)), AsSegment::Sequence(first)) =
+            (out.last_mut(), as4.remove(0))
+        {
+            last.extend(first);
         }
-        out.push(seg);
     }
+    out.extend(as4);
     path.segments = out;
 }
 
