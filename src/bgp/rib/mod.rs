@@ -160,6 +160,32 @@ pub enum RibInput {
     Query(Query),
 }
 
+impl RibInput {
+    /// The RIB input for one decoded UPDATE: IPv4 NLRI and MP_REACH NLRI are announced with the UPDATE's
+    /// attributes (each family finds its next hop there), withdrawn routes and MP_UNREACH NLRI are withdrawn.
+    /// End-of-RIB markers should be sent as [`RibInput::EndOfRib`] instead.
+    pub fn from_update(peer: PeerId, update: crate::bgp::wire::Update) -> RibInput {
+        let crate::bgp::wire::Update {
+            mut withdrawn,
+            mut attributes,
+            nlri,
+        } = update;
+        let mut announced = nlri;
+        if let Some(m) = attributes.mp_reach.as_mut() {
+            announced.append(&mut m.nlri);
+        }
+        if let Some(u) = attributes.mp_unreach.take() {
+            withdrawn.extend(u.withdrawn);
+        }
+        RibInput::Routes {
+            peer,
+            announced,
+            attrs: Arc::new(attributes),
+            withdrawn,
+        }
+    }
+}
+
 /// Questions for the RIB (status, tests, the CLI).
 #[derive(Debug)]
 pub enum Query {
