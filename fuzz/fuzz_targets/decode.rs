@@ -16,7 +16,9 @@ use libfuzzer_sys::fuzz_target;
 use wire::*;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&ctl, rest)) = data.split_first() else { return };
+    let Some((&ctl, rest)) = data.split_first() else {
+        return;
+    };
     let mut add_path = std::collections::BTreeSet::new();
     if ctl & 2 != 0 {
         add_path.insert(Family::IPV4_UNICAST);
@@ -24,12 +26,22 @@ fuzz_target!(|data: &[u8]| {
     if ctl & 4 != 0 {
         add_path.insert(Family::IPV6_UNICAST);
     }
-    let dctx = DecodeCtx { four_octet_as: ctl & 1 != 0, add_path_rx: add_path.clone(), extended_message: ctl & 8 != 0 };
-    let ectx = EncodeCtx { four_octet_as: ctl & 1 != 0, add_path_tx: add_path, extended_message: ctl & 8 != 0 };
+    let dctx = DecodeCtx {
+        four_octet_as: ctl & 1 != 0,
+        add_path_rx: add_path.clone(),
+        extended_message: ctl & 8 != 0,
+    };
+    let ectx = EncodeCtx {
+        four_octet_as: ctl & 1 != 0,
+        add_path_tx: add_path,
+        extended_message: ctl & 8 != 0,
+    };
     let msg: Vec<u8> = if ctl & 0x80 != 0 {
         rest.to_vec()
     } else {
-        let Some((&t, body)) = rest.split_first() else { return };
+        let Some((&t, body)) = rest.split_first() else {
+            return;
+        };
         let len = (19 + body.len()).min(u16::MAX as usize) as u16;
         let mut m = vec![0xff; 16];
         m.extend_from_slice(&len.to_be_bytes());
