@@ -393,13 +393,13 @@ fn gobgp_conf(password: &str) -> String {
     format!(
         r#"
 [global.config]
-  as = 65002
+  as = 4200000002
   router-id = "10.0.0.2"
   local-address-list = ["10.0.0.2"]
 [[neighbors]]
   [neighbors.config]
     neighbor-address = "10.0.0.1"
-    peer-as = 65001
+    peer-as = 4200000001
     auth-password = "{password}"
   [neighbors.timers.config]
     connect-retry = 1
@@ -415,7 +415,7 @@ fn gobgp_conf(password: &str) -> String {
     )
 }
 
-/// GoBGP with a TCP MD5 password: the right password establishes (and GoBGP's route arrives); a wrong
+/// GoBGP (4-octet ASes) with a TCP MD5 password: the right password establishes (and GoBGP's route arrives); a wrong
 /// one keeps the session down (the kernel drops unsigned or wrongly signed segments).
 #[test]
 fn gobgp_md5_password_right_and_wrong() {
@@ -431,7 +431,7 @@ fn gobgp_md5_password_right_and_wrong() {
     ));
     in_netns(&link.margay_ns, move || async move {
         let (tx, mut rx) = mpsc::channel(1024);
-        let mut cfg = peer_cfg("10.0.0.2", 65002, 65001);
+        let mut cfg = peer_cfg("10.0.0.2", 4200000002, 4200000001);
         cfg.password = Some(Password("s3cret-md5".into()));
         let p = spawn_peer(cfg.clone(), None, tx.clone());
         let mut seen = Vec::new();

@@ -705,6 +705,11 @@ impl Session {
                 }
                 self.backoff = self.cfg.timers.error_wait_min;
                 self.state = State::Established;
+                // RFC 4724 3: the Restart State bit announces *this* restart; once a session is up again
+                // later OPENs (after an unrelated session reset) must not claim a restart.
+                if let Some(gr) = self.cfg.graceful_restart.as_mut() {
+                    gr.restarting = false;
+                }
                 out.push(Action::Established(id, Box::new(neg)));
             }
             State::Established => self.restart_hold(out),

@@ -256,6 +256,14 @@ impl PeerTask {
                 Some(stream) = incoming.recv() => self.accepted(stream).await,
                 Some(msg) = self.internal_rx.recv() => self.internal(msg).await,
                 _ = sleep_until_opt(next_timer), if next_timer.is_some() => {
+                    // Messages that arrived while we were busy (e.g. waiting on a slow RIB) come first:
+                    // a KEEPALIVE sitting in the queue must restart the hold timer, not lose to it.
+                    for _ in 0..64 {
+                        match self.internal_rx.try_recv() {
+                            Ok(msg) => self.internal(msg).await,
+                            Err(_) => break,
+                        }
+                    }
                     let now = Instant::now();
                     for (i, ev) in TIMER_EVENTS.iter().enumerate() {
                         if self.timers[i].is_some_and(|t| t <= now) {
@@ -686,7 +694,14 @@ impl PeerTask {
                     }
                 }
                 self.cfg = *new;
-                self.session = Session::new(self.cfg.clone());
+                let mut session_cfg = self.cfg.clone();
+                if self.counters.established > 0 {
+                    // The restart this task announced is over (see the FSM's Established).
+                    if let Some(gr) = session_cfg.graceful_restart.as_mut() {
+                        gr.restarting = false;
+                    }
+                }
+                self.session = Session::new(session_cfg);
                 if was_running {
                     self.feed(Event::ManualStart).await;
                 }
