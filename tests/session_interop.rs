@@ -355,10 +355,13 @@ fn bird_hold_timer_expires_when_peer_is_stopped() {
         return;
     }
     let link = Link::new("sh");
-    let bird = Bird::start(&link.peer_ns, &bird_conf(3));
+    // BIRD listens on a non-standard port here, so the peer's port setting is exercised too.
+    let conf = bird_conf_v4(3).replace("local 10.0.0.2 as", "local 10.0.0.2 port 1790 as");
+    let bird = Bird::start(&link.peer_ns, &conf);
     in_netns(&link.margay_ns, move || async move {
         let (tx, mut rx) = mpsc::channel(1024);
         let mut cfg = peer_cfg("10.0.0.2", 4200000002, 4200000001);
+        cfg.peer_port = 1790;
         cfg.timers.hold_time = 3;
         let p = spawn_peer(cfg, None, tx);
         let mut seen = Vec::new();
