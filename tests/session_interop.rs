@@ -777,3 +777,151 @@ protocol bgp margay4 {
     });
     drop(link);
 }
+
+/// margay itself restarting with graceful restart (RFC 4724 4.1), seen from BIRD: the old session closes
+/// without a NOTIFICATION, BIRD keeps margay's route while margay is away and after it comes back with the
+/// Restart State bit, and sweeps it once margay's End-of-RIB arrives without it. Without the GR capability
+/// the same close makes BIRD drop the route at once (the control case).
+#[test]
+fn margay_graceful_restart_bird_keeps_routes_until_end_of_rib() {
+    let t = "margay_graceful_restart_bird_keeps_routes_until_end_of_rib";
+    if !prereqs(t, have_bird(), "bird2") {
+        return;
+    }
+    let link = Link::new("sm");
+    let bird = Bird::start(&link.peer_ns, &bird_conf_v4(9));
+    in_netns(&link.margay_ns, move || async move {
+        let has_route = || {
+            bird.birdc("show route 203.0.113.0/24")
+                .contains("203.0.113.0/24")
+        };
+        let session_down = || {
+            let out = bird.birdc("show protocols margay4");
+            if out.contains("Established") {
+                Err(out)
+            } else {
+                Ok(())
+            }
+        };
+        let update = Update {
+            nlri: vec![Nlri {
+                prefix: net("203.0.113.0/24"),
+                path_id: 0,
+            }],
+            attributes: PathAttributes {
+                origin: Some(Origin::Igp),
+                as_path: Some(AsPath {
+                    segments: vec![AsSegment::Sequence(vec![4200000001])],
+                }),
+                next_hop: Some(Ipv4Addr::new(10, 0, 0, 1)),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let (tx, mut rx) = mpsc::channel(1024);
+        let mut seen = Vec::new();
+        // Up, advertise, End-of-RIB; wait until BIRD holds the route.
+        async fn up_and_advertise(
+            cfg: PeerConfig,
+            tx: mpsc::Sender<SessionEvent>,
+            rx: &mut mpsc::Receiver<SessionEvent>,
+            seen: &mut Vec<SessionEvent>,
+            update: &Update,
+        ) -> PeerHandle {
+            let p = spawn_peer(cfg, None, tx);
+            let ev = expect_event(rx, seen, "Established", |e| {
+                matches!(e, SessionEvent::Established { .. })
+            })
+            .await;
+            let SessionEvent::Established { session, .. } = ev else {
+                unreachable!()
+            };
+            let updates = vec![update.clone()];
+            p.send(PeerCommand::SendUpdateList { session, updates })
+                .await
+                .expect("send");
+            p.send(PeerCommand::SendEndOfRib {
+                session,
+                family: Family::IPV4_UNICAST,
+            })
+            .await
+            .expect("send");
+            p
+        }
+
+        // Control: no GR capability, so the close is a plain session loss for BIRD.
+        let mut no_gr = peer_cfg("10.0.0.2", 4200000002, 4200000001);
+        no_gr.graceful_restart = None;
+        let p = up_and_advertise(no_gr, tx.clone(), &mut rx, &mut seen, &update).await;
+        eventually("BIRD to hold our route", || {
+            if has_route() {
+                Ok(())
+            } else {
+                Err("no route".into())
+            }
+        })
+        .await;
+        p.shutdown_for_restart().await;
+        eventually("BIRD to drop the route of a non-GR peer", || {
+            if has_route() {
+                Err(bird.birdc("show route 203.0.113.0/24 all"))
+            } else {
+                Ok(())
+            }
+        })
+        .await;
+
+        // With GR (forwarding preserved): the route survives the restart.
+        let mut gr = peer_cfg("10.0.0.2", 4200000002, 4200000001);
+        if let Some(g) = gr.graceful_restart.as_mut() {
+            g.forwarding_preserved = true;
+        }
+        let p = up_and_advertise(gr.clone(), tx.clone(), &mut rx, &mut seen, &update).await;
+        eventually("BIRD to hold our route", || {
+            if has_route() {
+                Ok(())
+            } else {
+                Err("no route".into())
+            }
+        })
+        .await;
+        p.shutdown_for_restart().await;
+        eventually("BIRD to see the session go", session_down).await;
+        assert!(
+            has_route(),
+            "BIRD keeps a GR peer's route while it restarts:\n{}",
+            bird.birdc("show route all")
+        );
+
+        // Back with the Restart State bit; the route stays until our End-of-RIB, which comes without it.
+        let mut restarted = gr;
+        if let Some(g) = restarted.graceful_restart.as_mut() {
+            g.restarting = true;
+        }
+        let p = spawn_peer(restarted, None, tx);
+        let ev = expect_event(&mut rx, &mut seen, "Established after restart", |e| {
+            matches!(e, SessionEvent::Established { .. })
+        })
+        .await;
+        let SessionEvent::Established { session, .. } = ev else {
+            unreachable!()
+        };
+        assert!(has_route(), "still kept before our End-of-RIB");
+        p.send(PeerCommand::SendEndOfRib {
+            session,
+            family: Family::IPV4_UNICAST,
+        })
+        .await
+        .expect("send");
+        eventually("BIRD to sweep the stale route after End-of-RIB", || {
+            if has_route() {
+                Err(bird.birdc("show route 203.0.113.0/24 all"))
+            } else {
+                Ok(())
+            }
+        })
+        .await;
+        p.shutdown().await;
+    });
+    drop(link);
+}

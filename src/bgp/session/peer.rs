@@ -48,7 +48,7 @@ pub struct PeerHandle {
     peer: IpAddr,
     cmd: mpsc::Sender<PeerCommand>,
     status: watch::Receiver<PeerStatus>,
-    owner: Option<oneshot::Sender<()>>,
+    owner: Option<oneshot::Sender<StopMode>>,
     task: Option<JoinHandle<()>>,
 }
 
@@ -79,13 +79,34 @@ impl PeerHandle {
         self.status.clone()
     }
 
-    /// Stop the session cleanly and wait for the task to end.
+    /// Stop the session cleanly (NOTIFICATION Cease / administrative shutdown, Down to the RIB) and
+    /// wait for the task to end.
     pub async fn shutdown(mut self) {
         self.owner.take();
+        self.join().await;
+    }
+
+    /// Stop for a graceful restart of margay itself (RFC 4724 4.1): close the connections *without* a
+    /// NOTIFICATION, so GR-capable peers keep our routes (stale) until we are back and send
+    /// End-of-RIB. The RIB hears nothing: the process is going away.
+    pub async fn shutdown_for_restart(mut self) {
+        if let Some(o) = self.owner.take() {
+            let _ = o.send(StopMode::ForRestart);
+        }
+        self.join().await;
+    }
+
+    async fn join(&mut self) {
         if let Some(t) = self.task.take() {
             let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
         }
     }
+}
+
+/// How the owner asked the task to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopMode {
+    ForRestart,
 }
 
 impl Drop for PeerHandle {
@@ -225,7 +246,7 @@ impl PeerTask {
     async fn run(
         mut self,
         mut cmds: mpsc::Receiver<PeerCommand>,
-        mut owner: oneshot::Receiver<()>,
+        mut owner: oneshot::Receiver<StopMode>,
         in_tx: mpsc::Sender<TcpStream>,
         mut incoming: mpsc::Receiver<TcpStream>,
         registration: Option<oneshot::Receiver<Result<(), ListenerError>>>,
@@ -242,13 +263,17 @@ impl PeerTask {
             self.last_error = Some(e.to_string());
         }
         self.feed(Event::ManualStart).await;
+        let mut for_restart = false;
         loop {
             self.publish();
             let next_timer = self.timers.iter().flatten().min().copied();
             // Take RIB commands only while the data queue has room (see the module doc).
             let can_take = self.main_conn().is_none_or(|c| c.data.capacity() > 0);
             tokio::select! {
-                _ = &mut owner => break,
+                stop = &mut owner => {
+                    for_restart = stop == Ok(StopMode::ForRestart);
+                    break;
+                }
                 cmd = cmds.recv(), if can_take => match cmd {
                     Some(c) => self.command(c, &in_tx).await,
                     None => break,
@@ -274,8 +299,16 @@ impl PeerTask {
                 }
             }
         }
-        // Clean stop: Cease to the peer, Down to the RIB.
-        self.feed(Event::ManualStop).await;
+        if for_restart {
+            // Flush what is queued and close; no NOTIFICATION (see `shutdown_for_restart`).
+            for (_, c) in self.conns.drain() {
+                let _ = c.control.send(WriteMsg::Close);
+                let _ = tokio::time::timeout(Duration::from_secs(2), c.writer).await;
+            }
+        } else {
+            // Clean stop: Cease to the peer, Down to the RIB.
+            self.feed(Event::ManualStop).await;
+        }
         self.publish();
         if let Some(l) = &self.listener {
             l.unregister(self.cfg.peer_addr);
