@@ -925,3 +925,101 @@ fn margay_graceful_restart_bird_keeps_routes_until_end_of_rib() {
     });
     drop(link);
 }
+
+/// ADD-PATH (RFC 7911) as Calico configures BIRD (`add paths on`): negotiated both ways, and BIRD's
+/// UPDATEs, which then carry path identifiers, decode into the right prefixes; ours reach BIRD too.
+#[test]
+fn bird_add_path_negotiated_and_decoded() {
+    let t = "bird_add_path_negotiated_and_decoded";
+    if !prereqs(t, have_bird(), "bird2") {
+        return;
+    }
+    let link = Link::new("sa");
+    let conf = bird_conf_v4(9).replace(
+        "ipv4 { import all; export all; };",
+        "ipv4 { import all; export all; add paths on; };",
+    );
+    assert!(conf.contains("add paths on"), "{conf}");
+    let bird = Bird::start(&link.peer_ns, &conf);
+    in_netns(&link.margay_ns, move || async move {
+        let (tx, mut rx) = mpsc::channel(1024);
+        let mut cfg = peer_cfg("10.0.0.2", 4200000002, 4200000001);
+        cfg.add_path = vec![(Family::IPV4_UNICAST, margay::bgp::wire::AddPathMode::Both)];
+        let p = spawn_peer(cfg, None, tx);
+        let mut seen = Vec::new();
+        let ev = expect_event(&mut rx, &mut seen, "Established", |e| {
+            matches!(e, SessionEvent::Established { .. })
+        })
+        .await;
+        let SessionEvent::Established {
+            session,
+            negotiated,
+            ..
+        } = ev
+        else {
+            unreachable!()
+        };
+        assert_eq!(negotiated.add_path_rx, vec![Family::IPV4_UNICAST]);
+        assert_eq!(negotiated.add_path_tx, vec![Family::IPV4_UNICAST]);
+        let mut got = Vec::new();
+        let mut path_ids = Vec::new();
+        loop {
+            let ev = expect_event(&mut rx, &mut seen, "Updates or End-of-RIB", |e| {
+                matches!(
+                    e,
+                    SessionEvent::Updates { .. } | SessionEvent::EndOfRib { .. }
+                )
+            })
+            .await;
+            if let SessionEvent::Updates { updates, .. } = &ev {
+                path_ids.extend(
+                    updates
+                        .iter()
+                        .flat_map(|u| u.nlri.iter().map(|n| n.path_id)),
+                );
+            }
+            if matches!(ev, SessionEvent::EndOfRib { .. }) {
+                break;
+            }
+            got.extend(announced(&ev));
+        }
+        got.sort();
+        assert_eq!(got, vec![net("192.0.2.0/24"), net("198.51.100.0/24")]);
+        assert!(
+            path_ids.iter().all(|id| *id != 0),
+            "BIRD numbers its paths: {path_ids:?}"
+        );
+        let update = Update {
+            nlri: vec![Nlri {
+                prefix: net("203.0.113.0/24"),
+                path_id: 7,
+            }],
+            attributes: PathAttributes {
+                origin: Some(Origin::Igp),
+                as_path: Some(AsPath {
+                    segments: vec![AsSegment::Sequence(vec![4200000001])],
+                }),
+                next_hop: Some(Ipv4Addr::new(10, 0, 0, 1)),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        p.send(PeerCommand::SendUpdateList {
+            session,
+            updates: vec![update],
+        })
+        .await
+        .expect("send");
+        eventually("BIRD to hold our route sent with a path id", || {
+            let out = bird.birdc("show route 203.0.113.0/24");
+            if out.contains("203.0.113.0/24") {
+                Ok(())
+            } else {
+                Err(out)
+            }
+        })
+        .await;
+        p.shutdown().await;
+    });
+    drop(link);
+}

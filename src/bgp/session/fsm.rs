@@ -334,7 +334,9 @@ impl Session {
         self.enter_idle(out);
         if self.started {
             out.push(Action::StartTimer(Timer::IdleHold, self.backoff));
-            self.backoff = (self.backoff * 2)
+            self.backoff = self
+                .backoff
+                .saturating_mul(2)
                 .min(self.cfg.timers.error_wait_max)
                 .max(self.cfg.timers.error_wait_min);
         }
