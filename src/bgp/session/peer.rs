@@ -259,8 +259,14 @@ impl PeerTask {
             ),
             (None, None) => None,
         };
-        if let Some(Err(e)) = registered {
-            self.last_error = Some(e.to_string());
+        match registered {
+            Some(Err(e)) => self.last_error = Some(e.to_string()),
+            None if self.cfg.passive => {
+                self.last_error = Some(
+                    "passive peer without a BGP listener: nothing can accept its connection".into(),
+                )
+            }
+            _ => {}
         }
         self.feed(Event::ManualStart).await;
         let mut for_restart = false;
