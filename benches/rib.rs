@@ -69,6 +69,7 @@ fn client(n: u8) -> PeerInfo {
         families: vec![Family::IPV4_UNICAST],
         add_path_rx: Vec::new(),
         max_prefixes: None,
+        allow_local_as: 0,
     }
 }
 

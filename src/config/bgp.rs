@@ -44,28 +44,43 @@ impl FromStr for AsNumber {
     fn from_str(s: &str) -> Result<AsNumber, String> {
         let s = s.trim();
         if let Some((hi, lo)) = s.split_once('.') {
-            let hi: u16 = hi.parse().map_err(|_| format!("{s:?} is not an AS number (asdot high part)"))?;
-            let lo: u16 = lo.parse().map_err(|_| format!("{s:?} is not an AS number (asdot low part)"))?;
+            let hi: u16 = hi
+                .parse()
+                .map_err(|_| format!("{s:?} is not an AS number (asdot high part)"))?;
+            let lo: u16 = lo
+                .parse()
+                .map_err(|_| format!("{s:?} is not an AS number (asdot low part)"))?;
             return Ok(AsNumber((u32::from(hi) << 16) | u32::from(lo)));
         }
-        s.parse::<u32>().map(AsNumber).map_err(|_| format!("{s:?} is not an AS number (0..4294967295 or asdot a.b)"))
+        s.parse::<u32>()
+            .map(AsNumber)
+            .map_err(|_| format!("{s:?} is not an AS number (0..4294967295 or asdot a.b)"))
     }
 }
 
 impl<'de> Deserialize<'de> for AsNumber {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<AsNumber, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            N(u64),
-            S(String),
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = AsNumber;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an AS number (0..4294967295, or asdot \"a.b\")")
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<AsNumber, E> {
+                u32::try_from(n)
+                    .map(AsNumber)
+                    .map_err(|_| E::custom(format!("AS number {n} does not fit in 32 bits")))
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<AsNumber, E> {
+                u32::try_from(n)
+                    .map(AsNumber)
+                    .map_err(|_| E::custom(format!("AS number {n} is out of range 0..4294967295")))
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<AsNumber, E> {
+                s.parse().map_err(E::custom)
+            }
         }
-        match Raw::deserialize(d)? {
-            Raw::N(n) => u32::try_from(n)
-                .map(AsNumber)
-                .map_err(|_| serde::de::Error::custom(format!("AS number {n} does not fit in 32 bits"))),
-            Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
-        }
+        d.deserialize_any(V)
     }
 }
 
@@ -82,7 +97,9 @@ pub struct GoDuration(pub Duration);
 impl FromStr for GoDuration {
     type Err = String;
     fn from_str(text: &str) -> Result<GoDuration, String> {
-        let bad = || format!("{text:?} is not a duration (examples: \"120s\", \"2m\", \"1m30s\", \"500ms\")");
+        let bad = || {
+            format!("{text:?} is not a duration (examples: \"120s\", \"2m\", \"1m30s\", \"500ms\")")
+        };
         let s = text.trim();
         if s == "0" {
             return Ok(GoDuration(Duration::ZERO));
@@ -93,13 +110,17 @@ impl FromStr for GoDuration {
         let mut total = 0f64;
         let mut rest = s;
         while !rest.is_empty() {
-            let num_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(bad)?;
+            let num_end = rest
+                .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+                .ok_or_else(bad)?;
             if num_end == 0 {
                 return Err(bad());
             }
             let value: f64 = rest[..num_end].parse().map_err(|_| bad())?;
             rest = &rest[num_end..];
-            let unit_end = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+            let unit_end = rest
+                .find(|c: char| c.is_ascii_digit() || c == '.')
+                .unwrap_or(rest.len());
             let scale = match &rest[..unit_end] {
                 "h" => 3600.0,
                 "m" => 60.0,
@@ -118,7 +139,9 @@ impl FromStr for GoDuration {
 
 impl<'de> Deserialize<'de> for GoDuration {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<GoDuration, D::Error> {
-        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -225,11 +248,23 @@ pub struct BgpConfigurationSpec {
     pub node_mesh_max_restart_time: Option<GoDuration>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bind_mode: Option<BindMode>,
-    #[serde(rename = "serviceClusterIPs", default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        rename = "serviceClusterIPs",
+        default,
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub service_cluster_ips: Vec<CidrEntry>,
-    #[serde(rename = "serviceExternalIPs", default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        rename = "serviceExternalIPs",
+        default,
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub service_external_ips: Vec<CidrEntry>,
-    #[serde(rename = "serviceLoadBalancerIPs", default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        rename = "serviceLoadBalancerIPs",
+        default,
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub service_load_balancer_ips: Vec<CidrEntry>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_load_balancer_aggregation: Option<String>,
@@ -239,9 +274,17 @@ pub struct BgpConfigurationSpec {
     pub prefix_advertisements: Vec<PrefixAdvertisement>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ignored_interfaces: Vec<String>,
-    #[serde(rename = "localWorkloadPeeringIPV4", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "localWorkloadPeeringIPV4",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub local_workload_peering_ipv4: Option<String>,
-    #[serde(rename = "localWorkloadPeeringIPV6", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "localWorkloadPeeringIPV6",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub local_workload_peering_ipv6: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub program_cluster_routes: Option<String>,
@@ -282,15 +325,23 @@ impl BgpConfiguration {
     }
     /// `nodeMeshMaxRestartTime`, default 120 s.
     pub fn node_mesh_max_restart_time(&self) -> Duration {
-        self.spec.node_mesh_max_restart_time.map_or(DEFAULT_MAX_RESTART_TIME, |d| d.0)
+        self.spec
+            .node_mesh_max_restart_time
+            .map_or(DEFAULT_MAX_RESTART_TIME, |d| d.0)
     }
     /// `serviceLoadBalancerAggregation`, default Enabled.
     pub fn service_load_balancer_aggregation(&self) -> &str {
-        self.spec.service_load_balancer_aggregation.as_deref().unwrap_or("Enabled")
+        self.spec
+            .service_load_balancer_aggregation
+            .as_deref()
+            .unwrap_or("Enabled")
     }
     /// `programClusterRoutes`, default EnabledNoEncapOnly.
     pub fn program_cluster_routes(&self) -> &str {
-        self.spec.program_cluster_routes.as_deref().unwrap_or("EnabledNoEncapOnly")
+        self.spec
+            .program_cluster_routes
+            .as_deref()
+            .unwrap_or("EnabledNoEncapOnly")
     }
     /// `ipv4NormalRoutePriority`, default 1024.
     pub fn ipv4_normal_route_priority(&self) -> u32 {
@@ -307,21 +358,39 @@ impl BgpConfiguration {
         let err = |field: &str, value: &dyn fmt::Display, reason: &str| {
             ConfigError::new(KIND_BGP_CONFIGURATION, name, field, value, reason)
         };
-        check_header(KIND_BGP_CONFIGURATION, &self.api_version, &self.kind, &self.metadata)?;
+        check_header(
+            KIND_BGP_CONFIGURATION,
+            &self.api_version,
+            &self.kind,
+            &self.metadata,
+        )?;
         let s = &self.spec;
         if let Some(node) = self.node_name() {
             if node.is_empty() {
-                return Err(err("metadata.name", &name, "a per-node configuration is named node.<nodename>"));
+                return Err(err(
+                    "metadata.name",
+                    &name,
+                    "a per-node configuration is named node.<nodename>",
+                ));
             }
             // Calico: per-node objects may set only listenPort, logSeverityScreen and prefixAdvertisements.
             let cluster_only: [(&str, bool); 11] = [
-                ("nodeToNodeMeshEnabled", s.node_to_node_mesh_enabled.is_some()),
+                (
+                    "nodeToNodeMeshEnabled",
+                    s.node_to_node_mesh_enabled.is_some(),
+                ),
                 ("asNumber", s.as_number.is_some()),
                 ("nodeMeshPassword", s.node_mesh_password.is_some()),
-                ("nodeMeshMaxRestartTime", s.node_mesh_max_restart_time.is_some()),
+                (
+                    "nodeMeshMaxRestartTime",
+                    s.node_mesh_max_restart_time.is_some(),
+                ),
                 ("serviceClusterIPs", !s.service_cluster_ips.is_empty()),
                 ("serviceExternalIPs", !s.service_external_ips.is_empty()),
-                ("serviceLoadBalancerIPs", !s.service_load_balancer_ips.is_empty()),
+                (
+                    "serviceLoadBalancerIPs",
+                    !s.service_load_balancer_ips.is_empty(),
+                ),
                 ("communities", !s.communities.is_empty()),
                 ("ignoredInterfaces", !s.ignored_interfaces.is_empty()),
                 ("bindMode", s.bind_mode.is_some()),
@@ -365,12 +434,19 @@ impl BgpConfiguration {
             }
         }
         if let Some(p) = &s.node_mesh_password {
-            check_password(p).map_err(|(f, v, r)| err(&format!("spec.nodeMeshPassword.{f}"), &v, &r))?;
+            check_password(p)
+                .map_err(|(f, v, r)| err(&format!("spec.nodeMeshPassword.{f}"), &v, &r))?;
         }
         if let Some(sev) = &s.log_severity_screen {
-            const OK: [&str; 7] = ["Trace", "Debug", "Info", "Warning", "Error", "Fatal", "None"];
+            const OK: [&str; 7] = [
+                "Trace", "Debug", "Info", "Warning", "Error", "Fatal", "None",
+            ];
             if !OK.iter().any(|o| o.eq_ignore_ascii_case(sev)) {
-                return Err(err("spec.logSeverityScreen", sev, "one of Trace, Debug, Info, Warning, Error, Fatal, None"));
+                return Err(err(
+                    "spec.logSeverityScreen",
+                    sev,
+                    "one of Trace, Debug, Info, Warning, Error, Fatal, None",
+                ));
             }
         }
         for (field, list) in [
@@ -379,20 +455,36 @@ impl BgpConfiguration {
             ("serviceLoadBalancerIPs", &s.service_load_balancer_ips),
         ] {
             for (i, c) in list.iter().enumerate() {
-                parse_cidr(&c.cidr).map_err(|r| err(&format!("spec.{field}[{i}].cidr"), &c.cidr, &r))?;
+                parse_cidr(&c.cidr)
+                    .map_err(|r| err(&format!("spec.{field}[{i}].cidr"), &c.cidr, &r))?;
             }
         }
         if s.communities.len() > 500 {
-            return Err(err("spec.communities", &s.communities.len(), "at most 500 communities"));
+            return Err(err(
+                "spec.communities",
+                &s.communities.len(),
+                "at most 500 communities",
+            ));
         }
         for (i, c) in s.communities.iter().enumerate() {
             if c.name.is_empty() {
-                return Err(err(&format!("spec.communities[{i}].name"), &"", "a community needs a name"));
+                return Err(err(
+                    &format!("spec.communities[{i}].name"),
+                    &"",
+                    "a community needs a name",
+                ));
             }
-            parse_community(&c.value).map_err(|r| err(&format!("spec.communities[{i}].value"), &c.value, &r))?;
+            parse_community(&c.value)
+                .map_err(|r| err(&format!("spec.communities[{i}].value"), &c.value, &r))?;
         }
         for (i, pa) in s.prefix_advertisements.iter().enumerate() {
-            parse_cidr(&pa.cidr).map_err(|r| err(&format!("spec.prefixAdvertisements[{i}].cidr"), &pa.cidr, &r))?;
+            parse_cidr(&pa.cidr).map_err(|r| {
+                err(
+                    &format!("spec.prefixAdvertisements[{i}].cidr"),
+                    &pa.cidr,
+                    &r,
+                )
+            })?;
             for (j, c) in pa.communities.iter().enumerate() {
                 let named = s.communities.iter().any(|n| &n.name == c);
                 if !named && parse_community(c).is_err() {
@@ -409,7 +501,8 @@ impl BgpConfiguration {
             ("localWorkloadPeeringIPV6", &s.local_workload_peering_ipv6),
         ] {
             if let Some(v) = v {
-                v.parse::<IpAddr>().map_err(|_| err(&format!("spec.{field}"), v, "not an IP address"))?;
+                v.parse::<IpAddr>()
+                    .map_err(|_| err(&format!("spec.{field}"), v, "not an IP address"))?;
             }
         }
         Ok(())
@@ -432,7 +525,11 @@ pub struct BgpPeerSpec {
     pub peer_ip: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub as_number: Option<AsNumber>,
-    #[serde(rename = "localASNumber", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "localASNumber",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub local_as_number: Option<AsNumber>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_selector: Option<String>,
@@ -448,7 +545,11 @@ pub struct BgpPeerSpec {
     pub max_restart_time: Option<GoDuration>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keepalive_time: Option<GoDuration>,
-    #[serde(rename = "numAllowedLocalASNumbers", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "numAllowedLocalASNumbers",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub num_allowed_local_as_numbers: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl_security: Option<u8>,
@@ -485,7 +586,10 @@ pub fn parse_peer_ip(s: &str) -> Result<PeerAddress, String> {
         return Ok(PeerAddress { ip, port: None });
     }
     match s.parse::<std::net::SocketAddr>() {
-        Ok(sa) if sa.port() != 0 => Ok(PeerAddress { ip: sa.ip(), port: Some(sa.port()) }),
+        Ok(sa) if sa.port() != 0 => Ok(PeerAddress {
+            ip: sa.ip(),
+            port: Some(sa.port()),
+        }),
         Ok(_) => Err("port 0 is not a BGP port".into()),
         Err(_) => Err("not an IP address, IP:port or [IPv6]:port".into()),
     }
@@ -493,7 +597,10 @@ pub fn parse_peer_ip(s: &str) -> Result<PeerAddress, String> {
 
 impl BgpPeer {
     pub fn peer_address(&self) -> Option<PeerAddress> {
-        self.spec.peer_ip.as_deref().and_then(|s| parse_peer_ip(s).ok())
+        self.spec
+            .peer_ip
+            .as_deref()
+            .and_then(|s| parse_peer_ip(s).ok())
     }
 
     /// `nextHopMode`, with the deprecated `keepOriginalNextHop: true` meaning Keep (Calico renders it for eBGP
@@ -508,16 +615,24 @@ impl BgpPeer {
 
     /// `maxRestartTime`, default 120 s.
     pub fn max_restart_time(&self) -> Duration {
-        self.spec.max_restart_time.map_or(DEFAULT_MAX_RESTART_TIME, |d| d.0)
+        self.spec
+            .max_restart_time
+            .map_or(DEFAULT_MAX_RESTART_TIME, |d| d.0)
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let name = self.metadata.name.as_str();
-        let err = |field: &str, value: &dyn fmt::Display, reason: &str| ConfigError::new(KIND_BGP_PEER, name, field, value, reason);
+        let err = |field: &str, value: &dyn fmt::Display, reason: &str| {
+            ConfigError::new(KIND_BGP_PEER, name, field, value, reason)
+        };
         check_header(KIND_BGP_PEER, &self.api_version, &self.kind, &self.metadata)?;
         let s = &self.spec;
         if s.node.as_deref().is_some_and(|n| !n.is_empty()) && s.node_selector.is_some() {
-            return Err(err("spec.nodeSelector", &s.node_selector.as_deref().unwrap_or(""), "node and nodeSelector are mutually exclusive"));
+            return Err(err(
+                "spec.nodeSelector",
+                &s.node_selector.as_deref().unwrap_or(""),
+                "node and nodeSelector are mutually exclusive",
+            ));
         }
         for (field, sel) in [
             ("nodeSelector", &s.node_selector),
@@ -525,17 +640,26 @@ impl BgpPeer {
             ("localWorkloadSelector", &s.local_workload_selector),
         ] {
             if let Some(sel) = sel {
-                Selector::parse(sel).map_err(|e| err(&format!("spec.{field}"), sel, &e.to_string()))?;
+                Selector::parse(sel)
+                    .map_err(|e| err(&format!("spec.{field}"), sel, &e.to_string()))?;
             }
         }
         match (&s.peer_ip, &s.peer_selector, &s.local_workload_selector) {
             (Some(ip), Some(_), _) => {
-                return Err(err("spec.peerIP", ip, "peerIP and peerSelector are mutually exclusive"));
+                return Err(err(
+                    "spec.peerIP",
+                    ip,
+                    "peerIP and peerSelector are mutually exclusive",
+                ));
             }
             (Some(ip), None, _) => {
                 parse_peer_ip(ip).map_err(|r| err("spec.peerIP", ip, &r))?;
                 if s.as_number.is_none() {
-                    return Err(err("spec.asNumber", &"(missing)", "a peer given by peerIP needs asNumber"));
+                    return Err(err(
+                        "spec.asNumber",
+                        &"(missing)",
+                        "a peer given by peerIP needs asNumber",
+                    ));
                 }
             }
             (None, Some(_), _) => {
@@ -549,11 +673,19 @@ impl BgpPeer {
             }
             (None, None, Some(_)) => {
                 if s.as_number.is_none() {
-                    return Err(err("spec.asNumber", &"(missing)", "localWorkloadSelector peers need asNumber"));
+                    return Err(err(
+                        "spec.asNumber",
+                        &"(missing)",
+                        "localWorkloadSelector peers need asNumber",
+                    ));
                 }
             }
             (None, None, None) => {
-                return Err(err("spec.peerIP", &"(missing)", "set peerIP (with asNumber) or peerSelector"));
+                return Err(err(
+                    "spec.peerIP",
+                    &"(missing)",
+                    "set peerIP (with asNumber) or peerSelector",
+                ));
             }
         }
         if let Some(AsNumber(0)) = s.as_number {
@@ -583,11 +715,16 @@ impl BgpPeer {
         if let Some(d) = s.max_restart_time {
             // RFC 4724 3: the Restart Time field has 12 bits.
             if d.0.as_secs() > 4095 {
-                return Err(err("spec.maxRestartTime", &format!("{}s", d.0.as_secs()), "at most 4095 s (RFC 4724)"));
+                return Err(err(
+                    "spec.maxRestartTime",
+                    &format!("{}s", d.0.as_secs()),
+                    "at most 4095 s (RFC 4724)",
+                ));
             }
         }
         if let Some(r) = &s.reachable_by {
-            r.parse::<IpAddr>().map_err(|_| err("spec.reachableBy", r, "not an IP address"))?;
+            r.parse::<IpAddr>()
+                .map_err(|_| err("spec.reachableBy", r, "not an IP address"))?;
         }
         Ok(())
     }
@@ -602,13 +739,29 @@ pub struct NodeBgpSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub as_number: Option<AsNumber>,
     /// CIDR form (`10.0.0.1/24`; a bare address is accepted too).
-    #[serde(rename = "ipv4Address", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "ipv4Address",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub ipv4_address: Option<String>,
-    #[serde(rename = "ipv6Address", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "ipv6Address",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub ipv6_address: Option<String>,
-    #[serde(rename = "ipv4IPIPTunnelAddr", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "ipv4IPIPTunnelAddr",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub ipv4_ipip_tunnel_addr: Option<String>,
-    #[serde(rename = "routeReflectorClusterID", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "routeReflectorClusterID",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub route_reflector_cluster_id: Option<String>,
 }
 
@@ -645,21 +798,31 @@ impl Node {
         self.spec.bgp.as_ref()
     }
     pub fn ipv4(&self) -> Option<IpAddr> {
-        self.bgp().and_then(|b| b.ipv4_address.as_deref()).and_then(addr_of).filter(IpAddr::is_ipv4)
+        self.bgp()
+            .and_then(|b| b.ipv4_address.as_deref())
+            .and_then(addr_of)
+            .filter(IpAddr::is_ipv4)
     }
     pub fn ipv6(&self) -> Option<IpAddr> {
-        self.bgp().and_then(|b| b.ipv6_address.as_deref()).and_then(addr_of).filter(IpAddr::is_ipv6)
+        self.bgp()
+            .and_then(|b| b.ipv6_address.as_deref())
+            .and_then(addr_of)
+            .filter(IpAddr::is_ipv6)
     }
     pub fn as_number(&self) -> Option<u32> {
         self.bgp().and_then(|b| b.as_number).map(|a| a.0)
     }
     pub fn cluster_id(&self) -> Option<Ipv4Addr> {
-        self.bgp().and_then(|b| b.route_reflector_cluster_id.as_deref()).and_then(|c| c.parse().ok())
+        self.bgp()
+            .and_then(|b| b.route_reflector_cluster_id.as_deref())
+            .and_then(|c| c.parse().ok())
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let name = self.metadata.name.as_str();
-        let err = |field: &str, value: &dyn fmt::Display, reason: &str| ConfigError::new(KIND_NODE, name, field, value, reason);
+        let err = |field: &str, value: &dyn fmt::Display, reason: &str| {
+            ConfigError::new(KIND_NODE, name, field, value, reason)
+        };
         check_header(KIND_NODE, &self.api_version, &self.kind, &self.metadata)?;
         let Some(b) = self.bgp() else { return Ok(()) };
         if let Some(v4) = &b.ipv4_address {
@@ -669,7 +832,11 @@ impl Node {
                 v4.parse::<Ipv4Addr>().is_ok()
             };
             if !ok {
-                return Err(err("spec.bgp.ipv4Address", v4, "not an IPv4 address in CIDR form (e.g. 10.0.0.1/24)"));
+                return Err(err(
+                    "spec.bgp.ipv4Address",
+                    v4,
+                    "not an IPv4 address in CIDR form (e.g. 10.0.0.1/24)",
+                ));
             }
         }
         if let Some(v6) = &b.ipv6_address {
@@ -679,15 +846,24 @@ impl Node {
                 v6.parse::<std::net::Ipv6Addr>().is_ok()
             };
             if !ok {
-                return Err(err("spec.bgp.ipv6Address", v6, "not an IPv6 address in CIDR form (e.g. fd00::1/64)"));
+                return Err(err(
+                    "spec.bgp.ipv6Address",
+                    v6,
+                    "not an IPv6 address in CIDR form (e.g. fd00::1/64)",
+                ));
             }
         }
         if let Some(t) = &b.ipv4_ipip_tunnel_addr {
-            t.parse::<Ipv4Addr>().map_err(|_| err("spec.bgp.ipv4IPIPTunnelAddr", t, "not an IPv4 address"))?;
+            t.parse::<Ipv4Addr>()
+                .map_err(|_| err("spec.bgp.ipv4IPIPTunnelAddr", t, "not an IPv4 address"))?;
         }
         if let Some(c) = &b.route_reflector_cluster_id {
             c.parse::<Ipv4Addr>().map_err(|_| {
-                err("spec.bgp.routeReflectorClusterID", c, "a cluster ID is written as an IPv4 address (e.g. 244.0.0.1)")
+                err(
+                    "spec.bgp.routeReflectorClusterID",
+                    c,
+                    "a cluster ID is written as an IPv4 address (e.g. 244.0.0.1)",
+                )
             })?;
         }
         if let Some(AsNumber(0)) = b.as_number {
@@ -699,17 +875,35 @@ impl Node {
 
 // ----- shared checks -----
 
-fn check_header(kind: &str, api_version: &str, got_kind: &str, meta: &ObjectMeta) -> Result<(), ConfigError> {
+fn check_header(
+    kind: &str,
+    api_version: &str,
+    got_kind: &str,
+    meta: &ObjectMeta,
+) -> Result<(), ConfigError> {
     if api_version != API_VERSION {
-        return Err(ConfigError::new(kind, &meta.name, "apiVersion", api_version, format!("expected {API_VERSION}")));
+        return Err(ConfigError::new(
+            kind,
+            &meta.name,
+            "apiVersion",
+            api_version,
+            format!("expected {API_VERSION}"),
+        ));
     }
     if got_kind != kind {
-        return Err(ConfigError::new(kind, &meta.name, "kind", got_kind, format!("expected {kind}")));
+        return Err(ConfigError::new(
+            kind,
+            &meta.name,
+            "kind",
+            got_kind,
+            format!("expected {kind}"),
+        ));
     }
     let n = &meta.name;
     let valid = !n.is_empty()
         && n.len() <= 253
-        && n.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        && n.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
         && n.starts_with(|c: char| c.is_ascii_alphanumeric())
         && n.ends_with(|c: char| c.is_ascii_alphanumeric());
     if !valid {
@@ -726,15 +920,28 @@ fn check_header(kind: &str, api_version: &str, got_kind: &str, meta: &ObjectMeta
 
 fn check_password(p: &BgpPassword) -> Result<(), (String, String, String)> {
     match &p.secret_key_ref {
-        None => Err(("secretKeyRef".into(), "(missing)".into(), "a password comes from secretKeyRef {name, key}".into())),
-        Some(r) if r.name.is_empty() => Err(("secretKeyRef.name".into(), String::new(), "the Secret's name is empty".into())),
-        Some(r) if r.key.is_empty() => Err(("secretKeyRef.key".into(), String::new(), "the Secret's key is empty".into())),
+        None => Err((
+            "secretKeyRef".into(),
+            "(missing)".into(),
+            "a password comes from secretKeyRef {name, key}".into(),
+        )),
+        Some(r) if r.name.is_empty() => Err((
+            "secretKeyRef.name".into(),
+            String::new(),
+            "the Secret's name is empty".into(),
+        )),
+        Some(r) if r.key.is_empty() => Err((
+            "secretKeyRef.key".into(),
+            String::new(),
+            "the Secret's key is empty".into(),
+        )),
         Some(_) => Ok(()),
     }
 }
 
 fn parse_cidr(s: &str) -> Result<IpNetwork, String> {
-    s.parse::<IpNetwork>().map_err(|_| "not a CIDR (e.g. 10.96.0.0/12)".to_string())
+    s.parse::<IpNetwork>()
+        .map_err(|_| "not a CIDR (e.g. 10.96.0.0/12)".to_string())
 }
 
 /// A community literal: `aa:nn` (RFC 1997, 16-bit parts) or `aa:nn:mm` (RFC 8092 large, 32-bit parts).
@@ -743,9 +950,19 @@ pub fn parse_community(s: &str) -> Result<Vec<u32>, String> {
     match parts.len() {
         2 => parts
             .iter()
-            .map(|p| p.parse::<u16>().map(u32::from).map_err(|_| format!("{p:?} is not 0..65535")))
+            .map(|p| {
+                p.parse::<u16>()
+                    .map(u32::from)
+                    .map_err(|_| format!("{p:?} is not 0..65535"))
+            })
             .collect(),
-        3 => parts.iter().map(|p| p.parse::<u32>().map_err(|_| format!("{p:?} is not 0..4294967295"))).collect(),
+        3 => parts
+            .iter()
+            .map(|p| {
+                p.parse::<u32>()
+                    .map_err(|_| format!("{p:?} is not 0..4294967295"))
+            })
+            .collect(),
         _ => Err("a community is aa:nn (standard) or aa:nn:mm (large)".into()),
     }
 }
@@ -768,9 +985,17 @@ pub enum LoadError {
     #[error("document {document}: not valid YAML: {reason}")]
     Yaml { document: usize, reason: String },
     #[error("document {document}: {error}")]
-    Invalid { document: usize, error: ConfigError },
+    Invalid {
+        document: usize,
+        error: Box<ConfigError>,
+    },
     #[error("document {document}: {kind} {name:?} is defined twice (first in document {first})")]
-    Duplicate { document: usize, first: usize, kind: String, name: String },
+    Duplicate {
+        document: usize,
+        first: usize,
+        kind: String,
+        name: String,
+    },
 }
 
 /// Every resource of one source (file or datastore snapshot), validated together.
@@ -796,30 +1021,61 @@ fn field_path(path: &serde_path_to_error::Path) -> String {
     }
 }
 
+/// The value at a serde path inside a document, rendered for an error message.
+fn value_at(v: &serde_yaml_ng::Value, path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut cur = Some(v);
+    for seg in path.iter() {
+        cur = match (seg, cur) {
+            (Segment::Map { key }, Some(c)) => c.get(key.as_str()),
+            (Segment::Seq { index }, Some(c)) => c.get(*index),
+            _ => None,
+        };
+    }
+    match cur {
+        Some(serde_yaml_ng::Value::String(s)) => s.clone(),
+        Some(serde_yaml_ng::Value::Number(n)) => n.to_string(),
+        Some(serde_yaml_ng::Value::Bool(b)) => b.to_string(),
+        Some(other) => serde_yaml_ng::to_string(other)
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default(),
+        None => String::new(),
+    }
+}
+
 fn typed<T: serde::de::DeserializeOwned>(
     doc: usize,
     kind: &str,
     name: &str,
     v: serde_yaml_ng::Value,
 ) -> Result<T, LoadError> {
-    serde_path_to_error::deserialize::<_, T>(v).map_err(|e| {
+    serde_path_to_error::deserialize::<_, T>(v.clone()).map_err(|e| {
         let field = field_path(e.path());
-        let inner = e.into_inner().to_string();
-        // serde names the offending value in its message ("invalid type: string \"x\", expected u16",
-        // "unknown field `asnumber`, expected one of ...").
-        LoadError::Invalid { document: doc, error: ConfigError::new(kind, name, &field, "(see reason)", inner) }
+        let value = value_at(&v, e.path());
+        // serde's message says what was expected ("unknown field `asnumber`, expected one of ...").
+        let reason = e.into_inner().to_string();
+        LoadError::Invalid {
+            document: doc,
+            error: Box::new(ConfigError::new(kind, name, &field, value, reason)),
+        }
     })
 }
 
 impl ConfigSet {
     /// The cluster-wide BGPConfiguration (Calico's defaults when there is none).
     pub fn default_bgp(&self) -> BgpConfiguration {
-        self.bgp_configurations.get("default").cloned().unwrap_or_else(|| BgpConfiguration {
-            api_version: API_VERSION.into(),
-            kind: KIND_BGP_CONFIGURATION.into(),
-            metadata: ObjectMeta { name: "default".into(), ..Default::default() },
-            spec: BgpConfigurationSpec::default(),
-        })
+        self.bgp_configurations
+            .get("default")
+            .cloned()
+            .unwrap_or_else(|| BgpConfiguration {
+                api_version: API_VERSION.into(),
+                kind: KIND_BGP_CONFIGURATION.into(),
+                metadata: ObjectMeta {
+                    name: "default".into(),
+                    ..Default::default()
+                },
+                spec: BgpConfigurationSpec::default(),
+            })
     }
 
     /// The BGP port `node` listens on: its `node.<name>` object, else the cluster-wide one, else 179.
@@ -846,8 +1102,10 @@ impl ConfigSet {
         let mut seen: BTreeMap<(String, String), usize> = BTreeMap::new();
         for (i, de) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
             let doc = i + 1;
-            let value = serde_yaml_ng::Value::deserialize(de)
-                .map_err(|e| LoadError::Yaml { document: doc, reason: e.to_string() })?;
+            let value = serde_yaml_ng::Value::deserialize(de).map_err(|e| LoadError::Yaml {
+                document: doc,
+                reason: e.to_string(),
+            })?;
             if value.is_null() {
                 continue; // an empty document (`---` at the end)
             }
@@ -862,19 +1120,39 @@ impl ConfigSet {
                 .to_string();
             let invalid = |field: &str, v: &str, reason: &str| LoadError::Invalid {
                 document: doc,
-                error: ConfigError::new(if kind.is_empty() { "(no kind)" } else { &kind }, &name, field, v, reason),
+                error: Box::new(ConfigError::new(
+                    if kind.is_empty() { "(no kind)" } else { &kind },
+                    &name,
+                    field,
+                    v,
+                    reason,
+                )),
             };
             if kind.is_empty() {
-                return Err(invalid("kind", "", "every document needs apiVersion, kind and metadata.name"));
+                return Err(invalid(
+                    "kind",
+                    "",
+                    "every document needs apiVersion, kind and metadata.name",
+                ));
             }
             if name.is_empty() {
                 return Err(invalid("metadata.name", "", "every resource needs a name"));
             }
             let key = (kind.clone(), name.clone());
             if let Some(first) = seen.insert(key, doc) {
-                return Err(LoadError::Duplicate { document: doc, first, kind, name });
+                return Err(LoadError::Duplicate {
+                    document: doc,
+                    first,
+                    kind,
+                    name,
+                });
             }
-            let checked = |r: Result<(), ConfigError>| r.map_err(|error| LoadError::Invalid { document: doc, error });
+            let checked = |r: Result<(), ConfigError>| {
+                r.map_err(|error| LoadError::Invalid {
+                    document: doc,
+                    error: Box::new(error),
+                })
+            };
             match (api.as_str(), kind.as_str()) {
                 (API_VERSION, KIND_BGP_CONFIGURATION) => {
                     let c: BgpConfiguration = typed(doc, &kind, &name, value)?;
@@ -893,7 +1171,8 @@ impl ConfigSet {
                 }
                 ("v1", "Secret") => {
                     let s = parse_secret(&value, &name).map_err(|(f, v, r)| invalid(&f, &v, &r))?;
-                    set.secrets.insert((s.namespace.clone().unwrap_or_default(), name), s);
+                    set.secrets
+                        .insert((s.namespace.clone().unwrap_or_default(), name), s);
                 }
                 (API_VERSION, _) => set.other.push(value),
                 _ => {
@@ -910,29 +1189,50 @@ impl ConfigSet {
     }
 
     /// Checks that span documents: password secrets exist (unless `optional`).
-    fn validate_references(&self, docs: &BTreeMap<(String, String), usize>) -> Result<(), LoadError> {
+    fn validate_references(
+        &self,
+        docs: &BTreeMap<(String, String), usize>,
+    ) -> Result<(), LoadError> {
         let mut refs: Vec<(&str, &str, &str, &SecretKeyRef)> = Vec::new();
         for (name, c) in &self.bgp_configurations {
-            if let Some(r) = c.spec.node_mesh_password.as_ref().and_then(|p| p.secret_key_ref.as_ref()) {
-                refs.push((KIND_BGP_CONFIGURATION, name, "spec.nodeMeshPassword.secretKeyRef", r));
+            if let Some(r) = c
+                .spec
+                .node_mesh_password
+                .as_ref()
+                .and_then(|p| p.secret_key_ref.as_ref())
+            {
+                refs.push((
+                    KIND_BGP_CONFIGURATION,
+                    name,
+                    "spec.nodeMeshPassword.secretKeyRef",
+                    r,
+                ));
             }
         }
         for (name, p) in &self.bgp_peers {
-            if let Some(r) = p.spec.password.as_ref().and_then(|p| p.secret_key_ref.as_ref()) {
+            if let Some(r) = p
+                .spec
+                .password
+                .as_ref()
+                .and_then(|p| p.secret_key_ref.as_ref())
+            {
                 refs.push((KIND_BGP_PEER, name, "spec.password.secretKeyRef", r));
             }
         }
         for (kind, name, field, r) in refs {
             if r.optional != Some(true) && self.resolve_secret(r).is_none() {
                 return Err(LoadError::Invalid {
-                    document: docs.get(&(kind.to_string(), name.to_string())).copied().unwrap_or(0),
-                    error: ConfigError::new(
+                    document: docs
+                        .get(&(kind.to_string(), name.to_string()))
+                        .copied()
+                        .unwrap_or(0),
+                    error: Box::new(ConfigError::new(
                         kind,
                         name,
                         field,
                         format!("{}/{}", r.name, r.key),
                         "no Secret with that name and key in the file (add a v1 Secret document)",
-                    ),
+                    )),
                 });
             }
         }
@@ -942,7 +1242,11 @@ impl ConfigSet {
 
 fn parse_secret(v: &serde_yaml_ng::Value, name: &str) -> Result<Secret, (String, String, String)> {
     let mut s = Secret {
-        namespace: v.get("metadata").and_then(|m| m.get("namespace")).and_then(|n| n.as_str()).map(str::to_string),
+        namespace: v
+            .get("metadata")
+            .and_then(|m| m.get("namespace"))
+            .and_then(|n| n.as_str())
+            .map(str::to_string),
         name: name.to_string(),
         data: BTreeMap::new(),
     };
@@ -952,14 +1256,29 @@ fn parse_secret(v: &serde_yaml_ng::Value, name: &str) -> Result<Secret, (String,
             let raw = val.as_str().unwrap_or_default();
             let bytes = base64::engine::general_purpose::STANDARD
                 .decode(raw.trim())
-                .map_err(|_| (format!("data.{k}"), raw.to_string(), "not base64".to_string()))?;
-            let text = String::from_utf8(bytes).map_err(|_| (format!("data.{k}"), raw.to_string(), "not UTF-8 text".to_string()))?;
+                .map_err(|_| {
+                    (
+                        format!("data.{k}"),
+                        raw.to_string(),
+                        "not base64".to_string(),
+                    )
+                })?;
+            let text = String::from_utf8(bytes).map_err(|_| {
+                (
+                    format!("data.{k}"),
+                    raw.to_string(),
+                    "not UTF-8 text".to_string(),
+                )
+            })?;
             s.data.insert(k, text);
         }
     }
     if let Some(m) = v.get("stringData").and_then(|d| d.as_mapping()) {
         for (k, val) in m {
-            s.data.insert(k.as_str().unwrap_or_default().to_string(), val.as_str().unwrap_or_default().to_string());
+            s.data.insert(
+                k.as_str().unwrap_or_default().to_string(),
+                val.as_str().unwrap_or_default().to_string(),
+            );
         }
     }
     Ok(s)

@@ -110,7 +110,13 @@ pub fn desired_peers(set: &ConfigSet, node_name: &str) -> Result<Vec<DesiredPeer
     let global = set.default_bgp();
     let global_as = global.as_number();
     let node = set.nodes.get(node_name).ok_or_else(|| {
-        ConfigError::new(KIND_NODE, node_name, "metadata.name", node_name, "this node has no Node resource")
+        ConfigError::new(
+            KIND_NODE,
+            node_name,
+            "metadata.name",
+            node_name,
+            "this node has no Node resource",
+        )
     })?;
     let me = Local {
         ip4: node.ipv4(),
@@ -134,13 +140,19 @@ pub fn desired_peers(set: &ConfigSet, node_name: &str) -> Result<Vec<DesiredPeer
     let mut peers: Vec<&BgpPeer> = set.bgp_peers.values().collect();
     peers.sort_by_key(|p| (is_node_specific(p), p.metadata.name.clone()));
     for p in peers {
-        let err = |field: &str, v: &str, r: &str| ConfigError::new(KIND_BGP_PEER, &p.metadata.name, field, v, r);
+        let err = |field: &str, v: &str, r: &str| {
+            ConfigError::new(KIND_BGP_PEER, &p.metadata.name, field, v, r)
+        };
         let node_sel = match &p.spec.node_selector {
-            Some(s) => Some(Selector::parse(s).map_err(|e| err("spec.nodeSelector", s, &e.to_string()))?),
+            Some(s) => {
+                Some(Selector::parse(s).map_err(|e| err("spec.nodeSelector", s, &e.to_string()))?)
+            }
             None => None,
         };
         let peer_sel = match &p.spec.peer_selector {
-            Some(s) => Some(Selector::parse(s).map_err(|e| err("spec.peerSelector", s, &e.to_string()))?),
+            Some(s) => {
+                Some(Selector::parse(s).map_err(|e| err("spec.peerSelector", s, &e.to_string()))?)
+            }
             None => None,
         };
         let applies_to = |n: &Node| match (&p.spec.node, &node_sel) {
@@ -148,15 +160,32 @@ pub fn desired_peers(set: &ConfigSet, node_name: &str) -> Result<Vec<DesiredPeer
             (_, Some(sel)) => sel.matches(&n.metadata.labels),
             _ => true,
         };
-        let peer_type = if is_node_specific(p) { PeerType::Node } else { PeerType::Global };
+        let peer_type = if is_node_specific(p) {
+            PeerType::Node
+        } else {
+            PeerType::Global
+        };
 
         // Forward: this node is selected by node / nodeSelector (or the peer is global).
         if applies_to(node) {
             if let Some(addr) = p.peer_address() {
                 let asn = p.spec.as_number.map(|a| a.0).unwrap_or(global_as);
-                explicit.push(build(set, &me, p, peer_type, addr.ip, addr.port, asn, node_by_ip.get(&addr.ip).copied()));
+                explicit.push(build(
+                    set,
+                    &me,
+                    p,
+                    peer_type,
+                    addr.ip,
+                    addr.port,
+                    asn,
+                    node_by_ip.get(&addr.ip).copied(),
+                ));
             } else if let Some(sel) = &peer_sel {
-                for other in set.nodes.values().filter(|n| n.metadata.name != node_name && sel.matches(&n.metadata.labels)) {
+                for other in set
+                    .nodes
+                    .values()
+                    .filter(|n| n.metadata.name != node_name && sel.matches(&n.metadata.labels))
+                {
                     for ip in [other.ipv4(), other.ipv6()].into_iter().flatten() {
                         let asn = other.as_number().unwrap_or(global_as);
                         explicit.push(build(set, &me, p, peer_type, ip, None, asn, Some(other)));
@@ -168,7 +197,11 @@ pub fn desired_peers(set: &ConfigSet, node_name: &str) -> Result<Vec<DesiredPeer
         if let Some(sel) = &peer_sel {
             let reverse = p.spec.reverse_peering.unwrap_or_default() == ReversePeering::Auto;
             if reverse && sel.matches(&node.metadata.labels) {
-                for other in set.nodes.values().filter(|n| n.metadata.name != node_name && applies_to(n)) {
+                for other in set
+                    .nodes
+                    .values()
+                    .filter(|n| n.metadata.name != node_name && applies_to(n))
+                {
                     for ip in [other.ipv4(), other.ipv6()].into_iter().flatten() {
                         let asn = other.as_number().unwrap_or(global_as);
                         explicit.push(build(set, &me, p, peer_type, ip, None, asn, Some(other)));
@@ -200,7 +233,9 @@ pub fn desired_peers(set: &ConfigSet, node_name: &str) -> Result<Vec<DesiredPeer
                 continue;
             }
             for ip in [other.ipv4(), other.ipv6()].into_iter().flatten() {
-                let Some(local_ip) = me.ip_for(&ip) else { continue };
+                let Some(local_ip) = me.ip_for(&ip) else {
+                    continue;
+                };
                 let port = set.listen_port(&other.metadata.name);
                 if out.contains_key(&(ip, port)) {
                     continue;
@@ -255,14 +290,17 @@ fn build(
         None => super::bgp::DEFAULT_LISTEN_PORT,
     });
     let name = match (peer_type, port) {
-        (PeerType::Global, p) if p != super::bgp::DEFAULT_LISTEN_PORT => format!("Global_{}_port_{p}", ip_name(&ip)),
+        (PeerType::Global, p) if p != super::bgp::DEFAULT_LISTEN_PORT => {
+            format!("Global_{}_port_{p}", ip_name(&ip))
+        }
         (PeerType::Global, _) => format!("Global_{}", ip_name(&ip)),
         (_, p) if p != super::bgp::DEFAULT_LISTEN_PORT => format!("Node_{}_port_{p}", ip_name(&ip)),
         _ => format!("Node_{}", ip_name(&ip)),
     };
     let ibgp = peer_as == local_as;
     // RR client: we have a cluster id and the iBGP peer has none or another one (calico.md 1.4).
-    let rr_client = me.cluster_id.is_some() && ibgp && peer_node.and_then(|n| n.cluster_id()) != me.cluster_id;
+    let rr_client =
+        me.cluster_id.is_some() && ibgp && peer_node.and_then(|n| n.cluster_id()) != me.cluster_id;
     // keepOriginalNextHop (deprecated) is rendered for eBGP peers only.
     let next_hop_mode = match (p.spec.next_hop_mode, p.spec.keep_original_next_hop) {
         (Some(m), _) => m,

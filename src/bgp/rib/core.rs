@@ -2,8 +2,7 @@
 //! its own. [`Rib::handle`] applies one [`RibInput`]; outputs go to the per-peer senders given at `PeerUp` and to
 //! [`Rib::take_fib_events`]; timers are [`Rib::next_deadline`] / [`Rib::on_timer`]. `task.rs` drives it.
 
-use std::collections::btree_map::Entry;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
@@ -12,6 +11,7 @@ use std::time::Instant;
 use ipnetwork::IpNetwork;
 use tokio::sync::mpsc;
 
+use super::chunkmap::ChunkMap;
 use super::decision::{self, Kind, SourceMeta};
 use super::export::{self, ExportSource, ExportTarget};
 use super::table::{Dest, Path, PrefixKey, Tables, V4Key, V6Key, FLAG_STALE, LOCAL_SLOT};
@@ -19,7 +19,7 @@ use super::{
     family_of, FibEvent, PathSource, PathView, PeerCounters, PeerId, PeerInfo, Policy, Query,
     RibConfig, RibInput, RibOutput, RibSummary, RouteView,
 };
-use crate::bgp::wire::{AsPath, Family, Nlri, Origin, PathAttributes};
+use crate::bgp::wire::{AsPath, AsSegment, Family, Nlri, Origin, PathAttributes};
 
 type ExportKey = (usize, u16, bool);
 type ExportCache = HashMap<
@@ -146,6 +146,7 @@ fn local_info(cfg: &RibConfig) -> PeerInfo {
         families: Vec::new(),
         add_path_rx: Vec::new(),
         max_prefixes: None,
+        allow_local_as: 0,
     }
 }
 
@@ -641,20 +642,8 @@ impl Rib {
             v.len() != before
         };
         match prefix {
-            IpNetwork::V4(n) => {
-                if let Entry::Occupied(mut e) = self.tables.v4.entry(V4Key::new(n)) {
-                    if !modify(st, prefix, e.get_mut(), edit) {
-                        e.remove();
-                    }
-                }
-            }
-            IpNetwork::V6(n) => {
-                if let Entry::Occupied(mut e) = self.tables.v6.entry(V6Key::new(n)) {
-                    if !modify(st, prefix, e.get_mut(), edit) {
-                        e.remove();
-                    }
-                }
-            }
+            IpNetwork::V4(n) => remove_in(&mut self.tables.v4, V4Key::new(n), prefix, st, edit),
+            IpNetwork::V6(n) => remove_in(&mut self.tables.v6, V6Key::new(n), prefix, st, edit),
         }
     }
 
@@ -712,27 +701,42 @@ fn mark_stale(d: &mut Dest, slot: u16, families: &mut Vec<Family>, family: Famil
     n
 }
 
+fn remove_in<K: PrefixKey>(
+    map: &mut ChunkMap<K, Dest>,
+    key: K,
+    prefix: IpNetwork,
+    st: &mut State,
+    edit: impl FnOnce(&mut State, &mut Vec<Path>) -> bool,
+) {
+    if let Ok(pos) = map.find(&key) {
+        if !modify(st, prefix, map.at_mut(pos), edit) {
+            map.remove_at(pos);
+        }
+    }
+}
+
 fn upsert_in<K: PrefixKey>(
-    map: &mut BTreeMap<K, Dest>,
+    map: &mut ChunkMap<K, Dest>,
     key: K,
     prefix: IpNetwork,
     mut path: Path,
     allow_new: bool,
     st: &mut State,
 ) -> bool {
-    match map.entry(key) {
-        Entry::Vacant(e) => {
+    match map.find(&key) {
+        Err(pos) => {
             if !allow_new {
                 return false;
             }
             st.path_added(&path);
             path.flags = super::table::FLAG_ECMP;
-            let d = e.insert(Dest::One(path));
+            let pos = map.insert_at(pos, key, Dest::One(path));
+            let d = map.at_mut(pos);
             st.settle(prefix, None, st.fib_enabled.then(Vec::new), Some(d));
             true
         }
-        Entry::Occupied(mut e) => {
-            let dest = e.get_mut();
+        Ok(pos) => {
+            let dest = map.at_mut(pos);
             // Fast path: the only path of the prefix replaced by the same peer.
             if let Dest::One(p) = dest {
                 if p.slot == path.slot && p.path_id == path.path_id {
@@ -779,7 +783,7 @@ fn upsert_in<K: PrefixKey>(
 
 /// Remove the paths matching `pred` from every prefix of `map`, re-deciding and propagating each touched prefix.
 fn retain_paths<K: PrefixKey>(
-    map: &mut BTreeMap<K, Dest>,
+    map: &mut ChunkMap<K, Dest>,
     st: &mut State,
     pred: impl Fn(&Path) -> bool,
 ) {
@@ -912,10 +916,21 @@ impl State {
     fn import_loop(&self, slot: u16, attrs: &PathAttributes) -> bool {
         let s = &self.slots[slot as usize];
         match s.kind {
-            Kind::Ebgp => attrs
-                .as_path
-                .as_ref()
-                .is_some_and(|p| p.contains(s.info.local_asn)),
+            Kind::Ebgp => attrs.as_path.as_ref().is_some_and(|p| {
+                let own: usize = p
+                    .segments
+                    .iter()
+                    .map(|seg| match seg {
+                        AsSegment::Sequence(v)
+                        | AsSegment::Set(v)
+                        | AsSegment::ConfedSequence(v)
+                        | AsSegment::ConfedSet(v) => {
+                            v.iter().filter(|a| **a == s.info.local_asn).count()
+                        }
+                    })
+                    .sum();
+                own > s.info.allow_local_as as usize
+            }),
             _ => {
                 attrs.originator_id == Some(self.cfg.router_id)
                     || attrs
