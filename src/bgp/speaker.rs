@@ -44,6 +44,8 @@ pub struct DesiredPeer {
     pub rr_client: bool,
     pub next_hop_mode: NextHopMode,
     pub max_prefixes: Option<u32>,
+    /// BGPPeer `numAllowedLocalASNumbers`.
+    pub allow_local_as: u32,
 }
 
 impl DesiredPeer {
@@ -75,6 +77,7 @@ impl DesiredPeer {
                 CalicoNextHop::Keep => NextHopMode::Keep,
             },
             max_prefixes: None,
+            allow_local_as: p.num_allowed_local_as.unwrap_or(0),
         }
     }
 }
@@ -272,6 +275,7 @@ impl Speaker {
                     } else if p.desired.rr_client != d.rr_client
                         || p.desired.next_hop_mode != d.next_hop_mode
                         || p.desired.max_prefixes != d.max_prefixes
+                        || p.desired.allow_local_as != d.allow_local_as
                     {
                         // The RIB learns a peer's role at PeerUp: restart this one peer.
                         self.stop_peer(addr).await;
@@ -545,6 +549,7 @@ fn peer_info(d: &DesiredPeer, n: &Negotiated) -> PeerInfo {
         families: n.families.clone(),
         add_path_rx: n.add_path_rx.clone(),
         max_prefixes: d.max_prefixes,
+        allow_local_as: d.allow_local_as,
     }
 }
 
