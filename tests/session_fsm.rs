@@ -918,6 +918,7 @@ fn arb_event() -> impl Strategy<Value = Event> {
     prop_oneof![
         Just(Event::ManualStart),
         Just(Event::ManualStop),
+        Just(Event::AutomaticStop { cease_subcode: 6 }),
         Just(Event::ConnectRetryTimerExpires),
         Just(Event::HoldTimerExpires),
         Just(Event::KeepaliveTimerExpires),

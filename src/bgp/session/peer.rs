@@ -720,7 +720,10 @@ impl PeerTask {
                 }
                 let was_running = self.session.state() != State::Idle
                     || self.timers[timer_index(Timer::IdleHold)].is_some();
-                self.feed(Event::ManualStop).await;
+                self.feed(Event::AutomaticStop {
+                    cease_subcode: super::open::code::CEASE_OTHER_CONFIG_CHANGE,
+                })
+                .await;
                 if let Some(l) = &self.listener {
                     if new.password != self.cfg.password || new.peer_addr != self.cfg.peer_addr {
                         l.unregister(self.cfg.peer_addr);
