@@ -439,7 +439,11 @@ async fn end_of_rib_and_updates_flow_out_and_reconfigure_resets_only_on_change()
     p.send(PeerCommand::Reconfigure(Box::new(changed)))
         .await
         .expect("send");
-    assert_eq!(s.expect_notification().await, (6, 2));
+    assert_eq!(
+        s.expect_notification().await,
+        (6, 6),
+        "Cease / other configuration change"
+    );
     let _s = Scripted::establish(Ipv4Addr::new(127, 0, 0, 4), 65004, addr).await;
     let ev = next_matching(&mut rx, "Established after Reconfigure", |e| {
         matches!(e, SessionEvent::Established { .. })
