@@ -56,6 +56,11 @@ pub struct ReflectorArgs {
     /// Local HTTP endpoint for /status, /healthz, /readyz and /metrics.
     #[arg(long, default_value = api::DEFAULT_LISTEN)]
     pub http_listen: SocketAddr,
+    /// Where the reflector keeps its run marker. When the marker of an earlier run is there at start, the
+    /// reflector announces itself as restarting (graceful restart R bit, RFC 4724) so peers keep its routes
+    /// until its End-of-RIB.
+    #[arg(long, default_value = "/var/run/margay")]
+    pub state_dir: PathBuf,
 }
 
 /// Where the reflector's resources come from: a multi-document YAML file today, the etcd datastore once the
@@ -147,12 +152,21 @@ fn identity(args: &ReflectorArgs, set: &mut ConfigSet, source: &str) -> anyhow::
 fn load_peers(
     args: &ReflectorArgs,
     source: &dyn ConfigSource,
+    restarting: bool,
 ) -> anyhow::Result<(Identity, Vec<DesiredPeer>)> {
     let mut set = source.load()?;
     let id = identity(args, &mut set, &source.describe())?;
     let peers = desired_peers(&set, &id.name)?
         .iter()
-        .map(|p| DesiredPeer::from_config(p, id.router_id))
+        .map(|p| {
+            let mut d = DesiredPeer::from_config(p, id.router_id);
+            if let Some(gr) = d.session.graceful_restart.as_mut() {
+                // A reflector forwards nothing: it never claims preserved forwarding state.
+                gr.restarting = restarting;
+                gr.forwarding_preserved = false;
+            }
+            d
+        })
         .collect();
     Ok((id, peers))
 }
@@ -174,7 +188,14 @@ async fn run_async(args: ReflectorArgs) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
 
     let source = FileSource(args.config.clone());
-    let (id, peers) = load_peers(&args, &source)?;
+    let marker = args.state_dir.join("reflector.running");
+    let restarting = marker.exists();
+    let (id, peers) = load_peers(&args, &source, restarting)?;
+    if let Err(e) = std::fs::create_dir_all(&args.state_dir)
+        .and_then(|()| std::fs::write(&marker, std::process::id().to_string()))
+    {
+        tracing::warn!(path = %marker.display(), error = %e, "cannot write the run marker: a restart will not be announced as graceful");
+    }
     let listen: Vec<SocketAddr> = if args.listen.is_empty() {
         vec![
             SocketAddr::from((Ipv4Addr::UNSPECIFIED, id.port)),
@@ -230,7 +251,7 @@ async fn run_async(args: ReflectorArgs) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = hup.recv() => {
-                match load_peers(&args, &source) {
+                match load_peers(&args, &source, restarting) {
                     Ok((id2, peers)) => {
                         if id2 != id {
                             tracing::warn!(running = ?id, file = ?id2, "a new router id, cluster id, AS or port needs a restart; peers are applied with the running identity");
@@ -253,9 +274,11 @@ async fn run_async(args: ReflectorArgs) -> anyhow::Result<()> {
         }
     }
     http.abort();
-    // Dropping the speaker closes every session without a NOTIFICATION, so peers that negotiated graceful
-    // restart keep our routes while we are away (RFC 4724 4.2).
-    drop(spk);
+    // SIGTERM is how a DaemonSet or systemd restarts us: close every session without a NOTIFICATION so
+    // peers that negotiated graceful restart keep our routes while we are away (RFC 4724 4.1). The run
+    // marker stays, so the next start announces the restart.
+    spk.shutdown(true).await;
+    tracing::info!("route reflector stopped; peers keep its routes for the graceful restart time");
     Ok(())
 }
 

@@ -119,6 +119,10 @@ pub enum SpeakerError {
 enum SpeakerCommand {
     Apply(Vec<DesiredPeer>, oneshot::Sender<ApplyReport>),
     Status(oneshot::Sender<Vec<ApiPeerStatus>>),
+    Shutdown {
+        for_restart: bool,
+        reply: oneshot::Sender<()>,
+    },
 }
 
 /// The owner's handle. Dropping it stops the speaker, its peers and the RIB.
@@ -156,6 +160,20 @@ impl SpeakerHandle {
             .await
             .map_err(|_| SpeakerError::Gone)?;
         rx.await.map_err(|_| SpeakerError::Gone)
+    }
+
+    /// Stop every session and the speaker. `for_restart`: close without a NOTIFICATION so peers that
+    /// negotiated graceful restart keep our routes until we are back (RFC 4724 4.1); otherwise Cease.
+    pub async fn shutdown(self, for_restart: bool) {
+        let (reply, done) = oneshot::channel();
+        if self
+            .tx
+            .send(SpeakerCommand::Shutdown { for_restart, reply })
+            .await
+            .is_ok()
+        {
+            let _ = done.await;
+        }
     }
 
     /// The RIB's input, for locally originated routes and queries.
@@ -238,6 +256,20 @@ impl Speaker {
                     }
                     Some(SpeakerCommand::Status(reply)) => {
                         let _ = reply.send(self.status().await);
+                    }
+                    Some(SpeakerCommand::Shutdown { for_restart, reply }) => {
+                        for (_, p) in std::mem::take(&mut self.peers) {
+                            if let Some((_, writer)) = p.session {
+                                writer.abort();
+                            }
+                            if for_restart {
+                                p.handle.shutdown_for_restart().await;
+                            } else {
+                                p.handle.shutdown().await;
+                            }
+                        }
+                        let _ = reply.send(());
+                        return;
                     }
                     None => break,
                 },
