@@ -3,7 +3,11 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "margay", version, about = "Kubernetes node networking: etcd IPAM, embedded BGP, kernel FIB, CNI")]
+#[command(
+    name = "margay",
+    version,
+    about = "Kubernetes node networking: etcd IPAM, embedded BGP, kernel FIB, CNI"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

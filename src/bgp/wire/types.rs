@@ -62,8 +62,14 @@ pub struct Family {
 }
 
 impl Family {
-    pub const IPV4_UNICAST: Family = Family { afi: Afi::Ipv4, safi: Safi::Unicast };
-    pub const IPV6_UNICAST: Family = Family { afi: Afi::Ipv6, safi: Safi::Unicast };
+    pub const IPV4_UNICAST: Family = Family {
+        afi: Afi::Ipv4,
+        safi: Safi::Unicast,
+    };
+    pub const IPV6_UNICAST: Family = Family {
+        afi: Afi::Ipv6,
+        safi: Safi::Unicast,
+    };
 }
 
 /// A prefix in an UPDATE, with its ADD-PATH path identifier when ADD-PATH receive/send is negotiated
@@ -203,9 +209,10 @@ impl AsPath {
     /// True when `asn` appears anywhere in the path (loop detection, RFC 4271 9.1.2).
     pub fn contains(&self, asn: u32) -> bool {
         self.segments.iter().any(|s| match s {
-            AsSegment::Sequence(v) | AsSegment::Set(v) | AsSegment::ConfedSequence(v) | AsSegment::ConfedSet(v) => {
-                v.contains(&asn)
-            }
+            AsSegment::Sequence(v)
+            | AsSegment::Set(v)
+            | AsSegment::ConfedSequence(v)
+            | AsSegment::ConfedSet(v) => v.contains(&asn),
         })
     }
 
@@ -314,7 +321,10 @@ impl Update {
         } else {
             Update {
                 attributes: PathAttributes {
-                    mp_unreach: Some(MpUnreach { family, withdrawn: Vec::new() }),
+                    mp_unreach: Some(MpUnreach {
+                        family,
+                        withdrawn: Vec::new(),
+                    }),
                     ..Default::default()
                 },
                 ..Default::default()

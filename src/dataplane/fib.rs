@@ -1,0 +1,1284 @@
+//! The FIB task: the one owner of margay's kernel routes in one network namespace.
+//!
+//! ```text
+//!   FibHandle ──(bounded mpsc: FibRequest)──▶ FIB task ──(batched RTM_NEWROUTE/DELROUTE, 1 ack each)──▶ kernel
+//!                                               ▲
+//!   kernel ──(RTNLGRP_IPV4_ROUTE / IPV6_ROUTE multicast, our own writes filtered out by BPF)──┘
+//! ```
+//!
+//! Desired state in, differences out. A route is margay's when it carries margay's route protocol number
+//! (default [`DEFAULT_PROTOCOL`]) in margay's table at margay's metric; routes of any other protocol are never
+//! written, replaced or deleted, even on the same prefix: a new prefix is created with `NLM_F_EXCL` (the
+//! kernel's `replace` matches on prefix, table, TOS and metric, not protocol) and deletes name our protocol,
+//! which the kernel matches. At start the task dumps its routes (strict-checked, kernel-filtered dump) and
+//! adopts them as the desired state without writing anything; a later [`FibHandle::sync`] converges by
+//! difference. Someone else deleting or changing one of our routes is seen on the multicast socket, logged
+//! with the sender's netlink port id, and put back. It never flushes.
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::net::IpAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnetwork::IpNetwork;
+use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE};
+use netlink_packet_route::link::{LinkAttribute, LinkMessage};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteNextHop,
+    RouteNextHopFlags, RouteProtocol, RouteScope, RouteType,
+};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use netlink_sys::{protocols::NETLINK_ROUTE, Socket};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use super::error::{ns_label, DataplaneError, NlError};
+use super::netns::in_netns;
+use super::nl::{decode_all, grow_rcvbuf, recv_into, NlSocket};
+
+/// margay's route protocol number (`ip route ... proto 77`). Unassigned in `/etc/iproute2/rt_protos`;
+/// BIRD uses 12, Felix 80, `ip route add` uses 3 (boot) or 4 (static).
+pub const DEFAULT_PROTOCOL: u8 = 77;
+/// margay's route metric (priority). Its own value, so a static route on the same prefix with the usual
+/// metric 0 (IPv4) / 1024 (IPv6) coexists with ours instead of colliding, and wins (lower is preferred).
+pub const DEFAULT_METRIC: u32 = 77;
+/// The main routing table.
+pub const MAIN_TABLE: u32 = 254;
+
+const RTNLGRP_IPV4_ROUTE: u32 = 7;
+const RTNLGRP_IPV6_ROUTE: u32 = 11;
+
+/// A device, by index or by name (resolved in the FIB's namespace when the request is applied).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Dev {
+    Index(u32),
+    Name(String),
+}
+
+/// One next hop: a gateway, a device, or both; `onlink` tells the kernel the gateway is on the device's
+/// link even without a covering connected route (needs `dev`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NextHop {
+    pub gateway: Option<IpAddr>,
+    pub dev: Option<Dev>,
+    pub onlink: bool,
+}
+
+impl NextHop {
+    /// `via gateway`.
+    pub fn via(gateway: IpAddr) -> NextHop {
+        NextHop {
+            gateway: Some(gateway),
+            dev: None,
+            onlink: false,
+        }
+    }
+    /// `via gateway dev name onlink`.
+    pub fn onlink(gateway: IpAddr, dev: &str) -> NextHop {
+        NextHop {
+            gateway: Some(gateway),
+            dev: Some(Dev::Name(dev.to_string())),
+            onlink: true,
+        }
+    }
+    /// `dev name` (a device route, scope link).
+    pub fn dev(dev: &str) -> NextHop {
+        NextHop {
+            gateway: None,
+            dev: Some(Dev::Name(dev.to_string())),
+            onlink: false,
+        }
+    }
+}
+
+/// Where a prefix goes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum NextHops {
+    /// Drop silently (the node's own blocks: addresses not yet given to a pod go nowhere).
+    Blackhole,
+    /// Drop with ICMP unreachable.
+    Unreachable,
+    /// One next hop, or several as one ECMP (RTA_MULTIPATH) route.
+    Via(Vec<NextHop>),
+}
+
+/// A route margay wants in the kernel.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Route {
+    pub prefix: IpNetwork,
+    pub next_hops: NextHops,
+}
+
+impl Route {
+    pub fn blackhole(prefix: IpNetwork) -> Route {
+        Route {
+            prefix,
+            next_hops: NextHops::Blackhole,
+        }
+    }
+    pub fn via(prefix: IpNetwork, hops: Vec<NextHop>) -> Route {
+        Route {
+            prefix,
+            next_hops: NextHops::Via(hops),
+        }
+    }
+
+    /// Reject what the kernel would reject, with a message naming the route.
+    pub fn validate(&self) -> Result<(), DataplaneError> {
+        let bad = |reason: &str| DataplaneError::Invalid {
+            what: "route",
+            value: format!("{self:?}"),
+            reason: reason.to_string(),
+        };
+        if self.prefix.network() != self.prefix.ip() {
+            return Err(bad("the prefix has host bits set"));
+        }
+        if let NextHops::Via(hops) = &self.next_hops {
+            if hops.is_empty() {
+                return Err(bad("no next hop"));
+            }
+            for h in hops {
+                if h.gateway.is_none() && h.dev.is_none() {
+                    return Err(bad("a next hop needs a gateway or a device"));
+                }
+                if let Some(gw) = h.gateway {
+                    if gw.is_ipv4() != self.prefix.is_ipv4() {
+                        return Err(bad(
+                            "the gateway's address family differs from the prefix's",
+                        ));
+                    }
+                    if let IpAddr::V6(v6) = gw {
+                        if v6.segments()[0] & 0xffc0 == 0xfe80 && h.dev.is_none() {
+                            return Err(bad("a link-local gateway needs a device"));
+                        }
+                    }
+                }
+                if h.onlink && (h.dev.is_none() || h.gateway.is_none()) {
+                    return Err(bad("onlink needs both a gateway and a device"));
+                }
+                if let Some(Dev::Name(n)) = &h.dev {
+                    if n.is_empty() || n.len() > 15 {
+                        return Err(bad("device names are 1 to 15 bytes"));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How the FIB task is set up.
+#[derive(Debug, Clone)]
+pub struct FibConfig {
+    /// The node's network namespace (`None`: the one margay runs in).
+    pub netns: Option<PathBuf>,
+    /// Route protocol number margay owns.
+    pub protocol: u8,
+    /// Routing table.
+    pub table: u32,
+    /// Metric of margay's routes.
+    pub metric: u32,
+    /// Requests per netlink write.
+    pub batch: usize,
+    /// Depth of the request channel.
+    pub queue: usize,
+    /// How often failed or conflicting routes are tried again.
+    pub retry: Duration,
+}
+
+impl Default for FibConfig {
+    fn default() -> Self {
+        FibConfig {
+            netns: None,
+            protocol: DEFAULT_PROTOCOL,
+            table: MAIN_TABLE,
+            metric: DEFAULT_METRIC,
+            batch: 1000,
+            queue: 1024,
+            retry: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Counters since the task started.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FibStats {
+    /// Routes found with our protocol at start and adopted as they were.
+    pub adopted: u64,
+    /// Netlink writes (each carries up to `batch` requests).
+    pub writes: u64,
+    pub created: u64,
+    pub replaced: u64,
+    pub deleted: u64,
+    /// Routes put back after someone else deleted or changed them.
+    pub repaired: u64,
+    /// Full re-dumps after the notification socket overflowed.
+    pub resyncs: u64,
+}
+
+/// A snapshot of the FIB task's state.
+#[derive(Debug, Clone, Default)]
+pub struct FibStatus {
+    pub desired: usize,
+    pub installed: usize,
+    /// Prefixes where a route of another protocol holds our (prefix, table, metric): left alone, retried.
+    pub conflicts: Vec<(IpNetwork, String)>,
+    /// Prefixes the kernel refused for another reason (no route to the gateway, ...): retried.
+    pub failed: Vec<(IpNetwork, String)>,
+    pub stats: FibStats,
+}
+
+/// What the task is asked to do.
+#[derive(Debug)]
+pub enum FibRequest {
+    /// Install or change these routes (replace semantics per prefix).
+    Replace(Vec<Route>),
+    /// Remove these prefixes (if they are ours).
+    Remove(Vec<IpNetwork>),
+    /// The desired set is exactly this: everything else of ours goes.
+    Sync(Vec<Route>),
+    /// Reply once every earlier request has been written to the kernel.
+    Settle(oneshot::Sender<FibStatus>),
+    /// The desired routes (devices resolved to indexes).
+    Desired(oneshot::Sender<Vec<Route>>),
+}
+
+struct AbortOnDrop(JoinHandle<()>);
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The handle the node daemon holds. Cloneable; the task stops when the last handle is dropped.
+#[derive(Clone)]
+pub struct FibHandle {
+    tx: mpsc::Sender<FibRequest>,
+    netns: String,
+    _task: Arc<AbortOnDrop>,
+}
+
+/// The FIB task's entry point.
+pub struct Fib;
+
+impl Fib {
+    /// Open the sockets inside the namespace, subscribe to route notifications, dump and adopt our routes,
+    /// then start the task. Writes nothing to the kernel.
+    pub async fn spawn(config: FibConfig) -> Result<FibHandle, DataplaneError> {
+        let cfg = config.clone();
+        let (sock, monitor, state) = tokio::task::spawn_blocking(move || {
+            let mut sock = NlSocket::open(cfg.netns.as_deref())?;
+            // Subscribe before the dump so no change between the two is missed.
+            let monitor = open_monitor(cfg.netns.as_deref(), sock.portid())?;
+            let mut state = State::new(cfg);
+            state.adopt(&mut sock)?;
+            Ok::<_, DataplaneError>((sock, monitor, state))
+        })
+        .await
+        .map_err(|e| DataplaneError::FibStopped {
+            netns: format!("{} ({e})", ns_label(config.netns.as_deref())),
+        })??;
+        // SAFETY: the Socket owns its fd, which stays open and the same until the AsyncFd drops it.
+        let monitor = unsafe { AsyncFd::register_with_interest(monitor, Interest::READABLE) }
+            .map_err(|e| DataplaneError::Socket {
+                netns: ns_label(config.netns.as_deref()),
+                source: io::Error::other(e.to_string()),
+            })?;
+        let (tx, rx) = mpsc::channel(config.queue.max(1));
+        let netns = ns_label(config.netns.as_deref());
+        tracing::info!(%netns, adopted = state.stats.adopted, protocol = config.protocol, "FIB task started");
+        let task = tokio::spawn(run(state, sock, monitor, rx));
+        Ok(FibHandle {
+            tx,
+            netns,
+            _task: Arc::new(AbortOnDrop(task)),
+        })
+    }
+}
+
+impl FibHandle {
+    async fn send(&self, req: FibRequest) -> Result<(), DataplaneError> {
+        self.tx
+            .send(req)
+            .await
+            .map_err(|_| DataplaneError::FibStopped {
+                netns: self.netns.clone(),
+            })
+    }
+
+    /// Install or change one route.
+    pub async fn replace(&self, route: Route) -> Result<(), DataplaneError> {
+        self.replace_many(vec![route]).await
+    }
+
+    /// Install or change many routes (one request; the task batches the writes).
+    pub async fn replace_many(&self, routes: Vec<Route>) -> Result<(), DataplaneError> {
+        for r in &routes {
+            r.validate()?;
+        }
+        self.send(FibRequest::Replace(routes)).await
+    }
+
+    /// Remove one prefix (ours only).
+    pub async fn remove(&self, prefix: IpNetwork) -> Result<(), DataplaneError> {
+        self.send(FibRequest::Remove(vec![prefix])).await
+    }
+
+    /// Remove many prefixes.
+    pub async fn remove_many(&self, prefixes: Vec<IpNetwork>) -> Result<(), DataplaneError> {
+        self.send(FibRequest::Remove(prefixes)).await
+    }
+
+    /// Make the desired set exactly `routes`.
+    pub async fn sync(&self, routes: Vec<Route>) -> Result<(), DataplaneError> {
+        for r in &routes {
+            r.validate()?;
+        }
+        self.send(FibRequest::Sync(routes)).await
+    }
+
+    /// Wait until everything asked so far is in the kernel (or failed), and return the state.
+    pub async fn settle(&self) -> Result<FibStatus, DataplaneError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(FibRequest::Settle(tx)).await?;
+        rx.await.map_err(|_| DataplaneError::FibStopped {
+            netns: self.netns.clone(),
+        })
+    }
+
+    /// The desired routes.
+    pub async fn desired(&self) -> Result<Vec<Route>, DataplaneError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(FibRequest::Desired(tx)).await?;
+        rx.await.map_err(|_| DataplaneError::FibStopped {
+            netns: self.netns.clone(),
+        })
+    }
+}
+
+/// One kernel write the task decided on.
+#[derive(Debug, Clone)]
+enum Op {
+    /// New prefix: NLM_F_EXCL, so a foreign route holding the key makes it fail instead of being replaced.
+    Create(Route),
+    /// Our route is there (or was, and someone touched it): NLM_F_REPLACE.
+    Replace(Route),
+    /// Delete our route at (prefix, metric).
+    Delete(IpNetwork, u32),
+}
+
+/// Everything the task owns.
+struct State {
+    cfg: FibConfig,
+    netns: String,
+    desired: HashMap<IpNetwork, Route>,
+    /// Our routes in the kernel at our metric, as the kernel reported or acknowledged them.
+    installed: HashMap<IpNetwork, Route>,
+    /// Prefixes whose kernel state may differ from `installed` (someone else touched them): write with replace.
+    suspect: HashSet<IpNetwork>,
+    /// Routes with our protocol at another metric: not ours to keep.
+    strays: HashSet<(IpNetwork, u32)>,
+    conflicts: HashMap<IpNetwork, String>,
+    failed: HashMap<IpNetwork, String>,
+    dirty: HashSet<IpNetwork>,
+    /// Interface name → index cache for one round of requests.
+    ifindex: HashMap<String, u32>,
+    stats: FibStats,
+}
+
+impl State {
+    fn new(cfg: FibConfig) -> State {
+        State {
+            netns: ns_label(cfg.netns.as_deref()),
+            cfg,
+            desired: HashMap::new(),
+            installed: HashMap::new(),
+            suspect: HashSet::new(),
+            strays: HashSet::new(),
+            conflicts: HashMap::new(),
+            failed: HashMap::new(),
+            dirty: HashSet::new(),
+            ifindex: HashMap::new(),
+            stats: FibStats::default(),
+        }
+    }
+
+    /// Dump our routes (strict check: the kernel filters by protocol and table) into `installed`.
+    fn dump_ours(&mut self, sock: &mut NlSocket) -> Result<(), DataplaneError> {
+        self.installed.clear();
+        self.strays.clear();
+        self.suspect.clear();
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let mut msg = RouteMessage::default();
+            msg.header.address_family = family;
+            msg.header.protocol = RouteProtocol::from(self.cfg.protocol);
+            msg.header.table = table_byte(self.cfg.table);
+            msg.attributes.push(RouteAttribute::Table(self.cfg.table));
+            let replies = sock
+                .dump(RouteNetlinkMessage::GetRoute(msg))
+                .map_err(|source| DataplaneError::Netlink {
+                    op: "dump routes",
+                    object: format!("of protocol {}", self.cfg.protocol),
+                    netns: self.netns.clone(),
+                    source,
+                })?;
+            for reply in replies {
+                if let RouteNetlinkMessage::NewRoute(m) = reply {
+                    // The kernel filters; check again in case an old kernel ignored the filter.
+                    if let Some(k) = parse_route(&m) {
+                        if k.protocol == self.cfg.protocol && k.table == self.cfg.table {
+                            if k.metric == self.cfg.metric {
+                                self.installed.insert(k.route.prefix, k.route);
+                            } else {
+                                self.strays.insert((k.route.prefix, k.metric));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Start-up: take what the kernel holds as the desired state, touching nothing.
+    fn adopt(&mut self, sock: &mut NlSocket) -> Result<(), DataplaneError> {
+        self.dump_ours(sock)?;
+        self.desired = self.installed.clone();
+        self.stats.adopted = self.installed.len() as u64;
+        Ok(())
+    }
+
+    /// After the notification socket overflowed: re-read the kernel and look at everything again.
+    fn resync(&mut self, sock: &mut NlSocket) -> Result<(), DataplaneError> {
+        self.stats.resyncs += 1;
+        self.dump_ours(sock)?;
+        let all: Vec<IpNetwork> = self
+            .desired
+            .keys()
+            .chain(self.installed.keys())
+            .copied()
+            .collect();
+        self.dirty.extend(all);
+        Ok(())
+    }
+
+    fn status(&self) -> FibStatus {
+        FibStatus {
+            desired: self.desired.len(),
+            installed: self.installed.len(),
+            conflicts: self
+                .conflicts
+                .iter()
+                .map(|(p, s)| (*p, s.clone()))
+                .collect(),
+            failed: self.failed.iter().map(|(p, s)| (*p, s.clone())).collect(),
+            stats: self.stats.clone(),
+        }
+    }
+
+    /// Resolve device names to indexes in our namespace. A missing device makes the route fail (retried).
+    fn resolve(&mut self, sock: &mut NlSocket, mut route: Route) -> Result<Route, String> {
+        if let NextHops::Via(hops) = &mut route.next_hops {
+            for h in hops.iter_mut() {
+                if let Some(Dev::Name(name)) = &h.dev {
+                    let idx = match self.ifindex.get(name) {
+                        Some(i) => *i,
+                        None => {
+                            let i = link_index(sock, name).map_err(|e| {
+                                format!("device {name} not found in {}: {e}", self.netns)
+                            })?;
+                            self.ifindex.insert(name.clone(), i);
+                            i
+                        }
+                    };
+                    h.dev = Some(Dev::Index(idx));
+                }
+            }
+            hops.sort();
+            hops.dedup();
+        }
+        Ok(route)
+    }
+
+    fn set_desired(&mut self, sock: &mut NlSocket, route: Route) {
+        let prefix = route.prefix;
+        match self.resolve(sock, route) {
+            Ok(r) => {
+                if self.desired.get(&prefix) != Some(&r) {
+                    self.desired.insert(prefix, r);
+                }
+                self.failed.remove(&prefix);
+            }
+            Err(e) => {
+                tracing::warn!(netns = %self.netns, %prefix, error = %e, "route not installed");
+                self.desired.remove(&prefix);
+                self.failed.insert(prefix, e);
+            }
+        }
+        self.dirty.insert(prefix);
+    }
+
+    fn apply(&mut self, sock: &mut NlSocket, req: FibRequest, replies: &mut Vec<Reply>) {
+        match req {
+            FibRequest::Replace(routes) => {
+                for r in routes {
+                    self.set_desired(sock, r);
+                }
+            }
+            FibRequest::Remove(prefixes) => {
+                for p in prefixes {
+                    self.desired.remove(&p);
+                    self.failed.remove(&p);
+                    self.conflicts.remove(&p);
+                    self.dirty.insert(p);
+                }
+            }
+            FibRequest::Sync(routes) => {
+                let keep: HashSet<IpNetwork> = routes.iter().map(|r| r.prefix).collect();
+                let gone: Vec<IpNetwork> = self
+                    .desired
+                    .keys()
+                    .chain(self.installed.keys())
+                    .filter(|p| !keep.contains(p))
+                    .copied()
+                    .collect();
+                for p in gone {
+                    self.desired.remove(&p);
+                    self.failed.remove(&p);
+                    self.conflicts.remove(&p);
+                    self.dirty.insert(p);
+                }
+                for r in routes {
+                    self.set_desired(sock, r);
+                }
+            }
+            FibRequest::Settle(tx) => replies.push(Reply::Settle(tx)),
+            FibRequest::Desired(tx) => replies.push(Reply::Desired(tx)),
+        }
+    }
+
+    /// The writes that bring the kernel to the desired state for the dirty prefixes.
+    fn plan(&mut self) -> Vec<Op> {
+        let mut ops = Vec::new();
+        for p in self.dirty.drain() {
+            match (self.desired.get(&p), self.installed.get(&p)) {
+                (None, None) => {}
+                (None, Some(_)) => ops.push(Op::Delete(p, self.cfg.metric)),
+                (Some(d), Some(k)) => {
+                    if self.suspect.contains(&p) || !matches(d, k) {
+                        ops.push(Op::Replace(d.clone()));
+                    }
+                }
+                (Some(d), None) => ops.push(Op::Create(d.clone())),
+            }
+        }
+        for (p, m) in self.strays.iter() {
+            ops.push(Op::Delete(*p, *m));
+        }
+        ops
+    }
+
+    /// Record the kernel's answer to one op.
+    fn record(&mut self, op: &Op, result: Option<NlError>) {
+        match (op, result) {
+            (Op::Create(r), None) | (Op::Replace(r), None) => {
+                if matches!(op, Op::Create(_)) {
+                    self.stats.created += 1;
+                } else {
+                    self.stats.replaced += 1;
+                }
+                self.installed.insert(r.prefix, r.clone());
+                self.suspect.remove(&r.prefix);
+                self.conflicts.remove(&r.prefix);
+                self.failed.remove(&r.prefix);
+            }
+            (Op::Create(r), Some(e)) if e.errno == libc::EEXIST => {
+                let why = format!(
+                    "a route of another protocol holds {} (table {}, metric {}); margay leaves it alone",
+                    r.prefix, self.cfg.table, self.cfg.metric
+                );
+                if !self.conflicts.contains_key(&r.prefix) {
+                    tracing::warn!(netns = %self.netns, prefix = %r.prefix, "{why}");
+                }
+                self.conflicts.insert(r.prefix, why);
+            }
+            (Op::Create(r), Some(e)) | (Op::Replace(r), Some(e)) => {
+                let why = e.to_string();
+                if self.failed.get(&r.prefix) != Some(&why) {
+                    tracing::warn!(netns = %self.netns, prefix = %r.prefix, error = %why, "kernel refused route; will retry");
+                }
+                self.failed.insert(r.prefix, why);
+            }
+            (Op::Delete(p, m), res) => {
+                let ok = match &res {
+                    None => true,
+                    Some(e) => e.errno == libc::ESRCH || e.errno == libc::ENOENT,
+                };
+                if ok {
+                    if res.is_none() {
+                        self.stats.deleted += 1;
+                    }
+                    if *m == self.cfg.metric {
+                        self.installed.remove(p);
+                        self.suspect.remove(p);
+                    } else {
+                        self.strays.remove(&(*p, *m));
+                    }
+                } else if let Some(e) = res {
+                    tracing::warn!(netns = %self.netns, prefix = %p, error = %e, "kernel refused delete; will retry");
+                    self.failed.insert(*p, e.to_string());
+                }
+            }
+        }
+    }
+
+    /// A notification from someone else's write.
+    fn on_event(&mut self, sender: u32, msg: RouteNetlinkMessage) {
+        let (deleted, m) = match msg {
+            RouteNetlinkMessage::NewRoute(m) => (false, m),
+            RouteNetlinkMessage::DelRoute(m) => (true, m),
+            _ => return,
+        };
+        let Some(k) = parse_route(&m) else { return };
+        if k.table != self.cfg.table {
+            return;
+        }
+        let p = k.route.prefix;
+        let who = describe_sender(sender);
+        if k.protocol != self.cfg.protocol {
+            // Another protocol took our exact key: our route is gone. Never fight it; record the conflict.
+            if !deleted && k.metric == self.cfg.metric && self.installed.contains_key(&p) {
+                tracing::warn!(netns = %self.netns, prefix = %p, protocol = k.protocol, by = %who,
+                    "margay's route was replaced by a route of another protocol; leaving it alone");
+                self.installed.remove(&p);
+                self.suspect.remove(&p);
+                self.dirty.insert(p);
+            }
+            return;
+        }
+        if k.metric != self.cfg.metric {
+            if deleted {
+                self.strays.remove(&(p, k.metric));
+            } else {
+                self.strays.insert((p, k.metric));
+            }
+            return;
+        }
+        match (deleted, self.desired.get(&p)) {
+            (true, Some(_)) => {
+                tracing::warn!(netns = %self.netns, prefix = %p, by = %who, "margay's route was deleted by someone else; restoring it");
+                self.stats.repaired += 1;
+                self.suspect.insert(p);
+                self.dirty.insert(p);
+            }
+            (true, None) => {
+                self.installed.remove(&p);
+                self.suspect.remove(&p);
+            }
+            (false, Some(d)) => {
+                if !matches(d, &k.route) {
+                    tracing::warn!(netns = %self.netns, prefix = %p, by = %who, "margay's route was changed by someone else; restoring it");
+                    self.stats.repaired += 1;
+                    self.suspect.insert(p);
+                    self.dirty.insert(p);
+                }
+                self.installed.insert(p, k.route);
+            }
+            (false, None) => {
+                // A route with our protocol we did not ask for: ours to remove.
+                self.installed.insert(p, k.route);
+                self.dirty.insert(p);
+            }
+        }
+    }
+}
+
+enum Reply {
+    Settle(oneshot::Sender<FibStatus>),
+    Desired(oneshot::Sender<Vec<Route>>),
+}
+
+/// Execute ops in batches of `batch` requests per write. Returns each op's result.
+fn execute(
+    sock: &mut NlSocket,
+    cfg: &FibConfig,
+    ops: &[Op],
+    writes: &mut u64,
+) -> io::Result<Vec<Option<NlError>>> {
+    let mut results: Vec<Option<NlError>> = vec![None; ops.len()];
+    for (chunk_no, chunk) in ops.chunks(cfg.batch.max(1)).enumerate() {
+        let base = chunk_no * cfg.batch.max(1);
+        let mut first_seq = 0u32;
+        for (i, op) in chunk.iter().enumerate() {
+            let (msg, flags) = encode(cfg, op);
+            let seq = sock.queue(msg, flags);
+            if i == 0 {
+                first_seq = seq;
+            }
+        }
+        *writes += 1;
+        sock.write_batch(|seq, err| {
+            let i = seq.wrapping_sub(first_seq) as usize;
+            if i < chunk.len() {
+                results[base + i] = err;
+            }
+        })?;
+    }
+    Ok(results)
+}
+
+async fn flush(mut state: State, mut sock: NlSocket) -> Result<(State, NlSocket), DataplaneError> {
+    state.ifindex.clear();
+    let ops = state.plan();
+    if ops.is_empty() {
+        return Ok((state, sock));
+    }
+    let netns = state.netns.clone();
+    let cfg = state.cfg.clone();
+    let (ops, res, writes, sock_back) = tokio::task::spawn_blocking(move || {
+        let mut writes = 0;
+        let res = execute(&mut sock, &cfg, &ops, &mut writes);
+        (ops, res, writes, sock)
+    })
+    .await
+    .map_err(|e| DataplaneError::FibStopped {
+        netns: format!("{netns} ({e})"),
+    })?;
+    sock = sock_back;
+    state.stats.writes += writes;
+    match res {
+        Ok(results) => {
+            for (op, r) in ops.iter().zip(results) {
+                state.record(op, r);
+            }
+        }
+        Err(e) => {
+            // The socket failed mid-batch: we no longer know what the kernel holds. Re-read it.
+            tracing::error!(%netns, error = %e, "netlink write failed; re-reading our routes");
+            state.resync(&mut sock)?;
+        }
+    }
+    Ok((state, sock))
+}
+
+async fn run(
+    mut state: State,
+    mut sock: NlSocket,
+    monitor: AsyncFd<Socket>,
+    mut rx: mpsc::Receiver<FibRequest>,
+) {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut retry = tokio::time::interval(state.cfg.retry);
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let mut replies = Vec::new();
+        tokio::select! {
+            req = rx.recv() => {
+                let Some(req) = req else { break };
+                state.apply(&mut sock, req, &mut replies);
+                // Take whatever else is already queued so one flush covers it.
+                while let Ok(req) = rx.try_recv() {
+                    state.apply(&mut sock, req, &mut replies);
+                }
+            }
+            ready = monitor.readable() => {
+                let Ok(mut guard) = ready else { break };
+                let portid = sock.portid();
+                loop {
+                    match recv_into(guard.get_inner().as_raw_fd(), &mut buf, libc::MSG_DONTWAIT) {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            for (sender, msg) in decode_all(&buf[..n]) {
+                                if sender != portid {
+                                    state.on_event(sender, msg);
+                                }
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            guard.clear_ready();
+                            break;
+                        }
+                        Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                            tracing::warn!(netns = %state.netns, "route notifications overflowed; re-reading our routes");
+                            if let Err(e) = state.resync(&mut sock) {
+                                tracing::error!(netns = %state.netns, error = %e, "re-reading routes failed");
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(netns = %state.netns, error = %e, "route notification socket failed");
+                            guard.clear_ready();
+                            break;
+                        }
+                    }
+                }
+            }
+            _ = retry.tick() => {
+                let again: Vec<IpNetwork> = state.failed.keys().chain(state.conflicts.keys()).copied().collect();
+                for p in again {
+                    if let Some(r) = state.desired.get(&p).cloned() {
+                        state.dirty.insert(r.prefix);
+                    }
+                }
+            }
+        }
+        match flush(state, sock).await {
+            Ok((s, k)) => {
+                state = s;
+                sock = k;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "FIB task stops");
+                return;
+            }
+        }
+        for r in replies {
+            match r {
+                Reply::Settle(tx) => {
+                    let _ = tx.send(state.status());
+                }
+                Reply::Desired(tx) => {
+                    let mut v: Vec<Route> = state.desired.values().cloned().collect();
+                    v.sort_by_key(|r| r.prefix);
+                    let _ = tx.send(v);
+                }
+            }
+        }
+    }
+}
+
+/// The route-notification socket: IPv4 and IPv6 route groups, non-blocking, with a BPF filter that drops
+/// notifications caused by our own write socket (port id `own_portid`) in the kernel, so a bulk install
+/// does not flood it.
+fn open_monitor(
+    netns: Option<&std::path::Path>,
+    own_portid: u32,
+) -> Result<Socket, DataplaneError> {
+    let label = ns_label(netns);
+    in_netns(netns, || {
+        let mk = || -> io::Result<Socket> {
+            let mut s = Socket::new(NETLINK_ROUTE)?;
+            s.bind_auto()?;
+            attach_sender_filter(s.as_raw_fd(), own_portid)?;
+            s.add_membership(RTNLGRP_IPV4_ROUTE)?;
+            s.add_membership(RTNLGRP_IPV6_ROUTE)?;
+            grow_rcvbuf(s.as_raw_fd(), 8 << 20)?;
+            s.set_non_blocking(true)?;
+            Ok(s)
+        };
+        mk().map_err(|source| DataplaneError::Socket {
+            netns: label.clone(),
+            source,
+        })
+    })
+}
+
+/// Classic BPF: accept unless nlmsghdr.nlmsg_pid (offset 12) equals `portid`. BPF loads words in network
+/// byte order while the header is in host order, hence the byte swap of the constant.
+fn attach_sender_filter(fd: RawFd, portid: u32) -> io::Result<()> {
+    let k = u32::from_be_bytes(portid.to_ne_bytes());
+    let code = [
+        // ld [12]
+        libc::sock_filter {
+            code: (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16,
+            jt: 0,
+            jf: 0,
+            k: 12,
+        },
+        // jeq #k, drop, accept
+        libc::sock_filter {
+            code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+            jt: 1,
+            jf: 0,
+            k,
+        },
+        // accept
+        libc::sock_filter {
+            code: (libc::BPF_RET | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 0,
+            k: 0xffff_ffff,
+        },
+        // drop
+        libc::sock_filter {
+            code: (libc::BPF_RET | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        },
+    ];
+    let prog = libc::sock_fprog {
+        len: code.len() as u16,
+        filter: code.as_ptr() as *mut libc::sock_filter,
+    };
+    // SAFETY: prog points at `code`, which outlives the call; the kernel copies the program.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            &prog as *const libc::sock_fprog as *const libc::c_void,
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// "netlink port 1234 (ip)" — the sender of a notification, with the process name when the port id is a pid.
+fn describe_sender(portid: u32) -> String {
+    if portid == 0 {
+        return "the kernel".to_string();
+    }
+    match std::fs::read_to_string(format!("/proc/{portid}/comm")) {
+        Ok(comm) => format!("netlink port {portid} ({})", comm.trim()),
+        Err(_) => format!("netlink port {portid}"),
+    }
+}
+
+/// Look a device up by name with RTM_GETLINK.
+pub(crate) fn link_index(sock: &mut NlSocket, name: &str) -> Result<u32, NlError> {
+    let mut msg = LinkMessage::default();
+    msg.attributes.push(LinkAttribute::IfName(name.to_string()));
+    let replies = sock.get(RouteNetlinkMessage::GetLink(msg))?;
+    for r in replies {
+        if let RouteNetlinkMessage::NewLink(l) = r {
+            return Ok(l.header.index);
+        }
+    }
+    Err(NlError {
+        errno: libc::ENODEV,
+        message: None,
+    })
+}
+
+fn table_byte(table: u32) -> u8 {
+    if table < 256 {
+        table as u8
+    } else {
+        // RT_TABLE_UNSPEC: the RTA_TABLE attribute carries the real id.
+        0
+    }
+}
+
+/// A route as the kernel reported it.
+struct KernelRoute {
+    route: Route,
+    protocol: u8,
+    table: u32,
+    metric: u32,
+}
+
+fn addr_of(a: &RouteAddress) -> Option<IpAddr> {
+    match a {
+        RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
+        RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
+        _ => None,
+    }
+}
+
+fn parse_route(m: &RouteMessage) -> Option<KernelRoute> {
+    let v4 = match m.header.address_family {
+        AddressFamily::Inet => true,
+        AddressFamily::Inet6 => false,
+        _ => return None,
+    };
+    let mut dst: Option<IpAddr> = None;
+    let mut table = u32::from(m.header.table);
+    let mut metric = 0;
+    let mut gateway = None;
+    let mut oif = None;
+    let mut multipath = None;
+    for a in &m.attributes {
+        match a {
+            RouteAttribute::Destination(d) => dst = addr_of(d),
+            RouteAttribute::Table(t) => table = *t,
+            RouteAttribute::Priority(p) => metric = *p,
+            RouteAttribute::Gateway(g) => gateway = addr_of(g),
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            RouteAttribute::MultiPath(hops) => multipath = Some(hops),
+            _ => {}
+        }
+    }
+    let dst = dst.unwrap_or(if v4 {
+        IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
+    } else {
+        IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+    });
+    let prefix = IpNetwork::new(dst, m.header.destination_prefix_length).ok()?;
+    let next_hops = match m.header.kind {
+        RouteType::BlackHole => NextHops::Blackhole,
+        RouteType::Unreachable => NextHops::Unreachable,
+        RouteType::Unicast => {
+            let mut hops = Vec::new();
+            if let Some(mp) = multipath {
+                for h in mp {
+                    let gw = h.attributes.iter().find_map(|a| match a {
+                        RouteAttribute::Gateway(g) => addr_of(g),
+                        _ => None,
+                    });
+                    hops.push(NextHop {
+                        gateway: gw,
+                        dev: Some(Dev::Index(h.interface_index)),
+                        onlink: h.flags.contains(RouteNextHopFlags::Onlink),
+                    });
+                }
+            } else {
+                hops.push(NextHop {
+                    gateway,
+                    dev: oif.map(Dev::Index),
+                    onlink: m.header.flags.contains(RouteFlags::Onlink),
+                });
+            }
+            hops.sort();
+            NextHops::Via(hops)
+        }
+        // Other kinds (prohibit, throw, local...) never equal a desired route: replaced if ours.
+        _ => NextHops::Via(Vec::new()),
+    };
+    Some(KernelRoute {
+        route: Route { prefix, next_hops },
+        protocol: m.header.protocol.into(),
+        table,
+        metric,
+    })
+}
+
+/// Does the kernel's route satisfy the desired one? A desired next hop without a device accepts whatever
+/// device the kernel resolved.
+fn matches(desired: &Route, kernel: &Route) -> bool {
+    match (&desired.next_hops, &kernel.next_hops) {
+        (NextHops::Blackhole, NextHops::Blackhole) => true,
+        (NextHops::Unreachable, NextHops::Unreachable) => true,
+        (NextHops::Via(d), NextHops::Via(k)) => {
+            if d.len() != k.len() {
+                return false;
+            }
+            // Both sorted; a desired hop without a device may sort differently from the kernel's, so match
+            // each desired hop against an unused kernel hop.
+            let mut used = vec![false; k.len()];
+            d.iter().all(|dh| {
+                let found = k.iter().enumerate().position(|(i, kh)| {
+                    !used[i]
+                        && dh.gateway == kh.gateway
+                        && dh.onlink == kh.onlink
+                        && (dh.dev.is_none() || dh.dev == kh.dev)
+                });
+                match found {
+                    Some(i) => {
+                        used[i] = true;
+                        true
+                    }
+                    None => false,
+                }
+            })
+        }
+        _ => false,
+    }
+}
+
+fn family(prefix: &IpNetwork) -> AddressFamily {
+    if prefix.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    }
+}
+
+fn base_header(cfg: &FibConfig, prefix: &IpNetwork) -> RouteHeader {
+    let mut h = RouteHeader::default();
+    h.address_family = family(prefix);
+    h.destination_prefix_length = prefix.prefix();
+    h.table = table_byte(cfg.table);
+    h.protocol = RouteProtocol::from(cfg.protocol);
+    h
+}
+
+fn dev_index(d: &Option<Dev>) -> u32 {
+    match d {
+        Some(Dev::Index(i)) => *i,
+        _ => 0,
+    }
+}
+
+/// The netlink message and flags for one op.
+fn encode(cfg: &FibConfig, op: &Op) -> (RouteNetlinkMessage, u16) {
+    match op {
+        Op::Delete(prefix, metric) => {
+            let mut m = RouteMessage::default();
+            m.header = base_header(cfg, prefix);
+            // Match any scope and type: the kernel then matches on prefix, table, metric and protocol.
+            m.header.scope = RouteScope::NoWhere;
+            m.header.kind = RouteType::Unspec;
+            m.attributes
+                .push(RouteAttribute::Destination(prefix.ip().into()));
+            m.attributes.push(RouteAttribute::Table(cfg.table));
+            m.attributes.push(RouteAttribute::Priority(*metric));
+            (RouteNetlinkMessage::DelRoute(m), 0)
+        }
+        Op::Create(r) | Op::Replace(r) => {
+            let flags = if matches!(op, Op::Create(_)) {
+                NLM_F_CREATE | NLM_F_EXCL
+            } else {
+                NLM_F_CREATE | NLM_F_REPLACE
+            };
+            let mut m = RouteMessage::default();
+            m.header = base_header(cfg, &r.prefix);
+            m.attributes
+                .push(RouteAttribute::Destination(r.prefix.ip().into()));
+            m.attributes.push(RouteAttribute::Table(cfg.table));
+            m.attributes.push(RouteAttribute::Priority(cfg.metric));
+            match &r.next_hops {
+                NextHops::Blackhole => {
+                    m.header.kind = RouteType::BlackHole;
+                    m.header.scope = RouteScope::Universe;
+                }
+                NextHops::Unreachable => {
+                    m.header.kind = RouteType::Unreachable;
+                    m.header.scope = RouteScope::Universe;
+                }
+                NextHops::Via(hops) => {
+                    m.header.kind = RouteType::Unicast;
+                    m.header.scope = if hops.iter().all(|h| h.gateway.is_none()) {
+                        RouteScope::Link
+                    } else {
+                        RouteScope::Universe
+                    };
+                    if hops.len() == 1 {
+                        let h = &hops[0];
+                        if let Some(gw) = h.gateway {
+                            m.attributes.push(RouteAttribute::Gateway(gw.into()));
+                        }
+                        let idx = dev_index(&h.dev);
+                        if idx != 0 {
+                            m.attributes.push(RouteAttribute::Oif(idx));
+                        }
+                        if h.onlink {
+                            m.header.flags |= RouteFlags::Onlink;
+                        }
+                    } else {
+                        let mut nhs = Vec::with_capacity(hops.len());
+                        for h in hops {
+                            let mut nh = RouteNextHop::default();
+                            nh.interface_index = dev_index(&h.dev);
+                            if h.onlink {
+                                nh.flags |= RouteNextHopFlags::Onlink;
+                            }
+                            if let Some(gw) = h.gateway {
+                                nh.attributes.push(RouteAttribute::Gateway(gw.into()));
+                            }
+                            nhs.push(nh);
+                        }
+                        m.attributes.push(RouteAttribute::MultiPath(nhs));
+                    }
+                }
+            }
+            (RouteNetlinkMessage::NewRoute(m), flags)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> IpNetwork {
+        s.parse().expect("prefix")
+    }
+
+    #[test]
+    fn validate_rejects_host_bits_and_family_mix() {
+        assert!(Route::blackhole(p("10.0.0.1/24")).validate().is_err());
+        assert!(Route::via(
+            p("10.0.0.0/24"),
+            vec![NextHop::via("fd00::1".parse().unwrap())]
+        )
+        .validate()
+        .is_err());
+        assert!(Route::via(p("10.0.0.0/24"), vec![]).validate().is_err());
+        assert!(Route::via(
+            p("fd00::/64"),
+            vec![NextHop::via("fe80::1".parse().unwrap())]
+        )
+        .validate()
+        .is_err());
+        assert!(Route::via(
+            p("10.0.0.0/24"),
+            vec![NextHop::via("10.1.0.1".parse().unwrap())]
+        )
+        .validate()
+        .is_ok());
+    }
+
+    #[test]
+    fn encode_then_parse_is_the_same_route() {
+        let cfg = FibConfig::default();
+        let routes = [
+            Route::blackhole(p("10.244.1.0/26")),
+            Route::via(
+                p("10.244.2.0/26"),
+                vec![NextHop {
+                    gateway: Some("192.168.1.2".parse().unwrap()),
+                    dev: Some(Dev::Index(3)),
+                    onlink: true,
+                }],
+            ),
+            Route::via(
+                p("fd00:1::/120"),
+                vec![
+                    NextHop {
+                        gateway: Some("fd00::2".parse().unwrap()),
+                        dev: Some(Dev::Index(4)),
+                        onlink: false,
+                    },
+                    NextHop {
+                        gateway: Some("fd00::3".parse().unwrap()),
+                        dev: Some(Dev::Index(4)),
+                        onlink: false,
+                    },
+                ],
+            ),
+        ];
+        for r in routes {
+            let (msg, _) = encode(&cfg, &Op::Replace(r.clone()));
+            let RouteNetlinkMessage::NewRoute(m) = msg else {
+                panic!("not a NewRoute")
+            };
+            let k = parse_route(&m).expect("parses");
+            assert_eq!(k.protocol, DEFAULT_PROTOCOL);
+            assert_eq!(k.metric, DEFAULT_METRIC);
+            assert_eq!(k.table, MAIN_TABLE);
+            assert!(matches(&r, &k.route), "{r:?} vs {:?}", k.route);
+        }
+    }
+
+    #[test]
+    fn a_hop_without_device_matches_any_device() {
+        let d = Route::via(
+            p("10.0.0.0/24"),
+            vec![NextHop::via("10.1.0.1".parse().unwrap())],
+        );
+        let k = Route::via(
+            p("10.0.0.0/24"),
+            vec![NextHop {
+                gateway: Some("10.1.0.1".parse().unwrap()),
+                dev: Some(Dev::Index(7)),
+                onlink: false,
+            }],
+        );
+        assert!(matches(&d, &k));
+        let other = Route::via(
+            p("10.0.0.0/24"),
+            vec![NextHop::via("10.1.0.2".parse().unwrap())],
+        );
+        assert!(!matches(&other, &k));
+        assert!(!matches(&Route::blackhole(p("10.0.0.0/24")), &k));
+    }
+}
