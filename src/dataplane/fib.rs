@@ -114,6 +114,43 @@ pub struct Route {
     pub next_hops: NextHops,
 }
 
+impl std::fmt::Display for Dev {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Dev::Index(i) => write!(f, "ifindex {i}"),
+            Dev::Name(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+impl std::fmt::Display for Route {
+    /// `ip route` style: `10.0.0.0/24 via 10.1.0.1 dev eth0 onlink`, `nexthop via ... nexthop via ...`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.prefix)?;
+        match &self.next_hops {
+            NextHops::Blackhole => write!(f, " blackhole"),
+            NextHops::Unreachable => write!(f, " unreachable"),
+            NextHops::Via(hops) => {
+                for h in hops {
+                    if hops.len() > 1 {
+                        write!(f, " nexthop")?;
+                    }
+                    if let Some(g) = h.gateway {
+                        write!(f, " via {g}")?;
+                    }
+                    if let Some(d) = &h.dev {
+                        write!(f, " dev {d}")?;
+                    }
+                    if h.onlink {
+                        write!(f, " onlink")?;
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 impl Route {
     pub fn blackhole(prefix: IpNetwork) -> Route {
         Route {
@@ -132,7 +169,7 @@ impl Route {
     pub fn validate(&self) -> Result<(), DataplaneError> {
         let bad = |reason: &str| DataplaneError::Invalid {
             what: "route",
-            value: format!("{self:?}"),
+            value: self.to_string(),
             reason: reason.to_string(),
         };
         if self.prefix.network() != self.prefix.ip() {

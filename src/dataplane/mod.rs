@@ -15,3 +15,6 @@ pub mod sysctl;
 pub use error::{DataplaneError, NlError};
 pub use fib::{Dev, Fib, FibConfig, FibHandle, FibStatus, NextHop, NextHops, Route};
 pub use netns::{in_netns, NetnsPath};
+pub use pod::{
+    add_pod, check_pod, del_pod, host_ifname, list_pods, PlumbedPod, PodResult, PodSpec,
+};
