@@ -172,11 +172,13 @@ fn bare_netlink(ns: &Path, pfx: &[Ipv4Addr], add: bool, per_write: usize) -> Dur
             assert!(n > 0, "recv: {}", std::io::Error::last_os_error());
             let mut off = 0usize;
             while off + 20 <= n as usize {
-                let len = u32::from_ne_bytes(rx[off..off + 4].try_into().expect("4 bytes")) as usize;
+                let len =
+                    u32::from_ne_bytes(rx[off..off + 4].try_into().expect("4 bytes")) as usize;
                 let ty = u16::from_ne_bytes(rx[off + 4..off + 6].try_into().expect("2 bytes"));
                 if ty == 2 {
                     acks += 1;
-                    if i32::from_ne_bytes(rx[off + 16..off + 20].try_into().expect("4 bytes")) != 0 {
+                    if i32::from_ne_bytes(rx[off + 16..off + 20].try_into().expect("4 bytes")) != 0
+                    {
                         errors += 1;
                     }
                 }
@@ -196,9 +198,15 @@ fn ip_batch(ns: &str, pfx: &[Ipv4Addr], add: bool) -> Duration {
     let mut f = tempfile::NamedTempFile::new().expect("temp file");
     for p in pfx {
         if add {
-            writeln!(f, "route add {p}/24 via {GW} proto {DEFAULT_PROTOCOL} metric {DEFAULT_METRIC}")
+            writeln!(
+                f,
+                "route add {p}/24 via {GW} proto {DEFAULT_PROTOCOL} metric {DEFAULT_METRIC}"
+            )
         } else {
-            writeln!(f, "route del {p}/24 proto {DEFAULT_PROTOCOL} metric {DEFAULT_METRIC}")
+            writeln!(
+                f,
+                "route del {p}/24 proto {DEFAULT_PROTOCOL} metric {DEFAULT_METRIC}"
+            )
         }
         .expect("write batch");
     }
@@ -371,7 +379,13 @@ fn main() {
     let n = arg("--routes", if full { 100_000 } else { 2_000 });
     let runs = arg("--runs", if full { 3 } else { 1 });
     let npods = arg("--pods", if full { 200 } else { 5 });
-    let with_bird = full && Command::new("sh").arg("-c").arg("command -v bird").output().map(|o| o.status.success()).unwrap_or(false);
+    let with_bird = full
+        && Command::new("sh")
+            .arg("-c")
+            .arg("command -v bird")
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
     let pfx = prefixes(n);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -387,11 +401,18 @@ fn main() {
     ];
     for run in 0..runs {
         // Alternate the order so no writer always runs first (warm caches, other load).
-        let order: Vec<usize> = if run % 2 == 0 { vec![0, 1, 2, 3] } else { vec![3, 2, 1, 0] };
+        let order: Vec<usize> = if run % 2 == 0 {
+            vec![0, 1, 2, 3]
+        } else {
+            vec![3, 2, 1, 0]
+        };
         for w in order {
             let ns = Ns::new(&format!("f{w}"));
             let (a, d) = match w {
-                0 => (bare_netlink(&ns.path(), &pfx, true, 1000), bare_netlink(&ns.path(), &pfx, false, 1000)),
+                0 => (
+                    bare_netlink(&ns.path(), &pfx, true, 1000),
+                    bare_netlink(&ns.path(), &pfx, false, 1000),
+                ),
                 1 => margay(&rt, &ns.path(), &pfx),
                 2 => {
                     let a = ip_batch(&ns.0, &pfx, true);
@@ -412,16 +433,30 @@ fn main() {
                 }
             };
             if w != 3 {
-                assert_eq!(count_routes(&ns.0, &DEFAULT_PROTOCOL.to_string()), 0, "routes left after removal");
+                assert_eq!(
+                    count_routes(&ns.0, &DEFAULT_PROTOCOL.to_string()),
+                    0,
+                    "routes left after removal"
+                );
             }
             res[w].1.push(a);
             res[w].2.push(d);
-            eprintln!("run {run}: {:<36} install {:>8.3}s  remove {:>8.3}s", res[w].0, a.as_secs_f64(), d.as_secs_f64());
+            eprintln!(
+                "run {run}: {:<36} install {:>8.3}s  remove {:>8.3}s",
+                res[w].0,
+                a.as_secs_f64(),
+                d.as_secs_f64()
+            );
         }
     }
 
-    println!("\nFIB: {n} IPv4 /24 routes via one gateway, fresh namespace each, median of {runs} run(s)");
-    println!("{:<36} {:>12} {:>14} {:>12} {:>14} {:>10}", "writer", "install s", "install r/s", "remove s", "remove r/s", "vs anchor");
+    println!(
+        "\nFIB: {n} IPv4 /24 routes via one gateway, fresh namespace each, median of {runs} run(s)"
+    );
+    println!(
+        "{:<36} {:>12} {:>14} {:>12} {:>14} {:>10}",
+        "writer", "install s", "install r/s", "remove s", "remove r/s", "vs anchor"
+    );
     let anchor = median(res[0].1.clone());
     for (name, a, d) in &res {
         if a.is_empty() {
@@ -471,6 +506,11 @@ fn main() {
     }
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!("\nPod plumbing, {npods} pods (IPv4 + IPv6), one at a time");
-    println!("ADD p50 {:.2} ms  p99 {:.2} ms   DEL p50 {:.2} ms  p99 {:.2} ms",
-        ms(pct(&adds, 0.5)), ms(pct(&adds, 0.99)), ms(pct(&dels, 0.5)), ms(pct(&dels, 0.99)));
+    println!(
+        "ADD p50 {:.2} ms  p99 {:.2} ms   DEL p50 {:.2} ms  p99 {:.2} ms",
+        ms(pct(&adds, 0.5)),
+        ms(pct(&adds, 0.99)),
+        ms(pct(&dels, 0.5)),
+        ms(pct(&dels, 0.99))
+    );
 }

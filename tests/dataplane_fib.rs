@@ -39,6 +39,8 @@ fn node(tag: &str) -> (Netns, String) {
 fn config(name: &str) -> FibConfig {
     FibConfig {
         netns: Some(ns_path(name)),
+        // Small chunks, so a 200-route table takes the pipelined (writer thread) path several times over.
+        batch: 64,
         ..FibConfig::default()
     }
 }

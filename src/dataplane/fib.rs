@@ -308,13 +308,14 @@ impl Fib {
     /// then start the task. Writes nothing to the kernel.
     pub async fn spawn(config: FibConfig) -> Result<FibHandle, DataplaneError> {
         let cfg = config.clone();
-        let (sock, monitor, state) = tokio::task::spawn_blocking(move || {
-            let mut sock = NlSocket::open(cfg.netns.as_deref())?;
+        let (socks, monitor, state) = tokio::task::spawn_blocking(move || {
+            let writer = NlSocket::open(cfg.netns.as_deref())?;
+            let mut query = NlSocket::open(cfg.netns.as_deref())?;
             // Subscribe before the dump so no change between the two is missed.
-            let monitor = open_monitor(cfg.netns.as_deref(), sock.portid())?;
+            let monitor = open_monitor(cfg.netns.as_deref(), writer.portid())?;
             let mut state = State::new(cfg);
-            state.adopt(&mut sock)?;
-            Ok::<_, DataplaneError>((sock, monitor, state))
+            state.adopt(&mut query)?;
+            Ok::<_, DataplaneError>((Sockets { writer, query }, monitor, state))
         })
         .await
         .map_err(|e| DataplaneError::FibStopped {
@@ -329,7 +330,7 @@ impl Fib {
         let (tx, rx) = mpsc::channel(config.queue.max(1));
         let netns = ns_label(config.netns.as_deref());
         tracing::info!(%netns, adopted = state.stats.adopted, protocol = config.protocol, "FIB task started");
-        let task = tokio::spawn(run(state, sock, monitor, rx));
+        let task = tokio::spawn(run(state, socks, monitor, rx));
         Ok(FibHandle {
             tx,
             netns,
@@ -402,27 +403,33 @@ impl FibHandle {
 #[derive(Debug, Clone)]
 enum Op {
     /// New prefix: NLM_F_EXCL, so a foreign route holding the key makes it fail instead of being replaced.
-    Create(Route),
+    Create(Arc<Route>),
     /// Our route is there (or was, and someone touched it): NLM_F_REPLACE.
-    Replace(Route),
+    Replace(Arc<Route>),
     /// Delete our route at (prefix, metric).
     Delete(IpNetwork, u32),
 }
+
+/// Fast, randomly seeded hashing for the per-prefix maps (100k+ entries, several lookups per route on the
+/// hot path); SipHash's DoS resistance buys nothing for prefixes margay itself computed.
+type Hasher = foldhash::fast::RandomState;
+type Map<K, V> = HashMap<K, V, Hasher>;
+type Set<K> = HashSet<K, Hasher>;
 
 /// Everything the task owns.
 struct State {
     cfg: FibConfig,
     netns: String,
-    desired: HashMap<IpNetwork, Route>,
+    desired: Map<IpNetwork, Arc<Route>>,
     /// Our routes in the kernel at our metric, as the kernel reported or acknowledged them.
-    installed: HashMap<IpNetwork, Route>,
+    installed: Map<IpNetwork, Arc<Route>>,
     /// Prefixes whose kernel state may differ from `installed` (someone else touched them): write with replace.
-    suspect: HashSet<IpNetwork>,
+    suspect: Set<IpNetwork>,
     /// Routes with our protocol at another metric: not ours to keep.
-    strays: HashSet<(IpNetwork, u32)>,
-    conflicts: HashMap<IpNetwork, String>,
-    failed: HashMap<IpNetwork, String>,
-    dirty: HashSet<IpNetwork>,
+    strays: Set<(IpNetwork, u32)>,
+    conflicts: Map<IpNetwork, String>,
+    failed: Map<IpNetwork, String>,
+    dirty: Set<IpNetwork>,
     /// Interface name → index cache for one round of requests.
     ifindex: HashMap<String, u32>,
     stats: FibStats,
@@ -433,13 +440,13 @@ impl State {
         State {
             netns: ns_label(cfg.netns.as_deref()),
             cfg,
-            desired: HashMap::new(),
-            installed: HashMap::new(),
-            suspect: HashSet::new(),
-            strays: HashSet::new(),
-            conflicts: HashMap::new(),
-            failed: HashMap::new(),
-            dirty: HashSet::new(),
+            desired: Map::default(),
+            installed: Map::default(),
+            suspect: Set::default(),
+            strays: Set::default(),
+            conflicts: Map::default(),
+            failed: Map::default(),
+            dirty: Set::default(),
             ifindex: HashMap::new(),
             stats: FibStats::default(),
         }
@@ -470,7 +477,7 @@ impl State {
                     if let Some(k) = parse_route(&m) {
                         if k.protocol == self.cfg.protocol && k.table == self.cfg.table {
                             if k.metric == self.cfg.metric {
-                                self.installed.insert(k.route.prefix, k.route);
+                                self.installed.insert(k.route.prefix, Arc::new(k.route));
                             } else {
                                 self.strays.insert((k.route.prefix, k.metric));
                             }
@@ -542,56 +549,87 @@ impl State {
         Ok(route)
     }
 
+    /// Make `route` desired; mark its prefix dirty when that changes anything. (Failed and conflicting
+    /// prefixes are retried by the timer; routes someone else touched are marked by the monitor.)
     fn set_desired(&mut self, sock: &mut NlSocket, route: Route) {
         let prefix = route.prefix;
         match self.resolve(sock, route) {
             Ok(r) => {
-                if self.desired.get(&prefix) != Some(&r) {
-                    self.desired.insert(prefix, r);
+                if self.desired.get(&prefix).map(|d| **d != r).unwrap_or(true) {
+                    self.desired.insert(prefix, Arc::new(r));
+                    self.dirty.insert(prefix);
                 }
-                self.failed.remove(&prefix);
             }
             Err(e) => {
                 tracing::warn!(netns = %self.netns, %prefix, error = %e, "route not installed");
                 self.desired.remove(&prefix);
                 self.failed.insert(prefix, e);
+                self.dirty.insert(prefix);
             }
         }
-        self.dirty.insert(prefix);
     }
 
-    fn apply(&mut self, sock: &mut NlSocket, req: FibRequest, replies: &mut Vec<Reply>) {
+    /// Apply one request to the desired state. Large requests stream: every `batch` dirty prefixes go to
+    /// the pump, so the kernel works on one chunk while the next is being prepared.
+    fn apply(
+        &mut self,
+        sock: &mut NlSocket,
+        req: FibRequest,
+        replies: &mut Vec<Reply>,
+        pump: &mut Pump<'_>,
+    ) {
+        let batch = self.cfg.batch.max(1);
         match req {
             FibRequest::Replace(routes) => {
                 for r in routes {
                     self.set_desired(sock, r);
+                    if self.dirty.len() >= batch {
+                        pump.send_dirty(self);
+                    }
                 }
             }
             FibRequest::Remove(prefixes) => {
                 for p in prefixes {
                     self.desired.remove(&p);
-                    self.failed.remove(&p);
-                    self.conflicts.remove(&p);
+                    if !self.failed.is_empty() {
+                        self.failed.remove(&p);
+                    }
+                    if !self.conflicts.is_empty() {
+                        self.conflicts.remove(&p);
+                    }
                     self.dirty.insert(p);
+                    if self.dirty.len() >= batch {
+                        pump.send_dirty(self);
+                    }
                 }
             }
             FibRequest::Sync(routes) => {
-                let keep: HashSet<IpNetwork> = routes.iter().map(|r| r.prefix).collect();
+                let mut seen: Set<IpNetwork> =
+                    Set::with_capacity_and_hasher(routes.len(), Hasher::default());
+                self.desired
+                    .reserve(routes.len().saturating_sub(self.desired.len()));
+                for r in routes {
+                    seen.insert(r.prefix);
+                    self.set_desired(sock, r);
+                    if self.dirty.len() >= batch {
+                        pump.send_dirty(self);
+                    }
+                }
+                // Everything of ours not in the new set goes: desired before, or found in the kernel.
                 let gone: Vec<IpNetwork> = self
                     .desired
                     .keys()
                     .chain(self.installed.keys())
-                    .filter(|p| !keep.contains(p))
+                    .filter(|p| !seen.contains(*p))
                     .copied()
                     .collect();
                 for p in gone {
                     self.desired.remove(&p);
-                    self.failed.remove(&p);
-                    self.conflicts.remove(&p);
                     self.dirty.insert(p);
                 }
-                for r in routes {
-                    self.set_desired(sock, r);
+                if !self.failed.is_empty() || !self.conflicts.is_empty() {
+                    self.failed.retain(|p, _| seen.contains(p));
+                    self.conflicts.retain(|p, _| seen.contains(p));
                 }
             }
             FibRequest::Settle(tx) => replies.push(Reply::Settle(tx)),
@@ -601,7 +639,7 @@ impl State {
 
     /// The writes that bring the kernel to the desired state for the dirty prefixes.
     fn plan(&mut self) -> Vec<Op> {
-        let mut ops = Vec::new();
+        let mut ops = Vec::with_capacity(self.dirty.len());
         for p in self.dirty.drain() {
             match (self.desired.get(&p), self.installed.get(&p)) {
                 (None, None) => {}
@@ -613,9 +651,6 @@ impl State {
                 }
                 (Some(d), None) => ops.push(Op::Create(d.clone())),
             }
-        }
-        for (p, m) in self.strays.iter() {
-            ops.push(Op::Delete(*p, *m));
         }
         ops
     }
@@ -630,9 +665,16 @@ impl State {
                     self.stats.replaced += 1;
                 }
                 self.installed.insert(r.prefix, r.clone());
-                self.suspect.remove(&r.prefix);
-                self.conflicts.remove(&r.prefix);
-                self.failed.remove(&r.prefix);
+                // The side maps are almost always empty: skip hashing into them then.
+                if !self.suspect.is_empty() {
+                    self.suspect.remove(&r.prefix);
+                }
+                if !self.conflicts.is_empty() {
+                    self.conflicts.remove(&r.prefix);
+                }
+                if !self.failed.is_empty() {
+                    self.failed.remove(&r.prefix);
+                }
             }
             (Op::Create(r), Some(e)) if e.errno == libc::EEXIST => {
                 let why = format!(
@@ -662,7 +704,9 @@ impl State {
                     }
                     if *m == self.cfg.metric {
                         self.installed.remove(p);
-                        self.suspect.remove(p);
+                        if !self.suspect.is_empty() {
+                            self.suspect.remove(p);
+                        }
                     } else {
                         self.strays.remove(&(*p, *m));
                     }
@@ -724,11 +768,11 @@ impl State {
                     self.suspect.insert(p);
                     self.dirty.insert(p);
                 }
-                self.installed.insert(p, k.route);
+                self.installed.insert(p, Arc::new(k.route));
             }
             (false, None) => {
                 // A route with our protocol we did not ask for: ours to remove.
-                self.installed.insert(p, k.route);
+                self.installed.insert(p, Arc::new(k.route));
                 self.dirty.insert(p);
             }
         }
@@ -740,92 +784,309 @@ enum Reply {
     Desired(oneshot::Sender<Vec<Route>>),
 }
 
-/// Execute ops in batches of `batch` requests per write. Returns each op's result.
-fn execute(
-    sock: &mut NlSocket,
-    cfg: &FibConfig,
-    ops: &[Op],
-    writes: &mut u64,
-) -> io::Result<Vec<Option<NlError>>> {
-    let mut results: Vec<Option<NlError>> = vec![None; ops.len()];
-    for (chunk_no, chunk) in ops.chunks(cfg.batch.max(1)).enumerate() {
-        let base = chunk_no * cfg.batch.max(1);
-        let mut first_seq = 0u32;
-        for (i, op) in chunk.iter().enumerate() {
-            let (msg, flags) = encode(cfg, op);
-            let seq = sock.queue(msg, flags);
-            if i == 0 {
-                first_seq = seq;
-            }
-        }
-        *writes += 1;
-        sock.write_batch(|seq, err| {
-            let i = seq.wrapping_sub(first_seq) as usize;
-            if i < chunk.len() {
-                results[base + i] = err;
-            }
-        })?;
-    }
-    Ok(results)
+/// The task's two sockets: `writer` carries route writes (the monitor filters out its port id); `query`
+/// does dumps and device lookups, so they never interleave with a write burst's acks.
+struct Sockets {
+    writer: NlSocket,
+    query: NlSocket,
 }
 
-async fn flush(mut state: State, mut sock: NlSocket) -> Result<(State, NlSocket), DataplaneError> {
-    state.ifindex.clear();
-    let ops = state.plan();
-    if ops.is_empty() {
-        return Ok((state, sock));
+/// One chunk of encoded requests for the writer thread.
+struct Chunk {
+    bytes: Vec<u8>,
+    count: usize,
+    first_seq: u32,
+}
+
+/// The writer's answer for one chunk: (index in chunk, error) for each refused request.
+type ChunkResult = io::Result<Vec<(usize, NlError)>>;
+
+/// Where encoded chunks go: straight to the socket (small work), or to a writer thread so the kernel
+/// processes chunk k while chunk k+1 is planned and encoded (bulk work).
+enum Lane<'a> {
+    Direct(&'a mut NlSocket),
+    Threaded {
+        tx: Option<std::sync::mpsc::SyncSender<Chunk>>,
+        rx: std::sync::mpsc::Receiver<ChunkResult>,
+    },
+}
+
+/// Turns dirty prefixes into kernel writes, `batch` requests per write, and records the answers.
+struct Pump<'a> {
+    lane: Lane<'a>,
+    batch: usize,
+    seq: u32,
+    inflight: std::collections::VecDeque<Vec<Op>>,
+    inflight_set: Set<IpNetwork>,
+    io_error: Option<io::Error>,
+}
+
+fn op_prefix(op: &Op) -> IpNetwork {
+    match op {
+        Op::Create(r) | Op::Replace(r) => r.prefix,
+        Op::Delete(p, _) => *p,
     }
-    let netns = state.netns.clone();
-    let cfg = state.cfg.clone();
-    let (ops, res, writes, sock_back) = tokio::task::spawn_blocking(move || {
-        let mut writes = 0;
-        let res = execute(&mut sock, &cfg, &ops, &mut writes);
-        (ops, res, writes, sock)
-    })
-    .await
-    .map_err(|e| DataplaneError::FibStopped {
-        netns: format!("{netns} ({e})"),
-    })?;
-    sock = sock_back;
-    state.stats.writes += writes;
-    match res {
-        Ok(results) => {
-            for (op, r) in ops.iter().zip(results) {
-                state.record(op, r);
+}
+
+impl<'a> Pump<'a> {
+    fn new(lane: Lane<'a>, batch: usize) -> Pump<'a> {
+        Pump {
+            lane,
+            batch: batch.max(1),
+            // Sequence numbers only need to be unique per chunk; start high to stay clear of the
+            // socket's own synchronous requests in logs.
+            seq: 0x4000_0000,
+            inflight: Default::default(),
+            inflight_set: Set::default(),
+            io_error: None,
+        }
+    }
+
+    /// Plan every dirty prefix and send the writes.
+    fn send_dirty(&mut self, state: &mut State) {
+        if state.dirty.is_empty() {
+            return;
+        }
+        // A prefix still in flight must be recorded before it is planned again.
+        if !self.inflight_set.is_empty()
+            && state.dirty.iter().any(|p| self.inflight_set.contains(p))
+        {
+            self.wait_all(state);
+        }
+        let mut ops = state.plan();
+        while !ops.is_empty() {
+            let rest = if ops.len() > self.batch {
+                ops.split_off(self.batch)
+            } else {
+                Vec::new()
+            };
+            self.push(ops, state);
+            ops = rest;
+        }
+    }
+
+    /// Encode and write one chunk (at most `batch` ops).
+    fn push(&mut self, ops: Vec<Op>, state: &mut State) {
+        if self.io_error.is_some() {
+            // The socket already failed this round; the caller re-reads the kernel afterwards.
+            return;
+        }
+        let mut bytes = Vec::with_capacity(ops.len() * 80);
+        let first_seq = self.seq.wrapping_add(1);
+        for op in &ops {
+            self.seq = self.seq.wrapping_add(1);
+            let (msg, flags) = encode(&state.cfg, op);
+            super::nl::encode_into(&mut bytes, self.seq, msg, flags);
+        }
+        state.stats.writes += 1;
+        let count = ops.len();
+        match &mut self.lane {
+            Lane::Direct(sock) => {
+                let mut results: Vec<Option<NlError>> = vec![None; count];
+                let r = sock.send_and_ack(&bytes, count, |seq, err| {
+                    let i = seq.wrapping_sub(first_seq) as usize;
+                    if i < count {
+                        results[i] = err;
+                    }
+                });
+                match r {
+                    Ok(()) => {
+                        for (op, res) in ops.iter().zip(results) {
+                            state.record(op, res);
+                        }
+                    }
+                    Err(e) => self.io_error = Some(e),
+                }
+            }
+            Lane::Threaded { tx, .. } => {
+                let sent = tx.as_ref().map(|tx| {
+                    tx.send(Chunk {
+                        bytes,
+                        count,
+                        first_seq,
+                    })
+                });
+                match sent {
+                    Some(Ok(())) => {
+                        self.inflight_set.extend(ops.iter().map(op_prefix));
+                        self.inflight.push_back(ops);
+                        self.drain(state, false);
+                    }
+                    _ => {
+                        self.io_error = Some(io::Error::other("netlink writer thread stopped"));
+                    }
+                }
             }
         }
-        Err(e) => {
-            // The socket failed mid-batch: we no longer know what the kernel holds. Re-read it.
-            tracing::error!(%netns, error = %e, "netlink write failed; re-reading our routes");
-            state.resync(&mut sock)?;
+    }
+
+    /// Record the writer's answers: those ready (`wait` false) or all outstanding (`wait` true).
+    fn drain(&mut self, state: &mut State, wait: bool) {
+        let Lane::Threaded { rx, .. } = &self.lane else {
+            return;
+        };
+        while !self.inflight.is_empty() {
+            let next = if wait {
+                rx.recv().ok()
+            } else {
+                match rx.try_recv() {
+                    Ok(r) => Some(r),
+                    Err(std::sync::mpsc::TryRecvError::Empty) => return,
+                    Err(std::sync::mpsc::TryRecvError::Disconnected) => None,
+                }
+            };
+            let Some(ops) = self.inflight.pop_front() else {
+                return;
+            };
+            for op in &ops {
+                self.inflight_set.remove(&op_prefix(op));
+            }
+            match next {
+                Some(Ok(errors)) => {
+                    let mut results: Vec<Option<NlError>> = vec![None; ops.len()];
+                    for (i, e) in errors {
+                        if let Some(slot) = results.get_mut(i) {
+                            *slot = Some(e);
+                        }
+                    }
+                    for (op, res) in ops.iter().zip(results) {
+                        state.record(op, res);
+                    }
+                }
+                Some(Err(e)) => {
+                    self.io_error = Some(e);
+                }
+                None => {
+                    self.io_error = Some(io::Error::other("netlink writer thread stopped"));
+                }
+            }
         }
     }
-    Ok((state, sock))
+
+    fn wait_all(&mut self, state: &mut State) {
+        self.drain(state, true);
+    }
+
+    /// Send what is still dirty and the strays, wait for every answer, and stop the writer.
+    fn finish(&mut self, state: &mut State) -> Option<io::Error> {
+        self.send_dirty(state);
+        if !state.strays.is_empty() {
+            let ops: Vec<Op> = state
+                .strays
+                .iter()
+                .map(|(p, m)| Op::Delete(*p, *m))
+                .collect();
+            for chunk in ops.chunks(self.batch) {
+                self.push(chunk.to_vec(), state);
+            }
+        }
+        self.wait_all(state);
+        if let Lane::Threaded { tx, .. } = &mut self.lane {
+            tx.take();
+        }
+        self.io_error.take()
+    }
+}
+
+/// The writer thread: one `sendmsg` per chunk, then its acks, in order.
+fn writer_loop(
+    sock: &mut NlSocket,
+    rx: std::sync::mpsc::Receiver<Chunk>,
+    tx: std::sync::mpsc::Sender<ChunkResult>,
+) {
+    for chunk in rx {
+        let mut errors = Vec::new();
+        let r = sock.send_and_ack(&chunk.bytes, chunk.count, |seq, err| {
+            if let Some(e) = err {
+                errors.push((seq.wrapping_sub(chunk.first_seq) as usize, e));
+            }
+        });
+        let failed = r.is_err();
+        if tx.send(r.map(|()| errors)).is_err() || failed {
+            return;
+        }
+    }
+}
+
+/// Apply `reqs` and bring the kernel to the desired state. Runs on a blocking thread.
+fn process(
+    state: &mut State,
+    socks: &mut Sockets,
+    reqs: Vec<FibRequest>,
+    replies: &mut Vec<Reply>,
+) -> Result<(), DataplaneError> {
+    state.ifindex.clear();
+    let volume: usize = state.dirty.len()
+        + reqs
+            .iter()
+            .map(|r| match r {
+                FibRequest::Replace(v) | FibRequest::Sync(v) => v.len(),
+                FibRequest::Remove(v) => v.len(),
+                _ => 0,
+            })
+            .sum::<usize>();
+    let Sockets { writer, query } = socks;
+    let io_error = if volume > state.cfg.batch {
+        std::thread::scope(|s| {
+            // Two chunks queued ahead of the writer are enough to keep the kernel busy.
+            let (ctx, crx) = std::sync::mpsc::sync_channel::<Chunk>(2);
+            let (rtx, rrx) = std::sync::mpsc::channel::<ChunkResult>();
+            let w: &mut NlSocket = writer;
+            s.spawn(move || writer_loop(w, crx, rtx));
+            let mut pump = Pump::new(
+                Lane::Threaded {
+                    tx: Some(ctx),
+                    rx: rrx,
+                },
+                state.cfg.batch,
+            );
+            for req in reqs {
+                state.apply(query, req, replies, &mut pump);
+            }
+            pump.finish(state)
+        })
+    } else {
+        let mut pump = Pump::new(Lane::Direct(writer), state.cfg.batch);
+        for req in reqs {
+            state.apply(query, req, replies, &mut pump);
+        }
+        pump.finish(state)
+    };
+    if let Some(e) = io_error {
+        // A write failed part-way: we no longer know what the kernel holds. Re-read it and write again.
+        tracing::error!(netns = %state.netns, error = %e, "netlink write failed; re-reading our routes");
+        state.resync(query)?;
+        let mut pump = Pump::new(Lane::Direct(writer), state.cfg.batch);
+        if let Some(e) = pump.finish(state) {
+            tracing::error!(netns = %state.netns, error = %e, "netlink write failed again; will retry");
+        }
+    }
+    Ok(())
 }
 
 async fn run(
     mut state: State,
-    mut sock: NlSocket,
+    mut socks: Sockets,
     monitor: AsyncFd<Socket>,
     mut rx: mpsc::Receiver<FibRequest>,
 ) {
     let mut buf = vec![0u8; 1 << 20];
     let mut retry = tokio::time::interval(state.cfg.retry);
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let portid = socks.writer.portid();
     loop {
-        let mut replies = Vec::new();
+        let mut reqs = Vec::new();
         tokio::select! {
             req = rx.recv() => {
                 let Some(req) = req else { break };
-                state.apply(&mut sock, req, &mut replies);
-                // Take whatever else is already queued so one flush covers it.
+                reqs.push(req);
+                // Take whatever else is already queued so one pass covers it.
                 while let Ok(req) = rx.try_recv() {
-                    state.apply(&mut sock, req, &mut replies);
+                    reqs.push(req);
                 }
             }
             ready = monitor.readable() => {
                 let Ok(mut guard) = ready else { break };
-                let portid = sock.portid();
                 loop {
                     match recv_into(guard.get_inner().as_raw_fd(), &mut buf, libc::MSG_DONTWAIT) {
                         Ok(0) => break,
@@ -842,7 +1103,7 @@ async fn run(
                         }
                         Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
                             tracing::warn!(netns = %state.netns, "route notifications overflowed; re-reading our routes");
-                            if let Err(e) = state.resync(&mut sock) {
+                            if let Err(e) = state.resync(&mut socks.query) {
                                 tracing::error!(netns = %state.netns, error = %e, "re-reading routes failed");
                             }
                         }
@@ -857,29 +1118,44 @@ async fn run(
             _ = retry.tick() => {
                 let again: Vec<IpNetwork> = state.failed.keys().chain(state.conflicts.keys()).copied().collect();
                 for p in again {
-                    if let Some(r) = state.desired.get(&p).cloned() {
-                        state.dirty.insert(r.prefix);
+                    if state.desired.contains_key(&p) {
+                        state.dirty.insert(p);
                     }
                 }
             }
         }
-        match flush(state, sock).await {
-            Ok((s, k)) => {
+        if reqs.is_empty() && state.dirty.is_empty() && state.strays.is_empty() {
+            continue;
+        }
+        let netns = state.netns.clone();
+        let joined = tokio::task::spawn_blocking(move || {
+            let mut replies = Vec::new();
+            let r = process(&mut state, &mut socks, reqs, &mut replies);
+            (state, socks, replies, r)
+        })
+        .await;
+        let replies = match joined {
+            Ok((s, k, replies, r)) => {
                 state = s;
-                sock = k;
+                socks = k;
+                if let Err(e) = r {
+                    tracing::error!(%netns, error = %e, "FIB task stops");
+                    return;
+                }
+                replies
             }
             Err(e) => {
-                tracing::error!(error = %e, "FIB task stops");
+                tracing::error!(%netns, error = %e, "FIB task stops");
                 return;
             }
-        }
+        };
         for r in replies {
             match r {
                 Reply::Settle(tx) => {
                     let _ = tx.send(state.status());
                 }
                 Reply::Desired(tx) => {
-                    let mut v: Vec<Route> = state.desired.values().cloned().collect();
+                    let mut v: Vec<Route> = state.desired.values().map(|r| (**r).clone()).collect();
                     v.sort_by_key(|r| r.prefix);
                     let _ = tx.send(v);
                 }
@@ -1284,7 +1560,7 @@ mod tests {
             ),
         ];
         for r in routes {
-            let (msg, _) = encode(&cfg, &Op::Replace(r.clone()));
+            let (msg, _) = encode(&cfg, &Op::Replace(Arc::new(r.clone())));
             let RouteNetlinkMessage::NewRoute(m) = msg else {
                 panic!("not a NewRoute")
             };

@@ -183,14 +183,7 @@ impl NlSocket {
     /// the next [`NlSocket::write_batch`]. Returns its sequence number.
     pub(crate) fn queue(&mut self, msg: RouteNetlinkMessage, flags: u16) -> u32 {
         self.seq = self.seq.wrapping_add(1).max(1);
-        let mut header = NetlinkHeader::default();
-        header.flags = flags | NLM_F_REQUEST | NLM_F_ACK;
-        header.sequence_number = self.seq;
-        let mut nl = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(msg));
-        nl.finalize();
-        let start = self.tx.len();
-        self.tx.resize(start + nl.buffer_len(), 0);
-        nl.serialize(&mut self.tx[start..]);
+        encode_into(&mut self.tx, self.seq, msg, flags);
         self.pending += 1;
         self.seq
     }
@@ -199,17 +192,28 @@ impl NlSocket {
     /// once per request. The kernel handles the messages in order and stops at none of them.
     pub(crate) fn write_batch(
         &mut self,
+        on_ack: impl FnMut(u32, Option<NlError>),
+    ) -> io::Result<()> {
+        let count = std::mem::take(&mut self.pending);
+        let tx = std::mem::take(&mut self.tx);
+        let r = self.send_and_ack(&tx, count, on_ack);
+        self.tx = tx;
+        self.tx.clear();
+        r
+    }
+
+    /// Write `count` already-encoded requests (`bytes`) in one `sendmsg` and read their `count` acks.
+    pub(crate) fn send_and_ack(
+        &mut self,
+        bytes: &[u8],
+        count: usize,
         mut on_ack: impl FnMut(u32, Option<NlError>),
     ) -> io::Result<()> {
-        let mut remaining = self.pending;
-        self.pending = 0;
+        let mut remaining = count;
         if remaining == 0 {
             return Ok(());
         }
-        let sent = self.sock.send(&self.tx, 0);
-        self.tx.clear();
-        let sent = sent?;
-        let _ = sent;
+        self.sock.send(bytes, 0)?;
         let fd = self.sock.as_raw_fd();
         while remaining > 0 {
             let n = recv_into(fd, &mut self.rx, 0)?;
@@ -329,6 +333,18 @@ impl NlSocket {
             }
         }
     }
+}
+
+/// Append one request (REQUEST and ACK added to `flags`) with sequence number `seq` to `buf`.
+pub(crate) fn encode_into(buf: &mut Vec<u8>, seq: u32, msg: RouteNetlinkMessage, flags: u16) {
+    let mut header = NetlinkHeader::default();
+    header.flags = flags | NLM_F_REQUEST | NLM_F_ACK;
+    header.sequence_number = seq;
+    let mut nl = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(msg));
+    nl.finalize();
+    let start = buf.len();
+    buf.resize(start + nl.buffer_len(), 0);
+    nl.serialize(&mut buf[start..]);
 }
 
 /// Decode one notification datagram's messages, with each message's sender port id.
