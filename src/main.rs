@@ -17,13 +17,50 @@ struct Cli {
 enum Command {
     /// Print the version and the features built in.
     Version,
+    /// Show the BGP peers of the margay running on this host (like `calicoctl node status`).
+    Status {
+        /// The daemon's local status endpoint.
+        #[arg(long, default_value = margay::api::DEFAULT_LISTEN)]
+        endpoint: std::net::SocketAddr,
+        /// Output format: table (default) or json.
+        #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
+        output: String,
+    },
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // Print the chain once: our errors already embed their cause, so skip repeats.
+            let mut msg = e.to_string();
+            for cause in e.chain().skip(1) {
+                let c = cause.to_string();
+                if !msg.contains(&c) {
+                    msg.push_str(": ");
+                    msg.push_str(&c);
+                }
+            }
+            eprintln!("margay: {msg}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Version => {
             println!("margay {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+        Command::Status { endpoint, output } => {
+            let report = margay::api::fetch_status(endpoint, std::time::Duration::from_secs(5))?;
+            if output == "json" {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", margay::api::render_status_table(&report));
+            }
             Ok(())
         }
     }

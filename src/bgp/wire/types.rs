@@ -81,6 +81,9 @@ pub struct Nlri {
 }
 
 /// A whole BGP message (RFC 4271 section 4).
+// UPDATE is the big variant and also by far the most common one: boxing it would add an allocation per
+// message for nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
     Open(Open),
