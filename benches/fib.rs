@@ -7,6 +7,7 @@
 //!   * `ip -batch` with the same routes,
 //!   * BIRD 2's kernel protocol exporting the same routes as static routes (when `bird` is installed),
 //!     timed from its first to its last route notification;
+//!
 //! then plumbs 200 pods (ADD, then DEL) and prints p50/p99. Runs alternate between writers; the median of
 //! `--runs` (default 3) is reported. Without `--bench` (as `cargo test --all-targets` runs it) it does a
 //! small smoke run.

@@ -1406,12 +1406,13 @@ fn family(prefix: &IpNetwork) -> AddressFamily {
 }
 
 fn base_header(cfg: &FibConfig, prefix: &IpNetwork) -> RouteHeader {
-    let mut h = RouteHeader::default();
-    h.address_family = family(prefix);
-    h.destination_prefix_length = prefix.prefix();
-    h.table = table_byte(cfg.table);
-    h.protocol = RouteProtocol::from(cfg.protocol);
-    h
+    RouteHeader {
+        address_family: family(prefix),
+        destination_prefix_length: prefix.prefix(),
+        table: table_byte(cfg.table),
+        protocol: RouteProtocol::from(cfg.protocol),
+        ..Default::default()
+    }
 }
 
 fn dev_index(d: &Option<Dev>) -> u32 {

@@ -101,11 +101,12 @@ pub fn ensure_node(netns: Option<&Path>) -> Result<Vec<SysctlSetting>, Dataplane
     })
 }
 
-/// Host-side settings of a pod veth (Calico's set, reference section 3 step 6).
-pub(crate) fn host_veth_settings(
-    ifname: &str,
-    ipv6: bool,
-) -> (Vec<(String, &'static str)>, Vec<(String, &'static str)>) {
+/// Settings to write: (key under /proc/sys, value).
+pub(crate) type Settings = Vec<(String, &'static str)>;
+
+/// Host-side settings of a pod veth (Calico's set): (IPv4 ones, IPv6 ones; the latter optional when the
+/// pod has no IPv6 address).
+pub(crate) fn host_veth_settings(ifname: &str, ipv6: bool) -> (Settings, Settings) {
     let v4 = vec![
         (format!("net/ipv4/conf/{ifname}/proxy_arp"), "1"),
         (format!("net/ipv4/conf/{ifname}/forwarding"), "1"),
