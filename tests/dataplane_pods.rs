@@ -366,10 +366,55 @@ fn bad_input_names_the_object_and_leaves_nothing() {
     assert!(err.to_string().contains("host route 10.9.0.6/32"), "{err}");
     add_pod(&s).expect("ADD repairs");
     check_pod(&s).expect("CHECK after repair");
-    assert!(wait_for(Duration::from_secs(1), || true));
     assert!(del_pod(s.node_netns.as_deref(), &s.workload_id).expect("DEL"));
     let st = sh(&format!(
         "ip -n {node} -o link show; ip -n {node} route show"
     ));
     assert!(!st.contains(&host) && !st.contains("10.9.0.6"), "{st}");
+}
+
+#[test]
+fn a_new_sandbox_for_the_same_workload_replaces_the_stale_veth() {
+    if !prereq("a_new_sandbox_for_the_same_workload_replaces_the_stale_veth") {
+        return;
+    }
+    // node N; the workload's first sandbox S1, then (after a crash, no DEL) a new sandbox S2.
+    let (node, s1, s2) = (unique("ns"), unique("s1"), unique("s2"));
+    let _ns = Netns::new(&[&node, &s1, &s2]);
+    let first = spec(
+        &node,
+        &s1,
+        "default.web-0",
+        Ipv4Addr::new(10, 9, 1, 2),
+        None,
+    );
+    let r1 = add_pod(&first).expect("ADD in S1");
+    let mut second = first.clone();
+    second.pod_netns = ns_path(&s2);
+    second.ipv4 = Some(Ipv4Addr::new(10, 9, 1, 3));
+    let err = check_pod(&second).expect_err("S2 has nothing yet");
+    assert!(err.to_string().contains("is missing"), "{err}");
+    let r2 = add_pod(&second).expect("ADD in S2");
+    assert_eq!(
+        r2.host_ifname, r1.host_ifname,
+        "the name is stable per workload"
+    );
+    check_pod(&second).expect("CHECK S2");
+    assert!(
+        check_pod(&first).is_err(),
+        "the old sandbox is no longer plumbed"
+    );
+    let s1_links = sh(&format!("ip -n {s1} -o link show"));
+    assert!(!s1_links.contains("eth0"), "{s1_links}");
+    let routes = sh(&format!("ip -n {node} route show"));
+    assert!(
+        !routes.contains("10.9.1.2"),
+        "the old host route is left: {routes}"
+    );
+    assert!(
+        routes.contains(&format!("10.9.1.3 dev {}", r2.host_ifname)),
+        "{routes}"
+    );
+    assert_eq!(list_pods(Some(&ns_path(&node))).expect("list").len(), 1);
+    assert!(del_pod(Some(&ns_path(&node)), "default.web-0").expect("DEL"));
 }

@@ -1573,6 +1573,51 @@ mod tests {
         }
     }
 
+    fn arb_route() -> impl proptest::strategy::Strategy<Value = Route> {
+        use proptest::prelude::*;
+        let v4 = (any::<u32>(), 0u8..=32).prop_map(|(a, l)| {
+            let n = ipnetwork::Ipv4Network::new(std::net::Ipv4Addr::from(a), l).expect("len ok");
+            IpNetwork::V4(ipnetwork::Ipv4Network::new(n.network(), l).expect("len ok"))
+        });
+        let hop = (
+            any::<u32>(),
+            proptest::option::of(1u32..1000),
+            any::<bool>(),
+        )
+            .prop_map(|(g, dev, onlink)| NextHop {
+                gateway: Some(IpAddr::V4(std::net::Ipv4Addr::from(g))),
+                dev: dev.map(Dev::Index),
+                onlink: onlink && dev.is_some(),
+            });
+        let hops = prop_oneof![
+            Just(NextHops::Blackhole),
+            Just(NextHops::Unreachable),
+            proptest::collection::vec(hop, 1..4).prop_map(|mut v| {
+                v.sort();
+                v.dedup();
+                NextHops::Via(v)
+            }),
+        ];
+        (v4, hops).prop_map(|(prefix, next_hops)| Route { prefix, next_hops })
+    }
+
+    proptest::proptest! {
+        /// What margay writes is what it reads back as equal (so adoption and repair never loop).
+        #[test]
+        fn encoded_routes_parse_back_equal(route in arb_route()) {
+            let cfg = FibConfig { table: 1000, ..FibConfig::default() };
+            let (msg, _) = encode(&cfg, &Op::Create(Arc::new(route.clone())));
+            let mut buf = Vec::new();
+            crate::dataplane::nl::encode_into(&mut buf, 1, msg, 0);
+            let parsed = crate::dataplane::nl::decode_all(&buf);
+            proptest::prop_assert_eq!(parsed.len(), 1);
+            let RouteNetlinkMessage::NewRoute(m) = &parsed[0].1 else { panic!("not a route") };
+            let k = parse_route(m).expect("parses");
+            proptest::prop_assert_eq!(k.table, 1000);
+            proptest::prop_assert!(matches(&route, &k.route), "{} vs {}", route, k.route);
+        }
+    }
+
     #[test]
     fn a_hop_without_device_matches_any_device() {
         let d = Route::via(
