@@ -21,9 +21,8 @@ mod common;
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
-use std::time::Duration;
 
-use common::dataplane::{ns_path, runtime, wait_for};
+use common::dataplane::{ns_path, runtime};
 use common::{have, is_root, require, sh, try_sh, unique, Netns};
 use margay::dataplane::fib::{Fib, FibConfig, NextHop, Route};
 use margay::dataplane::pod::{add_pod, check_pod, del_pod, host_ifname, list_pods, PodSpec};
