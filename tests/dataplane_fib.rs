@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::dataplane::{ns_path, runtime, wait_for, RouteMonitor};
-use common::{is_root, require, sh, try_sh, unique, Netns};
+use common::{is_root, require, sh, unique, Netns};
 use ipnetwork::IpNetwork;
 use margay::dataplane::fib::{Fib, FibConfig, NextHop, Route};
 use margay::dataplane::DataplaneError;
