@@ -416,23 +416,48 @@ type Hasher = foldhash::fast::RandomState;
 type Map<K, V> = HashMap<K, V, Hasher>;
 type Set<K> = HashSet<K, Hasher>;
 
-/// Everything the task owns.
+/// What the task knows about one prefix.
+#[derive(Debug, Default)]
+struct Entry {
+    /// The route margay wants (devices resolved), if any.
+    desired: Option<Arc<Route>>,
+    /// Our route in the kernel at our metric, as the kernel reported or acknowledged it.
+    installed: Option<Arc<Route>>,
+    /// The `Sync` generation that last named this prefix.
+    generation: u64,
+    /// Listed in `State::dirty`.
+    dirty: bool,
+    /// Someone else touched it: the kernel may differ from `installed`; write with replace.
+    suspect: bool,
+    /// A write for it is with the kernel and not yet acknowledged.
+    inflight: bool,
+}
+
+/// Everything the task owns. One map entry per prefix keeps the hot path to a few lookups per route.
 struct State {
     cfg: FibConfig,
     netns: String,
-    desired: Map<IpNetwork, Arc<Route>>,
-    /// Our routes in the kernel at our metric, as the kernel reported or acknowledged them.
-    installed: Map<IpNetwork, Arc<Route>>,
-    /// Prefixes whose kernel state may differ from `installed` (someone else touched them): write with replace.
-    suspect: Set<IpNetwork>,
+    routes: Map<IpNetwork, Entry>,
+    /// Prefixes to look at in the next pass (each once: `Entry::dirty`).
+    dirty: Vec<IpNetwork>,
+    generation: u64,
     /// Routes with our protocol at another metric: not ours to keep.
     strays: Set<(IpNetwork, u32)>,
     conflicts: Map<IpNetwork, String>,
     failed: Map<IpNetwork, String>,
-    dirty: Set<IpNetwork>,
+    /// Requested routes whose device could not be resolved yet: tried again with the retry timer.
+    unresolved: Map<IpNetwork, Route>,
     /// Interface name → index cache for one round of requests.
     ifindex: HashMap<String, u32>,
     stats: FibStats,
+}
+
+/// Mark one entry dirty (once).
+fn mark(dirty: &mut Vec<IpNetwork>, p: IpNetwork, e: &mut Entry) {
+    if !e.dirty {
+        e.dirty = true;
+        dirty.push(p);
+    }
 }
 
 impl State {
@@ -440,23 +465,30 @@ impl State {
         State {
             netns: ns_label(cfg.netns.as_deref()),
             cfg,
-            desired: Map::default(),
-            installed: Map::default(),
-            suspect: Set::default(),
+            routes: Map::default(),
+            dirty: Vec::new(),
+            generation: 0,
             strays: Set::default(),
             conflicts: Map::default(),
             failed: Map::default(),
-            dirty: Set::default(),
+            unresolved: Map::default(),
             ifindex: HashMap::new(),
             stats: FibStats::default(),
         }
     }
 
+    fn mark_prefix(&mut self, p: IpNetwork) {
+        let e = self.routes.entry(p).or_default();
+        mark(&mut self.dirty, p, e);
+    }
+
     /// Dump our routes (strict check: the kernel filters by protocol and table) into `installed`.
     fn dump_ours(&mut self, sock: &mut NlSocket) -> Result<(), DataplaneError> {
-        self.installed.clear();
+        for e in self.routes.values_mut() {
+            e.installed = None;
+            e.suspect = false;
+        }
         self.strays.clear();
-        self.suspect.clear();
         for family in [AddressFamily::Inet, AddressFamily::Inet6] {
             let mut msg = RouteMessage::default();
             msg.header.address_family = family;
@@ -477,7 +509,9 @@ impl State {
                     if let Some(k) = parse_route(&m) {
                         if k.protocol == self.cfg.protocol && k.table == self.cfg.table {
                             if k.metric == self.cfg.metric {
-                                self.installed.insert(k.route.prefix, Arc::new(k.route));
+                                let p = k.route.prefix;
+                                self.routes.entry(p).or_default().installed =
+                                    Some(Arc::new(k.route));
                             } else {
                                 self.strays.insert((k.route.prefix, k.metric));
                             }
@@ -492,8 +526,12 @@ impl State {
     /// Start-up: take what the kernel holds as the desired state, touching nothing.
     fn adopt(&mut self, sock: &mut NlSocket) -> Result<(), DataplaneError> {
         self.dump_ours(sock)?;
-        self.desired = self.installed.clone();
-        self.stats.adopted = self.installed.len() as u64;
+        let mut n = 0;
+        for e in self.routes.values_mut() {
+            e.desired = e.installed.clone();
+            n += usize::from(e.desired.is_some());
+        }
+        self.stats.adopted = n as u64;
         Ok(())
     }
 
@@ -501,20 +539,23 @@ impl State {
     fn resync(&mut self, sock: &mut NlSocket) -> Result<(), DataplaneError> {
         self.stats.resyncs += 1;
         self.dump_ours(sock)?;
-        let all: Vec<IpNetwork> = self
-            .desired
-            .keys()
-            .chain(self.installed.keys())
-            .copied()
-            .collect();
-        self.dirty.extend(all);
+        let State { routes, dirty, .. } = self;
+        for (p, e) in routes.iter_mut() {
+            mark(dirty, *p, e);
+        }
         Ok(())
     }
 
     fn status(&self) -> FibStatus {
+        let desired = self.routes.values().filter(|e| e.desired.is_some()).count();
+        let installed = self
+            .routes
+            .values()
+            .filter(|e| e.installed.is_some())
+            .count();
         FibStatus {
-            desired: self.desired.len(),
-            installed: self.installed.len(),
+            desired,
+            installed,
             conflicts: self
                 .conflicts
                 .iter()
@@ -525,46 +566,81 @@ impl State {
         }
     }
 
+    fn desired_routes(&self) -> Vec<Route> {
+        let mut v: Vec<Route> = self
+            .routes
+            .values()
+            .filter_map(|e| e.desired.as_ref().map(|r| (**r).clone()))
+            .collect();
+        v.sort_by_key(|r| r.prefix);
+        v
+    }
+
     /// Resolve device names to indexes in our namespace. A missing device makes the route fail (retried).
-    fn resolve(&mut self, sock: &mut NlSocket, mut route: Route) -> Result<Route, String> {
+    fn resolve(&mut self, sock: &mut NlSocket, mut route: Route) -> Result<Route, (Route, String)> {
         if let NextHops::Via(hops) = &mut route.next_hops {
-            for h in hops.iter_mut() {
-                if let Some(Dev::Name(name)) = &h.dev {
-                    let idx = match self.ifindex.get(name) {
-                        Some(i) => *i,
-                        None => {
-                            let i = link_index(sock, name).map_err(|e| {
-                                format!("device {name} not found in {}: {e}", self.netns)
-                            })?;
-                            self.ifindex.insert(name.clone(), i);
-                            i
+            let needs = hops.iter().any(|h| matches!(h.dev, Some(Dev::Name(_))));
+            if needs {
+                let original = route.clone();
+                if let NextHops::Via(hops) = &mut route.next_hops {
+                    for h in hops.iter_mut() {
+                        if let Some(Dev::Name(name)) = &h.dev {
+                            let idx = match self.ifindex.get(name) {
+                                Some(i) => *i,
+                                None => match link_index(sock, name) {
+                                    Ok(i) => {
+                                        self.ifindex.insert(name.clone(), i);
+                                        i
+                                    }
+                                    Err(e) => {
+                                        let why = format!(
+                                            "device {name} not found in {}: {e}",
+                                            self.netns
+                                        );
+                                        return Err((original, why));
+                                    }
+                                },
+                            };
+                            h.dev = Some(Dev::Index(idx));
                         }
-                    };
-                    h.dev = Some(Dev::Index(idx));
+                    }
                 }
             }
-            hops.sort();
-            hops.dedup();
+            if let NextHops::Via(hops) = &mut route.next_hops {
+                if hops.len() > 1 {
+                    hops.sort();
+                    hops.dedup();
+                }
+            }
         }
         Ok(route)
     }
 
-    /// Make `route` desired; mark its prefix dirty when that changes anything. (Failed and conflicting
-    /// prefixes are retried by the timer; routes someone else touched are marked by the monitor.)
-    fn set_desired(&mut self, sock: &mut NlSocket, route: Route) {
+    /// Make `route` desired (in Sync generation `generation`); mark it dirty when that changes anything.
+    /// Failed and conflicting prefixes are retried by the timer; routes someone else touched are marked by
+    /// the monitor.
+    fn set_desired(&mut self, sock: &mut NlSocket, route: Route, generation: u64) {
         let prefix = route.prefix;
         match self.resolve(sock, route) {
             Ok(r) => {
-                if self.desired.get(&prefix).map(|d| **d != r).unwrap_or(true) {
-                    self.desired.insert(prefix, Arc::new(r));
-                    self.dirty.insert(prefix);
+                if !self.unresolved.is_empty() {
+                    self.unresolved.remove(&prefix);
+                }
+                let e = self.routes.entry(prefix).or_default();
+                e.generation = generation;
+                if e.desired.as_deref() != Some(&r) {
+                    e.desired = Some(Arc::new(r));
+                    mark(&mut self.dirty, prefix, e);
                 }
             }
-            Err(e) => {
-                tracing::warn!(netns = %self.netns, %prefix, error = %e, "route not installed");
-                self.desired.remove(&prefix);
-                self.failed.insert(prefix, e);
-                self.dirty.insert(prefix);
+            Err((original, why)) => {
+                tracing::warn!(netns = %self.netns, %prefix, error = %why, "route not installed");
+                let e = self.routes.entry(prefix).or_default();
+                e.generation = generation;
+                e.desired = None;
+                mark(&mut self.dirty, prefix, e);
+                self.failed.insert(prefix, why);
+                self.unresolved.insert(prefix, original);
             }
         }
     }
@@ -581,8 +657,9 @@ impl State {
         let batch = self.cfg.batch.max(1);
         match req {
             FibRequest::Replace(routes) => {
+                let generation = self.generation;
                 for r in routes {
-                    self.set_desired(sock, r);
+                    self.set_desired(sock, r, generation);
                     if self.dirty.len() >= batch {
                         pump.send_dirty(self);
                     }
@@ -590,46 +667,58 @@ impl State {
             }
             FibRequest::Remove(prefixes) => {
                 for p in prefixes {
-                    self.desired.remove(&p);
+                    if let Some(e) = self.routes.get_mut(&p) {
+                        e.desired = None;
+                        mark(&mut self.dirty, p, e);
+                    }
                     if !self.failed.is_empty() {
                         self.failed.remove(&p);
                     }
                     if !self.conflicts.is_empty() {
                         self.conflicts.remove(&p);
                     }
-                    self.dirty.insert(p);
+                    if !self.unresolved.is_empty() {
+                        self.unresolved.remove(&p);
+                    }
                     if self.dirty.len() >= batch {
                         pump.send_dirty(self);
                     }
                 }
             }
             FibRequest::Sync(routes) => {
-                let mut seen: Set<IpNetwork> =
-                    Set::with_capacity_and_hasher(routes.len(), Hasher::default());
-                self.desired
-                    .reserve(routes.len().saturating_sub(self.desired.len()));
+                self.generation += 1;
+                let generation = self.generation;
+                self.routes
+                    .reserve(routes.len().saturating_sub(self.routes.len()));
                 for r in routes {
-                    seen.insert(r.prefix);
-                    self.set_desired(sock, r);
+                    self.set_desired(sock, r, generation);
                     if self.dirty.len() >= batch {
                         pump.send_dirty(self);
                     }
                 }
-                // Everything of ours not in the new set goes: desired before, or found in the kernel.
-                let gone: Vec<IpNetwork> = self
-                    .desired
-                    .keys()
-                    .chain(self.installed.keys())
-                    .filter(|p| !seen.contains(*p))
-                    .copied()
-                    .collect();
-                for p in gone {
-                    self.desired.remove(&p);
-                    self.dirty.insert(p);
+                // Everything of ours not named by this generation goes.
+                let State { routes, dirty, .. } = self;
+                for (p, e) in routes.iter_mut() {
+                    if e.generation != generation && (e.desired.is_some() || e.installed.is_some())
+                    {
+                        e.desired = None;
+                        mark(dirty, *p, e);
+                    }
                 }
-                if !self.failed.is_empty() || !self.conflicts.is_empty() {
-                    self.failed.retain(|p, _| seen.contains(p));
-                    self.conflicts.retain(|p, _| seen.contains(p));
+                if !self.failed.is_empty()
+                    || !self.conflicts.is_empty()
+                    || !self.unresolved.is_empty()
+                {
+                    let routes = &self.routes;
+                    let named = |p: &IpNetwork| {
+                        routes
+                            .get(p)
+                            .map(|e| e.generation == generation)
+                            .unwrap_or(false)
+                    };
+                    self.failed.retain(|p, _| named(p));
+                    self.conflicts.retain(|p, _| named(p));
+                    self.unresolved.retain(|p, _| named(p));
                 }
             }
             FibRequest::Settle(tx) => replies.push(Reply::Settle(tx)),
@@ -637,26 +726,65 @@ impl State {
         }
     }
 
-    /// The writes that bring the kernel to the desired state for the dirty prefixes.
-    fn plan(&mut self) -> Vec<Op> {
-        let mut ops = Vec::with_capacity(self.dirty.len());
-        for p in self.dirty.drain() {
-            match (self.desired.get(&p), self.installed.get(&p)) {
-                (None, None) => {}
-                (None, Some(_)) => ops.push(Op::Delete(p, self.cfg.metric)),
-                (Some(d), Some(k)) => {
-                    if self.suspect.contains(&p) || !matches(d, k) {
-                        ops.push(Op::Replace(d.clone()));
-                    }
+    /// The write (if any) that brings one dirty prefix to its desired state. `None` with the entry left
+    /// dirty means "in flight: wait for its answer first".
+    fn plan_one(&mut self, p: IpNetwork) -> Plan {
+        let metric = self.cfg.metric;
+        let Some(e) = self.routes.get_mut(&p) else {
+            return Plan::Nothing;
+        };
+        if e.inflight {
+            return Plan::Wait;
+        }
+        e.dirty = false;
+        let op = match (&e.desired, &e.installed) {
+            (None, None) => None,
+            (None, Some(_)) => Some(Op::Delete(p, metric)),
+            (Some(d), Some(k)) => {
+                if e.suspect || !matches(d, k) {
+                    Some(Op::Replace(d.clone()))
+                } else {
+                    None
                 }
-                (Some(d), None) => ops.push(Op::Create(d.clone())),
+            }
+            (Some(d), None) => Some(Op::Create(d.clone())),
+        };
+        match op {
+            Some(op) => {
+                e.inflight = true;
+                Plan::Write(op)
+            }
+            None => {
+                if e.desired.is_none() && e.installed.is_none() {
+                    self.routes.remove(&p);
+                }
+                Plan::Nothing
             }
         }
-        ops
     }
 
     /// Record the kernel's answer to one op.
     fn record(&mut self, op: &Op, result: Option<NlError>) {
+        let p = op_prefix(op);
+        if let Op::Delete(_, m) = op {
+            if *m != self.cfg.metric {
+                let ok = result
+                    .as_ref()
+                    .map(|e| e.errno == libc::ESRCH || e.errno == libc::ENOENT)
+                    .unwrap_or(true);
+                if ok {
+                    self.strays.remove(&(p, *m));
+                    if result.is_none() {
+                        self.stats.deleted += 1;
+                    }
+                }
+                return;
+            }
+        }
+        let Some(e) = self.routes.get_mut(&p) else {
+            return;
+        };
+        e.inflight = false;
         match (op, result) {
             (Op::Create(r), None) | (Op::Replace(r), None) => {
                 if matches!(op, Op::Create(_)) {
@@ -664,55 +792,50 @@ impl State {
                 } else {
                     self.stats.replaced += 1;
                 }
-                self.installed.insert(r.prefix, r.clone());
+                e.installed = Some(r.clone());
+                e.suspect = false;
                 // The side maps are almost always empty: skip hashing into them then.
-                if !self.suspect.is_empty() {
-                    self.suspect.remove(&r.prefix);
-                }
                 if !self.conflicts.is_empty() {
-                    self.conflicts.remove(&r.prefix);
+                    self.conflicts.remove(&p);
                 }
                 if !self.failed.is_empty() {
-                    self.failed.remove(&r.prefix);
+                    self.failed.remove(&p);
                 }
             }
-            (Op::Create(r), Some(e)) if e.errno == libc::EEXIST => {
+            (Op::Create(r), Some(err)) if err.errno == libc::EEXIST => {
                 let why = format!(
                     "a route of another protocol holds {} (table {}, metric {}); margay leaves it alone",
                     r.prefix, self.cfg.table, self.cfg.metric
                 );
-                if !self.conflicts.contains_key(&r.prefix) {
-                    tracing::warn!(netns = %self.netns, prefix = %r.prefix, "{why}");
+                if !self.conflicts.contains_key(&p) {
+                    tracing::warn!(netns = %self.netns, prefix = %p, "{why}");
                 }
-                self.conflicts.insert(r.prefix, why);
+                self.conflicts.insert(p, why);
             }
-            (Op::Create(r), Some(e)) | (Op::Replace(r), Some(e)) => {
-                let why = e.to_string();
-                if self.failed.get(&r.prefix) != Some(&why) {
-                    tracing::warn!(netns = %self.netns, prefix = %r.prefix, error = %why, "kernel refused route; will retry");
+            (Op::Create(_), Some(err)) | (Op::Replace(_), Some(err)) => {
+                let why = err.to_string();
+                if self.failed.get(&p) != Some(&why) {
+                    tracing::warn!(netns = %self.netns, prefix = %p, error = %why, "kernel refused route; will retry");
                 }
-                self.failed.insert(r.prefix, why);
+                self.failed.insert(p, why);
             }
-            (Op::Delete(p, m), res) => {
+            (Op::Delete(..), res) => {
                 let ok = match &res {
                     None => true,
-                    Some(e) => e.errno == libc::ESRCH || e.errno == libc::ENOENT,
+                    Some(err) => err.errno == libc::ESRCH || err.errno == libc::ENOENT,
                 };
                 if ok {
                     if res.is_none() {
                         self.stats.deleted += 1;
                     }
-                    if *m == self.cfg.metric {
-                        self.installed.remove(p);
-                        if !self.suspect.is_empty() {
-                            self.suspect.remove(p);
-                        }
-                    } else {
-                        self.strays.remove(&(*p, *m));
+                    e.installed = None;
+                    e.suspect = false;
+                    if e.desired.is_none() && !e.dirty {
+                        self.routes.remove(&p);
                     }
-                } else if let Some(e) = res {
-                    tracing::warn!(netns = %self.netns, prefix = %p, error = %e, "kernel refused delete; will retry");
-                    self.failed.insert(*p, e.to_string());
+                } else if let Some(err) = res {
+                    tracing::warn!(netns = %self.netns, prefix = %p, error = %err, "kernel refused delete; will retry");
+                    self.failed.insert(p, err.to_string());
                 }
             }
         }
@@ -733,12 +856,16 @@ impl State {
         let who = describe_sender(sender);
         if k.protocol != self.cfg.protocol {
             // Another protocol took our exact key: our route is gone. Never fight it; record the conflict.
-            if !deleted && k.metric == self.cfg.metric && self.installed.contains_key(&p) {
-                tracing::warn!(netns = %self.netns, prefix = %p, protocol = k.protocol, by = %who,
-                    "margay's route was replaced by a route of another protocol; leaving it alone");
-                self.installed.remove(&p);
-                self.suspect.remove(&p);
-                self.dirty.insert(p);
+            if !deleted && k.metric == self.cfg.metric {
+                if let Some(e) = self.routes.get_mut(&p) {
+                    if e.installed.is_some() {
+                        tracing::warn!(netns = %self.netns, prefix = %p, protocol = k.protocol, by = %who,
+                            "margay's route was replaced by a route of another protocol; leaving it alone");
+                        e.installed = None;
+                        e.suspect = false;
+                        mark(&mut self.dirty, p, e);
+                    }
+                }
             }
             return;
         }
@@ -750,33 +877,43 @@ impl State {
             }
             return;
         }
-        match (deleted, self.desired.get(&p)) {
+        let netns = &self.netns;
+        let e = self.routes.entry(p).or_default();
+        match (deleted, e.desired.clone()) {
             (true, Some(_)) => {
-                tracing::warn!(netns = %self.netns, prefix = %p, by = %who, "margay's route was deleted by someone else; restoring it");
+                tracing::warn!(%netns, prefix = %p, by = %who, "margay's route was deleted by someone else; restoring it");
                 self.stats.repaired += 1;
-                self.suspect.insert(p);
-                self.dirty.insert(p);
+                e.suspect = true;
+                mark(&mut self.dirty, p, e);
             }
             (true, None) => {
-                self.installed.remove(&p);
-                self.suspect.remove(&p);
+                e.installed = None;
+                e.suspect = false;
             }
             (false, Some(d)) => {
-                if !matches(d, &k.route) {
-                    tracing::warn!(netns = %self.netns, prefix = %p, by = %who, "margay's route was changed by someone else; restoring it");
+                if !matches(&d, &k.route) {
+                    tracing::warn!(%netns, prefix = %p, by = %who, "margay's route was changed by someone else; restoring it");
                     self.stats.repaired += 1;
-                    self.suspect.insert(p);
-                    self.dirty.insert(p);
+                    e.suspect = true;
+                    mark(&mut self.dirty, p, e);
                 }
-                self.installed.insert(p, Arc::new(k.route));
+                e.installed = Some(Arc::new(k.route));
             }
             (false, None) => {
                 // A route with our protocol we did not ask for: ours to remove.
-                self.installed.insert(p, Arc::new(k.route));
-                self.dirty.insert(p);
+                e.installed = Some(Arc::new(k.route));
+                mark(&mut self.dirty, p, e);
             }
         }
     }
+}
+
+/// What to do with one dirty prefix.
+enum Plan {
+    Nothing,
+    Write(Op),
+    /// A write for it is in flight.
+    Wait,
 }
 
 enum Reply {
@@ -817,7 +954,6 @@ struct Pump<'a> {
     batch: usize,
     seq: u32,
     inflight: std::collections::VecDeque<Vec<Op>>,
-    inflight_set: Set<IpNetwork>,
     io_error: Option<io::Error>,
 }
 
@@ -837,46 +973,64 @@ impl<'a> Pump<'a> {
             // socket's own synchronous requests in logs.
             seq: 0x4000_0000,
             inflight: Default::default(),
-            inflight_set: Set::default(),
             io_error: None,
         }
     }
 
-    /// Plan every dirty prefix and send the writes.
+    /// Plan every dirty prefix, encode and send the writes, `batch` per write.
     fn send_dirty(&mut self, state: &mut State) {
-        if state.dirty.is_empty() {
-            return;
-        }
-        // A prefix still in flight must be recorded before it is planned again.
-        if !self.inflight_set.is_empty()
-            && state.dirty.iter().any(|p| self.inflight_set.contains(p))
-        {
+        while !state.dirty.is_empty() {
+            let dirty = std::mem::take(&mut state.dirty);
+            let mut waiting = Vec::new();
+            let mut ops = Vec::with_capacity(self.batch.min(dirty.len()));
+            let mut bytes = Vec::with_capacity(self.batch.min(dirty.len()) * 80);
+            let mut first_seq = self.seq.wrapping_add(1);
+            for p in dirty {
+                match state.plan_one(p) {
+                    Plan::Nothing => {}
+                    Plan::Wait => waiting.push(p),
+                    Plan::Write(op) => {
+                        self.seq = self.seq.wrapping_add(1);
+                        encode_op(&state.cfg, &op, self.seq, &mut bytes);
+                        ops.push(op);
+                        if ops.len() >= self.batch {
+                            let next = self.seq.wrapping_add(1);
+                            self.push(
+                                std::mem::take(&mut ops),
+                                std::mem::take(&mut bytes),
+                                first_seq,
+                                state,
+                            );
+                            first_seq = next;
+                        }
+                    }
+                }
+            }
+            if !ops.is_empty() {
+                self.push(ops, bytes, first_seq, state);
+            }
+            if waiting.is_empty() {
+                break;
+            }
+            // Prefixes whose earlier write is still in flight: take the answers, then plan them again.
             self.wait_all(state);
-        }
-        let mut ops = state.plan();
-        while !ops.is_empty() {
-            let rest = if ops.len() > self.batch {
-                ops.split_off(self.batch)
-            } else {
-                Vec::new()
-            };
-            self.push(ops, state);
-            ops = rest;
+            state.dirty.extend(waiting);
+            if self.io_error.is_some() {
+                break;
+            }
         }
     }
 
-    /// Encode and write one chunk (at most `batch` ops).
-    fn push(&mut self, ops: Vec<Op>, state: &mut State) {
+    /// Write one encoded chunk.
+    fn push(&mut self, ops: Vec<Op>, bytes: Vec<u8>, first_seq: u32, state: &mut State) {
         if self.io_error.is_some() {
             // The socket already failed this round; the caller re-reads the kernel afterwards.
+            for op in &ops {
+                if let Some(e) = state.routes.get_mut(&op_prefix(op)) {
+                    e.inflight = false;
+                }
+            }
             return;
-        }
-        let mut bytes = Vec::with_capacity(ops.len() * 80);
-        let first_seq = self.seq.wrapping_add(1);
-        for op in &ops {
-            self.seq = self.seq.wrapping_add(1);
-            let (msg, flags) = encode(&state.cfg, op);
-            super::nl::encode_into(&mut bytes, self.seq, msg, flags);
         }
         state.stats.writes += 1;
         let count = ops.len();
@@ -895,7 +1049,14 @@ impl<'a> Pump<'a> {
                             state.record(op, res);
                         }
                     }
-                    Err(e) => self.io_error = Some(e),
+                    Err(e) => {
+                        for op in &ops {
+                            if let Some(en) = state.routes.get_mut(&op_prefix(op)) {
+                                en.inflight = false;
+                            }
+                        }
+                        self.io_error = Some(e);
+                    }
                 }
             }
             Lane::Threaded { tx, .. } => {
@@ -906,16 +1067,11 @@ impl<'a> Pump<'a> {
                         first_seq,
                     })
                 });
-                match sent {
-                    Some(Ok(())) => {
-                        self.inflight_set.extend(ops.iter().map(op_prefix));
-                        self.inflight.push_back(ops);
-                        self.drain(state, false);
-                    }
-                    _ => {
-                        self.io_error = Some(io::Error::other("netlink writer thread stopped"));
-                    }
+                self.inflight.push_back(ops);
+                if !matches!(sent, Some(Ok(()))) {
+                    self.io_error = Some(io::Error::other("netlink writer thread stopped"));
                 }
+                self.drain(state, false);
             }
         }
     }
@@ -926,7 +1082,7 @@ impl<'a> Pump<'a> {
             return;
         };
         while !self.inflight.is_empty() {
-            let next = if wait {
+            let next = if wait || self.io_error.is_some() {
                 rx.recv().ok()
             } else {
                 match rx.try_recv() {
@@ -938,9 +1094,6 @@ impl<'a> Pump<'a> {
             let Some(ops) = self.inflight.pop_front() else {
                 return;
             };
-            for op in &ops {
-                self.inflight_set.remove(&op_prefix(op));
-            }
             match next {
                 Some(Ok(errors)) => {
                     let mut results: Vec<Option<NlError>> = vec![None; ops.len()];
@@ -953,11 +1106,16 @@ impl<'a> Pump<'a> {
                         state.record(op, res);
                     }
                 }
-                Some(Err(e)) => {
-                    self.io_error = Some(e);
-                }
-                None => {
-                    self.io_error = Some(io::Error::other("netlink writer thread stopped"));
+                other => {
+                    for op in &ops {
+                        if let Some(e) = state.routes.get_mut(&op_prefix(op)) {
+                            e.inflight = false;
+                        }
+                    }
+                    self.io_error = Some(match other {
+                        Some(Err(e)) => e,
+                        _ => io::Error::other("netlink writer thread stopped"),
+                    });
                 }
             }
         }
@@ -977,7 +1135,13 @@ impl<'a> Pump<'a> {
                 .map(|(p, m)| Op::Delete(*p, *m))
                 .collect();
             for chunk in ops.chunks(self.batch) {
-                self.push(chunk.to_vec(), state);
+                let first_seq = self.seq.wrapping_add(1);
+                let mut bytes = Vec::new();
+                for op in chunk {
+                    self.seq = self.seq.wrapping_add(1);
+                    encode_op(&state.cfg, op, self.seq, &mut bytes);
+                }
+                self.push(chunk.to_vec(), bytes, first_seq, state);
             }
         }
         self.wait_all(state);
@@ -986,6 +1150,12 @@ impl<'a> Pump<'a> {
         }
         self.io_error.take()
     }
+}
+
+/// Append one op's request to `buf`.
+fn encode_op(cfg: &FibConfig, op: &Op, seq: u32, buf: &mut Vec<u8>) {
+    let (msg, flags) = encode(cfg, op);
+    super::nl::encode_into(buf, seq, msg, flags);
 }
 
 /// The writer thread: one `sendmsg` per chunk, then its acks, in order.
@@ -1118,9 +1288,14 @@ async fn run(
             _ = retry.tick() => {
                 let again: Vec<IpNetwork> = state.failed.keys().chain(state.conflicts.keys()).copied().collect();
                 for p in again {
-                    if state.desired.contains_key(&p) {
-                        state.dirty.insert(p);
+                    if state.routes.get(&p).map(|e| e.desired.is_some()).unwrap_or(false) {
+                        state.mark_prefix(p);
                     }
+                }
+                // Routes whose device was missing: try them again (the device may exist now).
+                let retry_unresolved: Vec<Route> = state.unresolved.values().cloned().collect();
+                if !retry_unresolved.is_empty() {
+                    reqs.push(FibRequest::Replace(retry_unresolved));
                 }
             }
         }
@@ -1155,9 +1330,7 @@ async fn run(
                     let _ = tx.send(state.status());
                 }
                 Reply::Desired(tx) => {
-                    let mut v: Vec<Route> = state.desired.values().map(|r| (**r).clone()).collect();
-                    v.sort_by_key(|r| r.prefix);
-                    let _ = tx.send(v);
+                    let _ = tx.send(state.desired_routes());
                 }
             }
         }
