@@ -1,9 +1,15 @@
 //! The FIB task: the one owner of margay's kernel routes in one network namespace.
 //!
 //! ```text
-//!   FibHandle ──(bounded mpsc: FibRequest)──▶ FIB task ──(batched RTM_NEWROUTE/DELROUTE, 1 ack each)──▶ kernel
-//!                                               ▲
-//!   kernel ──(RTNLGRP_IPV4_ROUTE / IPV6_ROUTE multicast, our own writes filtered out by BPF)──┘
+//!   FibHandle ──(bounded mpsc: FibRequest)──▶ FIB task (tokio) ── state: one Entry per prefix
+//!                                               │  a pass runs on a blocking thread:
+//!                                               │  apply requests ─▶ plan dirty prefixes ─▶ encode
+//!                                               │        (bulk: chunks of `batch` go to a writer thread,
+//!                                               │         so the kernel works while the next is prepared)
+//!                                               ▼
+//!                              writer socket: RTM_NEWROUTE/DELROUTE, `batch` per sendmsg, 1 ack each ─▶ kernel
+//!                              query socket: strict dumps, device lookups                              ─▶ kernel
+//!   kernel ──(RTNLGRP_IPV4_ROUTE / IPV6_ROUTE, the writer's own changes dropped by a BPF filter)──▶ FIB task
 //! ```
 //!
 //! Desired state in, differences out. A route is margay's when it carries margay's route protocol number
