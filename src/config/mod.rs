@@ -6,3 +6,5 @@
 pub mod meta;
 
 pub use meta::{ConfigError, ObjectMeta, API_VERSION};
+pub mod ipam_config;
+pub mod ippool;
