@@ -58,12 +58,12 @@ impl DatastoreConfig {
     }
 }
 
-/// PEM files for mutual TLS.
+/// PEM files for TLS. The client certificate and key are needed when etcd runs with `--client-cert-auth`.
 #[derive(Debug, Clone)]
 pub struct TlsFiles {
     pub ca: PathBuf,
-    pub cert: PathBuf,
-    pub key: PathBuf,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
 }
 
 /// What went wrong talking to etcd.
@@ -206,14 +206,18 @@ impl Datastore {
                     DatastoreError::Config(format!("cannot read {}: {e}", p.display()))
                 })
             };
-            let ca = read(&tls.ca)?;
-            let cert = read(&tls.cert)?;
-            let key = read(&tls.key)?;
-            options = options.with_tls(
-                TlsOptions::new()
-                    .ca_certificate(Certificate::from_pem(ca))
-                    .identity(Identity::from_pem(cert, key)),
-            );
+            let mut t = TlsOptions::new().ca_certificate(Certificate::from_pem(read(&tls.ca)?));
+            match (&tls.cert, &tls.key) {
+                (Some(c), Some(k)) => t = t.identity(Identity::from_pem(read(c)?, read(k)?)),
+                (None, None) => {}
+                _ => {
+                    return Err(DatastoreError::Config(
+                        "a client certificate needs its key and a key its certificate (--etcd-cert, --etcd-key)"
+                            .into(),
+                    ))
+                }
+            }
+            options = options.with_tls(t);
         }
         let scheme = if cfg.tls.is_some() { "https" } else { "http" };
         let endpoints = cfg
@@ -271,6 +275,31 @@ impl Datastore {
         Ok(c)
     }
 
+    /// `describe`, plus a hint when a TLS connection is closed under us (etcd refusing our certificate shows
+    /// up only as a closed connection on the client side).
+    fn reason(&self, e: &etcd_client::Error) -> String {
+        let r = describe(e);
+        let closed = [
+            "broken pipe",
+            "connection reset",
+            "operation was canceled",
+            "transport error",
+        ];
+        if self.cfg.tls.is_some() && closed.iter().any(|c| r.contains(c)) {
+            let cert = self.cfg.tls.as_ref().is_some_and(|t| t.cert.is_some());
+            format!(
+                "{r}: the TLS connection was closed; {}",
+                if cert {
+                    "does etcd trust our client certificate (--etcd-ca, --etcd-cert, --etcd-key)?"
+                } else {
+                    "etcd may require a client certificate (--etcd-cert, --etcd-key)"
+                }
+            )
+        } else {
+            r
+        }
+    }
+
     fn forget(&self, idx: usize) {
         *lock(&self.endpoints[idx].client) = None;
     }
@@ -308,7 +337,7 @@ impl Datastore {
                     }
                     Err(e) if retryable(&e) => {
                         tracing::debug!(endpoint = %ep.name, op, key, error = %e, "etcd endpoint failed; trying the next");
-                        tried.push((ep.name.clone(), describe(&e)));
+                        tried.push((ep.name.clone(), self.reason(&e)));
                         self.forget(idx);
                     }
                     Err(e) => {
@@ -523,19 +552,20 @@ fn retryable(e: &etcd_client::Error) -> bool {
 
 /// The most specific message in an error chain, e.g. "connection refused" rather than "transport error".
 pub(crate) fn describe(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut msg = e.to_string();
+    let mut chain = vec![e.to_string()];
     if let Some(etcd_client::Error::GRpcStatus(s)) = e.downcast_ref::<etcd_client::Error>() {
-        msg = match s.code() {
-            tonic::Code::DeadlineExceeded => "timed out".to_string(),
-            _ => s.message().to_string(),
-        };
+        if s.code() == tonic::Code::DeadlineExceeded {
+            return "timed out".to_string();
+        }
+        chain.push(s.message().to_string());
     }
     let mut cur = e.source();
     while let Some(s) = cur {
-        msg = s.to_string();
+        chain.push(s.to_string());
         cur = s.source();
     }
-    let lower = msg.to_lowercase();
+    let all = chain.join(": ").to_lowercase();
+    tracing::trace!(error = %all, "etcd error chain");
     for known in [
         "connection refused",
         "timed out",
@@ -545,14 +575,16 @@ pub(crate) fn describe(e: &(dyn std::error::Error + 'static)) -> String {
         "certificate required",
         "unknown ca",
         "bad certificate",
+        "invalid peer certificate",
+        "handshake",
     ] {
-        if lower.contains(known) {
+        if all.contains(known) {
             return known.to_string();
         }
     }
-    if msg.is_empty() {
-        "no answer".to_string()
-    } else {
-        msg
-    }
+    chain
+        .into_iter()
+        .rev()
+        .find(|m| !m.is_empty())
+        .unwrap_or_else(|| "no answer".to_string())
 }

@@ -6,7 +6,9 @@ use std::process::Command;
 
 /// True when running under CI (`CI=true`): a missing prerequisite is then a failure, not a skip.
 pub fn in_ci() -> bool {
-    std::env::var("CI").map(|v| v == "true" || v == "1").unwrap_or(false)
+    std::env::var("CI")
+        .map(|v| v == "true" || v == "1")
+        .unwrap_or(false)
 }
 
 /// Check a prerequisite. Returns true when it is met. When it is not: under CI the test panics with
@@ -42,7 +44,11 @@ pub fn have(bin: &str) -> bool {
 
 /// Run a command, panicking with its stderr when it fails. Returns stdout.
 pub fn sh(cmd: &str) -> String {
-    let out = Command::new("sh").arg("-c").arg(cmd).output().expect("spawn sh");
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .expect("spawn sh");
     if !out.status.success() {
         panic!(
             "command failed ({}): {cmd}\nstdout: {}\nstderr: {}",
@@ -105,3 +111,4 @@ pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     l.local_addr().expect("local addr").port()
 }
+pub mod etcd;
