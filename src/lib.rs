@@ -8,3 +8,4 @@ pub mod config;
 pub mod dataplane;
 pub mod datastore;
 pub mod ipam;
+pub mod cli;
