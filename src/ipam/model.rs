@@ -17,6 +17,16 @@ pub enum AffinityState {
     PendingDeletion,
 }
 
+impl std::fmt::Display for AffinityState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AffinityState::Pending => "pending",
+            AffinityState::Confirmed => "confirmed",
+            AffinityState::PendingDeletion => "pendingDeletion",
+        })
+    }
+}
+
 /// The value at `/calico/ipam/v2/host/<node>/ipv4/block/<cidr>`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Affinity {

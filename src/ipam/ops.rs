@@ -566,12 +566,12 @@ pub fn check(s: &Snapshot, live_handles: Option<&BTreeSet<String>>) -> CheckRepo
         owners.entry(*cidr).or_default().push(node);
         match s.blocks.get(cidr) {
             None => p.push(format!(
-                "node {node:?} has a {:?} affinity for block {cidr}, which does not exist",
+                "node {node:?} has a {} affinity for block {cidr}, which does not exist",
                 a.state
             )),
             Some(b) if b.host() != Some(node.as_str()) => p.push(format!(
-                "node {node:?} has an affinity for block {cidr}, but the block is affine to {:?}",
-                b.affinity
+                "node {node:?} has an affinity for block {cidr}, but the block is affine to {}",
+                b.affinity.as_deref().unwrap_or("no node")
             )),
             Some(_) => {}
         }
