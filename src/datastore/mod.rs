@@ -491,16 +491,19 @@ impl Datastore {
         watch::spawn(self.clone(), prefix.to_string(), from_revision)
     }
 
-    /// One client for the watch task: the preferred endpoint's, else the next that connects.
-    async fn watch_client(&self) -> Result<(usize, Client), Vec<(String, String)>> {
+    /// A client of its own for one watch task: the preferred endpoint first, else the next that connects.
+    ///
+    /// Watches never share the connection of requests: HTTP/2 flow control is per connection, so a watch whose
+    /// owner is busy (and has stopped reading) would otherwise stall the very request the owner is waiting for.
+    async fn watch_client(&self) -> Result<Client, Vec<(String, String)>> {
         let n = self.endpoints.len();
         let start = self.preferred.load(Ordering::Relaxed);
         let mut tried = Vec::new();
         for i in 0..n {
-            let idx = (start + i) % n;
-            match self.client(idx).await {
-                Ok(c) => return Ok((idx, c)),
-                Err(why) => tried.push((self.endpoints[idx].name.clone(), why)),
+            let ep = &self.endpoints[(start + i) % n];
+            match Client::connect([ep.url.as_str()], Some(self.options.clone())).await {
+                Ok(c) => return Ok(c),
+                Err(e) => tried.push((ep.name.clone(), describe(&e))),
             }
         }
         Err(tried)

@@ -65,7 +65,7 @@ pub(super) fn spawn(ds: Arc<Datastore>, prefix: String, from_revision: i64) -> W
 async fn run(ds: Arc<Datastore>, prefix: String, mut next: i64, tx: mpsc::Sender<WatchMessage>) {
     let mut backoff = Duration::from_millis(50);
     loop {
-        let (idx, mut client) = match ds.watch_client().await {
+        let mut client = match ds.watch_client().await {
             Ok(c) => c,
             Err(tried) => {
                 tracing::debug!(prefix, ?tried, "watch: no etcd endpoint; retrying");
@@ -81,7 +81,6 @@ async fn run(ds: Arc<Datastore>, prefix: String, mut next: i64, tx: mpsc::Sender
             Ok(s) => s,
             Err(e) => {
                 tracing::debug!(prefix, error = %describe(&e), "watch: cannot start; retrying");
-                ds.forget(idx);
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
                 continue;
@@ -125,7 +124,6 @@ async fn run(ds: Arc<Datastore>, prefix: String, mut next: i64, tx: mpsc::Sender
                 Ok(None) => break,
                 Err(e) => {
                     tracing::debug!(prefix, error = %describe(&e), "watch stream failed; resuming");
-                    ds.forget(idx);
                     break;
                 }
             }

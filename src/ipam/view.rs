@@ -141,6 +141,14 @@ impl View {
     /// Apply one watch event (blocks, pools, IPAM configuration; other keys are ignored).
     pub fn apply_event(&mut self, ev: &WatchEvent) {
         if let Some(cidr) = keys::parse_block_key(&ev.key) {
+            // Our own writes come back through the watch: skip the parse when we already hold this revision.
+            if self
+                .blocks
+                .get(&cidr)
+                .is_some_and(|c| c.mod_revision >= ev.mod_revision)
+            {
+                return;
+            }
             let block = match ev.kind {
                 WatchEventKind::Put => match serde_json::from_slice::<Block>(&ev.value) {
                     Ok(b) => Some(b),
