@@ -3,6 +3,7 @@
 //! The parts below are composed by `node` (the DaemonSet daemon) and `reflector` (the standalone route
 //! reflector). Arrows point down only: parts never reach up into the composers. See DESIGN.md for the map.
 
+pub mod api;
 pub mod bgp;
 pub mod config;
 pub mod dataplane;

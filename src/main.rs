@@ -3,7 +3,11 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "margay", version, about = "Kubernetes node networking: etcd IPAM, embedded BGP, kernel FIB, CNI")]
+#[command(
+    name = "margay",
+    version,
+    about = "Kubernetes node networking: etcd IPAM, embedded BGP, kernel FIB, CNI"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -13,6 +17,15 @@ struct Cli {
 enum Command {
     /// Print the version and the features built in.
     Version,
+    /// Show the BGP peers of the margay running on this host (like `calicoctl node status`).
+    Status {
+        /// The daemon's local status endpoint.
+        #[arg(long, default_value = margay::api::DEFAULT_LISTEN)]
+        endpoint: std::net::SocketAddr,
+        /// Output format: table (default) or json.
+        #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
+        output: String,
+    },
     /// IP address management: usage, consistency check, release.
     Ipam {
         #[command(flatten)]
@@ -54,37 +67,67 @@ enum Command {
     },
 }
 
-/// Run a datastore command on a small runtime and print what it returns.
+/// Run a datastore command on a small runtime and print the text it returns.
 fn print_async(
     f: impl std::future::Future<Output = Result<String, margay::cli::CliError>>,
 ) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    match rt.block_on(f) {
-        Ok(text) => {
-            print!("{text}");
-            Ok(())
-        }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    print!("{}", rt.block_on(f)?);
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
-            std::process::exit(1)
+            // Print the chain once: our errors already embed their cause, so skip repeats.
+            let mut msg = e.to_string();
+            for cause in e.chain().skip(1) {
+                let c = cause.to_string();
+                if !msg.contains(&c) {
+                    msg.push_str(": ");
+                    msg.push_str(&c);
+                }
+            }
+            eprintln!("margay: {msg}");
+            std::process::ExitCode::FAILURE
         }
     }
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Version => {
             println!("margay {}", env!("CARGO_PKG_VERSION"));
             Ok(())
         }
+        Command::Status { endpoint, output } => {
+            let report = margay::api::fetch_status(endpoint, std::time::Duration::from_secs(5))?;
+            if output == "json" {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", margay::api::render_status_table(&report));
+            }
+            Ok(())
+        }
         Command::Ipam { etcd, cmd } => print_async(margay::cli::run_ipam(&etcd, &cmd)),
         Command::Node { etcd, cmd } => print_async(margay::cli::run_node(&etcd, &cmd)),
         Command::Apply { etcd, file } => print_async(margay::cli::run_apply(&etcd, &file)),
-        Command::Get { etcd, kind, name, output } => {
-            print_async(margay::cli::run_get(&etcd, &kind, name.as_deref(), output))
-        }
-        Command::Delete { etcd, kind, name, file } => print_async(margay::cli::run_delete(
+        Command::Get {
+            etcd,
+            kind,
+            name,
+            output,
+        } => print_async(margay::cli::run_get(&etcd, &kind, name.as_deref(), output)),
+        Command::Delete {
+            etcd,
+            kind,
+            name,
+            file,
+        } => print_async(margay::cli::run_delete(
             &etcd,
             kind.as_deref(),
             name.as_deref(),

@@ -7,6 +7,7 @@ use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
 
 use super::meta::{ConfigError, ObjectMeta, API_VERSION};
+use super::selector::Selector;
 
 pub const KIND: &str = "IPPool";
 /// Plural used in the etcd key (`/calico/resources/v3/projectcalico.org/ippools/<name>`).
@@ -156,7 +157,7 @@ impl IpPool {
     pub fn selects_node(&self, labels: &BTreeMap<String, String>) -> bool {
         match self.spec.node_selector.as_deref().map(str::trim) {
             None | Some("") | Some("all()") => true,
-            Some(sel) => selector::matches(sel, labels).unwrap_or(false),
+            Some(sel) => Selector::parse(sel).is_ok_and(|s| s.matches(labels)),
         }
     }
 
@@ -217,7 +218,7 @@ impl IpPool {
             ));
         }
         if let Some(sel) = &self.spec.node_selector {
-            if let Err(e) = selector::matches(sel, &BTreeMap::new()) {
+            if let Err(e) = Selector::parse(sel) {
                 return Err(self.err("spec.nodeSelector", sel, e));
             }
         }
@@ -267,28 +268,6 @@ pub fn validate_against(pool: &IpPool, others: &[IpPool]) -> Result<(), ConfigEr
     Ok(())
 }
 
-/// Node selector evaluation. Interim: `all()`, empty, and `k == 'v'` joined by `&&`, until the full Calico
-/// selector (`crate::config::selector`) is merged.
-mod selector {
-    use std::collections::BTreeMap;
-
-    pub fn matches(sel: &str, labels: &BTreeMap<String, String>) -> Result<bool, String> {
-        let sel = sel.trim();
-        if sel.is_empty() || sel == "all()" {
-            return Ok(true);
-        }
-        let mut all = true;
-        for term in sel.split("&&") {
-            let (k, v) = term
-                .split_once("==")
-                .ok_or_else(|| format!("unsupported selector term {:?}", term.trim()))?;
-            let v = v.trim().trim_matches(|c| c == '\'' || c == '"');
-            all &= labels.get(k.trim()).map(String::as_str) == Some(v);
-        }
-        Ok(all)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -318,6 +297,23 @@ mod tests {
         assert!(p.spec.nat_outgoing && p.spec.disable_bgp_export);
         assert_eq!(p.spec.ipip_mode, Some(EncapMode::Always));
         p.validate().unwrap();
+    }
+
+    #[test]
+    fn node_selector_uses_calico_syntax() {
+        let mut p = pool("10.10.0.0/16");
+        p.spec.node_selector = Some("has(zone) && zone in {'a', 'b'} && !(edge == 'true')".into());
+        p.validate().unwrap();
+        let labels = |z: &str| BTreeMap::from([("zone".to_string(), z.to_string())]);
+        assert!(p.selects_node(&labels("a")));
+        assert!(!p.selects_node(&labels("c")));
+        assert!(!p.selects_node(&BTreeMap::new()));
+        p.spec.node_selector = Some("zone ==".into());
+        assert_eq!(p.validate().unwrap_err().field, "spec.nodeSelector");
+        assert!(
+            !p.selects_node(&labels("a")),
+            "a selector that does not parse selects nothing"
+        );
     }
 
     #[test]

@@ -38,7 +38,13 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    pub fn new(kind: &str, name: &str, field: &str, value: impl ToString, reason: impl ToString) -> ConfigError {
+    pub fn new(
+        kind: &str,
+        name: &str,
+        field: &str,
+        value: impl ToString,
+        reason: impl ToString,
+    ) -> ConfigError {
         ConfigError {
             kind: kind.to_string(),
             name: name.to_string(),

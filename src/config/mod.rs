@@ -4,7 +4,9 @@
 //! resource returns a [`ConfigError`] naming the resource, the field and the bad value.
 
 pub mod meta;
+pub mod selector;
 
 pub use meta::{ConfigError, ObjectMeta, API_VERSION};
+pub use selector::{Selector, SelectorError};
 pub mod ipam_config;
 pub mod ippool;

@@ -62,8 +62,14 @@ pub struct Family {
 }
 
 impl Family {
-    pub const IPV4_UNICAST: Family = Family { afi: Afi::Ipv4, safi: Safi::Unicast };
-    pub const IPV6_UNICAST: Family = Family { afi: Afi::Ipv6, safi: Safi::Unicast };
+    pub const IPV4_UNICAST: Family = Family {
+        afi: Afi::Ipv4,
+        safi: Safi::Unicast,
+    };
+    pub const IPV6_UNICAST: Family = Family {
+        afi: Afi::Ipv6,
+        safi: Safi::Unicast,
+    };
 }
 
 /// A prefix in an UPDATE, with its ADD-PATH path identifier when ADD-PATH receive/send is negotiated
@@ -75,6 +81,9 @@ pub struct Nlri {
 }
 
 /// A whole BGP message (RFC 4271 section 4).
+// UPDATE is the big variant and also by far the most common one: boxing it would add an allocation per
+// message for nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
     Open(Open),
@@ -203,9 +212,10 @@ impl AsPath {
     /// True when `asn` appears anywhere in the path (loop detection, RFC 4271 9.1.2).
     pub fn contains(&self, asn: u32) -> bool {
         self.segments.iter().any(|s| match s {
-            AsSegment::Sequence(v) | AsSegment::Set(v) | AsSegment::ConfedSequence(v) | AsSegment::ConfedSet(v) => {
-                v.contains(&asn)
-            }
+            AsSegment::Sequence(v)
+            | AsSegment::Set(v)
+            | AsSegment::ConfedSequence(v)
+            | AsSegment::ConfedSet(v) => v.contains(&asn),
         })
     }
 
@@ -314,7 +324,10 @@ impl Update {
         } else {
             Update {
                 attributes: PathAttributes {
-                    mp_unreach: Some(MpUnreach { family, withdrawn: Vec::new() }),
+                    mp_unreach: Some(MpUnreach {
+                        family,
+                        withdrawn: Vec::new(),
+                    }),
                     ..Default::default()
                 },
                 ..Default::default()

@@ -1,0 +1,214 @@
+//! The status report (JSON on `/status`) and its human table, shaped like `calicoctl node status`.
+
+use serde::{Deserialize, Serialize};
+
+/// Everything `margay status` shows.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusReport {
+    /// "node" or "reflector".
+    pub role: String,
+    pub node_name: String,
+    pub version: String,
+    pub asn: u32,
+    pub router_id: String,
+    /// Seconds since the process started.
+    pub uptime_seconds: u64,
+    pub ready: ReadyState,
+    pub peers: Vec<PeerStatus>,
+}
+
+/// Readiness with the reason when not ready ("datastore not synced", "BGP initial convergence").
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReadyState {
+    pub ready: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// One BGP peer as the operator sees it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerStatus {
+    pub address: String,
+    pub port: u16,
+    /// "node-to-node mesh", "global", "node specific" (Calico's words), or "route reflector client".
+    pub peer_type: String,
+    pub asn: u32,
+    /// RFC 4271 state in Calico's words: "up" when Established, otherwise "start"/"connect"/"active"/...
+    pub state: String,
+    /// The FSM state name (Idle, Connect, Active, OpenSent, OpenConfirm, Established).
+    pub fsm_state: String,
+    /// When the session entered its current state, RFC 3339 UTC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    /// "Established", or the last failure in plain words ("connect: connection refused").
+    pub info: String,
+    pub prefixes_received: u64,
+    pub prefixes_accepted: u64,
+    pub prefixes_advertised: u64,
+}
+
+/// Render the report the way `calicoctl node status` does, with prefix counters added.
+pub fn render_status_table(r: &StatusReport) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "margay {} is running ({}, node {}, AS {}, router id {}, up {}s).\n",
+        r.role, r.version, r.node_name, r.asn, r.router_id, r.uptime_seconds
+    ));
+    match &r.ready {
+        ReadyState { ready: true, .. } => out.push_str("Ready.\n"),
+        ReadyState { reason, .. } => out.push_str(&format!(
+            "Not ready: {}.\n",
+            reason.as_deref().unwrap_or("starting")
+        )),
+    }
+    for (title, v6) in [("IPv4 BGP status", false), ("IPv6 BGP status", true)] {
+        let peers: Vec<&PeerStatus> = r
+            .peers
+            .iter()
+            .filter(|p| p.address.contains(':') == v6)
+            .collect();
+        out.push('\n');
+        out.push_str(title);
+        out.push('\n');
+        if peers.is_empty() {
+            out.push_str(&format!(
+                "No {} peers found.\n",
+                if v6 { "IPv6" } else { "IPv4" }
+            ));
+            continue;
+        }
+        let header = [
+            "PEER ADDRESS",
+            "PEER TYPE",
+            "STATE",
+            "SINCE",
+            "INFO",
+            "RECEIVED",
+            "ACCEPTED",
+            "ADVERTISED",
+        ];
+        let rows: Vec<[String; 8]> = peers
+            .iter()
+            .map(|p| {
+                [
+                    if p.port == 179 || p.port == 0 {
+                        p.address.clone()
+                    } else {
+                        format!("{}:{}", p.address, p.port)
+                    },
+                    p.peer_type.clone(),
+                    p.state.clone(),
+                    p.since
+                        .as_deref()
+                        .map(since_short)
+                        .unwrap_or_else(|| "-".into()),
+                    p.info.clone(),
+                    p.prefixes_received.to_string(),
+                    p.prefixes_accepted.to_string(),
+                    p.prefixes_advertised.to_string(),
+                ]
+            })
+            .collect();
+        let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+        for row in &rows {
+            for (w, cell) in widths.iter_mut().zip(row.iter()) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+        let line = |out: &mut String| {
+            out.push('+');
+            for w in &widths {
+                out.push_str(&"-".repeat(w + 2));
+                out.push('+');
+            }
+            out.push('\n');
+        };
+        let cells = |out: &mut String, cells: &[&str]| {
+            out.push('|');
+            for (w, c) in widths.iter().zip(cells) {
+                out.push_str(&format!(" {c:<w$} |", w = *w));
+            }
+            out.push('\n');
+        };
+        line(&mut out);
+        cells(&mut out, &header);
+        line(&mut out);
+        for row in &rows {
+            let refs: Vec<&str> = row.iter().map(String::as_str).collect();
+            cells(&mut out, &refs);
+        }
+        line(&mut out);
+    }
+    out
+}
+
+/// `2026-11-22T03:40:12Z` -> `03:40:12` (Calico prints the time of day, or the date when older).
+fn since_short(s: &str) -> String {
+    s.split('T')
+        .nth(1)
+        .map(|t| {
+            t.trim_end_matches('Z')
+                .split('.')
+                .next()
+                .unwrap_or(t)
+                .to_string()
+        })
+        .unwrap_or_else(|| s.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_has_calico_columns_and_failure_reason() {
+        let r = StatusReport {
+            role: "reflector".into(),
+            node_name: "rr1".into(),
+            version: "0.1.0".into(),
+            asn: 64512,
+            router_id: "10.0.0.1".into(),
+            uptime_seconds: 5,
+            ready: ReadyState {
+                ready: true,
+                reason: None,
+            },
+            peers: vec![
+                PeerStatus {
+                    address: "10.0.0.2".into(),
+                    port: 179,
+                    peer_type: "global".into(),
+                    state: "up".into(),
+                    fsm_state: "Established".into(),
+                    since: Some("2026-11-22T03:40:12Z".into()),
+                    info: "Established".into(),
+                    prefixes_received: 3,
+                    prefixes_accepted: 2,
+                    prefixes_advertised: 7,
+                    ..Default::default()
+                },
+                PeerStatus {
+                    address: "fd00::3".into(),
+                    port: 1179,
+                    peer_type: "node specific".into(),
+                    state: "start".into(),
+                    fsm_state: "Active".into(),
+                    info: "OPEN from fd00::3: bad peer AS 65001, expected 65000".into(),
+                    ..Default::default()
+                },
+            ],
+        };
+        let t = render_status_table(&r);
+        assert!(t.contains("| PEER ADDRESS | PEER TYPE"), "{t}");
+        assert!(t.contains("| 10.0.0.2     | global"), "{t}");
+        assert!(t.contains("03:40:12"), "{t}");
+        assert!(t.contains("fd00::3:1179"), "{t}");
+        assert!(t.contains("bad peer AS 65001, expected 65000"), "{t}");
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(json.contains("\"peerType\":\"global\""), "{json}");
+        assert_eq!(serde_json::from_str::<StatusReport>(&json).unwrap(), r);
+    }
+}

@@ -1,0 +1,1146 @@
+//! The Sans-IO RIB: every route margay knows and every rule that moves them, with no task, socket or clock of
+//! its own. [`Rib::handle`] applies one [`RibInput`]; outputs go to the per-peer senders given at `PeerUp` and to
+//! [`Rib::take_fib_events`]; timers are [`Rib::next_deadline`] / [`Rib::on_timer`]. `task.rs` drives it.
+
+use std::collections::btree_map::Entry;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use ipnetwork::IpNetwork;
+use tokio::sync::mpsc;
+
+use super::decision::{self, Kind, SourceMeta};
+use super::export::{self, ExportSource, ExportTarget};
+use super::table::{Dest, Path, PrefixKey, Tables, V4Key, V6Key, FLAG_STALE, LOCAL_SLOT};
+use super::{
+    family_of, FibEvent, PathSource, PathView, PeerCounters, PeerId, PeerInfo, Policy, Query,
+    RibConfig, RibInput, RibOutput, RibSummary, RouteView,
+};
+use crate::bgp::wire::{AsPath, Family, Nlri, Origin, PathAttributes};
+
+type ExportCache = HashMap<(usize, u16, bool), (Arc<PathAttributes>, Option<Arc<PathAttributes>>)>;
+
+/// Per-peer output collected while one input is applied, grouped by (rewritten) attribute set.
+#[derive(Debug, Default)]
+struct Pending {
+    groups: Vec<(Family, Arc<PathAttributes>, Vec<Nlri>)>,
+    index: HashMap<usize, usize>,
+    withdrawn: Vec<(Family, Vec<Nlri>)>,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.groups.is_empty() && self.withdrawn.is_empty()
+    }
+}
+
+#[derive(Debug)]
+struct Slot {
+    id: Option<PeerId>,
+    in_use: bool,
+    info: PeerInfo,
+    kind: Kind,
+    up: bool,
+    out: Option<mpsc::UnboundedSender<RibOutput>>,
+    counters: PeerCounters,
+    /// Restart timer while down, stale-routes timer while up and waiting for End-of-RIB (RFC 4724 4.2).
+    deadline: Option<Instant>,
+    stale_families: Vec<Family>,
+    cache: ExportCache,
+    pending: Pending,
+    max_prefix_signalled: bool,
+}
+
+impl Slot {
+    fn new(info: PeerInfo, kind: Kind) -> Slot {
+        Slot {
+            id: None,
+            in_use: true,
+            info,
+            kind,
+            up: false,
+            out: None,
+            counters: PeerCounters::default(),
+            deadline: None,
+            stale_families: Vec::new(),
+            cache: HashMap::new(),
+            pending: Pending::default(),
+            max_prefix_signalled: false,
+        }
+    }
+}
+
+/// Everything but the tables, so table iteration and state updates borrow disjoint fields.
+#[derive(Debug)]
+struct State {
+    cfg: RibConfig,
+    policy: Arc<Policy>,
+    slots: Vec<Slot>,
+    by_id: HashMap<PeerId, u16>,
+    free: Vec<u16>,
+    interner: HashSet<Arc<PathAttributes>>,
+    gc_threshold: usize,
+    fib_enabled: bool,
+    fib: Vec<FibEvent>,
+}
+
+/// The RIB. One owner (the RIB task); see the module docs of `bgp::rib`.
+#[derive(Debug)]
+pub struct Rib {
+    tables: Tables,
+    st: State,
+}
+
+fn local_info(cfg: &RibConfig) -> PeerInfo {
+    PeerInfo {
+        asn: cfg.local_asn,
+        local_asn: cfg.local_asn,
+        router_id: cfg.router_id,
+        address: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        local_v4: None,
+        local_v6: None,
+        rr_client: false,
+        next_hop_mode: Default::default(),
+        graceful_restart: None,
+        families: Vec::new(),
+        add_path_rx: Vec::new(),
+        max_prefixes: None,
+    }
+}
+
+impl Rib {
+    /// A RIB with no peers. `fib`: whether to compute [`FibEvent`]s (a reflector has no FIB).
+    pub fn new(cfg: RibConfig, policy: Arc<Policy>, fib: bool) -> Rib {
+        let local = Slot::new(local_info(&cfg), Kind::Local);
+        Rib {
+            tables: Tables::default(),
+            st: State {
+                cfg,
+                policy,
+                slots: vec![local],
+                by_id: HashMap::new(),
+                free: Vec::new(),
+                interner: HashSet::new(),
+                gc_threshold: 1024,
+                fib_enabled: fib,
+                fib: Vec::new(),
+            },
+        }
+    }
+
+    /// Apply one input. `now` drives the graceful-restart timers.
+    pub fn handle(&mut self, input: RibInput, now: Instant) {
+        match input {
+            RibInput::PeerUp { peer, info, out } => self.peer_up(peer, info, out, now),
+            RibInput::Routes {
+                peer,
+                announced,
+                attrs,
+                withdrawn,
+            } => self.routes(peer, announced, attrs, withdrawn),
+            RibInput::Withdraw { peer, withdrawn } => {
+                if let Some(slot) = self.up_slot(peer) {
+                    for n in withdrawn {
+                        self.remove_path(slot, n.prefix, n.path_id);
+                    }
+                }
+            }
+            RibInput::EndOfRib { peer, family } => self.end_of_rib(peer, family),
+            RibInput::PeerDown { peer, graceful } => self.peer_down(peer, graceful, now),
+            RibInput::Originate { prefixes, attrs } => self.originate(prefixes, attrs),
+            RibInput::WithdrawLocal { prefixes } => {
+                for p in prefixes {
+                    self.remove_path(LOCAL_SLOT, p, 0);
+                }
+            }
+            RibInput::SetPolicy(policy) => self.set_policy(policy),
+            RibInput::Query(q) => self.query(q),
+        }
+        self.st.flush_all();
+        self.st.maybe_gc();
+    }
+
+    /// The earliest graceful-restart timer, if any.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.st
+            .slots
+            .iter()
+            .filter(|s| s.in_use)
+            .filter_map(|s| s.deadline)
+            .min()
+    }
+
+    /// Fire the graceful-restart timers due at `now`: sweep the stale routes of those peers (RFC 4724 4.2).
+    pub fn on_timer(&mut self, now: Instant) {
+        let due: Vec<u16> = (0..self.st.slots.len() as u16)
+            .filter(|&s| {
+                self.st.slots[s as usize].in_use
+                    && self.st.slots[s as usize].deadline.is_some_and(|d| d <= now)
+            })
+            .collect();
+        for slot in due {
+            let s = &mut self.st.slots[slot as usize];
+            s.deadline = None;
+            s.stale_families.clear();
+            tracing::info!(peer = ?s.info.address, "graceful restart: timer expired, sweeping stale routes");
+            self.sweep_stale(slot, None);
+            if !self.st.slots[slot as usize].up {
+                self.st.free_slot(slot);
+            }
+        }
+        self.st.flush_all();
+        self.st.maybe_gc();
+    }
+
+    /// ECMP next-hop changes since the last call (only when created with `fib = true`).
+    pub fn take_fib_events(&mut self) -> Vec<FibEvent> {
+        std::mem::take(&mut self.st.fib)
+    }
+
+    /// Answer a query synchronously (also reachable as `RibInput::Query`).
+    pub fn summary(&self) -> RibSummary {
+        let peers = self
+            .st
+            .slots
+            .iter()
+            .filter(|s| s.in_use && s.id.is_some())
+            .map(|s| PeerCounters {
+                peer: s.id,
+                address: Some(s.info.address),
+                up: s.up,
+                ..s.counters.clone()
+            })
+            .collect();
+        RibSummary {
+            ipv4_prefixes: self.tables.v4.len(),
+            ipv6_prefixes: self.tables.v6.len(),
+            attribute_sets: self.st.interner.len(),
+            local_prefixes: self.st.slots[LOCAL_SLOT as usize].counters.accepted as usize,
+            peers,
+        }
+    }
+
+    /// Every path of `prefix`, best first.
+    pub fn lookup(&self, prefix: &IpNetwork) -> Vec<PathView> {
+        let Some(dest) = self.tables.get(prefix) else {
+            return Vec::new();
+        };
+        dest.paths()
+            .iter()
+            .enumerate()
+            .map(|(i, p)| self.st.view(p, i == 0))
+            .collect()
+    }
+
+    /// The best path of every prefix of `family`, in prefix order.
+    pub fn loc_rib(&self, family: Family) -> Vec<RouteView> {
+        let mk = |prefix: IpNetwork, d: &Dest| RouteView {
+            prefix,
+            best: self.st.view(d.best(), true),
+            ecmp_paths: d.paths().iter().filter(|p| p.ecmp()).count(),
+        };
+        if family == Family::IPV4_UNICAST {
+            self.tables
+                .v4
+                .iter()
+                .map(|(k, d)| mk(k.to_net(), d))
+                .collect()
+        } else if family == Family::IPV6_UNICAST {
+            self.tables
+                .v6
+                .iter()
+                .map(|(k, d)| mk(k.to_net(), d))
+                .collect()
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// What `peer` holds from us for `family` (Adj-RIB-Out), derived from the Loc-RIB.
+    pub fn adj_rib_out(
+        &mut self,
+        peer: PeerId,
+        family: Family,
+    ) -> Vec<(IpNetwork, Arc<PathAttributes>)> {
+        let Some(slot) = self.up_slot(peer) else {
+            return Vec::new();
+        };
+        let policy = self.st.policy.clone();
+        let mut out = Vec::new();
+        let st = &mut self.st;
+        let mut each = |prefix: IpNetwork, d: &Dest| {
+            if let Some(a) = st.export(slot, &prefix, d.best(), &policy) {
+                out.push((prefix, a));
+            }
+        };
+        if family == Family::IPV4_UNICAST {
+            self.tables.v4.iter().for_each(|(k, d)| each(k.to_net(), d));
+        } else if family == Family::IPV6_UNICAST {
+            self.tables.v6.iter().for_each(|(k, d)| each(k.to_net(), d));
+        }
+        out
+    }
+
+    fn query(&mut self, q: Query) {
+        // A dropped receiver only means the asker went away.
+        match q {
+            Query::Summary(reply) => {
+                let _ = reply.send(self.summary());
+            }
+            Query::Prefix { prefix, reply } => {
+                let _ = reply.send(self.lookup(&prefix));
+            }
+            Query::LocRib { family, reply } => {
+                let _ = reply.send(self.loc_rib(family));
+            }
+            Query::AdjRibOut {
+                peer,
+                family,
+                reply,
+            } => {
+                let _ = reply.send(self.adj_rib_out(peer, family));
+            }
+        }
+    }
+
+    fn up_slot(&self, peer: PeerId) -> Option<u16> {
+        self.st
+            .by_id
+            .get(&peer)
+            .copied()
+            .filter(|&s| self.st.slots[s as usize].up)
+    }
+
+    // ----- peers -----
+
+    fn peer_up(
+        &mut self,
+        peer: PeerId,
+        info: PeerInfo,
+        out: mpsc::UnboundedSender<RibOutput>,
+        now: Instant,
+    ) {
+        if self.up_slot(peer).is_some() {
+            tracing::warn!(
+                ?peer,
+                "PeerUp for a peer that is up: treating it as a new session"
+            );
+            self.peer_down(peer, false, now);
+        }
+        let kind = if info.is_ibgp() {
+            Kind::Ibgp
+        } else {
+            Kind::Ebgp
+        };
+        let slot = match self.st.by_id.get(&peer).copied() {
+            Some(slot) => {
+                // Back from a graceful restart with stale routes. If what the routes were judged by changed,
+                // sweep them under the old settings first so exports stay consistent.
+                let s = &self.st.slots[slot as usize];
+                if s.info.asn != info.asn
+                    || s.info.local_asn != info.local_asn
+                    || s.info.rr_client != info.rr_client
+                {
+                    self.sweep_stale(slot, None);
+                    self.st.slots[slot as usize].stale_families.clear();
+                }
+                slot
+            }
+            None => self.st.alloc_slot(peer, info.clone(), kind),
+        };
+        {
+            let s = &mut self.st.slots[slot as usize];
+            s.info = info;
+            s.kind = kind;
+            s.up = true;
+            s.out = Some(out);
+            s.counters.received = 0;
+            s.counters.rejected = 0;
+            s.counters.advertised = 0;
+            s.max_prefix_signalled = false;
+            s.deadline = None;
+        }
+        self.st.clear_caches();
+
+        // RFC 4724 4.2: families the restarted peer no longer preserves forwarding state for lose their stale
+        // routes at once; the rest wait for End-of-RIB, bounded by the stale-routes time.
+        let stale_families = self.st.slots[slot as usize].stale_families.clone();
+        let mut waiting = Vec::new();
+        for f in stale_families {
+            let preserved = self.st.slots[slot as usize]
+                .info
+                .graceful_restart
+                .as_ref()
+                .is_some_and(|gr| gr.forwarding_preserved.contains(&f));
+            if preserved {
+                waiting.push(f);
+            } else {
+                self.sweep_stale(slot, Some(f));
+            }
+        }
+        let s = &mut self.st.slots[slot as usize];
+        if !waiting.is_empty() {
+            s.deadline = Some(now + self.st.cfg.stale_routes_time);
+        }
+        s.stale_families = waiting;
+
+        self.dump_table(slot);
+    }
+
+    /// Send the whole Loc-RIB to a newly established peer, then End-of-RIB per family (RFC 4724 2).
+    fn dump_table(&mut self, slot: u16) {
+        let policy = self.st.policy.clone();
+        let families = self.st.slots[slot as usize].info.families.clone();
+        for family in &families {
+            let st = &mut self.st;
+            if *family == Family::IPV4_UNICAST {
+                for (k, d) in self.tables.v4.iter() {
+                    st.announce_best(slot, k.to_net(), *family, d, &policy);
+                }
+            } else if *family == Family::IPV6_UNICAST {
+                for (k, d) in self.tables.v6.iter() {
+                    st.announce_best(slot, k.to_net(), *family, d, &policy);
+                }
+            }
+            st.flush(slot);
+            st.send(slot, RibOutput::EndOfRib(*family));
+        }
+    }
+
+    fn peer_down(&mut self, peer: PeerId, graceful: bool, now: Instant) {
+        let Some(slot) = self.st.by_id.get(&peer).copied() else {
+            return;
+        };
+        let s = &mut self.st.slots[slot as usize];
+        if !s.up {
+            // Already down (in graceful restart): a second non-graceful loss ends the wait.
+            if !graceful {
+                self.sweep_stale(slot, None);
+                self.st.free_slot(slot);
+            }
+            return;
+        }
+        s.up = false;
+        s.out = None;
+        s.pending = Pending::default();
+        s.counters.advertised = 0;
+        let restart = s
+            .info
+            .graceful_restart
+            .as_ref()
+            .map(|g| g.restart_time)
+            .filter(|t| !t.is_zero());
+        let has_routes = s.counters.accepted > 0;
+        self.st.clear_caches();
+        match restart {
+            Some(restart_time) if graceful && has_routes => {
+                // RFC 4724 4.2: keep the routes, marked stale, for the restart time.
+                let mut families = Vec::new();
+                let mut n = 0u64;
+                for d in self.tables.v4.values_mut() {
+                    n += mark_stale(d, slot, &mut families, Family::IPV4_UNICAST);
+                }
+                for d in self.tables.v6.values_mut() {
+                    n += mark_stale(d, slot, &mut families, Family::IPV6_UNICAST);
+                }
+                let s = &mut self.st.slots[slot as usize];
+                s.counters.stale = n;
+                s.stale_families = families;
+                s.deadline = Some(now + restart_time);
+                tracing::info!(
+                    ?peer,
+                    stale = n,
+                    "graceful restart: keeping routes of peer as stale"
+                );
+            }
+            _ => {
+                self.remove_all(slot);
+                self.st.free_slot(slot);
+            }
+        }
+    }
+
+    fn end_of_rib(&mut self, peer: PeerId, family: Family) {
+        let Some(slot) = self.up_slot(peer) else {
+            return;
+        };
+        let s = &mut self.st.slots[slot as usize];
+        if let Some(i) = s.stale_families.iter().position(|f| *f == family) {
+            s.stale_families.remove(i);
+            if s.stale_families.is_empty() {
+                s.deadline = None;
+            }
+            self.sweep_stale(slot, Some(family));
+        }
+    }
+
+    // ----- routes -----
+
+    fn routes(
+        &mut self,
+        peer: PeerId,
+        announced: Vec<Nlri>,
+        attrs: Arc<PathAttributes>,
+        mut withdrawn: Vec<Nlri>,
+    ) {
+        let Some(slot) = self.up_slot(peer) else {
+            tracing::debug!(?peer, "routes from a peer that is not up: ignored");
+            return;
+        };
+        if !announced.is_empty() && !withdrawn.is_empty() {
+            // A prefix in both fields: the announcement wins (RFC 7606 5.3), so each prefix changes at most once
+            // per input and the grouped output never reorders two changes of one prefix.
+            let ann: HashSet<Nlri> = announced.iter().copied().collect();
+            withdrawn.retain(|n| !ann.contains(n));
+        }
+        for n in withdrawn {
+            self.remove_path(slot, n.prefix, n.path_id);
+        }
+        if announced.is_empty() {
+            return;
+        }
+        self.st.slots[slot as usize].counters.received += announced.len() as u64;
+
+        let looped = self.st.import_loop(slot, &attrs);
+        let attrs = self.st.intern(attrs);
+        for n in announced {
+            let s = &self.st.slots[slot as usize];
+            let family_ok = s.info.families.contains(&family_of(&n.prefix));
+            if looped || !family_ok || !self.st.policy.import_allowed(&n.prefix) {
+                // Rejected: it replaces (withdraws) whatever the peer sent before for it.
+                self.st.slots[slot as usize].counters.rejected += 1;
+                self.remove_path(slot, n.prefix, n.path_id);
+                continue;
+            }
+            let allow_new = s
+                .info
+                .max_prefixes
+                .is_none_or(|m| s.counters.accepted < u64::from(m));
+            let path = Path {
+                attrs: attrs.clone(),
+                path_id: n.path_id,
+                slot,
+                flags: 0,
+            };
+            if !self.upsert(n.prefix, path, allow_new) {
+                let s = &mut self.st.slots[slot as usize];
+                s.counters.rejected += 1;
+                if !s.max_prefix_signalled {
+                    s.max_prefix_signalled = true;
+                    let limit = s.info.max_prefixes.unwrap_or(0);
+                    tracing::warn!(
+                        ?peer,
+                        limit,
+                        "max-prefix reached: rejecting further prefixes"
+                    );
+                    self.st.send(slot, RibOutput::MaxPrefixExceeded { limit });
+                }
+            }
+        }
+    }
+
+    fn originate(&mut self, prefixes: Vec<IpNetwork>, attrs: Arc<PathAttributes>) {
+        let attrs = if attrs.origin.is_none() || attrs.as_path.is_none() {
+            let mut a = (*attrs).clone();
+            a.origin.get_or_insert(Origin::Igp);
+            a.as_path.get_or_insert_with(AsPath::default);
+            Arc::new(a)
+        } else {
+            attrs
+        };
+        let attrs = self.st.intern(attrs);
+        for p in prefixes {
+            self.upsert(
+                p,
+                Path {
+                    attrs: attrs.clone(),
+                    path_id: 0,
+                    slot: LOCAL_SLOT,
+                    flags: 0,
+                },
+                true,
+            );
+        }
+    }
+
+    /// Insert or replace the path (slot, path_id) of `prefix`. Returns false when it would be a new path
+    /// and `allow_new` is false (max-prefix).
+    fn upsert(&mut self, prefix: IpNetwork, path: Path, allow_new: bool) -> bool {
+        match prefix {
+            IpNetwork::V4(n) => upsert_in(
+                &mut self.tables.v4,
+                V4Key::new(n),
+                prefix,
+                path,
+                allow_new,
+                &mut self.st,
+            ),
+            IpNetwork::V6(n) => upsert_in(
+                &mut self.tables.v6,
+                V6Key::new(n),
+                prefix,
+                path,
+                allow_new,
+                &mut self.st,
+            ),
+        }
+    }
+
+    fn remove_path(&mut self, slot: u16, prefix: IpNetwork, path_id: u32) {
+        let st = &mut self.st;
+        let edit = |st: &mut State, v: &mut Vec<Path>| {
+            let before = v.len();
+            v.retain(|p| {
+                let hit = p.slot == slot && p.path_id == path_id;
+                if hit {
+                    st.path_gone(p);
+                }
+                !hit
+            });
+            v.len() != before
+        };
+        match prefix {
+            IpNetwork::V4(n) => {
+                if let Entry::Occupied(mut e) = self.tables.v4.entry(V4Key::new(n)) {
+                    if !modify(st, prefix, e.get_mut(), edit) {
+                        e.remove();
+                    }
+                }
+            }
+            IpNetwork::V6(n) => {
+                if let Entry::Occupied(mut e) = self.tables.v6.entry(V6Key::new(n)) {
+                    if !modify(st, prefix, e.get_mut(), edit) {
+                        e.remove();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Remove every path of `slot` (session lost without graceful restart).
+    fn remove_all(&mut self, slot: u16) {
+        let pred = move |p: &Path| p.slot == slot;
+        retain_paths(&mut self.tables.v4, &mut self.st, pred);
+        retain_paths(&mut self.tables.v6, &mut self.st, pred);
+    }
+
+    /// Remove the stale paths of `slot` (of one family, or all).
+    fn sweep_stale(&mut self, slot: u16, family: Option<Family>) {
+        let pred = move |p: &Path| p.slot == slot && p.stale();
+        if family.is_none_or(|f| f == Family::IPV4_UNICAST) {
+            retain_paths(&mut self.tables.v4, &mut self.st, pred);
+        }
+        if family.is_none_or(|f| f == Family::IPV6_UNICAST) {
+            retain_paths(&mut self.tables.v6, &mut self.st, pred);
+        }
+    }
+
+    fn set_policy(&mut self, policy: Arc<Policy>) {
+        let old = std::mem::replace(&mut self.st.policy, policy.clone());
+        let st = &mut self.st;
+        for slot in 0..st.slots.len() as u16 {
+            if !st.slots[slot as usize].up {
+                continue;
+            }
+            for (k, d) in self.tables.v4.iter() {
+                st.policy_diff(slot, k.to_net(), d.best(), &old, &policy);
+            }
+            for (k, d) in self.tables.v6.iter() {
+                st.policy_diff(slot, k.to_net(), d.best(), &old, &policy);
+            }
+        }
+    }
+}
+
+/// Flag every path of `slot` in `d` stale; returns how many were marked.
+fn mark_stale(d: &mut Dest, slot: u16, families: &mut Vec<Family>, family: Family) -> u64 {
+    let mut n = 0;
+    let mut mark = |p: &mut Path| {
+        if p.slot == slot {
+            p.flags |= FLAG_STALE;
+            n += 1;
+        }
+    };
+    match d {
+        Dest::One(p) => mark(p),
+        Dest::Many(v) => v.iter_mut().for_each(mark),
+    }
+    if n > 0 && !families.contains(&family) {
+        families.push(family);
+    }
+    n
+}
+
+fn upsert_in<K: PrefixKey>(
+    map: &mut BTreeMap<K, Dest>,
+    key: K,
+    prefix: IpNetwork,
+    mut path: Path,
+    allow_new: bool,
+    st: &mut State,
+) -> bool {
+    match map.entry(key) {
+        Entry::Vacant(e) => {
+            if !allow_new {
+                return false;
+            }
+            st.path_added(&path);
+            path.flags = super::table::FLAG_ECMP;
+            let d = e.insert(Dest::One(path));
+            st.settle(prefix, None, st.fib_enabled.then(Vec::new), Some(d));
+            true
+        }
+        Entry::Occupied(mut e) => {
+            let dest = e.get_mut();
+            // Fast path: the only path of the prefix replaced by the same peer.
+            if let Dest::One(p) = dest {
+                if p.slot == path.slot && p.path_id == path.path_id {
+                    if Arc::ptr_eq(&p.attrs, &path.attrs) && !p.stale() {
+                        return true;
+                    }
+                    let old_nh = st.fib_enabled.then(|| fib_next_hops(prefix, dest));
+                    let Dest::One(p) = dest else { return true };
+                    if p.stale() {
+                        st.slots[p.slot as usize].counters.stale -= 1;
+                    }
+                    path.flags = super::table::FLAG_ECMP;
+                    let old = std::mem::replace(p, path);
+                    st.settle(prefix, Some(old), old_nh, Some(dest));
+                    return true;
+                }
+            }
+            let exists = dest
+                .paths()
+                .iter()
+                .any(|p| p.slot == path.slot && p.path_id == path.path_id);
+            if !exists && !allow_new {
+                return false;
+            }
+            modify(st, prefix, dest, |st, v| {
+                if let Some(i) = v
+                    .iter()
+                    .position(|p| p.slot == path.slot && p.path_id == path.path_id)
+                {
+                    if v[i].stale() {
+                        st.slots[path.slot as usize].counters.stale -= 1;
+                    }
+                    v[i] = path;
+                } else {
+                    st.path_added(&path);
+                    v.push(path);
+                }
+                true
+            });
+            true
+        }
+    }
+}
+
+/// Remove the paths matching `pred` from every prefix of `map`, re-deciding and propagating each touched prefix.
+fn retain_paths<K: PrefixKey>(
+    map: &mut BTreeMap<K, Dest>,
+    st: &mut State,
+    pred: impl Fn(&Path) -> bool,
+) {
+    map.retain(|k, d| {
+        if !d.paths().iter().any(&pred) {
+            return true;
+        }
+        modify(st, k.to_net(), d, |st, v| {
+            v.retain(|p| {
+                let hit = pred(p);
+                if hit {
+                    st.path_gone(p);
+                }
+                !hit
+            });
+            true
+        })
+    });
+}
+
+/// Apply `edit` to the paths of `dest`, re-run the decision process and propagate the change. Returns false
+/// when no path is left (the caller removes the prefix).
+fn modify(
+    st: &mut State,
+    prefix: IpNetwork,
+    dest: &mut Dest,
+    edit: impl FnOnce(&mut State, &mut Vec<Path>) -> bool,
+) -> bool {
+    let old_best = dest.best().clone();
+    let old_nh = st.fib_enabled.then(|| fib_next_hops(prefix, dest));
+    let mut v = dest.to_vec();
+    if !edit(st, &mut v) {
+        return true;
+    }
+    if v.is_empty() {
+        st.settle(prefix, Some(old_best), old_nh, None);
+        return false;
+    }
+    decision::select(&mut v, &|s| st.meta(s));
+    let Some(new) = Dest::from_vec(v) else {
+        return false;
+    };
+    *dest = new;
+    st.settle(prefix, Some(old_best), old_nh, Some(dest));
+    true
+}
+
+/// The sorted next hops of the ECMP set, for the FIB (learned routes only).
+fn fib_next_hops(prefix: IpNetwork, d: &Dest) -> Vec<IpAddr> {
+    let family = family_of(&prefix);
+    let mut v: Vec<IpAddr> = d
+        .paths()
+        .iter()
+        .take_while(|p| p.ecmp())
+        .filter(|p| p.slot != LOCAL_SLOT)
+        .filter_map(|p| export::received_next_hop(&p.attrs, family))
+        .collect();
+    // Our own route wins the decision outright: nothing to install from peers then.
+    if d.best().slot == LOCAL_SLOT {
+        v.clear();
+    }
+    v.sort();
+    v.dedup();
+    v
+}
+
+impl State {
+    fn meta(&self, slot: u16) -> SourceMeta {
+        let s = &self.slots[slot as usize];
+        SourceMeta {
+            kind: s.kind,
+            router_id: s.info.router_id,
+            address: s.info.address,
+        }
+    }
+
+    fn alloc_slot(&mut self, peer: PeerId, info: PeerInfo, kind: Kind) -> u16 {
+        let mut s = Slot::new(info, kind);
+        s.id = Some(peer);
+        let slot = match self.free.pop() {
+            Some(i) => {
+                self.slots[i as usize] = s;
+                i
+            }
+            None => {
+                self.slots.push(s);
+                (self.slots.len() - 1) as u16
+            }
+        };
+        self.by_id.insert(peer, slot);
+        slot
+    }
+
+    fn free_slot(&mut self, slot: u16) {
+        let s = &mut self.slots[slot as usize];
+        if let Some(id) = s.id.take() {
+            self.by_id.remove(&id);
+        }
+        s.in_use = false;
+        s.up = false;
+        s.out = None;
+        s.deadline = None;
+        s.cache.clear();
+        s.counters = PeerCounters::default();
+        self.free.push(slot);
+        self.clear_caches();
+    }
+
+    fn clear_caches(&mut self) {
+        for s in &mut self.slots {
+            s.cache.clear();
+        }
+    }
+
+    fn path_added(&mut self, p: &Path) {
+        self.slots[p.slot as usize].counters.accepted += 1;
+    }
+
+    fn path_gone(&mut self, p: &Path) {
+        let c = &mut self.slots[p.slot as usize].counters;
+        c.accepted = c.accepted.saturating_sub(1);
+        if p.stale() {
+            c.stale = c.stale.saturating_sub(1);
+        }
+    }
+
+    /// RFC 4271 9.1.2 AS loop (eBGP) and RFC 4456 8 ORIGINATOR_ID / CLUSTER_LIST loops (iBGP).
+    fn import_loop(&self, slot: u16, attrs: &PathAttributes) -> bool {
+        let s = &self.slots[slot as usize];
+        match s.kind {
+            Kind::Ebgp => attrs
+                .as_path
+                .as_ref()
+                .is_some_and(|p| p.contains(s.info.local_asn)),
+            _ => {
+                attrs.originator_id == Some(self.cfg.router_id)
+                    || attrs
+                        .cluster_list
+                        .contains(&self.cfg.effective_cluster_id())
+            }
+        }
+    }
+
+    /// Intern an attribute set: equal sets share one allocation. MP NLRI fields are cleared first so sets that
+    /// differ only in the prefixes they once carried are equal.
+    fn intern(&mut self, attrs: Arc<PathAttributes>) -> Arc<PathAttributes> {
+        let attrs = if attrs.mp_unreach.is_some()
+            || attrs.mp_reach.as_ref().is_some_and(|m| !m.nlri.is_empty())
+        {
+            let mut a = (*attrs).clone();
+            a.mp_unreach = None;
+            if let Some(m) = a.mp_reach.as_mut() {
+                m.nlri.clear();
+            }
+            Arc::new(a)
+        } else {
+            attrs
+        };
+        if let Some(existing) = self.interner.get(&attrs) {
+            return existing.clone();
+        }
+        self.interner.insert(attrs.clone());
+        attrs
+    }
+
+    /// Drop interned sets nobody uses any more (only the interner holds them). Amortised: runs when the set
+    /// has doubled since the last collection. Export caches hold references too, so they are cleared first.
+    fn maybe_gc(&mut self) {
+        if self.interner.len() <= self.gc_threshold {
+            return;
+        }
+        self.clear_caches();
+        self.interner.retain(|a| Arc::strong_count(a) > 1);
+        self.gc_threshold = (self.interner.len() * 2).max(1024);
+    }
+
+    fn view(&self, p: &Path, best: bool) -> PathView {
+        let s = &self.slots[p.slot as usize];
+        let local = p.slot == LOCAL_SLOT;
+        PathView {
+            source: match s.id {
+                Some(id) if !local => PathSource::Peer(id),
+                _ => PathSource::Local,
+            },
+            peer_address: (!local).then_some(s.info.address),
+            path_id: p.path_id,
+            attrs: p.attrs.clone(),
+            best,
+            ecmp: p.ecmp(),
+            stale: p.stale(),
+        }
+    }
+
+    /// What target `t` receives for `path` as best of `prefix`, under `policy`.
+    fn export(
+        &mut self,
+        t: u16,
+        prefix: &IpNetwork,
+        path: &Path,
+        policy: &Policy,
+    ) -> Option<Arc<PathAttributes>> {
+        let family = family_of(prefix);
+        let ts = &self.slots[t as usize];
+        if !ts.info.families.contains(&family) {
+            return None;
+        }
+        let ss = &self.slots[path.slot as usize];
+        let src = ExportSource {
+            slot: path.slot,
+            kind: ss.kind,
+            router_id: ss.info.router_id,
+            rr_client: ss.info.rr_client,
+        };
+        let tgt = ExportTarget {
+            slot: t,
+            kind: ts.kind,
+            info: &ts.info,
+        };
+        if !export::may_send(&src, &tgt) || !policy.export_allowed(prefix, src.kind == Kind::Local)
+        {
+            return None;
+        }
+        let key = (
+            Arc::as_ptr(&path.attrs) as usize,
+            path.slot,
+            family != Family::IPV4_UNICAST,
+        );
+        if let Some((_, out)) = ts.cache.get(&key) {
+            return out.clone();
+        }
+        let rewritten = export::rewrite(path, &src, &tgt, family, self.cfg.effective_cluster_id());
+        let out = rewritten.map(|a| self.intern(Arc::new(a)));
+        self.slots[t as usize]
+            .cache
+            .insert(key, (path.attrs.clone(), out.clone()));
+        out
+    }
+
+    /// Propagate a best-path change of `prefix` to every established peer and to the FIB.
+    fn settle(
+        &mut self,
+        prefix: IpNetwork,
+        old: Option<Path>,
+        old_nh: Option<Vec<IpAddr>>,
+        new: Option<&Dest>,
+    ) {
+        let new_best = new.map(|d| d.best());
+        let changed = match (&old, new_best) {
+            (Some(o), Some(n)) => !o.same(n),
+            (None, None) => false,
+            _ => true,
+        };
+        if changed {
+            let policy = self.policy.clone();
+            for t in 0..self.slots.len() as u16 {
+                if self.slots[t as usize].up {
+                    let e_old = old
+                        .as_ref()
+                        .and_then(|p| self.export(t, &prefix, p, &policy));
+                    let e_new = new_best.and_then(|p| self.export(t, &prefix, p, &policy));
+                    self.diff(t, prefix, e_old, e_new);
+                }
+            }
+        }
+        if let Some(old_nh) = old_nh {
+            let new_nh = new.map(|d| fib_next_hops(prefix, d)).unwrap_or_default();
+            if new_nh != old_nh {
+                self.fib.push(if new_nh.is_empty() {
+                    FibEvent::Remove { prefix }
+                } else {
+                    FibEvent::Set {
+                        prefix,
+                        next_hops: new_nh,
+                    }
+                });
+            }
+        }
+    }
+
+    fn diff(
+        &mut self,
+        t: u16,
+        prefix: IpNetwork,
+        old: Option<Arc<PathAttributes>>,
+        new: Option<Arc<PathAttributes>>,
+    ) {
+        match (old, new) {
+            (Some(o), Some(n)) if Arc::ptr_eq(&o, &n) => {}
+            (o, Some(n)) => {
+                if o.is_none() {
+                    self.slots[t as usize].counters.advertised += 1;
+                }
+                self.queue_announce(t, prefix, n);
+            }
+            (Some(_), None) => {
+                let c = &mut self.slots[t as usize].counters;
+                c.advertised = c.advertised.saturating_sub(1);
+                self.queue_withdraw(t, prefix);
+            }
+            (None, None) => {}
+        }
+    }
+
+    fn policy_diff(&mut self, t: u16, prefix: IpNetwork, best: &Path, old: &Policy, new: &Policy) {
+        let e_old = self.export(t, &prefix, best, old);
+        let e_new = self.export(t, &prefix, best, new);
+        self.diff(t, prefix, e_old, e_new);
+    }
+
+    fn announce_best(
+        &mut self,
+        t: u16,
+        prefix: IpNetwork,
+        _family: Family,
+        d: &Dest,
+        policy: &Policy,
+    ) {
+        if let Some(a) = self.export(t, &prefix, d.best(), policy) {
+            self.slots[t as usize].counters.advertised += 1;
+            self.queue_announce(t, prefix, a);
+        }
+    }
+
+    fn queue_announce(&mut self, t: u16, prefix: IpNetwork, attrs: Arc<PathAttributes>) {
+        let max = self.cfg.max_batch.max(1);
+        let family = family_of(&prefix);
+        let s = &mut self.slots[t as usize];
+        let key = Arc::as_ptr(&attrs) as usize;
+        let p = &mut s.pending;
+        let i = *p.index.entry(key).or_insert_with(|| {
+            p.groups.push((family, attrs, Vec::new()));
+            p.groups.len() - 1
+        });
+        let g = &mut p.groups[i];
+        g.2.push(Nlri { prefix, path_id: 0 });
+        if g.2.len() >= max {
+            // Each prefix changes at most once per input, so sending a full group early cannot reorder two
+            // changes of one prefix.
+            let nlri = std::mem::take(&mut g.2);
+            let msg = RibOutput::Updates {
+                family: g.0,
+                attrs: g.1.clone(),
+                nlri,
+            };
+            self.send(t, msg);
+        }
+    }
+
+    fn queue_withdraw(&mut self, t: u16, prefix: IpNetwork) {
+        let max = self.cfg.max_batch.max(1);
+        let family = family_of(&prefix);
+        let p = &mut self.slots[t as usize].pending;
+        let i = match p.withdrawn.iter().position(|(f, _)| *f == family) {
+            Some(i) => i,
+            None => {
+                p.withdrawn.push((family, Vec::new()));
+                p.withdrawn.len() - 1
+            }
+        };
+        let w = &mut p.withdrawn[i].1;
+        w.push(Nlri { prefix, path_id: 0 });
+        if w.len() >= max {
+            let nlri = std::mem::take(w);
+            self.send(t, RibOutput::Withdraw { family, nlri });
+        }
+    }
+
+    fn send(&mut self, t: u16, msg: RibOutput) {
+        if let Some(out) = &self.slots[t as usize].out {
+            // A closed channel means the session is gone; its PeerDown is on the way.
+            let _ = out.send(msg);
+        }
+    }
+
+    fn flush(&mut self, t: u16) {
+        let p = std::mem::take(&mut self.slots[t as usize].pending);
+        for (family, nlri) in p.withdrawn {
+            if !nlri.is_empty() {
+                self.send(t, RibOutput::Withdraw { family, nlri });
+            }
+        }
+        for (family, attrs, nlri) in p.groups {
+            if !nlri.is_empty() {
+                self.send(
+                    t,
+                    RibOutput::Updates {
+                        family,
+                        attrs,
+                        nlri,
+                    },
+                );
+            }
+        }
+    }
+
+    fn flush_all(&mut self) {
+        for t in 0..self.slots.len() as u16 {
+            if !self.slots[t as usize].pending.is_empty() {
+                self.flush(t);
+            }
+        }
+    }
+}

@@ -1,0 +1,305 @@
+//! The RIB: Adj-RIB-In per peer, the Loc-RIB with the RFC 4271 9.1 decision process and ECMP sets, and the
+//! Adj-RIB-Out per peer, with route reflection (RFC 4456) and the graceful-restart helper's stale handling
+//! (RFC 4724 4.2).
+//!
+//! ```text
+//!   sessions ──RibInput (bounded mpsc)──▶ ┌────────── RIB task (task.rs) ──────────┐
+//!   speaker  ──PeerUp/PeerDown──────────▶ │ Rib (core.rs, Sans-IO, one owner)       │──RibOutput (per peer)──▶ session
+//!   node     ──Originate/WithdrawLocal──▶ │  tables: prefix → paths, best first     │──Vec<FibEvent>──────────▶ FIB task
+//!   status   ──Summary/Lookup(oneshot)──▶ │  attrs interned (Arc, hashed)           │
+//!                                         └─────────────────────────────────────────┘
+//! ```
+//!
+//! What it owns: every route margay knows, in one task. It never touches a socket, the kernel or etcd: sessions
+//! feed it decoded routes, it hands back per-peer updates grouped by attribute set (so the encoder packs many
+//! prefixes per UPDATE) and ECMP next-hop sets for the FIB.
+//!
+//! Adj-RIB-In is stored inside the Loc-RIB: each prefix keeps the accepted paths of every peer, best first.
+//! Adj-RIB-Out is *derived*: what peer P holds for prefix X is `export(P, best(X))`, a pure function of the best
+//! path, the peers and the policy (`export.rs`). Diffing `export(P, old best)` against `export(P, new best)` gives
+//! exactly the announcements and withdrawals to send, without keeping a second copy of a million prefixes per
+//! peer; `Query::AdjRibOut` materialises it on demand.
+
+mod core;
+mod decision;
+mod export;
+mod table;
+mod task;
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnetwork::IpNetwork;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::bgp::wire::{Family, Nlri, PathAttributes};
+
+pub use self::core::Rib;
+pub use self::decision::DEFAULT_LOCAL_PREF;
+pub use self::task::{spawn, RibHandle};
+pub use crate::bgp::policy::Policy;
+
+/// Identifies a peer towards the RIB. Chosen by the caller (the speaker), stable across session restarts of
+/// the same configured peer so graceful restart can find the stale routes again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerId(pub u32);
+
+/// How the next hop is set on routes sent to a peer (Calico BGPPeer `nextHopMode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum NextHopMode {
+    /// Keep the received next hop on routes reflected between iBGP peers; next hop self for routes learned
+    /// over eBGP, for locally originated routes and towards eBGP peers (BIRD's default, Calico's `Auto`).
+    #[default]
+    Auto,
+    /// Always our own address.
+    SelfAddr,
+    /// Never change the next hop (locally originated routes still get ours: they have none).
+    Keep,
+}
+
+/// Graceful restart as the peer advertised it in its OPEN (RFC 4724 section 3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerGracefulRestart {
+    /// How long to keep the peer's routes after its session drops (Restart Time).
+    pub restart_time: Duration,
+    /// Families for which the peer said it kept its forwarding state (F bit). On re-establishment, stale routes
+    /// of a family without the bit are swept at once (RFC 4724 4.2).
+    pub forwarding_preserved: Vec<Family>,
+}
+
+/// Everything the RIB needs to know about an established session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// The peer's AS (from its OPEN).
+    pub asn: u32,
+    /// Our AS on this session (Calico `localASNumber`, else the node's / global AS).
+    pub local_asn: u32,
+    /// The peer's BGP identifier.
+    pub router_id: Ipv4Addr,
+    /// The peer's address (transport), used as the last tie-break (RFC 4271 9.1.2.2 (g)).
+    pub address: IpAddr,
+    /// Our IPv4 address for next hop self on IPv4 routes (the session's local address when it is IPv4).
+    pub local_v4: Option<Ipv4Addr>,
+    /// Our IPv6 address for next hop self on IPv6 routes.
+    pub local_v6: Option<Ipv6Addr>,
+    /// The peer is a route-reflector client of ours (RFC 4456 section 6).
+    pub rr_client: bool,
+    pub next_hop_mode: NextHopMode,
+    /// Set when the peer advertised graceful restart; None = its routes go when the session goes.
+    pub graceful_restart: Option<PeerGracefulRestart>,
+    /// Families negotiated (multiprotocol capability): only these are sent and accepted.
+    pub families: Vec<Family>,
+    /// Families for which ADD-PATH receive was negotiated (we may receive several paths per prefix).
+    pub add_path_rx: Vec<Family>,
+    /// Max-prefix: accept at most this many prefixes from the peer; beyond it the RIB rejects them and tells the
+    /// session to close with Cease / Maximum Number of Prefixes Reached (RFC 4486).
+    pub max_prefixes: Option<u32>,
+}
+
+impl PeerInfo {
+    /// iBGP when the peer's AS is ours on this session (RFC 4271 section 3: internal peer).
+    pub fn is_ibgp(&self) -> bool {
+        self.asn == self.local_asn
+    }
+}
+
+/// Input to the RIB task. Every variant is applied in arrival order.
+#[derive(Debug)]
+pub enum RibInput {
+    /// A session reached Established. `out` receives this peer's updates: first the full table, then one
+    /// End-of-RIB per negotiated family, then incremental changes. A PeerUp for a peer that is already up is
+    /// treated as a non-graceful PeerDown followed by this PeerUp.
+    PeerUp {
+        peer: PeerId,
+        info: PeerInfo,
+        out: mpsc::UnboundedSender<RibOutput>,
+    },
+    /// Routes from one UPDATE (or several sharing one attribute set). `attrs` carries the next hop
+    /// (`next_hop` for IPv4, `mp_reach.next_hop` for other families); the RIB ignores any NLRI inside
+    /// `mp_reach`/`mp_unreach`: the prefixes travel in `announced` and `withdrawn`.
+    Routes {
+        peer: PeerId,
+        announced: Vec<Nlri>,
+        attrs: Arc<PathAttributes>,
+        withdrawn: Vec<Nlri>,
+    },
+    /// Withdrawals only (an UPDATE without NLRI, or a treat-as-withdraw per RFC 7606).
+    Withdraw { peer: PeerId, withdrawn: Vec<Nlri> },
+    /// The peer sent End-of-RIB for `family` (RFC 4724 section 2): sweep its stale routes of that family.
+    EndOfRib { peer: PeerId, family: Family },
+    /// The session left Established. `graceful`: the session dropped in a way that lets graceful restart keep
+    /// the routes (TCP failure, hold timer, or a NOTIFICATION under RFC 8538) *and* the peer advertised GR.
+    PeerDown { peer: PeerId, graceful: bool },
+    /// Locally originated routes (e.g. the node's blocks). `attrs` may leave ORIGIN/AS_PATH empty: the RIB
+    /// fills ORIGIN IGP and an empty AS_PATH.
+    Originate {
+        prefixes: Vec<IpNetwork>,
+        attrs: Arc<PathAttributes>,
+    },
+    /// Withdraw locally originated routes.
+    WithdrawLocal { prefixes: Vec<IpNetwork> },
+    /// Replace the policy. Export changes are applied at once (the difference is announced/withdrawn to every
+    /// peer); import changes apply to routes received from now on.
+    SetPolicy(Arc<Policy>),
+    /// Read-only questions, answered through the oneshot.
+    Query(Query),
+}
+
+/// Questions for the RIB (status, tests, the CLI).
+#[derive(Debug)]
+pub enum Query {
+    /// Per-peer counters and table sizes.
+    Summary(oneshot::Sender<RibSummary>),
+    /// Every path held for one prefix, best first.
+    Prefix {
+        prefix: IpNetwork,
+        reply: oneshot::Sender<Vec<PathView>>,
+    },
+    /// The best path of every prefix of a family.
+    LocRib {
+        family: Family,
+        reply: oneshot::Sender<Vec<RouteView>>,
+    },
+    /// What the peer holds from us (Adj-RIB-Out) for a family: prefix and the attributes as sent.
+    AdjRibOut {
+        peer: PeerId,
+        family: Family,
+        reply: oneshot::Sender<Vec<(IpNetwork, Arc<PathAttributes>)>>,
+    },
+}
+
+/// Output to one peer's session. Within one `Updates`, every prefix shares `attrs` (already rewritten for this
+/// peer: AS prepended, next hop set, reflection attributes added), so the encoder can pack them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RibOutput {
+    /// Announce `nlri` with `attrs`. The next hop is in `attrs.next_hop` (IPv4) or `attrs.mp_reach.next_hop`
+    /// (other families; `mp_reach.nlri` is empty: the encoder moves `nlri` there).
+    Updates {
+        family: Family,
+        attrs: Arc<PathAttributes>,
+        nlri: Vec<Nlri>,
+    },
+    /// Withdraw `nlri`.
+    Withdraw { family: Family, nlri: Vec<Nlri> },
+    /// The initial table of `family` has been sent in full (RFC 4724 section 2).
+    EndOfRib(Family),
+    /// The peer sent more prefixes than its `max_prefixes`; the session should send NOTIFICATION Cease /
+    /// Maximum Number of Prefixes Reached (RFC 4486 subcode 1) and close.
+    MaxPrefixExceeded { limit: u32 },
+}
+
+/// A change of the ECMP next-hop set of a prefix, for the FIB task. Only routes learned from peers appear:
+/// locally originated routes are the node's own business.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FibEvent {
+    /// Install or replace: `next_hops` is the sorted, deduplicated set of next hops of the ECMP set.
+    Set {
+        prefix: IpNetwork,
+        next_hops: Vec<IpAddr>,
+    },
+    /// No route from a peer any more.
+    Remove { prefix: IpNetwork },
+}
+
+/// Where a path came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathSource {
+    Local,
+    Peer(PeerId),
+}
+
+/// One path as a query sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathView {
+    pub source: PathSource,
+    /// The peer's address (None for local routes).
+    pub peer_address: Option<IpAddr>,
+    pub path_id: u32,
+    pub attrs: Arc<PathAttributes>,
+    pub best: bool,
+    /// Member of the ECMP set (the best path is always a member).
+    pub ecmp: bool,
+    /// Kept across a graceful restart of its peer, waiting for End-of-RIB or the restart time.
+    pub stale: bool,
+}
+
+/// One Loc-RIB entry as a query sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteView {
+    pub prefix: IpNetwork,
+    pub best: PathView,
+    /// Number of paths in the ECMP set (1 = no multipath).
+    pub ecmp_paths: usize,
+}
+
+/// Counters per peer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerCounters {
+    pub peer: Option<PeerId>,
+    pub address: Option<IpAddr>,
+    pub up: bool,
+    /// Prefixes received in UPDATEs (announcements) since the session came up.
+    pub received: u64,
+    /// Paths held now (accepted by import policy), including stale ones.
+    pub accepted: u64,
+    /// Stale paths held now (graceful restart).
+    pub stale: u64,
+    /// Prefixes the peer holds from us now.
+    pub advertised: u64,
+    /// Announcements rejected by import rules (loops, policy, max-prefix).
+    pub rejected: u64,
+}
+
+/// Table sizes and per-peer counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RibSummary {
+    pub ipv4_prefixes: usize,
+    pub ipv6_prefixes: usize,
+    /// Distinct attribute sets held (interned).
+    pub attribute_sets: usize,
+    pub local_prefixes: usize,
+    pub peers: Vec<PeerCounters>,
+}
+
+/// The node's (or reflector's) identity as the RIB needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RibConfig {
+    /// Default local AS (each session may override it in `PeerInfo::local_asn`).
+    pub local_asn: u32,
+    /// Our BGP identifier (ORIGINATOR_ID loop check, RFC 4456 section 8).
+    pub router_id: Ipv4Addr,
+    /// Our cluster id (Calico `routeReflectorClusterID`); None = the router id (RFC 4456 section 7) when we
+    /// reflect at all.
+    pub cluster_id: Option<Ipv4Addr>,
+    /// How long stale routes may wait for End-of-RIB after the restarting peer is back (RFC 4724 4.2 allows a
+    /// local upper bound); FRR's stale-path time is 360 s.
+    pub stale_routes_time: Duration,
+    /// Maximum prefixes per `RibOutput` message; larger groups are split (bounds the size of each message).
+    pub max_batch: usize,
+}
+
+impl RibConfig {
+    pub fn new(local_asn: u32, router_id: Ipv4Addr) -> RibConfig {
+        RibConfig {
+            local_asn,
+            router_id,
+            cluster_id: None,
+            stale_routes_time: Duration::from_secs(360),
+            max_batch: 4096,
+        }
+    }
+
+    /// The cluster id used in CLUSTER_LIST and its loop check.
+    pub fn effective_cluster_id(&self) -> Ipv4Addr {
+        self.cluster_id.unwrap_or(self.router_id)
+    }
+}
+
+/// The family of a prefix (unicast).
+pub fn family_of(prefix: &IpNetwork) -> Family {
+    match prefix {
+        IpNetwork::V4(_) => Family::IPV4_UNICAST,
+        IpNetwork::V6(_) => Family::IPV6_UNICAST,
+    }
+}

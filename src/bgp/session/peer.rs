@@ -1,0 +1,846 @@
+//! The peer task: thin I/O around [`Session`]. It connects (source address, port, TTL / GTSM, TCP MD5),
+//! takes connections the shared listener hands it, frames and decodes what the peer sends, runs the
+//! FSM's timers, writes what the FSM and the RIB ask for, and publishes the peer's status.
+//!
+//! Per connection there is a reader task (reads large chunks, splits them into messages with
+//! `peek_len`, passes whole batches on) and a writer task (control messages first, then UPDATE data);
+//! both end with the connection. The peer task itself never blocks on a slow peer: RIB commands are
+//! only taken while the connection's data queue has room, so reading (and the hold timer) go on.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::bgp::wire::{
+    decode_full, encode, peek_len, DecodeCtx, DecodeError, EncodeCtx, Family, Message, MpUnreach,
+    Notification, PathAttributes, Rfc7606Action, Update, HEADER_LEN,
+};
+
+use super::config::PeerConfig;
+use super::fsm::{Action, ConnId, Event, MessageError, Session, State, Timer};
+use super::listener::ListenerHandle;
+use super::open::{family_text, Negotiated};
+use super::sockopt;
+use super::{Counters, PeerCommand, PeerStatus, SessionError, SessionEvent, SessionId};
+
+/// A task handle that aborts the task when dropped (tasks die with their owner).
+#[derive(Debug)]
+pub struct AbortOnDrop(pub(crate) JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Owner's handle on a peer task. Dropping it stops the session (NOTIFICATION Cease, then close) and
+/// ends the task.
+pub struct PeerHandle {
+    peer: IpAddr,
+    cmd: mpsc::Sender<PeerCommand>,
+    status: watch::Receiver<PeerStatus>,
+    owner: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl PeerHandle {
+    pub fn peer(&self) -> IpAddr {
+        self.peer
+    }
+
+    /// A sender for commands (the RIB keeps one per peer).
+    pub fn commands(&self) -> mpsc::Sender<PeerCommand> {
+        self.cmd.clone()
+    }
+
+    pub async fn send(&self, c: PeerCommand) -> Result<(), SessionError> {
+        self.cmd
+            .send(c)
+            .await
+            .map_err(|_| SessionError::TaskGone { peer: self.peer })
+    }
+
+    /// The peer's current status.
+    pub fn status(&self) -> PeerStatus {
+        self.status.borrow().clone()
+    }
+
+    /// Follow status changes.
+    pub fn watch_status(&self) -> watch::Receiver<PeerStatus> {
+        self.status.clone()
+    }
+
+    /// Stop the session cleanly and wait for the task to end.
+    pub async fn shutdown(mut self) {
+        self.owner.take();
+        if let Some(t) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+    }
+}
+
+impl Drop for PeerHandle {
+    fn drop(&mut self) {
+        // Dropping `owner` tells the task to stop cleanly; it ends on its own shortly after.
+        self.owner.take();
+    }
+}
+
+/// Start the task for one peer. `listener` (when given) delivers the connections the peer opens to us;
+/// `events` is the RIB's inbox shared by all peers. The session starts right away (ManualStart).
+pub fn spawn_peer(
+    cfg: PeerConfig,
+    listener: Option<ListenerHandle>,
+    events: mpsc::Sender<SessionEvent>,
+) -> PeerHandle {
+    let peer = cfg.peer_addr;
+    let (cmd_tx, cmd_rx) = mpsc::channel(64);
+    let (owner_tx, owner_rx) = oneshot::channel();
+    let status = PeerStatus {
+        peer,
+        peer_as: cfg.peer_as,
+        state: State::Idle,
+        since: SystemTime::now(),
+        last_error: None,
+        negotiated: None,
+        counters: Counters::default(),
+    };
+    let (status_tx, status_rx) = watch::channel(status);
+    let task = PeerTask::new(cfg, listener, events, status_tx);
+    let join = tokio::spawn(task.run(cmd_rx, owner_rx));
+    PeerHandle {
+        peer,
+        cmd: cmd_tx,
+        status: status_rx,
+        owner: Some(owner_tx),
+        task: Some(join),
+    }
+}
+
+/// What the per-connection tasks report.
+enum Internal {
+    Connected(ConnId, io::Result<TcpStream>),
+    Frames(ConnId, Vec<Bytes>),
+    /// The connection ended or broke; `String` is the reason in plain words.
+    Closed(ConnId, String),
+    /// The byte stream is not BGP (bad marker, length or type): RFC 4271 6.1.
+    HeaderError(ConnId, DecodeError),
+}
+
+enum WriteMsg {
+    Bytes(Bytes),
+    Close,
+}
+
+struct Conn {
+    control: mpsc::UnboundedSender<WriteMsg>,
+    data: mpsc::Sender<Bytes>,
+    _reader: AbortOnDrop,
+    writer: JoinHandle<()>,
+}
+
+/// How many pre-encoded buffers may wait for the socket per connection.
+const DATA_QUEUE: usize = 8;
+const READ_CHUNK: usize = 256 * 1024;
+
+struct PeerTask {
+    cfg: PeerConfig,
+    session: Session,
+    listener: Option<ListenerHandle>,
+    events: mpsc::Sender<SessionEvent>,
+    status: watch::Sender<PeerStatus>,
+    internal_tx: mpsc::Sender<Internal>,
+    internal_rx: mpsc::Receiver<Internal>,
+    conns: HashMap<ConnId, Conn>,
+    next_conn: ConnId,
+    connecting: Option<AbortOnDrop>,
+    timers: [Option<Instant>; 4],
+    session_id: SessionId,
+    /// Codec contexts of the Established (or OpenConfirm) session.
+    decode_ctx: DecodeCtx,
+    encode_ctx: EncodeCtx,
+    counters: Counters,
+    last_error: Option<String>,
+}
+
+fn timer_index(t: Timer) -> usize {
+    match t {
+        Timer::ConnectRetry => 0,
+        Timer::Hold => 1,
+        Timer::Keepalive => 2,
+        Timer::IdleHold => 3,
+    }
+}
+
+const TIMER_EVENTS: [Event; 4] = [
+    Event::ConnectRetryTimerExpires,
+    Event::HoldTimerExpires,
+    Event::KeepaliveTimerExpires,
+    Event::IdleHoldTimerExpires,
+];
+
+impl PeerTask {
+    fn new(
+        cfg: PeerConfig,
+        listener: Option<ListenerHandle>,
+        events: mpsc::Sender<SessionEvent>,
+        status: watch::Sender<PeerStatus>,
+    ) -> PeerTask {
+        let (internal_tx, internal_rx) = mpsc::channel(64);
+        PeerTask {
+            session: Session::new(cfg.clone()),
+            cfg,
+            listener,
+            events,
+            status,
+            internal_tx,
+            internal_rx,
+            conns: HashMap::new(),
+            next_conn: 1,
+            connecting: None,
+            timers: [None; 4],
+            session_id: 0,
+            decode_ctx: DecodeCtx::default(),
+            encode_ctx: EncodeCtx::default(),
+            counters: Counters::default(),
+            last_error: None,
+        }
+    }
+
+    async fn run(
+        mut self,
+        mut cmds: mpsc::Receiver<PeerCommand>,
+        mut owner: oneshot::Receiver<()>,
+    ) {
+        let (in_tx, mut incoming) = mpsc::channel::<TcpStream>(4);
+        if let Some(l) = &self.listener {
+            if let Err(e) = l
+                .register(self.cfg.peer_addr, self.cfg.password.clone(), in_tx.clone())
+                .await
+            {
+                self.last_error = Some(e.to_string());
+            }
+        }
+        self.feed(Event::ManualStart).await;
+        loop {
+            self.publish();
+            let next_timer = self.timers.iter().flatten().min().copied();
+            // Take RIB commands only while the data queue has room (see the module doc).
+            let can_take = self.main_conn().is_none_or(|c| c.data.capacity() > 0);
+            tokio::select! {
+                _ = &mut owner => break,
+                cmd = cmds.recv(), if can_take => match cmd {
+                    Some(c) => self.command(c, &in_tx).await,
+                    None => break,
+                },
+                Some(stream) = incoming.recv() => self.accepted(stream).await,
+                Some(msg) = self.internal_rx.recv() => self.internal(msg).await,
+                _ = sleep_until_opt(next_timer), if next_timer.is_some() => {
+                    let now = Instant::now();
+                    for (i, ev) in TIMER_EVENTS.iter().enumerate() {
+                        if self.timers[i].is_some_and(|t| t <= now) {
+                            self.timers[i] = None;
+                            self.feed(ev.clone()).await;
+                        }
+                    }
+                }
+            }
+        }
+        // Clean stop: Cease to the peer, Down to the RIB.
+        self.feed(Event::ManualStop).await;
+        self.publish();
+        if let Some(l) = &self.listener {
+            l.unregister(self.cfg.peer_addr);
+        }
+    }
+
+    fn main_conn(&self) -> Option<&Conn> {
+        self.session.main_conn().and_then(|id| self.conns.get(&id))
+    }
+
+    fn publish(&self) {
+        let state = self.session.state();
+        let neg = if state == State::Established {
+            self.session.negotiated()
+        } else {
+            None
+        };
+        self.status.send_if_modified(|s| {
+            let mut changed = false;
+            if s.state != state {
+                s.state = state;
+                s.since = SystemTime::now();
+                s.negotiated = neg.cloned();
+                changed = true;
+            }
+            if s.last_error != self.last_error {
+                s.last_error = self.last_error.clone();
+                changed = true;
+            }
+            if s.counters != self.counters {
+                s.counters = self.counters.clone();
+                changed = true;
+            }
+            changed
+        });
+    }
+
+    // ----- FSM plumbing -----
+
+    async fn feed(&mut self, ev: Event) {
+        let actions = self.session.handle(ev);
+        for a in actions {
+            self.act(a).await;
+        }
+    }
+
+    async fn act(&mut self, a: Action) {
+        match a {
+            Action::Connect => self.connect(),
+            Action::CancelConnect => self.connecting = None,
+            Action::SendOpen(id, open) => self.send_control(id, &Message::Open(open)),
+            Action::SendKeepalive(id) => {
+                self.counters.keepalives_out += 1;
+                self.send_control(id, &Message::Keepalive)
+            }
+            Action::SendNotification(id, n) => {
+                self.counters.notifications_out += 1;
+                self.send_control(id, &Message::Notification(n))
+            }
+            Action::CloseConnection(id) => {
+                if let Some(c) = self.conns.remove(&id) {
+                    let _ = c.control.send(WriteMsg::Close);
+                    // A peer that stopped reading must not keep the writer (and the socket) forever.
+                    let writer = c.writer;
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_secs(3)).await;
+                        writer.abort();
+                    });
+                }
+            }
+            Action::StartTimer(t, d) => self.timers[timer_index(t)] = Some(Instant::now() + d),
+            Action::StopTimer(t) => self.timers[timer_index(t)] = None,
+            Action::Established(_, neg) => {
+                self.session_id += 1;
+                self.counters.established += 1;
+                self.last_error = None;
+                self.set_contexts(&neg);
+                let ev = SessionEvent::Established {
+                    peer: self.cfg.peer_addr,
+                    session: self.session_id,
+                    negotiated: neg,
+                };
+                let _ = self.events.send(ev).await;
+            }
+            Action::Down {
+                reason,
+                graceful_restart,
+            } => {
+                let ev = SessionEvent::Down {
+                    peer: self.cfg.peer_addr,
+                    session: self.session_id,
+                    reason,
+                    graceful_restart,
+                };
+                let _ = self.events.send(ev).await;
+            }
+            Action::LastError(e) => {
+                tracing::info!(peer = %self.cfg.peer_addr, "BGP session: {e}");
+                self.last_error = Some(e);
+            }
+        }
+    }
+
+    fn set_contexts(&mut self, neg: &Negotiated) {
+        self.decode_ctx = DecodeCtx {
+            four_octet_as: neg.four_octet_as,
+            add_path_rx: neg.add_path_rx.iter().copied().collect(),
+            extended_message: neg.extended_message,
+        };
+        self.encode_ctx = EncodeCtx {
+            four_octet_as: neg.four_octet_as,
+            add_path_tx: neg.add_path_tx.iter().copied().collect(),
+            extended_message: neg.extended_message,
+        };
+    }
+
+    fn send_control(&mut self, id: ConnId, msg: &Message) {
+        let Some(c) = self.conns.get(&id) else { return };
+        let mut buf = BytesMut::with_capacity(64);
+        match encode(msg, &EncodeCtx::default(), &mut buf) {
+            Ok(()) => {
+                self.counters.messages_out += 1;
+                let _ = c.control.send(WriteMsg::Bytes(buf.freeze()));
+            }
+            Err(e) => tracing::error!(peer = %self.cfg.peer_addr, "cannot encode {msg:?}: {e}"),
+        }
+    }
+
+    // ----- connections -----
+
+    fn connect(&mut self) {
+        let id = self.next_conn;
+        self.next_conn += 1;
+        let cfg = self.cfg.clone();
+        let tx = self.internal_tx.clone();
+        let task = tokio::spawn(async move {
+            // No timeout here: the FSM's ConnectRetryTimer replaces an attempt that takes too long.
+            let r = connect(&cfg).await;
+            let _ = tx.send(Internal::Connected(id, r)).await;
+        });
+        self.connecting = Some(AbortOnDrop(task));
+    }
+
+    async fn accepted(&mut self, stream: TcpStream) {
+        let v6 = stream.local_addr().map(|a| a.is_ipv6()).unwrap_or(false);
+        if let Err(e) = sockopt::apply_ttl(&stream, v6, self.cfg.ttl, self.cfg.ttl_security_hops) {
+            tracing::warn!(peer = %self.cfg.peer_addr, "TTL settings on accepted connection: {e}");
+        }
+        let id = self.next_conn;
+        self.next_conn += 1;
+        self.start_io(id, stream);
+        self.feed(Event::TcpConnectionConfirmed(id)).await;
+    }
+
+    fn start_io(&mut self, id: ConnId, stream: TcpStream) {
+        let _ = stream.set_nodelay(true);
+        let (rd, wr) = stream.into_split();
+        let (control_tx, control_rx) = mpsc::unbounded_channel();
+        let (data_tx, data_rx) = mpsc::channel(DATA_QUEUE);
+        let reader = tokio::spawn(reader(id, rd, self.internal_tx.clone()));
+        let writer = tokio::spawn(writer(
+            id,
+            wr,
+            control_rx,
+            data_rx,
+            self.internal_tx.clone(),
+        ));
+        self.conns.insert(
+            id,
+            Conn {
+                control: control_tx,
+                data: data_tx,
+                _reader: AbortOnDrop(reader),
+                writer,
+            },
+        );
+    }
+
+    async fn internal(&mut self, msg: Internal) {
+        match msg {
+            Internal::Connected(id, Ok(stream)) => {
+                self.connecting = None;
+                self.start_io(id, stream);
+                self.feed(Event::TcpCrAcked(id)).await;
+            }
+            Internal::Connected(id, Err(e)) => {
+                self.connecting = None;
+                let reason = format!("connect: {}", sockopt::io_text(&e));
+                self.feed(Event::TcpConnectionFails { conn: id, reason })
+                    .await;
+            }
+            Internal::Closed(id, reason) => {
+                if self.conns.remove(&id).is_some() {
+                    self.feed(Event::TcpConnectionFails { conn: id, reason })
+                        .await;
+                }
+            }
+            Internal::HeaderError(id, e) => {
+                let (code, subcode, data) = e.notification();
+                let err = MessageError {
+                    notification: Notification {
+                        code,
+                        subcode,
+                        data,
+                    },
+                    reason: format!("message from {}: {e}", self.cfg.peer_addr),
+                };
+                self.feed(Event::BgpHeaderErr(id, err)).await;
+            }
+            Internal::Frames(id, frames) => self.frames(id, frames).await,
+        }
+    }
+
+    /// Decode and act on a batch of whole messages from one connection. UPDATEs go to the RIB as one
+    /// `Updates` event per batch, in order with the other events.
+    async fn frames(&mut self, id: ConnId, frames: Vec<Bytes>) {
+        let mut batch: Vec<Update> = Vec::new();
+        let mut saw_update = false;
+        for frame in frames {
+            if !self.conns.contains_key(&id) {
+                break; // closed while handling an earlier message of the batch
+            }
+            self.counters.messages_in += 1;
+            let is_main = self.session.main_conn() == Some(id);
+            let established = is_main && self.session.state() == State::Established;
+            let ctx = if is_main
+                && matches!(
+                    self.session.state(),
+                    State::OpenConfirm | State::Established
+                ) {
+                &self.decode_ctx
+            } else {
+                &DecodeCtx::default()
+            };
+            match decode_full(&frame, ctx) {
+                Ok(d) => {
+                    for e in &d.discarded {
+                        tracing::warn!(peer = %self.cfg.peer_addr, "UPDATE attribute discarded (RFC 7606): {e}");
+                    }
+                    match d.message {
+                        Message::Open(o) => {
+                            self.feed(Event::BgpOpen(id, o)).await;
+                            if let Some(neg) = self.session.negotiated().cloned() {
+                                if self.session.main_conn() == Some(id) {
+                                    self.set_contexts(&neg);
+                                }
+                            }
+                        }
+                        Message::Keepalive => {
+                            self.counters.keepalives_in += 1;
+                            self.feed(Event::KeepAliveMsg(id)).await;
+                        }
+                        Message::Notification(n) => {
+                            self.counters.notifications_in += 1;
+                            self.flush_updates(&mut batch).await;
+                            self.feed(Event::NotifMsg(id, n)).await;
+                        }
+                        Message::Update(u) => {
+                            self.counters.updates_in += 1;
+                            if !established {
+                                self.feed(Event::UpdateMsg(id)).await;
+                                continue;
+                            }
+                            saw_update = true;
+                            if let Some(family) = u.end_of_rib() {
+                                self.flush_updates(&mut batch).await;
+                                let ev = SessionEvent::EndOfRib {
+                                    peer: self.cfg.peer_addr,
+                                    session: self.session_id,
+                                    family,
+                                };
+                                let _ = self.events.send(ev).await;
+                            } else {
+                                self.count_prefixes(&u);
+                                batch.push(u);
+                            }
+                        }
+                        Message::RouteRefresh(r) => {
+                            if established {
+                                saw_update = true;
+                                self.flush_updates(&mut batch).await;
+                                let ev = SessionEvent::RouteRefresh {
+                                    peer: self.cfg.peer_addr,
+                                    session: self.session_id,
+                                    family: r.family,
+                                };
+                                let _ = self.events.send(ev).await;
+                            } else {
+                                self.feed(Event::UpdateMsg(id)).await;
+                            }
+                        }
+                    }
+                }
+                Err(e) if e.action() == Rfc7606Action::TreatAsWithdraw && established => {
+                    tracing::warn!(peer = %self.cfg.peer_addr, "malformed UPDATE: {e}");
+                    self.counters.updates_in += 1;
+                    saw_update = true;
+                    for (family, nlri) in e.withdrawals().unwrap_or_default() {
+                        self.counters.withdrawals_in += nlri.len() as u64;
+                        batch.push(withdraw_update(*family, nlri.clone()));
+                    }
+                }
+                Err(e) if e.action() == Rfc7606Action::AttributeDiscard && established => {
+                    // decode_full reports discards as Ok; an Err with this action is a codec oversight:
+                    // keep the session (RFC 7606 says the rest of the UPDATE is fine) but drop it.
+                    tracing::warn!(peer = %self.cfg.peer_addr, "UPDATE dropped: {e}");
+                    saw_update = true;
+                }
+                Err(e) => {
+                    self.flush_updates(&mut batch).await;
+                    let (code, subcode, data) = e.notification();
+                    let peer = self.cfg.peer_addr;
+                    let t = frame.get(18).copied().unwrap_or(0);
+                    let (ev, what): (fn(ConnId, MessageError) -> Event, &str) =
+                        if e.is_header_error() {
+                            (Event::BgpHeaderErr, "message")
+                        } else if t == 1 {
+                            (Event::BgpOpenMsgErr, "OPEN")
+                        } else if t == 2 {
+                            (Event::UpdateMsgErr, "UPDATE")
+                        } else {
+                            (Event::BgpHeaderErr, "message")
+                        };
+                    let err = MessageError {
+                        notification: Notification {
+                            code,
+                            subcode,
+                            data,
+                        },
+                        reason: format!("{what} from {peer}: {e}"),
+                    };
+                    self.feed(ev(id, err)).await;
+                }
+            }
+        }
+        self.flush_updates(&mut batch).await;
+        if saw_update && self.session.main_conn() == Some(id) {
+            // One hold timer restart per batch is enough (RFC 4271 8.2.2 Established + Event 27).
+            self.feed(Event::UpdateMsg(id)).await;
+        }
+    }
+
+    fn count_prefixes(&mut self, u: &Update) {
+        let a = &u.attributes;
+        self.counters.prefixes_in +=
+            (u.nlri.len() + a.mp_reach.as_ref().map_or(0, |m| m.nlri.len())) as u64;
+        self.counters.withdrawals_in +=
+            (u.withdrawn.len() + a.mp_unreach.as_ref().map_or(0, |m| m.withdrawn.len())) as u64;
+    }
+
+    async fn flush_updates(&mut self, batch: &mut Vec<Update>) {
+        if batch.is_empty() {
+            return;
+        }
+        let updates = std::mem::take(batch);
+        let ev = SessionEvent::Updates {
+            peer: self.cfg.peer_addr,
+            session: self.session_id,
+            updates,
+        };
+        let _ = self.events.send(ev).await;
+    }
+
+    // ----- commands -----
+
+    async fn command(&mut self, c: PeerCommand, in_tx: &mpsc::Sender<TcpStream>) {
+        match c {
+            PeerCommand::SendUpdates { session, bytes } => self.send_data(session, bytes).await,
+            PeerCommand::SendUpdateList { session, updates } => {
+                let mut buf = BytesMut::new();
+                for u in &updates {
+                    if let Err(e) = encode(&Message::Update(u.clone()), &self.encode_ctx, &mut buf)
+                    {
+                        tracing::error!(peer = %self.cfg.peer_addr, "UPDATE not sent: {e}");
+                    }
+                }
+                self.send_data(session, buf.freeze()).await;
+            }
+            PeerCommand::SendEndOfRib { session, family } => {
+                let mut buf = BytesMut::new();
+                let eor = Message::Update(Update::end_of_rib_for(family));
+                match encode(&eor, &self.encode_ctx, &mut buf) {
+                    Ok(()) => self.send_data(session, buf.freeze()).await,
+                    Err(e) => {
+                        tracing::error!(peer = %self.cfg.peer_addr, "End-of-RIB for {}: {e}", family_text(family))
+                    }
+                }
+            }
+            PeerCommand::SendRouteRefresh { session, family } => {
+                let ok = session == self.session_id
+                    && self.session.state() == State::Established
+                    && self.session.negotiated().is_some_and(|n| n.route_refresh);
+                if let (true, Some(id)) = (ok, self.session.main_conn()) {
+                    let rr = crate::bgp::wire::RouteRefresh { family, subtype: 0 };
+                    self.send_control(id, &Message::RouteRefresh(rr));
+                }
+            }
+            PeerCommand::Stop => self.feed(Event::ManualStop).await,
+            PeerCommand::Start => self.feed(Event::ManualStart).await,
+            PeerCommand::Reconfigure(new) => {
+                if *new == self.cfg {
+                    return;
+                }
+                let was_running = self.session.state() != State::Idle
+                    || self.timers[timer_index(Timer::IdleHold)].is_some();
+                self.feed(Event::ManualStop).await;
+                if let Some(l) = &self.listener {
+                    if new.password != self.cfg.password || new.peer_addr != self.cfg.peer_addr {
+                        l.unregister(self.cfg.peer_addr);
+                        if let Err(e) = l
+                            .register(new.peer_addr, new.password.clone(), in_tx.clone())
+                            .await
+                        {
+                            self.last_error = Some(e.to_string());
+                        }
+                    }
+                }
+                self.cfg = *new;
+                self.session = Session::new(self.cfg.clone());
+                if was_running {
+                    self.feed(Event::ManualStart).await;
+                }
+            }
+        }
+    }
+
+    /// Queue pre-encoded UPDATEs on the Established connection of `session`; dropped otherwise.
+    async fn send_data(&mut self, session: SessionId, bytes: Bytes) {
+        if session != self.session_id
+            || self.session.state() != State::Established
+            || bytes.is_empty()
+        {
+            return;
+        }
+        let Some(c) = self.main_conn() else { return };
+        let data = c.data.clone();
+        self.counters.updates_out += count_messages(&bytes);
+        self.counters.messages_out += count_messages(&bytes);
+        self.counters.update_bytes_out += bytes.len() as u64;
+        // The select loop only takes commands when there is room, so this rarely waits.
+        let _ = data.send(bytes).await;
+    }
+}
+
+fn withdraw_update(family: Family, nlri: Vec<crate::bgp::wire::Nlri>) -> Update {
+    if family == Family::IPV4_UNICAST {
+        Update {
+            withdrawn: nlri,
+            ..Default::default()
+        }
+    } else {
+        Update {
+            attributes: PathAttributes {
+                mp_unreach: Some(MpUnreach {
+                    family,
+                    withdrawn: nlri,
+                }),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+}
+
+/// Messages in a buffer of whole, back-to-back BGP messages.
+fn count_messages(mut b: &[u8]) -> u64 {
+    let mut n = 0;
+    while b.len() >= HEADER_LEN {
+        let len = usize::from(u16::from_be_bytes([b[16], b[17]]));
+        if len < HEADER_LEN || len > b.len() {
+            break;
+        }
+        b = &b[len..];
+        n += 1;
+    }
+    n
+}
+
+async fn sleep_until_opt(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Open the TCP connection to the peer with its source address, MD5 key and TTL settings.
+async fn connect(cfg: &PeerConfig) -> io::Result<TcpStream> {
+    let dest = SocketAddr::new(cfg.peer_addr, cfg.peer_port);
+    let v6 = dest.is_ipv6();
+    let sock = if v6 {
+        TcpSocket::new_v6()?
+    } else {
+        TcpSocket::new_v4()?
+    };
+    if let Some(src) = cfg.source_addr {
+        sock.bind(SocketAddr::new(src, 0)).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("bind source address {src}: {}", sockopt::io_text(&e)),
+            )
+        })?;
+    }
+    if let Some(p) = &cfg.password {
+        sockopt::set_md5(&sock, v6, cfg.peer_addr, Some(p.0.as_bytes())).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("set TCP MD5 password: {}", sockopt::io_text(&e)),
+            )
+        })?;
+    }
+    sockopt::apply_ttl(&sock, v6, cfg.ttl, cfg.ttl_security_hops)?;
+    sock.connect(dest).await
+}
+
+/// Read large chunks, split them into whole messages, pass each chunk's messages on as one batch.
+async fn reader(id: ConnId, mut rd: OwnedReadHalf, tx: mpsc::Sender<Internal>) {
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    loop {
+        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+            buf.reserve(READ_CHUNK);
+        }
+        match rd.read_buf(&mut buf).await {
+            Ok(0) => {
+                let _ = tx
+                    .send(Internal::Closed(id, "connection closed by peer".into()))
+                    .await;
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let _ = tx.send(Internal::Closed(id, sockopt::io_text(&e))).await;
+                return;
+            }
+        }
+        let mut frames = Vec::new();
+        loop {
+            match peek_len(&buf) {
+                Ok(Some(len)) if buf.len() >= len => frames.push(buf.split_to(len).freeze()),
+                Ok(_) => break,
+                Err(e) => {
+                    if !frames.is_empty() {
+                        let _ = tx.send(Internal::Frames(id, frames)).await;
+                    }
+                    let _ = tx.send(Internal::HeaderError(id, e)).await;
+                    return;
+                }
+            }
+        }
+        if !frames.is_empty() && tx.send(Internal::Frames(id, frames)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Write control messages first, then UPDATE data; on `Close` flush briefly and shut the socket.
+async fn writer(
+    id: ConnId,
+    mut wr: OwnedWriteHalf,
+    mut control: mpsc::UnboundedReceiver<WriteMsg>,
+    mut data: mpsc::Receiver<Bytes>,
+    tx: mpsc::Sender<Internal>,
+) {
+    loop {
+        let r = tokio::select! {
+            biased;
+            m = control.recv() => match m {
+                Some(WriteMsg::Bytes(b)) => wr.write_all(&b).await,
+                Some(WriteMsg::Close) | None => {
+                    // Give a NOTIFICATION queued before the close a moment to leave.
+                    let _ = tokio::time::timeout(Duration::from_secs(2), wr.flush()).await;
+                    let _ = wr.shutdown().await;
+                    return;
+                }
+            },
+            Some(b) = data.recv() => wr.write_all(&b).await,
+        };
+        if let Err(e) = r {
+            let _ = tx
+                .send(Internal::Closed(
+                    id,
+                    format!("write: {}", sockopt::io_text(&e)),
+                ))
+                .await;
+            return;
+        }
+    }
+}

@@ -1,0 +1,259 @@
+//! Typed codec errors. A [`DecodeError`] knows the NOTIFICATION it maps to (RFC 4271 section 6) and the
+//! RFC 7606 action a session takes for it, so no caller re-derives RFC codes; an [`EncodeError`] says
+//! why a message we built cannot go on the wire.
+
+use std::net::Ipv4Addr;
+
+use super::types::{Family, Nlri};
+use super::{attr, msg_type, notif};
+
+/// What a session does about a malformed UPDATE (RFC 7606 section 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Rfc7606Action {
+    /// Send the NOTIFICATION from [`DecodeError::notification`] and close the session.
+    SessionReset,
+    /// Keep the session; treat every prefix the UPDATE announced as withdrawn (RFC 7606 2).
+    TreatAsWithdraw,
+    /// Keep the session and the routes; the offending attribute was dropped (RFC 7606 2).
+    AttributeDiscard,
+}
+
+/// A message that could not be decoded, or an UPDATE that decoded with an RFC 7606 outcome.
+///
+/// `data` fields hold the bytes RFC 4271 6.x says go into the NOTIFICATION's data: for attribute errors
+/// the whole attribute as received (flags, type, length, value).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    // ---- message header (RFC 4271 6.1) ----
+    #[error(
+        "message header: marker is not 16 bytes of 0xff (RFC 4271 4.1); the stream is out of sync"
+    )]
+    BadMarker,
+    #[error("message header: length {length} is not valid for message type {msg_type} (allowed {min}..={max})")]
+    BadLength {
+        length: u16,
+        msg_type: u8,
+        min: usize,
+        max: usize,
+    },
+    #[error("message header: unknown message type {0}")]
+    BadType(u8),
+    #[error("message header says {declared} bytes but the buffer holds {actual}")]
+    LengthMismatch { declared: usize, actual: usize },
+
+    // ---- OPEN (RFC 4271 6.2) ----
+    #[error("OPEN: unsupported BGP version {0}; margay speaks version 4")]
+    UnsupportedVersion(u8),
+    #[error("OPEN: hold time {0} s is not allowed (0 or at least 3, RFC 4271 4.2)")]
+    UnacceptableHoldTime(u16),
+    #[error("OPEN: BGP identifier {0} is not allowed (must be non-zero, RFC 6286)")]
+    BadBgpId(Ipv4Addr),
+    #[error("OPEN: unsupported optional parameter type {0}")]
+    UnsupportedOptionalParameter(u8),
+    #[error("OPEN: {0}")]
+    MalformedOpen(&'static str),
+    #[error("OPEN: capability {code} is malformed: {reason}")]
+    MalformedCapability { code: u8, reason: &'static str },
+
+    // ---- UPDATE (RFC 4271 6.3, RFC 7606) ----
+    /// The withdrawn-routes or total-attribute length does not fit the message: the NLRI cannot be
+    /// located, so this is a session reset (RFC 7606 3 (a)).
+    #[error("UPDATE: {0}")]
+    MalformedAttributeList(&'static str),
+    /// An attribute header or length runs past the path attributes (RFC 7606 4).
+    #[error("UPDATE: path attribute {type_code:?} runs past the end of the path attributes")]
+    AttributeOverrun { type_code: Option<u8> },
+    #[error("UPDATE: unrecognised well-known attribute type {type_code}")]
+    UnrecognizedWellKnown { type_code: u8, data: Vec<u8> },
+    #[error("UPDATE: missing well-known attribute {name} (type {0})", name = attr::name(*.0))]
+    MissingWellKnown(u8),
+    #[error("UPDATE: attribute {} (type {type_code}) has wrong optional/transitive flags", attr::name(*.type_code))]
+    AttributeFlags { type_code: u8, data: Vec<u8> },
+    #[error("UPDATE: attribute {} (type {type_code}) has invalid length {length}", attr::name(*.type_code))]
+    AttributeLength {
+        type_code: u8,
+        length: usize,
+        data: Vec<u8>,
+    },
+    #[error("UPDATE: ORIGIN has undefined value")]
+    InvalidOrigin { data: Vec<u8> },
+    #[error("UPDATE: invalid NEXT_HOP")]
+    InvalidNextHop { data: Vec<u8> },
+    #[error("UPDATE: attribute {} (type {type_code}) is malformed: {reason}", attr::name(*.type_code))]
+    OptionalAttribute {
+        type_code: u8,
+        reason: &'static str,
+        data: Vec<u8>,
+    },
+    #[error("UPDATE: {} is malformed: {reason}", attr::name(*.type_code))]
+    MalformedAsPath {
+        type_code: u8,
+        reason: &'static str,
+        data: Vec<u8>,
+    },
+    #[error("UPDATE: attribute {} (type {type_code}) appears more than once", attr::name(*.type_code))]
+    DuplicateAttribute { type_code: u8 },
+    #[error("UPDATE: {family:?} NLRI is malformed: {reason}")]
+    InvalidNetworkField {
+        family: Family,
+        reason: &'static str,
+    },
+
+    // ---- ROUTE-REFRESH (RFC 7313 5) ----
+    #[error("ROUTE-REFRESH: invalid length {0}")]
+    BadRouteRefreshLength(u16),
+
+    /// The UPDATE is malformed in a way RFC 7606 handles by treat-as-withdraw. `withdraw` lists every
+    /// prefix the UPDATE carried (withdrawn and announced, IPv4 body and MP attributes) per family: the
+    /// session hands them to the RIB as withdrawals and keeps running.
+    #[error("{cause}; treating the UPDATE's {} prefixes as withdrawn (RFC 7606)", withdraw.iter().map(|(_, v)| v.len()).sum::<usize>())]
+    TreatAsWithdraw {
+        cause: Box<DecodeError>,
+        withdraw: Vec<(Family, Vec<Nlri>)>,
+    },
+}
+
+impl DecodeError {
+    /// The NOTIFICATION (error code, subcode, data) for this error per RFC 4271 6.x (RFC 7313 for
+    /// ROUTE-REFRESH). Only sent when [`action`](Self::action) is `SessionReset`; for the other actions it
+    /// says what would have been sent, which is useful in logs.
+    pub fn notification(&self) -> (u8, u8, Vec<u8>) {
+        use DecodeError::*;
+        let (h, o, u) = (notif::HEADER, notif::OPEN, notif::UPDATE);
+        match self {
+            BadMarker => (h, 1, Vec::new()),
+            BadLength { length, .. } => (h, 2, length.to_be_bytes().to_vec()),
+            LengthMismatch { declared, .. } => (h, 2, (*declared as u16).to_be_bytes().to_vec()),
+            BadType(t) => (h, 3, vec![*t]),
+            // RFC 4271 6.2: data is the largest locally supported version number, 2 octets.
+            UnsupportedVersion(_) => (o, 1, vec![0, 4]),
+            BadBgpId(_) => (o, 3, Vec::new()),
+            UnsupportedOptionalParameter(_) => (o, 4, Vec::new()),
+            UnacceptableHoldTime(_) => (o, 6, Vec::new()),
+            MalformedOpen(_) | MalformedCapability { .. } => (o, 0, Vec::new()),
+            MalformedAttributeList(_) | AttributeOverrun { .. } | DuplicateAttribute { .. } => {
+                (u, 1, Vec::new())
+            }
+            UnrecognizedWellKnown { data, .. } => (u, 2, data.clone()),
+            MissingWellKnown(t) => (u, 3, vec![*t]),
+            AttributeFlags { data, .. } => (u, 4, data.clone()),
+            AttributeLength { data, .. } => (u, 5, data.clone()),
+            InvalidOrigin { data } => (u, 6, data.clone()),
+            InvalidNextHop { data } => (u, 8, data.clone()),
+            OptionalAttribute { data, .. } => (u, 9, data.clone()),
+            InvalidNetworkField { .. } => (u, 10, Vec::new()),
+            MalformedAsPath { .. } => (u, 11, Vec::new()),
+            BadRouteRefreshLength(len) => (notif::ROUTE_REFRESH, 1, len.to_be_bytes().to_vec()),
+            TreatAsWithdraw { cause, .. } => cause.notification(),
+        }
+    }
+
+    /// What the session does about this error (RFC 7606 sections 3-7; errors outside UPDATE always reset).
+    pub fn action(&self) -> Rfc7606Action {
+        use Rfc7606Action::*;
+        match self {
+            // RFC 7606 4: the Total Attribute Length still locates the NLRI.
+            DecodeError::AttributeOverrun { .. } => TreatAsWithdraw,
+            // RFC 7606 3 (d).
+            DecodeError::MissingWellKnown(_) => TreatAsWithdraw,
+            // RFC 7606 3 (b).
+            DecodeError::AttributeFlags { .. } => TreatAsWithdraw,
+            // RFC 7606 3 (c): all but the first are discarded; MP_REACH/MP_UNREACH twice is a reset.
+            DecodeError::DuplicateAttribute { type_code } => match *type_code {
+                attr::MP_REACH_NLRI | attr::MP_UNREACH_NLRI => SessionReset,
+                _ => AttributeDiscard,
+            },
+            DecodeError::AttributeLength { type_code, .. }
+            | DecodeError::OptionalAttribute { type_code, .. }
+            | DecodeError::MalformedAsPath { type_code, .. } => attribute_action(*type_code),
+            DecodeError::InvalidOrigin { .. } | DecodeError::InvalidNextHop { .. } => {
+                TreatAsWithdraw
+            }
+            DecodeError::TreatAsWithdraw { .. } => TreatAsWithdraw,
+            _ => SessionReset,
+        }
+    }
+
+    /// For a treat-as-withdraw outcome: every prefix of the UPDATE, per family, to withdraw.
+    pub fn withdrawals(&self) -> Option<&[(Family, Vec<Nlri>)]> {
+        match self {
+            DecodeError::TreatAsWithdraw { withdraw, .. } => Some(withdraw),
+            _ => None,
+        }
+    }
+
+    /// True for errors found in the message header (the byte stream itself cannot be trusted after them).
+    pub fn is_header_error(&self) -> bool {
+        matches!(
+            self,
+            DecodeError::BadMarker
+                | DecodeError::BadLength { .. }
+                | DecodeError::BadType(_)
+                | DecodeError::LengthMismatch { .. }
+        )
+    }
+}
+
+/// The RFC 7606 section 7 action for a malformed attribute of this type.
+pub fn attribute_action(type_code: u8) -> Rfc7606Action {
+    use Rfc7606Action::*;
+    match type_code {
+        // 7.1 ORIGIN, 7.2 AS_PATH, 7.3 NEXT_HOP, 7.4 MED, 7.5 LOCAL_PREF, 7.8 COMMUNITIES,
+        // 7.9 ORIGINATOR_ID, 7.10 CLUSTER_LIST, RFC 8092 6 LARGE_COMMUNITY.
+        attr::ORIGIN
+        | attr::AS_PATH
+        | attr::NEXT_HOP
+        | attr::MULTI_EXIT_DISC
+        | attr::LOCAL_PREF
+        | attr::COMMUNITIES
+        | attr::ORIGINATOR_ID
+        | attr::CLUSTER_LIST
+        | attr::LARGE_COMMUNITIES => TreatAsWithdraw,
+        // 7.6 ATOMIC_AGGREGATE, 7.7 AGGREGATOR, RFC 6793 6 AS4_PATH / AS4_AGGREGATOR.
+        attr::ATOMIC_AGGREGATE | attr::AGGREGATOR | attr::AS4_PATH | attr::AS4_AGGREGATOR => {
+            AttributeDiscard
+        }
+        // 7.11 / RFC 7606 3 (j): without the MP attributes the NLRI cannot be known.
+        attr::MP_REACH_NLRI | attr::MP_UNREACH_NLRI => SessionReset,
+        _ => AttributeDiscard,
+    }
+}
+
+/// A message margay built that cannot be put on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    #[error("{what} would be {length} bytes, more than the {max}-byte maximum (extended messages, RFC 8654, raise it to 65535 when negotiated)")]
+    MessageTooLarge {
+        what: &'static str,
+        length: usize,
+        max: usize,
+    },
+    #[error("attribute {} (type {type_code}) would be {length} bytes, more than 65535", attr::name(*.type_code))]
+    AttributeTooLong { type_code: u8, length: usize },
+    #[error("OPEN: capability {code} value is {length} bytes, more than 255")]
+    CapabilityTooLong { code: u8, length: usize },
+    #[error("OPEN: optional parameters are {length} bytes, more than 65535")]
+    OptionalParametersTooLong { length: usize },
+    #[error("{family:?} routes need a next hop in attributes.mp_reach")]
+    MissingNextHop { family: Family },
+    #[error("next hop {next_hop} cannot be carried for {family:?}")]
+    BadNextHop { family: Family, next_hop: String },
+    #[error("prefix {prefix} is not of family {family:?}")]
+    WrongFamily {
+        family: Family,
+        prefix: ipnetwork::IpNetwork,
+    },
+    #[error("family {family:?} has no wire encoding in margay (only IPv4 and IPv6 unicast)")]
+    UnsupportedFamily { family: Family },
+}
+
+impl EncodeError {
+    /// The message type the error concerns, for logs.
+    pub fn message_type(&self) -> u8 {
+        match self {
+            EncodeError::CapabilityTooLong { .. }
+            | EncodeError::OptionalParametersTooLong { .. } => msg_type::OPEN,
+            _ => msg_type::UPDATE,
+        }
+    }
+}

@@ -1,0 +1,575 @@
+//! margay's peer task against real BGP daemons in network namespaces: sessions establish with BIRD 2,
+//! GoBGP and FRR (IPv4 and IPv6, 4-octet AS, TCP MD5), End-of-RIB both ways, the plain-words reasons a
+//! session stays down (wrong AS, wrong password), and hold timer expiry against a frozen peer.
+//!
+//! ```text
+//!   netns ..a: margay peer task(s)                       netns ..b: BIRD | GoBGP | FRR
+//!   10.0.0.1  fd00::1  AS 4200000001 / 65001 / 65000 ── veth ── 10.0.0.2  fd00::2
+//!   expects: Established, the daemon's routes as Updates + End-of-RIB, the daemon holding our route
+//! ```
+//!
+//! The tests need root (namespaces) and the daemons; without them they SKIP (or fail under CI=true).
+
+mod common;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::str::FromStr;
+use std::time::Duration;
+
+use common::bgp_peers::{have_bird, have_frr, have_gobgp, in_netns, Bird, Frr, GoBgp, Link};
+use common::{is_root, require};
+use ipnetwork::IpNetwork;
+use margay::bgp::session::{
+    spawn_peer, Listener, Password, PeerCommand, PeerConfig, PeerHandle, SessionEvent, State,
+};
+use margay::bgp::wire::{AsPath, AsSegment, Family, Nlri, Origin, PathAttributes, Update};
+use tokio::sync::mpsc;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn prereqs(test: &str, daemon_ok: bool, daemon: &str) -> bool {
+    require(is_root(), test, "needs root for network namespaces")
+        && require(
+            daemon_ok,
+            test,
+            &format!("{daemon} is not installed (scripts/install-deps.sh)"),
+        )
+}
+
+fn ip(s: &str) -> IpAddr {
+    IpAddr::from_str(s).expect("address literal")
+}
+
+/// A peer config with short timers so failures and retries show up quickly.
+fn peer_cfg(peer: &str, peer_as: u32, local_as: u32) -> PeerConfig {
+    let mut c = PeerConfig::new(ip(peer), peer_as, local_as, Ipv4Addr::new(10, 0, 0, 1));
+    c.timers.connect_retry = Duration::from_secs(2);
+    c.timers.error_wait_min = Duration::from_secs(1);
+    c.timers.error_wait_max = Duration::from_secs(2);
+    c
+}
+
+/// Wait for the first event matching `pred`, keeping the others in `seen`.
+async fn expect_event(
+    rx: &mut mpsc::Receiver<SessionEvent>,
+    seen: &mut Vec<SessionEvent>,
+    what: &str,
+    pred: impl Fn(&SessionEvent) -> bool,
+) -> SessionEvent {
+    if let Some(i) = seen.iter().position(&pred) {
+        return seen.remove(i);
+    }
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(ev)) if pred(&ev) => return ev,
+            Ok(Some(ev)) => seen.push(ev),
+            Ok(None) => panic!("event channel closed while waiting for {what}; seen: {seen:#?}"),
+            Err(_) => panic!("no {what} within {LIMIT:?}; seen: {seen:#?}"),
+        }
+    }
+}
+
+/// Poll a condition (e.g. a daemon's CLI) while letting margay's tasks run.
+async fn eventually<T>(what: &str, mut f: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    let mut last = String::new();
+    while tokio::time::Instant::now() < deadline {
+        match f() {
+            Ok(v) => return v,
+            Err(s) => last = s,
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    panic!("gave up waiting for {what}; last seen:\n{last}");
+}
+
+/// Wait until the peer's status satisfies `pred`.
+async fn status_until(
+    h: &PeerHandle,
+    what: &str,
+    pred: impl Fn(&margay::bgp::session::PeerStatus) -> bool,
+) {
+    let mut w = h.watch_status();
+    let r = tokio::time::timeout(LIMIT, w.wait_for(|s| pred(s))).await;
+    match r {
+        Ok(Ok(_)) => {}
+        _ => panic!(
+            "peer {} never reached {what}; status: {:#?}",
+            h.peer(),
+            h.status()
+        ),
+    }
+}
+
+fn announced(ev: &SessionEvent) -> Vec<IpNetwork> {
+    match ev {
+        SessionEvent::Updates { updates, .. } => updates
+            .iter()
+            .flat_map(|u| {
+                u.nlri
+                    .iter()
+                    .chain(u.attributes.mp_reach.iter().flat_map(|m| m.nlri.iter()))
+                    .map(|n| n.prefix)
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn net(s: &str) -> IpNetwork {
+    IpNetwork::from_str(s).expect("prefix literal")
+}
+
+fn bird_conf(hold: u16) -> String {
+    format!(
+        r#"
+router id 10.0.0.2;
+log stderr all;
+protocol device {{ }}
+protocol static s4 {{ ipv4; route 192.0.2.0/24 blackhole; route 198.51.100.0/24 blackhole; }}
+protocol static s6 {{ ipv6; route 2001:db8:1::/48 blackhole; }}
+protocol bgp margay4 {{
+  local 10.0.0.2 as 4200000002;
+  neighbor 10.0.0.1 as 4200000001;
+  hold time {hold};
+  connect delay time 1; connect retry time 1; error wait time 1, 2;
+  graceful restart on;
+  ipv4 {{ import all; export all; }};
+}}
+protocol bgp margay6 {{
+  local fd00::2 as 4200000002;
+  neighbor fd00::1 as 4200000001;
+  hold time {hold};
+  connect delay time 1; connect retry time 1; error wait time 1, 2;
+  graceful restart on;
+  ipv6 {{ import all; export all; }};
+}}
+"#
+    )
+}
+
+/// BIRD 2 over IPv4 and IPv6 transport, 4-octet ASes on both sides, both speakers connecting at once
+/// (so RFC 4271 6.8 collision resolution runs for real), routes and End-of-RIB both ways.
+#[test]
+fn bird_sessions_ipv4_ipv6_four_octet_as_and_end_of_rib() {
+    let t = "bird_sessions_ipv4_ipv6_four_octet_as_and_end_of_rib";
+    if !prereqs(t, have_bird(), "bird2") {
+        return;
+    }
+    let link = Link::new("sb");
+    let bird = Bird::start(&link.peer_ns, &bird_conf(9));
+    in_netns(&link.margay_ns, move || async move {
+        let (tx, mut rx) = mpsc::channel(1024);
+        let p4 = spawn_peer(
+            peer_cfg("10.0.0.2", 4200000002, 4200000001),
+            None,
+            tx.clone(),
+        );
+        let p6 = spawn_peer(peer_cfg("fd00::2", 4200000002, 4200000001), None, tx);
+        let mut seen = Vec::new();
+        let mut sessions = std::collections::HashMap::new();
+        for peer in [ip("10.0.0.2"), ip("fd00::2")] {
+            let ev = expect_event(
+                &mut rx,
+                &mut seen,
+                "Established",
+                |e| matches!(e, SessionEvent::Established { peer: p, .. } if *p == peer),
+            )
+            .await;
+            let SessionEvent::Established {
+                negotiated,
+                session,
+                ..
+            } = ev
+            else {
+                unreachable!()
+            };
+            assert_eq!(negotiated.peer_as, 4200000002);
+            assert!(negotiated.four_octet_as);
+            assert_eq!(negotiated.hold_time, 9);
+            assert!(
+                negotiated.peer_graceful_restart.is_some(),
+                "BIRD has graceful restart on"
+            );
+            let fam = if peer.is_ipv4() {
+                Family::IPV4_UNICAST
+            } else {
+                Family::IPV6_UNICAST
+            };
+            assert_eq!(negotiated.families, vec![fam]);
+            sessions.insert(peer, (session, fam));
+        }
+        // BIRD's routes arrive, then its End-of-RIB per family.
+        for (peer, want) in [
+            (ip("10.0.0.2"), vec!["192.0.2.0/24", "198.51.100.0/24"]),
+            (ip("fd00::2"), vec!["2001:db8:1::/48"]),
+        ] {
+            let fam = sessions[&peer].1;
+            let mut got = Vec::new();
+            loop {
+                let ev = expect_event(&mut rx, &mut seen, "Updates or End-of-RIB", |e| match e {
+                    SessionEvent::Updates { peer: p, .. } => *p == peer,
+                    SessionEvent::EndOfRib {
+                        peer: p, family, ..
+                    } => *p == peer && *family == fam,
+                    _ => false,
+                })
+                .await;
+                if matches!(ev, SessionEvent::EndOfRib { .. }) {
+                    break;
+                }
+                got.extend(announced(&ev));
+            }
+            for w in want {
+                assert!(
+                    got.contains(&net(w)),
+                    "{w} from {peer} before End-of-RIB; got {got:?}"
+                );
+            }
+        }
+
+        // Our route and End-of-RIB go the other way.
+        let (s4, _) = sessions[&ip("10.0.0.2")];
+        let update = Update {
+            nlri: vec![Nlri {
+                prefix: net("203.0.113.0/24"),
+                path_id: 0,
+            }],
+            attributes: PathAttributes {
+                origin: Some(Origin::Igp),
+                as_path: Some(AsPath {
+                    segments: vec![AsSegment::Sequence(vec![4200000001])],
+                }),
+                next_hop: Some(Ipv4Addr::new(10, 0, 0, 1)),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        p4.send(PeerCommand::SendUpdateList {
+            session: s4,
+            updates: vec![update],
+        })
+        .await
+        .expect("send");
+        p4.send(PeerCommand::SendEndOfRib {
+            session: s4,
+            family: Family::IPV4_UNICAST,
+        })
+        .await
+        .expect("send");
+        let route = eventually("BIRD to hold 203.0.113.0/24 from margay", || {
+            let out = bird.birdc("show route 203.0.113.0/24 all");
+            if out.contains("203.0.113.0/24") && out.contains("4200000001") {
+                Ok(out)
+            } else {
+                Err(out)
+            }
+        })
+        .await;
+        assert!(route.contains("10.0.0.1"), "next hop as sent: {route}");
+        for proto in ["margay4", "margay6"] {
+            let out = bird.birdc(&format!("show protocols all {proto}"));
+            assert!(out.contains("Established"), "{proto}: {out}");
+            assert!(out.contains("4200000001"), "{proto} shows our AS: {out}");
+        }
+        for p in [&p4, &p6] {
+            let st = p.status();
+            assert_eq!(st.state, State::Established);
+            assert!(
+                st.counters.updates_in >= 1 && st.counters.prefixes_in >= 1,
+                "{st:#?}"
+            );
+        }
+        p4.shutdown().await;
+        p6.shutdown().await;
+        // Cease / administrative shutdown reached BIRD.
+        eventually("BIRD to see our shutdown", || {
+            let out = bird.birdc("show protocols all margay4");
+            if !out.contains("Established") {
+                Ok(())
+            } else {
+                Err(out)
+            }
+        })
+        .await;
+    });
+    drop(link);
+}
+
+/// A wrong peer AS keeps the session down and says why in plain words, on both sides.
+#[test]
+fn bird_wrong_as_keeps_session_down_with_plain_reason() {
+    let t = "bird_wrong_as_keeps_session_down_with_plain_reason";
+    if !prereqs(t, have_bird(), "bird2") {
+        return;
+    }
+    let link = Link::new("sw");
+    let bird = Bird::start(&link.peer_ns, &bird_conf(9));
+    in_netns(&link.margay_ns, move || async move {
+        let (tx, mut rx) = mpsc::channel(1024);
+        let p = spawn_peer(peer_cfg("10.0.0.2", 65099, 4200000001), None, tx);
+        let want = "OPEN from 10.0.0.2: bad peer AS 4200000002, expected 65099";
+        status_until(&p, want, |s| s.last_error.as_deref() == Some(want)).await;
+        // BIRD got our NOTIFICATION (OPEN error / bad peer AS).
+        eventually("BIRD to report the bad peer AS NOTIFICATION", || {
+            let out = bird.birdc("show protocols all margay4");
+            if out.to_lowercase().contains("bad peer as") {
+                Ok(())
+            } else {
+                Err(out)
+            }
+        })
+        .await;
+        assert_ne!(p.status().state, State::Established);
+        while let Ok(ev) = rx.try_recv() {
+            assert!(
+                !matches!(ev, SessionEvent::Established { .. }),
+                "must never establish: {ev:?}"
+            );
+        }
+        p.shutdown().await;
+    });
+    drop(link);
+}
+
+/// A peer that freezes (SIGSTOP) stops sending KEEPALIVEs: the hold timer expires, the RIB hears Down
+/// with the peer's graceful restart parameters (it should keep the routes stale), and the status says
+/// "hold timer expired".
+#[test]
+fn bird_hold_timer_expires_when_peer_is_stopped() {
+    let t = "bird_hold_timer_expires_when_peer_is_stopped";
+    if !prereqs(t, have_bird(), "bird2") {
+        return;
+    }
+    let link = Link::new("sh");
+    let bird = Bird::start(&link.peer_ns, &bird_conf(3));
+    in_netns(&link.margay_ns, move || async move {
+        let (tx, mut rx) = mpsc::channel(1024);
+        let mut cfg = peer_cfg("10.0.0.2", 4200000002, 4200000001);
+        cfg.timers.hold_time = 3;
+        let p = spawn_peer(cfg, None, tx);
+        let mut seen = Vec::new();
+        expect_event(&mut rx, &mut seen, "Established", |e| {
+            matches!(e, SessionEvent::Established { .. })
+        })
+        .await;
+        bird.stop_signal();
+        let ev = expect_event(&mut rx, &mut seen, "Down", |e| {
+            matches!(e, SessionEvent::Down { .. })
+        })
+        .await;
+        bird.cont_signal();
+        let SessionEvent::Down {
+            reason,
+            graceful_restart,
+            ..
+        } = ev
+        else {
+            unreachable!()
+        };
+        assert_eq!(reason, "hold timer expired");
+        let gr = graceful_restart.expect("BIRD is GR-capable: routes kept stale");
+        assert_eq!(gr.restart_time, 120, "BIRD's default restart time");
+        assert_eq!(p.status().last_error.as_deref(), Some("hold timer expired"));
+        p.shutdown().await;
+    });
+    drop(link);
+}
+
+fn gobgp_conf(password: &str) -> String {
+    format!(
+        r#"
+[global.config]
+  as = 65002
+  router-id = "10.0.0.2"
+  local-address-list = ["10.0.0.2"]
+[[neighbors]]
+  [neighbors.config]
+    neighbor-address = "10.0.0.1"
+    peer-as = 65001
+    auth-password = "{password}"
+  [neighbors.timers.config]
+    connect-retry = 1
+    hold-time = 9
+    keepalive-interval = 3
+  [[neighbors.afi-safis]]
+    [neighbors.afi-safis.config]
+      afi-safi-name = "ipv4-unicast"
+  [[neighbors.afi-safis]]
+    [neighbors.afi-safis.config]
+      afi-safi-name = "ipv6-unicast"
+"#
+    )
+}
+
+/// GoBGP with a TCP MD5 password: the right password establishes (and GoBGP's route arrives); a wrong
+/// one keeps the session down (the kernel drops unsigned or wrongly signed segments).
+#[test]
+fn gobgp_md5_password_right_and_wrong() {
+    let t = "gobgp_md5_password_right_and_wrong";
+    if !prereqs(t, have_gobgp(), "gobgpd") {
+        return;
+    }
+    let link = Link::new("sg");
+    let gobgp = GoBgp::start(&link.peer_ns, &gobgp_conf("s3cret-md5"));
+    common::sh(&format!(
+        "ip netns exec {} gobgp -u 127.0.0.1 -p {} global rib add -a ipv4 10.10.0.0/24 nexthop 10.0.0.2",
+        gobgp.ns, gobgp.api_port
+    ));
+    in_netns(&link.margay_ns, move || async move {
+        let (tx, mut rx) = mpsc::channel(1024);
+        let mut cfg = peer_cfg("10.0.0.2", 65002, 65001);
+        cfg.password = Some(Password("s3cret-md5".into()));
+        let p = spawn_peer(cfg.clone(), None, tx.clone());
+        let mut seen = Vec::new();
+        let ev = expect_event(&mut rx, &mut seen, "Established", |e| {
+            matches!(e, SessionEvent::Established { .. })
+        })
+        .await;
+        let SessionEvent::Established { negotiated, .. } = ev else {
+            unreachable!()
+        };
+        assert_eq!(
+            negotiated.families,
+            vec![Family::IPV4_UNICAST, Family::IPV6_UNICAST]
+        );
+        let mut got = Vec::new();
+        while !got.contains(&net("10.10.0.0/24")) {
+            let ev = expect_event(&mut rx, &mut seen, "GoBGP's route", |e| {
+                matches!(e, SessionEvent::Updates { .. })
+            })
+            .await;
+            got.extend(announced(&ev));
+        }
+        eventually("gobgp to show the neighbor Established", || {
+            let out = gobgp.gobgp("neighbor");
+            if out.contains("10.0.0.1") && out.contains("Establ") {
+                Ok(())
+            } else {
+                Err(out)
+            }
+        })
+        .await;
+        p.shutdown().await;
+        eventually("gobgp to see the session go", || {
+            let out = gobgp.gobgp("neighbor");
+            if !out.contains("Establ") {
+                Ok(())
+            } else {
+                Err(out)
+            }
+        })
+        .await;
+
+        // Now the wrong password: our SYNs carry a signature GoBGP's kernel rejects.
+        let (tx2, mut rx2) = mpsc::channel(1024);
+        cfg.password = Some(Password("wrong-password".into()));
+        let bad = spawn_peer(cfg, None, tx2);
+        status_until(&bad, "a failed connect", |s| {
+            s.last_error
+                .as_deref()
+                .is_some_and(|e| e.starts_with("connect: "))
+        })
+        .await;
+        let st = bad.status();
+        assert_ne!(st.state, State::Established, "{st:#?}");
+        assert_eq!(st.counters.established, 0);
+        while let Ok(ev) = rx2.try_recv() {
+            assert!(
+                !matches!(ev, SessionEvent::Established { .. }),
+                "must never establish: {ev:?}"
+            );
+        }
+        let out = gobgp.gobgp("neighbor");
+        assert!(!out.contains("Establ"), "{out}");
+        bad.shutdown().await;
+    });
+    drop(link);
+}
+
+/// FRR connects to margay over IPv6 (iBGP, AS 65000); margay is passive and gets the connection from
+/// the shared listener, which also holds the TCP MD5 key for the peer.
+#[test]
+fn frr_ipv6_passive_session_through_listener_with_md5() {
+    let t = "frr_ipv6_passive_session_through_listener_with_md5";
+    if !prereqs(t, have_frr(), "frr") {
+        return;
+    }
+    let link = Link::new("sf");
+    let conf = r#"
+hostname frr
+log stdout debugging
+router bgp 65000
+ bgp router-id 10.0.0.2
+ no bgp ebgp-requires-policy
+ no bgp network import-check
+ no bgp default ipv4-unicast
+ neighbor fd00::1 remote-as 65000
+ neighbor fd00::1 password frr-md5-key
+ neighbor fd00::1 timers connect 1
+ address-family ipv6 unicast
+  network 2001:db8:2::/48
+  neighbor fd00::1 activate
+ exit-address-family
+"#;
+    let frr = Frr::start(&link.peer_ns, conf);
+    in_netns(&link.margay_ns, move || async move {
+        let listener = Listener::bind(&[SocketAddr::new(ip("fd00::1"), 179)])
+            .await
+            .expect("bind listener");
+        let (tx, mut rx) = mpsc::channel(1024);
+        let mut cfg = peer_cfg("fd00::2", 65000, 65000);
+        cfg.passive = true;
+        cfg.password = Some(Password("frr-md5-key".into()));
+        let p = spawn_peer(cfg, Some(listener.handle()), tx);
+        let mut seen = Vec::new();
+        let ev = expect_event(&mut rx, &mut seen, "Established", |e| {
+            matches!(e, SessionEvent::Established { .. })
+        })
+        .await;
+        let SessionEvent::Established { negotiated, .. } = ev else {
+            unreachable!()
+        };
+        assert!(negotiated.is_ibgp());
+        assert_eq!(negotiated.families, vec![Family::IPV6_UNICAST]);
+        let mut got = Vec::new();
+        loop {
+            let ev = expect_event(&mut rx, &mut seen, "FRR's route and End-of-RIB", |e| {
+                matches!(
+                    e,
+                    SessionEvent::Updates { .. }
+                        | SessionEvent::EndOfRib {
+                            family: Family::IPV6_UNICAST,
+                            ..
+                        }
+                )
+            })
+            .await;
+            if matches!(ev, SessionEvent::EndOfRib { .. }) {
+                break;
+            }
+            got.extend(announced(&ev));
+        }
+        assert!(got.contains(&net("2001:db8:2::/48")), "{got:?}");
+        let summary = eventually("FRR to show fd00::1 Established", || {
+            let out = frr.vtysh("show bgp summary json");
+            let v: serde_json::Value =
+                serde_json::from_str(&out).map_err(|e| format!("{e}: {out}"))?;
+            let state = v["ipv6Unicast"]["peers"]["fd00::1"]["state"]
+                .as_str()
+                .unwrap_or("")
+                .to_string();
+            if state == "Established" {
+                Ok(v)
+            } else {
+                Err(out)
+            }
+        })
+        .await;
+        assert_eq!(summary["ipv6Unicast"]["as"].as_u64(), Some(65000));
+        p.shutdown().await;
+        drop(listener);
+    });
+    drop(link);
+}
