@@ -111,7 +111,7 @@ async fn verify(ds: &Datastore, acked: &BTreeMap<String, (usize, Assignment)>) {
         acked.values().map(|(_, a)| a.ips.len()).sum::<usize>(),
         "allocations without an owner"
     );
-    for ((node, cidr), _) in &snap.affinities {
+    for (node, cidr) in snap.affinities.keys() {
         assert_eq!(
             snap.blocks[cidr].host(),
             Some(node.as_str()),
@@ -171,9 +171,9 @@ async fn eight_nodes_assign_concurrently_from_two_pools() {
     let nodes = start_nodes(&ds).await;
 
     let mut jobs = Vec::new();
-    for n in 0..NODES {
+    for (n, node) in nodes.iter().enumerate() {
         for i in 0..PER_NODE {
-            let node = nodes[n].clone();
+            let node = node.clone();
             jobs.push(tokio::spawn(async move {
                 (n, node.assign(request(n, i)).await)
             }));
@@ -211,8 +211,8 @@ async fn same_run_while_etcd_is_killed_and_restarted() {
     let done = Arc::new(AtomicUsize::new(0));
     let errors: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
     let mut workers = Vec::new();
-    for n in 0..NODES {
-        let node = nodes[n].clone();
+    for (n, node) in nodes.iter().enumerate() {
+        let node = node.clone();
         let done = done.clone();
         let errors = errors.clone();
         workers.push(tokio::spawn(async move {

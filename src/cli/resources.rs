@@ -23,6 +23,9 @@ pub enum Storage {
     },
 }
 
+/// Operator document and the other stored objects of its kind -> (name, stored bytes).
+pub type EncodeFn = fn(&Value, &[Value]) -> Result<(String, Vec<u8>), CliError>;
+
 /// One kind of resource the CLI knows.
 pub struct KindInfo {
     pub kind: &'static str,
@@ -31,7 +34,7 @@ pub struct KindInfo {
     pub storage: Storage,
     /// Operator document -> (name, stored bytes), applying defaults and validating against the other stored
     /// objects of the kind.
-    pub encode: fn(&Value, &[Value]) -> Result<(String, Vec<u8>), CliError>,
+    pub encode: EncodeFn,
     /// Stored bytes -> the v3 document.
     pub decode: fn(&str, &[u8]) -> Result<Value, CliError>,
     /// Columns of the default and `-o wide` tables, and a row.

@@ -338,10 +338,10 @@ mod tests {
         assert_eq!(p.validate().unwrap_err().field, "spec.ipipMode");
         let a = IpPool::new("a", "10.0.0.0/16".parse().unwrap());
         let b = IpPool::new("b", "10.0.128.0/24".parse().unwrap());
-        let e = validate_against(&b, &[a.clone()]).unwrap_err();
+        let e = validate_against(&b, std::slice::from_ref(&a)).unwrap_err();
         assert!(e.reason.contains("overlaps pool \"a\""), "{e}");
         let c = IpPool::new("c", "10.1.0.0/16".parse().unwrap());
-        validate_against(&c, &[a.clone()]).unwrap();
+        validate_against(&c, std::slice::from_ref(&a)).unwrap();
         let mut a2 = a.clone();
         a2.spec.block_size = Some(24);
         assert!(validate_against(&a2, &[a])

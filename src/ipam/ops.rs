@@ -627,7 +627,7 @@ pub fn usage(s: &Snapshot) -> (Vec<PoolUsage>, Vec<Borrowed>) {
             blocks: Vec::new(),
         })
         .collect();
-    pools.sort_by(|a, b| a.cidr.cmp(&b.cidr));
+    pools.sort_by_key(|p| p.cidr);
     let mut borrowed = Vec::new();
     for (cidr, b) in &s.blocks {
         let in_use = b.in_use() as u128;
