@@ -578,3 +578,42 @@ async fn apply_get_delete_resources() {
     ));
     assert!(resources::kind("bgpfilter").is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_assigns_is_batched_into_few_transactions() {
+    let Some((_etcd, ds)) =
+        setup("a_burst_of_assigns_is_batched_into_few_transactions", POOLS).await
+    else {
+        return;
+    };
+    let n = Arc::new(node(&ds, "node-a").await);
+    // Warm: the node holds a block already.
+    n.assign(AssignRequest::v4("warm")).await.unwrap();
+    let before = ds.stats();
+    let mut jobs = Vec::new();
+    for i in 0..100 {
+        let n = n.clone();
+        jobs.push(tokio::spawn(async move {
+            let mut r = AssignRequest::v4(&format!("burst-{i}"));
+            r.ipv6 = i % 2 == 0;
+            n.assign(r).await
+        }));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for j in jobs {
+        let a = j.await.unwrap().expect("assign");
+        for ip in a.ips {
+            assert!(seen.insert(ip.ip), "{} twice", ip.ip);
+        }
+    }
+    assert_eq!(seen.len(), 150);
+    let txns = ds.stats().txns - before.txns;
+    eprintln!("100 concurrent assigns (150 addresses) in {txns} transactions");
+    assert!(
+        txns < 100,
+        "queued assigns must share transactions ({txns})"
+    );
+    let snap = ops::snapshot(&ds).await.unwrap();
+    assert_eq!(snap.handles.len(), 101);
+    check_clean(&ds).await;
+}

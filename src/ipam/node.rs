@@ -82,6 +82,10 @@ pub struct NodeRoutes {
 
 type Reply<T> = oneshot::Sender<Result<T, IpamError>>;
 
+/// Most assigns committed in one transaction (etcd allows 128 operations per transaction by default; a batch
+/// writes a handle per assign plus its blocks and affinities).
+const MAX_BATCH: usize = 32;
+
 enum Request {
     Assign(Box<AssignRequest>, Reply<Assignment>),
     ReleaseHandle(String, Reply<Vec<IpAddr>>),
@@ -207,6 +211,147 @@ impl State {
                 self.resync().await;
                 true
             }
+        }
+    }
+
+    /// Serve queued assigns: together in one transaction when they are plain (one address per family, distinct
+    /// new handles) and nothing races them; otherwise, or after a lost race, one by one.
+    async fn serve_assigns(&mut self, batch: Vec<(Box<AssignRequest>, Reply<Assignment>)>) {
+        if batch.len() > 1 {
+            let reqs: Vec<&AssignRequest> = batch.iter().map(|(r, _)| r.as_ref()).collect();
+            match self.assign_batch(&reqs).await {
+                Ok(Some(results)) => {
+                    for ((_, reply), a) in batch.into_iter().zip(results) {
+                        let _ = reply.send(Ok(a));
+                    }
+                    return;
+                }
+                Ok(None) => {}
+                Err(e) => tracing::debug!(error = %e, "batched assign failed; serving one by one"),
+            }
+        }
+        for (r, reply) in batch {
+            let _ = reply.send(self.assign(&r).await);
+        }
+    }
+
+    /// Plan several plain assigns on the same staged blocks and commit them in one transaction. Ok(None): the
+    /// batch does not qualify or lost a race (the view has been corrected); the caller serves them one by one.
+    async fn assign_batch(
+        &mut self,
+        reqs: &[&AssignRequest],
+    ) -> Result<Option<Vec<Assignment>>, IpamError> {
+        let me = self.view.node.name.clone();
+        let mut ids = BTreeSet::new();
+        let plain = reqs.iter().all(|r| {
+            r.ips.is_empty()
+                && (r.ipv4 || r.ipv6)
+                && !r.handle_id.is_empty()
+                && !r.handle_id.contains('/')
+                && ids.insert(r.handle_id.as_str())
+                && r.pools
+                    .as_ref()
+                    .is_none_or(|o| o.iter().all(|n| self.view.pools.contains_key(n)))
+        });
+        if !plain {
+            return Ok(None);
+        }
+        let mut staged: BTreeMap<IpNetwork, (Block, bool)> = BTreeMap::new();
+        let mut full: BTreeSet<IpNetwork> = BTreeSet::new();
+        let mut results = Vec::with_capacity(reqs.len());
+        for r in reqs {
+            let mut secondary = r.attributes.clone();
+            secondary.insert(ATTR_NODE.to_string(), me.clone());
+            let mut ips = Vec::new();
+            let fams = [(r.ipv4, Family::V4), (r.ipv6, Family::V6)];
+            for fam in fams.iter().filter(|f| f.0).map(|f| f.1) {
+                let Ok(choice) = self.view.plan(fam, r.pools.as_deref(), &full) else {
+                    return Ok(None);
+                };
+                let (cidr, borrowed) = self.stage(&mut staged, choice, &me);
+                let Some((b, _)) = staged.get_mut(&cidr) else {
+                    return Ok(None);
+                };
+                let Some(&ip) = b.assign(1, &r.handle_id, &secondary).first() else {
+                    return Ok(None);
+                };
+                if b.free_count() == 0 {
+                    full.insert(cidr);
+                }
+                ips.push(AssignedIp {
+                    ip,
+                    block: cidr,
+                    borrowed,
+                });
+            }
+            ips.sort();
+            results.push(Assignment {
+                handle_id: r.handle_id.clone(),
+                ips,
+            });
+        }
+        let mut guards = Vec::new();
+        let mut writes = Vec::new();
+        self.block_writes(&staged, &me, &mut guards, &mut writes);
+        for a in &results {
+            let mut h = Handle::default();
+            for ip in &a.ips {
+                h.add(&ip.block, 1);
+            }
+            let hkey = keys::handle_key(&a.handle_id);
+            guards.push(Guard::Absent(hkey.clone()));
+            writes.push(Write::Put(hkey, to_json(&h)));
+        }
+        match self.ds.txn(&guards, &writes).await? {
+            TxnOutcome::Committed { revision } => {
+                for (cidr, (b, _)) in staged {
+                    self.view.apply_block(cidr, Some(b), revision);
+                }
+                Ok(Some(results))
+            }
+            TxnOutcome::Conflict { current, revision } => {
+                for (key, kv) in current {
+                    if let Some(cidr) = keys::parse_block_key(&key) {
+                        match kv {
+                            Some(kv) => {
+                                let b: Block = parse(&key, &kv.value)?;
+                                self.view.apply_block(cidr, Some(b), kv.mod_revision);
+                            }
+                            None => self.view.apply_block(cidr, None, revision),
+                        }
+                    }
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// Guards and writes for staged blocks: existing ones by mod_revision; new ones created together with their
+    /// confirmed affinity, both guarded by absence.
+    fn block_writes(
+        &self,
+        staged: &BTreeMap<IpNetwork, (Block, bool)>,
+        me: &str,
+        guards: &mut Vec<Guard>,
+        writes: &mut Vec<Write>,
+    ) {
+        for (cidr, (b, is_new)) in staged {
+            let bkey = keys::block_key(cidr);
+            if *is_new {
+                guards.push(Guard::Absent(bkey.clone()));
+                let akey = keys::affinity_key(me, cidr);
+                guards.push(Guard::Absent(akey.clone()));
+                writes.push(Write::Put(akey, to_json(&Affinity::confirmed())));
+            } else {
+                let rev = self
+                    .view
+                    .blocks
+                    .get(cidr)
+                    .map(|c| c.mod_revision)
+                    .unwrap_or(0);
+                guards.push(Guard::ModRevision(bkey.clone(), rev));
+            }
+            writes.push(Write::Put(bkey, to_json(b)));
         }
     }
 
@@ -384,24 +529,7 @@ impl State {
             // One transaction: blocks (+ affinities of new blocks) and the handle.
             let mut guards = Vec::new();
             let mut writes = Vec::new();
-            for (cidr, (b, is_new)) in &staged {
-                let bkey = keys::block_key(cidr);
-                if *is_new {
-                    guards.push(Guard::Absent(bkey.clone()));
-                    let akey = keys::affinity_key(&me, cidr);
-                    guards.push(Guard::Absent(akey.clone()));
-                    writes.push(Write::Put(akey, to_json(&Affinity::confirmed())));
-                } else {
-                    let rev = self
-                        .view
-                        .blocks
-                        .get(cidr)
-                        .map(|c| c.mod_revision)
-                        .unwrap_or(0);
-                    guards.push(Guard::ModRevision(bkey.clone(), rev));
-                }
-                writes.push(Write::Put(bkey, to_json(b)));
-            }
+            self.block_writes(&staged, &me, &mut guards, &mut writes);
             let mut hv = handle.as_ref().map(|h| h.value.clone()).unwrap_or_default();
             for g in &got {
                 hv.add(&g.block, 1);
@@ -503,6 +631,26 @@ async fn run(mut st: State, mut rx: mpsc::Receiver<Request>) {
     loop {
         let changed = tokio::select! {
             req = rx.recv() => match req {
+                Some(Request::Assign(r, reply)) => {
+                    // Assigns that queued up while we were busy go out together, in one transaction.
+                    let mut batch = vec![(r, reply)];
+                    let mut other = None;
+                    while batch.len() < MAX_BATCH {
+                        match rx.try_recv() {
+                            Ok(Request::Assign(r, reply)) => batch.push((r, reply)),
+                            Ok(o) => {
+                                other = Some(o);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    st.serve_assigns(batch).await;
+                    if let Some(o) = other {
+                        st.serve(o).await;
+                    }
+                    false
+                }
                 Some(r) => { st.serve(r).await; false }
                 None => return,
             },
