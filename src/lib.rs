@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod bgp;
+pub mod cli;
 pub mod config;
 pub mod dataplane;
 pub mod datastore;

@@ -10,3 +10,5 @@ pub mod selector;
 
 pub use meta::{ConfigError, ObjectMeta, API_VERSION};
 pub use selector::{Selector, SelectorError};
+pub mod ipam_config;
+pub mod ippool;

@@ -1,0 +1,340 @@
+//! IPAM assignment rate and etcd round trips per assignment, beside the raw rate of etcd compare-and-swap
+//! transactions measured in the same run against the same etcd member (the physical ceiling).
+//!
+//! `cargo bench --bench ipam [-- --assigns N]`
+//!
+//! 1. raw CAS, 1 client: one etcd-client connection, sequential `Txn{ mod_revision(k) == r } then put(k)`;
+//! 2. raw CAS, 16 clients: 16 connections, each its own key, concurrently;
+//! 3. IPAM, 1 node, uncontended: sequential `NodeIpam::assign` (one IPv4 per pod, a new handle each);
+//! 4. IPAM, 8 nodes, contended: 8 node tasks assigning concurrently from two pools, one small enough that
+//!    half the nodes borrow from the others' blocks (the concurrency test's set-up).
+//!
+//! Target (issue 3): an uncontended assign costs exactly 1 etcd transaction and reaches >= 80% of the
+//! 1-client raw CAS rate.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
+use margay::cli::resources;
+use margay::datastore::{Datastore, DatastoreConfig};
+use margay::ipam::{AssignRequest, NodeInfo, NodeIpam};
+
+/// The tests' etcd launcher (free loopback ports, temporary data dir, killed on drop) and the helpers it needs.
+#[path = "../tests/common/etcd.rs"]
+mod etcd;
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local addr").port()
+}
+
+fn have(bin: &str) -> bool {
+    std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {bin} >/dev/null 2>&1"))
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+fn require(ok: bool, what: &str, why: &str) -> bool {
+    if !ok {
+        eprintln!("{what}: {why}");
+    }
+    ok
+}
+
+fn sh(cmd: &str) -> String {
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .expect("spawn sh");
+    assert!(out.status.success(), "command failed: {cmd}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+struct Run {
+    ops: usize,
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+}
+
+impl Run {
+    fn rate(&self) -> f64 {
+        self.ops as f64 / self.elapsed.as_secs_f64()
+    }
+    fn p(&self, q: f64) -> Duration {
+        let mut l = self.latencies.clone();
+        l.sort();
+        l.get(((l.len() as f64 - 1.0) * q) as usize)
+            .copied()
+            .unwrap_or_default()
+    }
+}
+
+/// `clients` connections, each doing `ops_per_client` sequential CAS transactions on its own key. With
+/// `block_sized`, each transaction also does what an IPAM assign does at the etcd level: the CAS'd value is a
+/// 5 KB block and a small new key (the handle) is created under a version == 0 guard in the same transaction.
+async fn raw_cas(endpoint: &str, clients: usize, ops_per_client: usize, block_sized: bool) -> Run {
+    static ROUND: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let round = ROUND.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let size = if block_sized { 5000 } else { 128 };
+    let mut tasks = Vec::new();
+    let start = Instant::now();
+    for c in 0..clients {
+        let ep = endpoint.to_string();
+        tasks.push(tokio::spawn(async move {
+            let mut client = Client::connect([ep.as_str()], None).await.expect("connect");
+            let key = format!("/bench/cas/{round}/{c}");
+            let put = client
+                .put(key.as_str(), vec![b'x'; size], None)
+                .await
+                .expect("put");
+            let mut rev = put.header().map(|h| h.revision()).unwrap_or(0);
+            let mut lat = Vec::with_capacity(ops_per_client);
+            for i in 0..ops_per_client {
+                let t = Instant::now();
+                let mut when = vec![Compare::mod_revision(key.as_str(), CompareOp::Equal, rev)];
+                let mut then = vec![TxnOp::put(key.as_str(), vec![b'y'; size], None)];
+                if block_sized {
+                    let h = format!("/bench/handle/{round}/{c}/{i}");
+                    when.push(Compare::version(h.as_str(), CompareOp::Equal, 0));
+                    then.push(TxnOp::put(h.as_str(), vec![b'h'; 60], None));
+                }
+                let txn = Txn::new().when(when).and_then(then);
+                let r = client.txn(txn).await.expect("txn");
+                assert!(r.succeeded(), "uncontended CAS must succeed");
+                rev = r.header().map(|h| h.revision()).unwrap_or(0);
+                lat.push(t.elapsed());
+            }
+            lat
+        }));
+    }
+    let mut latencies = Vec::new();
+    for t in tasks {
+        latencies.extend(t.await.expect("task"));
+    }
+    Run {
+        ops: clients * ops_per_client,
+        elapsed: start.elapsed(),
+        latencies,
+    }
+}
+
+fn pools(small: bool) -> String {
+    let mut y = String::from(
+        "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {name: big}\nspec: {cidr: 10.128.0.0/12, blockSize: 26}\n",
+    );
+    if small {
+        y.push_str("---\napiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {name: small}\nspec: {cidr: 10.1.0.0/22, blockSize: 24}\n");
+    }
+    y
+}
+
+fn request(node: usize, i: usize, two_pools: bool) -> AssignRequest {
+    AssignRequest {
+        handle_id: format!("k8s-pod-network.n{node}-c{i}"),
+        ipv4: true,
+        pools: two_pools.then(|| vec![if i % 2 == 0 { "small" } else { "big" }.to_string()]),
+        attributes: BTreeMap::from([
+            ("namespace".to_string(), "default".to_string()),
+            ("pod".to_string(), format!("pod-{node}-{i}")),
+        ]),
+        ..Default::default()
+    }
+}
+
+async fn start_nodes(ds: &Arc<Datastore>, nodes: usize) -> Vec<Arc<NodeIpam>> {
+    let mut handles = Vec::new();
+    for n in 0..nodes {
+        handles.push(Arc::new(
+            NodeIpam::start(ds.clone(), NodeInfo::new(&format!("bench-{nodes}-{n}")))
+                .await
+                .expect("node"),
+        ));
+    }
+    handles
+}
+
+/// Each node assigns `per_node` addresses (handles numbered from `first`), all nodes concurrently.
+async fn ipam(
+    ds: &Arc<Datastore>,
+    handles: &[Arc<NodeIpam>],
+    first: usize,
+    per_node: usize,
+    two_pools: bool,
+) -> (Run, f64) {
+    let nodes = handles.len();
+    let before = ds.stats();
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for (n, node) in handles.iter().enumerate() {
+        let node = node.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(per_node);
+            for i in first..first + per_node {
+                let t = Instant::now();
+                node.assign(request(n, i, two_pools)).await.expect("assign");
+                lat.push(t.elapsed());
+            }
+            lat
+        }));
+    }
+    let mut latencies = Vec::new();
+    for t in tasks {
+        latencies.extend(t.await.expect("task"));
+    }
+    let elapsed = start.elapsed();
+    let rt = (ds.stats().round_trips - before.round_trips) as f64 / (nodes * per_node) as f64;
+    (
+        Run {
+            ops: nodes * per_node,
+            elapsed,
+            latencies,
+        },
+        rt,
+    )
+}
+
+/// One node, `total` assigns issued `concurrency` at a time (a burst of pod ADDs): queued assigns share
+/// transactions.
+async fn ipam_burst(ds: &Arc<Datastore>, total: usize, concurrency: usize) -> (Run, f64) {
+    let node = start_nodes(ds, 1).await.remove(0);
+    let before = ds.stats();
+    let sem = Arc::new(tokio::sync::Semaphore::new(concurrency));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..total {
+        let node = node.clone();
+        let permit = sem.clone().acquire_owned().await.expect("semaphore");
+        tasks.push(tokio::spawn(async move {
+            let t = Instant::now();
+            let mut r = request(100, i, false);
+            r.handle_id = format!("burst-{i}");
+            node.assign(r).await.expect("assign");
+            drop(permit);
+            t.elapsed()
+        }));
+    }
+    let mut latencies = Vec::new();
+    for t in tasks {
+        latencies.push(t.await.expect("task"));
+    }
+    let elapsed = start.elapsed();
+    let rt = (ds.stats().round_trips - before.round_trips) as f64 / total as f64;
+    (
+        Run {
+            ops: total,
+            elapsed,
+            latencies,
+        },
+        rt,
+    )
+}
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    if !have("etcd") {
+        eprintln!("ipam bench: etcd is not installed (scripts/install-deps.sh)");
+        std::process::exit(1);
+    }
+    let assigns = arg("--assigns", 2000);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let etcd = etcd::Etcd::start();
+    let ep = etcd.endpoint();
+    rt.block_on(async {
+        let ds = Arc::new(Datastore::new(DatastoreConfig::new(std::slice::from_ref(&ep))).expect("datastore"));
+        resources::apply(&ds, &pools(true)).await.expect("pools");
+        // Warm up etcd before anything is measured.
+        raw_cas(&ep, 1, 200, false).await;
+
+        // The machine is shared: measure the uncontended assign and its anchors in alternating rounds and
+        // compare medians, so background load hits both alike.
+        let rounds = arg("--rounds", 5);
+        let per_round = assigns / rounds;
+        let one = start_nodes(&ds, 1).await;
+        let (mut raw1, mut rawb, mut ipam1, mut rt1s) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for r in 0..rounds {
+            raw1.push(raw_cas(&ep, 1, per_round, false).await);
+            rawb.push(raw_cas(&ep, 1, per_round, true).await);
+            let (run, rt) = ipam(&ds, &one, r * per_round, per_round, false).await;
+            ipam1.push(run);
+            rt1s.push(rt);
+        }
+        let raw16 = raw_cas(&ep, 16, assigns / 16 * 4, false).await;
+        let eight = start_nodes(&ds, 8).await;
+        let (run8, rt8) = ipam(&ds, &eight, 0, assigns / 8, true).await;
+        let (burst, rtb) = ipam_burst(&ds, assigns, 32).await;
+
+        let median = |runs: &[Run]| -> Run {
+            let mut v: Vec<&Run> = runs.iter().collect();
+            v.sort_by(|a, b| a.rate().total_cmp(&b.rate()));
+            let m = v[v.len() / 2];
+            Run {
+                ops: m.ops,
+                elapsed: m.elapsed,
+                latencies: runs.iter().flat_map(|r| r.latencies.clone()).collect(),
+            }
+        };
+        let rates = |runs: &[Run]| runs.iter().map(|r| format!("{:.0}", r.rate())).collect::<Vec<_>>().join(", ");
+        println!(
+            "etcd {} on loopback, data dir on disk; {rounds} alternating rounds of {per_round} ops for the 1-client rows (median round shown, latency over all rounds)",
+            etcd_version()
+        );
+        println!("| what | ops/s | etcd round trips per op | p50 | p99 |");
+        println!("|---|---|---|---|---|");
+        let row = |name: &str, r: &Run, rt: &str| {
+            println!(
+                "| {name} | {:.0} | {rt} | {:.2} ms | {:.2} ms |",
+                r.rate(),
+                r.p(0.5).as_secs_f64() * 1e3,
+                r.p(0.99).as_secs_f64() * 1e3
+            );
+        };
+        let (m_raw1, m_rawb, m_ipam1) = (median(&raw1), median(&rawb), median(&ipam1));
+        let rt1 = rt1s.iter().cloned().fold(0.0, f64::max);
+        row("raw etcd CAS txn, 1 client", &m_raw1, "1");
+        row("raw etcd CAS txn, 1 client, IPAM-sized (5 KB CAS + handle create)", &m_rawb, "1");
+        row("IPAM assign, 1 node, uncontended", &m_ipam1, &format!("{rt1:.3}"));
+        row("raw etcd CAS txn, 16 clients", &raw16, "1");
+        row("IPAM assign, 8 nodes, contended (two pools, half borrowing)", &run8, &format!("{rt8:.3}"));
+        row("IPAM assign, 1 node, bursts of 32 concurrent ADDs (batched)", &burst, &format!("{rtb:.3}"));
+        println!("per-round ops/s: raw CAS [{}]; IPAM-sized CAS [{}]; IPAM assign [{}]", rates(&raw1), rates(&rawb), rates(&ipam1));
+        let ratio = m_ipam1.rate() / m_raw1.rate();
+        println!(
+            "uncontended assign: {rt1:.3} etcd round trips per assign (target 1), {:.0}% of the 1-client raw CAS rate (target >= 80%): {}; {:.0}% of the IPAM-sized CAS rate",
+            ratio * 100.0,
+            if rt1 <= 1.0 + 1e-9 && ratio >= 0.8 { "MET" } else { "NOT MET" },
+            m_ipam1.rate() / m_rawb.rate() * 100.0
+        );
+    });
+    drop(etcd);
+}
+
+fn etcd_version() -> String {
+    std::process::Command::new("etcd")
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| {
+            s.lines()
+                .next()
+                .map(|l| l.trim_start_matches("etcd Version: ").to_string())
+        })
+        .unwrap_or_else(|| "?".into())
+}

@@ -1,0 +1,214 @@
+//! The operator CLI (`calicoctl`-like) against the datastore: `ipam show/check/release`, `node remove`,
+//! `apply -f`, `get`, `delete`. main.rs only parses and dispatches here; every command returns the text to
+//! print, so tests call the same functions the binary does.
+
+pub mod ipam;
+pub mod resources;
+pub mod table;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::ConfigError;
+use crate::datastore::{Datastore, DatastoreConfig, DatastoreError, TlsFiles};
+use crate::ipam::IpamError;
+
+pub use resources::Output;
+
+/// What a CLI command can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Datastore(#[from] DatastoreError),
+    #[error(transparent)]
+    Ipam(#[from] IpamError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Usage(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// How to reach etcd (shared by every datastore command).
+#[derive(Debug, Clone, clap::Args)]
+pub struct EtcdArgs {
+    /// etcd endpoints, comma separated (host:port or URL).
+    #[arg(
+        long,
+        env = "ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:2379",
+        global = true
+    )]
+    pub etcd_endpoints: Vec<String>,
+    /// CA certificate (PEM) to verify etcd.
+    #[arg(long, env = "ETCD_CA_CERT_FILE", global = true)]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) when etcd requires one.
+    #[arg(long, env = "ETCD_CERT_FILE", global = true)]
+    pub etcd_cert: Option<PathBuf>,
+    /// Client key (PEM).
+    #[arg(long, env = "ETCD_KEY_FILE", global = true)]
+    pub etcd_key: Option<PathBuf>,
+    /// Give up on etcd after this many seconds of retries.
+    #[arg(long, default_value_t = 10, global = true)]
+    pub etcd_timeout: u64,
+}
+
+impl EtcdArgs {
+    /// Build the datastore these flags describe.
+    pub fn datastore(&self) -> Result<Arc<Datastore>, CliError> {
+        let mut cfg = DatastoreConfig::new(&self.etcd_endpoints);
+        cfg.retry_for = Duration::from_secs(self.etcd_timeout);
+        if let Some(ca) = &self.etcd_ca {
+            cfg.tls = Some(TlsFiles {
+                ca: ca.clone(),
+                cert: self.etcd_cert.clone(),
+                key: self.etcd_key.clone(),
+            });
+        } else if self.etcd_cert.is_some() || self.etcd_key.is_some() {
+            return Err(CliError::Usage(
+                "--etcd-cert/--etcd-key need --etcd-ca".into(),
+            ));
+        }
+        Ok(Arc::new(Datastore::new(cfg)?))
+    }
+}
+
+/// `margay ipam ...`
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum IpamCmd {
+    /// Pool (and block) usage.
+    Show {
+        /// A row per block under each pool.
+        #[arg(long)]
+        show_blocks: bool,
+        /// Addresses borrowed from other nodes' blocks.
+        #[arg(long)]
+        show_borrowed: bool,
+    },
+    /// Look for inconsistencies; ends with "found N problems".
+    Check {
+        /// File listing handle ids of live containers (one per line): other allocations are reported as
+        /// allocated but not in use.
+        #[arg(long)]
+        live_handles: Option<PathBuf>,
+    },
+    /// Release an address or everything a handle owns.
+    Release {
+        #[arg(long, conflicts_with = "handle", required_unless_present = "handle")]
+        ip: Option<std::net::IpAddr>,
+        #[arg(long)]
+        handle: Option<String>,
+    },
+}
+
+/// `margay node ...` (datastore side).
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum NodeCmd {
+    /// Remove a node from IPAM: its affinities, its blocks (releasing their addresses) and handles.
+    Remove { name: String },
+}
+
+/// Run an `ipam` command; returns the text to print.
+pub async fn run_ipam(etcd: &EtcdArgs, cmd: &IpamCmd) -> Result<String, CliError> {
+    let ds = etcd.datastore()?;
+    match cmd {
+        IpamCmd::Show {
+            show_blocks,
+            show_borrowed,
+        } => ipam::show(&ds, *show_blocks, *show_borrowed).await,
+        IpamCmd::Check { live_handles } => {
+            let live = match live_handles {
+                Some(p) => Some(
+                    read(p)?
+                        .lines()
+                        .map(|l| l.trim().to_string())
+                        .filter(|l| !l.is_empty())
+                        .collect(),
+                ),
+                None => None,
+            };
+            Ok(ipam::check(&ds, live.as_ref()).await?.1)
+        }
+        IpamCmd::Release { ip, handle } => ipam::release(&ds, *ip, handle.as_deref()).await,
+    }
+}
+
+/// Run a `node` command.
+pub async fn run_node(etcd: &EtcdArgs, cmd: &NodeCmd) -> Result<String, CliError> {
+    let ds = etcd.datastore()?;
+    match cmd {
+        NodeCmd::Remove { name } => {
+            let r = crate::ipam::ops::remove_node(&ds, name).await?;
+            Ok(format!(
+                "Removed node {name:?} from IPAM: {} affinities, {} blocks deleted, {} blocks kept for other nodes' addresses, {} addresses released\n",
+                r.affinities_deleted, r.blocks_deleted, r.blocks_released, r.addresses_released
+            ))
+        }
+    }
+}
+
+/// `apply -f FILE` (`-` = stdin).
+pub async fn run_apply(etcd: &EtcdArgs, file: &std::path::Path) -> Result<String, CliError> {
+    let text = read(file)?;
+    let ds = etcd.datastore()?;
+    Ok(resources::apply(&ds, &text).await?.join("\n") + "\n")
+}
+
+/// `get KIND [NAME] [-o ...]`.
+pub async fn run_get(
+    etcd: &EtcdArgs,
+    kind: &str,
+    name: Option<&str>,
+    output: Output,
+) -> Result<String, CliError> {
+    let ds = etcd.datastore()?;
+    resources::get(&ds, kind, name, output).await
+}
+
+/// `delete KIND NAME` or `delete -f FILE`.
+pub async fn run_delete(
+    etcd: &EtcdArgs,
+    kind: Option<&str>,
+    name: Option<&str>,
+    file: Option<&std::path::Path>,
+) -> Result<String, CliError> {
+    let ds = etcd.datastore()?;
+    let targets = match (kind, name, file) {
+        (_, _, Some(f)) => resources::names_in(&read(f)?)?,
+        (Some(k), Some(n), None) => vec![(k.to_string(), n.to_string())],
+        (Some(k), None, None) if resources::kind(k)?.kind == crate::config::ipam_config::KIND => {
+            vec![(k.to_string(), crate::config::ipam_config::NAME.to_string())]
+        }
+        _ => {
+            return Err(CliError::Usage(
+                "delete KIND NAME, or delete -f FILE".into(),
+            ))
+        }
+    };
+    let mut out = String::new();
+    for (k, n) in targets {
+        out.push_str(&resources::delete(&ds, &k, &n).await?);
+    }
+    Ok(out)
+}
+
+fn read(p: &std::path::Path) -> Result<String, CliError> {
+    let r = if p.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin())
+    } else {
+        std::fs::read_to_string(p)
+    };
+    r.map_err(|source| CliError::Io {
+        path: p.display().to_string(),
+        source,
+    })
+}

@@ -1,0 +1,441 @@
+//! A node's in-memory picture of the IPAM state (every block, the pools, the IPAM configuration), kept current by
+//! watch events and by the answers of its own transactions, and the pure planning on top of it: which block an
+//! address should come from. No I/O: the node task owns one `View` and does the round trips.
+//!
+//! Every entry carries the etcd `mod_revision` it was read at, so an older event never overwrites a newer answer
+//! and a write can be guarded by exactly the revision the plan was made from.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use ipnetwork::IpNetwork;
+
+use super::block::Block;
+use super::candidates::{block_containing, candidates, fnv1a32};
+use crate::config::ipam_config::{IpamConfigSpec, StoredIpamConfig};
+use crate::config::ippool::{AllowedUse, IpPool, PLURAL};
+use crate::datastore::{keys, WatchEvent, WatchEventKind};
+
+/// A node as IPAM needs it: its name and labels (for pools' nodeSelector).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NodeInfo {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl NodeInfo {
+    pub fn new(name: &str) -> NodeInfo {
+        NodeInfo {
+            name: name.to_string(),
+            labels: BTreeMap::new(),
+        }
+    }
+}
+
+/// A value and the revision it was last written at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cached<T> {
+    pub value: T,
+    pub mod_revision: i64,
+}
+
+/// Address family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub fn of(net: &IpNetwork) -> Family {
+        if net.is_ipv4() {
+            Family::V4
+        } else {
+            Family::V6
+        }
+    }
+    pub fn of_ip(ip: &IpAddr) -> Family {
+        if ip.is_ipv4() {
+            Family::V4
+        } else {
+            Family::V6
+        }
+    }
+}
+
+impl std::fmt::Display for Family {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        })
+    }
+}
+
+/// Where the next address of a family should come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Choice {
+    /// A block affine to this node with a free address.
+    Affine(IpNetwork),
+    /// A block that does not exist yet: claim it (create block + affinity in the same transaction).
+    Claim(IpNetwork),
+    /// Another node's block (strictAffinity is false and nothing can be claimed): the address is borrowed and
+    /// must be advertised as a host route.
+    Borrow(IpNetwork),
+}
+
+/// The node's picture.
+#[derive(Debug, Clone, Default)]
+pub struct View {
+    pub node: NodeInfo,
+    pub blocks: BTreeMap<IpNetwork, Cached<Block>>,
+    /// Blocks known to be absent as of a revision: older puts are stale.
+    absent: BTreeMap<IpNetwork, i64>,
+    pub pools: BTreeMap<String, Cached<IpPool>>,
+    pub config: IpamConfigSpec,
+    config_revision: i64,
+}
+
+impl View {
+    pub fn new(node: NodeInfo) -> View {
+        View {
+            node,
+            ..Default::default()
+        }
+    }
+
+    fn me(&self) -> &str {
+        &self.node.name
+    }
+
+    /// Record a block's state at `revision` (None = absent), unless we already know a newer one.
+    pub fn apply_block(&mut self, cidr: IpNetwork, block: Option<Block>, revision: i64) {
+        if let Some(c) = self.blocks.get(&cidr) {
+            if c.mod_revision >= revision {
+                return;
+            }
+        }
+        if let Some(&r) = self.absent.get(&cidr) {
+            if r >= revision {
+                return;
+            }
+        }
+        match block {
+            Some(b) => {
+                self.absent.remove(&cidr);
+                self.blocks.insert(
+                    cidr,
+                    Cached {
+                        value: b,
+                        mod_revision: revision,
+                    },
+                );
+            }
+            None => {
+                self.blocks.remove(&cidr);
+                self.absent.insert(cidr, revision);
+            }
+        }
+    }
+
+    /// Apply one watch event (blocks, pools, IPAM configuration; other keys are ignored).
+    pub fn apply_event(&mut self, ev: &WatchEvent) {
+        if let Some(cidr) = keys::parse_block_key(&ev.key) {
+            // Our own writes come back through the watch: skip the parse when we already hold this revision.
+            if self
+                .blocks
+                .get(&cidr)
+                .is_some_and(|c| c.mod_revision >= ev.mod_revision)
+            {
+                return;
+            }
+            let block = match ev.kind {
+                WatchEventKind::Put => match serde_json::from_slice::<Block>(&ev.value) {
+                    Ok(b) => Some(b),
+                    Err(e) => {
+                        tracing::warn!(key = %ev.key, error = %e, "ignoring a block that does not parse");
+                        return;
+                    }
+                },
+                WatchEventKind::Delete => None,
+            };
+            self.apply_block(cidr, block, ev.mod_revision);
+        } else if let Some(name) = ev.key.strip_prefix(&keys::resource_prefix(PLURAL)) {
+            self.apply_pool(name, ev.kind, &ev.value, ev.mod_revision);
+        } else if ev.key == keys::IPAM_CONFIG_KEY {
+            self.apply_config(ev.kind, &ev.value, ev.mod_revision);
+        }
+    }
+
+    pub fn apply_pool(&mut self, name: &str, kind: WatchEventKind, value: &[u8], rev: i64) {
+        if let Some(c) = self.pools.get(name) {
+            if c.mod_revision >= rev {
+                return;
+            }
+        }
+        match kind {
+            WatchEventKind::Delete => {
+                self.pools.remove(name);
+            }
+            WatchEventKind::Put => match serde_json::from_slice::<IpPool>(value) {
+                Ok(p) => {
+                    self.pools.insert(
+                        name.to_string(),
+                        Cached {
+                            value: p,
+                            mod_revision: rev,
+                        },
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(pool = name, error = %e, "ignoring a pool that does not parse")
+                }
+            },
+        }
+    }
+
+    pub fn apply_config(&mut self, kind: WatchEventKind, value: &[u8], rev: i64) {
+        if rev < self.config_revision {
+            return;
+        }
+        self.config_revision = rev;
+        self.config = match kind {
+            WatchEventKind::Delete => IpamConfigSpec::default(),
+            WatchEventKind::Put => match serde_json::from_slice::<StoredIpamConfig>(value) {
+                Ok(c) => c.into(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "ignoring an IPAM configuration that does not parse");
+                    return;
+                }
+            },
+        };
+    }
+
+    /// The pool a block belongs to.
+    pub fn pool_of(&self, block: &IpNetwork) -> Option<&IpPool> {
+        self.pools.values().map(|c| &c.value).find(|p| {
+            p.spec.cidr.is_ipv4() == block.is_ipv4() && p.spec.cidr.contains(block.network())
+        })
+    }
+
+    /// Pools this node may take workload addresses of `family` from, in name order; restricted to `only` when
+    /// the request names pools.
+    pub fn usable_pools(&self, family: Family, only: Option<&[String]>) -> Vec<&IpPool> {
+        self.pools
+            .values()
+            .map(|c| &c.value)
+            .filter(|p| Family::of(&p.spec.cidr) == family)
+            .filter(|p| !p.spec.disabled && p.allows(AllowedUse::Workload))
+            .filter(|p| only.is_none_or(|o| o.iter().any(|n| n == p.name())))
+            // A pool named explicitly is used even if its nodeSelector does not match (as Calico does).
+            .filter(|p| only.is_some() || p.selects_node(&self.node.labels))
+            .collect()
+    }
+
+    /// Blocks affine to this node.
+    pub fn my_blocks(&self) -> impl Iterator<Item = &Cached<Block>> + '_ {
+        self.blocks
+            .values()
+            .filter(move |c| c.value.host() == Some(self.me()))
+    }
+
+    /// Decide where the next address of `family` comes from. `skip`: blocks this request found taken.
+    pub fn plan(
+        &self,
+        family: Family,
+        only: Option<&[String]>,
+        skip: &BTreeSet<IpNetwork>,
+    ) -> Result<Choice, String> {
+        let pools = self.usable_pools(family, only);
+        if pools.is_empty() {
+            return Err(format!(
+                "no enabled {family} pool selects node {:?}{}",
+                self.me(),
+                only.map(|o| format!(" among {o:?}")).unwrap_or_default()
+            ));
+        }
+        let in_pools = |b: &IpNetwork| pools.iter().any(|p| p.spec.cidr.contains(b.network()));
+        // 1. An affine block with room.
+        if let Some(c) = self.my_blocks().find(|c| {
+            Family::of(&c.value.cidr) == family
+                && c.value.free_count() > 0
+                && !skip.contains(&c.value.cidr)
+                && in_pools(&c.value.cidr)
+        }) {
+            return Ok(Choice::Affine(c.value.cidr));
+        }
+        // 2. Claim a new block.
+        let mine = self.my_blocks().count();
+        let max = self.config.max_blocks_per_host as usize;
+        let may_claim = self.config.auto_allocate_blocks && (max == 0 || mine < max);
+        if may_claim {
+            for p in &pools {
+                let existing = self
+                    .blocks
+                    .keys()
+                    .filter(|b| p.spec.cidr.contains(b.network()))
+                    .count();
+                // Among existing + skipped + 1 distinct candidates at least one is free, if any is.
+                let budget = existing + skip.len() + 1;
+                for cand in candidates(&p.spec.cidr, p.block_size(), self.me()).take(budget) {
+                    if !self.blocks.contains_key(&cand) && !skip.contains(&cand) {
+                        return Ok(Choice::Claim(cand));
+                    }
+                }
+            }
+        }
+        // 3. Borrow.
+        if !self.config.strict_affinity {
+            let others: Vec<IpNetwork> = self
+                .blocks
+                .values()
+                .filter(|c| {
+                    Family::of(&c.value.cidr) == family
+                        && c.value.host() != Some(self.me())
+                        && c.value.free_count() > 0
+                        && !skip.contains(&c.value.cidr)
+                        && in_pools(&c.value.cidr)
+                })
+                .map(|c| c.value.cidr)
+                .collect();
+            if !others.is_empty() {
+                // Spread borrowers over the candidates so they do not all race for the same block.
+                let start = fnv1a32(self.me()) as usize % others.len();
+                return Ok(Choice::Borrow(others[start]));
+            }
+        }
+        let why = if !self.config.auto_allocate_blocks {
+            "autoAllocateBlocks is false".to_string()
+        } else if !may_claim {
+            format!("node holds {mine} blocks, maxBlocksPerHost is {max}")
+        } else {
+            "every block of the pools is claimed".to_string()
+        };
+        Err(format!(
+            "no free {family} address for node {:?}: {why}{}",
+            self.me(),
+            if self.config.strict_affinity {
+                " and strictAffinity forbids borrowing"
+            } else {
+                " and no block has a free address to borrow"
+            }
+        ))
+    }
+
+    /// Where a specific address comes from: its existing block, or a claim of the block containing it.
+    pub fn plan_ip(&self, ip: IpAddr) -> Result<Choice, String> {
+        if let Some(c) = self.blocks.values().find(|c| c.value.cidr.contains(ip)) {
+            return Ok(if c.value.host() == Some(self.me()) {
+                Choice::Affine(c.value.cidr)
+            } else {
+                Choice::Borrow(c.value.cidr)
+            });
+        }
+        let pool = self
+            .pools
+            .values()
+            .map(|c| &c.value)
+            .find(|p| p.spec.cidr.contains(ip))
+            .ok_or_else(|| format!("{ip} is not inside any IP pool"))?;
+        if pool.spec.disabled {
+            return Err(format!(
+                "{ip} is in pool {:?}, which is disabled",
+                pool.name()
+            ));
+        }
+        block_containing(ip, pool.block_size())
+            .map(Choice::Claim)
+            .ok_or_else(|| format!("{ip}: bad block size {}", pool.block_size()))
+    }
+
+    /// Addresses allocated to this node in blocks affine to other nodes: BGP must advertise them as /32 (/128).
+    pub fn borrowed(&self) -> Vec<(IpAddr, IpNetwork)> {
+        let mut out = Vec::new();
+        for c in self.blocks.values() {
+            if c.value.host() == Some(self.me()) {
+                continue;
+            }
+            for (ip, a) in c.value.allocated() {
+                let node = a
+                    .secondary
+                    .as_ref()
+                    .and_then(|s| s.get(super::block::ATTR_NODE));
+                if node.map(String::as_str) == Some(self.me()) {
+                    out.push((ip, c.value.cidr));
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(node: &str) -> View {
+        let mut v = View::new(NodeInfo::new(node));
+        let p = IpPool::new("p", "10.0.0.0/24".parse().unwrap());
+        v.pools.insert(
+            "p".into(),
+            Cached {
+                value: p,
+                mod_revision: 1,
+            },
+        );
+        v
+    }
+
+    #[test]
+    fn plan_prefers_affine_then_claim_then_borrow() {
+        let mut v = view("a");
+        let skip = BTreeSet::new();
+        let Ok(Choice::Claim(first)) = v.plan(Family::V4, None, &skip) else {
+            panic!("expected a claim")
+        };
+        v.apply_block(first, Some(Block::for_node(first, "a", 0)), 5);
+        assert_eq!(v.plan(Family::V4, None, &skip), Ok(Choice::Affine(first)));
+        // Fill the pool with other nodes' blocks.
+        for (i, c) in candidates(&"10.0.0.0/24".parse().unwrap(), 26, "a").enumerate() {
+            if c != first {
+                v.apply_block(c, Some(Block::for_node(c, &format!("o{i}"), 0)), 6);
+            }
+        }
+        let mut full = v.blocks[&first].value.clone();
+        full.assign(64, "h", &BTreeMap::new());
+        v.apply_block(first, Some(full), 7);
+        assert!(matches!(
+            v.plan(Family::V4, None, &skip),
+            Ok(Choice::Borrow(_))
+        ));
+        v.config.strict_affinity = true;
+        let e = v.plan(Family::V4, None, &skip).unwrap_err();
+        assert!(e.contains("strictAffinity"), "{e}");
+        assert!(v
+            .plan(Family::V6, None, &skip)
+            .unwrap_err()
+            .contains("no enabled IPv6 pool"));
+    }
+
+    #[test]
+    fn stale_events_never_overwrite_newer_state() {
+        let mut v = view("a");
+        let c: IpNetwork = "10.0.0.0/26".parse().unwrap();
+        v.apply_block(c, Some(Block::for_node(c, "a", 0)), 10);
+        v.apply_block(c, Some(Block::for_node(c, "b", 0)), 9);
+        assert_eq!(v.blocks[&c].value.host(), Some("a"));
+        v.apply_block(c, None, 12);
+        v.apply_block(c, Some(Block::for_node(c, "b", 0)), 11);
+        assert!(!v.blocks.contains_key(&c));
+        v.config.max_blocks_per_host = 1;
+        v.apply_block(c, Some(Block::for_node(c, "a", 0)), 13);
+        let mut full = v.blocks[&c].value.clone();
+        full.assign(64, "h", &BTreeMap::new());
+        v.apply_block(c, Some(full), 14);
+        v.config.strict_affinity = true;
+        assert!(v
+            .plan(Family::V4, None, &BTreeSet::new())
+            .unwrap_err()
+            .contains("maxBlocksPerHost is 1"));
+    }
+}
