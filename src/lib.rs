@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod bgp;
+pub mod cni;
 pub mod config;
 pub mod dataplane;
 pub mod datastore;
