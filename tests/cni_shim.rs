@@ -544,7 +544,8 @@ async fn backend_errors_and_log_file() {
             "40 blocks, 0 free",
         )),
     );
-    let log = h.dir.path().join("cni.log");
+    // The directory does not exist yet: the shim creates it, as on a fresh node.
+    let log = h.dir.path().join("log/margay/cni.log");
     let conf = h.conf(
         "0.4.0",
         json!({"log_file": log.to_string_lossy(), "log_level": "info"}),

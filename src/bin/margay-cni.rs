@@ -286,6 +286,10 @@ struct Logger {
 
 impl Logger {
     fn open(path: &str, level: LogLevel) -> Logger {
+        // The conflist points at /var/log/margay/cni.log; nothing else creates that directory on the host.
+        if let Some(dir) = Path::new(path).parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
         let file = OpenOptions::new().create(true).append(true).open(path);
         if let Err(e) = &file {
             eprintln!("margay-cni: cannot open log_file {path}: {e}");
