@@ -688,3 +688,48 @@ fn shim_links_no_tokio_or_etcd() {
         assert_eq!(n, 0, "margay-cni links {n} {forbidden} symbols");
     }
 }
+
+/// A shim from another release (other protocol number) or a client sending garbage gets a clear error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_mismatch_and_garbage_are_answered() {
+    use margay::cni::proto::{call, Command, Outcome, Request};
+    let h = Harness::start().await;
+    let conf = margay::cni::types::NetConf::parse(h.conf("1.0.0", json!({})).as_bytes()).unwrap();
+    let mut req = Request::new(
+        Command::Add,
+        Some("c1".into()),
+        Some(NS.into()),
+        Some("eth0".into()),
+        Default::default(),
+        &conf,
+    );
+    req.protocol = 2;
+    let socket = h.socket.clone();
+    let resp = tokio::task::spawn_blocking(move || call(&socket, &req, Duration::from_secs(30)))
+        .await
+        .unwrap()
+        .unwrap();
+    match resp.outcome {
+        Outcome::Error(e) => {
+            assert_eq!(e.code, 101);
+            assert!(e.msg.contains("protocol 2"), "{e}");
+        }
+        other => panic!("expected an error, got {other:?}"),
+    }
+
+    let socket = h.socket.clone();
+    let raw = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        s.write_all(b"{\"hello\":").unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    })
+    .await
+    .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&raw).unwrap();
+    assert_eq!(v["outcome"]["error"]["code"], 6, "{v}");
+    assert!(h.backend.events().is_empty());
+}
