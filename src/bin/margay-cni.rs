@@ -323,6 +323,10 @@ fn utc_now() -> String {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
+    rfc3339(now)
+}
+
+fn rfc3339(now: Duration) -> String {
     let secs = now.as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);
     // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
@@ -342,4 +346,24 @@ fn utc_now() -> String {
         rem % 60,
         now.subsec_millis()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rfc3339;
+    use std::time::Duration;
+
+    #[test]
+    fn timestamps_are_rfc3339_utc() {
+        assert_eq!(rfc3339(Duration::ZERO), "1970-01-01T00:00:00.000Z");
+        // A century leap day, with milliseconds.
+        assert_eq!(
+            rfc3339(Duration::from_millis(951_827_696_789)),
+            "2000-02-29T12:34:56.789Z"
+        );
+        assert_eq!(
+            rfc3339(Duration::from_secs(1_795_319_297)),
+            "2026-11-22T03:48:17.000Z"
+        );
+    }
 }

@@ -86,9 +86,10 @@ pub struct Request {
     pub prev_result: Option<CniResult>,
     #[serde(default)]
     pub runtime_config: Option<Value>,
-    /// GC: attachments the runtime still uses.
+    /// GC: attachments the runtime still uses. `None` (the key was absent) is refused for GC: it must never
+    /// read as "nothing is valid" and release every pod of the node.
     #[serde(default)]
-    pub valid_attachments: Vec<ValidAttachment>,
+    pub valid_attachments: Option<Vec<ValidAttachment>>,
 }
 
 impl Request {
@@ -114,7 +115,7 @@ impl Request {
             ipv6_pools: conf.ipv6_pools.clone(),
             prev_result: conf.prev_result.clone(),
             runtime_config: conf.runtime_config.clone(),
-            valid_attachments: conf.valid_attachments.clone().unwrap_or_default(),
+            valid_attachments: conf.valid_attachments.clone(),
         }
     }
 }

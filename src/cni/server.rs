@@ -447,17 +447,23 @@ impl<B: CniBackend> Inner<B> {
                 }))
                 .await
                 .map(|()| None),
-            Command::Gc => {
-                set(Phase::WaitingForGc);
-                let _gate = self.gc_gate.write().await;
-                set(Phase::InBackend);
-                self.bounded(self.backend.gc(GcRequest {
-                    network: req.network.clone(),
-                    valid_attachments: req.valid_attachments.clone(),
-                }))
-                .await
-                .map(|()| None)
-            }
+            Command::Gc => match req.valid_attachments.clone() {
+                None => Err(CniError::invalid_config(
+                    "GC needs \"cni.dev/valid-attachments\" in the configuration (an empty list \
+                         releases every attachment of the network; a missing one releases nothing)",
+                )),
+                Some(valid_attachments) => {
+                    set(Phase::WaitingForGc);
+                    let _gate = self.gc_gate.write().await;
+                    set(Phase::InBackend);
+                    self.bounded(self.backend.gc(GcRequest {
+                        network: req.network.clone(),
+                        valid_attachments,
+                    }))
+                    .await
+                    .map(|()| None)
+                }
+            },
         };
         let took = started.elapsed();
         match result {
