@@ -96,8 +96,9 @@ fn daemonset_mounts_and_probes_match_the_daemon() {
             "{probe}"
         );
     }
-    // install-cni writes both files the kubelet needs.
+    // install-cni writes both files the kubelet needs; the binary under the name the conflist's "type"
+    // makes the runtime execute.
     let script = spec["initContainers"][0]["command"][2].as_str().unwrap();
-    assert!(script.contains("/host/opt/cni/bin/margay-cni"));
+    assert!(script.contains("mv -f /host/opt/cni/bin/.margay.tmp /host/opt/cni/bin/margay\n"));
     assert!(script.contains("/host/etc/cni/net.d/10-margay.conflist"));
 }

@@ -18,8 +18,11 @@ use serde_json::{Map, Value};
 
 /// Where the daemon listens unless the network configuration says otherwise.
 pub const DEFAULT_SOCKET: &str = "/var/run/margay/cni.sock";
-/// The plugin `type` margay answers to.
+/// The plugin `type` margay answers to. The runtime executes the file named by `type` in its CNI bin
+/// directory, so the shim is installed there as `margay` (install-cni copies `margay-cni` to that name);
+/// `margay-cni` is accepted too, for setups that install the binary under its own name.
 pub const PLUGIN_TYPE: &str = "margay";
+const PLUGIN_TYPE_ALIAS: &str = "margay-cni";
 
 /// The CNI spec versions margay speaks. Results are encoded in the version of the configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -434,7 +437,7 @@ impl NetConf {
             .ok_or_else(|| CniError::invalid_config("field \"name\" is missing or empty"))?
             .to_string();
         match s("type")? {
-            Some(PLUGIN_TYPE) => {}
+            Some(PLUGIN_TYPE | PLUGIN_TYPE_ALIAS) => {}
             Some(other) => {
                 return Err(CniError::invalid_config(format!(
                     "field \"type\" is {other:?}; margay-cni handles type \"margay\""

@@ -3,6 +3,8 @@
 //! environment with the CNI_* variables, the configuration on stdin).
 #![allow(dead_code)]
 
+pub mod veth;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Stdio;
