@@ -733,3 +733,58 @@ async fn protocol_mismatch_and_garbage_are_answered() {
     assert_eq!(v["outcome"]["error"]["code"], 6, "{v}");
     assert!(h.backend.events().is_empty());
 }
+
+/// etcd down during DEL (the backend says "try again", 11): the shim still succeeds, the server keeps the DEL
+/// in the spool and its sweep finishes it; an ADD of the same container first runs the pending DEL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_del_failure_is_spooled_retried_and_ordered_before_a_new_add() {
+    let h = Harness::start_with(|c| c.spool_sweep_interval = Duration::from_millis(100)).await;
+    let conf = h.conf("1.0.0", json!({}));
+    shim(&env_for("ADD", "d1", NS), &conf).await.ok();
+    let etcd_down = CniError::try_again("etcd 10.0.0.1:2379 unreachable", "");
+    h.backend.state.lock().unwrap().del_error = Some(etcd_down.clone());
+    shim(&env_for("DEL", "d1", NS), &conf).await.ok();
+    let spool = h.socket.parent().unwrap().join("pending-del/d1+eth0.json");
+    assert!(spool.exists());
+    h.backend.state.lock().unwrap().del_error = None;
+    while spool.exists() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        h.backend.state.lock().unwrap().allocs.is_empty(),
+        "released by the sweep"
+    );
+
+    // No sweep this time: the ADD itself runs the pending DEL first.
+    let h = Harness::start_with(|c| c.spool_sweep_interval = Duration::from_secs(3600)).await;
+    let conf = h.conf("1.0.0", json!({}));
+    shim(&env_for("ADD", "d2", NS), &conf).await.ok();
+    h.backend.state.lock().unwrap().del_error = Some(etcd_down);
+    shim(&env_for("DEL", "d2", NS), &conf).await.ok();
+    h.backend.state.lock().unwrap().del_error = None;
+    shim(&env_for("ADD", "d2", NS), &conf).await.ok();
+    let ev = h.backend.events();
+    assert_eq!(
+        ev,
+        vec![
+            "add-start d2",
+            "add-done d2",
+            "del-failed d2",
+            "del d2",
+            "add-start d2",
+            "add-done d2"
+        ]
+    );
+    assert!(!h
+        .socket
+        .parent()
+        .unwrap()
+        .join("pending-del/d2+eth0.json")
+        .exists());
+
+    // With spooling off the runtime sees the error.
+    let h = Harness::start_with(|c| c.spool_transient_del_failures = false).await;
+    let conf = h.conf("1.0.0", json!({}));
+    h.backend.state.lock().unwrap().del_error = Some(CniError::try_again("etcd down", ""));
+    assert_eq!(shim(&env_for("DEL", "d3", NS), &conf).await.code(), 11);
+}

@@ -7,7 +7,9 @@
 //!
 //! DEL while the daemon is down: the shim records the DEL in `<socket dir>/pending-del/` and exits 0, so
 //! kubelet can finish tearing the pod down (the veth dies with the netns anyway); the server replays the spool
-//! before it accepts its first request and then every `spool_sweep_interval`, releasing the addresses.
+//! before it accepts its first request and then every `spool_sweep_interval`, releasing the addresses. A DEL
+//! the backend cannot do now (code 11, e.g. etcd unreachable) is spooled the same way by the server, and an
+//! ADD of a container with a spooled DEL runs that DEL first, so the spool never reorders DEL and ADD.
 
 pub mod backend;
 pub mod proto;

@@ -7,7 +7,8 @@
 //!                                        │                    deadline ───────┤ GC gate (GC excludes all)
 //!                                        │                                    ▼
 //!                                        │                              CniBackend::{add,del,check,status,gc}
-//!                                        └─ every spool_sweep_interval: replay DELs the shim spooled
+//!                                        └─ every spool_sweep_interval: replay spooled DELs (written by the
+//!                                           shim while we were down, or by us when a DEL failed with 11)
 //! ```
 //!
 //! Guarantees: requests run concurrently; requests for the same container id run one after the other, in
@@ -38,7 +39,8 @@ use tracing::{debug, info, warn};
 
 use super::backend::{CniBackend, DelRequest, GcRequest, PodRequest, StatusRequest};
 use super::proto::{
-    spool_dir, Command, Outcome, Request, Response, MAX_MESSAGE_BYTES, PROTOCOL_VERSION,
+    spool_dir, spool_file_name, write_spool, Command, Outcome, Request, Response,
+    MAX_MESSAGE_BYTES, PROTOCOL_VERSION,
 };
 use super::types::{codes, CniError, CniResult, DEFAULT_SOCKET};
 
@@ -55,6 +57,10 @@ pub struct ServerConfig {
     pub max_in_flight: usize,
     /// How often spooled DELs are retried (they are always replayed once before the first accept).
     pub spool_sweep_interval: Duration,
+    /// A DEL that fails with "try again later" (11: etcd unreachable, backend abandoned) is spooled and
+    /// answered with success, so kubelet can finish deleting the pod; the sweep retries it. Off: the error
+    /// goes back to the runtime, which retries the DEL itself.
+    pub spool_transient_del_failures: bool,
 }
 
 impl Default for ServerConfig {
@@ -66,6 +72,7 @@ impl Default for ServerConfig {
             abandon_after: Duration::from_secs(240),
             max_in_flight: 256,
             spool_sweep_interval: Duration::from_secs(10),
+            spool_transient_del_failures: true,
         }
     }
 }
@@ -436,9 +443,12 @@ impl<B: CniBackend> Inner<B> {
                 let _lock = self.locks.lock(&key).await;
                 set(Phase::InBackend);
                 match req.command {
-                    Command::Add => self.add(&req).await,
+                    Command::Add => match self.pending_del_first(&req).await {
+                        Ok(()) => self.add(&req).await,
+                        Err(e) => Err(e),
+                    },
                     Command::Check => self.check(&req).await.map(|()| None),
-                    _ => self.del(&req).await.map(|()| None),
+                    _ => self.del_or_spool(&req).await.map(|()| None),
                 }
             }
             Command::Status => self
@@ -519,6 +529,60 @@ impl<B: CniBackend> Inner<B> {
     async fn del(&self, req: &Request) -> Result<(), CniError> {
         let del = DelRequest::from_request(req)?;
         self.bounded(self.backend.del(del)).await
+    }
+
+    /// DEL; a transient failure is spooled for the sweep and reported as success (see
+    /// [`ServerConfig::spool_transient_del_failures`]).
+    async fn del_or_spool(&self, req: &Request) -> Result<(), CniError> {
+        match self.del(req).await {
+            Err(e) if e.code == codes::TRY_AGAIN_LATER && self.cfg.spool_transient_del_failures => {
+                match write_spool(&self.cfg.socket, req) {
+                    Ok(file) => {
+                        warn!(container = ?req.container_id, error = %e, file = %file.display(),
+                              "DEL failed for now; spooled, will retry");
+                        Ok(())
+                    }
+                    Err(io) => Err(CniError::try_again(
+                        e.msg,
+                        format!("{}; and the DEL could not be spooled: {io}", e.details),
+                    )),
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// An ADD for a container whose DEL is still spooled runs that DEL first (it happened before), so a
+    /// later sweep can never remove what this ADD builds. Called with the container's lock held.
+    async fn pending_del_first(&self, req: &Request) -> Result<(), CniError> {
+        let file = spool_dir(&self.cfg.socket).join(spool_file_name(
+            req.container_id.as_deref().unwrap_or(""),
+            req.ifname.as_deref().unwrap_or(""),
+        ));
+        let Ok(bytes) = std::fs::read(&file) else {
+            return Ok(());
+        };
+        let del: Request = match serde_json::from_slice(&bytes) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(file = %file.display(), error = %e, "unreadable CNI DEL spool entry; renamed *.bad");
+                let _ = std::fs::rename(&file, file.with_extension("bad"));
+                return Ok(());
+            }
+        };
+        self.del(&del).await.map_err(|e| {
+            CniError::try_again(
+                format!(
+                    "an earlier DEL of container {:?} is still pending and failed again: {}",
+                    req.container_id.as_deref().unwrap_or(""),
+                    e.msg
+                ),
+                e.details,
+            )
+        })?;
+        info!(container = ?req.container_id, "ran the spooled DEL before a new ADD of the same container");
+        let _ = std::fs::remove_file(&file);
+        Ok(())
     }
 
     /// CHECK: the backend verifies its own state and returns what exists; then every interface and address

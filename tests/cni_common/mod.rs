@@ -46,6 +46,8 @@ pub struct State {
     pub dels: Vec<DelRequest>,
     pub adds: Vec<PodRequest>,
     pub status_error: Option<CniError>,
+    /// DEL fails with this while set (e.g. code 11, as with etcd unreachable).
+    pub del_error: Option<CniError>,
     /// ADD futures dropped before they finished (abandoned by the server).
     pub cancelled: Vec<String>,
 }
@@ -169,6 +171,11 @@ impl CniBackend for TestBackend {
     async fn del(&self, req: DelRequest) -> Result<(), CniError> {
         let mut guard = InFlight::enter(self, &req.container_id);
         let mut s = self.state.lock().unwrap();
+        if let Some(e) = s.del_error.clone() {
+            s.events.push(format!("del-failed {}", req.container_id));
+            guard.done = true;
+            return Err(e);
+        }
         s.allocs
             .remove(&(req.container_id.clone(), req.ifname.clone()));
         s.events.push(format!("del {}", req.container_id));
