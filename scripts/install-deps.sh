@@ -4,8 +4,9 @@ set -euo pipefail
 if [ "$(id -u)" != 0 ]; then echo "install-deps.sh: run as root (it uses apt-get)" >&2; exit 1; fi
 export DEBIAN_FRONTEND=noninteractive
 pkgs=(protobuf-compiler etcd-server etcd-client bird2 gobgpd frr containernetworking-plugins
-      nftables iproute2 iputils-ping procps psmisc python3-pip
-      python3-venv binutils iptables podman busybox-static)
+      nftables iproute2 iputils-ping procps psmisc python3-pip)
+pkgs+=(g++)  # libFuzzer (C++) for scripts/fuzz.sh
+pkgs+=(python3-venv binutils iptables podman busybox-static)  # manifest checks, nm, portmap, CNI runtime tests
 missing=()
 for p in "${pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
