@@ -102,3 +102,53 @@ fn daemonset_mounts_and_probes_match_the_daemon() {
     assert!(script.contains("mv -f /host/opt/cni/bin/.margay.tmp /host/opt/cni/bin/margay\n"));
     assert!(script.contains("/host/etc/cni/net.d/10-margay.conflist"));
 }
+
+/// The reflector's resources in deploy/route-reflector.yaml mean what the comments say, read by margay's own
+/// config code: each reflector has every worker as a client and the other reflector as a non-client; each
+/// worker peers with both reflectors and with nobody else.
+#[test]
+fn reflector_resources_give_the_intended_peers() {
+    use margay::config::bgp::ConfigSet;
+    use margay::config::peers::desired_peers;
+    let d = docs(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/route-reflector.yaml"
+    ));
+    let cm = find(&d, "ConfigMap", "margay-reflector-config");
+    let text = cm["data"]["resources.yaml"].as_str().unwrap();
+    let set = ConfigSet::from_yaml(text).expect("resources parse");
+    let mut peers = desired_peers(&set, "rr-1").expect("rr-1 peers");
+    peers.sort_by_key(|p| p.address);
+    let seen: Vec<(String, bool)> = peers
+        .iter()
+        .map(|p| (p.address.to_string(), p.rr_client))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            ("10.0.0.3".to_string(), false),
+            ("10.0.0.11".to_string(), true),
+            ("10.0.0.12".to_string(), true)
+        ]
+    );
+    let mut w: Vec<String> = desired_peers(&set, "worker-1")
+        .unwrap()
+        .iter()
+        .map(|p| p.address.to_string())
+        .collect();
+    w.sort();
+    assert_eq!(w, vec!["10.0.0.2", "10.0.0.3"]);
+    // The Deployment names its Node by the Kubernetes node name.
+    let dep = find(&d, "Deployment", "margay-route-reflector");
+    let c = &dep["spec"]["template"]["spec"]["containers"][0];
+    let env = c["env"].as_sequence().unwrap();
+    assert!(env.iter().any(|e| e["name"].as_str() == Some("NODENAME")
+        && e["valueFrom"]["fieldRef"]["fieldPath"].as_str() == Some("spec.nodeName")));
+    let args: Vec<&str> = c["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a.as_str())
+        .collect();
+    assert!(args.contains(&"--config=/etc/margay/reflector/resources.yaml"));
+}
