@@ -6,6 +6,8 @@
 pub mod api;
 pub mod bgp;
 pub mod cli;
+
+pub mod cni;
 pub mod config;
 pub mod dataplane;
 pub mod datastore;
