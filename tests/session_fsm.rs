@@ -162,6 +162,21 @@ fn connect_refused_goes_idle_with_backoff_then_retries() {
 }
 
 #[test]
+fn incoming_connection_during_backoff_is_taken() {
+    let mut s = Session::new(cfg());
+    s.handle(Event::ManualStart);
+    s.handle(Event::TcpConnectionFails {
+        conn: 1,
+        reason: "connect: connection refused".into(),
+    });
+    assert_eq!(s.state(), State::Idle);
+    let a = s.handle(Event::TcpConnectionConfirmed(2));
+    assert!(has(&a, |a| *a == Action::StopTimer(Timer::IdleHold)));
+    assert!(has(&a, |a| matches!(a, Action::SendOpen(2, _))));
+    assert_eq!(s.state(), State::OpenSent);
+}
+
+#[test]
 fn connect_retry_expiry_reconnects() {
     let mut s = Session::new(cfg());
     s.handle(Event::ManualStart);

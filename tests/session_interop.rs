@@ -122,6 +122,11 @@ fn net(s: &str) -> IpNetwork {
 }
 
 fn bird_conf(hold: u16) -> String {
+    bird_conf_v4(hold) + &bird_conf_v6(hold)
+}
+
+/// BIRD with only the IPv4 session (a restarting BIRD waits for every GR session it has).
+fn bird_conf_v4(hold: u16) -> String {
     format!(
         r#"
 router id 10.0.0.2;
@@ -137,6 +142,13 @@ protocol bgp margay4 {{
   graceful restart on;
   ipv4 {{ import all; export all; }};
 }}
+"#
+    )
+}
+
+fn bird_conf_v6(hold: u16) -> String {
+    format!(
+        r#"
 protocol bgp margay6 {{
   local fd00::2 as 4200000002;
   neighbor fd00::1 as 4200000001;
@@ -570,6 +582,195 @@ router bgp 65000
         assert_eq!(summary["ipv6Unicast"]["as"].as_u64(), Some(65000));
         p.shutdown().await;
         drop(listener);
+    });
+    drop(link);
+}
+
+/// BIRD killed with SIGKILL: the kernel closes its connections, the RIB hears Down with BIRD's graceful
+/// restart parameters (keep its routes stale). BIRD restarted in graceful restart recovery (`-R`)
+/// comes back with the Restart State bit set and its End-of-RIB ends the stale period.
+#[test]
+fn bird_killed_and_restarted_with_graceful_restart() {
+    let t = "bird_killed_and_restarted_with_graceful_restart";
+    if !prereqs(t, have_bird(), "bird2") {
+        return;
+    }
+    let link = Link::new("sk");
+    let mut bird = Bird::start(&link.peer_ns, &bird_conf_v4(9));
+    in_netns(&link.margay_ns, move || async move {
+        let (tx, mut rx) = mpsc::channel(1024);
+        let p = spawn_peer(peer_cfg("10.0.0.2", 4200000002, 4200000001), None, tx);
+        let mut seen = Vec::new();
+        let ev = expect_event(&mut rx, &mut seen, "Established", |e| {
+            matches!(e, SessionEvent::Established { .. })
+        })
+        .await;
+        let SessionEvent::Established { session: first, .. } = ev else {
+            unreachable!()
+        };
+        expect_event(&mut rx, &mut seen, "End-of-RIB", |e| {
+            matches!(e, SessionEvent::EndOfRib { .. })
+        })
+        .await;
+
+        bird.kill();
+        let ev = expect_event(&mut rx, &mut seen, "Down", |e| {
+            matches!(e, SessionEvent::Down { .. })
+        })
+        .await;
+        let SessionEvent::Down {
+            session,
+            reason,
+            graceful_restart,
+            ..
+        } = ev
+        else {
+            unreachable!()
+        };
+        assert_eq!(session, first);
+        assert!(
+            graceful_restart.is_some(),
+            "TCP loss of a GR peer keeps its routes ({reason})"
+        );
+
+        bird.restart_with_args(&["-R"]);
+        let ev = expect_event(&mut rx, &mut seen, "Established again", |e| {
+            matches!(e, SessionEvent::Established { .. })
+        })
+        .await;
+        let SessionEvent::Established {
+            session: second,
+            negotiated,
+            ..
+        } = ev
+        else {
+            unreachable!()
+        };
+        assert!(second > first, "a new session id for the new session");
+        let gr = negotiated
+            .peer_graceful_restart
+            .clone()
+            .expect("GR capability");
+        assert!(gr.restarting, "BIRD in recovery sets the Restart State bit");
+        // RFC 4724 4.1: the restarting speaker defers its route selection until its peers' End-of-RIB;
+        // BIRD sends its table only once ours has arrived.
+        p.send(PeerCommand::SendEndOfRib {
+            session: second,
+            family: Family::IPV4_UNICAST,
+        })
+        .await
+        .expect("send");
+        let ev = expect_event(&mut rx, &mut seen, "End-of-RIB after the restart", |e| {
+            matches!(e, SessionEvent::EndOfRib { .. })
+        })
+        .await;
+        let SessionEvent::EndOfRib {
+            session, family, ..
+        } = ev
+        else {
+            unreachable!()
+        };
+        assert_eq!((session, family), (second, Family::IPV4_UNICAST));
+        // Whatever BIRD sent after the restart belongs to the new session.
+        for ev in &seen {
+            if let SessionEvent::Updates { session, .. } = ev {
+                assert!(*session == first || *session == second);
+            }
+        }
+        p.shutdown().await;
+    });
+    drop(link);
+}
+
+/// The listener refuses a speaker nobody configured with a NOTIFICATION (Cease / connection rejected),
+/// and a peer that refuses connections shows "connect: connection refused".
+#[test]
+fn listener_rejects_unknown_peer_and_refused_connect_is_reported() {
+    let t = "listener_rejects_unknown_peer_and_refused_connect_is_reported";
+    if !prereqs(t, have_bird(), "bird2") {
+        return;
+    }
+    let link = Link::new("sr");
+    // BIRD only connects (passive margay is not configured for it), and does not listen on 179.
+    let conf = r#"
+router id 10.0.0.2;
+protocol device { }
+protocol bgp margay4 {
+  local 10.0.0.2 port 1790 as 65002;
+  neighbor 10.0.0.1 as 65001;
+  connect delay time 1; connect retry time 1; error wait time 1, 2;
+  ipv4 { import all; export all; };
+}
+"#;
+    let bird = Bird::start(&link.peer_ns, conf);
+    in_netns(&link.margay_ns, move || async move {
+        let listener = Listener::bind(&[SocketAddr::new(ip("10.0.0.1"), 179)])
+            .await
+            .expect("bind listener");
+        eventually("BIRD to be rejected by margay's listener", || {
+            let out = bird.birdc("show protocols all margay4");
+            if out.to_lowercase().contains("connection rejected") {
+                Ok(())
+            } else {
+                Err(out)
+            }
+        })
+        .await;
+        let (tx, _rx) = mpsc::channel(16);
+        let p = spawn_peer(peer_cfg("10.0.0.2", 65002, 65001), None, tx);
+        status_until(&p, "connect: connection refused", |s| {
+            s.last_error.as_deref() == Some("connect: connection refused")
+        })
+        .await;
+        assert_eq!(
+            p.status().state,
+            State::Idle,
+            "backing off after the refusal"
+        );
+        p.shutdown().await;
+        drop(listener);
+    });
+    drop(link);
+}
+
+/// GTSM (BGPPeer ttlSecurity) and an explicit source address against BIRD's `ttl security on`.
+/// (Without GTSM the outcome depends on whether our first segments beat BIRD's setsockopt(IP_MINTTL)
+/// on the accepted socket, so the negative case is not asserted here; tests/session_sockopt.rs checks
+/// the socket options themselves.)
+#[test]
+fn bird_ttl_security_and_source_address() {
+    let t = "bird_ttl_security_and_source_address";
+    if !prereqs(t, have_bird(), "bird2") {
+        return;
+    }
+    let link = Link::new("st");
+    let conf = r#"
+router id 10.0.0.2;
+protocol device { }
+protocol bgp margay4 {
+  local 10.0.0.2 as 65002;
+  neighbor 10.0.0.1 as 65001;
+  ttl security on;
+  passive on;
+  startup hold time 5; hold time 5; error wait time 1, 2;
+  ipv4 { import all; export all; };
+}
+"#;
+    let bird = Bird::start(&link.peer_ns, conf);
+    in_netns(&link.margay_ns, move || async move {
+        let (tx, mut rx) = mpsc::channel(1024);
+        let mut cfg = peer_cfg("10.0.0.2", 65002, 65001);
+        cfg.ttl_security_hops = Some(1);
+        cfg.source_addr = Some(ip("10.0.0.1"));
+        let p = spawn_peer(cfg, None, tx);
+        let mut seen = Vec::new();
+        expect_event(&mut rx, &mut seen, "Established", |e| {
+            matches!(e, SessionEvent::Established { .. })
+        })
+        .await;
+        let out = bird.birdc("show protocols all margay4");
+        assert!(out.contains("Established"), "{out}");
+        p.shutdown().await;
     });
     drop(link);
 }

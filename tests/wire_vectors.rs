@@ -742,6 +742,11 @@ fn rfc7606_treat_as_withdraw_lists_every_prefix() {
         e.notification(),
         (3, 6, hex::decode("40010105").expect("hex"))
     );
+    let notif = e.to_notification();
+    assert_eq!(
+        (notif.code, notif.subcode, notif.data),
+        (3, 6, vec![0x40, 0x01, 0x01, 0x05])
+    );
     assert_eq!(
         e.withdrawals().expect("withdrawals"),
         &[

@@ -3,4 +3,5 @@
 pub mod policy;
 pub mod rib;
 pub mod session;
+pub mod speaker;
 pub mod wire;

@@ -404,11 +404,16 @@ impl Session {
             return; // a duplicate report for a connection we already hold
         }
         match self.state {
-            State::Idle => {
-                // RFC 4271 8.2.2 Idle: refuse connections while stopped or backing off.
+            State::Idle if !self.started || conn.dir == Direction::Outbound => {
+                // RFC 4271 8.2.2 Idle: refuse connections while stopped.
                 out.push(Action::CloseConnection(conn.id));
             }
-            State::Connect | State::Active => {
+            State::Idle | State::Connect | State::Active => {
+                // Idle here means "backing off after a failure" (IdleHoldTimer running). The backoff
+                // only damps our own connection attempts: a peer that reconnects (e.g. after its
+                // graceful restart, or with a long ConnectRetry like FRR's 120 s) is taken at once
+                // instead of being refused until its next retry.
+                out.push(Action::StopTimer(Timer::IdleHold));
                 if self.cfg.passive && conn.dir == Direction::Outbound {
                     out.push(Action::CloseConnection(conn.id));
                     return;

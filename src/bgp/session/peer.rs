@@ -27,7 +27,7 @@ use crate::bgp::wire::{
 
 use super::config::PeerConfig;
 use super::fsm::{Action, ConnId, Event, MessageError, Session, State, Timer};
-use super::listener::ListenerHandle;
+use super::listener::{ListenerError, ListenerHandle};
 use super::open::{family_text, Negotiated};
 use super::sockopt;
 use super::{Counters, PeerCommand, PeerStatus, SessionError, SessionEvent, SessionId};
@@ -115,8 +115,14 @@ pub fn spawn_peer(
         counters: Counters::default(),
     };
     let (status_tx, status_rx) = watch::channel(status);
+    // Register with the listener before returning, so the peer's connections are never rejected
+    // because the task had not run yet.
+    let (in_tx, incoming) = mpsc::channel::<TcpStream>(4);
+    let registration = listener
+        .as_ref()
+        .and_then(|l| l.register_now(cfg.peer_addr, cfg.password.clone(), in_tx.clone()));
     let task = PeerTask::new(cfg, listener, events, status_tx);
-    let join = tokio::spawn(task.run(cmd_rx, owner_rx));
+    let join = tokio::spawn(task.run(cmd_rx, owner_rx, in_tx, incoming, registration));
     PeerHandle {
         peer,
         cmd: cmd_tx,
@@ -220,15 +226,20 @@ impl PeerTask {
         mut self,
         mut cmds: mpsc::Receiver<PeerCommand>,
         mut owner: oneshot::Receiver<()>,
+        in_tx: mpsc::Sender<TcpStream>,
+        mut incoming: mpsc::Receiver<TcpStream>,
+        registration: Option<oneshot::Receiver<Result<(), ListenerError>>>,
     ) {
-        let (in_tx, mut incoming) = mpsc::channel::<TcpStream>(4);
-        if let Some(l) = &self.listener {
-            if let Err(e) = l
-                .register(self.cfg.peer_addr, self.cfg.password.clone(), in_tx.clone())
-                .await
-            {
-                self.last_error = Some(e.to_string());
-            }
+        let registered = match (registration, &self.listener) {
+            (Some(rx), _) => Some(rx.await.unwrap_or(Err(ListenerError::Gone))),
+            (None, Some(l)) => Some(
+                l.register(self.cfg.peer_addr, self.cfg.password.clone(), in_tx.clone())
+                    .await,
+            ),
+            (None, None) => None,
+        };
+        if let Some(Err(e)) = registered {
+            self.last_error = Some(e.to_string());
         }
         self.feed(Event::ManualStart).await;
         loop {

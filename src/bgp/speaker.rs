@@ -1,0 +1,696 @@
+//! The speaker: turns a desired peer set into running sessions and wires them to the RIB.
+//!
+//! ```text
+//!   owner (reflector / node) ──SpeakerCommand::{Apply, Status}──▶ ┌── speaker task ──────────────────┐
+//!                                                                 │ peers: addr -> (PeerId, handle)  │
+//!   peer tasks ──SessionEvent (one shared mpsc)─────────────────▶ │ SessionEvent -> RibInput         │──▶ RIB task
+//!        ▲                                                        └──────────────────────────────────┘
+//!        │ PeerCommand::SendUpdates (pre-encoded, ≤1 MiB per batch)
+//!   writer task per Established session ◀──RibOutput (unbounded, grouped by attribute set)── RIB task
+//! ```
+//!
+//! It owns the set of peer tasks and the mapping between session addresses and RIB peer ids; it never
+//! holds routes (the RIB does) and never touches sockets (the peer tasks do). `apply` changes only what
+//! differs: an unchanged peer is not touched, a changed transport/session setting goes to the peer as
+//! `Reconfigure` (the session decides whether it must reset), a changed RIB role (route-reflector client,
+//! next-hop mode, max-prefix) restarts that one peer, removed peers are stopped.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::BytesMut;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::api::PeerStatus as ApiPeerStatus;
+use crate::bgp::rib::{
+    self, FibEvent, NextHopMode, PeerGracefulRestart as RibGr, PeerId, PeerInfo, Policy, Query,
+    RibConfig, RibHandle, RibInput, RibOutput,
+};
+use crate::bgp::session::{
+    spawn_peer, Listener, ListenerError, ListenerHandle, Negotiated, PeerCommand, PeerConfig,
+    PeerHandle, SessionEvent, SessionId, State,
+};
+use crate::bgp::wire::{encode_updates, encode_withdrawals, EncodeCtx, Family, Update};
+
+/// One peer the configuration asks for: the session settings plus what the RIB needs to know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredPeer {
+    /// Calico's words for where the peer comes from: "node-to-node mesh", "global", "node specific".
+    pub peer_type: String,
+    pub session: PeerConfig,
+    /// The peer is our route-reflector client (RFC 4456).
+    pub rr_client: bool,
+    pub next_hop_mode: NextHopMode,
+    pub max_prefixes: Option<u32>,
+}
+
+impl DesiredPeer {
+    /// The session and RIB settings of a peer derived from Calico resources (`config::peers`), as BIRD would
+    /// get them from confd's template (calico.md 1.3).
+    pub fn from_config(p: &crate::config::peers::DesiredPeer, router_id: Ipv4Addr) -> DesiredPeer {
+        use crate::bgp::session::{GracefulRestartConfig, Password};
+        use crate::config::bgp::NextHopMode as CalicoNextHop;
+        let mut s = PeerConfig::new(p.address, p.peer_as, p.local_as, router_id);
+        s.peer_port = p.port;
+        s.source_addr = p.source_address;
+        s.passive = p.passive;
+        s.password = p.password.clone().map(Password);
+        s.ttl_security_hops = p.ttl_security;
+        if let Some(k) = p.keepalive_time {
+            s.timers.keepalive = Some(k.as_secs().clamp(1, u64::from(u16::MAX)) as u16);
+        }
+        s.graceful_restart = Some(GracefulRestartConfig {
+            restart_time: p.max_restart_time.as_secs().min(4095) as u16,
+            ..Default::default()
+        });
+        DesiredPeer {
+            peer_type: p.peer_type.as_status().to_string(),
+            session: s,
+            rr_client: p.rr_client,
+            next_hop_mode: match p.next_hop_mode {
+                CalicoNextHop::Auto => NextHopMode::Auto,
+                CalicoNextHop::SelfAddr => NextHopMode::SelfAddr,
+                CalicoNextHop::Keep => NextHopMode::Keep,
+            },
+            max_prefixes: None,
+        }
+    }
+}
+
+/// The speaker's identity and listening sockets.
+#[derive(Debug, Clone)]
+pub struct SpeakerConfig {
+    pub local_asn: u32,
+    pub router_id: Ipv4Addr,
+    /// Our route-reflector cluster id, when we reflect (Node `routeReflectorClusterID`).
+    pub cluster_id: Option<Ipv4Addr>,
+    /// Addresses to accept BGP connections on (port included). Empty: no listener (active only).
+    pub listen: Vec<SocketAddr>,
+    /// Bound of the RIB's input queue (backpressure onto the sessions).
+    pub rib_capacity: usize,
+}
+
+/// What `apply` changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    pub added: Vec<IpAddr>,
+    pub removed: Vec<IpAddr>,
+    /// Session settings changed: sent to the peer task as Reconfigure.
+    pub reconfigured: Vec<IpAddr>,
+    /// RIB role changed: the peer was restarted.
+    pub restarted: Vec<IpAddr>,
+    pub unchanged: Vec<IpAddr>,
+}
+
+/// Errors starting the speaker.
+#[derive(Debug, thiserror::Error)]
+pub enum SpeakerError {
+    #[error("BGP listener: {0}")]
+    Listen(#[from] ListenerError),
+    #[error("the BGP speaker task has stopped")]
+    Gone,
+}
+
+enum SpeakerCommand {
+    Apply(Vec<DesiredPeer>, oneshot::Sender<ApplyReport>),
+    Status(oneshot::Sender<Vec<ApiPeerStatus>>),
+}
+
+/// The owner's handle. Dropping it stops the speaker, its peers and the RIB.
+pub struct SpeakerHandle {
+    tx: mpsc::Sender<SpeakerCommand>,
+    rib: mpsc::Sender<RibInput>,
+    local_addrs: Vec<SocketAddr>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for SpeakerHandle {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+impl SpeakerHandle {
+    /// Make the running peer set equal to `desired` (keyed by peer address).
+    pub async fn apply(&self, desired: Vec<DesiredPeer>) -> Result<ApplyReport, SpeakerError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(SpeakerCommand::Apply(desired, tx))
+            .await
+            .map_err(|_| SpeakerError::Gone)?;
+        rx.await.map_err(|_| SpeakerError::Gone)
+    }
+
+    /// Every peer as `margay status` shows it.
+    pub async fn status(&self) -> Result<Vec<ApiPeerStatus>, SpeakerError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(SpeakerCommand::Status(tx))
+            .await
+            .map_err(|_| SpeakerError::Gone)?;
+        rx.await.map_err(|_| SpeakerError::Gone)
+    }
+
+    /// The RIB's input, for locally originated routes and queries.
+    pub fn rib(&self) -> mpsc::Sender<RibInput> {
+        self.rib.clone()
+    }
+
+    /// The addresses the listener is bound to (port 0 resolved).
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.local_addrs
+    }
+}
+
+/// Start the listener, the RIB and the speaker task. `fib` receives ECMP changes for the kernel (None on a
+/// reflector).
+pub async fn spawn(
+    cfg: SpeakerConfig,
+    policy: Arc<Policy>,
+    fib: Option<mpsc::Sender<Vec<FibEvent>>>,
+) -> Result<SpeakerHandle, SpeakerError> {
+    let listener = if cfg.listen.is_empty() {
+        None
+    } else {
+        Some(Listener::bind(&cfg.listen).await?)
+    };
+    let local_addrs = listener
+        .as_ref()
+        .map(|l| l.local_addrs().to_vec())
+        .unwrap_or_default();
+    let mut rib_cfg = RibConfig::new(cfg.local_asn, cfg.router_id);
+    rib_cfg.cluster_id = cfg.cluster_id;
+    let rib = rib::spawn(rib_cfg, policy, cfg.rib_capacity, fib);
+    let rib_tx = rib.tx.clone();
+    let (tx, rx) = mpsc::channel(16);
+    let (events_tx, events_rx) = mpsc::channel(1024);
+    let task = Speaker {
+        listener,
+        rib,
+        events_tx,
+        peers: BTreeMap::new(),
+        next_id: 1,
+    };
+    let join = tokio::spawn(task.run(rx, events_rx));
+    Ok(SpeakerHandle {
+        tx,
+        rib: rib_tx,
+        local_addrs,
+        task: Some(join),
+    })
+}
+
+struct RunningPeer {
+    id: PeerId,
+    desired: DesiredPeer,
+    handle: PeerHandle,
+    /// The Established session, if any, and the writer task encoding the RIB's output for it.
+    session: Option<(SessionId, tokio::task::JoinHandle<()>)>,
+}
+
+struct Speaker {
+    listener: Option<Listener>,
+    rib: RibHandle,
+    events_tx: mpsc::Sender<SessionEvent>,
+    peers: BTreeMap<IpAddr, RunningPeer>,
+    next_id: u32,
+}
+
+impl Speaker {
+    async fn run(
+        mut self,
+        mut cmds: mpsc::Receiver<SpeakerCommand>,
+        mut events: mpsc::Receiver<SessionEvent>,
+    ) {
+        loop {
+            tokio::select! {
+                cmd = cmds.recv() => match cmd {
+                    Some(SpeakerCommand::Apply(desired, reply)) => {
+                        let report = self.apply(desired).await;
+                        let _ = reply.send(report);
+                    }
+                    Some(SpeakerCommand::Status(reply)) => {
+                        let _ = reply.send(self.status().await);
+                    }
+                    None => break,
+                },
+                Some(ev) = events.recv() => self.on_event(ev).await,
+            }
+        }
+        for (_, p) in std::mem::take(&mut self.peers) {
+            p.handle.shutdown().await;
+        }
+    }
+
+    fn listener(&self) -> Option<ListenerHandle> {
+        self.listener.as_ref().map(|l| l.handle())
+    }
+
+    async fn apply(&mut self, desired: Vec<DesiredPeer>) -> ApplyReport {
+        let mut report = ApplyReport::default();
+        let mut want: BTreeMap<IpAddr, DesiredPeer> = desired
+            .into_iter()
+            .map(|d| (d.session.peer_addr, d))
+            .collect();
+        let existing: Vec<IpAddr> = self.peers.keys().copied().collect();
+        for addr in existing {
+            match want.remove(&addr) {
+                None => {
+                    self.stop_peer(addr).await;
+                    report.removed.push(addr);
+                }
+                Some(d) => {
+                    let Some(p) = self.peers.get_mut(&addr) else {
+                        continue;
+                    };
+                    if p.desired == d {
+                        report.unchanged.push(addr);
+                    } else if p.desired.rr_client != d.rr_client
+                        || p.desired.next_hop_mode != d.next_hop_mode
+                        || p.desired.max_prefixes != d.max_prefixes
+                    {
+                        // The RIB learns a peer's role at PeerUp: restart this one peer.
+                        self.stop_peer(addr).await;
+                        self.start_peer(d);
+                        report.restarted.push(addr);
+                    } else {
+                        let cfg = Box::new(d.session.clone());
+                        p.desired = d;
+                        if p.handle.send(PeerCommand::Reconfigure(cfg)).await.is_err() {
+                            tracing::warn!(peer = %addr, "peer task gone while reconfiguring");
+                        }
+                        report.reconfigured.push(addr);
+                    }
+                }
+            }
+        }
+        for (addr, d) in want {
+            self.start_peer(d);
+            report.added.push(addr);
+        }
+        tracing::info!(
+            added = ?report.added, removed = ?report.removed, reconfigured = ?report.reconfigured,
+            restarted = ?report.restarted, unchanged = report.unchanged.len(),
+            "BGP peers applied"
+        );
+        report
+    }
+
+    fn start_peer(&mut self, d: DesiredPeer) {
+        let id = PeerId(self.next_id);
+        self.next_id += 1;
+        let addr = d.session.peer_addr;
+        let handle = spawn_peer(d.session.clone(), self.listener(), self.events_tx.clone());
+        self.peers.insert(
+            addr,
+            RunningPeer {
+                id,
+                desired: d,
+                handle,
+                session: None,
+            },
+        );
+    }
+
+    async fn stop_peer(&mut self, addr: IpAddr) {
+        if let Some(p) = self.peers.remove(&addr) {
+            let was_up = p.session.is_some();
+            if let Some((_, writer)) = p.session {
+                writer.abort();
+            }
+            p.handle.shutdown().await;
+            if was_up {
+                // Removed by configuration: its routes go now, no graceful restart.
+                self.to_rib(RibInput::PeerDown {
+                    peer: p.id,
+                    graceful: false,
+                })
+                .await;
+            }
+        }
+    }
+
+    async fn to_rib(&self, input: RibInput) {
+        if self.rib.tx.send(input).await.is_err() {
+            tracing::error!("the RIB task has stopped");
+        }
+    }
+
+    async fn on_event(&mut self, ev: SessionEvent) {
+        match ev {
+            SessionEvent::Established {
+                peer,
+                session,
+                negotiated,
+            } => {
+                let Some(p) = self.peers.get_mut(&peer) else {
+                    return;
+                };
+                if let Some((_, old)) = p.session.take() {
+                    old.abort();
+                }
+                let (out_tx, out_rx) = mpsc::unbounded_channel();
+                let ctx = EncodeCtx {
+                    four_octet_as: negotiated.four_octet_as,
+                    add_path_tx: negotiated.add_path_tx.iter().copied().collect(),
+                    extended_message: negotiated.extended_message,
+                };
+                let writer = tokio::spawn(write_rib_output(
+                    peer,
+                    session,
+                    ctx,
+                    out_rx,
+                    p.handle.commands(),
+                ));
+                p.session = Some((session, writer));
+                let info = peer_info(&p.desired, &negotiated);
+                let id = p.id;
+                self.to_rib(RibInput::PeerUp {
+                    peer: id,
+                    info,
+                    out: out_tx,
+                })
+                .await;
+            }
+            SessionEvent::Updates {
+                peer,
+                session,
+                updates,
+            } => {
+                let Some(id) = self.live_id(peer, session) else {
+                    return;
+                };
+                for u in updates {
+                    if let Some(input) = routes_input(id, u) {
+                        self.to_rib(input).await;
+                    }
+                }
+            }
+            SessionEvent::EndOfRib {
+                peer,
+                session,
+                family,
+            } => {
+                if let Some(id) = self.live_id(peer, session) {
+                    self.to_rib(RibInput::EndOfRib { peer: id, family }).await;
+                }
+            }
+            SessionEvent::RouteRefresh { peer, family, .. } => {
+                // The Adj-RIB-Out is derived from the Loc-RIB; a refresh is answered by the RIB's next full
+                // table to this peer. Until the RIB grows a refresh input, log it plainly.
+                tracing::info!(%peer, ?family, "route refresh requested by peer (not yet answered)");
+            }
+            SessionEvent::Down {
+                peer,
+                session,
+                reason,
+                graceful_restart,
+            } => {
+                let Some(id) = self.live_id(peer, session) else {
+                    return;
+                };
+                if let Some(p) = self.peers.get_mut(&peer) {
+                    if let Some((_, writer)) = p.session.take() {
+                        writer.abort();
+                    }
+                }
+                tracing::info!(%peer, %reason, graceful = graceful_restart.is_some(), "BGP session down");
+                self.to_rib(RibInput::PeerDown {
+                    peer: id,
+                    graceful: graceful_restart.is_some(),
+                })
+                .await;
+            }
+        }
+    }
+
+    /// The RIB id of `peer` if `session` is its current Established session (events of older sessions
+    /// of the same address are ignored).
+    fn live_id(&self, peer: IpAddr, session: SessionId) -> Option<PeerId> {
+        let p = self.peers.get(&peer)?;
+        match p.session {
+            Some((s, _)) if s == session => Some(p.id),
+            _ => None,
+        }
+    }
+
+    async fn status(&self) -> Vec<ApiPeerStatus> {
+        let (tx, rx) = oneshot::channel();
+        let summary = if self
+            .rib
+            .tx
+            .send(RibInput::Query(Query::Summary(tx)))
+            .await
+            .is_ok()
+        {
+            rx.await.ok()
+        } else {
+            None
+        };
+        self.peers
+            .values()
+            .map(|p| {
+                let s = p.handle.status();
+                let counters = summary
+                    .as_ref()
+                    .and_then(|sm| sm.peers.iter().find(|c| c.peer == Some(p.id)));
+                let established = s.state == State::Established;
+                ApiPeerStatus {
+                    address: s.peer.to_string(),
+                    port: p.desired.session.peer_port,
+                    peer_type: p.desired.peer_type.clone(),
+                    asn: s.peer_as,
+                    state: calico_state(s.state).to_string(),
+                    fsm_state: s.state.to_string(),
+                    since: Some(rfc3339(s.since)),
+                    info: if established {
+                        "Established".to_string()
+                    } else {
+                        s.last_error.clone().unwrap_or_else(|| s.state.to_string())
+                    },
+                    prefixes_received: counters.map_or(s.counters.prefixes_in, |c| c.received),
+                    prefixes_accepted: counters.map_or(0, |c| c.accepted),
+                    prefixes_advertised: counters.map_or(0, |c| c.advertised),
+                }
+            })
+            .collect()
+    }
+}
+
+/// Calico's `calicoctl node status` words for BIRD's protocol states.
+fn calico_state(s: State) -> &'static str {
+    match s {
+        State::Established => "up",
+        State::Idle => "start",
+        State::Connect => "connect",
+        State::Active => "active",
+        State::OpenSent => "opensent",
+        State::OpenConfirm => "openconfirm",
+    }
+}
+
+/// Seconds-precision RFC 3339 UTC time without a date library.
+pub fn rfc3339(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn peer_info(d: &DesiredPeer, n: &Negotiated) -> PeerInfo {
+    let (local_v4, local_v6) = match d.session.source_addr {
+        Some(IpAddr::V4(a)) => (Some(a), None),
+        Some(IpAddr::V6(a)) => (None, Some(a)),
+        None => (None, None),
+    };
+    PeerInfo {
+        asn: n.peer_as,
+        local_asn: n.local_as,
+        router_id: n.peer_id,
+        address: n.peer_addr,
+        local_v4: local_v4.or(Some(n.local_id)),
+        local_v6,
+        rr_client: d.rr_client,
+        next_hop_mode: d.next_hop_mode,
+        graceful_restart: n.peer_graceful_restart.as_ref().map(|g| RibGr {
+            restart_time: Duration::from_secs(u64::from(g.restart_time)),
+            forwarding_preserved: g
+                .families
+                .iter()
+                .filter(|f| f.forwarding_preserved)
+                .map(|f| f.family)
+                .collect(),
+        }),
+        families: n.families.clone(),
+        add_path_rx: n.add_path_rx.clone(),
+        max_prefixes: d.max_prefixes,
+        // BGPPeer numAllowedLocalASNumbers is not carried by the speaker's DesiredPeer yet.
+        allow_local_as: 0,
+    }
+}
+
+/// One received UPDATE as RIB input: body NLRI and MP_REACH NLRI share the attributes (the next hop of each
+/// family is in `next_hop` / `mp_reach.next_hop`); body withdrawals and MP_UNREACH are withdrawals.
+fn routes_input(peer: PeerId, mut u: Update) -> Option<RibInput> {
+    let mut announced = std::mem::take(&mut u.nlri);
+    let mut withdrawn = std::mem::take(&mut u.withdrawn);
+    if let Some(r) = u.attributes.mp_reach.as_mut() {
+        announced.append(&mut r.nlri);
+    }
+    if let Some(un) = u.attributes.mp_unreach.take() {
+        withdrawn.extend(un.withdrawn);
+    }
+    if announced.is_empty() && withdrawn.is_empty() {
+        return None;
+    }
+    if announced.is_empty() {
+        return Some(RibInput::Withdraw { peer, withdrawn });
+    }
+    Some(RibInput::Routes {
+        peer,
+        announced,
+        attrs: Arc::new(u.attributes),
+        withdrawn,
+    })
+}
+
+/// Encode the RIB's output for one session into large pre-encoded batches for the peer task.
+async fn write_rib_output(
+    peer: IpAddr,
+    session: SessionId,
+    ctx: EncodeCtx,
+    mut rx: mpsc::UnboundedReceiver<RibOutput>,
+    cmds: mpsc::Sender<PeerCommand>,
+) {
+    const BATCH: usize = 1 << 20;
+    let mut buf = BytesMut::with_capacity(BATCH + 65_536);
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        let mut eors: Vec<Family> = Vec::new();
+        while let Some(out) = next.take() {
+            match out {
+                RibOutput::Updates {
+                    family,
+                    attrs,
+                    nlri,
+                } => {
+                    if let Err(e) = encode_updates(&attrs, family, &nlri, &ctx, &mut buf) {
+                        tracing::error!(%peer, error = %e, prefixes = nlri.len(), "cannot encode UPDATE; routes not sent");
+                    }
+                }
+                RibOutput::Withdraw { family, nlri } => {
+                    if let Err(e) = encode_withdrawals(family, &nlri, &ctx, &mut buf) {
+                        tracing::error!(%peer, error = %e, "cannot encode withdrawal");
+                    }
+                }
+                RibOutput::EndOfRib(family) => eors.push(family),
+                RibOutput::MaxPrefixExceeded { limit } => {
+                    tracing::warn!(%peer, limit, "peer exceeded its max-prefix limit: stopping the session");
+                    let _ = cmds.send(PeerCommand::Stop).await;
+                    return;
+                }
+            }
+            if buf.len() >= BATCH || !eors.is_empty() {
+                break;
+            }
+            next = rx.try_recv().ok();
+        }
+        if !buf.is_empty() {
+            let bytes = buf.split().freeze();
+            if cmds
+                .send(PeerCommand::SendUpdates { session, bytes })
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        for family in eors {
+            if cmds
+                .send(PeerCommand::SendEndOfRib { session, family })
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bgp::wire::Nlri;
+
+    #[test]
+    fn rfc3339_formats_known_instants() {
+        assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_404_012);
+        assert_eq!(rfc3339(t), "2026-11-23T03:20:12Z");
+        let leap = SystemTime::UNIX_EPOCH + Duration::from_secs(951_782_400);
+        assert_eq!(rfc3339(leap), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn update_becomes_one_rib_input() {
+        use crate::bgp::wire::{MpReach, MpUnreach, PathAttributes};
+        let n = |s: &str| Nlri {
+            prefix: s.parse().unwrap(),
+            path_id: 0,
+        };
+        let u = Update {
+            withdrawn: vec![n("10.0.1.0/24")],
+            nlri: vec![n("10.0.0.0/24")],
+            attributes: PathAttributes {
+                next_hop: Some("192.0.2.1".parse().unwrap()),
+                mp_reach: Some(MpReach {
+                    family: Family::IPV6_UNICAST,
+                    next_hop: vec!["2001:db8::1".parse().unwrap()],
+                    nlri: vec![n("2001:db8:1::/64")],
+                }),
+                mp_unreach: Some(MpUnreach {
+                    family: Family::IPV6_UNICAST,
+                    withdrawn: vec![n("2001:db8:2::/64")],
+                }),
+                ..Default::default()
+            },
+        };
+        match routes_input(PeerId(7), u) {
+            Some(RibInput::Routes {
+                peer,
+                announced,
+                attrs,
+                withdrawn,
+            }) => {
+                assert_eq!(peer, PeerId(7));
+                assert_eq!(announced, vec![n("10.0.0.0/24"), n("2001:db8:1::/64")]);
+                assert_eq!(withdrawn, vec![n("10.0.1.0/24"), n("2001:db8:2::/64")]);
+                assert!(attrs.mp_reach.as_ref().unwrap().nlri.is_empty());
+                assert!(attrs.mp_unreach.is_none());
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(routes_input(PeerId(1), Update::default()).is_none());
+    }
+}
