@@ -9,3 +9,4 @@ pub mod config;
 pub mod dataplane;
 pub mod datastore;
 pub mod ipam;
+pub mod reflector;
