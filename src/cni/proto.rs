@@ -251,6 +251,13 @@ pub fn call(socket: &Path, req: &Request, timeout: Duration) -> Result<Response,
     let io_err = |source: io::Error| {
         if matches!(
             source.kind(),
+            io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+        ) {
+            ClientError::NoAnswer {
+                socket: socket.to_path_buf(),
+            }
+        } else if matches!(
+            source.kind(),
             io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
         ) {
             ClientError::Timeout {
