@@ -788,3 +788,30 @@ async fn transient_del_failure_is_spooled_retried_and_ordered_before_a_new_add()
     h.backend.state.lock().unwrap().del_error = Some(CniError::try_again("etcd down", ""));
     assert_eq!(shim(&env_for("DEL", "d3", NS), &conf).await.code(), 11);
 }
+
+/// A daemon that hangs up without answering (stopping mid-request): "try again", not a version mismatch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_hanging_up_is_try_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("cni.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let rude = std::thread::spawn(move || {
+        let (s, _) = listener.accept().unwrap();
+        drop(s);
+    });
+    let out = shim(
+        &env_for("ADD", "c1", NS),
+        &conf_for(&socket, "1.0.0", json!({})),
+    )
+    .await;
+    rude.join().unwrap();
+    let e = out.error();
+    assert_eq!(e["code"], 11);
+    assert!(
+        e["msg"]
+            .as_str()
+            .unwrap()
+            .contains("closed the connection without answering"),
+        "{e}"
+    );
+}

@@ -161,6 +161,8 @@ pub enum ClientError {
     Timeout { socket: PathBuf, after: Duration },
     /// The exchange broke half way.
     Io { socket: PathBuf, source: io::Error },
+    /// The daemon closed the connection without a word (it was stopping, or aborted the request).
+    NoAnswer { socket: PathBuf },
     /// The answer was not a response we understand.
     BadResponse { socket: PathBuf, detail: String },
 }
@@ -196,6 +198,11 @@ impl fmt::Display for ClientError {
                 socket.display(),
                 short_io(source)
             ),
+            ClientError::NoAnswer { socket } => write!(
+                f,
+                "the margay daemon at {} closed the connection without answering; is it restarting?",
+                socket.display()
+            ),
             ClientError::BadResponse { socket, detail } => write!(
                 f,
                 "the margay daemon at {} sent an answer margay-cni cannot read: {detail}",
@@ -216,7 +223,7 @@ impl ClientError {
                 self.to_string(),
                 "check `kubectl -n kube-system get pods -l k8s-app=margay-node -o wide` for this node",
             ),
-            ClientError::Timeout { .. } | ClientError::Io { .. } => {
+            ClientError::Timeout { .. } | ClientError::Io { .. } | ClientError::NoAnswer { .. } => {
                 CniError::try_again(self.to_string(), "")
             }
             ClientError::BadResponse { .. } => CniError::new(
@@ -243,6 +250,13 @@ pub fn call(socket: &Path, req: &Request, timeout: Duration) -> Result<Response,
     })?;
     let io_err = |source: io::Error| {
         if matches!(
+            source.kind(),
+            io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+        ) {
+            ClientError::NoAnswer {
+                socket: socket.to_path_buf(),
+            }
+        } else if matches!(
             source.kind(),
             io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
         ) {
@@ -298,9 +312,8 @@ pub fn call(socket: &Path, req: &Request, timeout: Duration) -> Result<Response,
         }
     }
     if buf.is_empty() {
-        return Err(ClientError::BadResponse {
+        return Err(ClientError::NoAnswer {
             socket: socket.to_path_buf(),
-            detail: "the daemon closed the connection without answering".into(),
         });
     }
     serde_json::from_slice(&buf).map_err(|e| ClientError::BadResponse {
