@@ -112,3 +112,4 @@ pub fn free_port() -> u16 {
     l.local_addr().expect("local addr").port()
 }
 pub mod bgp_peers;
+pub mod reflector;
