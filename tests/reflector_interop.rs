@@ -373,6 +373,36 @@ fn reflects_bird_routes_to_gobgp_and_frr_and_withdraws() {
     // The other route stays.
     gobgp_path(&gobgp, "ipv4", "192.0.2.0/24").expect("192.0.2.0/24 still at GoBGP");
     frr_paths(&frr, "ipv4", "192.0.2.0/24").expect("192.0.2.0/24 still at FRR");
+
+    // ROUTE-REFRESH (RFC 2918): FRR asks for margay's IPv4 routes again (soft in, no stored copy);
+    // margay answers with its Adj-RIB-Out for FRR: more UPDATEs arrive, the route is still there.
+    let updates = |f: &Frr| frr_neighbor(f, RR_V4)["messageStats"]["updatesRecv"].as_u64();
+    let before = updates(&frr).expect("FRR's updatesRecv");
+    let out = frr.vtysh(&format!("clear bgp ipv4 unicast {RR_V4} soft in"));
+    assert!(!out.contains('%'), "clear soft in: {out}");
+    wait_for("margay to answer FRR's route refresh", LIMIT, || {
+        let n = updates(&frr).unwrap_or(0);
+        if n > before {
+            Ok(())
+        } else {
+            Err(format!(
+                "updatesRecv {n} (before {before}): {:#}",
+                frr_neighbor(&frr, RR_V4)
+            ))
+        }
+    });
+    check_frr_reflected(
+        &frr_paths(&frr, "ipv4", "192.0.2.0/24").expect("192.0.2.0/24 at FRR after the refresh"),
+        &bird_v4,
+        &bird_v4,
+    )
+    .expect("192.0.2.0/24 as before");
+    let g = rr.peer(&client_v4(3)).expect("FRR at margay");
+    assert_eq!(g["state"], "up", "{g:#}");
+    assert_eq!(
+        g["prefixesAdvertised"], 1,
+        "the counter counts prefixes once: {g:#}"
+    );
 }
 
 fn sigkill(pid: i32) {

@@ -144,7 +144,11 @@ fn bird_lacks(b: &Bird, prefix: &str) -> Result<(), String> {
 fn malformed_updates_get_rfc7606_treatment() {
     let t = "malformed_updates_get_rfc7606_treatment";
     if !(require(is_root(), t, "needs root for network namespaces")
-        && require(have_bird(), t, "bird2 is not installed (scripts/install-deps.sh)"))
+        && require(
+            have_bird(),
+            t,
+            "bird2 is not installed (scripts/install-deps.sh)",
+        ))
     {
         return;
     }
@@ -215,7 +219,10 @@ fn malformed_updates_get_rfc7606_treatment() {
         bird_lacks(&bird, "10.99.4.0/24")
     });
     let p = rr.peer(&raw_ip).expect("raw peer");
-    assert_eq!(p["state"], "up", "treat-as-withdraw keeps the session: {p:#}");
+    assert_eq!(
+        p["state"], "up",
+        "treat-as-withdraw keeps the session: {p:#}"
+    );
 
     // A /24 with one octet of prefix: the NLRI field cannot be parsed -> session reset with a
     // NOTIFICATION, UPDATE Message Error (3), Invalid Network Field (10) (RFC 7606 5.3, RFC 4271 6.3).
@@ -238,7 +245,10 @@ fn malformed_updates_get_rfc7606_treatment() {
     assert!(rr.alive(), "margay crashed:\n{}", rr.log());
     let bird_after = rr.peer(&client_v4(1)).expect("BIRD peer");
     assert_eq!(bird_after["state"], "up", "{bird_after:#}");
-    assert_eq!(bird_after["since"], bird_before["since"], "BIRD's session was reset");
+    assert_eq!(
+        bird_after["since"], bird_before["since"],
+        "BIRD's session was reset"
+    );
     assert_eq!(bird_after["prefixesAccepted"], 1, "{bird_after:#}");
     let raw = rr.peer(&raw_ip).expect("raw peer");
     eprintln!("raw peer after the bad NLRI: {raw}");
