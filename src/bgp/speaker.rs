@@ -435,10 +435,17 @@ impl Speaker {
                     self.to_rib(RibInput::EndOfRib { peer: id, family }).await;
                 }
             }
-            SessionEvent::RouteRefresh { peer, family, .. } => {
-                // The Adj-RIB-Out is derived from the Loc-RIB; a refresh is answered by the RIB's next full
-                // table to this peer. Until the RIB grows a refresh input, log it plainly.
-                tracing::info!(%peer, ?family, "route refresh requested by peer (not yet answered)");
+            SessionEvent::RouteRefresh {
+                peer,
+                session,
+                family,
+            } => {
+                // RFC 2918 4: the RIB sends the peer's Adj-RIB-Out for the family again.
+                if let Some(id) = self.live_id(peer, session) {
+                    tracing::info!(%peer, %family, "route refresh requested by peer");
+                    self.to_rib(RibInput::RouteRefresh { peer: id, family })
+                        .await;
+                }
             }
             SessionEvent::Down {
                 peer,

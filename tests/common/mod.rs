@@ -115,3 +115,5 @@ pub mod bgp_peers;
 pub mod dataplane;
 
 pub mod etcd;
+
+pub mod reflector;

@@ -188,6 +188,7 @@ impl Rib {
                 }
             }
             RibInput::EndOfRib { peer, family } => self.end_of_rib(peer, family),
+            RibInput::RouteRefresh { peer, family } => self.route_refresh(peer, family),
             RibInput::PeerDown { peer, graceful } => self.peer_down(peer, graceful, now),
             RibInput::Originate { prefixes, attrs } => self.originate(prefixes, attrs),
             RibInput::WithdrawLocal { prefixes } => {
@@ -447,6 +448,33 @@ impl Rib {
             st.flush(slot);
             st.send(slot, RibOutput::EndOfRib(*family));
         }
+    }
+
+    /// RFC 2918 4: re-advertise the Adj-RIB-Out of `family` to a peer that asked. The Adj-RIB-Out is the
+    /// export of the Loc-RIB, so walking the Loc-RIB again yields exactly what the peer already holds; the
+    /// advertised counter is kept as it was (the same prefixes, sent again).
+    fn route_refresh(&mut self, peer: PeerId, family: Family) {
+        let Some(slot) = self.up_slot(peer) else {
+            return;
+        };
+        if !self.st.slots[slot as usize].info.families.contains(&family) {
+            // RFC 2918 4: a refresh for a family not negotiated is ignored.
+            return;
+        }
+        let advertised = self.st.slots[slot as usize].counters.advertised;
+        let policy = self.st.policy.clone();
+        let st = &mut self.st;
+        if family == Family::IPV4_UNICAST {
+            for (k, d) in self.tables.v4.iter() {
+                st.announce_best(slot, k.to_net(), family, d, &policy);
+            }
+        } else if family == Family::IPV6_UNICAST {
+            for (k, d) in self.tables.v6.iter() {
+                st.announce_best(slot, k.to_net(), family, d, &policy);
+            }
+        }
+        st.flush(slot);
+        st.slots[slot as usize].counters.advertised = advertised;
     }
 
     fn peer_down(&mut self, peer: PeerId, graceful: bool, now: Instant) {

@@ -142,6 +142,9 @@ pub enum RibInput {
     Withdraw { peer: PeerId, withdrawn: Vec<Nlri> },
     /// The peer sent End-of-RIB for `family` (RFC 4724 section 2): sweep its stale routes of that family.
     EndOfRib { peer: PeerId, family: Family },
+    /// The peer asked for our routes of `family` again (ROUTE-REFRESH, RFC 2918 4): its Adj-RIB-Out for that
+    /// family is sent once more. No End-of-RIB follows (that is RFC 7313's enhanced refresh, not negotiated).
+    RouteRefresh { peer: PeerId, family: Family },
     /// The session left Established. `graceful`: the session dropped in a way that lets graceful restart keep
     /// the routes (TCP failure, hold timer, or a NOTIFICATION under RFC 8538) *and* the peer advertised GR.
     PeerDown { peer: PeerId, graceful: bool },

@@ -93,7 +93,7 @@ pub enum DecodeError {
     },
     #[error("UPDATE: attribute {} (type {type_code}) appears more than once", attr::name(*.type_code))]
     DuplicateAttribute { type_code: u8 },
-    #[error("UPDATE: {family:?} NLRI is malformed: {reason}")]
+    #[error("UPDATE: {family} NLRI is malformed: {reason}")]
     InvalidNetworkField {
         family: Family,
         reason: &'static str,
@@ -244,16 +244,16 @@ pub enum EncodeError {
     CapabilityTooLong { code: u8, length: usize },
     #[error("OPEN: optional parameters are {length} bytes, more than 65535")]
     OptionalParametersTooLong { length: usize },
-    #[error("{family:?} routes need a next hop in attributes.mp_reach")]
+    #[error("{family} routes need a next hop in attributes.mp_reach")]
     MissingNextHop { family: Family },
-    #[error("next hop {next_hop} cannot be carried for {family:?}")]
+    #[error("next hop {next_hop} cannot be carried for {family}")]
     BadNextHop { family: Family, next_hop: String },
-    #[error("prefix {prefix} is not of family {family:?}")]
+    #[error("prefix {prefix} is not of family {family}")]
     WrongFamily {
         family: Family,
         prefix: ipnetwork::IpNetwork,
     },
-    #[error("family {family:?} has no wire encoding in margay (only IPv4 and IPv6 unicast)")]
+    #[error("family {family} has no wire encoding in margay (only IPv4 and IPv6 unicast)")]
     UnsupportedFamily { family: Family },
 }
 

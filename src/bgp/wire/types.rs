@@ -72,6 +72,17 @@ impl Family {
     };
 }
 
+/// Operator words for logs and `margay status` INFO: "IPv4 unicast", or the codes for anything else.
+impl std::fmt::Display for Family {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.afi, self.safi) {
+            (Afi::Ipv4, Safi::Unicast) => f.write_str("IPv4 unicast"),
+            (Afi::Ipv6, Safi::Unicast) => f.write_str("IPv6 unicast"),
+            (afi, safi) => write!(f, "AFI {} SAFI {}", afi.code(), safi.code()),
+        }
+    }
+}
+
 /// A prefix in an UPDATE, with its ADD-PATH path identifier when ADD-PATH receive/send is negotiated
 /// for its family (RFC 7911). `path_id` is 0 when ADD-PATH is not in use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
