@@ -466,11 +466,11 @@ impl Rib {
         let st = &mut self.st;
         if family == Family::IPV4_UNICAST {
             for (k, d) in self.tables.v4.iter() {
-                st.announce_best(slot, k.to_net(), family, d, &policy);
+                st.announce_best(slot, k.to_net(), d, &policy);
             }
         } else if family == Family::IPV6_UNICAST {
             for (k, d) in self.tables.v6.iter() {
-                st.announce_best(slot, k.to_net(), family, d, &policy);
+                st.announce_best(slot, k.to_net(), d, &policy);
             }
         }
         st.flush(slot);
