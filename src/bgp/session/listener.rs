@@ -126,8 +126,10 @@ impl Listener {
     pub async fn bind(addrs: &[SocketAddr]) -> Result<Listener, ListenerError> {
         let mut listeners = Vec::new();
         let mut bound = Vec::new();
+        let v6only = addrs.iter().any(SocketAddr::is_ipv4);
         for &addr in addrs {
-            let l = bind_one(addr).map_err(|source| ListenerError::Bind { addr, source })?;
+            let l =
+                bind_one(addr, v6only).map_err(|source| ListenerError::Bind { addr, source })?;
             bound.push(
                 l.local_addr()
                     .map_err(|source| ListenerError::Bind { addr, source })?,
@@ -152,12 +154,31 @@ impl Listener {
     }
 }
 
-fn bind_one(addr: SocketAddr) -> io::Result<TcpListener> {
+/// `v6only`: the listener also binds IPv4 addresses, so an IPv6 wildcard must not claim IPv4 too (the
+/// default `0.0.0.0:179` + `[::]:179` pair would otherwise fail with "address already in use").
+fn bind_one(addr: SocketAddr, v6only: bool) -> io::Result<TcpListener> {
     let sock = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
         TcpSocket::new_v6()?
     };
+    if addr.is_ipv6() && v6only {
+        use std::os::fd::AsRawFd;
+        let one: libc::c_int = 1;
+        // SAFETY: a valid socket fd and a c_int option of the right size.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::IPPROTO_IPV6,
+                libc::IPV6_V6ONLY,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
     sock.set_reuseaddr(true)?;
     sock.bind(addr)?;
     sock.listen(128)
