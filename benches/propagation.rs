@@ -200,14 +200,16 @@ fn run_one(daemon: &str, prefixes: u32, updates: &[Vec<u8>]) -> Result<(f64, u64
             let peer = |name: &str, a: Ipv4Addr| {
                 format!(
                     "---\napiVersion: projectcalico.org/v3\nkind: BGPPeer\nmetadata:\n  name: {name}\n\
-                     spec:\n  peerIP: {a}\n  asNumber: {AS}\n  routeReflectorClient: true\n"
+                     spec:\n  peerIP: {a}\n  asNumber: {AS}\n"
                 )
             };
             std::fs::write(
                 &conf,
                 format!(
                     "apiVersion: projectcalico.org/v3\nkind: BGPConfiguration\nmetadata:\n  name: default\n\
-                     spec:\n  asNumber: {AS}\n  nodeToNodeMeshEnabled: false\n{}{}",
+                     spec:\n  asNumber: {AS}\n  nodeToNodeMeshEnabled: false\n---\n\
+                     apiVersion: projectcalico.org/v3\nkind: Node\nmetadata:\n  name: rr\n\
+                     spec:\n  bgp:\n    ipv4Address: {REFLECTOR}/8\n{}{}",
                     peer("gen", GENERATOR),
                     peer("mon", MONITOR)
                 ),
@@ -217,7 +219,9 @@ fn run_one(daemon: &str, prefixes: u32, updates: &[Vec<u8>]) -> Result<(f64, u64
             Command::new("ip")
                 .args(["netns", "exec", &ns.0])
                 .arg(exe)
-                .args(["reflector", "--config"])
+                .args(["reflector", "--node-name", "rr", "--state-dir"])
+                .arg(d)
+                .arg("--config")
                 .arg(&conf)
                 .args(["--router-id", "10.255.0.1", "--cluster-id", "10.255.0.1", "--listen", "127.0.0.1"])
                 .stdout(Stdio::null())

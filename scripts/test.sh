@@ -7,5 +7,6 @@ export CI="${CI:-true}"
 scripts/install-deps.sh
 # Benchmarks are built (so they cannot rot) but not run: they are measurements, not tests.
 cargo build --all-targets --locked
+scripts/fuzz.sh  # bgp::wire decoder fuzzing, bounded (FUZZ_SECONDS, default 60)
 # Integration tests create namespaces and start daemons; keep parallelism modest on small machines.
 cargo test --lib --bins --tests --locked -- --test-threads "${TEST_THREADS:-2}"

@@ -10,3 +10,4 @@ pub mod dataplane;
 pub mod datastore;
 pub mod ipam;
 pub mod cli;
+pub mod reflector;

@@ -17,6 +17,8 @@ struct Cli {
 enum Command {
     /// Print the version and the features built in.
     Version,
+    /// Run the BGP speaker alone as a standalone route reflector (no dataplane, no IPAM).
+    Reflector(margay::reflector::ReflectorArgs),
     /// Show the BGP peers of the margay running on this host (like `calicoctl node status`).
     Status {
         /// The daemon's local status endpoint.
@@ -104,6 +106,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("margay {}", env!("CARGO_PKG_VERSION"));
             Ok(())
         }
+        Command::Reflector(args) => {
+            init_tracing();
+            margay::reflector::run(args)
+        }
         Command::Status { endpoint, output } => {
             let report = margay::api::fetch_status(endpoint, std::time::Duration::from_secs(5))?;
             if output == "json" {
@@ -134,4 +140,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             file.as_deref(),
         )),
     }
+}
+
+/// Logs to stderr; `RUST_LOG` (e.g. `margay=debug`) overrides the default `info`.
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }

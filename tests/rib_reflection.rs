@@ -521,3 +521,54 @@ fn withdraw_local() {
     assert!(h.holds(1, "10.9.0.0/26").is_none());
     assert_eq!(h.rib.summary().local_prefixes, 0);
 }
+
+#[test]
+fn a_decoded_update_with_both_families_becomes_one_input() {
+    use margay::bgp::wire::{MpReach, MpUnreach, Nlri, Update};
+    let mut h = reflector();
+    h.up(1, client(1));
+    h.up(2, client(2));
+    h.announce(1, &["10.8.0.0/24"], attrs(&[], "10.0.0.1"));
+    h.announce(1, &["fd08::/64"], attrs6(&[], "fd00::1"));
+    let mut a = attrs(&[], "10.0.0.1");
+    a.mp_reach = Some(MpReach {
+        family: Family::IPV6_UNICAST,
+        next_hop: vec!["fd00::1".parse().expect("ip")],
+        nlri: vec![Nlri {
+            prefix: net("fd01::/64"),
+            path_id: 0,
+        }],
+    });
+    a.mp_unreach = Some(MpUnreach {
+        family: Family::IPV6_UNICAST,
+        withdrawn: vec![Nlri {
+            prefix: net("fd08::/64"),
+            path_id: 0,
+        }],
+    });
+    let u = Update {
+        withdrawn: vec![Nlri {
+            prefix: net("10.8.0.0/24"),
+            path_id: 0,
+        }],
+        attributes: a,
+        nlri: vec![Nlri {
+            prefix: net("10.1.0.0/24"),
+            path_id: 0,
+        }],
+    };
+    h.input(RibInput::from_update(PeerId(1), u));
+    assert_eq!(
+        h.holds(2, "10.1.0.0/24").and_then(|a| a.next_hop),
+        Some(ip4("10.0.0.1"))
+    );
+    let v6 = h.holds(2, "fd01::/64").expect("v6 announced");
+    assert_eq!(
+        v6.mp_reach.as_ref().map(|m| m.next_hop.clone()),
+        Some(vec!["fd00::1".parse().expect("ip")])
+    );
+    assert!(
+        h.holds(2, "10.8.0.0/24").is_none() && h.holds(2, "fd08::/64").is_none(),
+        "both withdrawals applied"
+    );
+}

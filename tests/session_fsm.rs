@@ -162,6 +162,21 @@ fn connect_refused_goes_idle_with_backoff_then_retries() {
 }
 
 #[test]
+fn incoming_connection_during_backoff_is_taken() {
+    let mut s = Session::new(cfg());
+    s.handle(Event::ManualStart);
+    s.handle(Event::TcpConnectionFails {
+        conn: 1,
+        reason: "connect: connection refused".into(),
+    });
+    assert_eq!(s.state(), State::Idle);
+    let a = s.handle(Event::TcpConnectionConfirmed(2));
+    assert!(has(&a, |a| *a == Action::StopTimer(Timer::IdleHold)));
+    assert!(has(&a, |a| matches!(a, Action::SendOpen(2, _))));
+    assert_eq!(s.state(), State::OpenSent);
+}
+
+#[test]
 fn connect_retry_expiry_reconnects() {
     let mut s = Session::new(cfg());
     s.handle(Event::ManualStart);
@@ -780,6 +795,41 @@ fn hold_time_zero_session_runs_without_timers() {
 }
 
 #[test]
+fn restart_bit_only_until_the_first_established_session() {
+    let mut c = cfg();
+    c.graceful_restart = Some(margay::bgp::session::GracefulRestartConfig {
+        restart_time: 120,
+        restarting: true,
+        forwarding_preserved: true,
+    });
+    let r_bit = |a: &[Action]| {
+        a.iter().find_map(|a| match a {
+            Action::SendOpen(_, o) => o.capabilities.iter().find_map(|c| match c {
+                Capability::GracefulRestart { restarting, .. } => Some(*restarting),
+                _ => None,
+            }),
+            _ => None,
+        })
+    };
+    let mut s = Session::new(c);
+    s.handle(Event::ManualStart);
+    let a = s.handle(Event::TcpCrAcked(1));
+    assert_eq!(r_bit(&a), Some(true));
+    s.handle(Event::BgpOpen(
+        1,
+        peer_open(65000, Ipv4Addr::new(10, 0, 0, 2)),
+    ));
+    s.handle(Event::KeepAliveMsg(1));
+    s.handle(Event::TcpConnectionFails {
+        conn: 1,
+        reason: "reset".into(),
+    });
+    s.handle(Event::IdleHoldTimerExpires);
+    let a = s.handle(Event::TcpCrAcked(2));
+    assert_eq!(r_bit(&a), Some(false));
+}
+
+#[test]
 fn our_open_carries_gr_bits_and_families() {
     let mut c = cfg();
     c.graceful_restart = Some(margay::bgp::session::GracefulRestartConfig {
@@ -868,6 +918,7 @@ fn arb_event() -> impl Strategy<Value = Event> {
     prop_oneof![
         Just(Event::ManualStart),
         Just(Event::ManualStop),
+        Just(Event::AutomaticStop { cease_subcode: 6 }),
         Just(Event::ConnectRetryTimerExpires),
         Just(Event::HoldTimerExpires),
         Just(Event::KeepaliveTimerExpires),

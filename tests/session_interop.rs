@@ -122,6 +122,11 @@ fn net(s: &str) -> IpNetwork {
 }
 
 fn bird_conf(hold: u16) -> String {
+    bird_conf_v4(hold) + &bird_conf_v6(hold)
+}
+
+/// BIRD with only the IPv4 session (a restarting BIRD waits for every GR session it has).
+fn bird_conf_v4(hold: u16) -> String {
     format!(
         r#"
 router id 10.0.0.2;
@@ -137,6 +142,13 @@ protocol bgp margay4 {{
   graceful restart on;
   ipv4 {{ import all; export all; }};
 }}
+"#
+    )
+}
+
+fn bird_conf_v6(hold: u16) -> String {
+    format!(
+        r#"
 protocol bgp margay6 {{
   local fd00::2 as 4200000002;
   neighbor fd00::1 as 4200000001;
@@ -343,10 +355,13 @@ fn bird_hold_timer_expires_when_peer_is_stopped() {
         return;
     }
     let link = Link::new("sh");
-    let bird = Bird::start(&link.peer_ns, &bird_conf(3));
+    // BIRD listens on a non-standard port here, so the peer's port setting is exercised too.
+    let conf = bird_conf_v4(3).replace("local 10.0.0.2 as", "local 10.0.0.2 port 1790 as");
+    let bird = Bird::start(&link.peer_ns, &conf);
     in_netns(&link.margay_ns, move || async move {
         let (tx, mut rx) = mpsc::channel(1024);
         let mut cfg = peer_cfg("10.0.0.2", 4200000002, 4200000001);
+        cfg.peer_port = 1790;
         cfg.timers.hold_time = 3;
         let p = spawn_peer(cfg, None, tx);
         let mut seen = Vec::new();
@@ -381,13 +396,13 @@ fn gobgp_conf(password: &str) -> String {
     format!(
         r#"
 [global.config]
-  as = 65002
+  as = 4200000002
   router-id = "10.0.0.2"
   local-address-list = ["10.0.0.2"]
 [[neighbors]]
   [neighbors.config]
     neighbor-address = "10.0.0.1"
-    peer-as = 65001
+    peer-as = 4200000001
     auth-password = "{password}"
   [neighbors.timers.config]
     connect-retry = 1
@@ -403,7 +418,7 @@ fn gobgp_conf(password: &str) -> String {
     )
 }
 
-/// GoBGP with a TCP MD5 password: the right password establishes (and GoBGP's route arrives); a wrong
+/// GoBGP (4-octet ASes) with a TCP MD5 password: the right password establishes (and GoBGP's route arrives); a wrong
 /// one keeps the session down (the kernel drops unsigned or wrongly signed segments).
 #[test]
 fn gobgp_md5_password_right_and_wrong() {
@@ -419,7 +434,7 @@ fn gobgp_md5_password_right_and_wrong() {
     ));
     in_netns(&link.margay_ns, move || async move {
         let (tx, mut rx) = mpsc::channel(1024);
-        let mut cfg = peer_cfg("10.0.0.2", 65002, 65001);
+        let mut cfg = peer_cfg("10.0.0.2", 4200000002, 4200000001);
         cfg.password = Some(Password("s3cret-md5".into()));
         let p = spawn_peer(cfg.clone(), None, tx.clone());
         let mut seen = Vec::new();
@@ -570,6 +585,441 @@ router bgp 65000
         assert_eq!(summary["ipv6Unicast"]["as"].as_u64(), Some(65000));
         p.shutdown().await;
         drop(listener);
+    });
+    drop(link);
+}
+
+/// BIRD killed with SIGKILL: the kernel closes its connections, the RIB hears Down with BIRD's graceful
+/// restart parameters (keep its routes stale). BIRD restarted in graceful restart recovery (`-R`)
+/// comes back with the Restart State bit set and its End-of-RIB ends the stale period.
+#[test]
+fn bird_killed_and_restarted_with_graceful_restart() {
+    let t = "bird_killed_and_restarted_with_graceful_restart";
+    if !prereqs(t, have_bird(), "bird2") {
+        return;
+    }
+    let link = Link::new("sk");
+    let mut bird = Bird::start(&link.peer_ns, &bird_conf_v4(9));
+    in_netns(&link.margay_ns, move || async move {
+        let (tx, mut rx) = mpsc::channel(1024);
+        let p = spawn_peer(peer_cfg("10.0.0.2", 4200000002, 4200000001), None, tx);
+        let mut seen = Vec::new();
+        let ev = expect_event(&mut rx, &mut seen, "Established", |e| {
+            matches!(e, SessionEvent::Established { .. })
+        })
+        .await;
+        let SessionEvent::Established { session: first, .. } = ev else {
+            unreachable!()
+        };
+        expect_event(&mut rx, &mut seen, "End-of-RIB", |e| {
+            matches!(e, SessionEvent::EndOfRib { .. })
+        })
+        .await;
+
+        bird.kill();
+        let ev = expect_event(&mut rx, &mut seen, "Down", |e| {
+            matches!(e, SessionEvent::Down { .. })
+        })
+        .await;
+        let SessionEvent::Down {
+            session,
+            reason,
+            graceful_restart,
+            ..
+        } = ev
+        else {
+            unreachable!()
+        };
+        assert_eq!(session, first);
+        assert!(
+            graceful_restart.is_some(),
+            "TCP loss of a GR peer keeps its routes ({reason})"
+        );
+
+        bird.restart_with_args(&["-R"]);
+        let ev = expect_event(&mut rx, &mut seen, "Established again", |e| {
+            matches!(e, SessionEvent::Established { .. })
+        })
+        .await;
+        let SessionEvent::Established {
+            session: second,
+            negotiated,
+            ..
+        } = ev
+        else {
+            unreachable!()
+        };
+        assert!(second > first, "a new session id for the new session");
+        let gr = negotiated
+            .peer_graceful_restart
+            .clone()
+            .expect("GR capability");
+        assert!(gr.restarting, "BIRD in recovery sets the Restart State bit");
+        // RFC 4724 4.1: the restarting speaker defers its route selection until its peers' End-of-RIB;
+        // BIRD sends its table only once ours has arrived.
+        p.send(PeerCommand::SendEndOfRib {
+            session: second,
+            family: Family::IPV4_UNICAST,
+        })
+        .await
+        .expect("send");
+        let ev = expect_event(&mut rx, &mut seen, "End-of-RIB after the restart", |e| {
+            matches!(e, SessionEvent::EndOfRib { .. })
+        })
+        .await;
+        let SessionEvent::EndOfRib {
+            session, family, ..
+        } = ev
+        else {
+            unreachable!()
+        };
+        assert_eq!((session, family), (second, Family::IPV4_UNICAST));
+        // Whatever BIRD sent after the restart belongs to the new session.
+        for ev in &seen {
+            if let SessionEvent::Updates { session, .. } = ev {
+                assert!(*session == first || *session == second);
+            }
+        }
+        p.shutdown().await;
+    });
+    drop(link);
+}
+
+/// The listener refuses a speaker nobody configured with a NOTIFICATION (Cease / connection rejected),
+/// and a peer that refuses connections shows "connect: connection refused".
+#[test]
+fn listener_rejects_unknown_peer_and_refused_connect_is_reported() {
+    let t = "listener_rejects_unknown_peer_and_refused_connect_is_reported";
+    if !prereqs(t, have_bird(), "bird2") {
+        return;
+    }
+    let link = Link::new("sr");
+    // BIRD only connects (passive margay is not configured for it), and does not listen on 179.
+    let conf = r#"
+router id 10.0.0.2;
+protocol device { }
+protocol bgp margay4 {
+  local 10.0.0.2 port 1790 as 65002;
+  neighbor 10.0.0.1 as 65001;
+  connect delay time 1; connect retry time 1; error wait time 1, 2;
+  ipv4 { import all; export all; };
+}
+"#;
+    let bird = Bird::start(&link.peer_ns, conf);
+    in_netns(&link.margay_ns, move || async move {
+        let listener = Listener::bind(&[SocketAddr::new(ip("10.0.0.1"), 179)])
+            .await
+            .expect("bind listener");
+        eventually("BIRD to be rejected by margay's listener", || {
+            let out = bird.birdc("show protocols all margay4");
+            if out.to_lowercase().contains("connection rejected") {
+                Ok(())
+            } else {
+                Err(out)
+            }
+        })
+        .await;
+        let (tx, _rx) = mpsc::channel(16);
+        let p = spawn_peer(peer_cfg("10.0.0.2", 65002, 65001), None, tx);
+        status_until(&p, "connect: connection refused", |s| {
+            s.last_error.as_deref() == Some("connect: connection refused")
+        })
+        .await;
+        assert_eq!(
+            p.status().state,
+            State::Idle,
+            "backing off after the refusal"
+        );
+        p.shutdown().await;
+        drop(listener);
+    });
+    drop(link);
+}
+
+/// GTSM (BGPPeer ttlSecurity) and an explicit source address against BIRD's `ttl security on`.
+/// (Without GTSM the outcome depends on whether our first segments beat BIRD's setsockopt(IP_MINTTL)
+/// on the accepted socket, so the negative case is not asserted here; tests/session_sockopt.rs checks
+/// the socket options themselves.)
+#[test]
+fn bird_ttl_security_and_source_address() {
+    let t = "bird_ttl_security_and_source_address";
+    if !prereqs(t, have_bird(), "bird2") {
+        return;
+    }
+    let link = Link::new("st");
+    let conf = r#"
+router id 10.0.0.2;
+protocol device { }
+protocol bgp margay4 {
+  local 10.0.0.2 as 65002;
+  neighbor 10.0.0.1 as 65001;
+  ttl security on;
+  passive on;
+  startup hold time 5; hold time 5; error wait time 1, 2;
+  ipv4 { import all; export all; };
+}
+"#;
+    let bird = Bird::start(&link.peer_ns, conf);
+    in_netns(&link.margay_ns, move || async move {
+        let (tx, mut rx) = mpsc::channel(1024);
+        let mut cfg = peer_cfg("10.0.0.2", 65002, 65001);
+        cfg.ttl_security_hops = Some(1);
+        cfg.source_addr = Some(ip("10.0.0.1"));
+        let p = spawn_peer(cfg, None, tx);
+        let mut seen = Vec::new();
+        expect_event(&mut rx, &mut seen, "Established", |e| {
+            matches!(e, SessionEvent::Established { .. })
+        })
+        .await;
+        let out = bird.birdc("show protocols all margay4");
+        assert!(out.contains("Established"), "{out}");
+        p.shutdown().await;
+    });
+    drop(link);
+}
+
+/// margay itself restarting with graceful restart (RFC 4724 4.1), seen from BIRD: the old session closes
+/// without a NOTIFICATION, BIRD keeps margay's route while margay is away and after it comes back with the
+/// Restart State bit, and sweeps it once margay's End-of-RIB arrives without it. Without the GR capability
+/// the same close makes BIRD drop the route at once (the control case).
+#[test]
+fn margay_graceful_restart_bird_keeps_routes_until_end_of_rib() {
+    let t = "margay_graceful_restart_bird_keeps_routes_until_end_of_rib";
+    if !prereqs(t, have_bird(), "bird2") {
+        return;
+    }
+    let link = Link::new("sm");
+    let bird = Bird::start(&link.peer_ns, &bird_conf_v4(9));
+    in_netns(&link.margay_ns, move || async move {
+        let has_route = || {
+            bird.birdc("show route 203.0.113.0/24")
+                .contains("203.0.113.0/24")
+        };
+        let session_down = || {
+            let out = bird.birdc("show protocols margay4");
+            if out.contains("Established") {
+                Err(out)
+            } else {
+                Ok(())
+            }
+        };
+        let update = Update {
+            nlri: vec![Nlri {
+                prefix: net("203.0.113.0/24"),
+                path_id: 0,
+            }],
+            attributes: PathAttributes {
+                origin: Some(Origin::Igp),
+                as_path: Some(AsPath {
+                    segments: vec![AsSegment::Sequence(vec![4200000001])],
+                }),
+                next_hop: Some(Ipv4Addr::new(10, 0, 0, 1)),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let (tx, mut rx) = mpsc::channel(1024);
+        let mut seen = Vec::new();
+        // Up, advertise, End-of-RIB; wait until BIRD holds the route.
+        async fn up_and_advertise(
+            cfg: PeerConfig,
+            tx: mpsc::Sender<SessionEvent>,
+            rx: &mut mpsc::Receiver<SessionEvent>,
+            seen: &mut Vec<SessionEvent>,
+            update: &Update,
+        ) -> PeerHandle {
+            let p = spawn_peer(cfg, None, tx);
+            let ev = expect_event(rx, seen, "Established", |e| {
+                matches!(e, SessionEvent::Established { .. })
+            })
+            .await;
+            let SessionEvent::Established { session, .. } = ev else {
+                unreachable!()
+            };
+            let updates = vec![update.clone()];
+            p.send(PeerCommand::SendUpdateList { session, updates })
+                .await
+                .expect("send");
+            p.send(PeerCommand::SendEndOfRib {
+                session,
+                family: Family::IPV4_UNICAST,
+            })
+            .await
+            .expect("send");
+            p
+        }
+
+        // Control: no GR capability, so the close is a plain session loss for BIRD.
+        let mut no_gr = peer_cfg("10.0.0.2", 4200000002, 4200000001);
+        no_gr.graceful_restart = None;
+        let p = up_and_advertise(no_gr, tx.clone(), &mut rx, &mut seen, &update).await;
+        eventually("BIRD to hold our route", || {
+            if has_route() {
+                Ok(())
+            } else {
+                Err("no route".into())
+            }
+        })
+        .await;
+        p.shutdown_for_restart().await;
+        eventually("BIRD to drop the route of a non-GR peer", || {
+            if has_route() {
+                Err(bird.birdc("show route 203.0.113.0/24 all"))
+            } else {
+                Ok(())
+            }
+        })
+        .await;
+
+        // With GR (forwarding preserved): the route survives the restart.
+        let mut gr = peer_cfg("10.0.0.2", 4200000002, 4200000001);
+        if let Some(g) = gr.graceful_restart.as_mut() {
+            g.forwarding_preserved = true;
+        }
+        let p = up_and_advertise(gr.clone(), tx.clone(), &mut rx, &mut seen, &update).await;
+        eventually("BIRD to hold our route", || {
+            if has_route() {
+                Ok(())
+            } else {
+                Err("no route".into())
+            }
+        })
+        .await;
+        p.shutdown_for_restart().await;
+        eventually("BIRD to see the session go", session_down).await;
+        assert!(
+            has_route(),
+            "BIRD keeps a GR peer's route while it restarts:\n{}",
+            bird.birdc("show route all")
+        );
+
+        // Back with the Restart State bit; the route stays until our End-of-RIB, which comes without it.
+        let mut restarted = gr;
+        if let Some(g) = restarted.graceful_restart.as_mut() {
+            g.restarting = true;
+        }
+        let p = spawn_peer(restarted, None, tx);
+        let ev = expect_event(&mut rx, &mut seen, "Established after restart", |e| {
+            matches!(e, SessionEvent::Established { .. })
+        })
+        .await;
+        let SessionEvent::Established { session, .. } = ev else {
+            unreachable!()
+        };
+        assert!(has_route(), "still kept before our End-of-RIB");
+        p.send(PeerCommand::SendEndOfRib {
+            session,
+            family: Family::IPV4_UNICAST,
+        })
+        .await
+        .expect("send");
+        eventually("BIRD to sweep the stale route after End-of-RIB", || {
+            if has_route() {
+                Err(bird.birdc("show route 203.0.113.0/24 all"))
+            } else {
+                Ok(())
+            }
+        })
+        .await;
+        p.shutdown().await;
+    });
+    drop(link);
+}
+
+/// ADD-PATH (RFC 7911) as Calico configures BIRD (`add paths on`): negotiated both ways, and BIRD's
+/// UPDATEs, which then carry path identifiers, decode into the right prefixes; ours reach BIRD too.
+#[test]
+fn bird_add_path_negotiated_and_decoded() {
+    let t = "bird_add_path_negotiated_and_decoded";
+    if !prereqs(t, have_bird(), "bird2") {
+        return;
+    }
+    let link = Link::new("sa");
+    let conf = bird_conf_v4(9).replace(
+        "ipv4 { import all; export all; };",
+        "ipv4 { import all; export all; add paths on; };",
+    );
+    assert!(conf.contains("add paths on"), "{conf}");
+    let bird = Bird::start(&link.peer_ns, &conf);
+    in_netns(&link.margay_ns, move || async move {
+        let (tx, mut rx) = mpsc::channel(1024);
+        let mut cfg = peer_cfg("10.0.0.2", 4200000002, 4200000001);
+        cfg.add_path = vec![(Family::IPV4_UNICAST, margay::bgp::wire::AddPathMode::Both)];
+        let p = spawn_peer(cfg, None, tx);
+        let mut seen = Vec::new();
+        let ev = expect_event(&mut rx, &mut seen, "Established", |e| {
+            matches!(e, SessionEvent::Established { .. })
+        })
+        .await;
+        let SessionEvent::Established {
+            session,
+            negotiated,
+            ..
+        } = ev
+        else {
+            unreachable!()
+        };
+        assert_eq!(negotiated.add_path_rx, vec![Family::IPV4_UNICAST]);
+        assert_eq!(negotiated.add_path_tx, vec![Family::IPV4_UNICAST]);
+        let mut got = Vec::new();
+        let mut path_ids = Vec::new();
+        loop {
+            let ev = expect_event(&mut rx, &mut seen, "Updates or End-of-RIB", |e| {
+                matches!(
+                    e,
+                    SessionEvent::Updates { .. } | SessionEvent::EndOfRib { .. }
+                )
+            })
+            .await;
+            if let SessionEvent::Updates { updates, .. } = &ev {
+                path_ids.extend(
+                    updates
+                        .iter()
+                        .flat_map(|u| u.nlri.iter().map(|n| n.path_id)),
+                );
+            }
+            if matches!(ev, SessionEvent::EndOfRib { .. }) {
+                break;
+            }
+            got.extend(announced(&ev));
+        }
+        got.sort();
+        assert_eq!(got, vec![net("192.0.2.0/24"), net("198.51.100.0/24")]);
+        assert!(
+            path_ids.iter().all(|id| *id != 0),
+            "BIRD numbers its paths: {path_ids:?}"
+        );
+        let update = Update {
+            nlri: vec![Nlri {
+                prefix: net("203.0.113.0/24"),
+                path_id: 7,
+            }],
+            attributes: PathAttributes {
+                origin: Some(Origin::Igp),
+                as_path: Some(AsPath {
+                    segments: vec![AsSegment::Sequence(vec![4200000001])],
+                }),
+                next_hop: Some(Ipv4Addr::new(10, 0, 0, 1)),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        p.send(PeerCommand::SendUpdateList {
+            session,
+            updates: vec![update],
+        })
+        .await
+        .expect("send");
+        eventually("BIRD to hold our route sent with a path id", || {
+            let out = bird.birdc("show route 203.0.113.0/24");
+            if out.contains("203.0.113.0/24") {
+                Ok(())
+            } else {
+                Err(out)
+            }
+        })
+        .await;
+        p.shutdown().await;
     });
     drop(link);
 }

@@ -742,6 +742,11 @@ fn rfc7606_treat_as_withdraw_lists_every_prefix() {
         e.notification(),
         (3, 6, hex::decode("40010105").expect("hex"))
     );
+    let notif = e.to_notification();
+    assert_eq!(
+        (notif.code, notif.subcode, notif.data),
+        (3, 6, vec![0x40, 0x01, 0x01, 0x05])
+    );
     assert_eq!(
         e.withdrawals().expect("withdrawals"),
         &[
@@ -1089,4 +1094,44 @@ fn encode_refuses_what_does_not_fit() {
         encode(&Message::Update(u), &e, &mut out),
         Err(EncodeError::WrongFamily { .. })
     ));
+}
+
+#[test]
+fn as_path_segment_types_and_long_sequences() {
+    let (d, e) = four();
+    let u = Update {
+        attributes: PathAttributes {
+            origin: Some(Origin::Igp),
+            as_path: Some(AsPath {
+                segments: vec![
+                    AsSegment::ConfedSequence(vec![65100]),
+                    AsSegment::ConfedSet(vec![65101, 65102]),
+                    seq(&[65001]),
+                    AsSegment::Set(vec![65002, 65003]),
+                ],
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let bytes = msg(
+        2,
+        "0000 0027 40 01 01 00
+         40 02 20 03 01 0000fe4c 04 02 0000fe4d 0000fe4e 02 01 0000fde9 01 02 0000fdea 0000fdeb",
+    );
+    both_ways(&bytes, &Message::Update(u), &d, &e);
+
+    // A sequence longer than 255 ASes goes out as several segments (RFC 4271 4.3) of the same meaning.
+    let long: Vec<u32> = (1..=300).collect();
+    let mut u = basic_update();
+    u.attributes.as_path = Some(AsPath {
+        segments: vec![seq(&long)],
+    });
+    let bytes = enc(&Message::Update(u), &e);
+    let Message::Update(got) = decode(&bytes, &d).expect("decodes") else {
+        panic!("not UPDATE")
+    };
+    let path = got.attributes.as_path.expect("as_path");
+    assert_eq!(path.segments, vec![seq(&long[..255]), seq(&long[255..])]);
+    assert_eq!(path.len_for_decision(), 300);
 }

@@ -44,6 +44,42 @@ pub struct DesiredPeer {
     pub rr_client: bool,
     pub next_hop_mode: NextHopMode,
     pub max_prefixes: Option<u32>,
+    /// BGPPeer `numAllowedLocalASNumbers`.
+    pub allow_local_as: u32,
+}
+
+impl DesiredPeer {
+    /// The session and RIB settings of a peer derived from Calico resources (`config::peers`), as BIRD would
+    /// get them from confd's template (calico.md 1.3).
+    pub fn from_config(p: &crate::config::peers::DesiredPeer, router_id: Ipv4Addr) -> DesiredPeer {
+        use crate::bgp::session::{GracefulRestartConfig, Password};
+        use crate::config::bgp::NextHopMode as CalicoNextHop;
+        let mut s = PeerConfig::new(p.address, p.peer_as, p.local_as, router_id);
+        s.peer_port = p.port;
+        s.source_addr = p.source_address;
+        s.passive = p.passive;
+        s.password = p.password.clone().map(Password);
+        s.ttl_security_hops = p.ttl_security;
+        if let Some(k) = p.keepalive_time {
+            s.timers.keepalive = Some(k.as_secs().clamp(1, u64::from(u16::MAX)) as u16);
+        }
+        s.graceful_restart = Some(GracefulRestartConfig {
+            restart_time: p.max_restart_time.as_secs().min(4095) as u16,
+            ..Default::default()
+        });
+        DesiredPeer {
+            peer_type: p.peer_type.as_status().to_string(),
+            session: s,
+            rr_client: p.rr_client,
+            next_hop_mode: match p.next_hop_mode {
+                CalicoNextHop::Auto => NextHopMode::Auto,
+                CalicoNextHop::SelfAddr => NextHopMode::SelfAddr,
+                CalicoNextHop::Keep => NextHopMode::Keep,
+            },
+            max_prefixes: None,
+            allow_local_as: p.num_allowed_local_as.unwrap_or(0),
+        }
+    }
 }
 
 /// The speaker's identity and listening sockets.
@@ -83,6 +119,10 @@ pub enum SpeakerError {
 enum SpeakerCommand {
     Apply(Vec<DesiredPeer>, oneshot::Sender<ApplyReport>),
     Status(oneshot::Sender<Vec<ApiPeerStatus>>),
+    Shutdown {
+        for_restart: bool,
+        reply: oneshot::Sender<()>,
+    },
 }
 
 /// The owner's handle. Dropping it stops the speaker, its peers and the RIB.
@@ -120,6 +160,20 @@ impl SpeakerHandle {
             .await
             .map_err(|_| SpeakerError::Gone)?;
         rx.await.map_err(|_| SpeakerError::Gone)
+    }
+
+    /// Stop every session and the speaker. `for_restart`: close without a NOTIFICATION so peers that
+    /// negotiated graceful restart keep our routes until we are back (RFC 4724 4.1); otherwise Cease.
+    pub async fn shutdown(self, for_restart: bool) {
+        let (reply, done) = oneshot::channel();
+        if self
+            .tx
+            .send(SpeakerCommand::Shutdown { for_restart, reply })
+            .await
+            .is_ok()
+        {
+            let _ = done.await;
+        }
     }
 
     /// The RIB's input, for locally originated routes and queries.
@@ -203,6 +257,20 @@ impl Speaker {
                     Some(SpeakerCommand::Status(reply)) => {
                         let _ = reply.send(self.status().await);
                     }
+                    Some(SpeakerCommand::Shutdown { for_restart, reply }) => {
+                        for (_, p) in std::mem::take(&mut self.peers) {
+                            if let Some((_, writer)) = p.session {
+                                writer.abort();
+                            }
+                            if for_restart {
+                                p.handle.shutdown_for_restart().await;
+                            } else {
+                                p.handle.shutdown().await;
+                            }
+                        }
+                        let _ = reply.send(());
+                        return;
+                    }
                     None => break,
                 },
                 Some(ev) = events.recv() => self.on_event(ev).await,
@@ -239,6 +307,7 @@ impl Speaker {
                     } else if p.desired.rr_client != d.rr_client
                         || p.desired.next_hop_mode != d.next_hop_mode
                         || p.desired.max_prefixes != d.max_prefixes
+                        || p.desired.allow_local_as != d.allow_local_as
                     {
                         // The RIB learns a peer's role at PeerUp: restart this one peer.
                         self.stop_peer(addr).await;
@@ -512,6 +581,7 @@ fn peer_info(d: &DesiredPeer, n: &Negotiated) -> PeerInfo {
         families: n.families.clone(),
         add_path_rx: n.add_path_rx.clone(),
         max_prefixes: d.max_prefixes,
+        allow_local_as: d.allow_local_as,
     }
 }
 

@@ -172,16 +172,17 @@ impl Bird {
     }
 
     fn launch(&mut self) {
+        self.launch_with(&[]);
+    }
+
+    fn launch_with(&mut self, extra: &[&str]) {
         let conf = self.path("bird.conf");
         let ctl = self.path("bird.ctl");
         let pid = self.path("bird.pid");
         let log = self.path("bird.log");
-        let p = Proc::spawn(
-            "bird",
-            &self.ns,
-            &["bird", "-f", "-c", s(&conf), "-s", s(&ctl), "-P", s(&pid)],
-            &log,
-        );
+        let mut args = vec!["bird", "-f", "-c", s(&conf), "-s", s(&ctl), "-P", s(&pid)];
+        args.extend_from_slice(extra);
+        let p = Proc::spawn("bird", &self.ns, &args, &log);
         self.proc = Some(p);
         wait_for("BIRD control socket", Duration::from_secs(20), || {
             let (ok, out) = try_sh(&format!("birdc -s {} show status", ctl.display()));
@@ -224,8 +225,13 @@ impl Bird {
 
     /// Start again with the same configuration (after `kill`).
     pub fn restart(&mut self) {
+        self.restart_with_args(&[]);
+    }
+
+    /// Start again with extra command line arguments (e.g. `-R`, graceful restart recovery).
+    pub fn restart_with_args(&mut self, extra: &[&str]) {
         self.proc = None;
-        self.launch();
+        self.launch_with(extra);
     }
 
     pub fn log(&self) -> String {

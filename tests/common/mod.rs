@@ -112,4 +112,5 @@ pub fn free_port() -> u16 {
     l.local_addr().expect("local addr").port()
 }
 pub mod bgp_peers;
+pub mod dataplane;
 pub mod etcd;

@@ -2,8 +2,8 @@
 //! its own. [`Rib::handle`] applies one [`RibInput`]; outputs go to the per-peer senders given at `PeerUp` and to
 //! [`Rib::take_fib_events`]; timers are [`Rib::next_deadline`] / [`Rib::on_timer`]. `task.rs` drives it.
 
-use std::collections::btree_map::Entry;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::Instant;
@@ -11,6 +11,7 @@ use std::time::Instant;
 use ipnetwork::IpNetwork;
 use tokio::sync::mpsc;
 
+use super::chunkmap::ChunkMap;
 use super::decision::{self, Kind, SourceMeta};
 use super::export::{self, ExportSource, ExportTarget};
 use super::table::{Dest, Path, PrefixKey, Tables, V4Key, V6Key, FLAG_STALE, LOCAL_SLOT};
@@ -18,15 +19,50 @@ use super::{
     family_of, FibEvent, PathSource, PathView, PeerCounters, PeerId, PeerInfo, Policy, Query,
     RibConfig, RibInput, RibOutput, RibSummary, RouteView,
 };
-use crate::bgp::wire::{AsPath, Family, Nlri, Origin, PathAttributes};
+use crate::bgp::wire::{AsPath, AsSegment, Family, Nlri, Origin, PathAttributes};
 
-type ExportCache = HashMap<(usize, u16, bool), (Arc<PathAttributes>, Option<Arc<PathAttributes>>)>;
+type ExportKey = (usize, u16, bool);
+type ExportCache = HashMap<
+    ExportKey,
+    (Arc<PathAttributes>, Option<Arc<PathAttributes>>),
+    BuildHasherDefault<PtrHasher>,
+>;
+
+/// A multiplicative hasher for the keys of the hot per-prefix maps (pointers and small integers): SipHash's
+/// DoS resistance buys nothing for keys the RIB makes itself, and costs a third of an export.
+#[derive(Default)]
+struct PtrHasher(u64);
+
+impl Hasher for PtrHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+    fn write_u16(&mut self, n: u16) {
+        self.write_u64(u64::from(n));
+    }
+    fn write_u8(&mut self, n: u8) {
+        self.write_u64(u64::from(n));
+    }
+}
 
 /// Per-peer output collected while one input is applied, grouped by (rewritten) attribute set.
 #[derive(Debug, Default)]
 struct Pending {
     groups: Vec<(Family, Arc<PathAttributes>, Vec<Nlri>)>,
-    index: HashMap<usize, usize>,
+    index: HashMap<usize, usize, BuildHasherDefault<PtrHasher>>,
+    /// The group the previous prefix went to: consecutive prefixes of one UPDATE share it.
+    last: Option<(usize, usize)>,
     withdrawn: Vec<(Family, Vec<Nlri>)>,
 }
 
@@ -49,6 +85,8 @@ struct Slot {
     deadline: Option<Instant>,
     stale_families: Vec<Family>,
     cache: ExportCache,
+    /// The last export-cache hit: the prefixes of one UPDATE all hit the same entry.
+    memo: Option<(ExportKey, Option<Arc<PathAttributes>>)>,
     pending: Pending,
     max_prefix_signalled: bool,
 }
@@ -65,7 +103,8 @@ impl Slot {
             counters: PeerCounters::default(),
             deadline: None,
             stale_families: Vec::new(),
-            cache: HashMap::new(),
+            cache: HashMap::default(),
+            memo: None,
             pending: Pending::default(),
             max_prefix_signalled: false,
         }
@@ -107,6 +146,7 @@ fn local_info(cfg: &RibConfig) -> PeerInfo {
         families: Vec::new(),
         add_path_rx: Vec::new(),
         max_prefixes: None,
+        allow_local_as: 0,
     }
 }
 
@@ -602,20 +642,8 @@ impl Rib {
             v.len() != before
         };
         match prefix {
-            IpNetwork::V4(n) => {
-                if let Entry::Occupied(mut e) = self.tables.v4.entry(V4Key::new(n)) {
-                    if !modify(st, prefix, e.get_mut(), edit) {
-                        e.remove();
-                    }
-                }
-            }
-            IpNetwork::V6(n) => {
-                if let Entry::Occupied(mut e) = self.tables.v6.entry(V6Key::new(n)) {
-                    if !modify(st, prefix, e.get_mut(), edit) {
-                        e.remove();
-                    }
-                }
-            }
+            IpNetwork::V4(n) => remove_in(&mut self.tables.v4, V4Key::new(n), prefix, st, edit),
+            IpNetwork::V6(n) => remove_in(&mut self.tables.v6, V6Key::new(n), prefix, st, edit),
         }
     }
 
@@ -673,27 +701,42 @@ fn mark_stale(d: &mut Dest, slot: u16, families: &mut Vec<Family>, family: Famil
     n
 }
 
+fn remove_in<K: PrefixKey>(
+    map: &mut ChunkMap<K, Dest>,
+    key: K,
+    prefix: IpNetwork,
+    st: &mut State,
+    edit: impl FnOnce(&mut State, &mut Vec<Path>) -> bool,
+) {
+    if let Ok(pos) = map.find(&key) {
+        if !modify(st, prefix, map.at_mut(pos), edit) {
+            map.remove_at(pos);
+        }
+    }
+}
+
 fn upsert_in<K: PrefixKey>(
-    map: &mut BTreeMap<K, Dest>,
+    map: &mut ChunkMap<K, Dest>,
     key: K,
     prefix: IpNetwork,
     mut path: Path,
     allow_new: bool,
     st: &mut State,
 ) -> bool {
-    match map.entry(key) {
-        Entry::Vacant(e) => {
+    match map.find(&key) {
+        Err(pos) => {
             if !allow_new {
                 return false;
             }
             st.path_added(&path);
             path.flags = super::table::FLAG_ECMP;
-            let d = e.insert(Dest::One(path));
+            let pos = map.insert_at(pos, key, Dest::One(path));
+            let d = map.at_mut(pos);
             st.settle(prefix, None, st.fib_enabled.then(Vec::new), Some(d));
             true
         }
-        Entry::Occupied(mut e) => {
-            let dest = e.get_mut();
+        Ok(pos) => {
+            let dest = map.at_mut(pos);
             // Fast path: the only path of the prefix replaced by the same peer.
             if let Dest::One(p) = dest {
                 if p.slot == path.slot && p.path_id == path.path_id {
@@ -740,7 +783,7 @@ fn upsert_in<K: PrefixKey>(
 
 /// Remove the paths matching `pred` from every prefix of `map`, re-deciding and propagating each touched prefix.
 fn retain_paths<K: PrefixKey>(
-    map: &mut BTreeMap<K, Dest>,
+    map: &mut ChunkMap<K, Dest>,
     st: &mut State,
     pred: impl Fn(&Path) -> bool,
 ) {
@@ -844,6 +887,7 @@ impl State {
         s.out = None;
         s.deadline = None;
         s.cache.clear();
+        s.memo = None;
         s.counters = PeerCounters::default();
         self.free.push(slot);
         self.clear_caches();
@@ -852,6 +896,7 @@ impl State {
     fn clear_caches(&mut self) {
         for s in &mut self.slots {
             s.cache.clear();
+            s.memo = None;
         }
     }
 
@@ -871,10 +916,21 @@ impl State {
     fn import_loop(&self, slot: u16, attrs: &PathAttributes) -> bool {
         let s = &self.slots[slot as usize];
         match s.kind {
-            Kind::Ebgp => attrs
-                .as_path
-                .as_ref()
-                .is_some_and(|p| p.contains(s.info.local_asn)),
+            Kind::Ebgp => attrs.as_path.as_ref().is_some_and(|p| {
+                let own: usize = p
+                    .segments
+                    .iter()
+                    .map(|seg| match seg {
+                        AsSegment::Sequence(v)
+                        | AsSegment::Set(v)
+                        | AsSegment::ConfedSequence(v)
+                        | AsSegment::ConfedSet(v) => {
+                            v.iter().filter(|a| **a == s.info.local_asn).count()
+                        }
+                    })
+                    .sum();
+                own > s.info.allow_local_as as usize
+            }),
             _ => {
                 attrs.originator_id == Some(self.cfg.router_id)
                     || attrs
@@ -1070,10 +1126,17 @@ impl State {
         let s = &mut self.slots[t as usize];
         let key = Arc::as_ptr(&attrs) as usize;
         let p = &mut s.pending;
-        let i = *p.index.entry(key).or_insert_with(|| {
-            p.groups.push((family, attrs, Vec::new()));
-            p.groups.len() - 1
-        });
+        let i = match p.last {
+            Some((k, i)) if k == key => i,
+            _ => {
+                let i = *p.index.entry(key).or_insert_with(|| {
+                    p.groups.push((family, attrs, Vec::new()));
+                    p.groups.len() - 1
+                });
+                p.last = Some((key, i));
+                i
+            }
+        };
         let g = &mut p.groups[i];
         g.2.push(Nlri { prefix, path_id: 0 });
         if g.2.len() >= max {

@@ -20,6 +20,7 @@
 //! exactly the announcements and withdrawals to send, without keeping a second copy of a million prefixes per
 //! peer; `Query::AdjRibOut` materialises it on demand.
 
+mod chunkmap;
 mod core;
 mod decision;
 mod export;
@@ -56,6 +57,16 @@ pub enum NextHopMode {
     SelfAddr,
     /// Never change the next hop (locally originated routes still get ours: they have none).
     Keep,
+}
+
+impl From<crate::config::bgp::NextHopMode> for NextHopMode {
+    fn from(m: crate::config::bgp::NextHopMode) -> NextHopMode {
+        match m {
+            crate::config::bgp::NextHopMode::Auto => NextHopMode::Auto,
+            crate::config::bgp::NextHopMode::SelfAddr => NextHopMode::SelfAddr,
+            crate::config::bgp::NextHopMode::Keep => NextHopMode::Keep,
+        }
+    }
 }
 
 /// Graceful restart as the peer advertised it in its OPEN (RFC 4724 section 3).
@@ -95,6 +106,9 @@ pub struct PeerInfo {
     /// Max-prefix: accept at most this many prefixes from the peer; beyond it the RIB rejects them and tells the
     /// session to close with Cease / Maximum Number of Prefixes Reached (RFC 4486).
     pub max_prefixes: Option<u32>,
+    /// BGPPeer `numAllowedLocalASNumbers`: how many times our own AS may appear in an eBGP path before it is
+    /// a loop (BIRD's `allow local as`); 0 = none (RFC 4271 9.1.2).
+    pub allow_local_as: u32,
 }
 
 impl PeerInfo {
@@ -144,6 +158,32 @@ pub enum RibInput {
     SetPolicy(Arc<Policy>),
     /// Read-only questions, answered through the oneshot.
     Query(Query),
+}
+
+impl RibInput {
+    /// The RIB input for one decoded UPDATE: IPv4 NLRI and MP_REACH NLRI are announced with the UPDATE's
+    /// attributes (each family finds its next hop there), withdrawn routes and MP_UNREACH NLRI are withdrawn.
+    /// End-of-RIB markers should be sent as [`RibInput::EndOfRib`] instead.
+    pub fn from_update(peer: PeerId, update: crate::bgp::wire::Update) -> RibInput {
+        let crate::bgp::wire::Update {
+            mut withdrawn,
+            mut attributes,
+            nlri,
+        } = update;
+        let mut announced = nlri;
+        if let Some(m) = attributes.mp_reach.as_mut() {
+            announced.append(&mut m.nlri);
+        }
+        if let Some(u) = attributes.mp_unreach.take() {
+            withdrawn.extend(u.withdrawn);
+        }
+        RibInput::Routes {
+            peer,
+            announced,
+            attrs: Arc::new(attributes),
+            withdrawn,
+        }
+    }
 }
 
 /// Questions for the RIB (status, tests, the CLI).

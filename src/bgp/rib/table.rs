@@ -1,14 +1,14 @@
 //! Compact per-family prefix tables: prefix → paths (best first). Sized for a million prefixes: an IPv4
 //! prefix with one path costs a 24-byte map slot (8-byte key + 16-byte path with its interned attributes
-//! shared), a BTreeMap so memory grows with the table and not in power-of-two steps, and iteration is in
+//! shared), in a `ChunkMap` so memory grows with the table and not in power-of-two steps, and iteration is in
 //! prefix order (full-table dumps come out sorted, which packs well).
 
-use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 
+use super::chunkmap::ChunkMap;
 use crate::bgp::wire::PathAttributes;
 
 /// Peer slot 0 is the local speaker (originated routes).
@@ -126,8 +126,8 @@ impl PrefixKey for V6Key {
 /// Both unicast tables.
 #[derive(Debug, Default)]
 pub(crate) struct Tables {
-    pub v4: BTreeMap<V4Key, Dest>,
-    pub v6: BTreeMap<V6Key, Dest>,
+    pub v4: ChunkMap<V4Key, Dest>,
+    pub v6: ChunkMap<V6Key, Dest>,
 }
 
 impl Tables {

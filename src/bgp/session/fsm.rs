@@ -72,6 +72,10 @@ pub enum Event {
     ManualStart,
     /// Event 2 ManualStop: the operator or the configuration removed or reset the peer.
     ManualStop,
+    /// Event 8 AutomaticStop: the speaker stops the session itself, e.g. because its configuration
+    /// changed; like ManualStop but with the given Cease subcode (RFC 4486: 6 = other configuration
+    /// change, 3 = peer de-configured).
+    AutomaticStop { cease_subcode: u8 },
     /// Event 9 ConnectRetryTimer_Expires.
     ConnectRetryTimerExpires,
     /// Event 10 HoldTimer_Expires.
@@ -195,7 +199,8 @@ impl Session {
         let mut out = Vec::new();
         match ev {
             Event::ManualStart => self.manual_start(&mut out),
-            Event::ManualStop => self.manual_stop(&mut out),
+            Event::ManualStop => self.manual_stop(code::CEASE_ADMIN_SHUTDOWN, &mut out),
+            Event::AutomaticStop { cease_subcode } => self.manual_stop(cease_subcode, &mut out),
             Event::IdleHoldTimerExpires => {
                 if self.state == State::Idle && self.started {
                     self.start(&mut out);
@@ -258,11 +263,11 @@ impl Session {
         }
     }
 
-    fn manual_stop(&mut self, out: &mut Vec<Action>) {
+    fn manual_stop(&mut self, subcode: u8, out: &mut Vec<Action>) {
         self.started = false;
         let n = Notification {
             code: code::CEASE,
-            subcode: code::CEASE_ADMIN_SHUTDOWN,
+            subcode,
             data: Vec::new(),
         };
         let was_established = self.state == State::Established;
@@ -334,7 +339,9 @@ impl Session {
         self.enter_idle(out);
         if self.started {
             out.push(Action::StartTimer(Timer::IdleHold, self.backoff));
-            self.backoff = (self.backoff * 2)
+            self.backoff = self
+                .backoff
+                .saturating_mul(2)
                 .min(self.cfg.timers.error_wait_max)
                 .max(self.cfg.timers.error_wait_min);
         }
@@ -404,11 +411,16 @@ impl Session {
             return; // a duplicate report for a connection we already hold
         }
         match self.state {
-            State::Idle => {
-                // RFC 4271 8.2.2 Idle: refuse connections while stopped or backing off.
+            State::Idle if !self.started || conn.dir == Direction::Outbound => {
+                // RFC 4271 8.2.2 Idle: refuse connections while stopped.
                 out.push(Action::CloseConnection(conn.id));
             }
-            State::Connect | State::Active => {
+            State::Idle | State::Connect | State::Active => {
+                // Idle here means "backing off after a failure" (IdleHoldTimer running). The backoff
+                // only damps our own connection attempts: a peer that reconnects (e.g. after its
+                // graceful restart, or with a long ConnectRetry like FRR's 120 s) is taken at once
+                // instead of being refused until its next retry.
+                out.push(Action::StopTimer(Timer::IdleHold));
                 if self.cfg.passive && conn.dir == Direction::Outbound {
                     out.push(Action::CloseConnection(conn.id));
                     return;
@@ -700,6 +712,11 @@ impl Session {
                 }
                 self.backoff = self.cfg.timers.error_wait_min;
                 self.state = State::Established;
+                // RFC 4724 3: the Restart State bit announces *this* restart; once a session is up again
+                // later OPENs (after an unrelated session reset) must not claim a restart.
+                if let Some(gr) = self.cfg.graceful_restart.as_mut() {
+                    gr.restarting = false;
+                }
                 out.push(Action::Established(id, Box::new(neg)));
             }
             State::Established => self.restart_hold(out),

@@ -84,6 +84,27 @@ impl ListenerHandle {
         rx.await.map_err(|_| ListenerError::Gone)?
     }
 
+    /// Queue the registration without waiting: connections accepted after this call returns are
+    /// already routed to `conns` (the listener handles requests before connections). The receiver
+    /// yields the outcome. `None` when the request queue is full; use [`register`](Self::register).
+    pub fn register_now(
+        &self,
+        peer: IpAddr,
+        password: Option<Password>,
+        conns: mpsc::Sender<TcpStream>,
+    ) -> Option<oneshot::Receiver<Result<(), ListenerError>>> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .try_send(Request::Register {
+                peer,
+                password,
+                conns,
+                reply,
+            })
+            .ok()?;
+        Some(rx)
+    }
+
     /// Forget `peer` (its MD5 key is removed from the listening sockets).
     pub fn unregister(&self, peer: IpAddr) {
         // A full or closed queue means the listener is busy or gone; either way the registration dies
@@ -182,6 +203,9 @@ async fn run(listeners: Vec<Arc<TcpListener>>, mut requests: mpsc::Receiver<Requ
     let mut peers: HashMap<IpAddr, Registration> = HashMap::new();
     loop {
         tokio::select! {
+            // Registrations first, so a connection from a peer registered just before it arrived is
+            // not rejected.
+            biased;
             req = requests.recv() => match req {
                 None => return,
                 Some(Request::Register { peer, password, conns, reply }) => {

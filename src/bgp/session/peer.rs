@@ -27,7 +27,7 @@ use crate::bgp::wire::{
 
 use super::config::PeerConfig;
 use super::fsm::{Action, ConnId, Event, MessageError, Session, State, Timer};
-use super::listener::ListenerHandle;
+use super::listener::{ListenerError, ListenerHandle};
 use super::open::{family_text, Negotiated};
 use super::sockopt;
 use super::{Counters, PeerCommand, PeerStatus, SessionError, SessionEvent, SessionId};
@@ -48,7 +48,7 @@ pub struct PeerHandle {
     peer: IpAddr,
     cmd: mpsc::Sender<PeerCommand>,
     status: watch::Receiver<PeerStatus>,
-    owner: Option<oneshot::Sender<()>>,
+    owner: Option<oneshot::Sender<StopMode>>,
     task: Option<JoinHandle<()>>,
 }
 
@@ -79,13 +79,34 @@ impl PeerHandle {
         self.status.clone()
     }
 
-    /// Stop the session cleanly and wait for the task to end.
+    /// Stop the session cleanly (NOTIFICATION Cease / administrative shutdown, Down to the RIB) and
+    /// wait for the task to end.
     pub async fn shutdown(mut self) {
         self.owner.take();
+        self.join().await;
+    }
+
+    /// Stop for a graceful restart of margay itself (RFC 4724 4.1): close the connections *without* a
+    /// NOTIFICATION, so GR-capable peers keep our routes (stale) until we are back and send
+    /// End-of-RIB. The RIB hears nothing: the process is going away.
+    pub async fn shutdown_for_restart(mut self) {
+        if let Some(o) = self.owner.take() {
+            let _ = o.send(StopMode::ForRestart);
+        }
+        self.join().await;
+    }
+
+    async fn join(&mut self) {
         if let Some(t) = self.task.take() {
             let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
         }
     }
+}
+
+/// How the owner asked the task to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopMode {
+    ForRestart,
 }
 
 impl Drop for PeerHandle {
@@ -115,8 +136,14 @@ pub fn spawn_peer(
         counters: Counters::default(),
     };
     let (status_tx, status_rx) = watch::channel(status);
+    // Register with the listener before returning, so the peer's connections are never rejected
+    // because the task had not run yet.
+    let (in_tx, incoming) = mpsc::channel::<TcpStream>(4);
+    let registration = listener
+        .as_ref()
+        .and_then(|l| l.register_now(cfg.peer_addr, cfg.password.clone(), in_tx.clone()));
     let task = PeerTask::new(cfg, listener, events, status_tx);
-    let join = tokio::spawn(task.run(cmd_rx, owner_rx));
+    let join = tokio::spawn(task.run(cmd_rx, owner_rx, in_tx, incoming, registration));
     PeerHandle {
         peer,
         cmd: cmd_tx,
@@ -219,25 +246,40 @@ impl PeerTask {
     async fn run(
         mut self,
         mut cmds: mpsc::Receiver<PeerCommand>,
-        mut owner: oneshot::Receiver<()>,
+        mut owner: oneshot::Receiver<StopMode>,
+        in_tx: mpsc::Sender<TcpStream>,
+        mut incoming: mpsc::Receiver<TcpStream>,
+        registration: Option<oneshot::Receiver<Result<(), ListenerError>>>,
     ) {
-        let (in_tx, mut incoming) = mpsc::channel::<TcpStream>(4);
-        if let Some(l) = &self.listener {
-            if let Err(e) = l
-                .register(self.cfg.peer_addr, self.cfg.password.clone(), in_tx.clone())
-                .await
-            {
-                self.last_error = Some(e.to_string());
+        let registered = match (registration, &self.listener) {
+            (Some(rx), _) => Some(rx.await.unwrap_or(Err(ListenerError::Gone))),
+            (None, Some(l)) => Some(
+                l.register(self.cfg.peer_addr, self.cfg.password.clone(), in_tx.clone())
+                    .await,
+            ),
+            (None, None) => None,
+        };
+        match registered {
+            Some(Err(e)) => self.last_error = Some(e.to_string()),
+            None if self.cfg.passive => {
+                self.last_error = Some(
+                    "passive peer without a BGP listener: nothing can accept its connection".into(),
+                )
             }
+            _ => {}
         }
         self.feed(Event::ManualStart).await;
+        let mut for_restart = false;
         loop {
             self.publish();
             let next_timer = self.timers.iter().flatten().min().copied();
             // Take RIB commands only while the data queue has room (see the module doc).
             let can_take = self.main_conn().is_none_or(|c| c.data.capacity() > 0);
             tokio::select! {
-                _ = &mut owner => break,
+                stop = &mut owner => {
+                    for_restart = stop == Ok(StopMode::ForRestart);
+                    break;
+                }
                 cmd = cmds.recv(), if can_take => match cmd {
                     Some(c) => self.command(c, &in_tx).await,
                     None => break,
@@ -245,6 +287,14 @@ impl PeerTask {
                 Some(stream) = incoming.recv() => self.accepted(stream).await,
                 Some(msg) = self.internal_rx.recv() => self.internal(msg).await,
                 _ = sleep_until_opt(next_timer), if next_timer.is_some() => {
+                    // Messages that arrived while we were busy (e.g. waiting on a slow RIB) come first:
+                    // a KEEPALIVE sitting in the queue must restart the hold timer, not lose to it.
+                    for _ in 0..64 {
+                        match self.internal_rx.try_recv() {
+                            Ok(msg) => self.internal(msg).await,
+                            Err(_) => break,
+                        }
+                    }
                     let now = Instant::now();
                     for (i, ev) in TIMER_EVENTS.iter().enumerate() {
                         if self.timers[i].is_some_and(|t| t <= now) {
@@ -255,8 +305,16 @@ impl PeerTask {
                 }
             }
         }
-        // Clean stop: Cease to the peer, Down to the RIB.
-        self.feed(Event::ManualStop).await;
+        if for_restart {
+            // Flush what is queued and close; no NOTIFICATION (see `shutdown_for_restart`).
+            for (_, c) in self.conns.drain() {
+                let _ = c.control.send(WriteMsg::Close);
+                let _ = tokio::time::timeout(Duration::from_secs(2), c.writer).await;
+            }
+        } else {
+            // Clean stop: Cease to the peer, Down to the RIB.
+            self.feed(Event::ManualStop).await;
+        }
         self.publish();
         if let Some(l) = &self.listener {
             l.unregister(self.cfg.peer_addr);
@@ -662,7 +720,10 @@ impl PeerTask {
                 }
                 let was_running = self.session.state() != State::Idle
                     || self.timers[timer_index(Timer::IdleHold)].is_some();
-                self.feed(Event::ManualStop).await;
+                self.feed(Event::AutomaticStop {
+                    cease_subcode: super::open::code::CEASE_OTHER_CONFIG_CHANGE,
+                })
+                .await;
                 if let Some(l) = &self.listener {
                     if new.password != self.cfg.password || new.peer_addr != self.cfg.peer_addr {
                         l.unregister(self.cfg.peer_addr);
@@ -675,7 +736,14 @@ impl PeerTask {
                     }
                 }
                 self.cfg = *new;
-                self.session = Session::new(self.cfg.clone());
+                let mut session_cfg = self.cfg.clone();
+                if self.counters.established > 0 {
+                    // The restart this task announced is over (see the FSM's Established).
+                    if let Some(gr) = session_cfg.graceful_restart.as_mut() {
+                        gr.restarting = false;
+                    }
+                }
+                self.session = Session::new(session_cfg);
                 if was_running {
                     self.feed(Event::ManualStart).await;
                 }

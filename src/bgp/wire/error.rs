@@ -4,7 +4,7 @@
 
 use std::net::Ipv4Addr;
 
-use super::types::{Family, Nlri};
+use super::types::{Family, Nlri, Notification};
 use super::{attr, msg_type, notif};
 
 /// What a session does about a malformed UPDATE (RFC 7606 section 2).
@@ -145,6 +145,16 @@ impl DecodeError {
             MalformedAsPath { .. } => (u, 11, Vec::new()),
             BadRouteRefreshLength(len) => (notif::ROUTE_REFRESH, 1, len.to_be_bytes().to_vec()),
             TreatAsWithdraw { cause, .. } => cause.notification(),
+        }
+    }
+
+    /// The NOTIFICATION message to send for this error (see [`notification`](Self::notification)).
+    pub fn to_notification(&self) -> Notification {
+        let (code, subcode, data) = self.notification();
+        Notification {
+            code,
+            subcode,
+            data,
         }
     }
 

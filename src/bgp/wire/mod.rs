@@ -35,6 +35,14 @@
 //! Unrecognised optional transitive attributes land in `PathAttributes::unknown` and are re-encoded with
 //! the Partial bit set (RFC 4271 5 / 9). Unrecognised optional non-transitive attributes are dropped on
 //! decode (RFC 4271 9). An unrecognised well-known attribute is a session reset (RFC 4271 6.3).
+//!
+//! # Left to the session (it knows what the codec does not)
+//! Checks that need the peer relationship or the negotiated families: LOCAL_PREF from an eBGP peer is
+//! attribute-discard (RFC 7606 7.5) and a missing LOCAL_PREF from an iBGP peer treat-as-withdraw (RFC 7606
+//! 3 (d)); ORIGINATOR_ID / CLUSTER_LIST from an eBGP peer; the first AS of an eBGP AS_PATH (RFC 4271 6.3);
+//! NEXT_HOP semantics (own address, martians); NLRI of a family that was not negotiated (RFC 4760 7).
+//! MP_REACH / MP_UNREACH of families other than IPv4 / IPv6 unicast are dropped on decode. Prefix host
+//! bits beyond the prefix length are cleared on decode and encode.
 
 pub mod error;
 mod nlri;

@@ -7,7 +7,7 @@ use bytes::{BufMut, BytesMut};
 
 use super::attr::{self, FLAG_EXTENDED_LENGTH, FLAG_OPTIONAL, FLAG_PARTIAL, FLAG_TRANSITIVE};
 use super::error::{DecodeError, EncodeError, Rfc7606Action};
-use super::nlri::{decode_nlri, encode_nlris, nlri_len};
+use super::nlri::{decode_nlri, encode_nlris, encode_nlris_sized, nlri_len};
 use super::types::*;
 use super::{begin_message, finish_message, msg_type, DecodeCtx, EncodeCtx, HEADER_LEN};
 
@@ -426,21 +426,17 @@ fn merge_as4(attrs: &mut PathAttributes, st: &mut AttrState) {
     // Keep the leading (n - n4) ASes of AS_PATH (the old speakers' hops), then the AS4_PATH.
     let mut take = n - n4;
     let mut out = Vec::with_capacity(path.segments.len() + as4.segments.len());
-    let mut front = true;
     // Whether the last kept segment is a SEQUENCE cut short: the AS4_PATH continues it.
     let mut split = false;
     for seg in path.segments.drain(..) {
         match seg {
-            AsSegment::ConfedSequence(_) | AsSegment::ConfedSet(_) => {
-                if front || take > 0 {
-                    out.push(seg);
-                }
-            }
+            // RFC 6793 4.2.3: a confederation segment is kept when it leads the path or is adjacent
+            // to a kept segment, which is every one met before the cut.
+            AsSegment::ConfedSequence(_) | AsSegment::ConfedSet(_) => out.push(seg),
             AsSegment::Sequence(v) => {
                 if take == 0 {
                     break;
                 }
-                front = false;
                 let k = take.min(v.len());
                 take -= k;
                 split = k < v.len();
@@ -450,7 +446,6 @@ fn merge_as4(attrs: &mut PathAttributes, st: &mut AttrState) {
                 if take == 0 {
                     break;
                 }
-                front = false;
                 take -= 1;
                 split = false;
                 out.push(AsSegment::Set(v));
@@ -919,7 +914,7 @@ fn encode_updates_inner(
                 o.put_u8(nhl as u8);
                 o.put_slice(&nh[..nhl]);
                 o.put_u8(0);
-                encode_nlris(chunk, family, ap, o)
+                encode_nlris_sized(chunk, family, ap, size, o)
             })?;
             out.put_slice(&fixed);
             let alen = (out.len() - apos - 2) as u16;
@@ -928,7 +923,7 @@ fn encode_updates_inner(
             out.put_slice(&fixed);
             let alen = (out.len() - apos - 2) as u16;
             out[apos..apos + 2].copy_from_slice(&alen.to_be_bytes());
-            encode_nlris(chunk, family, ap, out)?;
+            encode_nlris_sized(chunk, family, ap, size, out)?;
         }
         finish_message(out, m, "UPDATE", max)?;
         count += 1;
@@ -984,7 +979,7 @@ fn encode_withdrawals_inner(
         let m = begin_message(out, msg_type::UPDATE);
         if body_mode {
             out.put_u16(size as u16);
-            encode_nlris(chunk, family, ap, out)?;
+            encode_nlris_sized(chunk, family, ap, size, out)?;
             out.put_u16(0);
         } else {
             out.put_u16(0);
@@ -993,7 +988,7 @@ fn encode_withdrawals_inner(
             put_attr(out, FLAG_OPTIONAL, attr::MP_UNREACH_NLRI, |o| {
                 o.put_u16(family.afi.code());
                 o.put_u8(family.safi.code());
-                encode_nlris(chunk, family, ap, o)
+                encode_nlris_sized(chunk, family, ap, size, o)
             })?;
             let alen = (out.len() - apos - 2) as u16;
             out[apos..apos + 2].copy_from_slice(&alen.to_be_bytes());
