@@ -56,7 +56,7 @@ async fn operator_commands_against_etcd() {
     assert_eq!(v["spec"]["blockSize"], 26);
 
     // A pod on node-a, through the library (the daemon's path).
-    let ds = Arc::new(Datastore::new(DatastoreConfig::new(&[ep.clone()])).unwrap());
+    let ds = Arc::new(Datastore::new(DatastoreConfig::new(std::slice::from_ref(&ep))).unwrap());
     let n = NodeIpam::start(ds.clone(), NodeInfo::new("node-a"))
         .await
         .unwrap();
