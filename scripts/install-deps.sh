@@ -6,6 +6,7 @@ export DEBIAN_FRONTEND=noninteractive
 pkgs=(protobuf-compiler etcd-server etcd-client bird2 gobgpd frr containernetworking-plugins
       nftables iproute2 iputils-ping procps psmisc python3-pip openssl)
 pkgs+=(g++)  # libFuzzer (C++) for scripts/fuzz.sh
+pkgs+=(python3-venv binutils iptables podman busybox-static)  # manifest checks, nm, portmap, CNI runtime tests
 missing=()
 for p in "${pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

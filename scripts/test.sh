@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CI="${CI:-true}"
 scripts/install-deps.sh
+scripts/validate-manifests.sh  # deploy/ manifests: kubernetes-validate --strict + yamllint
 # Benchmarks are built (so they cannot rot) but not run: they are measurements, not tests.
 cargo build --all-targets --locked
 scripts/fuzz.sh  # bgp::wire decoder fuzzing, bounded (FUZZ_SECONDS, default 60)

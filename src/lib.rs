@@ -5,9 +5,11 @@
 
 pub mod api;
 pub mod bgp;
+pub mod cli;
+
+pub mod cni;
 pub mod config;
 pub mod dataplane;
 pub mod datastore;
 pub mod ipam;
-pub mod cli;
 pub mod reflector;

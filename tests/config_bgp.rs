@@ -326,3 +326,16 @@ fn small_value_parsers() {
     assert!(parse_peer_ip("10.0.0.1:0").is_err());
     assert!(parse_peer_ip("fd00::1:179:").is_err());
 }
+
+#[test]
+fn from_file_reads_or_names_the_path() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("margay.yaml");
+    std::fs::write(&path, CALICO_EXAMPLES).expect("write");
+    let set = ConfigSet::from_file(&path).expect("file loads");
+    assert_eq!(set.bgp_peers.len(), 3);
+    let missing = dir.path().join("nope.yaml");
+    let e = ConfigSet::from_file(&missing).expect_err("missing file");
+    assert!(matches!(e, LoadError::Io { .. }));
+    assert!(e.to_string().contains("nope.yaml"), "{e}");
+}

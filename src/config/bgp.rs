@@ -982,6 +982,8 @@ pub struct Secret {
 /// Why a file of resources was refused. `document` counts from 1 in file order.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LoadError {
+    #[error("cannot read {path}: {reason}")]
+    Io { path: String, reason: String },
     #[error("document {document}: not valid YAML: {reason}")]
     Yaml { document: usize, reason: String },
     #[error("document {document}: {error}")]
@@ -1094,6 +1096,15 @@ impl ConfigSet {
             .find(|((_, name), _)| *name == r.name)
             .and_then(|(_, s)| s.data.get(&r.key))
             .map(String::as_str)
+    }
+
+    /// Read, parse and validate a multi-document YAML file (`margay reflector --config FILE`). All or nothing.
+    pub fn from_file(path: &std::path::Path) -> Result<ConfigSet, LoadError> {
+        let text = std::fs::read_to_string(path).map_err(|e| LoadError::Io {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        ConfigSet::from_yaml(&text)
     }
 
     /// Parse and validate a multi-document YAML stream. All or nothing.

@@ -113,4 +113,5 @@ pub fn free_port() -> u16 {
 }
 pub mod bgp_peers;
 pub mod dataplane;
+
 pub mod etcd;

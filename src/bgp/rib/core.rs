@@ -437,11 +437,11 @@ impl Rib {
             let st = &mut self.st;
             if *family == Family::IPV4_UNICAST {
                 for (k, d) in self.tables.v4.iter() {
-                    st.announce_best(slot, k.to_net(), *family, d, &policy);
+                    st.announce_best(slot, k.to_net(), d, &policy);
                 }
             } else if *family == Family::IPV6_UNICAST {
                 for (k, d) in self.tables.v6.iter() {
-                    st.announce_best(slot, k.to_net(), *family, d, &policy);
+                    st.announce_best(slot, k.to_net(), d, &policy);
                 }
             }
             st.flush(slot);
@@ -1106,14 +1106,7 @@ impl State {
         self.diff(t, prefix, e_old, e_new);
     }
 
-    fn announce_best(
-        &mut self,
-        t: u16,
-        prefix: IpNetwork,
-        _family: Family,
-        d: &Dest,
-        policy: &Policy,
-    ) {
+    fn announce_best(&mut self, t: u16, prefix: IpNetwork, d: &Dest, policy: &Policy) {
         if let Some(a) = self.export(t, &prefix, d.best(), policy) {
             self.slots[t as usize].counters.advertised += 1;
             self.queue_announce(t, prefix, a);

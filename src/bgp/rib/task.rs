@@ -65,9 +65,11 @@ async fn run(
             },
             _ = sleep_until(deadline) => None,
         };
+        // tokio's clock, so deadlines and `now` agree also when a test pauses time.
+        let now = tokio::time::Instant::now().into_std();
         match input {
-            Some(i) => rib.handle(i, Instant::now()),
-            None => rib.on_timer(Instant::now()),
+            Some(i) => rib.handle(i, now),
+            None => rib.on_timer(now),
         }
         let events = rib.take_fib_events();
         if !events.is_empty() {
