@@ -1,0 +1,243 @@
+//! The local lab end to end: `margay lab up` with three nodes, full iBGP mesh, two pods per node plumbed by
+//! the real `margay-cni` binary.
+//!
+//! ```text
+//!   netns <lab>-br: bridge br0 10.99.0.1/24
+//!     |-- <lab>-etcd  10.99.0.2   etcd
+//!     |-- <lab>-n1    10.99.0.11  margay node run ── margay-cni ADD ──▶ <lab>-n1p1, <lab>-n1p2
+//!     |-- <lab>-n2    10.99.0.12  margay node run                      <lab>-n2p1, <lab>-n2p2
+//!     `-- <lab>-n3    10.99.0.13  margay node run                      <lab>-n3p1, <lab>-n3p2
+//!          n1 <──iBGP──> n2 <──iBGP──> n3 <──iBGP──> n1    (AS 64512, blocks /26 from 10.244.0.0/16)
+//! ```
+//!
+//! Proves: every pod gets its address from its own node's block (the node's blackhole route); every pod
+//! pings every other pod; every node's FIB holds each other node's block via that node, with margay's
+//! protocol 77; `margay status` on every node shows both mesh peers Established. A guard runs
+//! `margay lab down` on drop (also on panic). Needs root, etcd, iproute2 and ping; SKIP otherwise (a failure
+//! under CI=true).
+
+mod common;
+
+use std::net::Ipv4Addr;
+use std::process::Command;
+
+use common::{have, is_root, require};
+use ipnetwork::Ipv4Network;
+use serde_json::Value;
+
+const MARGAY: &str = env!("CARGO_BIN_EXE_margay");
+// Cargo builds margay-cni beside margay for integration tests; `lab up` finds it there.
+const _CNI: &str = env!("CARGO_BIN_EXE_margay-cni");
+
+/// Runs `margay lab down` for the lab when dropped.
+struct LabGuard {
+    name: String,
+    state: std::path::PathBuf,
+}
+
+impl Drop for LabGuard {
+    fn drop(&mut self) {
+        let _ = Command::new(MARGAY)
+            .args(["lab", "down", "--name", &self.name, "--state-dir"])
+            .arg(&self.state)
+            .status();
+    }
+}
+
+fn run(cmd: &mut Command) -> (bool, String) {
+    match cmd.output() {
+        Ok(o) => (
+            o.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+        ),
+        Err(e) => (false, e.to_string()),
+    }
+}
+
+fn in_ns(ns: &str, args: &[&str]) -> (bool, String) {
+    run(Command::new("ip").args(["netns", "exec", ns]).args(args))
+}
+
+/// The routes of margay's protocol in a node: (prefix, Some(gateway)) or (prefix, None) for a blackhole.
+fn proto77(node: &str) -> Vec<(Ipv4Network, Option<Ipv4Addr>)> {
+    let (ok, out) = run(Command::new("ip").args(["-n", node, "route", "show", "proto", "77"]));
+    assert!(ok, "ip route show in {node}: {out}");
+    out.lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            if w.first() == Some(&"blackhole") {
+                Some((w.get(1)?.parse().ok()?, None))
+            } else {
+                let via = w.iter().position(|x| *x == "via")?;
+                Some((w.first()?.parse().ok()?, w.get(via + 1)?.parse().ok()))
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn three_node_full_mesh_lab() {
+    const T: &str = "three_node_full_mesh_lab";
+    if !(require(is_root(), T, "needs root for network namespaces")
+        && require(
+            have("etcd"),
+            T,
+            "etcd is not installed (scripts/install-deps.sh)",
+        )
+        && require(have("etcdctl"), T, "etcdctl is not installed (etcd-client)")
+        && require(have("ip"), T, "iproute2 is not installed")
+        && require(have("ping"), T, "ping is not installed (iputils-ping)"))
+    {
+        return;
+    }
+    let name = format!("mgl{}", std::process::id() % 100000);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("lab");
+    let _guard = LabGuard {
+        name: name.clone(),
+        state: state.clone(),
+    };
+    let (ok, out) = run(Command::new(MARGAY)
+        .args([
+            "lab",
+            "up",
+            "--nodes",
+            "3",
+            "--pods",
+            "2",
+            "--name",
+            &name,
+            "--state-dir",
+        ])
+        .arg(&state));
+    let logs = || {
+        let mut s = String::new();
+        for f in ["etcd", "-n1", "-n2", "-n3"] {
+            let p = if f == "etcd" {
+                state.join("etcd.log")
+            } else {
+                state.join(format!("{name}{f}.log"))
+            };
+            s.push_str(&format!(
+                "--- {}\n{}\n",
+                p.display(),
+                std::fs::read_to_string(&p).unwrap_or_default()
+            ));
+        }
+        s
+    };
+    assert!(ok, "margay lab up failed:\n{out}\n{}", logs());
+
+    let lab: Value =
+        serde_json::from_slice(&std::fs::read(state.join("lab.json")).expect("lab.json after up"))
+            .expect("lab.json is JSON");
+    let nodes: Vec<(String, Ipv4Addr)> = lab["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .map(|n| {
+            (
+                n["name"].as_str().expect("node name").to_string(),
+                n["ip"].as_str().expect("node ip").parse().expect("node ip"),
+            )
+        })
+        .collect();
+    let pods: Vec<(String, String, Ipv4Addr)> = lab["pods"]
+        .as_array()
+        .expect("pods")
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().expect("pod name").to_string(),
+                p["node"].as_str().expect("pod node").to_string(),
+                p["ip"].as_str().expect("pod ip").parse().expect("pod ip"),
+            )
+        })
+        .collect();
+    assert_eq!(nodes.len(), 3);
+    assert_eq!(pods.len(), 6);
+
+    // Each node's own block: its blackhole route. Every pod's address is inside its node's block.
+    let mut blocks = std::collections::BTreeMap::new();
+    for (node, _) in &nodes {
+        let own: Vec<Ipv4Network> = proto77(node)
+            .into_iter()
+            .filter(|(_, via)| via.is_none())
+            .map(|(p, _)| p)
+            .collect();
+        assert_eq!(own.len(), 1, "{node} should own one block: {own:?}");
+        blocks.insert(node.clone(), own[0]);
+    }
+    for (pod, node, ip) in &pods {
+        assert!(
+            blocks[node].contains(*ip),
+            "pod {pod} on {node} has {ip}, outside its node's block {}",
+            blocks[node]
+        );
+    }
+
+    // Every node's FIB holds every other node's block via that node, with protocol 77.
+    for (node, _) in &nodes {
+        let routes = proto77(node);
+        for (other, other_ip) in &nodes {
+            if other == node {
+                continue;
+            }
+            assert!(
+                routes.contains(&(blocks[other], Some(*other_ip))),
+                "{node} has no route to {other}'s block {} via {other_ip} with proto 77: {routes:?}",
+                blocks[other]
+            );
+        }
+    }
+
+    // Every pod pings every other pod.
+    let mut failed = Vec::new();
+    for (a, _, _) in &pods {
+        for (b, _, ip) in &pods {
+            if a == b {
+                continue;
+            }
+            let (ok, _) = in_ns(a, &["ping", "-c", "1", "-W", "2", &ip.to_string()]);
+            if !ok {
+                failed.push(format!("{a} -> {b} ({ip})"));
+            }
+        }
+    }
+    assert!(failed.is_empty(), "pings failed: {failed:?}\n{}", logs());
+
+    // `margay status` on every node: both mesh peers Established.
+    for (node, _) in &nodes {
+        let (ok, out) = in_ns(node, &[MARGAY, "status", "-o", "json"]);
+        assert!(ok, "margay status in {node}: {out}");
+        let report: Value = serde_json::from_str(&out).expect("status JSON");
+        let peers = report["peers"].as_array().expect("peers");
+        let mut addrs: Vec<&str> = peers
+            .iter()
+            .map(|p| p["address"].as_str().unwrap_or(""))
+            .collect();
+        addrs.sort_unstable();
+        let mut want: Vec<String> = nodes
+            .iter()
+            .filter(|(n, _)| n != node)
+            .map(|(_, a)| a.to_string())
+            .collect();
+        want.sort_unstable();
+        assert_eq!(addrs, want, "{node}'s peers");
+        for p in peers {
+            assert_eq!(p["fsmState"], "Established", "{node}: {p}");
+            assert_eq!(p["peerType"], "node-to-node mesh", "{node}: {p}");
+        }
+    }
+
+    // `lab status` agrees (its exit status says every pair is reachable).
+    let (ok, out) = run(Command::new(MARGAY)
+        .args(["lab", "status", "--name", &name, "--state-dir"])
+        .arg(&state));
+    assert!(ok, "margay lab status:\n{out}");
+    assert!(out.contains("30 of 30 pod pairs reachable"), "{out}");
+}
