@@ -94,11 +94,15 @@ pub struct NodeArgs {
     /// The node's IPv4 address (default: first found, skipping lo, pod and virtual interfaces).
     #[arg(long, env = "IP")]
     pub ip: Option<Ipv4Addr>,
+    /// How to find the node address when --ip is not given. Only `first-found` so far (Calico's
+    /// `interface=`, `skip-interface=`, `can-reach=`, `cidr=` are not implemented yet).
+    #[arg(long, env = "MARGAY_IP_AUTODETECTION_METHOD", default_value = "first-found", value_parser = ["first-found"])]
+    pub ip_autodetection_method: String,
     /// The CNI socket margay-cni connects to.
-    #[arg(long, default_value = DEFAULT_SOCKET)]
+    #[arg(long, env = "MARGAY_CNI_SOCKET", default_value = DEFAULT_SOCKET)]
     pub cni_socket: PathBuf,
     /// Local HTTP endpoint for /status, /healthz, /readyz and /metrics.
-    #[arg(long, default_value = api::DEFAULT_LISTEN)]
+    #[arg(long, env = "MARGAY_HTTP_LISTEN", default_value = api::DEFAULT_LISTEN)]
     pub http_listen: SocketAddr,
     /// The default IPv4 pool, created when no pool exists.
     #[arg(long, env = "MARGAY_IPV4POOL_CIDR", default_value = "192.168.0.0/16")]
