@@ -45,17 +45,7 @@ impl Drop for LabGuard {
 }
 
 fn run(cmd: &mut Command) -> (bool, String) {
-    match cmd.output() {
-        Ok(o) => (
-            o.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            ),
-        ),
-        Err(e) => (false, e.to_string()),
-    }
+    run_output(cmd.output())
 }
 
 fn in_ns(ns: &str, args: &[&str]) -> (bool, String) {
@@ -240,4 +230,118 @@ fn three_node_full_mesh_lab() {
         .arg(&state));
     assert!(ok, "margay lab status:\n{out}");
     assert!(out.contains("30 of 30 pod pairs reachable"), "{out}");
+
+    // DEL through margay-cni: the pod's host route goes, its address returns to the block; a second DEL
+    // (the runtime retrying) succeeds with nothing left to do.
+    let (pod, node, ip) = pods[0].clone();
+    assert_eq!(block_in_use(&node, blocks[&node]), 2);
+    let (ok, out) = cni(&state, &node, &pod, "DEL");
+    assert!(ok, "margay-cni DEL {pod}: {out}");
+    let (_, routes) = run(Command::new("ip").args(["-n", &node, "route", "show", "proto", "78"]));
+    assert!(
+        !routes.contains(&format!("{ip} ")),
+        "{pod}'s host route is still in {node}: {routes}"
+    );
+    assert_eq!(
+        block_in_use(&node, blocks[&node]),
+        1,
+        "{pod}'s address was not released"
+    );
+    let (ok, out) = cni(&state, &node, &pod, "DEL");
+    assert!(ok, "second margay-cni DEL {pod}: {out}");
+    // ADD again: the pod is back, in the same block, reachable from another node's pod.
+    let (ok, out) = cni(&state, &node, &pod, "ADD");
+    assert!(ok, "margay-cni ADD {pod} again: {out}");
+    let result: Value = serde_json::from_str(&out).expect("CNI result JSON");
+    let new_ip: Ipv4Addr = result["ips"][0]["address"]
+        .as_str()
+        .and_then(|a| a.split('/').next())
+        .and_then(|a| a.parse().ok())
+        .expect("ADD result address");
+    assert!(
+        blocks[&node].contains(new_ip),
+        "{new_ip} outside {}",
+        blocks[&node]
+    );
+    let (far, _, _) = pods
+        .iter()
+        .find(|(_, n, _)| *n != node)
+        .expect("a pod on another node");
+    let (ok, out) = in_ns(far, &["ping", "-c", "1", "-W", "2", &new_ip.to_string()]);
+    assert!(ok, "{far} cannot ping re-added {pod} at {new_ip}: {out}");
+}
+
+/// Run the lab's margay-cni (as the runtime of `node` would) with `command` for `pod`.
+fn cni(state: &std::path::Path, node: &str, pod: &str, command: &str) -> (bool, String) {
+    use std::io::Write;
+    let conf = serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": "k8s-pod-network",
+        "type": "margay",
+        "socket": state.join(node).join("cni.sock"),
+    });
+    let bin = state.join("cni-bin");
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", node])
+        .arg(bin.join("margay"))
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", pod)
+        .env("CNI_NETNS", format!("/var/run/netns/{pod}"))
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", &bin)
+        .env(
+            "CNI_ARGS",
+            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=lab;K8S_POD_NAME={pod}"),
+        )
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn margay-cni");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(conf.to_string().as_bytes())
+        .expect("write config");
+    run_output(child.wait_with_output())
+}
+
+fn run_output(o: std::io::Result<std::process::Output>) -> (bool, String) {
+    match o {
+        Ok(o) => (
+            o.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+        ),
+        Err(e) => (false, e.to_string()),
+    }
+}
+
+/// "IPS IN USE" of `block` in `margay ipam show --show-blocks`, run inside `node`.
+fn block_in_use(node: &str, block: Ipv4Network) -> u64 {
+    let (ok, out) = in_ns(
+        node,
+        &[
+            MARGAY,
+            "ipam",
+            "show",
+            "--show-blocks",
+            "--etcd-endpoints",
+            "http://10.99.0.2:2379",
+        ],
+    );
+    assert!(ok, "ipam show: {out}");
+    let row = out
+        .lines()
+        .find(|l| l.contains(&format!(" {block} ")))
+        .unwrap_or_else(|| panic!("no row for {block} in:\n{out}"));
+    let cols: Vec<&str> = row.split('|').map(str::trim).collect();
+    cols.get(4)
+        .and_then(|c| c.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("cannot read IPS IN USE from {row:?}"))
 }
