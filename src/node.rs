@@ -361,9 +361,8 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         asn,
     };
 
-    for s in crate::dataplane::sysctl::ensure_node(netns.as_deref())? {
-        tracing::info!(setting = ?s, "sysctl");
-    }
+    // ensure_node logs what it changed.
+    crate::dataplane::sysctl::ensure_node(netns.as_deref())?;
     let ipam = Arc::new(
         NodeIpam::start(ds.clone(), NodeInfo::new(&name))
             .await
@@ -605,9 +604,8 @@ async fn peer_loop(ds: Arc<Datastore>, id: Identity, spk: Arc<SpeakerHandle>) {
     loop {
         match derive_peers(&ds, &id).await {
             Ok(peers) if current.as_ref() != Some(&peers) => match spk.apply(peers.clone()).await {
-                Ok(report) => {
-                    tracing::info!(added = ?report.added, removed = ?report.removed,
-                        reconfigured = ?report.reconfigured, "BGP peers applied");
+                // The speaker logs what the apply changed.
+                Ok(_) => {
                     current = Some(peers);
                     last_error = None;
                 }
