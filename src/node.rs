@@ -399,7 +399,13 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         ip,
         refresh.clone(),
     ));
-    let peers = tokio::spawn(peer_loop(ds.clone(), id.clone(), spk.clone()));
+    let peers_applied = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let peers = tokio::spawn(peer_loop(
+        ds.clone(),
+        id.clone(),
+        spk.clone(),
+        peers_applied.clone(),
+    ));
 
     let backend = Arc::new(NodeBackend {
         ipam: ipam.clone(),
@@ -407,6 +413,8 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         mtu: args.pod_mtu,
         refresh: refresh.clone(),
     });
+    let mut registry = Registry::default();
+    let cni_metrics = crate::cni::server::CniMetrics::register(&mut registry);
     let server = CniServer::bind(
         ServerConfig {
             socket: args.cni_socket.clone(),
@@ -414,7 +422,8 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         },
         backend,
     )
-    .with_context(|| format!("CNI socket {}", args.cni_socket.display()))?;
+    .with_context(|| format!("CNI socket {}", args.cni_socket.display()))?
+    .with_metrics(cni_metrics);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let mut cni = tokio::spawn(server.run(async move {
         let _ = stop_rx.await;
@@ -425,6 +434,9 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     let status_source = move || {
         let spk = status_spk.clone();
         let id = status_id.clone();
+        // Ready once the peers have been derived from the datastore and applied (IPAM, the FIB and the
+        // CNI socket are up before the endpoint starts). Not tied to every peer being Established.
+        let ready = peers_applied.load(std::sync::atomic::Ordering::Relaxed);
         async move {
             StatusReport {
                 role: "node".into(),
@@ -434,8 +446,10 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
                 router_id: id.ip.to_string(),
                 uptime_seconds: started.elapsed().as_secs(),
                 ready: ReadyState {
-                    ready: true,
-                    reason: None,
+                    ready,
+                    reason: (!ready).then(|| {
+                        "BGP peers not yet derived from the datastore (see the log)".to_string()
+                    }),
                 },
                 peers: spk.status().await.unwrap_or_default(),
             }
@@ -445,7 +459,7 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     let mut http = tokio::spawn(api::serve(
         args.http_listen,
         status_source,
-        Arc::new(Registry::default()),
+        Arc::new(registry),
     ));
     tracing::info!(node = %name, address = %ip, asn, cni_socket = %args.cni_socket.display(),
         http = %args.http_listen, etcd = %endpoints, "margay node running");
@@ -598,7 +612,12 @@ async fn advertise_blocks(
 }
 
 /// Re-derive the peers from the datastore every [`PEER_POLL`]; apply only when the set changed.
-async fn peer_loop(ds: Arc<Datastore>, id: Identity, spk: Arc<SpeakerHandle>) {
+async fn peer_loop(
+    ds: Arc<Datastore>,
+    id: Identity,
+    spk: Arc<SpeakerHandle>,
+    applied: Arc<std::sync::atomic::AtomicBool>,
+) {
     let mut current: Option<Vec<DesiredPeer>> = None;
     let mut last_error: Option<String> = None;
     loop {
@@ -606,6 +625,7 @@ async fn peer_loop(ds: Arc<Datastore>, id: Identity, spk: Arc<SpeakerHandle>) {
             Ok(peers) if current.as_ref() != Some(&peers) => match spk.apply(peers.clone()).await {
                 // The speaker logs what the apply changed.
                 Ok(_) => {
+                    applied.store(true, std::sync::atomic::Ordering::Relaxed);
                     current = Some(peers);
                     last_error = None;
                 }

@@ -205,6 +205,8 @@ fn three_node_full_mesh_lab() {
         let (ok, out) = in_ns(node, &[MARGAY, "status", "-o", "json"]);
         assert!(ok, "margay status in {node}: {out}");
         let report: Value = serde_json::from_str(&out).expect("status JSON");
+        assert_eq!(report["ready"]["ready"], true, "{node} not ready: {report}");
+        assert_eq!(report["role"], "node");
         let peers = report["peers"].as_array().expect("peers");
         let mut addrs: Vec<&str> = peers
             .iter()
