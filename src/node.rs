@@ -1,7 +1,7 @@
 //! `margay node run`: the per-node daemon, composed from the parts that own the work.
 //!
 //! ```text
-//!   etcd ──Node/BGPConfiguration/BGPPeer (poll 2 s)──▶ desired_peers ──apply──▶ speaker ◀──▶ peers (TCP 179)
+//!   etcd ──Node/BGPConfiguration/BGPPeer (watch + 2 s poll)──▶ desired_peers ──apply──▶ speaker ◀──▶ peers (TCP 179)
 //!     │                                                                          │   ▲
 //!     │                                                         FibEvent (learned)│   │ Originate/WithdrawLocal
 //!     ▼                                                                          ▼   │   (own blocks, borrowed /32)
@@ -14,8 +14,9 @@
 //!
 //! This module owns the composition only: registering the Node resource, creating the default pool, the
 //! peer refresh loop, the advertisement of the node's blocks, and the [`NodeBackend`] behind the CNI socket.
-//! Peers are re-derived from a 2-second poll of the datastore (a watch is the next step); the speaker's
-//! `apply` only touches sessions whose settings changed, so unchanged sessions stay up.
+//! Peers are re-derived whenever a watch on the v3 resources reports a change (and every 2 seconds as a
+//! safety net); the speaker's `apply` only touches sessions whose settings changed, so unchanged sessions
+//! stay up.
 //!
 //! BGP sockets and the HTTP endpoint live in the namespace the process runs in; `--netns` points the
 //! dataplane (FIB, pod plumbing, sysctls) at another namespace. The lab runs each node inside its namespace,
@@ -49,7 +50,7 @@ use crate::config::peers::desired_peers;
 use crate::config::{ObjectMeta, API_VERSION};
 use crate::dataplane::fib::{Fib, FibConfig, FibHandle, NextHop, Route};
 use crate::dataplane::pod::{self, PodSpec, POD_GATEWAY_V4};
-use crate::datastore::{keys, Datastore};
+use crate::datastore::{keys, Datastore, WatchMessage, Watcher};
 use crate::ipam::{AssignRequest, IpamError, NodeInfo, NodeIpam};
 
 /// Where Calico keeps Node resources (`/calico/resources/v3/projectcalico.org/nodes/<name>`).
@@ -611,7 +612,8 @@ async fn advertise_blocks(
     }
 }
 
-/// Re-derive the peers from the datastore every [`PEER_POLL`]; apply only when the set changed.
+/// Re-derive the peers from the datastore on every change the watch reports and every [`PEER_POLL`];
+/// apply only when the set changed.
 async fn peer_loop(
     ds: Arc<Datastore>,
     id: Identity,
@@ -620,7 +622,15 @@ async fn peer_loop(
 ) {
     let mut current: Option<Vec<DesiredPeer>> = None;
     let mut last_error: Option<String> = None;
+    let mut watcher: Option<Watcher> = None;
     loop {
+        // Watch every v3 resource from before the read below, so no change between the read and the watch
+        // is missed. A failed or compacted watch is re-created on the next round; the poll stays as a net.
+        if watcher.is_none() {
+            if let Ok((_, rev)) = ds.list(&keys::resource_prefix(NODES_PLURAL)).await {
+                watcher = Some(ds.watch(keys::RESOURCES_PREFIX, rev + 1));
+            }
+        }
         match derive_peers(&ds, &id).await {
             Ok(peers) if current.as_ref() != Some(&peers) => match spk.apply(peers.clone()).await {
                 // The speaker logs what the apply changed.
@@ -640,7 +650,22 @@ async fn peer_loop(
                 }
             }
         }
-        tokio::time::sleep(PEER_POLL).await;
+        let event = async {
+            match watcher.as_mut() {
+                Some(w) => w.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            msg = event => match msg {
+                Some(WatchMessage::Events(_)) => {
+                    // Let a burst of writes (a node registering, an operator's apply) land together.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Some(WatchMessage::Resync) | None => watcher = None,
+            },
+            _ = tokio::time::sleep(PEER_POLL) => {}
+        }
     }
 }
 
