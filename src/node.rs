@@ -193,6 +193,12 @@ pub fn autodetect_ipv4(netns: Option<&std::path::Path>) -> anyhow::Result<(Ipv4A
     }
 }
 
+/// Whether first-found may pick `ip` on interface `name`: not loopback, link-local, a pod veth (`mg...`) or
+/// a known virtual/tunnel interface.
+pub fn first_found_candidate(name: &str, ip: Ipv4Addr) -> bool {
+    !SKIP_IFACES.iter().any(|p| name.starts_with(p)) && !ip.is_loopback() && !ip.is_link_local()
+}
+
 /// Prefix length of `ip` on the node's interfaces (for the Node resource's `ipv4Address`), /32 if unknown.
 fn prefix_len_of(netns: Option<&std::path::Path>, ip: Ipv4Addr) -> u8 {
     crate::dataplane::netns::in_netns(netns, || {
@@ -855,5 +861,54 @@ impl CniBackend for NodeBackend {
             "GC is not supported by this margay node yet",
             "use `margay ipam check` to find leaked addresses",
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_found_skips_pod_virtual_and_loopback_interfaces() {
+        let a = Ipv4Addr::new(10, 0, 0, 5);
+        assert!(first_found_candidate("eth0", a));
+        assert!(first_found_candidate("ens3", a));
+        assert!(first_found_candidate("bond0", a));
+        for skipped in [
+            "lo",
+            "mg0123456789a",
+            "docker0",
+            "veth12",
+            "cali123",
+            "tunl0",
+            "cni0",
+            "br-abc",
+        ] {
+            assert!(!first_found_candidate(skipped, a), "{skipped}");
+        }
+        assert!(!first_found_candidate("eth0", Ipv4Addr::LOCALHOST));
+        assert!(!first_found_candidate(
+            "eth0",
+            Ipv4Addr::new(169, 254, 1, 1)
+        ));
+    }
+
+    #[test]
+    fn attachment_is_a_calico_shaped_result() {
+        let a = attachment(
+            "mgabc".into(),
+            "eth0".into(),
+            None,
+            1500,
+            Ipv4Addr::new(10, 244, 0, 1),
+        );
+        assert_eq!(a.ips.len(), 1);
+        assert_eq!(a.ips[0].prefix, 32);
+        assert_eq!(a.routes.len(), 1);
+        assert_eq!(a.routes[0].dst.prefix, 0);
+        assert_eq!(a.routes[0].gw, Some(IpAddr::V4(POD_GATEWAY_V4)));
+        let r = a.to_result("/var/run/netns/p");
+        assert_eq!(r.interfaces[0].sandbox, None);
+        assert_eq!(r.interfaces[1].sandbox.as_deref(), Some("/var/run/netns/p"));
     }
 }
