@@ -43,6 +43,12 @@ pub enum LabCmd {
         #[command(flatten)]
         common: LabArgs,
     },
+    /// Stop one node's daemon with SIGTERM and start it again (its pods and kernel routes stay).
+    RestartNode {
+        node: String,
+        #[command(flatten)]
+        common: LabArgs,
+    },
     /// Remove every namespace and process of the lab.
     Down {
         #[command(flatten)]
@@ -122,6 +128,7 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        LabCmd::RestartNode { node, common } => restart_node(&common, &node),
         LabCmd::Down { common } => down(&common),
     }
 }
@@ -217,8 +224,6 @@ fn up(args: &LabArgs, n_nodes: usize, n_pods: usize) -> anyhow::Result<()> {
             bail!("{bin} not found on PATH: apt-get install {pkg} (scripts/install-deps.sh installs everything)");
         }
     }
-    let margay = std::env::current_exe()?;
-    let margay_s = margay.to_string_lossy().to_string();
     let cni = sibling("margay-cni")?;
     let p = &args.name;
     let state = args.state();
@@ -314,35 +319,7 @@ fn up(args: &LabArgs, n_nodes: usize, n_pods: usize) -> anyhow::Result<()> {
         let addr: Ipv4Addr = format!("{SUBNET_PREFIX}.{}", 10 + i).parse()?;
         attach(&name, &format!("n{i}"), &addr.to_string())?;
         let socket = state.join(&name).join("cni.sock");
-        let socket_s = socket.to_string_lossy().to_string();
-        let addr_s = addr.to_string();
-        spawn_in(
-            &state,
-            &name,
-            &name,
-            &[
-                &margay_s,
-                "node",
-                "run",
-                "--node-name",
-                &name,
-                "--ip",
-                &addr_s,
-                "--etcd-endpoints",
-                &client,
-                "--cni-socket",
-                &socket_s,
-                "--http-listen",
-                crate::api::DEFAULT_LISTEN,
-            ],
-            &[
-                ("MARGAY_IPV4POOL_CIDR", POOL.to_string()),
-                (
-                    "RUST_LOG",
-                    std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-                ),
-            ],
-        )?;
+        start_node(&state, &name, addr, &socket, "")?;
         lab.nodes.push(LabNode {
             name,
             ip: addr,
@@ -395,6 +372,101 @@ fn up(args: &LabArgs, n_nodes: usize, n_pods: usize) -> anyhow::Result<()> {
             || ping_matrix(&pods).iter().all(|(_, ok)| *ok),
         );
     }
+    Ok(())
+}
+
+/// Start `margay node run` for a lab node in its namespace; `log_suffix` keeps a restart's log apart.
+fn start_node(
+    state: &Path,
+    name: &str,
+    addr: Ipv4Addr,
+    socket: &Path,
+    log_suffix: &str,
+) -> anyhow::Result<u32> {
+    let margay = std::env::current_exe()?.to_string_lossy().to_string();
+    let client = format!("http://{ETCD_IP}:2379");
+    let socket_s = socket.to_string_lossy().to_string();
+    let addr_s = addr.to_string();
+    let pid = spawn_in(
+        state,
+        name,
+        &format!("{name}{log_suffix}"),
+        &[
+            &margay,
+            "node",
+            "run",
+            "--node-name",
+            name,
+            "--ip",
+            &addr_s,
+            "--etcd-endpoints",
+            &client,
+            "--cni-socket",
+            &socket_s,
+            "--http-listen",
+            crate::api::DEFAULT_LISTEN,
+        ],
+        &[
+            ("MARGAY_IPV4POOL_CIDR", POOL.to_string()),
+            (
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            ),
+        ],
+    )?;
+    if !log_suffix.is_empty() {
+        // The PID file is named after the node, whatever the log.
+        std::fs::rename(
+            state.join(format!("{name}{log_suffix}.pid")),
+            state.join(format!("{name}.pid")),
+        )?;
+    }
+    Ok(pid)
+}
+
+/// Stop a node's daemon with SIGTERM (as a DaemonSet update does) and start it again.
+fn restart_node(args: &LabArgs, node: &str) -> anyhow::Result<()> {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let state = args.state();
+    let lab = load(&state)?;
+    let Some(n) = lab.nodes.iter().find(|n| n.name == node) else {
+        bail!(
+            "no node {node:?} in lab {:?} (nodes: {})",
+            args.name,
+            lab.nodes
+                .iter()
+                .map(|n| n.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    };
+    let pid_file = state.join(format!("{node}.pid"));
+    if let Some(pid) = std::fs::read_to_string(&pid_file)
+        .ok()
+        .and_then(|p| p.trim().parse::<i32>().ok())
+    {
+        let pid = Pid::from_raw(pid);
+        if kill(pid, Signal::SIGTERM).is_ok() {
+            wait_until(
+                &format!("{node}'s daemon to stop"),
+                Duration::from_secs(10),
+                || kill(pid, None).is_err(),
+            )?;
+        }
+    }
+    let suffix = format!(
+        ".restart-{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    );
+    let pid = start_node(&state, &n.name, n.ip, &n.socket, &suffix)?;
+    println!(
+        "{node}: daemon restarted (pid {pid}, log {}{suffix}.log)",
+        state.join(node).display()
+    );
     Ok(())
 }
 

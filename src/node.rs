@@ -495,14 +495,24 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         }
     };
     let _ = stop_tx.send(());
-    http.abort();
-    peers.abort();
-    adverts.abort();
-    learned.abort();
+    // Wait for the aborted tasks to drop what they hold, so the speaker handle is ours alone again.
+    for t in [peers, adverts, learned] {
+        t.abort();
+        let _ = t.await;
+    }
+    // On a signal the HTTP and CNI tasks are still running (on an error one of them was already awaited).
+    if outcome.is_ok() {
+        http.abort();
+        let _ = http.await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), cni).await;
+    }
     // Close sessions without a NOTIFICATION so peers keep our routes while we restart (RFC 4724 4.1); the
     // kernel routes stay too (the FIB never flushes).
-    if let Ok(spk) = Arc::try_unwrap(spk) {
-        spk.shutdown(true).await;
+    match Arc::try_unwrap(spk) {
+        Ok(spk) => spk.shutdown(true).await,
+        Err(_) => {
+            tracing::warn!("BGP speaker still shared at shutdown; sessions close with the process")
+        }
     }
     tracing::info!("margay node stopped");
     outcome

@@ -201,30 +201,7 @@ fn three_node_full_mesh_lab() {
     assert!(failed.is_empty(), "pings failed: {failed:?}\n{}", logs());
 
     // `margay status` on every node: both mesh peers Established.
-    for (node, _) in &nodes {
-        let (ok, out) = in_ns(node, &[MARGAY, "status", "-o", "json"]);
-        assert!(ok, "margay status in {node}: {out}");
-        let report: Value = serde_json::from_str(&out).expect("status JSON");
-        assert_eq!(report["ready"]["ready"], true, "{node} not ready: {report}");
-        assert_eq!(report["role"], "node");
-        let peers = report["peers"].as_array().expect("peers");
-        let mut addrs: Vec<&str> = peers
-            .iter()
-            .map(|p| p["address"].as_str().unwrap_or(""))
-            .collect();
-        addrs.sort_unstable();
-        let mut want: Vec<String> = nodes
-            .iter()
-            .filter(|(n, _)| n != node)
-            .map(|(_, a)| a.to_string())
-            .collect();
-        want.sort_unstable();
-        assert_eq!(addrs, want, "{node}'s peers");
-        for p in peers {
-            assert_eq!(p["fsmState"], "Established", "{node}: {p}");
-            assert_eq!(p["peerType"], "node-to-node mesh", "{node}: {p}");
-        }
-    }
+    check_status(&nodes);
 
     // `lab status` agrees (its exit status says every pair is reachable).
     let (ok, out) = run(Command::new(MARGAY)
@@ -233,9 +210,35 @@ fn three_node_full_mesh_lab() {
     assert!(ok, "margay lab status:\n{out}");
     assert!(out.contains("30 of 30 pod pairs reachable"), "{out}");
 
+    // Restart one node's daemon (SIGTERM, then start again): graceful restart keeps its block in the other
+    // nodes' FIBs meanwhile, and afterwards the mesh is back and every pod pair pings again.
+    let (n2, n2_ip) = nodes[1].clone();
+    let (ok, out) = run(Command::new(MARGAY)
+        .args(["lab", "restart-node", &n2, "--name", &name, "--state-dir"])
+        .arg(&state));
+    assert!(ok, "lab restart-node {n2}: {out}");
+    let (n1, _) = &nodes[0];
+    assert!(
+        proto77(n1).contains(&(blocks[&n2], Some(n2_ip))),
+        "{n1} lost {n2}'s block across {n2}'s restart"
+    );
+    let (ok, out) = run(Command::new(MARGAY)
+        .args(["lab", "status", "--name", &name, "--state-dir"])
+        .arg(&state));
+    assert!(
+        ok && out.contains("30 of 30 pod pairs reachable"),
+        "after restart:\n{out}"
+    );
+    wait_established(&nodes);
+
     // DEL through margay-cni: the pod's host route goes, its address returns to the block; a second DEL
     // (the runtime retrying) succeeds with nothing left to do.
-    let (pod, node, ip) = pods[0].clone();
+    // On the restarted node: its new daemon serves the CNI socket with the IPAM state it read back.
+    let (pod, node, ip) = pods
+        .iter()
+        .find(|(_, n, _)| *n == n2)
+        .cloned()
+        .expect("a pod on the restarted node");
     assert_eq!(block_in_use(&node, blocks[&node]), 2);
     let (ok, out) = cni(&state, &node, &pod, "DEL");
     assert!(ok, "margay-cni DEL {pod}: {out}");
@@ -346,4 +349,52 @@ fn block_in_use(node: &str, block: Ipv4Network) -> u64 {
         .and_then(|c| c.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("cannot read IPS IN USE from {row:?}"))
+}
+
+/// `margay status` on every node: ready, and both mesh peers Established.
+fn check_status(nodes: &[(String, Ipv4Addr)]) {
+    for (node, _) in nodes {
+        let (ok, out) = in_ns(node, &[MARGAY, "status", "-o", "json"]);
+        assert!(ok, "margay status in {node}: {out}");
+        let report: Value = serde_json::from_str(&out).expect("status JSON");
+        assert_eq!(report["ready"]["ready"], true, "{node} not ready: {report}");
+        assert_eq!(report["role"], "node");
+        let peers = report["peers"].as_array().expect("peers");
+        let mut addrs: Vec<&str> = peers
+            .iter()
+            .map(|p| p["address"].as_str().unwrap_or(""))
+            .collect();
+        addrs.sort_unstable();
+        let mut want: Vec<String> = nodes
+            .iter()
+            .filter(|(n, _)| n != node)
+            .map(|(_, a)| a.to_string())
+            .collect();
+        want.sort_unstable();
+        assert_eq!(addrs, want, "{node}'s peers");
+        for p in peers {
+            assert_eq!(p["fsmState"], "Established", "{node}: {p}");
+            assert_eq!(p["peerType"], "node-to-node mesh", "{node}: {p}");
+        }
+    }
+}
+
+/// After a restart the sessions take a moment to come back: poll `margay status` (bounded), then check.
+fn wait_established(nodes: &[(String, Ipv4Addr)]) {
+    for _ in 0..100 {
+        let all = nodes.iter().all(|(node, _)| {
+            let (ok, out) = in_ns(node, &[MARGAY, "status", "-o", "json"]);
+            ok && serde_json::from_str::<Value>(&out)
+                .ok()
+                .and_then(|r| r["peers"].as_array().cloned())
+                .is_some_and(|p| {
+                    p.len() == nodes.len() - 1 && p.iter().all(|p| p["fsmState"] == "Established")
+                })
+        });
+        if all {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    check_status(nodes);
 }
