@@ -12,4 +12,6 @@ pub mod config;
 pub mod dataplane;
 pub mod datastore;
 pub mod ipam;
+pub mod lab;
+pub mod node;
 pub mod reflector;

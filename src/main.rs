@@ -35,12 +35,17 @@ enum Command {
         #[command(subcommand)]
         cmd: margay::cli::IpamCmd,
     },
-    /// Node administration in the datastore (`node remove NAME`).
+    /// The node daemon (`node run`) and node administration in the datastore (`node remove NAME`).
     Node {
         #[command(flatten)]
         etcd: margay::cli::EtcdArgs,
         #[command(subcommand)]
         cmd: margay::cli::NodeCmd,
+    },
+    /// The local lab: nodes in network namespaces, etcd, pods through margay-cni, pings across nodes.
+    Lab {
+        #[command(subcommand)]
+        cmd: margay::lab::LabCmd,
     },
     /// Create or replace the resources in a YAML/JSON file (`-` for stdin).
     Apply {
@@ -120,7 +125,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Ipam { etcd, cmd } => print_async(margay::cli::run_ipam(&etcd, &cmd)),
+        Command::Node {
+            etcd,
+            cmd: margay::cli::NodeCmd::Run(args),
+        } => {
+            init_tracing();
+            margay::node::run(etcd, *args)
+        }
         Command::Node { etcd, cmd } => print_async(margay::cli::run_node(&etcd, &cmd)),
+        Command::Lab { cmd } => margay::lab::run(cmd),
         Command::Apply { etcd, file } => print_async(margay::cli::run_apply(&etcd, &file)),
         Command::Get {
             etcd,
@@ -149,5 +162,7 @@ fn init_tracing() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // No colour codes in log files (the lab and systemd redirect stderr).
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }

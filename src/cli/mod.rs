@@ -113,6 +113,8 @@ pub enum IpamCmd {
 /// `margay node ...` (datastore side).
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum NodeCmd {
+    /// Run the node daemon: IPAM + BGP + kernel FIB + CNI server + HTTP status.
+    Run(Box<crate::node::NodeArgs>),
     /// Remove a node from IPAM: its affinities, its blocks (releasing their addresses) and handles.
     Remove { name: String },
 }
@@ -153,6 +155,9 @@ pub async fn run_node(etcd: &EtcdArgs, cmd: &NodeCmd) -> Result<String, CliError
                 r.affinities_deleted, r.blocks_deleted, r.blocks_released, r.addresses_released
             ))
         }
+        NodeCmd::Run(_) => Err(CliError::Usage(
+            "`node run` is a daemon: call crate::node::run".into(),
+        )),
     }
 }
 

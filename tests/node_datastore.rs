@@ -1,0 +1,104 @@
+//! The node daemon's datastore side against a real etcd: registering the Node resource (created, updated,
+//! operator fields kept, a no-op when unchanged), the default pool (created only when no pool exists), and
+//! the BGP resources read back as a ConfigSet from which the full mesh is derived.
+//!
+//! ```text
+//!   test ──register_node / ensure_default_pool / load_config──▶ etcd (loopback, temporary)
+//! ```
+
+mod common;
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+
+use common::etcd::{etcd_available, Etcd};
+use margay::config::peers::desired_peers;
+use margay::datastore::{keys, Datastore, DatastoreConfig};
+use margay::node::{ensure_default_pool, load_config, register_node, NODES_PLURAL};
+
+fn setup(test: &str) -> Option<(Etcd, Arc<Datastore>)> {
+    if !etcd_available(test) {
+        return None;
+    }
+    let etcd = Etcd::start();
+    let ds = Arc::new(Datastore::new(DatastoreConfig::new(&[etcd.endpoint()])).expect("datastore"));
+    Some((etcd, ds))
+}
+
+#[tokio::test]
+async fn node_registration_and_mesh_from_etcd() {
+    let Some((_etcd, ds)) = setup("node_registration_and_mesh_from_etcd") else {
+        return;
+    };
+    let a = Ipv4Addr::new(10, 0, 0, 1);
+    let b = Ipv4Addr::new(10, 0, 0, 2);
+    register_node(&ds, "a", a, 24, None)
+        .await
+        .expect("register a");
+    register_node(&ds, "b", b, 24, Some(64512))
+        .await
+        .expect("register b");
+
+    // Unchanged: no write (the mod revision stays).
+    let key = keys::resource_key(NODES_PLURAL, "a");
+    let before = ds.get(&key).await.unwrap().expect("node a stored");
+    register_node(&ds, "a", a, 24, None)
+        .await
+        .expect("register a again");
+    let after = ds.get(&key).await.unwrap().expect("node a stored");
+    assert_eq!(before.mod_revision, after.mod_revision);
+
+    // An operator's label survives a new address.
+    let mut doc: serde_json::Value = serde_json::from_slice(&after.value).unwrap();
+    doc["metadata"]["labels"] = serde_json::json!({"rack": "r1"});
+    ds.update(&key, serde_json::to_vec(&doc).unwrap(), after.mod_revision)
+        .await
+        .unwrap()
+        .expect("label written");
+    let a2 = Ipv4Addr::new(10, 0, 0, 11);
+    register_node(&ds, "a", a2, 24, None)
+        .await
+        .expect("re-register a");
+    let set = load_config(&ds).await.expect("load config");
+    let node_a = &set.nodes["a"];
+    assert_eq!(node_a.ipv4(), Some(IpAddr::V4(a2)));
+    assert_eq!(
+        node_a.metadata.labels.get("rack").map(String::as_str),
+        Some("r1")
+    );
+    assert_eq!(set.nodes["b"].as_number(), Some(64512));
+
+    // The full mesh: a peers with b and b with a.
+    let pa = desired_peers(&set, "a").expect("peers of a");
+    assert_eq!(
+        pa.iter().map(|p| p.address).collect::<Vec<_>>(),
+        vec![IpAddr::V4(b)]
+    );
+    let pb = desired_peers(&set, "b").expect("peers of b");
+    assert_eq!(
+        pb.iter().map(|p| p.address).collect::<Vec<_>>(),
+        vec![IpAddr::V4(a2)]
+    );
+}
+
+#[tokio::test]
+async fn default_pool_only_when_none_exists() {
+    let Some((_etcd, ds)) = setup("default_pool_only_when_none_exists") else {
+        return;
+    };
+    let prefix = keys::resource_prefix(margay::config::ippool::PLURAL);
+    ensure_default_pool(&ds, "10.244.0.0/16".parse().unwrap(), 26)
+        .await
+        .expect("default pool");
+    let (pools, _) = ds.list(&prefix).await.unwrap();
+    assert_eq!(pools.len(), 1);
+    let pool: serde_json::Value = serde_json::from_slice(&pools[0].value).unwrap();
+    assert_eq!(pool["spec"]["cidr"], "10.244.0.0/16");
+    assert_eq!(pool["spec"]["blockSize"], 26);
+    // A pool exists: a node with another default changes nothing.
+    ensure_default_pool(&ds, "10.250.0.0/16".parse().unwrap(), 24)
+        .await
+        .expect("second call");
+    let (pools, _) = ds.list(&prefix).await.unwrap();
+    assert_eq!(pools.len(), 1);
+}

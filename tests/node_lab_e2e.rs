@@ -1,0 +1,400 @@
+//! The local lab end to end: `margay lab up` with three nodes, full iBGP mesh, two pods per node plumbed by
+//! the real `margay-cni` binary.
+//!
+//! ```text
+//!   netns <lab>-br: bridge br0 10.99.0.1/24
+//!     |-- <lab>-etcd  10.99.0.2   etcd
+//!     |-- <lab>-n1    10.99.0.11  margay node run ── margay-cni ADD ──▶ <lab>-n1p1, <lab>-n1p2
+//!     |-- <lab>-n2    10.99.0.12  margay node run                      <lab>-n2p1, <lab>-n2p2
+//!     `-- <lab>-n3    10.99.0.13  margay node run                      <lab>-n3p1, <lab>-n3p2
+//!          n1 <──iBGP──> n2 <──iBGP──> n3 <──iBGP──> n1    (AS 64512, blocks /26 from 10.244.0.0/16)
+//! ```
+//!
+//! Proves: every pod gets its address from its own node's block (the node's blackhole route); every pod
+//! pings every other pod; every node's FIB holds each other node's block via that node, with margay's
+//! protocol 77; `margay status` on every node shows both mesh peers Established. A guard runs
+//! `margay lab down` on drop (also on panic). Needs root, etcd, iproute2 and ping; SKIP otherwise (a failure
+//! under CI=true).
+
+mod common;
+
+use std::net::Ipv4Addr;
+use std::process::Command;
+
+use common::{have, is_root, require};
+use ipnetwork::Ipv4Network;
+use serde_json::Value;
+
+const MARGAY: &str = env!("CARGO_BIN_EXE_margay");
+// Cargo builds margay-cni beside margay for integration tests; `lab up` finds it there.
+const _CNI: &str = env!("CARGO_BIN_EXE_margay-cni");
+
+/// Runs `margay lab down` for the lab when dropped.
+struct LabGuard {
+    name: String,
+    state: std::path::PathBuf,
+}
+
+impl Drop for LabGuard {
+    fn drop(&mut self) {
+        let _ = Command::new(MARGAY)
+            .args(["lab", "down", "--name", &self.name, "--state-dir"])
+            .arg(&self.state)
+            .status();
+    }
+}
+
+fn run(cmd: &mut Command) -> (bool, String) {
+    run_output(cmd.output())
+}
+
+fn in_ns(ns: &str, args: &[&str]) -> (bool, String) {
+    run(Command::new("ip").args(["netns", "exec", ns]).args(args))
+}
+
+/// The routes of margay's protocol in a node: (prefix, Some(gateway)) or (prefix, None) for a blackhole.
+fn proto77(node: &str) -> Vec<(Ipv4Network, Option<Ipv4Addr>)> {
+    let (ok, out) = run(Command::new("ip").args(["-n", node, "route", "show", "proto", "77"]));
+    assert!(ok, "ip route show in {node}: {out}");
+    out.lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            if w.first() == Some(&"blackhole") {
+                Some((w.get(1)?.parse().ok()?, None))
+            } else {
+                let via = w.iter().position(|x| *x == "via")?;
+                Some((w.first()?.parse().ok()?, w.get(via + 1)?.parse().ok()))
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn three_node_full_mesh_lab() {
+    const T: &str = "three_node_full_mesh_lab";
+    if !(require(is_root(), T, "needs root for network namespaces")
+        && require(
+            have("etcd"),
+            T,
+            "etcd is not installed (scripts/install-deps.sh)",
+        )
+        && require(have("etcdctl"), T, "etcdctl is not installed (etcd-client)")
+        && require(have("ip"), T, "iproute2 is not installed")
+        && require(have("ping"), T, "ping is not installed (iputils-ping)"))
+    {
+        return;
+    }
+    let name = format!("mgl{}", std::process::id() % 100000);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("lab");
+    let _guard = LabGuard {
+        name: name.clone(),
+        state: state.clone(),
+    };
+    let (ok, out) = run(Command::new(MARGAY)
+        .args([
+            "lab",
+            "up",
+            "--nodes",
+            "3",
+            "--pods",
+            "2",
+            "--name",
+            &name,
+            "--state-dir",
+        ])
+        .arg(&state));
+    let logs = || {
+        let mut s = String::new();
+        for f in ["etcd", "-n1", "-n2", "-n3"] {
+            let p = if f == "etcd" {
+                state.join("etcd.log")
+            } else {
+                state.join(format!("{name}{f}.log"))
+            };
+            s.push_str(&format!(
+                "--- {}\n{}\n",
+                p.display(),
+                std::fs::read_to_string(&p).unwrap_or_default()
+            ));
+        }
+        s
+    };
+    assert!(ok, "margay lab up failed:\n{out}\n{}", logs());
+
+    let lab: Value =
+        serde_json::from_slice(&std::fs::read(state.join("lab.json")).expect("lab.json after up"))
+            .expect("lab.json is JSON");
+    let nodes: Vec<(String, Ipv4Addr)> = lab["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .map(|n| {
+            (
+                n["name"].as_str().expect("node name").to_string(),
+                n["ip"].as_str().expect("node ip").parse().expect("node ip"),
+            )
+        })
+        .collect();
+    let pods: Vec<(String, String, Ipv4Addr)> = lab["pods"]
+        .as_array()
+        .expect("pods")
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().expect("pod name").to_string(),
+                p["node"].as_str().expect("pod node").to_string(),
+                p["ip"].as_str().expect("pod ip").parse().expect("pod ip"),
+            )
+        })
+        .collect();
+    assert_eq!(nodes.len(), 3);
+    assert_eq!(pods.len(), 6);
+
+    // Each node's own block: its blackhole route. Every pod's address is inside its node's block.
+    let mut blocks = std::collections::BTreeMap::new();
+    for (node, _) in &nodes {
+        let own: Vec<Ipv4Network> = proto77(node)
+            .into_iter()
+            .filter(|(_, via)| via.is_none())
+            .map(|(p, _)| p)
+            .collect();
+        assert_eq!(own.len(), 1, "{node} should own one block: {own:?}");
+        blocks.insert(node.clone(), own[0]);
+    }
+    for (pod, node, ip) in &pods {
+        assert!(
+            blocks[node].contains(*ip),
+            "pod {pod} on {node} has {ip}, outside its node's block {}",
+            blocks[node]
+        );
+    }
+
+    // Every node's FIB holds every other node's block via that node, with protocol 77.
+    for (node, _) in &nodes {
+        let routes = proto77(node);
+        for (other, other_ip) in &nodes {
+            if other == node {
+                continue;
+            }
+            assert!(
+                routes.contains(&(blocks[other], Some(*other_ip))),
+                "{node} has no route to {other}'s block {} via {other_ip} with proto 77: {routes:?}",
+                blocks[other]
+            );
+        }
+    }
+
+    // Every pod pings every other pod.
+    let mut failed = Vec::new();
+    for (a, _, _) in &pods {
+        for (b, _, ip) in &pods {
+            if a == b {
+                continue;
+            }
+            let (ok, _) = in_ns(a, &["ping", "-c", "1", "-W", "2", &ip.to_string()]);
+            if !ok {
+                failed.push(format!("{a} -> {b} ({ip})"));
+            }
+        }
+    }
+    assert!(failed.is_empty(), "pings failed: {failed:?}\n{}", logs());
+
+    // `margay status` on every node: both mesh peers Established.
+    check_status(&nodes);
+
+    // `lab status` agrees (its exit status says every pair is reachable).
+    let (ok, out) = run(Command::new(MARGAY)
+        .args(["lab", "status", "--name", &name, "--state-dir"])
+        .arg(&state));
+    assert!(ok, "margay lab status:\n{out}");
+    assert!(out.contains("30 of 30 pod pairs reachable"), "{out}");
+
+    // Restart one node's daemon (SIGTERM, then start again): graceful restart keeps its block in the other
+    // nodes' FIBs meanwhile, and afterwards the mesh is back and every pod pair pings again.
+    let (n2, n2_ip) = nodes[1].clone();
+    let (ok, out) = run(Command::new(MARGAY)
+        .args(["lab", "restart-node", &n2, "--name", &name, "--state-dir"])
+        .arg(&state));
+    assert!(ok, "lab restart-node {n2}: {out}");
+    let (n1, _) = &nodes[0];
+    assert!(
+        proto77(n1).contains(&(blocks[&n2], Some(n2_ip))),
+        "{n1} lost {n2}'s block across {n2}'s restart"
+    );
+    let (ok, out) = run(Command::new(MARGAY)
+        .args(["lab", "status", "--name", &name, "--state-dir"])
+        .arg(&state));
+    assert!(
+        ok && out.contains("30 of 30 pod pairs reachable"),
+        "after restart:\n{out}"
+    );
+    wait_established(&nodes);
+
+    // DEL through margay-cni: the pod's host route goes, its address returns to the block; a second DEL
+    // (the runtime retrying) succeeds with nothing left to do.
+    // On the restarted node: its new daemon serves the CNI socket with the IPAM state it read back.
+    let (pod, node, ip) = pods
+        .iter()
+        .find(|(_, n, _)| *n == n2)
+        .cloned()
+        .expect("a pod on the restarted node");
+    assert_eq!(block_in_use(&node, blocks[&node]), 2);
+    let (ok, out) = cni(&state, &node, &pod, "DEL");
+    assert!(ok, "margay-cni DEL {pod}: {out}");
+    let (_, routes) = run(Command::new("ip").args(["-n", &node, "route", "show", "proto", "78"]));
+    assert!(
+        !routes.contains(&format!("{ip} ")),
+        "{pod}'s host route is still in {node}: {routes}"
+    );
+    assert_eq!(
+        block_in_use(&node, blocks[&node]),
+        1,
+        "{pod}'s address was not released"
+    );
+    let (ok, out) = cni(&state, &node, &pod, "DEL");
+    assert!(ok, "second margay-cni DEL {pod}: {out}");
+    // ADD again: the pod is back, in the same block, reachable from another node's pod.
+    let (ok, out) = cni(&state, &node, &pod, "ADD");
+    assert!(ok, "margay-cni ADD {pod} again: {out}");
+    let result: Value = serde_json::from_str(&out).expect("CNI result JSON");
+    let new_ip: Ipv4Addr = result["ips"][0]["address"]
+        .as_str()
+        .and_then(|a| a.split('/').next())
+        .and_then(|a| a.parse().ok())
+        .expect("ADD result address");
+    assert!(
+        blocks[&node].contains(new_ip),
+        "{new_ip} outside {}",
+        blocks[&node]
+    );
+    let (far, _, _) = pods
+        .iter()
+        .find(|(_, n, _)| *n != node)
+        .expect("a pod on another node");
+    let (ok, out) = in_ns(far, &["ping", "-c", "1", "-W", "2", &new_ip.to_string()]);
+    assert!(ok, "{far} cannot ping re-added {pod} at {new_ip}: {out}");
+}
+
+/// Run the lab's margay-cni (as the runtime of `node` would) with `command` for `pod`.
+fn cni(state: &std::path::Path, node: &str, pod: &str, command: &str) -> (bool, String) {
+    use std::io::Write;
+    let conf = serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": "k8s-pod-network",
+        "type": "margay",
+        "socket": state.join(node).join("cni.sock"),
+    });
+    let bin = state.join("cni-bin");
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", node])
+        .arg(bin.join("margay"))
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", pod)
+        .env("CNI_NETNS", format!("/var/run/netns/{pod}"))
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", &bin)
+        .env(
+            "CNI_ARGS",
+            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=lab;K8S_POD_NAME={pod}"),
+        )
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn margay-cni");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(conf.to_string().as_bytes())
+        .expect("write config");
+    run_output(child.wait_with_output())
+}
+
+fn run_output(o: std::io::Result<std::process::Output>) -> (bool, String) {
+    match o {
+        Ok(o) => (
+            o.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+        ),
+        Err(e) => (false, e.to_string()),
+    }
+}
+
+/// "IPS IN USE" of `block` in `margay ipam show --show-blocks`, run inside `node`.
+fn block_in_use(node: &str, block: Ipv4Network) -> u64 {
+    let (ok, out) = in_ns(
+        node,
+        &[
+            MARGAY,
+            "ipam",
+            "show",
+            "--show-blocks",
+            "--etcd-endpoints",
+            "http://10.99.0.2:2379",
+        ],
+    );
+    assert!(ok, "ipam show: {out}");
+    let row = out
+        .lines()
+        .find(|l| l.contains(&format!(" {block} ")))
+        .unwrap_or_else(|| panic!("no row for {block} in:\n{out}"));
+    let cols: Vec<&str> = row.split('|').map(str::trim).collect();
+    cols.get(4)
+        .and_then(|c| c.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("cannot read IPS IN USE from {row:?}"))
+}
+
+/// `margay status` on every node: ready, and both mesh peers Established.
+fn check_status(nodes: &[(String, Ipv4Addr)]) {
+    for (node, _) in nodes {
+        let (ok, out) = in_ns(node, &[MARGAY, "status", "-o", "json"]);
+        assert!(ok, "margay status in {node}: {out}");
+        let report: Value = serde_json::from_str(&out).expect("status JSON");
+        assert_eq!(report["ready"]["ready"], true, "{node} not ready: {report}");
+        assert_eq!(report["role"], "node");
+        let peers = report["peers"].as_array().expect("peers");
+        let mut addrs: Vec<&str> = peers
+            .iter()
+            .map(|p| p["address"].as_str().unwrap_or(""))
+            .collect();
+        addrs.sort_unstable();
+        let mut want: Vec<String> = nodes
+            .iter()
+            .filter(|(n, _)| n != node)
+            .map(|(_, a)| a.to_string())
+            .collect();
+        want.sort_unstable();
+        assert_eq!(addrs, want, "{node}'s peers");
+        for p in peers {
+            assert_eq!(p["fsmState"], "Established", "{node}: {p}");
+            assert_eq!(p["peerType"], "node-to-node mesh", "{node}: {p}");
+        }
+    }
+}
+
+/// After a restart the sessions take a moment to come back: poll `margay status` (bounded), then check.
+fn wait_established(nodes: &[(String, Ipv4Addr)]) {
+    for _ in 0..100 {
+        let all = nodes.iter().all(|(node, _)| {
+            let (ok, out) = in_ns(node, &[MARGAY, "status", "-o", "json"]);
+            ok && serde_json::from_str::<Value>(&out)
+                .ok()
+                .and_then(|r| r["peers"].as_array().cloned())
+                .is_some_and(|p| {
+                    p.len() == nodes.len() - 1 && p.iter().all(|p| p["fsmState"] == "Established")
+                })
+        });
+        if all {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    check_status(nodes);
+}
