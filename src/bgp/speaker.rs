@@ -592,29 +592,22 @@ fn peer_info(d: &DesiredPeer, n: &Negotiated) -> PeerInfo {
     }
 }
 
-/// One received UPDATE as RIB input: body NLRI and MP_REACH NLRI share the attributes (the next hop of each
-/// family is in `next_hop` / `mp_reach.next_hop`); body withdrawals and MP_UNREACH are withdrawals.
-fn routes_input(peer: PeerId, mut u: Update) -> Option<RibInput> {
-    let mut announced = std::mem::take(&mut u.nlri);
-    let mut withdrawn = std::mem::take(&mut u.withdrawn);
-    if let Some(r) = u.attributes.mp_reach.as_mut() {
-        announced.append(&mut r.nlri);
+/// One received UPDATE as RIB input (`RibInput::from_update`: body and MP NLRI share the attributes), or
+/// nothing for an empty UPDATE, or a plain withdrawal when nothing is announced.
+fn routes_input(peer: PeerId, u: Update) -> Option<RibInput> {
+    match RibInput::from_update(peer, u) {
+        RibInput::Routes {
+            announced,
+            withdrawn,
+            ..
+        } if announced.is_empty() && withdrawn.is_empty() => None,
+        RibInput::Routes {
+            announced,
+            withdrawn,
+            ..
+        } if announced.is_empty() => Some(RibInput::Withdraw { peer, withdrawn }),
+        other => Some(other),
     }
-    if let Some(un) = u.attributes.mp_unreach.take() {
-        withdrawn.extend(un.withdrawn);
-    }
-    if announced.is_empty() && withdrawn.is_empty() {
-        return None;
-    }
-    if announced.is_empty() {
-        return Some(RibInput::Withdraw { peer, withdrawn });
-    }
-    Some(RibInput::Routes {
-        peer,
-        announced,
-        attrs: Arc::new(u.attributes),
-        withdrawn,
-    })
 }
 
 /// Encode the RIB's output for one session into large pre-encoded batches for the peer task.
