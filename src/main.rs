@@ -15,7 +15,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Print the version and the features built in.
+    /// Print the version.
     Version,
     /// Run the BGP speaker alone as a standalone route reflector (no dataplane, no IPAM).
     Reflector(margay::reflector::ReflectorArgs),
