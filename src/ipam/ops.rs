@@ -94,6 +94,34 @@ async fn get_handle(ds: &Datastore, id: &str) -> Result<Option<Cached<Handle>>, 
 }
 
 /// An emptied block is deleted only when no node holds it (Calico keeps empty affine blocks).
+/// The handle side of releasing addresses from one block, for the same transaction as the block write:
+/// each handle's count for `cidr` goes down by what was freed (the handle goes when it reaches zero), guarded
+/// by its mod_revision; a handle that is already gone is guarded as absent.
+async fn handle_releases(
+    ds: &Datastore,
+    cidr: &IpNetwork,
+    per_handle: &BTreeMap<String, u64>,
+    guards: &mut Vec<Guard>,
+    writes: &mut Vec<Write>,
+) -> Result<(), IpamError> {
+    for (hid, n) in per_handle {
+        let hkey = keys::handle_key(hid);
+        match get_handle(ds, hid).await? {
+            Some(mut h) => {
+                guards.push(Guard::ModRevision(hkey.clone(), h.mod_revision));
+                h.value.remove(cidr, *n);
+                writes.push(if h.value.is_empty() {
+                    Write::Delete(hkey)
+                } else {
+                    Write::Put(hkey, to_json(&h.value))
+                });
+            }
+            None => guards.push(Guard::Absent(hkey)),
+        }
+    }
+    Ok(())
+}
+
 fn block_write(cidr: &IpNetwork, b: &Block) -> Write {
     if b.is_empty() && b.affinity.is_none() {
         Write::Delete(keys::block_key(cidr))
@@ -208,21 +236,7 @@ async fn release_in_block(
         }
         let mut guards = vec![Guard::ModRevision(keys::block_key(&cidr), c.mod_revision)];
         let mut writes = vec![block_write(&cidr, &b)];
-        for (hid, n) in &per_handle {
-            let hkey = keys::handle_key(hid);
-            match get_handle(ds, hid).await? {
-                Some(mut h) => {
-                    guards.push(Guard::ModRevision(hkey.clone(), h.mod_revision));
-                    h.value.remove(&cidr, *n);
-                    writes.push(if h.value.is_empty() {
-                        Write::Delete(hkey)
-                    } else {
-                        Write::Put(hkey, to_json(&h.value))
-                    });
-                }
-                None => guards.push(Guard::Absent(hkey)),
-            }
-        }
+        handle_releases(ds, &cidr, &per_handle, &mut guards, &mut writes).await?;
         match ds.txn(&guards, &writes).await? {
             TxnOutcome::Committed { revision } => {
                 let keep = !(b.is_empty() && b.affinity.is_none());
@@ -344,21 +358,7 @@ async fn remove_node_block(
                 b.affinity = None;
                 guards.push(Guard::ModRevision(bkey.clone(), c.mod_revision));
                 writes.push(block_write(&cidr, &b));
-                for (hid, n) in &per_handle {
-                    let hkey = keys::handle_key(hid);
-                    match get_handle(ds, hid).await? {
-                        Some(mut h) => {
-                            guards.push(Guard::ModRevision(hkey.clone(), h.mod_revision));
-                            h.value.remove(&cidr, *n);
-                            writes.push(if h.value.is_empty() {
-                                Write::Delete(hkey)
-                            } else {
-                                Write::Put(hkey, to_json(&h.value))
-                            });
-                        }
-                        None => guards.push(Guard::Absent(hkey)),
-                    }
-                }
+                handle_releases(ds, &cidr, &per_handle, &mut guards, &mut writes).await?;
                 outcome_block = Some(b);
             }
         }
