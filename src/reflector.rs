@@ -2,38 +2,53 @@
 //! IPAM: it reflects routes between its clients and reports its peers on the status endpoint.
 //!
 //! ```text
-//!   config source (YAML file; SIGHUP re-reads) ──desired peers──▶ speaker task ──▶ peer tasks ◀──▶ TCP
-//!                                                                     │  ▲
-//!   HTTP /status /readyz /metrics ◀──StatusReport (oneshot query)─────┘  └── RIB task (reflection)
+//!   config source ──desired peers──▶ speaker task ──▶ peer tasks ◀──▶ TCP
+//!     file: SIGHUP re-reads                │  ▲
+//!     etcd: watch + 2 s poll               │  └── RIB task (reflection)
+//!   HTTP /status /readyz /metrics ◀──StatusReport (oneshot query)
 //! ```
 //!
-//! The configuration source is pluggable ([`ConfigSource`]): a multi-document YAML file today, the etcd
-//! datastore once the node daemon composes it. A bad document set is refused as a whole: the running peers
-//! stay as they were and the error names the document, the field and the value.
+//! The configuration source is pluggable ([`ConfigSource`]): a multi-document YAML file (`--config`), or the
+//! etcd datastore (the default without `--config`), read with the loader `margay node` uses
+//! ([`crate::node::load_config`]). With etcd the reflector identifies itself as a Node resource (`--node-name`)
+//! and writes its cluster id and address there, so the nodes' BGPPeer selectors find it; every change under
+//! the v3 resources re-derives the peers and only sessions whose settings changed are touched. A bad
+//! document set is refused as a whole: the running peers stay as they were and the error names the
+//! document, the field and the value.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use anyhow::Context;
+use futures::future::BoxFuture;
 use futures::FutureExt;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::api::{self, ReadyState, StatusReport};
 use crate::bgp::policy::Policy;
 use crate::bgp::speaker::{self, DesiredPeer, SpeakerConfig, SpeakerHandle};
+use crate::cli::EtcdArgs;
 use crate::config::bgp::{ConfigSet, Node, NodeBgpSpec, NodeSpec, KIND_NODE};
 use crate::config::peers::desired_peers;
 use crate::config::{ObjectMeta, API_VERSION};
+use crate::datastore::{keys, Datastore, WatchMessage};
 
 /// `margay reflector` flags.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ReflectorArgs {
     /// Multi-document YAML with projectcalico.org/v3 BGPConfiguration, BGPPeer and Node resources.
-    /// SIGHUP re-reads it and applies only what changed.
+    /// SIGHUP re-reads it and applies only what changed. Without it the reflector reads the same resources
+    /// from etcd (`--etcd-endpoints`) and follows them with a watch.
     #[arg(long)]
-    pub config: PathBuf,
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
     /// This reflector's Node name in the configuration (its spec.bgp gives address, AS, cluster id).
     /// Default: the host name.
     #[arg(long, env = "NODENAME")]
@@ -42,6 +57,7 @@ pub struct ReflectorArgs {
     #[arg(long)]
     pub router_id: Option<Ipv4Addr>,
     /// Route-reflector cluster id (default: the Node's routeReflectorClusterID, else the router id).
+    /// With etcd it is written to the Node resource, so that the nodes see this Node as a reflector.
     #[arg(long)]
     pub cluster_id: Option<Ipv4Addr>,
     /// AS number (default: the Node's asNumber, else BGPConfiguration default asNumber, else 64512).
@@ -63,11 +79,11 @@ pub struct ReflectorArgs {
     pub state_dir: PathBuf,
 }
 
-/// Where the reflector's resources come from: a multi-document YAML file today, the etcd datastore once the
-/// node daemon composes it. `load` returns a complete validated set or an error; never part of one.
+/// Where the reflector's resources come from: a multi-document YAML file, or the etcd datastore (the same
+/// loader `margay node` uses). `load` returns a complete validated set or an error; never part of one.
 pub trait ConfigSource: Send + Sync + 'static {
-    fn load(&self) -> anyhow::Result<ConfigSet>;
-    /// For logs: "file /etc/margay/rr.yaml".
+    fn load(&self) -> BoxFuture<'_, anyhow::Result<ConfigSet>>;
+    /// For logs: "file /etc/margay/rr.yaml", "etcd http://10.0.0.2:2379".
     fn describe(&self) -> String;
 }
 
@@ -75,13 +91,35 @@ pub trait ConfigSource: Send + Sync + 'static {
 pub struct FileSource(pub PathBuf);
 
 impl ConfigSource for FileSource {
-    fn load(&self) -> anyhow::Result<ConfigSet> {
-        let text = std::fs::read_to_string(&self.0)
-            .map_err(|e| anyhow::anyhow!("reading {}: {e}", self.0.display()))?;
-        ConfigSet::from_yaml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", self.0.display()))
+    fn load(&self) -> BoxFuture<'_, anyhow::Result<ConfigSet>> {
+        let r = std::fs::read_to_string(&self.0)
+            .map_err(|e| anyhow::anyhow!("reading {}: {e}", self.0.display()))
+            .and_then(|text| {
+                ConfigSet::from_yaml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", self.0.display()))
+            });
+        futures::future::ready(r).boxed()
     }
     fn describe(&self) -> String {
         format!("file {}", self.0.display())
+    }
+}
+
+/// The etcd datastore: BGPConfiguration, BGPPeer and Node resources in Calico's v3 layout.
+pub struct EtcdSource {
+    pub ds: Arc<Datastore>,
+}
+
+impl ConfigSource for EtcdSource {
+    fn load(&self) -> BoxFuture<'_, anyhow::Result<ConfigSet>> {
+        async move {
+            crate::node::load_config(&self.ds)
+                .await
+                .map_err(|e| anyhow::anyhow!("etcd at {}: {e:#}", self.ds.endpoints().join(",")))
+        }
+        .boxed()
+    }
+    fn describe(&self) -> String {
+        format!("etcd {}", self.ds.endpoints().join(","))
     }
 }
 
@@ -103,16 +141,10 @@ fn identity(args: &ReflectorArgs, set: &mut ConfigSet, source: &str) -> anyhow::
         .clone()
         .or_else(|| nix::unistd::gethostname().ok()?.into_string().ok())
         .unwrap_or_else(|| "margay-reflector".to_string());
-    let node = set.nodes.entry(name.clone()).or_insert_with(|| Node {
-        api_version: API_VERSION.into(),
-        kind: KIND_NODE.into(),
-        metadata: ObjectMeta {
-            name: name.clone(),
-            ..Default::default()
-        },
-        spec: NodeSpec::default(),
-        status: None,
-    });
+    let node = set
+        .nodes
+        .entry(name.clone())
+        .or_insert_with(|| new_node(&name));
     let router_id = match args.router_id.or_else(|| match node.ipv4() {
         Some(IpAddr::V4(a)) => Some(a),
         _ => None,
@@ -149,12 +181,12 @@ fn identity(args: &ReflectorArgs, set: &mut ConfigSet, source: &str) -> anyhow::
 }
 
 /// Load, settle the identity, derive the peers: all or nothing.
-fn load_peers(
+async fn load_peers(
     args: &ReflectorArgs,
     source: &dyn ConfigSource,
     restarting: bool,
 ) -> anyhow::Result<(Identity, Vec<DesiredPeer>)> {
-    let mut set = source.load()?;
+    let mut set = source.load().await?;
     let id = identity(args, &mut set, &source.describe())?;
     let peers = desired_peers(&set, &id.name)?
         .iter()
@@ -171,8 +203,154 @@ fn load_peers(
     Ok((id, peers))
 }
 
+/// Make the reflector's Node resource in etcd say what it runs with: its address (the router id when the
+/// Node has none), its cluster id and, when given as a flag, its AS. Labels and everything else an
+/// operator wrote are kept. The nodes derive their peers from this resource (calico.md 1.4: a route
+/// reflector is a Node with `routeReflectorClusterID`, usually selected by a label).
+pub async fn register_reflector_node(
+    ds: &Datastore,
+    name: &str,
+    router_id: Ipv4Addr,
+    cluster_id: Ipv4Addr,
+    asn: Option<u32>,
+) -> anyhow::Result<()> {
+    let key = keys::resource_key(crate::node::NODES_PLURAL, name);
+    for _ in 0..10 {
+        let existing = ds.get(&key).await?;
+        let mut node: Node = match &existing {
+            Some(kv) => serde_json::from_slice(&kv.value)
+                .with_context(|| format!("stored Node {name:?} at {key} is not valid"))?,
+            None => new_node(name),
+        };
+        let bgp = node.spec.bgp.get_or_insert_with(NodeBgpSpec::default);
+        if bgp.ipv4_address.is_none() {
+            bgp.ipv4_address = Some(format!("{router_id}/32"));
+        }
+        bgp.route_reflector_cluster_id = Some(cluster_id.to_string());
+        if let Some(a) = asn {
+            bgp.as_number = Some(crate::config::bgp::AsNumber(a));
+        }
+        node.metadata.resource_version = None;
+        let bytes = serde_json::to_vec(&node)?;
+        let done = match &existing {
+            Some(kv) if kv.value == bytes => return Ok(()),
+            Some(kv) => ds.update(&key, bytes, kv.mod_revision).await?.is_some(),
+            None => ds.create(&key, bytes).await?.is_some(),
+        };
+        if done {
+            tracing::info!(node = name, %cluster_id, "reflector's Node resource registered");
+            return Ok(());
+        }
+    }
+    anyhow::bail!("Node {name:?} kept changing under us while registering it; try again")
+}
+
+fn new_node(name: &str) -> Node {
+    Node {
+        api_version: API_VERSION.into(),
+        kind: KIND_NODE.into(),
+        metadata: ObjectMeta {
+            name: name.to_string(),
+            ..Default::default()
+        },
+        spec: NodeSpec::default(),
+        status: None,
+    }
+}
+
+/// Forward every change under the v3 resources prefix as a nudge (coalesced: a full channel drops it, the
+/// pending nudge covers it). A failed or compacted watch is re-created; the caller's poll is the net.
+async fn watch_resources(ds: Arc<Datastore>, nudge: mpsc::Sender<()>) {
+    loop {
+        let rev = match ds
+            .list(&keys::resource_prefix(crate::node::NODES_PLURAL))
+            .await
+        {
+            Ok((_, rev)) => rev,
+            Err(e) => {
+                tracing::debug!(error = %e, "etcd watch: listing for a start revision failed; retrying");
+                tokio::time::sleep(WATCH_RETRY).await;
+                continue;
+            }
+        };
+        let mut w = ds.watch(keys::RESOURCES_PREFIX, rev + 1);
+        // Whatever changed between the last load and this watch is picked up by this nudge.
+        let _ = nudge.try_send(());
+        loop {
+            match w.recv().await {
+                Some(WatchMessage::Events(_)) => {
+                    if nudge.is_closed() {
+                        return;
+                    }
+                    let _ = nudge.try_send(());
+                }
+                Some(WatchMessage::Resync) | None => break,
+            }
+        }
+        tokio::time::sleep(WATCH_RETRY).await;
+    }
+}
+
+/// How long to wait before re-creating a failed etcd watch.
+const WATCH_RETRY: Duration = Duration::from_secs(1);
+/// With etcd, the peers are also re-derived this often (a safety net under the watch).
+const ETCD_POLL: Duration = Duration::from_secs(2);
+
 enum Control {
     Status(oneshot::Sender<StatusReport>),
+}
+
+/// Prometheus metrics of the reflector: sessions by state, prefixes per peer, datastore errors.
+#[derive(Clone, Default)]
+struct Metrics {
+    sessions: Family<Vec<(String, String)>, Gauge>,
+    prefixes: Family<Vec<(String, String)>, Gauge>,
+    config_errors: Counter,
+}
+
+impl Metrics {
+    fn register(registry: &mut Registry) -> Metrics {
+        let m = Metrics::default();
+        registry.register(
+            "margay_bgp_sessions",
+            "BGP sessions by FSM state",
+            m.sessions.clone(),
+        );
+        registry.register(
+            "margay_bgp_prefixes_received",
+            "Prefixes received per peer",
+            m.prefixes.clone(),
+        );
+        registry.register(
+            "margay_config_errors",
+            "Failed reads or refused configurations from the datastore or file",
+            m.config_errors.clone(),
+        );
+        m
+    }
+
+    fn update(&self, peers: &[api::PeerStatus]) {
+        self.sessions.clear();
+        self.prefixes.clear();
+        for state in [
+            "Idle",
+            "Connect",
+            "Active",
+            "OpenSent",
+            "OpenConfirm",
+            "Established",
+        ] {
+            let n = peers.iter().filter(|p| p.fsm_state == state).count();
+            self.sessions
+                .get_or_create(&vec![("state".into(), state.into())])
+                .set(n as i64);
+        }
+        for p in peers {
+            self.prefixes
+                .get_or_create(&vec![("peer".into(), p.address.clone())])
+                .set(p.prefixes_received as i64);
+        }
+    }
 }
 
 /// Run the reflector until SIGTERM/SIGINT.
@@ -187,10 +365,23 @@ pub fn run(args: ReflectorArgs) -> anyhow::Result<()> {
 async fn run_async(args: ReflectorArgs) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
 
-    let source = FileSource(args.config.clone());
+    let (source, ds): (Box<dyn ConfigSource>, Option<Arc<Datastore>>) = match &args.config {
+        Some(path) => (Box::new(FileSource(path.clone())), None),
+        None => {
+            let ds = args.etcd.datastore().map_err(|e| {
+                anyhow::anyhow!("etcd at {}: {e}", args.etcd.etcd_endpoints.join(","))
+            })?;
+            (Box::new(EtcdSource { ds: ds.clone() }), Some(ds))
+        }
+    };
     let marker = args.state_dir.join("reflector.running");
     let restarting = marker.exists();
-    let (id, peers) = load_peers(&args, &source, restarting)?;
+    let (id, peers) = load_peers(&args, source.as_ref(), restarting).await?;
+    if let Some(ds) = &ds {
+        register_reflector_node(ds, &id.name, id.router_id, id.cluster_id, args.as_number)
+            .await
+            .map_err(|e| anyhow::anyhow!("etcd at {}: {e:#}", ds.endpoints().join(",")))?;
+    }
     if let Err(e) = std::fs::create_dir_all(&args.state_dir)
         .and_then(|()| std::fs::write(&marker, std::process::id().to_string()))
     {
@@ -226,6 +417,8 @@ async fn run_async(args: ReflectorArgs) -> anyhow::Result<()> {
         peers = report.added.len(), "route reflector running"
     );
 
+    let mut registry = Registry::default();
+    let metrics = Metrics::register(&mut registry);
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<Control>(16);
     let status_source = move || {
         let ctl = ctl_tx.clone();
@@ -241,32 +434,62 @@ async fn run_async(args: ReflectorArgs) -> anyhow::Result<()> {
     let http = tokio::spawn(api::serve(
         args.http_listen,
         status_source,
-        Arc::new(Registry::default()),
+        Arc::new(registry),
     ));
+
+    // etcd: a watch nudges a re-derivation; the poll is the net. A file: SIGHUP only.
+    let (nudge_tx, mut nudge_rx) = mpsc::channel::<()>(1);
+    let watcher = ds
+        .clone()
+        .map(|ds| tokio::spawn(watch_resources(ds, nudge_tx)));
+    let mut poll = tokio::time::interval(ETCD_POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut current: Vec<DesiredPeer> = peers;
+    let mut last_error: Option<String> = None;
     loop {
-        tokio::select! {
-            _ = hup.recv() => {
-                match load_peers(&args, &source, restarting) {
-                    Ok((id2, peers)) => {
-                        if id2 != id {
-                            tracing::warn!(running = ?id, file = ?id2, "a new router id, cluster id, AS or port needs a restart; peers are applied with the running identity");
-                        }
-                        let report = spk.apply(peers.clone()).await?;
-                        current = peers;
-                        tracing::info!(?report, "configuration re-read on SIGHUP");
-                    }
-                    Err(e) => tracing::error!(error = %e, "SIGHUP: configuration refused, running peers unchanged"),
-                }
+        let reload = tokio::select! {
+            _ = hup.recv() => Some("SIGHUP"),
+            Some(()) = nudge_rx.recv() => {
+                // Let a burst of writes (a node registering, an operator's apply) land together.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Some("etcd watch")
+            }
+            _ = poll.tick() => {
+                metrics.update(&spk.status().await.unwrap_or_default());
+                ds.is_some().then_some("etcd poll")
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
             Some(Control::Status(reply)) = ctl_rx.recv() => {
-                let _ = reply.send(status_report(&spk, &id, started, current.len()).await);
+                let _ = reply.send(status_report(&spk, &id, started, last_error.as_deref()).await);
+                None
+            }
+        };
+        if let Some(why) = reload {
+            match load_peers(&args, source.as_ref(), restarting).await {
+                Ok((id2, peers)) => {
+                    last_error = None;
+                    if id2 != id {
+                        tracing::warn!(running = ?id, configured = ?id2, "a new router id, cluster id, AS or port needs a restart; peers are applied with the running identity");
+                    }
+                    if peers != current || why == "SIGHUP" {
+                        let report = spk.apply(peers.clone()).await?;
+                        current = peers;
+                        tracing::info!(?report, trigger = why, "configuration re-read");
+                    }
+                }
+                Err(e) => {
+                    metrics.config_errors.inc();
+                    let msg = format!("{e:#}");
+                    if last_error.as_ref() != Some(&msg) {
+                        tracing::error!(error = %msg, trigger = why, "configuration refused, running peers unchanged");
+                    }
+                    last_error = Some(msg);
+                }
             }
         }
         if http.is_finished() {
@@ -274,6 +497,9 @@ async fn run_async(args: ReflectorArgs) -> anyhow::Result<()> {
         }
     }
     http.abort();
+    if let Some(w) = watcher {
+        w.abort();
+    }
     // SIGTERM is how a DaemonSet or systemd restarts us: close every session without a NOTIFICATION so
     // peers that negotiated graceful restart keep our routes while we are away (RFC 4724 4.1). The run
     // marker stays, so the next start announces the restart.
@@ -286,7 +512,7 @@ async fn status_report(
     spk: &SpeakerHandle,
     id: &Identity,
     started: Instant,
-    _configured: usize,
+    last_error: Option<&str>,
 ) -> StatusReport {
     let peers = spk.status().await.unwrap_or_default();
     StatusReport {
@@ -296,9 +522,10 @@ async fn status_report(
         asn: id.asn,
         router_id: id.router_id.to_string(),
         uptime_seconds: started.elapsed().as_secs(),
+        // Not ready while the configuration cannot be read: the peers may be stale.
         ready: ReadyState {
-            ready: true,
-            reason: None,
+            ready: last_error.is_none(),
+            reason: last_error.map(|e| format!("configuration not readable: {e}")),
         },
         peers,
     }

@@ -354,19 +354,19 @@ impl Speaker {
 
     async fn stop_peer(&mut self, addr: IpAddr) {
         if let Some(p) = self.peers.remove(&addr) {
-            let was_up = p.session.is_some();
             if let Some((_, writer)) = p.session {
                 writer.abort();
             }
             p.handle.shutdown().await;
-            if was_up {
-                // Removed by configuration: its routes go now, no graceful restart.
-                self.to_rib(RibInput::PeerDown {
-                    peer: p.id,
-                    graceful: false,
-                })
-                .await;
-            }
+            // Removed by configuration: its routes go now, no graceful restart. Also when its session is
+            // already down in graceful restart: the RIB still holds its routes as stale, and a peer that
+            // is no longer configured is not coming back (RFC 4724 4.2 leaves the local policy to us). The
+            // RIB ignores a PeerDown for a peer it never saw.
+            self.to_rib(RibInput::PeerDown {
+                peer: p.id,
+                graceful: false,
+            })
+            .await;
         }
     }
 
