@@ -35,6 +35,10 @@ pub enum LabCmd {
         nodes: usize,
         #[arg(long, default_value_t = 2)]
         pods: usize,
+        /// Mesh off: a route reflector (`margay reflector` against the lab's etcd) in its own namespace, and
+        /// every node peering only with it (BGPPeer nodeSelector all(), peerSelector has(route-reflector)).
+        #[arg(long)]
+        reflector: bool,
         #[command(flatten)]
         common: LabArgs,
     },
@@ -46,6 +50,20 @@ pub enum LabCmd {
     /// Stop one node's daemon with SIGTERM and start it again (its pods and kernel routes stay).
     RestartNode {
         node: String,
+        #[command(flatten)]
+        common: LabArgs,
+    },
+    /// A node leaves: stop its daemon (SIGTERM) and remove it from the datastore (`margay node remove`:
+    /// its Node resource, affinities, blocks and addresses). Its namespace and pods stay for inspection.
+    RemoveNode {
+        node: String,
+        #[command(flatten)]
+        common: LabArgs,
+    },
+    /// Stop (SIGTERM) or start the lab's etcd, to see how the nodes and margay-cni behave without it.
+    Etcd {
+        #[arg(value_parser = ["stop", "start"])]
+        action: String,
         #[command(flatten)]
         common: LabArgs,
     },
@@ -78,6 +96,13 @@ impl LabArgs {
 const SUBNET_PREFIX: &str = "10.99.0";
 const BRIDGE_IP: &str = "10.99.0.1";
 const ETCD_IP: &str = "10.99.0.2";
+const REFLECTOR_IP: &str = "10.99.0.3";
+/// The reflector's cluster id (Calico's documentation uses this one too).
+const CLUSTER_ID: &str = "244.0.0.1";
+/// The label that makes a Node a route reflector for the lab's BGPPeer.
+const RR_LABEL: &str = "route-reflector";
+/// The reflector's HTTP endpoint, inside its namespace.
+const RR_HTTP: &str = "127.0.0.1:9190";
 const POOL: &str = "10.244.0.0/16";
 const NETWORK: &str = "k8s-pod-network";
 
@@ -99,6 +124,9 @@ struct LabPod {
 struct LabState {
     nodes: Vec<LabNode>,
     pods: Vec<LabPod>,
+    /// The route reflector's namespace (also its Node name), when the lab runs with `--reflector`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    reflector: Option<String>,
 }
 
 /// Run a lab command.
@@ -107,12 +135,13 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<()> {
         LabCmd::Up {
             nodes,
             pods,
+            reflector,
             common,
         } => {
             if !(1..=50).contains(&nodes) {
                 bail!("--nodes must be between 1 and 50");
             }
-            if let Err(e) = up(&common, nodes, pods) {
+            if let Err(e) = up(&common, nodes, pods, reflector) {
                 eprintln!("margay lab: bring-up failed; the lab is left as it is for inspection (logs in {}); `margay lab down --name {}` removes it", common.state().display(), common.name);
                 return Err(e);
             }
@@ -129,6 +158,18 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<()> {
             Ok(())
         }
         LabCmd::RestartNode { node, common } => restart_node(&common, &node),
+        LabCmd::RemoveNode { node, common } => remove_node(&common, &node),
+        LabCmd::Etcd { action, common } => {
+            let state = common.state();
+            if action == "stop" {
+                stop_pid_file(&state.join("etcd.pid"), "etcd")?;
+                println!("etcd of lab {:?} stopped", common.name);
+            } else {
+                start_etcd(&state, &format!("{}-etcd", common.name))?;
+                println!("etcd of lab {:?} running", common.name);
+            }
+            Ok(())
+        }
         LabCmd::Down { common } => down(&common),
     }
 }
@@ -214,7 +255,7 @@ fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> any
     bail!("timed out after {timeout:?} waiting for {what}")
 }
 
-fn up(args: &LabArgs, n_nodes: usize, n_pods: usize) -> anyhow::Result<()> {
+fn up(args: &LabArgs, n_nodes: usize, n_pods: usize, reflector: bool) -> anyhow::Result<()> {
     for (bin, pkg) in [
         ("ip", "iproute2"),
         ("etcd", "etcd-server"),
@@ -274,46 +315,17 @@ fn up(args: &LabArgs, n_nodes: usize, n_pods: usize) -> anyhow::Result<()> {
 
     let etcd_ns = format!("{p}-etcd");
     attach(&etcd_ns, "etcd", ETCD_IP)?;
-    let client = format!("http://{ETCD_IP}:2379");
-    let data = state.join("etcd-data");
-    let data_s = data.to_string_lossy().to_string();
-    spawn_in(
-        &state,
-        &etcd_ns,
-        "etcd",
-        &[
-            "etcd",
-            "--name",
-            "lab",
-            "--data-dir",
-            &data_s,
-            "--listen-client-urls",
-            &client,
-            "--advertise-client-urls",
-            &client,
-            "--listen-peer-urls",
-            "http://127.0.0.1:2380",
-            "--initial-advertise-peer-urls",
-            "http://127.0.0.1:2380",
-            "--initial-cluster",
-            "lab=http://127.0.0.1:2380",
-            "--initial-cluster-state",
-            "new",
-            "--log-level",
-            "warn",
-        ],
-        &[],
-    )?;
-    wait_until("etcd to answer", Duration::from_secs(20), || {
-        ns_exec(
-            &etcd_ns,
-            &["etcdctl", "--endpoints", &client, "endpoint", "health"],
-        )
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-    })?;
+    start_etcd(&state, &etcd_ns)?;
 
     let mut lab = LabState::default();
+    if reflector {
+        let rr = format!("{p}-rr");
+        attach(&rr, "rr", REFLECTOR_IP)?;
+        write_reflector_resources(&etcd_ns, &rr)?;
+        start_reflector(&state, &rr)?;
+        lab.reflector = Some(rr);
+        save(&state, &lab)?;
+    }
     for i in 1..=n_nodes {
         let name = format!("{p}-n{i}");
         let addr: Ipv4Addr = format!("{SUBNET_PREFIX}.{}", 10 + i).parse()?;
@@ -422,6 +434,190 @@ fn start_node(
         )?;
     }
     Ok(pid)
+}
+
+/// Start the lab's etcd in its namespace (data in the state directory, so a restart keeps it) and wait
+/// until it answers.
+fn start_etcd(state: &Path, etcd_ns: &str) -> anyhow::Result<()> {
+    let client = format!("http://{ETCD_IP}:2379");
+    let data = state.join("etcd-data");
+    let data_s = data.to_string_lossy().to_string();
+    spawn_in(
+        state,
+        etcd_ns,
+        "etcd",
+        &[
+            "etcd",
+            "--name",
+            "lab",
+            "--data-dir",
+            &data_s,
+            "--listen-client-urls",
+            &client,
+            "--advertise-client-urls",
+            &client,
+            "--listen-peer-urls",
+            "http://127.0.0.1:2380",
+            "--initial-advertise-peer-urls",
+            "http://127.0.0.1:2380",
+            "--initial-cluster",
+            "lab=http://127.0.0.1:2380",
+            "--initial-cluster-state",
+            "new",
+            "--log-level",
+            "warn",
+        ],
+        &[],
+    )?;
+    wait_until("etcd to answer", Duration::from_secs(20), || {
+        ns_exec(
+            etcd_ns,
+            &["etcdctl", "--endpoints", &client, "endpoint", "health"],
+        )
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+    })
+}
+
+/// `etcdctl put` inside the etcd namespace.
+fn etcd_put(etcd_ns: &str, key: &str, value: &serde_json::Value) -> anyhow::Result<()> {
+    let client = format!("http://{ETCD_IP}:2379");
+    let out = ns_exec(
+        etcd_ns,
+        &[
+            "etcdctl",
+            "--endpoints",
+            &client,
+            "put",
+            key,
+            &value.to_string(),
+        ],
+    )
+    .context("running etcdctl (apt-get install etcd-client)")?;
+    if !out.status.success() {
+        bail!(
+            "etcdctl put {key}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// The Calico resources of a reflector topology (calico.md 1.4): the mesh off, the reflector's Node with
+/// its cluster id and label, and one BGPPeer that makes every node peer with every labelled Node.
+fn write_reflector_resources(etcd_ns: &str, rr: &str) -> anyhow::Result<()> {
+    use crate::datastore::keys::resource_key;
+    let api = crate::config::API_VERSION;
+    etcd_put(
+        etcd_ns,
+        &resource_key("bgpconfigurations", "default"),
+        &serde_json::json!({
+            "apiVersion": api, "kind": "BGPConfiguration",
+            "metadata": {"name": "default"},
+            "spec": {"asNumber": 64512, "nodeToNodeMeshEnabled": false, "logSeverityScreen": "Info"},
+        }),
+    )?;
+    etcd_put(
+        etcd_ns,
+        &resource_key(crate::node::NODES_PLURAL, rr),
+        &serde_json::json!({
+            "apiVersion": api, "kind": "Node",
+            "metadata": {"name": rr, "labels": {RR_LABEL: "true"}},
+            "spec": {"bgp": {"ipv4Address": format!("{REFLECTOR_IP}/24"), "routeReflectorClusterID": CLUSTER_ID}},
+        }),
+    )?;
+    etcd_put(
+        etcd_ns,
+        &resource_key("bgppeers", "peer-with-route-reflectors"),
+        &serde_json::json!({
+            "apiVersion": api, "kind": "BGPPeer",
+            "metadata": {"name": "peer-with-route-reflectors"},
+            "spec": {"nodeSelector": "all()", "peerSelector": format!("has({RR_LABEL})")},
+        }),
+    )
+}
+
+/// Start `margay reflector` in its namespace against the lab's etcd.
+fn start_reflector(state: &Path, rr: &str) -> anyhow::Result<u32> {
+    let margay = std::env::current_exe()?.to_string_lossy().to_string();
+    let client = format!("http://{ETCD_IP}:2379");
+    let rr_state = state.join(rr).to_string_lossy().to_string();
+    spawn_in(
+        state,
+        rr,
+        rr,
+        &[
+            &margay,
+            "reflector",
+            "--node-name",
+            rr,
+            "--etcd-endpoints",
+            &client,
+            "--router-id",
+            REFLECTOR_IP,
+            "--cluster-id",
+            CLUSTER_ID,
+            "--state-dir",
+            &rr_state,
+            "--http-listen",
+            RR_HTTP,
+        ],
+        &[(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )],
+    )
+}
+
+/// SIGTERM the process in a PID file and wait (bounded) until it is gone.
+fn stop_pid_file(pid_file: &Path, what: &str) -> anyhow::Result<()> {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let Some(pid) = std::fs::read_to_string(pid_file)
+        .ok()
+        .and_then(|p| p.trim().parse::<i32>().ok())
+    else {
+        bail!("no PID for {what} in {}", pid_file.display());
+    };
+    let pid = Pid::from_raw(pid);
+    if kill(pid, Signal::SIGTERM).is_ok() {
+        wait_until(&format!("{what} to stop"), Duration::from_secs(10), || {
+            kill(pid, None).is_err()
+        })?;
+    }
+    Ok(())
+}
+
+/// A node leaves the lab: its daemon stops, then `margay node remove` (run in another node's namespace,
+/// which reaches etcd) deletes it from the datastore.
+fn remove_node(args: &LabArgs, node: &str) -> anyhow::Result<()> {
+    let state = args.state();
+    let mut lab = load(&state)?;
+    if !lab.nodes.iter().any(|n| n.name == node) {
+        bail!("no node {node:?} in lab {:?}", args.name);
+    }
+    stop_pid_file(
+        &state.join(format!("{node}.pid")),
+        &format!("{node}'s daemon"),
+    )?;
+    let margay = std::env::current_exe()?.to_string_lossy().to_string();
+    let client = format!("http://{ETCD_IP}:2379");
+    let out = ns_exec(
+        &format!("{}-etcd", args.name),
+        &[&margay, "node", "remove", node, "--etcd-endpoints", &client],
+    )?;
+    if !out.status.success() {
+        bail!(
+            "margay node remove {node}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    let _ = std::fs::remove_file(state.join(format!("{node}.pid")));
+    lab.nodes.retain(|n| n.name != node);
+    lab.pods.retain(|p| p.node != node);
+    save(&state, &lab)?;
+    Ok(())
 }
 
 /// Stop a node's daemon with SIGTERM (as a DaemonSet update does) and start it again.
@@ -591,6 +787,20 @@ fn status(args: &LabArgs) -> anyhow::Result<bool> {
         );
     }
     println!();
+    if let Some(rr) = &lab.reflector {
+        println!(
+            "== route reflector {rr} ({REFLECTOR_IP}, cluster id {CLUSTER_ID}; margay status)"
+        );
+        match ns_exec(rr, &[&margay_s, "status", "--endpoint", RR_HTTP]) {
+            Ok(o) if o.status.success() => print!("{}", String::from_utf8_lossy(&o.stdout)),
+            Ok(o) => println!(
+                "  unavailable: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
+            Err(e) => println!("  unavailable: {e}"),
+        }
+        println!();
+    }
     for n in &lab.nodes {
         println!("== BGP peers of {} (margay status)", n.name);
         match ns_exec(&n.name, &[&margay_s, "status"]) {

@@ -95,7 +95,8 @@ impl ConfigSource for FileSource {
         let r = std::fs::read_to_string(&self.0)
             .map_err(|e| anyhow::anyhow!("reading {}: {e}", self.0.display()))
             .and_then(|text| {
-                ConfigSet::from_yaml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", self.0.display()))
+                ConfigSet::from_yaml(&text)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", self.0.display()))
             });
         futures::future::ready(r).boxed()
     }
@@ -276,16 +277,12 @@ async fn watch_resources(ds: Arc<Datastore>, nudge: mpsc::Sender<()>) {
         let mut w = ds.watch(keys::RESOURCES_PREFIX, rev + 1);
         // Whatever changed between the last load and this watch is picked up by this nudge.
         let _ = nudge.try_send(());
-        loop {
-            match w.recv().await {
-                Some(WatchMessage::Events(_)) => {
-                    if nudge.is_closed() {
-                        return;
-                    }
-                    let _ = nudge.try_send(());
-                }
-                Some(WatchMessage::Resync) | None => break,
+        // A Resync (compacted history) or a closed watch ends this one; a new one starts from a fresh list.
+        while let Some(WatchMessage::Events(_)) = w.recv().await {
+            if nudge.is_closed() {
+                return;
             }
+            let _ = nudge.try_send(());
         }
         tokio::time::sleep(WATCH_RETRY).await;
     }

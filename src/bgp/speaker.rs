@@ -65,6 +65,11 @@ impl DesiredPeer {
         }
         s.graceful_restart = Some(GracefulRestartConfig {
             restart_time: p.max_restart_time.as_secs().min(4095) as u16,
+            // The F bit (RFC 4724 3): margay's FIB never flushes its kernel routes when the process stops,
+            // so forwarding survives a restart. Without it a helper drops our stale routes the moment the
+            // session is back (RFC 4724 4.2), before we re-announce them: a withdraw-then-add gap in every
+            // peer's FIB. A speaker that forwards nothing (the reflector) clears it.
+            forwarding_preserved: true,
             ..Default::default()
         });
         DesiredPeer {

@@ -115,7 +115,8 @@ pub enum IpamCmd {
 pub enum NodeCmd {
     /// Run the node daemon: IPAM + BGP + kernel FIB + CNI server + HTTP status.
     Run(Box<crate::node::NodeArgs>),
-    /// Remove a node from IPAM: its affinities, its blocks (releasing their addresses) and handles.
+    /// Remove a node: its affinities, its blocks (releasing their addresses) and handles, then its Node
+    /// resource (so its BGP sessions are removed from the other nodes and reflectors).
     Remove { name: String },
 }
 
@@ -150,15 +151,34 @@ pub async fn run_node(etcd: &EtcdArgs, cmd: &NodeCmd) -> Result<String, CliError
     match cmd {
         NodeCmd::Remove { name } => {
             let r = crate::ipam::ops::remove_node(&ds, name).await?;
-            Ok(format!(
+            let mut out = format!(
                 "Removed node {name:?} from IPAM: {} affinities, {} blocks deleted, {} blocks kept for other nodes' addresses, {} addresses released\n",
                 r.affinities_deleted, r.blocks_deleted, r.blocks_released, r.addresses_released
-            ))
+            );
+            out.push_str(&remove_node_resource(&ds, name).await?);
+            Ok(out)
         }
         NodeCmd::Run(_) => Err(CliError::Usage(
             "`node run` is a daemon: call crate::node::run".into(),
         )),
     }
+}
+
+/// Delete the Node resource (after its IPAM): the other nodes and reflectors derive their BGP peers from
+/// it, so its sessions (and the routes learned over them) go as soon as their watches see the delete.
+async fn remove_node_resource(ds: &Datastore, name: &str) -> Result<String, CliError> {
+    let key = crate::datastore::keys::resource_key(crate::node::NODES_PLURAL, name);
+    for _ in 0..10 {
+        let Some(kv) = ds.get(&key).await? else {
+            return Ok(format!("No Node resource {name:?} (already gone)\n"));
+        };
+        if ds.delete(&key, kv.mod_revision).await?.is_some() {
+            return Ok(format!("Removed Node resource {name:?}\n"));
+        }
+    }
+    Err(CliError::Usage(format!(
+        "Node {name:?} kept changing while removing it (is its daemon still running? stop it first)"
+    )))
 }
 
 /// `apply -f FILE` (`-` = stdin).

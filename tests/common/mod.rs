@@ -116,4 +116,5 @@ pub mod dataplane;
 
 pub mod etcd;
 
+pub mod lab;
 pub mod reflector;
