@@ -14,6 +14,8 @@
 //! One lab, in order:
 //! 1. every pod pings every other; each node's `margay status` shows only the reflector, Established; each
 //!    node's FIB holds the others' blocks via their node address (proto 77); the reflector shows 3 clients;
+//!    the reflector's /healthz, /readyz and /metrics answer; a BGPPeer for the reflector alone, put into and
+//!    deleted from etcd, is added and removed live (the watch), the three client sessions untouched;
 //! 2. n2's daemon restarts while pods on n1 and n2 ping each other at 1000 packets/s: the loss from ping's
 //!    own summary is printed (and must be 0: graceful restart plus a FIB that is never flushed);
 //! 3. n3 leaves (daemon stopped, `margay node remove`): its block leaves n1's and n2's FIBs, its affinity and
@@ -24,7 +26,8 @@ mod common;
 use std::process::{Command, Stdio};
 
 use common::lab::{
-    etcd_keys, eventually, in_ns, lab_prerequisites, ping_summary, proto77, status_json, Lab,
+    etcd_keys, etcdctl, eventually, http_get, in_ns, lab_prerequisites, ping_summary, proto77,
+    status_json, Lab,
 };
 
 const RR_IP: &str = "10.99.0.3";
@@ -133,6 +136,67 @@ fn reflector_lab_restart_and_node_leave() {
         "{out}"
     );
 
+    // The reflector's HTTP endpoint.
+    let rr = format!("{}-rr", lab.name);
+    assert_eq!(http_get(&rr, RR_HTTP, "/healthz").map(|r| r.0), Ok(200));
+    assert_eq!(http_get(&rr, RR_HTTP, "/readyz").map(|r| r.0), Ok(200));
+    let metrics = http_get(&rr, RR_HTTP, "/metrics").expect("/metrics");
+    assert!(
+        eventually(20, || http_get(&rr, RR_HTTP, "/metrics").is_ok_and(
+            |(_, m)| m.contains("margay_bgp_sessions{state=\"Established\"} 3")
+        )),
+        "reflector /metrics: {metrics:?}"
+    );
+
+    // A peer for the reflector alone, added and removed through etcd: live, the clients untouched.
+    let since = |r: &serde_json::Value| -> Vec<(String, String)> {
+        r["peers"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|p| {
+                (
+                    p["address"].as_str().unwrap_or("").to_string(),
+                    p["since"].to_string(),
+                )
+            })
+            .collect()
+    };
+    let before = since(&status_json(&rr, Some(RR_HTTP)).expect("reflector status"));
+    let etcd_ns = format!("{}-etcd", lab.name);
+    let extra_key = "/calico/resources/v3/projectcalico.org/bgppeers/rr-extra";
+    let extra = serde_json::json!({"apiVersion": "projectcalico.org/v3", "kind": "BGPPeer",
+        "metadata": {"name": "rr-extra"},
+        "spec": {"node": rr, "peerIP": "10.99.0.60", "asNumber": 64513}});
+    etcdctl(&etcd_ns, &["put", extra_key, &extra.to_string()]);
+    let added = eventually(50, || {
+        status_json(&rr, Some(RR_HTTP))
+            .is_ok_and(|r| since(&r).iter().any(|(a, _)| a == "10.99.0.60") && since(&r).len() == 4)
+    });
+    assert!(
+        added,
+        "the reflector did not add 10.99.0.60 from etcd:\n{}",
+        lab.logs()
+    );
+    etcdctl(&etcd_ns, &["del", extra_key]);
+    let removed = eventually(50, || {
+        status_json(&rr, Some(RR_HTTP)).is_ok_and(|r| since(&r).len() == 3)
+    });
+    assert!(
+        removed,
+        "the reflector did not remove 10.99.0.60:\n{}",
+        lab.logs()
+    );
+    let after = since(&status_json(&rr, Some(RR_HTTP)).expect("reflector status"));
+    assert_eq!(
+        before, after,
+        "client sessions were touched by an unrelated peer change"
+    );
+    for (node, _) in &lab.nodes {
+        established_with_reflector_only(&lab, node).expect("after the peer change");
+    }
+
     // 2. Restart n2's daemon under 1000 pps in both directions between n1 and n2.
     let (n1, n2) = (lab.node(0).to_string(), lab.node(1).to_string());
     let (p1, ip1) = lab.pod_on(&n1);
@@ -191,7 +255,6 @@ fn reflector_lab_restart_and_node_leave() {
     // 3. n3 leaves: daemon stopped (graceful: the reflector first keeps its routes as stale), then
     // `margay node remove`: the Node resource goes, the reflector drops the peer and flushes its routes.
     let (n3, n3_ip) = lab.nodes[2].clone();
-    let etcd_ns = format!("{}-etcd", lab.name);
     assert!(!etcd_keys(&etcd_ns, &format!("/calico/ipam/v2/host/{n3}/")).is_empty());
     let (ok, out) = lab.margay_lab("remove-node", &[&n3]);
     assert!(ok, "remove-node {n3}: {out}");

@@ -317,3 +317,42 @@ pub fn etcd_keys(ns: &str, prefix: &str) -> Vec<String> {
 pub fn path_str(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
+
+/// `GET path` from `addr` inside network namespace `ns` (a thread that enters the namespace; HTTP/1.0 so the
+/// server closes). Returns (status code, body).
+pub fn http_get(ns: &str, addr: &str, path: &str) -> Result<(u16, String), String> {
+    use std::io::{Read, Write};
+    use std::os::fd::AsFd;
+    let ns_path = format!("/var/run/netns/{ns}");
+    let addr = addr.to_string();
+    let path = path.to_string();
+    std::thread::spawn(move || -> Result<(u16, String), String> {
+        let f = std::fs::File::open(&ns_path).map_err(|e| format!("{ns_path}: {e}"))?;
+        nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| format!("setns {ns_path}: {e}"))?;
+        let mut s = std::net::TcpStream::connect(&addr).map_err(|e| format!("{addr}: {e}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(|e| e.to_string())?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").map_err(|e| e.to_string())?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).map_err(|e| e.to_string())?;
+        let code = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| format!("not HTTP: {text:?}"))?;
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+        Ok((code, body.to_string()))
+    })
+    .join()
+    .map_err(|_| "HTTP thread panicked".to_string())?
+}
+
+/// `etcdctl put` / `etcdctl del` in the lab's etcd (run inside `ns`).
+pub fn etcdctl(ns: &str, args: &[&str]) -> String {
+    let mut a = vec!["etcdctl", "--endpoints", ETCD];
+    a.extend_from_slice(args);
+    let (ok, out) = in_ns(ns, &a);
+    assert!(ok, "etcdctl {args:?}: {out}");
+    out
+}
