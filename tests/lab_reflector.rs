@@ -17,7 +17,8 @@
 //!    the reflector's /healthz, /readyz and /metrics answer; a BGPPeer for the reflector alone, put into and
 //!    deleted from etcd, is added and removed live (the watch), the three client sessions untouched;
 //! 2. n2's daemon restarts while pods on n1 and n2 ping each other at 1000 packets/s: the loss from ping's
-//!    own summary is printed (and must be 0: graceful restart plus a FIB that is never flushed);
+//!    own summary is printed (and must be 0: graceful restart plus a FIB that is never flushed), and n1's
+//!    route to n2's block is never deleted meanwhile (`ip monitor route`);
 //! 3. n3 leaves (daemon stopped, `margay node remove`): its block leaves n1's and n2's FIBs, its affinity and
 //!    block leave etcd, the reflector drops its session.
 
@@ -214,6 +215,14 @@ fn reflector_lab_restart_and_node_leave() {
             .spawn()
             .expect("spawn ping")
     };
+    // And a deterministic witness of what ping may miss between two packets: n1's kernel must never lose
+    // its route to n2's block (a withdraw-then-add at reconnect is a gap even when no packet falls in it).
+    let monitor = Command::new("ip")
+        .args(["-n", &n1, "monitor", "route"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ip monitor");
     let mut fwd = ping(&p1, ip2);
     let back = ping(&p2, ip1);
     std::thread::sleep(std::time::Duration::from_secs(1));
@@ -241,7 +250,18 @@ fn reflector_lab_restart_and_node_leave() {
         );
         summaries.push((what, tx, rx));
     }
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(monitor.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let changes = String::from_utf8_lossy(&monitor.wait_with_output().expect("ip monitor").stdout)
+        .to_string();
     assert!(back_up, "{n2} did not come back:\n{}", lab.logs());
+    assert!(
+        !changes.contains(&format!("Deleted {} ", blocks[1])),
+        "{n1} dropped its route to {n2}'s block {} during the restart:\n{changes}",
+        blocks[1]
+    );
     for (what, tx, rx) in &summaries {
         assert!(*tx > 1000, "{what}: only {tx} packets sent");
         assert_eq!(
