@@ -9,9 +9,13 @@
 #     |-- mgl-n2    10.99.0.12  margay node run   pods mgl-n2p1, ...
 #     `-- mgl-n3    10.99.0.13  margay node run   pods mgl-n3p1, ...
 #
-# Usage: sudo scripts/lab.sh [up|status|down] [margay lab flags, e.g. --nodes 4 --pods 3]
+# With --reflector the mesh is off and every node peers only with `margay reflector` (reading the lab's etcd)
+# in its own namespace mgl-rr (10.99.0.3).
+#
+# Usage: sudo scripts/lab.sh [up|status|down] [margay lab flags, e.g. --nodes 4 --pods 3 --reflector]
 #        (default: up; up prints the status and leaves the lab running; down also cleans up after a crash)
-# The older reflector-only demo (margay reflector between BIRD 2 and GoBGP) is scripts/lab-reflector.sh.
+# The older reflector-only demo (margay reflector between BIRD 2 and GoBGP) is scripts/lab-reflector.sh; the
+# loss across a node restart under a 1000 pps ping is scripts/lab-restart-loss.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cmd="${1:-up}"
