@@ -261,7 +261,7 @@ fn new_node(name: &str) -> Node {
 
 /// Forward every change under the v3 resources prefix as a nudge (coalesced: a full channel drops it, the
 /// pending nudge covers it). A failed or compacted watch is re-created; the caller's poll is the net.
-async fn watch_resources(ds: Arc<Datastore>, nudge: mpsc::Sender<()>) {
+async fn watch_resources(ds: Arc<Datastore>, nudge: mpsc::Sender<&'static str>) {
     loop {
         let rev = match ds
             .list(&keys::resource_prefix(crate::node::NODES_PLURAL))
@@ -276,15 +276,41 @@ async fn watch_resources(ds: Arc<Datastore>, nudge: mpsc::Sender<()>) {
         };
         let mut w = ds.watch(keys::RESOURCES_PREFIX, rev + 1);
         // Whatever changed between the last load and this watch is picked up by this nudge.
-        let _ = nudge.try_send(());
+        let _ = nudge.try_send(WATCH_TRIGGER);
         // A Resync (compacted history) or a closed watch ends this one; a new one starts from a fresh list.
         while let Some(WatchMessage::Events(_)) = w.recv().await {
             if nudge.is_closed() {
                 return;
             }
-            let _ = nudge.try_send(());
+            let _ = nudge.try_send(WATCH_TRIGGER);
         }
         tokio::time::sleep(WATCH_RETRY).await;
+    }
+}
+
+/// The trigger name of a watch event (the loader lets a burst of writes land before it reads).
+const WATCH_TRIGGER: &str = "etcd watch";
+
+/// What the loader hands back: its trigger and the loaded identity and peers, or why it could not.
+type Loaded = (&'static str, anyhow::Result<(Identity, Vec<DesiredPeer>)>);
+
+/// Load on every trigger, one at a time, and send the result to the main loop.
+async fn loader(
+    args: ReflectorArgs,
+    source: Arc<dyn ConfigSource>,
+    restarting: bool,
+    mut trigger: mpsc::Receiver<&'static str>,
+    out: mpsc::Sender<Loaded>,
+) {
+    while let Some(why) = trigger.recv().await {
+        if why == WATCH_TRIGGER {
+            // Let a burst of writes (a node registering, an operator's apply) land together.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let loaded = load_peers(&args, source.as_ref(), restarting).await;
+        if out.send((why, loaded)).await.is_err() {
+            return;
+        }
     }
 }
 
@@ -362,13 +388,13 @@ pub fn run(args: ReflectorArgs) -> anyhow::Result<()> {
 async fn run_async(args: ReflectorArgs) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
 
-    let (source, ds): (Box<dyn ConfigSource>, Option<Arc<Datastore>>) = match &args.config {
-        Some(path) => (Box::new(FileSource(path.clone())), None),
+    let (source, ds): (Arc<dyn ConfigSource>, Option<Arc<Datastore>>) = match &args.config {
+        Some(path) => (Arc::new(FileSource(path.clone())), None),
         None => {
             let ds = args.etcd.datastore().map_err(|e| {
                 anyhow::anyhow!("etcd at {}: {e}", args.etcd.etcd_endpoints.join(","))
             })?;
-            (Box::new(EtcdSource { ds: ds.clone() }), Some(ds))
+            (Arc::new(EtcdSource { ds: ds.clone() }), Some(ds))
         }
     };
     let marker = args.state_dir.join("reflector.running");
@@ -434,11 +460,20 @@ async fn run_async(args: ReflectorArgs) -> anyhow::Result<()> {
         Arc::new(registry),
     ));
 
-    // etcd: a watch nudges a re-derivation; the poll is the net. A file: SIGHUP only.
-    let (nudge_tx, mut nudge_rx) = mpsc::channel::<()>(1);
+    // Loading runs in its own task so that a slow or unreachable etcd never stalls the status endpoint or
+    // signal handling. Triggers: etcd's watch and poll, or SIGHUP for a file.
+    let (trigger_tx, trigger_rx) = mpsc::channel::<&'static str>(1);
+    let (loaded_tx, mut loaded_rx) = mpsc::channel::<Loaded>(1);
+    let loader_task = tokio::spawn(loader(
+        args.clone(),
+        source.clone(),
+        restarting,
+        trigger_rx,
+        loaded_tx,
+    ));
     let watcher = ds
         .clone()
-        .map(|ds| tokio::spawn(watch_resources(ds, nudge_tx)));
+        .map(|ds| tokio::spawn(watch_resources(ds, trigger_tx.clone())));
     let mut poll = tokio::time::interval(ETCD_POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -448,32 +483,22 @@ async fn run_async(args: ReflectorArgs) -> anyhow::Result<()> {
     let mut current: Vec<DesiredPeer> = peers;
     let mut last_error: Option<String> = None;
     loop {
-        let reload = tokio::select! {
-            _ = hup.recv() => Some("SIGHUP"),
-            Some(()) = nudge_rx.recv() => {
-                // Let a burst of writes (a node registering, an operator's apply) land together.
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                Some("etcd watch")
-            }
+        tokio::select! {
+            // A full trigger queue already holds a load that will read the newest state.
+            _ = hup.recv() => { let _ = trigger_tx.try_send("SIGHUP"); }
             _ = poll.tick() => {
                 metrics.update(&spk.status().await.unwrap_or_default());
-                ds.is_some().then_some("etcd poll")
+                if ds.is_some() {
+                    let _ = trigger_tx.try_send("etcd poll");
+                }
             }
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-            Some(Control::Status(reply)) = ctl_rx.recv() => {
-                let _ = reply.send(status_report(&spk, &id, started, last_error.as_deref()).await);
-                None
-            }
-        };
-        if let Some(why) = reload {
-            match load_peers(&args, source.as_ref(), restarting).await {
+            Some((why, loaded)) = loaded_rx.recv() => match loaded {
                 Ok((id2, peers)) => {
                     last_error = None;
                     if id2 != id {
                         tracing::warn!(running = ?id, configured = ?id2, "a new router id, cluster id, AS or port needs a restart; peers are applied with the running identity");
                     }
-                    if peers != current || why == "SIGHUP" {
+                    if peers != current {
                         let report = spk.apply(peers.clone()).await?;
                         current = peers;
                         tracing::info!(?report, trigger = why, "configuration re-read");
@@ -487,12 +512,18 @@ async fn run_async(args: ReflectorArgs) -> anyhow::Result<()> {
                     }
                     last_error = Some(msg);
                 }
+            },
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            Some(Control::Status(reply)) = ctl_rx.recv() => {
+                let _ = reply.send(status_report(&spk, &id, started, last_error.as_deref()).await);
             }
         }
         if http.is_finished() {
             break;
         }
     }
+    loader_task.abort();
     http.abort();
     if let Some(w) = watcher {
         w.abort();
@@ -525,5 +556,109 @@ async fn status_report(
             reason: last_error.map(|e| format!("configuration not readable: {e}")),
         },
         peers,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ReflectorArgs,
+    }
+
+    fn args(flags: &[&str]) -> ReflectorArgs {
+        Cli::try_parse_from(std::iter::once("margay-reflector").chain(flags.iter().copied()))
+            .expect("flags parse")
+            .args
+    }
+
+    #[test]
+    fn identity_from_flags_when_the_datastore_has_no_node_yet() {
+        let a = args(&[
+            "--node-name",
+            "rr1",
+            "--router-id",
+            "10.0.0.3",
+            "--cluster-id",
+            "244.0.0.1",
+        ]);
+        assert!(a.config.is_none(), "without --config the source is etcd");
+        let mut set = ConfigSet::default();
+        let id = identity(&a, &mut set, "etcd test").expect("identity");
+        assert_eq!(id.name, "rr1");
+        assert_eq!(id.router_id, Ipv4Addr::new(10, 0, 0, 3));
+        assert_eq!(id.cluster_id, Ipv4Addr::new(244, 0, 0, 1));
+        assert_eq!(id.asn, 64512);
+        assert_eq!(id.port, 179);
+        // The set now holds our Node as a reflector, so peer derivation makes iBGP peers our clients.
+        let node = &set.nodes["rr1"];
+        assert_eq!(node.cluster_id(), Some(Ipv4Addr::new(244, 0, 0, 1)));
+        assert_eq!(node.ipv4(), Some(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 3))));
+    }
+
+    #[test]
+    fn identity_without_a_router_id_says_how_to_give_one() {
+        let a = args(&["--node-name", "rr1"]);
+        let mut set = ConfigSet::default();
+        let e = identity(&a, &mut set, "etcd http://10.0.0.2:2379")
+            .expect_err("no router id")
+            .to_string();
+        assert!(
+            e.contains("--router-id") && e.contains("etcd http://10.0.0.2:2379"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn cluster_id_defaults_to_the_router_id() {
+        let a = args(&["--node-name", "rr1", "--router-id", "10.0.0.3"]);
+        let id = identity(&a, &mut ConfigSet::default(), "test").expect("identity");
+        assert_eq!(id.cluster_id, id.router_id);
+    }
+
+    #[test]
+    fn metrics_count_sessions_by_state_and_prefixes_per_peer() {
+        let mut registry = Registry::default();
+        let m = Metrics::register(&mut registry);
+        let peer = |addr: &str, state: &str, n: u64| api::PeerStatus {
+            address: addr.into(),
+            fsm_state: state.into(),
+            prefixes_received: n,
+            ..Default::default()
+        };
+        m.update(&[
+            peer("10.0.0.11", "Established", 3),
+            peer("10.0.0.12", "Established", 1),
+            peer("10.0.0.13", "Active", 0),
+        ]);
+        m.config_errors.inc();
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).expect("encode");
+        assert!(
+            out.contains("margay_bgp_sessions{state=\"Established\"} 2"),
+            "{out}"
+        );
+        assert!(
+            out.contains("margay_bgp_sessions{state=\"Active\"} 1"),
+            "{out}"
+        );
+        assert!(
+            out.contains("margay_bgp_sessions{state=\"Idle\"} 0"),
+            "{out}"
+        );
+        assert!(
+            out.contains("margay_bgp_prefixes_received{peer=\"10.0.0.11\"} 3"),
+            "{out}"
+        );
+        assert!(out.contains("margay_config_errors_total 1"), "{out}");
+        // A peer that is gone disappears from the per-peer series.
+        m.update(&[peer("10.0.0.11", "Established", 3)]);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).expect("encode");
+        assert!(!out.contains("10.0.0.13"), "{out}");
     }
 }

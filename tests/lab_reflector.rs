@@ -15,7 +15,8 @@
 //! 1. every pod pings every other; each node's `margay status` shows only the reflector, Established; each
 //!    node's FIB holds the others' blocks via their node address (proto 77); the reflector shows 3 clients;
 //!    the reflector's /healthz, /readyz and /metrics answer; a BGPPeer for the reflector alone, put into and
-//!    deleted from etcd, is added and removed live (the watch), the three client sessions untouched;
+//!    deleted from etcd, is added and removed live (the watch), the three client sessions untouched; with
+//!    etcd stopped the reflector keeps its sessions and status, /readyz is 503 naming etcd, then 200 again;
 //! 2. n2's daemon restarts while pods on n1 and n2 ping each other at 1000 packets/s: the loss from ping's
 //!    own summary is printed (and must be 0: graceful restart plus a FIB that is never flushed), and n1's
 //!    route to n2's block is never deleted meanwhile (`ip monitor route`);
@@ -197,6 +198,29 @@ fn reflector_lab_restart_and_node_leave() {
     for (node, _) in &lab.nodes {
         established_with_reflector_only(&lab, node).expect("after the peer change");
     }
+
+    // etcd away: the reflector keeps its sessions and answers its status endpoint, and /readyz says why it
+    // is not ready; with etcd back it is ready again.
+    let (ok, out) = lab.margay_lab("etcd", &["stop"]);
+    assert!(ok, "etcd stop: {out}");
+    let unready = eventually(150, || {
+        http_get(&rr, RR_HTTP, "/readyz").is_ok_and(|(c, b)| c == 503 && b.contains("etcd"))
+    });
+    assert!(
+        unready,
+        "/readyz with etcd down: {:?}",
+        http_get(&rr, RR_HTTP, "/readyz")
+    );
+    let during = since(&status_json(&rr, Some(RR_HTTP)).expect("status with etcd down"));
+    assert_eq!(before, during, "sessions changed while etcd was down");
+    let (ok, out) = lab.margay_lab("etcd", &["start"]);
+    assert!(ok, "etcd start: {out}");
+    assert!(
+        eventually(150, || http_get(&rr, RR_HTTP, "/readyz")
+            .is_ok_and(|(c, _)| c == 200)),
+        "/readyz after etcd came back: {:?}",
+        http_get(&rr, RR_HTTP, "/readyz")
+    );
 
     // 2. Restart n2's daemon under 1000 pps in both directions between n1 and n2.
     let (n1, n2) = (lab.node(0).to_string(), lab.node(1).to_string());
