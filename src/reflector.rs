@@ -2,10 +2,11 @@
 //! IPAM: it reflects routes between its clients and reports its peers on the status endpoint.
 //!
 //! ```text
-//!   config source ──desired peers──▶ speaker task ──▶ peer tasks ◀──▶ TCP
-//!     file: SIGHUP re-reads                │  ▲
-//!     etcd: watch + 2 s poll               │  └── RIB task (reflection)
-//!   HTTP /status /readyz /metrics ◀──StatusReport (oneshot query)
+//!   config source ──▶ loader task ──(identity, peers)──▶ main loop ──apply──▶ speaker task ──▶ peer tasks ◀──▶ TCP
+//!     file: SIGHUP        ▲                                 │                      │  ▲
+//!     etcd: watch,        └──── triggers ───────────────────┘                      │  └── RIB task (reflection)
+//!           2 s poll                                                               │
+//!   HTTP /status /readyz /metrics ◀──StatusReport (oneshot query via the main loop)─┘
 //! ```
 //!
 //! The configuration source is pluggable ([`ConfigSource`]): a multi-document YAML file (`--config`), or the
