@@ -24,9 +24,10 @@ mod common;
 use std::net::Ipv4Addr;
 use std::path::Path;
 
-use common::lab::{eventually, in_ns, lab_prerequisites, status_json, Lab, ETCD, MARGAY};
+use common::lab::{
+    block_in_use, eventually, in_ns, ipam_check, lab_prerequisites, pod_veths, status_json, Lab,
+};
 use common::{have, require, try_sh};
-use ipnetwork::Ipv4Network;
 use serde_json::{json, Value};
 
 /// The CNI error object margay-cni printed, and its exit status.
@@ -44,48 +45,6 @@ fn cni_error(ok: bool, out: &str, what: &str) -> (u64, String) {
     assert!(!msg.is_empty(), "{what}: empty msg: {v}");
     println!("{what}: code {code}: {msg}");
     (code, msg)
-}
-
-/// margay's pod veths in a node namespace.
-fn pod_veths(node: &str) -> Vec<String> {
-    let (ok, out) = in_ns(node, &["ip", "-o", "link", "show"]);
-    assert!(ok, "ip link in {node}: {out}");
-    out.lines()
-        .filter_map(|l| l.split(':').nth(1))
-        .map(|n| n.trim().split('@').next().unwrap_or("").to_string())
-        .filter(|n| n.starts_with("mg"))
-        .collect()
-}
-
-/// "IPS IN USE" of `block` in `margay ipam show --show-blocks`.
-fn block_in_use(node: &str, block: Ipv4Network) -> u64 {
-    let (ok, out) = in_ns(
-        node,
-        &[
-            MARGAY,
-            "ipam",
-            "show",
-            "--show-blocks",
-            "--etcd-endpoints",
-            ETCD,
-        ],
-    );
-    assert!(ok, "ipam show: {out}");
-    let row = out
-        .lines()
-        .find(|l| l.contains(&format!(" {block} ")))
-        .unwrap_or_else(|| panic!("no row for {block} in:\n{out}"));
-    let cols: Vec<&str> = row.split('|').map(str::trim).collect();
-    cols.get(4)
-        .and_then(|c| c.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("cannot read IPS IN USE from {row:?}"))
-}
-
-fn ipam_check(node: &str) -> String {
-    let (ok, out) = in_ns(node, &[MARGAY, "ipam", "check", "--etcd-endpoints", ETCD]);
-    assert!(ok, "ipam check: {out}");
-    out
 }
 
 #[test]

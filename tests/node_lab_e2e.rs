@@ -19,135 +19,21 @@
 mod common;
 
 use std::net::Ipv4Addr;
-use std::process::Command;
 
-use common::{have, is_root, require};
+use common::lab::{block_in_use, in_ns, lab_prerequisites, proto77, run_output, Lab, MARGAY};
 use ipnetwork::Ipv4Network;
 use serde_json::Value;
-
-const MARGAY: &str = env!("CARGO_BIN_EXE_margay");
-// Cargo builds margay-cni beside margay for integration tests; `lab up` finds it there.
-const _CNI: &str = env!("CARGO_BIN_EXE_margay-cni");
-
-/// Runs `margay lab down` for the lab when dropped.
-struct LabGuard {
-    name: String,
-    state: std::path::PathBuf,
-}
-
-impl Drop for LabGuard {
-    fn drop(&mut self) {
-        let _ = Command::new(MARGAY)
-            .args(["lab", "down", "--name", &self.name, "--state-dir"])
-            .arg(&self.state)
-            .status();
-    }
-}
-
-fn run(cmd: &mut Command) -> (bool, String) {
-    run_output(cmd.output())
-}
-
-fn in_ns(ns: &str, args: &[&str]) -> (bool, String) {
-    run(Command::new("ip").args(["netns", "exec", ns]).args(args))
-}
-
-/// The routes of margay's protocol in a node: (prefix, Some(gateway)) or (prefix, None) for a blackhole.
-fn proto77(node: &str) -> Vec<(Ipv4Network, Option<Ipv4Addr>)> {
-    let (ok, out) = run(Command::new("ip").args(["-n", node, "route", "show", "proto", "77"]));
-    assert!(ok, "ip route show in {node}: {out}");
-    out.lines()
-        .filter_map(|l| {
-            let w: Vec<&str> = l.split_whitespace().collect();
-            if w.first() == Some(&"blackhole") {
-                Some((w.get(1)?.parse().ok()?, None))
-            } else {
-                let via = w.iter().position(|x| *x == "via")?;
-                Some((w.first()?.parse().ok()?, w.get(via + 1)?.parse().ok()))
-            }
-        })
-        .collect()
-}
 
 #[test]
 fn three_node_full_mesh_lab() {
     const T: &str = "three_node_full_mesh_lab";
-    if !(require(is_root(), T, "needs root for network namespaces")
-        && require(
-            have("etcd"),
-            T,
-            "etcd is not installed (scripts/install-deps.sh)",
-        )
-        && require(have("etcdctl"), T, "etcdctl is not installed (etcd-client)")
-        && require(have("ip"), T, "iproute2 is not installed")
-        && require(have("ping"), T, "ping is not installed (iputils-ping)"))
-    {
+    if !lab_prerequisites(T) {
         return;
     }
-    let name = format!("mgl{}", std::process::id() % 100000);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let state = dir.path().join("lab");
-    let _guard = LabGuard {
-        name: name.clone(),
-        state: state.clone(),
-    };
-    let (ok, out) = run(Command::new(MARGAY)
-        .args([
-            "lab",
-            "up",
-            "--nodes",
-            "3",
-            "--pods",
-            "2",
-            "--name",
-            &name,
-            "--state-dir",
-        ])
-        .arg(&state));
-    let logs = || {
-        let mut s = String::new();
-        for f in ["etcd", "-n1", "-n2", "-n3"] {
-            let p = if f == "etcd" {
-                state.join("etcd.log")
-            } else {
-                state.join(format!("{name}{f}.log"))
-            };
-            s.push_str(&format!(
-                "--- {}\n{}\n",
-                p.display(),
-                std::fs::read_to_string(&p).unwrap_or_default()
-            ));
-        }
-        s
-    };
-    assert!(ok, "margay lab up failed:\n{out}\n{}", logs());
-
-    let lab: Value =
-        serde_json::from_slice(&std::fs::read(state.join("lab.json")).expect("lab.json after up"))
-            .expect("lab.json is JSON");
-    let nodes: Vec<(String, Ipv4Addr)> = lab["nodes"]
-        .as_array()
-        .expect("nodes")
-        .iter()
-        .map(|n| {
-            (
-                n["name"].as_str().expect("node name").to_string(),
-                n["ip"].as_str().expect("node ip").parse().expect("node ip"),
-            )
-        })
-        .collect();
-    let pods: Vec<(String, String, Ipv4Addr)> = lab["pods"]
-        .as_array()
-        .expect("pods")
-        .iter()
-        .map(|p| {
-            (
-                p["name"].as_str().expect("pod name").to_string(),
-                p["node"].as_str().expect("pod node").to_string(),
-                p["ip"].as_str().expect("pod ip").parse().expect("pod ip"),
-            )
-        })
-        .collect();
+    let lab = Lab::up("l", &["--nodes", "3", "--pods", "2"]);
+    let nodes = lab.nodes.clone();
+    let pods = lab.pods.clone();
+    let logs = || lab.logs();
     assert_eq!(nodes.len(), 3);
     assert_eq!(pods.len(), 6);
 
@@ -204,27 +90,21 @@ fn three_node_full_mesh_lab() {
     check_status(&nodes);
 
     // `lab status` agrees (its exit status says every pair is reachable).
-    let (ok, out) = run(Command::new(MARGAY)
-        .args(["lab", "status", "--name", &name, "--state-dir"])
-        .arg(&state));
+    let (ok, out) = lab.margay_lab("status", &[]);
     assert!(ok, "margay lab status:\n{out}");
     assert!(out.contains("30 of 30 pod pairs reachable"), "{out}");
 
     // Restart one node's daemon (SIGTERM, then start again): graceful restart keeps its block in the other
     // nodes' FIBs meanwhile, and afterwards the mesh is back and every pod pair pings again.
     let (n2, n2_ip) = nodes[1].clone();
-    let (ok, out) = run(Command::new(MARGAY)
-        .args(["lab", "restart-node", &n2, "--name", &name, "--state-dir"])
-        .arg(&state));
+    let (ok, out) = lab.margay_lab("restart-node", &[&n2]);
     assert!(ok, "lab restart-node {n2}: {out}");
     let (n1, _) = &nodes[0];
     assert!(
         proto77(n1).contains(&(blocks[&n2], Some(n2_ip))),
         "{n1} lost {n2}'s block across {n2}'s restart"
     );
-    let (ok, out) = run(Command::new(MARGAY)
-        .args(["lab", "status", "--name", &name, "--state-dir"])
-        .arg(&state));
+    let (ok, out) = lab.margay_lab("status", &[]);
     assert!(
         ok && out.contains("30 of 30 pod pairs reachable"),
         "after restart:\n{out}"
@@ -240,9 +120,13 @@ fn three_node_full_mesh_lab() {
         .cloned()
         .expect("a pod on the restarted node");
     assert_eq!(block_in_use(&node, blocks[&node]), 2);
-    let (ok, out) = cni(&state, &node, &pod, "DEL");
+    let (ok, out) = cni(&lab, &node, &pod, "DEL");
     assert!(ok, "margay-cni DEL {pod}: {out}");
-    let (_, routes) = run(Command::new("ip").args(["-n", &node, "route", "show", "proto", "78"]));
+    let (_, routes) = run_output(
+        std::process::Command::new("ip")
+            .args(["-n", &node, "route", "show", "proto", "78"])
+            .output(),
+    );
     assert!(
         !routes.contains(&format!("{ip} ")),
         "{pod}'s host route is still in {node}: {routes}"
@@ -252,10 +136,10 @@ fn three_node_full_mesh_lab() {
         1,
         "{pod}'s address was not released"
     );
-    let (ok, out) = cni(&state, &node, &pod, "DEL");
+    let (ok, out) = cni(&lab, &node, &pod, "DEL");
     assert!(ok, "second margay-cni DEL {pod}: {out}");
     // ADD again: the pod is back, in the same block, reachable from another node's pod.
-    let (ok, out) = cni(&state, &node, &pod, "ADD");
+    let (ok, out) = cni(&lab, &node, &pod, "ADD");
     assert!(ok, "margay-cni ADD {pod} again: {out}");
     let result: Value = serde_json::from_str(&out).expect("CNI result JSON");
     let new_ip: Ipv4Addr = result["ips"][0]["address"]
@@ -277,78 +161,8 @@ fn three_node_full_mesh_lab() {
 }
 
 /// Run the lab's margay-cni (as the runtime of `node` would) with `command` for `pod`.
-fn cni(state: &std::path::Path, node: &str, pod: &str, command: &str) -> (bool, String) {
-    use std::io::Write;
-    let conf = serde_json::json!({
-        "cniVersion": "1.0.0",
-        "name": "k8s-pod-network",
-        "type": "margay",
-        "socket": state.join(node).join("cni.sock"),
-    });
-    let bin = state.join("cni-bin");
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", node])
-        .arg(bin.join("margay"))
-        .env("CNI_COMMAND", command)
-        .env("CNI_CONTAINERID", pod)
-        .env("CNI_NETNS", format!("/var/run/netns/{pod}"))
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", &bin)
-        .env(
-            "CNI_ARGS",
-            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=lab;K8S_POD_NAME={pod}"),
-        )
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn margay-cni");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(conf.to_string().as_bytes())
-        .expect("write config");
-    run_output(child.wait_with_output())
-}
-
-fn run_output(o: std::io::Result<std::process::Output>) -> (bool, String) {
-    match o {
-        Ok(o) => (
-            o.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            ),
-        ),
-        Err(e) => (false, e.to_string()),
-    }
-}
-
-/// "IPS IN USE" of `block` in `margay ipam show --show-blocks`, run inside `node`.
-fn block_in_use(node: &str, block: Ipv4Network) -> u64 {
-    let (ok, out) = in_ns(
-        node,
-        &[
-            MARGAY,
-            "ipam",
-            "show",
-            "--show-blocks",
-            "--etcd-endpoints",
-            "http://10.99.0.2:2379",
-        ],
-    );
-    assert!(ok, "ipam show: {out}");
-    let row = out
-        .lines()
-        .find(|l| l.contains(&format!(" {block} ")))
-        .unwrap_or_else(|| panic!("no row for {block} in:\n{out}"));
-    let cols: Vec<&str> = row.split('|').map(str::trim).collect();
-    cols.get(4)
-        .and_then(|c| c.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("cannot read IPS IN USE from {row:?}"))
+fn cni(lab: &Lab, node: &str, pod: &str, command: &str) -> (bool, String) {
+    lab.cni(node, pod, command, &lab.cni_conf(node).to_string(), &[])
 }
 
 /// `margay status` on every node: ready, and both mesh peers Established.

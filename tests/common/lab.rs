@@ -356,3 +356,45 @@ pub fn etcdctl(ns: &str, args: &[&str]) -> String {
     assert!(ok, "etcdctl {args:?}: {out}");
     out
 }
+
+/// margay's pod veths in a node namespace.
+pub fn pod_veths(node: &str) -> Vec<String> {
+    let (ok, out) = in_ns(node, &["ip", "-o", "link", "show"]);
+    assert!(ok, "ip link in {node}: {out}");
+    out.lines()
+        .filter_map(|l| l.split(':').nth(1))
+        .map(|n| n.trim().split('@').next().unwrap_or("").to_string())
+        .filter(|n| n.starts_with("mg"))
+        .collect()
+}
+
+/// "IPS IN USE" of `block` in `margay ipam show --show-blocks`.
+pub fn block_in_use(node: &str, block: Ipv4Network) -> u64 {
+    let (ok, out) = in_ns(
+        node,
+        &[
+            MARGAY,
+            "ipam",
+            "show",
+            "--show-blocks",
+            "--etcd-endpoints",
+            ETCD,
+        ],
+    );
+    assert!(ok, "ipam show: {out}");
+    let row = out
+        .lines()
+        .find(|l| l.contains(&format!(" {block} ")))
+        .unwrap_or_else(|| panic!("no row for {block} in:\n{out}"));
+    let cols: Vec<&str> = row.split('|').map(str::trim).collect();
+    cols.get(4)
+        .and_then(|c| c.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("cannot read IPS IN USE from {row:?}"))
+}
+
+pub fn ipam_check(node: &str) -> String {
+    let (ok, out) = in_ns(node, &[MARGAY, "ipam", "check", "--etcd-endpoints", ETCD]);
+    assert!(ok, "ipam check: {out}");
+    out
+}
