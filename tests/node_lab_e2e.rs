@@ -12,7 +12,9 @@
 //!
 //! Proves: every pod gets its address from its own node's block (the node's blackhole route); every pod
 //! pings every other pod; every node's FIB holds each other node's block via that node, with margay's
-//! protocol 77; `margay status` on every node shows both mesh peers Established. A guard runs
+//! protocol 77; `margay status` on every node shows both mesh peers Established; a restarted daemon keeps its
+//! block in the others' FIBs; DEL/ADD through margay-cni; n3 leaving (`margay lab remove-node`) takes its block
+//! out of the others' FIBs and its affinity out of etcd, and the mesh shrinks to n1 <-> n2. A guard runs
 //! `margay lab down` on drop (also on panic). Needs root, etcd, iproute2 and ping; SKIP otherwise (a failure
 //! under CI=true).
 
@@ -20,7 +22,9 @@ mod common;
 
 use std::net::Ipv4Addr;
 
-use common::lab::{block_in_use, in_ns, lab_prerequisites, proto77, run_output, Lab, MARGAY};
+use common::lab::{
+    block_in_use, etcd_keys, eventually, in_ns, lab_prerequisites, proto77, run_output, Lab, MARGAY,
+};
 use ipnetwork::Ipv4Network;
 use serde_json::Value;
 
@@ -158,6 +162,28 @@ fn three_node_full_mesh_lab() {
         .expect("a pod on another node");
     let (ok, out) = in_ns(far, &["ping", "-c", "1", "-W", "2", &new_ip.to_string()]);
     assert!(ok, "{far} cannot ping re-added {pod} at {new_ip}: {out}");
+
+    // n3 leaves the mesh (daemon stopped: the others first keep its routes for graceful restart; then
+    // `margay node remove`): the others drop the session and its block, and its affinity leaves etcd.
+    let (n3, _) = nodes[2].clone();
+    let (ok, out) = lab.margay_lab("remove-node", &[&n3]);
+    assert!(ok, "remove-node {n3}: {out}");
+    let gone = eventually(100, || {
+        nodes[..2]
+            .iter()
+            .all(|(n, _)| !proto77(n).iter().any(|(p, _)| *p == blocks[&n3]))
+    });
+    assert!(
+        gone,
+        "{n3}'s block {} is still routed\n{}",
+        blocks[&n3],
+        logs()
+    );
+    assert!(
+        etcd_keys(&nodes[0].0, &format!("/calico/ipam/v2/host/{n3}/")).is_empty(),
+        "{n3}'s affinities are still in etcd"
+    );
+    wait_established(&nodes[..2]);
 }
 
 /// Run the lab's margay-cni (as the runtime of `node` would) with `command` for `pod`.
