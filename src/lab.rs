@@ -1,14 +1,18 @@
-//! `margay lab up/status/down`: the local lab. Everything lives in network namespaces named `<name>-*`
-//! (default `mgl`), and the PIDs and addresses in a state directory, so `down` removes it all, also after a
-//! crash of `up`.
+//! `margay lab up/status/restart-node/remove-node/etcd/down`: the local lab. Everything lives in network
+//! namespaces named `<name>-*` (default `mgl`), and the PIDs and addresses in a state directory, so `down`
+//! removes it all, also after a crash of `up`.
 //!
 //! ```text
 //!   netns mgl-br: bridge br0 10.99.0.1/24
 //!     |-- mgl-etcd  eth0 10.99.0.2   etcd (client port 2379)
+//!     |-- mgl-rr    eth0 10.99.0.3   margay reflector (only with --reflector)
 //!     |-- mgl-n1    eth0 10.99.0.11  margay node run ──CNI socket── margay-cni ──▶ pods mgl-n1p1, mgl-n1p2
 //!     |-- mgl-n2    eth0 10.99.0.12  margay node run                                pods mgl-n2p1, ...
 //!     `-- mgl-n3    eth0 10.99.0.13  margay node run                                pods mgl-n3p1, ...
 //!   full iBGP mesh between the nodes (AS 64512); pod addresses from the pool 10.244.0.0/16 in /26 blocks
+//!   --reflector: mesh off, every node peers only with mgl-rr (Calico's resources, written into etcd:
+//!   BGPConfiguration nodeToNodeMeshEnabled false, Node mgl-rr with routeReflectorClusterID 244.0.0.1 and
+//!   label route-reflector, BGPPeer nodeSelector all() / peerSelector has(route-reflector))
 //! ```
 //!
 //! Pods are plumbed by executing the real `margay-cni` binary, installed as `margay` in the lab's CNI bin
