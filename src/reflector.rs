@@ -301,5 +301,6 @@ async fn status_report(
             reason: None,
         },
         peers,
+        ..Default::default()
     }
 }
