@@ -1,7 +1,8 @@
 //! IPAM assignment rate and etcd round trips per assignment, beside the raw rate of etcd compare-and-swap
 //! transactions measured in the same run against the same etcd member (the physical ceiling).
 //!
-//! `cargo bench --bench ipam [-- --assigns N]`
+//! `cargo bench --bench ipam [-- --assigns N] [--rounds R] [--only-assign]` (the last runs nothing but
+//! uncontended assigns, for `perf record`)
 //!
 //! 1. raw CAS, 1 client: one etcd-client connection, sequential `Txn{ mod_revision(k) == r } then put(k)`;
 //! 2. raw CAS, 16 clients: 16 connections, each its own key, concurrently;
@@ -75,13 +76,58 @@ impl Run {
     }
 }
 
-/// `clients` connections, each doing `ops_per_client` sequential CAS transactions on its own key. With
-/// `block_sized`, each transaction also does what an IPAM assign does at the etcd level: the CAS'd value is a
-/// 5 KB block and a small new key (the handle) is created under a version == 0 guard in the same transaction.
-async fn raw_cas(endpoint: &str, clients: usize, ops_per_client: usize, block_sized: bool) -> Run {
+/// What a raw CAS transaction carries.
+#[derive(Clone, Copy)]
+struct CasShape {
+    /// Size of the CAS'd value (128 B, or 5 KB: the average /26 block in Calico's JSON).
+    size: usize,
+    /// Also create a small new key (the handle) under a version == 0 guard in the same transaction.
+    handle: bool,
+    /// A watch on the keys' prefix runs meanwhile (as an IPAM node keeps one on the blocks), so etcd sends
+    /// every write to a watcher too.
+    watched: bool,
+}
+
+const CAS_SMALL: CasShape = CasShape {
+    size: 128,
+    handle: false,
+    watched: false,
+};
+const CAS_IPAM: CasShape = CasShape {
+    size: 5000,
+    handle: true,
+    watched: false,
+};
+
+/// `clients` connections, each doing `ops_per_client` sequential CAS transactions on its own key, shaped as
+/// `shape` says ([`CAS_IPAM`] is what an IPAM assign does at the etcd level).
+async fn raw_cas(endpoint: &str, clients: usize, ops_per_client: usize, shape: CasShape) -> Run {
     static ROUND: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let round = ROUND.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let size = if block_sized { 5000 } else { 128 };
+    let CasShape {
+        size,
+        handle: block_sized,
+        watched,
+    } = shape;
+    let watcher = if watched {
+        let mut c = Client::connect([endpoint], None).await.expect("connect");
+        let mut stream = c
+            .watch(
+                format!("/bench/cas/{round}/"),
+                Some(etcd_client::WatchOptions::new().with_prefix()),
+            )
+            .await
+            .expect("watch");
+        Some(tokio::spawn(async move {
+            let mut events = 0usize;
+            while let Ok(Some(r)) = stream.message().await {
+                events += r.events().len();
+            }
+            events
+        }))
+    } else {
+        None
+    };
     let mut tasks = Vec::new();
     let start = Instant::now();
     for c in 0..clients {
@@ -117,9 +163,13 @@ async fn raw_cas(endpoint: &str, clients: usize, ops_per_client: usize, block_si
     for t in tasks {
         latencies.extend(t.await.expect("task"));
     }
+    let elapsed = start.elapsed();
+    if let Some(task) = watcher {
+        task.abort();
+    }
     Run {
         ops: clients * ops_per_client,
-        elapsed: start.elapsed(),
+        elapsed,
         latencies,
     }
 }
@@ -260,22 +310,39 @@ fn main() {
         let ds = Arc::new(Datastore::new(DatastoreConfig::new(std::slice::from_ref(&ep))).expect("datastore"));
         resources::apply(&ds, &pools(true)).await.expect("pools");
         // Warm up etcd before anything is measured.
-        raw_cas(&ep, 1, 200, false).await;
+        raw_cas(&ep, 1, 200, CAS_SMALL).await;
 
+        if std::env::args().any(|a| a == "--only-assign") {
+            // For profiling (`perf record`): nothing but uncontended assigns.
+            let one = start_nodes(&ds, 1).await;
+            let (run, rt) = ipam(&ds, &one, 0, assigns, false).await;
+            println!("uncontended assign only: {:.0}/s, {rt:.3} round trips per assign", run.rate());
+            return;
+        }
         // The machine is shared: measure the uncontended assign and its anchors in alternating rounds and
         // compare medians, so background load hits both alike.
         let rounds = arg("--rounds", 5);
         let per_round = assigns / rounds;
         let one = start_nodes(&ds, 1).await;
         let (mut raw1, mut rawb, mut ipam1, mut rt1s) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        // Where the IPAM-sized CAS's extra cost comes from: the value's size, or the second key.
+        let (mut raw_big, mut raw_two, mut raw_watched) = (Vec::new(), Vec::new(), Vec::new());
         for r in 0..rounds {
-            raw1.push(raw_cas(&ep, 1, per_round, false).await);
-            rawb.push(raw_cas(&ep, 1, per_round, true).await);
+            raw1.push(raw_cas(&ep, 1, per_round, CAS_SMALL).await);
+            raw_big.push(raw_cas(&ep, 1, per_round, CasShape { size: 5000, handle: false, watched: false }).await);
+            raw_two.push(raw_cas(&ep, 1, per_round, CasShape { size: 128, handle: true, watched: false }).await);
+            rawb.push(raw_cas(&ep, 1, per_round, CAS_IPAM).await);
+            raw_watched.push(raw_cas(&ep, 1, per_round, CasShape { watched: true, ..CAS_IPAM }).await);
             let (run, rt) = ipam(&ds, &one, r * per_round, per_round, false).await;
             ipam1.push(run);
             rt1s.push(rt);
         }
-        let raw16 = raw_cas(&ep, 16, assigns / 16 * 4, false).await;
+        // What the node's writes weigh: its blocks as stored, full ones and the one being filled.
+        let (blocks, _) = ds.list("/calico/ipam/v2/assignment/").await.expect("list blocks");
+        let sizes: Vec<usize> = blocks.iter().map(|kv| kv.value.len()).collect();
+        let largest = sizes.iter().copied().max().unwrap_or(0);
+        let smallest = sizes.iter().copied().min().unwrap_or(0);
+        let raw16 = raw_cas(&ep, 16, assigns / 16 * 4, CAS_SMALL).await;
         let eight = start_nodes(&ds, 8).await;
         let (run8, rt8) = ipam(&ds, &eight, 0, assigns / 8, true).await;
         let (burst, rtb) = ipam_burst(&ds, assigns, 32).await;
@@ -308,12 +375,27 @@ fn main() {
         let (m_raw1, m_rawb, m_ipam1) = (median(&raw1), median(&rawb), median(&ipam1));
         let rt1 = rt1s.iter().cloned().fold(0.0, f64::max);
         row("raw etcd CAS txn, 1 client", &m_raw1, "1");
+        row("raw etcd CAS txn, 1 client, 5 KB value", &median(&raw_big), "1");
+        row("raw etcd CAS txn, 1 client, 128 B + handle create", &median(&raw_two), "1");
         row("raw etcd CAS txn, 1 client, IPAM-sized (5 KB CAS + handle create)", &m_rawb, "1");
+        row("raw etcd CAS txn, 1 client, IPAM-sized, with a watcher on the prefix", &median(&raw_watched), "1");
         row("IPAM assign, 1 node, uncontended", &m_ipam1, &format!("{rt1:.3}"));
         row("raw etcd CAS txn, 16 clients", &raw16, "1");
         row("IPAM assign, 8 nodes, contended (two pools, half borrowing)", &run8, &format!("{rt8:.3}"));
         row("IPAM assign, 1 node, bursts of 32 concurrent ADDs (batched)", &burst, &format!("{rtb:.3}"));
-        println!("per-round ops/s: raw CAS [{}]; IPAM-sized CAS [{}]; IPAM assign [{}]", rates(&raw1), rates(&rawb), rates(&ipam1));
+        println!(
+            "per-round ops/s: raw CAS [{}]; 5 KB CAS [{}]; 128 B CAS + handle [{}]; IPAM-sized CAS [{}]; watched IPAM-sized CAS [{}]; IPAM assign [{}]",
+            rates(&raw1),
+            rates(&raw_big),
+            rates(&raw_two),
+            rates(&rawb),
+            rates(&raw_watched),
+            rates(&ipam1)
+        );
+        println!(
+            "block values written by the uncontended node: {} blocks, {smallest}..{largest} bytes (a /26 is rewritten whole on every assign, so the mean write is about half of a full block)",
+            sizes.len()
+        );
         let ratio = m_ipam1.rate() / m_raw1.rate();
         println!(
             "uncontended assign: {rt1:.3} etcd round trips per assign (target 1), {:.0}% of the 1-client raw CAS rate (target >= 80%): {}; {:.0}% of the IPAM-sized CAS rate",

@@ -47,14 +47,15 @@ enum Command {
         #[command(subcommand)]
         cmd: margay::lab::LabCmd,
     },
-    /// Create or replace the resources in a YAML/JSON file (`-` for stdin).
+    /// Create or replace the resources in a YAML/JSON file (`-` for stdin): IPPool, IPAMConfiguration,
+    /// BGPConfiguration, BGPPeer, Node (projectcalico.org/v3, as calicoctl takes them).
     Apply {
         #[command(flatten)]
         etcd: margay::cli::EtcdArgs,
         #[arg(short = 'f', long = "filename")]
         file: std::path::PathBuf,
     },
-    /// Show resources: ippool, ipamconfiguration.
+    /// Show resources: ippool, ipamconfiguration, bgpconfiguration, bgppeer, node.
     Get {
         #[command(flatten)]
         etcd: margay::cli::EtcdArgs,
@@ -63,7 +64,8 @@ enum Command {
         #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
         output: margay::cli::Output,
     },
-    /// Delete resources by kind and name, or those in a file.
+    /// Delete resources by kind and name, or those in a file. Deleting a Node deletes the resource only;
+    /// `margay node remove NAME` also releases its IPAM blocks and addresses.
     Delete {
         #[command(flatten)]
         etcd: margay::cli::EtcdArgs,

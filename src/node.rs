@@ -438,9 +438,11 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
 
     let status_spk = spk.clone();
     let status_id = id.clone();
+    let (status_ipam, status_fib, status_ds) = (ipam.clone(), fib.clone(), ds.clone());
     let status_source = move || {
         let spk = status_spk.clone();
         let id = status_id.clone();
+        let (ipam, fib, ds) = (status_ipam.clone(), status_fib.clone(), status_ds.clone());
         // Ready once the peers have been derived from the datastore and applied (IPAM, the FIB and the
         // CNI socket are up before the endpoint starts). Not tied to every peer being Established.
         let ready = peers_applied.load(std::sync::atomic::Ordering::Relaxed);
@@ -459,6 +461,20 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
                     }),
                 },
                 peers: spk.status().await.unwrap_or_default(),
+                fib: tokio::time::timeout(Duration::from_secs(1), fib.settle())
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .map(|f| api::FibSummary {
+                        routes: f.installed as u64,
+                    }),
+                ipam: ipam.routes().await.ok().map(|r| api::IpamSummary {
+                    blocks: r.blocks.len() as u64,
+                    addresses_total: r.addresses_total,
+                    addresses_allocated: r.addresses_allocated,
+                    addresses_borrowed: r.borrowed.len() as u64,
+                }),
+                datastore: Some(datastore_summary(&ds)),
             }
         }
         .boxed()
@@ -516,6 +532,16 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     }
     tracing::info!("margay node stopped");
     outcome
+}
+
+/// The datastore's request counters as `/status` and `/metrics` show them.
+pub fn datastore_summary(ds: &Datastore) -> api::DatastoreSummary {
+    let st = ds.stats();
+    api::DatastoreSummary {
+        requests: st.round_trips,
+        errors: st.errors,
+        unreachable: st.unreachable,
+    }
 }
 
 /// Routes learned over BGP into the kernel: each ECMP set as one route via its next hops.

@@ -557,6 +557,7 @@ async fn status_report(
             reason: last_error.map(|e| format!("configuration not readable: {e}")),
         },
         peers,
+        ..Default::default()
     }
 }
 

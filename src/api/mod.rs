@@ -6,6 +6,7 @@
 //! so what `margay status` shows is the speaker's real state, never a cached copy.
 
 mod client;
+pub mod metrics;
 mod status;
 
 use std::net::SocketAddr;
@@ -20,7 +21,10 @@ use futures::future::BoxFuture;
 use prometheus_client::registry::Registry;
 
 pub use client::{fetch_status, ApiError};
-pub use status::{render_status_table, PeerStatus, ReadyState, StatusReport};
+pub use status::{
+    render_status_table, DatastoreSummary, FibSummary, IpamSummary, PeerStatus, ReadyState,
+    StatusReport,
+};
 
 /// Default address of the local status endpoint (loopback only: it is for the node's own operators).
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9190";
@@ -102,9 +106,9 @@ async fn readyz(State(s): State<Arc<Shared>>) -> Response {
 }
 
 async fn metrics(State(s): State<Arc<Shared>>) -> Response {
-    let mut out = String::new();
-    match prometheus_client::encoding::text::encode(&mut out, &s.registry) {
-        Ok(()) => (
+    let report = s.source.status().await;
+    match metrics::encode(&s.registry, &report) {
+        Ok(out) => (
             [(
                 header::CONTENT_TYPE,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",

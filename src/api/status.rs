@@ -16,6 +16,49 @@ pub struct StatusReport {
     pub uptime_seconds: u64,
     pub ready: ReadyState,
     pub peers: Vec<PeerStatus>,
+    /// The node's kernel routes (absent on a reflector, which has no dataplane).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fib: Option<FibSummary>,
+    /// The node's IPAM blocks and addresses (absent on a reflector).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipam: Option<IpamSummary>,
+    /// Requests to etcd and how many failed (absent when running without etcd).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub datastore: Option<DatastoreSummary>,
+}
+
+/// What the FIB task holds in the kernel.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FibSummary {
+    /// Routes with margay's protocol that the FIB task keeps (learned routes and the blackholes of own blocks).
+    pub routes: u64,
+}
+
+/// The node's share of the IP pools.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IpamSummary {
+    /// Blocks affine to this node.
+    pub blocks: u64,
+    /// Addresses those blocks hold.
+    pub addresses_total: u64,
+    /// Of those, allocated.
+    pub addresses_allocated: u64,
+    /// Addresses this node borrowed from other nodes' blocks (advertised as host routes).
+    pub addresses_borrowed: u64,
+}
+
+/// Requests to etcd since the process started.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DatastoreSummary {
+    /// Requests sent to an endpoint, failed attempts included.
+    pub requests: u64,
+    /// Attempts that failed (an endpoint unreachable, a timeout, or a refusal).
+    pub errors: u64,
+    /// Calls that gave up after trying every endpoint for the whole retry budget.
+    pub unreachable: u64,
 }
 
 /// Readiness with the reason when not ready ("datastore not synced", "BGP initial convergence").
@@ -63,6 +106,24 @@ pub fn render_status_table(r: &StatusReport) -> String {
             "Not ready: {}.\n",
             reason.as_deref().unwrap_or("starting")
         )),
+    }
+    if let Some(i) = &r.ipam {
+        out.push_str(&format!(
+            "IPAM: {} blocks, {} of {} addresses allocated, {} borrowed.\n",
+            i.blocks, i.addresses_allocated, i.addresses_total, i.addresses_borrowed
+        ));
+    }
+    if let Some(f) = &r.fib {
+        out.push_str(&format!(
+            "FIB: {} routes with margay's protocol.\n",
+            f.routes
+        ));
+    }
+    if let Some(d) = &r.datastore {
+        out.push_str(&format!(
+            "etcd: {} requests, {} failed attempts, {} calls gave up (unreachable).\n",
+            d.requests, d.errors, d.unreachable
+        ));
     }
     for (title, v6) in [("IPv4 BGP status", false), ("IPv6 BGP status", true)] {
         let peers: Vec<&PeerStatus> = r
@@ -200,8 +261,23 @@ mod tests {
                     ..Default::default()
                 },
             ],
+            ipam: Some(IpamSummary {
+                blocks: 1,
+                addresses_total: 64,
+                addresses_allocated: 3,
+                addresses_borrowed: 0,
+            }),
+            ..Default::default()
         };
         let t = render_status_table(&r);
+        assert!(
+            t.contains("IPAM: 1 blocks, 3 of 64 addresses allocated"),
+            "{t}"
+        );
+        assert!(
+            !t.contains("FIB:"),
+            "a report without a FIB prints no FIB line: {t}"
+        );
         assert!(t.contains("| PEER ADDRESS | PEER TYPE"), "{t}");
         assert!(t.contains("| 10.0.0.2     | global"), "{t}");
         assert!(t.contains("03:40:12"), "{t}");

@@ -1,12 +1,17 @@
 //! `apply -f`, `get`, `delete` over a registry of resource kinds. Each [`KindInfo`] says where a kind lives in
 //! etcd, how to turn the operator's document into the stored bytes (defaults + validation) and back, and how
-//! to print it as a table. Adding BGPConfiguration, BGPPeer or Node is adding one entry to [`KINDS`].
+//! to print it as a table. IPPool, IPAMConfiguration, BGPConfiguration, BGPPeer and Node are registered; adding
+//! a kind is adding one entry to [`KINDS`]. The BGP kinds are also checked together before a write (a BGPPeer
+//! whose password secret does not resolve, say), because a node refuses an invalid set as a whole.
 
 use serde::Deserialize;
 use serde_json::Value;
 
 use super::table::Table;
 use super::CliError;
+use crate::config::bgp::{
+    BgpConfiguration, BgpPeer, ConfigSet, Node, KIND_BGP_CONFIGURATION, KIND_BGP_PEER, KIND_NODE,
+};
 use crate::config::ipam_config::{self, IpamConfiguration, StoredIpamConfig};
 use crate::config::ippool::{self, IpPool};
 use crate::config::ConfigError;
@@ -44,7 +49,7 @@ pub struct KindInfo {
 }
 
 /// Every kind `apply`, `get` and `delete` handle.
-pub static KINDS: &[KindInfo] = &[IPPOOL, IPAMCONFIG];
+pub static KINDS: &[KindInfo] = &[IPPOOL, IPAMCONFIG, BGPCONFIG, BGPPEER, NODE];
 
 /// Find a kind by its `kind:` or a command-line alias (case-insensitive).
 pub fn kind(name: &str) -> Result<&'static KindInfo, CliError> {
@@ -187,6 +192,199 @@ const IPAMCONFIG: KindInfo = KindInfo {
     },
 };
 
+/// A field of a v3 document as table text ("" when absent).
+fn cell(v: &Value, pointer: &str) -> String {
+    match v.pointer(pointer) {
+        Some(Value::String(x)) => x.clone(),
+        Some(Value::Null) | None => String::new(),
+        Some(x) => x.to_string(),
+    }
+}
+
+/// Stored v3 JSON -> document, with `apiVersion` and `kind` filled in when the writer left them out.
+fn decode_v3(kind: &'static str, what: &str, bytes: &[u8]) -> Result<Value, CliError> {
+    let mut v: Value = serde_json::from_slice(bytes).map_err(|e| json_err(what, e))?;
+    if let Some(o) = v.as_object_mut() {
+        o.entry("apiVersion")
+            .or_insert_with(|| crate::config::API_VERSION.into());
+        o.entry("kind").or_insert_with(|| kind.into());
+    }
+    Ok(v)
+}
+
+/// Parse an operator document of a BGP kind (unknown fields are refused with their name), validate it,
+/// and return (name, stored JSON).
+fn encode_typed<T>(
+    kind: &str,
+    doc: &Value,
+    validate: fn(&T) -> Result<(), ConfigError>,
+    meta: fn(&mut T) -> &mut crate::config::ObjectMeta,
+) -> Result<(String, Vec<u8>), CliError>
+where
+    T: serde::de::DeserializeOwned + serde::Serialize,
+{
+    let mut t: T = serde_json::from_value(doc.clone()).map_err(|e| json_err(kind, e))?;
+    validate(&t).map_err(invalid)?;
+    let m = meta(&mut t);
+    m.resource_version = None;
+    let name = m.name.clone();
+    let bytes = serde_json::to_vec(&t).map_err(|e| json_err(kind, e))?;
+    Ok((name, bytes))
+}
+
+const BGPCONFIG: KindInfo = KindInfo {
+    kind: KIND_BGP_CONFIGURATION,
+    aliases: &[
+        "bgpconfiguration",
+        "bgpconfigurations",
+        "bgpconfig",
+        "bgpconfigs",
+    ],
+    storage: Storage::Resources {
+        plural: "bgpconfigurations",
+    },
+    encode: |doc, _| {
+        encode_typed::<BgpConfiguration>(
+            KIND_BGP_CONFIGURATION,
+            doc,
+            BgpConfiguration::validate,
+            |c| &mut c.metadata,
+        )
+    },
+    decode: |_, bytes| decode_v3(KIND_BGP_CONFIGURATION, "stored BGPConfiguration", bytes),
+    columns: &["NAME", "LOGSEVERITY", "MESHENABLED", "ASNUMBER"],
+    wide_columns: &[
+        "NAME",
+        "LOGSEVERITY",
+        "MESHENABLED",
+        "ASNUMBER",
+        "LISTENPORT",
+        "SERVICECLUSTERIPS",
+    ],
+    row: |v, wide| {
+        let cidrs = |p: &str| {
+            v.pointer(p)
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|c| c.get("cidr").and_then(Value::as_str))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .unwrap_or_default()
+        };
+        let mut r = vec![
+            cell(v, "/metadata/name"),
+            cell(v, "/spec/logSeverityScreen"),
+            cell(v, "/spec/nodeToNodeMeshEnabled"),
+            cell(v, "/spec/asNumber"),
+        ];
+        if wide {
+            r.push(cell(v, "/spec/listenPort"));
+            r.push(cidrs("/spec/serviceClusterIPs"));
+        }
+        r
+    },
+};
+
+const BGPPEER: KindInfo = KindInfo {
+    kind: KIND_BGP_PEER,
+    aliases: &["bgppeer", "bgppeers", "bgpp", "peer", "peers"],
+    storage: Storage::Resources { plural: "bgppeers" },
+    encode: |doc, _| {
+        encode_typed::<BgpPeer>(KIND_BGP_PEER, doc, BgpPeer::validate, |p| &mut p.metadata)
+    },
+    decode: |_, bytes| decode_v3(KIND_BGP_PEER, "stored BGPPeer", bytes),
+    columns: &["NAME", "PEERIP", "NODE", "ASN"],
+    wide_columns: &[
+        "NAME",
+        "PEERIP",
+        "NODE",
+        "ASN",
+        "PEERSELECTOR",
+        "NODESELECTOR",
+    ],
+    row: |v, wide| {
+        // calicoctl shows "(global)" for a peer of every node.
+        let node = match (cell(v, "/spec/node"), cell(v, "/spec/nodeSelector")) {
+            (n, _) if !n.is_empty() => n,
+            (_, sel) if !sel.is_empty() => sel,
+            _ => "(global)".into(),
+        };
+        let mut r = vec![
+            cell(v, "/metadata/name"),
+            cell(v, "/spec/peerIP"),
+            node,
+            cell(v, "/spec/asNumber"),
+        ];
+        if wide {
+            r.push(cell(v, "/spec/peerSelector"));
+            r.push(cell(v, "/spec/nodeSelector"));
+        }
+        r
+    },
+};
+
+const NODE: KindInfo = KindInfo {
+    kind: KIND_NODE,
+    aliases: &["node", "nodes", "no"],
+    storage: Storage::Resources { plural: "nodes" },
+    encode: |doc, _| encode_typed::<Node>(KIND_NODE, doc, Node::validate, |n| &mut n.metadata),
+    decode: |_, bytes| decode_v3(KIND_NODE, "stored Node", bytes),
+    columns: &["NAME"],
+    wide_columns: &["NAME", "ASN", "IPV4", "IPV6", "RRCLUSTERID"],
+    row: |v, wide| {
+        let mut r = vec![cell(v, "/metadata/name")];
+        if wide {
+            let asn = cell(v, "/spec/bgp/asNumber");
+            r.push(if asn.is_empty() {
+                "(64512)".into()
+            } else {
+                asn
+            });
+            r.push(cell(v, "/spec/bgp/ipv4Address"));
+            r.push(cell(v, "/spec/bgp/ipv6Address"));
+            r.push(cell(v, "/spec/bgp/routeReflectorClusterID"));
+        }
+        r
+    },
+};
+
+/// The BGP kinds a node validates as one set.
+fn is_bgp_kind(k: &KindInfo) -> bool {
+    [KIND_BGP_CONFIGURATION, KIND_BGP_PEER, KIND_NODE].contains(&k.kind)
+}
+
+/// Check that the stored BGP resources, with `doc` written as (kind, name), still form a set a node
+/// accepts (for example, every BGPPeer's password secret resolves; a node refuses an invalid set whole).
+async fn check_bgp_set(
+    ds: &Datastore,
+    k: &KindInfo,
+    name: &str,
+    doc: &Value,
+) -> Result<(), CliError> {
+    let mut text = String::new();
+    for other in KINDS.iter().filter(|o| is_bgp_kind(o)) {
+        for (n, _, v) in list(ds, other).await? {
+            if other.kind == k.kind && n == name {
+                continue;
+            }
+            text.push_str("---\n");
+            text.push_str(&serde_json::to_string(&v).map_err(|e| json_err("json", e))?);
+            text.push('\n');
+        }
+    }
+    text.push_str("---\n");
+    text.push_str(&serde_json::to_string(doc).map_err(|e| json_err("json", e))?);
+    text.push('\n');
+    ConfigSet::from_yaml(&text).map(|_| ()).map_err(|e| {
+        CliError::Usage(format!(
+            "{} {name:?} refused: with it the BGP resources would be invalid as a set ({e})",
+            k.kind
+        ))
+    })
+}
+
 fn key_of(k: &KindInfo, name: &str) -> String {
     match &k.storage {
         Storage::Resources { plural } => keys::resource_key(plural, name),
@@ -253,6 +451,9 @@ pub async fn apply(ds: &Datastore, text: &str) -> Result<Vec<String>, CliError> 
         let existing = list(ds, k).await?;
         let others: Vec<Value> = existing.iter().map(|(_, _, v)| v.clone()).collect();
         let (name, bytes) = (k.encode)(&doc, &others)?;
+        if is_bgp_kind(k) {
+            check_bgp_set(ds, k, &name, &doc).await?;
+        }
         let key = key_of(k, &name);
         let guard = match existing.iter().find(|(n, _, _)| *n == name) {
             Some((_, rev, _)) => Guard::ModRevision(key.clone(), *rev),

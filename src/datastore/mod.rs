@@ -159,6 +159,10 @@ pub struct DatastoreStats {
     pub round_trips: u64,
     /// Of those, transactions.
     pub txns: u64,
+    /// Attempts that failed: an endpoint unreachable or timing out, or etcd refusing the request.
+    pub errors: u64,
+    /// Calls that gave up after trying every endpoint for the whole retry budget.
+    pub unreachable: u64,
 }
 
 struct Endpoint {
@@ -177,6 +181,8 @@ pub struct Datastore {
     preferred: AtomicUsize,
     round_trips: AtomicU64,
     txns: AtomicU64,
+    errors: AtomicU64,
+    unreachable: AtomicU64,
 }
 
 impl std::fmt::Debug for Datastore {
@@ -247,6 +253,8 @@ impl Datastore {
             preferred: AtomicUsize::new(0),
             round_trips: AtomicU64::new(0),
             txns: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            unreachable: AtomicU64::new(0),
         })
     }
 
@@ -260,6 +268,8 @@ impl Datastore {
         DatastoreStats {
             round_trips: self.round_trips.load(Ordering::Relaxed),
             txns: self.txns.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            unreachable: self.unreachable.load(Ordering::Relaxed),
         }
     }
 
@@ -322,6 +332,7 @@ impl Datastore {
                 let client = match self.client(idx).await {
                     Ok(c) => c,
                     Err(why) => {
+                        self.errors.fetch_add(1, Ordering::Relaxed);
                         tried.push((ep.name.clone(), why));
                         continue;
                     }
@@ -336,22 +347,25 @@ impl Datastore {
                         return Ok(v);
                     }
                     Err(e) if retryable(&e) => {
+                        self.errors.fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(endpoint = %ep.name, op, key, error = %e, "etcd endpoint failed; trying the next");
                         tried.push((ep.name.clone(), self.reason(&e)));
                         self.forget(idx);
                     }
                     Err(e) => {
+                        self.errors.fetch_add(1, Ordering::Relaxed);
                         return Err(DatastoreError::Rejected {
                             endpoint: ep.name.clone(),
                             op,
                             key: key.to_string(),
                             reason: describe(&e),
-                        })
+                        });
                     }
                 }
             }
             let now = Instant::now();
             if now >= deadline {
+                self.unreachable.fetch_add(1, Ordering::Relaxed);
                 return Err(DatastoreError::Unreachable { tried });
             }
             tokio::time::sleep(backoff.min(deadline - now)).await;

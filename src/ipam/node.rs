@@ -78,6 +78,10 @@ pub struct NodeRoutes {
     pub blocks: Vec<IpNetwork>,
     /// Addresses this node borrowed from other nodes' blocks (advertised as host routes).
     pub borrowed: Vec<(IpAddr, IpNetwork)>,
+    /// Addresses the affine blocks hold (for metrics and status).
+    pub addresses_total: u64,
+    /// Of those, allocated.
+    pub addresses_allocated: u64,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, IpamError>>;
@@ -371,9 +375,16 @@ impl State {
                 self.tidy().await;
             }
             Request::Routes(reply) => {
+                let (mut total, mut allocated) = (0u64, 0u64);
+                for c in self.view.my_blocks() {
+                    total += c.value.size() as u64;
+                    allocated += c.value.in_use() as u64;
+                }
                 let _ = reply.send(NodeRoutes {
                     blocks: self.view.my_blocks().map(|c| c.value.cidr).collect(),
                     borrowed: self.view.borrowed(),
+                    addresses_total: total,
+                    addresses_allocated: allocated,
                 });
             }
         }
