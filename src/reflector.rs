@@ -26,8 +26,6 @@ use anyhow::Context;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, oneshot};
 
@@ -324,11 +322,10 @@ enum Control {
     Status(oneshot::Sender<StatusReport>),
 }
 
-/// Prometheus metrics of the reflector: sessions by state, prefixes per peer, datastore errors.
+/// The reflector's own Prometheus metrics. Sessions by state, prefixes per peer and etcd requests are
+/// derived from the status report at scrape time (`api::metrics`); this adds what only the loader knows.
 #[derive(Clone, Default)]
 struct Metrics {
-    sessions: Family<Vec<(String, String)>, Gauge>,
-    prefixes: Family<Vec<(String, String)>, Gauge>,
     config_errors: Counter,
 }
 
@@ -336,44 +333,11 @@ impl Metrics {
     fn register(registry: &mut Registry) -> Metrics {
         let m = Metrics::default();
         registry.register(
-            "margay_bgp_sessions",
-            "BGP sessions by FSM state",
-            m.sessions.clone(),
-        );
-        registry.register(
-            "margay_bgp_prefixes_received",
-            "Prefixes received per peer",
-            m.prefixes.clone(),
-        );
-        registry.register(
             "margay_config_errors",
-            "Failed reads or refused configurations from the datastore or file",
+            "Failed reads or refused configurations from the datastore or file (running peers kept)",
             m.config_errors.clone(),
         );
         m
-    }
-
-    fn update(&self, peers: &[api::PeerStatus]) {
-        self.sessions.clear();
-        self.prefixes.clear();
-        for state in [
-            "Idle",
-            "Connect",
-            "Active",
-            "OpenSent",
-            "OpenConfirm",
-            "Established",
-        ] {
-            let n = peers.iter().filter(|p| p.fsm_state == state).count();
-            self.sessions
-                .get_or_create(&vec![("state".into(), state.into())])
-                .set(n as i64);
-        }
-        for p in peers {
-            self.prefixes
-                .get_or_create(&vec![("peer".into(), p.address.clone())])
-                .set(p.prefixes_received as i64);
-        }
     }
 }
 
@@ -488,7 +452,6 @@ async fn run_async(args: ReflectorArgs) -> anyhow::Result<()> {
             // A full trigger queue already holds a load that will read the newest state.
             _ = hup.recv() => { let _ = trigger_tx.try_send("SIGHUP"); }
             _ = poll.tick() => {
-                metrics.update(&spk.status().await.unwrap_or_default());
                 if ds.is_some() {
                     let _ = trigger_tx.try_send("etcd poll");
                 }
@@ -517,7 +480,7 @@ async fn run_async(args: ReflectorArgs) -> anyhow::Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
             Some(Control::Status(reply)) = ctl_rx.recv() => {
-                let _ = reply.send(status_report(&spk, &id, started, last_error.as_deref()).await);
+                let _ = reply.send(status_report(&spk, &id, started, last_error.as_deref(), ds.as_deref()).await);
             }
         }
         if http.is_finished() {
@@ -542,6 +505,7 @@ async fn status_report(
     id: &Identity,
     started: Instant,
     last_error: Option<&str>,
+    ds: Option<&Datastore>,
 ) -> StatusReport {
     let peers = spk.status().await.unwrap_or_default();
     StatusReport {
@@ -557,6 +521,7 @@ async fn status_report(
             reason: last_error.map(|e| format!("configuration not readable: {e}")),
         },
         peers,
+        datastore: ds.map(crate::node::datastore_summary),
         ..Default::default()
     }
 }
@@ -623,44 +588,26 @@ mod tests {
     }
 
     #[test]
-    fn metrics_count_sessions_by_state_and_prefixes_per_peer() {
+    fn metrics_add_config_errors_to_the_report_metrics() {
         let mut registry = Registry::default();
         let m = Metrics::register(&mut registry);
-        let peer = |addr: &str, state: &str, n: u64| api::PeerStatus {
-            address: addr.into(),
-            fsm_state: state.into(),
-            prefixes_received: n,
+        m.config_errors.inc();
+        let report = StatusReport {
+            role: "reflector".into(),
+            peers: vec![api::PeerStatus {
+                address: "10.0.0.11".into(),
+                fsm_state: "Established".into(),
+                prefixes_received: 3,
+                ..Default::default()
+            }],
             ..Default::default()
         };
-        m.update(&[
-            peer("10.0.0.11", "Established", 3),
-            peer("10.0.0.12", "Established", 1),
-            peer("10.0.0.13", "Active", 0),
-        ]);
-        m.config_errors.inc();
-        let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &registry).expect("encode");
-        assert!(
-            out.contains("margay_bgp_sessions{state=\"Established\"} 2"),
-            "{out}"
-        );
-        assert!(
-            out.contains("margay_bgp_sessions{state=\"Active\"} 1"),
-            "{out}"
-        );
-        assert!(
-            out.contains("margay_bgp_sessions{state=\"Idle\"} 0"),
-            "{out}"
-        );
-        assert!(
-            out.contains("margay_bgp_prefixes_received{peer=\"10.0.0.11\"} 3"),
-            "{out}"
-        );
+        let out = api::metrics::encode(&registry, &report).expect("encode");
         assert!(out.contains("margay_config_errors_total 1"), "{out}");
-        // A peer that is gone disappears from the per-peer series.
-        m.update(&[peer("10.0.0.11", "Established", 3)]);
-        let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &registry).expect("encode");
-        assert!(!out.contains("10.0.0.13"), "{out}");
+        assert!(
+            out.contains("margay_bgp_sessions{state=\"Established\"} 1"),
+            "{out}"
+        );
+        assert_eq!(out.matches("# EOF").count(), 1, "{out}");
     }
 }
