@@ -325,7 +325,7 @@ fn up(args: &LabArgs, n_nodes: usize, n_pods: usize, reflector: bool) -> anyhow:
     if reflector {
         let rr = format!("{p}-rr");
         attach(&rr, "rr", REFLECTOR_IP)?;
-        write_reflector_resources(&etcd_ns, &rr)?;
+        write_reflector_resources(&state, &etcd_ns, &rr)?;
         start_reflector(&state, &rr)?;
         lab.reflector = Some(rr);
         save(&state, &lab)?;
@@ -483,62 +483,56 @@ fn start_etcd(state: &Path, etcd_ns: &str) -> anyhow::Result<()> {
     })
 }
 
-/// `etcdctl put` inside the etcd namespace.
-fn etcd_put(etcd_ns: &str, key: &str, value: &serde_json::Value) -> anyhow::Result<()> {
+/// The Calico resources of a reflector topology (calico.md 1.4), applied with `margay apply` as an operator
+/// would (the file stays in the state directory): the mesh off, the reflector's Node with its cluster id and
+/// label, and one BGPPeer that makes every node peer with every labelled Node.
+fn write_reflector_resources(state: &Path, etcd_ns: &str, rr: &str) -> anyhow::Result<()> {
+    let api = crate::config::API_VERSION;
+    let doc = format!(
+        "apiVersion: {api}
+kind: BGPConfiguration
+metadata:
+  name: default
+spec:
+  asNumber: 64512
+  nodeToNodeMeshEnabled: false
+---
+apiVersion: {api}
+kind: Node
+metadata:
+  name: {rr}
+  labels:
+    {RR_LABEL}: \"true\"
+spec:
+  bgp:
+    ipv4Address: {REFLECTOR_IP}/24
+    routeReflectorClusterID: {CLUSTER_ID}
+---
+apiVersion: {api}
+kind: BGPPeer
+metadata:
+  name: peer-with-route-reflectors
+spec:
+  nodeSelector: all()
+  peerSelector: has({RR_LABEL})
+"
+    );
+    let file = state.join("reflector-resources.yaml");
+    std::fs::write(&file, doc).with_context(|| format!("writing {}", file.display()))?;
+    let margay = std::env::current_exe()?.to_string_lossy().to_string();
     let client = format!("http://{ETCD_IP}:2379");
+    let file_s = file.to_string_lossy().to_string();
     let out = ns_exec(
         etcd_ns,
-        &[
-            "etcdctl",
-            "--endpoints",
-            &client,
-            "put",
-            key,
-            &value.to_string(),
-        ],
-    )
-    .context("running etcdctl (apt-get install etcd-client)")?;
+        &[&margay, "apply", "-f", &file_s, "--etcd-endpoints", &client],
+    )?;
     if !out.status.success() {
         bail!(
-            "etcdctl put {key}: {}",
+            "margay apply -f {file_s}: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
     Ok(())
-}
-
-/// The Calico resources of a reflector topology (calico.md 1.4): the mesh off, the reflector's Node with
-/// its cluster id and label, and one BGPPeer that makes every node peer with every labelled Node.
-fn write_reflector_resources(etcd_ns: &str, rr: &str) -> anyhow::Result<()> {
-    use crate::datastore::keys::resource_key;
-    let api = crate::config::API_VERSION;
-    etcd_put(
-        etcd_ns,
-        &resource_key("bgpconfigurations", "default"),
-        &serde_json::json!({
-            "apiVersion": api, "kind": "BGPConfiguration",
-            "metadata": {"name": "default"},
-            "spec": {"asNumber": 64512, "nodeToNodeMeshEnabled": false, "logSeverityScreen": "Info"},
-        }),
-    )?;
-    etcd_put(
-        etcd_ns,
-        &resource_key(crate::node::NODES_PLURAL, rr),
-        &serde_json::json!({
-            "apiVersion": api, "kind": "Node",
-            "metadata": {"name": rr, "labels": {RR_LABEL: "true"}},
-            "spec": {"bgp": {"ipv4Address": format!("{REFLECTOR_IP}/24"), "routeReflectorClusterID": CLUSTER_ID}},
-        }),
-    )?;
-    etcd_put(
-        etcd_ns,
-        &resource_key("bgppeers", "peer-with-route-reflectors"),
-        &serde_json::json!({
-            "apiVersion": api, "kind": "BGPPeer",
-            "metadata": {"name": "peer-with-route-reflectors"},
-            "spec": {"nodeSelector": "all()", "peerSelector": format!("has({RR_LABEL})")},
-        }),
-    )
 }
 
 /// Start `margay reflector` in its namespace against the lab's etcd.

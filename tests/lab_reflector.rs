@@ -15,7 +15,7 @@
 //! 1. every pod pings every other; each node's `margay status` shows only the reflector, Established; each
 //!    node's FIB holds the others' blocks via their node address (proto 77); the reflector shows 3 clients;
 //!    the reflector's /healthz, /readyz and /metrics answer; a BGPPeer for the reflector alone, put into and
-//!    deleted from etcd, is added and removed live (the watch), the three client sessions untouched; with
+//!    deleted from etcd (`margay apply` / `margay delete`), is added and removed live (the watch), the three client sessions untouched; with
 //!    etcd stopped the reflector keeps its sessions and status, /readyz is 503 naming etcd, then 200 again;
 //! 2. n2's daemon restarts while pods on n1 and n2 ping each other at 1000 packets/s: the loss from ping's
 //!    own summary is printed (and must be 0: graceful restart plus a FIB that is never flushed), and n1's
@@ -28,8 +28,8 @@ mod common;
 use std::process::{Command, Stdio};
 
 use common::lab::{
-    etcd_keys, etcdctl, eventually, http_get, in_ns, lab_prerequisites, ping_summary, proto77,
-    status_json, Lab,
+    etcd_keys, eventually, http_get, in_ns, lab_prerequisites, path_str, ping_summary, proto77,
+    status_json, Lab, ETCD, MARGAY,
 };
 
 const RR_IP: &str = "10.99.0.3";
@@ -167,11 +167,27 @@ fn reflector_lab_restart_and_node_leave() {
     };
     let before = since(&status_json(&rr, Some(RR_HTTP)).expect("reflector status"));
     let etcd_ns = format!("{}-etcd", lab.name);
-    let extra_key = "/calico/resources/v3/projectcalico.org/bgppeers/rr-extra";
-    let extra = serde_json::json!({"apiVersion": "projectcalico.org/v3", "kind": "BGPPeer",
-        "metadata": {"name": "rr-extra"},
-        "spec": {"node": rr, "peerIP": "10.99.0.60", "asNumber": 64513}});
-    etcdctl(&etcd_ns, &["put", extra_key, &extra.to_string()]);
+    // As an operator does it: `margay apply -f`, later `margay delete bgppeer`.
+    let extra = lab.state_path("rr-extra.yaml");
+    std::fs::write(
+        &extra,
+        format!(
+            "apiVersion: projectcalico.org/v3\nkind: BGPPeer\nmetadata:\n  name: rr-extra\nspec:\n  node: {rr}\n  peerIP: 10.99.0.60\n  asNumber: 64513\n"
+        ),
+    )
+    .expect("write rr-extra.yaml");
+    let (ok, out) = in_ns(
+        &etcd_ns,
+        &[
+            MARGAY,
+            "apply",
+            "-f",
+            &path_str(&extra),
+            "--etcd-endpoints",
+            ETCD,
+        ],
+    );
+    assert!(ok, "margay apply rr-extra: {out}");
     let added = eventually(50, || {
         status_json(&rr, Some(RR_HTTP))
             .is_ok_and(|r| since(&r).iter().any(|(a, _)| a == "10.99.0.60") && since(&r).len() == 4)
@@ -181,7 +197,18 @@ fn reflector_lab_restart_and_node_leave() {
         "the reflector did not add 10.99.0.60 from etcd:\n{}",
         lab.logs()
     );
-    etcdctl(&etcd_ns, &["del", extra_key]);
+    let (ok, out) = in_ns(
+        &etcd_ns,
+        &[
+            MARGAY,
+            "delete",
+            "bgppeer",
+            "rr-extra",
+            "--etcd-endpoints",
+            ETCD,
+        ],
+    );
+    assert!(ok, "margay delete bgppeer rr-extra: {out}");
     let removed = eventually(50, || {
         status_json(&rr, Some(RR_HTTP)).is_ok_and(|r| since(&r).len() == 3)
     });

@@ -348,15 +348,6 @@ pub fn http_get(ns: &str, addr: &str, path: &str) -> Result<(u16, String), Strin
     .map_err(|_| "HTTP thread panicked".to_string())?
 }
 
-/// `etcdctl put` / `etcdctl del` in the lab's etcd (run inside `ns`).
-pub fn etcdctl(ns: &str, args: &[&str]) -> String {
-    let mut a = vec!["etcdctl", "--endpoints", ETCD];
-    a.extend_from_slice(args);
-    let (ok, out) = in_ns(ns, &a);
-    assert!(ok, "etcdctl {args:?}: {out}");
-    out
-}
-
 /// margay's pod veths in a node namespace.
 pub fn pod_veths(node: &str) -> Vec<String> {
     let (ok, out) = in_ns(node, &["ip", "-o", "link", "show"]);
