@@ -61,40 +61,44 @@ fn sequential(
     (times, ips)
 }
 
-/// ADD one pod per namespace in `range`, all released at once. Returns (wall, per-ADD times, addresses).
+/// ADD one pod per namespace in `range`, all released at once. Returns (wall: first ADD started to last
+/// ADD done, per-ADD times, addresses). Each thread notes its own start and end: the main thread may be
+/// scheduled late after the barrier on a busy machine, so its own clock would undercount.
 fn concurrent(
     bin: &str,
     conf: &str,
     pods: &PodNamespaces,
     range: std::ops::Range<usize>,
 ) -> (Duration, Vec<Duration>, Vec<Ipv4Addr>) {
-    let barrier = Arc::new(Barrier::new(range.len() + 1));
+    let barrier = Arc::new(Barrier::new(range.len()));
     let handles: Vec<_> = range
         .map(|i| {
             let (b, bin, conf) = (barrier.clone(), bin.to_string(), conf.to_string());
             let (id, path) = (pods.0[i].clone(), pods.path(i));
             std::thread::spawn(move || {
                 b.wait();
+                let start = Instant::now();
                 let (t, r) = cni(&bin, "ADD", &id, &path, &conf);
                 let v = r.unwrap_or_else(|e| panic!("{e}"));
-                (
-                    t,
-                    result_ipv4(&v).unwrap_or_else(|| panic!("no IPv4 in {v}")),
-                )
+                let ip = result_ipv4(&v).unwrap_or_else(|| panic!("no IPv4 in {v}"));
+                (start, start + t, t, ip)
             })
         })
         .collect();
-    barrier.wait();
-    let start = Instant::now();
-    let out: Vec<(Duration, Ipv4Addr)> = handles
+    let out: Vec<(Instant, Instant, Duration, Ipv4Addr)> = handles
         .into_iter()
         .map(|h| h.join().expect("ADD thread"))
         .collect();
-    let wall = start.elapsed();
+    let first = out.iter().map(|x| x.0).min();
+    let last = out.iter().map(|x| x.1).max();
+    let wall = match (first, last) {
+        (Some(a), Some(b)) => b - a,
+        _ => Duration::ZERO,
+    };
     (
         wall,
-        out.iter().map(|x| x.0).collect(),
-        out.iter().map(|x| x.1).collect(),
+        out.iter().map(|x| x.2).collect(),
+        out.iter().map(|x| x.3).collect(),
     )
 }
 
@@ -168,12 +172,13 @@ fn main() {
     }
     let started = Instant::now();
     let lab = Lab::up("mgbc", 2, 0);
+    lab.wait_established(1, 1, Duration::from_secs(60));
     let pid = std::process::id() % 10000;
     let warm = PodNamespaces::new(&format!("mgbc{pid}w"), 2);
     let mpods = PodNamespaces::new(&format!("mgbc{pid}m"), n + m);
     let rpods = PodNamespaces::new(&format!("mgbc{pid}r"), n + m);
     eprintln!(
-        "lab {} up and {} pod namespaces made in {:.1} s",
+        "lab {} up (mesh Established) and {} pod namespaces made in {:.1} s",
         lab.name,
         2 * (n + m) + 2,
         started.elapsed().as_secs_f64()

@@ -18,10 +18,12 @@
 #[path = "node_lab/mod.rs"]
 mod node_lab;
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-use node_lab::{cni, enter_netns, prerequisites, sh, vm_rss_mib, Lab, PodNamespaces, LAB_ETCD};
+use node_lab::{
+    cni, enter_netns, prerequisites, sh, vm_rss_mib, Bird, Lab, PodNamespaces, LAB_ETCD,
+};
 use serde_json::json;
 
 const NODES: usize = 3;
@@ -39,22 +41,20 @@ fn rss_row(lab: &Lab, what: &str) -> Vec<f64> {
     v
 }
 
-/// BIRD running in its own namespace on the lab bridge; killed (by PID) on drop.
-struct Bird {
-    child: Child,
+/// BIRD in its own namespace on the lab bridge, configured as one more node of the mesh would be.
+struct BirdPeer {
+    bird: Bird,
     ns: String,
-    dir: tempfile::TempDir,
 }
 
-impl Drop for Bird {
+impl Drop for BirdPeer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // BIRD itself is stopped by `Bird`'s drop, which runs after this one.
         sh(&format!("ip netns del {}", self.ns));
     }
 }
 
-fn start_bird(lab: &Lab) -> Bird {
+fn start_bird(lab: &Lab) -> BirdPeer {
     let ns = format!("{}-bird", lab.name);
     assert!(sh(&format!("ip netns add {ns}")), "ip netns add {ns}");
     let br = format!("{}-br", lab.name);
@@ -67,7 +67,6 @@ fn start_bird(lab: &Lab) -> Bird {
     ] {
         assert!(sh(&cmd), "{cmd}");
     }
-    let dir = tempfile::tempdir().expect("tempdir");
     // What calico-node's bird.cfg amounts to for one node of this cluster: device scan, kernel export of
     // the learned blocks, and an iBGP session per other node.
     let mut conf = format!(
@@ -76,33 +75,15 @@ fn start_bird(lab: &Lab) -> Bird {
     );
     for i in 1..=NODES {
         conf.push_str(&format!(
-            "protocol bgp n{i} {{ local {BIRD_IP} as 64512; neighbor 10.99.0.{} as 64512; \
+            "protocol bgp n{i} {{ local {BIRD_IP} as 64512; neighbor 10.99.0.{} as 64512; direct; \
              ipv4 {{ import all; export none; next hop self; }}; }}\n",
             10 + i
         ));
     }
-    let conf_path = dir.path().join("bird.conf");
-    std::fs::write(&conf_path, conf).expect("write bird.conf");
-    let child = Command::new("ip")
-        .args(["netns", "exec", &ns, "bird", "-f", "-c"])
-        .arg(&conf_path)
-        .arg("-s")
-        .arg(dir.path().join("bird.ctl"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start bird");
-    Bird { child, ns, dir }
-}
-
-fn birdc(b: &Bird, cmd: &str) -> String {
-    Command::new("birdc")
-        .arg("-s")
-        .arg(b.dir.path().join("bird.ctl"))
-        .args(cmd.split(' '))
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default()
+    BirdPeer {
+        bird: Bird::start(&ns, &conf),
+        ns,
+    }
 }
 
 fn main() {
@@ -134,6 +115,9 @@ fn main() {
             .join(" | ")
     );
     println!("|---|{}", "---|".repeat(NODES));
+    for i in 1..=NODES {
+        lab.wait_established(i, NODES - 1, Duration::from_secs(60));
+    }
     idle();
     let empty = rss_row(&lab, "no pods (2 peers Established)");
 
@@ -190,28 +174,14 @@ fn main() {
             String::from_utf8_lossy(&put.stderr)
         );
         let bird = start_bird(&lab);
-        let t = Instant::now();
-        let mut established = 0;
-        while t.elapsed() < Duration::from_secs(60) {
-            established = birdc(&bird, "show protocols")
-                .lines()
-                .filter(|l| l.contains("BGP") && l.contains("Established"))
-                .count();
-            if established == NODES {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(200));
+        bird.bird.wait_established(NODES, Duration::from_secs(60));
+        for i in 1..=NODES {
+            lab.wait_established(i, NODES, Duration::from_secs(60));
         }
-        assert_eq!(
-            established,
-            NODES,
-            "BIRD did not establish with every node:\n{}",
-            birdc(&bird, "show protocols")
-        );
         idle();
         with_bird = rss_row(&lab, "the same + BIRD as a third peer");
-        let routes = birdc(&bird, "show route count");
-        let bird_pid = bird.child.id() as i32;
+        let routes = bird.bird.birdc("show route count");
+        let bird_pid = bird.bird.child.id() as i32;
         let bird_rss = vm_rss_mib(bird_pid);
         println!();
         println!(

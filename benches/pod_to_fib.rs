@@ -29,7 +29,8 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use node_lab::{
-    cni, in_netns, pct, prerequisites, result_ipv4, Lab, PodNamespaces, RouteMonitor, MARGAY_CNI,
+    cni, in_netns, pct, prerequisites, result_ipv4, Bird, Lab, PodNamespaces, RouteMonitor,
+    MARGAY_CNI,
 };
 use serde_json::json;
 
@@ -144,4 +145,96 @@ fn main() {
     );
     drop(pods);
     drop(lab);
+
+    if let Some(mut anchor) = bird_anchor(samples) {
+        anchor.sort();
+        println!();
+        println!("Anchor, same run: Calico's path without confd (a block's static route added to BIRD A's configuration, `birdc configure`) -> route in BIRD B's FIB, {samples} samples:");
+        println!("| what | p50 (ms) | p99 (ms) | max (ms) |");
+        println!("|---|---|---|---|");
+        println!(
+            "| BIRD 2 reconfigure on A -> route in B's FIB | {:.2} | {:.2} | {:.2} |",
+            pct(&anchor, 0.5),
+            pct(&anchor, 0.99),
+            pct(&anchor, 1.0)
+        );
+    }
+}
+
+/// The floor of Calico's path for the same event: when a node claims a block, confd re-renders BIRD's
+/// configuration with the block as a static blackhole route and has BIRD reload it; BIRD then announces
+/// it over iBGP and the peer's BIRD writes it into the kernel. Here the clock starts when the new
+/// configuration is written (confd's watch and render not counted) and stops at the route's kernel
+/// notification in B's namespace, watched the same way as for margay.
+fn bird_anchor(samples: usize) -> Option<Vec<Duration>> {
+    if !node_lab::sh("command -v bird && command -v birdc") {
+        println!("(bird not installed: no anchor)");
+        return None;
+    }
+    let pid = std::process::id() % 10000;
+    let ns = PodNamespaces::new(&format!("mgbf{pid}b"), 2);
+    let (a, b) = (ns.0[0].clone(), ns.0[1].clone());
+    for cmd in [
+        format!("ip -n {a} link add eth0 type veth peer name eth0 netns {b}"),
+        format!("ip -n {a} addr add 10.98.0.1/24 dev eth0"),
+        format!("ip -n {b} addr add 10.98.0.2/24 dev eth0"),
+        format!("ip -n {a} link set eth0 up"),
+        format!("ip -n {b} link set eth0 up"),
+    ] {
+        assert!(node_lab::sh(&cmd), "{cmd}");
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let blocks = dir.path().join("blocks.conf");
+    // As Calico's bird_aggr.cfg: the node's blocks as one static protocol of blackhole routes.
+    let render = |routes: &str| format!("protocol static blocks {{ ipv4; {routes} }}\n");
+    std::fs::write(&blocks, render("")).expect("write blocks.conf");
+    let bird_a = Bird::start(
+        &a,
+        &format!(
+            "router id 10.98.0.1;\nprotocol device {{ }}\n\
+             include \"{}\";\n\
+             protocol bgp b {{ local 10.98.0.1 as 64512; neighbor 10.98.0.2 as 64512; direct; \
+             ipv4 {{ import none; export all; next hop self; }}; }}\n",
+            blocks.display()
+        ),
+    );
+    let bird_b = Bird::start(
+        &b,
+        "router id 10.98.0.2;\nprotocol device { }\n\
+         protocol kernel { ipv4 { import none; export all; }; }\n\
+         protocol bgp a { local 10.98.0.2 as 64512; neighbor 10.98.0.1 as 64512; direct; \
+         ipv4 { import all; export none; }; }\n",
+    );
+    bird_a.wait_established(1, Duration::from_secs(60));
+    bird_b.wait_established(1, Duration::from_secs(60));
+    let monitor = RouteMonitor::start(&b);
+    let mut lines = String::new();
+    let mut out = Vec::new();
+    // Sample 0 is a warm-up, as for margay.
+    for i in 0..=samples {
+        let block = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 250, 0, 0)) + 2 * i as u32);
+        lines.push_str(&format!("route {block}/{BLOCK} blackhole;\n"));
+        let t0 = Instant::now();
+        std::fs::write(&blocks, render(&lines)).expect("write blocks.conf");
+        let reply = bird_a.birdc("configure");
+        assert!(reply.contains("Reconfigured"), "birdc configure: {reply}");
+        let deadline = t0 + Duration::from_secs(10);
+        let at = loop {
+            match monitor
+                .events
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
+                Ok(e) if e.new && e.dst == block && e.prefix_len == BLOCK => break e.at,
+                Ok(_) => continue,
+                Err(_) => panic!("BIRD: {block}/{BLOCK} did not reach {b}'s FIB within 10 s"),
+            }
+        };
+        if i > 0 {
+            out.push(at - t0);
+        }
+    }
+    drop(bird_b);
+    drop(bird_a);
+    drop(ns);
+    Some(out)
 }

@@ -126,6 +126,29 @@ impl Lab {
         c.to_string()
     }
 
+    /// Wait (up to `limit`) until `margay status` on node `i` shows `peers` sessions Established; panics
+    /// with the last status otherwise.
+    pub fn wait_established(&self, i: usize, peers: usize, limit: Duration) {
+        let start = Instant::now();
+        let mut last = String::new();
+        while start.elapsed() < limit {
+            let out = Command::new("ip")
+                .args(["netns", "exec", &self.node_ns(i), MARGAY, "status"])
+                .output();
+            if let Ok(o) = out {
+                last = String::from_utf8_lossy(&o.stdout).into_owned();
+                if last.lines().filter(|l| l.contains("Established")).count() >= peers {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!(
+            "{}: {peers} sessions not Established after {limit:?}:\n{last}",
+            self.node_ns(i)
+        );
+    }
+
     /// `margay <args>` run inside node `i`'s namespace (where the lab's etcd is reachable).
     pub fn margay_in(&self, i: usize, args: &[&str], stdin: &str) -> String {
         let mut child = Command::new("ip")
@@ -402,5 +425,83 @@ impl RouteMonitor {
             .recv_timeout(Duration::from_secs(10))
             .expect("route monitor ready");
         RouteMonitor { events: rx }
+    }
+}
+
+/// BIRD 2 started in namespace `ns` with the configuration `conf` (its own temp dir for the config, the
+/// control socket and anything the config includes); killed by PID on drop.
+pub struct Bird {
+    pub child: std::process::Child,
+    pub dir: tempfile::TempDir,
+}
+
+impl Bird {
+    pub fn start(ns: &str, conf: &str) -> Bird {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let conf_path = dir.path().join("bird.conf");
+        std::fs::write(&conf_path, conf).expect("write bird.conf");
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns, "bird", "-f", "-c"])
+            .arg(&conf_path)
+            .arg("-s")
+            .arg(dir.path().join("bird.ctl"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start bird");
+        // `ip netns exec` execs bird, so the child's PID is BIRD's.
+        let b = Bird { child, dir };
+        let t = Instant::now();
+        while !b.birdc("show status").contains("Daemon is up") {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "BIRD in {ns} did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        b
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// `birdc -s <ctl> <cmd>`, its output.
+    pub fn birdc(&self, cmd: &str) -> String {
+        Command::new("birdc")
+            .arg("-s")
+            .arg(self.path("bird.ctl"))
+            .args(cmd.split(' '))
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Wait until `n` BGP protocols are Established (panics after `limit`).
+    pub fn wait_established(&self, n: usize, limit: Duration) {
+        let t = Instant::now();
+        loop {
+            let out = self.birdc("show protocols");
+            if out
+                .lines()
+                .filter(|l| l.contains("BGP") && l.contains("Established"))
+                .count()
+                >= n
+            {
+                return;
+            }
+            assert!(
+                t.elapsed() < limit,
+                "BIRD: {n} sessions not Established:\n{out}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Bird {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
