@@ -183,10 +183,14 @@ fn main() {
         let routes = bird.bird.birdc("show route count");
         let bird_pid = bird.bird.child.id() as i32;
         let bird_rss = vm_rss_mib(bird_pid);
+        let in_kernel = Command::new("ip")
+            .args(["-n", &bird.ns, "route", "show", "proto", "bird"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).lines().count())
+            .unwrap_or(0);
         println!();
         println!(
-            "BIRD 2 (3 iBGP sessions Established, the nodes' blocks exported to its kernel table), same run: {:.1} MiB; {}",
-            bird_rss,
+            "BIRD 2 ({NODES} iBGP sessions Established), same run: {bird_rss:.1} MiB; {}; {in_kernel} routes in its kernel table",
             routes.lines().last().unwrap_or("").trim()
         );
     } else {
