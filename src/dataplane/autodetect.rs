@@ -275,9 +275,14 @@ pub struct Seen {
     pub addrs: Vec<IfaceAddr>,
 }
 
+/// How many interfaces without an IPv4 address a message names before it only counts the rest (a node
+/// with hundreds of pods has hundreds of pod veths, none of which carries a node address).
+const MAX_NAMED_WITHOUT_IPV4: usize = 8;
+
 impl fmt::Display for Seen {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut parts = Vec::new();
+        let mut bare = Vec::new();
         for i in &self.interfaces {
             let a: Vec<String> = self
                 .addrs
@@ -292,10 +297,19 @@ impl fmt::Display for Seen {
                     )
                 })
                 .collect();
-            parts.push(if a.is_empty() {
-                format!("{i} (no IPv4)")
+            if a.is_empty() {
+                bare.push(i.as_str());
             } else {
-                format!("{i} {}", a.join(" "))
+                parts.push(format!("{i} {}", a.join(" ")));
+            }
+        }
+        if !bare.is_empty() {
+            let named = bare[..bare.len().min(MAX_NAMED_WITHOUT_IPV4)].join(" ");
+            let more = bare.len().saturating_sub(MAX_NAMED_WITHOUT_IPV4);
+            parts.push(if more > 0 {
+                format!("without IPv4: {named} and {more} more")
+            } else {
+                format!("without IPv4: {named}")
             });
         }
         if parts.is_empty() {
@@ -672,6 +686,18 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("on no interface"), "{e}");
+    }
+
+    #[test]
+    fn messages_count_rather_than_name_many_interfaces_without_ipv4() {
+        let mut s = node();
+        for k in 0..300 {
+            s.interfaces.push(format!("mg{k:011x}"));
+        }
+        let text = s.to_string();
+        assert!(text.contains("eth1 192.168.50.7/24"), "{text}");
+        assert!(text.contains("without IPv4: mg00000000000 "), "{text}");
+        assert!(text.ends_with("and 292 more"), "{text}");
     }
 
     #[test]
