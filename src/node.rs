@@ -95,10 +95,10 @@ pub struct NodeArgs {
     /// The node's IPv4 address (default: first found, skipping lo, pod and virtual interfaces).
     #[arg(long, env = "IP")]
     pub ip: Option<Ipv4Addr>,
-    /// How to find the node address when --ip is not given. Only `first-found` so far (Calico's
-    /// `interface=`, `skip-interface=`, `can-reach=`, `cidr=` are not implemented yet).
-    #[arg(long, env = "MARGAY_IP_AUTODETECTION_METHOD", default_value = "first-found", value_parser = ["first-found"])]
-    pub ip_autodetection_method: String,
+    /// How to find the node address when --ip is not given (Calico's IP_AUTODETECTION_METHOD): first-found,
+    /// interface=REGEX[,REGEX], skip-interface=REGEX[,REGEX], can-reach=IP|HOSTNAME or cidr=CIDR[,CIDR].
+    #[arg(long, env = "MARGAY_IP_AUTODETECTION_METHOD", default_value = "first-found", value_parser = crate::dataplane::autodetect::parse_method)]
+    pub ip_autodetection_method: crate::dataplane::autodetect::Method,
     /// The CNI socket margay-cni connects to.
     #[arg(long, env = "MARGAY_CNI_SOCKET", default_value = DEFAULT_SOCKET)]
     pub cni_socket: PathBuf,
@@ -343,7 +343,10 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     let netns = args.netns.clone();
     let (ip, prefix_len) = match args.ip {
         Some(ip) => (ip, prefix_len_of(netns.as_deref(), ip)),
-        None => autodetect_ipv4(netns.as_deref())?,
+        None => crate::dataplane::autodetect::detect_ipv4(
+            &args.ip_autodetection_method,
+            netns.as_deref(),
+        )?,
     };
     let endpoints = etcd.etcd_endpoints.join(",");
     let ds = etcd

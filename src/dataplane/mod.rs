@@ -4,6 +4,7 @@
 //! All netlink work for a node runs in that node's network namespace (sockets are opened by a thread that
 //! entered it, see [`netns`]), so a lab can run many nodes on one machine.
 
+pub mod autodetect;
 pub mod error;
 pub mod fib;
 pub mod nat;
