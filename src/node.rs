@@ -23,7 +23,7 @@
 //! so both are the same there.
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,7 +32,7 @@ use anyhow::Context;
 use futures::FutureExt;
 use ipnetwork::IpNetwork;
 use prometheus_client::registry::Registry;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 
 use crate::api::{self, ReadyState, StatusReport};
 use crate::bgp::policy::Policy;
@@ -40,18 +40,22 @@ use crate::bgp::rib::{FibEvent, RibInput};
 use crate::bgp::speaker::{self, DesiredPeer, SpeakerConfig, SpeakerHandle};
 use crate::bgp::wire::types::PathAttributes;
 use crate::cli::EtcdArgs;
-use crate::cni::backend::{
-    Attachment, CniBackend, DelRequest, GcRequest, PodRequest, StatusRequest,
-};
 use crate::cni::server::{CniServer, ServerConfig};
-use crate::cni::types::{codes, Cidr, CniError, Dns, Route as CniRoute, DEFAULT_SOCKET};
+use crate::cni::types::DEFAULT_SOCKET;
 use crate::config::bgp::{AsNumber, ConfigSet, Node, NodeBgpSpec, NodeSpec, KIND_NODE};
 use crate::config::peers::desired_peers;
 use crate::config::{ObjectMeta, API_VERSION};
 use crate::dataplane::fib::{Fib, FibConfig, FibHandle, NextHop, Route};
-use crate::dataplane::pod::{self, PodSpec, POD_GATEWAY_V4};
 use crate::datastore::{keys, Datastore, WatchMessage, Watcher};
-use crate::ipam::{AssignRequest, IpamError, NodeInfo, NodeIpam};
+use crate::ipam::{NodeInfo, NodeIpam};
+
+mod backend;
+pub mod restart;
+pub mod services;
+
+pub use backend::{attachment, resolve_pools, NodeBackend};
+pub use restart::{reconcile_pods, PodReconcile, Readiness};
+pub use services::service_prefixes;
 
 /// Where Calico keeps Node resources (`/calico/resources/v3/projectcalico.org/nodes/<name>`).
 pub const NODES_PLURAL: &str = "nodes";
@@ -117,6 +121,13 @@ pub struct NodeArgs {
     /// MTU of pod interfaces when the CNI configuration gives none.
     #[arg(long, default_value_t = 1500)]
     pub pod_mtu: u32,
+    /// A default IPv6 pool, created when the variable is set and no IPv6 pool exists (Calico:
+    /// CALICO_IPV6POOL_CIDR). Pods still get IPv4 addresses only.
+    #[arg(long, env = "MARGAY_IPV6POOL_CIDR")]
+    pub ipv6_pool_cidr: Option<ipnetwork::Ipv6Network>,
+    /// Block size of the default IPv6 pool.
+    #[arg(long, env = "MARGAY_IPV6POOL_BLOCK_SIZE", default_value_t = 122)]
+    pub ipv6_pool_block_size: u8,
 }
 
 /// Run the node daemon until SIGTERM/SIGINT.
@@ -293,6 +304,37 @@ pub async fn ensure_default_pool(
     }
 }
 
+/// Create the default IPv6 pool when no IPv6 pool exists (Calico creates each family's default pool on its
+/// own). natOutgoing is off, as in Calico's default IPv6 pool.
+pub async fn ensure_default_ipv6_pool(
+    ds: &Datastore,
+    cidr: ipnetwork::Ipv6Network,
+    block_size: u8,
+) -> anyhow::Result<()> {
+    let (pools, _) = ds
+        .list(&keys::resource_prefix(crate::config::ippool::PLURAL))
+        .await?;
+    for kv in &pools {
+        let pool: crate::config::ippool::IpPool = serde_json::from_slice(&kv.value)
+            .with_context(|| format!("stored IPPool at {} is not valid", kv.key))?;
+        if pool.spec.cidr.is_ipv6() {
+            return Ok(());
+        }
+    }
+    let doc = format!(
+        "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata:\n  name: default-ipv6-ippool\nspec:\n  cidr: {cidr}\n  blockSize: {block_size}\n  natOutgoing: false\n  nodeSelector: all()\n"
+    );
+    match crate::cli::resources::apply(ds, &doc).await {
+        Ok(_) => {
+            tracing::info!(%cidr, block_size, "created the default IPv6 pool");
+            Ok(())
+        }
+        Err(e) => Err(anyhow::anyhow!(
+            "creating the default IPv6 pool {cidr}: {e}"
+        )),
+    }
+}
+
 /// The BGP resources in the datastore, validated together (a bad set is refused as a whole).
 pub async fn load_config(ds: &Datastore) -> anyhow::Result<ConfigSet> {
     let mut text = String::new();
@@ -325,14 +367,8 @@ struct Identity {
     ip: Ipv4Addr,
     asn: u32,
     port: u16,
-}
-
-async fn derive_peers(ds: &Datastore, id: &Identity) -> anyhow::Result<Vec<DesiredPeer>> {
-    let set = load_config(ds).await?;
-    Ok(desired_peers(&set, &id.name)?
-        .iter()
-        .map(|p| DesiredPeer::from_config(p, id.ip))
-        .collect())
+    /// routeReflectorClusterID of this node's Node resource, as the speaker was started with.
+    cluster_id: Option<Ipv4Addr>,
 }
 
 async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
@@ -356,16 +392,24 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     ensure_default_pool(&ds, args.ipv4_pool_cidr, args.ipv4_pool_block_size)
         .await
         .map_err(on_etcd)?;
+    if let Some(v6) = args.ipv6_pool_cidr {
+        ensure_default_ipv6_pool(&ds, v6, args.ipv6_pool_block_size)
+            .await
+            .map_err(on_etcd)?;
+    }
     let set = load_config(&ds).await.map_err(on_etcd)?;
     let asn = args
         .as_number
         .or_else(|| set.nodes.get(&name).and_then(Node::as_number))
         .unwrap_or_else(|| set.default_bgp().as_number());
+    // A node with routeReflectorClusterID reflects for its clients (RFC 4456); desired_peers marks them.
+    let cluster_id = set.nodes.get(&name).and_then(Node::cluster_id);
     let id = Identity {
         port: set.listen_port(&name),
         name: name.clone(),
         ip,
         asn,
+        cluster_id,
     };
 
     // ensure_node logs what it changed.
@@ -375,6 +419,8 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
             .await
             .map_err(|e| anyhow::anyhow!("IPAM for node {name:?} (etcd at {endpoints}): {e}"))?,
     );
+    // The FIB adopts the routes of margay's protocol it finds (a restart keeps forwarding on them); what
+    // nobody re-announces is swept after BGP has converged (restart::run).
     let fib = Fib::spawn(FibConfig {
         netns: netns.clone(),
         ..Default::default()
@@ -386,7 +432,7 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         SpeakerConfig {
             local_asn: asn,
             router_id: ip,
-            cluster_id: None,
+            cluster_id,
             listen: vec![SocketAddr::from((Ipv4Addr::UNSPECIFIED, id.port))],
             rib_capacity: 1024,
         },
@@ -395,6 +441,9 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     )
     .await
     .with_context(|| format!("starting the BGP speaker on port {}", id.port))?;
+    if let Some(c) = cluster_id {
+        tracing::info!(cluster_id = %c, "route reflector: reflecting for this node's route-reflector clients");
+    }
     let spk = Arc::new(spk);
     let learned = tokio::spawn(learned_routes(fib_rx, fib.clone()));
 
@@ -406,19 +455,29 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         ip,
         refresh.clone(),
     ));
-    let peers_applied = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let peers = tokio::spawn(peer_loop(
-        ds.clone(),
-        id.clone(),
+    let (applied_tx, applied_rx) = watch::channel(false);
+    let peers = tokio::spawn(peer_loop(ds.clone(), id.clone(), spk.clone(), applied_tx));
+    let (ready_tx, ready_rx) = watch::channel(Readiness::Syncing(
+        "BGP peers not yet derived from the datastore (see the log)".to_string(),
+    ));
+    let converging = tokio::spawn(restart::run(
         spk.clone(),
-        peers_applied.clone(),
+        fib.clone(),
+        ipam.clone(),
+        applied_rx,
+        ready_tx,
     ));
 
+    // Before the first ADD: the pods the kernel holds, compared with what IPAM says this node owns.
+    if let Err(e) = reconcile_pods(&ipam, netns.clone()).await {
+        tracing::warn!(error = %format!("{e:#}"), "restart: pod veths not reconciled with IPAM");
+    }
     let backend = Arc::new(NodeBackend {
         ipam: ipam.clone(),
         netns: netns.clone(),
         mtu: args.pod_mtu,
         refresh: refresh.clone(),
+        spool_socket: Some(args.cni_socket.clone()),
     });
     let mut registry = Registry::default();
     let cni_metrics = crate::cni::server::CniMetrics::register(&mut registry);
@@ -441,9 +500,10 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     let status_source = move || {
         let spk = status_spk.clone();
         let id = status_id.clone();
-        // Ready once the peers have been derived from the datastore and applied (IPAM, the FIB and the
-        // CNI socket are up before the endpoint starts). Not tied to every peer being Established.
-        let ready = peers_applied.load(std::sync::atomic::Ordering::Relaxed);
+        // Ready once the datastore is synced (IPAM view loaded before this endpoint starts, peers derived
+        // and applied) and BGP has converged (End-of-RIB from the Established peers, bounded wait). Not
+        // tied to every peer being Established.
+        let reason = ready_rx.borrow().reason();
         async move {
             StatusReport {
                 role: "node".into(),
@@ -453,10 +513,8 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
                 router_id: id.ip.to_string(),
                 uptime_seconds: started.elapsed().as_secs(),
                 ready: ReadyState {
-                    ready,
-                    reason: (!ready).then(|| {
-                        "BGP peers not yet derived from the datastore (see the log)".to_string()
-                    }),
+                    ready: reason.is_none(),
+                    reason,
                 },
                 peers: spk.status().await.unwrap_or_default(),
             }
@@ -496,7 +554,7 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     };
     let _ = stop_tx.send(());
     // Wait for the aborted tasks to drop what they hold, so the speaker handle is ours alone again.
-    for t in [peers, adverts, learned] {
+    for t in [peers, adverts, learned, converging] {
         t.abort();
         let _ = t.await;
     }
@@ -628,17 +686,24 @@ async fn advertise_blocks(
     }
 }
 
-/// Re-derive the peers from the datastore on every change the watch reports and every [`PEER_POLL`];
-/// apply only when the set changed.
+/// Re-derive the peers and the service prefixes from the datastore on every change the watch reports and
+/// every [`PEER_POLL`]; apply only what changed.
 async fn peer_loop(
     ds: Arc<Datastore>,
     id: Identity,
     spk: Arc<SpeakerHandle>,
-    applied: Arc<std::sync::atomic::AtomicBool>,
+    applied: watch::Sender<bool>,
 ) {
     let mut current: Option<Vec<DesiredPeer>> = None;
+    let mut services: BTreeSet<IpNetwork> = BTreeSet::new();
     let mut last_error: Option<String> = None;
+    let mut warned_cluster_id = None;
     let mut watcher: Option<Watcher> = None;
+    let rib = spk.rib();
+    let attrs = Arc::new(PathAttributes {
+        next_hop: Some(id.ip),
+        ..Default::default()
+    });
     loop {
         // Watch every v3 resource from before the read below, so no change between the read and the watch
         // is missed. A failed or compacted watch is re-created on the next round; the poll stays as a net.
@@ -647,17 +712,52 @@ async fn peer_loop(
                 watcher = Some(ds.watch(keys::RESOURCES_PREFIX, rev + 1));
             }
         }
-        match derive_peers(&ds, &id).await {
-            Ok(peers) if current.as_ref() != Some(&peers) => match spk.apply(peers.clone()).await {
-                // The speaker logs what the apply changed.
-                Ok(_) => {
-                    applied.store(true, std::sync::atomic::Ordering::Relaxed);
-                    current = Some(peers);
-                    last_error = None;
+        let derived = async {
+            let set = load_config(&ds).await?;
+            let peers: Vec<DesiredPeer> = desired_peers(&set, &id.name)?
+                .iter()
+                .map(|p| DesiredPeer::from_config(p, id.ip))
+                .collect();
+            anyhow::Ok((set, peers))
+        };
+        match derived.await {
+            Ok((set, peers)) => {
+                last_error = None;
+                let want_cluster_id = set.nodes.get(&id.name).and_then(Node::cluster_id);
+                if want_cluster_id != id.cluster_id && warned_cluster_id != Some(want_cluster_id) {
+                    tracing::warn!(running = ?id.cluster_id, configured = ?want_cluster_id,
+                        "routeReflectorClusterID changed; restart margay node to apply it");
+                    warned_cluster_id = Some(want_cluster_id);
                 }
-                Err(e) => tracing::error!(error = %e, "applying BGP peers"),
-            },
-            Ok(_) => {}
+                // Service CIDRs (calico.md 1.8): originated by every node, next hop self.
+                let want = service_prefixes(&set);
+                let new: Vec<IpNetwork> = want.difference(&services).copied().collect();
+                let gone: Vec<IpNetwork> = services.difference(&want).copied().collect();
+                if !new.is_empty() {
+                    tracing::info!(prefixes = ?new, "advertising service CIDRs");
+                    let _ = rib
+                        .send(RibInput::Originate {
+                            prefixes: new,
+                            attrs: attrs.clone(),
+                        })
+                        .await;
+                }
+                if !gone.is_empty() {
+                    tracing::info!(prefixes = ?gone, "withdrawing service CIDRs");
+                    let _ = rib.send(RibInput::WithdrawLocal { prefixes: gone }).await;
+                }
+                services = want;
+                if current.as_ref() != Some(&peers) {
+                    match spk.apply(peers.clone()).await {
+                        // The speaker logs what the apply changed.
+                        Ok(_) => {
+                            applied.send_replace(true);
+                            current = Some(peers);
+                        }
+                        Err(e) => tracing::error!(error = %e, "applying BGP peers"),
+                    }
+                }
+            }
             Err(e) => {
                 let msg = format!("{e:#}");
                 if last_error.as_ref() != Some(&msg) {
@@ -685,198 +785,11 @@ async fn peer_loop(
     }
 }
 
-/// The CNI backend of a node: IPAM in etcd + pod plumbing in the kernel + a nudge to the advertiser.
-pub struct NodeBackend {
-    pub ipam: Arc<NodeIpam>,
-    pub netns: Option<PathBuf>,
-    pub mtu: u32,
-    pub refresh: Arc<Notify>,
-}
-
-fn ipam_error(what: &str, e: IpamError) -> CniError {
-    if e.is_unreachable() {
-        CniError::try_again(format!("{what}: {e}"), "etcd is not reachable; retry")
-    } else {
-        CniError::new(codes::INTERNAL, format!("{what}: {e}"), "")
-    }
-}
-
-fn attachment(
-    host_ifname: String,
-    pod_ifname: String,
-    pod_mac: Option<String>,
-    mtu: u32,
-    ip: Ipv4Addr,
-) -> Attachment {
-    Attachment {
-        host_ifname,
-        host_mac: Some("ee:ee:ee:ee:ee:ee".into()),
-        pod_ifname,
-        pod_mac,
-        mtu: Some(mtu),
-        ips: vec![Cidr {
-            addr: IpAddr::V4(ip),
-            prefix: 32,
-        }],
-        routes: vec![CniRoute {
-            dst: Cidr {
-                addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-                prefix: 0,
-            },
-            gw: Some(IpAddr::V4(POD_GATEWAY_V4)),
-        }],
-        dns: Dns::default(),
-    }
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, crate::dataplane::DataplaneError> + Send + 'static,
-) -> Result<T, CniError> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(CniError::new(codes::INTERNAL, e.to_string(), "")),
-        Err(e) => Err(CniError::new(
-            codes::INTERNAL,
-            format!("dataplane task: {e}"),
-            "",
-        )),
-    }
-}
-
-impl NodeBackend {
-    /// The pod's IPv4 address as the kernel holds it (the host route through its veth).
-    async fn plumbed_ipv4(&self, workload_id: &str) -> Result<Option<Ipv4Addr>, CniError> {
-        let netns = self.netns.clone();
-        let pods = blocking(move || pod::list_pods(netns.as_deref())).await?;
-        Ok(pods
-            .into_iter()
-            .find(|p| p.workload_id == workload_id)
-            .and_then(|p| {
-                p.ips.into_iter().find_map(|a| match a {
-                    IpAddr::V4(v) => Some(v),
-                    IpAddr::V6(_) => None,
-                })
-            }))
-    }
-}
-
-impl CniBackend for NodeBackend {
-    async fn add(&self, req: PodRequest) -> Result<Attachment, CniError> {
-        let handle = req.handle_id();
-        let mut ask = AssignRequest::v4(&handle);
-        if let Some(p) = &req.pod {
-            ask.attributes
-                .insert("namespace".into(), p.namespace.clone());
-            ask.attributes.insert("pod".into(), p.name.clone());
-        }
-        if !req.ipv4_pools.is_empty() {
-            return Err(CniError::invalid_config(
-                "ipv4_pools overrides are not supported by this margay node yet; remove them from the CNI configuration",
-            ));
-        }
-        let assigned = self
-            .ipam
-            .assign(ask)
-            .await
-            .map_err(|e| ipam_error("IPAM assign", e))?;
-        let Some(ip) = assigned.ips.iter().find_map(|a| match a.ip {
-            IpAddr::V4(v) => Some(v),
-            IpAddr::V6(_) => None,
-        }) else {
-            let _ = self.ipam.release_handle(&handle).await;
-            return Err(CniError::new(
-                codes::IPAM_EXHAUSTED,
-                "no IPv4 address available for this node",
-                "",
-            ));
-        };
-        // The block may be new: advertise it before the pod sends its first packet.
-        self.refresh.notify_one();
-        let mtu = req.mtu.unwrap_or(self.mtu);
-        let spec = PodSpec {
-            node_netns: self.netns.clone(),
-            pod_netns: req.netns.clone(),
-            workload_id: req.workload_id(),
-            ifname: req.ifname.clone(),
-            mtu,
-            ipv4: Some(ip),
-            ipv6: None,
-        };
-        match blocking(move || pod::add_pod(&spec)).await {
-            Ok(r) => Ok(attachment(
-                r.host_ifname,
-                r.pod_ifname,
-                Some(r.pod_mac),
-                mtu,
-                ip,
-            )),
-            Err(e) => {
-                // Roll back: the address goes back to the pool (add_pod removes what it half built).
-                if let Err(re) = self.ipam.release_handle(&handle).await {
-                    tracing::error!(handle, error = %re, "rollback: releasing the address failed");
-                }
-                self.refresh.notify_one();
-                Err(e)
-            }
-        }
-    }
-
-    async fn del(&self, req: DelRequest) -> Result<(), CniError> {
-        let netns = self.netns.clone();
-        let wid = req.workload_id();
-        blocking(move || pod::del_pod(netns.as_deref(), &wid)).await?;
-        self.ipam
-            .release_handle(&req.handle_id())
-            .await
-            .map_err(|e| ipam_error("IPAM release", e))?;
-        self.refresh.notify_one();
-        Ok(())
-    }
-
-    async fn check(&self, req: PodRequest) -> Result<Attachment, CniError> {
-        let wid = req.workload_id();
-        let Some(ip) = self.plumbed_ipv4(&wid).await? else {
-            return Err(CniError::new(
-                codes::CHECK_FAILED,
-                format!("no pod interface for workload {wid:?} on this node"),
-                "",
-            ));
-        };
-        let mtu = req.mtu.unwrap_or(self.mtu);
-        let spec = PodSpec {
-            node_netns: self.netns.clone(),
-            pod_netns: req.netns.clone(),
-            workload_id: wid.clone(),
-            ifname: req.ifname.clone(),
-            mtu,
-            ipv4: Some(ip),
-            ipv6: None,
-        };
-        let host = pod::host_ifname(&wid);
-        blocking(move || pod::check_pod(&spec)).await?;
-        Ok(attachment(host, req.ifname, None, mtu, ip))
-    }
-
-    async fn status(&self, _req: StatusRequest) -> Result<(), CniError> {
-        self.ipam
-            .routes()
-            .await
-            .map(|_| ())
-            .map_err(|e| ipam_error("IPAM", e))
-    }
-
-    async fn gc(&self, _req: GcRequest) -> Result<(), CniError> {
-        Err(CniError::new(
-            codes::INTERNAL,
-            "GC is not supported by this margay node yet",
-            "use `margay ipam check` to find leaked addresses",
-        ))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dataplane::pod::POD_GATEWAY_V4;
+    use std::net::IpAddr;
 
     #[test]
     fn first_found_skips_pod_virtual_and_loopback_interfaces() {

@@ -119,10 +119,20 @@ pub enum SpeakerError {
 enum SpeakerCommand {
     Apply(Vec<DesiredPeer>, oneshot::Sender<ApplyReport>),
     Status(oneshot::Sender<Vec<ApiPeerStatus>>),
+    Sync(oneshot::Sender<Vec<PeerSync>>),
     Shutdown {
         for_restart: bool,
         reply: oneshot::Sender<()>,
     },
+}
+
+/// How far one configured peer is in sending us its table (for convergence after a restart and /readyz).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerSync {
+    pub address: IpAddr,
+    pub established: bool,
+    /// The peer sent End-of-RIB (RFC 4724 section 2) for every family negotiated on its current session.
+    pub end_of_rib: bool,
 }
 
 /// The owner's handle. Dropping it stops the speaker, its peers and the RIB.
@@ -157,6 +167,17 @@ impl SpeakerHandle {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(SpeakerCommand::Status(tx))
+            .await
+            .map_err(|_| SpeakerError::Gone)?;
+        rx.await.map_err(|_| SpeakerError::Gone)
+    }
+
+    /// Per configured peer: Established, and whether its initial table is complete (End-of-RIB received).
+    /// The RIB has been handed every UPDATE that preceded those End-of-RIB markers.
+    pub async fn sync_state(&self) -> Result<Vec<PeerSync>, SpeakerError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(SpeakerCommand::Sync(tx))
             .await
             .map_err(|_| SpeakerError::Gone)?;
         rx.await.map_err(|_| SpeakerError::Gone)
@@ -231,6 +252,9 @@ struct RunningPeer {
     handle: PeerHandle,
     /// The Established session, if any, and the writer task encoding the RIB's output for it.
     session: Option<(SessionId, tokio::task::JoinHandle<()>)>,
+    /// Families negotiated on the current session, and those the peer has sent End-of-RIB for.
+    families: Vec<Family>,
+    end_of_rib: Vec<Family>,
 }
 
 struct Speaker {
@@ -256,6 +280,9 @@ impl Speaker {
                     }
                     Some(SpeakerCommand::Status(reply)) => {
                         let _ = reply.send(self.status().await);
+                    }
+                    Some(SpeakerCommand::Sync(reply)) => {
+                        let _ = reply.send(self.sync_state());
                     }
                     Some(SpeakerCommand::Shutdown { for_restart, reply }) => {
                         for (_, p) in std::mem::take(&mut self.peers) {
@@ -348,6 +375,8 @@ impl Speaker {
                 desired: d,
                 handle,
                 session: None,
+                families: Vec::new(),
+                end_of_rib: Vec::new(),
             },
         );
     }
@@ -403,6 +432,8 @@ impl Speaker {
                     p.handle.commands(),
                 ));
                 p.session = Some((session, writer));
+                p.families = negotiated.families.clone();
+                p.end_of_rib.clear();
                 let info = peer_info(&p.desired, &negotiated);
                 let id = p.id;
                 self.to_rib(RibInput::PeerUp {
@@ -433,6 +464,11 @@ impl Speaker {
             } => {
                 if let Some(id) = self.live_id(peer, session) {
                     self.to_rib(RibInput::EndOfRib { peer: id, family }).await;
+                    if let Some(p) = self.peers.get_mut(&peer) {
+                        if !p.end_of_rib.contains(&family) {
+                            p.end_of_rib.push(family);
+                        }
+                    }
                 }
             }
             SessionEvent::RouteRefresh {
@@ -460,6 +496,7 @@ impl Speaker {
                     if let Some((_, writer)) = p.session.take() {
                         writer.abort();
                     }
+                    p.end_of_rib.clear();
                 }
                 tracing::info!(%peer, %reason, graceful = graceful_restart.is_some(), "BGP session down");
                 self.to_rib(RibInput::PeerDown {
@@ -479,6 +516,20 @@ impl Speaker {
             Some((s, _)) if s == session => Some(p.id),
             _ => None,
         }
+    }
+
+    fn sync_state(&self) -> Vec<PeerSync> {
+        self.peers
+            .iter()
+            .map(|(addr, p)| {
+                let established = p.session.is_some();
+                PeerSync {
+                    address: *addr,
+                    established,
+                    end_of_rib: established && p.families.iter().all(|f| p.end_of_rib.contains(f)),
+                }
+            })
+            .collect()
     }
 
     async fn status(&self) -> Vec<ApiPeerStatus> {

@@ -1,0 +1,75 @@
+//! Service address export: the CIDRs of the cluster's BGPConfiguration that every node originates.
+//!
+//! Calico (confd `routes.go`, calico.md 1.8) advertises `serviceClusterIPs` and `serviceExternalIPs` from
+//! every node, and `serviceLoadBalancerIPs` too while `serviceLoadBalancerAggregation` is Enabled (the
+//! default); with aggregation Disabled it advertises a /32 per LoadBalancer service, which needs the
+//! Kubernetes Services API that margay does not watch, so nothing is advertised for them (logged).
+//! The prefixes go to the RIB as local routes with the node as next hop; kube-proxy owns the forwarding,
+//! so no kernel route is written here.
+
+use std::collections::BTreeSet;
+
+use ipnetwork::IpNetwork;
+
+use crate::config::bgp::{CidrEntry, ConfigSet};
+
+/// The service prefixes the cluster's `default` BGPConfiguration asks every node to originate.
+pub fn service_prefixes(set: &ConfigSet) -> BTreeSet<IpNetwork> {
+    let bgp = set.default_bgp();
+    let s = &bgp.spec;
+    let mut lists: Vec<(&str, &[CidrEntry])> = vec![
+        ("serviceClusterIPs", &s.service_cluster_ips),
+        ("serviceExternalIPs", &s.service_external_ips),
+    ];
+    if bgp.service_load_balancer_aggregation() == "Enabled" {
+        lists.push(("serviceLoadBalancerIPs", &s.service_load_balancer_ips));
+    }
+    let mut out = BTreeSet::new();
+    for (field, entries) in lists {
+        for e in entries {
+            match e.cidr.parse::<IpNetwork>() {
+                // Normalised to the network address, as BIRD's static route would be.
+                Ok(n) => match IpNetwork::new(n.network(), n.prefix()) {
+                    Ok(n) => {
+                        out.insert(n);
+                    }
+                    Err(_) => {
+                        tracing::warn!(field, cidr = %e.cidr, "service CIDR not advertised: bad prefix")
+                    }
+                },
+                // Validation of the BGPConfiguration refuses these; kept as a guard.
+                Err(err) => {
+                    tracing::warn!(field, cidr = %e.cidr, error = %err, "service CIDR not advertised")
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(yaml: &str) -> ConfigSet {
+        ConfigSet::from_yaml(yaml).expect("valid set")
+    }
+
+    #[test]
+    fn cluster_external_and_aggregated_load_balancer_cidrs() {
+        let s = set("apiVersion: projectcalico.org/v3\nkind: BGPConfiguration\nmetadata:\n  name: default\nspec:\n  serviceClusterIPs:\n  - cidr: 10.96.0.0/12\n  serviceExternalIPs:\n  - cidr: 192.0.2.0/24\n  serviceLoadBalancerIPs:\n  - cidr: 198.51.100.0/24\n");
+        let p: Vec<String> = service_prefixes(&s).iter().map(|n| n.to_string()).collect();
+        assert_eq!(p, ["10.96.0.0/12", "192.0.2.0/24", "198.51.100.0/24"]);
+    }
+
+    #[test]
+    fn load_balancer_cidrs_only_while_aggregated() {
+        let s = set("apiVersion: projectcalico.org/v3\nkind: BGPConfiguration\nmetadata:\n  name: default\nspec:\n  serviceLoadBalancerIPs:\n  - cidr: 198.51.100.0/24\n  serviceLoadBalancerAggregation: Disabled\n");
+        assert!(service_prefixes(&s).is_empty());
+    }
+
+    #[test]
+    fn no_configuration_no_services() {
+        assert!(service_prefixes(&ConfigSet::default()).is_empty());
+    }
+}
