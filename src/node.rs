@@ -278,6 +278,22 @@ pub async fn register_node(
     anyhow::bail!("Node {name:?} kept changing under us while registering it; try again")
 }
 
+/// Delete a node's Node resource (as `calicoctl delete node` does), so the other nodes drop it from
+/// their mesh and withdraw its routes. Ok(false) when there was none.
+pub async fn remove_node_resource(ds: &Datastore, name: &str) -> anyhow::Result<bool> {
+    let key = keys::resource_key(NODES_PLURAL, name);
+    for _ in 0..10 {
+        let Some(kv) = ds.get(&key).await? else {
+            return Ok(false);
+        };
+        if ds.delete(&key, kv.mod_revision).await?.is_some() {
+            tracing::info!(node = name, "Node resource deleted");
+            return Ok(true);
+        }
+    }
+    anyhow::bail!("Node {name:?} kept changing while deleting it; try again")
+}
+
 /// Create the default IPv4 pool when the datastore has no pool at all (as calico-node does at start).
 pub async fn ensure_default_pool(
     ds: &Datastore,
@@ -576,6 +592,18 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     outcome
 }
 
+/// `a, b, c` (or `none`) for a log line.
+pub(crate) fn prefix_list(prefixes: &[IpNetwork]) -> String {
+    if prefixes.is_empty() {
+        return "none".into();
+    }
+    prefixes
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Routes learned over BGP into the kernel: each ECMP set as one route via its next hops.
 async fn learned_routes(mut rx: mpsc::Receiver<Vec<FibEvent>>, fib: FibHandle) {
     while let Some(events) = rx.recv().await {
@@ -651,7 +679,7 @@ async fn advertise_blocks(
                     }
                 }
                 if !new.is_empty() {
-                    tracing::info!(prefixes = ?new, "advertising");
+                    tracing::info!(prefixes = %prefix_list(&new), "advertising");
                     let _ = rib
                         .send(RibInput::Originate {
                             prefixes: new,
@@ -660,7 +688,7 @@ async fn advertise_blocks(
                         .await;
                 }
                 if !gone.is_empty() {
-                    tracing::info!(prefixes = ?gone, "withdrawing");
+                    tracing::info!(prefixes = %prefix_list(&gone), "withdrawing");
                     let _ = rib
                         .send(RibInput::WithdrawLocal {
                             prefixes: gone.clone(),
@@ -734,7 +762,7 @@ async fn peer_loop(
                 let new: Vec<IpNetwork> = want.difference(&services).copied().collect();
                 let gone: Vec<IpNetwork> = services.difference(&want).copied().collect();
                 if !new.is_empty() {
-                    tracing::info!(prefixes = ?new, "advertising service CIDRs");
+                    tracing::info!(prefixes = %prefix_list(&new), "advertising service CIDRs");
                     let _ = rib
                         .send(RibInput::Originate {
                             prefixes: new,
@@ -743,7 +771,7 @@ async fn peer_loop(
                         .await;
                 }
                 if !gone.is_empty() {
-                    tracing::info!(prefixes = ?gone, "withdrawing service CIDRs");
+                    tracing::info!(prefixes = %prefix_list(&gone), "withdrawing service CIDRs");
                     let _ = rib.send(RibInput::WithdrawLocal { prefixes: gone }).await;
                 }
                 services = want;

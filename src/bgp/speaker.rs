@@ -383,19 +383,18 @@ impl Speaker {
 
     async fn stop_peer(&mut self, addr: IpAddr) {
         if let Some(p) = self.peers.remove(&addr) {
-            let was_up = p.session.is_some();
             if let Some((_, writer)) = p.session {
                 writer.abort();
             }
             p.handle.shutdown().await;
-            if was_up {
-                // Removed by configuration: its routes go now, no graceful restart.
-                self.to_rib(RibInput::PeerDown {
-                    peer: p.id,
-                    graceful: false,
-                })
-                .await;
-            }
+            // Removed by configuration: its routes go now, no graceful restart. Also when its session is
+            // already down: the RIB may be keeping its routes as stale for a restart that will not come
+            // (a node removed while its daemon was dead); for a peer the RIB never saw this is a no-op.
+            self.to_rib(RibInput::PeerDown {
+                peer: p.id,
+                graceful: false,
+            })
+            .await;
         }
     }
 

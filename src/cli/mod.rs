@@ -115,7 +115,8 @@ pub enum IpamCmd {
 pub enum NodeCmd {
     /// Run the node daemon: IPAM + BGP + kernel FIB + CNI server + HTTP status.
     Run(Box<crate::node::NodeArgs>),
-    /// Remove a node from IPAM: its affinities, its blocks (releasing their addresses) and handles.
+    /// Remove a node: its Node resource (the other nodes drop their mesh session and its routes) and its
+    /// IPAM state: affinities, blocks (releasing their addresses) and handles.
     Remove { name: String },
 }
 
@@ -149,8 +150,18 @@ pub async fn run_node(etcd: &EtcdArgs, cmd: &NodeCmd) -> Result<String, CliError
     let ds = etcd.datastore()?;
     match cmd {
         NodeCmd::Remove { name } => {
+            let resource = match crate::node::remove_node_resource(&ds, name).await {
+                Ok(true) => format!("Deleted Node resource {name:?}\n"),
+                Ok(false) => format!("No Node resource {name:?} (nothing to delete)\n"),
+                Err(e) => {
+                    return Err(match e.downcast::<DatastoreError>() {
+                        Ok(d) => d.into(),
+                        Err(e) => CliError::Usage(format!("{e:#}")),
+                    })
+                }
+            };
             let r = crate::ipam::ops::remove_node(&ds, name).await?;
-            Ok(format!(
+            Ok(resource + &format!(
                 "Removed node {name:?} from IPAM: {} affinities, {} blocks deleted, {} blocks kept for other nodes' addresses, {} addresses released\n",
                 r.affinities_deleted, r.blocks_deleted, r.blocks_released, r.addresses_released
             ))

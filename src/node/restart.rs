@@ -285,7 +285,7 @@ pub async fn sweep(
             .await
             .map_err(|e| anyhow::anyhow!("removing stale routes: {e}"))?;
     }
-    tracing::info!(routes = ?report.routes, blackholes = ?report.blackholes,
+    tracing::info!(routes = %super::prefix_list(&report.routes), blackholes = %super::prefix_list(&report.blackholes),
         "restart: swept routes nobody re-announced after convergence");
     Ok(report)
 }
