@@ -125,6 +125,13 @@ pub struct NodeArgs {
     /// CALICO_IPV6POOL_CIDR). Pods still get IPv4 addresses only.
     #[arg(long, env = "MARGAY_IPV6POOL_CIDR")]
     pub ipv6_pool_cidr: Option<ipnetwork::Ipv6Network>,
+    /// After a start, how long (seconds) to wait for configured peers that are not Established before
+    /// judging convergence on the Established ones alone.
+    #[arg(long, env = "MARGAY_CONVERGE_MIN_WAIT", default_value_t = restart::CONVERGE_MIN_WAIT.as_secs())]
+    pub converge_min_wait: u64,
+    /// The bound (seconds) on the wait for End-of-RIB after a start; then stale routes are swept anyway.
+    #[arg(long, env = "MARGAY_CONVERGE_MAX_WAIT", default_value_t = restart::CONVERGE_MAX_WAIT.as_secs())]
+    pub converge_max_wait: u64,
     /// Block size of the default IPv6 pool.
     #[arg(long, env = "MARGAY_IPV6POOL_BLOCK_SIZE", default_value_t = 122)]
     pub ipv6_pool_block_size: u8,
@@ -482,6 +489,10 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         ipam.clone(),
         applied_rx,
         ready_tx,
+        (
+            Duration::from_secs(args.converge_min_wait),
+            Duration::from_secs(args.converge_max_wait.max(args.converge_min_wait)),
+        ),
     ));
 
     // Before the first ADD: the pods the kernel holds, compared with what IPAM says this node owns.

@@ -58,7 +58,11 @@ fn established(lab: &Lab, node: &str) -> Option<Vec<String>> {
 fn node_with_cluster_id_reflects_for_its_clients_with_the_mesh_off() {
     const T: &str = "node_with_cluster_id_reflects_for_its_clients_with_the_mesh_off";
     if !(require(is_root(), T, "needs root for network namespaces")
-        && require(have("etcd"), T, "etcd is not installed (scripts/install-deps.sh)")
+        && require(
+            have("etcd"),
+            T,
+            "etcd is not installed (scripts/install-deps.sh)",
+        )
         && require(have("etcdctl"), T, "etcdctl is not installed (etcd-client)")
         && require(have("ip"), T, "iproute2 is not installed")
         && require(have("ping"), T, "ping is not installed (iputils-ping)"))
@@ -126,7 +130,8 @@ fn node_with_cluster_id_reflects_for_its_clients_with_the_mesh_off() {
     let (b2, b3) = (own_block(&n2), own_block(&n3));
     for (node, block, via) in [(&n3, b2, ip2), (&n2, b3, ip3)] {
         assert!(
-            eventually(Duration::from_secs(30), || proto77(node).contains(&(block, Some(via)))),
+            eventually(Duration::from_secs(30), || proto77(node)
+                .contains(&(block, Some(via)))),
             "{node} has no reflected route {block} via {via}: {:?}\n{}",
             proto77(node),
             lab.logs()

@@ -290,18 +290,20 @@ pub async fn sweep(
     Ok(report)
 }
 
-/// The restart task: wait for the peers to be applied, converge, sweep, then report ready.
+/// The restart task: wait for the peers to be applied, converge (bounded by `min_wait` / `max_wait`, see
+/// [`convergence`]), sweep, then report ready.
 pub async fn run(
     spk: Arc<SpeakerHandle>,
     fib: FibHandle,
     ipam: Arc<NodeIpam>,
     mut peers_applied: watch::Receiver<bool>,
     ready: watch::Sender<Readiness>,
+    (min_wait, max_wait): (Duration, Duration),
 ) {
     if peers_applied.wait_for(|a| *a).await.is_err() {
         return;
     }
-    converge(&spk, &ready, CONVERGE_MIN_WAIT, CONVERGE_MAX_WAIT).await;
+    converge(&spk, &ready, min_wait, max_wait).await;
     if let Err(e) = sweep(&fib, &spk.rib(), &ipam).await {
         tracing::error!(error = %format!("{e:#}"), "restart: sweeping stale routes failed; they stay until the next restart");
     }

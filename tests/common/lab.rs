@@ -162,16 +162,25 @@ impl Lab {
 
     /// `margay lab restart-node NODE` (also starts a daemon that is not running).
     pub fn restart_node(&self, node: &str) {
-        let (ok, out) = run(Command::new(&self.margay)
-            .args([
-                "lab",
-                "restart-node",
-                node,
-                "--name",
-                &self.name,
-                "--state-dir",
-            ])
-            .arg(&self.state));
+        self.restart_node_with_env(node, &[]);
+    }
+
+    /// `margay lab restart-node NODE` with extra environment for the new daemon (it inherits it).
+    pub fn restart_node_with_env(&self, node: &str, env: &[(&str, &str)]) {
+        let mut cmd = Command::new(&self.margay);
+        cmd.args([
+            "lab",
+            "restart-node",
+            node,
+            "--name",
+            &self.name,
+            "--state-dir",
+        ])
+        .arg(&self.state);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let (ok, out) = run(&mut cmd);
         assert!(ok, "lab restart-node {node}: {out}");
     }
 
