@@ -769,7 +769,7 @@ async fn peer_loop(
                     warned_cluster_id = Some(want_cluster_id);
                 }
                 // Service CIDRs (calico.md 1.8): originated by every node, next hop self.
-                let want = service_prefixes(&set);
+                let want = service_prefixes(&set, &id.name);
                 let new: Vec<IpNetwork> = want.difference(&services).copied().collect();
                 let gone: Vec<IpNetwork> = services.difference(&want).copied().collect();
                 if !new.is_empty() {

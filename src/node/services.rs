@@ -4,6 +4,8 @@
 //! every node, and `serviceLoadBalancerIPs` too while `serviceLoadBalancerAggregation` is Enabled (the
 //! default); with aggregation Disabled it advertises a /32 per LoadBalancer service, which needs the
 //! Kubernetes Services API that margay does not watch, so nothing is advertised for them (logged).
+//! A node labelled `node.kubernetes.io/exclude-from-external-load-balancers=true` advertises none of them
+//! (Calico's reject routes have no counterpart here: margay writes no kernel route for services).
 //! The prefixes go to the RIB as local routes with the node as next hop; kube-proxy owns the forwarding,
 //! so no kernel route is written here.
 
@@ -13,8 +15,19 @@ use ipnetwork::IpNetwork;
 
 use crate::config::bgp::{CidrEntry, ConfigSet};
 
-/// The service prefixes the cluster's `default` BGPConfiguration asks every node to originate.
-pub fn service_prefixes(set: &ConfigSet) -> BTreeSet<IpNetwork> {
+/// The label that keeps a node from advertising service addresses (as in Calico and Kubernetes).
+pub const EXCLUDE_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
+
+/// The service prefixes the cluster's `default` BGPConfiguration asks node `node` to originate.
+pub fn service_prefixes(set: &ConfigSet, node: &str) -> BTreeSet<IpNetwork> {
+    let excluded = set
+        .nodes
+        .get(node)
+        .and_then(|n| n.metadata.labels.get(EXCLUDE_LABEL))
+        .is_some_and(|v| v == "true");
+    if excluded {
+        return BTreeSet::new();
+    }
     let bgp = set.default_bgp();
     let s = &bgp.spec;
     let mut lists: Vec<(&str, &[CidrEntry])> = vec![
@@ -58,18 +71,28 @@ mod tests {
     #[test]
     fn cluster_external_and_aggregated_load_balancer_cidrs() {
         let s = set("apiVersion: projectcalico.org/v3\nkind: BGPConfiguration\nmetadata:\n  name: default\nspec:\n  serviceClusterIPs:\n  - cidr: 10.96.0.0/12\n  serviceExternalIPs:\n  - cidr: 192.0.2.0/24\n  serviceLoadBalancerIPs:\n  - cidr: 198.51.100.0/24\n");
-        let p: Vec<String> = service_prefixes(&s).iter().map(|n| n.to_string()).collect();
+        let p: Vec<String> = service_prefixes(&s, "n1")
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
         assert_eq!(p, ["10.96.0.0/12", "192.0.2.0/24", "198.51.100.0/24"]);
     }
 
     #[test]
     fn load_balancer_cidrs_only_while_aggregated() {
         let s = set("apiVersion: projectcalico.org/v3\nkind: BGPConfiguration\nmetadata:\n  name: default\nspec:\n  serviceLoadBalancerIPs:\n  - cidr: 198.51.100.0/24\n  serviceLoadBalancerAggregation: Disabled\n");
-        assert!(service_prefixes(&s).is_empty());
+        assert!(service_prefixes(&s, "n1").is_empty());
+    }
+
+    #[test]
+    fn an_excluded_node_advertises_no_service_addresses() {
+        let s = set("apiVersion: projectcalico.org/v3\nkind: BGPConfiguration\nmetadata:\n  name: default\nspec:\n  serviceClusterIPs:\n  - cidr: 10.96.0.0/12\n---\napiVersion: projectcalico.org/v3\nkind: Node\nmetadata:\n  name: n1\n  labels:\n    node.kubernetes.io/exclude-from-external-load-balancers: \"true\"\n---\napiVersion: projectcalico.org/v3\nkind: Node\nmetadata:\n  name: n2\n");
+        assert!(service_prefixes(&s, "n1").is_empty());
+        assert_eq!(service_prefixes(&s, "n2").len(), 1);
     }
 
     #[test]
     fn no_configuration_no_services() {
-        assert!(service_prefixes(&ConfigSet::default()).is_empty());
+        assert!(service_prefixes(&ConfigSet::default(), "n1").is_empty());
     }
 }
