@@ -1,22 +1,24 @@
 //! `margay node run`: the per-node daemon, composed from the parts that own the work.
 //!
 //! ```text
-//!   etcd ──Node/BGPConfiguration/BGPPeer (watch + 2 s poll)──▶ desired_peers ──apply──▶ speaker ◀──▶ peers (TCP 179)
-//!     │                                                                          │   ▲
-//!     │                                                         FibEvent (learned)│   │ Originate/WithdrawLocal
-//!     ▼                                                                          ▼   │   (own blocks, borrowed /32)
-//!   NodeIpam ◀──assign/release── CNI server (unix socket) ──add/del_pod──▶ kernel  FIB task (proto 77)
-//!     │                                                                          ▲
-//!     └──routes() (on every ADD/DEL and every second) ──blocks──▶ blackhole routes┘
-//!
-//!   HTTP /status /healthz /readyz /metrics ◀── speaker status
+//!   etcd ──Node/BGPConfiguration/BGPPeer/IPPool (watch + 2 s poll)──▶ peer_loop ──apply──▶ speaker ◀──▶ peers (TCP 179)
+//!     │                                    desired_peers, service CIDRs, │ Originate/WithdrawLocal│ ▲      │
+//!     │                                    export policy ────────────────┴─ SetPolicy ──▶ RIB ◀─┘ │      │ PeerSync
+//!     │                                                                          │  FibEvent     │      ▼
+//!     │                                                                          ▼  (learned)    │   restart::run: End-of-RIB
+//!   NodeIpam ◀──assign/release/GC── CNI server ──add/del_pod──▶ kernel    FIB task (proto 77) ◀─┼── sweep (adopted, not re-learned)
+//!     │         (backend.rs)     (unix socket)                               ▲                  │      │ Readiness
+//!     └──routes() (on every ADD/DEL and every second) ──blocks──▶ blackhole ─┘  advertise_blocks ┘      ▼
+//!                                                                                        HTTP /status /healthz /readyz /metrics
 //! ```
 //!
-//! This module owns the composition only: registering the Node resource, creating the default pool, the
-//! peer refresh loop, the advertisement of the node's blocks, and the [`NodeBackend`] behind the CNI socket.
-//! Peers are re-derived whenever a watch on the v3 resources reports a change (and every 2 seconds as a
-//! safety net); the speaker's `apply` only touches sessions whose settings changed, so unchanged sessions
-//! stay up.
+//! This module owns the composition only: registering the Node resource, creating the default pools, the
+//! peer refresh loop (peers, service CIDRs and the export policy, see [`services`]), the advertisement of the
+//! node's blocks, and the order of the start: the FIB adopts its routes, the pod veths are reconciled with
+//! IPAM, then the CNI socket ([`NodeBackend`]) opens; [`restart`] decides when BGP has converged, sweeps
+//! what nobody re-announced and sets the readiness. Peers are re-derived whenever a watch on the v3
+//! resources reports a change (and every 2 seconds as a safety net); the speaker's `apply` only touches
+//! sessions whose settings changed, so unchanged sessions stay up.
 //!
 //! BGP sockets and the HTTP endpoint live in the namespace the process runs in; `--netns` points the
 //! dataplane (FIB, pod plumbing, sysctls) at another namespace. The lab runs each node inside its namespace,
@@ -55,7 +57,7 @@ pub mod services;
 
 pub use backend::{attachment, resolve_pools, NodeBackend};
 pub use restart::{reconcile_pods, PodReconcile, Readiness};
-pub use services::service_prefixes;
+pub use services::{export_policy, service_prefixes};
 
 /// Where Calico keeps Node resources (`/calico/resources/v3/projectcalico.org/nodes/<name>`).
 pub const NODES_PLURAL: &str = "nodes";
@@ -356,6 +358,19 @@ pub async fn ensure_default_ipv6_pool(
             "creating the default IPv6 pool {cidr}: {e}"
         )),
     }
+}
+
+/// The IP pools in the datastore (for the export policy).
+pub async fn load_pools(ds: &Datastore) -> anyhow::Result<Vec<crate::config::ippool::IpPool>> {
+    let (kvs, _) = ds
+        .list(&keys::resource_prefix(crate::config::ippool::PLURAL))
+        .await?;
+    kvs.iter()
+        .map(|kv| {
+            serde_json::from_slice(&kv.value)
+                .with_context(|| format!("stored IPPool at {} is not valid", kv.key))
+        })
+        .collect()
 }
 
 /// The BGP resources in the datastore, validated together (a bad set is refused as a whole).
@@ -735,8 +750,9 @@ async fn peer_loop(
 ) {
     let mut current: Option<Vec<DesiredPeer>> = None;
     let mut services: BTreeSet<IpNetwork> = BTreeSet::new();
+    let mut policy: Option<Policy> = None;
     let mut last_error: Option<String> = None;
-    let mut warned_cluster_id = None;
+    let mut cluster_id = id.cluster_id;
     let mut watcher: Option<Watcher> = None;
     let rib = spk.rib();
     let attrs = Arc::new(PathAttributes {
@@ -757,16 +773,19 @@ async fn peer_loop(
                 .iter()
                 .map(|p| DesiredPeer::from_config(p, id.ip))
                 .collect();
-            anyhow::Ok((set, peers))
+            let pools = load_pools(&ds).await?;
+            anyhow::Ok((set, peers, pools))
         };
         match derived.await {
-            Ok((set, peers)) => {
+            Ok((set, peers, pools)) => {
                 last_error = None;
+                // routeReflectorClusterID changed live (a node made a reflector or no longer one): the RIB takes
+                // the new id before the apply below restarts the sessions whose client role changed.
                 let want_cluster_id = set.nodes.get(&id.name).and_then(Node::cluster_id);
-                if want_cluster_id != id.cluster_id && warned_cluster_id != Some(want_cluster_id) {
-                    tracing::warn!(running = ?id.cluster_id, configured = ?want_cluster_id,
-                        "routeReflectorClusterID changed; restart margay node to apply it");
-                    warned_cluster_id = Some(want_cluster_id);
+                if want_cluster_id != cluster_id {
+                    tracing::info!(from = ?cluster_id, to = ?want_cluster_id, "route-reflector cluster id changed");
+                    let _ = rib.send(RibInput::SetClusterId(want_cluster_id)).await;
+                    cluster_id = want_cluster_id;
                 }
                 // Service CIDRs (calico.md 1.8): originated by every node, next hop self.
                 let want = service_prefixes(&set, &id.name);
@@ -786,6 +805,14 @@ async fn peer_loop(
                     let _ = rib.send(RibInput::WithdrawLocal { prefixes: gone }).await;
                 }
                 services = want;
+                // Before the first apply, so no session ever sees a wider export than Calico's.
+                let want_policy = export_policy(&pools, &services);
+                if policy.as_ref() != Some(&want_policy) {
+                    let _ = rib
+                        .send(RibInput::SetPolicy(Arc::new(want_policy.clone())))
+                        .await;
+                    policy = Some(want_policy);
+                }
                 if current.as_ref() != Some(&peers) {
                     match spk.apply(peers.clone()).await {
                         // The speaker logs what the apply changed.

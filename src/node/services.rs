@@ -1,4 +1,5 @@
-//! Service address export: the CIDRs of the cluster's BGPConfiguration that every node originates.
+//! What a node exports: the service CIDRs of the cluster's BGPConfiguration that every node originates, and
+//! the export policy (Calico's `calico_export_to_bgp_peers`, calico.md 1.5) the node's RIB applies.
 //!
 //! Calico (confd `routes.go`, calico.md 1.8) advertises `serviceClusterIPs` and `serviceExternalIPs` from
 //! every node, and `serviceLoadBalancerIPs` too while `serviceLoadBalancerAggregation` is Enabled (the
@@ -13,7 +14,30 @@ use std::collections::BTreeSet;
 
 use ipnetwork::IpNetwork;
 
+use crate::bgp::policy::{ExportRule, Policy, PoolExport};
 use crate::config::bgp::{CidrEntry, ConfigSet};
+use crate::config::ippool::IpPool;
+
+/// The node's RIB policy: import everything (Calico's import filter accepts all); export what Calico's
+/// filter exports: nothing inside a pool with `disableBGPExport`, then the node's own originated routes
+/// (blocks, borrowed /32s, service CIDRs), anything inside the service ranges, anything inside an enabled
+/// pool (what a reflecting node passes on); nothing else (no transit of a ToR's routes into the mesh).
+pub fn export_policy(pools: &[IpPool], services: &BTreeSet<IpNetwork>) -> Policy {
+    Policy {
+        import_only_within: None,
+        export: ExportRule::Calico {
+            pools: pools
+                .iter()
+                .map(|p| PoolExport {
+                    cidr: p.spec.cidr,
+                    disabled: p.spec.disabled,
+                    disable_bgp_export: p.spec.disable_bgp_export,
+                })
+                .collect(),
+            extra_accept: services.iter().copied().collect(),
+        },
+    }
+}
 
 /// The label that keeps a node from advertising service addresses (as in Calico and Kubernetes).
 pub const EXCLUDE_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
@@ -89,6 +113,24 @@ mod tests {
         let s = set("apiVersion: projectcalico.org/v3\nkind: BGPConfiguration\nmetadata:\n  name: default\nspec:\n  serviceClusterIPs:\n  - cidr: 10.96.0.0/12\n---\napiVersion: projectcalico.org/v3\nkind: Node\nmetadata:\n  name: n1\n  labels:\n    node.kubernetes.io/exclude-from-external-load-balancers: \"true\"\n---\napiVersion: projectcalico.org/v3\nkind: Node\nmetadata:\n  name: n2\n");
         assert!(service_prefixes(&s, "n1").is_empty());
         assert_eq!(service_prefixes(&s, "n2").len(), 1);
+    }
+
+    #[test]
+    fn export_policy_is_calicos_filter() {
+        let n = |s: &str| s.parse::<IpNetwork>().unwrap();
+        let mut off = IpPool::new("off", n("10.70.0.0/16"));
+        off.spec.disable_bgp_export = true;
+        let pools = [IpPool::new("pods", n("10.244.0.0/16")), off];
+        let services: BTreeSet<IpNetwork> = [n("10.96.0.0/12")].into_iter().collect();
+        let p = export_policy(&pools, &services);
+        // Own routes and what lies in an enabled pool or a service range.
+        assert!(p.export_allowed(&n("10.244.1.0/26"), true));
+        assert!(p.export_allowed(&n("10.244.2.0/26"), false));
+        assert!(p.export_allowed(&n("10.96.0.10/32"), false));
+        // Not transit, not a pool with disableBGPExport (even our own block).
+        assert!(!p.export_allowed(&n("0.0.0.0/0"), false));
+        assert!(!p.export_allowed(&n("10.70.1.0/26"), true));
+        assert!(p.import_allowed(&n("0.0.0.0/0")));
     }
 
     #[test]
