@@ -118,3 +118,92 @@ fn restarted_node_sweeps_the_block_of_a_node_removed_while_it_was_down() {
         lab.logs()
     );
 }
+
+/// Both daemons of a two-node lab stop (a rolling update taking two at once); A starts first. A converges
+/// on its own (its configured peer B is down) and is ready, but keeps B's block (held for B: B's kernel still
+/// forwards) instead of sweeping it; when B is back and re-announces it, the route simply stays. The pods
+/// ping across the whole time.
+///
+/// ```text
+///   n1 = A 10.99.0.11   n2 = B 10.99.0.12        both SIGTERM; A started (MARGAY_CONVERGE_MIN_WAIT=1)
+///   A's FIB: B's block via 10.99.0.12  held (log: "held"), A ready
+///   B started: the mesh is back, B's block still via 10.99.0.12 in A's FIB, pods ping
+/// ```
+#[test]
+fn routes_of_a_peer_not_back_yet_are_held_not_swept() {
+    const T: &str = "routes_of_a_peer_not_back_yet_are_held_not_swept";
+    if !(require(is_root(), T, "needs root for network namespaces")
+        && require(
+            have("etcd"),
+            T,
+            "etcd is not installed (scripts/install-deps.sh)",
+        )
+        && require(have("ip"), T, "iproute2 is not installed")
+        && require(have("ping"), T, "ping is not installed (iputils-ping)"))
+    {
+        return;
+    }
+    let lab = Lab::up(MARGAY, "mgh", 2, 1, &[]);
+    let (a, _) = lab.nodes[0].clone();
+    let (b, b_ip) = lab.nodes[1].clone();
+    let block_b = own_block(&b);
+    lab.wait_ready(&a);
+    lab.stop_daemon(&a, Signal::SIGTERM);
+    lab.stop_daemon(&b, Signal::SIGTERM);
+
+    lab.restart_node_with_env(&a, &[("MARGAY_CONVERGE_MIN_WAIT", "1")]);
+    lab.wait_ready(&a);
+    assert!(
+        eventually(Duration::from_secs(30), || lab
+            .node_logs(&a)
+            .contains(&format!("held={block_b}"))),
+        "{a} does not report holding {block_b}:\n{}",
+        lab.node_logs(&a)
+    );
+    assert!(
+        proto77(&a).contains(&(block_b, Some(b_ip))),
+        "{a} swept {b}'s block while {b} was down: {:?}",
+        proto77(&a)
+    );
+    let ping = |from: &str, to: std::net::Ipv4Addr| {
+        in_ns(from, &["ping", "-c", "1", "-W", "2", &to.to_string()]).0
+    };
+    let (pa, _, ipa) = lab
+        .pods
+        .iter()
+        .find(|(_, n, _)| *n == a)
+        .cloned()
+        .expect("pod on A");
+    let (pb, _, ipb) = lab
+        .pods
+        .iter()
+        .find(|(_, n, _)| *n == b)
+        .cloned()
+        .expect("pod on B");
+    assert!(
+        ping(&pa, ipb) && ping(&pb, ipa),
+        "pods cannot ping while {b} is down"
+    );
+
+    lab.restart_node(&b);
+    lab.wait_ready(&b);
+    assert!(
+        eventually(Duration::from_secs(30), || lab
+            .status(&a)
+            .and_then(|s| s["peers"].as_array().cloned())
+            .is_some_and(
+                |p| p.iter().all(|p| p["fsmState"] == "Established") && !p.is_empty()
+            )),
+        "the mesh did not come back: {:?}",
+        lab.status(&a)
+    );
+    assert!(
+        proto77(&a).contains(&(block_b, Some(b_ip))),
+        "{:?}",
+        proto77(&a)
+    );
+    assert!(
+        ping(&pa, ipb) && ping(&pb, ipa),
+        "pods cannot ping after {b} is back"
+    );
+}

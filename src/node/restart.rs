@@ -6,7 +6,8 @@
 //!         ─▶ CNI socket opens
 //!         ─▶ peers applied ─▶ converge(): poll the speaker's PeerSync every CONVERGE_POLL
 //!                                   every Established peer sent End-of-RIB (or the bounded wait ran out)
-//!                             ─▶ sweep(): adopted routes nobody re-announced leave the FIB
+//!                             ─▶ sweep(): adopted routes nobody re-announced leave the FIB, except
+//!                                those via a configured peer not back yet (held until it is, or max wait)
 //!                             ─▶ Readiness::Converged (/readyz)
 //! ```
 //!
@@ -30,7 +31,7 @@ use super::backend::blocking;
 use crate::bgp::rib::{PathSource, Query, RibInput};
 use crate::bgp::speaker::{PeerSync, SpeakerHandle};
 use crate::bgp::wire::Family;
-use crate::dataplane::fib::{FibHandle, NextHops};
+use crate::dataplane::fib::{FibHandle, NextHops, Route};
 use crate::dataplane::pod;
 use crate::ipam::NodeIpam;
 
@@ -236,22 +237,53 @@ async fn learned_prefixes(rib: &mpsc::Sender<RibInput>) -> anyhow::Result<BTreeS
     Ok(out)
 }
 
-/// What a sweep removed.
+/// What a sweep removed, and what it kept for peers that are not back yet.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SweepReport {
     /// Learned routes nobody re-announced.
     pub routes: Vec<IpNetwork>,
     /// Blackholes of blocks this node no longer holds.
     pub blackholes: Vec<IpNetwork>,
+    /// Not re-announced, but via a configured peer that has not sent its table yet (kept for now).
+    pub held: Vec<IpNetwork>,
 }
 
-/// Remove the FIB routes that have no owner any more: a gateway route whose prefix no peer announces, a
-/// blackhole of a block that is not the node's. Runs after convergence; the order of the reads (FIB,
-/// then RIB, then IPAM) means a route added meanwhile is either not seen or seen with its owner.
+/// Decide, without I/O, what a sweep removes: a gateway route whose prefix is not `learned`, unless one of
+/// its gateways is in `hold` (a configured peer whose table has not arrived: as RFC 4724 4.2 keeps a
+/// restarting peer's routes, its forwarding state is kept until it is back or the wait is over); a
+/// blackhole whose prefix is not one of the node's `blocks`.
+pub fn classify(
+    desired: &[Route],
+    learned: &BTreeSet<IpNetwork>,
+    blocks: &BTreeSet<IpNetwork>,
+    hold: &BTreeSet<IpAddr>,
+) -> SweepReport {
+    let mut report = SweepReport::default();
+    for r in desired {
+        match &r.next_hops {
+            NextHops::Blackhole if !blocks.contains(&r.prefix) => report.blackholes.push(r.prefix),
+            NextHops::Blackhole => {}
+            _ if learned.contains(&r.prefix) => {}
+            NextHops::Via(hops)
+                if hops
+                    .iter()
+                    .any(|h| h.gateway.is_some_and(|g| hold.contains(&g))) =>
+            {
+                report.held.push(r.prefix)
+            }
+            _ => report.routes.push(r.prefix),
+        }
+    }
+    report
+}
+
+/// Remove the FIB routes that have no owner any more (see [`classify`]). The order of the reads (FIB, then
+/// RIB, then IPAM) means a route added meanwhile is either not seen or seen with its owner.
 pub async fn sweep(
     fib: &FibHandle,
     rib: &mpsc::Sender<RibInput>,
     ipam: &NodeIpam,
+    hold: &BTreeSet<IpAddr>,
 ) -> anyhow::Result<SweepReport> {
     let desired = fib
         .desired()
@@ -265,15 +297,7 @@ pub async fn sweep(
         .blocks
         .into_iter()
         .collect();
-    let mut report = SweepReport::default();
-    for r in desired {
-        match r.next_hops {
-            NextHops::Blackhole if !blocks.contains(&r.prefix) => report.blackholes.push(r.prefix),
-            NextHops::Blackhole => {}
-            _ if !learned.contains(&r.prefix) => report.routes.push(r.prefix),
-            _ => {}
-        }
-    }
+    let report = classify(&desired, &learned, &blocks, hold);
     let gone: Vec<IpNetwork> = report
         .routes
         .iter()
@@ -285,13 +309,21 @@ pub async fn sweep(
             .await
             .map_err(|e| anyhow::anyhow!("removing stale routes: {e}"))?;
     }
-    tracing::info!(routes = %super::prefix_list(&report.routes), blackholes = %super::prefix_list(&report.blackholes),
-        "restart: swept routes nobody re-announced after convergence");
     Ok(report)
 }
 
+/// Configured peers whose table is not complete: not Established, or no End-of-RIB yet.
+fn pending_peers(peers: &[PeerSync]) -> BTreeSet<IpAddr> {
+    peers
+        .iter()
+        .filter(|p| !(p.established && p.end_of_rib))
+        .map(|p| p.address)
+        .collect()
+}
+
 /// The restart task: wait for the peers to be applied, converge (bounded by `min_wait` / `max_wait`, see
-/// [`convergence`]), sweep, then report ready.
+/// [`convergence`]), sweep, report ready; then keep sweeping, once a second, the routes held for peers
+/// that were not back, as they come back, and all of them when `max_wait` is over.
 pub async fn run(
     spk: Arc<SpeakerHandle>,
     fib: FibHandle,
@@ -303,11 +335,43 @@ pub async fn run(
     if peers_applied.wait_for(|a| *a).await.is_err() {
         return;
     }
+    let start = Instant::now();
     converge(&spk, &ready, min_wait, max_wait).await;
-    if let Err(e) = sweep(&fib, &spk.rib(), &ipam).await {
-        tracing::error!(error = %format!("{e:#}"), "restart: sweeping stale routes failed; they stay until the next restart");
+    let rib = spk.rib();
+    let mut first = true;
+    let mut last_held: Vec<IpNetwork> = Vec::new();
+    loop {
+        let hold = if start.elapsed() >= max_wait {
+            BTreeSet::new()
+        } else {
+            pending_peers(&spk.sync_state().await.unwrap_or_default())
+        };
+        match sweep(&fib, &rib, &ipam, &hold).await {
+            Ok(r) => {
+                if first || !r.routes.is_empty() || !r.blackholes.is_empty() || r.held != last_held
+                {
+                    tracing::info!(routes = %super::prefix_list(&r.routes),
+                        blackholes = %super::prefix_list(&r.blackholes),
+                        held = %super::prefix_list(&r.held),
+                        "restart: swept routes nobody re-announced after convergence (held: via peers not back yet)");
+                }
+                if first {
+                    let _ = ready.send(Readiness::Converged);
+                    first = false;
+                }
+                if r.held.is_empty() {
+                    return;
+                }
+                last_held = r.held;
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "restart: sweeping stale routes failed; they stay until the next restart");
+                let _ = ready.send(Readiness::Converged);
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    let _ = ready.send(Readiness::Converged);
 }
 
 #[cfg(test)]
@@ -324,6 +388,36 @@ mod tests {
 
     const MIN: Duration = Duration::from_secs(5);
     const MAX: Duration = Duration::from_secs(120);
+
+    fn via(prefix: &str, gw: &str) -> Route {
+        Route::via(
+            prefix.parse().unwrap(),
+            vec![crate::dataplane::fib::NextHop::via(gw.parse().unwrap())],
+        )
+    }
+
+    #[test]
+    fn sweep_keeps_owned_routes_and_holds_those_of_peers_not_back() {
+        let n = |s: &str| s.parse::<IpNetwork>().unwrap();
+        let desired = [
+            Route::blackhole(n("10.244.1.0/26")),
+            Route::blackhole(n("10.244.9.0/26")),
+            via("10.244.2.0/26", "10.0.0.2"),
+            via("10.244.3.0/26", "10.0.0.3"),
+            via("10.244.4.0/26", "10.0.0.4"),
+        ];
+        let learned: BTreeSet<IpNetwork> = [n("10.244.2.0/26")].into_iter().collect();
+        let blocks: BTreeSet<IpNetwork> = [n("10.244.1.0/26")].into_iter().collect();
+        let hold: BTreeSet<IpAddr> = ["10.0.0.4".parse().unwrap()].into_iter().collect();
+        let r = classify(&desired, &learned, &blocks, &hold);
+        assert_eq!(r.blackholes, [n("10.244.9.0/26")]);
+        assert_eq!(r.routes, [n("10.244.3.0/26")]);
+        assert_eq!(r.held, [n("10.244.4.0/26")]);
+        // Nothing held any more (the wait is over): the route of the peer that never came back goes too.
+        let r = classify(&desired, &learned, &blocks, &BTreeSet::new());
+        assert_eq!(r.routes, [n("10.244.3.0/26"), n("10.244.4.0/26")]);
+        assert!(r.held.is_empty());
+    }
 
     #[test]
     fn no_peers_is_converged_at_once() {
