@@ -384,3 +384,50 @@ async fn add_rollback_release_with_etcd_down_is_spooled_and_retried() {
     node.serve();
     assert!(node.handles().await.is_empty());
 }
+
+/// At start the daemon compares the pod veths in the kernel with the node's IPAM allocations and reports
+/// each disagreement (before it serves an ADD): a veth whose address IPAM no longer holds, an allocation
+/// without a veth. Nothing is changed by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_reconciliation_reports_kernel_and_ipam_disagreements() {
+    const T: &str = "restart_reconciliation_reports_kernel_and_ipam_disagreements";
+    if !prereq(T) {
+        return;
+    }
+    let (n, pa, pb) = (unique("cn"), unique("ca"), unique("cb"));
+    let _ns = Netns::new(&[&n, &pa, &pb]);
+    let node = Node::start(&n).await;
+    let conf = node.conf(NET, json!({}));
+    node.cni("ADD", "fine", &pa, &conf).await.ok();
+    let ip_b = address(node.cni("ADD", "orphan", &pb, &conf).await.ok());
+    // Behind the daemon's back: the orphan's address released in IPAM only, an allocation with no veth.
+    node.ipam
+        .release_handle(&format!("{NET}.orphan"))
+        .await
+        .expect("release");
+    let ghost = node
+        .ipam
+        .assign(AssignRequest::v4(&format!("{NET}.ghost")))
+        .await
+        .expect("assign ghost");
+    let netns = Some(PathBuf::from(format!("/var/run/netns/{n}")));
+    let r = margay::node::reconcile_pods(&node.ipam, netns)
+        .await
+        .expect("reconcile");
+    assert_eq!(r.matched, 1, "{r:?}");
+    assert_eq!(r.kernel_only.len(), 1, "{r:?}");
+    assert_eq!(r.kernel_only[0].1, "default.orphan", "{r:?}");
+    assert_eq!(r.kernel_only[0].2, std::net::IpAddr::V4(ip_b), "{r:?}");
+    assert_eq!(
+        r.ipam_only,
+        [(ghost.ips[0].ip, format!("{NET}.ghost"))],
+        "{r:?}"
+    );
+    assert!(r.without_address.is_empty(), "{r:?}");
+    // Reporting changed nothing: both veths and the ghost allocation are still there.
+    assert_eq!(veths(&n).len(), 2);
+    assert_eq!(
+        node.handles().await,
+        [format!("{NET}.fine"), format!("{NET}.ghost")]
+    );
+}
