@@ -101,6 +101,10 @@ pub struct NodeArgs {
     /// The node's IPv4 address (default: first found, skipping lo, pod and virtual interfaces).
     #[arg(long, env = "IP")]
     pub ip: Option<Ipv4Addr>,
+    /// The node's IPv6 address: the next hop of its IPv6 routes (pod blocks of IPv6 pools), carried over the
+    /// IPv4 sessions (MP-BGP). Without it, IPv6 blocks are blackholed locally but not advertised.
+    #[arg(long, env = "IP6")]
+    pub ip6: Option<std::net::Ipv6Addr>,
     /// How to find the node address when --ip is not given. Only `first-found` so far (Calico's
     /// `interface=`, `skip-interface=`, `can-reach=`, `cidr=` are not implemented yet).
     #[arg(long, env = "MARGAY_IP_AUTODETECTION_METHOD", default_value = "first-found", value_parser = ["first-found"])]
@@ -407,6 +411,8 @@ struct Identity {
     port: u16,
     /// routeReflectorClusterID of this node's Node resource, as the speaker was started with.
     cluster_id: Option<Ipv4Addr>,
+    /// Next hop of the node's IPv6 routes.
+    ip6: Option<std::net::Ipv6Addr>,
 }
 
 async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
@@ -448,7 +454,13 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         ip,
         asn,
         cluster_id,
+        ip6: args.ip6,
     };
+    if args.ip6.is_none() && args.ipv6_pool_cidr.is_some() {
+        tracing::warn!(
+            "an IPv6 pool without --ip6/IP6: IPv6 pod blocks are not advertised to peers"
+        );
+    }
 
     // ensure_node logs what it changed.
     crate::dataplane::sysctl::ensure_node(netns.as_deref())?;
@@ -771,7 +783,11 @@ async fn peer_loop(
             let set = load_config(&ds).await?;
             let peers: Vec<DesiredPeer> = desired_peers(&set, &id.name)?
                 .iter()
-                .map(|p| DesiredPeer::from_config(p, id.ip))
+                .map(|p| {
+                    let mut d = DesiredPeer::from_config(p, id.ip);
+                    d.next_hop_v6 = id.ip6;
+                    d
+                })
                 .collect();
             let pools = load_pools(&ds).await?;
             anyhow::Ok((set, peers, pools))
@@ -889,7 +905,8 @@ mod tests {
             "eth0".into(),
             None,
             1500,
-            Ipv4Addr::new(10, 244, 0, 1),
+            Some(Ipv4Addr::new(10, 244, 0, 1)),
+            None,
         );
         assert_eq!(a.ips.len(), 1);
         assert_eq!(a.ips[0].prefix, 32);

@@ -16,7 +16,7 @@
 //! next-hop mode, max-prefix) restarts that one peer, removed peers are stopped.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -46,6 +46,9 @@ pub struct DesiredPeer {
     pub max_prefixes: Option<u32>,
     /// BGPPeer `numAllowedLocalASNumbers`.
     pub allow_local_as: u32,
+    /// Our IPv6 next hop for IPv6 routes on this session when its transport is IPv4 (MP-BGP, RFC 4760 3:
+    /// the next hop of a family need not be of the transport's family). None: the session's own IPv6 source.
+    pub next_hop_v6: Option<Ipv6Addr>,
 }
 
 impl DesiredPeer {
@@ -78,6 +81,7 @@ impl DesiredPeer {
             },
             max_prefixes: None,
             allow_local_as: p.num_allowed_local_as.unwrap_or(0),
+            next_hop_v6: None,
         }
     }
 }
@@ -335,6 +339,7 @@ impl Speaker {
                         || p.desired.next_hop_mode != d.next_hop_mode
                         || p.desired.max_prefixes != d.max_prefixes
                         || p.desired.allow_local_as != d.allow_local_as
+                        || p.desired.next_hop_v6 != d.next_hop_v6
                     {
                         // The RIB learns a peer's role at PeerUp: restart this one peer.
                         self.stop_peer(addr).await;
@@ -623,7 +628,7 @@ fn peer_info(d: &DesiredPeer, n: &Negotiated) -> PeerInfo {
         router_id: n.peer_id,
         address: n.peer_addr,
         local_v4: local_v4.or(Some(n.local_id)),
-        local_v6,
+        local_v6: local_v6.or(d.next_hop_v6),
         rr_client: d.rr_client,
         next_hop_mode: d.next_hop_mode,
         graceful_restart: n.peer_graceful_restart.as_ref().map(|g| RibGr {

@@ -93,6 +93,7 @@ enum Request {
     Routes(oneshot::Sender<NodeRoutes>),
     Allocations(oneshot::Sender<Vec<NodeAllocation>>),
     Pools(oneshot::Sender<Vec<IpPool>>),
+    Usable(Family, oneshot::Sender<Vec<String>>),
 }
 
 /// One address allocated to this node's workloads, as the view holds it (for restart reconciliation and
@@ -182,6 +183,17 @@ impl NodeIpam {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Request::Allocations(reply))
+            .await
+            .map_err(|_| IpamError::Stopped(self.node.clone()))?;
+        rx.await.map_err(|_| IpamError::Stopped(self.node.clone()))
+    }
+
+    /// Names of the pools this node may take workload addresses of `family` from (enabled, workload use,
+    /// selecting the node), as an assign without a pool override would consider them.
+    pub async fn usable_pools(&self, family: Family) -> Result<Vec<String>, IpamError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Usable(family, reply))
             .await
             .map_err(|_| IpamError::Stopped(self.node.clone()))?;
         rx.await.map_err(|_| IpamError::Stopped(self.node.clone()))
@@ -415,6 +427,15 @@ impl State {
             }
             Request::Allocations(reply) => {
                 let _ = reply.send(self.node_allocations());
+            }
+            Request::Usable(family, reply) => {
+                let _ = reply.send(
+                    self.view
+                        .usable_pools(family, None)
+                        .into_iter()
+                        .map(|p| p.name().to_string())
+                        .collect(),
+                );
             }
             Request::Pools(reply) => {
                 let _ = reply.send(self.view.pools.values().map(|c| c.value.clone()).collect());

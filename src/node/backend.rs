@@ -13,7 +13,7 @@
 //! never lost.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -25,8 +25,8 @@ use crate::cni::backend::{
 use crate::cni::proto::{write_spool, Command, Request, PROTOCOL_VERSION};
 use crate::cni::types::{codes, Cidr, CniArgs, CniError, Dns, PoolRef, Route as CniRoute};
 use crate::config::ippool::AllowedUse;
-use crate::dataplane::pod::{self, PodSpec, POD_GATEWAY_V4};
-use crate::ipam::{AssignRequest, IpamError, NodeIpam};
+use crate::dataplane::pod::{self, PodSpec, POD_GATEWAY_V4, POD_GATEWAY_V6};
+use crate::ipam::{AssignRequest, Family, IpamError, NodeIpam};
 
 /// The CNI backend of a node.
 pub struct NodeBackend {
@@ -51,31 +51,52 @@ pub(crate) fn ipam_error(what: &str, e: IpamError) -> CniError {
 }
 
 /// The attachment ADD returns and CHECK compares: Calico's shape (a /32 and a default route via
-/// 169.254.1.1, answered by proxy ARP on the host veth).
+/// 169.254.1.1, answered by proxy ARP on the host veth; for IPv6 a /128 and a default route via the host
+/// veth's link-local address).
 pub fn attachment(
     host_ifname: String,
     pod_ifname: String,
     pod_mac: Option<String>,
     mtu: u32,
-    ip: Ipv4Addr,
+    ipv4: Option<Ipv4Addr>,
+    ipv6: Option<Ipv6Addr>,
 ) -> Attachment {
+    let mut ips = Vec::new();
+    let mut routes = Vec::new();
+    if let Some(ip) = ipv4 {
+        ips.push(Cidr {
+            addr: IpAddr::V4(ip),
+            prefix: 32,
+        });
+        routes.push(CniRoute {
+            dst: Cidr {
+                addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                prefix: 0,
+            },
+            gw: Some(IpAddr::V4(POD_GATEWAY_V4)),
+        });
+    }
+    if let Some(ip) = ipv6 {
+        ips.push(Cidr {
+            addr: IpAddr::V6(ip),
+            prefix: 128,
+        });
+        routes.push(CniRoute {
+            dst: Cidr {
+                addr: IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+                prefix: 0,
+            },
+            gw: Some(IpAddr::V6(POD_GATEWAY_V6)),
+        });
+    }
     Attachment {
         host_ifname,
         host_mac: Some("ee:ee:ee:ee:ee:ee".into()),
         pod_ifname,
         pod_mac,
         mtu: Some(mtu),
-        ips: vec![Cidr {
-            addr: IpAddr::V4(ip),
-            prefix: 32,
-        }],
-        routes: vec![CniRoute {
-            dst: Cidr {
-                addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-                prefix: 0,
-            },
-            gw: Some(IpAddr::V4(POD_GATEWAY_V4)),
-        }],
+        ips,
+        routes,
         dns: Dns::default(),
     }
 }
@@ -156,19 +177,62 @@ pub fn resolve_pools(
 }
 
 impl NodeBackend {
-    /// The pod's IPv4 address as the kernel holds it (the host route through its veth).
-    async fn plumbed_ipv4(&self, workload_id: &str) -> Result<Option<Ipv4Addr>, CniError> {
+    /// The pod's addresses as the kernel holds them (the host routes through its veth): IPv4, IPv6.
+    async fn plumbed(
+        &self,
+        workload_id: &str,
+    ) -> Result<Option<(Option<Ipv4Addr>, Option<Ipv6Addr>)>, CniError> {
         let netns = self.netns.clone();
         let pods = blocking(move || pod::list_pods(netns.as_deref())).await?;
         Ok(pods
             .into_iter()
             .find(|p| p.workload_id == workload_id)
-            .and_then(|p| {
-                p.ips.into_iter().find_map(|a| match a {
-                    IpAddr::V4(v) => Some(v),
+            .map(|p| {
+                let v4 = p.ips.iter().find_map(|a| match a {
+                    IpAddr::V4(v) => Some(*v),
                     IpAddr::V6(_) => None,
-                })
-            }))
+                });
+                let v6 = p.ips.iter().find_map(|a| match a {
+                    IpAddr::V6(v) => Some(*v),
+                    IpAddr::V4(_) => None,
+                });
+                (v4, v6)
+            })
+            .filter(|(v4, v6)| v4.is_some() || v6.is_some()))
+    }
+
+    /// The pools an ADD draws from: None (every usable pool) without overrides; with an override for one
+    /// family, its pools plus every usable pool of the other family (a pool list applies to both). And
+    /// whether an IPv6 address is wanted: an `ipv6_pools` override, or a usable IPv6 pool (dual stack).
+    async fn plan_pools(&self, req: &PodRequest) -> Result<(Option<Vec<String>>, bool), CniError> {
+        let usable_v6 = self
+            .ipam
+            .usable_pools(Family::V6)
+            .await
+            .map_err(|e| ipam_error("IPAM pools", e))?;
+        let want_v6 = !req.ipv6_pools.is_empty() || !usable_v6.is_empty();
+        if req.ipv4_pools.is_empty() && req.ipv6_pools.is_empty() {
+            return Ok((None, want_v6));
+        }
+        let pools = self
+            .ipam
+            .pools()
+            .await
+            .map_err(|e| ipam_error("IPAM pools", e))?;
+        let mut names = if req.ipv4_pools.is_empty() {
+            self.ipam
+                .usable_pools(Family::V4)
+                .await
+                .map_err(|e| ipam_error("IPAM pools", e))?
+        } else {
+            resolve_pools("ipv4_pools", &req.ipv4_pools, &pools, false)?
+        };
+        if req.ipv6_pools.is_empty() {
+            names.extend(usable_v6);
+        } else {
+            names.extend(resolve_pools("ipv6_pools", &req.ipv6_pools, &pools, true)?);
+        }
+        Ok((Some(names), want_v6))
     }
 
     /// Undo an ADD's assign: release the handle; if that fails (etcd unreachable), record a DEL for the
@@ -235,30 +299,23 @@ impl CniBackend for NodeBackend {
                 .insert("namespace".into(), p.namespace.clone());
             ask.attributes.insert("pod".into(), p.name.clone());
         }
-        if !req.ipv6_pools.is_empty() {
-            return Err(CniError::new(
-                codes::INVALID_NETWORK_CONFIG,
-                "ipv6_pools: this margay node assigns IPv4 pod addresses only",
-                "remove ipv6_pools from the CNI configuration",
-            ));
-        }
-        if !req.ipv4_pools.is_empty() {
-            let pools = self
-                .ipam
-                .pools()
-                .await
-                .map_err(|e| ipam_error("IPAM pools", e))?;
-            ask.pools = Some(resolve_pools("ipv4_pools", &req.ipv4_pools, &pools, false)?);
-        }
+        let (pools, want_v6) = self.plan_pools(&req).await?;
+        ask.pools = pools;
+        ask.ipv6 = want_v6;
         let assigned = self
             .ipam
             .assign(ask)
             .await
             .map_err(|e| ipam_error("IPAM assign", e))?;
-        let Some(ip) = assigned.ips.iter().find_map(|a| match a.ip {
+        let ip = assigned.ips.iter().find_map(|a| match a.ip {
             IpAddr::V4(v) => Some(v),
             IpAddr::V6(_) => None,
-        }) else {
+        });
+        let ip6 = assigned.ips.iter().find_map(|a| match a.ip {
+            IpAddr::V6(v) => Some(v),
+            IpAddr::V4(_) => None,
+        });
+        let Some(ip) = ip else {
             self.rollback(&req).await;
             return Err(CniError::new(
                 codes::IPAM_EXHAUSTED,
@@ -266,6 +323,14 @@ impl CniBackend for NodeBackend {
                 "",
             ));
         };
+        if want_v6 && ip6.is_none() {
+            self.rollback(&req).await;
+            return Err(CniError::new(
+                codes::IPAM_EXHAUSTED,
+                "no IPv6 address available for this node",
+                "",
+            ));
+        }
         // The block may be new: advertise it before the pod sends its first packet.
         self.refresh.notify_one();
         let mtu = req.mtu.unwrap_or(self.mtu);
@@ -276,7 +341,7 @@ impl CniBackend for NodeBackend {
             ifname: req.ifname.clone(),
             mtu,
             ipv4: Some(ip),
-            ipv6: None,
+            ipv6: ip6,
         };
         match blocking(move || pod::add_pod(&spec)).await {
             Ok(r) => Ok(attachment(
@@ -284,7 +349,8 @@ impl CniBackend for NodeBackend {
                 r.pod_ifname,
                 Some(r.pod_mac),
                 mtu,
-                ip,
+                Some(ip),
+                ip6,
             )),
             Err(e) => {
                 // add_pod removes what it half built; the address goes back to the pool (or to the spool).
@@ -308,7 +374,7 @@ impl CniBackend for NodeBackend {
 
     async fn check(&self, req: PodRequest) -> Result<Attachment, CniError> {
         let wid = req.workload_id();
-        let Some(ip) = self.plumbed_ipv4(&wid).await? else {
+        let Some((ip, ip6)) = self.plumbed(&wid).await? else {
             return Err(CniError::new(
                 codes::CHECK_FAILED,
                 format!("no pod interface for workload {wid:?} on this node"),
@@ -322,12 +388,12 @@ impl CniBackend for NodeBackend {
             workload_id: wid.clone(),
             ifname: req.ifname.clone(),
             mtu,
-            ipv4: Some(ip),
-            ipv6: None,
+            ipv4: ip,
+            ipv6: ip6,
         };
         let host = pod::host_ifname(&wid);
         blocking(move || pod::check_pod(&spec)).await?;
-        Ok(attachment(host, req.ifname, None, mtu, ip))
+        Ok(attachment(host, req.ifname, None, mtu, ip, ip6))
     }
 
     async fn status(&self, _req: StatusRequest) -> Result<(), CniError> {
