@@ -235,7 +235,8 @@ fn main() {
     let (n1, n2) = (format!("{lab}-n1"), format!("{lab}-n2"));
     let socket = state.join(&n1).join("cni.sock");
 
-    let total = pods_n.max(conc_n);
+    // Namespaces: margay sequential, margay concurrent, anchor sequential, anchor concurrent, propagation.
+    let total = pods_n + conc_n;
     let reference = format!("{lab}ref");
     let mut names = vec![reference.clone()];
     // margay's pods, the anchor's pods, the propagation pods.
@@ -270,11 +271,16 @@ fn main() {
         std::thread::spawn(move || {
             let f = std::fs::File::open(format!("/var/run/netns/{reference}")).expect("open netns");
             nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-            let seq = sequential("/usr/lib/cni/bridge", &conf_seq, &pods[..pods_n], "b");
+            let seq = sequential(
+                "/usr/lib/cni/bridge",
+                &conf_seq,
+                &pods[total_..total_ + pods_n],
+                "b",
+            );
             let conc = concurrent(
                 "/usr/lib/cni/bridge",
                 &conf_conc,
-                &pods[total_..total_ + conc_n],
+                &pods[total_ + pods_n..2 * total_],
                 "bc",
             );
             (seq, conc)
