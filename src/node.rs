@@ -128,7 +128,8 @@ pub struct NodeArgs {
     #[arg(long, default_value_t = 1500)]
     pub pod_mtu: u32,
     /// A default IPv6 pool, created when the variable is set and no IPv6 pool exists (Calico:
-    /// CALICO_IPV6POOL_CIDR). Pods still get IPv4 addresses only.
+    /// CALICO_IPV6POOL_CIDR). Pods then get an IPv6 address beside their IPv4 one (dual stack); set IP6 so
+    /// the node's IPv6 blocks are advertised.
     #[arg(long, env = "MARGAY_IPV6POOL_CIDR")]
     pub ipv6_pool_cidr: Option<ipnetwork::Ipv6Network>,
     /// After a start, how long (seconds) to wait for configured peers that are not Established before
@@ -340,15 +341,8 @@ pub async fn ensure_default_ipv6_pool(
     cidr: ipnetwork::Ipv6Network,
     block_size: u8,
 ) -> anyhow::Result<()> {
-    let (pools, _) = ds
-        .list(&keys::resource_prefix(crate::config::ippool::PLURAL))
-        .await?;
-    for kv in &pools {
-        let pool: crate::config::ippool::IpPool = serde_json::from_slice(&kv.value)
-            .with_context(|| format!("stored IPPool at {} is not valid", kv.key))?;
-        if pool.spec.cidr.is_ipv6() {
-            return Ok(());
-        }
+    if load_pools(ds).await?.iter().any(|p| p.spec.cidr.is_ipv6()) {
+        return Ok(());
     }
     let doc = format!(
         "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata:\n  name: default-ipv6-ippool\nspec:\n  cidr: {cidr}\n  blockSize: {block_size}\n  natOutgoing: false\n  nodeSelector: all()\n"
