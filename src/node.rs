@@ -780,6 +780,12 @@ async fn peer_loop(
                 .map(|p| {
                     let mut d = DesiredPeer::from_config(p, id.ip);
                     d.next_hop_v6 = id.ip6;
+                    // RFC 4724 3: the node's forwarding state survives its restart (the FIB never flushes,
+                    // the pods stay), so a peer keeps our stale routes until our End-of-RIB instead of
+                    // dropping them the moment the new session opens (a gap a 1000 pps ping sees).
+                    if let Some(gr) = d.session.graceful_restart.as_mut() {
+                        gr.forwarding_preserved = true;
+                    }
                     d
                 })
                 .collect();
