@@ -132,6 +132,9 @@ pub struct NodeArgs {
     /// the node's IPv6 blocks are advertised.
     #[arg(long, env = "MARGAY_IPV6POOL_CIDR")]
     pub ipv6_pool_cidr: Option<ipnetwork::Ipv6Network>,
+    /// Block size of the default IPv6 pool.
+    #[arg(long, env = "MARGAY_IPV6POOL_BLOCK_SIZE", default_value_t = 122)]
+    pub ipv6_pool_block_size: u8,
     /// After a start, how long (seconds) to wait for configured peers that are not Established before
     /// judging convergence on the Established ones alone.
     #[arg(long, env = "MARGAY_CONVERGE_MIN_WAIT", default_value_t = restart::CONVERGE_MIN_WAIT.as_secs())]
@@ -139,9 +142,6 @@ pub struct NodeArgs {
     /// The bound (seconds) on the wait for End-of-RIB after a start; then stale routes are swept anyway.
     #[arg(long, env = "MARGAY_CONVERGE_MAX_WAIT", default_value_t = restart::CONVERGE_MAX_WAIT.as_secs())]
     pub converge_max_wait: u64,
-    /// Block size of the default IPv6 pool.
-    #[arg(long, env = "MARGAY_IPV6POOL_BLOCK_SIZE", default_value_t = 122)]
-    pub ipv6_pool_block_size: u8,
 }
 
 /// Run the node daemon until SIGTERM/SIGINT.
