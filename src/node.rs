@@ -1,29 +1,31 @@
 //! `margay node run`: the per-node daemon, composed from the parts that own the work.
 //!
 //! ```text
-//!   etcd ──Node/BGPConfiguration/BGPPeer (watch + 2 s poll)──▶ desired_peers ──apply──▶ speaker ◀──▶ peers (TCP 179)
-//!     │                                                                          │   ▲
-//!     │                                                         FibEvent (learned)│   │ Originate/WithdrawLocal
-//!     ▼                                                                          ▼   │   (own blocks, borrowed /32)
-//!   NodeIpam ◀──assign/release── CNI server (unix socket) ──add/del_pod──▶ kernel  FIB task (proto 77)
-//!     │                                                                          ▲
-//!     └──routes() (on every ADD/DEL and every second) ──blocks──▶ blackhole routes┘
-//!
-//!   HTTP /status /healthz /readyz /metrics ◀── speaker status
+//!   etcd ──Node/BGPConfiguration/BGPPeer/IPPool (watch + 2 s poll)──▶ peer_loop ──apply──▶ speaker ◀──▶ peers (TCP 179)
+//!     │                                    desired_peers, service CIDRs, │ Originate/WithdrawLocal│ ▲      │
+//!     │                                    export policy ────────────────┴─ SetPolicy ──▶ RIB ◀─┘ │      │ PeerSync
+//!     │                                                                          │  FibEvent     │      ▼
+//!     │                                                                          ▼  (learned)    │   restart::run: End-of-RIB
+//!   NodeIpam ◀──assign/release/GC── CNI server ──add/del_pod──▶ kernel    FIB task (proto 77) ◀─┼── sweep (adopted, not re-learned)
+//!     │         (backend.rs)     (unix socket)                               ▲                  │      │ Readiness
+//!     └──routes() (on every ADD/DEL and every second) ──blocks──▶ blackhole ─┘  advertise_blocks ┘      ▼
+//!                                                                                        HTTP /status /healthz /readyz /metrics
 //! ```
 //!
-//! This module owns the composition only: registering the Node resource, creating the default pool, the
-//! peer refresh loop, the advertisement of the node's blocks, and the [`NodeBackend`] behind the CNI socket.
-//! Peers are re-derived whenever a watch on the v3 resources reports a change (and every 2 seconds as a
-//! safety net); the speaker's `apply` only touches sessions whose settings changed, so unchanged sessions
-//! stay up.
+//! This module owns the composition only: registering the Node resource, creating the default pools, the
+//! peer refresh loop (peers, service CIDRs and the export policy, see [`services`]), the advertisement of the
+//! node's blocks, and the order of the start: the FIB adopts its routes, the pod veths are reconciled with
+//! IPAM, then the CNI socket ([`NodeBackend`]) opens; [`restart`] decides when BGP has converged, sweeps
+//! what nobody re-announced and sets the readiness. Peers are re-derived whenever a watch on the v3
+//! resources reports a change (and every 2 seconds as a safety net); the speaker's `apply` only touches
+//! sessions whose settings changed, so unchanged sessions stay up.
 //!
 //! BGP sockets and the HTTP endpoint live in the namespace the process runs in; `--netns` points the
 //! dataplane (FIB, pod plumbing, sysctls) at another namespace. The lab runs each node inside its namespace,
 //! so both are the same there.
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,7 +34,7 @@ use anyhow::Context;
 use futures::FutureExt;
 use ipnetwork::IpNetwork;
 use prometheus_client::registry::Registry;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 
 use crate::api::{self, ReadyState, StatusReport};
 use crate::bgp::policy::Policy;
@@ -40,18 +42,22 @@ use crate::bgp::rib::{FibEvent, RibInput};
 use crate::bgp::speaker::{self, DesiredPeer, SpeakerConfig, SpeakerHandle};
 use crate::bgp::wire::types::PathAttributes;
 use crate::cli::EtcdArgs;
-use crate::cni::backend::{
-    Attachment, CniBackend, DelRequest, GcRequest, PodRequest, StatusRequest,
-};
 use crate::cni::server::{CniServer, ServerConfig};
-use crate::cni::types::{codes, Cidr, CniError, Dns, Route as CniRoute, DEFAULT_SOCKET};
+use crate::cni::types::DEFAULT_SOCKET;
 use crate::config::bgp::{AsNumber, ConfigSet, Node, NodeBgpSpec, NodeSpec, KIND_NODE};
 use crate::config::peers::desired_peers;
 use crate::config::{ObjectMeta, API_VERSION};
 use crate::dataplane::fib::{Fib, FibConfig, FibHandle, NextHop, Route};
-use crate::dataplane::pod::{self, PodSpec, POD_GATEWAY_V4};
 use crate::datastore::{keys, Datastore, WatchMessage, Watcher};
-use crate::ipam::{AssignRequest, IpamError, NodeInfo, NodeIpam};
+use crate::ipam::{NodeInfo, NodeIpam};
+
+mod backend;
+pub mod restart;
+pub mod services;
+
+pub use backend::{attachment, resolve_pools, NodeBackend};
+pub use restart::{reconcile_pods, PodReconcile, Readiness};
+pub use services::{export_policy, service_prefixes};
 
 /// Where Calico keeps Node resources (`/calico/resources/v3/projectcalico.org/nodes/<name>`).
 pub const NODES_PLURAL: &str = "nodes";
@@ -62,27 +68,6 @@ const PEER_POLL: Duration = Duration::from_secs(2);
 /// How often the node's blocks are compared with what it advertises (ADD and DEL also trigger it).
 const BLOCK_POLL: Duration = Duration::from_secs(1);
 
-/// Interface name prefixes first-found autodetection skips (Calico's list plus margay's pod veths).
-const SKIP_IFACES: &[&str] = &[
-    "lo",
-    "mg",
-    "docker",
-    "cbr",
-    "dummy",
-    "virbr",
-    "lxcbr",
-    "veth",
-    "cali",
-    "tunl",
-    "flannel",
-    "kube-ipvs",
-    "cni",
-    "vxlan",
-    "wireguard",
-    "nodelocaldns",
-    "br-",
-];
-
 /// `margay node run` flags.
 #[derive(Debug, Clone, clap::Args)]
 pub struct NodeArgs {
@@ -92,9 +77,13 @@ pub struct NodeArgs {
     /// Network namespace of the dataplane (a path like /var/run/netns/NODE; default: the current one).
     #[arg(long)]
     pub netns: Option<PathBuf>,
-    /// The node's IPv4 address (default: first found, skipping lo, pod and virtual interfaces).
+    /// The node's IPv4 address (default: found by --ip-autodetection-method).
     #[arg(long, env = "IP")]
     pub ip: Option<Ipv4Addr>,
+    /// The node's IPv6 address: the next hop of its IPv6 routes (pod blocks of IPv6 pools), carried over the
+    /// IPv4 sessions (MP-BGP). Without it, IPv6 blocks are blackholed locally but not advertised.
+    #[arg(long, env = "IP6")]
+    pub ip6: Option<std::net::Ipv6Addr>,
     /// How to find the node address when --ip is not given (Calico's IP_AUTODETECTION_METHOD): first-found,
     /// interface=REGEX[,REGEX], skip-interface=REGEX[,REGEX], can-reach=IP|HOSTNAME or cidr=CIDR[,CIDR].
     #[arg(long, env = "MARGAY_IP_AUTODETECTION_METHOD", default_value = "first-found", value_parser = crate::dataplane::autodetect::parse_method)]
@@ -117,6 +106,21 @@ pub struct NodeArgs {
     /// MTU of pod interfaces when the CNI configuration gives none.
     #[arg(long, default_value_t = 1500)]
     pub pod_mtu: u32,
+    /// A default IPv6 pool, created when the variable is set and no IPv6 pool exists (Calico:
+    /// CALICO_IPV6POOL_CIDR). Pods then get an IPv6 address beside their IPv4 one (dual stack); set IP6 so
+    /// the node's IPv6 blocks are advertised.
+    #[arg(long, env = "MARGAY_IPV6POOL_CIDR")]
+    pub ipv6_pool_cidr: Option<ipnetwork::Ipv6Network>,
+    /// Block size of the default IPv6 pool.
+    #[arg(long, env = "MARGAY_IPV6POOL_BLOCK_SIZE", default_value_t = 122)]
+    pub ipv6_pool_block_size: u8,
+    /// After a start, how long (seconds) to wait for configured peers that are not Established before
+    /// judging convergence on the Established ones alone.
+    #[arg(long, env = "MARGAY_CONVERGE_MIN_WAIT", default_value_t = restart::CONVERGE_MIN_WAIT.as_secs())]
+    pub converge_min_wait: u64,
+    /// The bound (seconds) on the wait for End-of-RIB after a start; then stale routes are swept anyway.
+    #[arg(long, env = "MARGAY_CONVERGE_MAX_WAIT", default_value_t = restart::CONVERGE_MAX_WAIT.as_secs())]
+    pub converge_max_wait: u64,
 }
 
 /// Run the node daemon until SIGTERM/SIGINT.
@@ -139,64 +143,6 @@ fn node_name(args: &NodeArgs) -> anyhow::Result<String> {
         Some(n) => Ok(n),
         None => anyhow::bail!("no node name: set NODENAME or --node-name"),
     }
-}
-
-/// Calico's first-found method: the first IPv4 address on an interface whose name is not a loopback, pod
-/// or virtual interface. Logs the choice and the other candidates.
-pub fn autodetect_ipv4(netns: Option<&std::path::Path>) -> anyhow::Result<(Ipv4Addr, u8)> {
-    let found = crate::dataplane::netns::in_netns(netns, || {
-        let mut out = Vec::new();
-        let addrs =
-            nix::ifaddrs::getifaddrs().map_err(|e| crate::dataplane::DataplaneError::Invalid {
-                what: "interface addresses",
-                value: String::new(),
-                reason: e.to_string(),
-            })?;
-        for a in addrs {
-            let (Some(addr), Some(mask)) = (a.address, a.netmask) else {
-                continue;
-            };
-            let (Some(sin), Some(m)) = (addr.as_sockaddr_in(), mask.as_sockaddr_in()) else {
-                continue;
-            };
-            out.push((
-                a.interface_name.clone(),
-                sin.ip(),
-                u32::from(m.ip()).count_ones() as u8,
-            ));
-        }
-        Ok(out)
-    })
-    .context("listing the node's addresses for autodetection")?;
-    let usable: Vec<&(String, Ipv4Addr, u8)> = found
-        .iter()
-        .filter(|(name, ip, _)| {
-            !SKIP_IFACES.iter().any(|p| name.starts_with(p))
-                && !ip.is_loopback()
-                && !ip.is_link_local()
-        })
-        .collect();
-    match usable.first() {
-        Some((name, ip, len)) => {
-            tracing::info!(interface = %name, address = %ip, prefix = len,
-                other_candidates = ?usable.iter().skip(1).map(|(n, a, _)| format!("{n}:{a}")).collect::<Vec<_>>(),
-                "node address autodetected (first-found)");
-            Ok((*ip, *len))
-        }
-        None => anyhow::bail!(
-            "no node IPv4 address found (interfaces seen: {:?}); pass --ip or set IP",
-            found
-                .iter()
-                .map(|(n, a, _)| format!("{n}:{a}"))
-                .collect::<Vec<_>>()
-        ),
-    }
-}
-
-/// Whether first-found may pick `ip` on interface `name`: not loopback, link-local, a pod veth (`mg...`) or
-/// a known virtual/tunnel interface.
-pub fn first_found_candidate(name: &str, ip: Ipv4Addr) -> bool {
-    !SKIP_IFACES.iter().any(|p| name.starts_with(p)) && !ip.is_loopback() && !ip.is_link_local()
 }
 
 /// Prefix length of `ip` on the node's interfaces (for the Node resource's `ipv4Address`), /32 if unknown.
@@ -267,6 +213,22 @@ pub async fn register_node(
     anyhow::bail!("Node {name:?} kept changing under us while registering it; try again")
 }
 
+/// Delete a node's Node resource (as `calicoctl delete node` does), so the other nodes drop it from
+/// their mesh and withdraw its routes. Ok(false) when there was none.
+pub async fn remove_node_resource(ds: &Datastore, name: &str) -> anyhow::Result<bool> {
+    let key = keys::resource_key(NODES_PLURAL, name);
+    for _ in 0..10 {
+        let Some(kv) = ds.get(&key).await? else {
+            return Ok(false);
+        };
+        if ds.delete(&key, kv.mod_revision).await?.is_some() {
+            tracing::info!(node = name, "Node resource deleted");
+            return Ok(true);
+        }
+    }
+    anyhow::bail!("Node {name:?} kept changing while deleting it; try again")
+}
+
 /// Create the default IPv4 pool when the datastore has no pool at all (as calico-node does at start).
 pub async fn ensure_default_pool(
     ds: &Datastore,
@@ -291,6 +253,43 @@ pub async fn ensure_default_pool(
             "creating the default IPv4 pool {cidr}: {e}"
         )),
     }
+}
+
+/// Create the default IPv6 pool when no IPv6 pool exists (Calico creates each family's default pool on its
+/// own). natOutgoing is off, as in Calico's default IPv6 pool.
+pub async fn ensure_default_ipv6_pool(
+    ds: &Datastore,
+    cidr: ipnetwork::Ipv6Network,
+    block_size: u8,
+) -> anyhow::Result<()> {
+    if load_pools(ds).await?.iter().any(|p| p.spec.cidr.is_ipv6()) {
+        return Ok(());
+    }
+    let doc = format!(
+        "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata:\n  name: default-ipv6-ippool\nspec:\n  cidr: {cidr}\n  blockSize: {block_size}\n  natOutgoing: false\n  nodeSelector: all()\n"
+    );
+    match crate::cli::resources::apply(ds, &doc).await {
+        Ok(_) => {
+            tracing::info!(%cidr, block_size, "created the default IPv6 pool");
+            Ok(())
+        }
+        Err(e) => Err(anyhow::anyhow!(
+            "creating the default IPv6 pool {cidr}: {e}"
+        )),
+    }
+}
+
+/// The IP pools in the datastore (for the export policy).
+pub async fn load_pools(ds: &Datastore) -> anyhow::Result<Vec<crate::config::ippool::IpPool>> {
+    let (kvs, _) = ds
+        .list(&keys::resource_prefix(crate::config::ippool::PLURAL))
+        .await?;
+    kvs.iter()
+        .map(|kv| {
+            serde_json::from_slice(&kv.value)
+                .with_context(|| format!("stored IPPool at {} is not valid", kv.key))
+        })
+        .collect()
 }
 
 /// The BGP resources in the datastore, validated together (a bad set is refused as a whole).
@@ -325,14 +324,10 @@ struct Identity {
     ip: Ipv4Addr,
     asn: u32,
     port: u16,
-}
-
-async fn derive_peers(ds: &Datastore, id: &Identity) -> anyhow::Result<Vec<DesiredPeer>> {
-    let set = load_config(ds).await?;
-    Ok(desired_peers(&set, &id.name)?
-        .iter()
-        .map(|p| DesiredPeer::from_config(p, id.ip))
-        .collect())
+    /// routeReflectorClusterID of this node's Node resource, as the speaker was started with.
+    cluster_id: Option<Ipv4Addr>,
+    /// Next hop of the node's IPv6 routes.
+    ip6: Option<std::net::Ipv6Addr>,
 }
 
 async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
@@ -359,17 +354,31 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     ensure_default_pool(&ds, args.ipv4_pool_cidr, args.ipv4_pool_block_size)
         .await
         .map_err(on_etcd)?;
+    if let Some(v6) = args.ipv6_pool_cidr {
+        ensure_default_ipv6_pool(&ds, v6, args.ipv6_pool_block_size)
+            .await
+            .map_err(on_etcd)?;
+    }
     let set = load_config(&ds).await.map_err(on_etcd)?;
     let asn = args
         .as_number
         .or_else(|| set.nodes.get(&name).and_then(Node::as_number))
         .unwrap_or_else(|| set.default_bgp().as_number());
+    // A node with routeReflectorClusterID reflects for its clients (RFC 4456); desired_peers marks them.
+    let cluster_id = set.nodes.get(&name).and_then(Node::cluster_id);
     let id = Identity {
         port: set.listen_port(&name),
         name: name.clone(),
         ip,
         asn,
+        cluster_id,
+        ip6: args.ip6,
     };
+    if args.ip6.is_none() && args.ipv6_pool_cidr.is_some() {
+        tracing::warn!(
+            "an IPv6 pool without --ip6/IP6: IPv6 pod blocks are not advertised to peers"
+        );
+    }
 
     // ensure_node logs what it changed.
     crate::dataplane::sysctl::ensure_node(netns.as_deref())?;
@@ -378,6 +387,8 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
             .await
             .map_err(|e| anyhow::anyhow!("IPAM for node {name:?} (etcd at {endpoints}): {e}"))?,
     );
+    // The FIB adopts the routes of margay's protocol it finds (a restart keeps forwarding on them); what
+    // nobody re-announces is swept after BGP has converged (restart::run).
     let fib = Fib::spawn(FibConfig {
         netns: netns.clone(),
         ..Default::default()
@@ -389,7 +400,7 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         SpeakerConfig {
             local_asn: asn,
             router_id: ip,
-            cluster_id: None,
+            cluster_id,
             listen: vec![SocketAddr::from((Ipv4Addr::UNSPECIFIED, id.port))],
             rib_capacity: 1024,
         },
@@ -398,6 +409,9 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     )
     .await
     .with_context(|| format!("starting the BGP speaker on port {}", id.port))?;
+    if let Some(c) = cluster_id {
+        tracing::info!(cluster_id = %c, "route reflector: reflecting for this node's route-reflector clients");
+    }
     let spk = Arc::new(spk);
     let learned = tokio::spawn(learned_routes(fib_rx, fib.clone()));
 
@@ -409,19 +423,33 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         ip,
         refresh.clone(),
     ));
-    let peers_applied = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let peers = tokio::spawn(peer_loop(
-        ds.clone(),
-        id.clone(),
+    let (applied_tx, applied_rx) = watch::channel(false);
+    let peers = tokio::spawn(peer_loop(ds.clone(), id.clone(), spk.clone(), applied_tx));
+    let (ready_tx, ready_rx) = watch::channel(Readiness::Syncing(
+        "BGP peers not yet derived from the datastore (see the log)".to_string(),
+    ));
+    let converging = tokio::spawn(restart::run(
         spk.clone(),
-        peers_applied.clone(),
+        fib.clone(),
+        ipam.clone(),
+        applied_rx,
+        ready_tx,
+        (
+            Duration::from_secs(args.converge_min_wait),
+            Duration::from_secs(args.converge_max_wait.max(args.converge_min_wait)),
+        ),
     ));
 
+    // Before the first ADD: the pods the kernel holds, compared with what IPAM says this node owns.
+    if let Err(e) = reconcile_pods(&ipam, netns.clone()).await {
+        tracing::warn!(error = %format!("{e:#}"), "restart: pod veths not reconciled with IPAM");
+    }
     let backend = Arc::new(NodeBackend {
         ipam: ipam.clone(),
         netns: netns.clone(),
         mtu: args.pod_mtu,
         refresh: refresh.clone(),
+        spool_socket: Some(args.cni_socket.clone()),
     });
     let mut registry = Registry::default();
     let cni_metrics = crate::cni::server::CniMetrics::register(&mut registry);
@@ -446,9 +474,10 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         let spk = status_spk.clone();
         let id = status_id.clone();
         let (ipam, fib, ds) = (status_ipam.clone(), status_fib.clone(), status_ds.clone());
-        // Ready once the peers have been derived from the datastore and applied (IPAM, the FIB and the
-        // CNI socket are up before the endpoint starts). Not tied to every peer being Established.
-        let ready = peers_applied.load(std::sync::atomic::Ordering::Relaxed);
+        // Ready once the datastore is synced (IPAM view loaded before this endpoint starts, peers derived
+        // and applied) and BGP has converged (End-of-RIB from the Established peers, bounded wait). Not
+        // tied to every peer being Established.
+        let reason = ready_rx.borrow().reason();
         async move {
             StatusReport {
                 role: "node".into(),
@@ -458,10 +487,8 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
                 router_id: id.ip.to_string(),
                 uptime_seconds: started.elapsed().as_secs(),
                 ready: ReadyState {
-                    ready,
-                    reason: (!ready).then(|| {
-                        "BGP peers not yet derived from the datastore (see the log)".to_string()
-                    }),
+                    ready: reason.is_none(),
+                    reason,
                 },
                 peers: spk.status().await.unwrap_or_default(),
                 fib: tokio::time::timeout(Duration::from_secs(1), fib.settle())
@@ -515,7 +542,7 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     };
     let _ = stop_tx.send(());
     // Wait for the aborted tasks to drop what they hold, so the speaker handle is ours alone again.
-    for t in [peers, adverts, learned] {
+    for t in [peers, adverts, learned, converging] {
         t.abort();
         let _ = t.await;
     }
@@ -545,6 +572,18 @@ pub fn datastore_summary(ds: &Datastore) -> api::DatastoreSummary {
         errors: st.errors,
         unreachable: st.unreachable,
     }
+}
+
+/// `a, b, c` (or `none`) for a log line.
+pub(crate) fn prefix_list(prefixes: &[IpNetwork]) -> String {
+    if prefixes.is_empty() {
+        return "none".into();
+    }
+    prefixes
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Routes learned over BGP into the kernel: each ECMP set as one route via its next hops.
@@ -622,7 +661,7 @@ async fn advertise_blocks(
                     }
                 }
                 if !new.is_empty() {
-                    tracing::info!(prefixes = ?new, "advertising");
+                    tracing::info!(prefixes = %prefix_list(&new), "advertising");
                     let _ = rib
                         .send(RibInput::Originate {
                             prefixes: new,
@@ -631,7 +670,7 @@ async fn advertise_blocks(
                         .await;
                 }
                 if !gone.is_empty() {
-                    tracing::info!(prefixes = ?gone, "withdrawing");
+                    tracing::info!(prefixes = %prefix_list(&gone), "withdrawing");
                     let _ = rib
                         .send(RibInput::WithdrawLocal {
                             prefixes: gone.clone(),
@@ -657,17 +696,25 @@ async fn advertise_blocks(
     }
 }
 
-/// Re-derive the peers from the datastore on every change the watch reports and every [`PEER_POLL`];
-/// apply only when the set changed.
+/// Re-derive the peers and the service prefixes from the datastore on every change the watch reports and
+/// every [`PEER_POLL`]; apply only what changed.
 async fn peer_loop(
     ds: Arc<Datastore>,
     id: Identity,
     spk: Arc<SpeakerHandle>,
-    applied: Arc<std::sync::atomic::AtomicBool>,
+    applied: watch::Sender<bool>,
 ) {
     let mut current: Option<Vec<DesiredPeer>> = None;
+    let mut services: BTreeSet<IpNetwork> = BTreeSet::new();
+    let mut policy: Option<Policy> = None;
     let mut last_error: Option<String> = None;
+    let mut cluster_id = id.cluster_id;
     let mut watcher: Option<Watcher> = None;
+    let rib = spk.rib();
+    let attrs = Arc::new(PathAttributes {
+        next_hop: Some(id.ip),
+        ..Default::default()
+    });
     loop {
         // Watch every v3 resource from before the read below, so no change between the read and the watch
         // is missed. A failed or compacted watch is re-created on the next round; the poll stays as a net.
@@ -676,17 +723,68 @@ async fn peer_loop(
                 watcher = Some(ds.watch(keys::RESOURCES_PREFIX, rev + 1));
             }
         }
-        match derive_peers(&ds, &id).await {
-            Ok(peers) if current.as_ref() != Some(&peers) => match spk.apply(peers.clone()).await {
-                // The speaker logs what the apply changed.
-                Ok(_) => {
-                    applied.store(true, std::sync::atomic::Ordering::Relaxed);
-                    current = Some(peers);
-                    last_error = None;
+        let derived = async {
+            let set = load_config(&ds).await?;
+            let peers: Vec<DesiredPeer> = desired_peers(&set, &id.name)?
+                .iter()
+                .map(|p| {
+                    let mut d = DesiredPeer::from_config(p, id.ip);
+                    // DesiredPeer::from_config sets the F bit (RFC 4724 3): the FIB never flushes.
+                    d.next_hop_v6 = id.ip6;
+                    d
+                })
+                .collect();
+            let pools = load_pools(&ds).await?;
+            anyhow::Ok((set, peers, pools))
+        };
+        match derived.await {
+            Ok((set, peers, pools)) => {
+                last_error = None;
+                // routeReflectorClusterID changed live (a node made a reflector or no longer one): the RIB takes
+                // the new id before the apply below restarts the sessions whose client role changed.
+                let want_cluster_id = set.nodes.get(&id.name).and_then(Node::cluster_id);
+                if want_cluster_id != cluster_id {
+                    tracing::info!(from = ?cluster_id, to = ?want_cluster_id, "route-reflector cluster id changed");
+                    let _ = rib.send(RibInput::SetClusterId(want_cluster_id)).await;
+                    cluster_id = want_cluster_id;
                 }
-                Err(e) => tracing::error!(error = %e, "applying BGP peers"),
-            },
-            Ok(_) => {}
+                // Service CIDRs (calico.md 1.8): originated by every node, next hop self.
+                let want = service_prefixes(&set, &id.name);
+                let new: Vec<IpNetwork> = want.difference(&services).copied().collect();
+                let gone: Vec<IpNetwork> = services.difference(&want).copied().collect();
+                if !new.is_empty() {
+                    tracing::info!(prefixes = %prefix_list(&new), "advertising service CIDRs");
+                    let _ = rib
+                        .send(RibInput::Originate {
+                            prefixes: new,
+                            attrs: attrs.clone(),
+                        })
+                        .await;
+                }
+                if !gone.is_empty() {
+                    tracing::info!(prefixes = %prefix_list(&gone), "withdrawing service CIDRs");
+                    let _ = rib.send(RibInput::WithdrawLocal { prefixes: gone }).await;
+                }
+                services = want;
+                // Before the first apply, so no session ever sees a wider export than Calico's.
+                let want_policy = export_policy(&pools, &services);
+                if policy.as_ref() != Some(&want_policy) {
+                    let _ = rib
+                        .send(RibInput::SetPolicy(Arc::new(want_policy.clone())))
+                        .await;
+                    policy = Some(want_policy);
+                }
+                if current.as_ref() != Some(&peers) {
+                    match spk.apply(peers.clone()).await {
+                        // The speaker logs what the apply changed.
+                        Ok(_) => {
+                            applied.send_replace(true);
+                            current = Some(peers);
+                        }
+                        Err(e) => tracing::error!(error = %e, "applying BGP peers"),
+                    }
+                }
+            }
             Err(e) => {
                 let msg = format!("{e:#}");
                 if last_error.as_ref() != Some(&msg) {
@@ -714,223 +812,11 @@ async fn peer_loop(
     }
 }
 
-/// The CNI backend of a node: IPAM in etcd + pod plumbing in the kernel + a nudge to the advertiser.
-pub struct NodeBackend {
-    pub ipam: Arc<NodeIpam>,
-    pub netns: Option<PathBuf>,
-    pub mtu: u32,
-    pub refresh: Arc<Notify>,
-}
-
-fn ipam_error(what: &str, e: IpamError) -> CniError {
-    if e.is_unreachable() {
-        CniError::try_again(format!("{what}: {e}"), "etcd is not reachable; retry")
-    } else {
-        CniError::new(codes::INTERNAL, format!("{what}: {e}"), "")
-    }
-}
-
-fn attachment(
-    host_ifname: String,
-    pod_ifname: String,
-    pod_mac: Option<String>,
-    mtu: u32,
-    ip: Ipv4Addr,
-) -> Attachment {
-    Attachment {
-        host_ifname,
-        host_mac: Some("ee:ee:ee:ee:ee:ee".into()),
-        pod_ifname,
-        pod_mac,
-        mtu: Some(mtu),
-        ips: vec![Cidr {
-            addr: IpAddr::V4(ip),
-            prefix: 32,
-        }],
-        routes: vec![CniRoute {
-            dst: Cidr {
-                addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-                prefix: 0,
-            },
-            gw: Some(IpAddr::V4(POD_GATEWAY_V4)),
-        }],
-        dns: Dns::default(),
-    }
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, crate::dataplane::DataplaneError> + Send + 'static,
-) -> Result<T, CniError> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(CniError::new(codes::INTERNAL, e.to_string(), "")),
-        Err(e) => Err(CniError::new(
-            codes::INTERNAL,
-            format!("dataplane task: {e}"),
-            "",
-        )),
-    }
-}
-
-impl NodeBackend {
-    /// The pod's IPv4 address as the kernel holds it (the host route through its veth).
-    async fn plumbed_ipv4(&self, workload_id: &str) -> Result<Option<Ipv4Addr>, CniError> {
-        let netns = self.netns.clone();
-        let pods = blocking(move || pod::list_pods(netns.as_deref())).await?;
-        Ok(pods
-            .into_iter()
-            .find(|p| p.workload_id == workload_id)
-            .and_then(|p| {
-                p.ips.into_iter().find_map(|a| match a {
-                    IpAddr::V4(v) => Some(v),
-                    IpAddr::V6(_) => None,
-                })
-            }))
-    }
-}
-
-impl CniBackend for NodeBackend {
-    async fn add(&self, req: PodRequest) -> Result<Attachment, CniError> {
-        let handle = req.handle_id();
-        let mut ask = AssignRequest::v4(&handle);
-        if let Some(p) = &req.pod {
-            ask.attributes
-                .insert("namespace".into(), p.namespace.clone());
-            ask.attributes.insert("pod".into(), p.name.clone());
-        }
-        if !req.ipv4_pools.is_empty() {
-            return Err(CniError::invalid_config(
-                "ipv4_pools overrides are not supported by this margay node yet; remove them from the CNI configuration",
-            ));
-        }
-        let assigned = self
-            .ipam
-            .assign(ask)
-            .await
-            .map_err(|e| ipam_error("IPAM assign", e))?;
-        let Some(ip) = assigned.ips.iter().find_map(|a| match a.ip {
-            IpAddr::V4(v) => Some(v),
-            IpAddr::V6(_) => None,
-        }) else {
-            let _ = self.ipam.release_handle(&handle).await;
-            return Err(CniError::new(
-                codes::IPAM_EXHAUSTED,
-                "no IPv4 address available for this node",
-                "",
-            ));
-        };
-        // The block may be new: advertise it before the pod sends its first packet.
-        self.refresh.notify_one();
-        let mtu = req.mtu.unwrap_or(self.mtu);
-        let spec = PodSpec {
-            node_netns: self.netns.clone(),
-            pod_netns: req.netns.clone(),
-            workload_id: req.workload_id(),
-            ifname: req.ifname.clone(),
-            mtu,
-            ipv4: Some(ip),
-            ipv6: None,
-        };
-        match blocking(move || pod::add_pod(&spec)).await {
-            Ok(r) => Ok(attachment(
-                r.host_ifname,
-                r.pod_ifname,
-                Some(r.pod_mac),
-                mtu,
-                ip,
-            )),
-            Err(e) => {
-                // Roll back: the address goes back to the pool (add_pod removes what it half built).
-                if let Err(re) = self.ipam.release_handle(&handle).await {
-                    tracing::error!(handle, error = %re, "rollback: releasing the address failed");
-                }
-                self.refresh.notify_one();
-                Err(e)
-            }
-        }
-    }
-
-    async fn del(&self, req: DelRequest) -> Result<(), CniError> {
-        let netns = self.netns.clone();
-        let wid = req.workload_id();
-        blocking(move || pod::del_pod(netns.as_deref(), &wid)).await?;
-        self.ipam
-            .release_handle(&req.handle_id())
-            .await
-            .map_err(|e| ipam_error("IPAM release", e))?;
-        self.refresh.notify_one();
-        Ok(())
-    }
-
-    async fn check(&self, req: PodRequest) -> Result<Attachment, CniError> {
-        let wid = req.workload_id();
-        let Some(ip) = self.plumbed_ipv4(&wid).await? else {
-            return Err(CniError::new(
-                codes::CHECK_FAILED,
-                format!("no pod interface for workload {wid:?} on this node"),
-                "",
-            ));
-        };
-        let mtu = req.mtu.unwrap_or(self.mtu);
-        let spec = PodSpec {
-            node_netns: self.netns.clone(),
-            pod_netns: req.netns.clone(),
-            workload_id: wid.clone(),
-            ifname: req.ifname.clone(),
-            mtu,
-            ipv4: Some(ip),
-            ipv6: None,
-        };
-        let host = pod::host_ifname(&wid);
-        blocking(move || pod::check_pod(&spec)).await?;
-        Ok(attachment(host, req.ifname, None, mtu, ip))
-    }
-
-    async fn status(&self, _req: StatusRequest) -> Result<(), CniError> {
-        self.ipam
-            .routes()
-            .await
-            .map(|_| ())
-            .map_err(|e| ipam_error("IPAM", e))
-    }
-
-    async fn gc(&self, _req: GcRequest) -> Result<(), CniError> {
-        Err(CniError::new(
-            codes::INTERNAL,
-            "GC is not supported by this margay node yet",
-            "use `margay ipam check` to find leaked addresses",
-        ))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn first_found_skips_pod_virtual_and_loopback_interfaces() {
-        let a = Ipv4Addr::new(10, 0, 0, 5);
-        assert!(first_found_candidate("eth0", a));
-        assert!(first_found_candidate("ens3", a));
-        assert!(first_found_candidate("bond0", a));
-        for skipped in [
-            "lo",
-            "mg0123456789a",
-            "docker0",
-            "veth12",
-            "cali123",
-            "tunl0",
-            "cni0",
-            "br-abc",
-        ] {
-            assert!(!first_found_candidate(skipped, a), "{skipped}");
-        }
-        assert!(!first_found_candidate("eth0", Ipv4Addr::LOCALHOST));
-        assert!(!first_found_candidate(
-            "eth0",
-            Ipv4Addr::new(169, 254, 1, 1)
-        ));
-    }
+    use crate::dataplane::pod::POD_GATEWAY_V4;
+    use std::net::IpAddr;
 
     #[test]
     fn attachment_is_a_calico_shaped_result() {
@@ -939,7 +825,8 @@ mod tests {
             "eth0".into(),
             None,
             1500,
-            Ipv4Addr::new(10, 244, 0, 1),
+            Some(Ipv4Addr::new(10, 244, 0, 1)),
+            None,
         );
         assert_eq!(a.ips.len(), 1);
         assert_eq!(a.ips[0].prefix, 32);

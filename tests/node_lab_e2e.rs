@@ -219,13 +219,15 @@ fn check_status(nodes: &[(String, Ipv4Addr)]) {
     }
 }
 
-/// After a restart the sessions take a moment to come back: poll `margay status` (bounded), then check.
+/// After a restart the sessions take a moment to come back, and readiness follows once the restarted node
+/// has the peers' End-of-RIB: poll `margay status` (bounded), then check.
 fn wait_established(nodes: &[(String, Ipv4Addr)]) {
     for _ in 0..100 {
         let all = nodes.iter().all(|(node, _)| {
             let (ok, out) = in_ns(node, &[MARGAY, "status", "-o", "json"]);
             ok && serde_json::from_str::<Value>(&out)
                 .ok()
+                .filter(|r| r["ready"]["ready"] == true)
                 .and_then(|r| r["peers"].as_array().cloned())
                 .is_some_and(|p| {
                     p.len() == nodes.len() - 1 && p.iter().all(|p| p["fsmState"] == "Established")

@@ -16,7 +16,7 @@
 //! next-hop mode, max-prefix) restarts that one peer, removed peers are stopped.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -46,6 +46,9 @@ pub struct DesiredPeer {
     pub max_prefixes: Option<u32>,
     /// BGPPeer `numAllowedLocalASNumbers`.
     pub allow_local_as: u32,
+    /// Our IPv6 next hop for IPv6 routes on this session when its transport is IPv4 (MP-BGP, RFC 4760 3:
+    /// the next hop of a family need not be of the transport's family). None: the session's own IPv6 source.
+    pub next_hop_v6: Option<Ipv6Addr>,
 }
 
 impl DesiredPeer {
@@ -83,6 +86,7 @@ impl DesiredPeer {
             },
             max_prefixes: None,
             allow_local_as: p.num_allowed_local_as.unwrap_or(0),
+            next_hop_v6: None,
         }
     }
 }
@@ -124,10 +128,20 @@ pub enum SpeakerError {
 enum SpeakerCommand {
     Apply(Vec<DesiredPeer>, oneshot::Sender<ApplyReport>),
     Status(oneshot::Sender<Vec<ApiPeerStatus>>),
+    Sync(oneshot::Sender<Vec<PeerSync>>),
     Shutdown {
         for_restart: bool,
         reply: oneshot::Sender<()>,
     },
+}
+
+/// How far one configured peer is in sending us its table (for convergence after a restart and /readyz).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerSync {
+    pub address: IpAddr,
+    pub established: bool,
+    /// The peer sent End-of-RIB (RFC 4724 section 2) for every family negotiated on its current session.
+    pub end_of_rib: bool,
 }
 
 /// The owner's handle. Dropping it stops the speaker, its peers and the RIB.
@@ -162,6 +176,17 @@ impl SpeakerHandle {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(SpeakerCommand::Status(tx))
+            .await
+            .map_err(|_| SpeakerError::Gone)?;
+        rx.await.map_err(|_| SpeakerError::Gone)
+    }
+
+    /// Per configured peer: Established, and whether its initial table is complete (End-of-RIB received).
+    /// The RIB has been handed every UPDATE that preceded those End-of-RIB markers.
+    pub async fn sync_state(&self) -> Result<Vec<PeerSync>, SpeakerError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(SpeakerCommand::Sync(tx))
             .await
             .map_err(|_| SpeakerError::Gone)?;
         rx.await.map_err(|_| SpeakerError::Gone)
@@ -236,6 +261,9 @@ struct RunningPeer {
     handle: PeerHandle,
     /// The Established session, if any, and the writer task encoding the RIB's output for it.
     session: Option<(SessionId, tokio::task::JoinHandle<()>)>,
+    /// Families negotiated on the current session, and those the peer has sent End-of-RIB for.
+    families: Vec<Family>,
+    end_of_rib: Vec<Family>,
 }
 
 struct Speaker {
@@ -261,6 +289,9 @@ impl Speaker {
                     }
                     Some(SpeakerCommand::Status(reply)) => {
                         let _ = reply.send(self.status().await);
+                    }
+                    Some(SpeakerCommand::Sync(reply)) => {
+                        let _ = reply.send(self.sync_state());
                     }
                     Some(SpeakerCommand::Shutdown { for_restart, reply }) => {
                         for (_, p) in std::mem::take(&mut self.peers) {
@@ -313,6 +344,7 @@ impl Speaker {
                         || p.desired.next_hop_mode != d.next_hop_mode
                         || p.desired.max_prefixes != d.max_prefixes
                         || p.desired.allow_local_as != d.allow_local_as
+                        || p.desired.next_hop_v6 != d.next_hop_v6
                     {
                         // The RIB learns a peer's role at PeerUp: restart this one peer.
                         self.stop_peer(addr).await;
@@ -353,6 +385,8 @@ impl Speaker {
                 desired: d,
                 handle,
                 session: None,
+                families: Vec::new(),
+                end_of_rib: Vec::new(),
             },
         );
     }
@@ -408,6 +442,8 @@ impl Speaker {
                     p.handle.commands(),
                 ));
                 p.session = Some((session, writer));
+                p.families = negotiated.families.clone();
+                p.end_of_rib.clear();
                 let info = peer_info(&p.desired, &negotiated);
                 let id = p.id;
                 self.to_rib(RibInput::PeerUp {
@@ -438,6 +474,11 @@ impl Speaker {
             } => {
                 if let Some(id) = self.live_id(peer, session) {
                     self.to_rib(RibInput::EndOfRib { peer: id, family }).await;
+                    if let Some(p) = self.peers.get_mut(&peer) {
+                        if !p.end_of_rib.contains(&family) {
+                            p.end_of_rib.push(family);
+                        }
+                    }
                 }
             }
             SessionEvent::RouteRefresh {
@@ -465,6 +506,7 @@ impl Speaker {
                     if let Some((_, writer)) = p.session.take() {
                         writer.abort();
                     }
+                    p.end_of_rib.clear();
                 }
                 tracing::info!(%peer, %reason, graceful = graceful_restart.is_some(), "BGP session down");
                 self.to_rib(RibInput::PeerDown {
@@ -484,6 +526,20 @@ impl Speaker {
             Some((s, _)) if s == session => Some(p.id),
             _ => None,
         }
+    }
+
+    fn sync_state(&self) -> Vec<PeerSync> {
+        self.peers
+            .iter()
+            .map(|(addr, p)| {
+                let established = p.session.is_some();
+                PeerSync {
+                    address: *addr,
+                    established,
+                    end_of_rib: established && p.families.iter().all(|f| p.end_of_rib.contains(f)),
+                }
+            })
+            .collect()
     }
 
     async fn status(&self) -> Vec<ApiPeerStatus> {
@@ -578,7 +634,7 @@ fn peer_info(d: &DesiredPeer, n: &Negotiated) -> PeerInfo {
         router_id: n.peer_id,
         address: n.peer_addr,
         local_v4: local_v4.or(Some(n.local_id)),
-        local_v6,
+        local_v6: local_v6.or(d.next_hop_v6),
         rr_client: d.rr_client,
         next_hop_mode: d.next_hop_mode,
         graceful_restart: n.peer_graceful_restart.as_ref().map(|g| RibGr {

@@ -29,7 +29,7 @@ use std::net::IpAddr;
 
 pub use block::Block;
 pub use model::{Affinity, AffinityState, Handle};
-pub use node::{AssignRequest, AssignedIp, Assignment, NodeIpam};
+pub use node::{AssignRequest, AssignedIp, Assignment, NodeAllocation, NodeIpam, NodeRoutes};
 pub use view::{Family, NodeInfo, View};
 
 use crate::datastore::DatastoreError;

@@ -23,7 +23,7 @@ use super::block::{Block, BlockError, ATTR_NODE};
 use super::model::{Affinity, Handle};
 use super::view::{Cached, Choice, Family, NodeInfo, View};
 use super::{ops, parse, to_json, IpamError, MAX_ATTEMPTS};
-use crate::config::ippool::PLURAL;
+use crate::config::ippool::{IpPool, PLURAL};
 use crate::datastore::{keys, Datastore, Guard, TxnOutcome, WatchMessage, Watcher, Write};
 
 /// What a workload asks for.
@@ -95,6 +95,21 @@ enum Request {
     ReleaseHandle(String, Reply<Vec<IpAddr>>),
     ReleaseIps(Vec<IpAddr>, Reply<Vec<IpAddr>>),
     Routes(oneshot::Sender<NodeRoutes>),
+    Allocations(oneshot::Sender<Vec<NodeAllocation>>),
+    Pools(oneshot::Sender<Vec<IpPool>>),
+    Usable(Family, oneshot::Sender<Vec<String>>),
+}
+
+/// One address allocated to this node's workloads, as the view holds it (for restart reconciliation and
+/// CNI GC).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeAllocation {
+    pub ip: IpAddr,
+    pub block: IpNetwork,
+    /// The owner (`<network>.<container id>` for CNI); None for an allocation written without one.
+    pub handle_id: Option<String>,
+    /// `namespace`, `pod`, `node`, ... as stored with the allocation.
+    pub attributes: BTreeMap<String, String>,
 }
 
 /// Handle to a node's IPAM task. Dropping it stops the task.
@@ -159,6 +174,40 @@ impl NodeIpam {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Request::Routes(reply))
+            .await
+            .map_err(|_| IpamError::Stopped(self.node.clone()))?;
+        rx.await.map_err(|_| IpamError::Stopped(self.node.clone()))
+    }
+}
+
+impl NodeIpam {
+    /// Every address allocated to this node: those whose `node` attribute names it (in any block, borrowed
+    /// ones included) and those in its affine blocks without a `node` attribute.
+    pub async fn allocations(&self) -> Result<Vec<NodeAllocation>, IpamError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Allocations(reply))
+            .await
+            .map_err(|_| IpamError::Stopped(self.node.clone()))?;
+        rx.await.map_err(|_| IpamError::Stopped(self.node.clone()))
+    }
+
+    /// Names of the pools this node may take workload addresses of `family` from (enabled, workload use,
+    /// selecting the node), as an assign without a pool override would consider them.
+    pub async fn usable_pools(&self, family: Family) -> Result<Vec<String>, IpamError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Usable(family, reply))
+            .await
+            .map_err(|_| IpamError::Stopped(self.node.clone()))?;
+        rx.await.map_err(|_| IpamError::Stopped(self.node.clone()))
+    }
+
+    /// The IP pools as the view holds them now (every pool, enabled or not), in name order.
+    pub async fn pools(&self) -> Result<Vec<IpPool>, IpamError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Pools(reply))
             .await
             .map_err(|_| IpamError::Stopped(self.node.clone()))?;
         rx.await.map_err(|_| IpamError::Stopped(self.node.clone()))
@@ -387,7 +436,46 @@ impl State {
                     addresses_allocated: allocated,
                 });
             }
+            Request::Allocations(reply) => {
+                let _ = reply.send(self.node_allocations());
+            }
+            Request::Usable(family, reply) => {
+                let _ = reply.send(
+                    self.view
+                        .usable_pools(family, None)
+                        .into_iter()
+                        .map(|p| p.name().to_string())
+                        .collect(),
+                );
+            }
+            Request::Pools(reply) => {
+                let _ = reply.send(self.view.pools.values().map(|c| c.value.clone()).collect());
+            }
         }
+    }
+
+    fn node_allocations(&self) -> Vec<NodeAllocation> {
+        let me = self.view.node.name.as_str();
+        let mut out = Vec::new();
+        for c in self.view.blocks.values() {
+            let affine = c.value.host() == Some(me);
+            for (ip, a) in c.value.allocated() {
+                let node = a.secondary.as_ref().and_then(|s| s.get(ATTR_NODE));
+                let mine = match node {
+                    Some(n) => n == me,
+                    None => affine,
+                };
+                if mine {
+                    out.push(NodeAllocation {
+                        ip,
+                        block: c.value.cidr,
+                        handle_id: a.handle_id.clone(),
+                        attributes: a.secondary.clone().unwrap_or_default(),
+                    });
+                }
+            }
+        }
+        out
     }
 
     /// Release empty affine blocks whose pool no longer selects this node (or is gone), with their affinity.

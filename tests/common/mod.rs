@@ -115,6 +115,6 @@ pub mod bgp_peers;
 pub mod dataplane;
 
 pub mod etcd;
-
 pub mod lab;
+pub mod lab_core;
 pub mod reflector;

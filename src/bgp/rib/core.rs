@@ -197,6 +197,7 @@ impl Rib {
                 }
             }
             RibInput::SetPolicy(policy) => self.set_policy(policy),
+            RibInput::SetClusterId(id) => self.st.cfg.cluster_id = id,
             RibInput::Query(q) => self.query(q),
         }
         self.st.flush_all();

@@ -159,6 +159,9 @@ pub enum RibInput {
     /// Replace the policy. Export changes are applied at once (the difference is announced/withdrawn to every
     /// peer); import changes apply to routes received from now on.
     SetPolicy(Arc<Policy>),
+    /// Change the route-reflector cluster id (RFC 4456 section 7; None: the router id). Applies to routes
+    /// reflected from now on; the owner restarts the sessions whose client role changed, which re-sends them.
+    SetClusterId(Option<Ipv4Addr>),
     /// Read-only questions, answered through the oneshot.
     Query(Query),
 }
