@@ -328,6 +328,9 @@ struct Identity {
     cluster_id: Option<Ipv4Addr>,
     /// Next hop of the node's IPv6 routes.
     ip6: Option<std::net::Ipv6Addr>,
+    /// The FIB found routes of margay's protocol at start (a daemon restart, not a reboot): the graceful
+    /// restart F bit (RFC 4724 3) is true only then.
+    forwarding_preserved: bool,
 }
 
 async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
@@ -373,6 +376,7 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         asn,
         cluster_id,
         ip6: args.ip6,
+        forwarding_preserved: false,
     };
     if args.ip6.is_none() && args.ipv6_pool_cidr.is_some() {
         tracing::warn!(
@@ -395,6 +399,12 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     })
     .await
     .context("starting the FIB task")?;
+    let mut id = id;
+    id.forwarding_preserved = fib
+        .settle()
+        .await
+        .map(|s| s.stats.adopted > 0)
+        .unwrap_or(false);
     let (fib_tx, fib_rx) = mpsc::channel::<Vec<FibEvent>>(256);
     let spk = speaker::spawn(
         SpeakerConfig {
@@ -729,8 +739,13 @@ async fn peer_loop(
                 .iter()
                 .map(|p| {
                     let mut d = DesiredPeer::from_config(p, id.ip);
-                    // DesiredPeer::from_config sets the F bit (RFC 4724 3): the FIB never flushes.
                     d.next_hop_v6 = id.ip6;
+                    // RFC 4724 3: after a daemon restart the kernel still forwards on the adopted routes (the
+                    // FIB never flushes), so peers may keep ours until End-of-RIB; after a reboot nothing
+                    // was preserved and they should not.
+                    if let Some(gr) = d.session.graceful_restart.as_mut() {
+                        gr.forwarding_preserved = id.forwarding_preserved;
+                    }
                     d
                 })
                 .collect();

@@ -103,9 +103,10 @@ fn daemonset_mounts_and_probes_match_the_daemon() {
     assert!(script.contains("/host/etc/cni/net.d/10-margay.conflist"));
 }
 
-/// The reflector's resources in deploy/route-reflector.yaml mean what the comments say, read by margay's own
-/// config code: each reflector has every worker as a client and the other reflector as a non-client; each
-/// worker peers with both reflectors and with nobody else.
+/// The topology in deploy/route-reflector.yaml means what the comments say, read by margay's own config code
+/// once applied, the reflectors have registered their addresses and two workers their Nodes: each reflector
+/// has every worker as a client and the other reflector as a non-client; each worker peers with both
+/// reflectors and with nobody else.
 #[test]
 fn reflector_resources_give_the_intended_peers() {
     use margay::config::bgp::ConfigSet;
@@ -114,9 +115,28 @@ fn reflector_resources_give_the_intended_peers() {
         env!("CARGO_MANIFEST_DIR"),
         "/deploy/route-reflector.yaml"
     ));
-    let cm = find(&d, "ConfigMap", "margay-reflector-config");
-    let text = cm["data"]["resources.yaml"].as_str().unwrap();
-    let set = ConfigSet::from_yaml(text).expect("resources parse");
+    let cm = find(&d, "ConfigMap", "margay-reflector-topology");
+    let topology = cm["data"]["topology.yaml"].as_str().unwrap();
+    // What the running reflectors add to their Nodes (their address), and the workers' own Nodes.
+    let mut text = String::new();
+    for (i, part) in topology
+        .split("    routeReflectorClusterID: 244.0.0.1\n")
+        .enumerate()
+    {
+        text.push_str(part);
+        if i < 2 {
+            text.push_str(&format!(
+                "    routeReflectorClusterID: 244.0.0.1\n    ipv4Address: 10.0.0.{}/24\n",
+                i + 2
+            ));
+        }
+    }
+    for (n, ip) in [("worker-1", "10.0.0.11"), ("worker-2", "10.0.0.12")] {
+        text.push_str(&format!(
+            "---\napiVersion: projectcalico.org/v3\nkind: Node\nmetadata: {{name: {n}}}\nspec: {{bgp: {{ipv4Address: {ip}/24}}}}\n"
+        ));
+    }
+    let set = ConfigSet::from_yaml(&text).expect("resources parse");
     let mut peers = desired_peers(&set, "rr-1").expect("rr-1 peers");
     peers.sort_by_key(|p| p.address);
     let seen: Vec<(String, bool)> = peers
@@ -150,5 +170,10 @@ fn reflector_resources_give_the_intended_peers() {
         .iter()
         .filter_map(|a| a.as_str())
         .collect();
-    assert!(args.contains(&"--config=/etc/margay/reflector/resources.yaml"));
+    // etcd mode: no --config file; the cluster id matches the topology's.
+    assert!(!args.iter().any(|a| a.starts_with("--config")), "{args:?}");
+    assert!(args.contains(&"--cluster-id=244.0.0.1"), "{args:?}");
+    assert!(env
+        .iter()
+        .any(|e| e["name"].as_str() == Some("ETCD_ENDPOINTS")));
 }
