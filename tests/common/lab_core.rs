@@ -1,9 +1,14 @@
 //! Driving `margay lab` from a test: bring a lab up under a guard that runs `lab down` on drop (also on
-//! panic), read its nodes and pods, run commands in its namespaces, read margay's routes of a node.
+//! panic), read its nodes and pods, run commands in its namespaces, read margay's routes of a node. This is the
+//! node_core_* tests' lab handle (a fixed node/pod count, daemon stop/restart with an environment); the
+//! helpers that do not depend on it are [`super::lab`]'s.
 #![allow(dead_code)]
 
+#[allow(unused_imports)]
+pub use super::lab::{in_ns, path_str, proto77, run, run_output};
+
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use ipnetwork::Ipv4Network;
@@ -30,24 +35,6 @@ impl Drop for Lab {
             .arg(&self.state)
             .status();
     }
-}
-
-pub fn run(cmd: &mut Command) -> (bool, String) {
-    match cmd.output() {
-        Ok(o) => (
-            o.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            ),
-        ),
-        Err(e) => (false, e.to_string()),
-    }
-}
-
-pub fn in_ns(ns: &str, args: &[&str]) -> (bool, String) {
-    run(Command::new("ip").args(["netns", "exec", ns]).args(args))
 }
 
 impl Lab {
@@ -255,38 +242,6 @@ impl Lab {
     }
 }
 
-fn run_output(o: std::io::Result<std::process::Output>) -> (bool, String) {
-    match o {
-        Ok(o) => (
-            o.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            ),
-        ),
-        Err(e) => (false, e.to_string()),
-    }
-}
-
-/// The routes of margay's protocol (77) in a namespace: (prefix, Some(gateway)) or (prefix, None) for a
-/// blackhole.
-pub fn proto77(ns: &str) -> Vec<(Ipv4Network, Option<Ipv4Addr>)> {
-    let (ok, out) = run(Command::new("ip").args(["-n", ns, "route", "show", "proto", "77"]));
-    assert!(ok, "ip route show in {ns}: {out}");
-    out.lines()
-        .filter_map(|l| {
-            let w: Vec<&str> = l.split_whitespace().collect();
-            if w.first() == Some(&"blackhole") {
-                Some((w.get(1)?.parse().ok()?, None))
-            } else {
-                let via = w.iter().position(|x| *x == "via")?;
-                Some((w.first()?.parse().ok()?, w.get(via + 1)?.parse().ok()))
-            }
-        })
-        .collect()
-}
-
 /// The node's own block: its one blackhole route.
 pub fn own_block(ns: &str) -> Ipv4Network {
     let own: Vec<Ipv4Network> = proto77(ns)
@@ -310,8 +265,4 @@ pub fn eventually(limit: std::time::Duration, mut f: impl FnMut() -> bool) -> bo
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-}
-
-pub fn path_str(p: &Path) -> String {
-    p.to_string_lossy().to_string()
 }
