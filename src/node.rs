@@ -121,6 +121,14 @@ pub struct NodeArgs {
     /// The bound (seconds) on the wait for End-of-RIB after a start; then stale routes are swept anyway.
     #[arg(long, env = "MARGAY_CONVERGE_MAX_WAIT", default_value_t = restart::CONVERGE_MAX_WAIT.as_secs())]
     pub converge_max_wait: u64,
+    /// BGP password Secrets (BGPPeer/BGPConfiguration `secretKeyRef {name, key}`) as files
+    /// `<dir>/<name>/<key>`: mount each Secret at `<dir>/<name>`. Re-read on every configuration change.
+    #[arg(
+        long,
+        env = "MARGAY_BGP_SECRETS_DIR",
+        default_value = "/etc/margay/bgp-secrets"
+    )]
+    pub bgp_secrets_dir: PathBuf,
 }
 
 /// Run the node daemon until SIGTERM/SIGINT.
@@ -294,7 +302,19 @@ pub async fn load_pools(ds: &Datastore) -> anyhow::Result<Vec<crate::config::ipp
 
 /// The BGP resources in the datastore, validated together (a bad set is refused as a whole).
 pub async fn load_config(ds: &Datastore) -> anyhow::Result<ConfigSet> {
-    let mut text = String::new();
+    load_config_with(ds, None).await
+}
+
+/// [`load_config`], plus the BGP password Secrets found under `secrets_dir` (see [`secrets_from_dir`]),
+/// read again on every load so that a rotated Secret applies without a restart.
+pub async fn load_config_with(
+    ds: &Datastore,
+    secrets_dir: Option<&std::path::Path>,
+) -> anyhow::Result<ConfigSet> {
+    let mut text = match secrets_dir {
+        Some(dir) => secrets_from_dir(dir)?,
+        None => String::new(),
+    };
     for (plural, kind) in [
         (BGPCONFIG_PLURAL, "BGPConfiguration"),
         (BGPPEER_PLURAL, "BGPPeer"),
@@ -317,6 +337,54 @@ pub async fn load_config(ds: &Datastore) -> anyhow::Result<ConfigSet> {
     ConfigSet::from_yaml(&text).map_err(|e| anyhow::anyhow!("BGP resources in etcd: {e}"))
 }
 
+/// BGP password Secrets mounted as files, as v1 Secret documents for [`ConfigSet`]: `<dir>/<secret>/<key>`
+/// holds the value of `secretKeyRef {name: <secret>, key: <key>}` (a Kubernetes Secret volume mounted at
+/// `<dir>/<secret>` has exactly this layout; its `..data` bookkeeping entries are skipped). A missing `dir`
+/// means no Secrets; an unreadable one is an error naming it. Values are used byte for byte, as Calico does.
+pub fn secrets_from_dir(dir: &std::path::Path) -> anyhow::Result<String> {
+    let mut text = String::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(text),
+        Err(e) => anyhow::bail!("BGP secrets directory {}: {e}", dir.display()),
+    };
+    let mut secrets =
+        std::collections::BTreeMap::<String, serde_json::Map<String, serde_json::Value>>::new();
+    for secret in entries {
+        let secret = secret.with_context(|| format!("reading {}", dir.display()))?;
+        let name = secret.file_name().to_string_lossy().to_string();
+        if name.starts_with('.') || !secret.path().is_dir() {
+            continue;
+        }
+        let data = secrets.entry(name.clone()).or_default();
+        for key in std::fs::read_dir(secret.path())
+            .with_context(|| format!("reading {}", secret.path().display()))?
+        {
+            let key = key.with_context(|| format!("reading {}", secret.path().display()))?;
+            let k = key.file_name().to_string_lossy().to_string();
+            if k.starts_with('.') || key.path().is_dir() {
+                continue;
+            }
+            let value = std::fs::read_to_string(key.path()).with_context(|| {
+                format!("BGP secret {name:?} key {k:?} ({})", key.path().display())
+            })?;
+            data.insert(k, serde_json::Value::String(value));
+        }
+    }
+    for (name, data) in secrets {
+        let doc = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": name},
+            "stringData": data,
+        });
+        text.push_str("---\n");
+        text.push_str(&serde_json::to_string(&doc)?);
+        text.push('\n');
+    }
+    Ok(text)
+}
+
 /// Who this node is, once flags and the datastore are combined.
 #[derive(Debug, Clone)]
 struct Identity {
@@ -331,6 +399,8 @@ struct Identity {
     /// The FIB found routes of margay's protocol at start (a daemon restart, not a reboot): the graceful
     /// restart F bit (RFC 4724 3) is true only then.
     forwarding_preserved: bool,
+    /// Where BGP password Secrets are mounted.
+    secrets_dir: PathBuf,
 }
 
 async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
@@ -362,7 +432,9 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
             .await
             .map_err(on_etcd)?;
     }
-    let set = load_config(&ds).await.map_err(on_etcd)?;
+    let set = load_config_with(&ds, Some(&args.bgp_secrets_dir))
+        .await
+        .map_err(on_etcd)?;
     let asn = args
         .as_number
         .or_else(|| set.nodes.get(&name).and_then(Node::as_number))
@@ -377,6 +449,7 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         cluster_id,
         ip6: args.ip6,
         forwarding_preserved: false,
+        secrets_dir: args.bgp_secrets_dir.clone(),
     };
     if args.ip6.is_none() && args.ipv6_pool_cidr.is_some() {
         tracing::warn!(
@@ -734,7 +807,7 @@ async fn peer_loop(
             }
         }
         let derived = async {
-            let set = load_config(&ds).await?;
+            let set = load_config_with(&ds, Some(&id.secrets_dir)).await?;
             let peers: Vec<DesiredPeer> = desired_peers(&set, &id.name)?
                 .iter()
                 .map(|p| {

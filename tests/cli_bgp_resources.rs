@@ -1,6 +1,6 @@
 //! `margay apply -f / get / delete` for the BGP kinds (BGPConfiguration, BGPPeer, Node) against a real etcd:
-//! calicoctl-shaped tables, YAML/JSON output, refusals that name the field, a set-level refusal (a peer
-//! whose password secret cannot resolve), and the node's own loader reading what apply wrote.
+//! calicoctl-shaped tables, YAML/JSON output, refusals that name the field, a peer whose password comes
+//! from a Secret (accepted: Secrets are the nodes' files), and the node's own loader reading what apply wrote.
 
 mod common;
 
@@ -128,8 +128,8 @@ async fn bgp_kinds_apply_get_delete() {
             "asNumbr",
         ),
         (
-            "apiVersion: projectcalico.org/v3\nkind: BGPPeer\nmetadata: {name: bad3}\nspec:\n  peerIP: 10.0.0.3\n  asNumber: 65001\n  password: {secretKeyRef: {name: bgp-secrets, key: tor}}\n",
-            "bgp-secrets",
+            "apiVersion: projectcalico.org/v3\nkind: BGPPeer\nmetadata: {name: bad3}\nspec: {peerIP: 10.0.0.3, asNumber: 65001, password: {secretKeyRef: {name: bgp-secrets}}}\n",
+            "missing field `key`",
         ),
     ] {
         std::fs::write(&file, doc).unwrap();

@@ -102,3 +102,56 @@ async fn default_pool_only_when_none_exists() {
     let (pools, _) = ds.list(&prefix).await.unwrap();
     assert_eq!(pools.len(), 1);
 }
+
+/// BGP passwords from Secrets mounted as files (`--bgp-secrets-dir`): without the file the node refuses the
+/// set and names the Secret; with it the peer gets the password; a rotated file is read on the next load.
+#[tokio::test]
+async fn bgp_password_secrets_from_mounted_files() {
+    let Some((_etcd, ds)) = setup("bgp_password_secrets_from_mounted_files") else {
+        return;
+    };
+    register_node(&ds, "a", Ipv4Addr::new(10, 0, 0, 1), 24, None)
+        .await
+        .expect("register a");
+    margay::cli::resources::apply(
+        &ds,
+        "apiVersion: projectcalico.org/v3\nkind: BGPPeer\nmetadata: {name: tor}\nspec:\n  peerIP: 10.0.0.254\n  asNumber: 65001\n  password: {secretKeyRef: {name: bgp-secrets, key: tor}}\n",
+    )
+    .await
+    .expect("apply the peer");
+
+    let dir = tempfile::tempdir().unwrap();
+    let err = margay::node::load_config_with(&ds, Some(dir.path()))
+        .await
+        .expect_err("no secret file yet");
+    assert!(format!("{err:#}").contains("bgp-secrets"), "{err:#}");
+
+    // The layout of a Kubernetes Secret volume mounted at <dir>/bgp-secrets (..data bookkeeping skipped).
+    let secret = dir.path().join("bgp-secrets");
+    std::fs::create_dir_all(secret.join("..2026_11_22_07_00_00.0")).unwrap();
+    std::fs::write(secret.join("tor"), "s3cret").unwrap();
+    let set = margay::node::load_config_with(&ds, Some(dir.path()))
+        .await
+        .expect("secret resolves");
+    let peers = desired_peers(&set, "a").unwrap();
+    let tor = peers
+        .iter()
+        .find(|p| p.address == IpAddr::V4(Ipv4Addr::new(10, 0, 0, 254)))
+        .expect("tor peer");
+    assert_eq!(tor.password.as_deref(), Some("s3cret"));
+
+    std::fs::write(secret.join("tor"), "rotated").unwrap();
+    let set = margay::node::load_config_with(&ds, Some(dir.path()))
+        .await
+        .unwrap();
+    let peers = desired_peers(&set, "a").unwrap();
+    assert!(peers
+        .iter()
+        .any(|p| p.password.as_deref() == Some("rotated")));
+    // A missing directory means no Secrets (the same refusal as without the file).
+    assert!(
+        margay::node::load_config_with(&ds, Some(&dir.path().join("absent")))
+            .await
+            .is_err()
+    );
+}

@@ -1,8 +1,8 @@
 //! `apply -f`, `get`, `delete` over a registry of resource kinds. Each [`KindInfo`] says where a kind lives in
 //! etcd, how to turn the operator's document into the stored bytes (defaults + validation) and back, and how
 //! to print it as a table. IPPool, IPAMConfiguration, BGPConfiguration, BGPPeer and Node are registered; adding
-//! a kind is adding one entry to [`KINDS`]. The BGP kinds are also checked together before a write (a BGPPeer
-//! whose password secret does not resolve, say), because a node refuses an invalid set as a whole.
+//! a kind is adding one entry to [`KINDS`]. The BGP kinds are also checked together before a write, because a
+//! node refuses an invalid set as a whole (password Secrets are the nodes' mounted files, so they are assumed).
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -377,6 +377,34 @@ async fn check_bgp_set(
     text.push_str("---\n");
     text.push_str(&serde_json::to_string(doc).map_err(|e| json_err("json", e))?);
     text.push('\n');
+    // Password Secrets live on the nodes (mounted files, see `margay node run --bgp-secrets-dir`), not in
+    // etcd: stand in for every one referenced so that only what etcd holds is judged here.
+    let mut refs = std::collections::BTreeMap::<String, Vec<String>>::new();
+    for d in documents(&text)? {
+        for p in [
+            "/spec/password/secretKeyRef",
+            "/spec/nodeMeshPassword/secretKeyRef",
+        ] {
+            if let Some(r) = d.pointer(p) {
+                let name = r.get("name").and_then(Value::as_str).unwrap_or_default();
+                let key = r.get("key").and_then(Value::as_str).unwrap_or_default();
+                refs.entry(name.to_string())
+                    .or_default()
+                    .push(key.to_string());
+            }
+        }
+    }
+    for (name, keys) in refs {
+        let data: serde_json::Map<String, Value> = keys
+            .into_iter()
+            .map(|k| (k, Value::String("placeholder".into())))
+            .collect();
+        let secret = serde_json::json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": name}, "stringData": data});
+        text.push_str("---\n");
+        text.push_str(&serde_json::to_string(&secret).map_err(|e| json_err("json", e))?);
+        text.push('\n');
+    }
     ConfigSet::from_yaml(&text).map(|_| ()).map_err(|e| {
         CliError::Usage(format!(
             "{} {name:?} refused: with it the BGP resources would be invalid as a set ({e})",
