@@ -62,7 +62,7 @@ fn restarted_node_sweeps_the_block_of_a_node_removed_while_it_was_down() {
     lab.stop_daemon(&c, Signal::SIGKILL);
     let (ok, out) = lab.margay_in(&b, &["node", "remove", &c]);
     assert!(ok, "margay node remove {c}: {out}");
-    assert!(out.contains("Deleted Node resource"), "{out}");
+    assert!(out.contains("Removed Node resource"), "{out}");
     assert!(
         eventually(Duration::from_secs(30), || !proto77(&b)
             .iter()
