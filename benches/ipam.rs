@@ -393,7 +393,7 @@ fn main() {
             rates(&ipam1)
         );
         println!(
-            "block values written by the uncontended node: {} blocks, {smallest}..{largest} bytes (a /26 is rewritten whole on every assign, so the mean write is about half of a full block)",
+            "block values the uncontended node wrote (its /26 and /24 blocks, as they ended): {} blocks, {smallest}..{largest} bytes; every assign rewrites its block whole",
             sizes.len()
         );
         let ratio = m_ipam1.rate() / m_raw1.rate();
