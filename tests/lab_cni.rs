@@ -239,94 +239,14 @@ fn lab_cni_bad_input_and_podman() {
     assert!(check.contains("found 0 problems"), "{check}");
 }
 
-/// podman with the CNI backend, run inside a lab node's network namespace (the recipe of tests/cni_podman.rs:
-/// a private mount namespace with tmpfs on /var/lib, config and storage under a temp dir, an imported busybox
-/// rootfs, no registry).
+/// podman with the CNI backend (tests/common/podman.rs), run inside a lab node's network namespace, and what it
+/// may leave behind.
 mod podman {
     use std::path::Path;
 
     use super::try_sh;
 
-    pub struct Podman {
-        dir: tempfile::TempDir,
-        node: String,
-    }
-
-    impl Podman {
-        pub fn new(node: &str, conflist: &serde_json::Value) -> Podman {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let p = dir.path();
-            for d in [
-                "net.d",
-                "graph",
-                "run",
-                "tmp",
-                "rootfs/bin",
-                "static",
-                "volumes",
-                "plugins",
-            ] {
-                std::fs::create_dir_all(p.join(d)).expect("podman dirs");
-            }
-            // The runtime executes the file named by the plugin's type.
-            std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_margay-cni"), p.join("plugins/margay"))
-                .expect("link margay-cni");
-            std::fs::write(p.join("net.d/mglab.conflist"), conflist.to_string()).expect("conflist");
-            let d = p.display();
-            std::fs::write(
-                p.join("containers.conf"),
-                format!(
-                    r#"[containers]
-cgroups = "disabled"
-default_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]
-[engine]
-cgroup_manager = "cgroupfs"
-events_logger = "none"
-tmp_dir = "{d}/tmp"
-static_dir = "{d}/static"
-volume_path = "{d}/volumes"
-[network]
-network_backend = "cni"
-cni_plugin_dirs = ["/usr/lib/cni", "{d}/plugins"]
-network_config_dir = "{d}/net.d"
-"#
-                ),
-            )
-            .expect("containers.conf");
-            std::fs::write(
-                p.join("storage.conf"),
-                format!("[storage]\ndriver = \"vfs\"\ngraphroot = \"{d}/graph\"\nrunroot = \"{d}/run\"\n"),
-            )
-            .expect("storage.conf");
-            let (ok, out) = try_sh(&format!(
-                "cp /bin/busybox {d}/rootfs/bin/busybox && cd {d}/rootfs/bin && \
-                 for a in $(./busybox --list); do [ -e $a ] || ln -s busybox $a; done && \
-                 tar -C {d}/rootfs -cf {d}/rootfs.tar ."
-            ));
-            assert!(ok, "busybox rootfs: {out}");
-            Podman {
-                dir,
-                node: node.to_string(),
-            }
-        }
-
-        /// A podman command line in a private mount namespace (podman's netns mounts under /run/netns still
-        /// propagate to the host, where the node's daemon sees them) and the node's network namespace.
-        pub fn run(&self, podman_args: &str) -> (bool, String) {
-            let d = self.dir.path().display();
-            let script = format!(
-                "set -e; mount -t tmpfs tmpfs /var/lib; mount -t tmpfs tmpfs /sys/fs/cgroup; \
-                 export CONTAINERS_CONF={d}/containers.conf CONTAINERS_STORAGE_CONF={d}/storage.conf; \
-                 podman import -q --change 'CMD [\"/bin/sh\"]' {d}/rootfs.tar localhost/test-busybox >/dev/null; \
-                 nsenter --net=/run/netns/{node} podman {podman_args}",
-                node = self.node
-            );
-            try_sh(&format!(
-                "unshare -m --propagation unchanged sh -c '{}'",
-                script.replace('\'', "'\\''")
-            ))
-        }
-    }
+    pub use crate::common::podman::Podman;
 
     /// What podman and crun may leave on the host when a run fails: /run/crun, /run/mount (when this test
     /// created them) and podman's cni-* network namespaces holding an address of the lab's block.

@@ -117,4 +117,5 @@ pub mod dataplane;
 pub mod etcd;
 pub mod lab;
 pub mod lab_core;
+pub mod podman;
 pub mod reflector;
