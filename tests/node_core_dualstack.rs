@@ -18,7 +18,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use common::lab_core::{eventually, in_ns, run, Lab};
-use common::{have, is_root, require, Netns};
+use common::Netns;
 use serde_json::Value;
 
 const MARGAY: &str = env!("CARGO_BIN_EXE_margay");
@@ -47,15 +47,7 @@ fn proto77_v6(ns: &str) -> Vec<(String, String)> {
 #[test]
 fn dual_stack_pods_ping_across_nodes_over_both_families() {
     const T: &str = "dual_stack_pods_ping_across_nodes_over_both_families";
-    if !(require(is_root(), T, "needs root for network namespaces")
-        && require(
-            have("etcd"),
-            T,
-            "etcd is not installed (scripts/install-deps.sh)",
-        )
-        && require(have("ip"), T, "iproute2 is not installed")
-        && require(have("ping"), T, "ping is not installed (iputils-ping)"))
-    {
+    if !common::lab::lab_prerequisites(T) {
         return;
     }
     let lab = Lab::up(MARGAY, "mgd", 2, 1, &[]);

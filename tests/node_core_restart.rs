@@ -23,7 +23,6 @@ mod common;
 use std::time::Duration;
 
 use common::lab_core::{eventually, in_ns, own_block, proto77, Lab};
-use common::{have, is_root, require};
 use nix::sys::signal::Signal;
 
 const MARGAY: &str = env!("CARGO_BIN_EXE_margay");
@@ -33,15 +32,7 @@ const _CNI: &str = env!("CARGO_BIN_EXE_margay-cni");
 #[test]
 fn restarted_node_sweeps_the_block_of_a_node_removed_while_it_was_down() {
     const T: &str = "restarted_node_sweeps_the_block_of_a_node_removed_while_it_was_down";
-    if !(require(is_root(), T, "needs root for network namespaces")
-        && require(
-            have("etcd"),
-            T,
-            "etcd is not installed (scripts/install-deps.sh)",
-        )
-        && require(have("ip"), T, "iproute2 is not installed")
-        && require(have("ping"), T, "ping is not installed (iputils-ping)"))
-    {
+    if !common::lab::lab_prerequisites(T) {
         return;
     }
     let lab = Lab::up(MARGAY, "mgr", 3, 2, &[]);
@@ -132,15 +123,7 @@ fn restarted_node_sweeps_the_block_of_a_node_removed_while_it_was_down() {
 #[test]
 fn routes_of_a_peer_not_back_yet_are_held_not_swept() {
     const T: &str = "routes_of_a_peer_not_back_yet_are_held_not_swept";
-    if !(require(is_root(), T, "needs root for network namespaces")
-        && require(
-            have("etcd"),
-            T,
-            "etcd is not installed (scripts/install-deps.sh)",
-        )
-        && require(have("ip"), T, "iproute2 is not installed")
-        && require(have("ping"), T, "ping is not installed (iputils-ping)"))
-    {
+    if !common::lab::lab_prerequisites(T) {
         return;
     }
     let lab = Lab::up(MARGAY, "mgh", 2, 1, &[]);

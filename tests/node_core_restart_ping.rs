@@ -17,7 +17,6 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::lab_core::Lab;
-use common::{have, is_root, require};
 
 const MARGAY: &str = env!("CARGO_BIN_EXE_margay");
 const _CNI: &str = env!("CARGO_BIN_EXE_margay-cni");
@@ -37,15 +36,7 @@ fn ping_counts(out: &str) -> Option<(u32, u32)> {
 #[test]
 fn daemon_restart_under_1000_pps_loses_nothing() {
     const T: &str = "daemon_restart_under_1000_pps_loses_nothing";
-    if !(require(is_root(), T, "needs root for network namespaces")
-        && require(
-            have("etcd"),
-            T,
-            "etcd is not installed (scripts/install-deps.sh)",
-        )
-        && require(have("ip"), T, "iproute2 is not installed")
-        && require(have("ping"), T, "ping is not installed (iputils-ping)"))
-    {
+    if !common::lab::lab_prerequisites(T) {
         return;
     }
     let lab = Lab::up(MARGAY, "mgp", 2, 1, &[]);

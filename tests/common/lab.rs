@@ -84,33 +84,7 @@ impl Lab {
 
     /// Re-read nodes and pods from lab.json.
     pub fn reload(&mut self) {
-        let lab: Value = serde_json::from_slice(
-            &std::fs::read(self.state.join("lab.json")).expect("lab.json after up"),
-        )
-        .expect("lab.json is JSON");
-        self.nodes = lab["nodes"]
-            .as_array()
-            .expect("nodes")
-            .iter()
-            .map(|n| {
-                (
-                    n["name"].as_str().expect("node name").to_string(),
-                    n["ip"].as_str().expect("node ip").parse().expect("node ip"),
-                )
-            })
-            .collect();
-        self.pods = lab["pods"]
-            .as_array()
-            .expect("pods")
-            .iter()
-            .map(|p| {
-                (
-                    p["name"].as_str().expect("pod name").to_string(),
-                    p["node"].as_str().expect("pod node").to_string(),
-                    p["ip"].as_str().expect("pod ip").parse().expect("pod ip"),
-                )
-            })
-            .collect();
+        (self.nodes, self.pods) = read_state(&self.state);
     }
 
     pub fn node(&self, i: usize) -> &str {
@@ -217,6 +191,40 @@ impl Lab {
     pub fn state_path(&self, p: &str) -> PathBuf {
         self.state.join(p)
     }
+}
+
+/// Nodes (name, address) and pods (name, node, address) as `margay lab up` recorded them in `<state>/lab.json`.
+pub type LabMembers = (Vec<(String, Ipv4Addr)>, Vec<(String, String, Ipv4Addr)>);
+
+/// Read `<state>/lab.json` (panics with the reason: a test cannot go on without it).
+pub fn read_state(state: &Path) -> LabMembers {
+    let lab: Value =
+        serde_json::from_slice(&std::fs::read(state.join("lab.json")).expect("lab.json after up"))
+            .expect("lab.json is JSON");
+    let nodes = lab["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .map(|n| {
+            (
+                n["name"].as_str().expect("node name").to_string(),
+                n["ip"].as_str().expect("node ip").parse().expect("node ip"),
+            )
+        })
+        .collect();
+    let pods = lab["pods"]
+        .as_array()
+        .expect("pods")
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().expect("pod name").to_string(),
+                p["node"].as_str().expect("pod node").to_string(),
+                p["ip"].as_str().expect("pod ip").parse().expect("pod ip"),
+            )
+        })
+        .collect();
+    (nodes, pods)
 }
 
 pub fn run(cmd: &mut Command) -> (bool, String) {

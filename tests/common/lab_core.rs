@@ -5,7 +5,7 @@
 #![allow(dead_code)]
 
 #[allow(unused_imports)]
-pub use super::lab::{in_ns, path_str, proto77, run, run_output};
+pub use super::lab::{in_ns, lab_prerequisites, path_str, proto77, read_state, run, run_output};
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -60,33 +60,7 @@ impl Lab {
             .arg("--state-dir")
             .arg(&lab.state));
         assert!(ok, "margay lab up failed:\n{out}\n{}", lab.logs());
-        let j: Value = serde_json::from_slice(
-            &std::fs::read(lab.state.join("lab.json")).expect("lab.json after up"),
-        )
-        .expect("lab.json is JSON");
-        lab.nodes = j["nodes"]
-            .as_array()
-            .expect("nodes")
-            .iter()
-            .map(|n| {
-                (
-                    n["name"].as_str().expect("node name").to_string(),
-                    n["ip"].as_str().expect("node ip").parse().expect("node ip"),
-                )
-            })
-            .collect();
-        lab.pods = j["pods"]
-            .as_array()
-            .expect("pods")
-            .iter()
-            .map(|p| {
-                (
-                    p["name"].as_str().expect("pod name").to_string(),
-                    p["node"].as_str().expect("pod node").to_string(),
-                    p["ip"].as_str().expect("pod ip").parse().expect("pod ip"),
-                )
-            })
-            .collect();
+        (lab.nodes, lab.pods) = read_state(&lab.state);
         lab
     }
 
