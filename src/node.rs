@@ -10,6 +10,8 @@
 //!     │         (backend.rs)     (unix socket)                               ▲                  │      │ Readiness
 //!     └──routes() (on every ADD/DEL and every second) ──blocks──▶ blackhole ─┘  advertise_blocks ┘      ▼
 //!                                                                                        HTTP /status /healthz /readyz /metrics
+//!   NodeIpam ──pools (watch)──▶ cluster::follow_nat ──▶ nft table inet margay (natOutgoing)
+//!   etcd Node/<me> labels ──▶ cluster::follow_labels ──set_labels──▶ NodeIpam (pools' nodeSelector)
 //! ```
 //!
 //! This module owns the composition only: registering the Node resource, creating the default pools, the
@@ -52,6 +54,7 @@ use crate::datastore::{keys, Datastore, WatchMessage, Watcher};
 use crate::ipam::{NodeInfo, NodeIpam};
 
 mod backend;
+pub mod cluster;
 pub mod restart;
 pub mod services;
 
@@ -129,6 +132,10 @@ pub struct NodeArgs {
         default_value = "/etc/margay/bgp-secrets"
     )]
     pub bgp_secrets_dir: PathBuf,
+    /// Calico's `natOutgoingAddress` (IPv4): traffic of natOutgoing pools leaving for outside every pool is
+    /// SNATed to this address instead of masqueraded to the outgoing interface's address.
+    #[arg(long, env = "FELIX_NATOUTGOINGADDRESS")]
+    pub nat_outgoing_address: Option<Ipv4Addr>,
 }
 
 /// Run the node daemon until SIGTERM/SIGINT.
@@ -459,11 +466,36 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
 
     // ensure_node logs what it changed.
     crate::dataplane::sysctl::ensure_node(netns.as_deref())?;
+    // Pools' nodeSelector is evaluated with the Node resource's labels, followed live below.
+    let (labels, labels_rev) = cluster::node_labels(&ds, &name).await.map_err(on_etcd)?;
     let ipam = Arc::new(
-        NodeIpam::start(ds.clone(), NodeInfo::new(&name))
-            .await
-            .map_err(|e| anyhow::anyhow!("IPAM for node {name:?} (etcd at {endpoints}): {e}"))?,
+        NodeIpam::start(
+            ds.clone(),
+            NodeInfo {
+                name: name.clone(),
+                labels,
+            },
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("IPAM for node {name:?} (etcd at {endpoints}): {e}"))?,
     );
+    let dp_status = cluster::dataplane_status();
+    let cluster_tasks = [
+        tokio::spawn(cluster::follow_labels(
+            ds.clone(),
+            name.clone(),
+            ipam.clone(),
+            labels_rev,
+        )),
+        tokio::spawn(cluster::follow_nat(
+            ipam.subscribe_pools(),
+            netns.clone(),
+            crate::dataplane::nat::NatOptions {
+                outgoing_address_v4: args.nat_outgoing_address,
+            },
+            dp_status.clone(),
+        )),
+    ];
     // The FIB adopts the routes of margay's protocol it finds (a restart keeps forwarding on them); what
     // nobody re-announces is swept after BGP has converged (restart::run).
     let fib = Fib::spawn(FibConfig {
@@ -553,10 +585,12 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     let status_spk = spk.clone();
     let status_id = id.clone();
     let (status_ipam, status_fib, status_ds) = (ipam.clone(), fib.clone(), ds.clone());
+    let status_dp = dp_status.clone();
     let status_source = move || {
         let spk = status_spk.clone();
         let id = status_id.clone();
         let (ipam, fib, ds) = (status_ipam.clone(), status_fib.clone(), status_ds.clone());
+        let dataplane = Some(status_dp.borrow().clone());
         // Ready once the datastore is synced (IPAM view loaded before this endpoint starts, peers derived
         // and applied) and BGP has converged (End-of-RIB from the Established peers, bounded wait). Not
         // tied to every peer being Established.
@@ -588,6 +622,7 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
                     addresses_borrowed: r.borrowed.len() as u64,
                 }),
                 datastore: Some(datastore_summary(&ds)),
+                dataplane,
             }
         }
         .boxed()
@@ -625,7 +660,10 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     };
     let _ = stop_tx.send(());
     // Wait for the aborted tasks to drop what they hold, so the speaker handle is ours alone again.
-    for t in [peers, adverts, learned, converging] {
+    for t in [peers, adverts, learned, converging]
+        .into_iter()
+        .chain(cluster_tasks)
+    {
         t.abort();
         let _ = t.await;
     }
