@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::dataplane::ns_path;
-use common::lab_core::{eventually, in_ns, Lab};
+use common::lab_core::{eventually, in_ns, Lab, LAB_ETCD};
 use common::{have, require, unique, Netns};
 use margay::dataplane::{in_netns, DataplaneError};
 
@@ -246,4 +246,179 @@ fn nat_outgoing_follows_pools_live() {
         status["dataplane"]["natPools"][0], "10.244.0.0/16",
         "{status}"
     );
+}
+
+/// Set `node`'s labels in its Calico Node resource (what `calicoctl label nodes` or kube-controllers' label
+/// sync writes), keeping everything else.
+fn set_labels(lab: &Lab, node: &str, labels: serde_json::Value) {
+    let key = format!("/calico/resources/v3/projectcalico.org/nodes/{node}");
+    let etcd = format!("{}-etcd", lab.name);
+    let (ok, out) = in_ns(
+        &etcd,
+        &[
+            "etcdctl",
+            "--endpoints",
+            LAB_ETCD,
+            "get",
+            &key,
+            "--print-value-only",
+        ],
+    );
+    assert!(ok, "etcdctl get {key}: {out}");
+    let mut v: serde_json::Value = serde_json::from_str(out.trim()).expect("Node JSON");
+    v["metadata"]["labels"] = labels;
+    let (ok, out) = in_ns(
+        &etcd,
+        &[
+            "etcdctl",
+            "--endpoints",
+            LAB_ETCD,
+            "put",
+            &key,
+            &v.to_string(),
+        ],
+    );
+    assert!(ok, "etcdctl put {key}: {out}");
+}
+
+/// Keys under `prefix` in the lab's etcd.
+fn etcd_keys(lab: &Lab, prefix: &str) -> Vec<String> {
+    let (ok, out) = in_ns(
+        &format!("{}-etcd", lab.name),
+        &[
+            "etcdctl",
+            "--endpoints",
+            LAB_ETCD,
+            "get",
+            prefix,
+            "--prefix",
+            "--keys-only",
+        ],
+    );
+    assert!(ok, "etcdctl get {prefix}: {out}");
+    out.lines()
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+/// CNI ADD of a new pod `pod` on `node`; the IPv4 address it got.
+fn add_pod(lab: &Lab, node: &str, pod: &str) -> std::net::Ipv4Addr {
+    let (ok, out) = lab.cni(node, pod, "ADD");
+    assert!(
+        ok,
+        "CNI ADD {pod} on {node}: {out}\n{}",
+        lab.node_logs(node)
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).expect("CNI result");
+    v["ips"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i["address"].as_str())
+        .filter_map(|a| a.split('/').next()?.parse().ok())
+        .next()
+        .unwrap_or_else(|| panic!("no IPv4 address in {out}"))
+}
+
+/// ```text
+///   netns <lab>-br: bridge 10.99.0.0/24
+///     |-- n1 10.99.0.11  labels {} -> {rack: a} (live) -> {rack: b} (live)
+///     `-- n2 10.99.0.12  labels {} -> {rack: a} while its daemon is stopped (read at start)
+///   pools: default-ipv4-ippool 10.244.0.0/16 nodeSelector rack != "a"
+///          rack-a              10.50.0.0/16  nodeSelector rack == "a"
+/// ```
+/// Expect: a new pod on an unlabelled node gets 10.244.x; n1 labelled rack=a (live): its next pod gets
+/// 10.50.x while its old 10.244 block (in use) keeps its affinity; relabelled rack=b: the next pod gets
+/// 10.244.x, and once its 10.50 pod is gone the empty 10.50 block and its affinity are released; n2
+/// labelled while stopped claims from rack-a after its restart.
+#[test]
+fn pools_follow_node_labels() {
+    const T: &str = "pools_follow_node_labels";
+    if !common::lab_core::lab_prerequisites(T) {
+        return;
+    }
+    let lab = Lab::up(MARGAY, "lbl", 2, 1, &[]);
+    let (n1, n2) = (lab.nodes[0].0.clone(), lab.nodes[1].0.clone());
+    lab.wait_ready(&n1);
+    lab.wait_ready(&n2);
+    let in_pool = |ip: std::net::Ipv4Addr, cidr: &str| {
+        cidr.parse::<ipnetwork::Ipv4Network>()
+            .expect("cidr")
+            .contains(ip)
+    };
+    apply(
+        &lab,
+        &n1,
+        "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata:\n  name: default-ipv4-ippool\nspec:\n  \
+         cidr: 10.244.0.0/16\n  blockSize: 26\n  natOutgoing: true\n  nodeSelector: rack != \"a\"\n---\n\
+         apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata:\n  name: rack-a\nspec:\n  cidr: 10.50.0.0/16\n  \
+         blockSize: 26\n  nodeSelector: rack == \"a\"\n",
+    );
+    let pods: Vec<String> = (1..=4).map(|i| format!("{}-lp{i}", lab.name)).collect();
+    let refs: Vec<&str> = pods.iter().map(String::as_str).collect();
+    let _pods = Netns::new(&refs);
+
+    // Labelled live: the next pod on n1 comes from rack-a.
+    set_labels(&lab, &n1, serde_json::json!({"rack": "a"}));
+    let mut a = None;
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            // Until the label reaches IPAM the pod gets a 10.244 address: release it and try again.
+            let ip = add_pod(&lab, &n1, &pods[0]);
+            if in_pool(ip, "10.50.0.0/16") {
+                a = Some(ip);
+                return true;
+            }
+            let _ = lab.cni(&n1, &pods[0], "DEL");
+            false
+        }),
+        "n1 labelled rack=a never took from rack-a\n{}",
+        lab.node_logs(&n1)
+    );
+    let a = a.expect("address");
+    // The unlabelled node still takes from the default pool.
+    let b = add_pod(&lab, &n2, &pods[1]);
+    assert!(in_pool(b, "10.244.0.0/16"), "{b}");
+    // n1's old block holds its first pod: it keeps its affinity.
+    let n1_aff = |cidr_prefix: &str| {
+        etcd_keys(&lab, &format!("/calico/ipam/v2/host/{n1}/ipv4/block/"))
+            .iter()
+            .any(|k| k.contains(cidr_prefix))
+    };
+    assert!(n1_aff("10.244."), "in-use block lost its affinity");
+    assert!(n1_aff("10.50."));
+
+    // Relabelled: new blocks move back to the default pool; the rack-a block goes once it is empty.
+    set_labels(&lab, &n1, serde_json::json!({"rack": "b"}));
+    let mut c = None;
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let ip = add_pod(&lab, &n1, &pods[2]);
+            if in_pool(ip, "10.244.0.0/16") {
+                c = Some(ip);
+                return true;
+            }
+            let _ = lab.cni(&n1, &pods[2], "DEL");
+            false
+        }),
+        "n1 relabelled rack=b still takes from rack-a"
+    );
+    assert!(n1_aff("10.50."), "a block in use ({a}) was released");
+    let (ok, out) = lab.cni(&n1, &pods[0], "DEL");
+    assert!(ok, "{out}");
+    assert!(
+        eventually(Duration::from_secs(10), || !n1_aff("10.50.")),
+        "the empty rack-a block kept its affinity\n{}",
+        lab.node_logs(&n1)
+    );
+    assert!(etcd_keys(&lab, "/calico/ipam/v2/assignment/ipv4/block/10.50.").is_empty());
+
+    // Labels read at start: n2 labelled while its daemon is down claims from rack-a after the restart.
+    lab.stop_daemon(&n2, nix::sys::signal::Signal::SIGTERM);
+    set_labels(&lab, &n2, serde_json::json!({"rack": "a"}));
+    lab.restart_node(&n2);
+    lab.wait_ready(&n2);
+    let d = add_pod(&lab, &n2, &pods[3]);
+    assert!(in_pool(d, "10.50.0.0/16"), "{d}");
 }
