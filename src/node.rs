@@ -5,7 +5,7 @@
 //!     │                                    desired_peers, service CIDRs, │ Originate/WithdrawLocal│ ▲      │
 //!     │                                    export policy ────────────────┴─ SetPolicy ──▶ RIB ◀─┘ │      │ PeerSync
 //!     │                                                                          │  FibEvent     │      ▼
-//!     │                                                                          ▼  (learned)    │   restart::run: End-of-RIB
+//!     │                                                              nexthop::learned_routes  │   restart::run: End-of-RIB
 //!   NodeIpam ◀──assign/release/GC── CNI server ──add/del_pod──▶ kernel    FIB task (proto 77) ◀─┼── sweep (adopted, not re-learned)
 //!     │         (backend.rs)     (unix socket)                               ▲                  │      │ Readiness
 //!     └──routes() (on every ADD/DEL and every second) ──blocks──▶ blackhole ─┘  advertise_blocks ┘      ▼
@@ -49,12 +49,13 @@ use crate::cni::types::DEFAULT_SOCKET;
 use crate::config::bgp::{AsNumber, ConfigSet, Node, NodeBgpSpec, NodeSpec, KIND_NODE};
 use crate::config::peers::desired_peers;
 use crate::config::{ObjectMeta, API_VERSION};
-use crate::dataplane::fib::{Fib, FibConfig, FibHandle, NextHop, Route};
+use crate::dataplane::fib::{Fib, FibConfig, FibHandle, Route};
 use crate::datastore::{keys, Datastore, WatchMessage, Watcher};
 use crate::ipam::{NodeInfo, NodeIpam};
 
 mod backend;
 pub mod cluster;
+pub mod nexthop;
 pub mod restart;
 pub mod services;
 
@@ -528,7 +529,13 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         tracing::info!(cluster_id = %c, "route reflector: reflecting for this node's route-reflector clients");
     }
     let spk = Arc::new(spk);
-    let learned = tokio::spawn(learned_routes(fib_rx, fib.clone()));
+    // Next hops resolved recursively through the node's routes (BIRD `gateway recursive`).
+    let learned = tokio::spawn(nexthop::learned_routes(
+        fib_rx,
+        fib.clone(),
+        netns.clone(),
+        dp_status.clone(),
+    ));
 
     let refresh = Arc::new(Notify::new());
     let adverts = tokio::spawn(advertise_blocks(
@@ -705,33 +712,6 @@ pub(crate) fn prefix_list(prefixes: &[IpNetwork]) -> String {
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-/// Routes learned over BGP into the kernel: each ECMP set as one route via its next hops.
-async fn learned_routes(mut rx: mpsc::Receiver<Vec<FibEvent>>, fib: FibHandle) {
-    while let Some(events) = rx.recv().await {
-        let mut replace = Vec::new();
-        let mut remove = Vec::new();
-        for ev in events {
-            match ev {
-                FibEvent::Set { prefix, next_hops } => replace.push(Route::via(
-                    prefix,
-                    next_hops.into_iter().map(NextHop::via).collect(),
-                )),
-                FibEvent::Remove { prefix } => remove.push(prefix),
-            }
-        }
-        if !remove.is_empty() {
-            if let Err(e) = fib.remove_many(remove).await {
-                tracing::error!(error = %e, "FIB remove");
-            }
-        }
-        if !replace.is_empty() {
-            if let Err(e) = fib.replace_many(replace).await {
-                tracing::error!(error = %e, "FIB replace");
-            }
-        }
-    }
 }
 
 /// Keep the RIB's local routes and the blackhole routes equal to the node's blocks (exact prefix) and

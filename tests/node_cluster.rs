@@ -422,3 +422,141 @@ fn pools_follow_node_labels() {
     let d = add_pod(&lab, &n2, &pods[3]);
     assert!(in_pool(d, "10.50.0.0/16"), "{d}");
 }
+
+/// margay's routes in `ns` as `ip route` prints them.
+fn proto77_text(ns: &str) -> String {
+    common::sh(&format!("ip -n {ns} route show proto 77"))
+}
+
+/// ```text
+///   netns A (the node)           netns R (router, no BGP)          netns B (a node in another subnet)
+///   eth0 10.1.0.2/24 ─────────── r0 10.1.0.1/24                     lo 10.244.7.1/32 (a pod)
+///                                r1 10.2.0.1/24 ─────────────────── eth0 10.2.0.2/24, default via 10.2.0.1
+///                                route 10.244.7.0/26 via 10.2.0.2 (what a ToR learns)
+///   learned over BGP: 10.244.7.0/26 next hop 10.2.0.2 (not on A's link); 10.244.8.0/26 next hop 10.1.0.9
+/// ```
+/// Expect: with no route to 10.2.0.0/24 on A the block is not installed and is reported unresolved; a
+/// default route via R appears: `10.244.7.0/26 via 10.1.0.1 dev eth0` (the covering route's gateway, as BIRD
+/// `gateway recursive`) and A pings the pod; a more specific route to 10.2.0.0/24 via 10.1.0.3 moves it
+/// there, its removal moves it back; the default deleted: withdrawn and reported again. An on-link next hop
+/// is installed as learned.
+#[test]
+fn learned_next_hops_resolve_recursively_and_follow_the_underlay() {
+    const T: &str = "learned_next_hops_resolve_recursively_and_follow_the_underlay";
+    if !(require(common::is_root(), T, "needs root for network namespaces")
+        && require(have("ip") && have("ping"), T, "needs iproute2 and ping"))
+    {
+        return;
+    }
+    let (a, r, b) = (unique("nha"), unique("nhr"), unique("nhb"));
+    let _ns = Netns::new(&[&a, &r, &b]);
+    for cmd in [
+        format!("ip -n {a} link add eth0 type veth peer name r0 netns {r}"),
+        format!("ip -n {r} link add r1 type veth peer name eth0 netns {b}"),
+        format!("ip -n {a} addr add 10.1.0.2/24 dev eth0"),
+        format!("ip -n {r} addr add 10.1.0.1/24 dev r0"),
+        format!("ip -n {r} addr add 10.2.0.1/24 dev r1"),
+        format!("ip -n {b} addr add 10.2.0.2/24 dev eth0"),
+        format!("ip -n {b} addr add 10.244.7.1/32 dev lo"),
+        format!("ip -n {a} link set eth0 up"),
+        format!("ip -n {r} link set r0 up"),
+        format!("ip -n {r} link set r1 up"),
+        format!("ip -n {b} link set eth0 up"),
+        format!("ip netns exec {r} sysctl -qw net.ipv4.ip_forward=1"),
+        format!("ip -n {r} route add 10.244.7.0/26 via 10.2.0.2"),
+        format!("ip -n {b} route add default via 10.2.0.1"),
+    ] {
+        common::sh(&cmd);
+    }
+    let rt = common::dataplane::runtime();
+    let status = margay::node::cluster::dataplane_status();
+    let (tx, _task, _fib) = rt.block_on(async {
+        let fib = margay::dataplane::Fib::spawn(margay::dataplane::FibConfig {
+            netns: Some(ns_path(&a)),
+            ..Default::default()
+        })
+        .await
+        .expect("FIB");
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let task = tokio::spawn(margay::node::nexthop::learned_routes(
+            rx,
+            fib.clone(),
+            Some(ns_path(&a)),
+            status.clone(),
+        ));
+        (tx, task, fib)
+    });
+    let send = |ev: Vec<margay::bgp::rib::FibEvent>| {
+        rt.block_on(tx.send(ev)).expect("send");
+    };
+    let unresolved = || status.borrow().unresolved_routes.clone();
+    let block: ipnetwork::IpNetwork = "10.244.7.0/26".parse().unwrap();
+    send(vec![margay::bgp::rib::FibEvent::Set {
+        prefix: block,
+        next_hops: vec!["10.2.0.2".parse().unwrap()],
+    }]);
+    assert!(
+        eventually(Duration::from_secs(5), || unresolved()
+            .iter()
+            .any(|u| u.starts_with("10.244.7.0/26"))),
+        "not reported unresolved: {:?}",
+        unresolved()
+    );
+    assert!(!proto77_text(&a).contains("10.244.7.0/26"));
+    assert_eq!(status.borrow().unresolved_total, 1);
+
+    // The underlay appears: resolved through the default route's gateway, without any new BGP event.
+    common::sh(&format!("ip -n {a} route add default via 10.1.0.1"));
+    assert!(
+        eventually(Duration::from_secs(5), || proto77_text(&a)
+            .contains("10.244.7.0/26 via 10.1.0.1 dev eth0")),
+        "not resolved via the default route: {}",
+        proto77_text(&a)
+    );
+    assert!(eventually(Duration::from_secs(2), || unresolved().is_empty()));
+    assert!(
+        in_ns(&a, &["ping", "-c", "1", "-W", "2", "10.244.7.1"]).0,
+        "pod across the router not reachable"
+    );
+
+    // A more specific underlay route takes over, and gives back when removed.
+    common::sh(&format!("ip -n {a} route add 10.2.0.0/24 via 10.1.0.3"));
+    assert!(
+        eventually(Duration::from_secs(5), || proto77_text(&a)
+            .contains("10.244.7.0/26 via 10.1.0.3 dev eth0")),
+        "{}",
+        proto77_text(&a)
+    );
+    common::sh(&format!("ip -n {a} route del 10.2.0.0/24 via 10.1.0.3"));
+    assert!(
+        eventually(Duration::from_secs(5), || proto77_text(&a)
+            .contains("10.244.7.0/26 via 10.1.0.1 dev eth0")),
+        "{}",
+        proto77_text(&a)
+    );
+
+    // On-link next hops go as learned.
+    send(vec![margay::bgp::rib::FibEvent::Set {
+        prefix: "10.244.8.0/26".parse().unwrap(),
+        next_hops: vec!["10.1.0.9".parse().unwrap()],
+    }]);
+    assert!(
+        eventually(Duration::from_secs(5), || proto77_text(&a)
+            .contains("10.244.8.0/26 via 10.1.0.9 dev eth0")),
+        "{}",
+        proto77_text(&a)
+    );
+
+    // The underlay goes: withdrawn from the kernel, reported, and the on-link route stays.
+    common::sh(&format!("ip -n {a} route del default via 10.1.0.1"));
+    assert!(
+        eventually(Duration::from_secs(5), || !proto77_text(&a)
+            .contains("10.244.7.0/26")),
+        "{}",
+        proto77_text(&a)
+    );
+    assert!(eventually(Duration::from_secs(5), || unresolved()
+        .iter()
+        .any(|u| u.starts_with("10.244.7.0/26"))));
+    assert!(proto77_text(&a).contains("10.244.8.0/26"));
+}

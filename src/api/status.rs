@@ -50,9 +50,13 @@ pub struct DataplaneSummary {
     /// Where that MTU comes from ("flag", "interface eth0 (1450)", ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_mtu_source: Option<String>,
-    /// Learned routes whose next hop resolves through no kernel route (not installed, retried).
+    /// Learned routes whose next hop resolves through no kernel route (not installed, retried): the first
+    /// 100 with the reason.
     #[serde(default)]
     pub unresolved_routes: Vec<String>,
+    /// How many learned routes are unresolved.
+    #[serde(default)]
+    pub unresolved_total: u64,
     /// Settings the node cannot honour on this kernel and that break connectivity, with the fix.
     #[serde(default)]
     pub errors: Vec<String>,

@@ -11,6 +11,7 @@ pub mod nat;
 pub mod netns;
 pub(crate) mod nl;
 pub mod pod;
+pub mod resolve;
 pub mod sysctl;
 
 pub use error::{DataplaneError, NlError};
