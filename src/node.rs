@@ -107,9 +107,14 @@ pub struct NodeArgs {
     /// This node's AS number (written to its Node resource; default: BGPConfiguration's, else 64512).
     #[arg(long, env = "AS")]
     pub as_number: Option<u32>,
-    /// MTU of pod interfaces when the CNI configuration gives none.
-    #[arg(long, default_value_t = 1500)]
-    pub pod_mtu: u32,
+    /// MTU of pod interfaces when the CNI configuration gives none. Unset or 0: detected as Calico does,
+    /// the smallest MTU of the up interfaces matching --mtu-iface-pattern minus the encapsulation overhead
+    /// of the pools (VXLAN 50, VXLAN IPv6 70, IPIP 20), re-detected every 30 s and on pool changes.
+    #[arg(long, env = "MARGAY_POD_MTU")]
+    pub pod_mtu: Option<u32>,
+    /// The interfaces whose MTU bounds the pod MTU (Felix's MTUIfacePattern).
+    #[arg(long, env = "FELIX_MTUIFACEPATTERN", default_value = crate::dataplane::mtu::DEFAULT_IFACE_PATTERN)]
+    pub mtu_iface_pattern: String,
     /// A default IPv6 pool, created when the variable is set and no IPv6 pool exists (Calico:
     /// CALICO_IPV6POOL_CIDR). Pods then get an IPv6 address beside their IPv4 one (dual stack); set IP6 so
     /// the node's IPv6 blocks are advertised.
@@ -566,10 +571,21 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     if let Err(e) = reconcile_pods(&ipam, netns.clone()).await {
         tracing::warn!(error = %format!("{e:#}"), "restart: pod veths not reconciled with IPAM");
     }
+    let pod_mtu = start_pod_mtu(&args, &ipam, &dp_status).await?;
+    let mtu_task = match (args.pod_mtu, regex::Regex::new(&args.mtu_iface_pattern)) {
+        (None | Some(0), Ok(pattern)) => Some(tokio::spawn(cluster::follow_mtu(
+            ipam.subscribe_pools(),
+            netns.clone(),
+            pattern,
+            pod_mtu.clone(),
+            dp_status.clone(),
+        ))),
+        _ => None,
+    };
     let backend = Arc::new(NodeBackend {
         ipam: ipam.clone(),
         netns: netns.clone(),
-        mtu: args.pod_mtu,
+        mtu: pod_mtu,
         refresh: refresh.clone(),
         spool_socket: Some(args.cni_socket.clone()),
     });
@@ -670,6 +686,7 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     for t in [peers, adverts, learned, converging]
         .into_iter()
         .chain(cluster_tasks)
+        .chain(mtu_task)
     {
         t.abort();
         let _ = t.await;
@@ -690,6 +707,35 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     }
     tracing::info!("margay node stopped");
     outcome
+}
+
+/// The pod MTU to start with: the flag, or detected (Calico's rule) before the first ADD.
+async fn start_pod_mtu(
+    args: &NodeArgs,
+    ipam: &NodeIpam,
+    status: &cluster::DataplaneStatus,
+) -> anyhow::Result<crate::dataplane::mtu::PodMtu> {
+    let (mtu, source) = match args.pod_mtu {
+        Some(m) if m > 0 => (m, "--pod-mtu / MARGAY_POD_MTU".to_string()),
+        _ => {
+            let pattern = regex::Regex::new(&args.mtu_iface_pattern).with_context(|| {
+                format!(
+                    "--mtu-iface-pattern / FELIX_MTUIFACEPATTERN {:?} is not a regular expression",
+                    args.mtu_iface_pattern
+                )
+            })?;
+            let pools = ipam.pools().await.unwrap_or_default();
+            cluster::detect_pod_mtu(args.netns.clone(), pattern, &pools)
+                .await
+                .context("detecting the pod MTU (set --pod-mtu to skip detection)")?
+        }
+    };
+    tracing::info!(pod_mtu = mtu, source = %source, "pod MTU");
+    status.send_modify(|s| {
+        s.pod_mtu = Some(mtu);
+        s.pod_mtu_source = Some(source);
+    });
+    Ok(mtu.into())
 }
 
 /// The datastore's request counters as `/status` and `/metrics` show them.

@@ -560,3 +560,74 @@ fn learned_next_hops_resolve_recursively_and_follow_the_underlay() {
         .any(|u| u.starts_with("10.244.7.0/26"))));
     assert!(proto77_text(&a).contains("10.244.8.0/26"));
 }
+
+/// The MTU of `pod`'s eth0.
+fn pod_mtu(pod: &str) -> u32 {
+    let out = common::sh(&format!("ip -n {pod} -o link show eth0"));
+    let w: Vec<&str> = out.split_whitespace().collect();
+    w.iter()
+        .position(|x| *x == "mtu")
+        .and_then(|i| w.get(i + 1)?.parse().ok())
+        .unwrap_or_else(|| panic!("no mtu in {out}"))
+}
+
+/// ```text
+///   netns <lab>-br: bridge 10.99.0.0/24
+///     `-- n1 eth0 10.99.0.11, MTU 1500 -> 1450 (then the daemon restarts)
+///           pool default-ipv4-ippool 10.244.0.0/16: vxlanMode Never -> Always (live)
+/// ```
+/// Expect: pods get 1500 (eth0's MTU, no encapsulation); eth0 at 1450: 1450; a pool with vxlanMode Always:
+/// 1400 (VXLAN's 50 bytes), live; MARGAY_POD_MTU=1300 overrides detection. `margay status` says each.
+#[test]
+fn pod_mtu_is_detected_from_the_node_interfaces() {
+    const T: &str = "pod_mtu_is_detected_from_the_node_interfaces";
+    if !common::lab_core::lab_prerequisites(T) {
+        return;
+    }
+    let lab = Lab::up(MARGAY, "mtu", 1, 1, &[]);
+    let n1 = lab.nodes[0].0.clone();
+    lab.wait_ready(&n1);
+    assert_eq!(pod_mtu(&lab.pods[0].0), 1500);
+    let s = lab.status(&n1).expect("status");
+    assert_eq!(s["dataplane"]["podMtu"], 1500, "{s}");
+
+    common::sh(&format!("ip -n {n1} link set eth0 mtu 1450"));
+    lab.restart_node(&n1);
+    lab.wait_ready(&n1);
+    let s = lab.status(&n1).expect("status");
+    assert_eq!(s["dataplane"]["podMtu"], 1450, "{s}");
+    assert_eq!(s["dataplane"]["podMtuSource"], "interface eth0 1450", "{s}");
+    let pods: Vec<String> = (1..=3).map(|i| format!("{}-mp{i}", lab.name)).collect();
+    let refs: Vec<&str> = pods.iter().map(String::as_str).collect();
+    let _pods = Netns::new(&refs);
+    add_pod(&lab, &n1, &pods[0]);
+    assert_eq!(pod_mtu(&pods[0]), 1450);
+
+    // VXLAN switched on in a pool: 50 bytes less, without a restart.
+    apply(
+        &lab,
+        &n1,
+        "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata:\n  name: default-ipv4-ippool\nspec:\n  \
+         cidr: 10.244.0.0/16\n  blockSize: 26\n  natOutgoing: true\n  vxlanMode: Always\n  nodeSelector: all()\n",
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || lab
+            .status(&n1)
+            .is_some_and(|s| s["dataplane"]["podMtu"] == 1400)),
+        "{:?}",
+        lab.status(&n1)
+    );
+    add_pod(&lab, &n1, &pods[1]);
+    assert_eq!(pod_mtu(&pods[1]), 1400);
+    let (ok, table) = in_ns(&n1, &[MARGAY, "status"]);
+    assert!(
+        ok && table.contains("Pod MTU: 1400 (interface eth0 1450 - VXLAN 50)"),
+        "{table}"
+    );
+
+    // The flag wins over detection.
+    lab.restart_node_with_env(&n1, &[("MARGAY_POD_MTU", "1300")]);
+    lab.wait_ready(&n1);
+    add_pod(&lab, &n1, &pods[2]);
+    assert_eq!(pod_mtu(&pods[2]), 1300);
+}

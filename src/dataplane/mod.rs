@@ -7,6 +7,7 @@
 pub mod autodetect;
 pub mod error;
 pub mod fib;
+pub mod mtu;
 pub mod nat;
 pub mod netns;
 pub(crate) mod nl;

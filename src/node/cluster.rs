@@ -5,6 +5,7 @@
 //! ```text
 //!   NodeIpam ──subscribe_pools (watch, no etcd read)──▶ follow_nat ──nft -f (in the node's netns)──▶ table inet margay
 //!   etcd Node/<me> ──watch──▶ follow_labels ──set_labels──▶ NodeIpam (claims, releases of empty blocks)
+//!   NodeIpam pools + node interfaces (every 30 s) ──▶ follow_mtu ──▶ PodMtu (read by every CNI ADD)
 //!   every task here ──send_modify──▶ DataplaneStatus ──▶ /status
 //! ```
 //!
@@ -19,7 +20,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::api::DataplaneSummary;
-use crate::config::ippool::IpPool;
+use crate::config::ippool::{EncapMode, IpPool};
+use crate::dataplane::mtu::{self, Encaps, PodMtu};
 use crate::dataplane::nat::{self, NatOptions, NatPool};
 use crate::datastore::{keys, Datastore, WatchEventKind, WatchMessage};
 use crate::ipam::NodeIpam;
@@ -102,6 +104,81 @@ pub async fn follow_nat(
             }
         } else if pools.changed().await.is_err() {
             return;
+        }
+    }
+}
+
+/// How often the node's interfaces are looked at again for the pod MTU (Felix: 30 s).
+pub const MTU_RECHECK: Duration = Duration::from_secs(30);
+
+/// The encapsulations the pools enable (Calico: any pool whose mode is not Never).
+pub fn encaps_of(pools: &[IpPool]) -> Encaps {
+    let on = |m: Option<EncapMode>| m.is_some_and(|m| m != EncapMode::Never);
+    let mut e = Encaps::default();
+    for p in pools {
+        let v4 = p.spec.cidr.is_ipv4();
+        e.ipip |= v4 && on(p.spec.ipip_mode);
+        e.vxlan_v4 |= v4 && on(p.spec.vxlan_mode);
+        e.vxlan_v6 |= !v4 && on(p.spec.vxlan_mode);
+    }
+    e
+}
+
+/// The pod MTU now: the node's interfaces matching `pattern`, minus the pools' encapsulation overhead.
+pub async fn detect_pod_mtu(
+    netns: Option<PathBuf>,
+    pattern: regex::Regex,
+    pools: &[IpPool],
+) -> Result<(u32, String), crate::dataplane::DataplaneError> {
+    let host = tokio::task::spawn_blocking(move || mtu::host_mtu(netns.as_deref(), &pattern))
+        .await
+        .map_err(|e| crate::dataplane::DataplaneError::Invalid {
+            what: "MTU detection",
+            value: String::new(),
+            reason: e.to_string(),
+        })??;
+    if host.iface.is_none() {
+        tracing::warn!(
+            fallback = host.mtu,
+            "no up interface matches the MTU interface pattern; using the fallback host MTU"
+        );
+    }
+    Ok(mtu::pod_mtu(&host, encaps_of(pools)))
+}
+
+/// Keep the detected pod MTU current: on every pool change (an encapsulation switched on or off) and every
+/// [`MTU_RECHECK`] (an interface's MTU changed). New pods get the new value; running pods keep theirs, as
+/// with Calico.
+pub async fn follow_mtu(
+    mut pools: watch::Receiver<Vec<IpPool>>,
+    netns: Option<PathBuf>,
+    pattern: regex::Regex,
+    pod_mtu: PodMtu,
+    status: DataplaneStatus,
+) {
+    loop {
+        tokio::select! {
+            r = pools.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(MTU_RECHECK) => {}
+        }
+        let current = pools.borrow_and_update().clone();
+        match detect_pod_mtu(netns.clone(), pattern.clone(), &current).await {
+            Ok((m, why)) => {
+                if m != pod_mtu.get() {
+                    tracing::info!(from = pod_mtu.get(), to = m, source = %why, "pod MTU changed (new pods get it)");
+                    pod_mtu.set(m);
+                }
+                status.send_if_modified(|s| {
+                    let changed =
+                        s.pod_mtu != Some(m) || s.pod_mtu_source.as_deref() != Some(why.as_str());
+                    s.pod_mtu = Some(m);
+                    s.pod_mtu_source = Some(why);
+                    changed
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "pod MTU not re-detected; keeping {}", pod_mtu.get())
+            }
         }
     }
 }
