@@ -414,6 +414,10 @@ struct Identity {
     forwarding_preserved: bool,
     /// Where BGP password Secrets are mounted.
     secrets_dir: PathBuf,
+    /// The dataplane part of the status (unsupported settings are reported there on every load).
+    dp_status: cluster::DataplaneStatus,
+    /// The node's kernel can build ipip devices.
+    kernel_has_ipip: bool,
 }
 
 async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
@@ -454,7 +458,28 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| set.default_bgp().as_number());
     // A node with routeReflectorClusterID reflects for its clients (RFC 4456); desired_peers marks them.
     let cluster_id = set.nodes.get(&name).and_then(Node::cluster_id);
+    let dp_status = cluster::dataplane_status();
+    let probe_ns = netns.clone();
+    let kernel_has_ipip = tokio::task::spawn_blocking(move || {
+        crate::dataplane::encap::ipip_supported(probe_ns.as_deref())
+    })
+    .await
+    .map_err(anyhow::Error::from)
+    .and_then(|r| r.map_err(anyhow::Error::from))
+    .unwrap_or_else(|e| {
+        tracing::warn!(error = %format!("{e:#}"), "cannot tell whether the kernel has ipip; assuming not");
+        false
+    });
+    cluster::report_unsupported(
+        &set,
+        &load_pools(&ds).await.map_err(on_etcd)?,
+        &name,
+        kernel_has_ipip,
+        &dp_status,
+    );
     let id = Identity {
+        dp_status: dp_status.clone(),
+        kernel_has_ipip,
         port: set.listen_port(&name),
         name: name.clone(),
         ip,
@@ -485,7 +510,6 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("IPAM for node {name:?} (etcd at {endpoints}): {e}"))?,
     );
-    let dp_status = cluster::dataplane_status();
     let cluster_tasks = [
         tokio::spawn(cluster::follow_labels(
             ds.clone(),
@@ -892,6 +916,13 @@ async fn peer_loop(
         match derived.await {
             Ok((set, peers, pools)) => {
                 last_error = None;
+                cluster::report_unsupported(
+                    &set,
+                    &pools,
+                    &id.name,
+                    id.kernel_has_ipip,
+                    &id.dp_status,
+                );
                 // routeReflectorClusterID changed live (a node made a reflector or no longer one): the RIB takes
                 // the new id before the apply below restarts the sessions whose client role changed.
                 let want_cluster_id = set.nodes.get(&id.name).and_then(Node::cluster_id);

@@ -631,3 +631,129 @@ fn pod_mtu_is_detected_from_the_node_interfaces() {
     add_pod(&lab, &n1, &pods[2]);
     assert_eq!(pod_mtu(&pods[2]), 1300);
 }
+
+/// ```text
+///   netns <lab>-br: bridge 10.99.0.0/24
+///     `-- n1 10.99.0.11  pool default-ipv4-ippool: ipipMode Always (a Calico manifest's pool, adopted)
+///   BGPConfiguration default: bindMode NodeIP (parsed, not acted on)
+/// ```
+/// Expect, on a kernel without ipip: an error in `margay status` and in the log at start naming the pool,
+/// the field, the reason and the exact `margay apply` that switches it to VXLAN; running that command
+/// clears the IPIP error. bindMode gives a "Not supported" line naming resource and field. (With ipip in
+/// the kernel the error still says margay builds no IPIP tunnel, without the module reason.)
+#[test]
+fn ignored_settings_are_reported_and_ipip_says_how_to_fix() {
+    const T: &str = "ignored_settings_are_reported_and_ipip_says_how_to_fix";
+    if !common::lab_core::lab_prerequisites(T) {
+        return;
+    }
+    // What this kernel can do, found independently of margay.
+    let probe = unique("ipip");
+    let _p = Netns::new(&[&probe]);
+    let kernel_ipip = common::try_sh(&format!("ip -n {probe} link add t0 type ipip 2>&1")).0;
+
+    let lab = Lab::up(MARGAY, "ign", 1, 1, &[]);
+    let n1 = lab.nodes[0].0.clone();
+    lab.wait_ready(&n1);
+    apply(
+        &lab,
+        &n1,
+        "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata:\n  name: default-ipv4-ippool\nspec:\n  \
+         cidr: 10.244.0.0/16\n  blockSize: 26\n  natOutgoing: true\n  ipipMode: Always\n  nodeSelector: all()\n",
+    );
+    let (ok, out) = in_ns(
+        &format!("{}-etcd", lab.name),
+        &[
+            "etcdctl",
+            "--endpoints",
+            LAB_ETCD,
+            "put",
+            "/calico/resources/v3/projectcalico.org/bgpconfigurations/default",
+            r#"{"apiVersion":"projectcalico.org/v3","kind":"BGPConfiguration","metadata":{"name":"default"},"spec":{"bindMode":"NodeIP","nodeToNodeMeshEnabled":true}}"#,
+        ],
+    );
+    assert!(ok, "{out}");
+    // Seen live (the configuration watch), then at start.
+    let errors = |s: &serde_json::Value| s["dataplane"]["errors"].to_string();
+    assert!(
+        eventually(Duration::from_secs(10), || lab
+            .status(&n1)
+            .is_some_and(|s| errors(&s).contains("spec.ipipMode = Always"))),
+        "{:?}",
+        lab.status(&n1)
+    );
+    lab.restart_node(&n1);
+    lab.wait_ready(&n1);
+    let log = lab.node_logs(&n1);
+    assert!(
+        log.contains("IPPool \\\"default-ipv4-ippool\\\": spec.ipipMode = Always")
+            || log.contains("IPPool \"default-ipv4-ippool\": spec.ipipMode = Always"),
+        "no error at start:\n{log}"
+    );
+    assert!(
+        log.contains("spec.bindMode = NodeIP"),
+        "no warning at start:\n{log}"
+    );
+    let (ok, table) = in_ns(&n1, &[MARGAY, "status"]);
+    assert!(ok, "{table}");
+    assert!(
+        table.contains("ERROR: IPPool \"default-ipv4-ippool\": spec.ipipMode = Always"),
+        "{table}"
+    );
+    assert_eq!(
+        table.contains("no ipip module"),
+        !kernel_ipip,
+        "kernel ipip support misreported:\n{table}"
+    );
+    assert!(
+        table.contains("Not supported: BGPConfiguration \"default\": spec.bindMode = NodeIP"),
+        "{table}"
+    );
+    let metrics = common::lab::http_get(&n1, margay::api::DEFAULT_LISTEN, "/metrics")
+        .expect("metrics")
+        .1;
+    assert!(metrics.contains("margay_dataplane_errors 1"), "{metrics}");
+
+    // The command the status gives, run as it is, switches the pool: the IPIP error goes.
+    let fix = table
+        .split("margay apply -f - <<'EOF'\n")
+        .nth(1)
+        .and_then(|t| t.split("\nEOF").next())
+        .unwrap_or_else(|| panic!("no apply command in:\n{table}"));
+    let (ok, out) = {
+        use std::process::{Command, Stdio};
+        let mut c = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &n1,
+                MARGAY,
+                "apply",
+                "-f",
+                "-",
+                "--etcd-endpoints",
+                LAB_ETCD,
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        c.stdin
+            .take()
+            .expect("stdin")
+            .write_all(fix.as_bytes())
+            .expect("write");
+        common::lab::run_output(c.wait_with_output())
+    };
+    assert!(ok, "{fix}\n{out}");
+    assert!(
+        eventually(Duration::from_secs(10), || lab
+            .status(&n1)
+            .is_some_and(|s| !errors(&s).contains("ipipMode"))),
+        "{:?}",
+        lab.status(&n1)
+    );
+    let s = lab.status(&n1).expect("status");
+    assert!(errors(&s).contains("spec.vxlanMode = Always"), "{s}");
+}

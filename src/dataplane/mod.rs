@@ -5,6 +5,7 @@
 //! entered it, see [`netns`]), so a lab can run many nodes on one machine.
 
 pub mod autodetect;
+pub mod encap;
 pub mod error;
 pub mod fib;
 pub mod mtu;

@@ -36,6 +36,43 @@ pub fn dataplane_status() -> DataplaneStatus {
     Arc::new(watch::channel(DataplaneSummary::default()).0)
 }
 
+/// Report the Calico settings margay does not act on (see [`crate::config::unsupported`]): each new one
+/// is logged once (an error with its fix, or a warning), and all are listed in the status.
+pub fn report_unsupported(
+    set: &crate::config::bgp::ConfigSet,
+    pools: &[IpPool],
+    me: &str,
+    kernel_has_ipip: bool,
+    status: &DataplaneStatus,
+) {
+    use crate::config::unsupported::{scan, Severity};
+    let found = scan(set, pools, me, kernel_has_ipip);
+    let errors: Vec<String> = found
+        .iter()
+        .filter(|f| f.severity == Severity::Error)
+        .map(ToString::to_string)
+        .collect();
+    let ignored: Vec<String> = found
+        .iter()
+        .filter(|f| f.severity == Severity::NotSupported)
+        .map(ToString::to_string)
+        .collect();
+    status.send_if_modified(|s| {
+        if s.errors == errors && s.not_supported == ignored {
+            return false;
+        }
+        for e in errors.iter().filter(|e| !s.errors.contains(e)) {
+            tracing::error!("{e}");
+        }
+        for n in ignored.iter().filter(|n| !s.not_supported.contains(n)) {
+            tracing::warn!("not supported: {n}");
+        }
+        s.errors = errors;
+        s.not_supported = ignored;
+        true
+    });
+}
+
 /// How long a failed NAT program waits before it is tried again.
 const NAT_RETRY: Duration = Duration::from_secs(2);
 
