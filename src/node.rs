@@ -58,6 +58,7 @@ pub mod cluster;
 pub mod nexthop;
 pub mod restart;
 pub mod services;
+pub mod vxlan;
 
 pub use backend::{attachment, resolve_pools, NodeBackend};
 pub use restart::{reconcile_pods, PodReconcile, Readiness};
@@ -559,11 +560,23 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     }
     let spk = Arc::new(spk);
     // Next hops resolved recursively through the node's routes (BIRD `gateway recursive`).
+    let (vxlan_tx, vxlan_rx) = watch::channel(vxlan::VxlanRouting::default());
     let learned = tokio::spawn(nexthop::learned_routes(
         fib_rx,
         fib.clone(),
         netns.clone(),
         dp_status.clone(),
+        Some(vxlan_rx),
+    ));
+    let vxlan_task = tokio::spawn(vxlan::follow_vxlan(
+        ds.clone(),
+        ipam.clone(),
+        ipam.subscribe_pools(),
+        name.clone(),
+        ip,
+        prefix_len,
+        netns.clone(),
+        vxlan_tx,
     ));
 
     let refresh = Arc::new(Notify::new());
@@ -707,7 +720,7 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     };
     let _ = stop_tx.send(());
     // Wait for the aborted tasks to drop what they hold, so the speaker handle is ours alone again.
-    for t in [peers, adverts, learned, converging]
+    for t in [peers, adverts, learned, converging, vxlan_task]
         .into_iter()
         .chain(cluster_tasks)
         .chain(mtu_task)

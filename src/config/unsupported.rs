@@ -89,14 +89,14 @@ pub fn scan(set: &ConfigSet, pools: &[IpPool], me: &str, kernel_has_ipip: bool) 
             );
         }
         let vxlan = p.spec.vxlan_mode.unwrap_or_default();
-        if vxlan != EncapMode::Never {
+        if vxlan != EncapMode::Never && p.spec.cidr.is_ipv6() {
             add(
                 Severity::Error,
                 "IPPool",
                 name,
                 "spec.vxlanMode",
                 format!("{vxlan:?}"),
-                "margay does not build VXLAN tunnels yet: pod routes are learned over BGP and go \
+                "margay builds IPv4 VXLAN only: IPv6 pod routes are learned over BGP and go \
                  unencapsulated, which works only where the nodes share an L2 segment or the fabric routes \
                  the pod CIDRs",
             );
@@ -264,12 +264,8 @@ pub fn scan(set: &ConfigSet, pools: &[IpPool], me: &str, kernel_has_ipip: bool) 
                 "ignored: margay builds no IPIP tunnel",
             );
         }
-        for field in [
-            "ipv4VXLANTunnelAddr",
-            "ipv6VXLANTunnelAddr",
-            "vxlanTunnelMACAddr",
-            "wireguard",
-        ] {
+        // ipv4VXLANTunnelAddr and vxlanTunnelMACAddr are used (IPv4 VXLAN).
+        for field in ["ipv6VXLANTunnelAddr", "vxlanTunnelMACAddrV6", "wireguard"] {
             if let Some(v) = s.other.get(field) {
                 let value = serde_yaml_ng::to_string(v)
                     .unwrap_or_default()
@@ -280,13 +276,12 @@ pub fn scan(set: &ConfigSet, pools: &[IpPool], me: &str, kernel_has_ipip: bool) 
                     "Node",
                     me,
                     match field {
-                        "ipv4VXLANTunnelAddr" => "spec.ipv4VXLANTunnelAddr",
                         "ipv6VXLANTunnelAddr" => "spec.ipv6VXLANTunnelAddr",
-                        "vxlanTunnelMACAddr" => "spec.vxlanTunnelMACAddr",
+                        "vxlanTunnelMACAddrV6" => "spec.vxlanTunnelMACAddrV6",
                         _ => "spec.wireguard",
                     },
                     value,
-                    "ignored: margay builds no VXLAN or WireGuard tunnel",
+                    "ignored: margay builds no IPv6 VXLAN or WireGuard tunnel",
                 );
             }
         }

@@ -15,6 +15,7 @@ pub(crate) mod nl;
 pub mod pod;
 pub mod resolve;
 pub mod sysctl;
+pub mod vxlan;
 
 pub use error::{DataplaneError, NlError};
 pub use fib::{Dev, Fib, FibConfig, FibHandle, FibStatus, NextHop, NextHops, Route};

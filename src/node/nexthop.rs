@@ -26,6 +26,7 @@ use crate::dataplane::fib::{FibHandle, NextHop, Route, DEFAULT_PROTOCOL, MAIN_TA
 use crate::dataplane::resolve::{drain_changes, route_monitor, Igp, Resolution};
 
 use super::cluster::DataplaneStatus;
+use super::vxlan::{Encap, VxlanRouting};
 
 /// How often unresolved next hops are tried again even without a route change.
 pub const RETRY: Duration = Duration::from_secs(5);
@@ -42,6 +43,8 @@ struct Resolver {
     igp: Option<Igp>,
     resolved: HashMap<IpAddr, Resolution>,
     unresolved: BTreeMap<IpNetwork, String>,
+    /// VXLAN pools and remote VTEPs: learned routes of VXLAN pools go through the tunnel.
+    vxlan: VxlanRouting,
 }
 
 /// An IPv6 link-local next hop cannot be looked up without its interface: it goes as learned.
@@ -70,6 +73,22 @@ impl Resolver {
         let mut hops: Vec<NextHop> = Vec::new();
         let mut why = Vec::new();
         for &nh in nhs {
+            if !self.vxlan.pools.is_empty() {
+                match self.vxlan.encap(&prefix, nh) {
+                    Encap::No => {}
+                    Encap::Tunnel(t) => {
+                        hops.push(NextHop::onlink(
+                            IpAddr::V4(t),
+                            crate::dataplane::vxlan::DEVICE,
+                        ));
+                        continue;
+                    }
+                    Encap::Missing(w) => {
+                        why.push(w);
+                        continue;
+                    }
+                }
+            }
             match self.resolution(nh) {
                 Resolution::OnLink => hops.push(NextHop::via(nh)),
                 Resolution::Via(h) => hops.extend(h),
@@ -204,6 +223,30 @@ impl Resolver {
     }
 }
 
+impl Resolver {
+    /// The VXLAN picture changed: every learned route is computed again (the FIB writes only differences).
+    async fn rewrite_all(&mut self, fib: &FibHandle) {
+        let all: Vec<(IpNetwork, Vec<IpAddr>)> =
+            self.learned.iter().map(|(p, n)| (*p, n.clone())).collect();
+        let mut replace = Vec::new();
+        let mut remove = Vec::new();
+        for (prefix, nhs) in all {
+            match self.route(prefix, &nhs) {
+                Ok(r) => {
+                    self.unresolved.remove(&prefix);
+                    replace.push(r);
+                }
+                Err(why) => {
+                    if self.unresolved.insert(prefix, why).is_none() {
+                        remove.push(prefix);
+                    }
+                }
+            }
+        }
+        write(fib, replace, remove).await;
+    }
+}
+
 async fn write(fib: &FibHandle, replace: Vec<Route>, remove: Vec<IpNetwork>) {
     if !remove.is_empty() {
         if let Err(e) = fib.remove_many(remove).await {
@@ -223,8 +266,11 @@ pub async fn learned_routes(
     fib: FibHandle,
     netns: Option<PathBuf>,
     status: DataplaneStatus,
+    vxlan: Option<tokio::sync::watch::Receiver<VxlanRouting>>,
 ) {
+    let mut vxlan = vxlan;
     let mut r = Resolver {
+        vxlan: VxlanRouting::default(),
         netns: netns.clone(),
         learned: HashMap::new(),
         igp: None,
@@ -279,6 +325,20 @@ pub async fn learned_routes(
                 if c {
                     tokio::time::sleep(SETTLE).await;
                     r.reresolve(&fib).await;
+                }
+            }
+            c = async {
+                match vxlan.as_mut() {
+                    Some(v) => v.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                match (c, vxlan.as_mut()) {
+                    (Ok(()), Some(v)) => {
+                        r.vxlan = v.borrow_and_update().clone();
+                        r.rewrite_all(&fib).await;
+                    }
+                    _ => vxlan = None,
                 }
             }
             _ = retry.tick() => {
