@@ -255,30 +255,26 @@ pub async fn follow_labels(ds: Arc<Datastore>, name: String, ipam: Arc<NodeIpam>
     let mut rev = from;
     loop {
         let mut w = ds.watch(&key, rev + 1);
-        loop {
-            match w.recv().await {
-                Some(WatchMessage::Events(evs)) => {
-                    // The watch is on a prefix: `nodes/n1` also sees `nodes/n10`.
-                    let Some(ev) = evs.iter().rev().find(|e| e.key == key) else {
-                        continue;
-                    };
-                    let labels = match ev.kind {
-                        WatchEventKind::Put => labels_of(&ev.value),
-                        WatchEventKind::Delete => Some(BTreeMap::new()),
-                    };
-                    match labels {
-                        Some(l) => {
-                            if let Err(e) = ipam.set_labels(l).await {
-                                tracing::warn!(error = %e, "node labels not handed to IPAM");
-                                return;
-                            }
-                        }
-                        None => {
-                            tracing::warn!(key = %key, "Node resource does not parse; labels unchanged")
-                        }
+        // Until the watch is compacted or breaks (Resync or None).
+        while let Some(WatchMessage::Events(evs)) = w.recv().await {
+            // The watch is on a prefix: `nodes/n1` also sees `nodes/n10`.
+            let Some(ev) = evs.iter().rev().find(|e| e.key == key) else {
+                continue;
+            };
+            let labels = match ev.kind {
+                WatchEventKind::Put => labels_of(&ev.value),
+                WatchEventKind::Delete => Some(BTreeMap::new()),
+            };
+            match labels {
+                Some(l) => {
+                    if let Err(e) = ipam.set_labels(l).await {
+                        tracing::warn!(error = %e, "node labels not handed to IPAM");
+                        return;
                     }
                 }
-                Some(WatchMessage::Resync) | None => break,
+                None => {
+                    tracing::warn!(key = %key, "Node resource does not parse; labels unchanged")
+                }
             }
         }
         // Compacted or broken: read again, then watch from there.

@@ -234,6 +234,14 @@ pub async fn follow_vxlan(
     let mut remotes: BTreeSet<RemoteVtep> = BTreeSet::new();
     let mut node_watch = None;
     let mut built = false;
+    // Felix sizes the VXLAN device from the host MTU (its default interface pattern).
+    let mtu_pattern = match regex::Regex::new(crate::dataplane::mtu::DEFAULT_IFACE_PATTERN) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "MTU interface pattern; VXLAN disabled");
+            return;
+        }
+    };
     // The datastore is consulted only when the pools changed (or after a failure), never on the tick.
     let mut pools_dirty = true;
     let mut tunnel: Option<Ipv4Addr> = None;
@@ -276,13 +284,9 @@ pub async fn follow_vxlan(
                 remotes = r;
             }
             let host = {
-                let ns = netns.clone();
-                tokio::task::spawn_blocking(move || {
-                    let re = regex::Regex::new(crate::dataplane::mtu::DEFAULT_IFACE_PATTERN)
-                        .map_err(|e| anyhow::anyhow!("{e}"))?;
-                    anyhow::Ok(crate::dataplane::mtu::host_mtu(ns.as_deref(), &re)?)
-                })
-                .await??
+                let (ns, re) = (netns.clone(), mtu_pattern.clone());
+                tokio::task::spawn_blocking(move || crate::dataplane::mtu::host_mtu(ns.as_deref(), &re))
+                    .await??
             };
             let local = LocalVtep {
                 node_ip,
