@@ -10,6 +10,8 @@
 //!     |-- mgl-n2    eth0 10.99.0.12  margay node run                                pods mgl-n2p1, ...
 //!     `-- mgl-n3    eth0 10.99.0.13  margay node run                                pods mgl-n3p1, ...
 //!   full iBGP mesh between the nodes (AS 64512); pod addresses from the pool 10.244.0.0/16 in /26 blocks
+//!   --subnets 2: mgl-br also holds br1 10.99.1.1/24 and routes between the segments (no pod route);
+//!   nodes alternate: n1 10.99.0.11, n2 10.99.1.12, n3 10.99.0.13, ...; pool vxlanMode CrossSubnet
 //!   --reflector: mesh off, every node peers only with mgl-rr (Calico's resources, written into etcd:
 //!   BGPConfiguration nodeToNodeMeshEnabled false, Node mgl-rr with routeReflectorClusterID 244.0.0.1 and
 //!   label route-reflector, BGPPeer nodeSelector all() / peerSelector has(route-reflector))
@@ -43,6 +45,11 @@ pub enum LabCmd {
         /// every node peering only with it (BGPPeer nodeSelector all(), peerSelector has(route-reflector)).
         #[arg(long)]
         reflector: bool,
+        /// L2 segments (1 or 2). With 2, the bridge namespace becomes a router between 10.99.0.0/24 and
+        /// 10.99.1.0/24 that knows no pod route; nodes alternate between the segments (n1 on the first, n2
+        /// on the second, ...), and the default pool gets `vxlanMode: CrossSubnet` so pods reach each other.
+        #[arg(long, default_value_t = 1)]
+        subnets: usize,
         #[command(flatten)]
         common: LabArgs,
     },
@@ -97,8 +104,9 @@ impl LabArgs {
     }
 }
 
-const SUBNET_PREFIX: &str = "10.99.0";
 const BRIDGE_IP: &str = "10.99.0.1";
+/// The router's address on the second segment (`--subnets 2`).
+const BRIDGE_IP_B: &str = "10.99.1.1";
 const ETCD_IP: &str = "10.99.0.2";
 const REFLECTOR_IP: &str = "10.99.0.3";
 /// The reflector's cluster id (Calico's documentation uses this one too).
@@ -140,12 +148,16 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<()> {
             nodes,
             pods,
             reflector,
+            subnets,
             common,
         } => {
             if !(1..=50).contains(&nodes) {
                 bail!("--nodes must be between 1 and 50");
             }
-            if let Err(e) = up(&common, nodes, pods, reflector) {
+            if !(1..=2).contains(&subnets) {
+                bail!("--subnets must be 1 or 2");
+            }
+            if let Err(e) = up(&common, nodes, pods, reflector, subnets) {
                 eprintln!("margay lab: bring-up failed; the lab is left as it is for inspection (logs in {}); `margay lab down --name {}` removes it", common.state().display(), common.name);
                 return Err(e);
             }
@@ -259,7 +271,13 @@ fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> any
     bail!("timed out after {timeout:?} waiting for {what}")
 }
 
-fn up(args: &LabArgs, n_nodes: usize, n_pods: usize, reflector: bool) -> anyhow::Result<()> {
+fn up(
+    args: &LabArgs,
+    n_nodes: usize,
+    n_pods: usize,
+    reflector: bool,
+    subnets: usize,
+) -> anyhow::Result<()> {
     for (bin, pkg) in [
         ("ip", "iproute2"),
         ("etcd", "etcd-server"),
@@ -295,12 +313,32 @@ fn up(args: &LabArgs, n_nodes: usize, n_pods: usize, reflector: bool) -> anyhow:
         "br0",
     ])?;
     ip(&["-n", &br, "link", "set", "br0", "up"])?;
-    let attach = |ns: &str, port: &str, addr: &str| -> anyhow::Result<()> {
+    if subnets > 1 {
+        // The second segment: the bridge namespace routes between the two (and knows no pod route).
+        ip(&["-n", &br, "link", "add", "br1", "type", "bridge"])?;
+        ip(&[
+            "-n",
+            &br,
+            "addr",
+            "add",
+            &format!("{BRIDGE_IP_B}/24"),
+            "dev",
+            "br1",
+        ])?;
+        ip(&["-n", &br, "link", "set", "br1", "up"])?;
+        crate::dataplane::sysctl::ensure_node(Some(Path::new(&format!("/var/run/netns/{br}"))))?;
+    }
+    let attach_to = |ns: &str, port: &str, addr: &str, segment: usize| -> anyhow::Result<()> {
+        let (bridge, gateway) = if segment == 0 {
+            ("br0", BRIDGE_IP)
+        } else {
+            ("br1", BRIDGE_IP_B)
+        };
         ip(&["netns", "add", ns])?;
         ip(&[
             "-n", &br, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns,
         ])?;
-        ip(&["-n", &br, "link", "set", port, "master", "br0", "up"])?;
+        ip(&["-n", &br, "link", "set", port, "master", bridge, "up"])?;
         ip(&[
             "-n",
             ns,
@@ -313,9 +351,10 @@ fn up(args: &LabArgs, n_nodes: usize, n_pods: usize, reflector: bool) -> anyhow:
         ip(&["-n", ns, "link", "set", "lo", "up"])?;
         ip(&["-n", ns, "link", "set", "eth0", "up"])?;
         // A default route: proxy ARP for the pods' gateway 169.254.1.1 needs a route covering it.
-        ip(&["-n", ns, "route", "add", "default", "via", BRIDGE_IP])?;
+        ip(&["-n", ns, "route", "add", "default", "via", gateway])?;
         Ok(())
     };
+    let attach = |ns: &str, port: &str, addr: &str| attach_to(ns, port, addr, 0);
 
     let etcd_ns = format!("{p}-etcd");
     attach(&etcd_ns, "etcd", ETCD_IP)?;
@@ -330,10 +369,14 @@ fn up(args: &LabArgs, n_nodes: usize, n_pods: usize, reflector: bool) -> anyhow:
         lab.reflector = Some(rr);
         save(&state, &lab)?;
     }
+    if subnets > 1 {
+        write_crosssubnet_pool(&state, &etcd_ns)?;
+    }
     for i in 1..=n_nodes {
         let name = format!("{p}-n{i}");
-        let addr: Ipv4Addr = format!("{SUBNET_PREFIX}.{}", 10 + i).parse()?;
-        attach(&name, &format!("n{i}"), &addr.to_string())?;
+        let segment = (i - 1) % subnets;
+        let addr: Ipv4Addr = format!("10.99.{segment}.{}", 10 + i).parse()?;
+        attach_to(&name, &format!("n{i}"), &addr.to_string(), segment)?;
         let socket = state.join(&name).join("cni.sock");
         start_node(&state, &name, addr, &socket, "")?;
         lab.nodes.push(LabNode {
@@ -359,7 +402,6 @@ fn up(args: &LabArgs, n_nodes: usize, n_pods: usize, reflector: bool) -> anyhow:
             "name": NETWORK,
             "type": "margay",
             "socket": node.socket,
-            "mtu": 1500,
             "log_file": state.join(format!("{}-cni.log", node.name)),
         });
         std::fs::write(&conf_path, serde_json::to_vec_pretty(&conf)?)?;
@@ -486,6 +528,41 @@ fn start_etcd(state: &Path, etcd_ns: &str) -> anyhow::Result<()> {
 /// The Calico resources of a reflector topology (calico.md 1.4), applied with `margay apply` as an operator
 /// would (the file stays in the state directory): the mesh off, the reflector's Node with its cluster id and
 /// label, and one BGPPeer that makes every node peer with every labelled Node.
+/// `--subnets 2`: the default pool, written before any node starts, with VXLAN across subnets (the router
+/// between the segments knows no pod route).
+fn write_crosssubnet_pool(state: &Path, etcd_ns: &str) -> anyhow::Result<()> {
+    let api = crate::config::API_VERSION;
+    let doc = format!(
+        "apiVersion: {api}
+kind: IPPool
+metadata:
+  name: default-ipv4-ippool
+spec:
+  cidr: {POOL}
+  blockSize: 26
+  natOutgoing: true
+  vxlanMode: CrossSubnet
+  nodeSelector: all()
+"
+    );
+    let file = state.join("pool.yaml");
+    std::fs::write(&file, doc).with_context(|| format!("writing {}", file.display()))?;
+    let margay = std::env::current_exe()?.to_string_lossy().to_string();
+    let client = format!("http://{ETCD_IP}:2379");
+    let file_s = file.to_string_lossy().to_string();
+    let out = ns_exec(
+        etcd_ns,
+        &[&margay, "apply", "-f", &file_s, "--etcd-endpoints", &client],
+    )?;
+    if !out.status.success() {
+        bail!(
+            "margay apply -f {file_s}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 fn write_reflector_resources(state: &Path, etcd_ns: &str, rr: &str) -> anyhow::Result<()> {
     let api = crate::config::API_VERSION;
     let doc = format!(

@@ -924,3 +924,108 @@ fn vxlan_always_crosssubnet_never_live() {
     assert!(proto77_text(&n1).contains(&format!("{b2} via 10.99.0.12")));
     assert!(ping("1"), "plain ping again");
 }
+
+/// ```text
+///   netns <lab>-br: router, knows no pod route
+///     br0 10.99.0.1/24                          br1 10.99.1.1/24
+///      |-- n1 10.99.0.11 (pod p1)                |-- n2 10.99.1.12 (pod p2)
+///      |-- n3 10.99.0.13 (pod p3)                |
+///      `-- etcd 10.99.0.2
+///   iBGP full mesh across the router; pool 10.244.0.0/16 vxlanMode CrossSubnet (margay lab up --subnets 2)
+/// ```
+/// Expect, CrossSubnet: every pod pings every pod; n1 reaches n3's block plainly (`via 10.99.0.13 dev
+/// eth0`, the tunnel carries nothing) and n2's through `vxlan.calico` (its counter moves). Always: n3's
+/// block goes through the tunnel too. Never: n2's block is resolved recursively through n1's default route
+/// (`via 10.99.0.1 dev eth0`, BIRD `gateway recursive`), and since the router knows no pod route p1 no
+/// longer reaches p2, while p3 stays reachable.
+#[test]
+fn two_subnets_crosssubnet_encapsulates_only_across_the_router() {
+    const T: &str = "two_subnets_crosssubnet_encapsulates_only_across_the_router";
+    if !common::lab_core::lab_prerequisites(T) {
+        return;
+    }
+    let lab = Lab::up(MARGAY, "sub", 3, 1, &["--subnets", "2"]);
+    let node = |i: usize| lab.nodes[i].0.clone();
+    let (n1, n2, n3) = (node(0), node(1), node(2));
+    assert_eq!(lab.nodes[1].1.to_string(), "10.99.1.12");
+    for n in [&n1, &n2, &n3] {
+        lab.wait_ready(n);
+    }
+    let pod = |n: &str| {
+        lab.pods
+            .iter()
+            .find(|(_, pn, _)| pn == n)
+            .expect("pod")
+            .clone()
+    };
+    let (p1, p2, p3) = (pod(&n1), pod(&n2), pod(&n3));
+    let (b2, b3) = (
+        common::lab_core::own_block(&n2).to_string(),
+        common::lab_core::own_block(&n3).to_string(),
+    );
+    let reach = |to: &(String, String, std::net::Ipv4Addr)| {
+        in_ns(
+            &p1.0,
+            &["ping", "-c", "3", "-i", "0.2", "-W", "2", &to.2.to_string()],
+        )
+        .0
+    };
+    let route_of = |b: &str| -> String {
+        proto77_text(&n1)
+            .lines()
+            .find(|l| l.starts_with(&format!("{b} ")))
+            .unwrap_or("")
+            .to_string()
+    };
+
+    // CrossSubnet.
+    assert!(
+        eventually(Duration::from_secs(15), || route_of(&b2)
+            .contains("dev vxlan.calico")
+            && route_of(&b3).contains("via 10.99.0.13 dev eth0")),
+        "n2: {:?} n3: {:?}\n{}",
+        route_of(&b2),
+        route_of(&b3),
+        lab.node_logs(&n1)
+    );
+    let tx = || tx_packets(&n1, "vxlan.calico");
+    let before = tx();
+    assert!(reach(&p3), "p1 -> p3 (same segment)");
+    assert_eq!(tx(), before, "same-segment traffic was encapsulated");
+    assert!(reach(&p2), "p1 -> p2 (across the router, VXLAN)");
+    assert!(
+        tx() >= before + 3,
+        "cross-segment traffic was not encapsulated"
+    );
+    assert!(
+        in_ns(&p2.0, &["ping", "-c", "1", "-W", "2", &p3.2.to_string()]).0,
+        "p2 -> p3"
+    );
+
+    // Always: the same-segment node goes through the tunnel too.
+    apply(&lab, &n1, &pool_mode_yaml("Always"));
+    assert!(
+        eventually(Duration::from_secs(15), || route_of(&b3)
+            .contains("dev vxlan.calico")),
+        "{}",
+        route_of(&b3)
+    );
+    let before = tx();
+    assert!(reach(&p3), "p1 -> p3 with Always");
+    assert!(tx() >= before + 3);
+
+    // Never: n2's block resolves through the default route; the router drops it (no pod route there).
+    apply(&lab, &n1, &pool_mode_yaml("Never"));
+    assert!(
+        eventually(Duration::from_secs(15), || route_of(&b2)
+            .contains("via 10.99.0.1 dev eth0")),
+        "not resolved recursively: {:?}\n{}",
+        route_of(&b2),
+        proto77_text(&n1)
+    );
+    assert!(reach(&p3), "p1 -> p3 without encapsulation");
+    assert!(
+        !reach(&p2),
+        "p1 reached p2 through a router that knows no pod route"
+    );
+}
