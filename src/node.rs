@@ -143,6 +143,10 @@ pub struct NodeArgs {
     /// SNATed to this address instead of masqueraded to the outgoing interface's address.
     #[arg(long, env = "FELIX_NATOUTGOINGADDRESS")]
     pub nat_outgoing_address: Option<Ipv4Addr>,
+    /// How pod routes travel (Calico's CALICO_NETWORKING_BACKEND): `bird` (BGP, the default) or `vxlan` (no
+    /// BGP session at all: routes from the IPAM blocks' affinities, through VXLAN; pools need vxlanMode).
+    #[arg(long, env = "CALICO_NETWORKING_BACKEND", default_value = "bird", value_parser = ["bird", "bgp", "vxlan"])]
+    pub networking_backend: String,
 }
 
 /// Run the node daemon until SIGTERM/SIGINT.
@@ -542,6 +546,7 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         .map(|s| s.stats.adopted > 0)
         .unwrap_or(false);
     let (fib_tx, fib_rx) = mpsc::channel::<Vec<FibEvent>>(256);
+    let affinity_routes_tx = fib_tx.clone();
     let spk = speaker::spawn(
         SpeakerConfig {
             local_asn: asn,
@@ -566,7 +571,7 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         fib.clone(),
         netns.clone(),
         dp_status.clone(),
-        Some(vxlan_rx),
+        Some(vxlan_rx.clone()),
     ));
     let vxlan_task = tokio::spawn(vxlan::follow_vxlan(
         ds.clone(),
@@ -588,7 +593,22 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         refresh.clone(),
     ));
     let (applied_tx, applied_rx) = watch::channel(false);
-    let peers = tokio::spawn(peer_loop(ds.clone(), id.clone(), spk.clone(), applied_tx));
+    let peers = if args.networking_backend == "vxlan" {
+        // No BGP session at all (Calico's vxlan backend): nothing to wait for before readiness.
+        tracing::info!(
+            "networking backend vxlan: no BGP peers; routes from block affinities through VXLAN"
+        );
+        applied_tx.send_replace(true);
+        tokio::spawn(vxlan::route_by_affinities(
+            name.clone(),
+            ipam.subscribe_affinities(),
+            vxlan_rx,
+            affinity_routes_tx,
+        ))
+    } else {
+        drop(affinity_routes_tx);
+        tokio::spawn(peer_loop(ds.clone(), id.clone(), spk.clone(), applied_tx))
+    };
     let (ready_tx, ready_rx) = watch::channel(Readiness::Syncing(
         "BGP peers not yet derived from the datastore (see the log)".to_string(),
     ));

@@ -119,6 +119,7 @@ pub struct NodeIpam {
     node: String,
     tx: mpsc::Sender<Request>,
     pools: watch::Receiver<Vec<IpPool>>,
+    affinities: watch::Receiver<BTreeMap<IpNetwork, String>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -137,12 +138,14 @@ impl NodeIpam {
         let name = node.name.clone();
         let state = State::load(ds, node).await?;
         let (pools_tx, pools) = watch::channel(state.pool_list());
+        let (affinities_tx, affinities) = watch::channel(state.affinities());
         let (tx, rx) = mpsc::channel(1024);
-        let task = tokio::spawn(run(state, rx, pools_tx));
+        let task = tokio::spawn(run(state, rx, pools_tx, affinities_tx));
         Ok(NodeIpam {
             node: name,
             tx,
             pools,
+            affinities,
             task,
         })
     }
@@ -213,6 +216,12 @@ impl NodeIpam {
     /// without a watch of their own on etcd.
     pub fn subscribe_pools(&self) -> watch::Receiver<Vec<IpPool>> {
         self.pools.clone()
+    }
+
+    /// Every block's affinity (block -> host) as the view holds it, published again whenever one changes.
+    /// For routing without BGP (VXLAN-only): a route per block towards its host, as Felix derives them.
+    pub fn subscribe_affinities(&self) -> watch::Receiver<BTreeMap<IpNetwork, String>> {
+        self.affinities.clone()
     }
 
     /// Evaluate pools' `nodeSelector` with these labels from now on (the node's Node resource changed):
@@ -484,6 +493,14 @@ impl State {
                 let _ = reply.send(());
             }
         }
+    }
+
+    fn affinities(&self) -> BTreeMap<IpNetwork, String> {
+        self.view
+            .blocks
+            .values()
+            .filter_map(|c| Some((c.value.cidr, c.value.host()?.to_string())))
+            .collect()
     }
 
     fn pool_list(&self) -> Vec<IpPool> {
@@ -762,7 +779,12 @@ impl State {
     }
 }
 
-async fn run(mut st: State, mut rx: mpsc::Receiver<Request>, pools_tx: watch::Sender<Vec<IpPool>>) {
+async fn run(
+    mut st: State,
+    mut rx: mpsc::Receiver<Request>,
+    pools_tx: watch::Sender<Vec<IpPool>>,
+    affinities_tx: watch::Sender<BTreeMap<IpNetwork, String>>,
+) {
     loop {
         let changed = tokio::select! {
             req = rx.recv() => match req {
@@ -789,7 +811,21 @@ async fn run(mut st: State, mut rx: mpsc::Receiver<Request>, pools_tx: watch::Se
                 Some(r) => { st.serve(r).await; false }
                 None => return,
             },
-            m = st.watch_blocks.recv() => { st.on_watch(m).await; false }
+            m = st.watch_blocks.recv() => {
+                st.on_watch(m).await;
+                // Only worth the scan when someone routes by affinities (NodeIpam holds one receiver).
+                if affinities_tx.receiver_count() > 1 {
+                    let a = st.affinities();
+                    affinities_tx.send_if_modified(|old| {
+                        if *old == a {
+                            return false;
+                        }
+                        *old = a;
+                        true
+                    });
+                }
+                false
+            }
             m = st.watch_pools.recv() => st.on_watch(m).await,
             m = st.watch_config.recv() => st.on_watch(m).await,
         };

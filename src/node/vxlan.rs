@@ -13,7 +13,9 @@
 //!                   └──────────────────▶ watch<VxlanRouting> ──▶ nexthop::learned_routes
 //! ```
 //!
-//! Not built yet: IPv6 VXLAN, and the VXLAN-only mode without BGP (routes from block affinities).
+//! With `CALICO_NETWORKING_BACKEND=vxlan` there is no BGP: [`route_by_affinities`] routes every other node's
+//! block from the IPAM blocks' affinities, as Felix does. Not built yet: IPv6 VXLAN; borrowed addresses
+//! (/32 routes towards the node using them) in the VXLAN-only mode.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
@@ -43,6 +45,8 @@ pub struct VxlanRouting {
     pub local_subnet: Option<Ipv4Network>,
     /// Remote node address -> its tunnel address, for every node with a VTEP.
     pub tunnels: BTreeMap<IpAddr, Ipv4Addr>,
+    /// Remote node name -> its node address, for every node with a VTEP (routing by block affinity).
+    pub hosts: BTreeMap<String, Ipv4Addr>,
     /// The local VTEP is up (routes through it can be installed).
     pub ready: bool,
 }
@@ -100,10 +104,13 @@ fn vxlan_pools(pools: &[IpPool]) -> Vec<(IpNetwork, EncapMode)> {
 }
 
 /// Every other node's VTEP, from the Node resources (tunnel address, node address, MAC override).
-async fn remote_vteps(ds: &Datastore, me: &str) -> anyhow::Result<(BTreeSet<RemoteVtep>, i64)> {
+async fn remote_vteps(
+    ds: &Datastore,
+    me: &str,
+) -> anyhow::Result<(BTreeMap<String, RemoteVtep>, i64)> {
     let prefix = keys::resource_prefix(NODES_PLURAL);
     let (kvs, rev) = ds.list(&prefix).await?;
-    let mut out = BTreeSet::new();
+    let mut out = BTreeMap::new();
     for kv in kvs {
         let Some(name) = kv.key.strip_prefix(&prefix) else {
             continue;
@@ -127,11 +134,14 @@ async fn remote_vteps(ds: &Datastore, me: &str) -> anyhow::Result<(BTreeSet<Remo
             .unwrap_or_else(|| vxlan::vtep_mac(name));
         // A VTEP is usable only with both addresses (Felix withdraws it otherwise).
         if let (Some(tunnel_ip), Some(node_ip)) = (tunnel, node_ip) {
-            out.insert(RemoteVtep {
-                node_ip,
-                tunnel_ip,
-                mac,
-            });
+            out.insert(
+                name.to_string(),
+                RemoteVtep {
+                    node_ip,
+                    tunnel_ip,
+                    mac,
+                },
+            );
         }
     }
     Ok((out, rev))
@@ -231,7 +241,7 @@ pub async fn follow_vxlan(
     let local_subnet = Ipv4Network::new(node_ip, prefix_len)
         .ok()
         .and_then(|n| Ipv4Network::new(n.network(), prefix_len).ok());
-    let mut remotes: BTreeSet<RemoteVtep> = BTreeSet::new();
+    let mut remotes: BTreeMap<String, RemoteVtep> = BTreeMap::new();
     let mut node_watch = None;
     let mut built = false;
     // Felix sizes the VXLAN device from the host MTU (its default interface pattern).
@@ -294,7 +304,10 @@ pub async fn follow_vxlan(
                 mac: vxlan::vtep_mac(&me),
                 mtu: host.mtu.saturating_sub(crate::dataplane::mtu::VXLAN_V4_OVERHEAD),
             };
-            let (ns, want) = (netns.clone(), remotes.clone());
+            let (ns, want) = (
+                netns.clone(),
+                remotes.values().cloned().collect::<BTreeSet<_>>(),
+            );
             tokio::task::spawn_blocking(move || {
                 let index = vxlan::ensure_device(ns.as_deref(), &local)?;
                 vxlan::sync_remotes(ns.as_deref(), index, &want, &BTreeSet::new())
@@ -309,8 +322,12 @@ pub async fn follow_vxlan(
                 pools: vx,
                 local_subnet,
                 tunnels: remotes
-                    .iter()
+                    .values()
                     .map(|r| (IpAddr::V4(r.node_ip), r.tunnel_ip))
+                    .collect(),
+                hosts: remotes
+                    .iter()
+                    .map(|(n, r)| (n.clone(), r.node_ip))
                     .collect(),
                 ready: true,
             })
@@ -352,7 +369,12 @@ pub async fn follow_vxlan(
                 Some(WatchMessage::Events(_)) => {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     if let Ok((r, _)) = remote_vteps(&ds, &me).await {
-                        let gone: BTreeSet<RemoteVtep> = remotes.difference(&r).cloned().collect();
+                        let now: BTreeSet<&RemoteVtep> = r.values().collect();
+                        let gone: BTreeSet<RemoteVtep> = remotes
+                            .values()
+                            .filter(|v| !now.contains(v))
+                            .cloned()
+                            .collect();
                         if !gone.is_empty() {
                             let ns = netns.clone();
                             let _ = tokio::task::spawn_blocking(move || {
@@ -369,6 +391,57 @@ pub async fn follow_vxlan(
                 Some(WatchMessage::Resync) | None => node_watch = None,
             },
             _ = tokio::time::sleep(if failed { Duration::from_secs(2) } else { RECONCILE }) => {}
+        }
+    }
+}
+
+/// `CALICO_NETWORKING_BACKEND=vxlan`: no BGP. Every other node's block of a VXLAN pool is routed towards that
+/// node (as Felix derives routes from the IPAM blocks' affinities), fed into the same route path as BGP
+/// would (`FibEvent`s into [`super::nexthop::learned_routes`], which sends them through the tunnel).
+pub async fn route_by_affinities(
+    me: String,
+    mut affinities: watch::Receiver<BTreeMap<IpNetwork, String>>,
+    mut vxlan: watch::Receiver<VxlanRouting>,
+    out: tokio::sync::mpsc::Sender<Vec<crate::bgp::rib::FibEvent>>,
+) {
+    use crate::bgp::rib::FibEvent;
+    let mut current: BTreeMap<IpNetwork, IpAddr> = BTreeMap::new();
+    loop {
+        let want: BTreeMap<IpNetwork, IpAddr> = {
+            let a = affinities.borrow_and_update();
+            let v = vxlan.borrow_and_update();
+            a.iter()
+                .filter(|(_, host)| **host != me)
+                .filter(|(b, _)| v.pools.iter().any(|(p, _)| p.contains(b.network())))
+                .filter_map(|(b, host)| Some((*b, IpAddr::V4(*v.hosts.get(host)?))))
+                .collect()
+        };
+        let mut events = Vec::new();
+        for p in current.keys().filter(|p| !want.contains_key(p)) {
+            events.push(FibEvent::Remove { prefix: *p });
+        }
+        for (p, nh) in &want {
+            if current.get(p) != Some(nh) {
+                events.push(FibEvent::Set {
+                    prefix: *p,
+                    next_hops: vec![*nh],
+                });
+            }
+        }
+        if !events.is_empty() {
+            tracing::info!(
+                routes = want.len(),
+                changes = events.len(),
+                "VXLAN-only: routes from block affinities"
+            );
+            if out.send(events).await.is_err() {
+                return;
+            }
+        }
+        current = want;
+        tokio::select! {
+            r = affinities.changed() => if r.is_err() { return },
+            r = vxlan.changed() => if r.is_err() { return },
         }
     }
 }
