@@ -1084,3 +1084,134 @@ fn vxlan_only_backend_routes_without_bgp() {
         "the route did not come from the affinity path:\n{log}"
     );
 }
+
+/// Put a v3 resource straight into the lab's etcd.
+fn put(lab: &Lab, plural: &str, name: &str, json: &str) {
+    let key = format!("/calico/resources/v3/projectcalico.org/{plural}/{name}");
+    let (ok, out) = in_ns(
+        &format!("{}-etcd", lab.name),
+        &["etcdctl", "--endpoints", LAB_ETCD, "put", &key, json],
+    );
+    assert!(ok, "etcdctl put {key}: {out}");
+}
+
+/// ```text
+///   netns <lab>-br: router + BIRD 2 "ToR" (AS 65001): learns the nodes' blocks, installs them, and passes
+///   them on to the other segment with the next hop kept (`next hop keep`)
+///     br0 10.99.0.1/24 ── n1 10.99.0.11 (rack A, AS 64512, pod p1)   BGPPeer tor-a: node n1 -> 10.99.0.1
+///     br1 10.99.1.1/24 ── n2 10.99.1.12 (rack B, AS 64513, pod p2)   BGPPeer tor-b: node n2 -> 10.99.1.1
+///   an AS per rack, as Calico documents for ToR designs; nodeToNodeMeshEnabled false (nodes peer only with
+///   their ToR); pool vxlanMode Never (no encapsulation)
+/// ```
+/// Expect: n1 learns n2's block from the ToR with next hop 10.99.1.12 (not on its link) and installs it
+/// through the covering route's gateway, `via 10.99.0.1 dev eth0` (BIRD `gateway recursive`); the ToR
+/// forwards on the block it learned from n2, so p1 pings p2 unencapsulated.
+#[test]
+fn tor_routes_pods_across_subnets_with_recursive_next_hops() {
+    const T: &str = "tor_routes_pods_across_subnets_with_recursive_next_hops";
+    if !(common::lab_core::lab_prerequisites(T)
+        && require(
+            common::bgp_peers::have_bird(),
+            T,
+            "BIRD 2 is not installed (bird2)",
+        ))
+    {
+        return;
+    }
+    let lab = Lab::up(MARGAY, "tor", 2, 1, &["--subnets", "2"]);
+    let (n1, n2) = (lab.nodes[0].0.clone(), lab.nodes[1].0.clone());
+    apply(&lab, &n1, &pool_mode_yaml("Never"));
+    put(
+        &lab,
+        "bgpconfigurations",
+        "default",
+        r#"{"apiVersion":"projectcalico.org/v3","kind":"BGPConfiguration","metadata":{"name":"default"},"spec":{"nodeToNodeMeshEnabled":false}}"#,
+    );
+    let br = format!("{}-br", lab.name);
+    let conf = "router id 10.99.0.1;\nprotocol device {}\nprotocol kernel { ipv4 { export all; }; }\n\
+        protocol bgp a { local 10.99.0.1 as 65001; neighbor 10.99.0.11 as 64512; ipv4 { import all; export all; next hop keep; }; }\n\
+        protocol bgp b { local 10.99.1.1 as 65001; neighbor 10.99.1.12 as 64513; ipv4 { import all; export all; next hop keep; }; }\n";
+    // Rack B's AS, on n2's Node resource (read at start).
+    {
+        let key = format!("/calico/resources/v3/projectcalico.org/nodes/{n2}");
+        let etcd = format!("{}-etcd", lab.name);
+        let (ok, out) = in_ns(
+            &etcd,
+            &[
+                "etcdctl",
+                "--endpoints",
+                LAB_ETCD,
+                "get",
+                &key,
+                "--print-value-only",
+            ],
+        );
+        assert!(ok, "{out}");
+        let mut v: serde_json::Value = serde_json::from_str(out.trim()).expect("Node JSON");
+        v["spec"]["bgp"]["asNumber"] = serde_json::json!(64513);
+        let (ok, out) = in_ns(
+            &etcd,
+            &[
+                "etcdctl",
+                "--endpoints",
+                LAB_ETCD,
+                "put",
+                &key,
+                &v.to_string(),
+            ],
+        );
+        assert!(ok, "{out}");
+        lab.restart_node(&n2);
+    }
+    let bird = common::bgp_peers::Bird::start(&br, conf);
+    for (peer, node, ip) in [("tor-a", &n1, "10.99.0.1"), ("tor-b", &n2, "10.99.1.1")] {
+        put(
+            &lab,
+            "bgppeers",
+            peer,
+            &format!(
+                r#"{{"apiVersion":"projectcalico.org/v3","kind":"BGPPeer","metadata":{{"name":"{peer}"}},"spec":{{"node":"{node}","peerIP":"{ip}","asNumber":65001}}}}"#
+            ),
+        );
+    }
+    let b2 = common::lab_core::own_block(&n2).to_string();
+    assert!(
+        eventually(Duration::from_secs(30), || bird
+            .birdc(&format!("show route for {b2}"))
+            .contains("10.99.1.12")),
+        "the ToR never learned {b2}:\n{}\n{}",
+        bird.birdc("show protocols all"),
+        bird.log()
+    );
+    assert!(
+        eventually(Duration::from_secs(15), || proto77_text(&n1)
+            .lines()
+            .any(|l| l.starts_with(&format!("{b2} via 10.99.0.1 dev eth0")))),
+        "not resolved through the ToR:\n{}",
+        proto77_text(&n1)
+    );
+    let p1 = lab
+        .pods
+        .iter()
+        .find(|(_, n, _)| *n == n1)
+        .expect("p1")
+        .0
+        .clone();
+    let p2 = lab.pods.iter().find(|(_, n, _)| *n == n2).expect("p2").2;
+    assert!(
+        eventually(Duration::from_secs(10), || in_ns(
+            &p1,
+            &["ping", "-c", "1", "-W", "1", &p2.to_string()]
+        )
+        .0),
+        "p1 -> p2 through the ToR\nrouter:\n{}\nn2:\n{}\nn1:\n{}",
+        common::sh(&format!("ip -n {br} route")),
+        common::sh(&format!("ip -n {n2} route")),
+        common::sh(&format!("ip -n {n1} route"))
+    );
+    assert_eq!(
+        tx_packets(&n1, "vxlan.calico"),
+        0,
+        "encapsulated although vxlanMode is Never"
+    );
+}
