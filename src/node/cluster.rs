@@ -128,8 +128,13 @@ pub async fn follow_nat(
                     applied = Some(want);
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, "outgoing NAT not programmed; retrying");
-                    status.send_modify(|s| s.nat_error = Some(e));
+                    // Logged when the failure is new or different; retried quietly meanwhile.
+                    status.send_modify(|s| {
+                        if s.nat_error.as_ref() != Some(&e) {
+                            tracing::error!(error = %e, "outgoing NAT not programmed; retrying every {}s", NAT_RETRY.as_secs());
+                        }
+                        s.nat_error = Some(e);
+                    });
                     failed = true;
                 }
             }

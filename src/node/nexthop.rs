@@ -42,6 +42,8 @@ struct Resolver {
     /// The node's routes, when they could be read (None: resolve nothing, install `via` as learned).
     igp: Option<Igp>,
     resolved: HashMap<IpAddr, Resolution>,
+    /// Next hops already reported unresolved (logged once until they resolve).
+    reported: std::collections::HashSet<IpAddr>,
     unresolved: BTreeMap<IpNetwork, String>,
     /// VXLAN pools and remote VTEPs: learned routes of VXLAN pools go through the tunnel.
     vxlan: VxlanRouting,
@@ -61,8 +63,17 @@ impl Resolver {
             Some(igp) if !is_link_local(&nh) => igp.resolve(nh),
             _ => Resolution::OnLink,
         };
-        if let Resolution::Unresolved(why) = &r {
-            tracing::warn!(next_hop = %nh, reason = %why, "BGP next hop unresolved: its routes are not installed until it resolves");
+        match &r {
+            Resolution::Unresolved(why) => {
+                if self.reported.insert(nh) {
+                    tracing::warn!(next_hop = %nh, reason = %why, "BGP next hop unresolved: its routes are not installed until it resolves");
+                }
+            }
+            _ => {
+                if self.reported.remove(&nh) {
+                    tracing::info!(next_hop = %nh, "BGP next hop resolves again");
+                }
+            }
         }
         self.resolved.insert(nh, r.clone());
         r
@@ -184,9 +195,6 @@ impl Resolver {
         for (nh, before) in &old {
             if &self.resolution(*nh) != before {
                 changed.push(*nh);
-                if matches!(before, Resolution::Unresolved(_)) {
-                    tracing::info!(next_hop = %nh, "BGP next hop resolves again");
-                }
             }
         }
         if changed.is_empty() {
@@ -275,6 +283,7 @@ pub async fn learned_routes(
         learned: HashMap::new(),
         igp: None,
         resolved: HashMap::new(),
+        reported: std::collections::HashSet::new(),
         unresolved: BTreeMap::new(),
     };
     // Subscribe before the first dump, so no change between the two is missed.

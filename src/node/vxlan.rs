@@ -255,6 +255,7 @@ pub async fn follow_vxlan(
     // The datastore is consulted only when the pools changed (or after a failure), never on the tick.
     let mut pools_dirty = true;
     let mut tunnel: Option<Ipv4Addr> = None;
+    let mut last_error: Option<String> = None;
     loop {
         let current = pools.borrow_and_update().clone();
         let vx = vxlan_pools(&current);
@@ -335,6 +336,7 @@ pub async fn follow_vxlan(
         .await;
         let failed = match res {
             Ok(r) => {
+                last_error = None;
                 out.send_if_modified(|o| {
                     if *o == r {
                         return false;
@@ -345,7 +347,11 @@ pub async fn follow_vxlan(
                 false
             }
             Err(e) => {
-                tracing::error!(error = %format!("{e:#}"), "VXLAN not ready; retrying");
+                let msg = format!("{e:#}");
+                if last_error.as_ref() != Some(&msg) {
+                    tracing::error!(error = %msg, "VXLAN not ready; retrying every 2s");
+                    last_error = Some(msg);
+                }
                 out.send_modify(|o| o.ready = false);
                 pools_dirty = true;
                 true
