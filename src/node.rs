@@ -582,6 +582,7 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         prefix_len,
         netns.clone(),
         vxlan_tx,
+        dp_status.clone(),
     ));
 
     let refresh = Arc::new(Notify::new());

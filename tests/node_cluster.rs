@@ -887,6 +887,12 @@ fn vxlan_always_crosssubnet_never_live() {
         fdb.contains(&format!("{mac2} dst 10.99.0.12 self permanent")),
         "{fdb}"
     );
+    let (_, table) = in_ns(&n1, &[MARGAY, "status"]);
+    assert!(
+        table.contains("VXLAN: vxlan.calico up, tunnel address ")
+            && table.contains("1 remote VTEPs"),
+        "{table}"
+    );
     let before = tx_packets(&n1, "vxlan.calico");
     assert!(ping("3"), "ping through VXLAN");
     assert!(

@@ -50,6 +50,10 @@ pub struct DataplaneSummary {
     /// Where that MTU comes from ("flag", "interface eth0 (1450)", ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_mtu_source: Option<String>,
+    /// The VXLAN tunnel endpoint ("vxlan.calico: tunnel 10.244.1.0, MAC 66:..., 2 remote VTEPs", or why it
+    /// is not ready); absent when no pool uses VXLAN.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vxlan: Option<String>,
     /// Learned routes whose next hop resolves through no kernel route (not installed, retried): the first
     /// 100 with the reason.
     #[serde(default)]
@@ -267,6 +271,9 @@ fn render_dataplane(out: &mut String, d: &DataplaneSummary) {
         )
     };
     out.push_str(&format!("Outgoing NAT: {nat}.\n"));
+    if let Some(v) = &d.vxlan {
+        out.push_str(&format!("VXLAN: {v}.\n"));
+    }
     if let Some(e) = &d.nat_error {
         out.push_str(&format!("ERROR: outgoing NAT not programmed: {e}\n"));
     }

@@ -237,6 +237,7 @@ pub async fn follow_vxlan(
     prefix_len: u8,
     netns: Option<PathBuf>,
     out: watch::Sender<VxlanRouting>,
+    status: super::cluster::DataplaneStatus,
 ) {
     let local_subnet = Ipv4Network::new(node_ip, prefix_len)
         .ok()
@@ -334,6 +335,24 @@ pub async fn follow_vxlan(
             })
         }
         .await;
+        let line = match &res {
+            Ok(r) if r.pools.is_empty() => None,
+            Ok(r) => Some(format!(
+                "{} up, tunnel address {}, MAC {}, {} remote VTEPs",
+                vxlan::DEVICE,
+                tunnel.map(|t| t.to_string()).unwrap_or_default(),
+                vxlan::mac_string(&vxlan::vtep_mac(&me)),
+                r.tunnels.len()
+            )),
+            Err(e) => Some(format!("not ready: {e:#}")),
+        };
+        status.send_if_modified(|s| {
+            if s.vxlan == line {
+                return false;
+            }
+            s.vxlan = line;
+            true
+        });
         let failed = match res {
             Ok(r) => {
                 last_error = None;
