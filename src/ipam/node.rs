@@ -218,8 +218,9 @@ impl NodeIpam {
         self.pools.clone()
     }
 
-    /// Every block's affinity (block -> host) as the view holds it, published again whenever one changes.
-    /// For routing without BGP (VXLAN-only): a route per block towards its host, as Felix derives them.
+    /// Every block's affinity (block -> host) and every borrowed address (/32 -> the node using it), as the
+    /// view holds them, published again whenever one changes. For routing without BGP (VXLAN-only): a route
+    /// per block towards its host and per borrowed address towards its user, as Felix derives them.
     pub fn subscribe_affinities(&self) -> watch::Receiver<BTreeMap<IpNetwork, String>> {
         self.affinities.clone()
     }
@@ -496,11 +497,7 @@ impl State {
     }
 
     fn affinities(&self) -> BTreeMap<IpNetwork, String> {
-        self.view
-            .blocks
-            .values()
-            .filter_map(|c| Some((c.value.cidr, c.value.host()?.to_string())))
-            .collect()
+        self.view.routes_by_affinity()
     }
 
     fn pool_list(&self) -> Vec<IpPool> {

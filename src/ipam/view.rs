@@ -369,9 +369,55 @@ impl View {
     }
 }
 
+impl View {
+    /// Where every address goes, as Felix derives routes from blocks (for routing without BGP): each block
+    /// with an affinity -> its host, and each borrowed address (its `node` attribute names another node
+    /// than the block's host) as a /32 (/128) -> that node.
+    pub fn routes_by_affinity(&self) -> BTreeMap<IpNetwork, String> {
+        let mut out = BTreeMap::new();
+        for c in self.blocks.values() {
+            let host = c.value.host();
+            if let Some(h) = host {
+                out.insert(c.value.cidr, h.to_string());
+            }
+            for (ip, a) in c.value.allocated() {
+                let node = a
+                    .secondary
+                    .as_ref()
+                    .and_then(|s| s.get(super::block::ATTR_NODE));
+                if let Some(n) = node.filter(|n| Some(n.as_str()) != host) {
+                    let len = if ip.is_ipv4() { 32 } else { 128 };
+                    if let Ok(net) = IpNetwork::new(ip, len) {
+                        out.insert(net, n.clone());
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn routes_by_affinity_has_blocks_and_borrowed_addresses() {
+        let mut v = view("a");
+        let b: IpNetwork = "10.0.0.0/26".parse().unwrap();
+        let mut block = Block::for_node(b, "a", 0);
+        let own: BTreeMap<String, String> = [("node".to_string(), "a".to_string())].into();
+        let lent: BTreeMap<String, String> = [("node".to_string(), "b".to_string())].into();
+        block.assign(1, "h1", &own);
+        let borrowed = block.assign(1, "h2", &lent);
+        v.apply_block(b, Some(block), 3);
+        let r = v.routes_by_affinity();
+        assert_eq!(r.get(&b).map(String::as_str), Some("a"));
+        let ip = borrowed[0];
+        let host: IpNetwork = IpNetwork::new(ip, 32).unwrap();
+        assert_eq!(r.get(&host).map(String::as_str), Some("b"));
+        assert_eq!(r.len(), 2, "{r:?}");
+    }
 
     fn view(node: &str) -> View {
         let mut v = View::new(NodeInfo::new(node));

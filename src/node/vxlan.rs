@@ -14,8 +14,8 @@
 //! ```
 //!
 //! With `CALICO_NETWORKING_BACKEND=vxlan` there is no BGP: [`route_by_affinities`] routes every other node's
-//! block from the IPAM blocks' affinities, as Felix does. Not built yet: IPv6 VXLAN; borrowed addresses
-//! (/32 routes towards the node using them) in the VXLAN-only mode.
+//! block (and every address another node borrowed) from the IPAM blocks, as Felix does. Not built yet:
+//! IPv6 VXLAN.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
@@ -421,7 +421,8 @@ pub async fn follow_vxlan(
 }
 
 /// `CALICO_NETWORKING_BACKEND=vxlan`: no BGP. Every other node's block of a VXLAN pool is routed towards that
-/// node (as Felix derives routes from the IPAM blocks' affinities), fed into the same route path as BGP
+/// node, and every address borrowed by another node towards that node (/32), as Felix derives routes from
+/// the IPAM blocks; fed into the same route path as BGP
 /// would (`FibEvent`s into [`super::nexthop::learned_routes`], which sends them through the tunnel).
 pub async fn route_by_affinities(
     me: String,
