@@ -204,6 +204,14 @@ fn nat_outgoing_follows_pools_live() {
     assert_eq!(tcp_seen(&pod, srv.addr), Some(n1_ip.clone()));
     assert!(ping(&pod, "10.99.0.200"), "ping with natOutgoing on again");
 
+    // Someone else flushes the ruleset: margay puts its table back.
+    common::sh(&format!("ip netns exec {n1} nft flush ruleset"));
+    assert!(
+        eventually(Duration::from_secs(15), || nat_set(&n1, "nat_v4")
+            .contains("10.244.0.0/16")),
+        "table inet margay not restored"
+    );
+
     // IPv6: a pool added live; a dual-stack pod masqueraded to the node's IPv6 address.
     apply(&lab, &n1, &pool_yaml("v6", "fd00:244::/48", 122, true));
     assert!(

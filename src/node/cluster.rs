@@ -75,6 +75,8 @@ pub fn report_unsupported(
 
 /// How long a failed NAT program waits before it is tried again.
 const NAT_RETRY: Duration = Duration::from_secs(2);
+/// How often the kernel is checked for margay's table (a kernel read, no datastore access).
+const NAT_RECHECK: Duration = Duration::from_secs(5);
 
 /// The pools as outgoing NAT sees them: every pool (disabled ones included, as Calico's `all-ipam-pools`
 /// set: a disabled pool is the documented way to reach a CIDR without NAT) with its `natOutgoing` flag.
@@ -139,13 +141,24 @@ pub async fn follow_nat(
                 }
             }
         }
-        if failed {
-            tokio::select! {
-                r = pools.changed() => if r.is_err() { return },
-                _ = tokio::time::sleep(NAT_RETRY) => {}
+        let wait = if failed { NAT_RETRY } else { NAT_RECHECK };
+        tokio::select! {
+            r = pools.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(wait) => {
+                // Someone else removed margay's table (`nft flush ruleset`, a firewall reload): put it back.
+                if !failed {
+                    let ns = netns.clone();
+                    let present = tokio::task::spawn_blocking(move || nat::show(ns.as_deref()))
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                        .map(|t| t.is_some());
+                    if present == Some(false) {
+                        tracing::warn!("nftables table inet {} was removed by someone else; restoring it", nat::TABLE);
+                        applied = None;
+                    }
+                }
             }
-        } else if pools.changed().await.is_err() {
-            return;
         }
     }
 }
