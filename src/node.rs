@@ -480,6 +480,7 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         &load_pools(&ds).await.map_err(on_etcd)?,
         &name,
         kernel_has_ipip,
+        args.ip6.is_some(),
         &dp_status,
     );
     let id = Identity {
@@ -565,24 +566,21 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     }
     let spk = Arc::new(spk);
     // Next hops resolved recursively through the node's routes (BIRD `gateway recursive`).
-    let (vxlan_tx, vxlan_rx) = watch::channel(vxlan::VxlanRouting::default());
+    let (vxlan_tasks, vxlan_routing) = vxlan::spawn(
+        ds.clone(),
+        ipam.clone(),
+        &name,
+        (ip, prefix_len),
+        args.ip6,
+        netns.clone(),
+        dp_status.clone(),
+    );
     let learned = tokio::spawn(nexthop::learned_routes(
         fib_rx,
         fib.clone(),
         netns.clone(),
         dp_status.clone(),
-        Some(vxlan_rx.clone()),
-    ));
-    let vxlan_task = tokio::spawn(vxlan::follow_vxlan(
-        ds.clone(),
-        ipam.clone(),
-        ipam.subscribe_pools(),
-        name.clone(),
-        ip,
-        prefix_len,
-        netns.clone(),
-        vxlan_tx,
-        dp_status.clone(),
+        vxlan_routing.clone(),
     ));
 
     let refresh = Arc::new(Notify::new());
@@ -600,10 +598,10 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
             "networking backend vxlan: no BGP peers; routes from block affinities through VXLAN"
         );
         applied_tx.send_replace(true);
-        tokio::spawn(vxlan::route_by_affinities(
+        tokio::spawn(vxlan::route_by_affinities_all(
             name.clone(),
             ipam.subscribe_affinities(),
-            vxlan_rx,
+            vxlan_routing,
             affinity_routes_tx,
         ))
     } else {
@@ -741,8 +739,9 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     };
     let _ = stop_tx.send(());
     // Wait for the aborted tasks to drop what they hold, so the speaker handle is ours alone again.
-    for t in [peers, adverts, learned, converging, vxlan_task]
+    for t in [peers, adverts, learned, converging]
         .into_iter()
+        .chain(vxlan_tasks)
         .chain(cluster_tasks)
         .chain(mtu_task)
     {
@@ -955,6 +954,7 @@ async fn peer_loop(
                     &pools,
                     &id.name,
                     id.kernel_has_ipip,
+                    id.ip6.is_some(),
                     &id.dp_status,
                 );
                 // routeReflectorClusterID changed live (a node made a reflector or no longer one): the RIB takes

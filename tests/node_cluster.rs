@@ -491,7 +491,7 @@ fn learned_next_hops_resolve_recursively_and_follow_the_underlay() {
             fib.clone(),
             Some(ns_path(&a)),
             status.clone(),
-            None,
+            [None, None],
         ));
         (tx, task, fib)
     });
@@ -1227,5 +1227,101 @@ fn tor_routes_pods_across_subnets_with_recursive_next_hops() {
         tx_packets(&n1, "vxlan.calico"),
         0,
         "encapsulated although vxlanMode is Never"
+    );
+}
+
+/// ```text
+///   netns <lab>-br: bridge, 10.99.0.0/24 and fd00:99::/64
+///     |-- n1 10.99.0.11, fd00:99::11 (IP6)  vxlan-v6.calico (MAC 66:+sha1("n1-v6")[0..5])  └── pod a (dual stack)
+///     `-- n2 10.99.0.12, fd00:99::12 (IP6)  vxlan-v6.calico                                 └── pod b (dual stack)
+///   pool v6 fd00:244::/48 (/122 blocks) vxlanMode Always; IPv6 blocks over the IPv4 sessions (MP-BGP)
+/// ```
+/// Expect: n1 routes n2's IPv6 block `via <n2's IPv6 tunnel address> dev vxlan-v6.calico onlink`, the Node
+/// carries `spec.ipv6VXLANTunnelAddr`, and pod a pings pod b over IPv6 through the tunnel (its counter moves).
+#[test]
+fn vxlan_ipv6_pool_goes_through_vxlan_v6() {
+    const T: &str = "vxlan_ipv6_pool_goes_through_vxlan_v6";
+    if !common::lab_core::lab_prerequisites(T) {
+        return;
+    }
+    let lab = Lab::up(MARGAY, "vx6", 2, 0, &[]);
+    let (n1, n2) = (lab.nodes[0].0.clone(), lab.nodes[1].0.clone());
+    for (n, a) in [(&n1, "fd00:99::11"), (&n2, "fd00:99::12")] {
+        common::sh(&format!("ip -n {n} addr add {a}/64 dev eth0 nodad"));
+    }
+    apply(
+        &lab,
+        &n1,
+        "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata:\n  name: v6\nspec:\n  cidr: fd00:244::/48\n  \
+         blockSize: 122\n  vxlanMode: Always\n  nodeSelector: all()\n",
+    );
+    for (n, a) in [(&n1, "fd00:99::11"), (&n2, "fd00:99::12")] {
+        lab.restart_node_with_env(n, &[("IP6", a)]);
+    }
+    for n in [&n1, &n2] {
+        lab.wait_ready(n);
+    }
+    let pods = [format!("{}-a", lab.name), format!("{}-b", lab.name)];
+    let _pods = Netns::new(&[&pods[0], &pods[1]]);
+    let v6_of = |node: &str, pod: &str| -> std::net::Ipv6Addr {
+        let (ok, out) = lab.cni(node, pod, "ADD");
+        assert!(ok, "CNI ADD {pod}: {out}\n{}", lab.node_logs(node));
+        let v: serde_json::Value = serde_json::from_str(&out).expect("CNI result");
+        v["ips"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i["address"].as_str())
+            .filter_map(|a| a.split('/').next()?.parse().ok())
+            .next()
+            .unwrap_or_else(|| panic!("no IPv6 address in {out}"))
+    };
+    let _a = v6_of(&n1, &pods[0]);
+    let b = v6_of(&n2, &pods[1]);
+    let b_block = {
+        let out = common::sh(&format!("ip -n {n2} -6 route show proto 77"));
+        out.lines()
+            .find(|l| l.starts_with("blackhole"))
+            .and_then(|l| l.split_whitespace().nth(1).map(String::from))
+            .unwrap_or_else(|| panic!("no IPv6 blackhole on n2: {out}"))
+    };
+    let routes6 = |n: &str| common::sh(&format!("ip -n {n} -6 route show proto 77"));
+    assert!(
+        eventually(Duration::from_secs(20), || routes6(&n1).lines().any(|l| l
+            .starts_with(&format!("{b_block} via "))
+            && l.contains("dev vxlan-v6.calico"))),
+        "n2's IPv6 block not through vxlan-v6.calico on n1:\n{}\n{}",
+        routes6(&n1),
+        lab.node_logs(&n1)
+    );
+    let node_json = {
+        let (ok, out) = in_ns(
+            &format!("{}-etcd", lab.name),
+            &[
+                "etcdctl",
+                "--endpoints",
+                LAB_ETCD,
+                "get",
+                &format!("/calico/resources/v3/projectcalico.org/nodes/{n2}"),
+                "--print-value-only",
+            ],
+        );
+        assert!(ok, "{out}");
+        out
+    };
+    assert!(node_json.contains("ipv6VXLANTunnelAddr"), "{node_json}");
+    let before = tx_packets(&n1, "vxlan-v6.calico");
+    assert!(
+        eventually(Duration::from_secs(10), || in_ns(
+            &pods[0],
+            &["ping", "-6", "-c", "1", "-W", "1", &b.to_string()]
+        )
+        .0),
+        "pod a -> pod b over IPv6\n{}",
+        routes6(&n1)
+    );
+    assert!(
+        tx_packets(&n1, "vxlan-v6.calico") > before,
+        "the IPv6 tunnel carried nothing"
     );
 }

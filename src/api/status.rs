@@ -54,6 +54,9 @@ pub struct DataplaneSummary {
     /// is not ready); absent when no pool uses VXLAN.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vxlan: Option<String>,
+    /// The same for IPv6 (`vxlan-v6.calico`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vxlan_v6: Option<String>,
     /// Learned routes whose next hop resolves through no kernel route (not installed, retried): the first
     /// 100 with the reason.
     #[serde(default)]
@@ -271,7 +274,7 @@ fn render_dataplane(out: &mut String, d: &DataplaneSummary) {
         )
     };
     out.push_str(&format!("Outgoing NAT: {nat}.\n"));
-    if let Some(v) = &d.vxlan {
+    for v in d.vxlan.iter().chain(d.vxlan_v6.iter()) {
         out.push_str(&format!("VXLAN: {v}.\n"));
     }
     if let Some(e) = &d.nat_error {

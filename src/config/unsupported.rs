@@ -54,7 +54,13 @@ pub fn switch_to_vxlan_command(pool: &IpPool) -> String {
 
 /// Everything in `pools`, the BGP resources of `set` and this node's (`me`) Node resource that margay does
 /// not act on.
-pub fn scan(set: &ConfigSet, pools: &[IpPool], me: &str, kernel_has_ipip: bool) -> Vec<Finding> {
+pub fn scan(
+    set: &ConfigSet,
+    pools: &[IpPool],
+    me: &str,
+    kernel_has_ipip: bool,
+    node_has_ipv6: bool,
+) -> Vec<Finding> {
     let mut out = Vec::new();
     let mut add = |severity, kind, name: &str, field, value: String, note: &str| {
         out.push(Finding {
@@ -89,16 +95,15 @@ pub fn scan(set: &ConfigSet, pools: &[IpPool], me: &str, kernel_has_ipip: bool) 
             );
         }
         let vxlan = p.spec.vxlan_mode.unwrap_or_default();
-        if vxlan != EncapMode::Never && p.spec.cidr.is_ipv6() {
+        if vxlan != EncapMode::Never && p.spec.cidr.is_ipv6() && !node_has_ipv6 {
             add(
                 Severity::Error,
                 "IPPool",
                 name,
                 "spec.vxlanMode",
                 format!("{vxlan:?}"),
-                "margay builds IPv4 VXLAN only: IPv6 pod routes are learned over BGP and go \
-                 unencapsulated, which works only where the nodes share an L2 segment or the fabric routes \
-                 the pod CIDRs",
+                "this node has no IPv6 address (set IP6 / --ip6), so it builds no vxlan-v6.calico: its IPv6 \
+                 pod traffic is not encapsulated",
             );
         }
         if let Some(sel) = p.spec.namespace_selector.as_deref() {
@@ -264,8 +269,8 @@ pub fn scan(set: &ConfigSet, pools: &[IpPool], me: &str, kernel_has_ipip: bool) 
                 "ignored: margay builds no IPIP tunnel",
             );
         }
-        // ipv4VXLANTunnelAddr and vxlanTunnelMACAddr are used (IPv4 VXLAN).
-        for field in ["ipv6VXLANTunnelAddr", "vxlanTunnelMACAddrV6", "wireguard"] {
+        // The VXLAN tunnel fields are used (IPv4 and IPv6 VXLAN).
+        for field in ["wireguard"] {
             if let Some(v) = s.other.get(field) {
                 let value = serde_yaml_ng::to_string(v)
                     .unwrap_or_default()
@@ -275,13 +280,9 @@ pub fn scan(set: &ConfigSet, pools: &[IpPool], me: &str, kernel_has_ipip: bool) 
                     Severity::NotSupported,
                     "Node",
                     me,
-                    match field {
-                        "ipv6VXLANTunnelAddr" => "spec.ipv6VXLANTunnelAddr",
-                        "vxlanTunnelMACAddrV6" => "spec.vxlanTunnelMACAddrV6",
-                        _ => "spec.wireguard",
-                    },
+                    "spec.wireguard",
                     value,
-                    "ignored: margay builds no IPv6 VXLAN or WireGuard tunnel",
+                    "ignored: margay builds no WireGuard tunnel",
                 );
             }
         }
@@ -299,7 +300,7 @@ mod tests {
         let mut p = IpPool::new("calico", "10.244.0.0/16".parse().unwrap());
         p.spec.ipip_mode = Some(EncapMode::Always);
         p.spec.nat_outgoing = true;
-        let f = scan(&ConfigSet::default(), &[p], "n1", false);
+        let f = scan(&ConfigSet::default(), &[p], "n1", false, false);
         assert_eq!(f.len(), 1, "{f:?}");
         assert_eq!(f[0].severity, Severity::Error);
         assert_eq!(f[0].field, "spec.ipipMode");
@@ -328,7 +329,7 @@ mod tests {
     #[test]
     fn defaults_report_nothing_and_set_fields_are_named() {
         let p = IpPool::new("p", "10.1.0.0/16".parse().unwrap());
-        assert!(scan(&ConfigSet::default(), &[p], "n1", true).is_empty());
+        assert!(scan(&ConfigSet::default(), &[p], "n1", true, false).is_empty());
         let set = ConfigSet::from_yaml(
             "apiVersion: projectcalico.org/v3\nkind: BGPConfiguration\nmetadata:\n  name: default\nspec:\n  \
              bindMode: NodeIP\n  ignoredInterfaces: [\"kube-ipvs0\"]\n---\napiVersion: projectcalico.org/v3\n\
@@ -336,7 +337,7 @@ mod tests {
              filters: [\"f1\"]\n  reachableBy: 10.0.0.254\n",
         )
         .unwrap();
-        let f: Vec<String> = scan(&set, &[], "n1", true)
+        let f: Vec<String> = scan(&set, &[], "n1", true, false)
             .iter()
             .map(|f| format!("{} {} {}", f.kind, f.name, f.field))
             .collect();

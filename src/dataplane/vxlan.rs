@@ -9,7 +9,7 @@
 //! Blocking netlink calls in the node's namespace: call from `spawn_blocking`.
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::path::Path;
 
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE};
@@ -30,6 +30,8 @@ use super::pod::{add_address, delete_link, dump_addresses, find_link, nl_err, se
 
 /// Calico's IPv4 VXLAN device name.
 pub const DEVICE: &str = "vxlan.calico";
+/// Calico's IPv6 VXLAN device name.
+pub const DEVICE_V6: &str = "vxlan-v6.calico";
 /// Felix's default VNI (`FELIX_VXLANVNI`).
 pub const VNI: u32 = 4096;
 /// The IANA VXLAN port (`FELIX_VXLANPORT`).
@@ -40,6 +42,20 @@ pub const PORT: u16 = 4789;
 pub fn vtep_mac(node: &str) -> [u8; 6] {
     let h = Sha1::digest(node.as_bytes());
     [0x66, h[0], h[1], h[2], h[3], h[4]]
+}
+
+/// The IPv6 VTEP's MAC: the same rule over `<node>-v6`.
+pub fn vtep_mac_v6(node: &str) -> [u8; 6] {
+    vtep_mac(&format!("{node}-v6"))
+}
+
+/// The device of a family.
+pub fn device(v6: bool) -> &'static str {
+    if v6 {
+        DEVICE_V6
+    } else {
+        DEVICE
+    }
 }
 
 /// `66:0a:21:41:0a:c1`.
@@ -53,9 +69,10 @@ pub fn mac_string(m: &[u8]) -> String {
 /// The local VTEP.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalVtep {
-    /// The node address (the tunnel's outer source); its interface is the parent.
-    pub node_ip: Ipv4Addr,
-    pub tunnel_ip: Ipv4Addr,
+    /// The node address (the tunnel's outer source); its interface is the parent. Its family is the
+    /// device's (`vxlan.calico` or `vxlan-v6.calico`).
+    pub node_ip: IpAddr,
+    pub tunnel_ip: IpAddr,
     pub mac: [u8; 6],
     pub mtu: u32,
 }
@@ -63,14 +80,18 @@ pub struct LocalVtep {
 /// A remote node's VTEP.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct RemoteVtep {
-    pub node_ip: Ipv4Addr,
-    pub tunnel_ip: Ipv4Addr,
+    pub node_ip: IpAddr,
+    pub tunnel_ip: IpAddr,
     pub mac: [u8; 6],
 }
 
-fn parent_index(sock: &mut NlSocket, ip: Ipv4Addr) -> Result<u32, DataplaneError> {
+fn parent_index(sock: &mut NlSocket, ip: IpAddr) -> Result<u32, DataplaneError> {
     let mut m = AddressMessage::default();
-    m.header.family = AddressFamily::Inet;
+    m.header.family = if ip.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
     let replies = sock
         .dump(RouteNetlinkMessage::GetAddress(m))
         .map_err(|e| nl_err(sock, "dump addresses", "to find the VXLAN parent", e))?;
@@ -78,9 +99,9 @@ fn parent_index(sock: &mut NlSocket, ip: Ipv4Addr) -> Result<u32, DataplaneError
         let RouteNetlinkMessage::NewAddress(a) = r else {
             continue;
         };
-        let has = a.attributes.iter().any(|x| {
-            matches!(x, AddressAttribute::Local(IpAddr::V4(v)) | AddressAttribute::Address(IpAddr::V4(v)) if *v == ip)
-        });
+        let has = a.attributes.iter().any(
+            |x| matches!(x, AddressAttribute::Local(v) | AddressAttribute::Address(v) if *v == ip),
+        );
         if has {
             return Ok(a.header.index);
         }
@@ -95,18 +116,19 @@ fn parent_index(sock: &mut NlSocket, ip: Ipv4Addr) -> Result<u32, DataplaneError
 /// Make `vxlan.calico` exist with exactly `v`'s settings (created, or deleted and created again when its MAC
 /// differs, as Felix does), up, with the tunnel address as its only address. Returns its index.
 pub fn ensure_device(netns: Option<&Path>, v: &LocalVtep) -> Result<u32, DataplaneError> {
+    let dev = device(v.node_ip.is_ipv6());
     let mut sock = NlSocket::open(netns)?;
     let parent = parent_index(&mut sock, v.node_ip)?;
-    if let Some(l) = find_link(&mut sock, DEVICE)? {
+    if let Some(l) = find_link(&mut sock, dev)? {
         if l.mac != v.mac {
-            delete_link(&mut sock, l.index, DEVICE)?;
+            delete_link(&mut sock, l.index, dev)?;
         }
     }
-    let index = match find_link(&mut sock, DEVICE)? {
+    let index = match find_link(&mut sock, dev)? {
         Some(l) => l.index,
         None => {
             let mut msg = LinkMessage::default();
-            msg.attributes.push(LinkAttribute::IfName(DEVICE.into()));
+            msg.attributes.push(LinkAttribute::IfName(dev.into()));
             msg.attributes.push(LinkAttribute::Address(v.mac.to_vec()));
             msg.attributes.push(LinkAttribute::Mtu(v.mtu));
             msg.attributes.push(LinkAttribute::LinkInfo(vec![
@@ -114,17 +136,20 @@ pub fn ensure_device(netns: Option<&Path>, v: &LocalVtep) -> Result<u32, Datapla
                 LinkInfo::Data(InfoData::Vxlan(vec![
                     InfoVxlan::Id(VNI),
                     InfoVxlan::Link(parent),
-                    InfoVxlan::Local(v.node_ip),
+                    match v.node_ip {
+                        IpAddr::V4(a) => InfoVxlan::Local(a),
+                        IpAddr::V6(a) => InfoVxlan::Local6(a),
+                    },
                     // Emitted in network byte order by the codec (IFLA_VXLAN_PORT is big-endian).
                     InfoVxlan::Port(PORT),
                     InfoVxlan::Learning(false),
                 ])),
             ]));
             sock.request(RouteNetlinkMessage::NewLink(msg), NLM_F_CREATE | NLM_F_EXCL)
-                .map_err(|e| nl_err(&sock, "create VXLAN device", DEVICE, e))?;
-            find_link(&mut sock, DEVICE)?
+                .map_err(|e| nl_err(&sock, "create VXLAN device", dev, e))?;
+            find_link(&mut sock, dev)?
                 .ok_or_else(|| DataplaneError::DeviceNotFound {
-                    name: DEVICE.into(),
+                    name: dev.into(),
                     netns: sock.netns.clone(),
                 })?
                 .index
@@ -134,9 +159,9 @@ pub fn ensure_device(netns: Option<&Path>, v: &LocalVtep) -> Result<u32, Datapla
     msg.header.index = index;
     msg.attributes.push(LinkAttribute::Mtu(v.mtu));
     sock.request(RouteNetlinkMessage::SetLink(msg), 0)
-        .map_err(|e| nl_err(&sock, "set MTU", DEVICE, e))?;
+        .map_err(|e| nl_err(&sock, "set MTU", dev, e))?;
     for (ip, len) in dump_addresses(&mut sock, index)? {
-        if ip != IpAddr::V4(v.tunnel_ip) {
+        if ip != v.tunnel_ip {
             let mut m = AddressMessage::default();
             m.header.index = index;
             m.header.prefix_len = len;
@@ -150,33 +175,32 @@ pub fn ensure_device(netns: Option<&Path>, v: &LocalVtep) -> Result<u32, Datapla
             let _ = sock.request(RouteNetlinkMessage::DelAddress(m), 0);
         }
     }
-    add_address(&mut sock, index, DEVICE, IpAddr::V4(v.tunnel_ip))?;
-    set_link_up(&mut sock, index, DEVICE, None)?;
+    add_address(&mut sock, index, dev, v.tunnel_ip)?;
+    set_link_up(&mut sock, index, dev, None)?;
     Ok(index)
 }
 
-/// The index of `vxlan.calico`, if it exists.
-pub fn device_index(netns: Option<&Path>) -> Result<Option<u32>, DataplaneError> {
+/// The index of the VXLAN device of a family, if it exists.
+pub fn device_index(netns: Option<&Path>, v6: bool) -> Result<Option<u32>, DataplaneError> {
     let mut sock = NlSocket::open(netns)?;
-    Ok(find_link(&mut sock, DEVICE)?.map(|l| l.index))
+    Ok(find_link(&mut sock, device(v6))?.map(|l| l.index))
 }
 
-/// Remove `vxlan.calico` (no pool uses VXLAN any more). Success if it is not there.
-pub fn remove_device(netns: Option<&Path>) -> Result<(), DataplaneError> {
+/// Remove the VXLAN device of a family (no pool of it uses VXLAN any more). Success if it is not there.
+pub fn remove_device(netns: Option<&Path>, v6: bool) -> Result<(), DataplaneError> {
     let mut sock = NlSocket::open(netns)?;
-    match find_link(&mut sock, DEVICE)? {
-        Some(l) => delete_link(&mut sock, l.index, DEVICE),
+    match find_link(&mut sock, device(v6))? {
+        Some(l) => delete_link(&mut sock, l.index, device(v6)),
         None => Ok(()),
     }
 }
 
-fn neigh(
-    index: u32,
-    family: AddressFamily,
-    dst: Ipv4Addr,
-    mac: [u8; 6],
-    fdb: bool,
-) -> NeighbourMessage {
+fn neigh(index: u32, fdb: bool, dst: IpAddr, mac: [u8; 6]) -> NeighbourMessage {
+    let family = match (fdb, dst) {
+        (true, _) => AddressFamily::Bridge,
+        (false, IpAddr::V4(_)) => AddressFamily::Inet,
+        (false, IpAddr::V6(_)) => AddressFamily::Inet6,
+    };
     let mut m = NeighbourMessage::default();
     m.header.family = family;
     m.header.ifindex = index;
@@ -186,7 +210,10 @@ fn neigh(
         m.header.flags = NeighbourFlags::Own;
     }
     m.attributes
-        .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(dst)));
+        .push(NeighbourAttribute::Destination(match dst {
+            IpAddr::V4(a) => NeighbourAddress::Inet(a),
+            IpAddr::V6(a) => NeighbourAddress::Inet6(a),
+        }));
     m.attributes
         .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
     m
@@ -202,20 +229,17 @@ pub fn sync_remotes(
 ) -> Result<(), DataplaneError> {
     let mut sock = NlSocket::open(netns)?;
     for r in gone {
-        for (family, dst, fdb) in [
-            (AddressFamily::Inet, r.tunnel_ip, false),
-            (AddressFamily::Bridge, r.node_ip, true),
-        ] {
-            let m = neigh(index, family, dst, r.mac, fdb);
+        for (dst, fdb) in [(r.tunnel_ip, false), (r.node_ip, true)] {
+            let m = neigh(index, fdb, dst, r.mac);
             let _ = sock.request(RouteNetlinkMessage::DelNeighbour(m), 0);
         }
     }
     for r in want {
-        for (family, dst, fdb, what) in [
-            (AddressFamily::Inet, r.tunnel_ip, false, "VXLAN neighbour"),
-            (AddressFamily::Bridge, r.node_ip, true, "VXLAN FDB entry"),
+        for (dst, fdb, what) in [
+            (r.tunnel_ip, false, "VXLAN neighbour"),
+            (r.node_ip, true, "VXLAN FDB entry"),
         ] {
-            let m = neigh(index, family, dst, r.mac, fdb);
+            let m = neigh(index, fdb, dst, r.mac);
             sock.request(
                 RouteNetlinkMessage::NewNeighbour(m),
                 NLM_F_CREATE | NLM_F_REPLACE,

@@ -43,10 +43,11 @@ pub fn report_unsupported(
     pools: &[IpPool],
     me: &str,
     kernel_has_ipip: bool,
+    node_has_ipv6: bool,
     status: &DataplaneStatus,
 ) {
     use crate::config::unsupported::{scan, Severity};
-    let found = scan(set, pools, me, kernel_has_ipip);
+    let found = scan(set, pools, me, kernel_has_ipip, node_has_ipv6);
     let errors: Vec<String> = found
         .iter()
         .filter(|f| f.severity == Severity::Error)

@@ -46,7 +46,8 @@ struct Resolver {
     reported: std::collections::HashSet<IpAddr>,
     unresolved: BTreeMap<IpNetwork, String>,
     /// VXLAN pools and remote VTEPs: learned routes of VXLAN pools go through the tunnel.
-    vxlan: VxlanRouting,
+    /// Per family (IPv4, IPv6).
+    vxlan: [VxlanRouting; 2],
 }
 
 /// An IPv6 link-local next hop cannot be looked up without its interface: it goes as learned.
@@ -84,13 +85,14 @@ impl Resolver {
         let mut hops: Vec<NextHop> = Vec::new();
         let mut why = Vec::new();
         for &nh in nhs {
-            if !self.vxlan.pools.is_empty() {
-                match self.vxlan.encap(&prefix, nh) {
+            let vx = &self.vxlan[usize::from(prefix.is_ipv6())];
+            if !vx.pools.is_empty() {
+                match vx.encap(&prefix, nh) {
                     Encap::No => {}
                     Encap::Tunnel(t) => {
                         hops.push(NextHop::onlink(
-                            IpAddr::V4(t),
-                            crate::dataplane::vxlan::DEVICE,
+                            t,
+                            crate::dataplane::vxlan::device(t.is_ipv6()),
                         ));
                         continue;
                     }
@@ -255,6 +257,16 @@ impl Resolver {
     }
 }
 
+/// The next change of an optional watch (never, without one).
+async fn routing_changed(
+    w: &mut Option<tokio::sync::watch::Receiver<VxlanRouting>>,
+) -> Result<(), tokio::sync::watch::error::RecvError> {
+    match w.as_mut() {
+        Some(v) => v.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn write(fib: &FibHandle, replace: Vec<Route>, remove: Vec<IpNetwork>) {
     if !remove.is_empty() {
         if let Err(e) = fib.remove_many(remove).await {
@@ -274,11 +286,11 @@ pub async fn learned_routes(
     fib: FibHandle,
     netns: Option<PathBuf>,
     status: DataplaneStatus,
-    vxlan: Option<tokio::sync::watch::Receiver<VxlanRouting>>,
+    vxlan: [Option<tokio::sync::watch::Receiver<VxlanRouting>>; 2],
 ) {
-    let mut vxlan = vxlan;
+    let [mut vxlan4, mut vxlan6] = vxlan;
     let mut r = Resolver {
-        vxlan: VxlanRouting::default(),
+        vxlan: [VxlanRouting::default(), VxlanRouting::default()],
         netns: netns.clone(),
         learned: HashMap::new(),
         igp: None,
@@ -336,18 +348,22 @@ pub async fn learned_routes(
                     r.reresolve(&fib).await;
                 }
             }
-            c = async {
-                match vxlan.as_mut() {
-                    Some(v) => v.changed().await,
-                    None => std::future::pending().await,
-                }
-            } => {
-                match (c, vxlan.as_mut()) {
+            c = routing_changed(&mut vxlan4) => {
+                match (c, vxlan4.as_mut()) {
                     (Ok(()), Some(v)) => {
-                        r.vxlan = v.borrow_and_update().clone();
+                        r.vxlan[0] = v.borrow_and_update().clone();
                         r.rewrite_all(&fib).await;
                     }
-                    _ => vxlan = None,
+                    _ => vxlan4 = None,
+                }
+            }
+            c = routing_changed(&mut vxlan6) => {
+                match (c, vxlan6.as_mut()) {
+                    (Ok(()), Some(v)) => {
+                        r.vxlan[1] = v.borrow_and_update().clone();
+                        r.rewrite_all(&fib).await;
+                    }
+                    _ => vxlan6 = None,
                 }
             }
             _ = retry.tick() => {

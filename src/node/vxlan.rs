@@ -1,8 +1,9 @@
-//! VXLAN for IPv4 pools with `vxlanMode: Always | CrossSubnet`, as Calico builds it (see
-//! [`crate::dataplane::vxlan`]): the node's VTEP, its tunnel address from IPAM (handle
-//! `vxlan-tunnel-addr-<node>`, attribute `type: vxlanTunnelAddress`) written to its Node resource
-//! (`spec.ipv4VXLANTunnelAddr`, so calicoctl and Calico nodes see it), and the neighbour/FDB entries of every
-//! other node that has a VTEP. Pod routes still come over BGP; [`super::nexthop`] sends those of VXLAN pools
+//! VXLAN for pools with `vxlanMode: Always | CrossSubnet`, as Calico builds it (see
+//! [`crate::dataplane::vxlan`]), one instance per family: the node's VTEP (`vxlan.calico` /
+//! `vxlan-v6.calico`), its tunnel address from IPAM (handle `vxlan-tunnel-addr-<node>` /
+//! `vxlan-v6-tunnel-addr-<node>`, attribute `type: vxlanTunnelAddress` / `vxlanV6TunnelAddress`) written to its
+//! Node resource (`spec.ipv4VXLANTunnelAddr` / `spec.ipv6VXLANTunnelAddr`, so calicoctl and Calico nodes see
+//! it), and the neighbour/FDB entries of every other node that has a VTEP of that family. Pod routes still come over BGP; [`super::nexthop`] sends those of VXLAN pools
 //! through the tunnel (`<block> via <tunnel address> dev vxlan.calico onlink`) using the [`VxlanRouting`]
 //! published here; CrossSubnet only towards nodes outside the local subnet.
 //!
@@ -14,16 +15,15 @@
 //! ```
 //!
 //! With `CALICO_NETWORKING_BACKEND=vxlan` there is no BGP: [`route_by_affinities`] routes every other node's
-//! block (and every address another node borrowed) from the IPAM blocks, as Felix does. Not built yet:
-//! IPv6 VXLAN.
+//! block (and every address another node borrowed) from the IPAM blocks, as Felix does.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ipnetwork::{IpNetwork, Ipv4Network};
+use ipnetwork::IpNetwork;
 use tokio::sync::watch;
 
 use crate::config::ippool::{EncapMode, IpPool};
@@ -36,17 +36,83 @@ use super::NODES_PLURAL;
 /// Felix re-checks its VXLAN device this often; so do we (kernel only, no datastore read).
 const RECONCILE: Duration = Duration::from_secs(10);
 
-/// What route computation needs to know about VXLAN.
+/// Which VXLAN: IPv4 (`vxlan.calico`) or IPv6 (`vxlan-v6.calico`), with Calico's names for each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VxlanFamily {
+    pub v6: bool,
+}
+
+impl VxlanFamily {
+    pub const V4: VxlanFamily = VxlanFamily { v6: false };
+    pub const V6: VxlanFamily = VxlanFamily { v6: true };
+    fn device(self) -> &'static str {
+        vxlan::device(self.v6)
+    }
+    fn handle(self, me: &str) -> String {
+        if self.v6 {
+            format!("vxlan-v6-tunnel-addr-{me}")
+        } else {
+            format!("vxlan-tunnel-addr-{me}")
+        }
+    }
+    fn attr_type(self) -> &'static str {
+        if self.v6 {
+            "vxlanV6TunnelAddress"
+        } else {
+            "vxlanTunnelAddress"
+        }
+    }
+    fn tunnel_field(self) -> &'static str {
+        if self.v6 {
+            "ipv6VXLANTunnelAddr"
+        } else {
+            "ipv4VXLANTunnelAddr"
+        }
+    }
+    fn address_field(self) -> &'static str {
+        if self.v6 {
+            "ipv6Address"
+        } else {
+            "ipv4Address"
+        }
+    }
+    fn mac_field(self) -> &'static str {
+        if self.v6 {
+            "vxlanTunnelMACAddrV6"
+        } else {
+            "vxlanTunnelMACAddr"
+        }
+    }
+    fn mac(self, node: &str) -> [u8; 6] {
+        if self.v6 {
+            vxlan::vtep_mac_v6(node)
+        } else {
+            vxlan::vtep_mac(node)
+        }
+    }
+    fn overhead(self) -> u32 {
+        if self.v6 {
+            crate::dataplane::mtu::VXLAN_V6_OVERHEAD
+        } else {
+            crate::dataplane::mtu::VXLAN_V4_OVERHEAD
+        }
+    }
+    fn of(self, net: &IpNetwork) -> bool {
+        net.is_ipv6() == self.v6
+    }
+}
+
+/// What route computation needs to know about VXLAN (of one family).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct VxlanRouting {
-    /// IPv4 pools with VXLAN on, and their mode (empty: VXLAN off).
+    /// Pools of the family with VXLAN on, and their mode (empty: VXLAN off).
     pub pools: Vec<(IpNetwork, EncapMode)>,
     /// The local node address's subnet (CrossSubnet: same subnet goes unencapsulated).
-    pub local_subnet: Option<Ipv4Network>,
+    pub local_subnet: Option<IpNetwork>,
     /// Remote node address -> its tunnel address, for every node with a VTEP.
-    pub tunnels: BTreeMap<IpAddr, Ipv4Addr>,
+    pub tunnels: BTreeMap<IpAddr, IpAddr>,
     /// Remote node name -> its node address, for every node with a VTEP (routing by block affinity).
-    pub hosts: BTreeMap<String, Ipv4Addr>,
+    pub hosts: BTreeMap<String, IpAddr>,
     /// The local VTEP is up (routes through it can be installed).
     pub ready: bool,
 }
@@ -57,7 +123,7 @@ pub enum Encap {
     /// Not a VXLAN pool, or CrossSubnet towards the local subnet: route as usual.
     No,
     /// Through the tunnel to this tunnel address.
-    Tunnel(Ipv4Addr),
+    Tunnel(IpAddr),
     /// Should be encapsulated but cannot be yet (why).
     Missing(String),
 }
@@ -73,8 +139,8 @@ impl VxlanRouting {
             return Encap::No;
         };
         if *mode == EncapMode::CrossSubnet {
-            if let (Some(net), IpAddr::V4(v4)) = (self.local_subnet, nh) {
-                if net.contains(v4) {
+            if let Some(net) = self.local_subnet {
+                if net.is_ipv4() == nh.is_ipv4() && net.contains(nh) {
                     return Encap::No;
                 }
             }
@@ -84,18 +150,16 @@ impl VxlanRouting {
         }
         match self.tunnels.get(&nh) {
             Some(t) => Encap::Tunnel(*t),
-            None => Encap::Missing(format!(
-                "node {nh} has no VXLAN tunnel address (spec.ipv4VXLANTunnelAddr) yet"
-            )),
+            None => Encap::Missing(format!("node {nh} has no VXLAN tunnel address yet")),
         }
     }
 }
 
-/// The IPv4 pools with VXLAN on.
-fn vxlan_pools(pools: &[IpPool]) -> Vec<(IpNetwork, EncapMode)> {
+/// The pools of the family with VXLAN on.
+fn vxlan_pools(pools: &[IpPool], fam: VxlanFamily) -> Vec<(IpNetwork, EncapMode)> {
     pools
         .iter()
-        .filter(|p| p.spec.cidr.is_ipv4())
+        .filter(|p| fam.of(&p.spec.cidr))
         .filter_map(|p| match p.spec.vxlan_mode.unwrap_or_default() {
             EncapMode::Never => None,
             m => Some((p.spec.cidr, m)),
@@ -107,6 +171,7 @@ fn vxlan_pools(pools: &[IpPool]) -> Vec<(IpNetwork, EncapMode)> {
 async fn remote_vteps(
     ds: &Datastore,
     me: &str,
+    fam: VxlanFamily,
 ) -> anyhow::Result<(BTreeMap<String, RemoteVtep>, i64)> {
     let prefix = keys::resource_prefix(NODES_PLURAL);
     let (kvs, rev) = ds.list(&prefix).await?;
@@ -122,16 +187,17 @@ async fn remote_vteps(
             continue;
         };
         let spec = &v["spec"];
-        let tunnel = spec["ipv4VXLANTunnelAddr"]
-            .as_str()
-            .and_then(|s| s.split('/').next()?.parse::<Ipv4Addr>().ok());
-        let node_ip = spec["bgp"]["ipv4Address"]
-            .as_str()
-            .and_then(|s| s.split('/').next()?.parse::<Ipv4Addr>().ok());
-        let mac = spec["vxlanTunnelMACAddr"]
+        let addr = |v: &serde_json::Value| {
+            v.as_str()
+                .and_then(|s| s.split('/').next()?.parse::<IpAddr>().ok())
+                .filter(|a| a.is_ipv6() == fam.v6)
+        };
+        let tunnel = addr(&spec[fam.tunnel_field()]);
+        let node_ip = addr(&spec["bgp"][fam.address_field()]);
+        let mac = spec[fam.mac_field()]
             .as_str()
             .and_then(parse_mac)
-            .unwrap_or_else(|| vxlan::vtep_mac(name));
+            .unwrap_or_else(|| fam.mac(name));
         // A VTEP is usable only with both addresses (Felix withdraws it otherwise).
         if let (Some(tunnel_ip), Some(node_ip)) = (tunnel, node_ip) {
             out.insert(
@@ -155,8 +221,15 @@ fn parse_mac(s: &str) -> Option<[u8; 6]> {
     v.try_into().ok()
 }
 
-/// Write (or clear) `spec.ipv4VXLANTunnelAddr` of this node's Node resource, keeping everything else.
-async fn set_node_tunnel(ds: &Datastore, me: &str, addr: Option<Ipv4Addr>) -> anyhow::Result<()> {
+/// Write (or clear) the tunnel address field of this node's Node resource, keeping everything else; for
+/// IPv6 also `spec.bgp.ipv6Address` (the other nodes' FDB destination) when it is missing.
+async fn set_node_tunnel(
+    ds: &Datastore,
+    me: &str,
+    fam: VxlanFamily,
+    addr: Option<IpAddr>,
+    node_cidr: &str,
+) -> anyhow::Result<()> {
     let key = keys::resource_key(NODES_PLURAL, me);
     for _ in 0..10 {
         let Some(kv) = ds.get(&key).await? else {
@@ -168,12 +241,25 @@ async fn set_node_tunnel(ds: &Datastore, me: &str, addr: Option<Ipv4Addr>) -> an
             .and_then(|s| s.as_object_mut())
             .ok_or_else(|| anyhow::anyhow!("Node {me:?} has no spec"))?;
         let want = addr.map(|a| serde_json::Value::String(a.to_string()));
-        if spec.get("ipv4VXLANTunnelAddr") == want.as_ref() {
+        let field = fam.tunnel_field();
+        let need_address = fam.v6
+            && addr.is_some()
+            && spec.get("bgp").and_then(|b| b.get("ipv6Address")).is_none();
+        if spec.get(field) == want.as_ref() && !need_address {
             return Ok(());
         }
+        if need_address {
+            if let Some(bgp) = spec
+                .entry("bgp")
+                .or_insert_with(|| serde_json::json!({}))
+                .as_object_mut()
+            {
+                bgp.insert("ipv6Address".into(), node_cidr.into());
+            }
+        }
         match want {
-            Some(w) => spec.insert("ipv4VXLANTunnelAddr".into(), w),
-            None => spec.remove("ipv4VXLANTunnelAddr"),
+            Some(w) => spec.insert(field.into(), w),
+            None => spec.remove(field),
         };
         if ds
             .update(&key, serde_json::to_vec(&v)?, kv.mod_revision)
@@ -192,18 +278,21 @@ async fn tunnel_address(
     ipam: &NodeIpam,
     me: &str,
     pools: &[IpPool],
-) -> anyhow::Result<Option<Ipv4Addr>> {
-    let usable = ipam.usable_pools(Family::V4).await?;
+    fam: VxlanFamily,
+) -> anyhow::Result<Option<IpAddr>> {
+    let usable = ipam
+        .usable_pools(if fam.v6 { Family::V6 } else { Family::V4 })
+        .await?;
     let eligible: Vec<String> = pools
         .iter()
         .filter(|p| {
-            p.spec.cidr.is_ipv4() && p.spec.vxlan_mode.unwrap_or_default() != EncapMode::Never
+            fam.of(&p.spec.cidr) && p.spec.vxlan_mode.unwrap_or_default() != EncapMode::Never
         })
         .filter(|p| p.allows(crate::config::ippool::AllowedUse::Tunnel))
         .map(|p| p.name().to_string())
         .filter(|n| usable.contains(n))
         .collect();
-    let handle = format!("vxlan-tunnel-addr-{me}");
+    let handle = fam.handle(me);
     if eligible.is_empty() {
         ipam.release_handle(&handle).await?;
         return Ok(None);
@@ -211,18 +300,16 @@ async fn tunnel_address(
     let a = ipam
         .assign(AssignRequest {
             handle_id: handle,
-            ipv4: true,
+            ipv4: !fam.v6,
+            ipv6: fam.v6,
             pools: Some(eligible),
-            attributes: [("type".to_string(), "vxlanTunnelAddress".to_string())]
+            attributes: [("type".to_string(), fam.attr_type().to_string())]
                 .into_iter()
                 .collect(),
             ..Default::default()
         })
         .await?;
-    Ok(a.ips.iter().find_map(|i| match i.ip {
-        IpAddr::V4(v4) => Some(v4),
-        IpAddr::V6(_) => None,
-    }))
+    Ok(a.ips.iter().map(|i| i.ip).find(|ip| ip.is_ipv6() == fam.v6))
 }
 
 /// Keep the VTEP, the tunnel address and the remote entries in step with the pools and the Node
@@ -233,15 +320,17 @@ pub async fn follow_vxlan(
     ipam: Arc<NodeIpam>,
     mut pools: watch::Receiver<Vec<IpPool>>,
     me: String,
-    node_ip: Ipv4Addr,
+    node_ip: IpAddr,
     prefix_len: u8,
     netns: Option<PathBuf>,
     out: watch::Sender<VxlanRouting>,
     status: super::cluster::DataplaneStatus,
+    fam: VxlanFamily,
 ) {
-    let local_subnet = Ipv4Network::new(node_ip, prefix_len)
+    let local_subnet = IpNetwork::new(node_ip, prefix_len)
         .ok()
-        .and_then(|n| Ipv4Network::new(n.network(), prefix_len).ok());
+        .and_then(|n| IpNetwork::new(n.network(), prefix_len).ok());
+    let node_cidr = format!("{node_ip}/{prefix_len}");
     let mut remotes: BTreeMap<String, RemoteVtep> = BTreeMap::new();
     let mut node_watch = None;
     let mut built = false;
@@ -255,23 +344,23 @@ pub async fn follow_vxlan(
     };
     // The datastore is consulted only when the pools changed (or after a failure), never on the tick.
     let mut pools_dirty = true;
-    let mut tunnel: Option<Ipv4Addr> = None;
+    let mut tunnel: Option<IpAddr> = None;
     let mut last_error: Option<String> = None;
     loop {
         let current = pools.borrow_and_update().clone();
-        let vx = vxlan_pools(&current);
+        let vx = vxlan_pools(&current, fam);
         let res: anyhow::Result<VxlanRouting> = async {
             if vx.is_empty() {
                 if built {
                     let ns = netns.clone();
-                    tokio::task::spawn_blocking(move || vxlan::remove_device(ns.as_deref()))
+                    tokio::task::spawn_blocking(move || vxlan::remove_device(ns.as_deref(), fam.v6))
                         .await??;
-                    tracing::info!("no pool uses VXLAN: {} removed", vxlan::DEVICE);
+                    tracing::info!("no pool uses VXLAN: {} removed", fam.device());
                     built = false;
                 }
                 if pools_dirty {
-                    let _ = tunnel_address(&ipam, &me, &current).await?;
-                    set_node_tunnel(&ds, &me, None).await?;
+                    let _ = tunnel_address(&ipam, &me, &current, fam).await?;
+                    set_node_tunnel(&ds, &me, fam, None, &node_cidr).await?;
                     pools_dirty = false;
                 }
                 tunnel = None;
@@ -280,10 +369,12 @@ pub async fn follow_vxlan(
                 return Ok(VxlanRouting::default());
             }
             if pools_dirty || tunnel.is_none() {
-                let t = tunnel_address(&ipam, &me, &current).await?.ok_or_else(|| {
-                    anyhow::anyhow!("no VXLAN pool selects this node: no tunnel address")
-                })?;
-                set_node_tunnel(&ds, &me, Some(t)).await?;
+                let t = tunnel_address(&ipam, &me, &current, fam)
+                    .await?
+                    .ok_or_else(|| {
+                        anyhow::anyhow!("no VXLAN pool selects this node: no tunnel address")
+                    })?;
+                set_node_tunnel(&ds, &me, fam, Some(t), &node_cidr).await?;
                 tunnel = Some(t);
                 pools_dirty = false;
             }
@@ -291,7 +382,7 @@ pub async fn follow_vxlan(
                 anyhow::bail!("no tunnel address");
             };
             if node_watch.is_none() {
-                let (r, rev) = remote_vteps(&ds, &me).await?;
+                let (r, rev) = remote_vteps(&ds, &me, fam).await?;
                 node_watch = Some(ds.watch(&keys::resource_prefix(NODES_PLURAL), rev + 1));
                 remotes = r;
             }
@@ -303,8 +394,8 @@ pub async fn follow_vxlan(
             let local = LocalVtep {
                 node_ip,
                 tunnel_ip: tunnel,
-                mac: vxlan::vtep_mac(&me),
-                mtu: host.mtu.saturating_sub(crate::dataplane::mtu::VXLAN_V4_OVERHEAD),
+                mac: fam.mac(&me),
+                mtu: host.mtu.saturating_sub(fam.overhead()),
             };
             let (ns, want) = (
                 netns.clone(),
@@ -316,8 +407,8 @@ pub async fn follow_vxlan(
             })
             .await??;
             if !built {
-                tracing::info!(tunnel = %tunnel, mac = %vxlan::mac_string(&vxlan::vtep_mac(&me)), remotes = remotes.len(),
-                    "VXLAN: {} up", vxlan::DEVICE);
+                tracing::info!(tunnel = %tunnel, mac = %vxlan::mac_string(&fam.mac(&me)), remotes = remotes.len(),
+                    "VXLAN: {} up", fam.device());
                 built = true;
             }
             Ok(VxlanRouting {
@@ -325,7 +416,7 @@ pub async fn follow_vxlan(
                 local_subnet,
                 tunnels: remotes
                     .values()
-                    .map(|r| (IpAddr::V4(r.node_ip), r.tunnel_ip))
+                    .map(|r| (r.node_ip, r.tunnel_ip))
                     .collect(),
                 hosts: remotes
                     .iter()
@@ -339,18 +430,23 @@ pub async fn follow_vxlan(
             Ok(r) if r.pools.is_empty() => None,
             Ok(r) => Some(format!(
                 "{} up, tunnel address {}, MAC {}, {} remote VTEPs",
-                vxlan::DEVICE,
+                fam.device(),
                 tunnel.map(|t| t.to_string()).unwrap_or_default(),
-                vxlan::mac_string(&vxlan::vtep_mac(&me)),
+                vxlan::mac_string(&fam.mac(&me)),
                 r.tunnels.len()
             )),
             Err(e) => Some(format!("not ready: {e:#}")),
         };
         status.send_if_modified(|s| {
-            if s.vxlan == line {
+            let slot = if fam.v6 {
+                &mut s.vxlan_v6
+            } else {
+                &mut s.vxlan
+            };
+            if *slot == line {
                 return false;
             }
-            s.vxlan = line;
+            *slot = line;
             true
         });
         let failed = match res {
@@ -368,7 +464,7 @@ pub async fn follow_vxlan(
             Err(e) => {
                 let msg = format!("{e:#}");
                 if last_error.as_ref() != Some(&msg) {
-                    tracing::error!(error = %msg, "VXLAN not ready; retrying every 2s");
+                    tracing::error!(error = %msg, device = fam.device(), "VXLAN not ready; retrying every 2s");
                     last_error = Some(msg);
                 }
                 out.send_modify(|o| o.ready = false);
@@ -393,7 +489,7 @@ pub async fn follow_vxlan(
             m = node_event => match m {
                 Some(WatchMessage::Events(_)) => {
                     tokio::time::sleep(Duration::from_millis(50)).await;
-                    if let Ok((r, _)) = remote_vteps(&ds, &me).await {
+                    if let Ok((r, _)) = remote_vteps(&ds, &me, fam).await {
                         let now: BTreeSet<&RemoteVtep> = r.values().collect();
                         let gone: BTreeSet<RemoteVtep> = remotes
                             .values()
@@ -403,7 +499,7 @@ pub async fn follow_vxlan(
                         if !gone.is_empty() {
                             let ns = netns.clone();
                             let _ = tokio::task::spawn_blocking(move || {
-                                match vxlan::device_index(ns.as_deref())? {
+                                match vxlan::device_index(ns.as_deref(), fam.v6)? {
                                     Some(i) => vxlan::sync_remotes(ns.as_deref(), i, &BTreeSet::new(), &gone),
                                     None => Ok(()),
                                 }
@@ -439,7 +535,7 @@ pub async fn route_by_affinities(
             a.iter()
                 .filter(|(_, host)| **host != me)
                 .filter(|(b, _)| v.pools.iter().any(|(p, _)| p.contains(b.network())))
-                .filter_map(|(b, host)| Some((*b, IpAddr::V4(*v.hosts.get(host)?))))
+                .filter_map(|(b, host)| Some((*b, *v.hosts.get(host)?)))
                 .collect()
         };
         let mut events = Vec::new();
@@ -470,4 +566,91 @@ pub async fn route_by_affinities(
             r = vxlan.changed() => if r.is_err() { return },
         }
     }
+}
+
+/// Both families' route computation without BGP, joined (one task).
+pub async fn route_by_affinities_all(
+    me: String,
+    affinities: watch::Receiver<BTreeMap<IpNetwork, String>>,
+    routing: [Option<watch::Receiver<VxlanRouting>>; 2],
+    out: tokio::sync::mpsc::Sender<Vec<crate::bgp::rib::FibEvent>>,
+) {
+    let [v4, v6] = routing;
+    let a = async {
+        if let Some(v) = v4 {
+            route_by_affinities(me.clone(), affinities.clone(), v, out.clone()).await
+        }
+    };
+    let b = async {
+        if let Some(v) = v6 {
+            route_by_affinities(me.clone(), affinities.clone(), v, out.clone()).await
+        }
+    };
+    futures::join!(a, b);
+}
+
+/// Prefix length of `ip` on the node's interfaces (the CrossSubnet test), /128 if unknown.
+pub fn prefix_len_v6(netns: Option<&std::path::Path>, ip: std::net::Ipv6Addr) -> u8 {
+    crate::dataplane::netns::in_netns(netns, || {
+        let addrs =
+            nix::ifaddrs::getifaddrs().map_err(|e| crate::dataplane::DataplaneError::Invalid {
+                what: "interface addresses",
+                value: String::new(),
+                reason: e.to_string(),
+            })?;
+        Ok(addrs
+            .filter_map(|a| {
+                let sin = a.address?.as_sockaddr_in6().map(|s| s.ip())?;
+                let m = a.netmask?.as_sockaddr_in6().map(|s| s.ip())?;
+                (sin == ip).then(|| u128::from(m).count_ones() as u8)
+            })
+            .next())
+    })
+    .ok()
+    .flatten()
+    .unwrap_or(128)
+}
+
+/// Start one VXLAN follower per family the node has an address of (IPv6 only with `--ip6`); the routing
+/// pictures for [`super::nexthop::learned_routes`] and [`route_by_affinities_all`].
+#[allow(clippy::type_complexity)]
+pub fn spawn(
+    ds: Arc<Datastore>,
+    ipam: Arc<NodeIpam>,
+    me: &str,
+    v4: (std::net::Ipv4Addr, u8),
+    v6: Option<std::net::Ipv6Addr>,
+    netns: Option<PathBuf>,
+    status: super::cluster::DataplaneStatus,
+) -> (
+    Vec<tokio::task::JoinHandle<()>>,
+    [Option<watch::Receiver<VxlanRouting>>; 2],
+) {
+    let mut tasks = Vec::new();
+    let mut routing = [None, None];
+    let v6 = v6.map(|a| (IpAddr::V6(a), prefix_len_v6(netns.as_deref(), a)));
+    for (i, (addr, fam)) in [
+        Some(((IpAddr::V4(v4.0), v4.1), VxlanFamily::V4)),
+        v6.map(|a| (a, VxlanFamily::V6)),
+    ]
+    .into_iter()
+    .enumerate()
+    .filter_map(|(i, x)| Some((i, x?)))
+    {
+        let (tx, rx) = watch::channel(VxlanRouting::default());
+        routing[i] = Some(rx);
+        tasks.push(tokio::spawn(follow_vxlan(
+            ds.clone(),
+            ipam.clone(),
+            ipam.subscribe_pools(),
+            me.to_string(),
+            addr.0,
+            addr.1,
+            netns.clone(),
+            tx,
+            status.clone(),
+            fam,
+        )));
+    }
+    (tasks, routing)
 }
