@@ -19,6 +19,8 @@
 //! directory, with the CNI_* environment and the network configuration on stdin, inside the node's
 //! namespace: exactly what a container runtime on that node does.
 
+pub mod preflight;
+
 use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::net::Ipv4Addr;
@@ -271,6 +273,11 @@ fn up(args: &LabArgs, n_nodes: usize, n_pods: usize, reflector: bool) -> anyhow:
     }
     let cni = sibling("margay-cni")?;
     let p = &args.name;
+    let missing = preflight::check(&format!("{p}-pre"));
+    if !missing.is_empty() {
+        let list: Vec<String> = missing.iter().map(|m| format!("  - {m}")).collect();
+        bail!("this machine cannot run the lab:\n{}", list.join("\n"));
+    }
     let state = args.state();
     if state.join("lab.json").exists() || Path::new(&format!("/var/run/netns/{p}-br")).exists() {
         bail!("lab {p:?} is already up (or left over): `margay lab down --name {p}` first");
