@@ -65,7 +65,13 @@ fi
 # Packages' maintainer scripts must not start services inside the root.
 printf '#!/bin/sh\nexit 101\n' >"$root/usr/sbin/policy-rc.d"
 chmod +x "$root/usr/sbin/policy-rc.d"
+# This machine's network settings, which any machine here has: name servers, and the local CA certificates
+# (an intercepting proxy's) that ca-certificates adds to the bundle cargo and apt use when it is installed.
 cp /etc/resolv.conf "$root/etc/resolv.conf"
+if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
+  mkdir -p "$root/usr/local/share/ca-certificates"
+  cp /usr/local/share/ca-certificates/*.crt "$root/usr/local/share/ca-certificates/"
+fi
 mkdir -p "$root/proc" "$root/dev" "$root/src" "$root/opt/rust" "$root/build"
 mount -t proc proc "$root/proc"; mounts+=("$root/proc")
 bind /dev "$root/dev"
@@ -74,7 +80,11 @@ bind "$sysroot" "$root/opt/rust" ro
 
 log "packages in the base root: $(chroot "$root" dpkg-query -W -f='.\n' | wc -l)"
 in_root() {
-  chroot "$root" /usr/bin/env -i HOME=/root TERM=dumb CI=true \
+  local proxy=()
+  for v in http_proxy https_proxy no_proxy HTTP_PROXY HTTPS_PROXY NO_PROXY; do
+    [ -n "${!v:-}" ] && proxy+=("$v=${!v}")
+  done
+  chroot "$root" /usr/bin/env -i HOME=/root TERM=dumb CI=true "${proxy[@]}" \
     PATH=/opt/rust/bin:/root/.cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     CARGO_HOME=/root/.cargo CARGO_TARGET_DIR=/build/target LD_LIBRARY_PATH=/opt/rust/lib \
     /bin/bash -c "set -eo pipefail; cd /src && $1"

@@ -147,6 +147,12 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<()> {
             if !(1..=50).contains(&nodes) {
                 bail!("--nodes must be between 1 and 50");
             }
+            // Before anything is built, so a machine that cannot run the lab is told why and left untouched.
+            let missing = preflight::check(&format!("{}-pre", common.name));
+            if !missing.is_empty() {
+                let list: Vec<String> = missing.iter().map(|m| format!("  - {m}")).collect();
+                bail!("this machine cannot run the lab:\n{}", list.join("\n"));
+            }
             if let Err(e) = up(&common, nodes, pods, reflector) {
                 eprintln!("margay lab: bring-up failed; the lab is left as it is for inspection (logs in {}); `margay lab down --name {}` removes it", common.state().display(), common.name);
                 return Err(e);
@@ -273,11 +279,6 @@ fn up(args: &LabArgs, n_nodes: usize, n_pods: usize, reflector: bool) -> anyhow:
     }
     let cni = sibling("margay-cni")?;
     let p = &args.name;
-    let missing = preflight::check(&format!("{p}-pre"));
-    if !missing.is_empty() {
-        let list: Vec<String> = missing.iter().map(|m| format!("  - {m}")).collect();
-        bail!("this machine cannot run the lab:\n{}", list.join("\n"));
-    }
     let state = args.state();
     if state.join("lab.json").exists() || Path::new(&format!("/var/run/netns/{p}-br")).exists() {
         bail!("lab {p:?} is already up (or left over): `margay lab down --name {p}` first");

@@ -71,7 +71,7 @@ impl Podman {
         std::fs::write(
             dir.path().join("storage.conf"),
             format!(
-                "[storage]\ndriver = \"vfs\"\ngraphroot = \"{d}/graph\"\nrunroot = \"{d}/run\"\n"
+                "[storage]\ndriver = \"overlay\"\ngraphroot = \"{d}/graph\"\nrunroot = \"{d}/run\"\n"
             ),
         )
         .expect("storage.conf");
@@ -101,7 +101,7 @@ impl Podman {
 
 /// The minimal Debian 12 root as a tarball (debootstrap once, cached).
 fn base_tarball() -> PathBuf {
-    let tar = Path::new(CACHE).join("bookworm-minbase.tar");
+    let tar = Path::new(CACHE).join("bookworm-minbase-v2.tar");
     if tar.exists() {
         return tar;
     }
@@ -117,7 +117,8 @@ fn base_tarball() -> PathBuf {
     );
     let part = tar.with_extension("tar.part");
     sh(&format!(
-        "tar -C {r} -cf {} . && mv {} {} && rm -rf {r}",
+        "rm -rf {r}/var/cache/apt/archives/*.deb {r}/var/lib/apt/lists/* && \
+         tar -C {r} -cf {} . && mv {} {} && rm -rf {r}",
         part.display(),
         part.display(),
         tar.display()
