@@ -137,7 +137,10 @@ fn image() -> &'static Podman {
         ));
         let ctx = p.dir.path().join("context");
         std::fs::create_dir_all(ctx.join("out")).expect("context dir");
-        for bin in [env!("CARGO_BIN_EXE_margay"), env!("CARGO_BIN_EXE_margay-cni")] {
+        for bin in [
+            env!("CARGO_BIN_EXE_margay"),
+            env!("CARGO_BIN_EXE_margay-cni"),
+        ] {
             let name = Path::new(bin).file_name().expect("binary name");
             let dst = ctx.join("out").join(name);
             std::fs::copy(bin, &dst).expect("copy binary");
@@ -182,13 +185,17 @@ fn image_runs_margay_and_the_cni_shim() {
     ));
     let v: serde_json::Value = serde_json::from_str(out.trim())
         .unwrap_or_else(|e| panic!("margay-cni VERSION: {e}: {out}"));
-    let supported = v["supportedVersions"].as_array().expect("supportedVersions");
+    let supported = v["supportedVersions"]
+        .as_array()
+        .expect("supportedVersions");
     assert!(
         supported.iter().any(|s| s == "1.0.0"),
         "margay-cni VERSION: {v}"
     );
     // The default command is the node daemon, as the DaemonSet runs it.
-    let cmd = p.ok(&format!("image inspect --format '{{{{.Config.Cmd}}}}' {IMAGE}"));
+    let cmd = p.ok(&format!(
+        "image inspect --format '{{{{.Config.Cmd}}}}' {IMAGE}"
+    ));
     assert!(cmd.contains("margay node run"), "CMD: {cmd}");
 }
 
@@ -245,7 +252,10 @@ fn image_install_cni_writes_plugin_and_conflist() {
         let value = if key == "veth_mtu" {
             "1440".to_string()
         } else {
-            config["data"][key].as_str().expect("ConfigMap key").to_string()
+            config["data"][key]
+                .as_str()
+                .expect("ConfigMap key")
+                .to_string()
         };
         let f = scratch.path().join(format!("env.{name}"));
         std::fs::write(&f, &value).expect("env file");
@@ -258,10 +268,7 @@ fn image_install_cni_writes_plugin_and_conflist() {
         exports.push_str(&format!("export {name}=\"$(cat /env/{name})\"; "));
     }
     let mut mounts = String::new();
-    let host_paths = [
-        ("cni-bin-dir", &bin_dir),
-        ("cni-net-dir", &net_dir),
-    ];
+    let host_paths = [("cni-bin-dir", &bin_dir), ("cni-net-dir", &net_dir)];
     for m in init["volumeMounts"].as_array().expect("volumeMounts") {
         let name = m["name"].as_str().expect("mount name");
         let path = m["mountPath"].as_str().expect("mountPath");
@@ -288,7 +295,11 @@ fn image_install_cni_writes_plugin_and_conflist() {
     let (_, inside) = p.run(&format!(
         "run --rm --network none {IMAGE} sha256sum /usr/local/bin/margay-cni"
     ));
-    let want = inside.split_whitespace().next().unwrap_or_default().to_string();
+    let want = inside
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string();
     let got = sh(&format!("sha256sum {}", plugin.display()));
     assert!(
         !installed.is_empty() && got.starts_with(&want),
@@ -345,7 +356,13 @@ fn bird_conf(i: usize, statics: &[&str]) -> String {
 #[test]
 fn image_reflector_reflects_bird_route() {
     let t = "image_reflector_reflects_bird_route";
-    if !prereqs(t) || !require(have_bird(), t, "bird2 is not installed (scripts/install-deps.sh)") {
+    if !prereqs(t)
+        || !require(
+            have_bird(),
+            t,
+            "bird2 is not installed (scripts/install-deps.sh)",
+        )
+    {
         return;
     }
     let p = image();

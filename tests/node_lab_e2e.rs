@@ -265,5 +265,8 @@ fn lab_preflight_names_what_is_missing() {
         "lab up without root does not say what to do: {out}"
     );
     let (_, list) = common::try_sh("ip netns list");
-    assert!(!list.contains(&format!("{scratch}x")), "lab made namespaces without root: {list}");
+    assert!(
+        !list.contains(&format!("{scratch}x")),
+        "lab made namespaces without root: {list}"
+    );
 }
