@@ -75,6 +75,7 @@ fi
 mkdir -p "$root/proc" "$root/dev" "$root/src" "$root/opt/rust" "$root/build"
 mount -t proc proc "$root/proc"; mounts+=("$root/proc")
 bind /dev "$root/dev"
+bind /dev/pts "$root/dev/pts"
 bind "$src" "$root/src" ro
 bind "$sysroot" "$root/opt/rust" ro
 
