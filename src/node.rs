@@ -5,11 +5,13 @@
 //!     │                                    desired_peers, service CIDRs, │ Originate/WithdrawLocal│ ▲      │
 //!     │                                    export policy ────────────────┴─ SetPolicy ──▶ RIB ◀─┘ │      │ PeerSync
 //!     │                                                                          │  FibEvent     │      ▼
-//!     │                                                                          ▼  (learned)    │   restart::run: End-of-RIB
+//!     │                                                              nexthop::learned_routes  │   restart::run: End-of-RIB
 //!   NodeIpam ◀──assign/release/GC── CNI server ──add/del_pod──▶ kernel    FIB task (proto 77) ◀─┼── sweep (adopted, not re-learned)
 //!     │         (backend.rs)     (unix socket)                               ▲                  │      │ Readiness
 //!     └──routes() (on every ADD/DEL and every second) ──blocks──▶ blackhole ─┘  advertise_blocks ┘      ▼
 //!                                                                                        HTTP /status /healthz /readyz /metrics
+//!   NodeIpam ──pools (watch)──▶ cluster::follow_nat ──▶ nft table inet margay (natOutgoing)
+//!   etcd Node/<me> labels ──▶ cluster::follow_labels ──set_labels──▶ NodeIpam (pools' nodeSelector)
 //! ```
 //!
 //! This module owns the composition only: registering the Node resource, creating the default pools, the
@@ -47,13 +49,16 @@ use crate::cni::types::DEFAULT_SOCKET;
 use crate::config::bgp::{AsNumber, ConfigSet, Node, NodeBgpSpec, NodeSpec, KIND_NODE};
 use crate::config::peers::desired_peers;
 use crate::config::{ObjectMeta, API_VERSION};
-use crate::dataplane::fib::{Fib, FibConfig, FibHandle, NextHop, Route};
+use crate::dataplane::fib::{Fib, FibConfig, FibHandle, Route};
 use crate::datastore::{keys, Datastore, WatchMessage, Watcher};
 use crate::ipam::{NodeInfo, NodeIpam};
 
 mod backend;
+pub mod cluster;
+pub mod nexthop;
 pub mod restart;
 pub mod services;
+pub mod vxlan;
 
 pub use backend::{attachment, resolve_pools, NodeBackend};
 pub use restart::{reconcile_pods, PodReconcile, Readiness};
@@ -103,9 +108,14 @@ pub struct NodeArgs {
     /// This node's AS number (written to its Node resource; default: BGPConfiguration's, else 64512).
     #[arg(long, env = "AS")]
     pub as_number: Option<u32>,
-    /// MTU of pod interfaces when the CNI configuration gives none.
-    #[arg(long, default_value_t = 1500)]
-    pub pod_mtu: u32,
+    /// MTU of pod interfaces when the CNI configuration gives none. Unset or 0: detected as Calico does,
+    /// the smallest MTU of the up interfaces matching --mtu-iface-pattern minus the encapsulation overhead
+    /// of the pools (VXLAN 50, VXLAN IPv6 70, IPIP 20), re-detected every 30 s and on pool changes.
+    #[arg(long, env = "MARGAY_POD_MTU")]
+    pub pod_mtu: Option<u32>,
+    /// The interfaces whose MTU bounds the pod MTU (Felix's MTUIfacePattern).
+    #[arg(long, env = "FELIX_MTUIFACEPATTERN", default_value = crate::dataplane::mtu::DEFAULT_IFACE_PATTERN)]
+    pub mtu_iface_pattern: String,
     /// A default IPv6 pool, created when the variable is set and no IPv6 pool exists (Calico:
     /// CALICO_IPV6POOL_CIDR). Pods then get an IPv6 address beside their IPv4 one (dual stack); set IP6 so
     /// the node's IPv6 blocks are advertised.
@@ -129,6 +139,10 @@ pub struct NodeArgs {
         default_value = "/etc/margay/bgp-secrets"
     )]
     pub bgp_secrets_dir: PathBuf,
+    /// Calico's `natOutgoingAddress` (IPv4): traffic of natOutgoing pools leaving for outside every pool is
+    /// SNATed to this address instead of masqueraded to the outgoing interface's address.
+    #[arg(long, env = "FELIX_NATOUTGOINGADDRESS")]
+    pub nat_outgoing_address: Option<Ipv4Addr>,
 }
 
 /// Run the node daemon until SIGTERM/SIGINT.
@@ -401,6 +415,10 @@ struct Identity {
     forwarding_preserved: bool,
     /// Where BGP password Secrets are mounted.
     secrets_dir: PathBuf,
+    /// The dataplane part of the status (unsupported settings are reported there on every load).
+    dp_status: cluster::DataplaneStatus,
+    /// The node's kernel can build ipip devices.
+    kernel_has_ipip: bool,
 }
 
 async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
@@ -441,7 +459,28 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| set.default_bgp().as_number());
     // A node with routeReflectorClusterID reflects for its clients (RFC 4456); desired_peers marks them.
     let cluster_id = set.nodes.get(&name).and_then(Node::cluster_id);
+    let dp_status = cluster::dataplane_status();
+    let probe_ns = netns.clone();
+    let kernel_has_ipip = tokio::task::spawn_blocking(move || {
+        crate::dataplane::encap::ipip_supported(probe_ns.as_deref())
+    })
+    .await
+    .map_err(anyhow::Error::from)
+    .and_then(|r| r.map_err(anyhow::Error::from))
+    .unwrap_or_else(|e| {
+        tracing::warn!(error = %format!("{e:#}"), "cannot tell whether the kernel has ipip; assuming not");
+        false
+    });
+    cluster::report_unsupported(
+        &set,
+        &load_pools(&ds).await.map_err(on_etcd)?,
+        &name,
+        kernel_has_ipip,
+        &dp_status,
+    );
     let id = Identity {
+        dp_status: dp_status.clone(),
+        kernel_has_ipip,
         port: set.listen_port(&name),
         name: name.clone(),
         ip,
@@ -459,11 +498,35 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
 
     // ensure_node logs what it changed.
     crate::dataplane::sysctl::ensure_node(netns.as_deref())?;
+    // Pools' nodeSelector is evaluated with the Node resource's labels, followed live below.
+    let (labels, labels_rev) = cluster::node_labels(&ds, &name).await.map_err(on_etcd)?;
     let ipam = Arc::new(
-        NodeIpam::start(ds.clone(), NodeInfo::new(&name))
-            .await
-            .map_err(|e| anyhow::anyhow!("IPAM for node {name:?} (etcd at {endpoints}): {e}"))?,
+        NodeIpam::start(
+            ds.clone(),
+            NodeInfo {
+                name: name.clone(),
+                labels,
+            },
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("IPAM for node {name:?} (etcd at {endpoints}): {e}"))?,
     );
+    let cluster_tasks = [
+        tokio::spawn(cluster::follow_labels(
+            ds.clone(),
+            name.clone(),
+            ipam.clone(),
+            labels_rev,
+        )),
+        tokio::spawn(cluster::follow_nat(
+            ipam.subscribe_pools(),
+            netns.clone(),
+            crate::dataplane::nat::NatOptions {
+                outgoing_address_v4: args.nat_outgoing_address,
+            },
+            dp_status.clone(),
+        )),
+    ];
     // The FIB adopts the routes of margay's protocol it finds (a restart keeps forwarding on them); what
     // nobody re-announces is swept after BGP has converged (restart::run).
     let fib = Fib::spawn(FibConfig {
@@ -496,7 +559,25 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         tracing::info!(cluster_id = %c, "route reflector: reflecting for this node's route-reflector clients");
     }
     let spk = Arc::new(spk);
-    let learned = tokio::spawn(learned_routes(fib_rx, fib.clone()));
+    // Next hops resolved recursively through the node's routes (BIRD `gateway recursive`).
+    let (vxlan_tx, vxlan_rx) = watch::channel(vxlan::VxlanRouting::default());
+    let learned = tokio::spawn(nexthop::learned_routes(
+        fib_rx,
+        fib.clone(),
+        netns.clone(),
+        dp_status.clone(),
+        Some(vxlan_rx),
+    ));
+    let vxlan_task = tokio::spawn(vxlan::follow_vxlan(
+        ds.clone(),
+        ipam.clone(),
+        ipam.subscribe_pools(),
+        name.clone(),
+        ip,
+        prefix_len,
+        netns.clone(),
+        vxlan_tx,
+    ));
 
     let refresh = Arc::new(Notify::new());
     let adverts = tokio::spawn(advertise_blocks(
@@ -527,10 +608,21 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     if let Err(e) = reconcile_pods(&ipam, netns.clone()).await {
         tracing::warn!(error = %format!("{e:#}"), "restart: pod veths not reconciled with IPAM");
     }
+    let pod_mtu = start_pod_mtu(&args, &ipam, &dp_status).await?;
+    let mtu_task = match (args.pod_mtu, regex::Regex::new(&args.mtu_iface_pattern)) {
+        (None | Some(0), Ok(pattern)) => Some(tokio::spawn(cluster::follow_mtu(
+            ipam.subscribe_pools(),
+            netns.clone(),
+            pattern,
+            pod_mtu.clone(),
+            dp_status.clone(),
+        ))),
+        _ => None,
+    };
     let backend = Arc::new(NodeBackend {
         ipam: ipam.clone(),
         netns: netns.clone(),
-        mtu: args.pod_mtu,
+        mtu: pod_mtu,
         refresh: refresh.clone(),
         spool_socket: Some(args.cni_socket.clone()),
     });
@@ -553,10 +645,12 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     let status_spk = spk.clone();
     let status_id = id.clone();
     let (status_ipam, status_fib, status_ds) = (ipam.clone(), fib.clone(), ds.clone());
+    let status_dp = dp_status.clone();
     let status_source = move || {
         let spk = status_spk.clone();
         let id = status_id.clone();
         let (ipam, fib, ds) = (status_ipam.clone(), status_fib.clone(), status_ds.clone());
+        let dataplane = Some(status_dp.borrow().clone());
         // Ready once the datastore is synced (IPAM view loaded before this endpoint starts, peers derived
         // and applied) and BGP has converged (End-of-RIB from the Established peers, bounded wait). Not
         // tied to every peer being Established.
@@ -588,6 +682,7 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
                     addresses_borrowed: r.borrowed.len() as u64,
                 }),
                 datastore: Some(datastore_summary(&ds)),
+                dataplane,
             }
         }
         .boxed()
@@ -625,7 +720,11 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     };
     let _ = stop_tx.send(());
     // Wait for the aborted tasks to drop what they hold, so the speaker handle is ours alone again.
-    for t in [peers, adverts, learned, converging] {
+    for t in [peers, adverts, learned, converging, vxlan_task]
+        .into_iter()
+        .chain(cluster_tasks)
+        .chain(mtu_task)
+    {
         t.abort();
         let _ = t.await;
     }
@@ -645,6 +744,35 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     }
     tracing::info!("margay node stopped");
     outcome
+}
+
+/// The pod MTU to start with: the flag, or detected (Calico's rule) before the first ADD.
+async fn start_pod_mtu(
+    args: &NodeArgs,
+    ipam: &NodeIpam,
+    status: &cluster::DataplaneStatus,
+) -> anyhow::Result<crate::dataplane::mtu::PodMtu> {
+    let (mtu, source) = match args.pod_mtu {
+        Some(m) if m > 0 => (m, "--pod-mtu / MARGAY_POD_MTU".to_string()),
+        _ => {
+            let pattern = regex::Regex::new(&args.mtu_iface_pattern).with_context(|| {
+                format!(
+                    "--mtu-iface-pattern / FELIX_MTUIFACEPATTERN {:?} is not a regular expression",
+                    args.mtu_iface_pattern
+                )
+            })?;
+            let pools = ipam.pools().await.unwrap_or_default();
+            cluster::detect_pod_mtu(args.netns.clone(), pattern, &pools)
+                .await
+                .context("detecting the pod MTU (set --pod-mtu to skip detection)")?
+        }
+    };
+    tracing::info!(pod_mtu = mtu, source = %source, "pod MTU");
+    status.send_modify(|s| {
+        s.pod_mtu = Some(mtu);
+        s.pod_mtu_source = Some(source);
+    });
+    Ok(mtu.into())
 }
 
 /// The datastore's request counters as `/status` and `/metrics` show them.
@@ -667,33 +795,6 @@ pub(crate) fn prefix_list(prefixes: &[IpNetwork]) -> String {
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-/// Routes learned over BGP into the kernel: each ECMP set as one route via its next hops.
-async fn learned_routes(mut rx: mpsc::Receiver<Vec<FibEvent>>, fib: FibHandle) {
-    while let Some(events) = rx.recv().await {
-        let mut replace = Vec::new();
-        let mut remove = Vec::new();
-        for ev in events {
-            match ev {
-                FibEvent::Set { prefix, next_hops } => replace.push(Route::via(
-                    prefix,
-                    next_hops.into_iter().map(NextHop::via).collect(),
-                )),
-                FibEvent::Remove { prefix } => remove.push(prefix),
-            }
-        }
-        if !remove.is_empty() {
-            if let Err(e) = fib.remove_many(remove).await {
-                tracing::error!(error = %e, "FIB remove");
-            }
-        }
-        if !replace.is_empty() {
-            if let Err(e) = fib.replace_many(replace).await {
-                tracing::error!(error = %e, "FIB replace");
-            }
-        }
-    }
 }
 
 /// Keep the RIB's local routes and the blackhole routes equal to the node's blocks (exact prefix) and
@@ -828,6 +929,13 @@ async fn peer_loop(
         match derived.await {
             Ok((set, peers, pools)) => {
                 last_error = None;
+                cluster::report_unsupported(
+                    &set,
+                    &pools,
+                    &id.name,
+                    id.kernel_has_ipip,
+                    &id.dp_status,
+                );
                 // routeReflectorClusterID changed live (a node made a reflector or no longer one): the RIB takes
                 // the new id before the apply below restarts the sessions whose client role changed.
                 let want_cluster_id = set.nodes.get(&id.name).and_then(Node::cluster_id);

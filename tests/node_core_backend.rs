@@ -75,7 +75,7 @@ impl Node {
         let backend = Arc::new(NodeBackend {
             ipam: ipam.clone(),
             netns: Some(netns),
-            mtu: 1500,
+            mtu: 1500.into(),
             refresh: Arc::new(Notify::new()),
             spool_socket: Some(socket.clone()),
         });

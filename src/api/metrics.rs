@@ -157,6 +157,34 @@ pub fn report_registry(r: &StatusReport) -> Registry {
             reg.register(name, help, c);
         }
     }
+    if let Some(d) = &r.dataplane {
+        for (name, help, v) in [
+            (
+                "unresolved_routes",
+                "Learned routes not installed because no kernel route resolves their next hop (retried)",
+                d.unresolved_total,
+            ),
+            (
+                "pod_mtu",
+                "MTU given to pod interfaces when the CNI configuration sets none",
+                u64::from(d.pod_mtu.unwrap_or(0)),
+            ),
+            (
+                "dataplane_errors",
+                "Settings the node cannot honour and that break connectivity (see margay status)",
+                d.errors.len() as u64 + u64::from(d.nat_error.is_some()),
+            ),
+            (
+                "not_supported_settings",
+                "Calico fields in the datastore that margay parses but does not act on",
+                d.not_supported.len() as u64,
+            ),
+        ] {
+            let g = Gauge::<i64>::default();
+            g.set(i64::try_from(v).unwrap_or(i64::MAX));
+            reg.register(name, help, g);
+        }
+    }
     reg
 }
 

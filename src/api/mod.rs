@@ -22,8 +22,8 @@ use prometheus_client::registry::Registry;
 
 pub use client::{fetch_status, ApiError};
 pub use status::{
-    render_status_table, DatastoreSummary, FibSummary, IpamSummary, PeerStatus, ReadyState,
-    StatusReport,
+    render_status_table, DataplaneSummary, DatastoreSummary, FibSummary, IpamSummary, PeerStatus,
+    ReadyState, StatusReport,
 };
 
 /// Default address of the local status endpoint (loopback only: it is for the node's own operators).

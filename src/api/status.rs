@@ -25,6 +25,44 @@ pub struct StatusReport {
     /// Requests to etcd and how many failed (absent when running without etcd).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub datastore: Option<DatastoreSummary>,
+    /// How the node's dataplane fits the cluster (outgoing NAT, pod MTU, what is not supported or broken;
+    /// absent on a reflector).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataplane: Option<DataplaneSummary>,
+}
+
+/// The node's outgoing NAT, pod MTU and the settings it cannot honour.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DataplaneSummary {
+    /// Pool CIDRs whose traffic to outside every pool is masqueraded (as last applied to the kernel).
+    #[serde(default)]
+    pub nat_pools: Vec<String>,
+    /// `natOutgoingAddress` in use (SNAT to it instead of masquerading), if set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nat_outgoing_address: Option<String>,
+    /// The last failure to program outgoing NAT (retried), if the kernel does not hold the wanted rules.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nat_error: Option<String>,
+    /// MTU given to pod interfaces when the CNI configuration sets none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_mtu: Option<u32>,
+    /// Where that MTU comes from ("flag", "interface eth0 (1450)", ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_mtu_source: Option<String>,
+    /// Learned routes whose next hop resolves through no kernel route (not installed, retried): the first
+    /// 100 with the reason.
+    #[serde(default)]
+    pub unresolved_routes: Vec<String>,
+    /// How many learned routes are unresolved.
+    #[serde(default)]
+    pub unresolved_total: u64,
+    /// Settings the node cannot honour on this kernel and that break connectivity, with the fix.
+    #[serde(default)]
+    pub errors: Vec<String>,
+    /// Calico fields present in the datastore that margay parses but does not act on.
+    #[serde(default)]
+    pub not_supported: Vec<String>,
 }
 
 /// What the FIB task holds in the kernel.
@@ -125,6 +163,9 @@ pub fn render_status_table(r: &StatusReport) -> String {
             d.requests, d.errors, d.unreachable
         ));
     }
+    if let Some(d) = &r.dataplane {
+        render_dataplane(&mut out, d);
+    }
     for (title, v6) in [("IPv4 BGP status", false), ("IPv6 BGP status", true)] {
         let peers: Vec<&PeerStatus> = r
             .peers
@@ -204,6 +245,40 @@ pub fn render_status_table(r: &StatusReport) -> String {
         line(&mut out);
     }
     out
+}
+
+fn render_dataplane(out: &mut String, d: &DataplaneSummary) {
+    if let Some(mtu) = d.pod_mtu {
+        out.push_str(&format!(
+            "Pod MTU: {mtu} ({}).\n",
+            d.pod_mtu_source.as_deref().unwrap_or("configured")
+        ));
+    }
+    let nat = if d.nat_pools.is_empty() {
+        "no natOutgoing pool".to_string()
+    } else {
+        format!(
+            "{} -> {}",
+            d.nat_pools.join(", "),
+            d.nat_outgoing_address
+                .as_deref()
+                .map(|a| format!("SNAT to {a}"))
+                .unwrap_or_else(|| "masquerade".into())
+        )
+    };
+    out.push_str(&format!("Outgoing NAT: {nat}.\n"));
+    if let Some(e) = &d.nat_error {
+        out.push_str(&format!("ERROR: outgoing NAT not programmed: {e}\n"));
+    }
+    for e in &d.errors {
+        out.push_str(&format!("ERROR: {e}\n"));
+    }
+    for r in &d.unresolved_routes {
+        out.push_str(&format!("Unresolved next hop: {r}\n"));
+    }
+    for n in &d.not_supported {
+        out.push_str(&format!("Not supported: {n}\n"));
+    }
 }
 
 /// `2026-11-22T03:40:12Z` -> `03:40:12` (Calico prints the time of day, or the date when older).

@@ -1548,7 +1548,7 @@ pub(crate) fn link_index(sock: &mut NlSocket, name: &str) -> Result<u32, NlError
     })
 }
 
-fn table_byte(table: u32) -> u8 {
+pub(crate) fn table_byte(table: u32) -> u8 {
     if table < 256 {
         table as u8
     } else {
@@ -1558,11 +1558,11 @@ fn table_byte(table: u32) -> u8 {
 }
 
 /// A route as the kernel reported it.
-struct KernelRoute {
-    route: Route,
-    protocol: u8,
-    table: u32,
-    metric: u32,
+pub(crate) struct KernelRoute {
+    pub(crate) route: Route,
+    pub(crate) protocol: u8,
+    pub(crate) table: u32,
+    pub(crate) metric: u32,
 }
 
 fn addr_of(a: &RouteAddress) -> Option<IpAddr> {
@@ -1573,7 +1573,7 @@ fn addr_of(a: &RouteAddress) -> Option<IpAddr> {
     }
 }
 
-fn parse_route(m: &RouteMessage) -> Option<KernelRoute> {
+pub(crate) fn parse_route(m: &RouteMessage) -> Option<KernelRoute> {
     let v4 = match m.header.address_family {
         AddressFamily::Inet => true,
         AddressFamily::Inet6 => false,

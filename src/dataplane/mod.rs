@@ -5,13 +5,17 @@
 //! entered it, see [`netns`]), so a lab can run many nodes on one machine.
 
 pub mod autodetect;
+pub mod encap;
 pub mod error;
 pub mod fib;
+pub mod mtu;
 pub mod nat;
 pub mod netns;
 pub(crate) mod nl;
 pub mod pod;
+pub mod resolve;
 pub mod sysctl;
+pub mod vxlan;
 
 pub use error::{DataplaneError, NlError};
 pub use fib::{Dev, Fib, FibConfig, FibHandle, FibStatus, NextHop, NextHops, Route};

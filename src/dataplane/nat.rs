@@ -11,9 +11,14 @@
 //!   set all_v4 { type ipv4_addr; flags interval; elements = { <every IPv4 pool> } }
 //!   (same for v6)
 //!   chain postrouting { type nat hook postrouting priority srcnat; policy accept;
-//!     ip saddr @nat_v4 ip daddr != @all_v4 masquerade
-//!     ip6 saddr @nat_v6 ip6 daddr != @all_v6 masquerade } }
+//!     ip saddr @nat_v4 ip daddr != @all_v4 masquerade fully-random      (or: snat ip to <natOutgoingAddress>)
+//!     ip6 saddr @nat_v6 ip6 daddr != @all_v6 masquerade fully-random } }
 //! ```
+//!
+//! This is Calico's rule (`cali-nat-outgoing`: source in a NAT pool, destination in no pool at all, disabled
+//! pools included, so a disabled pool is the way to mark a CIDR "reach without NAT"), with `fully-random`
+//! as Calico adds `--random-fully` where the kernel has it. Only the first packet of a connection reaches a
+//! nat chain, so replies to connections opened from outside are never rewritten.
 
 use std::io::Write;
 use std::path::Path;
@@ -58,8 +63,21 @@ fn set_def(name: &str, v4: bool, elems: &[String]) -> String {
     }
 }
 
-/// The nft script that replaces margay's table with the rules for `pools`.
+/// How masqueraded traffic leaves the node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NatOptions {
+    /// Calico's `natOutgoingAddress` (IPv4 only, as Calico validates it): SNAT to this address instead of
+    /// masquerading to the outgoing interface's address.
+    pub outgoing_address_v4: Option<std::net::Ipv4Addr>,
+}
+
+/// The nft script that replaces margay's table with the rules for `pools` (masquerade).
 pub fn render(pools: &[NatPool]) -> String {
+    render_with(pools, &NatOptions::default())
+}
+
+/// The nft script that replaces margay's table with the rules for `pools` and `opts`.
+pub fn render_with(pools: &[NatPool], opts: &NatOptions) -> String {
     let mut s = String::new();
     // Create (a no-op if present), delete, define: one transaction, so the old table is replaced atomically.
     s.push_str(&format!(
@@ -73,8 +91,13 @@ pub fn render(pools: &[NatPool]) -> String {
     s.push_str(
         "  chain postrouting {\n    type nat hook postrouting priority srcnat; policy accept;\n",
     );
-    s.push_str("    ip saddr @nat_v4 ip daddr != @all_v4 masquerade\n");
-    s.push_str("    ip6 saddr @nat_v6 ip6 daddr != @all_v6 masquerade\n");
+    match opts.outgoing_address_v4 {
+        Some(a) => s.push_str(&format!(
+            "    ip saddr @nat_v4 ip daddr != @all_v4 snat ip to {a} fully-random\n"
+        )),
+        None => s.push_str("    ip saddr @nat_v4 ip daddr != @all_v4 masquerade fully-random\n"),
+    }
+    s.push_str("    ip6 saddr @nat_v6 ip6 daddr != @all_v6 masquerade fully-random\n");
     s.push_str("  }\n}\n");
     s
 }
@@ -124,7 +147,16 @@ fn run_nft(
 /// Make margay's table hold exactly the rules for `pools` (an empty list still defines the table, with
 /// nothing masqueraded). Atomic.
 pub fn apply(netns: Option<&Path>, pools: &[NatPool]) -> Result<(), DataplaneError> {
-    run_nft(netns, &["-f", "-"], Some(&render(pools)))?;
+    apply_with(netns, pools, &NatOptions::default())
+}
+
+/// [`apply`] with [`NatOptions`].
+pub fn apply_with(
+    netns: Option<&Path>,
+    pools: &[NatPool],
+    opts: &NatOptions,
+) -> Result<(), DataplaneError> {
+    run_nft(netns, &["-f", "-"], Some(&render_with(pools, opts)))?;
     Ok(())
 }
 
@@ -172,7 +204,17 @@ mod tests {
         assert!(s.contains("set nat_v4 { type ipv4_addr; flags interval; auto-merge; elements = { 10.244.0.0/16 } }"));
         assert!(s.contains("set all_v4 { type ipv4_addr; flags interval; auto-merge; elements = { 10.244.0.0/16, 10.250.0.0/16 } }"));
         assert!(s.contains("elements = { fd00:244::/64 }"));
-        assert!(s.contains("ip saddr @nat_v4 ip daddr != @all_v4 masquerade"));
+        assert!(s.contains("ip saddr @nat_v4 ip daddr != @all_v4 masquerade fully-random"));
+        let s = render_with(
+            &pools,
+            &NatOptions {
+                outgoing_address_v4: Some("192.0.2.7".parse().unwrap()),
+            },
+        );
+        assert!(
+            s.contains("ip saddr @nat_v4 ip daddr != @all_v4 snat ip to 192.0.2.7 fully-random")
+        );
+        assert!(s.contains("ip6 saddr @nat_v6 ip6 daddr != @all_v6 masquerade fully-random"));
     }
 
     #[test]

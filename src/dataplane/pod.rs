@@ -174,12 +174,12 @@ impl PodSpec {
 }
 
 /// A link as we need to see it.
-struct Link {
-    index: u32,
+pub(crate) struct Link {
+    pub(crate) index: u32,
     name: String,
-    mtu: u32,
+    pub(crate) mtu: u32,
     up: bool,
-    mac: Vec<u8>,
+    pub(crate) mac: Vec<u8>,
     alias: String,
     kind_veth: bool,
     /// IFLA_LINK: for a veth, the peer's index (in the peer's namespace).
@@ -216,7 +216,7 @@ fn link_from(m: &LinkMessage) -> Link {
 }
 
 /// RTM_GETLINK by name; `None` when there is no such device.
-fn find_link(sock: &mut NlSocket, name: &str) -> Result<Option<Link>, DataplaneError> {
+pub(crate) fn find_link(sock: &mut NlSocket, name: &str) -> Result<Option<Link>, DataplaneError> {
     let mut msg = LinkMessage::default();
     msg.attributes.push(LinkAttribute::IfName(name.to_string()));
     match sock.get(RouteNetlinkMessage::GetLink(msg)) {
@@ -234,7 +234,7 @@ fn find_link(sock: &mut NlSocket, name: &str) -> Result<Option<Link>, DataplaneE
     }
 }
 
-fn nl_err(
+pub(crate) fn nl_err(
     sock: &NlSocket,
     op: &'static str,
     object: impl ToString,
@@ -248,7 +248,11 @@ fn nl_err(
     }
 }
 
-fn delete_link(sock: &mut NlSocket, index: u32, name: &str) -> Result<(), DataplaneError> {
+pub(crate) fn delete_link(
+    sock: &mut NlSocket,
+    index: u32,
+    name: &str,
+) -> Result<(), DataplaneError> {
     let mut msg = LinkMessage::default();
     msg.header.index = index;
     match sock.request(RouteNetlinkMessage::DelLink(msg), 0) {
@@ -258,7 +262,7 @@ fn delete_link(sock: &mut NlSocket, index: u32, name: &str) -> Result<(), Datapl
     }
 }
 
-fn set_link_up(
+pub(crate) fn set_link_up(
     sock: &mut NlSocket,
     index: u32,
     name: &str,
@@ -275,7 +279,7 @@ fn set_link_up(
         .map_err(|e| nl_err(sock, "set up interface", name, e))
 }
 
-fn add_address(
+pub(crate) fn add_address(
     sock: &mut NlSocket,
     index: u32,
     ifname: &str,
@@ -433,7 +437,10 @@ fn route_addr(a: &netlink_packet_route::route::RouteAddress) -> Option<IpAddr> {
 }
 
 /// Addresses on one interface.
-fn dump_addresses(sock: &mut NlSocket, index: u32) -> Result<Vec<(IpAddr, u8)>, DataplaneError> {
+pub(crate) fn dump_addresses(
+    sock: &mut NlSocket,
+    index: u32,
+) -> Result<Vec<(IpAddr, u8)>, DataplaneError> {
     let mut m = AddressMessage::default();
     m.header.index = index;
     let replies = sock

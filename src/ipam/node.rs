@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ipnetwork::IpNetwork;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::block::{Block, BlockError, ATTR_NODE};
 use super::model::{Affinity, Handle};
@@ -98,6 +98,8 @@ enum Request {
     Allocations(oneshot::Sender<Vec<NodeAllocation>>),
     Pools(oneshot::Sender<Vec<IpPool>>),
     Usable(Family, oneshot::Sender<Vec<String>>),
+    /// The node's labels changed (its Node resource): pools' nodeSelector is evaluated with these from now on.
+    SetLabels(BTreeMap<String, String>, oneshot::Sender<()>),
 }
 
 /// One address allocated to this node's workloads, as the view holds it (for restart reconciliation and
@@ -116,6 +118,7 @@ pub struct NodeAllocation {
 pub struct NodeIpam {
     node: String,
     tx: mpsc::Sender<Request>,
+    pools: watch::Receiver<Vec<IpPool>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -133,11 +136,13 @@ impl NodeIpam {
         }
         let name = node.name.clone();
         let state = State::load(ds, node).await?;
+        let (pools_tx, pools) = watch::channel(state.pool_list());
         let (tx, rx) = mpsc::channel(1024);
-        let task = tokio::spawn(run(state, rx));
+        let task = tokio::spawn(run(state, rx, pools_tx));
         Ok(NodeIpam {
             node: name,
             tx,
+            pools,
             task,
         })
     }
@@ -198,6 +203,25 @@ impl NodeIpam {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Request::Usable(family, reply))
+            .await
+            .map_err(|_| IpamError::Stopped(self.node.clone()))?;
+        rx.await.map_err(|_| IpamError::Stopped(self.node.clone()))
+    }
+
+    /// The IP pools as the view holds them, published again whenever a pool is added, changed or deleted
+    /// (every pool, enabled or not, in name order). For the parts that follow pools live (outgoing NAT)
+    /// without a watch of their own on etcd.
+    pub fn subscribe_pools(&self) -> watch::Receiver<Vec<IpPool>> {
+        self.pools.clone()
+    }
+
+    /// Evaluate pools' `nodeSelector` with these labels from now on (the node's Node resource changed):
+    /// new blocks come from the pools that select the node, and empty affine blocks of pools that no longer
+    /// select it are released (blocks in use keep their affinity, as Calico does).
+    pub async fn set_labels(&self, labels: BTreeMap<String, String>) -> Result<(), IpamError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Request::SetLabels(labels, reply))
             .await
             .map_err(|_| IpamError::Stopped(self.node.clone()))?;
         rx.await.map_err(|_| IpamError::Stopped(self.node.clone()))
@@ -449,9 +473,21 @@ impl State {
                 );
             }
             Request::Pools(reply) => {
-                let _ = reply.send(self.view.pools.values().map(|c| c.value.clone()).collect());
+                let _ = reply.send(self.pool_list());
+            }
+            Request::SetLabels(labels, reply) => {
+                if labels != self.view.node.labels {
+                    tracing::info!(node = %self.view.node.name, labels = ?labels, "node labels changed: pools' nodeSelector re-evaluated");
+                    self.view.node.labels = labels;
+                    self.tidy().await;
+                }
+                let _ = reply.send(());
             }
         }
+    }
+
+    fn pool_list(&self) -> Vec<IpPool> {
+        self.view.pools.values().map(|c| c.value.clone()).collect()
     }
 
     fn node_allocations(&self) -> Vec<NodeAllocation> {
@@ -726,7 +762,7 @@ impl State {
     }
 }
 
-async fn run(mut st: State, mut rx: mpsc::Receiver<Request>) {
+async fn run(mut st: State, mut rx: mpsc::Receiver<Request>, pools_tx: watch::Sender<Vec<IpPool>>) {
     loop {
         let changed = tokio::select! {
             req = rx.recv() => match req {
@@ -759,6 +795,14 @@ async fn run(mut st: State, mut rx: mpsc::Receiver<Request>) {
         };
         if changed {
             st.tidy().await;
+            let pools = st.pool_list();
+            pools_tx.send_if_modified(|old| {
+                if *old == pools {
+                    return false;
+                }
+                *old = pools;
+                true
+            });
         }
     }
 }

@@ -33,8 +33,8 @@ pub struct NodeBackend {
     pub ipam: Arc<NodeIpam>,
     /// The node's network namespace (None: the one the daemon runs in).
     pub netns: Option<PathBuf>,
-    /// Pod MTU when the CNI configuration gives none.
-    pub mtu: u32,
+    /// Pod MTU when the CNI configuration gives none (detected, or the flag; re-detected live).
+    pub mtu: crate::dataplane::mtu::PodMtu,
     /// Woken after every change of the node's addresses, so a new block is advertised at once.
     pub refresh: Arc<Notify>,
     /// The CNI socket whose DEL spool takes a release that failed during an ADD's rollback (None: such a
@@ -333,7 +333,7 @@ impl CniBackend for NodeBackend {
         }
         // The block may be new: advertise it before the pod sends its first packet.
         self.refresh.notify_one();
-        let mtu = req.mtu.unwrap_or(self.mtu);
+        let mtu = req.mtu.unwrap_or_else(|| self.mtu.get());
         let spec = PodSpec {
             node_netns: self.netns.clone(),
             pod_netns: req.netns.clone(),
@@ -381,7 +381,7 @@ impl CniBackend for NodeBackend {
                 "",
             ));
         };
-        let mtu = req.mtu.unwrap_or(self.mtu);
+        let mtu = req.mtu.unwrap_or_else(|| self.mtu.get());
         let spec = PodSpec {
             node_netns: self.netns.clone(),
             pod_netns: req.netns.clone(),
