@@ -44,7 +44,7 @@ use crate::bgp::wire::types::PathAttributes;
 use crate::cli::EtcdArgs;
 use crate::cni::server::{CniServer, ServerConfig};
 use crate::cni::types::DEFAULT_SOCKET;
-use crate::config::bgp::{AsNumber, ConfigSet, Node, NodeBgpSpec, NodeSpec, KIND_NODE};
+use crate::config::bgp::{ConfigSet, Node, NodeSpec, KIND_NODE};
 use crate::config::peers::desired_peers;
 use crate::config::{ObjectMeta, API_VERSION};
 use crate::dataplane::fib::{Fib, FibConfig, FibHandle, NextHop, Route};
@@ -187,27 +187,23 @@ pub async fn register_node(
     let key = keys::resource_key(NODES_PLURAL, name);
     for _ in 0..10 {
         let existing = ds.get(&key).await?;
-        let mut node: Node = match &existing {
-            Some(kv) => serde_json::from_slice(&kv.value)
-                .with_context(|| format!("stored Node {name:?} at {key} is not valid"))?,
-            None => Node {
-                api_version: API_VERSION.into(),
-                kind: KIND_NODE.into(),
-                metadata: ObjectMeta {
-                    name: name.to_string(),
-                    ..Default::default()
-                },
-                spec: NodeSpec::default(),
-                status: None,
+        let fresh = || Node {
+            api_version: API_VERSION.into(),
+            kind: KIND_NODE.into(),
+            metadata: ObjectMeta {
+                name: name.to_string(),
+                ..Default::default()
             },
+            spec: NodeSpec::default(),
+            status: None,
         };
-        let bgp = node.spec.bgp.get_or_insert_with(NodeBgpSpec::default);
-        bgp.ipv4_address = Some(format!("{ipv4}/{prefix_len}"));
-        if let Some(a) = asn {
-            bgp.as_number = Some(AsNumber(a));
-        }
-        node.metadata.resource_version = None;
-        let bytes = serde_json::to_vec(&node)?;
+        let bytes = patch_node_bgp(existing.as_ref().map(|kv| &kv.value[..]), fresh, |bgp| {
+            bgp.insert("ipv4Address".into(), format!("{ipv4}/{prefix_len}").into());
+            if let Some(a) = asn {
+                bgp.insert("asNumber".into(), a.into());
+            }
+        })
+        .with_context(|| format!("stored Node {name:?} at {key} is not valid"))?;
         let done = match &existing {
             Some(kv) if kv.value == bytes => return Ok(()),
             Some(kv) => ds.update(&key, bytes, kv.mod_revision).await?.is_some(),
@@ -219,6 +215,44 @@ pub async fn register_node(
         }
     }
     anyhow::bail!("Node {name:?} kept changing under us while registering it; try again")
+}
+
+/// The stored Node JSON (or `fresh()` when there is none) with `edit` applied to its `spec.bgp`, as bytes to
+/// write back. The stored JSON is patched, not re-encoded from [`Node`], so that fields margay does not know
+/// (a newer Calico wrote them) are kept; it must still decode as a Node (unknown fields tolerated).
+pub fn patch_node_bgp(
+    stored: Option<&[u8]>,
+    fresh: impl FnOnce() -> Node,
+    edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>),
+) -> anyhow::Result<Vec<u8>> {
+    let mut doc: serde_json::Value = match stored {
+        Some(bytes) => {
+            let doc: serde_json::Value = serde_json::from_slice(bytes)?;
+            crate::config::tolerant::tolerant::<Node>(KIND_NODE, doc.clone())?;
+            doc
+        }
+        None => serde_json::to_value(fresh())?,
+    };
+    let obj = doc.as_object_mut().context("a Node is a JSON object")?;
+    if let Some(m) = obj.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+        m.remove("resourceVersion");
+    }
+    let spec = obj
+        .entry("spec")
+        .or_insert_with(|| serde_json::Value::Object(Default::default()));
+    let bgp = spec
+        .as_object_mut()
+        .context("a Node's spec is a JSON object")?
+        .entry("bgp")
+        .or_insert_with(|| serde_json::Value::Object(Default::default()));
+    if bgp.is_null() {
+        *bgp = serde_json::Value::Object(Default::default());
+    }
+    edit(
+        bgp.as_object_mut()
+            .context("a Node's spec.bgp is a JSON object")?,
+    );
+    Ok(serde_json::to_vec(&doc)?)
 }
 
 /// Delete a node's Node resource (as `calicoctl delete node` does), so the other nodes drop it from
@@ -294,7 +328,7 @@ pub async fn load_pools(ds: &Datastore) -> anyhow::Result<Vec<crate::config::ipp
         .await?;
     kvs.iter()
         .map(|kv| {
-            serde_json::from_slice(&kv.value)
+            crate::config::tolerant::tolerant_slice(crate::config::ippool::KIND, &kv.value)
                 .with_context(|| format!("stored IPPool at {} is not valid", kv.key))
         })
         .collect()
@@ -334,7 +368,8 @@ pub async fn load_config_with(
             text.push('\n');
         }
     }
-    ConfigSet::from_yaml(&text).map_err(|e| anyhow::anyhow!("BGP resources in etcd: {e}"))
+    // Tolerant: a newer Calico may have written fields margay does not know (warned once, counted).
+    ConfigSet::from_datastore_yaml(&text).map_err(|e| anyhow::anyhow!("BGP resources in etcd: {e}"))
 }
 
 /// BGP password Secrets mounted as files, as v1 Secret documents for [`ConfigSet`]: `<dir>/<secret>/<key>`

@@ -217,21 +217,24 @@ pub async fn register_reflector_node(
     let key = keys::resource_key(crate::node::NODES_PLURAL, name);
     for _ in 0..10 {
         let existing = ds.get(&key).await?;
-        let mut node: Node = match &existing {
-            Some(kv) => serde_json::from_slice(&kv.value)
-                .with_context(|| format!("stored Node {name:?} at {key} is not valid"))?,
-            None => new_node(name),
-        };
-        let bgp = node.spec.bgp.get_or_insert_with(NodeBgpSpec::default);
-        if bgp.ipv4_address.is_none() {
-            bgp.ipv4_address = Some(format!("{router_id}/32"));
-        }
-        bgp.route_reflector_cluster_id = Some(cluster_id.to_string());
-        if let Some(a) = asn {
-            bgp.as_number = Some(crate::config::bgp::AsNumber(a));
-        }
-        node.metadata.resource_version = None;
-        let bytes = serde_json::to_vec(&node)?;
+        // Patched as JSON so that fields margay does not know are kept.
+        let stored = existing.as_ref().map(|kv| &kv.value[..]);
+        let bytes = crate::node::patch_node_bgp(
+            stored,
+            || new_node(name),
+            |bgp| {
+                bgp.entry("ipv4Address")
+                    .or_insert_with(|| format!("{router_id}/32").into());
+                bgp.insert(
+                    "routeReflectorClusterID".into(),
+                    cluster_id.to_string().into(),
+                );
+                if let Some(a) = asn {
+                    bgp.insert("asNumber".into(), a.into());
+                }
+            },
+        )
+        .with_context(|| format!("stored Node {name:?} at {key} is not valid"))?;
         let done = match &existing {
             Some(kv) if kv.value == bytes => return Ok(()),
             Some(kv) => ds.update(&key, bytes, kv.mod_revision).await?.is_some(),
