@@ -116,13 +116,8 @@ pub struct NodeAllocation {
 pub struct NodeIpam {
     node: String,
     tx: mpsc::Sender<Request>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for NodeIpam {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    /// Aborted when the handle is dropped.
+    task: crate::task::Task<()>,
 }
 
 impl NodeIpam {
@@ -134,12 +129,17 @@ impl NodeIpam {
         let name = node.name.clone();
         let state = State::load(ds, node).await?;
         let (tx, rx) = mpsc::channel(1024);
-        let task = tokio::spawn(run(state, rx));
+        let task = crate::task::spawn("ipam", run(state, rx));
         Ok(NodeIpam {
             node: name,
             tx,
             task,
         })
+    }
+
+    /// Observer of the IPAM task's end, for the daemon's supervisor.
+    pub fn task_watch(&self) -> crate::task::TaskWatch {
+        self.task.watch()
     }
 
     async fn ask<T>(&self, f: impl FnOnce(Reply<T>) -> Request) -> Result<T, IpamError> {
