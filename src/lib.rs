@@ -15,3 +15,4 @@ pub mod ipam;
 pub mod lab;
 pub mod node;
 pub mod reflector;
+pub mod task;

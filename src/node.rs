@@ -22,6 +22,12 @@
 //! resources reports a change (and every 2 seconds as a safety net); the speaker's `apply` only touches
 //! sessions whose settings changed, so unchanged sessions stay up.
 //!
+//! Every long-lived task (speaker, RIB, FIB, IPAM, fib-feed, advertise, peer-loop, CNI, HTTP) is spawned
+//! through [`crate::task`] and watched by one supervisor that also heartbeats the RIB, FIB, IPAM and speaker
+//! through their inboxes: a task that ends makes `/healthz` fail and the daemon exit non-zero (the kubelet
+//! restarts it; kernel routes and the peers' graceful restart keep forwarding meanwhile); a task that does
+//! not answer its heartbeat makes `/healthz` fail until it answers again.
+//!
 //! BGP sockets and the HTTP endpoint live in the namespace the process runs in; `--netns` points the
 //! dataplane (FIB, pod plumbing, sysctls) at another namespace. The lab runs each node inside its namespace,
 //! so both are the same there.
@@ -46,12 +52,13 @@ use crate::bgp::wire::types::PathAttributes;
 use crate::cli::EtcdArgs;
 use crate::cni::server::{CniServer, ServerConfig};
 use crate::cni::types::DEFAULT_SOCKET;
-use crate::config::bgp::{AsNumber, ConfigSet, Node, NodeBgpSpec, NodeSpec, KIND_NODE};
+use crate::config::bgp::{ConfigSet, Node, NodeSpec, KIND_NODE};
 use crate::config::peers::desired_peers;
 use crate::config::{ObjectMeta, API_VERSION};
 use crate::dataplane::fib::{Fib, FibConfig, FibHandle, Route};
 use crate::datastore::{keys, Datastore, WatchMessage, Watcher};
 use crate::ipam::{NodeInfo, NodeIpam};
+use crate::task;
 
 mod backend;
 pub mod cluster;
@@ -151,7 +158,10 @@ pub fn run(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(run_async(etcd, args))
+    let r = rt.block_on(run_async(etcd, args));
+    // Do not wait for blocking work (a netlink call in flight) on the way out.
+    rt.shutdown_timeout(Duration::from_millis(500));
+    r
 }
 
 fn node_name(args: &NodeArgs) -> anyhow::Result<String> {
@@ -201,27 +211,23 @@ pub async fn register_node(
     let key = keys::resource_key(NODES_PLURAL, name);
     for _ in 0..10 {
         let existing = ds.get(&key).await?;
-        let mut node: Node = match &existing {
-            Some(kv) => serde_json::from_slice(&kv.value)
-                .with_context(|| format!("stored Node {name:?} at {key} is not valid"))?,
-            None => Node {
-                api_version: API_VERSION.into(),
-                kind: KIND_NODE.into(),
-                metadata: ObjectMeta {
-                    name: name.to_string(),
-                    ..Default::default()
-                },
-                spec: NodeSpec::default(),
-                status: None,
+        let fresh = || Node {
+            api_version: API_VERSION.into(),
+            kind: KIND_NODE.into(),
+            metadata: ObjectMeta {
+                name: name.to_string(),
+                ..Default::default()
             },
+            spec: NodeSpec::default(),
+            status: None,
         };
-        let bgp = node.spec.bgp.get_or_insert_with(NodeBgpSpec::default);
-        bgp.ipv4_address = Some(format!("{ipv4}/{prefix_len}"));
-        if let Some(a) = asn {
-            bgp.as_number = Some(AsNumber(a));
-        }
-        node.metadata.resource_version = None;
-        let bytes = serde_json::to_vec(&node)?;
+        let bytes = patch_node_bgp(existing.as_ref().map(|kv| &kv.value[..]), fresh, |bgp| {
+            bgp.insert("ipv4Address".into(), format!("{ipv4}/{prefix_len}").into());
+            if let Some(a) = asn {
+                bgp.insert("asNumber".into(), a.into());
+            }
+        })
+        .with_context(|| format!("stored Node {name:?} at {key} is not valid"))?;
         let done = match &existing {
             Some(kv) if kv.value == bytes => return Ok(()),
             Some(kv) => ds.update(&key, bytes, kv.mod_revision).await?.is_some(),
@@ -233,6 +239,44 @@ pub async fn register_node(
         }
     }
     anyhow::bail!("Node {name:?} kept changing under us while registering it; try again")
+}
+
+/// The stored Node JSON (or `fresh()` when there is none) with `edit` applied to its `spec.bgp`, as bytes to
+/// write back. The stored JSON is patched, not re-encoded from [`Node`], so that fields margay does not know
+/// (a newer Calico wrote them) are kept; it must still decode as a Node (unknown fields tolerated).
+pub fn patch_node_bgp(
+    stored: Option<&[u8]>,
+    fresh: impl FnOnce() -> Node,
+    edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>),
+) -> anyhow::Result<Vec<u8>> {
+    let mut doc: serde_json::Value = match stored {
+        Some(bytes) => {
+            let doc: serde_json::Value = serde_json::from_slice(bytes)?;
+            crate::config::tolerant::tolerant::<Node>(KIND_NODE, doc.clone())?;
+            doc
+        }
+        None => serde_json::to_value(fresh())?,
+    };
+    let obj = doc.as_object_mut().context("a Node is a JSON object")?;
+    if let Some(m) = obj.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+        m.remove("resourceVersion");
+    }
+    let spec = obj
+        .entry("spec")
+        .or_insert_with(|| serde_json::Value::Object(Default::default()));
+    let bgp = spec
+        .as_object_mut()
+        .context("a Node's spec is a JSON object")?
+        .entry("bgp")
+        .or_insert_with(|| serde_json::Value::Object(Default::default()));
+    if bgp.is_null() {
+        *bgp = serde_json::Value::Object(Default::default());
+    }
+    edit(
+        bgp.as_object_mut()
+            .context("a Node's spec.bgp is a JSON object")?,
+    );
+    Ok(serde_json::to_vec(&doc)?)
 }
 
 /// Delete a node's Node resource (as `calicoctl delete node` does), so the other nodes drop it from
@@ -308,7 +352,7 @@ pub async fn load_pools(ds: &Datastore) -> anyhow::Result<Vec<crate::config::ipp
         .await?;
     kvs.iter()
         .map(|kv| {
-            serde_json::from_slice(&kv.value)
+            crate::config::tolerant::tolerant_slice(crate::config::ippool::KIND, &kv.value)
                 .with_context(|| format!("stored IPPool at {} is not valid", kv.key))
         })
         .collect()
@@ -348,7 +392,8 @@ pub async fn load_config_with(
             text.push('\n');
         }
     }
-    ConfigSet::from_yaml(&text).map_err(|e| anyhow::anyhow!("BGP resources in etcd: {e}"))
+    // Tolerant: a newer Calico may have written fields margay does not know (warned once, counted).
+    ConfigSet::from_datastore_yaml(&text).map_err(|e| anyhow::anyhow!("BGP resources in etcd: {e}"))
 }
 
 /// BGP password Secrets mounted as files, as v1 Secret documents for [`ConfigSet`]: `<dir>/<secret>/<key>`
@@ -512,13 +557,11 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("IPAM for node {name:?} (etcd at {endpoints}): {e}"))?,
     );
     let cluster_tasks = [
-        tokio::spawn(cluster::follow_labels(
-            ds.clone(),
-            name.clone(),
-            ipam.clone(),
-            labels_rev,
-        )),
-        tokio::spawn(cluster::follow_nat(
+        task::spawn(
+            "labels",
+            cluster::follow_labels(ds.clone(), name.clone(), ipam.clone(), labels_rev),
+        ),
+        task::spawn("nat", cluster::follow_nat(
             ipam.subscribe_pools(),
             netns.clone(),
             crate::dataplane::nat::NatOptions {
@@ -561,48 +604,58 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     let spk = Arc::new(spk);
     // Next hops resolved recursively through the node's routes (BIRD `gateway recursive`).
     let (vxlan_tx, vxlan_rx) = watch::channel(vxlan::VxlanRouting::default());
-    let learned = tokio::spawn(nexthop::learned_routes(
-        fib_rx,
-        fib.clone(),
-        netns.clone(),
-        dp_status.clone(),
-        Some(vxlan_rx),
-    ));
-    let vxlan_task = tokio::spawn(vxlan::follow_vxlan(
-        ds.clone(),
-        ipam.clone(),
-        ipam.subscribe_pools(),
-        name.clone(),
-        ip,
-        prefix_len,
-        netns.clone(),
-        vxlan_tx,
-    ));
+    let learned = task::spawn(
+        "fib-feed",
+        nexthop::learned_routes(
+            fib_rx,
+            fib.clone(),
+            netns.clone(),
+            dp_status.clone(),
+            Some(vxlan_rx),
+        ),
+    );
+    let vxlan_task = task::spawn(
+        "vxlan",
+        vxlan::follow_vxlan(
+            ds.clone(),
+            ipam.clone(),
+            ipam.subscribe_pools(),
+            name.clone(),
+            ip,
+            prefix_len,
+            netns.clone(),
+            vxlan_tx,
+        ),
+    );
 
     let refresh = Arc::new(Notify::new());
-    let adverts = tokio::spawn(advertise_blocks(
-        ipam.clone(),
-        fib.clone(),
-        spk.rib(),
-        ip,
-        refresh.clone(),
-    ));
+    let adverts = task::spawn(
+        "advertise",
+        advertise_blocks(ipam.clone(), fib.clone(), spk.rib(), ip, refresh.clone()),
+    );
     let (applied_tx, applied_rx) = watch::channel(false);
-    let peers = tokio::spawn(peer_loop(ds.clone(), id.clone(), spk.clone(), applied_tx));
+    let peers = task::spawn(
+        "peer-loop",
+        peer_loop(ds.clone(), id.clone(), spk.clone(), applied_tx),
+    );
     let (ready_tx, ready_rx) = watch::channel(Readiness::Syncing(
         "BGP peers not yet derived from the datastore (see the log)".to_string(),
     ));
-    let converging = tokio::spawn(restart::run(
-        spk.clone(),
-        fib.clone(),
-        ipam.clone(),
-        applied_rx,
-        ready_tx,
-        (
-            Duration::from_secs(args.converge_min_wait),
-            Duration::from_secs(args.converge_max_wait.max(args.converge_min_wait)),
+    // Not supervised: it ends by design once BGP has converged and the stale routes are swept.
+    let converging = task::spawn(
+        "converge",
+        restart::run(
+            spk.clone(),
+            fib.clone(),
+            ipam.clone(),
+            applied_rx,
+            ready_tx,
+            (
+                Duration::from_secs(args.converge_min_wait),
+                Duration::from_secs(args.converge_max_wait.max(args.converge_min_wait)),
+            ),
         ),
-    ));
+    );
 
     // Before the first ADD: the pods the kernel holds, compared with what IPAM says this node owns.
     if let Err(e) = reconcile_pods(&ipam, netns.clone()).await {
@@ -610,7 +663,7 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     }
     let pod_mtu = start_pod_mtu(&args, &ipam, &dp_status).await?;
     let mtu_task = match (args.pod_mtu, regex::Regex::new(&args.mtu_iface_pattern)) {
-        (None | Some(0), Ok(pattern)) => Some(tokio::spawn(cluster::follow_mtu(
+        (None | Some(0), Ok(pattern)) => Some(task::spawn("mtu", cluster::follow_mtu(
             ipam.subscribe_pools(),
             netns.clone(),
             pattern,
@@ -638,9 +691,16 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     .with_context(|| format!("CNI socket {}", args.cni_socket.display()))?
     .with_metrics(cni_metrics);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut cni = tokio::spawn(server.run(async move {
-        let _ = stop_rx.await;
-    }));
+    let cni = task::spawn("cni", async move {
+        let r = server
+            .run(async move {
+                let _ = stop_rx.await;
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "CNI server");
+        }
+    });
 
     let status_spk = spk.clone();
     let status_id = id.clone();
@@ -687,63 +747,147 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         }
         .boxed()
     };
-    let mut http = tokio::spawn(api::serve(
-        args.http_listen,
-        status_source,
-        Arc::new(registry),
-    ));
+    // Every task that must live as long as the daemon, and a heartbeat through each owner's inbox.
+    let mut sup = task::Supervisor::new();
+    for w in spk.tasks() {
+        sup.watch(w);
+    }
+    for w in [
+        fib.task_watch(),
+        ipam.task_watch(),
+        learned.watch(),
+        adverts.watch(),
+        peers.watch(),
+        cni.watch(),
+        vxlan_task.watch(),
+    ] {
+        sup.watch(w);
+    }
+    for t in cluster_tasks.iter().chain(mtu_task.iter()) {
+        sup.watch(t.watch());
+    }
+    let rib_tx = spk.rib();
+    sup.probe("rib", move || {
+        let rib_tx = rib_tx.clone();
+        async move {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            rib_tx
+                .send(RibInput::Query(crate::bgp::rib::Query::Summary(tx)))
+                .await
+                .map_err(|_| "inbox closed".to_string())?;
+            rx.await.map(|_| ()).map_err(|_| "no answer".to_string())
+        }
+    });
+    let probe_fib = fib.clone();
+    sup.probe("fib", move || {
+        let fib = probe_fib.clone();
+        async move { fib.settle().await.map(|_| ()).map_err(|e| e.to_string()) }
+    });
+    let probe_ipam = ipam.clone();
+    sup.probe("ipam", move || {
+        let ipam = probe_ipam.clone();
+        async move { ipam.routes().await.map(|_| ()).map_err(|e| e.to_string()) }
+    });
+    let probe_spk = spk.clone();
+    sup.probe("speaker", move || {
+        let spk = probe_spk.clone();
+        async move {
+            spk.sync_state()
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+    });
+    // Installed before /healthz answers. Test-only fault hook (never set in a deployment): with MARGAY_TEST_FAULT_TASK=<task>, SIGUSR1 kills
+    // that supervised task as a crash would, so tests can prove the daemon notices and exits.
+    let fault = std::env::var("MARGAY_TEST_FAULT_TASK")
+        .ok()
+        .and_then(|n| sup.find(&n));
+    let mut usr1 = match &fault {
+        Some(_) => Some(signal(SignalKind::user_defined1())?),
+        None => None,
+    };
+    let http_listener = tokio::net::TcpListener::bind(args.http_listen)
+        .await
+        .map_err(|e| api::ApiError::Bind {
+            addr: args.http_listen,
+            source: e,
+        })?;
+    let health = sup.health();
+    let http = task::spawn("http", async move {
+        let r = api::serve_supervised(
+            http_listener,
+            status_source,
+            Arc::new(registry),
+            Some(health),
+        )
+        .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "HTTP endpoint");
+        }
+    });
+    sup.watch(http.watch());
     tracing::info!(node = %name, address = %ip, asn, cni_socket = %args.cni_socket.display(),
         http = %args.http_listen, etcd = %endpoints, "margay node running");
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let mut check = tokio::time::interval(Duration::from_millis(500));
+    // Boxed so it can be dropped before the cleanup: its heartbeats hold clones of the speaker handle.
+    let mut supervised = Box::pin(sup.run());
     let outcome: anyhow::Result<()> = loop {
         tokio::select! {
             _ = term.recv() => break Ok(()),
             _ = int.recv() => break Ok(()),
-            _ = check.tick() => {
-                if http.is_finished() {
-                    break match (&mut http).await {
-                        Ok(Err(e)) => Err(anyhow::anyhow!("HTTP endpoint: {e}")),
-                        _ => Err(anyhow::anyhow!("HTTP endpoint stopped")),
-                    };
-                }
-                if cni.is_finished() {
-                    break match (&mut cni).await {
-                        Ok(Err(e)) => Err(anyhow::anyhow!("CNI server: {e}")),
-                        _ => Err(anyhow::anyhow!("CNI server stopped")),
-                    };
+            ended = &mut supervised => {
+                tracing::error!(task = ended.name, why = %ended.why,
+                    "a task of the daemon ended unexpectedly: /healthz fails and margay exits so that it is restarted \
+                     (kernel routes stay; peers keep ours through graceful restart)");
+                // Let /healthz report it (a probe, an operator's curl) before the process goes.
+                tokio::time::sleep(task::FAILED_HEALTH_GRACE).await;
+                break Err(anyhow::anyhow!("{ended}"));
+            }
+            Some(_) = async { match usr1.as_mut() { Some(s) => s.recv().await, None => std::future::pending().await } } => {
+                if let Some(f) = &fault {
+                    tracing::warn!(task = f.name(), "test fault hook: killing the task");
+                    f.kill_for_test();
                 }
             }
         }
     };
-    let _ = stop_tx.send(());
-    // Wait for the aborted tasks to drop what they hold, so the speaker handle is ours alone again.
-    for t in [peers, adverts, learned, converging, vxlan_task]
-        .into_iter()
-        .chain(cluster_tasks)
-        .chain(mtu_task)
-    {
-        t.abort();
-        let _ = t.await;
+    drop(supervised);
+    let cleanup = async move {
+        let _ = stop_tx.send(());
+        // Wait for the aborted tasks to drop what they hold, so the speaker handle is ours alone again.
+        for t in [peers, adverts, learned, converging, http, vxlan_task]
+            .into_iter()
+            .chain(cluster_tasks)
+            .chain(mtu_task)
+        {
+            t.stop().await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), cni.join()).await;
+        shutdown_speaker(spk).await;
+    };
+    if outcome.is_err() {
+        // Something is broken: exit promptly; the kernel routes and the peers' graceful restart carry the
+        // traffic until the restarted daemon is back.
+        let _ = tokio::time::timeout(Duration::from_millis(500), cleanup).await;
+    } else {
+        cleanup.await;
     }
-    // On a signal the HTTP and CNI tasks are still running (on an error one of them was already awaited).
-    if outcome.is_ok() {
-        http.abort();
-        let _ = http.await;
-        let _ = tokio::time::timeout(Duration::from_secs(5), cni).await;
-    }
-    // Close sessions without a NOTIFICATION so peers keep our routes while we restart (RFC 4724 4.1); the
-    // kernel routes stay too (the FIB never flushes).
+    tracing::info!("margay node stopped");
+    outcome
+}
+
+/// Close sessions without a NOTIFICATION so peers keep our routes while we restart (RFC 4724 4.1); the
+/// kernel routes stay too (the FIB never flushes).
+async fn shutdown_speaker(spk: Arc<SpeakerHandle>) {
     match Arc::try_unwrap(spk) {
         Ok(spk) => spk.shutdown(true).await,
         Err(_) => {
             tracing::warn!("BGP speaker still shared at shutdown; sessions close with the process")
         }
     }
-    tracing::info!("margay node stopped");
-    outcome
 }
 
 /// The pod MTU to start with: the flag, or detected (Calico's rule) before the first ADD.

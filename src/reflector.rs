@@ -217,21 +217,24 @@ pub async fn register_reflector_node(
     let key = keys::resource_key(crate::node::NODES_PLURAL, name);
     for _ in 0..10 {
         let existing = ds.get(&key).await?;
-        let mut node: Node = match &existing {
-            Some(kv) => serde_json::from_slice(&kv.value)
-                .with_context(|| format!("stored Node {name:?} at {key} is not valid"))?,
-            None => new_node(name),
-        };
-        let bgp = node.spec.bgp.get_or_insert_with(NodeBgpSpec::default);
-        if bgp.ipv4_address.is_none() {
-            bgp.ipv4_address = Some(format!("{router_id}/32"));
-        }
-        bgp.route_reflector_cluster_id = Some(cluster_id.to_string());
-        if let Some(a) = asn {
-            bgp.as_number = Some(crate::config::bgp::AsNumber(a));
-        }
-        node.metadata.resource_version = None;
-        let bytes = serde_json::to_vec(&node)?;
+        // Patched as JSON so that fields margay does not know are kept.
+        let stored = existing.as_ref().map(|kv| &kv.value[..]);
+        let bytes = crate::node::patch_node_bgp(
+            stored,
+            || new_node(name),
+            |bgp| {
+                bgp.entry("ipv4Address")
+                    .or_insert_with(|| format!("{router_id}/32").into());
+                bgp.insert(
+                    "routeReflectorClusterID".into(),
+                    cluster_id.to_string().into(),
+                );
+                if let Some(a) = asn {
+                    bgp.insert("asNumber".into(), a.into());
+                }
+            },
+        )
+        .with_context(|| format!("stored Node {name:?} at {key} is not valid"))?;
         let done = match &existing {
             Some(kv) if kv.value == bytes => return Ok(()),
             Some(kv) => ds.update(&key, bytes, kv.mod_revision).await?.is_some(),
@@ -419,26 +422,69 @@ async fn run_async(args: ReflectorArgs) -> anyhow::Result<()> {
         }
         .boxed()
     };
-    let http = tokio::spawn(api::serve(
-        args.http_listen,
-        status_source,
-        Arc::new(registry),
-    ));
+    // Every long-lived task is supervised: one ending makes /healthz fail and the reflector exit non-zero.
+    let mut sup = crate::task::Supervisor::new();
+    for w in spk.tasks() {
+        sup.watch(w);
+    }
+    let rib_tx = spk.rib();
+    sup.probe("rib", move || {
+        let rib_tx = rib_tx.clone();
+        async move {
+            let (tx, rx) = oneshot::channel();
+            rib_tx
+                .send(crate::bgp::rib::RibInput::Query(
+                    crate::bgp::rib::Query::Summary(tx),
+                ))
+                .await
+                .map_err(|_| "inbox closed".to_string())?;
+            rx.await.map(|_| ()).map_err(|_| "no answer".to_string())
+        }
+    });
+    let http_listener = tokio::net::TcpListener::bind(args.http_listen)
+        .await
+        .map_err(|e| api::ApiError::Bind {
+            addr: args.http_listen,
+            source: e,
+        })?;
+    let health = sup.health();
+    let http = crate::task::spawn("http", async move {
+        let r = api::serve_supervised(
+            http_listener,
+            status_source,
+            Arc::new(registry),
+            Some(health),
+        )
+        .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "HTTP endpoint");
+        }
+    });
+    sup.watch(http.watch());
 
     // Loading runs in its own task so that a slow or unreachable etcd never stalls the status endpoint or
     // signal handling. Triggers: etcd's watch and poll, or SIGHUP for a file.
     let (trigger_tx, trigger_rx) = mpsc::channel::<&'static str>(1);
     let (loaded_tx, mut loaded_rx) = mpsc::channel::<Loaded>(1);
-    let loader_task = tokio::spawn(loader(
-        args.clone(),
-        source.clone(),
-        restarting,
-        trigger_rx,
-        loaded_tx,
-    ));
+    let loader_task = crate::task::spawn(
+        "loader",
+        loader(
+            args.clone(),
+            source.clone(),
+            restarting,
+            trigger_rx,
+            loaded_tx,
+        ),
+    );
+    sup.watch(loader_task.watch());
     let watcher = ds
         .clone()
-        .map(|ds| tokio::spawn(watch_resources(ds, trigger_tx.clone())));
+        .map(|ds| crate::task::spawn("etcd-watch", watch_resources(ds, trigger_tx.clone())));
+    if let Some(w) = &watcher {
+        sup.watch(w.watch());
+    }
+    let mut supervised = Box::pin(sup.run());
+    let mut outcome = Ok(());
     let mut poll = tokio::time::interval(ETCD_POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -479,25 +525,30 @@ async fn run_async(args: ReflectorArgs) -> anyhow::Result<()> {
             },
             _ = term.recv() => break,
             _ = int.recv() => break,
+            ended = &mut supervised => {
+                tracing::error!(task = ended.name, why = %ended.why,
+                    "a task of the reflector ended unexpectedly: /healthz fails and the reflector exits so that it is restarted");
+                tokio::time::sleep(crate::task::FAILED_HEALTH_GRACE).await;
+                outcome = Err(anyhow::anyhow!("{ended}"));
+                break;
+            }
             Some(Control::Status(reply)) = ctl_rx.recv() => {
                 let _ = reply.send(status_report(&spk, &id, started, last_error.as_deref(), ds.as_deref()).await);
             }
         }
-        if http.is_finished() {
-            break;
-        }
     }
-    loader_task.abort();
-    http.abort();
+    drop(supervised);
+    loader_task.stop().await;
+    http.stop().await;
     if let Some(w) = watcher {
-        w.abort();
+        w.stop().await;
     }
     // SIGTERM is how a DaemonSet or systemd restarts us: close every session without a NOTIFICATION so
     // peers that negotiated graceful restart keep our routes while we are away (RFC 4724 4.1). The run
     // marker stays, so the next start announces the restart.
     spk.shutdown(true).await;
     tracing::info!("route reflector stopped; peers keep its routes for the graceful restart time");
-    Ok(())
+    outcome
 }
 
 async fn status_report(

@@ -190,3 +190,184 @@ fn routes_of_a_peer_not_back_yet_are_held_not_swept() {
         "pods cannot ping after {b} is back"
     );
 }
+
+/// `GET /healthz` on 127.0.0.1:9190 from a thread that has entered `node`'s network namespace, every 10 ms
+/// until `stop` is set: (when the first non-200 answer came and its body) and whether a 200 was seen.
+fn poll_healthz(
+    node: &str,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(Option<(std::time::Instant, String)>, bool)> {
+    let ns = std::fs::File::open(format!("/var/run/netns/{node}")).expect("netns file");
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        let mut failed = None;
+        let mut ok = false;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let answer = std::net::TcpStream::connect_timeout(
+                &"127.0.0.1:9190".parse().expect("addr"),
+                Duration::from_millis(200),
+            )
+            .ok()
+            .and_then(|mut s| {
+                s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
+                s.write_all(b"GET /healthz HTTP/1.0\r\n\r\n").ok()?;
+                let mut out = String::new();
+                s.read_to_string(&mut out).ok()?;
+                Some(out)
+            });
+            match answer {
+                Some(a) if a.starts_with("HTTP/1.0 200") || a.starts_with("HTTP/1.1 200") => {
+                    ok = true
+                }
+                Some(a) if ok && failed.is_none() && a.contains(" 503 ") => {
+                    failed = Some((std::time::Instant::now(), a))
+                }
+                _ => {}
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        (failed, ok)
+    })
+}
+
+/// A dead task is loud: the RIB task, then the FIB task, is killed through the test-only fault hook
+/// (MARGAY_TEST_FAULT_TASK + SIGUSR1). Each time /healthz answers 503 naming the task, then the daemon
+/// exits non-zero within a second of the kill; meanwhile the pods keep pinging on the kernel routes, and a
+/// restarted daemon is healthy and ready again.
+///
+/// ```text
+///   netns <lab>-br: bridge 10.99.0.1/24, etcd 10.99.0.2
+///     A = n1 10.99.0.11 (daemon run by the test, fault hook armed)   B = n2 10.99.0.12    1 pod each
+/// ```
+#[test]
+fn a_killed_rib_or_fib_task_fails_healthz_and_exits_nonzero() {
+    const T: &str = "a_killed_rib_or_fib_task_fails_healthz_and_exits_nonzero";
+    if !common::lab::lab_prerequisites(T) {
+        return;
+    }
+    let lab = Lab::up(MARGAY, "mgk", 2, 1, &[]);
+    let (a, a_ip) = lab.nodes[0].clone();
+    let (b, _) = lab.nodes[1].clone();
+    lab.wait_ready(&a);
+    let pod = |n: &str| {
+        lab.pods
+            .iter()
+            .find(|(_, node, _)| node == n)
+            .cloned()
+            .expect("pod")
+    };
+    let ((pa, _, ipa), (pb, _, ipb)) = (pod(&a), pod(&b));
+    let ping = |from: &str, to: std::net::Ipv4Addr| {
+        in_ns(from, &["ping", "-c", "1", "-W", "2", &to.to_string()]).0
+    };
+    assert!(
+        ping(&pa, ipb) && ping(&pb, ipa),
+        "pods cannot ping at start"
+    );
+
+    for task in ["rib", "fib"] {
+        lab.stop_daemon(&a, Signal::SIGTERM);
+        // The daemon as our child (same flags as the lab's), so its exit status is ours to read.
+        let log = lab.state.join(format!("{a}-fault-{task}.log"));
+        let sock = lab.state.join(format!("{a}-fault.sock"));
+        let mut child = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &a,
+                MARGAY,
+                "node",
+                "run",
+                "--node-name",
+                &a,
+            ])
+            .args([
+                "--ip",
+                &a_ip.to_string(),
+                "--etcd-endpoints",
+                common::lab_core::LAB_ETCD,
+            ])
+            .arg("--cni-socket")
+            .arg(&sock)
+            .args(["--http-listen", "127.0.0.1:9190"])
+            .env("MARGAY_TEST_FAULT_TASK", task)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("start margay node");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let poller = poll_healthz(&a, stop.clone());
+        // Healthy first (every task answering its heartbeat).
+        assert!(
+            eventually(Duration::from_secs(60), || {
+                in_ns(&a, &["curl", "-sf", "http://127.0.0.1:9190/healthz"]).0
+            }),
+            "never healthy:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        let killed = std::time::Instant::now();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            Signal::SIGUSR1,
+        )
+        .expect("SIGUSR1");
+        let status = loop {
+            if let Some(s) = child.try_wait().expect("wait") {
+                break s;
+            }
+            assert!(
+                killed.elapsed() < Duration::from_secs(10),
+                "the daemon did not exit after its {task} task was killed:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let exited = std::time::Instant::now();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (failed, was_ok) = poller.join().expect("poller");
+        let logs = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(
+            !status.success(),
+            "exit status {status} must be non-zero:\n{logs}"
+        );
+        assert!(
+            exited - killed < Duration::from_secs(1),
+            "exited {:?} after the kill (limit 1 s):\n{logs}",
+            exited - killed
+        );
+        assert!(was_ok, "the poller never saw a healthy daemon");
+        let (when, body) = failed.unwrap_or_else(|| panic!("/healthz never failed:\n{logs}"));
+        assert!(
+            when < exited && when >= killed,
+            "/healthz failed at the wrong time"
+        );
+        assert!(body.contains(&format!("task {task}: ended")), "{body}");
+        assert!(
+            logs.contains(&format!("task {task} ended unexpectedly")),
+            "{logs}"
+        );
+        eprintln!(
+            "{task}: /healthz 503 after {:?}, exit after {:?} ({status})",
+            when - killed,
+            exited - killed
+        );
+        // No daemon on A now: its kernel routes keep forwarding.
+        assert!(
+            ping(&pa, ipb) && ping(&pb, ipa),
+            "pods cannot ping with A's daemon dead: A {:?} B {:?}\n{logs}\n--- B\n{}",
+            proto77(&a),
+            proto77(&b),
+            lab.node_logs(&b)
+        );
+        // Back to a lab-run daemon for the next round (the lab's stop wants its PID file).
+        lab.restart_node(&a);
+        lab.wait_ready(&a);
+    }
+    assert!(
+        ping(&pa, ipb) && ping(&pb, ipa),
+        "pods cannot ping after the restarts"
+    );
+}

@@ -149,18 +149,17 @@ pub struct SpeakerHandle {
     tx: mpsc::Sender<SpeakerCommand>,
     rib: mpsc::Sender<RibInput>,
     local_addrs: Vec<SocketAddr>,
-    task: Option<tokio::task::JoinHandle<()>>,
-}
-
-impl Drop for SpeakerHandle {
-    fn drop(&mut self) {
-        if let Some(t) = self.task.take() {
-            t.abort();
-        }
-    }
+    /// Aborted when the handle is dropped.
+    task: crate::task::Task<()>,
+    rib_task: crate::task::TaskWatch,
 }
 
 impl SpeakerHandle {
+    /// Observers of the speaker task and the RIB task, for the daemon's supervisor.
+    pub fn tasks(&self) -> Vec<crate::task::TaskWatch> {
+        vec![self.task.watch(), self.rib_task.clone()]
+    }
+
     /// Make the running peer set equal to `desired` (keyed by peer address).
     pub async fn apply(&self, desired: Vec<DesiredPeer>) -> Result<ApplyReport, SpeakerError> {
         let (tx, rx) = oneshot::channel();
@@ -246,12 +245,14 @@ pub async fn spawn(
         peers: BTreeMap::new(),
         next_id: 1,
     };
-    let join = tokio::spawn(task.run(rx, events_rx));
+    let rib_task = task.rib.watch();
+    let join = crate::task::spawn("speaker", task.run(rx, events_rx));
     Ok(SpeakerHandle {
         tx,
         rib: rib_tx,
         local_addrs,
-        task: Some(join),
+        task: join,
+        rib_task,
     })
 }
 

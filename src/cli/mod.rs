@@ -27,6 +27,12 @@ pub enum CliError {
     Config(#[from] ConfigError),
     #[error("{0}")]
     NotFound(String),
+    /// `apply -f`: which document of the file was refused (counting from 1).
+    #[error("document {document}: {source}")]
+    Document {
+        document: usize,
+        source: Box<CliError>,
+    },
     #[error("{0}")]
     Usage(String),
     #[error("{path}: {source}")]

@@ -119,13 +119,8 @@ pub struct NodeIpam {
     node: String,
     tx: mpsc::Sender<Request>,
     pools: watch::Receiver<Vec<IpPool>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for NodeIpam {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    /// Aborted when the handle is dropped.
+    task: crate::task::Task<()>,
 }
 
 impl NodeIpam {
@@ -138,13 +133,18 @@ impl NodeIpam {
         let state = State::load(ds, node).await?;
         let (pools_tx, pools) = watch::channel(state.pool_list());
         let (tx, rx) = mpsc::channel(1024);
-        let task = tokio::spawn(run(state, rx, pools_tx));
+        let task = crate::task::spawn("ipam", run(state, rx, pools_tx));
         Ok(NodeIpam {
             node: name,
             tx,
             pools,
             task,
         })
+    }
+
+    /// Observer of the IPAM task's end, for the daemon's supervisor.
+    pub fn task_watch(&self) -> crate::task::TaskWatch {
+        self.task.watch()
     }
 
     async fn ask<T>(&self, f: impl FnOnce(Reply<T>) -> Request) -> Result<T, IpamError> {
