@@ -1,7 +1,7 @@
 //! `margay node run`: the per-node daemon, composed from the parts that own the work.
 //!
 //! ```text
-//!   etcd ──Node/BGPConfiguration/BGPPeer/IPPool (watch + 2 s poll)──▶ peer_loop ──apply──▶ speaker ◀──▶ peers (TCP 179)
+//!   etcd ──Node/BGPConfiguration/BGPPeer/IPPool (feed.rs: one watch)──▶ peer_loop ──apply──▶ speaker ◀──▶ peers (TCP 179)
 //!     │                                    desired_peers, service CIDRs, │ Originate/WithdrawLocal│ ▲      │
 //!     │                                    export policy ────────────────┴─ SetPolicy ──▶ RIB ◀─┘ │      │ PeerSync
 //!     │                                                                          │  FibEvent     │      ▼
@@ -18,9 +18,10 @@
 //! peer refresh loop (peers, service CIDRs and the export policy, see [`services`]), the advertisement of the
 //! node's blocks, and the order of the start: the FIB adopts its routes, the pod veths are reconciled with
 //! IPAM, then the CNI socket ([`NodeBackend`]) opens; [`restart`] decides when BGP has converged, sweeps
-//! what nobody re-announced and sets the readiness. Peers are re-derived whenever a watch on the v3
-//! resources reports a change (and every 2 seconds as a safety net); the speaker's `apply` only touches
-//! sessions whose settings changed, so unchanged sessions stay up.
+//! what nobody re-announced and sets the readiness. Peers are re-derived in memory whenever the
+//! configuration feed ([`crate::feed`]: one etcd watch, no polling) publishes a new snapshot, or a mounted
+//! password Secret changes; the speaker's `apply` only touches sessions whose settings changed, so unchanged
+//! sessions stay up.
 //!
 //! Every long-lived task (speaker, RIB, FIB, IPAM, fib-feed, advertise, peer-loop, CNI, HTTP) is spawned
 //! through [`crate::task`] and watched by one supervisor that also heartbeats the RIB, FIB, IPAM and speaker
@@ -56,7 +57,8 @@ use crate::config::bgp::{ConfigSet, Node, NodeSpec, KIND_NODE};
 use crate::config::peers::desired_peers;
 use crate::config::{ObjectMeta, API_VERSION};
 use crate::dataplane::fib::{Fib, FibConfig, FibHandle, Route};
-use crate::datastore::{keys, Datastore, WatchMessage, Watcher};
+use crate::datastore::{keys, Datastore};
+use crate::feed::{ConfigFeed, FeedOptions};
 use crate::ipam::{NodeInfo, NodeIpam};
 use crate::task;
 
@@ -73,10 +75,8 @@ pub use services::{export_policy, service_prefixes};
 
 /// Where Calico keeps Node resources (`/calico/resources/v3/projectcalico.org/nodes/<name>`).
 pub const NODES_PLURAL: &str = "nodes";
-const BGPCONFIG_PLURAL: &str = "bgpconfigurations";
-const BGPPEER_PLURAL: &str = "bgppeers";
-/// How often the peer set is re-derived from the datastore.
-const PEER_POLL: Duration = Duration::from_secs(2);
+/// How often the mounted password Secrets are compared with what the peers use (local files, no etcd).
+const SECRETS_POLL: Duration = Duration::from_secs(10);
 /// How often the node's blocks are compared with what it advertises (ADD and DEL also trigger it).
 const BLOCK_POLL: Duration = Duration::from_secs(1);
 
@@ -369,31 +369,21 @@ pub async fn load_config_with(
     ds: &Datastore,
     secrets_dir: Option<&std::path::Path>,
 ) -> anyhow::Result<ConfigSet> {
-    let mut text = match secrets_dir {
-        Some(dir) => secrets_from_dir(dir)?,
-        None => String::new(),
+    let snapshot = crate::feed::list_snapshot(ds).await?;
+    Ok(snapshot.config_set(secrets_in(secrets_dir)?)?)
+}
+
+/// The password Secrets mounted under `dir` (none without a directory).
+fn secrets_in(
+    dir: Option<&std::path::Path>,
+) -> anyhow::Result<std::collections::BTreeMap<(String, String), crate::config::bgp::Secret>> {
+    let Some(dir) = dir else {
+        return Ok(Default::default());
     };
-    for (plural, kind) in [
-        (BGPCONFIG_PLURAL, "BGPConfiguration"),
-        (BGPPEER_PLURAL, "BGPPeer"),
-        (NODES_PLURAL, KIND_NODE),
-    ] {
-        let (kvs, _) = ds.list(&keys::resource_prefix(plural)).await?;
-        for kv in kvs {
-            let mut v: serde_json::Value = serde_json::from_slice(&kv.value)
-                .with_context(|| format!("stored {kind} at {} is not JSON", kv.key))?;
-            if let Some(o) = v.as_object_mut() {
-                o.entry("apiVersion").or_insert_with(|| API_VERSION.into());
-                o.entry("kind").or_insert_with(|| kind.into());
-            }
-            // JSON is YAML: one document per resource.
-            text.push_str("---\n");
-            text.push_str(&serde_json::to_string(&v)?);
-            text.push('\n');
-        }
-    }
-    // Tolerant: a newer Calico may have written fields margay does not know (warned once, counted).
-    ConfigSet::from_datastore_yaml(&text).map_err(|e| anyhow::anyhow!("BGP resources in etcd: {e}"))
+    let text = secrets_from_dir(dir)?;
+    Ok(ConfigSet::from_yaml(&text)
+        .map_err(|e| anyhow::anyhow!("BGP secrets in {}: {e}", dir.display()))?
+        .secrets)
 }
 
 /// BGP password Secrets mounted as files, as v1 Secret documents for [`ConfigSet`]: `<dir>/<secret>/<key>`
@@ -495,9 +485,15 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
             .await
             .map_err(on_etcd)?;
     }
-    let set = load_config_with(&ds, Some(&args.bgp_secrets_dir))
+    // One watch from here on: peers are re-derived from its snapshots, never by re-listing.
+    let feed = ConfigFeed::start(ds.clone(), FeedOptions::default())
         .await
-        .map_err(on_etcd)?;
+        .map_err(|e| on_etcd(e.into()))?;
+    let feed_counters = feed.counters().clone();
+    let set = feed
+        .current()
+        .config_set(secrets_in(Some(&args.bgp_secrets_dir))?)
+        .map_err(|e| on_etcd(e.into()))?;
     let asn = args
         .as_number
         .or_else(|| set.nodes.get(&name).and_then(Node::as_number))
@@ -561,14 +557,17 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
             "labels",
             cluster::follow_labels(ds.clone(), name.clone(), ipam.clone(), labels_rev),
         ),
-        task::spawn("nat", cluster::follow_nat(
-            ipam.subscribe_pools(),
-            netns.clone(),
-            crate::dataplane::nat::NatOptions {
-                outgoing_address_v4: args.nat_outgoing_address,
-            },
-            dp_status.clone(),
-        )),
+        task::spawn(
+            "nat",
+            cluster::follow_nat(
+                ipam.subscribe_pools(),
+                netns.clone(),
+                crate::dataplane::nat::NatOptions {
+                    outgoing_address_v4: args.nat_outgoing_address,
+                },
+                dp_status.clone(),
+            ),
+        ),
     ];
     // The FIB adopts the routes of margay's protocol it finds (a restart keeps forwarding on them); what
     // nobody re-announces is swept after BGP has converged (restart::run).
@@ -636,7 +635,7 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     let (applied_tx, applied_rx) = watch::channel(false);
     let peers = task::spawn(
         "peer-loop",
-        peer_loop(ds.clone(), id.clone(), spk.clone(), applied_tx),
+        peer_loop(feed, id.clone(), spk.clone(), applied_tx),
     );
     let (ready_tx, ready_rx) = watch::channel(Readiness::Syncing(
         "BGP peers not yet derived from the datastore (see the log)".to_string(),
@@ -663,13 +662,16 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     }
     let pod_mtu = start_pod_mtu(&args, &ipam, &dp_status).await?;
     let mtu_task = match (args.pod_mtu, regex::Regex::new(&args.mtu_iface_pattern)) {
-        (None | Some(0), Ok(pattern)) => Some(task::spawn("mtu", cluster::follow_mtu(
-            ipam.subscribe_pools(),
-            netns.clone(),
-            pattern,
-            pod_mtu.clone(),
-            dp_status.clone(),
-        ))),
+        (None | Some(0), Ok(pattern)) => Some(task::spawn(
+            "mtu",
+            cluster::follow_mtu(
+                ipam.subscribe_pools(),
+                netns.clone(),
+                pattern,
+                pod_mtu.clone(),
+                dp_status.clone(),
+            ),
+        )),
         _ => None,
     };
     let backend = Arc::new(NodeBackend {
@@ -680,6 +682,7 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         spool_socket: Some(args.cni_socket.clone()),
     });
     let mut registry = Registry::default();
+    feed_counters.register(&mut registry);
     let cni_metrics = crate::cni::server::CniMetrics::register(&mut registry);
     let server = CniServer::bind(
         ServerConfig {
@@ -1024,10 +1027,10 @@ async fn advertise_blocks(
     }
 }
 
-/// Re-derive the peers and the service prefixes from the datastore on every change the watch reports and
-/// every [`PEER_POLL`]; apply only what changed.
+/// Re-derive the peers and the service prefixes from every snapshot the configuration feed publishes (and
+/// when a mounted password Secret changes); apply only what changed. No etcd request is made here.
 async fn peer_loop(
-    ds: Arc<Datastore>,
+    feed: ConfigFeed,
     id: Identity,
     spk: Arc<SpeakerHandle>,
     applied: watch::Sender<bool>,
@@ -1037,22 +1040,17 @@ async fn peer_loop(
     let mut policy: Option<Policy> = None;
     let mut last_error: Option<String> = None;
     let mut cluster_id = id.cluster_id;
-    let mut watcher: Option<Watcher> = None;
+    let mut snapshots = feed.subscribe();
     let rib = spk.rib();
     let attrs = Arc::new(PathAttributes {
         next_hop: Some(id.ip),
         ..Default::default()
     });
     loop {
-        // Watch every v3 resource from before the read below, so no change between the read and the watch
-        // is missed. A failed or compacted watch is re-created on the next round; the poll stays as a net.
-        if watcher.is_none() {
-            if let Ok((_, rev)) = ds.list(&keys::resource_prefix(NODES_PLURAL)).await {
-                watcher = Some(ds.watch(keys::RESOURCES_PREFIX, rev + 1));
-            }
-        }
+        let snapshot = snapshots.borrow_and_update().clone();
+        let secrets_text = secrets_from_dir(&id.secrets_dir).unwrap_or_default();
         let derived = async {
-            let set = load_config_with(&ds, Some(&id.secrets_dir)).await?;
+            let set = snapshot.config_set(secrets_in(Some(&id.secrets_dir))?)?;
             let peers: Vec<DesiredPeer> = desired_peers(&set, &id.name)?
                 .iter()
                 .map(|p| {
@@ -1067,7 +1065,7 @@ async fn peer_loop(
                     d
                 })
                 .collect();
-            let pools = load_pools(&ds).await?;
+            let pools = snapshot.pools()?;
             anyhow::Ok((set, peers, pools))
         };
         match derived.await {
@@ -1133,21 +1131,23 @@ async fn peer_loop(
                 }
             }
         }
-        let event = async {
-            match watcher.as_mut() {
-                Some(w) => w.recv().await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            msg = event => match msg {
-                Some(WatchMessage::Events(_)) => {
+        // Wait for a new snapshot, or a rotated Secret file.
+        loop {
+            tokio::select! {
+                changed = snapshots.changed() => {
+                    if changed.is_err() {
+                        return; // the feed is gone: the daemon is stopping
+                    }
                     // Let a burst of writes (a node registering, an operator's apply) land together.
                     tokio::time::sleep(Duration::from_millis(50)).await;
+                    break;
                 }
-                Some(WatchMessage::Resync) | None => watcher = None,
-            },
-            _ = tokio::time::sleep(PEER_POLL) => {}
+                _ = tokio::time::sleep(SECRETS_POLL) => {
+                    if secrets_from_dir(&id.secrets_dir).unwrap_or_default() != secrets_text {
+                        break;
+                    }
+                }
+            }
         }
     }
 }

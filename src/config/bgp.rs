@@ -1226,7 +1226,7 @@ impl ConfigSet {
     }
 
     /// Checks that span documents: password secrets exist (unless `optional`).
-    fn validate_references(
+    pub(crate) fn validate_references(
         &self,
         docs: &BTreeMap<(String, String), usize>,
     ) -> Result<(), LoadError> {
