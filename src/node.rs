@@ -136,6 +136,11 @@ pub struct NodeArgs {
         default_value = "/etc/margay/bgp-secrets"
     )]
     pub bgp_secrets_dir: PathBuf,
+    /// Where the node keeps its run marker (default: the directory of --cni-socket, a hostPath that
+    /// survives a daemon restart but not a reboot). When an earlier run's marker is there at start, the
+    /// node announces itself as restarting (graceful restart R bit, RFC 4724 3), as the reflector does.
+    #[arg(long, env = "MARGAY_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
 }
 
 /// Run the node daemon until SIGTERM/SIGINT.
@@ -430,6 +435,28 @@ pub fn secrets_from_dir(dir: &std::path::Path) -> anyhow::Result<String> {
     Ok(text)
 }
 
+/// Whether an earlier run left its marker in the state directory (then this start is a restart), and leave
+/// ours. The marker stays on exit: the next start is a restart too. A reboot clears it (/var/run is tmpfs).
+fn run_marker(args: &NodeArgs) -> bool {
+    let dir = args.state_dir.clone().unwrap_or_else(|| {
+        args.cni_socket
+            .parent()
+            .map(std::path::Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."))
+    });
+    let marker = dir.join("node.running");
+    let restarting = marker.exists();
+    if restarting {
+        tracing::info!(marker = %marker.display(), "an earlier run's marker is there: announcing a graceful restart (R bit, RFC 4724)");
+    }
+    if let Err(e) = std::fs::create_dir_all(&dir)
+        .and_then(|()| std::fs::write(&marker, std::process::id().to_string()))
+    {
+        tracing::warn!(path = %marker.display(), error = %e, "cannot write the run marker: a restart will not be announced as graceful");
+    }
+    restarting
+}
+
 /// Who this node is, once flags and the datastore are combined.
 #[derive(Debug, Clone)]
 struct Identity {
@@ -446,6 +473,8 @@ struct Identity {
     forwarding_preserved: bool,
     /// Where BGP password Secrets are mounted.
     secrets_dir: PathBuf,
+    /// An earlier run's marker was found: the graceful restart R bit (RFC 4724 3) is set in our OPENs.
+    restarting: bool,
 }
 
 async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
@@ -495,6 +524,7 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         ip6: args.ip6,
         forwarding_preserved: false,
         secrets_dir: args.bgp_secrets_dir.clone(),
+        restarting: run_marker(&args),
     };
     if args.ip6.is_none() && args.ipv6_pool_cidr.is_some() {
         tracing::warn!(
@@ -954,6 +984,7 @@ async fn peer_loop(
                     // was preserved and they should not.
                     if let Some(gr) = d.session.graceful_restart.as_mut() {
                         gr.forwarding_preserved = id.forwarding_preserved;
+                        gr.restarting = id.restarting;
                     }
                     d
                 })

@@ -371,3 +371,87 @@ fn a_killed_rib_or_fib_task_fails_healthz_and_exits_nonzero() {
         "pods cannot ping after the restarts"
     );
 }
+
+/// After a daemon restart the node announces the graceful restart Restart State bit (RFC 4724 3), as the
+/// reflector does, from the run marker it keeps beside its CNI socket; on its first start it does not.
+/// Seen from BIRD, the ToR of the lab (a global BGPPeer): "Restart recovery" among margay's capabilities.
+///
+/// ```text
+///   netns <lab>-br: bridge 10.99.0.1/24, BIRD 2 AS 65001 (BGPPeer tor), etcd 10.99.0.2
+///     n1 10.99.0.11 AS 64512: first start (no R) ─▶ SIGTERM, start again (R)
+/// ```
+#[test]
+fn node_sets_the_restart_bit_after_a_restart_not_on_first_start() {
+    const T: &str = "node_sets_the_restart_bit_after_a_restart_not_on_first_start";
+    if !(common::lab::lab_prerequisites(T)
+        && common::require(
+            common::bgp_peers::have_bird(),
+            T,
+            "BIRD 2 is not installed (bird2)",
+        ))
+    {
+        return;
+    }
+    let lab = Lab::up(MARGAY, "mgb", 1, 0, &[]);
+    let (n1, ip1) = lab.nodes[0].clone();
+    let (ok, out) = in_ns(
+        &format!("{}-etcd", lab.name),
+        &[
+            "etcdctl",
+            "--endpoints",
+            common::lab_core::LAB_ETCD,
+            "put",
+            "/calico/resources/v3/projectcalico.org/bgppeers/tor",
+            r#"{"apiVersion":"projectcalico.org/v3","kind":"BGPPeer","metadata":{"name":"tor"},"spec":{"peerIP":"10.99.0.1","asNumber":65001}}"#,
+        ],
+    );
+    assert!(ok, "etcdctl put: {out}");
+    let conf = format!(
+        "router id 10.99.0.1;\nprotocol device {{}}\nprotocol bgp n1 {{\n  local 10.99.0.1 as 65001;\n  neighbor {ip1} as 64512;\n  graceful restart on;\n  ipv4 {{ import all; export none; }};\n}}\n"
+    );
+    let bird = common::bgp_peers::Bird::start(&format!("{}-br", lab.name), &conf);
+    let established = |bird: &common::bgp_peers::Bird| {
+        let mut last = String::new();
+        let ok = eventually(Duration::from_secs(60), || {
+            last = bird.birdc("show protocols all n1");
+            last.contains("Established") && last.contains("Neighbor capabilities")
+        });
+        assert!(
+            ok,
+            "BIRD never Established with {n1}:\n{last}\n{}",
+            bird.log()
+        );
+        last
+    };
+    // What BIRD says about margay's OPEN (its own capabilities come first).
+    let neighbor = |s: &str| {
+        s.split("Neighbor capabilities")
+            .nth(1)
+            .unwrap_or("")
+            .to_string()
+    };
+    let first = established(&bird);
+    assert!(neighbor(&first).contains("Graceful restart"), "{first}");
+    assert!(
+        !neighbor(&first).contains("Restart recovery"),
+        "no R bit on a first start:\n{first}"
+    );
+
+    lab.stop_daemon(&n1, Signal::SIGTERM);
+    lab.restart_node(&n1);
+    // The new session (the old one went down when the daemon stopped).
+    let mut again = String::new();
+    assert!(
+        eventually(Duration::from_secs(60), || {
+            again = bird.birdc("show protocols all n1");
+            again.contains("Established") && neighbor(&again).contains("Restart recovery")
+        }),
+        "no R bit after the restart:\n{again}\n{}",
+        lab.node_logs(&n1)
+    );
+    assert!(
+        lab.node_logs(&n1).contains("announcing a graceful restart"),
+        "{}",
+        lab.node_logs(&n1)
+    );
+}
