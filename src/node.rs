@@ -141,6 +141,11 @@ pub struct NodeArgs {
     /// node announces itself as restarting (graceful restart R bit, RFC 4724 3), as the reflector does.
     #[arg(long, env = "MARGAY_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
+    /// With an autodetected address (no --ip), detect it again this often (seconds; 0: never), as Calico
+    /// does every 60 s: on a change the Node resource is updated, the other nodes re-peer with the new
+    /// address and this node announces its routes with it as next hop.
+    #[arg(long, env = "MARGAY_IP_RECHECK_INTERVAL", default_value_t = 60)]
+    pub ip_recheck_interval: u64,
 }
 
 /// Run the node daemon until SIGTERM/SIGINT.
@@ -574,15 +579,41 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     let learned = task::spawn("fib-feed", learned_routes(fib_rx, fib.clone()));
 
     let refresh = Arc::new(Notify::new());
+    // The node's address as the address monitor last found it (fixed with --ip).
+    let (addr_tx, addr_rx) = watch::channel(ip);
     let adverts = task::spawn(
         "advertise",
-        advertise_blocks(ipam.clone(), fib.clone(), spk.rib(), ip, refresh.clone()),
+        advertise_blocks(
+            ipam.clone(),
+            fib.clone(),
+            spk.rib(),
+            addr_rx.clone(),
+            refresh.clone(),
+        ),
     );
     let (applied_tx, applied_rx) = watch::channel(false);
     let peers = task::spawn(
         "peer-loop",
-        peer_loop(ds.clone(), id.clone(), spk.clone(), applied_tx),
+        peer_loop(ds.clone(), id.clone(), spk.clone(), applied_tx, addr_rx),
     );
+    // Without the monitor the sender is kept, so the receivers' `changed()` waits instead of failing.
+    let (monitor, _fixed_addr) = if args.ip.is_none() && args.ip_recheck_interval > 0 {
+        let m = task::spawn(
+            "address-monitor",
+            monitor_address(
+                ds.clone(),
+                name.clone(),
+                args.ip_autodetection_method.clone(),
+                netns.clone(),
+                args.as_number,
+                Duration::from_secs(args.ip_recheck_interval),
+                addr_tx,
+            ),
+        );
+        (Some(m), None)
+    } else {
+        (None, Some(addr_tx))
+    };
     let (ready_tx, ready_rx) = watch::channel(Readiness::Syncing(
         "BGP peers not yet derived from the datastore (see the log)".to_string(),
     ));
@@ -693,6 +724,9 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     ] {
         sup.watch(w);
     }
+    if let Some(m) = &monitor {
+        sup.watch(m.watch());
+    }
     let rib_tx = spk.rib();
     sup.probe("rib", move || {
         let rib_tx = rib_tx.clone();
@@ -785,7 +819,10 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     let cleanup = async move {
         let _ = stop_tx.send(());
         // Wait for the aborted tasks to drop what they hold, so the speaker handle is ours alone again.
-        for t in [peers, adverts, learned, converging, http] {
+        for t in [peers, adverts, learned, converging, http]
+            .into_iter()
+            .chain(monitor)
+        {
             t.stop().await;
         }
         let _ = tokio::time::timeout(Duration::from_secs(5), cni.join()).await;
@@ -868,16 +905,25 @@ async fn advertise_blocks(
     ipam: Arc<NodeIpam>,
     fib: FibHandle,
     rib: mpsc::Sender<RibInput>,
-    ip: Ipv4Addr,
+    mut addr: watch::Receiver<Ipv4Addr>,
     refresh: Arc<Notify>,
 ) {
-    let attrs = Arc::new(PathAttributes {
-        next_hop: Some(ip),
+    let mut attrs = Arc::new(PathAttributes {
+        next_hop: Some(*addr.borrow_and_update()),
         ..Default::default()
     });
     let mut blocks: BTreeSet<IpNetwork> = BTreeSet::new();
     let mut hosts: BTreeSet<IpNetwork> = BTreeSet::new();
     loop {
+        if addr.has_changed().unwrap_or(false) {
+            // The node's address changed: announce everything again with the new next hop.
+            attrs = Arc::new(PathAttributes {
+                next_hop: Some(*addr.borrow_and_update()),
+                ..Default::default()
+            });
+            blocks.clear();
+            hosts.clear();
+        }
         match ipam.routes().await {
             Ok(r) => {
                 let want_blocks: BTreeSet<IpNetwork> = r.blocks.iter().copied().collect();
@@ -940,6 +986,7 @@ async fn advertise_blocks(
         }
         tokio::select! {
             _ = refresh.notified() => {}
+            _ = addr.changed() => {}
             _ = tokio::time::sleep(BLOCK_POLL) => {}
         }
     }
@@ -949,9 +996,10 @@ async fn advertise_blocks(
 /// every [`PEER_POLL`]; apply only what changed.
 async fn peer_loop(
     ds: Arc<Datastore>,
-    id: Identity,
+    mut id: Identity,
     spk: Arc<SpeakerHandle>,
     applied: watch::Sender<bool>,
+    mut addr: watch::Receiver<Ipv4Addr>,
 ) {
     let mut current: Option<Vec<DesiredPeer>> = None;
     let mut services: BTreeSet<IpNetwork> = BTreeSet::new();
@@ -960,11 +1008,21 @@ async fn peer_loop(
     let mut cluster_id = id.cluster_id;
     let mut watcher: Option<Watcher> = None;
     let rib = spk.rib();
-    let attrs = Arc::new(PathAttributes {
+    let mut attrs = Arc::new(PathAttributes {
         next_hop: Some(id.ip),
         ..Default::default()
     });
     loop {
+        // The address monitor found a new node address (and wrote it to our Node resource): sessions and
+        // the service routes follow it.
+        if addr.has_changed().unwrap_or(false) {
+            id.ip = *addr.borrow_and_update();
+            attrs = Arc::new(PathAttributes {
+                next_hop: Some(id.ip),
+                ..Default::default()
+            });
+            services.clear();
+        }
         // Watch every v3 resource from before the read below, so no change between the read and the watch
         // is missed. A failed or compacted watch is re-created on the next round; the poll stays as a net.
         if watcher.is_none() {
@@ -1062,7 +1120,55 @@ async fn peer_loop(
                 }
                 Some(WatchMessage::Resync) | None => watcher = None,
             },
+            _ = addr.changed() => {}
             _ = tokio::time::sleep(PEER_POLL) => {}
+        }
+    }
+}
+
+/// Detect the node's address again every `every` (Calico re-checks every 60 s). On a change: write it to
+/// the Node resource (the other nodes re-derive their peers from it), then tell the peer loop and the
+/// block advertiser through `tx`. A failed detection or write keeps the current address and is retried.
+async fn monitor_address(
+    ds: Arc<Datastore>,
+    name: String,
+    method: crate::dataplane::autodetect::Method,
+    netns: Option<PathBuf>,
+    asn: Option<u32>,
+    every: Duration,
+    tx: watch::Sender<Ipv4Addr>,
+) {
+    let mut current = *tx.borrow();
+    loop {
+        tokio::time::sleep(every).await;
+        let (m, ns) = (method.clone(), netns.clone());
+        let detected = tokio::task::spawn_blocking(move || {
+            crate::dataplane::autodetect::detect_ipv4(&m, ns.as_deref())
+        })
+        .await;
+        let (ip, prefix_len) = match detected {
+            Ok(Ok(d)) => d,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, address = %current, "address re-detection failed; keeping the current address");
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "address re-detection did not finish");
+                continue;
+            }
+        };
+        if ip == current {
+            continue;
+        }
+        match register_node(&ds, &name, ip, prefix_len, asn).await {
+            Ok(()) => {
+                tracing::info!(from = %current, to = %ip, "node address changed: Node resource updated; sessions and routes follow");
+                current = ip;
+                tx.send_replace(ip);
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), to = %ip, "node address changed but the Node resource could not be updated; retrying")
+            }
         }
     }
 }

@@ -455,3 +455,158 @@ fn node_sets_the_restart_bit_after_a_restart_not_on_first_start() {
         lab.node_logs(&n1)
     );
 }
+
+/// Kills a daemon the test started itself, by PID, on drop (also on panic).
+struct Child(std::process::Child);
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0.id() as i32),
+            Signal::SIGTERM,
+        );
+        let _ = self.0.wait();
+    }
+}
+
+/// The node's address is detected again (here every second; Calico's 60 s by default): when it changes,
+/// the Node resource gets the new address, the other node re-peers with it and routes A's block via it,
+/// and the pods ping across.
+///
+/// ```text
+///   netns <lab>-br: bridge 10.99.0.1/24, etcd 10.99.0.2
+///     A = n1 10.99.0.11 (autodetected: cidr=10.99.0.0/24) ─▶ 10.99.0.31      B = n2 10.99.0.12
+///     expect: Node A ipv4Address 10.99.0.31/24; B: peer 10.99.0.31 Established, A's block via 10.99.0.31
+/// ```
+#[test]
+fn a_changed_node_address_is_followed_by_the_node_resource_and_the_peers() {
+    const T: &str = "a_changed_node_address_is_followed_by_the_node_resource_and_the_peers";
+    if !common::lab::lab_prerequisites(T) {
+        return;
+    }
+    let lab = Lab::up(MARGAY, "mga", 2, 1, &[]);
+    let (a, a_ip) = lab.nodes[0].clone();
+    let (b, _) = lab.nodes[1].clone();
+    let block_a = own_block(&a);
+    lab.wait_ready(&a);
+    lab.stop_daemon(&a, Signal::SIGTERM);
+
+    // A's daemon without --ip: the address comes from autodetection and is re-checked every second.
+    let log = lab.state.join(format!("{a}-monitor.log"));
+    let sock = lab.state.join(format!("{a}-monitor.sock"));
+    let _daemon = Child(
+        std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &a,
+                MARGAY,
+                "node",
+                "run",
+                "--node-name",
+                &a,
+            ])
+            .args(["--ip-autodetection-method", "cidr=10.99.0.0/24"])
+            .args(["--etcd-endpoints", common::lab_core::LAB_ETCD])
+            .arg("--cni-socket")
+            .arg(&sock)
+            .env("MARGAY_IP_RECHECK_INTERVAL", "1")
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("start margay node"),
+    );
+    let logs = || std::fs::read_to_string(&log).unwrap_or_default();
+    let peer_up = |addr: &str| {
+        lab.status(&b)
+            .and_then(|s| s["peers"].as_array().cloned())
+            .is_some_and(|p| {
+                p.iter()
+                    .any(|p| p["address"] == addr && p["fsmState"] == "Established")
+            })
+    };
+    assert!(
+        eventually(Duration::from_secs(60), || peer_up(&a_ip.to_string())),
+        "B never peered with A's autodetected address:\n{}",
+        logs()
+    );
+
+    // The address changes (promote_secondaries keeps the new one when the old primary goes).
+    let (_, out) = in_ns(&a, &["ip", "-4", "-o", "addr", "show"]);
+    let dev = out
+        .lines()
+        .find(|l| l.contains(&format!(" {a_ip}/")))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or_else(|| panic!("no interface with {a_ip} in {a}: {out}"))
+        .to_string();
+    let new_ip = "10.99.0.31";
+    for cmd in [
+        vec![
+            "sysctl".to_string(),
+            "-qw".into(),
+            format!("net.ipv4.conf.{dev}.promote_secondaries=1"),
+        ],
+        ["ip", "addr", "add", &format!("{new_ip}/24"), "dev", &dev]
+            .map(String::from)
+            .to_vec(),
+        ["ip", "addr", "del", &format!("{a_ip}/24"), "dev", &dev]
+            .map(String::from)
+            .to_vec(),
+    ] {
+        let args: Vec<&str> = cmd.iter().map(String::as_str).collect();
+        let (ok, out) = in_ns(&a, &args);
+        assert!(ok, "{cmd:?}: {out}");
+    }
+
+    let node_key = format!("/calico/resources/v3/projectcalico.org/nodes/{a}");
+    let mut stored = String::new();
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            stored = in_ns(
+                &format!("{}-etcd", lab.name),
+                &[
+                    "etcdctl",
+                    "--endpoints",
+                    common::lab_core::LAB_ETCD,
+                    "get",
+                    &node_key,
+                    "--print-value-only",
+                ],
+            )
+            .1;
+            stored.contains(&format!("\"ipv4Address\":\"{new_ip}/24\""))
+        }),
+        "Node {a} not updated: {stored}\n{}",
+        logs()
+    );
+    assert!(logs().contains("node address changed"), "{}", logs());
+    assert!(
+        eventually(Duration::from_secs(60), || peer_up(new_ip)
+            && !peer_up(&a_ip.to_string())),
+        "B did not re-peer with {new_ip}: {:?}\n{}",
+        lab.status(&b),
+        logs()
+    );
+    let want: std::net::Ipv4Addr = new_ip.parse().expect("ip");
+    assert!(
+        eventually(Duration::from_secs(30), || proto77(&b)
+            .contains(&(block_a, Some(want)))),
+        "B does not route {block_a} via {new_ip}: {:?}",
+        proto77(&b)
+    );
+    let pod = |n: &str| {
+        lab.pods
+            .iter()
+            .find(|(_, node, _)| node == n)
+            .cloned()
+            .expect("pod")
+    };
+    let ((pa, _, ipa), (pb, _, ipb)) = (pod(&a), pod(&b));
+    let ping = |from: &str, to: std::net::Ipv4Addr| {
+        in_ns(from, &["ping", "-c", "1", "-W", "2", &to.to_string()]).0
+    };
+    assert!(
+        eventually(Duration::from_secs(20), || ping(&pa, ipb) && ping(&pb, ipa)),
+        "pods cannot ping after the address change"
+    );
+}
