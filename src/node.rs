@@ -195,6 +195,28 @@ fn prefix_len_of(netns: Option<&std::path::Path>, ip: Ipv4Addr) -> u8 {
     .unwrap_or(32)
 }
 
+/// Prefix length of `ip` on the node's interfaces (for the Node resource's `ipv6Address`), /128 if unknown.
+fn prefix_len_of_v6(netns: Option<&std::path::Path>, ip: std::net::Ipv6Addr) -> u8 {
+    crate::dataplane::netns::in_netns(netns, || {
+        let addrs =
+            nix::ifaddrs::getifaddrs().map_err(|e| crate::dataplane::DataplaneError::Invalid {
+                what: "interface addresses",
+                value: String::new(),
+                reason: e.to_string(),
+            })?;
+        Ok(addrs
+            .filter_map(|a| {
+                let sin = a.address?.as_sockaddr_in6().map(|s| s.ip())?;
+                let m = a.netmask?.as_sockaddr_in6().map(|s| s.ip())?;
+                (sin == ip).then(|| u128::from(m).count_ones() as u8)
+            })
+            .next())
+    })
+    .ok()
+    .flatten()
+    .unwrap_or(128)
+}
+
 /// Create or update this node's Node resource so that `spec.bgp.ipv4Address` (and the AS, if given) are
 /// what this daemon runs with. Other fields written by operators are kept.
 pub async fn register_node(
@@ -202,6 +224,19 @@ pub async fn register_node(
     name: &str,
     ipv4: Ipv4Addr,
     prefix_len: u8,
+    asn: Option<u32>,
+) -> anyhow::Result<()> {
+    register_node_with(ds, name, ipv4, prefix_len, None, asn).await
+}
+
+/// [`register_node`], also writing `spec.bgp.ipv6Address` (`<address>/<prefix length>`) when given; without
+/// it a stored ipv6Address is left as it is.
+pub async fn register_node_with(
+    ds: &Datastore,
+    name: &str,
+    ipv4: Ipv4Addr,
+    prefix_len: u8,
+    ipv6: Option<(std::net::Ipv6Addr, u8)>,
     asn: Option<u32>,
 ) -> anyhow::Result<()> {
     let key = keys::resource_key(NODES_PLURAL, name);
@@ -221,6 +256,9 @@ pub async fn register_node(
             bgp.insert("ipv4Address".into(), format!("{ipv4}/{prefix_len}").into());
             if let Some(a) = asn {
                 bgp.insert("asNumber".into(), a.into());
+            }
+            if let Some((v6, len)) = ipv6 {
+                bgp.insert("ipv6Address".into(), format!("{v6}/{len}").into());
             }
         })
         .with_context(|| format!("stored Node {name:?} at {key} is not valid"))?;
@@ -500,7 +538,8 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         .datastore()
         .map_err(|e| anyhow::anyhow!("etcd at {endpoints}: {e}"))?;
     let on_etcd = |e: anyhow::Error| anyhow::anyhow!("etcd at {endpoints}: {e:#}");
-    register_node(&ds, &name, ip, prefix_len, args.as_number)
+    let ipv6 = args.ip6.map(|a| (a, prefix_len_of_v6(netns.as_deref(), a)));
+    register_node_with(&ds, &name, ip, prefix_len, ipv6, args.as_number)
         .await
         .map_err(on_etcd)?;
     ensure_default_pool(&ds, args.ipv4_pool_cidr, args.ipv4_pool_block_size)
@@ -559,19 +598,35 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         .map(|s| s.stats.adopted > 0)
         .unwrap_or(false);
     let (fib_tx, fib_rx) = mpsc::channel::<Vec<FibEvent>>(256);
-    let spk = speaker::spawn(
-        SpeakerConfig {
-            local_asn: asn,
-            router_id: ip,
-            cluster_id,
-            listen: vec![SocketAddr::from((Ipv4Addr::UNSPECIFIED, id.port))],
-            rib_capacity: 1024,
-        },
+    let speaker_cfg = |listen: Vec<SocketAddr>| SpeakerConfig {
+        local_asn: asn,
+        router_id: ip,
+        cluster_id,
+        listen,
+        rib_capacity: 1024,
+    };
+    // IPv4 and IPv6 transport: nodes with an ipv6Address peer over IPv6 as well (Calico's mesh does).
+    let any4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, id.port));
+    let any6 = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, id.port));
+    let spk = match speaker::spawn(
+        speaker_cfg(vec![any4, any6]),
         Arc::new(Policy::default()),
-        Some(fib_tx),
+        Some(fib_tx.clone()),
     )
     .await
-    .with_context(|| format!("starting the BGP speaker on port {}", id.port))?;
+    {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for BGP on [::] (IPv6 disabled?): listening on IPv4 only");
+            speaker::spawn(
+                speaker_cfg(vec![any4]),
+                Arc::new(Policy::default()),
+                Some(fib_tx),
+            )
+            .await
+            .with_context(|| format!("starting the BGP speaker on port {}", id.port))?
+        }
+    };
     if let Some(c) = cluster_id {
         tracing::info!(cluster_id = %c, "route reflector: reflecting for this node's route-reflector clients");
     }
@@ -1037,6 +1092,19 @@ async fn peer_loop(
                 .map(|p| {
                     let mut d = DesiredPeer::from_config(p, id.ip);
                     d.next_hop_v6 = id.ip6;
+                    // Between nodes that both have an IPv6 address each family rides on its own transport, as
+                    // in Calico's BIRD; otherwise IPv6 routes ride on the IPv4 session (MP-BGP, next hop IP6).
+                    let peer_has_v6 = p
+                        .peer_node
+                        .as_ref()
+                        .and_then(|n| set.nodes.get(n))
+                        .and_then(Node::ipv6)
+                        .is_some();
+                    if p.address.is_ipv6() {
+                        d.session.families = vec![crate::bgp::wire::Family::IPV6_UNICAST];
+                    } else if peer_has_v6 && id.ip6.is_some() {
+                        d.session.families = vec![crate::bgp::wire::Family::IPV4_UNICAST];
+                    }
                     // RFC 4724 3: after a daemon restart the kernel still forwards on the adopted routes (the
                     // FIB never flushes), so peers may keep ours until End-of-RIB; after a reboot nothing
                     // was preserved and they should not.
