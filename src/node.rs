@@ -84,9 +84,10 @@ pub struct NodeArgs {
     /// Network namespace of the dataplane (a path like /var/run/netns/NODE; default: the current one).
     #[arg(long)]
     pub netns: Option<PathBuf>,
-    /// The node's IPv4 address (default: found by --ip-autodetection-method).
-    #[arg(long, env = "IP")]
-    pub ip: Option<Ipv4Addr>,
+    /// The node's IPv4 address, or `autodetect` (as Calico's IP; the default): found by
+    /// --ip-autodetection-method and re-checked every --ip-recheck-interval.
+    #[arg(long, env = "IP", value_parser = parse_node_ip)]
+    pub ip: Option<NodeIp>,
     /// The node's IPv6 address: the next hop of its IPv6 routes (pod blocks of IPv6 pools), carried over the
     /// IPv4 sessions (MP-BGP). Without it, IPv6 blocks are blackholed locally but not advertised.
     #[arg(long, env = "IP6")]
@@ -146,6 +147,44 @@ pub struct NodeArgs {
     /// address and this node announces its routes with it as next hop.
     #[arg(long, env = "MARGAY_IP_RECHECK_INTERVAL", default_value_t = 60)]
     pub ip_recheck_interval: u64,
+}
+
+/// `--ip` / `IP` as Calico takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeIp {
+    Address(Ipv4Addr),
+    /// Found by the autodetection method (and re-checked).
+    Autodetect,
+}
+
+impl NodeIp {
+    /// The fixed address, or `None` when it is autodetected.
+    pub fn fixed(self) -> Option<Ipv4Addr> {
+        match self {
+            NodeIp::Address(a) => Some(a),
+            NodeIp::Autodetect => None,
+        }
+    }
+}
+
+/// `10.0.0.1`, `10.0.0.1/24` (Calico accepts the CIDR form; the prefix length is read from the interface)
+/// or `autodetect`. `none` (an IPv6-only node) is refused with what to use instead.
+pub fn parse_node_ip(s: &str) -> Result<NodeIp, String> {
+    let t = s.trim();
+    if t.eq_ignore_ascii_case("autodetect") || t.is_empty() {
+        return Ok(NodeIp::Autodetect);
+    }
+    if t.eq_ignore_ascii_case("none") {
+        return Err(
+            "IP=none (an IPv6-only node) is not supported yet: give the node an IPv4 address or autodetect".into(),
+        );
+    }
+    t.split('/')
+        .next()
+        .unwrap_or(t)
+        .parse::<Ipv4Addr>()
+        .map(NodeIp::Address)
+        .map_err(|_| format!("{s:?} is not an IPv4 address or \"autodetect\""))
 }
 
 /// Run the node daemon until SIGTERM/SIGINT.
@@ -526,7 +565,7 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let name = node_name(&args)?;
     let netns = args.netns.clone();
-    let (ip, prefix_len) = match args.ip {
+    let (ip, prefix_len) = match args.ip.and_then(NodeIp::fixed) {
         Some(ip) => (ip, prefix_len_of(netns.as_deref(), ip)),
         None => crate::dataplane::autodetect::detect_ipv4(
             &args.ip_autodetection_method,
@@ -652,7 +691,8 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         peer_loop(ds.clone(), id.clone(), spk.clone(), applied_tx, addr_rx),
     );
     // Without the monitor the sender is kept, so the receivers' `changed()` waits instead of failing.
-    let (monitor, _fixed_addr) = if args.ip.is_none() && args.ip_recheck_interval > 0 {
+    let autodetected = args.ip.and_then(NodeIp::fixed).is_none();
+    let (monitor, _fixed_addr) = if autodetected && args.ip_recheck_interval > 0 {
         let m = task::spawn(
             "address-monitor",
             monitor_address(
@@ -1244,6 +1284,19 @@ async fn monitor_address(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn node_ip_takes_calicos_forms() {
+        assert_eq!(parse_node_ip("autodetect"), Ok(NodeIp::Autodetect));
+        assert_eq!(parse_node_ip("AUTODETECT"), Ok(NodeIp::Autodetect));
+        let a = NodeIp::Address(Ipv4Addr::new(10, 0, 0, 1));
+        assert_eq!(parse_node_ip("10.0.0.1"), Ok(a));
+        assert_eq!(parse_node_ip("10.0.0.1/24"), Ok(a));
+        assert!(parse_node_ip("none").unwrap_err().contains("IPv6-only"));
+        assert!(parse_node_ip("10.0.0.300")
+            .unwrap_err()
+            .contains("10.0.0.300"));
+    }
     use crate::dataplane::pod::POD_GATEWAY_V4;
     use std::net::IpAddr;
 

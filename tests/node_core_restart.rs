@@ -490,7 +490,7 @@ fn a_changed_node_address_is_followed_by_the_node_resource_and_the_peers() {
     lab.wait_ready(&a);
     lab.stop_daemon(&a, Signal::SIGTERM);
 
-    // A's daemon without --ip: the address comes from autodetection and is re-checked every second.
+    // A's daemon with IP=autodetect: the address comes from autodetection and is re-checked every second.
     let log = lab.state.join(format!("{a}-monitor.log"));
     let sock = lab.state.join(format!("{a}-monitor.sock"));
     let _daemon = Child(
@@ -509,6 +509,8 @@ fn a_changed_node_address_is_followed_by_the_node_resource_and_the_peers() {
             .args(["--etcd-endpoints", common::lab_core::LAB_ETCD])
             .arg("--cni-socket")
             .arg(&sock)
+            // Calico's way of saying it.
+            .env("IP", "autodetect")
             .env("MARGAY_IP_RECHECK_INTERVAL", "1")
             .env("RUST_LOG", "info")
             .stdout(std::process::Stdio::null())
