@@ -192,10 +192,12 @@ fn routes_of_a_peer_not_back_yet_are_held_not_swept() {
 }
 
 /// `GET /healthz` on 127.0.0.1:9190 from a thread that has entered `node`'s network namespace, every 10 ms
-/// until `stop` is set: (when the first non-200 answer came and its body) and whether a 200 was seen.
+/// until `stop` is set: (when the first 503 after a 200 came and its body) and whether a 200 was seen;
+/// `seen_ok` is set as soon as one is.
 fn poll_healthz(
     node: &str,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    seen_ok: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> std::thread::JoinHandle<(Option<(std::time::Instant, String)>, bool)> {
     let ns = std::fs::File::open(format!("/var/run/netns/{node}")).expect("netns file");
     std::thread::spawn(move || {
@@ -218,7 +220,8 @@ fn poll_healthz(
             });
             match answer {
                 Some(a) if a.starts_with("HTTP/1.0 200") || a.starts_with("HTTP/1.1 200") => {
-                    ok = true
+                    ok = true;
+                    seen_ok.store(true, std::sync::atomic::Ordering::Relaxed);
                 }
                 Some(a) if ok && failed.is_none() && a.contains(" 503 ") => {
                     failed = Some((std::time::Instant::now(), a))
@@ -298,12 +301,12 @@ fn a_killed_rib_or_fib_task_fails_healthz_and_exits_nonzero() {
             .spawn()
             .expect("start margay node");
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let poller = poll_healthz(&a, stop.clone());
+        let seen_ok = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let poller = poll_healthz(&a, stop.clone(), seen_ok.clone());
         // Healthy first (every task answering its heartbeat).
         assert!(
-            eventually(Duration::from_secs(60), || {
-                in_ns(&a, &["curl", "-sf", "http://127.0.0.1:9190/healthz"]).0
-            }),
+            eventually(Duration::from_secs(60), || seen_ok
+                .load(std::sync::atomic::Ordering::Relaxed)),
             "never healthy:\n{}",
             std::fs::read_to_string(&log).unwrap_or_default()
         );
