@@ -89,9 +89,10 @@ pub struct NodeArgs {
     /// Network namespace of the dataplane (a path like /var/run/netns/NODE; default: the current one).
     #[arg(long)]
     pub netns: Option<PathBuf>,
-    /// The node's IPv4 address (default: found by --ip-autodetection-method).
-    #[arg(long, env = "IP")]
-    pub ip: Option<Ipv4Addr>,
+    /// The node's IPv4 address, or `autodetect` (as Calico's IP; the default): found by
+    /// --ip-autodetection-method and re-checked every --ip-recheck-interval.
+    #[arg(long, env = "IP", value_parser = parse_node_ip)]
+    pub ip: Option<NodeIp>,
     /// The node's IPv6 address: the next hop of its IPv6 routes (pod blocks of IPv6 pools), carried over the
     /// IPv4 sessions (MP-BGP). Without it, IPv6 blocks are blackholed locally but not advertised.
     #[arg(long, env = "IP6")]
@@ -150,6 +151,54 @@ pub struct NodeArgs {
     /// SNATed to this address instead of masqueraded to the outgoing interface's address.
     #[arg(long, env = "FELIX_NATOUTGOINGADDRESS")]
     pub nat_outgoing_address: Option<Ipv4Addr>,
+    /// Where the node keeps its run marker (default: the directory of --cni-socket, a hostPath that
+    /// survives a daemon restart but not a reboot). When an earlier run's marker is there at start, the
+    /// node announces itself as restarting (graceful restart R bit, RFC 4724 3), as the reflector does.
+    #[arg(long, env = "MARGAY_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// With an autodetected address (no --ip), detect it again this often (seconds; 0: never), as Calico
+    /// does every 60 s: on a change the Node resource is updated, the other nodes re-peer with the new
+    /// address and this node announces its routes with it as next hop.
+    #[arg(long, env = "MARGAY_IP_RECHECK_INTERVAL", default_value_t = 60)]
+    pub ip_recheck_interval: u64,
+}
+
+/// `--ip` / `IP` as Calico takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeIp {
+    Address(Ipv4Addr),
+    /// Found by the autodetection method (and re-checked).
+    Autodetect,
+}
+
+impl NodeIp {
+    /// The fixed address, or `None` when it is autodetected.
+    pub fn fixed(self) -> Option<Ipv4Addr> {
+        match self {
+            NodeIp::Address(a) => Some(a),
+            NodeIp::Autodetect => None,
+        }
+    }
+}
+
+/// `10.0.0.1`, `10.0.0.1/24` (Calico accepts the CIDR form; the prefix length is read from the interface)
+/// or `autodetect`. `none` (an IPv6-only node) is refused with what to use instead.
+pub fn parse_node_ip(s: &str) -> Result<NodeIp, String> {
+    let t = s.trim();
+    if t.eq_ignore_ascii_case("autodetect") || t.is_empty() {
+        return Ok(NodeIp::Autodetect);
+    }
+    if t.eq_ignore_ascii_case("none") {
+        return Err(
+            "IP=none (an IPv6-only node) is not supported yet: give the node an IPv4 address or autodetect".into(),
+        );
+    }
+    t.split('/')
+        .next()
+        .unwrap_or(t)
+        .parse::<Ipv4Addr>()
+        .map(NodeIp::Address)
+        .map_err(|_| format!("{s:?} is not an IPv4 address or \"autodetect\""))
 }
 
 /// Run the node daemon until SIGTERM/SIGINT.
@@ -199,6 +248,28 @@ fn prefix_len_of(netns: Option<&std::path::Path>, ip: Ipv4Addr) -> u8 {
     .unwrap_or(32)
 }
 
+/// Prefix length of `ip` on the node's interfaces (for the Node resource's `ipv6Address`), /128 if unknown.
+fn prefix_len_of_v6(netns: Option<&std::path::Path>, ip: std::net::Ipv6Addr) -> u8 {
+    crate::dataplane::netns::in_netns(netns, || {
+        let addrs =
+            nix::ifaddrs::getifaddrs().map_err(|e| crate::dataplane::DataplaneError::Invalid {
+                what: "interface addresses",
+                value: String::new(),
+                reason: e.to_string(),
+            })?;
+        Ok(addrs
+            .filter_map(|a| {
+                let sin = a.address?.as_sockaddr_in6().map(|s| s.ip())?;
+                let m = a.netmask?.as_sockaddr_in6().map(|s| s.ip())?;
+                (sin == ip).then(|| u128::from(m).count_ones() as u8)
+            })
+            .next())
+    })
+    .ok()
+    .flatten()
+    .unwrap_or(128)
+}
+
 /// Create or update this node's Node resource so that `spec.bgp.ipv4Address` (and the AS, if given) are
 /// what this daemon runs with. Other fields written by operators are kept.
 pub async fn register_node(
@@ -206,6 +277,19 @@ pub async fn register_node(
     name: &str,
     ipv4: Ipv4Addr,
     prefix_len: u8,
+    asn: Option<u32>,
+) -> anyhow::Result<()> {
+    register_node_with(ds, name, ipv4, prefix_len, None, asn).await
+}
+
+/// [`register_node`], also writing `spec.bgp.ipv6Address` (`<address>/<prefix length>`) when given; without
+/// it a stored ipv6Address is left as it is.
+pub async fn register_node_with(
+    ds: &Datastore,
+    name: &str,
+    ipv4: Ipv4Addr,
+    prefix_len: u8,
+    ipv6: Option<(std::net::Ipv6Addr, u8)>,
     asn: Option<u32>,
 ) -> anyhow::Result<()> {
     let key = keys::resource_key(NODES_PLURAL, name);
@@ -225,6 +309,9 @@ pub async fn register_node(
             bgp.insert("ipv4Address".into(), format!("{ipv4}/{prefix_len}").into());
             if let Some(a) = asn {
                 bgp.insert("asNumber".into(), a.into());
+            }
+            if let Some((v6, len)) = ipv6 {
+                bgp.insert("ipv6Address".into(), format!("{v6}/{len}").into());
             }
         })
         .with_context(|| format!("stored Node {name:?} at {key} is not valid"))?;
@@ -434,6 +521,28 @@ pub fn secrets_from_dir(dir: &std::path::Path) -> anyhow::Result<String> {
     Ok(text)
 }
 
+/// Whether an earlier run left its marker in the state directory (then this start is a restart), and leave
+/// ours. The marker stays on exit: the next start is a restart too. A reboot clears it (/var/run is tmpfs).
+fn run_marker(args: &NodeArgs) -> bool {
+    let dir = args.state_dir.clone().unwrap_or_else(|| {
+        args.cni_socket
+            .parent()
+            .map(std::path::Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."))
+    });
+    let marker = dir.join("node.running");
+    let restarting = marker.exists();
+    if restarting {
+        tracing::info!(marker = %marker.display(), "an earlier run's marker is there: announcing a graceful restart (R bit, RFC 4724)");
+    }
+    if let Err(e) = std::fs::create_dir_all(&dir)
+        .and_then(|()| std::fs::write(&marker, std::process::id().to_string()))
+    {
+        tracing::warn!(path = %marker.display(), error = %e, "cannot write the run marker: a restart will not be announced as graceful");
+    }
+    restarting
+}
+
 /// Who this node is, once flags and the datastore are combined.
 #[derive(Debug, Clone)]
 struct Identity {
@@ -454,6 +563,8 @@ struct Identity {
     dp_status: cluster::DataplaneStatus,
     /// The node's kernel can build ipip devices.
     kernel_has_ipip: bool,
+    /// An earlier run's marker was found: the graceful restart R bit (RFC 4724 3) is set in our OPENs.
+    restarting: bool,
 }
 
 async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
@@ -462,7 +573,7 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let name = node_name(&args)?;
     let netns = args.netns.clone();
-    let (ip, prefix_len) = match args.ip {
+    let (ip, prefix_len) = match args.ip.and_then(NodeIp::fixed) {
         Some(ip) => (ip, prefix_len_of(netns.as_deref(), ip)),
         None => crate::dataplane::autodetect::detect_ipv4(
             &args.ip_autodetection_method,
@@ -474,7 +585,8 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         .datastore()
         .map_err(|e| anyhow::anyhow!("etcd at {endpoints}: {e}"))?;
     let on_etcd = |e: anyhow::Error| anyhow::anyhow!("etcd at {endpoints}: {e:#}");
-    register_node(&ds, &name, ip, prefix_len, args.as_number)
+    let ipv6 = args.ip6.map(|a| (a, prefix_len_of_v6(netns.as_deref(), a)));
+    register_node_with(&ds, &name, ip, prefix_len, ipv6, args.as_number)
         .await
         .map_err(on_etcd)?;
     ensure_default_pool(&ds, args.ipv4_pool_cidr, args.ipv4_pool_block_size)
@@ -530,6 +642,7 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         ip6: args.ip6,
         forwarding_preserved: false,
         secrets_dir: args.bgp_secrets_dir.clone(),
+        restarting: run_marker(&args),
     };
     if args.ip6.is_none() && args.ipv6_pool_cidr.is_some() {
         tracing::warn!(
@@ -584,19 +697,35 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         .map(|s| s.stats.adopted > 0)
         .unwrap_or(false);
     let (fib_tx, fib_rx) = mpsc::channel::<Vec<FibEvent>>(256);
-    let spk = speaker::spawn(
-        SpeakerConfig {
-            local_asn: asn,
-            router_id: ip,
-            cluster_id,
-            listen: vec![SocketAddr::from((Ipv4Addr::UNSPECIFIED, id.port))],
-            rib_capacity: 1024,
-        },
+    let speaker_cfg = |listen: Vec<SocketAddr>| SpeakerConfig {
+        local_asn: asn,
+        router_id: ip,
+        cluster_id,
+        listen,
+        rib_capacity: 1024,
+    };
+    // IPv4 and IPv6 transport: nodes with an ipv6Address peer over IPv6 as well (Calico's mesh does).
+    let any4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, id.port));
+    let any6 = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, id.port));
+    let spk = match speaker::spawn(
+        speaker_cfg(vec![any4, any6]),
         Arc::new(Policy::default()),
-        Some(fib_tx),
+        Some(fib_tx.clone()),
     )
     .await
-    .with_context(|| format!("starting the BGP speaker on port {}", id.port))?;
+    {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for BGP on [::] (IPv6 disabled?): listening on IPv4 only");
+            speaker::spawn(
+                speaker_cfg(vec![any4]),
+                Arc::new(Policy::default()),
+                Some(fib_tx),
+            )
+            .await
+            .with_context(|| format!("starting the BGP speaker on port {}", id.port))?
+        }
+    };
     if let Some(c) = cluster_id {
         tracing::info!(cluster_id = %c, "route reflector: reflecting for this node's route-reflector clients");
     }
@@ -628,15 +757,42 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     );
 
     let refresh = Arc::new(Notify::new());
+    // The node's address as the address monitor last found it (fixed with --ip).
+    let (addr_tx, addr_rx) = watch::channel(ip);
     let adverts = task::spawn(
         "advertise",
-        advertise_blocks(ipam.clone(), fib.clone(), spk.rib(), ip, refresh.clone()),
+        advertise_blocks(
+            ipam.clone(),
+            fib.clone(),
+            spk.rib(),
+            addr_rx.clone(),
+            refresh.clone(),
+        ),
     );
     let (applied_tx, applied_rx) = watch::channel(false);
     let peers = task::spawn(
         "peer-loop",
-        peer_loop(feed, id.clone(), spk.clone(), applied_tx),
+        peer_loop(feed, id.clone(), spk.clone(), applied_tx, addr_rx),
     );
+    // Without the monitor the sender is kept, so the receivers' `changed()` waits instead of failing.
+    let autodetected = args.ip.and_then(NodeIp::fixed).is_none();
+    let (monitor, _fixed_addr) = if autodetected && args.ip_recheck_interval > 0 {
+        let m = task::spawn(
+            "address-monitor",
+            monitor_address(
+                ds.clone(),
+                name.clone(),
+                args.ip_autodetection_method.clone(),
+                netns.clone(),
+                args.as_number,
+                Duration::from_secs(args.ip_recheck_interval),
+                addr_tx,
+            ),
+        );
+        (Some(m), None)
+    } else {
+        (None, Some(addr_tx))
+    };
     let (ready_tx, ready_rx) = watch::channel(Readiness::Syncing(
         "BGP peers not yet derived from the datastore (see the log)".to_string(),
     ));
@@ -769,6 +925,9 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     for t in cluster_tasks.iter().chain(mtu_task.iter()) {
         sup.watch(t.watch());
     }
+    if let Some(m) = &monitor {
+        sup.watch(m.watch());
+    }
     let rib_tx = spk.rib();
     sup.probe("rib", move || {
         let rib_tx = rib_tx.clone();
@@ -865,6 +1024,7 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
             .into_iter()
             .chain(cluster_tasks)
             .chain(mtu_task)
+            .chain(monitor)
         {
             t.stop().await;
         }
@@ -950,16 +1110,25 @@ async fn advertise_blocks(
     ipam: Arc<NodeIpam>,
     fib: FibHandle,
     rib: mpsc::Sender<RibInput>,
-    ip: Ipv4Addr,
+    mut addr: watch::Receiver<Ipv4Addr>,
     refresh: Arc<Notify>,
 ) {
-    let attrs = Arc::new(PathAttributes {
-        next_hop: Some(ip),
+    let mut attrs = Arc::new(PathAttributes {
+        next_hop: Some(*addr.borrow_and_update()),
         ..Default::default()
     });
     let mut blocks: BTreeSet<IpNetwork> = BTreeSet::new();
     let mut hosts: BTreeSet<IpNetwork> = BTreeSet::new();
     loop {
+        if addr.has_changed().unwrap_or(false) {
+            // The node's address changed: announce everything again with the new next hop.
+            attrs = Arc::new(PathAttributes {
+                next_hop: Some(*addr.borrow_and_update()),
+                ..Default::default()
+            });
+            blocks.clear();
+            hosts.clear();
+        }
         match ipam.routes().await {
             Ok(r) => {
                 let want_blocks: BTreeSet<IpNetwork> = r.blocks.iter().copied().collect();
@@ -1022,6 +1191,7 @@ async fn advertise_blocks(
         }
         tokio::select! {
             _ = refresh.notified() => {}
+            _ = addr.changed() => {}
             _ = tokio::time::sleep(BLOCK_POLL) => {}
         }
     }
@@ -1031,9 +1201,10 @@ async fn advertise_blocks(
 /// when a mounted password Secret changes); apply only what changed. No etcd request is made here.
 async fn peer_loop(
     feed: ConfigFeed,
-    id: Identity,
+    mut id: Identity,
     spk: Arc<SpeakerHandle>,
     applied: watch::Sender<bool>,
+    mut addr: watch::Receiver<Ipv4Addr>,
 ) {
     let mut current: Option<Vec<DesiredPeer>> = None;
     let mut services: BTreeSet<IpNetwork> = BTreeSet::new();
@@ -1042,11 +1213,21 @@ async fn peer_loop(
     let mut cluster_id = id.cluster_id;
     let mut snapshots = feed.subscribe();
     let rib = spk.rib();
-    let attrs = Arc::new(PathAttributes {
+    let mut attrs = Arc::new(PathAttributes {
         next_hop: Some(id.ip),
         ..Default::default()
     });
     loop {
+        // The address monitor found a new node address (and wrote it to our Node resource): sessions and
+        // the service routes follow it.
+        if addr.has_changed().unwrap_or(false) {
+            id.ip = *addr.borrow_and_update();
+            attrs = Arc::new(PathAttributes {
+                next_hop: Some(id.ip),
+                ..Default::default()
+            });
+            services.clear();
+        }
         let snapshot = snapshots.borrow_and_update().clone();
         let secrets_text = secrets_from_dir(&id.secrets_dir).unwrap_or_default();
         let derived = async {
@@ -1056,11 +1237,25 @@ async fn peer_loop(
                 .map(|p| {
                     let mut d = DesiredPeer::from_config(p, id.ip);
                     d.next_hop_v6 = id.ip6;
+                    // Between nodes that both have an IPv6 address each family rides on its own transport, as
+                    // in Calico's BIRD; otherwise IPv6 routes ride on the IPv4 session (MP-BGP, next hop IP6).
+                    let peer_has_v6 = p
+                        .peer_node
+                        .as_ref()
+                        .and_then(|n| set.nodes.get(n))
+                        .and_then(Node::ipv6)
+                        .is_some();
+                    if p.address.is_ipv6() {
+                        d.session.families = vec![crate::bgp::wire::Family::IPV6_UNICAST];
+                    } else if peer_has_v6 && id.ip6.is_some() {
+                        d.session.families = vec![crate::bgp::wire::Family::IPV4_UNICAST];
+                    }
                     // RFC 4724 3: after a daemon restart the kernel still forwards on the adopted routes (the
                     // FIB never flushes), so peers may keep ours until End-of-RIB; after a reboot nothing
                     // was preserved and they should not.
                     if let Some(gr) = d.session.graceful_restart.as_mut() {
                         gr.forwarding_preserved = id.forwarding_preserved;
+                        gr.restarting = id.restarting;
                     }
                     d
                 })
@@ -1142,6 +1337,12 @@ async fn peer_loop(
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     break;
                 }
+                changed = addr.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    break;
+                }
                 _ = tokio::time::sleep(SECRETS_POLL) => {
                     if secrets_from_dir(&id.secrets_dir).unwrap_or_default() != secrets_text {
                         break;
@@ -1152,9 +1353,69 @@ async fn peer_loop(
     }
 }
 
+/// Detect the node's address again every `every` (Calico re-checks every 60 s). On a change: write it to
+/// the Node resource (the other nodes re-derive their peers from it), then tell the peer loop and the
+/// block advertiser through `tx`. A failed detection or write keeps the current address and is retried.
+async fn monitor_address(
+    ds: Arc<Datastore>,
+    name: String,
+    method: crate::dataplane::autodetect::Method,
+    netns: Option<PathBuf>,
+    asn: Option<u32>,
+    every: Duration,
+    tx: watch::Sender<Ipv4Addr>,
+) {
+    let mut current = *tx.borrow();
+    loop {
+        tokio::time::sleep(every).await;
+        let (m, ns) = (method.clone(), netns.clone());
+        let detected = tokio::task::spawn_blocking(move || {
+            crate::dataplane::autodetect::detect_ipv4(&m, ns.as_deref())
+        })
+        .await;
+        let (ip, prefix_len) = match detected {
+            Ok(Ok(d)) => d,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, address = %current, "address re-detection failed; keeping the current address");
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "address re-detection did not finish");
+                continue;
+            }
+        };
+        if ip == current {
+            continue;
+        }
+        match register_node(&ds, &name, ip, prefix_len, asn).await {
+            Ok(()) => {
+                tracing::info!(from = %current, to = %ip, "node address changed: Node resource updated; sessions and routes follow");
+                current = ip;
+                tx.send_replace(ip);
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), to = %ip, "node address changed but the Node resource could not be updated; retrying")
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn node_ip_takes_calicos_forms() {
+        assert_eq!(parse_node_ip("autodetect"), Ok(NodeIp::Autodetect));
+        assert_eq!(parse_node_ip("AUTODETECT"), Ok(NodeIp::Autodetect));
+        let a = NodeIp::Address(Ipv4Addr::new(10, 0, 0, 1));
+        assert_eq!(parse_node_ip("10.0.0.1"), Ok(a));
+        assert_eq!(parse_node_ip("10.0.0.1/24"), Ok(a));
+        assert!(parse_node_ip("none").unwrap_err().contains("IPv6-only"));
+        assert!(parse_node_ip("10.0.0.300")
+            .unwrap_err()
+            .contains("10.0.0.300"));
+    }
     use crate::dataplane::pod::POD_GATEWAY_V4;
     use std::net::IpAddr;
 

@@ -383,7 +383,7 @@ mod tests {
         let (every, limit) = (Duration::from_millis(20), Duration::from_millis(50));
         let mut sup = Supervisor::with_timing(every, limit);
         sup.watch(forever.watch());
-        sup.probe("stuck", || futures::future::pending::<Result<(), String>>());
+        sup.probe("stuck", futures::future::pending::<Result<(), String>>);
         sup.probe("fine", || async { Ok(()) });
         let health = sup.health();
         let run = tokio::spawn(sup.run());

@@ -42,6 +42,16 @@ pub enum CliError {
     },
 }
 
+impl CliError {
+    /// The error without the document it came from (`apply -f` names the document).
+    pub fn inner(&self) -> &CliError {
+        match self {
+            CliError::Document { source, .. } => source.inner(),
+            e => e,
+        }
+    }
+}
+
 /// How to reach etcd (shared by every datastore command).
 #[derive(Debug, Clone, clap::Args)]
 pub struct EtcdArgs {
