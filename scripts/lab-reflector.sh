@@ -8,7 +8,7 @@
 #     |-- mgx-bird   10.77.0.2  BIRD 2, originates 192.0.2.0/24 and 198.51.100.0/24
 #     `-- mgx-gobgp  10.77.0.3  GoBGP, originates 203.0.113.0/24
 #
-# Usage: sudo scripts/lab-reflector.sh [up|status|down]   (default: up; up prints the status and leaves the lab running)
+# Usage: scripts/lab-reflector.sh [up|status|down]   (default: up; up prints the status and leaves the lab running)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cmd="${1:-up}"
@@ -156,5 +156,5 @@ wait_for "GoBGP to learn BIRD's routes through margay" \
   sh -c "ip netns exec mgx-gobgp gobgp -u 127.0.0.1 -p 50151 global rib -a ipv4 198.51.100.0/24 | grep -q 198.51.100.0"
 status
 echo
-echo "The lab stays up: 'sudo scripts/lab-reflector.sh status' to look again, 'sudo scripts/lab-reflector.sh down' to remove it."
+echo "The lab stays up: 'scripts/lab-reflector.sh status' to look again, 'scripts/lab-reflector.sh down' to remove it."
 echo "Logs and configs: $state"

@@ -4,7 +4,7 @@
 # waits for the last replies), n2's daemon restarted (SIGTERM + start, `margay lab restart-node`) one second
 # in. Prints ping's own summaries; the lab is removed at the end (also on failure).
 #
-# Usage: sudo scripts/lab-restart-loss.sh [--reflector] [--runs N]
+# Usage: scripts/lab-restart-loss.sh [--reflector] [--runs N]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=()

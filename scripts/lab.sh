@@ -12,7 +12,7 @@
 # With --reflector the mesh is off and every node peers only with `margay reflector` (reading the lab's etcd)
 # in its own namespace mgl-rr (10.99.0.3).
 #
-# Usage: sudo scripts/lab.sh [up|status|down] [margay lab flags, e.g. --nodes 4 --pods 3 --reflector]
+# Usage: scripts/lab.sh [up|status|down] [margay lab flags, e.g. --nodes 4 --pods 3 --reflector]
 #        (default: up; up prints the status and leaves the lab running; down also cleans up after a crash)
 # The older reflector-only demo (margay reflector between BIRD 2 and GoBGP) is scripts/lab-reflector.sh; the
 # loss across a node restart under a 1000 pps ping is scripts/lab-restart-loss.sh.

@@ -21,6 +21,8 @@
 //! directory, with the CNI_* environment and the network configuration on stdin, inside the node's
 //! namespace: exactly what a container runtime on that node does.
 
+pub mod preflight;
+
 use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::net::Ipv4Addr;
@@ -153,6 +155,12 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<()> {
         } => {
             if !(1..=50).contains(&nodes) {
                 bail!("--nodes must be between 1 and 50");
+            }
+            // Before anything is built, so a machine that cannot run the lab is told why and left untouched.
+            let missing = preflight::check(&format!("{}-pre", common.name));
+            if !missing.is_empty() {
+                let list: Vec<String> = missing.iter().map(|m| format!("  - {m}")).collect();
+                bail!("this machine cannot run the lab:\n{}", list.join("\n"));
             }
             if !(1..=2).contains(&subnets) {
                 bail!("--subnets must be 1 or 2");

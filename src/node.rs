@@ -1,7 +1,7 @@
 //! `margay node run`: the per-node daemon, composed from the parts that own the work.
 //!
 //! ```text
-//!   etcd ──Node/BGPConfiguration/BGPPeer/IPPool (watch + 2 s poll)──▶ peer_loop ──apply──▶ speaker ◀──▶ peers (TCP 179)
+//!   etcd ──Node/BGPConfiguration/BGPPeer/IPPool (feed.rs: one watch)──▶ peer_loop ──apply──▶ speaker ◀──▶ peers (TCP 179)
 //!     │                                    desired_peers, service CIDRs, │ Originate/WithdrawLocal│ ▲      │
 //!     │                                    export policy ────────────────┴─ SetPolicy ──▶ RIB ◀─┘ │      │ PeerSync
 //!     │                                                                          │  FibEvent     │      ▼
@@ -18,9 +18,16 @@
 //! peer refresh loop (peers, service CIDRs and the export policy, see [`services`]), the advertisement of the
 //! node's blocks, and the order of the start: the FIB adopts its routes, the pod veths are reconciled with
 //! IPAM, then the CNI socket ([`NodeBackend`]) opens; [`restart`] decides when BGP has converged, sweeps
-//! what nobody re-announced and sets the readiness. Peers are re-derived whenever a watch on the v3
-//! resources reports a change (and every 2 seconds as a safety net); the speaker's `apply` only touches
-//! sessions whose settings changed, so unchanged sessions stay up.
+//! what nobody re-announced and sets the readiness. Peers are re-derived in memory whenever the
+//! configuration feed ([`crate::feed`]: one etcd watch, no polling) publishes a new snapshot, or a mounted
+//! password Secret changes; the speaker's `apply` only touches sessions whose settings changed, so unchanged
+//! sessions stay up.
+//!
+//! Every long-lived task (speaker, RIB, FIB, IPAM, fib-feed, advertise, peer-loop, CNI, HTTP) is spawned
+//! through [`crate::task`] and watched by one supervisor that also heartbeats the RIB, FIB, IPAM and speaker
+//! through their inboxes: a task that ends makes `/healthz` fail and the daemon exit non-zero (the kubelet
+//! restarts it; kernel routes and the peers' graceful restart keep forwarding meanwhile); a task that does
+//! not answer its heartbeat makes `/healthz` fail until it answers again.
 //!
 //! BGP sockets and the HTTP endpoint live in the namespace the process runs in; `--netns` points the
 //! dataplane (FIB, pod plumbing, sysctls) at another namespace. The lab runs each node inside its namespace,
@@ -46,12 +53,14 @@ use crate::bgp::wire::types::PathAttributes;
 use crate::cli::EtcdArgs;
 use crate::cni::server::{CniServer, ServerConfig};
 use crate::cni::types::DEFAULT_SOCKET;
-use crate::config::bgp::{AsNumber, ConfigSet, Node, NodeBgpSpec, NodeSpec, KIND_NODE};
+use crate::config::bgp::{ConfigSet, Node, NodeSpec, KIND_NODE};
 use crate::config::peers::desired_peers;
 use crate::config::{ObjectMeta, API_VERSION};
 use crate::dataplane::fib::{Fib, FibConfig, FibHandle, Route};
-use crate::datastore::{keys, Datastore, WatchMessage, Watcher};
+use crate::datastore::{keys, Datastore};
+use crate::feed::{ConfigFeed, FeedOptions};
 use crate::ipam::{NodeInfo, NodeIpam};
+use crate::task;
 
 mod backend;
 pub mod cluster;
@@ -66,10 +75,8 @@ pub use services::{export_policy, service_prefixes};
 
 /// Where Calico keeps Node resources (`/calico/resources/v3/projectcalico.org/nodes/<name>`).
 pub const NODES_PLURAL: &str = "nodes";
-const BGPCONFIG_PLURAL: &str = "bgpconfigurations";
-const BGPPEER_PLURAL: &str = "bgppeers";
-/// How often the peer set is re-derived from the datastore.
-const PEER_POLL: Duration = Duration::from_secs(2);
+/// How often the mounted password Secrets are compared with what the peers use (local files, no etcd).
+const SECRETS_POLL: Duration = Duration::from_secs(10);
 /// How often the node's blocks are compared with what it advertises (ADD and DEL also trigger it).
 const BLOCK_POLL: Duration = Duration::from_secs(1);
 
@@ -82,9 +89,10 @@ pub struct NodeArgs {
     /// Network namespace of the dataplane (a path like /var/run/netns/NODE; default: the current one).
     #[arg(long)]
     pub netns: Option<PathBuf>,
-    /// The node's IPv4 address (default: found by --ip-autodetection-method).
-    #[arg(long, env = "IP")]
-    pub ip: Option<Ipv4Addr>,
+    /// The node's IPv4 address, or `autodetect` (as Calico's IP; the default): found by
+    /// --ip-autodetection-method and re-checked every --ip-recheck-interval.
+    #[arg(long, env = "IP", value_parser = parse_node_ip)]
+    pub ip: Option<NodeIp>,
     /// The node's IPv6 address: the next hop of its IPv6 routes (pod blocks of IPv6 pools), carried over the
     /// IPv4 sessions (MP-BGP). Without it, IPv6 blocks are blackholed locally but not advertised.
     #[arg(long, env = "IP6")]
@@ -147,6 +155,54 @@ pub struct NodeArgs {
     /// BGP session at all: routes from the IPAM blocks' affinities, through VXLAN; pools need vxlanMode).
     #[arg(long, env = "CALICO_NETWORKING_BACKEND", default_value = "bird", value_parser = ["bird", "bgp", "vxlan"])]
     pub networking_backend: String,
+    /// Where the node keeps its run marker (default: the directory of --cni-socket, a hostPath that
+    /// survives a daemon restart but not a reboot). When an earlier run's marker is there at start, the
+    /// node announces itself as restarting (graceful restart R bit, RFC 4724 3), as the reflector does.
+    #[arg(long, env = "MARGAY_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// With an autodetected address (no --ip), detect it again this often (seconds; 0: never), as Calico
+    /// does every 60 s: on a change the Node resource is updated, the other nodes re-peer with the new
+    /// address and this node announces its routes with it as next hop.
+    #[arg(long, env = "MARGAY_IP_RECHECK_INTERVAL", default_value_t = 60)]
+    pub ip_recheck_interval: u64,
+}
+
+/// `--ip` / `IP` as Calico takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeIp {
+    Address(Ipv4Addr),
+    /// Found by the autodetection method (and re-checked).
+    Autodetect,
+}
+
+impl NodeIp {
+    /// The fixed address, or `None` when it is autodetected.
+    pub fn fixed(self) -> Option<Ipv4Addr> {
+        match self {
+            NodeIp::Address(a) => Some(a),
+            NodeIp::Autodetect => None,
+        }
+    }
+}
+
+/// `10.0.0.1`, `10.0.0.1/24` (Calico accepts the CIDR form; the prefix length is read from the interface)
+/// or `autodetect`. `none` (an IPv6-only node) is refused with what to use instead.
+pub fn parse_node_ip(s: &str) -> Result<NodeIp, String> {
+    let t = s.trim();
+    if t.eq_ignore_ascii_case("autodetect") || t.is_empty() {
+        return Ok(NodeIp::Autodetect);
+    }
+    if t.eq_ignore_ascii_case("none") {
+        return Err(
+            "IP=none (an IPv6-only node) is not supported yet: give the node an IPv4 address or autodetect".into(),
+        );
+    }
+    t.split('/')
+        .next()
+        .unwrap_or(t)
+        .parse::<Ipv4Addr>()
+        .map(NodeIp::Address)
+        .map_err(|_| format!("{s:?} is not an IPv4 address or \"autodetect\""))
 }
 
 /// Run the node daemon until SIGTERM/SIGINT.
@@ -155,7 +211,10 @@ pub fn run(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(run_async(etcd, args))
+    let r = rt.block_on(run_async(etcd, args));
+    // Do not wait for blocking work (a netlink call in flight) on the way out.
+    rt.shutdown_timeout(Duration::from_millis(500));
+    r
 }
 
 fn node_name(args: &NodeArgs) -> anyhow::Result<String> {
@@ -193,6 +252,28 @@ fn prefix_len_of(netns: Option<&std::path::Path>, ip: Ipv4Addr) -> u8 {
     .unwrap_or(32)
 }
 
+/// Prefix length of `ip` on the node's interfaces (for the Node resource's `ipv6Address`), /128 if unknown.
+fn prefix_len_of_v6(netns: Option<&std::path::Path>, ip: std::net::Ipv6Addr) -> u8 {
+    crate::dataplane::netns::in_netns(netns, || {
+        let addrs =
+            nix::ifaddrs::getifaddrs().map_err(|e| crate::dataplane::DataplaneError::Invalid {
+                what: "interface addresses",
+                value: String::new(),
+                reason: e.to_string(),
+            })?;
+        Ok(addrs
+            .filter_map(|a| {
+                let sin = a.address?.as_sockaddr_in6().map(|s| s.ip())?;
+                let m = a.netmask?.as_sockaddr_in6().map(|s| s.ip())?;
+                (sin == ip).then(|| u128::from(m).count_ones() as u8)
+            })
+            .next())
+    })
+    .ok()
+    .flatten()
+    .unwrap_or(128)
+}
+
 /// Create or update this node's Node resource so that `spec.bgp.ipv4Address` (and the AS, if given) are
 /// what this daemon runs with. Other fields written by operators are kept.
 pub async fn register_node(
@@ -202,30 +283,42 @@ pub async fn register_node(
     prefix_len: u8,
     asn: Option<u32>,
 ) -> anyhow::Result<()> {
+    register_node_with(ds, name, ipv4, prefix_len, None, asn).await
+}
+
+/// [`register_node`], also writing `spec.bgp.ipv6Address` (`<address>/<prefix length>`) when given; without
+/// it a stored ipv6Address is left as it is.
+pub async fn register_node_with(
+    ds: &Datastore,
+    name: &str,
+    ipv4: Ipv4Addr,
+    prefix_len: u8,
+    ipv6: Option<(std::net::Ipv6Addr, u8)>,
+    asn: Option<u32>,
+) -> anyhow::Result<()> {
     let key = keys::resource_key(NODES_PLURAL, name);
     for _ in 0..10 {
         let existing = ds.get(&key).await?;
-        let mut node: Node = match &existing {
-            Some(kv) => serde_json::from_slice(&kv.value)
-                .with_context(|| format!("stored Node {name:?} at {key} is not valid"))?,
-            None => Node {
-                api_version: API_VERSION.into(),
-                kind: KIND_NODE.into(),
-                metadata: ObjectMeta {
-                    name: name.to_string(),
-                    ..Default::default()
-                },
-                spec: NodeSpec::default(),
-                status: None,
+        let fresh = || Node {
+            api_version: API_VERSION.into(),
+            kind: KIND_NODE.into(),
+            metadata: ObjectMeta {
+                name: name.to_string(),
+                ..Default::default()
             },
+            spec: NodeSpec::default(),
+            status: None,
         };
-        let bgp = node.spec.bgp.get_or_insert_with(NodeBgpSpec::default);
-        bgp.ipv4_address = Some(format!("{ipv4}/{prefix_len}"));
-        if let Some(a) = asn {
-            bgp.as_number = Some(AsNumber(a));
-        }
-        node.metadata.resource_version = None;
-        let bytes = serde_json::to_vec(&node)?;
+        let bytes = patch_node_bgp(existing.as_ref().map(|kv| &kv.value[..]), fresh, |bgp| {
+            bgp.insert("ipv4Address".into(), format!("{ipv4}/{prefix_len}").into());
+            if let Some(a) = asn {
+                bgp.insert("asNumber".into(), a.into());
+            }
+            if let Some((v6, len)) = ipv6 {
+                bgp.insert("ipv6Address".into(), format!("{v6}/{len}").into());
+            }
+        })
+        .with_context(|| format!("stored Node {name:?} at {key} is not valid"))?;
         let done = match &existing {
             Some(kv) if kv.value == bytes => return Ok(()),
             Some(kv) => ds.update(&key, bytes, kv.mod_revision).await?.is_some(),
@@ -237,6 +330,44 @@ pub async fn register_node(
         }
     }
     anyhow::bail!("Node {name:?} kept changing under us while registering it; try again")
+}
+
+/// The stored Node JSON (or `fresh()` when there is none) with `edit` applied to its `spec.bgp`, as bytes to
+/// write back. The stored JSON is patched, not re-encoded from [`Node`], so that fields margay does not know
+/// (a newer Calico wrote them) are kept; it must still decode as a Node (unknown fields tolerated).
+pub fn patch_node_bgp(
+    stored: Option<&[u8]>,
+    fresh: impl FnOnce() -> Node,
+    edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>),
+) -> anyhow::Result<Vec<u8>> {
+    let mut doc: serde_json::Value = match stored {
+        Some(bytes) => {
+            let doc: serde_json::Value = serde_json::from_slice(bytes)?;
+            crate::config::tolerant::tolerant::<Node>(KIND_NODE, doc.clone())?;
+            doc
+        }
+        None => serde_json::to_value(fresh())?,
+    };
+    let obj = doc.as_object_mut().context("a Node is a JSON object")?;
+    if let Some(m) = obj.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+        m.remove("resourceVersion");
+    }
+    let spec = obj
+        .entry("spec")
+        .or_insert_with(|| serde_json::Value::Object(Default::default()));
+    let bgp = spec
+        .as_object_mut()
+        .context("a Node's spec is a JSON object")?
+        .entry("bgp")
+        .or_insert_with(|| serde_json::Value::Object(Default::default()));
+    if bgp.is_null() {
+        *bgp = serde_json::Value::Object(Default::default());
+    }
+    edit(
+        bgp.as_object_mut()
+            .context("a Node's spec.bgp is a JSON object")?,
+    );
+    Ok(serde_json::to_vec(&doc)?)
 }
 
 /// Delete a node's Node resource (as `calicoctl delete node` does), so the other nodes drop it from
@@ -312,7 +443,7 @@ pub async fn load_pools(ds: &Datastore) -> anyhow::Result<Vec<crate::config::ipp
         .await?;
     kvs.iter()
         .map(|kv| {
-            serde_json::from_slice(&kv.value)
+            crate::config::tolerant::tolerant_slice(crate::config::ippool::KIND, &kv.value)
                 .with_context(|| format!("stored IPPool at {} is not valid", kv.key))
         })
         .collect()
@@ -329,30 +460,21 @@ pub async fn load_config_with(
     ds: &Datastore,
     secrets_dir: Option<&std::path::Path>,
 ) -> anyhow::Result<ConfigSet> {
-    let mut text = match secrets_dir {
-        Some(dir) => secrets_from_dir(dir)?,
-        None => String::new(),
+    let snapshot = crate::feed::list_snapshot(ds).await?;
+    Ok(snapshot.config_set(secrets_in(secrets_dir)?)?)
+}
+
+/// The password Secrets mounted under `dir` (none without a directory).
+fn secrets_in(
+    dir: Option<&std::path::Path>,
+) -> anyhow::Result<std::collections::BTreeMap<(String, String), crate::config::bgp::Secret>> {
+    let Some(dir) = dir else {
+        return Ok(Default::default());
     };
-    for (plural, kind) in [
-        (BGPCONFIG_PLURAL, "BGPConfiguration"),
-        (BGPPEER_PLURAL, "BGPPeer"),
-        (NODES_PLURAL, KIND_NODE),
-    ] {
-        let (kvs, _) = ds.list(&keys::resource_prefix(plural)).await?;
-        for kv in kvs {
-            let mut v: serde_json::Value = serde_json::from_slice(&kv.value)
-                .with_context(|| format!("stored {kind} at {} is not JSON", kv.key))?;
-            if let Some(o) = v.as_object_mut() {
-                o.entry("apiVersion").or_insert_with(|| API_VERSION.into());
-                o.entry("kind").or_insert_with(|| kind.into());
-            }
-            // JSON is YAML: one document per resource.
-            text.push_str("---\n");
-            text.push_str(&serde_json::to_string(&v)?);
-            text.push('\n');
-        }
-    }
-    ConfigSet::from_yaml(&text).map_err(|e| anyhow::anyhow!("BGP resources in etcd: {e}"))
+    let text = secrets_from_dir(dir)?;
+    Ok(ConfigSet::from_yaml(&text)
+        .map_err(|e| anyhow::anyhow!("BGP secrets in {}: {e}", dir.display()))?
+        .secrets)
 }
 
 /// BGP password Secrets mounted as files, as v1 Secret documents for [`ConfigSet`]: `<dir>/<secret>/<key>`
@@ -403,6 +525,28 @@ pub fn secrets_from_dir(dir: &std::path::Path) -> anyhow::Result<String> {
     Ok(text)
 }
 
+/// Whether an earlier run left its marker in the state directory (then this start is a restart), and leave
+/// ours. The marker stays on exit: the next start is a restart too. A reboot clears it (/var/run is tmpfs).
+fn run_marker(args: &NodeArgs) -> bool {
+    let dir = args.state_dir.clone().unwrap_or_else(|| {
+        args.cni_socket
+            .parent()
+            .map(std::path::Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."))
+    });
+    let marker = dir.join("node.running");
+    let restarting = marker.exists();
+    if restarting {
+        tracing::info!(marker = %marker.display(), "an earlier run's marker is there: announcing a graceful restart (R bit, RFC 4724)");
+    }
+    if let Err(e) = std::fs::create_dir_all(&dir)
+        .and_then(|()| std::fs::write(&marker, std::process::id().to_string()))
+    {
+        tracing::warn!(path = %marker.display(), error = %e, "cannot write the run marker: a restart will not be announced as graceful");
+    }
+    restarting
+}
+
 /// Who this node is, once flags and the datastore are combined.
 #[derive(Debug, Clone)]
 struct Identity {
@@ -423,6 +567,8 @@ struct Identity {
     dp_status: cluster::DataplaneStatus,
     /// The node's kernel can build ipip devices.
     kernel_has_ipip: bool,
+    /// An earlier run's marker was found: the graceful restart R bit (RFC 4724 3) is set in our OPENs.
+    restarting: bool,
 }
 
 async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
@@ -431,7 +577,7 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let name = node_name(&args)?;
     let netns = args.netns.clone();
-    let (ip, prefix_len) = match args.ip {
+    let (ip, prefix_len) = match args.ip.and_then(NodeIp::fixed) {
         Some(ip) => (ip, prefix_len_of(netns.as_deref(), ip)),
         None => crate::dataplane::autodetect::detect_ipv4(
             &args.ip_autodetection_method,
@@ -443,7 +589,8 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         .datastore()
         .map_err(|e| anyhow::anyhow!("etcd at {endpoints}: {e}"))?;
     let on_etcd = |e: anyhow::Error| anyhow::anyhow!("etcd at {endpoints}: {e:#}");
-    register_node(&ds, &name, ip, prefix_len, args.as_number)
+    let ipv6 = args.ip6.map(|a| (a, prefix_len_of_v6(netns.as_deref(), a)));
+    register_node_with(&ds, &name, ip, prefix_len, ipv6, args.as_number)
         .await
         .map_err(on_etcd)?;
     ensure_default_pool(&ds, args.ipv4_pool_cidr, args.ipv4_pool_block_size)
@@ -454,9 +601,15 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
             .await
             .map_err(on_etcd)?;
     }
-    let set = load_config_with(&ds, Some(&args.bgp_secrets_dir))
+    // One watch from here on: peers are re-derived from its snapshots, never by re-listing.
+    let feed = ConfigFeed::start(ds.clone(), FeedOptions::default())
         .await
-        .map_err(on_etcd)?;
+        .map_err(|e| on_etcd(e.into()))?;
+    let feed_counters = feed.counters().clone();
+    let set = feed
+        .current()
+        .config_set(secrets_in(Some(&args.bgp_secrets_dir))?)
+        .map_err(|e| on_etcd(e.into()))?;
     let asn = args
         .as_number
         .or_else(|| set.nodes.get(&name).and_then(Node::as_number))
@@ -494,6 +647,7 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         ip6: args.ip6,
         forwarding_preserved: false,
         secrets_dir: args.bgp_secrets_dir.clone(),
+        restarting: run_marker(&args),
     };
     if args.ip6.is_none() && args.ipv6_pool_cidr.is_some() {
         tracing::warn!(
@@ -517,20 +671,21 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("IPAM for node {name:?} (etcd at {endpoints}): {e}"))?,
     );
     let cluster_tasks = [
-        tokio::spawn(cluster::follow_labels(
-            ds.clone(),
-            name.clone(),
-            ipam.clone(),
-            labels_rev,
-        )),
-        tokio::spawn(cluster::follow_nat(
-            ipam.subscribe_pools(),
-            netns.clone(),
-            crate::dataplane::nat::NatOptions {
-                outgoing_address_v4: args.nat_outgoing_address,
-            },
-            dp_status.clone(),
-        )),
+        task::spawn(
+            "labels",
+            cluster::follow_labels(ds.clone(), name.clone(), ipam.clone(), labels_rev),
+        ),
+        task::spawn(
+            "nat",
+            cluster::follow_nat(
+                ipam.subscribe_pools(),
+                netns.clone(),
+                crate::dataplane::nat::NatOptions {
+                    outgoing_address_v4: args.nat_outgoing_address,
+                },
+                dp_status.clone(),
+            ),
+        ),
     ];
     // The FIB adopts the routes of margay's protocol it finds (a restart keeps forwarding on them); what
     // nobody re-announces is swept after BGP has converged (restart::run).
@@ -548,19 +703,35 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         .unwrap_or(false);
     let (fib_tx, fib_rx) = mpsc::channel::<Vec<FibEvent>>(256);
     let affinity_routes_tx = fib_tx.clone();
-    let spk = speaker::spawn(
-        SpeakerConfig {
-            local_asn: asn,
-            router_id: ip,
-            cluster_id,
-            listen: vec![SocketAddr::from((Ipv4Addr::UNSPECIFIED, id.port))],
-            rib_capacity: 1024,
-        },
+    let speaker_cfg = |listen: Vec<SocketAddr>| SpeakerConfig {
+        local_asn: asn,
+        router_id: ip,
+        cluster_id,
+        listen,
+        rib_capacity: 1024,
+    };
+    // IPv4 and IPv6 transport: nodes with an ipv6Address peer over IPv6 as well (Calico's mesh does).
+    let any4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, id.port));
+    let any6 = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, id.port));
+    let spk = match speaker::spawn(
+        speaker_cfg(vec![any4, any6]),
         Arc::new(Policy::default()),
-        Some(fib_tx),
+        Some(fib_tx.clone()),
     )
     .await
-    .with_context(|| format!("starting the BGP speaker on port {}", id.port))?;
+    {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for BGP on [::] (IPv6 disabled?): listening on IPv4 only");
+            speaker::spawn(
+                speaker_cfg(vec![any4]),
+                Arc::new(Policy::default()),
+                Some(fib_tx),
+            )
+            .await
+            .with_context(|| format!("starting the BGP speaker on port {}", id.port))?
+        }
+    };
     if let Some(c) = cluster_id {
         tracing::info!(cluster_id = %c, "route reflector: reflecting for this node's route-reflector clients");
     }
@@ -575,22 +746,30 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         netns.clone(),
         dp_status.clone(),
     );
-    let learned = tokio::spawn(nexthop::learned_routes(
-        fib_rx,
-        fib.clone(),
-        netns.clone(),
-        dp_status.clone(),
-        vxlan_routing.clone(),
-    ));
+    let learned = task::spawn(
+        "fib-feed",
+        nexthop::learned_routes(
+            fib_rx,
+            fib.clone(),
+            netns.clone(),
+            dp_status.clone(),
+            vxlan_routing.clone(),
+        ),
+    );
 
     let refresh = Arc::new(Notify::new());
-    let adverts = tokio::spawn(advertise_blocks(
-        ipam.clone(),
-        fib.clone(),
-        spk.rib(),
-        ip,
-        refresh.clone(),
-    ));
+    // The node's address as the address monitor last found it (fixed with --ip).
+    let (addr_tx, addr_rx) = watch::channel(ip);
+    let adverts = task::spawn(
+        "advertise",
+        advertise_blocks(
+            ipam.clone(),
+            fib.clone(),
+            spk.rib(),
+            addr_rx.clone(),
+            refresh.clone(),
+        ),
+    );
     let (applied_tx, applied_rx) = watch::channel(false);
     let peers = if args.networking_backend == "vxlan" {
         // No BGP session at all (Calico's vxlan backend): nothing to wait for before readiness.
@@ -598,30 +777,59 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
             "networking backend vxlan: no BGP peers; routes from block affinities through VXLAN"
         );
         applied_tx.send_replace(true);
-        tokio::spawn(vxlan::route_by_affinities_all(
-            name.clone(),
-            ipam.subscribe_affinities(),
-            vxlan_routing,
-            affinity_routes_tx,
-        ))
+        task::spawn(
+            "vxlan-routes",
+            vxlan::route_by_affinities_all(
+                name.clone(),
+                ipam.subscribe_affinities(),
+                vxlan_routing,
+                affinity_routes_tx,
+            ),
+        )
     } else {
         drop(affinity_routes_tx);
-        tokio::spawn(peer_loop(ds.clone(), id.clone(), spk.clone(), applied_tx))
+        task::spawn(
+            "peer-loop",
+            peer_loop(feed, id.clone(), spk.clone(), applied_tx, addr_rx),
+        )
+    };
+    // Without the monitor the sender is kept, so the receivers' `changed()` waits instead of failing.
+    let autodetected = args.ip.and_then(NodeIp::fixed).is_none();
+    let (monitor, _fixed_addr) = if autodetected && args.ip_recheck_interval > 0 {
+        let m = task::spawn(
+            "address-monitor",
+            monitor_address(
+                ds.clone(),
+                name.clone(),
+                args.ip_autodetection_method.clone(),
+                netns.clone(),
+                args.as_number,
+                Duration::from_secs(args.ip_recheck_interval),
+                addr_tx,
+            ),
+        );
+        (Some(m), None)
+    } else {
+        (None, Some(addr_tx))
     };
     let (ready_tx, ready_rx) = watch::channel(Readiness::Syncing(
         "BGP peers not yet derived from the datastore (see the log)".to_string(),
     ));
-    let converging = tokio::spawn(restart::run(
-        spk.clone(),
-        fib.clone(),
-        ipam.clone(),
-        applied_rx,
-        ready_tx,
-        (
-            Duration::from_secs(args.converge_min_wait),
-            Duration::from_secs(args.converge_max_wait.max(args.converge_min_wait)),
+    // Not supervised: it ends by design once BGP has converged and the stale routes are swept.
+    let converging = task::spawn(
+        "converge",
+        restart::run(
+            spk.clone(),
+            fib.clone(),
+            ipam.clone(),
+            applied_rx,
+            ready_tx,
+            (
+                Duration::from_secs(args.converge_min_wait),
+                Duration::from_secs(args.converge_max_wait.max(args.converge_min_wait)),
+            ),
         ),
-    ));
+    );
 
     // Before the first ADD: the pods the kernel holds, compared with what IPAM says this node owns.
     if let Err(e) = reconcile_pods(&ipam, netns.clone()).await {
@@ -629,13 +837,16 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     }
     let pod_mtu = start_pod_mtu(&args, &ipam, &dp_status).await?;
     let mtu_task = match (args.pod_mtu, regex::Regex::new(&args.mtu_iface_pattern)) {
-        (None | Some(0), Ok(pattern)) => Some(tokio::spawn(cluster::follow_mtu(
-            ipam.subscribe_pools(),
-            netns.clone(),
-            pattern,
-            pod_mtu.clone(),
-            dp_status.clone(),
-        ))),
+        (None | Some(0), Ok(pattern)) => Some(task::spawn(
+            "mtu",
+            cluster::follow_mtu(
+                ipam.subscribe_pools(),
+                netns.clone(),
+                pattern,
+                pod_mtu.clone(),
+                dp_status.clone(),
+            ),
+        )),
         _ => None,
     };
     let backend = Arc::new(NodeBackend {
@@ -646,6 +857,7 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         spool_socket: Some(args.cni_socket.clone()),
     });
     let mut registry = Registry::default();
+    feed_counters.register(&mut registry);
     let cni_metrics = crate::cni::server::CniMetrics::register(&mut registry);
     let server = CniServer::bind(
         ServerConfig {
@@ -657,9 +869,16 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     .with_context(|| format!("CNI socket {}", args.cni_socket.display()))?
     .with_metrics(cni_metrics);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut cni = tokio::spawn(server.run(async move {
-        let _ = stop_rx.await;
-    }));
+    let cni = task::spawn("cni", async move {
+        let r = server
+            .run(async move {
+                let _ = stop_rx.await;
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "CNI server");
+        }
+    });
 
     let status_spk = spk.clone();
     let status_id = id.clone();
@@ -706,64 +925,155 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         }
         .boxed()
     };
-    let mut http = tokio::spawn(api::serve(
-        args.http_listen,
-        status_source,
-        Arc::new(registry),
-    ));
+    // Every task that must live as long as the daemon, and a heartbeat through each owner's inbox.
+    let mut sup = task::Supervisor::new();
+    for w in spk.tasks() {
+        sup.watch(w);
+    }
+    for w in [
+        fib.task_watch(),
+        ipam.task_watch(),
+        learned.watch(),
+        adverts.watch(),
+        peers.watch(),
+        cni.watch(),
+    ] {
+        sup.watch(w);
+    }
+    for t in cluster_tasks
+        .iter()
+        .chain(mtu_task.iter())
+        .chain(vxlan_tasks.iter())
+    {
+        sup.watch(t.watch());
+    }
+    if let Some(m) = &monitor {
+        sup.watch(m.watch());
+    }
+    let rib_tx = spk.rib();
+    sup.probe("rib", move || {
+        let rib_tx = rib_tx.clone();
+        async move {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            rib_tx
+                .send(RibInput::Query(crate::bgp::rib::Query::Summary(tx)))
+                .await
+                .map_err(|_| "inbox closed".to_string())?;
+            rx.await.map(|_| ()).map_err(|_| "no answer".to_string())
+        }
+    });
+    let probe_fib = fib.clone();
+    sup.probe("fib", move || {
+        let fib = probe_fib.clone();
+        async move { fib.settle().await.map(|_| ()).map_err(|e| e.to_string()) }
+    });
+    let probe_ipam = ipam.clone();
+    sup.probe("ipam", move || {
+        let ipam = probe_ipam.clone();
+        async move { ipam.routes().await.map(|_| ()).map_err(|e| e.to_string()) }
+    });
+    let probe_spk = spk.clone();
+    sup.probe("speaker", move || {
+        let spk = probe_spk.clone();
+        async move {
+            spk.sync_state()
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+    });
+    // Installed before /healthz answers. Test-only fault hook (never set in a deployment): with MARGAY_TEST_FAULT_TASK=<task>, SIGUSR1 kills
+    // that supervised task as a crash would, so tests can prove the daemon notices and exits.
+    let fault = std::env::var("MARGAY_TEST_FAULT_TASK")
+        .ok()
+        .and_then(|n| sup.find(&n));
+    let mut usr1 = match &fault {
+        Some(_) => Some(signal(SignalKind::user_defined1())?),
+        None => None,
+    };
+    let http_listener = tokio::net::TcpListener::bind(args.http_listen)
+        .await
+        .map_err(|e| api::ApiError::Bind {
+            addr: args.http_listen,
+            source: e,
+        })?;
+    let health = sup.health();
+    let http = task::spawn("http", async move {
+        let r = api::serve_supervised(
+            http_listener,
+            status_source,
+            Arc::new(registry),
+            Some(health),
+        )
+        .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "HTTP endpoint");
+        }
+    });
+    sup.watch(http.watch());
     tracing::info!(node = %name, address = %ip, asn, cni_socket = %args.cni_socket.display(),
         http = %args.http_listen, etcd = %endpoints, "margay node running");
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let mut check = tokio::time::interval(Duration::from_millis(500));
+    // Boxed so it can be dropped before the cleanup: its heartbeats hold clones of the speaker handle.
+    let mut supervised = Box::pin(sup.run());
     let outcome: anyhow::Result<()> = loop {
         tokio::select! {
             _ = term.recv() => break Ok(()),
             _ = int.recv() => break Ok(()),
-            _ = check.tick() => {
-                if http.is_finished() {
-                    break match (&mut http).await {
-                        Ok(Err(e)) => Err(anyhow::anyhow!("HTTP endpoint: {e}")),
-                        _ => Err(anyhow::anyhow!("HTTP endpoint stopped")),
-                    };
-                }
-                if cni.is_finished() {
-                    break match (&mut cni).await {
-                        Ok(Err(e)) => Err(anyhow::anyhow!("CNI server: {e}")),
-                        _ => Err(anyhow::anyhow!("CNI server stopped")),
-                    };
+            ended = &mut supervised => {
+                tracing::error!(task = ended.name, why = %ended.why,
+                    "a task of the daemon ended unexpectedly: /healthz fails and margay exits so that it is restarted \
+                     (kernel routes stay; peers keep ours through graceful restart)");
+                // Let /healthz report it (a probe, an operator's curl) before the process goes.
+                tokio::time::sleep(task::FAILED_HEALTH_GRACE).await;
+                break Err(anyhow::anyhow!("{ended}"));
+            }
+            Some(_) = async { match usr1.as_mut() { Some(s) => s.recv().await, None => std::future::pending().await } } => {
+                if let Some(f) = &fault {
+                    tracing::warn!(task = f.name(), "test fault hook: killing the task");
+                    f.kill_for_test();
                 }
             }
         }
     };
-    let _ = stop_tx.send(());
-    // Wait for the aborted tasks to drop what they hold, so the speaker handle is ours alone again.
-    for t in [peers, adverts, learned, converging]
-        .into_iter()
-        .chain(vxlan_tasks)
-        .chain(cluster_tasks)
-        .chain(mtu_task)
-    {
-        t.abort();
-        let _ = t.await;
+    drop(supervised);
+    let cleanup = async move {
+        let _ = stop_tx.send(());
+        // Wait for the aborted tasks to drop what they hold, so the speaker handle is ours alone again.
+        for t in [peers, adverts, learned, converging, http]
+            .into_iter()
+            .chain(vxlan_tasks)
+            .chain(cluster_tasks)
+            .chain(mtu_task)
+            .chain(monitor)
+        {
+            t.stop().await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), cni.join()).await;
+        shutdown_speaker(spk).await;
+    };
+    if outcome.is_err() {
+        // Something is broken: exit promptly; the kernel routes and the peers' graceful restart carry the
+        // traffic until the restarted daemon is back.
+        let _ = tokio::time::timeout(Duration::from_millis(500), cleanup).await;
+    } else {
+        cleanup.await;
     }
-    // On a signal the HTTP and CNI tasks are still running (on an error one of them was already awaited).
-    if outcome.is_ok() {
-        http.abort();
-        let _ = http.await;
-        let _ = tokio::time::timeout(Duration::from_secs(5), cni).await;
-    }
-    // Close sessions without a NOTIFICATION so peers keep our routes while we restart (RFC 4724 4.1); the
-    // kernel routes stay too (the FIB never flushes).
+    tracing::info!("margay node stopped");
+    outcome
+}
+
+/// Close sessions without a NOTIFICATION so peers keep our routes while we restart (RFC 4724 4.1); the
+/// kernel routes stay too (the FIB never flushes).
+async fn shutdown_speaker(spk: Arc<SpeakerHandle>) {
     match Arc::try_unwrap(spk) {
         Ok(spk) => spk.shutdown(true).await,
         Err(_) => {
             tracing::warn!("BGP speaker still shared at shutdown; sessions close with the process")
         }
     }
-    tracing::info!("margay node stopped");
-    outcome
 }
 
 /// The pod MTU to start with: the flag, or detected (Calico's rule) before the first ADD.
@@ -823,16 +1133,25 @@ async fn advertise_blocks(
     ipam: Arc<NodeIpam>,
     fib: FibHandle,
     rib: mpsc::Sender<RibInput>,
-    ip: Ipv4Addr,
+    mut addr: watch::Receiver<Ipv4Addr>,
     refresh: Arc<Notify>,
 ) {
-    let attrs = Arc::new(PathAttributes {
-        next_hop: Some(ip),
+    let mut attrs = Arc::new(PathAttributes {
+        next_hop: Some(*addr.borrow_and_update()),
         ..Default::default()
     });
     let mut blocks: BTreeSet<IpNetwork> = BTreeSet::new();
     let mut hosts: BTreeSet<IpNetwork> = BTreeSet::new();
     loop {
+        if addr.has_changed().unwrap_or(false) {
+            // The node's address changed: announce everything again with the new next hop.
+            attrs = Arc::new(PathAttributes {
+                next_hop: Some(*addr.borrow_and_update()),
+                ..Default::default()
+            });
+            blocks.clear();
+            hosts.clear();
+        }
         match ipam.routes().await {
             Ok(r) => {
                 let want_blocks: BTreeSet<IpNetwork> = r.blocks.iter().copied().collect();
@@ -895,55 +1214,76 @@ async fn advertise_blocks(
         }
         tokio::select! {
             _ = refresh.notified() => {}
+            _ = addr.changed() => {}
             _ = tokio::time::sleep(BLOCK_POLL) => {}
         }
     }
 }
 
-/// Re-derive the peers and the service prefixes from the datastore on every change the watch reports and
-/// every [`PEER_POLL`]; apply only what changed.
+/// Re-derive the peers and the service prefixes from every snapshot the configuration feed publishes (and
+/// when a mounted password Secret changes); apply only what changed. No etcd request is made here.
 async fn peer_loop(
-    ds: Arc<Datastore>,
-    id: Identity,
+    feed: ConfigFeed,
+    mut id: Identity,
     spk: Arc<SpeakerHandle>,
     applied: watch::Sender<bool>,
+    mut addr: watch::Receiver<Ipv4Addr>,
 ) {
     let mut current: Option<Vec<DesiredPeer>> = None;
     let mut services: BTreeSet<IpNetwork> = BTreeSet::new();
     let mut policy: Option<Policy> = None;
     let mut last_error: Option<String> = None;
     let mut cluster_id = id.cluster_id;
-    let mut watcher: Option<Watcher> = None;
+    let mut snapshots = feed.subscribe();
     let rib = spk.rib();
-    let attrs = Arc::new(PathAttributes {
+    let mut attrs = Arc::new(PathAttributes {
         next_hop: Some(id.ip),
         ..Default::default()
     });
     loop {
-        // Watch every v3 resource from before the read below, so no change between the read and the watch
-        // is missed. A failed or compacted watch is re-created on the next round; the poll stays as a net.
-        if watcher.is_none() {
-            if let Ok((_, rev)) = ds.list(&keys::resource_prefix(NODES_PLURAL)).await {
-                watcher = Some(ds.watch(keys::RESOURCES_PREFIX, rev + 1));
-            }
+        // The address monitor found a new node address (and wrote it to our Node resource): sessions and
+        // the service routes follow it.
+        if addr.has_changed().unwrap_or(false) {
+            id.ip = *addr.borrow_and_update();
+            attrs = Arc::new(PathAttributes {
+                next_hop: Some(id.ip),
+                ..Default::default()
+            });
+            services.clear();
         }
+        let snapshot = snapshots.borrow_and_update().clone();
+        let secrets_text = secrets_from_dir(&id.secrets_dir).unwrap_or_default();
         let derived = async {
-            let set = load_config_with(&ds, Some(&id.secrets_dir)).await?;
+            let set = snapshot.config_set(secrets_in(Some(&id.secrets_dir))?)?;
             let peers: Vec<DesiredPeer> = desired_peers(&set, &id.name)?
                 .iter()
                 .map(|p| {
                     let mut d = DesiredPeer::from_config(p, id.ip);
                     d.next_hop_v6 = id.ip6;
+                    // Between nodes that both have an IPv6 address each family rides on its own transport, as
+                    // in Calico's BIRD; otherwise IPv6 routes ride on the IPv4 session (MP-BGP, next hop IP6).
+                    let peer_has_v6 = p
+                        .peer_node
+                        .as_ref()
+                        .and_then(|n| set.nodes.get(n))
+                        .and_then(Node::ipv6)
+                        .is_some();
+                    if p.address.is_ipv6() {
+                        d.session.families = vec![crate::bgp::wire::Family::IPV6_UNICAST];
+                    } else if peer_has_v6 && id.ip6.is_some() {
+                        d.session.families = vec![crate::bgp::wire::Family::IPV4_UNICAST];
+                    }
                     // RFC 4724 3: after a daemon restart the kernel still forwards on the adopted routes (the
                     // FIB never flushes), so peers may keep ours until End-of-RIB; after a reboot nothing
                     // was preserved and they should not.
                     if let Some(gr) = d.session.graceful_restart.as_mut() {
                         gr.forwarding_preserved = id.forwarding_preserved;
+                        gr.restarting = id.restarting;
                     }
                     d
                 })
                 .collect();
-            let pools = load_pools(&ds).await?;
+            let pools = snapshot.pools()?;
             anyhow::Ok((set, peers, pools))
         };
         match derived.await {
@@ -1010,21 +1350,76 @@ async fn peer_loop(
                 }
             }
         }
-        let event = async {
-            match watcher.as_mut() {
-                Some(w) => w.recv().await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            msg = event => match msg {
-                Some(WatchMessage::Events(_)) => {
+        // Wait for a new snapshot, or a rotated Secret file.
+        loop {
+            tokio::select! {
+                changed = snapshots.changed() => {
+                    if changed.is_err() {
+                        return; // the feed is gone: the daemon is stopping
+                    }
                     // Let a burst of writes (a node registering, an operator's apply) land together.
                     tokio::time::sleep(Duration::from_millis(50)).await;
+                    break;
                 }
-                Some(WatchMessage::Resync) | None => watcher = None,
-            },
-            _ = tokio::time::sleep(PEER_POLL) => {}
+                changed = addr.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    break;
+                }
+                _ = tokio::time::sleep(SECRETS_POLL) => {
+                    if secrets_from_dir(&id.secrets_dir).unwrap_or_default() != secrets_text {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Detect the node's address again every `every` (Calico re-checks every 60 s). On a change: write it to
+/// the Node resource (the other nodes re-derive their peers from it), then tell the peer loop and the
+/// block advertiser through `tx`. A failed detection or write keeps the current address and is retried.
+async fn monitor_address(
+    ds: Arc<Datastore>,
+    name: String,
+    method: crate::dataplane::autodetect::Method,
+    netns: Option<PathBuf>,
+    asn: Option<u32>,
+    every: Duration,
+    tx: watch::Sender<Ipv4Addr>,
+) {
+    let mut current = *tx.borrow();
+    loop {
+        tokio::time::sleep(every).await;
+        let (m, ns) = (method.clone(), netns.clone());
+        let detected = tokio::task::spawn_blocking(move || {
+            crate::dataplane::autodetect::detect_ipv4(&m, ns.as_deref())
+        })
+        .await;
+        let (ip, prefix_len) = match detected {
+            Ok(Ok(d)) => d,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, address = %current, "address re-detection failed; keeping the current address");
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "address re-detection did not finish");
+                continue;
+            }
+        };
+        if ip == current {
+            continue;
+        }
+        match register_node(&ds, &name, ip, prefix_len, asn).await {
+            Ok(()) => {
+                tracing::info!(from = %current, to = %ip, "node address changed: Node resource updated; sessions and routes follow");
+                current = ip;
+                tx.send_replace(ip);
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), to = %ip, "node address changed but the Node resource could not be updated; retrying")
+            }
         }
     }
 }
@@ -1032,6 +1427,19 @@ async fn peer_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn node_ip_takes_calicos_forms() {
+        assert_eq!(parse_node_ip("autodetect"), Ok(NodeIp::Autodetect));
+        assert_eq!(parse_node_ip("AUTODETECT"), Ok(NodeIp::Autodetect));
+        let a = NodeIp::Address(Ipv4Addr::new(10, 0, 0, 1));
+        assert_eq!(parse_node_ip("10.0.0.1"), Ok(a));
+        assert_eq!(parse_node_ip("10.0.0.1/24"), Ok(a));
+        assert!(parse_node_ip("none").unwrap_err().contains("IPv6-only"));
+        assert!(parse_node_ip("10.0.0.300")
+            .unwrap_err()
+            .contains("10.0.0.300"));
+    }
     use crate::dataplane::pod::POD_GATEWAY_V4;
     use std::net::IpAddr;
 

@@ -4,14 +4,14 @@
 //! ```text
 //!   config source ──▶ loader task ──(identity, peers)──▶ main loop ──apply──▶ speaker task ──▶ peer tasks ◀──▶ TCP
 //!     file: SIGHUP        ▲                                 │                      │  ▲
-//!     etcd: watch,        └──── triggers ───────────────────┘                      │  └── RIB task (reflection)
-//!           2 s poll                                                               │
+//!     etcd: feed.rs       └──── triggers ───────────────────┘                      │  └── RIB task (reflection)
+//!       snapshots (one watch, no polling)                                          │
 //!   HTTP /status /readyz /metrics ◀──StatusReport (oneshot query via the main loop)─┘
 //! ```
 //!
 //! The configuration source is pluggable ([`ConfigSource`]): a multi-document YAML file (`--config`), or the
-//! etcd datastore (the default without `--config`), read with the loader `margay node` uses
-//! ([`crate::node::load_config`]). With etcd the reflector identifies itself as a Node resource (`--node-name`)
+//! etcd datastore (the default without `--config`), followed by the configuration feed `margay node` uses
+//! ([`crate::feed`]: one watch, snapshots in memory, no re-listing). With etcd the reflector identifies itself as a Node resource (`--node-name`)
 //! and writes its cluster id and address there, so the nodes' BGPPeer selectors find it; every change under
 //! the v3 resources re-derives the peers and only sessions whose settings changed are touched. A bad
 //! document set is refused as a whole: the running peers stay as they were and the error names the
@@ -36,7 +36,8 @@ use crate::cli::EtcdArgs;
 use crate::config::bgp::{ConfigSet, Node, NodeBgpSpec, NodeSpec, KIND_NODE};
 use crate::config::peers::desired_peers;
 use crate::config::{ObjectMeta, API_VERSION};
-use crate::datastore::{keys, Datastore, WatchMessage};
+use crate::datastore::{keys, Datastore};
+use crate::feed::{ConfigFeed, FeedOptions, Snapshot};
 
 /// `margay reflector` flags.
 #[derive(Debug, Clone, clap::Args)]
@@ -104,19 +105,21 @@ impl ConfigSource for FileSource {
     }
 }
 
-/// The etcd datastore: BGPConfiguration, BGPPeer and Node resources in Calico's v3 layout.
+/// The etcd datastore: BGPConfiguration, BGPPeer and Node resources in Calico's v3 layout, as the
+/// configuration feed's newest snapshot holds them (loading reads memory, not etcd).
 pub struct EtcdSource {
     pub ds: Arc<Datastore>,
+    pub feed: Arc<ConfigFeed>,
 }
 
 impl ConfigSource for EtcdSource {
     fn load(&self) -> BoxFuture<'_, anyhow::Result<ConfigSet>> {
-        async move {
-            crate::node::load_config(&self.ds)
-                .await
-                .map_err(|e| anyhow::anyhow!("etcd at {}: {e:#}", self.ds.endpoints().join(",")))
-        }
-        .boxed()
+        let r = self
+            .feed
+            .current()
+            .config_set(Default::default())
+            .map_err(|e| anyhow::anyhow!("etcd at {}: {e}", self.ds.endpoints().join(",")));
+        futures::future::ready(r).boxed()
     }
     fn describe(&self) -> String {
         format!("etcd {}", self.ds.endpoints().join(","))
@@ -217,21 +220,24 @@ pub async fn register_reflector_node(
     let key = keys::resource_key(crate::node::NODES_PLURAL, name);
     for _ in 0..10 {
         let existing = ds.get(&key).await?;
-        let mut node: Node = match &existing {
-            Some(kv) => serde_json::from_slice(&kv.value)
-                .with_context(|| format!("stored Node {name:?} at {key} is not valid"))?,
-            None => new_node(name),
-        };
-        let bgp = node.spec.bgp.get_or_insert_with(NodeBgpSpec::default);
-        if bgp.ipv4_address.is_none() {
-            bgp.ipv4_address = Some(format!("{router_id}/32"));
-        }
-        bgp.route_reflector_cluster_id = Some(cluster_id.to_string());
-        if let Some(a) = asn {
-            bgp.as_number = Some(crate::config::bgp::AsNumber(a));
-        }
-        node.metadata.resource_version = None;
-        let bytes = serde_json::to_vec(&node)?;
+        // Patched as JSON so that fields margay does not know are kept.
+        let stored = existing.as_ref().map(|kv| &kv.value[..]);
+        let bytes = crate::node::patch_node_bgp(
+            stored,
+            || new_node(name),
+            |bgp| {
+                bgp.entry("ipv4Address")
+                    .or_insert_with(|| format!("{router_id}/32").into());
+                bgp.insert(
+                    "routeReflectorClusterID".into(),
+                    cluster_id.to_string().into(),
+                );
+                if let Some(a) = asn {
+                    bgp.insert("asNumber".into(), a.into());
+                }
+            },
+        )
+        .with_context(|| format!("stored Node {name:?} at {key} is not valid"))?;
         let done = match &existing {
             Some(kv) if kv.value == bytes => return Ok(()),
             Some(kv) => ds.update(&key, bytes, kv.mod_revision).await?.is_some(),
@@ -258,32 +264,17 @@ fn new_node(name: &str) -> Node {
     }
 }
 
-/// Forward every change under the v3 resources prefix as a nudge (coalesced: a full channel drops it, the
-/// pending nudge covers it). A failed or compacted watch is re-created; the caller's poll is the net.
-async fn watch_resources(ds: Arc<Datastore>, nudge: mpsc::Sender<&'static str>) {
-    loop {
-        let rev = match ds
-            .list(&keys::resource_prefix(crate::node::NODES_PLURAL))
-            .await
-        {
-            Ok((_, rev)) => rev,
-            Err(e) => {
-                tracing::debug!(error = %e, "etcd watch: listing for a start revision failed; retrying");
-                tokio::time::sleep(WATCH_RETRY).await;
-                continue;
-            }
-        };
-        let mut w = ds.watch(keys::RESOURCES_PREFIX, rev + 1);
-        // Whatever changed between the last load and this watch is picked up by this nudge.
-        let _ = nudge.try_send(WATCH_TRIGGER);
-        // A Resync (compacted history) or a closed watch ends this one; a new one starts from a fresh list.
-        while let Some(WatchMessage::Events(_)) = w.recv().await {
-            if nudge.is_closed() {
-                return;
-            }
-            let _ = nudge.try_send(WATCH_TRIGGER);
+/// Turn every new snapshot of the feed into a nudge of the loader (coalesced: a full channel drops it, the
+/// pending nudge loads the newest snapshot anyway).
+async fn follow_feed(
+    mut snapshots: tokio::sync::watch::Receiver<Arc<Snapshot>>,
+    nudge: mpsc::Sender<&'static str>,
+) {
+    while snapshots.changed().await.is_ok() {
+        if nudge.is_closed() {
+            return;
         }
-        tokio::time::sleep(WATCH_RETRY).await;
+        let _ = nudge.try_send(WATCH_TRIGGER);
     }
 }
 
@@ -312,11 +303,6 @@ async fn loader(
         }
     }
 }
-
-/// How long to wait before re-creating a failed etcd watch.
-const WATCH_RETRY: Duration = Duration::from_secs(1);
-/// With etcd, the peers are also re-derived this often (a safety net under the watch).
-const ETCD_POLL: Duration = Duration::from_secs(2);
 
 enum Control {
     Status(oneshot::Sender<StatusReport>),
@@ -353,13 +339,28 @@ pub fn run(args: ReflectorArgs) -> anyhow::Result<()> {
 async fn run_async(args: ReflectorArgs) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
 
+    let mut feed: Option<Arc<ConfigFeed>> = None;
     let (source, ds): (Arc<dyn ConfigSource>, Option<Arc<Datastore>>) = match &args.config {
         Some(path) => (Arc::new(FileSource(path.clone())), None),
         None => {
-            let ds = args.etcd.datastore().map_err(|e| {
-                anyhow::anyhow!("etcd at {}: {e}", args.etcd.etcd_endpoints.join(","))
-            })?;
-            (Arc::new(EtcdSource { ds: ds.clone() }), Some(ds))
+            let at = || args.etcd.etcd_endpoints.join(",");
+            let ds = args
+                .etcd
+                .datastore()
+                .map_err(|e| anyhow::anyhow!("etcd at {}: {e}", at()))?;
+            let f = Arc::new(
+                ConfigFeed::start(ds.clone(), FeedOptions::default())
+                    .await
+                    .map_err(|e| anyhow::anyhow!("etcd at {}: {e}", at()))?,
+            );
+            feed = Some(f.clone());
+            (
+                Arc::new(EtcdSource {
+                    ds: ds.clone(),
+                    feed: f,
+                }),
+                Some(ds),
+            )
         }
     };
     let marker = args.state_dir.join("reflector.running");
@@ -407,6 +408,9 @@ async fn run_async(args: ReflectorArgs) -> anyhow::Result<()> {
 
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
+    if let Some(f) = &feed {
+        f.counters().register(&mut registry);
+    }
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<Control>(16);
     let status_source = move || {
         let ctl = ctl_tx.clone();
@@ -419,28 +423,72 @@ async fn run_async(args: ReflectorArgs) -> anyhow::Result<()> {
         }
         .boxed()
     };
-    let http = tokio::spawn(api::serve(
-        args.http_listen,
-        status_source,
-        Arc::new(registry),
-    ));
+    // Every long-lived task is supervised: one ending makes /healthz fail and the reflector exit non-zero.
+    let mut sup = crate::task::Supervisor::new();
+    for w in spk.tasks() {
+        sup.watch(w);
+    }
+    let rib_tx = spk.rib();
+    sup.probe("rib", move || {
+        let rib_tx = rib_tx.clone();
+        async move {
+            let (tx, rx) = oneshot::channel();
+            rib_tx
+                .send(crate::bgp::rib::RibInput::Query(
+                    crate::bgp::rib::Query::Summary(tx),
+                ))
+                .await
+                .map_err(|_| "inbox closed".to_string())?;
+            rx.await.map(|_| ()).map_err(|_| "no answer".to_string())
+        }
+    });
+    let http_listener = tokio::net::TcpListener::bind(args.http_listen)
+        .await
+        .map_err(|e| api::ApiError::Bind {
+            addr: args.http_listen,
+            source: e,
+        })?;
+    let health = sup.health();
+    let http = crate::task::spawn("http", async move {
+        let r = api::serve_supervised(
+            http_listener,
+            status_source,
+            Arc::new(registry),
+            Some(health),
+        )
+        .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "HTTP endpoint");
+        }
+    });
+    sup.watch(http.watch());
 
     // Loading runs in its own task so that a slow or unreachable etcd never stalls the status endpoint or
-    // signal handling. Triggers: etcd's watch and poll, or SIGHUP for a file.
+    // signal handling. Triggers: the feed's snapshots, or SIGHUP for a file.
     let (trigger_tx, trigger_rx) = mpsc::channel::<&'static str>(1);
     let (loaded_tx, mut loaded_rx) = mpsc::channel::<Loaded>(1);
-    let loader_task = tokio::spawn(loader(
-        args.clone(),
-        source.clone(),
-        restarting,
-        trigger_rx,
-        loaded_tx,
-    ));
-    let watcher = ds
-        .clone()
-        .map(|ds| tokio::spawn(watch_resources(ds, trigger_tx.clone())));
-    let mut poll = tokio::time::interval(ETCD_POLL);
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let loader_task = crate::task::spawn(
+        "loader",
+        loader(
+            args.clone(),
+            source.clone(),
+            restarting,
+            trigger_rx,
+            loaded_tx,
+        ),
+    );
+    sup.watch(loader_task.watch());
+    let watcher = feed.as_ref().map(|f| {
+        crate::task::spawn(
+            "feed-follow",
+            follow_feed(f.subscribe(), trigger_tx.clone()),
+        )
+    });
+    if let Some(w) = &watcher {
+        sup.watch(w.watch());
+    }
+    let mut supervised = Box::pin(sup.run());
+    let mut outcome = Ok(());
 
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
@@ -451,11 +499,6 @@ async fn run_async(args: ReflectorArgs) -> anyhow::Result<()> {
         tokio::select! {
             // A full trigger queue already holds a load that will read the newest state.
             _ = hup.recv() => { let _ = trigger_tx.try_send("SIGHUP"); }
-            _ = poll.tick() => {
-                if ds.is_some() {
-                    let _ = trigger_tx.try_send("etcd poll");
-                }
-            }
             Some((why, loaded)) = loaded_rx.recv() => match loaded {
                 Ok((id2, peers)) => {
                     last_error = None;
@@ -479,25 +522,33 @@ async fn run_async(args: ReflectorArgs) -> anyhow::Result<()> {
             },
             _ = term.recv() => break,
             _ = int.recv() => break,
+            ended = &mut supervised => {
+                tracing::error!(task = ended.name, why = %ended.why,
+                    "a task of the reflector ended unexpectedly: /healthz fails and the reflector exits so that it is restarted");
+                tokio::time::sleep(crate::task::FAILED_HEALTH_GRACE).await;
+                outcome = Err(anyhow::anyhow!("{ended}"));
+                break;
+            }
             Some(Control::Status(reply)) = ctl_rx.recv() => {
-                let _ = reply.send(status_report(&spk, &id, started, last_error.as_deref(), ds.as_deref()).await);
+                // A feed that lost etcd keeps its last snapshot: the peers may be stale, as with a failed read.
+                let lost = feed.as_ref().and_then(|f| f.down());
+                let why = last_error.as_deref().or(lost.as_deref());
+                let _ = reply.send(status_report(&spk, &id, started, why, ds.as_deref()).await);
             }
         }
-        if http.is_finished() {
-            break;
-        }
     }
-    loader_task.abort();
-    http.abort();
+    drop(supervised);
+    loader_task.stop().await;
+    http.stop().await;
     if let Some(w) = watcher {
-        w.abort();
+        w.stop().await;
     }
     // SIGTERM is how a DaemonSet or systemd restarts us: close every session without a NOTIFICATION so
     // peers that negotiated graceful restart keep our routes while we are away (RFC 4724 4.1). The run
     // marker stays, so the next start announces the restart.
     spk.shutdown(true).await;
     tracing::info!("route reflector stopped; peers keep its routes for the graceful restart time");
-    Ok(())
+    outcome
 }
 
 async fn status_report(

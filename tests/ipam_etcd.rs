@@ -534,7 +534,8 @@ async fn apply_get_delete_resources() {
     let overlap = "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {name: o}\nspec: {cidr: 10.20.0.128/25}\n";
     let e = resources::apply(&ds, overlap).await.unwrap_err();
     assert!(
-        matches!(&e, CliError::Config(c) if c.field == "spec.cidr" && c.reason.contains("overlaps pool \"v4\"")),
+        matches!(e.inner(), CliError::Config(c) if c.field == "spec.cidr" && c.reason.contains("overlaps pool \"v4\""))
+            && e.to_string().starts_with("document 1: "),
         "{e}"
     );
     let bad = "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {name: b}\nspec: {cidr: 10.50.0.1/24, blockSize: 26}\n";

@@ -1,11 +1,13 @@
 //! Dual-stack pods: with an IPv6 pool (MARGAY_IPV6POOL_CIDR) and the node's IPv6 address (IP6), an ADD gives
-//! the pod an IPv4 /32 and an IPv6 /128; the node's IPv6 block is advertised over the IPv4 mesh sessions
-//! (MP-BGP, next hop the node's IPv6 address) and lands in the other node's FIB; the pods ping each other
-//! over both families.
+//! the pod an IPv4 /32 and an IPv6 /128; the node writes its IPv6 address to its Node resource
+//! (`ipv6Address`), so the nodes also mesh over IPv6 transport (as Calico's BIRD does), each family on its own
+//! session; the node's IPv6 block lands in the other node's FIB via its IPv6 address; the pods ping each
+//! other over both families.
 //!
 //! ```text
 //!   netns <lab>-br: bridge 10.99.0.1/24 (+ fd99::/64 on the nodes), etcd 10.99.0.2
-//!     n1 10.99.0.11 fd99::11 ◀──iBGP (IPv4 transport; IPv4 + IPv6 unicast)──▶ n2 10.99.0.12 fd99::12
+//!     n1 10.99.0.11 ◀──iBGP, IPv4 transport, IPv4 unicast──▶ n2 10.99.0.12
+//!     n1 fd99::11   ◀──iBGP, IPv6 transport, IPv6 unicast──▶ n2 fd99::12
 //!     <lab>-v6a (on n1): 10.244.x.y/32, fd00:244::../128      <lab>-v6b (on n2): same shape
 //!   n1's FIB: n2's IPv6 /122 block via fd99::12 proto 77 (and the reverse)
 //! ```
@@ -69,6 +71,35 @@ fn dual_stack_pods_ping_across_nodes_over_both_families() {
         assert!(ok, "address {ip6} on {node}: {out}");
         lab.restart_node_with_env(node, &[("IP6", ip6), ("MARGAY_IPV6POOL_CIDR", POOL6)]);
         lab.wait_ready(node);
+    }
+    // The Node resources carry the IPv6 addresses, and the IPv6 mesh sessions come up.
+    for (node, ip6, other_ip6) in [(&n1, "fd99::11", "fd99::12"), (&n2, "fd99::12", "fd99::11")] {
+        let (ok, out) = in_ns(
+            &format!("{}-etcd", lab.name),
+            &[
+                "etcdctl",
+                "--endpoints",
+                common::lab_core::LAB_ETCD,
+                "get",
+                &format!("/calico/resources/v3/projectcalico.org/nodes/{node}"),
+                "--print-value-only",
+            ],
+        );
+        assert!(
+            ok && out.contains(&format!("\"ipv6Address\":\"{ip6}/64\"")),
+            "Node {node}: {out}"
+        );
+        assert!(
+            eventually(Duration::from_secs(60), || lab
+                .status(node)
+                .and_then(|s| s["peers"].as_array().cloned())
+                .is_some_and(|p| p.iter().any(
+                    |p| p["address"] == other_ip6 && p["fsmState"] == "Established"
+                ))),
+            "{node}: no Established IPv6 session with {other_ip6}: {:?}\n{}",
+            lab.status(node),
+            lab.logs()
+        );
     }
     let (pa, pb) = (format!("{}-v6a", lab.name), format!("{}-v6b", lab.name));
     let _ns = Netns::new(&[&pa, &pb]);

@@ -97,3 +97,57 @@ fn readiness_waits_for_end_of_rib_and_names_what_it_waits_for() {
     let logs = lab.node_logs(&n1);
     assert!(logs.contains("BGP converged"), "{logs}");
 }
+
+/// ADD-PATH receive (RFC 7911), offered by default as Calico's BIRD has `add paths on`: a ToR BIRD with
+/// `add paths tx` sends two paths of one prefix (two static routes, different gateways, `next hop keep`);
+/// the node keeps both and its FIB gets the ECMP set.
+///
+/// ```text
+///   netns <lab>-br: bridge 10.99.0.1/24, BIRD 2 AS 65001 (BGPPeer tor), etcd 10.99.0.2
+///     BIRD: 10.244.250.0/26 via 10.99.0.50 and via 10.99.0.51 ──eBGP, ADD-PATH──▶ n1 10.99.0.11
+///     n1's FIB: 10.244.250.0/26 proto 77 nexthop via 10.99.0.50 nexthop via 10.99.0.51
+/// ```
+#[test]
+fn add_path_from_the_tor_gives_the_fib_the_ecmp_set() {
+    const T: &str = "add_path_from_the_tor_gives_the_fib_the_ecmp_set";
+    if !(common::lab::lab_prerequisites(T)
+        && require(have_bird(), T, "BIRD 2 is not installed (bird2)"))
+    {
+        return;
+    }
+    let lab = Lab::up(MARGAY, "mgp", 1, 0, &[]);
+    let (n1, ip1) = lab.nodes[0].clone();
+    let (ok, out) = in_ns(
+        &format!("{}-etcd", lab.name),
+        &[
+            "etcdctl",
+            "--endpoints",
+            LAB_ETCD,
+            "put",
+            "/calico/resources/v3/projectcalico.org/bgppeers/tor",
+            r#"{"apiVersion":"projectcalico.org/v3","kind":"BGPPeer","metadata":{"name":"tor"},"spec":{"peerIP":"10.99.0.1","asNumber":65001}}"#,
+        ],
+    );
+    assert!(ok, "etcdctl put: {out}");
+    let conf = format!(
+        "router id 10.99.0.1;\nprotocol device {{}}\n\
+         protocol static s1 {{ ipv4; route 10.244.250.0/26 via 10.99.0.50; }}\n\
+         protocol static s2 {{ ipv4; route 10.244.250.0/26 via 10.99.0.51; }}\n\
+         protocol bgp n1 {{\n  local 10.99.0.1 as 65001;\n  neighbor {ip1} as 64512;\n  \
+         ipv4 {{ import none; export all; add paths tx; next hop keep; }};\n}}\n"
+    );
+    let bird = Bird::start(&format!("{}-br", lab.name), &conf);
+    let mut route = String::new();
+    let ecmp = eventually(Duration::from_secs(60), || {
+        route = in_ns(&n1, &["ip", "route", "show", "10.244.250.0/26"]).1;
+        route.contains("via 10.99.0.50") && route.contains("via 10.99.0.51")
+    });
+    assert!(
+        ecmp,
+        "{n1} has no ECMP route to 10.244.250.0/26: {route:?}\n{}\n{}\n{}",
+        bird.birdc("show protocols all n1"),
+        bird.log(),
+        lab.node_logs(&n1)
+    );
+    assert!(route.contains("proto 77"), "{route}");
+}

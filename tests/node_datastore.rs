@@ -155,3 +155,102 @@ async fn bgp_password_secrets_from_mounted_files() {
             .is_err()
     );
 }
+
+/// The configuration feed follows a BGPPeer put and delete and a Node joining and leaving through its one
+/// watch: each change reaches the snapshot and the peers derived from it, while the feed's own etcd request
+/// counter (the one `/metrics` exports as `margay_etcd_requests`) stays where the start-up list left it and
+/// no second list happens; an idle second reads nothing either.
+#[tokio::test]
+async fn config_feed_follows_changes_without_relisting() {
+    use margay::feed::{ConfigFeed, FeedOptions, Snapshot};
+    use std::time::Duration;
+
+    let Some((etcd, writer)) = setup("config_feed_follows_changes_without_relisting") else {
+        return;
+    };
+    register_node(&writer, "a", Ipv4Addr::new(10, 0, 0, 1), 24, None)
+        .await
+        .expect("register a");
+    // The feed's datastore is its own, so its counters hold the feed's requests only.
+    let ds = Arc::new(Datastore::new(DatastoreConfig::new(&[etcd.endpoint()])).expect("datastore"));
+    let feed = ConfigFeed::start(ds.clone(), FeedOptions::default())
+        .await
+        .expect("feed starts");
+    let listed = ds.stats().round_trips;
+    assert_eq!(listed, 4, "one list per watched kind at start");
+    assert_eq!(feed.counters().lists.get(), 1);
+    let mut rx = feed.subscribe();
+
+    async fn until(
+        rx: &mut tokio::sync::watch::Receiver<Arc<Snapshot>>,
+        what: &str,
+        ok: impl Fn(&Snapshot) -> bool,
+    ) -> Arc<Snapshot> {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let s = rx.borrow_and_update().clone();
+                if ok(&s) {
+                    return s;
+                }
+                rx.changed().await.expect("feed alive");
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("the feed never showed {what}"))
+    }
+    let peer_of = |s: &Snapshot, ip: Ipv4Addr| {
+        let set = s.config_set(Default::default()).expect("valid set");
+        desired_peers(&set, "a")
+            .expect("peers")
+            .iter()
+            .any(|p| p.address == IpAddr::V4(ip))
+    };
+    let tor = Ipv4Addr::new(10, 0, 0, 254);
+    let b = Ipv4Addr::new(10, 0, 0, 2);
+
+    margay::cli::resources::apply(
+        &writer,
+        "apiVersion: projectcalico.org/v3\nkind: BGPPeer\nmetadata: {name: tor}\nspec: {peerIP: 10.0.0.254, asNumber: 65001}\n",
+    )
+    .await
+    .expect("apply the peer");
+    until(&mut rx, "the BGPPeer put", |s| peer_of(s, tor)).await;
+    margay::cli::resources::delete(&writer, "bgppeer", "tor")
+        .await
+        .expect("delete the peer");
+    until(&mut rx, "the BGPPeer delete", |s| {
+        s.bgp_peers.is_empty() && !peer_of(s, tor)
+    })
+    .await;
+
+    register_node(&writer, "b", b, 24, None)
+        .await
+        .expect("b joins");
+    until(&mut rx, "node b joining the mesh", |s| peer_of(s, b)).await;
+    margay::node::remove_node_resource(&writer, "b")
+        .await
+        .expect("b leaves");
+    let last = until(&mut rx, "node b leaving", |s| {
+        !s.nodes.contains_key("b") && !peer_of(s, b)
+    })
+    .await;
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        ds.stats().round_trips,
+        listed,
+        "the feed sent etcd requests after its start-up list"
+    );
+    assert_eq!(feed.counters().lists.get(), 1, "the feed listed again");
+    assert!(
+        feed.counters().events.get() >= 4,
+        "four changes, each one event"
+    );
+    assert_eq!(feed.current().revision, last.revision);
+    // The same numbers as the daemon exports them.
+    let mut registry = prometheus_client::registry::Registry::default();
+    feed.counters().register(&mut registry);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+    assert!(text.contains("margay_config_feed_lists_total 1"), "{text}");
+}

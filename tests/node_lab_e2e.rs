@@ -240,3 +240,33 @@ fn wait_established(nodes: &[(String, Ipv4Addr)]) {
     }
     check_status(nodes);
 }
+
+/// The lab's preflight on this machine: every kernel feature is there, the scratch namespace is gone
+/// afterwards; as a user without root, `margay lab up` refuses before building anything, saying why.
+#[test]
+fn lab_preflight_names_what_is_missing() {
+    const T: &str = "lab_preflight_names_what_is_missing";
+    if !common::require(common::is_root(), T, "needs root for network namespaces") {
+        return;
+    }
+    let scratch = common::unique("pre");
+    let missing = margay::lab::preflight::check(&scratch);
+    assert!(missing.is_empty(), "this machine lacks: {missing:?}");
+    let (_, list) = common::try_sh("ip netns list");
+    assert!(!list.contains(&scratch), "scratch namespace left: {list}");
+
+    // setpriv drops root for one command: the same binary, as uid 65534.
+    let (ok, out) = common::try_sh(&format!(
+        "setpriv --reuid 65534 --regid 65534 --clear-groups {MARGAY} lab up --name {scratch}x 2>&1"
+    ));
+    assert!(!ok, "lab up without root succeeded: {out}");
+    assert!(
+        out.contains("root") && out.contains("sudo"),
+        "lab up without root does not say what to do: {out}"
+    );
+    let (_, list) = common::try_sh("ip netns list");
+    assert!(
+        !list.contains(&format!("{scratch}x")),
+        "lab made namespaces without root: {list}"
+    );
+}

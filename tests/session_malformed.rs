@@ -98,6 +98,17 @@ impl Scripted {
         }
     }
 
+    /// Read until a NOTIFICATION arrives (skipping KEEPALIVEs); its code, subcode and data.
+    async fn expect_notification_data(&mut self) -> (u8, u8, Vec<u8>) {
+        loop {
+            match self.recv().await {
+                Message::Notification(n) => return (n.code, n.subcode, n.data),
+                Message::Keepalive => continue,
+                other => panic!("expected a NOTIFICATION, got {other:?}"),
+            }
+        }
+    }
+
     /// Read until a NOTIFICATION arrives (skipping KEEPALIVEs); then expect the close.
     async fn expect_notification(&mut self) -> (u8, u8) {
         loop {
@@ -455,4 +466,64 @@ async fn end_of_rib_and_updates_flow_out_and_reconfigure_resets_only_on_change()
     assert_eq!(negotiated.hold_time, 30);
     assert_eq!(p.status().counters.established, 2);
     p.shutdown().await;
+}
+
+/// The three samples an outside malformed-message check found, live against the peer task (an external
+/// peer, AS 65002, no extended messages):
+/// - a malformed LOCAL_PREF from an external peer is discarded (RFC 7606 7.5): the route is announced;
+/// - an attribute length running past the attributes in an UPDATE without NLRI resets the session with
+///   3/1 (RFC 7606 4 and 5.2);
+/// - a header announcing more than the negotiated 4096 octets is answered at once with 1/2 and the length
+///   as data (RFC 4271 6.1), without waiting for the body (the hold timer is 90 s).
+#[tokio::test]
+async fn rfc7606_and_rfc4271_samples_over_a_live_session() {
+    let listener = Listener::bind(&[SocketAddr::from(([127, 0, 0, 1], 0))])
+        .await
+        .expect("listener");
+    let addr = listener.local_addrs()[0];
+    let (tx, mut rx) = mpsc::channel(1024);
+    let peer = spawn_peer(passive("127.0.0.2", 65002), Some(listener.handle()), tx);
+    let mut b = Scripted::establish(Ipv4Addr::new(127, 0, 0, 2), 65002, addr).await;
+    next_matching(&mut rx, "Established", |e| {
+        matches!(e, SessionEvent::Established { .. })
+    })
+    .await;
+
+    const LOCAL_PREF_BAD_LEN: &[u8] = &[0x40, 5, 5, 0, 0, 0, 0, 100];
+    b.send_raw(&update_msg(&body(
+        &[ORIGIN, AS_PATH, NEXT_HOP, LOCAL_PREF_BAD_LEN],
+        &[24, 10, 5, 0],
+    )))
+    .await;
+    let ev = next_matching(&mut rx, "the UPDATE with LOCAL_PREF discarded", |e| {
+        !announced_v4(e).is_empty() || !withdrawn_v4(e).is_empty()
+    })
+    .await;
+    assert_eq!(announced_v4(&ev), vec![net("10.5.0.0/24")], "{ev:?}");
+    assert_eq!(peer.status().state, State::Established);
+
+    // COMMUNITIES claiming 8 octets where 4 remain, and no NLRI.
+    b.send_raw(&update_msg(&body(
+        &[ORIGIN, AS_PATH, NEXT_HOP, &[0xc0, 8, 8, 0, 0, 0, 1]],
+        &[],
+    )))
+    .await;
+    let (code, sub, _) = b.expect_notification_data().await;
+    assert_eq!((code, sub), (3, 1), "Malformed Attribute List");
+    next_matching(&mut rx, "Down", |e| matches!(e, SessionEvent::Down { .. })).await;
+
+    let mut b = Scripted::establish(Ipv4Addr::new(127, 0, 0, 2), 65002, addr).await;
+    next_matching(&mut rx, "Established again", |e| {
+        matches!(e, SessionEvent::Established { .. })
+    })
+    .await;
+    let mut header = vec![0xff; 16];
+    header.extend_from_slice(&5000u16.to_be_bytes());
+    header.push(2);
+    b.send_raw(&header).await;
+    let got = tokio::time::timeout(Duration::from_secs(5), b.expect_notification_data())
+        .await
+        .expect("Bad Message Length must be sent at once, not after the hold timer");
+    assert_eq!(got, (1, 2, vec![0x13, 0x88]));
+    peer.shutdown().await;
 }

@@ -1135,3 +1135,121 @@ fn as_path_segment_types_and_long_sequences() {
     assert_eq!(path.segments, vec![seq(&long[..255]), seq(&long[255..])]);
     assert_eq!(path.len_for_decision(), 300);
 }
+
+#[test]
+fn rfc4271_6_1_header_length_over_the_negotiated_maximum() {
+    // An UPDATE header announcing 5000 octets: fine with extended messages (RFC 8654), Bad Message Length
+    // with the length as data otherwise, known from the 19 header octets alone.
+    let mut header = vec![0xff; 16];
+    header.extend_from_slice(&5000u16.to_be_bytes());
+    header.push(2);
+    let plain = DecodeCtx::default();
+    let e = plain.peek_len(&header).expect_err("5000 > 4096");
+    assert_eq!(e.notification(), (1, 2, vec![0x13, 0x88]));
+    assert_eq!(e.action(), Rfc7606Action::SessionReset);
+    assert!(e.is_header_error());
+    let ext = DecodeCtx {
+        extended_message: true,
+        ..Default::default()
+    };
+    assert_eq!(ext.peek_len(&header), Ok(Some(5000)));
+    // OPEN and KEEPALIVE stay at 4096 even then (RFC 8654 4).
+    header[18] = 1;
+    assert_eq!(ext.peek_len(&header).expect_err("OPEN").notification().1, 2);
+}
+
+#[test]
+fn rfc7606_5_2_no_nlri_means_session_reset_unless_discard() {
+    // Attribute length running past the attribute section (RFC 7606 4), no NLRI: nothing to withdraw.
+    let e = update_err(&format!("0000 0015 {OK_ATTRS} c0 08 08 00000001"));
+    assert_eq!(e.action(), Rfc7606Action::SessionReset, "{e}");
+    assert_eq!(e.notification().0, 3);
+    assert_eq!(e.notification().1, 1);
+    assert!(matches!(e, DecodeError::NothingToWithdraw { .. }), "{e:?}");
+    // A bad ORIGIN value with only withdrawn routes: reset, with ORIGIN's NOTIFICATION.
+    let e = update_err("0003 10 0a09 000e 40 01 01 05 40 02 00 40 03 04 0a000001");
+    assert_eq!(e.action(), Rfc7606Action::SessionReset);
+    assert_eq!(
+        e.notification(),
+        (3, 6, hex::decode("40010105").expect("hex"))
+    );
+    // The same with an announced prefix is treat-as-withdraw (the rule is about announcing nothing).
+    let e = update_err("0000 000e 40 01 01 05 40 02 00 40 03 04 0a000001 08 0a");
+    assert_eq!(e.action(), Rfc7606Action::TreatAsWithdraw);
+    // Attribute discard needs no NLRI: ATOMIC_AGGREGATE with a value, no NLRI, decodes.
+    let d = decode_full(
+        &msg(2, &format!("0000 0012 {OK_ATTRS} 40 06 01 00")),
+        &four().0,
+    )
+    .expect("a discard does not reset");
+    assert_eq!(d.discarded.len(), 1);
+}
+
+/// Decode an UPDATE body from an external peer of AS 65002 (4-octet session).
+fn from_ebgp(body: &str) -> Result<Decoded, DecodeError> {
+    let ctx = DecodeCtx {
+        four_octet_as: true,
+        ebgp_peer_as: Some(65002),
+        ..Default::default()
+    };
+    decode_full(&msg(2, body), &ctx)
+}
+
+/// ORIGIN IGP, AS_PATH [65002], NEXT_HOP 10.0.0.1: 18 octets.
+const EBGP_ATTRS: &str = "40 01 01 00 40 02 06 02 01 0000fdea 40 03 04 0a000001";
+
+#[test]
+fn rfc7606_7_5_7_9_7_10_discarded_from_an_external_peer() {
+    for (what, attr, alen) in [
+        // 7.5 LOCAL_PREF, malformed (length 5): discard from eBGP (treat-as-withdraw from iBGP).
+        ("LOCAL_PREF", "40 05 05 0000000001", "001c"),
+        // 7.5 LOCAL_PREF well-formed: discarded as well.
+        ("LOCAL_PREF", "40 05 04 00000064", "001b"),
+        // 7.9 ORIGINATOR_ID, well-formed.
+        ("ORIGINATOR_ID", "80 09 04 0a000009", "001b"),
+        // 7.10 CLUSTER_LIST, malformed (length 0).
+        ("CLUSTER_LIST", "80 0a 00", "0017"),
+    ] {
+        let d = from_ebgp(&format!("0000 {alen} {EBGP_ATTRS} {attr} 08 0a"))
+            .unwrap_or_else(|e| panic!("{what} from eBGP must be discarded, got {e}"));
+        assert_eq!(d.discarded.len(), 1, "{what}");
+        assert_eq!(d.discarded[0].action(), Rfc7606Action::AttributeDiscard);
+        let Message::Update(u) = d.message else {
+            panic!("not UPDATE")
+        };
+        assert_eq!(u.nlri, vec![n("10.0.0.0/8")], "{what}: the route stays");
+        assert_eq!(u.attributes.local_pref, None);
+        assert_eq!(u.attributes.originator_id, None);
+        assert!(u.attributes.cluster_list.is_empty());
+    }
+    // The malformed LOCAL_PREF from an internal peer stays treat-as-withdraw (7.5).
+    let e = update_err(&format!("0000 0016 {OK_ATTRS} 40 05 05 0000000001 08 0a"));
+    assert_eq!(e.action(), Rfc7606Action::TreatAsWithdraw);
+}
+
+#[test]
+fn rfc4271_6_3_rfc7606_7_2_external_as_path() {
+    // Leftmost AS 65003 from peer 65002: Malformed AS_PATH, treat-as-withdraw.
+    let e = from_ebgp("0000 0014 40 01 01 00 40 02 06 02 01 0000fdeb 40 03 04 0a000001 08 0a")
+        .expect_err("wrong leftmost AS");
+    assert_eq!(e.action(), Rfc7606Action::TreatAsWithdraw, "{e}");
+    assert_eq!(e.notification().1, 11);
+    // A confederation segment from an external peer (RFC 5065 5): treat-as-withdraw.
+    let e = from_ebgp(
+        "0000 001a 40 01 01 00 40 02 0c 03 01 0000fdea 02 01 0000fdea 40 03 04 0a000001 08 0a",
+    )
+    .expect_err("confed segment");
+    assert_eq!(e.action(), Rfc7606Action::TreatAsWithdraw, "{e}");
+    // The peer's own AS leftmost: fine.
+    let d = from_ebgp(&format!("0000 0014 {EBGP_ATTRS} 08 0a")).expect("valid");
+    assert!(d.discarded.is_empty());
+    // The same AS_PATH from an internal peer is not checked.
+    decode(
+        &msg(
+            2,
+            "0000 0014 40 01 01 00 40 02 06 02 01 0000fdeb 40 03 04 0a000001 08 0a",
+        ),
+        &four().0,
+    )
+    .expect("iBGP");
+}

@@ -27,6 +27,12 @@ struct StateLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FieldLabel {
+    kind: String,
+    field: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PeerLabel {
     peer: String,
     peer_type: String,
@@ -99,6 +105,16 @@ pub fn report_registry(r: &StatusReport) -> Registry {
         "bgp_prefixes_advertised",
         "Prefixes we currently announce to the peer",
         advertised,
+    );
+
+    let unknown = Family::<FieldLabel, Counter>::default();
+    for (kind, field, n) in crate::config::tolerant::unknown_fields() {
+        unknown.get_or_create(&FieldLabel { kind, field }).inc_by(n);
+    }
+    reg.register(
+        "datastore_unknown_fields",
+        "Resources read from the datastore carrying a field margay does not know (ignored), by kind and field",
+        unknown,
     );
 
     if let Some(f) = &r.fib {

@@ -20,6 +20,8 @@ use axum::{Json, Router};
 use futures::future::BoxFuture;
 use prometheus_client::registry::Registry;
 
+use crate::task::Health;
+
 pub use client::{fetch_status, ApiError};
 pub use status::{
     render_status_table, DataplaneSummary, DatastoreSummary, FibSummary, IpamSummary, PeerStatus,
@@ -46,6 +48,8 @@ where
 struct Shared {
     source: Box<dyn StatusSource>,
     registry: Arc<Registry>,
+    /// The supervisor's verdict on the daemon's tasks; without one `/healthz` only says the endpoint runs.
+    health: Option<Health>,
 }
 
 /// Serve the endpoint on `listen` until the future is dropped. Binding errors come back at once, with the
@@ -70,12 +74,24 @@ pub async fn serve_on(
     source: impl StatusSource,
     registry: Arc<Registry>,
 ) -> Result<(), ApiError> {
+    serve_supervised(listener, source, registry, None).await
+}
+
+/// [`serve_on`] with `/healthz` answering from the daemon's task supervisor: 503 naming the task and why
+/// when a supervised task ended or does not answer its heartbeat (see [`crate::task`]).
+pub async fn serve_supervised(
+    listener: tokio::net::TcpListener,
+    source: impl StatusSource,
+    registry: Arc<Registry>,
+    health: Option<Health>,
+) -> Result<(), ApiError> {
     let shared = Arc::new(Shared {
         source: Box::new(source),
         registry,
+        health,
     });
     let app = Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
@@ -88,6 +104,17 @@ pub async fn serve_on(
 
 async fn status(State(s): State<Arc<Shared>>) -> Json<StatusReport> {
     Json(s.source.status().await)
+}
+
+async fn healthz(State(s): State<Arc<Shared>>) -> Response {
+    match s.health.as_ref().map_or(Ok(()), Health::check) {
+        Ok(()) => (StatusCode::OK, "ok\n".to_string()).into_response(),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("unhealthy: {why}\n"),
+        )
+            .into_response(),
+    }
 }
 
 async fn readyz(State(s): State<Arc<Shared>>) -> Response {

@@ -63,6 +63,12 @@ impl DesiredPeer {
         s.passive = p.passive;
         s.password = p.password.clone().map(Password);
         s.ttl_security_hops = p.ttl_security;
+        // RFC 7911: accept several paths per prefix (Calico's BIRD runs `add paths on`), so the RIB sees every
+        // origin of a prefix and the FIB gets the ECMP set. Sending several is not implemented: Receive only.
+        s.add_path = vec![
+            (Family::IPV4_UNICAST, crate::bgp::wire::AddPathMode::Receive),
+            (Family::IPV6_UNICAST, crate::bgp::wire::AddPathMode::Receive),
+        ];
         if let Some(k) = p.keepalive_time {
             s.timers.keepalive = Some(k.as_secs().clamp(1, u64::from(u16::MAX)) as u16);
         }
@@ -149,18 +155,17 @@ pub struct SpeakerHandle {
     tx: mpsc::Sender<SpeakerCommand>,
     rib: mpsc::Sender<RibInput>,
     local_addrs: Vec<SocketAddr>,
-    task: Option<tokio::task::JoinHandle<()>>,
-}
-
-impl Drop for SpeakerHandle {
-    fn drop(&mut self) {
-        if let Some(t) = self.task.take() {
-            t.abort();
-        }
-    }
+    /// Aborted when the handle is dropped.
+    task: crate::task::Task<()>,
+    rib_task: crate::task::TaskWatch,
 }
 
 impl SpeakerHandle {
+    /// Observers of the speaker task and the RIB task, for the daemon's supervisor.
+    pub fn tasks(&self) -> Vec<crate::task::TaskWatch> {
+        vec![self.task.watch(), self.rib_task.clone()]
+    }
+
     /// Make the running peer set equal to `desired` (keyed by peer address).
     pub async fn apply(&self, desired: Vec<DesiredPeer>) -> Result<ApplyReport, SpeakerError> {
         let (tx, rx) = oneshot::channel();
@@ -246,12 +251,14 @@ pub async fn spawn(
         peers: BTreeMap::new(),
         next_id: 1,
     };
-    let join = tokio::spawn(task.run(rx, events_rx));
+    let rib_task = task.rib.watch();
+    let join = crate::task::spawn("speaker", task.run(rx, events_rx));
     Ok(SpeakerHandle {
         tx,
         rib: rib_tx,
         local_addrs,
-        task: Some(join),
+        task: join,
+        rib_task,
     })
 }
 

@@ -27,6 +27,12 @@ pub enum CliError {
     Config(#[from] ConfigError),
     #[error("{0}")]
     NotFound(String),
+    /// `apply -f`: which document of the file was refused (counting from 1).
+    #[error("document {document}: {source}")]
+    Document {
+        document: usize,
+        source: Box<CliError>,
+    },
     #[error("{0}")]
     Usage(String),
     #[error("{path}: {source}")]
@@ -34,6 +40,16 @@ pub enum CliError {
         path: String,
         source: std::io::Error,
     },
+}
+
+impl CliError {
+    /// The error without the document it came from (`apply -f` names the document).
+    pub fn inner(&self) -> &CliError {
+        match self {
+            CliError::Document { source, .. } => source.inner(),
+            e => e,
+        }
+    }
 }
 
 /// How to reach etcd (shared by every datastore command).

@@ -14,7 +14,7 @@ use crate::config::bgp::{
 };
 use crate::config::ipam_config::{self, IpamConfiguration, StoredIpamConfig};
 use crate::config::ippool::{self, IpPool};
-use crate::config::ConfigError;
+use crate::config::{tolerant, ConfigError};
 use crate::datastore::{keys, Datastore, Guard, TxnOutcome, Write};
 
 /// Where a kind's objects are stored.
@@ -81,11 +81,12 @@ const IPPOOL: KindInfo = KindInfo {
         plural: ippool::PLURAL,
     },
     encode: |doc, others| {
-        let p: IpPool = serde_json::from_value(doc.clone()).map_err(|e| json_err("IPPool", e))?;
+        let p: IpPool = tolerant::strict(ippool::KIND, doc).map_err(invalid)?;
         let mut p = p.with_defaults();
+        // The stored pools were written by whoever: read them as the daemon does.
         let others: Vec<IpPool> = others
             .iter()
-            .filter_map(|o| serde_json::from_value(o.clone()).ok())
+            .filter_map(|o| tolerant::tolerant(ippool::KIND, o.clone()).ok())
             .collect();
         ippool::validate_against(&p, &others).map_err(invalid)?;
         p.metadata.resource_version = None;
@@ -155,8 +156,7 @@ const IPAMCONFIG: KindInfo = KindInfo {
         name: ipam_config::NAME,
     },
     encode: |doc, _| {
-        let c: IpamConfiguration =
-            serde_json::from_value(doc.clone()).map_err(|e| json_err("IPAMConfiguration", e))?;
+        let c: IpamConfiguration = tolerant::strict(ipam_config::KIND, doc).map_err(invalid)?;
         c.validate().map_err(invalid)?;
         let stored = StoredIpamConfig::from(c.spec);
         let bytes = serde_json::to_vec(&stored).map_err(|e| json_err("IPAMConfiguration", e))?;
@@ -164,7 +164,7 @@ const IPAMCONFIG: KindInfo = KindInfo {
     },
     decode: |_, bytes| {
         let s: StoredIpamConfig =
-            serde_json::from_slice(bytes).map_err(|e| json_err("stored IPAM configuration", e))?;
+            tolerant::tolerant_slice(ipam_config::KIND, bytes).map_err(invalid)?;
         serde_json::to_value(IpamConfiguration::new(s.into()))
             .map_err(|e| json_err("IPAMConfiguration", e))
     },
@@ -223,7 +223,7 @@ fn encode_typed<T>(
 where
     T: serde::de::DeserializeOwned + serde::Serialize,
 {
-    let mut t: T = serde_json::from_value(doc.clone()).map_err(|e| json_err(kind, e))?;
+    let mut t: T = tolerant::strict(kind, doc).map_err(invalid)?;
     validate(&t).map_err(invalid)?;
     let m = meta(&mut t);
     m.resource_version = None;
@@ -405,12 +405,15 @@ async fn check_bgp_set(
         text.push_str(&serde_json::to_string(&secret).map_err(|e| json_err("json", e))?);
         text.push('\n');
     }
-    ConfigSet::from_yaml(&text).map(|_| ()).map_err(|e| {
-        CliError::Usage(format!(
-            "{} {name:?} refused: with it the BGP resources would be invalid as a set ({e})",
-            k.kind
-        ))
-    })
+    // The new document was decoded strictly already; the stored ones are read as the nodes read them.
+    ConfigSet::from_datastore_yaml(&text)
+        .map(|_| ())
+        .map_err(|e| {
+            CliError::Usage(format!(
+                "{} {name:?} refused: with it the BGP resources would be invalid as a set ({e})",
+                k.kind
+            ))
+        })
 }
 
 fn key_of(k: &KindInfo, name: &str) -> String {
@@ -470,7 +473,18 @@ pub fn documents(text: &str) -> Result<Vec<Value>, CliError> {
 /// Create or replace every object in `text`. Returns one line per object ("Successfully applied ...").
 pub async fn apply(ds: &Datastore, text: &str) -> Result<Vec<String>, CliError> {
     let mut lines = Vec::new();
-    for doc in documents(text)? {
+    for (i, doc) in documents(text)?.into_iter().enumerate() {
+        lines.push(apply_one(ds, &doc).await.map_err(|e| CliError::Document {
+            document: i + 1,
+            source: Box::new(e),
+        })?);
+    }
+    Ok(lines)
+}
+
+/// Create or replace one object; the line to print.
+async fn apply_one(ds: &Datastore, doc: &Value) -> Result<String, CliError> {
+    {
         let kind_name = doc
             .get("kind")
             .and_then(Value::as_str)
@@ -478,9 +492,9 @@ pub async fn apply(ds: &Datastore, text: &str) -> Result<Vec<String>, CliError> 
         let k = kind(kind_name)?;
         let existing = list(ds, k).await?;
         let others: Vec<Value> = existing.iter().map(|(_, _, v)| v.clone()).collect();
-        let (name, bytes) = (k.encode)(&doc, &others)?;
+        let (name, bytes) = (k.encode)(doc, &others)?;
         if is_bgp_kind(k) {
-            check_bgp_set(ds, k, &name, &doc).await?;
+            check_bgp_set(ds, k, &name, doc).await?;
         }
         let key = key_of(k, &name);
         let guard = match existing.iter().find(|(n, _, _)| *n == name) {
@@ -488,19 +502,16 @@ pub async fn apply(ds: &Datastore, text: &str) -> Result<Vec<String>, CliError> 
             None => Guard::Absent(key.clone()),
         };
         match ds.txn(&[guard], &[Write::Put(key, bytes)]).await? {
-            TxnOutcome::Committed { .. } => lines.push(format!(
+            TxnOutcome::Committed { .. } => Ok(format!(
                 "Successfully applied 1 '{}' resource(s): {name}",
                 k.kind
             )),
-            TxnOutcome::Conflict { .. } => {
-                return Err(CliError::Usage(format!(
-                    "{} {name:?} changed while it was being applied; run apply again",
-                    k.kind
-                )))
-            }
+            TxnOutcome::Conflict { .. } => Err(CliError::Usage(format!(
+                "{} {name:?} changed while it was being applied; run apply again",
+                k.kind
+            ))),
         }
     }
-    Ok(lines)
 }
 
 /// Output format of `get`.

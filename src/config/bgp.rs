@@ -1045,13 +1045,27 @@ fn value_at(v: &serde_yaml_ng::Value, path: &serde_path_to_error::Path) -> Strin
     }
 }
 
+/// How [`ConfigSet`] treats fields margay does not know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fields {
+    /// Refuse them (operator files, `margay apply`): a typo must not pass silently.
+    Strict,
+    /// Ignore them, warned once and counted (the datastore, where a newer Calico may have written them).
+    Tolerant,
+}
+
 fn typed<T: serde::de::DeserializeOwned>(
     doc: usize,
     kind: &str,
     name: &str,
     v: serde_yaml_ng::Value,
+    fields: Fields,
 ) -> Result<T, LoadError> {
-    serde_path_to_error::deserialize::<_, T>(v.clone()).map_err(|e| {
+    let decoded = match fields {
+        Fields::Strict => serde_path_to_error::deserialize::<_, T>(v.clone()),
+        Fields::Tolerant => super::tolerant::tolerant_yaml(kind, name, v.clone()),
+    };
+    decoded.map_err(|e| {
         let field = field_path(e.path());
         let value = value_at(&v, e.path());
         // serde's message says what was expected ("unknown field `asnumber`, expected one of ...").
@@ -1107,8 +1121,20 @@ impl ConfigSet {
         ConfigSet::from_yaml(&text)
     }
 
-    /// Parse and validate a multi-document YAML stream. All or nothing.
+    /// Parse and validate a multi-document YAML stream. All or nothing; a field margay does not know is
+    /// refused (this is what operators write).
     pub fn from_yaml(text: &str) -> Result<ConfigSet, LoadError> {
+        ConfigSet::parse(text, Fields::Strict)
+    }
+
+    /// [`ConfigSet::from_yaml`] for resources read from the datastore: fields margay does not know (a newer
+    /// Calico wrote them) are ignored, warned about once per kind and field and counted (see
+    /// [`super::tolerant`]); everything else is validated as strictly.
+    pub fn from_datastore_yaml(text: &str) -> Result<ConfigSet, LoadError> {
+        ConfigSet::parse(text, Fields::Tolerant)
+    }
+
+    fn parse(text: &str, fields: Fields) -> Result<ConfigSet, LoadError> {
         let mut set = ConfigSet::default();
         let mut seen: BTreeMap<(String, String), usize> = BTreeMap::new();
         for (i, de) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
@@ -1166,17 +1192,17 @@ impl ConfigSet {
             };
             match (api.as_str(), kind.as_str()) {
                 (API_VERSION, KIND_BGP_CONFIGURATION) => {
-                    let c: BgpConfiguration = typed(doc, &kind, &name, value)?;
+                    let c: BgpConfiguration = typed(doc, &kind, &name, value, fields)?;
                     checked(c.validate())?;
                     set.bgp_configurations.insert(name, c);
                 }
                 (API_VERSION, KIND_BGP_PEER) => {
-                    let p: BgpPeer = typed(doc, &kind, &name, value)?;
+                    let p: BgpPeer = typed(doc, &kind, &name, value, fields)?;
                     checked(p.validate())?;
                     set.bgp_peers.insert(name, p);
                 }
                 (API_VERSION, KIND_NODE) => {
-                    let n: Node = typed(doc, &kind, &name, value)?;
+                    let n: Node = typed(doc, &kind, &name, value, fields)?;
                     checked(n.validate())?;
                     set.nodes.insert(name, n);
                 }
@@ -1200,7 +1226,7 @@ impl ConfigSet {
     }
 
     /// Checks that span documents: password secrets exist (unless `optional`).
-    fn validate_references(
+    pub(crate) fn validate_references(
         &self,
         docs: &BTreeMap<(String, String), usize>,
     ) -> Result<(), LoadError> {

@@ -14,7 +14,7 @@ pub const NAME: &str = "default";
 
 /// The v3 resource as operators write it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct IpamConfiguration {
     #[serde(default = "kind")]
     pub kind: String,
@@ -39,7 +39,7 @@ fn yes() -> bool {
 
 /// `spec` of IPAMConfiguration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct IpamConfigSpec {
     /// Never borrow addresses from blocks affine to other nodes.
     #[serde(default)]
@@ -65,6 +65,7 @@ impl Default for IpamConfigSpec {
 /// The JSON at `/calico/ipam/v2/config` (Calico's `model.IPAMConfig`). Go's `omitempty` means an absent bool is
 /// false, so a stored object without `auto_allocate_blocks` disables claiming, exactly as Calico reads it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 pub struct StoredIpamConfig {
     #[serde(default, skip_serializing_if = "is_false")]
     pub strict_affinity: bool,

@@ -18,9 +18,9 @@ pub const DEFAULT_BLOCK_SIZE_V4: u8 = 26;
 /// Default block size for IPv6 pools.
 pub const DEFAULT_BLOCK_SIZE_V6: u8 = 122;
 
-/// An IP pool.
+/// An IP pool. Unknown fields are refused here; the datastore reads it through `config::tolerant`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct IpPool {
     #[serde(default = "kind")]
     pub kind: String,
@@ -57,7 +57,7 @@ pub enum AllowedUse {
 
 /// `spec` of an IPPool. Optional fields are written out by [`IpPool::with_defaults`], as calicoctl does.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct IpPoolSpec {
     pub cidr: IpNetwork,
     #[serde(default, skip_serializing_if = "Option::is_none")]

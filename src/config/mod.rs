@@ -7,6 +7,7 @@ pub mod bgp;
 pub mod meta;
 pub mod peers;
 pub mod selector;
+pub mod tolerant;
 pub mod unsupported;
 
 pub use meta::{ConfigError, ObjectMeta, API_VERSION};

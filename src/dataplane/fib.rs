@@ -41,7 +41,6 @@ use netlink_sys::{protocols::NETLINK_ROUTE, Socket};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
 
 use super::error::{ns_label, DataplaneError, NlError};
 use super::netns::in_netns;
@@ -291,19 +290,13 @@ pub enum FibRequest {
     Desired(oneshot::Sender<Vec<Route>>),
 }
 
-struct AbortOnDrop(JoinHandle<()>);
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// The handle the node daemon holds. Cloneable; the task stops when the last handle is dropped.
 #[derive(Clone)]
 pub struct FibHandle {
     tx: mpsc::Sender<FibRequest>,
     netns: String,
-    _task: Arc<AbortOnDrop>,
+    /// Aborted when the last handle is dropped.
+    task: Arc<crate::task::Task<()>>,
 }
 
 /// The FIB task's entry point.
@@ -336,16 +329,21 @@ impl Fib {
         let (tx, rx) = mpsc::channel(config.queue.max(1));
         let netns = ns_label(config.netns.as_deref());
         tracing::info!(%netns, adopted = state.stats.adopted, protocol = config.protocol, "FIB task started");
-        let task = tokio::spawn(run(state, socks, monitor, rx));
+        let task = crate::task::spawn("fib", run(state, socks, monitor, rx));
         Ok(FibHandle {
             tx,
             netns,
-            _task: Arc::new(AbortOnDrop(task)),
+            task: Arc::new(task),
         })
     }
 }
 
 impl FibHandle {
+    /// Observer of the FIB task's end, for the daemon's supervisor.
+    pub fn task_watch(&self) -> crate::task::TaskWatch {
+        self.task.watch()
+    }
+
     async fn send(&self, req: FibRequest) -> Result<(), DataplaneError> {
         self.tx
             .send(req)

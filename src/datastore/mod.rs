@@ -28,7 +28,7 @@ use etcd_client::{
     TxnOp, TxnOpResponse,
 };
 
-pub use watch::{WatchEvent, WatchEventKind, WatchMessage, Watcher};
+pub use watch::{WatchEvent, WatchEventKind, WatchHealth, WatchMessage, Watcher};
 
 /// How to reach etcd.
 #[derive(Debug, Clone)]
@@ -397,6 +397,25 @@ impl Datastore {
         Ok((kvs, revision))
     }
 
+    /// Every key under `prefix` as the store held it at `revision` (several prefixes read at one revision
+    /// form one consistent snapshot). Fails with `Rejected` when `revision` was compacted away.
+    pub async fn list_at(
+        &self,
+        prefix: &str,
+        revision: i64,
+    ) -> Result<Vec<KeyValue>, DatastoreError> {
+        let resp = self
+            .call("list", prefix, |mut c| async move {
+                c.get(
+                    prefix,
+                    Some(GetOptions::new().with_prefix().with_revision(revision)),
+                )
+                .await
+            })
+            .await?;
+        resp.kvs().iter().map(convert).collect()
+    }
+
     /// A transaction: if every guard holds, apply every write; otherwise read back the guarded keys.
     /// Exactly one round trip when an endpoint answers.
     pub async fn txn(
@@ -502,7 +521,17 @@ impl Datastore {
     /// failures by resuming from the last revision it delivered; if that revision was compacted away it
     /// sends [`WatchMessage::Resync`] so the owner re-lists. The watch task stops when the [`Watcher`] drops.
     pub fn watch(self: &std::sync::Arc<Self>, prefix: &str, from_revision: i64) -> Watcher {
-        watch::spawn(self.clone(), prefix.to_string(), from_revision)
+        self.watch_reporting(prefix, from_revision, Default::default())
+    }
+
+    /// [`Datastore::watch`], recording in `health` whether its stream is up (for a readiness report).
+    pub fn watch_reporting(
+        self: &std::sync::Arc<Self>,
+        prefix: &str,
+        from_revision: i64,
+        health: std::sync::Arc<WatchHealth>,
+    ) -> Watcher {
+        watch::spawn(self.clone(), prefix.to_string(), from_revision, health)
     }
 
     /// A client of its own for one watch task: the preferred endpoint first, else the next that connects.

@@ -37,6 +37,25 @@ pub enum WatchMessage {
     Resync,
 }
 
+/// Whether a watch stream is up, shared with whoever reports readiness. A watch that is down delivers
+/// nothing and says nothing on its channel, so without this a quiet watch and a dead one look the same.
+#[derive(Debug, Default)]
+pub struct WatchHealth {
+    down: std::sync::Mutex<Option<String>>,
+}
+
+impl WatchHealth {
+    /// None while the stream is up (or being set up the first time); why it is down otherwise.
+    pub fn down(&self) -> Option<String> {
+        self.down.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Record why the stream is down (None: up again).
+    pub fn set_down(&self, why: Option<String>) {
+        *self.down.lock().unwrap_or_else(|p| p.into_inner()) = why;
+    }
+}
+
 /// The receiving end of a watch. Dropping it stops the watch task.
 pub struct Watcher {
     rx: mpsc::Receiver<WatchMessage>,
@@ -48,6 +67,11 @@ impl Watcher {
     pub async fn recv(&mut self) -> Option<WatchMessage> {
         self.rx.recv().await
     }
+
+    /// A message already delivered, without waiting (to drain a burst before acting on it).
+    pub fn try_recv(&mut self) -> Option<WatchMessage> {
+        self.rx.try_recv().ok()
+    }
 }
 
 impl Drop for Watcher {
@@ -56,36 +80,60 @@ impl Drop for Watcher {
     }
 }
 
-pub(super) fn spawn(ds: Arc<Datastore>, prefix: String, from_revision: i64) -> Watcher {
+pub(super) fn spawn(
+    ds: Arc<Datastore>,
+    prefix: String,
+    from_revision: i64,
+    health: Arc<WatchHealth>,
+) -> Watcher {
     let (tx, rx) = mpsc::channel(256);
-    let task = tokio::spawn(run(ds, prefix, from_revision, tx));
+    let task = tokio::spawn(run(ds, prefix, from_revision, tx, health));
     Watcher { rx, task }
 }
 
-async fn run(ds: Arc<Datastore>, prefix: String, mut next: i64, tx: mpsc::Sender<WatchMessage>) {
+async fn run(
+    ds: Arc<Datastore>,
+    prefix: String,
+    mut next: i64,
+    tx: mpsc::Sender<WatchMessage>,
+    health: Arc<WatchHealth>,
+) {
     let mut backoff = Duration::from_millis(50);
     loop {
         let mut client = match ds.watch_client().await {
             Ok(c) => c,
             Err(tried) => {
                 tracing::debug!(prefix, ?tried, "watch: no etcd endpoint; retrying");
+                health.set_down(Some(format!(
+                    "etcd watch on {prefix} down: {}",
+                    super::fmt_tried(&tried)
+                )));
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
                 continue;
             }
         };
+        // Progress notifications (etcd sends one when a watch has been quiet for its progress interval,
+        // 10 min by default) move the resume point forward while nothing under the prefix changes, so a
+        // stream lost after a long quiet spell resumes instead of finding its revision compacted.
         let opts = WatchOptions::new()
             .with_prefix()
+            .with_progress_notify()
             .with_start_revision(next.max(1));
         let mut stream = match client.watch(prefix.as_str(), Some(opts)).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::debug!(prefix, error = %describe(&e), "watch: cannot start; retrying");
+                health.set_down(Some(format!(
+                    "etcd watch on {prefix} cannot start: {}",
+                    describe(&e)
+                )));
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
                 continue;
             }
         };
+        health.set_down(None);
         loop {
             match stream.message().await {
                 Ok(Some(resp)) => {
@@ -101,6 +149,13 @@ async fn run(ds: Arc<Datastore>, prefix: String, mut next: i64, tx: mpsc::Sender
                             "watch canceled by etcd; restarting"
                         );
                         break;
+                    }
+                    if resp.events().is_empty() && !resp.created() {
+                        // A progress notification: every change up to the header's revision was delivered.
+                        if let Some(h) = resp.header() {
+                            next = next.max(h.revision() + 1);
+                        }
+                        continue;
                     }
                     let mut events = Vec::with_capacity(resp.events().len());
                     for ev in resp.events() {
@@ -121,9 +176,16 @@ async fn run(ds: Arc<Datastore>, prefix: String, mut next: i64, tx: mpsc::Sender
                         return;
                     }
                 }
-                Ok(None) => break,
+                Ok(None) => {
+                    health.set_down(Some(format!("etcd watch on {prefix} closed by etcd")));
+                    break;
+                }
                 Err(e) => {
                     tracing::debug!(prefix, error = %describe(&e), "watch stream failed; resuming");
+                    health.set_down(Some(format!(
+                        "etcd watch on {prefix} lost: {}",
+                        describe(&e)
+                    )));
                     break;
                 }
             }

@@ -120,13 +120,8 @@ pub struct NodeIpam {
     tx: mpsc::Sender<Request>,
     pools: watch::Receiver<Vec<IpPool>>,
     affinities: watch::Receiver<BTreeMap<IpNetwork, String>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for NodeIpam {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    /// Aborted when the handle is dropped.
+    task: crate::task::Task<()>,
 }
 
 impl NodeIpam {
@@ -140,7 +135,7 @@ impl NodeIpam {
         let (pools_tx, pools) = watch::channel(state.pool_list());
         let (affinities_tx, affinities) = watch::channel(state.affinities());
         let (tx, rx) = mpsc::channel(1024);
-        let task = tokio::spawn(run(state, rx, pools_tx, affinities_tx));
+        let task = crate::task::spawn("ipam", run(state, rx, pools_tx, affinities_tx));
         Ok(NodeIpam {
             node: name,
             tx,
@@ -148,6 +143,11 @@ impl NodeIpam {
             affinities,
             task,
         })
+    }
+
+    /// Observer of the IPAM task's end, for the daemon's supervisor.
+    pub fn task_watch(&self) -> crate::task::TaskWatch {
+        self.task.watch()
     }
 
     async fn ask<T>(&self, f: impl FnOnce(Reply<T>) -> Request) -> Result<T, IpamError> {

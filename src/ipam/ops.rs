@@ -448,7 +448,10 @@ pub async fn snapshot(ds: &Datastore) -> Result<Snapshot, IpamError> {
         }
     }
     for kv in ds.list(&keys::resource_prefix(PLURAL)).await?.0 {
-        match serde_json::from_slice::<IpPool>(&kv.value) {
+        match crate::config::tolerant::tolerant_slice::<IpPool>(
+            crate::config::ippool::KIND,
+            &kv.value,
+        ) {
             Ok(p) => s.pools.push(p),
             Err(e) => s.unreadable.push(format!("{}: {e}", kv.key)),
         }

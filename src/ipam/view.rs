@@ -177,7 +177,10 @@ impl View {
             WatchEventKind::Delete => {
                 self.pools.remove(name);
             }
-            WatchEventKind::Put => match serde_json::from_slice::<IpPool>(value) {
+            WatchEventKind::Put => match crate::config::tolerant::tolerant_slice::<IpPool>(
+                crate::config::ippool::KIND,
+                value,
+            ) {
                 Ok(p) => {
                     self.pools.insert(
                         name.to_string(),
@@ -201,13 +204,18 @@ impl View {
         self.config_revision = rev;
         self.config = match kind {
             WatchEventKind::Delete => IpamConfigSpec::default(),
-            WatchEventKind::Put => match serde_json::from_slice::<StoredIpamConfig>(value) {
-                Ok(c) => c.into(),
-                Err(e) => {
-                    tracing::warn!(error = %e, "ignoring an IPAM configuration that does not parse");
-                    return;
+            WatchEventKind::Put => {
+                match crate::config::tolerant::tolerant_slice::<StoredIpamConfig>(
+                    crate::config::ipam_config::KIND,
+                    value,
+                ) {
+                    Ok(c) => c.into(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "ignoring an IPAM configuration that does not parse");
+                        return;
+                    }
                 }
-            },
+            }
         };
     }
 

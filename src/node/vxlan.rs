@@ -623,7 +623,7 @@ pub fn spawn(
     netns: Option<PathBuf>,
     status: super::cluster::DataplaneStatus,
 ) -> (
-    Vec<tokio::task::JoinHandle<()>>,
+    Vec<crate::task::Task<()>>,
     [Option<watch::Receiver<VxlanRouting>>; 2],
 ) {
     let mut tasks = Vec::new();
@@ -639,18 +639,21 @@ pub fn spawn(
     {
         let (tx, rx) = watch::channel(VxlanRouting::default());
         routing[i] = Some(rx);
-        tasks.push(tokio::spawn(follow_vxlan(
-            ds.clone(),
-            ipam.clone(),
-            ipam.subscribe_pools(),
-            me.to_string(),
-            addr.0,
-            addr.1,
-            netns.clone(),
-            tx,
-            status.clone(),
-            fam,
-        )));
+        tasks.push(crate::task::spawn(
+            if fam.v6 { "vxlan-v6" } else { "vxlan" },
+            follow_vxlan(
+                ds.clone(),
+                ipam.clone(),
+                ipam.subscribe_pools(),
+                me.to_string(),
+                addr.0,
+                addr.1,
+                netns.clone(),
+                tx,
+                status.clone(),
+                fam,
+            ),
+        ));
     }
     (tasks, routing)
 }

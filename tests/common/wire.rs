@@ -27,6 +27,7 @@ impl Cfg {
             four_octet_as: self.four_octet_as,
             add_path_rx: self.add_path.clone(),
             extended_message: true,
+            ..Default::default()
         }
     }
     pub fn encode_ctx(&self) -> EncodeCtx {

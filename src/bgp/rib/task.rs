@@ -5,31 +5,32 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 
 use super::{FibEvent, Policy, Rib, RibConfig, RibInput};
 
 /// The running RIB: the input sender, and the task, aborted when the handle is dropped.
-#[derive(Debug)]
 pub struct RibHandle {
     pub tx: mpsc::Sender<RibInput>,
-    task: Option<JoinHandle<Rib>>,
+    task: crate::task::Task<Rib>,
+}
+
+impl std::fmt::Debug for RibHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RibHandle").finish_non_exhaustive()
+    }
 }
 
 impl RibHandle {
     /// Close the input side and wait for the task to drain it; returns the final RIB (tests, benchmarks).
-    pub async fn shutdown(mut self) -> Option<Rib> {
-        let task = self.task.take()?;
-        drop(std::mem::replace(&mut self.tx, mpsc::channel(1).0));
-        task.await.ok()
+    pub async fn shutdown(self) -> Option<Rib> {
+        let RibHandle { tx, task } = self;
+        drop(tx);
+        task.join().await.ok()
     }
-}
 
-impl Drop for RibHandle {
-    fn drop(&mut self) {
-        if let Some(t) = self.task.take() {
-            t.abort();
-        }
+    /// Observer of the RIB task's end, for the daemon's supervisor.
+    pub fn watch(&self) -> crate::task::TaskWatch {
+        self.task.watch()
     }
 }
 
@@ -43,11 +44,8 @@ pub fn spawn(
 ) -> RibHandle {
     let (tx, rx) = mpsc::channel(capacity.max(1));
     let rib = Rib::new(cfg, policy, fib.is_some());
-    let task = tokio::spawn(run(rib, rx, fib));
-    RibHandle {
-        tx,
-        task: Some(task),
-    }
+    let task = crate::task::spawn("rib", run(rib, rx, fib));
+    RibHandle { tx, task }
 }
 
 async fn run(

@@ -10,6 +10,8 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
@@ -21,7 +23,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::bgp::wire::{
-    decode_full, encode, peek_len, DecodeCtx, DecodeError, EncodeCtx, Family, Message, MpUnreach,
+    decode_full, encode, DecodeCtx, DecodeError, EncodeCtx, Family, Message, MpUnreach,
     Notification, PathAttributes, Rfc7606Action, Update, HEADER_LEN,
 };
 
@@ -169,6 +171,9 @@ enum WriteMsg {
 }
 
 struct Conn {
+    /// Whether extended messages (RFC 8654) were negotiated on this connection: the reader frames the
+    /// stream against the negotiated maximum, so an over-long header is answered at once (RFC 4271 6.1).
+    extended: Arc<AtomicBool>,
     control: mpsc::UnboundedSender<WriteMsg>,
     data: mpsc::Sender<Bytes>,
     _reader: AbortOnDrop,
@@ -423,7 +428,11 @@ impl PeerTask {
             four_octet_as: neg.four_octet_as,
             add_path_rx: neg.add_path_rx.iter().copied().collect(),
             extended_message: neg.extended_message,
+            ebgp_peer_as: (!neg.is_ibgp()).then_some(neg.peer_as),
         };
+        if let Some(c) = self.session.main_conn().and_then(|id| self.conns.get(&id)) {
+            c.extended.store(neg.extended_message, Ordering::Relaxed);
+        }
         self.encode_ctx = EncodeCtx {
             four_octet_as: neg.four_octet_as,
             add_path_tx: neg.add_path_tx.iter().copied().collect(),
@@ -474,7 +483,8 @@ impl PeerTask {
         let (rd, wr) = stream.into_split();
         let (control_tx, control_rx) = mpsc::unbounded_channel();
         let (data_tx, data_rx) = mpsc::channel(DATA_QUEUE);
-        let reader = tokio::spawn(reader(id, rd, self.internal_tx.clone()));
+        let extended = Arc::new(AtomicBool::new(false));
+        let reader = tokio::spawn(reader(id, rd, extended.clone(), self.internal_tx.clone()));
         let writer = tokio::spawn(writer(
             id,
             wr,
@@ -485,6 +495,7 @@ impl PeerTask {
         self.conns.insert(
             id,
             Conn {
+                extended,
                 control: control_tx,
                 data: data_tx,
                 _reader: AbortOnDrop(reader),
@@ -840,7 +851,12 @@ async fn connect(cfg: &PeerConfig) -> io::Result<TcpStream> {
 }
 
 /// Read large chunks, split them into whole messages, pass each chunk's messages on as one batch.
-async fn reader(id: ConnId, mut rd: OwnedReadHalf, tx: mpsc::Sender<Internal>) {
+async fn reader(
+    id: ConnId,
+    mut rd: OwnedReadHalf,
+    extended: Arc<AtomicBool>,
+    tx: mpsc::Sender<Internal>,
+) {
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     loop {
         if buf.capacity() - buf.len() < READ_CHUNK / 4 {
@@ -860,8 +876,14 @@ async fn reader(id: ConnId, mut rd: OwnedReadHalf, tx: mpsc::Sender<Internal>) {
             }
         }
         let mut frames = Vec::new();
+        // The negotiated maximum, not the largest any session may use: a header announcing more than this
+        // session allows is a Bad Message Length now, not after waiting for a body that may never come.
+        let ctx = DecodeCtx {
+            extended_message: extended.load(Ordering::Relaxed),
+            ..Default::default()
+        };
         loop {
-            match peek_len(&buf) {
+            match ctx.peek_len(&buf) {
                 Ok(Some(len)) if buf.len() >= len => frames.push(buf.split_to(len).freeze()),
                 Ok(_) => break,
                 Err(e) => {

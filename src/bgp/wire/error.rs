@@ -99,6 +99,15 @@ pub enum DecodeError {
         reason: &'static str,
     },
 
+    /// LOCAL_PREF, ORIGINATOR_ID or CLUSTER_LIST from an external peer: discarded whatever its content
+    /// (RFC 7606 7.5, 7.9, 7.10).
+    #[error("UPDATE: attribute {} (type {type_code}) from an external (eBGP) peer is discarded", attr::name(*.type_code))]
+    FromExternalPeer { type_code: u8, data: Vec<u8> },
+    /// An error that would be treat-as-withdraw in an UPDATE that announces nothing (RFC 7606 5.2): the
+    /// session resets with the cause's NOTIFICATION.
+    #[error("{cause}; the UPDATE announces no prefix to treat as withdrawn, so the session resets (RFC 7606 5.2)")]
+    NothingToWithdraw { cause: Box<DecodeError> },
+
     // ---- ROUTE-REFRESH (RFC 7313 5) ----
     #[error("ROUTE-REFRESH: invalid length {0}")]
     BadRouteRefreshLength(u16),
@@ -144,7 +153,8 @@ impl DecodeError {
             InvalidNetworkField { .. } => (u, 10, Vec::new()),
             MalformedAsPath { .. } => (u, 11, Vec::new()),
             BadRouteRefreshLength(len) => (notif::ROUTE_REFRESH, 1, len.to_be_bytes().to_vec()),
-            TreatAsWithdraw { cause, .. } => cause.notification(),
+            TreatAsWithdraw { cause, .. } | NothingToWithdraw { cause } => cause.notification(),
+            FromExternalPeer { data, .. } => (u, 9, data.clone()),
         }
     }
 
@@ -180,6 +190,10 @@ impl DecodeError {
                 TreatAsWithdraw
             }
             DecodeError::TreatAsWithdraw { .. } => TreatAsWithdraw,
+            // RFC 7606 7.5, 7.9, 7.10.
+            DecodeError::FromExternalPeer { .. } => AttributeDiscard,
+            // RFC 7606 5.2.
+            DecodeError::NothingToWithdraw { .. } => SessionReset,
             _ => SessionReset,
         }
     }

@@ -36,11 +36,21 @@
 //! the Partial bit set (RFC 4271 5 / 9). Unrecognised optional non-transitive attributes are dropped on
 //! decode (RFC 4271 9). An unrecognised well-known attribute is a session reset (RFC 4271 6.3).
 //!
+//! # The peer relationship
+//! With [`DecodeCtx::ebgp_peer_as`] set (an external peer), LOCAL_PREF, ORIGINATOR_ID and CLUSTER_LIST are
+//! attribute-discard whatever their content (RFC 7606 7.5, 7.9, 7.10), an AS_PATH whose leftmost AS is not
+//! the peer's or that carries confederation segments is treat-as-withdraw (RFC 4271 6.3, RFC 7606 7.2,
+//! RFC 5065 5: margay has no confederations).
+//!
+//! # RFC 7606 5.2: nothing to withdraw
+//! An UPDATE that carries path attributes but announces nothing (no NLRI field, no MP_REACH NLRI) and hits
+//! an error whose approach is not attribute-discard is a session reset: treat-as-withdraw would silently
+//! accept it. [`DecodeError::NothingToWithdraw`] wraps the cause and sends its NOTIFICATION.
+//!
 //! # Left to the session (it knows what the codec does not)
-//! Checks that need the peer relationship or the negotiated families: LOCAL_PREF from an eBGP peer is
-//! attribute-discard (RFC 7606 7.5) and a missing LOCAL_PREF from an iBGP peer treat-as-withdraw (RFC 7606
-//! 3 (d)); ORIGINATOR_ID / CLUSTER_LIST from an eBGP peer; the first AS of an eBGP AS_PATH (RFC 4271 6.3);
-//! NEXT_HOP semantics (own address, martians); NLRI of a family that was not negotiated (RFC 4760 7).
+//! A missing LOCAL_PREF from an iBGP peer (RFC 7606 3 (d)); NEXT_HOP semantics (own address, martians);
+//! NLRI of a family that was not negotiated (RFC 4760 7); the negotiated maximum message length while
+//! framing the byte stream ([`DecodeCtx::peek_len`]: RFC 4271 6.1, answered at once, before the body).
 //! MP_REACH / MP_UNREACH of families other than IPv4 / IPv6 unicast are dropped on decode. Prefix host
 //! bits beyond the prefix length are cleared on decode and encode.
 
@@ -162,6 +172,10 @@ pub struct DecodeCtx {
     pub add_path_rx: BTreeSet<Family>,
     /// Both sides sent the extended message capability (RFC 8654): messages up to 65535 bytes.
     pub extended_message: bool,
+    /// The peer's AS when the peer is external (eBGP); `None` for an internal peer. RFC 7606 7.5, 7.9 and
+    /// 7.10 discard LOCAL_PREF, ORIGINATOR_ID and CLUSTER_LIST from an external peer (well-formed or not),
+    /// and RFC 4271 6.3 / RFC 7606 7.2 want its AS leftmost in the AS_PATH.
+    pub ebgp_peer_as: Option<u32>,
 }
 
 impl DecodeCtx {

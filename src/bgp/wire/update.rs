@@ -116,7 +116,37 @@ pub(crate) fn decode_update(
         }
     }
 
+    // RFC 4271 6.3 / RFC 7606 7.2: from an external peer the leftmost AS is the peer's own, and (RFC 5065 5,
+    // no confederation here) no confederation segment may appear.
+    if let (Some(peer_as), Some(path), true) = (ctx.ebgp_peer_as, &attrs.as_path, announces) {
+        let reason = match path.segments.first() {
+            _ if path
+                .segments
+                .iter()
+                .any(|s| matches!(s, AsSegment::ConfedSequence(_) | AsSegment::ConfedSet(_))) =>
+            {
+                Some("confederation segment from an external peer")
+            }
+            Some(AsSegment::Sequence(v)) if v.first() == Some(&peer_as) => None,
+            _ => Some("the leftmost AS is not the external peer's AS"),
+        };
+        if let Some(reason) = reason {
+            st.withdraw(DecodeError::MalformedAsPath {
+                type_code: attr::AS_PATH,
+                reason,
+                data: Vec::new(),
+            });
+        }
+    }
+
     if let Some(cause) = st.withdraw_cause {
+        // RFC 7606 5.2: with path attributes but nothing announced, treat-as-withdraw would accept the
+        // malformed UPDATE silently; the session resets instead.
+        if !announces && !attrs_b.is_empty() {
+            return Err(DecodeError::NothingToWithdraw {
+                cause: Box::new(cause),
+            });
+        }
         let mut withdraw: Vec<(Family, Vec<Nlri>)> = Vec::new();
         let mut add = |f: Family, v: Vec<Nlri>| {
             if v.is_empty() {
@@ -182,6 +212,19 @@ fn decode_attributes(
         let v = &raw[hl..];
         i += hl + len;
 
+        // RFC 7606 7.5, 7.9, 7.10: from an external peer these are discarded, well-formed or not.
+        if ctx.ebgp_peer_as.is_some()
+            && matches!(
+                t,
+                attr::LOCAL_PREF | attr::ORIGINATOR_ID | attr::CLUSTER_LIST
+            )
+        {
+            discarded.push(DecodeError::FromExternalPeer {
+                type_code: t,
+                data: raw.to_vec(),
+            });
+            continue;
+        }
         if !st.first_time(t) {
             let e = DecodeError::DuplicateAttribute { type_code: t };
             match e.action() {
