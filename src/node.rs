@@ -12,6 +12,10 @@
 //!                                                                                        HTTP /status /healthz /readyz /metrics
 //!   NodeIpam ──pools (watch)──▶ cluster::follow_nat ──▶ nft table inet margay (natOutgoing)
 //!   etcd Node/<me> labels ──▶ cluster::follow_labels ──set_labels──▶ NodeIpam (pools' nodeSelector)
+//!   NodeIpam pools + interfaces ──▶ cluster::follow_mtu ──▶ PodMtu (CNI ADDs without an mtu)
+//!   NodeIpam pools + etcd nodes/ ──▶ vxlan::follow_vxlan (one per family) ──▶ vxlan.calico / vxlan-v6.calico,
+//!        neighbour + FDB entries; VxlanRouting ──▶ nexthop::learned_routes (VXLAN pools via the tunnel)
+//!   CALICO_NETWORKING_BACKEND=vxlan: NodeIpam affinities ──▶ vxlan::route_by_affinities ──FibEvent──▶ (same path)
 //! ```
 //!
 //! This module owns the composition only: registering the Node resource, creating the default pools, the
