@@ -91,7 +91,7 @@ async fn run(
 }
 
 /// How soon a peer whose channel was full is offered its dirty prefixes again.
-const DIRTY_RETRY: std::time::Duration = std::time::Duration::from_millis(5);
+const DIRTY_RETRY: std::time::Duration = std::time::Duration::from_millis(2);
 
 enum Tick {
     Input(RibInput),

@@ -24,7 +24,7 @@ use super::{PeerCommand, SessionId};
 /// How many RIB output messages may wait for one session's encoder (each holds up to the RIB's
 /// `max_batch` prefixes sharing one attribute set). Beyond it the RIB keeps a dirty set for the peer
 /// instead of queueing (see `Rib::drain_dirty`).
-pub const RIB_OUTPUT_QUEUE: usize = 32;
+pub const RIB_OUTPUT_QUEUE: usize = 128;
 
 /// The RIB-side settings of a peer (Calico BGPPeer / Node derived).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
