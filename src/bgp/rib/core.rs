@@ -251,7 +251,6 @@ impl Rib {
                         "input of an earlier session: dropped"
                     );
                 }
-                return;
             }
             RibInput::PeerUp { peer, info, out } => self.peer_up(peer, info, out, now),
             RibInput::Routes {
