@@ -80,8 +80,8 @@ async fn run_rib(n: usize) -> (Duration, u64, usize) {
     let handle = rib::spawn(cfg, Arc::new(Policy::accept_all()), 64, None);
     let tx = handle.tx.clone();
 
-    let (out_a, mut rx_a) = mpsc::unbounded_channel();
-    let (out_b, mut rx_b) = mpsc::unbounded_channel();
+    let (out_a, mut rx_a) = mpsc::channel(1024);
+    let (out_b, mut rx_b) = mpsc::channel(1024);
     tx.send(RibInput::PeerUp {
         peer: PeerId(2),
         info: client(2),
@@ -159,8 +159,8 @@ fn run_core(n: usize) -> Duration {
     cfg.cluster_id = Some(Ipv4Addr::new(244, 0, 0, 1));
     let mut rib = rib::Rib::new(cfg, Arc::new(Policy::accept_all()), false);
     let now = Instant::now();
-    let (out_a, _rx_a) = mpsc::unbounded_channel();
-    let (out_b, mut rx_b) = mpsc::unbounded_channel();
+    let (out_a, _rx_a) = mpsc::channel(1024);
+    let (out_b, mut rx_b) = mpsc::channel(1024);
     rib.handle(
         RibInput::PeerUp {
             peer: PeerId(2),

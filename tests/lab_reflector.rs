@@ -166,6 +166,20 @@ fn reflector_lab_restart_and_node_leave() {
             .collect()
     };
     let before = since(&status_json(&rr, Some(RR_HTTP)).expect("reflector status"));
+    // Idle, the reflector reads nothing from etcd: its peers come from one watch (src/feed.rs), not from
+    // re-listing on a timer. Its own request counter, as /status and /metrics report it, stands still.
+    let requests = || {
+        status_json(&rr, Some(RR_HTTP))
+            .ok()
+            .and_then(|j| j["datastore"]["requests"].as_u64())
+    };
+    let idle_from = requests();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let idle_to = requests();
+    assert!(
+        idle_from.is_some() && idle_from == idle_to,
+        "the idle reflector sent etcd requests: {idle_from:?} -> {idle_to:?}"
+    );
     let etcd_ns = format!("{}-etcd", lab.name);
     // As an operator does it: `margay apply -f`, later `margay delete bgppeer`.
     let extra = lab.state_path("rr-extra.yaml");

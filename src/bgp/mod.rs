@@ -1,4 +1,31 @@
 //! The embedded BGP speaker. `wire` is the pure codec; sessions, RIB and policy are built on it.
+//!
+//! The tasks and the channels between them, as the code makes them:
+//!
+//! ```text
+//!   owner (node / reflector) ──SpeakerCommand (mpsc 16: Apply, Status, Sync, Shutdown)──▶ speaker task
+//!     │                                                                     │ spawn / Reconfigure / stop
+//!     │ RibInput (Originate, SetPolicy, ...)                                 ▼ (lifecycle only, no routes)
+//!     │                      SessionEvent (mpsc 1024, shared: Established, EndOfRib, Down)
+//!     │               speaker ◀───────────────────────────────────────────────┐
+//!     │                                                                        │
+//!     │     listener task ──TcpStream──▶ peer task (one per peer, session/peer.rs) ◀──▶ reader / writer task per TCP connection
+//!     │                                   │ ▲                                          (data: mpsc 8 pre-encoded buffers)
+//!     │   RibInput::Session{generation,   │ │ PeerCommand (mpsc 64: SendUpdates, SendEndOfRib, Stop, ...)
+//!     │   PeerUp | Routes | Withdraw |    │ │
+//!     │   EndOfRib | RouteRefresh |       │ rib writer task (one per Established session, session/rib_link.rs):
+//!     │   PeerDown}                       │   RibOutput ──encode──▶ SendUpdates
+//!     ▼                                   ▼ ▲
+//!   RIB task (rib/task.rs, bounded mpsc rib_capacity) ──RibOutput (mpsc 32 per session; when full, a dirty
+//!     │                                                 set of prefixes in the RIB, drained as room appears)
+//!     └──Vec<FibEvent> (mpsc, node only)──▶ FIB consumer
+//! ```
+//!
+//! Every UPDATE goes peer task → RIB task in one hop. The generation in `RibInput::Session` numbers a
+//! peer's sessions, so the RIB drops a late batch of a session that has been replaced. The speaker starts and
+//! stops peer tasks and keeps the per-peer bookkeeping the owner asks about (End-of-RIB seen, for convergence).
+//! Unbounded channels left: the peer task's control queue to its connection writer (OPEN, KEEPALIVE,
+//! NOTIFICATION: a few small messages per session, which must never wait behind UPDATE data).
 
 pub mod policy;
 pub mod rib;

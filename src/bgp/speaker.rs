@@ -6,7 +6,7 @@
 //!   peer tasks ──SessionEvent (one shared mpsc)─────────────────▶ │ SessionEvent -> RibInput         │──▶ RIB task
 //!        ▲                                                        └──────────────────────────────────┘
 //!        │ PeerCommand::SendUpdates (pre-encoded, ≤1 MiB per batch)
-//!   writer task per Established session ◀──RibOutput (unbounded, grouped by attribute set)── RIB task
+//!   writer task per Established session ◀──RibOutput (bounded; then a dirty set in the RIB)── RIB task
 //! ```
 //!
 //! It owns the set of peer tasks and the mapping between session addresses and RIB peer ids; it never
@@ -20,19 +20,17 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use bytes::BytesMut;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::api::PeerStatus as ApiPeerStatus;
 use crate::bgp::rib::{
-    self, FibEvent, NextHopMode, PeerGracefulRestart as RibGr, PeerId, PeerInfo, Policy, Query,
-    RibConfig, RibHandle, RibInput, RibOutput,
+    self, FibEvent, NextHopMode, PeerId, Policy, Query, RibConfig, RibHandle, RibInput,
 };
 use crate::bgp::session::{
-    spawn_peer, Listener, ListenerError, ListenerHandle, Negotiated, PeerCommand, PeerConfig,
-    PeerHandle, SessionEvent, SessionId, State,
+    spawn_peer_with_rib, Listener, ListenerError, ListenerHandle, PeerCommand, PeerConfig,
+    PeerHandle, RibLink, RibRole, SessionEvent, SessionId, State,
 };
-use crate::bgp::wire::{encode_updates, encode_withdrawals, EncodeCtx, Family, Update};
+use crate::bgp::wire::Family;
 
 /// One peer the configuration asks for: the session settings plus what the RIB needs to know.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -266,8 +264,8 @@ struct RunningPeer {
     id: PeerId,
     desired: DesiredPeer,
     handle: PeerHandle,
-    /// The Established session, if any, and the writer task encoding the RIB's output for it.
-    session: Option<(SessionId, tokio::task::JoinHandle<()>)>,
+    /// The Established session, if any (the peer task feeds the RIB and encodes its output itself).
+    session: Option<SessionId>,
     /// Families negotiated on the current session, and those the peer has sent End-of-RIB for.
     families: Vec<Family>,
     end_of_rib: Vec<Family>,
@@ -302,9 +300,6 @@ impl Speaker {
                     }
                     Some(SpeakerCommand::Shutdown { for_restart, reply }) => {
                         for (_, p) in std::mem::take(&mut self.peers) {
-                            if let Some((_, writer)) = p.session {
-                                writer.abort();
-                            }
                             if for_restart {
                                 p.handle.shutdown_for_restart().await;
                             } else {
@@ -384,7 +379,23 @@ impl Speaker {
         let id = PeerId(self.next_id);
         self.next_id += 1;
         let addr = d.session.peer_addr;
-        let handle = spawn_peer(d.session.clone(), self.listener(), self.events_tx.clone());
+        let link = RibLink {
+            tx: self.rib.tx.clone(),
+            peer: id,
+            role: RibRole {
+                rr_client: d.rr_client,
+                next_hop_mode: d.next_hop_mode,
+                max_prefixes: d.max_prefixes,
+                allow_local_as: d.allow_local_as,
+                next_hop_v6: d.next_hop_v6,
+            },
+        };
+        let handle = spawn_peer_with_rib(
+            d.session.clone(),
+            self.listener(),
+            self.events_tx.clone(),
+            link,
+        );
         self.peers.insert(
             addr,
             RunningPeer {
@@ -400,9 +411,6 @@ impl Speaker {
 
     async fn stop_peer(&mut self, addr: IpAddr) {
         if let Some(p) = self.peers.remove(&addr) {
-            if let Some((_, writer)) = p.session {
-                writer.abort();
-            }
             p.handle.shutdown().await;
             // Removed by configuration: its routes go now, no graceful restart. Also when its session is
             // already down in graceful restart: the RIB still holds its routes as stale, and a peer that
@@ -429,75 +437,28 @@ impl Speaker {
                 session,
                 negotiated,
             } => {
+                // Lifecycle only: the peer task has told the RIB (PeerUp with this session's generation).
                 let Some(p) = self.peers.get_mut(&peer) else {
                     return;
                 };
-                if let Some((_, old)) = p.session.take() {
-                    old.abort();
-                }
-                let (out_tx, out_rx) = mpsc::unbounded_channel();
-                let ctx = EncodeCtx {
-                    four_octet_as: negotiated.four_octet_as,
-                    add_path_tx: negotiated.add_path_tx.iter().copied().collect(),
-                    extended_message: negotiated.extended_message,
-                };
-                let writer = tokio::spawn(write_rib_output(
-                    peer,
-                    session,
-                    ctx,
-                    out_rx,
-                    p.handle.commands(),
-                ));
-                p.session = Some((session, writer));
+                p.session = Some(session);
                 p.families = negotiated.families.clone();
                 p.end_of_rib.clear();
-                let info = peer_info(&p.desired, &negotiated);
-                let id = p.id;
-                self.to_rib(RibInput::PeerUp {
-                    peer: id,
-                    info,
-                    out: out_tx,
-                })
-                .await;
             }
-            SessionEvent::Updates {
-                peer,
-                session,
-                updates,
-            } => {
-                let Some(id) = self.live_id(peer, session) else {
-                    return;
-                };
-                for u in updates {
-                    if let Some(input) = routes_input(id, u) {
-                        self.to_rib(input).await;
-                    }
-                }
-            }
+            // Spawned with a RIB link, peer tasks send routes and refresh requests to the RIB themselves.
+            SessionEvent::Updates { .. } | SessionEvent::RouteRefresh { .. } => {}
             SessionEvent::EndOfRib {
                 peer,
                 session,
                 family,
             } => {
-                if let Some(id) = self.live_id(peer, session) {
-                    self.to_rib(RibInput::EndOfRib { peer: id, family }).await;
+                // The peer task gave it to the RIB; we track it for convergence (`sync_state`).
+                if self.live_id(peer, session).is_some() {
                     if let Some(p) = self.peers.get_mut(&peer) {
                         if !p.end_of_rib.contains(&family) {
                             p.end_of_rib.push(family);
                         }
                     }
-                }
-            }
-            SessionEvent::RouteRefresh {
-                peer,
-                session,
-                family,
-            } => {
-                // RFC 2918 4: the RIB sends the peer's Adj-RIB-Out for the family again.
-                if let Some(id) = self.live_id(peer, session) {
-                    tracing::info!(%peer, %family, "route refresh requested by peer");
-                    self.to_rib(RibInput::RouteRefresh { peer: id, family })
-                        .await;
                 }
             }
             SessionEvent::Down {
@@ -506,21 +467,15 @@ impl Speaker {
                 reason,
                 graceful_restart,
             } => {
-                let Some(id) = self.live_id(peer, session) else {
+                if self.live_id(peer, session).is_none() {
                     return;
-                };
+                }
+                // The peer task told the RIB (PeerDown with this session's generation).
                 if let Some(p) = self.peers.get_mut(&peer) {
-                    if let Some((_, writer)) = p.session.take() {
-                        writer.abort();
-                    }
+                    p.session = None;
                     p.end_of_rib.clear();
                 }
                 tracing::info!(%peer, %reason, graceful = graceful_restart.is_some(), "BGP session down");
-                self.to_rib(RibInput::PeerDown {
-                    peer: id,
-                    graceful: graceful_restart.is_some(),
-                })
-                .await;
             }
         }
     }
@@ -530,7 +485,7 @@ impl Speaker {
     fn live_id(&self, peer: IpAddr, session: SessionId) -> Option<PeerId> {
         let p = self.peers.get(&peer)?;
         match p.session {
-            Some((s, _)) if s == session => Some(p.id),
+            Some(s) if s == session => Some(p.id),
             _ => None,
         }
     }
@@ -629,122 +584,10 @@ pub fn rfc3339(t: SystemTime) -> String {
     )
 }
 
-fn peer_info(d: &DesiredPeer, n: &Negotiated) -> PeerInfo {
-    let (local_v4, local_v6) = match d.session.source_addr {
-        Some(IpAddr::V4(a)) => (Some(a), None),
-        Some(IpAddr::V6(a)) => (None, Some(a)),
-        None => (None, None),
-    };
-    PeerInfo {
-        asn: n.peer_as,
-        local_asn: n.local_as,
-        router_id: n.peer_id,
-        address: n.peer_addr,
-        local_v4: local_v4.or(Some(n.local_id)),
-        local_v6: local_v6.or(d.next_hop_v6),
-        rr_client: d.rr_client,
-        next_hop_mode: d.next_hop_mode,
-        graceful_restart: n.peer_graceful_restart.as_ref().map(|g| RibGr {
-            restart_time: Duration::from_secs(u64::from(g.restart_time)),
-            forwarding_preserved: g
-                .families
-                .iter()
-                .filter(|f| f.forwarding_preserved)
-                .map(|f| f.family)
-                .collect(),
-        }),
-        families: n.families.clone(),
-        add_path_rx: n.add_path_rx.clone(),
-        max_prefixes: d.max_prefixes,
-        allow_local_as: d.allow_local_as,
-    }
-}
-
-/// One received UPDATE as RIB input (`RibInput::from_update`: body and MP NLRI share the attributes), or
-/// nothing for an empty UPDATE, or a plain withdrawal when nothing is announced.
-fn routes_input(peer: PeerId, u: Update) -> Option<RibInput> {
-    match RibInput::from_update(peer, u) {
-        RibInput::Routes {
-            announced,
-            withdrawn,
-            ..
-        } if announced.is_empty() && withdrawn.is_empty() => None,
-        RibInput::Routes {
-            announced,
-            withdrawn,
-            ..
-        } if announced.is_empty() => Some(RibInput::Withdraw { peer, withdrawn }),
-        other => Some(other),
-    }
-}
-
-/// Encode the RIB's output for one session into large pre-encoded batches for the peer task.
-async fn write_rib_output(
-    peer: IpAddr,
-    session: SessionId,
-    ctx: EncodeCtx,
-    mut rx: mpsc::UnboundedReceiver<RibOutput>,
-    cmds: mpsc::Sender<PeerCommand>,
-) {
-    const BATCH: usize = 1 << 20;
-    let mut buf = BytesMut::with_capacity(BATCH + 65_536);
-    while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
-        let mut eors: Vec<Family> = Vec::new();
-        while let Some(out) = next.take() {
-            match out {
-                RibOutput::Updates {
-                    family,
-                    attrs,
-                    nlri,
-                } => {
-                    if let Err(e) = encode_updates(&attrs, family, &nlri, &ctx, &mut buf) {
-                        tracing::error!(%peer, error = %e, prefixes = nlri.len(), "cannot encode UPDATE; routes not sent");
-                    }
-                }
-                RibOutput::Withdraw { family, nlri } => {
-                    if let Err(e) = encode_withdrawals(family, &nlri, &ctx, &mut buf) {
-                        tracing::error!(%peer, error = %e, "cannot encode withdrawal");
-                    }
-                }
-                RibOutput::EndOfRib(family) => eors.push(family),
-                RibOutput::MaxPrefixExceeded { limit } => {
-                    tracing::warn!(%peer, limit, "peer exceeded its max-prefix limit: stopping the session");
-                    let _ = cmds.send(PeerCommand::Stop).await;
-                    return;
-                }
-            }
-            if buf.len() >= BATCH || !eors.is_empty() {
-                break;
-            }
-            next = rx.try_recv().ok();
-        }
-        if !buf.is_empty() {
-            let bytes = buf.split().freeze();
-            if cmds
-                .send(PeerCommand::SendUpdates { session, bytes })
-                .await
-                .is_err()
-            {
-                return;
-            }
-        }
-        for family in eors {
-            if cmds
-                .send(PeerCommand::SendEndOfRib { session, family })
-                .await
-                .is_err()
-            {
-                return;
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bgp::wire::Nlri;
+    use crate::bgp::wire::{Nlri, Update};
 
     #[test]
     fn rfc3339_formats_known_instants() {
@@ -779,7 +622,7 @@ mod tests {
                 ..Default::default()
             },
         };
-        match routes_input(PeerId(7), u) {
+        match RibInput::from_received(PeerId(7), u) {
             Some(RibInput::Routes {
                 peer,
                 announced,
@@ -794,6 +637,6 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
-        assert!(routes_input(PeerId(1), Update::default()).is_none());
+        assert!(RibInput::from_received(PeerId(1), Update::default()).is_none());
     }
 }

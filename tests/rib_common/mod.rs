@@ -87,7 +87,7 @@ pub fn gr(secs: u64) -> Option<PeerGracefulRestart> {
 pub struct Harness {
     pub rib: Rib,
     pub now: Instant,
-    rx: HashMap<u32, mpsc::UnboundedReceiver<RibOutput>>,
+    rx: HashMap<u32, mpsc::Receiver<RibOutput>>,
     /// What each peer holds, rebuilt from its outputs only.
     pub held: HashMap<u32, BTreeMap<IpNetwork, Arc<PathAttributes>>>,
     /// Every output each peer received, in order.
@@ -110,7 +110,8 @@ impl Harness {
     }
 
     pub fn up(&mut self, id: u32, info: PeerInfo) {
-        let (tx, rx) = mpsc::unbounded_channel();
+        // Roomy: these tests look at exact output sequences, not at the slow-peer path.
+        let (tx, rx) = mpsc::channel(1 << 16);
         self.rx.insert(id, rx);
         self.held.insert(id, BTreeMap::new());
         self.log.insert(id, Vec::new());

@@ -4,20 +4,21 @@
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::Instant;
 
 use ipnetwork::IpNetwork;
 use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
 
 use super::chunkmap::ChunkMap;
 use super::decision::{self, Kind, SourceMeta};
 use super::export::{self, ExportSource, ExportTarget};
 use super::table::{Dest, Path, PrefixKey, Tables, V4Key, V6Key, FLAG_STALE, LOCAL_SLOT};
 use super::{
-    family_of, FibEvent, PathSource, PathView, PeerCounters, PeerId, PeerInfo, Policy, Query,
-    RibConfig, RibInput, RibOutput, RibSummary, RouteView,
+    family_of, FibEvent, NextHopMode, PathSource, PathView, PeerCounters, PeerId, PeerInfo, Policy,
+    Query, RibConfig, RibInput, RibOutput, RibSummary, RouteView,
 };
 use crate::bgp::wire::{AsPath, AsSegment, Family, Nlri, Origin, PathAttributes};
 
@@ -27,6 +28,31 @@ type ExportCache = HashMap<
     (Arc<PathAttributes>, Option<Arc<PathAttributes>>),
     BuildHasherDefault<PtrHasher>,
 >;
+
+/// What decides the attributes a target receives for a path (`export::rewrite`): targets that agree on
+/// these form one update group and share one export cache, so a reflector with a thousand clients rewrites
+/// each (attribute set, source) once, not once per client (FRR's and GoBGP's update groups). Whether a path
+/// goes to a target at all (split horizon, RFC 4456 6) is still decided per target: it is cheap.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct GroupKey {
+    kind: Kind,
+    local_asn: u32,
+    next_hop_mode: NextHopMode,
+    local_v4: Option<Ipv4Addr>,
+    local_v6: Option<Ipv6Addr>,
+}
+
+impl GroupKey {
+    fn of(kind: Kind, info: &PeerInfo) -> GroupKey {
+        GroupKey {
+            kind,
+            local_asn: info.local_asn,
+            next_hop_mode: info.next_hop_mode,
+            local_v4: info.local_v4,
+            local_v6: info.local_v6,
+        }
+    }
+}
 
 /// A multiplicative hasher for the keys of the hot per-prefix maps (pointers and small integers): SipHash's
 /// DoS resistance buys nothing for keys the RIB makes itself, and costs a third of an export.
@@ -79,14 +105,21 @@ struct Slot {
     info: PeerInfo,
     kind: Kind,
     up: bool,
-    out: Option<mpsc::UnboundedSender<RibOutput>>,
+    out: Option<mpsc::Sender<RibOutput>>,
+    /// Prefixes whose current export this peer still has to get: filled instead of the channel once the
+    /// channel is full (a slow session), drained when it has room. A prefix that changes ten times while
+    /// the peer is slow is sent once, as it is then, so a stalled peer costs at most one entry per prefix.
+    dirty: HashSet<IpNetwork>,
+    /// End-of-RIB markers and the max-prefix signal held back until `dirty` is drained, to keep their order.
+    dirty_tail: Vec<RibOutput>,
+    /// Index into `State::groups`: the update group whose export cache this peer uses (0: none yet).
+    group: usize,
+    /// The session generation of the last `PeerUp` (0 when it came without one).
+    generation: u64,
     counters: PeerCounters,
     /// Restart timer while down, stale-routes timer while up and waiting for End-of-RIB (RFC 4724 4.2).
     deadline: Option<Instant>,
     stale_families: Vec<Family>,
-    cache: ExportCache,
-    /// The last export-cache hit: the prefixes of one UPDATE all hit the same entry.
-    memo: Option<(ExportKey, Option<Arc<PathAttributes>>)>,
     pending: Pending,
     max_prefix_signalled: bool,
 }
@@ -100,11 +133,13 @@ impl Slot {
             kind,
             up: false,
             out: None,
+            dirty: HashSet::new(),
+            dirty_tail: Vec::new(),
+            group: 0,
+            generation: 0,
             counters: PeerCounters::default(),
             deadline: None,
             stale_families: Vec::new(),
-            cache: HashMap::default(),
-            memo: None,
             pending: Pending::default(),
             max_prefix_signalled: false,
         }
@@ -117,6 +152,11 @@ struct State {
     cfg: RibConfig,
     policy: Arc<Policy>,
     slots: Vec<Slot>,
+    /// Export caches, one per update group (index 0 is unused: the local slot never receives).
+    groups: Vec<ExportCache>,
+    group_ids: HashMap<GroupKey, usize>,
+    /// Slots with a non-empty `dirty` set or `dirty_tail`.
+    dirty_slots: Vec<u16>,
     by_id: HashMap<PeerId, u16>,
     free: Vec<u16>,
     interner: HashSet<Arc<PathAttributes>>,
@@ -160,6 +200,9 @@ impl Rib {
                 cfg,
                 policy,
                 slots: vec![local],
+                groups: vec![ExportCache::default()],
+                group_ids: HashMap::new(),
+                dirty_slots: Vec::new(),
                 by_id: HashMap::new(),
                 free: Vec::new(),
                 interner: HashSet::new(),
@@ -172,7 +215,43 @@ impl Rib {
 
     /// Apply one input. `now` drives the graceful-restart timers.
     pub fn handle(&mut self, input: RibInput, now: Instant) {
+        self.apply(input, now);
+        self.st.flush_all();
+        if self.has_dirty() {
+            self.drain_dirty();
+        }
+        self.st.maybe_gc();
+    }
+
+    fn apply(&mut self, input: RibInput, now: Instant) {
         match input {
+            RibInput::Session { generation, input } => {
+                let Some(peer) = input.session_peer() else {
+                    return;
+                };
+                if matches!(*input, RibInput::PeerUp { .. }) {
+                    self.apply(*input, now);
+                    if let Some(slot) = self.st.by_id.get(&peer).copied() {
+                        self.st.slots[slot as usize].generation = generation;
+                    }
+                    return;
+                }
+                let current = self
+                    .st
+                    .by_id
+                    .get(&peer)
+                    .map(|s| self.st.slots[*s as usize].generation);
+                if current == Some(generation) {
+                    self.apply(*input, now);
+                } else {
+                    tracing::debug!(
+                        ?peer,
+                        generation,
+                        ?current,
+                        "input of an earlier session: dropped"
+                    );
+                }
+            }
             RibInput::PeerUp { peer, info, out } => self.peer_up(peer, info, out, now),
             RibInput::Routes {
                 peer,
@@ -200,8 +279,6 @@ impl Rib {
             RibInput::SetClusterId(id) => self.st.cfg.cluster_id = id,
             RibInput::Query(q) => self.query(q),
         }
-        self.st.flush_all();
-        self.st.maybe_gc();
     }
 
     /// The earliest graceful-restart timer, if any.
@@ -234,6 +311,118 @@ impl Rib {
         }
         self.st.flush_all();
         self.st.maybe_gc();
+    }
+
+    /// True while some peer has changes waiting for room in its channel ([`Rib::drain_dirty`]).
+    pub fn has_dirty(&self) -> bool {
+        !self.st.dirty_slots.is_empty()
+    }
+
+    /// Send what slow peers are owed, as far as their channels have room: for each dirty prefix its export
+    /// as of now (an announcement, or a withdrawal when there is nothing to send any more), grouped by
+    /// attribute set; then the held-back End-of-RIB markers. The RIB task calls this after every input and
+    /// on a short tick while [`Rib::has_dirty`].
+    pub fn drain_dirty(&mut self) {
+        let slots = std::mem::take(&mut self.st.dirty_slots);
+        let policy = self.st.policy.clone();
+        let max = self.st.cfg.max_batch.max(1);
+        for t in slots {
+            loop {
+                let s = &mut self.st.slots[t as usize];
+                let room = match &s.out {
+                    Some(out) if s.up => out.capacity(),
+                    _ => {
+                        s.dirty.clear();
+                        s.dirty_tail.clear();
+                        break;
+                    }
+                };
+                if room == 0 {
+                    break;
+                }
+                if s.dirty.is_empty() {
+                    // Markers go out in order once every prefix before them is out.
+                    while let Some(m) = s.dirty_tail.first() {
+                        let Some(out) = &s.out else { break };
+                        match out.try_send(m.clone()) {
+                            Ok(()) => {
+                                s.dirty_tail.remove(0);
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    break;
+                }
+                // Fill at most the room there is: one message per attribute set, at most `max` prefixes.
+                let batch: Vec<IpNetwork> = s.dirty.iter().take(max * room).copied().collect();
+                for p in &batch {
+                    s.dirty.remove(p);
+                }
+                let mut msgs: Vec<RibOutput> = Vec::new();
+                let mut groups: HashMap<usize, usize, BuildHasherDefault<PtrHasher>> =
+                    HashMap::default();
+                let mut withdrawn: HashMap<Family, usize> = HashMap::new();
+                for prefix in batch {
+                    let family = family_of(&prefix);
+                    let attrs = self
+                        .tables
+                        .get(&prefix)
+                        .and_then(|d| self.st.export(t, &prefix, d.best(), &policy));
+                    let nlri = Nlri { prefix, path_id: 0 };
+                    match attrs {
+                        Some(a) => {
+                            let i = *groups.entry(Arc::as_ptr(&a) as usize).or_insert_with(|| {
+                                msgs.push(RibOutput::Updates {
+                                    family,
+                                    attrs: a.clone(),
+                                    nlri: Vec::new(),
+                                });
+                                msgs.len() - 1
+                            });
+                            if let RibOutput::Updates { nlri: v, .. } = &mut msgs[i] {
+                                v.push(nlri);
+                            }
+                        }
+                        None => {
+                            let i = *withdrawn.entry(family).or_insert_with(|| {
+                                msgs.push(RibOutput::Withdraw {
+                                    family,
+                                    nlri: Vec::new(),
+                                });
+                                msgs.len() - 1
+                            });
+                            if let RibOutput::Withdraw { nlri: v, .. } = &mut msgs[i] {
+                                v.push(nlri);
+                            }
+                        }
+                    }
+                }
+                let s = &mut self.st.slots[t as usize];
+                for m in msgs {
+                    let full = match (&s.out, m) {
+                        (Some(out), m) => match out.try_send(m) {
+                            Ok(()) => None,
+                            Err(TrySendError::Full(m)) => Some(m),
+                            Err(TrySendError::Closed(_)) => None,
+                        },
+                        (None, _) => None,
+                    };
+                    if let Some(
+                        RibOutput::Updates { nlri, .. } | RibOutput::Withdraw { nlri, .. },
+                    ) = full
+                    {
+                        s.dirty.extend(nlri.into_iter().map(|n| n.prefix));
+                    }
+                }
+            }
+            let s = &self.st.slots[t as usize];
+            if !s.dirty.is_empty() || !s.dirty_tail.is_empty() {
+                self.st.dirty_slots.push(t);
+            }
+        }
+        // A peer that went down and came back while dirty may be listed twice.
+        self.st.dirty_slots.sort_unstable();
+        self.st.dirty_slots.dedup();
     }
 
     /// ECMP next-hop changes since the last call (only when created with `fib = true`).
@@ -361,7 +550,7 @@ impl Rib {
         &mut self,
         peer: PeerId,
         info: PeerInfo,
-        out: mpsc::UnboundedSender<RibOutput>,
+        out: mpsc::Sender<RibOutput>,
         now: Instant,
     ) {
         if self.up_slot(peer).is_some() {
@@ -392,12 +581,17 @@ impl Rib {
             }
             None => self.st.alloc_slot(peer, info.clone(), kind),
         };
+        let group = self.st.group_for(kind, &info);
         {
             let s = &mut self.st.slots[slot as usize];
             s.info = info;
             s.kind = kind;
+            s.group = group;
+            s.generation = 0;
             s.up = true;
             s.out = Some(out);
+            s.dirty.clear();
+            s.dirty_tail.clear();
             s.counters.received = 0;
             s.counters.rejected = 0;
             s.counters.advertised = 0;
@@ -493,6 +687,8 @@ impl Rib {
         }
         s.up = false;
         s.out = None;
+        s.dirty = HashSet::new();
+        s.dirty_tail = Vec::new();
         s.pending = Pending::default();
         s.counters.advertised = 0;
         let restart = s
@@ -914,19 +1110,31 @@ impl State {
         s.in_use = false;
         s.up = false;
         s.out = None;
+        s.dirty = HashSet::new();
+        s.dirty_tail = Vec::new();
         s.deadline = None;
-        s.cache.clear();
-        s.memo = None;
         s.counters = PeerCounters::default();
         self.free.push(slot);
         self.clear_caches();
     }
 
     fn clear_caches(&mut self) {
-        for s in &mut self.slots {
-            s.cache.clear();
-            s.memo = None;
+        for g in &mut self.groups {
+            g.clear();
         }
+    }
+
+    /// The update group of a target with these settings, made on first use. Groups are never removed: there
+    /// are as many as distinct settings (a handful), not peers.
+    fn group_for(&mut self, kind: Kind, info: &PeerInfo) -> usize {
+        let key = GroupKey::of(kind, info);
+        if let Some(g) = self.group_ids.get(&key) {
+            return *g;
+        }
+        self.groups.push(ExportCache::default());
+        let g = self.groups.len() - 1;
+        self.group_ids.insert(key, g);
+        g
     }
 
     fn path_added(&mut self, p: &Path) {
@@ -1053,14 +1261,13 @@ impl State {
             path.slot,
             family != Family::IPV4_UNICAST,
         );
-        if let Some((_, out)) = ts.cache.get(&key) {
+        let group = ts.group;
+        if let Some((_, out)) = self.groups[group].get(&key) {
             return out.clone();
         }
         let rewritten = export::rewrite(path, &src, &tgt, family, self.cfg.effective_cluster_id());
         let out = rewritten.map(|a| self.intern(Arc::new(a)));
-        self.slots[t as usize]
-            .cache
-            .insert(key, (path.attrs.clone(), out.clone()));
+        self.groups[group].insert(key, (path.attrs.clone(), out.clone()));
         out
     }
 
@@ -1193,10 +1400,29 @@ impl State {
         }
     }
 
+    /// Hand `msg` to the peer's session, or, when its channel is full (or already has a backlog here),
+    /// fold it into the peer's dirty set: the RIB never buffers a table for a slow peer.
     fn send(&mut self, t: u16, msg: RibOutput) {
-        if let Some(out) = &self.slots[t as usize].out {
-            // A closed channel means the session is gone; its PeerDown is on the way.
-            let _ = out.send(msg);
+        let s = &mut self.slots[t as usize];
+        let Some(out) = &s.out else { return };
+        let msg = if s.dirty.is_empty() && s.dirty_tail.is_empty() {
+            match out.try_send(msg) {
+                Ok(()) => return,
+                // A closed channel means the session is gone; its PeerDown is on the way.
+                Err(TrySendError::Closed(_)) => return,
+                Err(TrySendError::Full(msg)) => msg,
+            }
+        } else {
+            msg
+        };
+        if s.dirty.is_empty() && s.dirty_tail.is_empty() {
+            self.dirty_slots.push(t);
+        }
+        match msg {
+            RibOutput::Updates { nlri, .. } | RibOutput::Withdraw { nlri, .. } => {
+                s.dirty.extend(nlri.into_iter().map(|n| n.prefix));
+            }
+            other => s.dirty_tail.push(other),
         }
     }
 
@@ -1227,5 +1453,134 @@ impl State {
                 self.flush(t);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn client(n: u8) -> PeerInfo {
+        PeerInfo {
+            asn: 65000,
+            local_asn: 65000,
+            router_id: Ipv4Addr::new(10, 0, 0, n),
+            address: IpAddr::V4(Ipv4Addr::new(10, 0, 0, n)),
+            local_v4: Some(Ipv4Addr::new(10, 0, 0, 254)),
+            local_v6: None,
+            rr_client: true,
+            next_hop_mode: NextHopMode::Auto,
+            graceful_restart: None,
+            families: vec![Family::IPV4_UNICAST],
+            add_path_rx: Vec::new(),
+            max_prefixes: None,
+            allow_local_as: 0,
+        }
+    }
+
+    fn held_after(rx: &mut mpsc::Receiver<RibOutput>, held: &mut BTreeMap<IpNetwork, u32>) -> bool {
+        let mut any = false;
+        while let Ok(m) = rx.try_recv() {
+            any = true;
+            match m {
+                RibOutput::Updates { attrs, nlri, .. } => {
+                    for n in nlri {
+                        held.insert(n.prefix, attrs.med.unwrap_or(0));
+                    }
+                }
+                RibOutput::Withdraw { nlri, .. } => {
+                    for n in nlri {
+                        held.remove(&n.prefix);
+                    }
+                }
+                _ => {}
+            }
+        }
+        any
+    }
+
+    /// A peer whose channel is full gets, once it reads again, exactly the current state: every prefix with
+    /// its last attributes, withdrawn ones gone, without the RIB ever queueing more than the channel holds.
+    #[test]
+    fn a_slow_peer_is_coalesced_to_the_current_state() {
+        let mut cfg = RibConfig::new(65000, Ipv4Addr::new(10, 0, 0, 254));
+        cfg.cluster_id = Some(Ipv4Addr::new(1, 1, 1, 1));
+        let mut rib = Rib::new(cfg, Arc::new(Policy::accept_all()), false);
+        let now = Instant::now();
+        let (fast_tx, mut fast_rx) = mpsc::channel(1 << 16);
+        let (slow_tx, mut slow_rx) = mpsc::channel(2);
+        let (src_tx, _src_rx) = mpsc::channel(1 << 16);
+        for (id, out) in [(1, src_tx), (2, fast_tx), (3, slow_tx)] {
+            rib.handle(
+                RibInput::PeerUp {
+                    peer: PeerId(id),
+                    info: client(id as u8),
+                    out,
+                },
+                now,
+            );
+        }
+        let prefix = |k: u32| {
+            IpNetwork::V4(
+                ipnetwork::Ipv4Network::new(Ipv4Addr::from(0x0a64_0000 + (k << 8)), 24).unwrap(),
+            )
+        };
+        // Ten rounds over 500 prefixes, each with its own MED: nothing groups, every change is a message.
+        for round in 0..10u32 {
+            for k in 0..500u32 {
+                let attrs = PathAttributes {
+                    origin: Some(Origin::Igp),
+                    as_path: Some(AsPath::default()),
+                    next_hop: Some(Ipv4Addr::new(10, 0, 0, 1)),
+                    med: Some(round * 1000 + k),
+                    local_pref: Some(100),
+                    ..Default::default()
+                };
+                rib.handle(
+                    RibInput::Routes {
+                        peer: PeerId(1),
+                        announced: vec![Nlri {
+                            prefix: prefix(k),
+                            path_id: 0,
+                        }],
+                        attrs: Arc::new(attrs),
+                        withdrawn: Vec::new(),
+                    },
+                    now,
+                );
+            }
+        }
+        // Withdraw the last 100.
+        rib.handle(
+            RibInput::Withdraw {
+                peer: PeerId(1),
+                withdrawn: (400..500)
+                    .map(|k| Nlri {
+                        prefix: prefix(k),
+                        path_id: 0,
+                    })
+                    .collect(),
+            },
+            now,
+        );
+        assert!(rib.has_dirty(), "the slow peer's channel of 2 overflowed");
+        assert!(slow_rx.len() <= 2);
+        let mut fast = BTreeMap::new();
+        held_after(&mut fast_rx, &mut fast);
+        let mut slow = BTreeMap::new();
+        for _ in 0..10_000 {
+            let got = held_after(&mut slow_rx, &mut slow);
+            rib.drain_dirty();
+            if !got && !rib.has_dirty() && slow_rx.is_empty() {
+                break;
+            }
+        }
+        assert_eq!(fast.len(), 400);
+        assert_eq!(
+            slow, fast,
+            "the slow peer ends with what the fast one holds"
+        );
+        assert!((0..400).all(|k| fast[&prefix(k)] == 9000 + k));
     }
 }

@@ -14,7 +14,7 @@ use crate::bgp::wire::Origin;
 pub const DEFAULT_LOCAL_PREF: u32 = 100;
 
 /// The kind of the session a path came in on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(crate) enum Kind {
     Ibgp,
     Ebgp,

@@ -3,11 +3,12 @@
 //! (RFC 4724 4.2).
 //!
 //! ```text
-//!   sessions ──RibInput (bounded mpsc)──▶ ┌────────── RIB task (task.rs) ──────────┐
-//!   speaker  ──PeerUp/PeerDown──────────▶ │ Rib (core.rs, Sans-IO, one owner)       │──RibOutput (per peer)──▶ session
-//!   node     ──Originate/WithdrawLocal──▶ │  tables: prefix → paths, best first     │──Vec<FibEvent>──────────▶ FIB task
-//!   status   ──Summary/Lookup(oneshot)──▶ │  attrs interned (Arc, hashed)           │
-//!                                         └─────────────────────────────────────────┘
+//!   peer tasks ──RibInput::Session{generation, ..}──▶ ┌──── RIB task (task.rs) ──────────────┐
+//!     (PeerUp, Routes, EndOfRib, PeerDown)  (bounded)  │ Rib (core.rs, Sans-IO, one owner)    │──RibOutput (bounded per session;
+//!   speaker  ──PeerDown (peer removed)───────────────▶ │  tables: prefix → paths, best first  │   then a dirty set)──▶ rib writer
+//!   node     ──Originate/WithdrawLocal/SetPolicy─────▶ │  attrs interned (Arc, hashed)        │──Vec<FibEvent>──▶ FIB task
+//!   status   ──Query (oneshot)───────────────────────▶ │  export cache per update group       │
+//!                                                      └──────────────────────────────────────┘
 //! ```
 //!
 //! What it owns: every route margay knows, in one task. It never touches a socket, the kernel or etcd: sessions
@@ -19,6 +20,13 @@
 //! path, the peers and the policy (`export.rs`). Diffing `export(P, old best)` against `export(P, new best)` gives
 //! exactly the announcements and withdrawals to send, without keeping a second copy of a million prefixes per
 //! peer; `Query::AdjRibOut` materialises it on demand.
+//!
+//! Fan-out: peers whose export settings agree (AS, next-hop mode, our addresses) form an update group and
+//! share one export cache, so a reflector rewrites each attribute set once per group, not once per client;
+//! the rewritten sets are interned, so every member's UPDATE carries the same `Arc`. Each session's output
+//! channel is bounded: when it is full the RIB stops queueing for that peer and records the changed prefixes
+//! in a per-peer dirty set, and sends their state as of then when the session has room (`drain_dirty`), so a
+//! client that stops reading costs at most one entry per prefix and holds back nobody else.
 
 mod chunkmap;
 mod core;
@@ -127,7 +135,9 @@ pub enum RibInput {
     PeerUp {
         peer: PeerId,
         info: PeerInfo,
-        out: mpsc::UnboundedSender<RibOutput>,
+        /// Bounded: when it is full the RIB keeps only a per-peer set of changed prefixes and sends their
+        /// state as of when the session has room again (see [`Rib::drain_dirty`]).
+        out: mpsc::Sender<RibOutput>,
     },
     /// Routes from one UPDATE (or several sharing one attribute set). `attrs` carries the next hop
     /// (`next_hop` for IPv4, `mp_reach.next_hop` for other families); the RIB ignores any NLRI inside
@@ -164,9 +174,48 @@ pub enum RibInput {
     SetClusterId(Option<Ipv4Addr>),
     /// Read-only questions, answered through the oneshot.
     Query(Query),
+    /// Input straight from one Established session of a peer (its peer task sends it; the speaker is not
+    /// in the path). `generation` numbers the sessions of the peer: a `PeerUp` records it, anything else is
+    /// applied only while it is the peer's current one, so a late batch of a session that has since gone
+    /// down and come back is dropped, never mixed into the new session's routes.
+    Session {
+        generation: u64,
+        input: Box<RibInput>,
+    },
 }
 
 impl RibInput {
+    /// The peer a session's input is about (None for inputs that are not a session's).
+    pub fn session_peer(&self) -> Option<PeerId> {
+        match self {
+            RibInput::PeerUp { peer, .. }
+            | RibInput::Routes { peer, .. }
+            | RibInput::Withdraw { peer, .. }
+            | RibInput::EndOfRib { peer, .. }
+            | RibInput::RouteRefresh { peer, .. }
+            | RibInput::PeerDown { peer, .. } => Some(*peer),
+            _ => None,
+        }
+    }
+
+    /// [`RibInput::from_update`], or nothing for an empty UPDATE, or a plain `Withdraw` when nothing is
+    /// announced.
+    pub fn from_received(peer: PeerId, update: crate::bgp::wire::Update) -> Option<RibInput> {
+        match RibInput::from_update(peer, update) {
+            RibInput::Routes {
+                announced,
+                withdrawn,
+                ..
+            } if announced.is_empty() && withdrawn.is_empty() => None,
+            RibInput::Routes {
+                announced,
+                withdrawn,
+                ..
+            } if announced.is_empty() => Some(RibInput::Withdraw { peer, withdrawn }),
+            other => Some(other),
+        }
+    }
+
     /// The RIB input for one decoded UPDATE: IPv4 NLRI and MP_REACH NLRI are announced with the UPDATE's
     /// attributes (each family finds its next hop there), withdrawn routes and MP_UNREACH NLRI are withdrawn.
     /// End-of-RIB markers should be sent as [`RibInput::EndOfRib`] instead.

@@ -56,18 +56,22 @@ async fn run(
     let mut fib = fib;
     loop {
         let deadline = rib.next_deadline();
+        // While a slow peer is owed changes, look again shortly: its session may have made room.
+        let dirty = rib.has_dirty();
         let input = tokio::select! {
             input = rx.recv() => match input {
-                Some(i) => Some(i),
+                Some(i) => Tick::Input(i),
                 None => break,
             },
-            _ = sleep_until(deadline) => None,
+            _ = sleep_until(deadline) => Tick::Timer,
+            _ = tokio::time::sleep(DIRTY_RETRY), if dirty => Tick::Drain,
         };
         // tokio's clock, so deadlines and `now` agree also when a test pauses time.
         let now = tokio::time::Instant::now().into_std();
         match input {
-            Some(i) => rib.handle(i, now),
-            None => rib.on_timer(now),
+            Tick::Input(i) => rib.handle(i, now),
+            Tick::Timer => rib.on_timer(now),
+            Tick::Drain => rib.drain_dirty(),
         }
         let events = rib.take_fib_events();
         if !events.is_empty() {
@@ -82,6 +86,15 @@ async fn run(
         }
     }
     rib
+}
+
+/// How soon a peer whose channel was full is offered its dirty prefixes again.
+const DIRTY_RETRY: std::time::Duration = std::time::Duration::from_millis(2);
+
+enum Tick {
+    Input(RibInput),
+    Timer,
+    Drain,
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

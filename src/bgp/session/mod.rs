@@ -2,8 +2,10 @@
 //! hands incoming connections to the peer they come from.
 //!
 //! This module owns the TCP connections, the FSM and its timers, OPEN validation and capability
-//! negotiation, graceful restart capability exchange and End-of-RIB framing. It never holds routes: the
-//! RIB receives decoded UPDATEs as [`SessionEvent`]s and sends what to advertise as [`PeerCommand`]s.
+//! negotiation, graceful restart capability exchange and End-of-RIB framing. It never holds routes: a peer
+//! task spawned with a [`RibLink`] sends decoded UPDATEs straight to the RIB (`RibInput::Session`) and
+//! encodes what the RIB gives it to advertise; its owner hears only the lifecycle as [`SessionEvent`]s.
+//! Without a link (tests) the UPDATEs go to the owner as `SessionEvent::Updates`.
 //!
 //! ```text
 //!                       Listener task (one per listen address set)
@@ -15,9 +17,12 @@
 //!   │       ▼                                 │                                               │
 //!   │  fsm::Session::handle(Event) -> Vec<Action>   (pure: no I/O, no clock)                  │
 //!   └───────┬──────────────────────────────────────────────────▲─────────────────────────────┘
-//!           │ mpsc<SessionEvent> (shared by all peers)          │ mpsc<PeerCommand> (per peer)
-//!           ▼                                                   │
-//!        RIB task: Established / Updates / EndOfRib / Down      SendUpdates(pre-encoded bytes), SendEndOfRib, Stop
+//!     │     │ mpsc<SessionEvent> (shared by all peers)    │ mpsc<PeerCommand> (per peer)
+//!     │     ▼                                             │
+//!     │  owner (speaker): Established / EndOfRib / Down   SendUpdates (from the rib writer task), SendEndOfRib, Stop
+//!     │ RibInput::Session { generation, PeerUp / Routes / EndOfRib / RouteRefresh / PeerDown }
+//!     ▼
+//!   RIB task ──RibOutput (bounded)──▶ rib writer task of the session (rib_link.rs) ──SendUpdates──▶ peer task
 //!   status: watch<PeerStatus> per peer (state, since, last error in plain words, counters)
 //! ```
 
@@ -26,6 +31,7 @@ pub mod fsm;
 pub mod listener;
 pub mod open;
 pub mod peer;
+pub mod rib_link;
 pub mod sockopt;
 
 use std::net::IpAddr;
@@ -39,7 +45,8 @@ pub use config::{GracefulRestartConfig, Password, PeerConfig, Timers};
 pub use fsm::{Action, ConnId, Event, MessageError, Session, State, Timer};
 pub use listener::{Listener, ListenerError, ListenerHandle};
 pub use open::{Negotiated, OpenError, PeerGracefulRestart};
-pub use peer::{spawn_peer, PeerHandle};
+pub use peer::{spawn_peer, spawn_peer_with_rib, PeerHandle};
+pub use rib_link::{RibLink, RibRole};
 
 /// Identifies one Established session of a peer. It changes every time the session comes up again, so
 /// the RIB can tell which session a batch of pre-encoded UPDATEs was built for: bytes encoded for an

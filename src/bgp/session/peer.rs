@@ -31,8 +31,10 @@ use super::config::PeerConfig;
 use super::fsm::{Action, ConnId, Event, MessageError, Session, State, Timer};
 use super::listener::{ListenerError, ListenerHandle};
 use super::open::{family_text, Negotiated};
+use super::rib_link::{self, RibLink};
 use super::sockopt;
 use super::{Counters, PeerCommand, PeerStatus, SessionError, SessionEvent, SessionId};
+use crate::bgp::rib::RibInput;
 
 /// A task handle that aborts the task when dropped (tasks die with their owner).
 #[derive(Debug)]
@@ -125,6 +127,28 @@ pub fn spawn_peer(
     listener: Option<ListenerHandle>,
     events: mpsc::Sender<SessionEvent>,
 ) -> PeerHandle {
+    spawn(cfg, listener, events, None)
+}
+
+/// [`spawn_peer`] for a peer that feeds the RIB itself: `PeerUp` (with the session generation), routes,
+/// End-of-RIB, route refresh and `PeerDown` go straight to `rib.tx`, and the task encodes the RIB's output
+/// for its session. `events` then only tells the owner about the lifecycle (Established, End-of-RIB seen,
+/// Down).
+pub fn spawn_peer_with_rib(
+    cfg: PeerConfig,
+    listener: Option<ListenerHandle>,
+    events: mpsc::Sender<SessionEvent>,
+    rib: RibLink,
+) -> PeerHandle {
+    spawn(cfg, listener, events, Some(rib))
+}
+
+fn spawn(
+    cfg: PeerConfig,
+    listener: Option<ListenerHandle>,
+    events: mpsc::Sender<SessionEvent>,
+    rib: Option<RibLink>,
+) -> PeerHandle {
     let peer = cfg.peer_addr;
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
     let (owner_tx, owner_rx) = oneshot::channel();
@@ -144,7 +168,10 @@ pub fn spawn_peer(
     let registration = listener
         .as_ref()
         .and_then(|l| l.register_now(cfg.peer_addr, cfg.password.clone(), in_tx.clone()));
-    let task = PeerTask::new(cfg, listener, events, status_tx);
+    let mut task = PeerTask::new(cfg, listener, events, status_tx);
+    if let Some(link) = rib {
+        task.rib = Some((link, cmd_tx.clone()));
+    }
     let join = tokio::spawn(task.run(cmd_rx, owner_rx, in_tx, incoming, registration));
     PeerHandle {
         peer,
@@ -202,6 +229,10 @@ struct PeerTask {
     encode_ctx: EncodeCtx,
     counters: Counters,
     last_error: Option<String>,
+    /// The RIB this task feeds directly, and a sender of our own commands for the output encoder.
+    rib: Option<(RibLink, mpsc::Sender<PeerCommand>)>,
+    /// The encoder of the RIB's output for the Established session.
+    rib_writer: Option<AbortOnDrop>,
 }
 
 fn timer_index(t: Timer) -> usize {
@@ -245,6 +276,21 @@ impl PeerTask {
             encode_ctx: EncodeCtx::default(),
             counters: Counters::default(),
             last_error: None,
+            rib: None,
+            rib_writer: None,
+        }
+    }
+
+    /// Send one input of the current session to the RIB (when this task feeds it).
+    async fn to_rib(&self, input: RibInput) {
+        if let Some((link, _)) = &self.rib {
+            let ev = RibInput::Session {
+                generation: self.session_id,
+                input: Box::new(input),
+            };
+            if link.tx.send(ev).await.is_err() {
+                tracing::error!(peer = %self.cfg.peer_addr, "the RIB task has stopped");
+            }
         }
     }
 
@@ -280,7 +326,17 @@ impl PeerTask {
             let next_timer = self.timers.iter().flatten().min().copied();
             // Take RIB commands only while the data queue has room (see the module doc).
             let can_take = self.main_conn().is_none_or(|c| c.data.capacity() > 0);
+            // ... and wake up when it has room again: with hold time 0 (no keepalives) and a quiet peer,
+            // nothing else would, and a client that stopped reading for a while would never catch up.
+            let data_room = (!can_take)
+                .then(|| self.main_conn().map(|c| c.data.clone()))
+                .flatten();
             tokio::select! {
+                _ = async {
+                    if let Some(d) = &data_room {
+                        let _ = d.reserve().await;
+                    }
+                }, if data_room.is_some() => {}
                 stop = &mut owner => {
                     for_restart = stop == Ok(StopMode::ForRestart);
                     break;
@@ -397,6 +453,25 @@ impl PeerTask {
                 self.counters.established += 1;
                 self.last_error = None;
                 self.set_contexts(&neg);
+                if let Some((link, cmds)) = &self.rib {
+                    // The RIB hears of the session before any of its routes: both go down this channel.
+                    let (out_tx, out_rx) = mpsc::channel(rib_link::RIB_OUTPUT_QUEUE);
+                    let info = rib_link::peer_info(&self.cfg, &link.role, &neg);
+                    let peer = link.peer;
+                    self.rib_writer = Some(AbortOnDrop(tokio::spawn(rib_link::write_rib_output(
+                        self.cfg.peer_addr,
+                        self.session_id,
+                        self.encode_ctx.clone(),
+                        out_rx,
+                        cmds.clone(),
+                    ))));
+                    self.to_rib(RibInput::PeerUp {
+                        peer,
+                        info,
+                        out: out_tx,
+                    })
+                    .await;
+                }
                 let ev = SessionEvent::Established {
                     peer: self.cfg.peer_addr,
                     session: self.session_id,
@@ -408,6 +483,15 @@ impl PeerTask {
                 reason,
                 graceful_restart,
             } => {
+                self.rib_writer = None;
+                if let Some((link, _)) = &self.rib {
+                    let peer = link.peer;
+                    self.to_rib(RibInput::PeerDown {
+                        peer,
+                        graceful: graceful_restart.is_some(),
+                    })
+                    .await;
+                }
                 let ev = SessionEvent::Down {
                     peer: self.cfg.peer_addr,
                     session: self.session_id,
@@ -481,6 +565,9 @@ impl PeerTask {
     fn start_io(&mut self, id: ConnId, stream: TcpStream) {
         let _ = stream.set_nodelay(true);
         let (rd, wr) = stream.into_split();
+        // Unbounded on purpose: OPEN, KEEPALIVE and NOTIFICATION are a handful of small messages per
+        // session, and they must be queued without waiting behind UPDATE data (the bounded `data` queue),
+        // or a peer that stops reading would also stop our keepalives and our NOTIFICATION to it.
         let (control_tx, control_rx) = mpsc::unbounded_channel();
         let (data_tx, data_rx) = mpsc::channel(DATA_QUEUE);
         let extended = Arc::new(AtomicBool::new(false));
@@ -592,6 +679,10 @@ impl PeerTask {
                             saw_update = true;
                             if let Some(family) = u.end_of_rib() {
                                 self.flush_updates(&mut batch).await;
+                                if let Some(peer) = self.rib.as_ref().map(|(l, _)| l.peer) {
+                                    self.to_rib(RibInput::EndOfRib { peer, family }).await;
+                                }
+                                // The owner tracks End-of-RIB for convergence (restart handling).
                                 let ev = SessionEvent::EndOfRib {
                                     peer: self.cfg.peer_addr,
                                     session: self.session_id,
@@ -607,6 +698,15 @@ impl PeerTask {
                             if established {
                                 saw_update = true;
                                 self.flush_updates(&mut batch).await;
+                                if let Some(peer) = self.rib.as_ref().map(|(l, _)| l.peer) {
+                                    tracing::info!(peer = %self.cfg.peer_addr, family = %r.family, "route refresh requested by peer");
+                                    self.to_rib(RibInput::RouteRefresh {
+                                        peer,
+                                        family: r.family,
+                                    })
+                                    .await;
+                                    continue;
+                                }
                                 let ev = SessionEvent::RouteRefresh {
                                     peer: self.cfg.peer_addr,
                                     session: self.session_id,
@@ -681,6 +781,14 @@ impl PeerTask {
             return;
         }
         let updates = std::mem::take(batch);
+        if let Some(peer) = self.rib.as_ref().map(|(l, _)| l.peer) {
+            for u in updates {
+                if let Some(input) = RibInput::from_received(peer, u) {
+                    self.to_rib(input).await;
+                }
+            }
+            return;
+        }
         let ev = SessionEvent::Updates {
             peer: self.cfg.peer_addr,
             session: self.session_id,

@@ -1,0 +1,623 @@
+//! Benchmark: route-reflector fan-out. One reflector, N simulated iBGP route-reflector clients, each from its
+//! own loopback address and announcing one /26 with its own next hop; every client must end up holding every
+//! other client's block. Then one more client announces and withdraws one block at a time and the clock runs
+//! until all N clients have seen it. The same simulator drives BIRD 2 and `margay reflector` in the same run.
+//!
+//! ```text
+//!   netns mgrf<pid> (loopback only; 127/8 is local, so every client has its own source address)
+//!   client i: 127.1.(i/250).(i%250+1) ──iBGP──▶ reflector 127.0.0.1:179 (AS 65000) ──▶ every other client
+//!             announces 172.16.0.0 + 64·i /26, next hop 10.200.(i/250).(i%250+1)
+//!   probe:    one more client, announces / withdraws 172.31.255.0/26 `--rounds` times
+//! ```
+//!
+//! The simulator is one current-thread tokio runtime: each client is a task that reads into a buffer and
+//! only walks the NLRI bytes, so at N = 1,000 it uses a fraction of a core (the reflector gets the rest).
+//! Both reflectors are passive (BIRD `passive on`; margay makes Calico nodes with the higher address
+//! passive), so neither spends time on connection attempts. Peak RSS is the reflector's VmHWM, CPU its
+//! utime + stime from /proc. Needs root (network namespace), BIRD 2 for its row, a release build of margay.
+//!
+//! Run: `cargo bench --bench rr_fanout -- [--clients N] [--rounds R] [--runs K] [--only bird,margay]`
+
+use std::collections::HashSet;
+use std::net::Ipv4Addr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::mpsc;
+
+const AS: u32 = 65000;
+const REFLECTOR: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 1);
+const PROBE_BLOCK: [u8; 4] = [172, 31, 255, 0];
+
+fn client_addr(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(127, 1, (i / 250) as u8, (i % 250 + 1) as u8)
+}
+fn client_nh(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 200, (i / 250) as u8, (i % 250 + 1) as u8)
+}
+fn client_block(i: usize) -> [u8; 4] {
+    let base = u32::from(Ipv4Addr::new(172, 16, 0, 0)) + 64 * i as u32;
+    base.to_be_bytes()
+}
+
+struct Figures {
+    established: f64,
+    full: f64,
+    join: Vec<f64>,
+    withdraw: Vec<f64>,
+    rss_kb: u64,
+    cpu_s: f64,
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let mut clients = 200usize;
+    let mut rounds = 20usize;
+    let mut runs = 1usize;
+    let mut only: Vec<String> = vec!["bird".into(), "margay".into()];
+    let mut i = 1;
+    while i < args.len() {
+        let next = |i: usize| args.get(i + 1).cloned().unwrap_or_default();
+        match args[i].as_str() {
+            "--clients" => {
+                clients = next(i).parse().expect("--clients N");
+                i += 1;
+            }
+            "--rounds" => {
+                rounds = next(i).parse().expect("--rounds R");
+                i += 1;
+            }
+            "--runs" => {
+                runs = next(i).parse().expect("--runs K");
+                i += 1;
+            }
+            "--only" => {
+                only = next(i).split(',').map(str::to_string).collect();
+                i += 1;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("rr_fanout bench: needs root (it creates a network namespace); skipped");
+        return;
+    }
+    assert!(clients <= 62_000, "--clients at most 62000");
+    println!("rr_fanout: {clients} iBGP clients x one /26, {rounds} probe rounds, {runs} run(s) per daemon; medians");
+    println!(
+        "{:<7} {:>13} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8} {:>7}",
+        "daemon",
+        "established s",
+        "full s",
+        "join p50",
+        "join p99",
+        "wdr p50",
+        "wdr p99",
+        "RSS MB",
+        "CPU s"
+    );
+    for daemon in &only {
+        let mut all = Vec::new();
+        for _ in 0..runs {
+            match run_one(daemon, clients, rounds) {
+                Ok(f) => all.push(f),
+                Err(e) => println!("{daemon:<7} failed: {e}"),
+            }
+        }
+        if all.is_empty() {
+            continue;
+        }
+        let med = |v: Vec<f64>| -> f64 { pct(v, 50.0) };
+        let joins: Vec<f64> = all.iter().flat_map(|f| f.join.clone()).collect();
+        let wdrs: Vec<f64> = all.iter().flat_map(|f| f.withdraw.clone()).collect();
+        println!(
+            "{:<7} {:>13.3} {:>10.3} {:>8.1}ms {:>8.1}ms {:>8.1}ms {:>8.1}ms {:>8.1} {:>7.2}",
+            daemon,
+            med(all.iter().map(|f| f.established).collect()),
+            med(all.iter().map(|f| f.full).collect()),
+            pct(joins.clone(), 50.0) * 1e3,
+            pct(joins, 99.0) * 1e3,
+            pct(wdrs.clone(), 50.0) * 1e3,
+            pct(wdrs, 99.0) * 1e3,
+            med(all.iter().map(|f| f.rss_kb as f64).collect()) / 1024.0,
+            med(all.iter().map(|f| f.cpu_s).collect()),
+        );
+    }
+}
+
+fn pct(mut v: Vec<f64>, p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    let k = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
+    v[k.min(v.len() - 1)]
+}
+
+/// A namespace that is deleted, with everything in it, when dropped.
+struct Netns(String);
+impl Netns {
+    fn new() -> Netns {
+        let name = format!("mgrf{}", std::process::id());
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status();
+        run("ip", &["netns", "add", &name]);
+        run("ip", &["-n", &name, "link", "set", "lo", "up"]);
+        Netns(name)
+    }
+}
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+struct Daemon(Child);
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn run(cmd: &str, args: &[&str]) {
+    let st = Command::new(cmd).args(args).status().expect(cmd);
+    assert!(st.success(), "{cmd} {args:?} failed");
+}
+
+fn margay_exe() -> Result<std::path::PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let dir = exe
+        .parent()
+        .and_then(|p| p.parent())
+        .ok_or("no target dir")?;
+    let p = dir.join("margay");
+    if p.exists() {
+        Ok(p)
+    } else {
+        Err(format!(
+            "{} not built: run `cargo build --release` first",
+            p.display()
+        ))
+    }
+}
+
+fn start(daemon: &str, ns: &str, d: &std::path::Path, clients: usize) -> Result<Child, String> {
+    // The probe is client `clients` (one more than the measured ones).
+    let n = clients + 1;
+    match daemon {
+        "bird" => {
+            let mut conf = String::from(
+                "router id 10.255.0.1;\nprotocol device { }\n\
+                 protocol static { ipv4; route 10.200.0.0/16 blackhole; }\n\
+                 template bgp rrc { local 127.0.0.1 as 65000; multihop; passive on; rr client; rr cluster id 10.255.0.1;\n\
+                 ipv4 { import all; export all; }; }\n",
+            );
+            for i in 0..n {
+                conf.push_str(&format!(
+                    "protocol bgp c{i} from rrc {{ neighbor {} as {AS}; }}\n",
+                    client_addr(i)
+                ));
+            }
+            let path = d.join("bird.conf");
+            std::fs::write(&path, conf).map_err(|e| e.to_string())?;
+            Command::new("ip")
+                .args(["netns", "exec", ns, "bird", "-f", "-c"])
+                .arg(&path)
+                .arg("-s")
+                .arg(d.join("ctl"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("spawn bird: {e}"))
+        }
+        "margay" => {
+            // Calico's reflector layout: the reflector is a Node with a cluster id and a label, the clients
+            // are Nodes, one BGPPeer peers the reflector with every client.
+            let mut conf = format!(
+                "apiVersion: projectcalico.org/v3\nkind: BGPConfiguration\nmetadata: {{name: default}}\n\
+                 spec: {{asNumber: {AS}, nodeToNodeMeshEnabled: false}}\n---\n\
+                 apiVersion: projectcalico.org/v3\nkind: Node\nmetadata: {{name: rr, labels: {{rr: 'true'}}}}\n\
+                 spec: {{bgp: {{ipv4Address: 127.0.0.1/8, routeReflectorClusterID: 10.255.0.1}}}}\n---\n\
+                 apiVersion: projectcalico.org/v3\nkind: BGPPeer\nmetadata: {{name: clients}}\n\
+                 spec: {{nodeSelector: \"rr == 'true'\", peerSelector: \"!has(rr)\"}}\n"
+            );
+            for i in 0..n {
+                conf.push_str(&format!(
+                    "---\napiVersion: projectcalico.org/v3\nkind: Node\nmetadata: {{name: c{i}}}\n\
+                     spec: {{bgp: {{ipv4Address: {}/8}}}}\n",
+                    client_addr(i)
+                ));
+            }
+            let path = d.join("margay.yaml");
+            std::fs::write(&path, conf).map_err(|e| e.to_string())?;
+            Command::new("ip")
+                .args(["netns", "exec", ns])
+                .arg(margay_exe()?)
+                .args(["reflector", "--node-name", "rr", "--state-dir"])
+                .arg(d)
+                .arg("--config")
+                .arg(&path)
+                .args([
+                    "--router-id",
+                    "10.255.0.1",
+                    "--listen",
+                    "127.0.0.1",
+                    "--http-listen",
+                    "127.0.0.1:9199",
+                ])
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("spawn margay: {e}"))
+        }
+        other => Err(format!("unknown daemon {other}")),
+    }
+}
+
+fn run_one(daemon: &str, clients: usize, rounds: usize) -> Result<Figures, String> {
+    let ns = Netns::new();
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let child = start(daemon, &ns.0, dir.path(), clients)?;
+    let pid = child.id();
+    let _guard = Daemon(child);
+    // The simulator runs inside the namespace: a thread of its own enters it and runs the runtime.
+    let ns_path = format!("/var/run/netns/{}", ns.0);
+    let sim = std::thread::spawn(move || -> Result<(f64, f64, Vec<f64>, Vec<f64>), String> {
+        let f = std::fs::File::open(&ns_path).map_err(|e| e.to_string())?;
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| e.to_string())?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        rt.block_on(simulate(clients, rounds))
+    });
+    let (established, full, join, withdraw) = sim.join().map_err(|_| "simulator panicked")??;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss_kb = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        .unwrap_or(0);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |k: usize| {
+        fields
+            .get(k)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of /proc/pid/stat (11 and 12 after the command name).
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let cpu_s = (ticks(11) + ticks(12)) / hz;
+    Ok(Figures {
+        established,
+        full,
+        join,
+        withdraw,
+        rss_kb,
+        cpu_s,
+    })
+}
+
+/// What a client task reports.
+enum Seen {
+    Established,
+    Full,
+    Probe { announced: bool, at: Instant },
+}
+
+async fn simulate(clients: usize, rounds: usize) -> Result<(f64, f64, Vec<f64>, Vec<f64>), String> {
+    // Wait for the reflector to listen.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if TcpStream::connect((REFLECTOR, 179)).await.is_ok() {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err("the reflector never listened on 127.0.0.1:179".into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Let the reflector notice and drop that probe connection.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (tx, mut rx) = mpsc::unbounded_channel::<(usize, Seen)>();
+    let failed = Arc::new(AtomicUsize::new(0));
+    let t0 = Instant::now();
+    for i in 0..clients {
+        let tx = tx.clone();
+        let failed = failed.clone();
+        tokio::spawn(async move {
+            if let Err(e) = client(i, clients, tx).await {
+                if failed.fetch_add(1, Ordering::Relaxed) < 3 {
+                    eprintln!("client {i}: {e}");
+                }
+            }
+        });
+    }
+    let mut established = 0usize;
+    let mut full = 0usize;
+    let (mut t_est, mut t_full) = (0.0, 0.0);
+    while full < clients {
+        let got = tokio::time::timeout(Duration::from_secs(300), rx.recv()).await;
+        match got {
+            Ok(Some((_, Seen::Established))) => {
+                established += 1;
+                if established == clients {
+                    t_est = t0.elapsed().as_secs_f64();
+                }
+            }
+            Ok(Some((_, Seen::Full))) => {
+                full += 1;
+                if full == clients {
+                    t_full = t0.elapsed().as_secs_f64();
+                }
+            }
+            Ok(Some(_)) => {}
+            _ => {
+                return Err(format!(
+                    "stuck: {established} established, {full} full of {clients}, {} clients failed",
+                    failed.load(Ordering::Relaxed)
+                ))
+            }
+        }
+    }
+    // The probe: one more client announcing and withdrawing one block.
+    let mut probe = connect_and_open(clients).await?;
+    let mut join = Vec::new();
+    let mut withdraw = Vec::new();
+    for _ in 0..rounds {
+        for announce in [true, false] {
+            let msg = if announce {
+                update(&[], Some((&PROBE_BLOCK, client_nh(clients))))
+            } else {
+                update(&[PROBE_BLOCK], None)
+            };
+            let sent = Instant::now();
+            probe.write_all(&msg).await.map_err(|e| e.to_string())?;
+            let mut seen = 0;
+            let mut last = sent;
+            while seen < clients {
+                match tokio::time::timeout(Duration::from_secs(30), rx.recv()).await {
+                    Ok(Some((_, Seen::Probe { announced, at }))) if announced == announce => {
+                        seen += 1;
+                        last = last.max(at);
+                    }
+                    Ok(Some(_)) => {}
+                    _ => return Err(format!("probe: only {seen} of {clients} clients saw it")),
+                }
+            }
+            let d = (last - sent).as_secs_f64();
+            if announce {
+                join.push(d);
+            } else {
+                withdraw.push(d);
+            }
+            // Between rounds, let keep-alive-free sessions settle.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    Ok((t_est, t_full, join, withdraw))
+}
+
+/// Connect and exchange OPEN / KEEPALIVE, trying again while the reflector is not ready for this client
+/// (BIRD accepts the TCP connection of a protocol it has not started yet and then closes it or stays
+/// silent), for up to three minutes.
+async fn connect_and_open(i: usize) -> Result<TcpStream, String> {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), try_connect_and_open(i)).await {
+            Ok(Ok(s)) => return Ok(s),
+            Ok(Err(e)) if Instant::now() > deadline => return Err(e),
+            Err(_) if Instant::now() > deadline => {
+                return Err(format!("client {i}: no OPEN from the reflector"))
+            }
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+async fn try_connect_and_open(i: usize) -> Result<TcpStream, String> {
+    let sock = TcpSocket::new_v4().map_err(|e| e.to_string())?;
+    sock.bind((client_addr(i), 0).into())
+        .map_err(|e| format!("bind {}: {e}", client_addr(i)))?;
+    let mut s = sock
+        .connect((REFLECTOR, 179).into())
+        .await
+        .map_err(|e| format!("connect from {}: {e}", client_addr(i)))?;
+    s.set_nodelay(true).map_err(|e| e.to_string())?;
+    s.write_all(&open(client_addr(i)))
+        .await
+        .map_err(|e| e.to_string())?;
+    // OPEN, then KEEPALIVE from the reflector; we answer its OPEN with a KEEPALIVE.
+    let mut got_open = false;
+    loop {
+        let (ty, _) = read_msg(&mut s).await?;
+        match ty {
+            1 => {
+                got_open = true;
+                s.write_all(&keepalive()).await.map_err(|e| e.to_string())?;
+            }
+            3 => return Err(format!("NOTIFICATION to client {i}")),
+            4 if got_open => return Ok(s),
+            _ => {}
+        }
+    }
+}
+
+async fn client(
+    i: usize,
+    clients: usize,
+    tx: mpsc::UnboundedSender<(usize, Seen)>,
+) -> Result<(), String> {
+    let mut s = connect_and_open(i).await?;
+    let _ = tx.send((i, Seen::Established));
+    let mut first = update(&[], Some((&client_block(i), client_nh(i))));
+    first.extend_from_slice(&update(&[], None)); // End-of-RIB
+    s.write_all(&first).await.map_err(|e| e.to_string())?;
+    // Every other client's block, by index; our own does not come back.
+    let mut have: HashSet<u32> = HashSet::with_capacity(clients);
+    let mut full_sent = false;
+    let mut buf = vec![0u8; 1 << 16];
+    let mut len = 0usize;
+    loop {
+        if len == buf.len() {
+            buf.resize(buf.len() * 2, 0);
+        }
+        let r = s.read(&mut buf[len..]).await.map_err(|e| e.to_string())?;
+        if r == 0 {
+            return Err(format!("client {i}: reflector closed the session"));
+        }
+        len += r;
+        let mut off = 0;
+        while len - off >= 19 {
+            let mlen = u16::from_be_bytes([buf[off + 16], buf[off + 17]]) as usize;
+            if len - off < mlen {
+                break;
+            }
+            if buf[off + 18] == 2 {
+                let body = &buf[off + 19..off + mlen];
+                let wl = u16::from_be_bytes([body[0], body[1]]) as usize;
+                for p in prefixes(&body[2..2 + wl]) {
+                    if p == PROBE_BLOCK {
+                        let _ = tx.send((
+                            i,
+                            Seen::Probe {
+                                announced: false,
+                                at: Instant::now(),
+                            },
+                        ));
+                    } else {
+                        have.remove(&u32::from_be_bytes(p));
+                    }
+                }
+                let al = u16::from_be_bytes([body[2 + wl], body[3 + wl]]) as usize;
+                for p in prefixes(&body[4 + wl + al..]) {
+                    if p == PROBE_BLOCK {
+                        let _ = tx.send((
+                            i,
+                            Seen::Probe {
+                                announced: true,
+                                at: Instant::now(),
+                            },
+                        ));
+                    } else {
+                        have.insert(u32::from_be_bytes(p));
+                    }
+                }
+            }
+            off += mlen;
+        }
+        buf.copy_within(off..len, 0);
+        len -= off;
+        if !full_sent && have.len() + 1 >= clients {
+            full_sent = true;
+            let _ = tx.send((i, Seen::Full));
+        }
+    }
+}
+
+/// IPv4 prefixes of an NLRI field (no ADD-PATH), as 4 address bytes.
+fn prefixes(mut b: &[u8]) -> Vec<[u8; 4]> {
+    let mut out = Vec::new();
+    while let Some(&bits) = b.first() {
+        let n = (bits as usize).div_ceil(8);
+        if b.len() < 1 + n || n > 4 {
+            break;
+        }
+        let mut a = [0u8; 4];
+        a[..n].copy_from_slice(&b[1..1 + n]);
+        out.push(a);
+        b = &b[1 + n..];
+    }
+    out
+}
+
+async fn read_msg(s: &mut TcpStream) -> Result<(u8, Vec<u8>), String> {
+    let mut hdr = [0u8; 19];
+    tokio::time::timeout(Duration::from_secs(60), s.read_exact(&mut hdr))
+        .await
+        .map_err(|_| "timed out waiting for the reflector".to_string())?
+        .map_err(|e| format!("read: {e}"))?;
+    let len = u16::from_be_bytes([hdr[16], hdr[17]]) as usize;
+    if !(19..=65535).contains(&len) {
+        return Err(format!("bad length {len}"));
+    }
+    let mut body = vec![0u8; len - 19];
+    s.read_exact(&mut body)
+        .await
+        .map_err(|e| format!("read: {e}"))?;
+    Ok((hdr[18], body))
+}
+
+fn header(out: &mut Vec<u8>, ty: u8, body_len: usize) {
+    out.extend_from_slice(&[0xff; 16]);
+    out.extend_from_slice(&((19 + body_len) as u16).to_be_bytes());
+    out.push(ty);
+}
+
+/// OPEN with hold time 0 (no KEEPALIVEs either way, RFC 4271 4.2), MP IPv4 unicast and 4-octet AS.
+fn open(id: Ipv4Addr) -> Vec<u8> {
+    let asn = AS.to_be_bytes();
+    let caps: Vec<u8> = vec![
+        2, 6, 1, 4, 0, 1, 0, 1, 2, 6, 65, 4, asn[0], asn[1], asn[2], asn[3],
+    ];
+    let mut body = vec![4];
+    body.extend_from_slice(&(AS as u16).to_be_bytes());
+    body.extend_from_slice(&0u16.to_be_bytes());
+    body.extend_from_slice(&id.octets());
+    body.push(caps.len() as u8);
+    body.extend_from_slice(&caps);
+    let mut out = Vec::new();
+    header(&mut out, 1, body.len());
+    out.extend_from_slice(&body);
+    out
+}
+
+fn keepalive() -> Vec<u8> {
+    let mut out = Vec::new();
+    header(&mut out, 4, 0);
+    out
+}
+
+/// An UPDATE withdrawing `withdrawn` /26s and announcing one /26 with ORIGIN IGP, an empty AS_PATH,
+/// NEXT_HOP and LOCAL_PREF 100. Neither: End-of-RIB.
+fn update(withdrawn: &[[u8; 4]], announce: Option<(&[u8; 4], Ipv4Addr)>) -> Vec<u8> {
+    let mut w = Vec::new();
+    for p in withdrawn {
+        w.push(26);
+        w.extend_from_slice(p);
+    }
+    let mut attrs = Vec::new();
+    let mut nlri = Vec::new();
+    if let Some((p, nh)) = announce {
+        attrs.extend_from_slice(&[0x40, 1, 1, 0]);
+        attrs.extend_from_slice(&[0x40, 2, 0]);
+        attrs.extend_from_slice(&[0x40, 3, 4]);
+        attrs.extend_from_slice(&nh.octets());
+        attrs.extend_from_slice(&[0x40, 5, 4, 0, 0, 0, 100]);
+        nlri.push(26);
+        nlri.extend_from_slice(p);
+    }
+    let mut body = Vec::new();
+    body.extend_from_slice(&(w.len() as u16).to_be_bytes());
+    body.extend_from_slice(&w);
+    body.extend_from_slice(&(attrs.len() as u16).to_be_bytes());
+    body.extend_from_slice(&attrs);
+    body.extend_from_slice(&nlri);
+    let mut out = Vec::new();
+    header(&mut out, 2, body.len());
+    out.extend_from_slice(&body);
+    out
+}
