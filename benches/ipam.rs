@@ -188,7 +188,8 @@ fn request(node: usize, i: usize, two_pools: bool) -> AssignRequest {
     AssignRequest {
         handle_id: format!("k8s-pod-network.n{node}-c{i}"),
         ipv4: true,
-        pools: two_pools.then(|| vec![if i % 2 == 0 { "small" } else { "big" }.to_string()]),
+        pools: two_pools
+            .then(|| vec![if i.is_multiple_of(2) { "small" } else { "big" }.to_string()]),
         attributes: BTreeMap::from([
             ("namespace".to_string(), "default".to_string()),
             ("pod".to_string(), format!("pod-{node}-{i}")),

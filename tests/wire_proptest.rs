@@ -89,7 +89,7 @@ proptest! {
             b.truncate(19.max(c.index(b.len() + 1)));
         }
         // Make the header agree with the new size half of the time, so body parsers get the bytes.
-        if b.len() % 2 == 0 {
+        if b.len().is_multiple_of(2) {
             let l = b.len() as u16;
             b[16..18].copy_from_slice(&l.to_be_bytes());
         }

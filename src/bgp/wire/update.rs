@@ -357,7 +357,7 @@ fn decode_known(
         }
         attr::COMMUNITIES | attr::CLUSTER_LIST => {
             // RFC 7606 7.8 / 7.10: a non-zero multiple of 4.
-            if v.is_empty() || v.len() % 4 != 0 {
+            if v.is_empty() || !v.len().is_multiple_of(4) {
                 return Err(len_err(t, raw, v));
             }
             if t == attr::COMMUNITIES {
@@ -368,7 +368,7 @@ fn decode_known(
         }
         attr::LARGE_COMMUNITIES => {
             // RFC 8092 6: a non-zero multiple of 12.
-            if v.is_empty() || v.len() % 12 != 0 {
+            if v.is_empty() || !v.len().is_multiple_of(12) {
                 return Err(len_err(t, raw, v));
             }
             attrs.large_communities = v
