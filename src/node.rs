@@ -410,6 +410,18 @@ pub async fn ensure_default_pool(
             tracing::info!(%cidr, block_size, "created the default IPv4 pool");
             Ok(())
         }
+        // Nodes starting together race to create it; the loser's create-only write conflicts. Another node
+        // having created a pool meanwhile is success, not an error.
+        Err(_)
+            if !ds
+                .list(&keys::resource_prefix(crate::config::ippool::PLURAL))
+                .await?
+                .0
+                .is_empty() =>
+        {
+            tracing::info!(%cidr, "the default IPv4 pool was created by another node meanwhile");
+            Ok(())
+        }
         Err(e) => Err(anyhow::anyhow!(
             "creating the default IPv4 pool {cidr}: {e}"
         )),
@@ -432,6 +444,11 @@ pub async fn ensure_default_ipv6_pool(
     match crate::cli::resources::apply(ds, &doc).await {
         Ok(_) => {
             tracing::info!(%cidr, block_size, "created the default IPv6 pool");
+            Ok(())
+        }
+        // As for IPv4: another node starting at the same moment may have created it first.
+        Err(_) if load_pools(ds).await?.iter().any(|p| p.spec.cidr.is_ipv6()) => {
+            tracing::info!(%cidr, "the default IPv6 pool was created by another node meanwhile");
             Ok(())
         }
         Err(e) => Err(anyhow::anyhow!(
