@@ -54,6 +54,7 @@ spec:
 ";
 
 #[tokio::test]
+#[ignore = "needs etcd: scripts/test.sh runs it (--include-ignored)"]
 async fn bgp_kinds_apply_get_delete() {
     if !etcd_available("bgp_kinds_apply_get_delete") {
         return;
@@ -183,6 +184,7 @@ fn http_get(addr: &str, path: &str) -> Option<String> {
 /// the field in /metrics and keep it when they write their Node back; `margay apply` of the same document
 /// is refused naming the document, the field and the value.
 #[tokio::test]
+#[ignore = "needs etcd: scripts/test.sh runs it (--include-ignored)"]
 async fn datastore_fields_margay_does_not_know_are_tolerated_but_apply_refuses_them() {
     const T: &str = "datastore_fields_margay_does_not_know_are_tolerated_but_apply_refuses_them";
     if !etcd_available(T) {

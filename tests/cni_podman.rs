@@ -65,6 +65,7 @@ fn cni_netns_count() -> usize {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: scripts/test.sh runs it (--include-ignored)"]
 async fn podman_runs_containers_on_margay_alone_and_chained() {
     let test = "podman_runs_containers_on_margay_alone_and_chained";
     if !require(common::is_root(), test, "needs root") {

@@ -648,6 +648,7 @@ async fn metrics_count_requests_by_command_and_code() {
 
 /// The shim must stay small: nothing of tokio, etcd or netlink may be linked in.
 #[test]
+#[ignore = "needs root (network namespaces) and the daemons this test starts: scripts/test.sh runs it (--include-ignored)"]
 fn shim_links_no_tokio_or_etcd() {
     if !common::require(
         common::have("nm"),

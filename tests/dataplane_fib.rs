@@ -88,6 +88,7 @@ fn table_a() -> Vec<Route> {
 }
 
 #[test]
+#[ignore = "needs root (network namespaces) and the daemons this test starts: scripts/test.sh runs it (--include-ignored)"]
 fn restart_adopts_with_zero_changes_then_converges_by_difference() {
     if !prereq("restart_adopts_with_zero_changes_then_converges_by_difference") {
         return;
@@ -174,6 +175,7 @@ fn restart_adopts_with_zero_changes_then_converges_by_difference() {
 }
 
 #[test]
+#[ignore = "needs root (network namespaces) and the daemons this test starts: scripts/test.sh runs it (--include-ignored)"]
 fn deleted_or_changed_route_is_put_back_and_other_protocols_are_never_touched() {
     if !prereq("deleted_or_changed_route_is_put_back_and_other_protocols_are_never_touched") {
         return;
@@ -247,6 +249,7 @@ fn deleted_or_changed_route_is_put_back_and_other_protocols_are_never_touched() 
 }
 
 #[test]
+#[ignore = "needs root (network namespaces) and the daemons this test starts: scripts/test.sh runs it (--include-ignored)"]
 fn ecmp_is_one_multipath_route_and_losing_a_hop_keeps_the_other() {
     if !prereq("ecmp_is_one_multipath_route_and_losing_a_hop_keeps_the_other") {
         return;
@@ -325,6 +328,7 @@ fn ecmp_is_one_multipath_route_and_losing_a_hop_keeps_the_other() {
 }
 
 #[test]
+#[ignore = "needs root (network namespaces) and the daemons this test starts: scripts/test.sh runs it (--include-ignored)"]
 fn bad_input_is_a_clear_error_and_leaves_nothing() {
     if !prereq("bad_input_is_a_clear_error_and_leaves_nothing") {
         return;

@@ -82,6 +82,7 @@ fn stop(to: SocketAddr, from_ns: &str) {
 }
 
 #[test]
+#[ignore = "needs root for network namespaces; needs nftables and iproute2: scripts/test.sh runs it (--include-ignored)"]
 fn nat_pool_leaves_with_the_node_address_and_other_pools_keep_their_own() {
     let t = "nat_pool_leaves_with_the_node_address_and_other_pools_keep_their_own";
     if !(require(is_root(), t, "needs root for network namespaces")

@@ -59,6 +59,7 @@ fn node_state(node: &str) -> String {
 }
 
 #[test]
+#[ignore = "needs root (network namespaces) and the daemons this test starts: scripts/test.sh runs it (--include-ignored)"]
 fn two_nodes_two_pods_each_ping_across_and_del_leaves_nothing() {
     if !prereq("two_nodes_two_pods_each_ping_across_and_del_leaves_nothing") {
         return;
@@ -260,6 +261,7 @@ fn two_nodes_two_pods_each_ping_across_and_del_leaves_nothing() {
 }
 
 #[test]
+#[ignore = "needs root (network namespaces) and the daemons this test starts: scripts/test.sh runs it (--include-ignored)"]
 fn bad_input_names_the_object_and_leaves_nothing() {
     if !prereq("bad_input_names_the_object_and_leaves_nothing") {
         return;
@@ -373,6 +375,7 @@ fn bad_input_names_the_object_and_leaves_nothing() {
 }
 
 #[test]
+#[ignore = "needs root (network namespaces) and the daemons this test starts: scripts/test.sh runs it (--include-ignored)"]
 fn a_new_sandbox_for_the_same_workload_replaces_the_stale_veth() {
     if !prereq("a_new_sandbox_for_the_same_workload_replaces_the_stale_veth") {
         return;

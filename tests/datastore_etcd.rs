@@ -19,6 +19,7 @@ fn ds(endpoints: &[String]) -> Arc<Datastore> {
 }
 
 #[tokio::test]
+#[ignore = "needs etcd: scripts/test.sh runs it (--include-ignored)"]
 async fn cas_list_and_watch() {
     if !etcd_available("cas_list_and_watch") {
         return;
@@ -108,6 +109,7 @@ async fn cas_list_and_watch() {
 }
 
 #[tokio::test]
+#[ignore = "needs etcd: scripts/test.sh runs it (--include-ignored)"]
 async fn fails_over_around_a_dead_endpoint_and_names_what_it_tried() {
     if !etcd_available("fails_over_around_a_dead_endpoint_and_names_what_it_tried") {
         return;
@@ -139,6 +141,7 @@ async fn fails_over_around_a_dead_endpoint_and_names_what_it_tried() {
 }
 
 #[tokio::test]
+#[ignore = "needs etcd: scripts/test.sh runs it (--include-ignored)"]
 async fn tls_client_certificates_required() {
     if !etcd_available("tls_client_certificates_required")
         || !common::require(

@@ -162,6 +162,7 @@ fn image() -> &'static Podman {
 }
 
 #[test]
+#[ignore = "needs root (network namespaces) and the daemons this test starts: scripts/test.sh runs it (--include-ignored)"]
 fn image_runs_margay_and_the_cni_shim() {
     let t = "image_runs_margay_and_the_cni_shim";
     if !prereqs(t) {
@@ -202,6 +203,7 @@ fn image_runs_margay_and_the_cni_shim() {
 /// The install-cni init container of deploy/daemonset.yaml: its command, env and mounts as the manifest
 /// gives them, run in the image.
 #[test]
+#[ignore = "needs root (network namespaces) and the daemons this test starts: scripts/test.sh runs it (--include-ignored)"]
 fn image_install_cni_writes_plugin_and_conflist() {
     let t = "image_install_cni_writes_plugin_and_conflist";
     if !prereqs(t) {
@@ -354,6 +356,7 @@ fn bird_conf(i: usize, statics: &[&str]) -> String {
 }
 
 #[test]
+#[ignore = "needs bird2: scripts/test.sh runs it (--include-ignored)"]
 fn image_reflector_reflects_bird_route() {
     let t = "image_reflector_reflects_bird_route";
     if !prereqs(t)

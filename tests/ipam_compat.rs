@@ -101,6 +101,7 @@ fn reads_calico_block_with_go_nulls() {
 }
 
 #[tokio::test]
+#[ignore = "needs etcd: scripts/test.sh runs it (--include-ignored)"]
 async fn reads_and_extends_a_calico_written_datastore() {
     if !etcd_available("reads_and_extends_a_calico_written_datastore") {
         return;

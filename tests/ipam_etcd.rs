@@ -65,6 +65,7 @@ async fn check_clean(ds: &Datastore) {
 }
 
 #[tokio::test]
+#[ignore = "needs root (network namespaces) and the daemons this test starts: scripts/test.sh runs it (--include-ignored)"]
 async fn uncontended_assign_is_one_transaction() {
     let Some((_etcd, ds)) = setup("uncontended_assign_is_one_transaction", POOLS).await else {
         return;
@@ -110,6 +111,7 @@ async fn uncontended_assign_is_one_transaction() {
 }
 
 #[tokio::test]
+#[ignore = "needs root (network namespaces) and the daemons this test starts: scripts/test.sh runs it (--include-ignored)"]
 async fn idempotent_dual_stack_and_specific_addresses() {
     let Some((_etcd, ds)) = setup("idempotent_dual_stack_and_specific_addresses", POOLS).await
     else {
@@ -207,6 +209,7 @@ async fn idempotent_dual_stack_and_specific_addresses() {
 }
 
 #[tokio::test]
+#[ignore = "needs root (network namespaces) and the daemons this test starts: scripts/test.sh runs it (--include-ignored)"]
 async fn borrowing_strict_affinity_and_block_limits() {
     let one_block = "
 apiVersion: projectcalico.org/v3
@@ -276,6 +279,7 @@ spec: {cidr: 10.30.0.0/28, blockSize: 28}
 }
 
 #[tokio::test]
+#[ignore = "needs root (network namespaces) and the daemons this test starts: scripts/test.sh runs it (--include-ignored)"]
 async fn empty_blocks_released_when_pool_stops_selecting_node() {
     let Some((_etcd, ds)) = setup(
         "empty_blocks_released_when_pool_stops_selecting_node",
@@ -334,6 +338,7 @@ async fn empty_blocks_released_when_pool_stops_selecting_node() {
 }
 
 #[tokio::test]
+#[ignore = "needs root (network namespaces) and the daemons this test starts: scripts/test.sh runs it (--include-ignored)"]
 async fn node_remove_releases_affinities_blocks_and_handles() {
     let one_block = "
 apiVersion: projectcalico.org/v3
@@ -409,6 +414,7 @@ spec: {cidr: 10.40.0.0/27, blockSize: 28}
 }
 
 #[tokio::test]
+#[ignore = "needs root (network namespaces) and the daemons this test starts: scripts/test.sh runs it (--include-ignored)"]
 async fn check_reports_every_kind_of_problem() {
     let Some((_etcd, ds)) = setup("check_reports_every_kind_of_problem", POOLS).await else {
         return;
@@ -494,6 +500,7 @@ async fn check_reports_every_kind_of_problem() {
 }
 
 #[tokio::test]
+#[ignore = "needs root (network namespaces) and the daemons this test starts: scripts/test.sh runs it (--include-ignored)"]
 async fn apply_get_delete_resources() {
     let Some((_etcd, ds)) = setup("apply_get_delete_resources", POOLS).await else {
         return;
@@ -581,6 +588,7 @@ async fn apply_get_delete_resources() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root (network namespaces) and the daemons this test starts: scripts/test.sh runs it (--include-ignored)"]
 async fn a_burst_of_assigns_is_batched_into_few_transactions() {
     let Some((_etcd, ds)) =
         setup("a_burst_of_assigns_is_batched_into_few_transactions", POOLS).await

@@ -79,6 +79,7 @@ fn reflector_clients(lab: &Lab) -> Result<Vec<(String, String)>, String> {
 }
 
 #[test]
+#[ignore = "needs root (network namespaces), etcd, iproute2 and ping: scripts/test.sh runs it (--include-ignored)"]
 fn reflector_lab_restart_and_node_leave() {
     const T: &str = "reflector_lab_restart_and_node_leave";
     if !lab_prerequisites(T) {

@@ -181,6 +181,7 @@ fn veths(node_ns: &str) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root (network namespaces) and the daemons this test starts: scripts/test.sh runs it (--include-ignored)"]
 async fn gc_releases_and_unplumbs_what_the_runtime_no_longer_lists() {
     const T: &str = "gc_releases_and_unplumbs_what_the_runtime_no_longer_lists";
     if !prereq(T) {
@@ -258,6 +259,7 @@ impl Node {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root (network namespaces) and the daemons this test starts: scripts/test.sh runs it (--include-ignored)"]
 async fn ipv4_pools_override_by_name_or_cidr_and_clear_errors() {
     const T: &str = "ipv4_pools_override_by_name_or_cidr_and_clear_errors";
     if !prereq(T) {
@@ -321,6 +323,7 @@ async fn ipv4_pools_override_by_name_or_cidr_and_clear_errors() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root (network namespaces) and the daemons this test starts: scripts/test.sh runs it (--include-ignored)"]
 async fn add_rollback_release_with_etcd_down_is_spooled_and_retried() {
     const T: &str = "add_rollback_release_with_etcd_down_is_spooled_and_retried";
     if !prereq(T) {
@@ -389,6 +392,7 @@ async fn add_rollback_release_with_etcd_down_is_spooled_and_retried() {
 /// each disagreement (before it serves an ADD): a veth whose address IPAM no longer holds, an allocation
 /// without a veth. Nothing is changed by it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root (network namespaces) and the daemons this test starts: scripts/test.sh runs it (--include-ignored)"]
 async fn restart_reconciliation_reports_kernel_and_ipam_disagreements() {
     const T: &str = "restart_reconciliation_reports_kernel_and_ipam_disagreements";
     if !prereq(T) {

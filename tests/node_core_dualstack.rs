@@ -47,6 +47,7 @@ fn proto77_v6(ns: &str) -> Vec<(String, String)> {
 }
 
 #[test]
+#[ignore = "needs root (network namespaces), etcd, iproute2 and ping: scripts/test.sh runs it (--include-ignored)"]
 fn dual_stack_pods_ping_across_nodes_over_both_families() {
     const T: &str = "dual_stack_pods_ping_across_nodes_over_both_families";
     if !common::lab::lab_prerequisites(T) {

@@ -27,6 +27,7 @@ async fn pools(ds: &Datastore) -> Vec<Value> {
 }
 
 #[tokio::test]
+#[ignore = "needs etcd: scripts/test.sh runs it (--include-ignored)"]
 async fn default_ipv6_pool_when_none_exists_and_usable() {
     const T: &str = "default_ipv6_pool_when_none_exists_and_usable";
     if !etcd_available(T) {

@@ -25,6 +25,7 @@ const MARGAY: &str = env!("CARGO_BIN_EXE_margay");
 const _CNI: &str = env!("CARGO_BIN_EXE_margay-cni");
 
 #[test]
+#[ignore = "needs root for network namespaces; needs etcd: scripts/test.sh runs it (--include-ignored)"]
 fn readiness_waits_for_end_of_rib_and_names_what_it_waits_for() {
     const T: &str = "readiness_waits_for_end_of_rib_and_names_what_it_waits_for";
     if !(require(is_root(), T, "needs root for network namespaces")
@@ -108,6 +109,7 @@ fn readiness_waits_for_end_of_rib_and_names_what_it_waits_for() {
 ///     n1's FIB: 10.244.250.0/26 proto 77 nexthop via 10.99.0.50 nexthop via 10.99.0.51
 /// ```
 #[test]
+#[ignore = "needs root (network namespaces), etcd, iproute2 and ping: scripts/test.sh runs it (--include-ignored)"]
 fn add_path_from_the_tor_gives_the_fib_the_ecmp_set() {
     const T: &str = "add_path_from_the_tor_gives_the_fib_the_ecmp_set";
     if !(common::lab::lab_prerequisites(T)

@@ -29,6 +29,7 @@ use ipnetwork::Ipv4Network;
 use serde_json::Value;
 
 #[test]
+#[ignore = "needs root (network namespaces), etcd, iproute2 and ping: scripts/test.sh runs it (--include-ignored)"]
 fn three_node_full_mesh_lab() {
     const T: &str = "three_node_full_mesh_lab";
     if !lab_prerequisites(T) {
@@ -244,6 +245,7 @@ fn wait_established(nodes: &[(String, Ipv4Addr)]) {
 /// The lab's preflight on this machine: every kernel feature is there, the scratch namespace is gone
 /// afterwards; as a user without root, `margay lab up` refuses before building anything, saying why.
 #[test]
+#[ignore = "needs root for network namespaces: scripts/test.sh runs it (--include-ignored)"]
 fn lab_preflight_names_what_is_missing() {
     const T: &str = "lab_preflight_names_what_is_missing";
     if !common::require(common::is_root(), T, "needs root for network namespaces") {

@@ -251,6 +251,7 @@ fn frr_neighbor(f: &Frr, addr: &str) -> Value {
 ///   next hop 10.1.0.2 / fd01::2 (unchanged); then 198.51.100.0/24 removed from BIRD: gone from both.
 /// ```
 #[test]
+#[ignore = "needs root (network namespaces) and the daemons this test starts: scripts/test.sh runs it (--include-ignored)"]
 fn reflects_bird_routes_to_gobgp_and_frr_and_withdraws() {
     let t = "reflects_bird_routes_to_gobgp_and_frr_and_withdraws";
     if !prereqs(t) {
@@ -429,6 +430,7 @@ fn gone<T: std::fmt::Debug>(r: Result<T, String>) -> Result<(), String> {
 ///      without 198.51.100.0/24: 192.0.2.0/24 stays, 198.51.100.0/24 is swept after BIRD's End-of-RIB.
 /// ```
 #[test]
+#[ignore = "needs root (network namespaces) and the daemons this test starts: scripts/test.sh runs it (--include-ignored)"]
 fn killed_peer_withdrawn_and_graceful_restart_peer_kept() {
     let t = "killed_peer_withdrawn_and_graceful_restart_peer_kept";
     if !prereqs(t) {
@@ -516,6 +518,7 @@ fn killed_peer_withdrawn_and_graceful_restart_peer_kept() {
 ///   "connect: ..." for the password; neither peer shows Established.
 /// ```
 #[test]
+#[ignore = "needs root (network namespaces) and the daemons this test starts: scripts/test.sh runs it (--include-ignored)"]
 fn wrong_as_and_wrong_password_keep_sessions_down() {
     let t = "wrong_as_and_wrong_password_keep_sessions_down";
     if !prereqs(t) {
@@ -587,6 +590,7 @@ fn bird_established(b: &Bird, proto: &str) -> Result<String, String> {
 ///   is away; margay started again (announcing the restart): sessions back, BIRD still holds it, fresh.
 /// ```
 #[test]
+#[ignore = "needs root (network namespaces) and the daemons this test starts: scripts/test.sh runs it (--include-ignored)"]
 fn margay_restart_bird_keeps_reflected_routes() {
     let t = "margay_restart_bird_keeps_reflected_routes";
     if !prereqs(t) {
@@ -642,6 +646,7 @@ fn margay_restart_bird_keeps_reflected_routes() {
 ///   peers unchanged.
 /// ```
 #[test]
+#[ignore = "needs root (network namespaces) and the daemons this test starts: scripts/test.sh runs it (--include-ignored)"]
 fn sighup_adds_and_removes_peers_without_resetting_others() {
     let t = "sighup_adds_and_removes_peers_without_resetting_others";
     if !prereqs(t) {

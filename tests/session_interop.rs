@@ -164,6 +164,7 @@ protocol bgp margay6 {{
 /// BIRD 2 over IPv4 and IPv6 transport, 4-octet ASes on both sides, both speakers connecting at once
 /// (so RFC 4271 6.8 collision resolution runs for real), routes and End-of-RIB both ways.
 #[test]
+#[ignore = "needs root (network namespaces) and the daemons this test starts: scripts/test.sh runs it (--include-ignored)"]
 fn bird_sessions_ipv4_ipv6_four_octet_as_and_end_of_rib() {
     let t = "bird_sessions_ipv4_ipv6_four_octet_as_and_end_of_rib";
     if !prereqs(t, have_bird(), "bird2") {
@@ -311,6 +312,7 @@ fn bird_sessions_ipv4_ipv6_four_octet_as_and_end_of_rib() {
 
 /// A wrong peer AS keeps the session down and says why in plain words, on both sides.
 #[test]
+#[ignore = "needs root (network namespaces) and the daemons this test starts: scripts/test.sh runs it (--include-ignored)"]
 fn bird_wrong_as_keeps_session_down_with_plain_reason() {
     let t = "bird_wrong_as_keeps_session_down_with_plain_reason";
     if !prereqs(t, have_bird(), "bird2") {
@@ -349,6 +351,7 @@ fn bird_wrong_as_keeps_session_down_with_plain_reason() {
 /// with the peer's graceful restart parameters (it should keep the routes stale), and the status says
 /// "hold timer expired".
 #[test]
+#[ignore = "needs root (network namespaces) and the daemons this test starts: scripts/test.sh runs it (--include-ignored)"]
 fn bird_hold_timer_expires_when_peer_is_stopped() {
     let t = "bird_hold_timer_expires_when_peer_is_stopped";
     if !prereqs(t, have_bird(), "bird2") {
@@ -421,6 +424,7 @@ fn gobgp_conf(password: &str) -> String {
 /// GoBGP (4-octet ASes) with a TCP MD5 password: the right password establishes (and GoBGP's route arrives); a wrong
 /// one keeps the session down (the kernel drops unsigned or wrongly signed segments).
 #[test]
+#[ignore = "needs root (network namespaces) and the daemons this test starts: scripts/test.sh runs it (--include-ignored)"]
 fn gobgp_md5_password_right_and_wrong() {
     let t = "gobgp_md5_password_right_and_wrong";
     if !prereqs(t, have_gobgp(), "gobgpd") {
@@ -506,6 +510,7 @@ fn gobgp_md5_password_right_and_wrong() {
 /// FRR connects to margay over IPv6 (iBGP, AS 65000); margay is passive and gets the connection from
 /// the shared listener, which also holds the TCP MD5 key for the peer.
 #[test]
+#[ignore = "needs root (network namespaces) and the daemons this test starts: scripts/test.sh runs it (--include-ignored)"]
 fn frr_ipv6_passive_session_through_listener_with_md5() {
     let t = "frr_ipv6_passive_session_through_listener_with_md5";
     if !prereqs(t, have_frr(), "frr") {
@@ -593,6 +598,7 @@ router bgp 65000
 /// restart parameters (keep its routes stale). BIRD restarted in graceful restart recovery (`-R`)
 /// comes back with the Restart State bit set and its End-of-RIB ends the stale period.
 #[test]
+#[ignore = "needs root (network namespaces) and the daemons this test starts: scripts/test.sh runs it (--include-ignored)"]
 fn bird_killed_and_restarted_with_graceful_restart() {
     let t = "bird_killed_and_restarted_with_graceful_restart";
     if !prereqs(t, have_bird(), "bird2") {
@@ -688,6 +694,7 @@ fn bird_killed_and_restarted_with_graceful_restart() {
 /// The listener refuses a speaker nobody configured with a NOTIFICATION (Cease / connection rejected),
 /// and a peer that refuses connections shows "connect: connection refused".
 #[test]
+#[ignore = "needs root (network namespaces) and the daemons this test starts: scripts/test.sh runs it (--include-ignored)"]
 fn listener_rejects_unknown_peer_and_refused_connect_is_reported() {
     let t = "listener_rejects_unknown_peer_and_refused_connect_is_reported";
     if !prereqs(t, have_bird(), "bird2") {
@@ -741,6 +748,7 @@ protocol bgp margay4 {
 /// on the accepted socket, so the negative case is not asserted here; tests/session_sockopt.rs checks
 /// the socket options themselves.)
 #[test]
+#[ignore = "needs root (network namespaces) and the daemons this test starts: scripts/test.sh runs it (--include-ignored)"]
 fn bird_ttl_security_and_source_address() {
     let t = "bird_ttl_security_and_source_address";
     if !prereqs(t, have_bird(), "bird2") {
@@ -783,6 +791,7 @@ protocol bgp margay4 {
 /// Restart State bit, and sweeps it once margay's End-of-RIB arrives without it. Without the GR capability
 /// the same close makes BIRD drop the route at once (the control case).
 #[test]
+#[ignore = "needs root (network namespaces) and the daemons this test starts: scripts/test.sh runs it (--include-ignored)"]
 fn margay_graceful_restart_bird_keeps_routes_until_end_of_rib() {
     let t = "margay_graceful_restart_bird_keeps_routes_until_end_of_rib";
     if !prereqs(t, have_bird(), "bird2") {
@@ -929,6 +938,7 @@ fn margay_graceful_restart_bird_keeps_routes_until_end_of_rib() {
 /// ADD-PATH (RFC 7911) as Calico configures BIRD (`add paths on`): negotiated both ways, and BIRD's
 /// UPDATEs, which then carry path identifiers, decode into the right prefixes; ours reach BIRD too.
 #[test]
+#[ignore = "needs root (network namespaces) and the daemons this test starts: scripts/test.sh runs it (--include-ignored)"]
 fn bird_add_path_negotiated_and_decoded() {
     let t = "bird_add_path_negotiated_and_decoded";
     if !prereqs(t, have_bird(), "bird2") {
