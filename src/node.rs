@@ -60,6 +60,7 @@ use crate::cni::types::DEFAULT_SOCKET;
 use crate::config::bgp::{ConfigSet, Node, NodeSpec, KIND_NODE};
 use crate::config::peers::desired_peers;
 use crate::config::{ObjectMeta, API_VERSION};
+use crate::dataplane::autodetect::prefix_len_on_interfaces;
 use crate::dataplane::fib::{Fib, FibConfig, FibHandle, Route};
 use crate::datastore::{keys, Datastore};
 use crate::feed::{ConfigFeed, FeedOptions};
@@ -232,50 +233,6 @@ fn node_name(args: &NodeArgs) -> anyhow::Result<String> {
         Some(n) => Ok(n),
         None => anyhow::bail!("no node name: set NODENAME or --node-name"),
     }
-}
-
-/// Prefix length of `ip` on the node's interfaces (for the Node resource's `ipv4Address`), /32 if unknown.
-fn prefix_len_of(netns: Option<&std::path::Path>, ip: Ipv4Addr) -> u8 {
-    crate::dataplane::netns::in_netns(netns, || {
-        let addrs =
-            nix::ifaddrs::getifaddrs().map_err(|e| crate::dataplane::DataplaneError::Invalid {
-                what: "interface addresses",
-                value: String::new(),
-                reason: e.to_string(),
-            })?;
-        Ok(addrs
-            .filter_map(|a| {
-                let sin = a.address?.as_sockaddr_in().map(|s| s.ip())?;
-                let m = a.netmask?.as_sockaddr_in().map(|s| s.ip())?;
-                (sin == ip).then(|| u32::from(m).count_ones() as u8)
-            })
-            .next())
-    })
-    .ok()
-    .flatten()
-    .unwrap_or(32)
-}
-
-/// Prefix length of `ip` on the node's interfaces (for the Node resource's `ipv6Address`), /128 if unknown.
-fn prefix_len_of_v6(netns: Option<&std::path::Path>, ip: std::net::Ipv6Addr) -> u8 {
-    crate::dataplane::netns::in_netns(netns, || {
-        let addrs =
-            nix::ifaddrs::getifaddrs().map_err(|e| crate::dataplane::DataplaneError::Invalid {
-                what: "interface addresses",
-                value: String::new(),
-                reason: e.to_string(),
-            })?;
-        Ok(addrs
-            .filter_map(|a| {
-                let sin = a.address?.as_sockaddr_in6().map(|s| s.ip())?;
-                let m = a.netmask?.as_sockaddr_in6().map(|s| s.ip())?;
-                (sin == ip).then(|| u128::from(m).count_ones() as u8)
-            })
-            .next())
-    })
-    .ok()
-    .flatten()
-    .unwrap_or(128)
 }
 
 /// Create or update this node's Node resource so that `spec.bgp.ipv4Address` (and the AS, if given) are
@@ -599,7 +556,7 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     let name = node_name(&args)?;
     let netns = args.netns.clone();
     let (ip, prefix_len) = match args.ip.and_then(NodeIp::fixed) {
-        Some(ip) => (ip, prefix_len_of(netns.as_deref(), ip)),
+        Some(ip) => (ip, prefix_len_on_interfaces(netns.as_deref(), ip.into())),
         None => crate::dataplane::autodetect::detect_ipv4(
             &args.ip_autodetection_method,
             netns.as_deref(),
@@ -610,7 +567,9 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         .datastore()
         .map_err(|e| anyhow::anyhow!("etcd at {endpoints}: {e}"))?;
     let on_etcd = |e: anyhow::Error| anyhow::anyhow!("etcd at {endpoints}: {e:#}");
-    let ipv6 = args.ip6.map(|a| (a, prefix_len_of_v6(netns.as_deref(), a)));
+    let ipv6 = args
+        .ip6
+        .map(|a| (a, prefix_len_on_interfaces(netns.as_deref(), a.into())));
     register_node_with(&ds, &name, ip, prefix_len, ipv6, args.as_number)
         .await
         .map_err(on_etcd)?;
@@ -974,14 +933,7 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     let rib_tx = spk.rib();
     sup.probe("rib", move || {
         let rib_tx = rib_tx.clone();
-        async move {
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            rib_tx
-                .send(RibInput::Query(crate::bgp::rib::Query::Summary(tx)))
-                .await
-                .map_err(|_| "inbox closed".to_string())?;
-            rx.await.map(|_| ()).map_err(|_| "no answer".to_string())
-        }
+        async move { crate::bgp::rib::heartbeat(&rib_tx).await }
     });
     let probe_fib = fib.clone();
     sup.probe("fib", move || {

@@ -431,16 +431,7 @@ async fn run_async(args: ReflectorArgs) -> anyhow::Result<()> {
     let rib_tx = spk.rib();
     sup.probe("rib", move || {
         let rib_tx = rib_tx.clone();
-        async move {
-            let (tx, rx) = oneshot::channel();
-            rib_tx
-                .send(crate::bgp::rib::RibInput::Query(
-                    crate::bgp::rib::Query::Summary(tx),
-                ))
-                .await
-                .map_err(|_| "inbox closed".to_string())?;
-            rx.await.map(|_| ()).map_err(|_| "no answer".to_string())
-        }
+        async move { crate::bgp::rib::heartbeat(&rib_tx).await }
     });
     let http_listener = tokio::net::TcpListener::bind(args.http_listen)
         .await

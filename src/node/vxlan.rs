@@ -589,28 +589,6 @@ pub async fn route_by_affinities_all(
     futures::join!(a, b);
 }
 
-/// Prefix length of `ip` on the node's interfaces (the CrossSubnet test), /128 if unknown.
-pub fn prefix_len_v6(netns: Option<&std::path::Path>, ip: std::net::Ipv6Addr) -> u8 {
-    crate::dataplane::netns::in_netns(netns, || {
-        let addrs =
-            nix::ifaddrs::getifaddrs().map_err(|e| crate::dataplane::DataplaneError::Invalid {
-                what: "interface addresses",
-                value: String::new(),
-                reason: e.to_string(),
-            })?;
-        Ok(addrs
-            .filter_map(|a| {
-                let sin = a.address?.as_sockaddr_in6().map(|s| s.ip())?;
-                let m = a.netmask?.as_sockaddr_in6().map(|s| s.ip())?;
-                (sin == ip).then(|| u128::from(m).count_ones() as u8)
-            })
-            .next())
-    })
-    .ok()
-    .flatten()
-    .unwrap_or(128)
-}
-
 /// Start one VXLAN follower per family the node has an address of (IPv6 only with `--ip6`); the routing
 /// pictures for [`super::nexthop::learned_routes`] and [`route_by_affinities_all`].
 #[allow(clippy::type_complexity)]
@@ -628,7 +606,12 @@ pub fn spawn(
 ) {
     let mut tasks = Vec::new();
     let mut routing = [None, None];
-    let v6 = v6.map(|a| (IpAddr::V6(a), prefix_len_v6(netns.as_deref(), a)));
+    let v6 = v6.map(|a| {
+        (
+            IpAddr::V6(a),
+            crate::dataplane::autodetect::prefix_len_on_interfaces(netns.as_deref(), a.into()),
+        )
+    });
     for (i, (addr, fam)) in [
         Some(((IpAddr::V4(v4.0), v4.1), VxlanFamily::V4)),
         v6.map(|a| (a, VxlanFamily::V6)),

@@ -398,3 +398,13 @@ pub fn family_of(prefix: &IpNetwork) -> Family {
         IpNetwork::V6(_) => Family::IPV6_UNICAST,
     }
 }
+
+/// The supervisor's heartbeat through the RIB task's inbox: a summary query answered means the task is alive
+/// and not stuck. The error says which of the two failed.
+pub async fn heartbeat(rib: &mpsc::Sender<RibInput>) -> Result<(), String> {
+    let (tx, rx) = oneshot::channel();
+    rib.send(RibInput::Query(Query::Summary(tx)))
+        .await
+        .map_err(|_| "inbox closed".to_string())?;
+    rx.await.map(|_| ()).map_err(|_| "no answer".to_string())
+}
