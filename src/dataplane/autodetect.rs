@@ -527,6 +527,40 @@ pub fn detect_ipv4(
     detect(method, netns).map(|d| (d.chosen.address, d.chosen.prefix_len))
 }
 
+/// The prefix length `ip` has on the interfaces of the namespace `netns` (for the Node resource's
+/// `ipv4Address` / `ipv6Address` and the CrossSubnet decision); the host length (/32, /128) when no interface
+/// carries it or the interfaces cannot be read.
+pub fn prefix_len_on_interfaces(netns: Option<&std::path::Path>, ip: std::net::IpAddr) -> u8 {
+    let host_len = if ip.is_ipv4() { 32 } else { 128 };
+    crate::dataplane::netns::in_netns(netns, || {
+        let addrs =
+            nix::ifaddrs::getifaddrs().map_err(|e| crate::dataplane::DataplaneError::Invalid {
+                what: "interface addresses",
+                value: String::new(),
+                reason: e.to_string(),
+            })?;
+        Ok(addrs
+            .filter_map(|a| {
+                let (addr, mask) = (a.address?, a.netmask?);
+                let len = match ip {
+                    std::net::IpAddr::V4(v4) => {
+                        let (sin, m) = (addr.as_sockaddr_in()?.ip(), mask.as_sockaddr_in()?.ip());
+                        (sin == v4).then(|| u32::from(m).count_ones())
+                    }
+                    std::net::IpAddr::V6(v6) => {
+                        let (sin, m) = (addr.as_sockaddr_in6()?.ip(), mask.as_sockaddr_in6()?.ip());
+                        (sin == v6).then(|| u128::from(m).count_ones())
+                    }
+                }?;
+                u8::try_from(len).ok()
+            })
+            .next())
+    })
+    .ok()
+    .flatten()
+    .unwrap_or(host_len)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -746,38 +780,4 @@ mod tests {
             assert!(e.contains("valid: first-found"), "{s:?}: {e}");
         }
     }
-}
-
-/// The prefix length `ip` has on the interfaces of the namespace `netns` (for the Node resource's
-/// `ipv4Address` / `ipv6Address` and the CrossSubnet decision); the host length (/32, /128) when no interface
-/// carries it or the interfaces cannot be read.
-pub fn prefix_len_on_interfaces(netns: Option<&std::path::Path>, ip: std::net::IpAddr) -> u8 {
-    let host_len = if ip.is_ipv4() { 32 } else { 128 };
-    crate::dataplane::netns::in_netns(netns, || {
-        let addrs =
-            nix::ifaddrs::getifaddrs().map_err(|e| crate::dataplane::DataplaneError::Invalid {
-                what: "interface addresses",
-                value: String::new(),
-                reason: e.to_string(),
-            })?;
-        Ok(addrs
-            .filter_map(|a| {
-                let (addr, mask) = (a.address?, a.netmask?);
-                let len = match ip {
-                    std::net::IpAddr::V4(v4) => {
-                        let (sin, m) = (addr.as_sockaddr_in()?.ip(), mask.as_sockaddr_in()?.ip());
-                        (sin == v4).then(|| u32::from(m).count_ones())
-                    }
-                    std::net::IpAddr::V6(v6) => {
-                        let (sin, m) = (addr.as_sockaddr_in6()?.ip(), mask.as_sockaddr_in6()?.ip());
-                        (sin == v6).then(|| u128::from(m).count_ones())
-                    }
-                }?;
-                u8::try_from(len).ok()
-            })
-            .next())
-    })
-    .ok()
-    .flatten()
-    .unwrap_or(host_len)
 }
