@@ -23,7 +23,11 @@ for t in $targets; do
   status=${PIPESTATUS[0]}
   set -e
   if [ "$status" -ne 0 ]; then
-    echo "fuzz.sh: target $t failed (exit $status); the input is in fuzz/artifacts/$t/" >&2
+    if compgen -G "fuzz/artifacts/$t/*" >/dev/null; then
+      echo "fuzz.sh: target $t failed (exit $status); the input is in fuzz/artifacts/$t/" >&2
+    else
+      echo "fuzz.sh: target $t failed (exit $status) without a crash input: the fuzz target did not build or run (see above)" >&2
+    fi
     exit 1
   fi
 done

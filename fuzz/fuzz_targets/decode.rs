@@ -30,6 +30,8 @@ fuzz_target!(|data: &[u8]| {
         four_octet_as: ctl & 1 != 0,
         add_path_rx: add_path.clone(),
         extended_message: ctl & 8 != 0,
+        // Bit 0x10: decode as from an external peer (RFC 7606's eBGP-only rules and the AS_PATH checks).
+        ebgp_peer_as: (ctl & 0x10 != 0).then_some(65001),
     };
     let ectx = EncodeCtx {
         four_octet_as: ctl & 1 != 0,
