@@ -15,6 +15,8 @@
 //!
 //! `cargo bench --bench cni_add -- [--pods 200] [--concurrent 100]` (root; etcd, /usr/lib/cni).
 
+#![allow(clippy::unwrap_used)] // bench code: a panic is the failure report
+
 #[path = "node_lab/mod.rs"]
 mod node_lab;
 

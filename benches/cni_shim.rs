@@ -13,6 +13,8 @@
 //!
 //! `cargo bench --bench cni_shim -- [--pods 200] [--concurrent 100]` (root; needs /usr/lib/cni).
 
+#![allow(clippy::unwrap_used)] // bench code: a panic is the failure report
+
 use std::collections::HashSet;
 use std::io::Write;
 use std::net::Ipv4Addr;

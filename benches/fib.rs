@@ -12,6 +12,8 @@
 //! `--runs` (default 3) is reported. Without `--bench` (as `cargo test --all-targets` runs it) it does a
 //! small smoke run.
 
+#![allow(clippy::unwrap_used)] // bench code: a panic is the failure report
+
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsRawFd;

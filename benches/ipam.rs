@@ -13,6 +13,8 @@
 //! Target (issue 3): an uncontended assign costs exactly 1 etcd transaction and reaches >= 80% of the
 //! 1-client raw CAS rate.
 
+#![allow(clippy::unwrap_used)] // bench code: a panic is the failure report
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,7 +25,7 @@ use margay::datastore::{Datastore, DatastoreConfig};
 use margay::ipam::{AssignRequest, NodeInfo, NodeIpam};
 
 /// The tests' etcd launcher (free loopback ports, temporary data dir, killed on drop) and the helpers it needs.
-#[path = "../tests/common/etcd.rs"]
+#[path = "../tests/it/common/etcd.rs"]
 mod etcd;
 
 fn free_port() -> u16 {

@@ -15,6 +15,8 @@
 //!
 //! `cargo bench --bench node_rss -- [--pods 10] [--settle 20]` (root; etcd; bird for the last step).
 
+#![allow(clippy::unwrap_used)] // bench code: a panic is the failure report
+
 #[path = "node_lab/mod.rs"]
 mod node_lab;
 

@@ -21,6 +21,8 @@
 //!
 //! `cargo bench --bench pod_to_fib -- [--samples 200]` (root; etcd).
 
+#![allow(clippy::unwrap_used)] // bench code: a panic is the failure report
+
 #[path = "node_lab/mod.rs"]
 mod node_lab;
 

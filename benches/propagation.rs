@@ -14,6 +14,8 @@
 //!
 //! Run: `cargo bench --bench propagation -- [--prefixes N] [--only bird,gobgp,margay]`
 
+#![allow(clippy::unwrap_used)] // bench code: a panic is the failure report
+
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpStream};
 use std::os::fd::FromRawFd;

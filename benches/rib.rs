@@ -5,6 +5,8 @@
 //!
 //! Run: `cargo bench --bench rib` (optional argument: prefix count). Figures go to BENCHMARKS.md.
 
+#![allow(clippy::unwrap_used)] // bench code: a panic is the failure report
+
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;

@@ -18,6 +18,8 @@
 //!
 //! Run: `cargo bench --bench rr_fanout -- [--clients N] [--rounds R] [--runs K] [--only bird,margay]`
 
+#![allow(clippy::unwrap_used)] // bench code: a panic is the failure report
+
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::process::{Child, Command, Stdio};

@@ -13,6 +13,8 @@
 //! Run: `cargo bench --bench session_throughput` (root; BIRD 2 installed). `PREFIXES=100000` changes the
 //! table size.
 
+#![allow(clippy::unwrap_used)] // bench code: a panic is the failure report
+
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::AsFd;

@@ -6,6 +6,8 @@
 //! Run: `cargo bench --bench wire` (add `-- --quick` for one round). Prints prefixes/s per step; the
 //! best of several rounds is reported because the machine is shared.
 
+#![allow(clippy::unwrap_used)] // bench code: a panic is the failure report
+
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};

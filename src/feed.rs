@@ -386,13 +386,7 @@ pub struct ConfigFeed {
     rx: watch::Receiver<Arc<Snapshot>>,
     counters: FeedCounters,
     health: Arc<WatchHealth>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for ConfigFeed {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    _task: crate::task::AbortOnDrop,
 }
 
 impl ConfigFeed {
@@ -410,7 +404,7 @@ impl ConfigFeed {
             rx,
             counters,
             health,
-            task,
+            _task: crate::task::AbortOnDrop(task),
         })
     }
 

@@ -31,14 +31,14 @@ enum Command {
     /// IP address management: usage, consistency check, release.
     Ipam {
         #[command(flatten)]
-        etcd: margay::cli::EtcdArgs,
+        etcd: margay::datastore::EtcdArgs,
         #[command(subcommand)]
         cmd: margay::cli::IpamCmd,
     },
     /// The node daemon (`node run`) and node administration in the datastore (`node remove NAME`).
     Node {
         #[command(flatten)]
-        etcd: margay::cli::EtcdArgs,
+        etcd: margay::datastore::EtcdArgs,
         #[command(subcommand)]
         cmd: margay::cli::NodeCmd,
     },
@@ -51,14 +51,14 @@ enum Command {
     /// BGPConfiguration, BGPPeer, Node (projectcalico.org/v3, as calicoctl takes them).
     Apply {
         #[command(flatten)]
-        etcd: margay::cli::EtcdArgs,
+        etcd: margay::datastore::EtcdArgs,
         #[arg(short = 'f', long = "filename")]
         file: std::path::PathBuf,
     },
     /// Show resources: ippool, ipamconfiguration, bgpconfiguration, bgppeer, node.
     Get {
         #[command(flatten)]
-        etcd: margay::cli::EtcdArgs,
+        etcd: margay::datastore::EtcdArgs,
         kind: String,
         name: Option<String>,
         #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
@@ -68,7 +68,7 @@ enum Command {
     /// `margay node remove NAME` also releases its IPAM blocks and addresses.
     Delete {
         #[command(flatten)]
-        etcd: margay::cli::EtcdArgs,
+        etcd: margay::datastore::EtcdArgs,
         kind: Option<String>,
         name: Option<String>,
         #[arg(short = 'f', long = "filename")]

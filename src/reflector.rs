@@ -32,10 +32,10 @@ use tokio::sync::{mpsc, oneshot};
 use crate::api::{self, ReadyState, StatusReport};
 use crate::bgp::policy::Policy;
 use crate::bgp::speaker::{self, DesiredPeer, SpeakerConfig, SpeakerHandle};
-use crate::cli::EtcdArgs;
 use crate::config::bgp::{ConfigSet, Node, NodeBgpSpec, NodeSpec, KIND_NODE};
 use crate::config::peers::desired_peers;
 use crate::config::{ObjectMeta, API_VERSION};
+use crate::datastore::EtcdArgs;
 use crate::datastore::{keys, Datastore};
 use crate::feed::{ConfigFeed, FeedOptions, Snapshot};
 

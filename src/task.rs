@@ -50,6 +50,17 @@ impl Drop for EndGuard {
     }
 }
 
+/// A plain task handle that aborts the task when dropped: helper tasks die with their owner. The one
+/// abort-on-drop of the crate (long-lived daemon tasks use [`Task`], which also reports how they ended).
+#[derive(Debug)]
+pub struct AbortOnDrop<T = ()>(pub JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// An owned long-lived task: aborted when dropped.
 pub struct Task<T> {
     name: &'static str,

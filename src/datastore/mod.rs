@@ -14,6 +14,7 @@
 //! This module never interprets values: callers hand it bytes and get bytes back. It counts every round trip
 //! ([`Datastore::stats`]) so the benchmark and tests can report etcd requests per IPAM operation.
 
+mod args;
 pub mod keys;
 mod watch;
 
@@ -28,6 +29,7 @@ use etcd_client::{
     TxnOp, TxnOpResponse,
 };
 
+pub use args::EtcdArgs;
 pub use watch::{WatchEvent, WatchEventKind, WatchHealth, WatchMessage, Watcher};
 
 /// How to reach etcd.

@@ -59,7 +59,7 @@ impl WatchHealth {
 /// The receiving end of a watch. Dropping it stops the watch task.
 pub struct Watcher {
     rx: mpsc::Receiver<WatchMessage>,
-    task: tokio::task::JoinHandle<()>,
+    _task: crate::task::AbortOnDrop,
 }
 
 impl Watcher {
@@ -74,12 +74,6 @@ impl Watcher {
     }
 }
 
-impl Drop for Watcher {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 pub(super) fn spawn(
     ds: Arc<Datastore>,
     prefix: String,
@@ -88,7 +82,10 @@ pub(super) fn spawn(
 ) -> Watcher {
     let (tx, rx) = mpsc::channel(256);
     let task = tokio::spawn(run(ds, prefix, from_revision, tx, health));
-    Watcher { rx, task }
+    Watcher {
+        rx,
+        _task: crate::task::AbortOnDrop(task),
+    }
 }
 
 async fn run(

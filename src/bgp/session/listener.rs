@@ -117,7 +117,7 @@ impl ListenerHandle {
 pub struct Listener {
     handle: ListenerHandle,
     addrs: Vec<SocketAddr>,
-    _task: super::peer::AbortOnDrop,
+    _task: crate::task::AbortOnDrop,
 }
 
 impl Listener {
@@ -141,7 +141,7 @@ impl Listener {
         Ok(Listener {
             handle: ListenerHandle { tx },
             addrs: bound,
-            _task: super::peer::AbortOnDrop(task),
+            _task: crate::task::AbortOnDrop(task),
         })
     }
 

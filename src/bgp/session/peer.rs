@@ -35,16 +35,7 @@ use super::rib_link::{self, RibLink};
 use super::sockopt;
 use super::{Counters, PeerCommand, PeerStatus, SessionError, SessionEvent, SessionId};
 use crate::bgp::rib::RibInput;
-
-/// A task handle that aborts the task when dropped (tasks die with their owner).
-#[derive(Debug)]
-pub struct AbortOnDrop(pub(crate) JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
+use crate::task::AbortOnDrop;
 
 /// Owner's handle on a peer task. Dropping it stops the session (NOTIFICATION Cease, then close) and
 /// ends the task.

@@ -1,0 +1,296 @@
+//! 8 simulated nodes assign 200 addresses each at the same time from two pools against a real etcd, one pool
+//! small enough to force borrowing; then no address twice, `ipam check` clean, every node's blocks its own;
+//! release everything; nothing leaks. The second test runs the same while etcd is SIGKILLed and restarted:
+//! no duplicate, no acknowledged allocation lost, outage errors say etcd is unreachable, nothing half-written.
+//!
+//! ```text
+//!   node-0 .. node-7  (one NodeIpam task each, all in this process)
+//!        \  |  /
+//!         etcd (one member, loopback)      pools: small 10.1.0.0/22, blockSize 24 -> 4 blocks for 8 nodes
+//!                                                 big   10.2.0.0/16, blockSize 26
+//!   each node: 100 addresses from [small] (4 nodes get a block, 4 must borrow), 100 from [big]
+//! ```
+
+use crate::common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::etcd::{etcd_available, Etcd};
+use margay::cli::{self, resources};
+use margay::datastore::{keys, Datastore, DatastoreConfig};
+use margay::ipam::{ops, AssignRequest, Assignment, NodeInfo, NodeIpam};
+
+const NODES: usize = 8;
+const PER_NODE: usize = 200;
+
+const POOLS: &str = "
+apiVersion: projectcalico.org/v3
+kind: IPPool
+metadata: {name: small}
+spec: {cidr: 10.1.0.0/22, blockSize: 24}
+---
+apiVersion: projectcalico.org/v3
+kind: IPPool
+metadata: {name: big}
+spec: {cidr: 10.2.0.0/16, blockSize: 26}
+";
+
+fn request(node: usize, i: usize) -> AssignRequest {
+    AssignRequest {
+        handle_id: format!("k8s-pod-network.n{node}-c{i}"),
+        ipv4: true,
+        pools: Some(vec![
+            if i.is_multiple_of(2) { "small" } else { "big" }.to_string()
+        ]),
+        attributes: BTreeMap::from([
+            ("namespace".to_string(), "default".to_string()),
+            ("pod".to_string(), format!("pod-{node}-{i}")),
+        ]),
+        ..Default::default()
+    }
+}
+
+fn datastore(etcd: &Etcd, retry_for: Duration) -> Arc<Datastore> {
+    let mut cfg = DatastoreConfig::new(&[etcd.endpoint()]);
+    cfg.retry_for = retry_for;
+    cfg.request_timeout = Duration::from_secs(2);
+    cfg.connect_timeout = Duration::from_millis(500);
+    Arc::new(Datastore::new(cfg).expect("datastore"))
+}
+
+async fn start_nodes(ds: &Arc<Datastore>) -> Vec<Arc<NodeIpam>> {
+    let mut nodes = Vec::new();
+    for n in 0..NODES {
+        nodes.push(Arc::new(
+            NodeIpam::start(ds.clone(), NodeInfo::new(&format!("node-{n}")))
+                .await
+                .expect("node IPAM"),
+        ));
+    }
+    nodes
+}
+
+/// The checks after the run: no duplicate, each acknowledged allocation stored under its handle, check clean,
+/// blocks and affinities agree node by node.
+async fn verify(ds: &Datastore, acked: &BTreeMap<String, (usize, Assignment)>) {
+    let mut seen: BTreeMap<IpAddr, &str> = BTreeMap::new();
+    for (h, (_, a)) in acked {
+        for ip in &a.ips {
+            if let Some(other) = seen.insert(ip.ip, h) {
+                panic!("{} handed out twice: {other} and {h}", ip.ip);
+            }
+        }
+    }
+    let snap = ops::snapshot(ds).await.unwrap();
+    for (h, (node, a)) in acked {
+        for ip in &a.ips {
+            let b = snap
+                .blocks
+                .get(&ip.block)
+                .unwrap_or_else(|| panic!("block {} of {h} lost", ip.block));
+            assert_eq!(
+                b.handle_of(ip.ip),
+                Some(h.as_str()),
+                "acknowledged {} of {h} lost",
+                ip.ip
+            );
+            let owner = b.host().unwrap();
+            assert_eq!(
+                ip.borrowed,
+                owner != format!("node-{node}"),
+                "{h}: {ip:?} in block of {owner}"
+            );
+        }
+    }
+    // Every allocation stored is one somebody was told about (or one retried under the same handle).
+    let stored: usize = snap.blocks.values().map(|b| b.in_use()).sum();
+    assert_eq!(
+        stored,
+        acked.values().map(|(_, a)| a.ips.len()).sum::<usize>(),
+        "allocations without an owner"
+    );
+    for (node, cidr) in snap.affinities.keys() {
+        assert_eq!(
+            snap.blocks[cidr].host(),
+            Some(node.as_str()),
+            "block {cidr} is not {node}'s own"
+        );
+    }
+    let (r, text) = cli::ipam::check(ds, None).await.unwrap();
+    assert!(r.problems.is_empty(), "{text}");
+}
+
+async fn release_all_and_check_nothing_leaks(
+    ds: &Datastore,
+    nodes: &[Arc<NodeIpam>],
+    acked: &BTreeMap<String, (usize, Assignment)>,
+) {
+    let mut jobs = Vec::new();
+    for (h, (n, _)) in acked {
+        let node = nodes[*n].clone();
+        let h = h.clone();
+        jobs.push(tokio::spawn(async move { node.release_handle(&h).await }));
+    }
+    for j in jobs {
+        j.await.unwrap().expect("release");
+    }
+    let snap = ops::snapshot(ds).await.unwrap();
+    assert!(
+        snap.handles.is_empty(),
+        "handles leaked: {:?}",
+        snap.handles.keys().take(5).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        snap.blocks.values().map(|b| b.in_use()).sum::<usize>(),
+        0,
+        "addresses leaked"
+    );
+    let (r, text) = cli::ipam::check(ds, None).await.unwrap();
+    assert!(r.problems.is_empty(), "{text}");
+    for n in 0..NODES {
+        ops::remove_node(ds, &format!("node-{n}")).await.unwrap();
+    }
+    let (left, _) = ds.list("/calico/ipam/").await.unwrap();
+    assert!(
+        left.is_empty(),
+        "left behind: {:?}",
+        left.iter().map(|k| &k.key).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs etcd: scripts/test.sh runs it (--include-ignored)"]
+async fn eight_nodes_assign_concurrently_from_two_pools() {
+    if !etcd_available("eight_nodes_assign_concurrently_from_two_pools") {
+        return;
+    }
+    let etcd = Etcd::start();
+    let ds = datastore(&etcd, Duration::from_secs(10));
+    resources::apply(&ds, POOLS).await.unwrap();
+    let nodes = start_nodes(&ds).await;
+
+    let mut jobs = Vec::new();
+    for (n, node) in nodes.iter().enumerate() {
+        for i in 0..PER_NODE {
+            let node = node.clone();
+            jobs.push(tokio::spawn(async move {
+                (n, node.assign(request(n, i)).await)
+            }));
+        }
+    }
+    let mut acked = BTreeMap::new();
+    for j in jobs {
+        let (n, r) = j.await.unwrap();
+        let a = r.expect("assign");
+        acked.insert(a.handle_id.clone(), (n, a));
+    }
+    assert_eq!(acked.len(), NODES * PER_NODE);
+    let borrowed = acked.values().filter(|(_, a)| a.ips[0].borrowed).count();
+    assert!(borrowed > 0, "the small pool must force borrowing");
+    eprintln!(
+        "{} assignments, {borrowed} borrowed, {} etcd round trips",
+        acked.len(),
+        ds.stats().round_trips
+    );
+    verify(&ds, &acked).await;
+    release_all_and_check_nothing_leaks(&ds, &nodes, &acked).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs etcd: scripts/test.sh runs it (--include-ignored)"]
+async fn same_run_while_etcd_is_killed_and_restarted() {
+    if !etcd_available("same_run_while_etcd_is_killed_and_restarted") {
+        return;
+    }
+    let etcd = Etcd::start();
+    // Give up on etcd after 1 s so the outage shows as errors (the callers retry, as kubelet retries ADD).
+    let ds = datastore(&etcd, Duration::from_secs(1));
+    resources::apply(&ds, POOLS).await.unwrap();
+    let nodes = start_nodes(&ds).await;
+
+    let done = Arc::new(AtomicUsize::new(0));
+    let errors: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
+    let mut workers = Vec::new();
+    for (n, node) in nodes.iter().enumerate() {
+        let node = node.clone();
+        let done = done.clone();
+        let errors = errors.clone();
+        workers.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for i in 0..PER_NODE {
+                // Retry the same ADD (same handle) until it succeeds.
+                loop {
+                    match node.assign(request(n, i)).await {
+                        Ok(a) => {
+                            acked.push((n, a));
+                            done.fetch_add(1, Ordering::Relaxed);
+                            break;
+                        }
+                        Err(e) => {
+                            errors
+                                .lock()
+                                .unwrap()
+                                .push(format!("{}|{e}", e.is_unreachable()));
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
+                }
+            }
+            acked
+        }));
+    }
+    // Kill etcd once a quarter of the work is acknowledged; bring it back after 2 s.
+    let killer = {
+        let done = done.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut etcd = etcd;
+            while done.load(Ordering::Relaxed) < NODES * PER_NODE / 4 {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            etcd.kill9();
+            let at_kill = done.load(Ordering::Relaxed);
+            std::thread::sleep(Duration::from_secs(2));
+            etcd.restart();
+            (etcd, at_kill)
+        })
+    };
+    let mut acked = BTreeMap::new();
+    for w in workers {
+        for (n, a) in w.await.unwrap() {
+            acked.insert(a.handle_id.clone(), (n, a));
+        }
+    }
+    let (_etcd, at_kill) = killer.await.unwrap();
+    let errors = errors.lock().unwrap().clone();
+    eprintln!(
+        "killed at {at_kill} acknowledged; {} errors during the outage, e.g. {:?}",
+        errors.len(),
+        errors.first()
+    );
+    assert!(
+        at_kill < NODES * PER_NODE,
+        "etcd must die in the middle of the run"
+    );
+    assert!(!errors.is_empty(), "the outage must be visible to callers");
+    for e in &errors {
+        assert!(
+            e.starts_with("true|etcd unreachable: tried 127.0.0.1:"),
+            "outage error must say etcd is unreachable: {e}"
+        );
+    }
+    assert_eq!(acked.len(), NODES * PER_NODE);
+    verify(&ds, &acked).await;
+    // Nothing half-written: every block key parses and every affinity has its block (verify ran check).
+    let (aff, _) = ds.list(keys::AFFINITIES_PREFIX).await.unwrap();
+    assert!(!aff.is_empty());
+    release_all_and_check_nothing_leaks(&ds, &nodes, &acked).await;
+    let set: BTreeSet<_> = acked
+        .values()
+        .flat_map(|(_, a)| a.ips.iter().map(|i| i.ip))
+        .collect();
+    assert_eq!(set.len(), NODES * PER_NODE);
+}

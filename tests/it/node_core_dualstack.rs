@@ -1,0 +1,157 @@
+//! Dual-stack pods: with an IPv6 pool (MARGAY_IPV6POOL_CIDR) and the node's IPv6 address (IP6), an ADD gives
+//! the pod an IPv4 /32 and an IPv6 /128; the node writes its IPv6 address to its Node resource
+//! (`ipv6Address`), so the nodes also mesh over IPv6 transport (as Calico's BIRD does), each family on its own
+//! session; the node's IPv6 block lands in the other node's FIB via its IPv6 address; the pods ping each
+//! other over both families.
+//!
+//! ```text
+//!   netns <lab>-br: bridge 10.99.0.1/24 (+ fd99::/64 on the nodes), etcd 10.99.0.2
+//!     n1 10.99.0.11 ◀──iBGP, IPv4 transport, IPv4 unicast──▶ n2 10.99.0.12
+//!     n1 fd99::11   ◀──iBGP, IPv6 transport, IPv6 unicast──▶ n2 fd99::12
+//!     <lab>-v6a (on n1): 10.244.x.y/32, fd00:244::../128      <lab>-v6b (on n2): same shape
+//!   n1's FIB: n2's IPv6 /122 block via fd99::12 proto 77 (and the reverse)
+//! ```
+//!
+//! Needs root, etcd, iproute2 and ping; SKIP otherwise (a failure under CI=true).
+
+use crate::common;
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use common::lab_core::{eventually, in_ns, run, Lab};
+use common::Netns;
+use serde_json::Value;
+
+const MARGAY: &str = env!("CARGO_BIN_EXE_margay");
+const _CNI: &str = env!("CARGO_BIN_EXE_margay-cni");
+const POOL6: &str = "fd00:244::/48";
+
+/// IPv6 routes of margay's protocol in `ns`: (prefix, gateway or "blackhole").
+fn proto77_v6(ns: &str) -> Vec<(String, String)> {
+    let (ok, out) = run(
+        std::process::Command::new("ip").args(["-6", "-n", ns, "route", "show", "proto", "77"])
+    );
+    assert!(ok, "ip -6 route in {ns}: {out}");
+    out.lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            if w.first() == Some(&"blackhole") {
+                Some((w.get(1)?.to_string(), "blackhole".to_string()))
+            } else {
+                let via = w.iter().position(|x| *x == "via")?;
+                Some((w.first()?.to_string(), w.get(via + 1)?.to_string()))
+            }
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "needs root (network namespaces), etcd, iproute2 and ping: scripts/test.sh runs it (--include-ignored)"]
+fn dual_stack_pods_ping_across_nodes_over_both_families() {
+    const T: &str = "dual_stack_pods_ping_across_nodes_over_both_families";
+    if !common::lab::lab_prerequisites(T) {
+        return;
+    }
+    let lab = Lab::up(MARGAY, "mgd", 2, 1, &[]);
+    let (n1, _) = lab.nodes[0].clone();
+    let (n2, _) = lab.nodes[1].clone();
+    for (node, ip6) in [(&n1, "fd99::11"), (&n2, "fd99::12")] {
+        let (ok, out) = in_ns(
+            node,
+            &[
+                "ip",
+                "addr",
+                "add",
+                &format!("{ip6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ],
+        );
+        assert!(ok, "address {ip6} on {node}: {out}");
+        lab.restart_node_with_env(node, &[("IP6", ip6), ("MARGAY_IPV6POOL_CIDR", POOL6)]);
+        lab.wait_ready(node);
+    }
+    // The Node resources carry the IPv6 addresses, and the IPv6 mesh sessions come up.
+    for (node, ip6, other_ip6) in [(&n1, "fd99::11", "fd99::12"), (&n2, "fd99::12", "fd99::11")] {
+        let (ok, out) = in_ns(
+            &format!("{}-etcd", lab.name),
+            &[
+                "etcdctl",
+                "--endpoints",
+                common::lab_core::LAB_ETCD,
+                "get",
+                &format!("/calico/resources/v3/projectcalico.org/nodes/{node}"),
+                "--print-value-only",
+            ],
+        );
+        assert!(
+            ok && out.contains(&format!("\"ipv6Address\":\"{ip6}/64\"")),
+            "Node {node}: {out}"
+        );
+        assert!(
+            eventually(Duration::from_secs(60), || lab
+                .status(node)
+                .and_then(|s| s["peers"].as_array().cloned())
+                .is_some_and(|p| p.iter().any(
+                    |p| p["address"] == other_ip6 && p["fsmState"] == "Established"
+                ))),
+            "{node}: no Established IPv6 session with {other_ip6}: {:?}\n{}",
+            lab.status(node),
+            lab.logs()
+        );
+    }
+    let (pa, pb) = (format!("{}-v6a", lab.name), format!("{}-v6b", lab.name));
+    let _ns = Netns::new(&[&pa, &pb]);
+    let mut addrs = Vec::new();
+    for (node, pod) in [(&n1, &pa), (&n2, &pb)] {
+        let (ok, out) = lab.cni(node, pod, "ADD");
+        assert!(ok, "ADD {pod} on {node}: {out}\n{}", lab.node_logs(node));
+        let r: Value = serde_json::from_str(&out).expect("CNI result");
+        let ips: Vec<IpAddr> = r["ips"]
+            .as_array()
+            .expect("ips")
+            .iter()
+            .filter_map(|i| i["address"].as_str()?.split('/').next()?.parse().ok())
+            .collect();
+        let v4 = ips
+            .iter()
+            .find(|i| i.is_ipv4())
+            .copied()
+            .unwrap_or_else(|| panic!("no IPv4 in {r}"));
+        let v6 = ips
+            .iter()
+            .find(|i| i.is_ipv6())
+            .copied()
+            .unwrap_or_else(|| panic!("no IPv6 in {r}"));
+        let pool: ipnetwork::IpNetwork = POOL6.parse().unwrap();
+        assert!(pool.contains(v6), "{v6} outside {POOL6}");
+        assert!(
+            out.contains("fe80::ecee:eeff:feee:eeee"),
+            "no IPv6 default route via the host veth in {r}"
+        );
+        addrs.push((v4, v6));
+    }
+    // Each node's IPv6 block reaches the other node's FIB via its IPv6 address.
+    for (node, other_ip6) in [(&n1, "fd99::12"), (&n2, "fd99::11")] {
+        assert!(
+            eventually(Duration::from_secs(30), || proto77_v6(node)
+                .iter()
+                .any(|(p, via)| via == other_ip6 && p.ends_with("/122"))),
+            "{node} has no IPv6 block via {other_ip6}: {:?}\n{}",
+            proto77_v6(node),
+            lab.logs()
+        );
+    }
+    for (from, (v4, v6)) in [(&pa, addrs[1]), (&pb, addrs[0])] {
+        for ip in [v4, v6] {
+            let (ok, out) = in_ns(from, &["ping", "-c", "1", "-W", "2", &ip.to_string()]);
+            assert!(ok, "{from} cannot ping {ip}: {out}\n{:?}", proto77_v6(&n1));
+        }
+    }
+    for (node, pod) in [(&n1, &pa), (&n2, &pb)] {
+        let (ok, out) = lab.cni(node, pod, "DEL");
+        assert!(ok, "DEL {pod}: {out}");
+    }
+}

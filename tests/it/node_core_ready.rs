@@ -1,0 +1,155 @@
+//! /readyz follows BGP convergence after a start: not ready, with a reason naming the peer it waits for,
+//! while a configured peer has not delivered its table; ready once it has (End-of-RIB), without a restart.
+//!
+//! ```text
+//!   netns <lab>-br: bridge 10.99.0.1/24 (+ BIRD 2, AS 65001, started late)    etcd 10.99.0.2
+//!     n1 10.99.0.11 ◀──mesh──▶ n2 10.99.0.12        BGPPeer tor: 10.99.0.1 AS 65001 (global)
+//!
+//!   1. n1 restarted with MARGAY_CONVERGE_MIN_WAIT=600 (so it waits for down peers instead of judging
+//!      on the Established ones after 5 s): mesh with n2 Established, tor down
+//!      ─▶ `margay status`: ready false, reason names 10.99.0.1
+//!   2. BIRD starts in <lab>-br: session up, BIRD sends End-of-RIB ─▶ n1 ready
+//! ```
+//!
+//! Needs root, etcd, etcdctl, iproute2 and BIRD 2; SKIP otherwise (a failure under CI=true).
+
+use crate::common;
+
+use std::time::Duration;
+
+use common::bgp_peers::{have_bird, Bird};
+use common::lab_core::{eventually, in_ns, Lab, LAB_ETCD};
+use common::{have, is_root, require};
+
+const MARGAY: &str = env!("CARGO_BIN_EXE_margay");
+const _CNI: &str = env!("CARGO_BIN_EXE_margay-cni");
+
+#[test]
+#[ignore = "needs root for network namespaces; needs etcd: scripts/test.sh runs it (--include-ignored)"]
+fn readiness_waits_for_end_of_rib_and_names_what_it_waits_for() {
+    const T: &str = "readiness_waits_for_end_of_rib_and_names_what_it_waits_for";
+    if !(require(is_root(), T, "needs root for network namespaces")
+        && require(
+            have("etcd"),
+            T,
+            "etcd is not installed (scripts/install-deps.sh)",
+        )
+        && require(have("etcdctl"), T, "etcdctl is not installed (etcd-client)")
+        && require(have("ip"), T, "iproute2 is not installed")
+        && require(have_bird(), T, "BIRD 2 is not installed (bird2)"))
+    {
+        return;
+    }
+    let lab = Lab::up(MARGAY, "mgy", 2, 1, &[]);
+    let (n1, ip1) = lab.nodes[0].clone();
+    let (_, ip2) = lab.nodes[1].clone();
+    let (ok, out) = in_ns(
+        &format!("{}-etcd", lab.name),
+        &[
+            "etcdctl",
+            "--endpoints",
+            LAB_ETCD,
+            "put",
+            "/calico/resources/v3/projectcalico.org/bgppeers/tor",
+            r#"{"apiVersion":"projectcalico.org/v3","kind":"BGPPeer","metadata":{"name":"tor"},"spec":{"peerIP":"10.99.0.1","asNumber":65001}}"#,
+        ],
+    );
+    assert!(ok, "etcdctl put: {out}");
+
+    // 1. Restarted, waiting for the ToR that is not there.
+    lab.restart_node_with_env(
+        &n1,
+        &[
+            ("MARGAY_CONVERGE_MIN_WAIT", "600"),
+            ("MARGAY_CONVERGE_MAX_WAIT", "900"),
+        ],
+    );
+    let mut last = None;
+    let waiting = eventually(Duration::from_secs(30), || {
+        last = lab.status(&n1);
+        last.as_ref().is_some_and(|s| {
+            s["ready"]["ready"] == false
+                && s["ready"]["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("10.99.0.1") && !r.contains(&ip2.to_string()))
+                && s["peers"]
+                    .as_array()
+                    .is_some_and(|p| p.iter().any(|p| p["fsmState"] == "Established"))
+        })
+    });
+    assert!(
+        waiting,
+        "{n1} should be not ready, waiting for 10.99.0.1 only (its mesh peer done): {last:?}\n{}",
+        lab.node_logs(&n1)
+    );
+
+    // 2. The ToR arrives and delivers its (empty) table: ready, no restart.
+    let conf = format!(
+        "router id 10.99.0.1;\nprotocol device {{}}\nprotocol bgp n1 {{\n  local 10.99.0.1 as 65001;\n  neighbor {ip1} as 64512;\n  ipv4 {{ import all; export none; }};\n}}\n"
+    );
+    let bird = Bird::start(&format!("{}-br", lab.name), &conf);
+    let status = lab.wait_ready(&n1);
+    assert!(status["ready"]["reason"].is_null(), "{status}");
+    let tor = status["peers"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["address"] == "10.99.0.1").cloned())
+        .unwrap_or_default();
+    assert_eq!(tor["fsmState"], "Established", "{status}\n{}", bird.log());
+    let logs = lab.node_logs(&n1);
+    assert!(logs.contains("BGP converged"), "{logs}");
+}
+
+/// ADD-PATH receive (RFC 7911), offered by default as Calico's BIRD has `add paths on`: a ToR BIRD with
+/// `add paths tx` sends two paths of one prefix (two static routes, different gateways, `next hop keep`);
+/// the node keeps both and its FIB gets the ECMP set.
+///
+/// ```text
+///   netns <lab>-br: bridge 10.99.0.1/24, BIRD 2 AS 65001 (BGPPeer tor), etcd 10.99.0.2
+///     BIRD: 10.244.250.0/26 via 10.99.0.50 and via 10.99.0.51 ──eBGP, ADD-PATH──▶ n1 10.99.0.11
+///     n1's FIB: 10.244.250.0/26 proto 77 nexthop via 10.99.0.50 nexthop via 10.99.0.51
+/// ```
+#[test]
+#[ignore = "needs root (network namespaces), etcd, iproute2 and ping: scripts/test.sh runs it (--include-ignored)"]
+fn add_path_from_the_tor_gives_the_fib_the_ecmp_set() {
+    const T: &str = "add_path_from_the_tor_gives_the_fib_the_ecmp_set";
+    if !(common::lab::lab_prerequisites(T)
+        && require(have_bird(), T, "BIRD 2 is not installed (bird2)"))
+    {
+        return;
+    }
+    let lab = Lab::up(MARGAY, "mgq", 1, 0, &[]);
+    let (n1, ip1) = lab.nodes[0].clone();
+    let (ok, out) = in_ns(
+        &format!("{}-etcd", lab.name),
+        &[
+            "etcdctl",
+            "--endpoints",
+            LAB_ETCD,
+            "put",
+            "/calico/resources/v3/projectcalico.org/bgppeers/tor",
+            r#"{"apiVersion":"projectcalico.org/v3","kind":"BGPPeer","metadata":{"name":"tor"},"spec":{"peerIP":"10.99.0.1","asNumber":65001}}"#,
+        ],
+    );
+    assert!(ok, "etcdctl put: {out}");
+    let conf = format!(
+        "router id 10.99.0.1;\nprotocol device {{}}\n\
+         protocol static s1 {{ ipv4; route 10.244.250.0/26 via 10.99.0.50; }}\n\
+         protocol static s2 {{ ipv4; route 10.244.250.0/26 via 10.99.0.51; }}\n\
+         protocol bgp n1 {{\n  local 10.99.0.1 as 65001;\n  neighbor {ip1} as 64512;\n  \
+         ipv4 {{ import none; export all; add paths tx; next hop keep; }};\n}}\n"
+    );
+    let bird = Bird::start(&format!("{}-br", lab.name), &conf);
+    let mut route = String::new();
+    let ecmp = eventually(Duration::from_secs(60), || {
+        route = in_ns(&n1, &["ip", "route", "show", "10.244.250.0/26"]).1;
+        route.contains("via 10.99.0.50") && route.contains("via 10.99.0.51")
+    });
+    assert!(
+        ecmp,
+        "{n1} has no ECMP route to 10.244.250.0/26: {route:?}\n{}\n{}\n{}",
+        bird.birdc("show protocols all n1"),
+        bird.log(),
+        lab.node_logs(&n1)
+    );
+    assert!(route.contains("proto 77"), "{route}");
+}
