@@ -29,8 +29,8 @@ use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
 use crate::config::bgp::{
-    BgpConfiguration, BgpPeer, ConfigSet, LoadError, Node, Secret, KIND_BGP_CONFIGURATION,
-    KIND_BGP_PEER, KIND_NODE,
+    BgpConfiguration, BgpPeer, ConfigSet, LoadError, Node, Secret, BGP_CONFIGURATION_PLURAL,
+    BGP_PEER_PLURAL, KIND_BGP_CONFIGURATION, KIND_BGP_PEER, KIND_NODE, NODE_PLURAL,
 };
 use crate::config::ippool::{self, IpPool};
 use crate::config::{ConfigError, API_VERSION};
@@ -40,9 +40,9 @@ use crate::datastore::{
 
 /// The resource kinds the feed follows: (plural in the key, kind).
 const WATCHED: [(&str, &str); 4] = [
-    ("bgpconfigurations", KIND_BGP_CONFIGURATION),
-    ("bgppeers", KIND_BGP_PEER),
-    ("nodes", KIND_NODE),
+    (BGP_CONFIGURATION_PLURAL, KIND_BGP_CONFIGURATION),
+    (BGP_PEER_PLURAL, KIND_BGP_PEER),
+    (NODE_PLURAL, KIND_NODE),
     (ippool::PLURAL, ippool::KIND),
 ];
 

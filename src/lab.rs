@@ -533,7 +533,7 @@ fn start_etcd(state: &Path, etcd_ns: &str) -> anyhow::Result<()> {
     })
 }
 
-/// The Calico resources of a reflector topology (calico.md 1.4), applied with `margay apply` as an operator
+/// The Calico resources of a reflector topology (Calico's confd peering rules), applied with `margay apply` as an operator
 /// would (the file stays in the state directory): the mesh off, the reflector's Node with its cluster id and
 /// label, and one BGPPeer that makes every node peer with every labelled Node.
 /// `--subnets 2`: the default pool, written before any node starts, with VXLAN across subnets (the router

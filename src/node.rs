@@ -56,13 +56,14 @@ use crate::bgp::speaker::{self, DesiredPeer, SpeakerConfig, SpeakerHandle};
 use crate::bgp::wire::types::PathAttributes;
 use crate::cni::server::{CniServer, ServerConfig};
 use crate::cni::types::DEFAULT_SOCKET;
-use crate::config::bgp::{ConfigSet, Node, NodeSpec, KIND_NODE};
+use crate::config::bgp::{ConfigSet, Node};
+use crate::config::ippool::IpPool;
 use crate::config::peers::desired_peers;
-use crate::config::{ObjectMeta, API_VERSION};
 use crate::dataplane::autodetect::prefix_len_on_interfaces;
 use crate::dataplane::fib::{Fib, FibConfig, FibHandle, Route};
+use crate::datastore::resources;
 use crate::datastore::EtcdArgs;
-use crate::datastore::{keys, Datastore};
+use crate::datastore::{Datastore, Updated};
 use crate::feed::{ConfigFeed, FeedOptions};
 use crate::ipam::{NodeInfo, NodeIpam};
 use crate::task;
@@ -79,7 +80,6 @@ pub use restart::{reconcile_pods, PodReconcile, Readiness};
 pub use services::{export_policy, service_prefixes};
 
 /// Where Calico keeps Node resources (`/calico/resources/v3/projectcalico.org/nodes/<name>`).
-pub const NODES_PLURAL: &str = "nodes";
 /// How often the mounted password Secrets are compared with what the peers use (local files, no etcd).
 const SECRETS_POLL: Duration = Duration::from_secs(10);
 /// How often the node's blocks are compared with what it advertises (ADD and DEL also trigger it).
@@ -257,94 +257,21 @@ pub async fn register_node_with(
     ipv6: Option<(std::net::Ipv6Addr, u8)>,
     asn: Option<u32>,
 ) -> anyhow::Result<()> {
-    let key = keys::resource_key(NODES_PLURAL, name);
-    for _ in 0..10 {
-        let existing = ds.get(&key).await?;
-        let fresh = || Node {
-            api_version: API_VERSION.into(),
-            kind: KIND_NODE.into(),
-            metadata: ObjectMeta {
-                name: name.to_string(),
-                ..Default::default()
-            },
-            spec: NodeSpec::default(),
-            status: None,
-        };
-        let bytes = patch_node_bgp(existing.as_ref().map(|kv| &kv.value[..]), fresh, |bgp| {
-            bgp.insert("ipv4Address".into(), format!("{ipv4}/{prefix_len}").into());
-            if let Some(a) = asn {
-                bgp.insert("asNumber".into(), a.into());
-            }
-            if let Some((v6, len)) = ipv6 {
-                bgp.insert("ipv6Address".into(), format!("{v6}/{len}").into());
-            }
-        })
-        .with_context(|| format!("stored Node {name:?} at {key} is not valid"))?;
-        let done = match &existing {
-            Some(kv) if kv.value == bytes => return Ok(()),
-            Some(kv) => ds.update(&key, bytes, kv.mod_revision).await?.is_some(),
-            None => ds.create(&key, bytes).await?.is_some(),
-        };
-        if done {
-            tracing::info!(node = name, address = %ipv4, "Node resource registered");
-            return Ok(());
+    let updated = resources::patch_node(ds, name, true, |spec| {
+        let bgp = resources::bgp_of(spec);
+        bgp.insert("ipv4Address".into(), format!("{ipv4}/{prefix_len}").into());
+        if let Some(a) = asn {
+            bgp.insert("asNumber".into(), a.into());
         }
-    }
-    anyhow::bail!("Node {name:?} kept changing under us while registering it; try again")
-}
-
-/// The stored Node JSON (or `fresh()` when there is none) with `edit` applied to its `spec.bgp`, as bytes to
-/// write back. The stored JSON is patched, not re-encoded from [`Node`], so that fields margay does not know
-/// (a newer Calico wrote them) are kept; it must still decode as a Node (unknown fields tolerated).
-pub fn patch_node_bgp(
-    stored: Option<&[u8]>,
-    fresh: impl FnOnce() -> Node,
-    edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>),
-) -> anyhow::Result<Vec<u8>> {
-    let mut doc: serde_json::Value = match stored {
-        Some(bytes) => {
-            let doc: serde_json::Value = serde_json::from_slice(bytes)?;
-            crate::config::tolerant::tolerant::<Node>(KIND_NODE, doc.clone())?;
-            doc
+        if let Some((v6, len)) = ipv6 {
+            bgp.insert("ipv6Address".into(), format!("{v6}/{len}").into());
         }
-        None => serde_json::to_value(fresh())?,
-    };
-    let obj = doc.as_object_mut().context("a Node is a JSON object")?;
-    if let Some(m) = obj.get_mut("metadata").and_then(|m| m.as_object_mut()) {
-        m.remove("resourceVersion");
+    })
+    .await?;
+    if updated != Updated::Unchanged {
+        tracing::info!(node = name, address = %ipv4, "Node resource registered");
     }
-    let spec = obj
-        .entry("spec")
-        .or_insert_with(|| serde_json::Value::Object(Default::default()));
-    let bgp = spec
-        .as_object_mut()
-        .context("a Node's spec is a JSON object")?
-        .entry("bgp")
-        .or_insert_with(|| serde_json::Value::Object(Default::default()));
-    if bgp.is_null() {
-        *bgp = serde_json::Value::Object(Default::default());
-    }
-    edit(
-        bgp.as_object_mut()
-            .context("a Node's spec.bgp is a JSON object")?,
-    );
-    Ok(serde_json::to_vec(&doc)?)
-}
-
-/// Delete a node's Node resource (as `calicoctl delete node` does), so the other nodes drop it from
-/// their mesh and withdraw its routes. Ok(false) when there was none.
-pub async fn remove_node_resource(ds: &Datastore, name: &str) -> anyhow::Result<bool> {
-    let key = keys::resource_key(NODES_PLURAL, name);
-    for _ in 0..10 {
-        let Some(kv) = ds.get(&key).await? else {
-            return Ok(false);
-        };
-        if ds.delete(&key, kv.mod_revision).await?.is_some() {
-            tracing::info!(node = name, "Node resource deleted");
-            return Ok(true);
-        }
-    }
-    anyhow::bail!("Node {name:?} kept changing while deleting it; try again")
+    Ok(())
 }
 
 /// Create the default IPv4 pool when the datastore has no pool at all (as calico-node does at start).
@@ -353,36 +280,13 @@ pub async fn ensure_default_pool(
     cidr: ipnetwork::Ipv4Network,
     block_size: u8,
 ) -> anyhow::Result<()> {
-    let (pools, _) = ds
-        .list(&keys::resource_prefix(crate::config::ippool::PLURAL))
-        .await?;
-    if !pools.is_empty() {
+    if !resources::list_pools(ds).await?.is_empty() {
         return Ok(());
     }
-    let doc = format!(
-        "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata:\n  name: default-ipv4-ippool\nspec:\n  cidr: {cidr}\n  blockSize: {block_size}\n  natOutgoing: true\n  nodeSelector: all()\n"
-    );
-    match crate::cli::resources::apply(ds, &doc).await {
-        Ok(_) => {
-            tracing::info!(%cidr, block_size, "created the default IPv4 pool");
-            Ok(())
-        }
-        // Nodes starting together race to create it; the loser's create-only write conflicts. Another node
-        // having created a pool meanwhile is success, not an error.
-        Err(_)
-            if !ds
-                .list(&keys::resource_prefix(crate::config::ippool::PLURAL))
-                .await?
-                .0
-                .is_empty() =>
-        {
-            tracing::info!(%cidr, "the default IPv4 pool was created by another node meanwhile");
-            Ok(())
-        }
-        Err(e) => Err(anyhow::anyhow!(
-            "creating the default IPv4 pool {cidr}: {e}"
-        )),
-    }
+    let mut pool = IpPool::new("default-ipv4-ippool", cidr.into());
+    pool.spec.block_size = Some(block_size);
+    pool.spec.nat_outgoing = true;
+    create_default_pool(ds, pool, |pools| !pools.is_empty()).await
 }
 
 /// Create the default IPv6 pool when no IPv6 pool exists (Calico creates each family's default pool on its
@@ -392,39 +296,40 @@ pub async fn ensure_default_ipv6_pool(
     cidr: ipnetwork::Ipv6Network,
     block_size: u8,
 ) -> anyhow::Result<()> {
-    if load_pools(ds).await?.iter().any(|p| p.spec.cidr.is_ipv6()) {
+    let has_v6 = |pools: &[IpPool]| pools.iter().any(|p| p.spec.cidr.is_ipv6());
+    if has_v6(&resources::list_pools(ds).await?) {
         return Ok(());
     }
-    let doc = format!(
-        "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata:\n  name: default-ipv6-ippool\nspec:\n  cidr: {cidr}\n  blockSize: {block_size}\n  natOutgoing: false\n  nodeSelector: all()\n"
-    );
-    match crate::cli::resources::apply(ds, &doc).await {
-        Ok(_) => {
-            tracing::info!(%cidr, block_size, "created the default IPv6 pool");
+    let mut pool = IpPool::new("default-ipv6-ippool", cidr.into());
+    pool.spec.block_size = Some(block_size);
+    create_default_pool(ds, pool, has_v6).await
+}
+
+/// Create a default pool. Nodes starting together race to create it: when our create-only write loses,
+/// or fails, and `present` now finds a pool that does the job, another node made it: success.
+async fn create_default_pool(
+    ds: &Datastore,
+    pool: IpPool,
+    present: impl Fn(&[IpPool]) -> bool,
+) -> anyhow::Result<()> {
+    let (name, cidr, block_size) = (pool.name().to_string(), pool.spec.cidr, pool.block_size());
+    match resources::create_pool(ds, pool).await {
+        Ok(true) => {
+            tracing::info!(pool = name, %cidr, block_size, "created the default pool");
             Ok(())
         }
-        // As for IPv4: another node starting at the same moment may have created it first.
-        Err(_) if load_pools(ds).await?.iter().any(|p| p.spec.cidr.is_ipv6()) => {
-            tracing::info!(%cidr, "the default IPv6 pool was created by another node meanwhile");
+        Ok(false) => Ok(()),
+        Err(_) if present(&resources::list_pools(ds).await?) => {
+            tracing::info!(%cidr, "the default pool was created by another node meanwhile");
             Ok(())
         }
-        Err(e) => Err(anyhow::anyhow!(
-            "creating the default IPv6 pool {cidr}: {e}"
-        )),
+        Err(e) => Err(anyhow::anyhow!("creating the default pool {cidr}: {e}")),
     }
 }
 
 /// The IP pools in the datastore (for the export policy).
-pub async fn load_pools(ds: &Datastore) -> anyhow::Result<Vec<crate::config::ippool::IpPool>> {
-    let (kvs, _) = ds
-        .list(&keys::resource_prefix(crate::config::ippool::PLURAL))
-        .await?;
-    kvs.iter()
-        .map(|kv| {
-            crate::config::tolerant::tolerant_slice(crate::config::ippool::KIND, &kv.value)
-                .with_context(|| format!("stored IPPool at {} is not valid", kv.key))
-        })
-        .collect()
+pub async fn load_pools(ds: &Datastore) -> anyhow::Result<Vec<IpPool>> {
+    Ok(resources::list_pools(ds).await?)
 }
 
 /// The BGP resources in the datastore, validated together (a bad set is refused as a whole).
@@ -899,7 +804,7 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
                     addresses_allocated: r.addresses_allocated,
                     addresses_borrowed: r.borrowed.len() as u64,
                 }),
-                datastore: Some(datastore_summary(&ds)),
+                datastore: Some(api::DatastoreSummary::of(&ds)),
                 dataplane,
             }
         }
@@ -1078,16 +983,6 @@ async fn start_pod_mtu(
     Ok(mtu.into())
 }
 
-/// The datastore's request counters as `/status` and `/metrics` show them.
-pub fn datastore_summary(ds: &Datastore) -> api::DatastoreSummary {
-    let st = ds.stats();
-    api::DatastoreSummary {
-        requests: st.round_trips,
-        errors: st.errors,
-        unreachable: st.unreachable,
-    }
-}
-
 /// `a, b, c` (or `none`) for a log line.
 pub(crate) fn prefix_list(prefixes: &[IpNetwork]) -> String {
     if prefixes.is_empty() {
@@ -1231,7 +1126,7 @@ async fn peer_loop(
             let peers: Vec<DesiredPeer> = desired_peers(&set, &id.name)?
                 .iter()
                 .map(|p| {
-                    let mut d = DesiredPeer::from_config(p, id.ip);
+                    let mut d = crate::peering::speaker_peer(p, id.ip);
                     d.next_hop_v6 = id.ip6;
                     // Between nodes that both have an IPv6 address each family rides on its own transport, as
                     // in Calico's BIRD; otherwise IPv6 routes ride on the IPv4 session (MP-BGP, next hop IP6).
@@ -1278,7 +1173,7 @@ async fn peer_loop(
                     let _ = rib.send(RibInput::SetClusterId(want_cluster_id)).await;
                     cluster_id = want_cluster_id;
                 }
-                // Service CIDRs (calico.md 1.8): originated by every node, next hop self.
+                // Service CIDRs (Calico's confd `routes.go`): originated by every node, next hop self.
                 let want = service_prefixes(&set, &id.name);
                 let new: Vec<IpNetwork> = want.difference(&services).copied().collect();
                 let gone: Vec<IpNetwork> = services.difference(&want).copied().collect();

@@ -22,7 +22,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use prometheus_client::metrics::counter::Counter;
@@ -32,11 +31,11 @@ use tokio::sync::{mpsc, oneshot};
 use crate::api::{self, ReadyState, StatusReport};
 use crate::bgp::policy::Policy;
 use crate::bgp::speaker::{self, DesiredPeer, SpeakerConfig, SpeakerHandle};
-use crate::config::bgp::{ConfigSet, Node, NodeBgpSpec, NodeSpec, KIND_NODE};
+use crate::config::bgp::{ConfigSet, NodeBgpSpec};
 use crate::config::peers::desired_peers;
-use crate::config::{ObjectMeta, API_VERSION};
+use crate::datastore::resources;
 use crate::datastore::EtcdArgs;
-use crate::datastore::{keys, Datastore};
+use crate::datastore::{Datastore, Updated};
 use crate::feed::{ConfigFeed, FeedOptions, Snapshot};
 
 /// `margay reflector` flags.
@@ -147,7 +146,7 @@ fn identity(args: &ReflectorArgs, set: &mut ConfigSet, source: &str) -> anyhow::
     let node = set
         .nodes
         .entry(name.clone())
-        .or_insert_with(|| new_node(&name));
+        .or_insert_with(|| resources::new_node(&name));
     let router_id = match args.router_id.or_else(|| match node.ipv4() {
         Some(IpAddr::V4(a)) => Some(a),
         _ => None,
@@ -194,7 +193,7 @@ async fn load_peers(
     let peers = desired_peers(&set, &id.name)?
         .iter()
         .map(|p| {
-            let mut d = DesiredPeer::from_config(p, id.router_id);
+            let mut d = crate::peering::speaker_peer(p, id.router_id);
             if let Some(gr) = d.session.graceful_restart.as_mut() {
                 // A reflector forwards nothing: it never claims preserved forwarding state.
                 gr.restarting = restarting;
@@ -208,7 +207,7 @@ async fn load_peers(
 
 /// Make the reflector's Node resource in etcd say what it runs with: its address (the router id when the
 /// Node has none), its cluster id and, when given as a flag, its AS. Labels and everything else an
-/// operator wrote are kept. The nodes derive their peers from this resource (calico.md 1.4: a route
+/// operator wrote are kept. The nodes derive their peers from this resource (as in Calico: a route
 /// reflector is a Node with `routeReflectorClusterID`, usually selected by a label).
 pub async fn register_reflector_node(
     ds: &Datastore,
@@ -217,51 +216,23 @@ pub async fn register_reflector_node(
     cluster_id: Ipv4Addr,
     asn: Option<u32>,
 ) -> anyhow::Result<()> {
-    let key = keys::resource_key(crate::node::NODES_PLURAL, name);
-    for _ in 0..10 {
-        let existing = ds.get(&key).await?;
-        // Patched as JSON so that fields margay does not know are kept.
-        let stored = existing.as_ref().map(|kv| &kv.value[..]);
-        let bytes = crate::node::patch_node_bgp(
-            stored,
-            || new_node(name),
-            |bgp| {
-                bgp.entry("ipv4Address")
-                    .or_insert_with(|| format!("{router_id}/32").into());
-                bgp.insert(
-                    "routeReflectorClusterID".into(),
-                    cluster_id.to_string().into(),
-                );
-                if let Some(a) = asn {
-                    bgp.insert("asNumber".into(), a.into());
-                }
-            },
-        )
-        .with_context(|| format!("stored Node {name:?} at {key} is not valid"))?;
-        let done = match &existing {
-            Some(kv) if kv.value == bytes => return Ok(()),
-            Some(kv) => ds.update(&key, bytes, kv.mod_revision).await?.is_some(),
-            None => ds.create(&key, bytes).await?.is_some(),
-        };
-        if done {
-            tracing::info!(node = name, %cluster_id, "reflector's Node resource registered");
-            return Ok(());
+    let updated = resources::patch_node(ds, name, true, |spec| {
+        let bgp = resources::bgp_of(spec);
+        bgp.entry("ipv4Address")
+            .or_insert_with(|| format!("{router_id}/32").into());
+        bgp.insert(
+            "routeReflectorClusterID".into(),
+            cluster_id.to_string().into(),
+        );
+        if let Some(a) = asn {
+            bgp.insert("asNumber".into(), a.into());
         }
+    })
+    .await?;
+    if updated != Updated::Unchanged {
+        tracing::info!(node = name, %cluster_id, "reflector's Node resource registered");
     }
-    anyhow::bail!("Node {name:?} kept changing under us while registering it; try again")
-}
-
-fn new_node(name: &str) -> Node {
-    Node {
-        api_version: API_VERSION.into(),
-        kind: KIND_NODE.into(),
-        metadata: ObjectMeta {
-            name: name.to_string(),
-            ..Default::default()
-        },
-        spec: NodeSpec::default(),
-        status: None,
-    }
+    Ok(())
 }
 
 /// Turn every new snapshot of the feed into a nudge of the loader (coalesced: a full channel drops it, the
@@ -563,7 +534,7 @@ async fn status_report(
             reason: last_error.map(|e| format!("configuration not readable: {e}")),
         },
         peers,
-        datastore: ds.map(crate::node::datastore_summary),
+        datastore: ds.map(api::DatastoreSummary::of),
         ..Default::default()
     }
 }

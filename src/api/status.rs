@@ -106,6 +106,18 @@ pub struct DatastoreSummary {
     pub unreachable: u64,
 }
 
+impl DatastoreSummary {
+    /// The datastore's request counters as the status report shows them.
+    pub fn of(ds: &crate::datastore::Datastore) -> DatastoreSummary {
+        let st = ds.stats();
+        DatastoreSummary {
+            requests: st.round_trips,
+            errors: st.errors,
+            unreachable: st.unreachable,
+        }
+    }
+}
+
 /// Readiness with the reason when not ready ("datastore not synced", "BGP initial convergence").
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -115,28 +127,8 @@ pub struct ReadyState {
     pub reason: Option<String>,
 }
 
-/// One BGP peer as the operator sees it.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct PeerStatus {
-    pub address: String,
-    pub port: u16,
-    /// "node-to-node mesh", "global", "node specific" (Calico's words), or "route reflector client".
-    pub peer_type: String,
-    pub asn: u32,
-    /// RFC 4271 state in Calico's words: "up" when Established, otherwise "start"/"connect"/"active"/...
-    pub state: String,
-    /// The FSM state name (Idle, Connect, Active, OpenSent, OpenConfirm, Established).
-    pub fsm_state: String,
-    /// When the session entered its current state, RFC 3339 UTC.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub since: Option<String>,
-    /// "Established", or the last failure in plain words ("connect: connection refused").
-    pub info: String,
-    pub prefixes_received: u64,
-    pub prefixes_accepted: u64,
-    pub prefixes_advertised: u64,
-}
+/// One BGP peer as the operator sees it: the speaker's report, served as it is.
+pub use crate::bgp::speaker::PeerReport as PeerStatus;
 
 /// Render the report the way `calicoctl node status` does, with prefix counters added.
 pub fn render_status_table(r: &StatusReport) -> String {

@@ -22,7 +22,6 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::api::PeerStatus as ApiPeerStatus;
 use crate::bgp::rib::{
     self, FibEvent, NextHopMode, PeerId, Policy, Query, RibConfig, RibHandle, RibInput,
 };
@@ -49,50 +48,27 @@ pub struct DesiredPeer {
     pub next_hop_v6: Option<Ipv6Addr>,
 }
 
-impl DesiredPeer {
-    /// The session and RIB settings of a peer derived from Calico resources (`config::peers`), as BIRD would
-    /// get them from confd's template (calico.md 1.3).
-    pub fn from_config(p: &crate::config::peers::DesiredPeer, router_id: Ipv4Addr) -> DesiredPeer {
-        use crate::bgp::session::{GracefulRestartConfig, Password};
-        use crate::config::bgp::NextHopMode as CalicoNextHop;
-        let mut s = PeerConfig::new(p.address, p.peer_as, p.local_as, router_id);
-        s.peer_port = p.port;
-        s.source_addr = p.source_address;
-        s.passive = p.passive;
-        s.password = p.password.clone().map(Password);
-        s.ttl_security_hops = p.ttl_security;
-        // RFC 7911: accept several paths per prefix (Calico's BIRD runs `add paths on`), so the RIB sees every
-        // origin of a prefix and the FIB gets the ECMP set. Sending several is not implemented: Receive only.
-        s.add_path = vec![
-            (Family::IPV4_UNICAST, crate::bgp::wire::AddPathMode::Receive),
-            (Family::IPV6_UNICAST, crate::bgp::wire::AddPathMode::Receive),
-        ];
-        if let Some(k) = p.keepalive_time {
-            s.timers.keepalive = Some(k.as_secs().clamp(1, u64::from(u16::MAX)) as u16);
-        }
-        s.graceful_restart = Some(GracefulRestartConfig {
-            restart_time: p.max_restart_time.as_secs().min(4095) as u16,
-            // The F bit (RFC 4724 3): margay's FIB never flushes its kernel routes when the process stops,
-            // so forwarding survives a restart. Without it a helper drops our stale routes the moment the
-            // session is back (RFC 4724 4.2), before we re-announce them: a withdraw-then-add gap in every
-            // peer's FIB. A speaker that forwards nothing (the reflector) clears it.
-            forwarding_preserved: true,
-            ..Default::default()
-        });
-        DesiredPeer {
-            peer_type: p.peer_type.as_status().to_string(),
-            session: s,
-            rr_client: p.rr_client,
-            next_hop_mode: match p.next_hop_mode {
-                CalicoNextHop::Auto => NextHopMode::Auto,
-                CalicoNextHop::SelfAddr => NextHopMode::SelfAddr,
-                CalicoNextHop::Keep => NextHopMode::Keep,
-            },
-            max_prefixes: None,
-            allow_local_as: p.num_allowed_local_as.unwrap_or(0),
-            next_hop_v6: None,
-        }
-    }
+/// One BGP peer as the operator sees it (`margay status`, `/metrics`): what the speaker reports.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerReport {
+    pub address: String,
+    pub port: u16,
+    /// "node-to-node mesh", "global", "node specific" (Calico's words), or "route reflector client".
+    pub peer_type: String,
+    pub asn: u32,
+    /// RFC 4271 state in Calico's words: "up" when Established, otherwise "start"/"connect"/"active"/...
+    pub state: String,
+    /// The FSM state name (Idle, Connect, Active, OpenSent, OpenConfirm, Established).
+    pub fsm_state: String,
+    /// When the session entered its current state, RFC 3339 UTC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    /// "Established", or the last failure in plain words ("connect: connection refused").
+    pub info: String,
+    pub prefixes_received: u64,
+    pub prefixes_accepted: u64,
+    pub prefixes_advertised: u64,
 }
 
 /// The speaker's identity and listening sockets.
@@ -131,7 +107,7 @@ pub enum SpeakerError {
 
 enum SpeakerCommand {
     Apply(Vec<DesiredPeer>, oneshot::Sender<ApplyReport>),
-    Status(oneshot::Sender<Vec<ApiPeerStatus>>),
+    Status(oneshot::Sender<Vec<PeerReport>>),
     Sync(oneshot::Sender<Vec<PeerSync>>),
     Shutdown {
         for_restart: bool,
@@ -175,7 +151,7 @@ impl SpeakerHandle {
     }
 
     /// Every peer as `margay status` shows it.
-    pub async fn status(&self) -> Result<Vec<ApiPeerStatus>, SpeakerError> {
+    pub async fn status(&self) -> Result<Vec<PeerReport>, SpeakerError> {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(SpeakerCommand::Status(tx))
@@ -504,7 +480,7 @@ impl Speaker {
             .collect()
     }
 
-    async fn status(&self) -> Vec<ApiPeerStatus> {
+    async fn status(&self) -> Vec<PeerReport> {
         let (tx, rx) = oneshot::channel();
         let summary = if self
             .rib
@@ -525,7 +501,7 @@ impl Speaker {
                     .as_ref()
                     .and_then(|sm| sm.peers.iter().find(|c| c.peer == Some(p.id)));
                 let established = s.state == State::Established;
-                ApiPeerStatus {
+                PeerReport {
                     address: s.peer.to_string(),
                     port: p.desired.session.peer_port,
                     peer_type: p.desired.peer_type.clone(),

@@ -136,18 +136,15 @@ pub async fn run_node(etcd: &EtcdArgs, cmd: &NodeCmd) -> Result<String, CliError
 /// Delete the Node resource (after its IPAM): the other nodes and reflectors derive their BGP peers from
 /// it, so its sessions (and the routes learned over them) go as soon as their watches see the delete.
 async fn remove_node_resource(ds: &Datastore, name: &str) -> Result<String, CliError> {
-    let key = crate::datastore::keys::resource_key(crate::node::NODES_PLURAL, name);
-    for _ in 0..10 {
-        let Some(kv) = ds.get(&key).await? else {
-            return Ok(format!("No Node resource {name:?} (already gone)\n"));
-        };
-        if ds.delete(&key, kv.mod_revision).await?.is_some() {
-            return Ok(format!("Removed Node resource {name:?}\n"));
-        }
+    match crate::datastore::resources::delete_node(ds, name).await {
+        Ok(true) => Ok(format!("Removed Node resource {name:?}\n")),
+        Ok(false) => Ok(format!("No Node resource {name:?} (already gone)\n")),
+        Err(crate::datastore::resources::ResourceError::Contended(why)) => Err(CliError::Usage(
+            format!("Node {name:?}: {why} (is its daemon still running? stop it first)"),
+        )),
+        Err(crate::datastore::resources::ResourceError::Datastore(e)) => Err(e.into()),
+        Err(e) => Err(CliError::Usage(e.to_string())),
     }
-    Err(CliError::Usage(format!(
-        "Node {name:?} kept changing while removing it (is its daemon still running? stop it first)"
-    )))
 }
 
 /// `apply -f FILE` (`-` = stdin).

@@ -241,7 +241,7 @@ const BGPCONFIG: KindInfo = KindInfo {
         "bgpconfigs",
     ],
     storage: Storage::Resources {
-        plural: "bgpconfigurations",
+        plural: crate::config::bgp::BGP_CONFIGURATION_PLURAL,
     },
     encode: |doc, _| {
         encode_typed::<BgpConfiguration>(
@@ -290,7 +290,9 @@ const BGPCONFIG: KindInfo = KindInfo {
 const BGPPEER: KindInfo = KindInfo {
     kind: KIND_BGP_PEER,
     aliases: &["bgppeer", "bgppeers", "bgpp", "peer", "peers"],
-    storage: Storage::Resources { plural: "bgppeers" },
+    storage: Storage::Resources {
+        plural: crate::config::bgp::BGP_PEER_PLURAL,
+    },
     encode: |doc, _| {
         encode_typed::<BgpPeer>(KIND_BGP_PEER, doc, BgpPeer::validate, |p| &mut p.metadata)
     },
@@ -328,7 +330,9 @@ const BGPPEER: KindInfo = KindInfo {
 const NODE: KindInfo = KindInfo {
     kind: KIND_NODE,
     aliases: &["node", "nodes", "no"],
-    storage: Storage::Resources { plural: "nodes" },
+    storage: Storage::Resources {
+        plural: crate::config::bgp::NODE_PLURAL,
+    },
     encode: |doc, _| encode_typed::<Node>(KIND_NODE, doc, Node::validate, |n| &mut n.metadata),
     decode: |_, bytes| decode_v3(KIND_NODE, "stored Node", bytes),
     columns: &["NAME"],

@@ -31,6 +31,10 @@ pub const DEFAULT_MAX_RESTART_TIME: Duration = Duration::from_secs(120);
 pub const KIND_BGP_CONFIGURATION: &str = "BGPConfiguration";
 pub const KIND_BGP_PEER: &str = "BGPPeer";
 pub const KIND_NODE: &str = "Node";
+/// Plurals in the etcd keys (`/calico/resources/v3/projectcalico.org/<plural>/<name>`).
+pub const BGP_CONFIGURATION_PLURAL: &str = "bgpconfigurations";
+pub const BGP_PEER_PLURAL: &str = "bgppeers";
+pub const NODE_PLURAL: &str = "nodes";
 
 // ----- small value types -----
 

@@ -1,5 +1,5 @@
 //! The desired peer set of one node, derived from a validated [`ConfigSet`] exactly as Calico's confd does it
-//! (calico.md 1.3 / 1.4): the node-to-node mesh with its passive side chosen by comparing the two IPs as
+//! (Calico's confd peering rules): the node-to-node mesh with its passive side chosen by comparing the two IPs as
 //! strings, global peers, `node` / `nodeSelector` peers, `peerSelector` expansion with automatic reverse
 //! peerings, route-reflector client marking, and every per-peer knob (next-hop mode, timers, password,
 //! ttlSecurity, port, source address).
@@ -136,7 +136,7 @@ pub fn desired_peers(set: &ConfigSet, node_name: &str) -> Result<Vec<DesiredPeer
     let mut explicit: Vec<DesiredPeer> = Vec::new();
 
     // Explicit BGPPeers: global ones first so node-specific duplicates of the same IP:port are dropped
-    // (calico.md 1.4).
+    // (Calico's confd peering rules).
     let mut peers: Vec<&BgpPeer> = set.bgp_peers.values().collect();
     peers.sort_by_key(|p| (is_node_specific(p), p.metadata.name.clone()));
     for p in peers {
@@ -218,7 +218,7 @@ pub fn desired_peers(set: &ConfigSet, node_name: &str) -> Result<Vec<DesiredPeer
         out.entry(d.key()).or_insert(d);
     }
 
-    // The mesh (calico.md 1.4): only on nodes that are not route reflectors, to every other node that is not
+    // The mesh (Calico's confd peering rules): only on nodes that are not route reflectors, to every other node that is not
     // one either; explicit peerings to the same address win.
     if global.mesh_enabled() && me.cluster_id.is_none() {
         let password = global
@@ -298,7 +298,7 @@ fn build(
         _ => format!("Node_{}", ip_name(&ip)),
     };
     let ibgp = peer_as == local_as;
-    // RR client: we have a cluster id and the iBGP peer has none or another one (calico.md 1.4).
+    // RR client: we have a cluster id and the iBGP peer has none or another one (Calico's confd peering rules).
     let rr_client =
         me.cluster_id.is_some() && ibgp && peer_node.and_then(|n| n.cluster_id()) != me.cluster_id;
     // keepOriginalNextHop (deprecated) is rendered for eBGP peers only.

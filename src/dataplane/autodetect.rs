@@ -1,6 +1,6 @@
 //! Node address autodetection: which IPv4 address of this node it registers (`spec.bgp.ipv4Address`) and
 //! peers from, when `--ip` / `IP` is not given. Calico's `IP_AUTODETECTION_METHOD` values, with its
-//! semantics (calico.md section 5):
+//! semantics (Calico's `IP_AUTODETECTION_METHOD`):
 //!
 //! - `first-found`: the first global unicast address on an interface that is up and not a loopback,
 //!   pod or virtual interface ([`DEFAULT_SKIP`]: Calico's list plus margay's own pod veths);
@@ -15,7 +15,7 @@
 //!
 //! This module only reads the node's addresses (in the node's network namespace); it never changes them.
 //! Every pick is logged with the other candidates, and a failed pick lists every interface and address it
-//! saw, so a wrong node address (calico.md section 7, pain point 2) is visible at start.
+//! saw, so a wrong node address (a common Calico pain point) is visible at start.
 
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr, ToSocketAddrs, UdpSocket};

@@ -16,6 +16,7 @@
 
 mod args;
 pub mod keys;
+pub mod resources;
 mod watch;
 
 use std::future::Future;
@@ -106,6 +107,42 @@ fn fmt_tried(tried: &[(String, String)]) -> String {
 }
 
 /// One key as etcd holds it.
+/// How many times [`Datastore::update_with`] reads and tries again when its write loses a race.
+const UPDATE_ATTEMPTS: u32 = 10;
+
+/// What an edit in [`Datastore::update_with`] wants done with the value it was shown.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Edit {
+    /// Nothing to write (already as wanted).
+    Keep,
+    /// Write these bytes (create the key when absent).
+    Put(Vec<u8>),
+    /// Delete the key.
+    Delete,
+}
+
+/// What [`Datastore::update_with`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Updated {
+    Unchanged,
+    Created,
+    Written,
+    Deleted,
+    /// Asked to delete a key that was not there.
+    Absent,
+}
+
+/// Why [`Datastore::update_with`] failed: etcd, the edit itself, or a key that kept changing under us.
+#[derive(Debug, thiserror::Error)]
+pub enum UpdateError<E> {
+    #[error(transparent)]
+    Datastore(#[from] DatastoreError),
+    #[error("{0}")]
+    Edit(E),
+    #[error("{key} kept changing under us ({attempts} attempts to write it); is another writer looping? try again")]
+    Contended { key: String, attempts: u32 },
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyValue {
     pub key: String,
@@ -517,6 +554,44 @@ impl Datastore {
             )
             .await?,
         )
+    }
+
+    /// Read-modify-write `key` by compare-and-swap: `edit` sees the stored value (None when absent) and says
+    /// what to write; when someone else wrote the key between our read and our write, it is read again and
+    /// `edit` runs again on the new value. The one CAS retry loop of the crate for single keys (IPAM's
+    /// multi-key transactions have their own). Gives up with [`UpdateError::Contended`] after a few rounds.
+    pub async fn update_with<E>(
+        &self,
+        key: &str,
+        mut edit: impl FnMut(Option<&[u8]>) -> Result<Edit, E>,
+    ) -> Result<Updated, UpdateError<E>> {
+        for _ in 0..UPDATE_ATTEMPTS {
+            let stored = self.get(key).await?;
+            let edit = edit(stored.as_ref().map(|kv| &kv.value[..])).map_err(UpdateError::Edit)?;
+            let done = match (edit, &stored) {
+                (Edit::Keep, _) => return Ok(Updated::Unchanged),
+                (Edit::Put(bytes), Some(kv)) if kv.value == bytes => return Ok(Updated::Unchanged),
+                (Edit::Put(bytes), Some(kv)) => self
+                    .update(key, bytes, kv.mod_revision)
+                    .await?
+                    .map(|_| Updated::Written),
+                (Edit::Put(bytes), None) => {
+                    self.create(key, bytes).await?.map(|_| Updated::Created)
+                }
+                (Edit::Delete, None) => return Ok(Updated::Absent),
+                (Edit::Delete, Some(kv)) => self
+                    .delete(key, kv.mod_revision)
+                    .await?
+                    .map(|_| Updated::Deleted),
+            };
+            if let Some(done) = done {
+                return Ok(done);
+            }
+        }
+        Err(UpdateError::Contended {
+            key: key.to_string(),
+            attempts: UPDATE_ATTEMPTS,
+        })
     }
 
     /// Watch every key under `prefix` from `from_revision` on (inclusive). The watch survives endpoint

@@ -1,7 +1,7 @@
 //! An allocation block exactly as Calico stores it (`model.AllocationBlock`), and the pure operations on it:
 //! assign (FIFO), assign a specific address, release, structural checks. No I/O.
 //!
-//! Layout (calico.md section 2.2): `allocations[ordinal]` is an index into `attributes` or null when free;
+//! Layout (Calico's IPAM block JSON): `allocations[ordinal]` is an index into `attributes` or null when free;
 //! `unallocated` is a FIFO of free ordinals (released ones go to the tail so the address idle longest is reused
 //! first); `sequenceNumber` is bumped on every write and `sequenceNumberForAllocation[ordinal]` records it at
 //! allocation time. Fields we do not know are kept verbatim (`extra`) so a read-modify-write never drops what a

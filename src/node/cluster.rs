@@ -26,7 +26,7 @@ use crate::dataplane::nat::{self, NatOptions, NatPool};
 use crate::datastore::{keys, Datastore, WatchEventKind, WatchMessage};
 use crate::ipam::NodeIpam;
 
-use super::NODES_PLURAL;
+use crate::config::bgp::NODE_PLURAL;
 
 /// The dataplane part of the status report, written by the followers here and read by `/status`.
 pub type DataplaneStatus = Arc<watch::Sender<DataplaneSummary>>;
@@ -257,7 +257,7 @@ pub async fn node_labels(
     ds: &Datastore,
     name: &str,
 ) -> anyhow::Result<(BTreeMap<String, String>, i64)> {
-    let key = keys::resource_key(NODES_PLURAL, name);
+    let key = keys::resource_key(NODE_PLURAL, name);
     let (kvs, rev) = ds.list(&key).await?;
     let labels = kvs
         .iter()
@@ -270,7 +270,7 @@ pub async fn node_labels(
 /// Follow this node's Node resource and hand its labels to IPAM whenever they change (pools'
 /// `nodeSelector` is evaluated with them). `from` is the revision the starting labels were read at.
 pub async fn follow_labels(ds: Arc<Datastore>, name: String, ipam: Arc<NodeIpam>, from: i64) {
-    let key = keys::resource_key(NODES_PLURAL, &name);
+    let key = keys::resource_key(NODE_PLURAL, &name);
     let mut rev = from;
     loop {
         let mut w = ds.watch(&key, rev + 1);

@@ -1,7 +1,7 @@
 //! What a node exports: the service CIDRs of the cluster's BGPConfiguration that every node originates, and
-//! the export policy (Calico's `calico_export_to_bgp_peers`, calico.md 1.5) the node's RIB applies.
+//! the export policy (Calico's BIRD export filter `calico_export_to_bgp_peers`) the node's RIB applies.
 //!
-//! Calico (confd `routes.go`, calico.md 1.8) advertises `serviceClusterIPs` and `serviceExternalIPs` from
+//! Calico (confd's `routes.go`) advertises `serviceClusterIPs` and `serviceExternalIPs` from
 //! every node, and `serviceLoadBalancerIPs` too while `serviceLoadBalancerAggregation` is Enabled (the
 //! default); with aggregation Disabled it advertises a /32 per LoadBalancer service, which needs the
 //! Kubernetes Services API that margay does not watch, so nothing is advertised for them (logged).

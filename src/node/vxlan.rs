@@ -17,6 +17,7 @@
 //! With `CALICO_NETWORKING_BACKEND=vxlan` there is no BGP: [`route_by_affinities`] routes every other node's
 //! block (and every address another node borrowed) from the IPAM blocks, as Felix does.
 
+use anyhow::Context;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -31,7 +32,8 @@ use crate::dataplane::vxlan::{self, LocalVtep, RemoteVtep};
 use crate::datastore::{keys, Datastore, WatchMessage};
 use crate::ipam::{AssignRequest, Family, NodeIpam};
 
-use super::NODES_PLURAL;
+use crate::config::bgp::NODE_PLURAL;
+use crate::datastore::resources;
 
 /// Felix re-checks its VXLAN device this often; so do we (kernel only, no datastore read).
 const RECONCILE: Duration = Duration::from_secs(10);
@@ -173,7 +175,7 @@ async fn remote_vteps(
     me: &str,
     fam: VxlanFamily,
 ) -> anyhow::Result<(BTreeMap<String, RemoteVtep>, i64)> {
-    let prefix = keys::resource_prefix(NODES_PLURAL);
+    let prefix = keys::resource_prefix(NODE_PLURAL);
     let (kvs, rev) = ds.list(&prefix).await?;
     let mut out = BTreeMap::new();
     for kv in kvs {
@@ -230,46 +232,23 @@ async fn set_node_tunnel(
     addr: Option<IpAddr>,
     node_cidr: &str,
 ) -> anyhow::Result<()> {
-    let key = keys::resource_key(NODES_PLURAL, me);
-    for _ in 0..10 {
-        let Some(kv) = ds.get(&key).await? else {
-            anyhow::bail!("Node {me:?} is not registered");
-        };
-        let mut v: serde_json::Value = serde_json::from_slice(&kv.value)?;
-        let spec = v
-            .get_mut("spec")
-            .and_then(|s| s.as_object_mut())
-            .ok_or_else(|| anyhow::anyhow!("Node {me:?} has no spec"))?;
-        let want = addr.map(|a| serde_json::Value::String(a.to_string()));
-        let field = fam.tunnel_field();
-        let need_address = fam.v6
-            && addr.is_some()
-            && spec.get("bgp").and_then(|b| b.get("ipv6Address")).is_none();
-        if spec.get(field) == want.as_ref() && !need_address {
-            return Ok(());
+    let want = addr.map(|a| serde_json::Value::String(a.to_string()));
+    let field = fam.tunnel_field();
+    // An unchanged document is not written (update_with compares the bytes).
+    resources::patch_node(ds, me, false, |spec| {
+        if fam.v6 && addr.is_some() {
+            resources::bgp_of(spec)
+                .entry("ipv6Address")
+                .or_insert_with(|| node_cidr.into());
         }
-        if need_address {
-            if let Some(bgp) = spec
-                .entry("bgp")
-                .or_insert_with(|| serde_json::json!({}))
-                .as_object_mut()
-            {
-                bgp.insert("ipv6Address".into(), node_cidr.into());
-            }
-        }
-        match want {
-            Some(w) => spec.insert(field.into(), w),
+        match &want {
+            Some(w) => spec.insert(field.into(), w.clone()),
             None => spec.remove(field),
         };
-        if ds
-            .update(&key, serde_json::to_vec(&v)?, kv.mod_revision)
-            .await?
-            .is_some()
-        {
-            return Ok(());
-        }
-    }
-    anyhow::bail!("Node {me:?} kept changing while writing its VXLAN tunnel address")
+    })
+    .await
+    .with_context(|| format!("writing the VXLAN tunnel address of Node {me:?}"))?;
+    Ok(())
 }
 
 /// This node's tunnel address: the one its handle holds, else a new one from a VXLAN pool that selects
@@ -383,7 +362,7 @@ pub async fn follow_vxlan(
             };
             if node_watch.is_none() {
                 let (r, rev) = remote_vteps(&ds, &me, fam).await?;
-                node_watch = Some(ds.watch(&keys::resource_prefix(NODES_PLURAL), rev + 1));
+                node_watch = Some(ds.watch(&keys::resource_prefix(NODE_PLURAL), rev + 1));
                 remotes = r;
             }
             let host = {

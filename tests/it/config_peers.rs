@@ -1,4 +1,4 @@
-//! The desired peer set per node, as calico.md 1.4 describes confd's: mesh (route reflectors skipped, passive
+//! The desired peer set per node, as Calico's confd derives it: mesh (route reflectors skipped, passive
 //! side by string comparison of the IPs), global peers, node / nodeSelector peers, peerSelector with reverse
 //! peerings, RR client marking and the per-peer knobs.
 
@@ -108,7 +108,7 @@ fn ipv6_mesh_when_both_sides_have_it() {
 
 #[test]
 fn route_reflector_topology() {
-    // calico.md 6: RR nodes carry a cluster id and a label; one BGPPeer makes every node peer with them.
+    // as Calico's reflector set-up: RR nodes carry a cluster id and a label; one BGPPeer makes every node peer with them.
     let s = set(&[
         "apiVersion: projectcalico.org/v3\nkind: BGPConfiguration\nmetadata: {name: default}\nspec: {nodeToNodeMeshEnabled: false}\n".into(),
         "apiVersion: projectcalico.org/v3\nkind: BGPPeer\nmetadata: {name: peer-with-rrs}\nspec:\n  nodeSelector: all()\n  peerSelector: route-reflector == 'true'\n".into(),

@@ -1,4 +1,4 @@
-//! Service CIDR export (calico.md 1.8): every node originates the BGPConfiguration's serviceClusterIPs,
+//! Service CIDR export (Calico's confd `routes.go`): every node originates the BGPConfiguration's serviceClusterIPs,
 //! serviceExternalIPs and (aggregated) serviceLoadBalancerIPs; a real BIRD 2 global peer (a BGPPeer
 //! without node selector) learns them from every node, and loses them when they leave the configuration,
 //! live, without a restart.

@@ -12,9 +12,10 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
 use common::etcd::{etcd_available, Etcd};
+use margay::config::bgp::NODE_PLURAL as NODES_PLURAL;
 use margay::config::peers::desired_peers;
 use margay::datastore::{keys, Datastore, DatastoreConfig};
-use margay::node::{ensure_default_pool, load_config, register_node, NODES_PLURAL};
+use margay::node::{ensure_default_pool, load_config, register_node};
 
 fn setup(test: &str) -> Option<(Etcd, Arc<Datastore>)> {
     if !etcd_available(test) {
@@ -231,7 +232,7 @@ async fn config_feed_follows_changes_without_relisting() {
         .await
         .expect("b joins");
     until(&mut rx, "node b joining the mesh", |s| peer_of(s, b)).await;
-    margay::node::remove_node_resource(&writer, "b")
+    margay::datastore::resources::delete_node(&writer, "b")
         .await
         .expect("b leaves");
     let last = until(&mut rx, "node b leaving", |s| {

@@ -1,4 +1,4 @@
-//! Import and export rules the RIB applies per prefix: Calico's export logic (calico.md 1.5) as far as a RIB
+//! Import and export rules the RIB applies per prefix: Calico's export logic (Calico's BIRD export filter) as far as a RIB
 //! can express it, pool-only import, and the "export everything" rule of a plain route reflector.
 //! Max-prefix is per peer and lives in `rib::PeerInfo::max_prefixes`.
 //!
@@ -32,7 +32,7 @@ pub enum ExportRule {
     /// Send every best path (subject to reflection rules): `margay reflector`, BIRD's `export all`.
     #[default]
     All,
-    /// Calico's `calico_export_to_bgp_peers` (calico.md 1.5), in order:
+    /// Calico's `calico_export_to_bgp_peers` (Calico's BIRD export filter), in order:
     /// 1. reject anything inside a pool with `disableBGPExport`;
     /// 2. accept locally originated routes (affine blocks, borrowed /32s, service CIDRs: the node originates
     ///    exactly what Calico's static protocol and aggregation rules would export);

@@ -99,7 +99,7 @@ pub(crate) fn rewrite(
                 NextHopMode::SelfAddr => false,
                 NextHopMode::Keep => true,
                 // Keep the next hop of reflected routes (a reflector must not put itself in the data path,
-                // calico.md 7 row 13); self for routes from eBGP and our own routes.
+                // as BIRD's iBGP default); self for routes from eBGP and our own routes.
                 NextHopMode::Auto => src.kind == Kind::Ibgp,
             }
         }

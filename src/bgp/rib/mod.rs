@@ -67,16 +67,6 @@ pub enum NextHopMode {
     Keep,
 }
 
-impl From<crate::config::bgp::NextHopMode> for NextHopMode {
-    fn from(m: crate::config::bgp::NextHopMode) -> NextHopMode {
-        match m {
-            crate::config::bgp::NextHopMode::Auto => NextHopMode::Auto,
-            crate::config::bgp::NextHopMode::SelfAddr => NextHopMode::SelfAddr,
-            crate::config::bgp::NextHopMode::Keep => NextHopMode::Keep,
-        }
-    }
-}
-
 /// Graceful restart as the peer advertised it in its OPEN (RFC 4724 section 3).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerGracefulRestart {

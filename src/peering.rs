@@ -1,0 +1,61 @@
+//! What `margay node` and `margay reflector` share between the Calico schema and the speaker: a peer
+//! derived from Calico's resources (`config::peers`) turned into the session and RIB settings the speaker
+//! runs. The speaker knows nothing of Calico; this is the one place that translates.
+
+use std::net::Ipv4Addr;
+
+use crate::bgp::rib::NextHopMode;
+use crate::bgp::session::PeerConfig;
+use crate::bgp::speaker::DesiredPeer;
+use crate::bgp::wire::Family;
+use crate::config::peers as config;
+
+/// The session and RIB settings of a peer derived from Calico resources (`config::peers`), as BIRD would
+/// get them from Calico's confd template.
+pub fn speaker_peer(p: &config::DesiredPeer, router_id: Ipv4Addr) -> DesiredPeer {
+    use crate::bgp::session::{GracefulRestartConfig, Password};
+    let mut s = PeerConfig::new(p.address, p.peer_as, p.local_as, router_id);
+    s.peer_port = p.port;
+    s.source_addr = p.source_address;
+    s.passive = p.passive;
+    s.password = p.password.clone().map(Password);
+    s.ttl_security_hops = p.ttl_security;
+    // RFC 7911: accept several paths per prefix (Calico's BIRD runs `add paths on`), so the RIB sees every
+    // origin of a prefix and the FIB gets the ECMP set. Sending several is not implemented: Receive only.
+    s.add_path = vec![
+        (Family::IPV4_UNICAST, crate::bgp::wire::AddPathMode::Receive),
+        (Family::IPV6_UNICAST, crate::bgp::wire::AddPathMode::Receive),
+    ];
+    if let Some(k) = p.keepalive_time {
+        s.timers.keepalive = Some(k.as_secs().clamp(1, u64::from(u16::MAX)) as u16);
+    }
+    s.graceful_restart = Some(GracefulRestartConfig {
+        restart_time: p.max_restart_time.as_secs().min(4095) as u16,
+        // The F bit (RFC 4724 3): margay's FIB never flushes its kernel routes when the process stops,
+        // so forwarding survives a restart. Without it a helper drops our stale routes the moment the
+        // session is back (RFC 4724 4.2), before we re-announce them: a withdraw-then-add gap in every
+        // peer's FIB. A speaker that forwards nothing (the reflector) clears it.
+        forwarding_preserved: true,
+        ..Default::default()
+    });
+    DesiredPeer {
+        peer_type: p.peer_type.as_status().to_string(),
+        session: s,
+        rr_client: p.rr_client,
+        next_hop_mode: p.next_hop_mode.into(),
+        max_prefixes: None,
+        allow_local_as: p.num_allowed_local_as.unwrap_or(0),
+        next_hop_v6: None,
+    }
+}
+
+/// Calico's `nextHopMode` of a BGPPeer is the RIB's next-hop rule for that peer.
+impl From<crate::config::bgp::NextHopMode> for NextHopMode {
+    fn from(m: crate::config::bgp::NextHopMode) -> NextHopMode {
+        match m {
+            crate::config::bgp::NextHopMode::Auto => NextHopMode::Auto,
+            crate::config::bgp::NextHopMode::SelfAddr => NextHopMode::SelfAddr,
+            crate::config::bgp::NextHopMode::Keep => NextHopMode::Keep,
+        }
+    }
+}
