@@ -22,7 +22,7 @@ use std::time::Duration;
 use common::etcd::{etcd_available, Etcd};
 use margay::cli::{self, resources};
 use margay::datastore::{keys, Datastore, DatastoreConfig};
-use margay::ipam::{ops, AssignRequest, Assignment, NodeInfo, NodeIpam};
+use margay::ipam::{ops, AssignRequest, Assignment, IpamError, NodeInfo, NodeIpam};
 
 const NODES: usize = 8;
 const PER_NODE: usize = 200;
@@ -154,6 +154,28 @@ async fn release_all_and_check_nothing_leaks(
     for n in 0..NODES {
         ops::remove_node(ds, &format!("node-{n}")).await.unwrap();
     }
+    // The emptied blocks stay, held by no node, while the addresses just released cool down; once they have
+    // cooled, `ipam gc --release` deletes them.
+    resources::apply(
+        ds,
+        "apiVersion: projectcalico.org/v3\nkind: IPAMConfiguration\nmetadata: {name: default}\nspec: {releasedAddressCooldown: 200ms}\n",
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    margay::ipam::liveness::gc(ds, Duration::ZERO, true)
+        .await
+        .unwrap();
+    ds.delete(
+        keys::IPAM_CONFIG_KEY,
+        ds.get(keys::IPAM_CONFIG_KEY)
+            .await
+            .unwrap()
+            .unwrap()
+            .mod_revision,
+    )
+    .await
+    .unwrap();
     let (left, _) = ds.list("/calico/ipam/").await.unwrap();
     assert!(
         left.is_empty(),
@@ -293,4 +315,143 @@ async fn same_run_while_etcd_is_killed_and_restarted() {
         .flat_map(|(_, a)| a.ips.iter().map(|i| i.ip))
         .collect();
     assert_eq!(set.len(), NODES * PER_NODE);
+}
+
+/// The reclaim race, 1,000 times:
+///
+/// ```text
+///   pool 10.30.0.0/26 = exactly one block; strictAffinity (no borrowing), no cooldown
+///   owner (holds the block, empty) ──assign──┐
+///                                            ├── etcd: both txns guarded by the block's mod_revision
+///   other (pool full, block empty) ─reclaim──┘    (the reclaim also by the owner's affinity, ours absent)
+/// ```
+/// Each round exactly one of them gets an address, from that block, which is then affine to the winner
+/// alone; the loser answers "no free address" (after re-reading etcd) and never an error of another kind.
+/// The winner releases; the next round starts with the winner as owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs etcd: scripts/test.sh runs it (--include-ignored)"]
+async fn owner_assign_races_reclaim_exactly_one_wins() {
+    if !etcd_available("owner_assign_races_reclaim_exactly_one_wins") {
+        return;
+    }
+    const ROUNDS: usize = 1000;
+    let etcd = Etcd::start();
+    let ds = datastore(&etcd, Duration::from_secs(10));
+    resources::apply(
+        &ds,
+        "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {name: one}\nspec: {cidr: 10.30.0.0/26, blockSize: 26}\n---\napiVersion: projectcalico.org/v3\nkind: IPAMConfiguration\nmetadata: {name: default}\nspec: {strictAffinity: true, releasedAddressCooldown: 0s}\n",
+    )
+    .await
+    .unwrap();
+    let names = ["node-a", "node-b"];
+    let nodes = [
+        Arc::new(
+            NodeIpam::start(ds.clone(), NodeInfo::new(names[0]))
+                .await
+                .unwrap(),
+        ),
+        Arc::new(
+            NodeIpam::start(ds.clone(), NodeInfo::new(names[1]))
+                .await
+                .unwrap(),
+        ),
+    ];
+    let block: ipnetwork::IpNetwork = "10.30.0.0/26".parse().unwrap();
+    let first = nodes[0].assign(AssignRequest::v4("warmup")).await.unwrap();
+    assert_eq!(first.ips[0].block, block);
+    nodes[0].release_handle("warmup").await.unwrap();
+    let mut owner = 0usize;
+    let (mut owner_won, mut reclaim_won, mut raced) = (0, 0, 0);
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    for round in 0..ROUNDS {
+        // Both views hold the block as etcd does now (empty, affine to the owner).
+        let rev = ds
+            .get(&keys::block_key(&block))
+            .await
+            .unwrap()
+            .unwrap()
+            .mod_revision;
+        for n in &nodes {
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            loop {
+                if let Some((b, r)) = n.view_block(block).await.unwrap() {
+                    if r >= rev {
+                        assert!(b.is_empty() && b.host() == Some(names[owner]));
+                        break;
+                    }
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "view did not catch up"
+                );
+                tokio::task::yield_now().await;
+            }
+        }
+        let other = 1 - owner;
+        // Vary who gets going first.
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let (spin_owner, spin_other) = ((seed % 4) as usize, ((seed >> 8) % 4) as usize);
+        let before = ds.stats().txns;
+        let (ho, hr) = (format!("own-{round}"), format!("rec-{round}"));
+        let (o, r) = {
+            let (no, nr) = (nodes[owner].clone(), nodes[other].clone());
+            let (ho, hr) = (ho.clone(), hr.clone());
+            tokio::join!(
+                tokio::spawn(async move {
+                    for _ in 0..spin_owner {
+                        tokio::task::yield_now().await;
+                    }
+                    no.assign(AssignRequest::v4(&ho)).await
+                }),
+                tokio::spawn(async move {
+                    for _ in 0..spin_other {
+                        tokio::task::yield_now().await;
+                    }
+                    nr.assign(AssignRequest::v4(&hr)).await
+                })
+            )
+        };
+        let (o, r) = (o.unwrap(), r.unwrap());
+        if ds.stats().txns - before >= 2 {
+            raced += 1;
+        }
+        let (winner, handle, loser_err) = match (&o, &r) {
+            (Ok(_), Err(e)) => {
+                owner_won += 1;
+                (owner, &ho, e)
+            }
+            (Err(e), Ok(_)) => {
+                reclaim_won += 1;
+                (other, &hr, e)
+            }
+            _ => panic!("round {round}: exactly one must win: owner {o:?}, other {r:?}"),
+        };
+        assert!(
+            matches!(loser_err, IpamError::NoAddress(m) if m.contains("no free IPv4 address")),
+            "round {round}: the loser must get a clean 'no free address': {loser_err}"
+        );
+        let won = o.as_ref().or(r.as_ref()).unwrap();
+        assert_eq!(won.ips[0].block, block);
+        assert!(!won.ips[0].borrowed);
+        let snap = ops::snapshot(&ds).await.unwrap();
+        let b = &snap.blocks[&block];
+        assert_eq!(b.host(), Some(names[winner]), "round {round}");
+        assert_eq!(b.in_use(), 1, "round {round}");
+        assert_eq!(b.handle_of(won.ips[0].ip), Some(handle.as_str()));
+        let holders: Vec<&String> = snap.affinities.keys().map(|(n, _)| n).collect();
+        assert_eq!(holders, vec![&names[winner].to_string()], "round {round}");
+        assert_eq!(ops::check(&snap, None).problems, Vec::<String>::new());
+        nodes[winner].release_handle(handle).await.unwrap();
+        owner = winner;
+    }
+    eprintln!(
+        "{ROUNDS} rounds: owner won {owner_won}, reclaim won {reclaim_won}, both wrote a transaction in {raced}"
+    );
+    assert!(
+        owner_won > 0 && reclaim_won > 0,
+        "both sides must win some rounds"
+    );
+    assert!(raced > 0, "the two transactions must really race");
 }

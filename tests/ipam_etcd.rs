@@ -406,6 +406,31 @@ spec: {cidr: 10.40.0.0/27, blockSize: 28}
     )
     .await
     .unwrap();
+    // The emptied blocks stay, held by no node, while their addresses cool down (a block claimed afresh would
+    // hand them out at once); any node may take them over, `ipam gc --release` deletes them once cooled.
+    let snap = ops::snapshot(&ds).await.unwrap();
+    assert!(
+        snap.handles.is_empty() && snap.affinities.is_empty(),
+        "{snap:?}"
+    );
+    assert!(!snap.blocks.is_empty());
+    for b in snap.blocks.values() {
+        assert!(b.affinity.is_none() && b.is_empty() && !b.released_at.is_empty());
+    }
+    let out = cli::ipam::gc(&ds, Duration::ZERO, true).await.unwrap();
+    assert!(
+        out.contains("Deleted 0 empty blocks"),
+        "still cooling: {out}"
+    );
+    resources::apply(
+        &ds,
+        "apiVersion: projectcalico.org/v3\nkind: IPAMConfiguration\nmetadata: {name: default}\nspec: {releasedAddressCooldown: 200ms}\n",
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let out = cli::ipam::gc(&ds, Duration::ZERO, true).await.unwrap();
+    assert!(!out.contains("Deleted 0 empty blocks"), "{out}");
     let snap = ops::snapshot(&ds).await.unwrap();
     assert!(
         snap.blocks.is_empty() && snap.handles.is_empty() && snap.affinities.is_empty(),

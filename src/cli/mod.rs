@@ -195,8 +195,8 @@ pub async fn run_node(etcd: &EtcdArgs, cmd: &NodeCmd) -> Result<String, CliError
         NodeCmd::Remove { name } => {
             let r = crate::ipam::ops::remove_node(&ds, name).await?;
             let mut out = format!(
-                "Removed node {name:?} from IPAM: {} affinities, {} blocks deleted, {} blocks kept for other nodes' addresses, {} addresses released\n",
-                r.affinities_deleted, r.blocks_deleted, r.blocks_released, r.addresses_released
+                "Removed node {name:?} from IPAM: {} affinities, {} blocks deleted, {} blocks kept for other nodes' addresses, {} blocks kept unheld while their addresses cool down, {} addresses released\n",
+                r.affinities_deleted, r.blocks_deleted, r.blocks_released, r.blocks_cooling, r.addresses_released
             );
             out.push_str(&remove_node_resource(&ds, name).await?);
             Ok(out)
