@@ -514,7 +514,7 @@ async fn churn_with_nodes_joining_leaving_and_etcd_killed_twice() {
             match f().await {
                 Ok(v) => return v,
                 Err(e) if e.is_unreachable() => tokio::time::sleep(Duration::from_millis(50)).await,
-                Err(e) => return Err::<T, _>(e).expect("IPAM error other than an outage"),
+                Err(e) => panic!("IPAM error other than an outage: {e}"),
             }
         }
     }
@@ -641,8 +641,8 @@ async fn churn_with_nodes_joining_leaving_and_etcd_killed_twice() {
     let _etcd = killer.await.unwrap();
     // Every acknowledged allocation still live is stored under its handle, and nothing else is allocated.
     {
-        let s = shared.lock().unwrap();
         let snap = ops::snapshot(&ds).await.unwrap();
+        let s = shared.lock().unwrap();
         for (h, (_, a)) in &s.acked {
             let ip = a.ips[0];
             assert_eq!(
@@ -666,6 +666,8 @@ async fn churn_with_nodes_joining_leaving_and_etcd_killed_twice() {
         let counters = node.routes().await.unwrap().counters;
         shared.lock().unwrap().counters.push(counters);
     }
+    let snap = ops::snapshot(&ds).await.unwrap();
+    let (r, text) = cli::ipam::check(&ds, None).await.unwrap();
     let s = shared.lock().unwrap();
     let n = assigned.load(Ordering::Relaxed);
     let txns = ds.stats().txns - txns_before;
@@ -703,13 +705,11 @@ async fn churn_with_nodes_joining_leaving_and_etcd_killed_twice() {
     assert!(s.joins > SLOTS, "nodes must leave and join");
     // Everything released: no handle, no allocation left.
     assert!(s.acked.is_empty());
-    let snap = ops::snapshot(&ds).await.unwrap();
     assert!(
         snap.handles.is_empty(),
         "{:?}",
         snap.handles.keys().take(5).collect::<Vec<_>>()
     );
     assert_eq!(snap.blocks.values().map(|b| b.in_use()).sum::<usize>(), 0);
-    let (r, text) = cli::ipam::check(&ds, None).await.unwrap();
     assert!(r.problems.is_empty(), "{text}");
 }

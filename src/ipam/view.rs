@@ -393,7 +393,7 @@ impl View {
                     (held, c.value.free_cool_count(cd), c)
                 })
                 .collect();
-            empty.sort_by(|a, b| (b.0, b.1).cmp(&(a.0, a.1)));
+            empty.sort_by_key(|e| std::cmp::Reverse((e.0, e.1)));
             if let Some((_, _, c)) = empty.first() {
                 return Ok(Choice::Reclaim {
                     block: c.value.cidr,
