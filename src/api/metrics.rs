@@ -144,10 +144,41 @@ pub fn report_registry(r: &StatusReport) -> Registry {
                 "Addresses this node borrowed from other nodes' blocks",
                 i.addresses_borrowed,
             ),
+            (
+                "ipam_blocks_empty",
+                "Blocks affine to this node without any allocation",
+                i.blocks_empty,
+            ),
+            (
+                "ipam_addresses_cooling",
+                "Free addresses of this node's blocks still inside their release cooldown",
+                i.addresses_cooling,
+            ),
         ] {
             let g = Gauge::<i64>::default();
             g.set(i64::try_from(v).unwrap_or(i64::MAX));
             reg.register(name, help, g);
+        }
+        for (name, help, v) in [
+            (
+                "ipam_blocks_reclaimed",
+                "Empty blocks of other nodes this node took over because its pools had no unclaimed block",
+                i.blocks_reclaimed,
+            ),
+            (
+                "ipam_blocks_released_empty",
+                "Own blocks released after staying empty for the grace period",
+                i.blocks_released_empty,
+            ),
+            (
+                "ipam_addresses_cooling_handed_out",
+                "Addresses handed out inside their cooldown because the pools had no other free address",
+                i.addresses_cooling_handed_out,
+            ),
+        ] {
+            let c = Counter::<u64>::default();
+            c.inc_by(v);
+            reg.register(name, help, c);
         }
     }
     if let Some(d) = &r.datastore {
@@ -252,6 +283,11 @@ mod tests {
                 addresses_total: 128,
                 addresses_allocated: 5,
                 addresses_borrowed: 1,
+                blocks_empty: 1,
+                addresses_cooling: 4,
+                blocks_reclaimed: 2,
+                blocks_released_empty: 3,
+                addresses_cooling_handed_out: 0,
             }),
             datastore: Some(DatastoreSummary {
                 requests: 40,
@@ -286,6 +322,11 @@ mod tests {
             "margay_ipam_addresses 128",
             "margay_ipam_addresses_allocated 5",
             "margay_ipam_addresses_borrowed 1",
+            "margay_ipam_blocks_empty 1",
+            "margay_ipam_addresses_cooling 4",
+            "margay_ipam_blocks_reclaimed_total 2",
+            "margay_ipam_blocks_released_empty_total 3",
+            "margay_ipam_addresses_cooling_handed_out_total 0",
             "margay_etcd_requests_total 40",
             "margay_etcd_errors_total 3",
             "margay_etcd_unreachable_total 1",

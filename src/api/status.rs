@@ -92,6 +92,21 @@ pub struct IpamSummary {
     pub addresses_allocated: u64,
     /// Addresses this node borrowed from other nodes' blocks (advertised as host routes).
     pub addresses_borrowed: u64,
+    /// Affine blocks without any allocation.
+    #[serde(default)]
+    pub blocks_empty: u64,
+    /// Free addresses of the affine blocks still cooling down after their release.
+    #[serde(default)]
+    pub addresses_cooling: u64,
+    /// Empty blocks of other nodes this node took over (since start).
+    #[serde(default)]
+    pub blocks_reclaimed: u64,
+    /// Own blocks released after staying empty for the grace period (since start).
+    #[serde(default)]
+    pub blocks_released_empty: u64,
+    /// Addresses handed out inside their cooldown because the pools had nothing else (since start).
+    #[serde(default)]
+    pub addresses_cooling_handed_out: u64,
 }
 
 /// Requests to etcd since the process started.
@@ -343,6 +358,7 @@ mod tests {
                 addresses_total: 64,
                 addresses_allocated: 3,
                 addresses_borrowed: 0,
+                ..Default::default()
             }),
             ..Default::default()
         };

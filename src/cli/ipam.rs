@@ -2,11 +2,15 @@
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
+use std::time::Duration;
 
 use super::table::Table;
 use super::CliError;
 use crate::datastore::Datastore;
+use crate::ipam::block::now_ms;
+use crate::ipam::liveness::{self, GcReport, NodeLiveness};
 use crate::ipam::ops::{self, CheckReport};
+use crate::ipam::View;
 
 fn pct(part: u128, total: u128) -> String {
     if total == 0 {
@@ -47,6 +51,7 @@ pub async fn show(
         }
     }
     let mut out = t.render();
+    out.push_str(&churn_summary(ds, &snap).await?);
     if show_borrowed {
         let mut t = Table::new(&[
             "IP",
@@ -68,6 +73,124 @@ pub async fn show(
         }
         out.push_str(&t.render());
     }
+    Ok(out)
+}
+
+/// Empty blocks, addresses cooling down, nodes without liveness.
+async fn churn_summary(ds: &Datastore, snap: &ops::Snapshot) -> Result<String, CliError> {
+    let mut view = View::default();
+    if let Some(kv) = ds.get(crate::datastore::keys::IPAM_CONFIG_KEY).await? {
+        view.apply_config(
+            crate::datastore::WatchEventKind::Put,
+            &kv.value,
+            kv.mod_revision,
+        );
+    }
+    let cd = view.cooldown_at(now_ms());
+    let empty = snap.blocks.values().filter(|b| b.is_empty()).count();
+    let unheld = snap
+        .blocks
+        .values()
+        .filter(|b| b.is_empty() && b.affinity.is_none())
+        .count();
+    let cooling: usize = snap.blocks.values().map(|b| b.cooling_count(&cd)).sum();
+    let survey = liveness::survey(ds).await?;
+    let missing: Vec<String> = survey
+        .without_liveness()
+        .map(|n| match n.liveness {
+            NodeLiveness::NoRecord => format!("{} (no liveness record)", n.name),
+            _ => n.name.clone(),
+        })
+        .collect();
+    Ok(format!(
+        "Empty blocks: {empty} ({unheld} held by no node)\nAddresses cooling down: {cooling} (cooldown {:?})\nNodes without liveness: {}\n",
+        view.release_cooldown(),
+        if missing.is_empty() {
+            "none".to_string()
+        } else {
+            missing.join(", ")
+        }
+    ))
+}
+
+/// `ipam gc [--release] [--grace D]`: the table of nodes without liveness and what was done.
+pub async fn gc(ds: &Datastore, grace: Duration, release: bool) -> Result<String, CliError> {
+    let r: GcReport = liveness::gc(ds, grace, release).await?;
+    let now = now_ms();
+    let mut t = Table::new(&["NODE", "LIVENESS", "BLOCKS", "ACTION"]);
+    for n in r.without_liveness() {
+        let (state, action) = match &n.liveness {
+            NodeLiveness::Missing { since, releasable } => {
+                let ago = Duration::from_millis(now.saturating_sub(*since)).as_secs();
+                let action = match (&n.released, releasable) {
+                    (Some(rr), _) => format!(
+                        "released: {} affinities, {} blocks deleted, {} kept for others' addresses, {} kept cooling, {} addresses",
+                        rr.affinities_deleted, rr.blocks_deleted, rr.blocks_released, rr.blocks_cooling, rr.addresses_released
+                    ),
+                    (None, true) => "releasable: run with --release".to_string(),
+                    (None, false) => format!(
+                        "wait: releasable {}s after first seen missing",
+                        grace.as_secs().saturating_sub(ago)
+                    ),
+                };
+                (format!("missing for {ago}s"), action)
+            }
+            NodeLiveness::NoRecord => (
+                "no liveness record".to_string(),
+                "never released by gc: `margay node remove` if it is gone".to_string(),
+            ),
+            NodeLiveness::Alive => continue,
+        };
+        t.row(vec![n.name.clone(), state, n.blocks.to_string(), action]);
+    }
+    let alive = r
+        .nodes
+        .iter()
+        .filter(|n| n.liveness == NodeLiveness::Alive)
+        .count();
+    let mut out = format!("{alive} nodes alive (liveness lease held).\n");
+    if r.without_liveness().next().is_some() {
+        out.push_str(&t.render());
+    } else {
+        out.push_str("No node without liveness.\n");
+    }
+    if release {
+        out.push_str(&format!(
+            "Deleted {} empty blocks held by no node whose addresses have cooled down.\n",
+            r.cooled_blocks_deleted
+        ));
+    }
+    Ok(out)
+}
+
+/// `ipam check --live-handles F --release`: release every handle that holds addresses but is not live.
+pub async fn release_leaked(ds: &Datastore, live: &BTreeSet<String>) -> Result<String, CliError> {
+    let snap = ops::snapshot(ds).await?;
+    let mut leaked = BTreeSet::new();
+    for b in snap.blocks.values() {
+        for (_, a) in b.allocated() {
+            if let Some(h) = &a.handle_id {
+                if !live.contains(h) {
+                    leaked.insert(h.clone());
+                }
+            }
+        }
+    }
+    let mut out = String::new();
+    let mut n = 0;
+    for h in &leaked {
+        let freed = ops::release_handle(ds, None, h).await?;
+        n += freed.len();
+        let ips: Vec<String> = freed.iter().map(|i| i.to_string()).collect();
+        out.push_str(&format!(
+            "Released leaked handle {h:?}: {}\n",
+            ips.join(", ")
+        ));
+    }
+    out.push_str(&format!(
+        "Released {} leaked handles ({n} addresses).\n",
+        leaked.len()
+    ));
     Ok(out)
 }
 

@@ -69,6 +69,20 @@ pub enum IpamCmd {
         /// allocated but not in use.
         #[arg(long)]
         live_handles: Option<PathBuf>,
+        /// With --live-handles: release the handles found allocated but not in use (leaked).
+        #[arg(long, requires = "live_handles")]
+        release: bool,
+    },
+    /// Nodes whose liveness lease is gone: list them (the first run stamps them missing) and, with
+    /// --release, free what those missing for longer than --grace held, as `node remove` does. A node that
+    /// still renews its lease is never touched; nodes that never registered liveness are only listed.
+    Gc {
+        /// Release the nodes missing for longer than the grace period.
+        #[arg(long)]
+        release: bool,
+        /// How long a node must have been seen missing before it is released (Go duration: 15m, 90s).
+        #[arg(long, default_value = "15m", value_parser = parse_duration)]
+        grace: std::time::Duration,
     },
     /// Release an address or everything a handle owns.
     Release {
@@ -97,7 +111,11 @@ pub async fn run_ipam(etcd: &EtcdArgs, cmd: &IpamCmd) -> Result<String, CliError
             show_blocks,
             show_borrowed,
         } => ipam::show(&ds, *show_blocks, *show_borrowed).await,
-        IpamCmd::Check { live_handles } => {
+        IpamCmd::Gc { release, grace } => ipam::gc(&ds, *grace, *release).await,
+        IpamCmd::Check {
+            live_handles,
+            release,
+        } => {
             let live = match live_handles {
                 Some(p) => Some(
                     read(p)?
@@ -108,10 +126,19 @@ pub async fn run_ipam(etcd: &EtcdArgs, cmd: &IpamCmd) -> Result<String, CliError
                 ),
                 None => None,
             };
-            Ok(ipam::check(&ds, live.as_ref()).await?.1)
+            let (_, mut out) = ipam::check(&ds, live.as_ref()).await?;
+            if let (true, Some(live)) = (*release, &live) {
+                out.push_str(&ipam::release_leaked(&ds, live).await?);
+            }
+            Ok(out)
         }
         IpamCmd::Release { ip, handle } => ipam::release(&ds, *ip, handle.as_deref()).await,
     }
+}
+
+/// A Go duration (`15m`, `90s`, `1m30s`) for a flag.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    s.parse::<crate::config::bgp::GoDuration>().map(|d| d.0)
 }
 
 /// Run a `node` command.
@@ -121,8 +148,8 @@ pub async fn run_node(etcd: &EtcdArgs, cmd: &NodeCmd) -> Result<String, CliError
         NodeCmd::Remove { name } => {
             let r = crate::ipam::ops::remove_node(&ds, name).await?;
             let mut out = format!(
-                "Removed node {name:?} from IPAM: {} affinities, {} blocks deleted, {} blocks kept for other nodes' addresses, {} addresses released\n",
-                r.affinities_deleted, r.blocks_deleted, r.blocks_released, r.addresses_released
+                "Removed node {name:?} from IPAM: {} affinities, {} blocks deleted, {} blocks kept for other nodes' addresses, {} blocks kept unheld while their addresses cool down, {} addresses released\n",
+                r.affinities_deleted, r.blocks_deleted, r.blocks_released, r.blocks_cooling, r.addresses_released
             );
             out.push_str(&remove_node_resource(&ds, name).await?);
             Ok(out)

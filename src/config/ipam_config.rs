@@ -3,10 +3,22 @@
 //! Calico keeps this resource in etcd not under `/calico/resources/v3/...` but as the v1 model `IPAMConfig` at
 //! `/calico/ipam/v2/config` with snake_case fields (`strict_affinity`, `auto_allocate_blocks`,
 //! `maxBlocksPerHost`, all `omitempty`); [`StoredIpamConfig`] is that JSON, so calicoctl and margay share it.
+//!
+//! margay adds two fields Calico does not have, stored beside Calico's (Go's JSON decoder, hence calicoctl and
+//! calico-node, ignores fields it does not know): `emptyBlockGracePeriod` (how long an affine block stays empty
+//! before its node releases it; Calico's 15 minutes when unset) and `releasedAddressCooldown` (how long a
+//! released address is not handed out again unless the pool would otherwise be exhausted; 30 s when unset).
+//! Unset, the node's flags decide (`--ipam-empty-block-grace`, `--ipam-release-cooldown`).
 
 use serde::{Deserialize, Serialize};
 
+use super::bgp::GoDuration;
 use super::meta::{ConfigError, ObjectMeta, API_VERSION};
+
+/// Calico's grace before an empty affine block is released (its IPAM GC's 15 minutes).
+pub const DEFAULT_EMPTY_BLOCK_GRACE: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+/// How long a released address rests before it is handed out again (as other IPAMs do, e.g. 30 s).
+pub const DEFAULT_RELEASE_COOLDOWN: std::time::Duration = std::time::Duration::from_secs(30);
 
 pub const KIND: &str = "IPAMConfiguration";
 /// The only name Calico accepts.
@@ -50,6 +62,14 @@ pub struct IpamConfigSpec {
     /// Most blocks one node may hold; 0 means unlimited (really: Calico silently used 20).
     #[serde(default)]
     pub max_blocks_per_host: u32,
+    /// margay: how long an affine block must have been empty before its node releases it (the node keeps at
+    /// least one block per pool it uses). Unset: the node's flag, default 15m.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub empty_block_grace_period: Option<GoDuration>,
+    /// margay: how long a released address is not handed out again unless the pool would otherwise be
+    /// exhausted. Unset: the node's flag, default 30s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub released_address_cooldown: Option<GoDuration>,
 }
 
 impl Default for IpamConfigSpec {
@@ -58,6 +78,8 @@ impl Default for IpamConfigSpec {
             strict_affinity: false,
             auto_allocate_blocks: true,
             max_blocks_per_host: 0,
+            empty_block_grace_period: None,
+            released_address_cooldown: None,
         }
     }
 }
@@ -73,6 +95,18 @@ pub struct StoredIpamConfig {
     pub auto_allocate_blocks: bool,
     #[serde(default, rename = "maxBlocksPerHost", skip_serializing_if = "is_zero")]
     pub max_blocks_per_host: u32,
+    #[serde(
+        default,
+        rename = "emptyBlockGracePeriod",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub empty_block_grace_period: Option<GoDuration>,
+    #[serde(
+        default,
+        rename = "releasedAddressCooldown",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub released_address_cooldown: Option<GoDuration>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -89,6 +123,8 @@ impl From<IpamConfigSpec> for StoredIpamConfig {
             strict_affinity: s.strict_affinity,
             auto_allocate_blocks: s.auto_allocate_blocks,
             max_blocks_per_host: s.max_blocks_per_host,
+            empty_block_grace_period: s.empty_block_grace_period,
+            released_address_cooldown: s.released_address_cooldown,
         }
     }
 }
@@ -99,6 +135,8 @@ impl From<StoredIpamConfig> for IpamConfigSpec {
             strict_affinity: s.strict_affinity,
             auto_allocate_blocks: s.auto_allocate_blocks,
             max_blocks_per_host: s.max_blocks_per_host,
+            empty_block_grace_period: s.empty_block_grace_period,
+            released_address_cooldown: s.released_address_cooldown,
         }
     }
 }
@@ -153,5 +191,20 @@ mod tests {
         let mut bad = r.clone();
         bad.metadata.name = "x".into();
         assert_eq!(bad.validate().unwrap_err().field, "metadata.name");
+        // margay's additive fields: camelCase in both forms, Go durations, absent when unset.
+        let r: IpamConfiguration = serde_yaml_ng::from_str(
+            "apiVersion: projectcalico.org/v3\nkind: IPAMConfiguration\nmetadata: {name: default}\nspec: {emptyBlockGracePeriod: 2m, releasedAddressCooldown: 500ms}\n",
+        )
+        .unwrap();
+        let stored = serde_json::to_string(&StoredIpamConfig::from(r.spec)).unwrap();
+        assert_eq!(
+            stored,
+            r#"{"auto_allocate_blocks":true,"emptyBlockGracePeriod":"120s","releasedAddressCooldown":"0.5s"}"#
+        );
+        let back: StoredIpamConfig = serde_json::from_str(&stored).unwrap();
+        assert_eq!(
+            IpamConfigSpec::from(back).released_address_cooldown,
+            Some(GoDuration(std::time::Duration::from_millis(500)))
+        );
     }
 }

@@ -14,6 +14,23 @@ pub const HANDLES_PREFIX: &str = "/calico/ipam/v2/handle/";
 /// The single IPAM configuration object (Calico's v1 model `IPAMConfig`).
 pub const IPAM_CONFIG_KEY: &str = "/calico/ipam/v2/config";
 
+/// margay's own keys (no Calico equivalent; calicoctl never reads them). Liveness: one key per running node,
+/// bound to an etcd lease the node keeps alive.
+pub const LIVENESS_PREFIX: &str = "/calico/margay/v1/liveness/";
+/// One permanent record per node that runs with liveness (so `ipam gc` can tell a vanished margay node from a
+/// node that never had a liveness key, e.g. a Calico node in a mixed cluster).
+pub const NODE_RECORDS_PREFIX: &str = "/calico/margay/v1/node/";
+
+/// `/calico/margay/v1/liveness/<node>`.
+pub fn liveness_key(node: &str) -> String {
+    format!("{LIVENESS_PREFIX}{node}")
+}
+
+/// `/calico/margay/v1/node/<node>`.
+pub fn node_record_key(node: &str) -> String {
+    format!("{NODE_RECORDS_PREFIX}{node}")
+}
+
 fn family(cidr: &IpNetwork) -> u8 {
     if cidr.is_ipv4() {
         4

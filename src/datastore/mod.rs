@@ -26,8 +26,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, TlsOptions, Txn,
-    TxnOp, TxnOpResponse,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, PutOptions,
+    TlsOptions, Txn, TxnOp, TxnOpResponse,
 };
 
 pub use args::EtcdArgs;
@@ -174,6 +174,8 @@ impl Guard {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Write {
     Put(String, Vec<u8>),
+    /// Put bound to an etcd lease: the key is deleted when the lease expires or is revoked.
+    PutLeased(String, Vec<u8>, i64),
     Delete(String),
 }
 
@@ -473,6 +475,11 @@ impl Datastore {
             .iter()
             .map(|w| match w {
                 Write::Put(k, v) => TxnOp::put(k.as_str(), v.clone(), None),
+                Write::PutLeased(k, v, lease) => TxnOp::put(
+                    k.as_str(),
+                    v.clone(),
+                    Some(PutOptions::new().with_lease(*lease)),
+                ),
                 Write::Delete(k) => TxnOp::delete(k.as_str(), None),
             })
             .collect();
@@ -482,7 +489,7 @@ impl Datastore {
             .map(|g| g.key().to_string())
             .or_else(|| {
                 writes.first().map(|w| match w {
-                    Write::Put(k, _) | Write::Delete(k) => k.clone(),
+                    Write::Put(k, _) | Write::PutLeased(k, _, _) | Write::Delete(k) => k.clone(),
                 })
             })
             .unwrap_or_default();
@@ -511,6 +518,42 @@ impl Datastore {
             current.push((g.key().to_string(), kv));
         }
         Ok(TxnOutcome::Conflict { current, revision })
+    }
+
+    /// Grant a lease of `ttl` seconds; returns its id. Keys put with it vanish when it is not kept alive.
+    pub async fn lease_grant(&self, ttl: i64) -> Result<i64, DatastoreError> {
+        let resp = self
+            .call("lease grant", "", |mut c| async move {
+                c.lease_grant(ttl, None).await
+            })
+            .await?;
+        Ok(resp.id())
+    }
+
+    /// Renew a lease once. Returns the remaining TTL in seconds; 0 means the lease is gone (expired or
+    /// revoked: its keys are deleted, a new lease is needed).
+    pub async fn lease_keep_alive(&self, id: i64) -> Result<i64, DatastoreError> {
+        self.call("lease keepalive", "", |mut c| async move {
+            let (mut keeper, mut stream) = c.lease_keep_alive(id).await?;
+            keeper.keep_alive().await?;
+            Ok(stream.message().await?.map(|r| r.ttl()).unwrap_or(0))
+        })
+        .await
+    }
+
+    /// Revoke a lease: its keys are deleted at once.
+    pub async fn lease_revoke(&self, id: i64) -> Result<(), DatastoreError> {
+        match self
+            .call("lease revoke", "", |mut c| async move {
+                c.lease_revoke(id).await
+            })
+            .await
+        {
+            Ok(_) => Ok(()),
+            // Already gone: what revoking wanted.
+            Err(DatastoreError::Rejected { reason, .. }) if reason.contains("not found") => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// Create `key` if it does not exist. Returns the new mod_revision, or None if the key already existed.

@@ -6,6 +6,13 @@
 //! first); `sequenceNumber` is bumped on every write and `sequenceNumberForAllocation[ordinal]` records it at
 //! allocation time. Fields we do not know are kept verbatim (`extra`) so a read-modify-write never drops what a
 //! newer Calico wrote.
+//!
+//! Cooldown (margay's addition, calicoctl ignores it): `margayReleasedAt[ordinal]` is the wall-clock time (unix
+//! milliseconds) the address was last released. Stored in the block, it survives a daemon restart and every
+//! node sees it. An address released less than the cooldown ago is handed out only when nothing else is left
+//! ([`Block::assign_avoiding`]), so a new pod does not receive traffic meant for the old one (conntrack entries,
+//! stale endpoints). Calico has no such field; when Calico rewrites a block it drops it (the cooldown of that
+//! block's addresses is then lost, nothing else).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -64,8 +71,44 @@ pub struct Block {
     pub sequence_number_for_allocation: BTreeMap<String, u64>,
     #[serde(default)]
     pub deleted: bool,
+    /// ordinal -> unix milliseconds of its last release (margay's cooldown; absent when empty, so a block
+    /// that never released an address is byte-for-byte what Calico writes).
+    #[serde(
+        rename = "margayReleasedAt",
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    pub released_at: BTreeMap<String, u64>,
     #[serde(flatten)]
     pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+/// The cooldown rule at one moment: an address released at `t` is cooling while `now_ms < t + cooldown_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Cooldown {
+    pub now_ms: u64,
+    pub cooldown_ms: u64,
+}
+
+impl Cooldown {
+    /// No cooldown at all (every free address may be handed out).
+    pub const NONE: Cooldown = Cooldown {
+        now_ms: 0,
+        cooldown_ms: 0,
+    };
+
+    pub fn is_cooling(&self, released_at: u64) -> bool {
+        self.cooldown_ms > 0 && self.now_ms < released_at.saturating_add(self.cooldown_ms)
+    }
+}
+
+/// Wall-clock unix milliseconds (0 if the clock is before 1970).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Why a block operation was refused.
@@ -120,6 +163,7 @@ impl Block {
             sequence_number,
             sequence_number_for_allocation: BTreeMap::new(),
             deleted: false,
+            released_at: BTreeMap::new(),
             extra: BTreeMap::new(),
         }
     }
@@ -229,14 +273,85 @@ impl Block {
         self.bump();
         let idx = self.attribute_index(handle, secondary);
         let ords: Vec<usize> = self.unallocated.drain(..n).collect();
-        let mut out = Vec::with_capacity(n);
+        self.take_ordinals(ords, idx)
+    }
+
+    fn take_ordinals(&mut self, ords: Vec<usize>, idx: usize) -> Vec<IpAddr> {
+        let mut out = Vec::with_capacity(ords.len());
         for ord in ords {
             self.allocations[ord] = Some(idx);
             self.sequence_number_for_allocation
                 .insert(ord.to_string(), self.sequence_number);
+            self.released_at.remove(&ord.to_string());
             out.push(self.ip(ord));
         }
         out
+    }
+
+    /// Is this free ordinal cooling down?
+    fn cooling(&self, ord: usize, cd: &Cooldown) -> bool {
+        self.released_at
+            .get(&ord.to_string())
+            .is_some_and(|&t| cd.is_cooling(t))
+    }
+
+    /// Free addresses that are not cooling down.
+    pub fn free_cool_count(&self, cd: &Cooldown) -> usize {
+        if self.released_at.is_empty() {
+            return self.unallocated.len();
+        }
+        self.unallocated
+            .iter()
+            .filter(|&&o| !self.cooling(o, cd))
+            .count()
+    }
+
+    /// Free addresses still cooling down.
+    pub fn cooling_count(&self, cd: &Cooldown) -> usize {
+        self.unallocated.len() - self.free_cool_count(cd)
+    }
+
+    /// Unix milliseconds of the latest release recorded in this block, if any.
+    pub fn last_release(&self) -> Option<u64> {
+        self.released_at.values().copied().max()
+    }
+
+    /// Take up to `count` addresses for `handle`, in FIFO order, skipping those released less than the cooldown
+    /// ago; with `allow_cooling`, cooling addresses make up the rest (still in FIFO order, so the one released
+    /// longest ago comes first). Expired release stamps are dropped on the way (the block stays small).
+    pub fn assign_avoiding(
+        &mut self,
+        count: usize,
+        handle: &str,
+        secondary: &BTreeMap<String, String>,
+        cd: &Cooldown,
+        allow_cooling: bool,
+    ) -> Vec<IpAddr> {
+        let mut picked: Vec<usize> = Vec::with_capacity(count);
+        let mut cooling: Vec<usize> = Vec::new();
+        for &o in &self.unallocated {
+            if picked.len() == count {
+                break;
+            }
+            if self.cooling(o, cd) {
+                cooling.push(o);
+            } else {
+                picked.push(o);
+            }
+        }
+        if allow_cooling {
+            let more = count - picked.len();
+            picked.extend(cooling.into_iter().take(more));
+        }
+        if picked.is_empty() {
+            return Vec::new();
+        }
+        self.bump();
+        let idx = self.attribute_index(handle, secondary);
+        let set: BTreeSet<usize> = picked.iter().copied().collect();
+        self.unallocated.retain(|o| !set.contains(o));
+        self.released_at.retain(|_, t| cd.is_cooling(*t));
+        self.take_ordinals(picked, idx)
     }
 
     /// Allocate one specific address.
@@ -259,15 +374,22 @@ impl Block {
         self.unallocated.remove(pos);
         self.bump();
         let idx = self.attribute_index(handle, secondary);
-        self.allocations[ord] = Some(idx);
-        self.sequence_number_for_allocation
-            .insert(ord.to_string(), self.sequence_number);
+        self.take_ordinals(vec![ord], idx);
         Ok(())
     }
 
     /// Free these addresses (those not allocated are ignored: release is idempotent). Returns, per handle, how
     /// many addresses were freed, so the caller can decrement the handles.
     pub fn release(&mut self, ips: &[IpAddr]) -> BTreeMap<String, u64> {
+        self.release_stamped(ips, None)
+    }
+
+    /// [`Block::release`], recording the release time of each freed address (the cooldown starts now).
+    pub fn release_at(&mut self, ips: &[IpAddr], now_ms: u64) -> BTreeMap<String, u64> {
+        self.release_stamped(ips, Some(now_ms))
+    }
+
+    fn release_stamped(&mut self, ips: &[IpAddr], now_ms: Option<u64>) -> BTreeMap<String, u64> {
         let mut freed = BTreeMap::new();
         let mut touched = false;
         for &ip in ips {
@@ -281,6 +403,9 @@ impl Block {
             self.allocations[ord] = None;
             self.unallocated.push(ord);
             self.sequence_number_for_allocation.remove(&ord.to_string());
+            if let Some(t) = now_ms {
+                self.released_at.insert(ord.to_string(), t);
+            }
             touched = true;
         }
         if touched {
@@ -294,6 +419,13 @@ impl Block {
     pub fn release_handle(&mut self, handle: &str) -> Vec<IpAddr> {
         let ips = self.ips_of_handle(handle);
         self.release(&ips);
+        ips
+    }
+
+    /// [`Block::release_handle`], starting the cooldown of the freed addresses.
+    pub fn release_handle_at(&mut self, handle: &str, now_ms: u64) -> Vec<IpAddr> {
+        let ips = self.ips_of_handle(handle);
+        self.release_at(&ips, now_ms);
         ips
     }
 
@@ -448,6 +580,43 @@ mod tests {
         assert_eq!(b.free_count(), 3);
         assert!(b.problems().is_empty());
         assert_eq!(b.host(), Some("n1"));
+    }
+
+    #[test]
+    fn cooling_addresses_come_last_and_only_when_allowed() {
+        let mut b = Block::for_node("10.0.0.0/30".parse().unwrap(), "n1", 0);
+        let cd = |now| Cooldown {
+            now_ms: now,
+            cooldown_ms: 1000,
+        };
+        let all = b.assign_avoiding(4, "h", &attrs("a"), &cd(0), false);
+        assert_eq!(all.len(), 4);
+        b.release_at(&all[1..3], 5000);
+        assert_eq!(b.free_cool_count(&cd(5500)), 0);
+        assert_eq!(b.cooling_count(&cd(5500)), 2);
+        // Inside the cooldown: nothing, unless cooling addresses are allowed (then FIFO: .1 first).
+        assert!(b
+            .assign_avoiding(1, "x", &attrs("x"), &cd(5999), false)
+            .is_empty());
+        let forced = b.assign_avoiding(1, "x", &attrs("x"), &cd(5999), true);
+        assert_eq!(forced, vec![all[1]]);
+        assert!(!b.released_at.contains_key("1"));
+        // After it, the address is free again and its stamp is dropped.
+        assert_eq!(
+            b.assign_avoiding(1, "y", &attrs("y"), &cd(6000), false),
+            vec![all[2]]
+        );
+        assert!(b.released_at.is_empty());
+        assert!(b.problems().is_empty(), "{:?}", b.problems());
+        // A block that never released anything serializes without the field (Calico's exact JSON).
+        let fresh = Block::for_node("10.0.0.0/30".parse().unwrap(), "n1", 0);
+        assert!(!serde_json::to_string(&fresh)
+            .unwrap()
+            .contains("margayReleasedAt"));
+        b.release_at(&[all[0]], 7000);
+        let back: Block = serde_json::from_str(&serde_json::to_string(&b).unwrap()).unwrap();
+        assert_eq!(back.released_at.get("0"), Some(&7000));
+        assert!(!back.extra.contains_key("margayReleasedAt"));
     }
 
     #[test]

@@ -20,6 +20,7 @@
 
 pub mod block;
 pub mod candidates;
+pub mod liveness;
 pub mod model;
 pub mod node;
 pub mod ops;
@@ -29,8 +30,10 @@ use std::net::IpAddr;
 
 pub use block::Block;
 pub use model::{Affinity, AffinityState, Handle};
-pub use node::{AssignRequest, AssignedIp, Assignment, NodeAllocation, NodeIpam, NodeRoutes};
-pub use view::{Family, NodeInfo, View};
+pub use node::{
+    AssignRequest, AssignedIp, Assignment, IpamCounters, NodeAllocation, NodeIpam, NodeRoutes,
+};
+pub use view::{Family, IpamOptions, NodeInfo, View};
 
 use crate::datastore::DatastoreError;
 

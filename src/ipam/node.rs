@@ -10,6 +10,22 @@
 //!
 //! Requests are served one at a time, so the node never races itself (Calico needs a host-wide flock for this);
 //! nodes race each other only through etcd's compare-and-swap.
+//!
+//! Churn (blocks come back, addresses cool down):
+//! - an affine block that has been empty for the grace period (`emptyBlockGracePeriod`, default 15 min) and
+//!   whose addresses no longer cool down is released (block and affinity in one transaction guarded by the
+//!   block's revision), except that the node keeps one block of every pool that selects it;
+//! - when a pool has no unclaimed block left, an assign may take over another node's empty block. The race
+//!   with that owner assigning from the same block at the same moment is decided by etcd: both transactions
+//!   are guarded by the block's mod_revision (the reclaim also by the owner's confirmed affinity at the
+//!   revision read, and by the absence of ours), so exactly one commits. The loser's transaction reads the
+//!   block back: the owner then sees the block is no longer its own and plans again (a claim, a borrow, or
+//!   "no free address"); the reclaimer sees an allocation in it and looks elsewhere. A block with an
+//!   allocation, or whose owner's affinity is not `confirmed` (a claim or release in flight), is never taken;
+//! - released addresses cool down (`releasedAddressCooldown`, default 30 s; see `block.rs`) and are handed out
+//!   again inside it only when the pools have nothing else;
+//! - before answering "no free address", the view is re-read from etcd once, so a stale view never reports
+//!   a pool exhausted while it has an empty block.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -19,9 +35,9 @@ use std::time::Duration;
 use ipnetwork::IpNetwork;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::block::{Block, BlockError, ATTR_NODE};
-use super::model::{Affinity, Handle};
-use super::view::{Cached, Choice, Family, NodeInfo, View};
+use super::block::{now_ms, Block, BlockError, ATTR_NODE};
+use super::model::{Affinity, AffinityState, Handle};
+use super::view::{Cached, Choice, Family, IpamOptions, NodeInfo, View};
 use super::{ops, parse, to_json, IpamError, MAX_ATTEMPTS};
 use crate::config::ippool::{IpPool, PLURAL};
 use crate::datastore::{keys, Datastore, Guard, TxnOutcome, WatchMessage, Watcher, Write};
@@ -82,6 +98,25 @@ pub struct NodeRoutes {
     pub addresses_total: u64,
     /// Of those, allocated.
     pub addresses_allocated: u64,
+    /// Affine blocks without any allocation.
+    pub blocks_empty: u64,
+    /// Free addresses of the affine blocks still cooling down after their release.
+    pub addresses_cooling: u64,
+    /// Counters since the task started.
+    pub counters: IpamCounters,
+}
+
+/// What the node's IPAM did since it started (for metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IpamCounters {
+    /// Empty blocks of other nodes (or of nobody) this node took over.
+    pub blocks_reclaimed: u64,
+    /// Own blocks released after being empty for the grace period.
+    pub blocks_released: u64,
+    /// Addresses handed out inside their cooldown because nothing else was left.
+    pub cooling_handed_out: u64,
+    /// Assigns answered "no free address".
+    pub exhausted: u64,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, IpamError>>;
@@ -100,6 +135,10 @@ enum Request {
     Usable(Family, oneshot::Sender<Vec<String>>),
     /// The node's labels changed (its Node resource): pools' nodeSelector is evaluated with these from now on.
     SetLabels(BTreeMap<String, String>, oneshot::Sender<()>),
+    /// A block as the view holds it, with its revision.
+    ViewBlock(IpNetwork, oneshot::Sender<Option<(Block, i64)>>),
+    /// Run the empty-block release now (tests; the task also runs it on its own timer).
+    ReleaseIdle(oneshot::Sender<usize>),
 }
 
 /// One address allocated to this node's workloads, as the view holds it (for restart reconciliation and
@@ -127,11 +166,20 @@ pub struct NodeIpam {
 impl NodeIpam {
     /// Read the pools, the IPAM configuration and every block, start the watches, and serve requests.
     pub async fn start(ds: Arc<Datastore>, node: NodeInfo) -> Result<NodeIpam, IpamError> {
+        NodeIpam::start_with(ds, node, IpamOptions::default()).await
+    }
+
+    /// [`NodeIpam::start`] with the node's own defaults for what IPAMConfiguration leaves unset.
+    pub async fn start_with(
+        ds: Arc<Datastore>,
+        node: NodeInfo,
+        options: IpamOptions,
+    ) -> Result<NodeIpam, IpamError> {
         if node.name.is_empty() || node.name.contains('/') {
             return Err(IpamError::Invalid(format!("bad node name {:?}", node.name)));
         }
         let name = node.name.clone();
-        let state = State::load(ds, node).await?;
+        let state = State::load(ds, node, options).await?;
         let (pools_tx, pools) = watch::channel(state.pool_list());
         let (affinities_tx, affinities) = watch::channel(state.affinities());
         let (tx, rx) = mpsc::channel(1024);
@@ -237,6 +285,27 @@ impl NodeIpam {
         rx.await.map_err(|_| IpamError::Stopped(self.node.clone()))
     }
 
+    /// A block as this node's view holds it now, with the revision it was read at (None: absent).
+    pub async fn view_block(&self, cidr: IpNetwork) -> Result<Option<(Block, i64)>, IpamError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Request::ViewBlock(cidr, reply))
+            .await
+            .map_err(|_| IpamError::Stopped(self.node.clone()))?;
+        rx.await.map_err(|_| IpamError::Stopped(self.node.clone()))
+    }
+
+    /// Release the blocks that have been empty for the grace period now (the task also does it on its own
+    /// timer). Returns how many were released.
+    pub async fn release_idle_blocks(&self) -> Result<usize, IpamError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Request::ReleaseIdle(reply))
+            .await
+            .map_err(|_| IpamError::Stopped(self.node.clone()))?;
+        rx.await.map_err(|_| IpamError::Stopped(self.node.clone()))
+    }
+
     /// The IP pools as the view holds them now (every pool, enabled or not), in name order.
     pub async fn pools(&self) -> Result<Vec<IpPool>, IpamError> {
         let (reply, rx) = oneshot::channel();
@@ -248,31 +317,59 @@ impl NodeIpam {
     }
 }
 
+/// How a staged block is written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Staged {
+    /// An existing block, guarded by the revision the view holds.
+    Existing,
+    /// A new block, created with our confirmed affinity (both guarded by absence).
+    New,
+    /// Another node's empty block (or one nobody holds), taken over: block guarded by the revision seen
+    /// empty, their affinity (if any) by the revision read as confirmed and deleted, ours created.
+    Reclaim {
+        from: Option<String>,
+        affinity_rev: i64,
+    },
+}
+
 struct State {
     ds: Arc<Datastore>,
     view: View,
     watch_blocks: Watcher,
     watch_pools: Watcher,
     watch_config: Watcher,
+    /// When this task first saw each of its blocks empty (unix ms); the block's last release time, when it
+    /// has one, takes precedence (it survives restarts).
+    first_empty: BTreeMap<IpNetwork, u64>,
+    counters: IpamCounters,
 }
 
 impl State {
-    async fn load(ds: Arc<Datastore>, node: NodeInfo) -> Result<State, IpamError> {
-        let (view, revs) = read_view(&ds, node).await?;
+    async fn load(
+        ds: Arc<Datastore>,
+        node: NodeInfo,
+        options: IpamOptions,
+    ) -> Result<State, IpamError> {
+        let (mut view, revs) = read_view(&ds, node).await?;
+        view.options = options;
         Ok(State {
             watch_blocks: ds.watch(keys::BLOCKS_PREFIX, revs[0] + 1),
             watch_pools: ds.watch(&keys::resource_prefix(PLURAL), revs[1] + 1),
             watch_config: ds.watch(keys::IPAM_CONFIG_KEY, revs[2] + 1),
             ds,
             view,
+            first_empty: BTreeMap::new(),
+            counters: IpamCounters::default(),
         })
     }
 
     async fn resync(&mut self) {
         let mut backoff = Duration::from_millis(100);
         loop {
-            match State::load(self.ds.clone(), self.view.node.clone()).await {
-                Ok(s) => {
+            match State::load(self.ds.clone(), self.view.node.clone(), self.view.options).await {
+                Ok(mut s) => {
+                    s.first_empty = std::mem::take(&mut self.first_empty);
+                    s.counters = self.counters;
                     *self = s;
                     return;
                 }
@@ -343,26 +440,32 @@ impl State {
         if !plain {
             return Ok(None);
         }
-        let mut staged: BTreeMap<IpNetwork, (Block, bool)> = BTreeMap::new();
+        let mut staged: BTreeMap<IpNetwork, (Block, Staged)> = BTreeMap::new();
         let mut full: BTreeSet<IpNetwork> = BTreeSet::new();
         let mut results = Vec::with_capacity(reqs.len());
+        let cd = self.view.cooldown_at(now_ms());
         for r in reqs {
             let mut secondary = r.attributes.clone();
             secondary.insert(ATTR_NODE.to_string(), me.clone());
             let mut ips = Vec::new();
             let fams = [(r.ipv4, Family::V4), (r.ipv6, Family::V6)];
             for fam in fams.iter().filter(|f| f.0).map(|f| f.1) {
-                let Ok(choice) = self.view.plan(fam, r.pools.as_deref(), &full) else {
-                    return Ok(None);
+                // Only the plain choices batch; reclaims and cooling addresses go one by one.
+                let choice = match self.view.plan(fam, r.pools.as_deref(), &full, &cd) {
+                    Ok(c @ (Choice::Affine(_) | Choice::Claim(_) | Choice::Borrow(_))) => c,
+                    _ => return Ok(None),
                 };
-                let (cidr, borrowed) = self.stage(&mut staged, choice, &me);
+                let (cidr, borrowed) = self.stage(&mut staged, &choice, &me);
                 let Some((b, _)) = staged.get_mut(&cidr) else {
                     return Ok(None);
                 };
-                let Some(&ip) = b.assign(1, &r.handle_id, &secondary).first() else {
+                let Some(&ip) = b
+                    .assign_avoiding(1, &r.handle_id, &secondary, &cd, false)
+                    .first()
+                else {
                     return Ok(None);
                 };
-                if b.free_count() == 0 {
+                if b.free_cool_count(&cd) == 0 {
                     full.insert(cidr);
                 }
                 ips.push(AssignedIp {
@@ -414,32 +517,116 @@ impl State {
     }
 
     /// Guards and writes for staged blocks: existing ones by mod_revision; new ones created together with their
-    /// confirmed affinity, both guarded by absence.
+    /// confirmed affinity, both guarded by absence; reclaimed ones by the block's revision, the old owner's
+    /// affinity revision (deleted) and the absence of ours (created).
     fn block_writes(
         &self,
-        staged: &BTreeMap<IpNetwork, (Block, bool)>,
+        staged: &BTreeMap<IpNetwork, (Block, Staged)>,
         me: &str,
         guards: &mut Vec<Guard>,
         writes: &mut Vec<Write>,
     ) {
-        for (cidr, (b, is_new)) in staged {
+        for (cidr, (b, how)) in staged {
             let bkey = keys::block_key(cidr);
-            if *is_new {
-                guards.push(Guard::Absent(bkey.clone()));
-                let akey = keys::affinity_key(me, cidr);
-                guards.push(Guard::Absent(akey.clone()));
-                writes.push(Write::Put(akey, to_json(&Affinity::confirmed())));
-            } else {
-                let rev = self
-                    .view
+            let view_rev = || {
+                self.view
                     .blocks
                     .get(cidr)
                     .map(|c| c.mod_revision)
-                    .unwrap_or(0);
-                guards.push(Guard::ModRevision(bkey.clone(), rev));
+                    .unwrap_or(0)
+            };
+            match how {
+                Staged::New => {
+                    guards.push(Guard::Absent(bkey.clone()));
+                    let akey = keys::affinity_key(me, cidr);
+                    guards.push(Guard::Absent(akey.clone()));
+                    writes.push(Write::Put(akey, to_json(&Affinity::confirmed())));
+                }
+                Staged::Existing => guards.push(Guard::ModRevision(bkey.clone(), view_rev())),
+                Staged::Reclaim { from, affinity_rev } => {
+                    guards.push(Guard::ModRevision(bkey.clone(), view_rev()));
+                    if let Some(from) = from {
+                        let theirs = keys::affinity_key(from, cidr);
+                        guards.push(Guard::ModRevision(theirs.clone(), *affinity_rev));
+                        writes.push(Write::Delete(theirs));
+                    }
+                    let akey = keys::affinity_key(me, cidr);
+                    guards.push(Guard::Absent(akey.clone()));
+                    writes.push(Write::Put(akey, to_json(&Affinity::confirmed())));
+                }
             }
             writes.push(Write::Put(bkey, to_json(b)));
         }
+    }
+
+    /// Stage a takeover of `block` (empty, held by `from` or by nobody): read the owner's affinity, which must
+    /// be `confirmed` (a pending claim or a release in flight is never taken). False when it cannot be taken.
+    async fn stage_reclaim(
+        &self,
+        staged: &mut BTreeMap<IpNetwork, (Block, Staged)>,
+        block: IpNetwork,
+        from: Option<&str>,
+        me: &str,
+    ) -> Result<bool, IpamError> {
+        if staged.contains_key(&block) {
+            return Ok(true);
+        }
+        let Some(c) = self.view.blocks.get(&block) else {
+            return Ok(false);
+        };
+        let affinity_rev = match from {
+            None => 0,
+            Some(from) => {
+                let akey = keys::affinity_key(from, &block);
+                match self.ds.get(&akey).await? {
+                    Some(kv) => match parse::<Affinity>(&akey, &kv.value) {
+                        Ok(a) if a.state == AffinityState::Confirmed && !a.deleted => {
+                            kv.mod_revision
+                        }
+                        _ => return Ok(false),
+                    },
+                    None => return Ok(false),
+                }
+            }
+        };
+        let mut b = c.value.clone();
+        b.affinity = Some(format!("host:{me}"));
+        staged.insert(
+            block,
+            (
+                b,
+                Staged::Reclaim {
+                    from: from.map(str::to_string),
+                    affinity_rev,
+                },
+            ),
+        );
+        Ok(true)
+    }
+
+    /// Re-read every block from etcd (before answering "no free address": the view may be behind).
+    async fn refresh_blocks(&mut self) -> Result<(), IpamError> {
+        let (kvs, rev) = self.ds.list(keys::BLOCKS_PREFIX).await?;
+        let mut seen = BTreeSet::new();
+        for kv in kvs {
+            if let Some(cidr) = keys::parse_block_key(&kv.key) {
+                if let Ok(b) = parse::<Block>(&kv.key, &kv.value) {
+                    seen.insert(cidr);
+                    self.view.apply_block(cidr, Some(b), kv.mod_revision);
+                }
+            }
+        }
+        let gone: Vec<IpNetwork> = self
+            .view
+            .blocks
+            .keys()
+            .filter(|c| !seen.contains(c))
+            .copied()
+            .collect();
+        for cidr in gone {
+            self.view.apply_block(cidr, None, rev);
+        }
+        Ok(())
     }
 
     async fn serve(&mut self, req: Request) {
@@ -458,16 +645,22 @@ impl State {
                 self.tidy().await;
             }
             Request::Routes(reply) => {
-                let (mut total, mut allocated) = (0u64, 0u64);
+                let (mut total, mut allocated, mut empty, mut cooling) = (0u64, 0u64, 0u64, 0u64);
+                let cd = self.view.cooldown_at(now_ms());
                 for c in self.view.my_blocks() {
                     total += c.value.size() as u64;
                     allocated += c.value.in_use() as u64;
+                    empty += u64::from(c.value.is_empty());
+                    cooling += c.value.cooling_count(&cd) as u64;
                 }
                 let _ = reply.send(NodeRoutes {
                     blocks: self.view.my_blocks().map(|c| c.value.cidr).collect(),
                     borrowed: self.view.borrowed(),
                     addresses_total: total,
                     addresses_allocated: allocated,
+                    blocks_empty: empty,
+                    addresses_cooling: cooling,
+                    counters: self.counters,
                 });
             }
             Request::Allocations(reply) => {
@@ -484,6 +677,17 @@ impl State {
             }
             Request::Pools(reply) => {
                 let _ = reply.send(self.pool_list());
+            }
+            Request::ViewBlock(cidr, reply) => {
+                let _ = reply.send(
+                    self.view
+                        .blocks
+                        .get(&cidr)
+                        .map(|c| (c.value.clone(), c.mod_revision)),
+                );
+            }
+            Request::ReleaseIdle(reply) => {
+                let _ = reply.send(self.release_idle_blocks().await);
             }
             Request::SetLabels(labels, reply) => {
                 if labels != self.view.node.labels {
@@ -560,6 +764,78 @@ impl State {
         }
     }
 
+    /// Release own blocks that have been empty for the grace period and whose addresses no longer cool down,
+    /// keeping one block of every pool that selects this node. Returns how many were released.
+    async fn release_idle_blocks(&mut self) -> usize {
+        let me = self.view.node.name.clone();
+        let now = now_ms();
+        let cd = self.view.cooldown_at(now);
+        let grace = self.view.empty_block_grace().as_millis() as u64;
+        let mine: BTreeMap<IpNetwork, bool> = self
+            .view
+            .my_blocks()
+            .map(|c| (c.value.cidr, c.value.is_empty()))
+            .collect();
+        self.first_empty
+            .retain(|c, _| mine.get(c).copied().unwrap_or(false));
+        for (c, empty) in &mine {
+            if *empty {
+                self.first_empty.entry(*c).or_insert(now);
+            }
+        }
+        // Per pool selecting this node: its blocks, and which of them may go.
+        let mut by_pool: BTreeMap<IpNetwork, (usize, Vec<(IpNetwork, i64)>)> = BTreeMap::new();
+        for c in self.view.my_blocks() {
+            let Some(pool) = self.view.pool_of(&c.value.cidr) else {
+                continue; // no pool: tidy() releases it when empty
+            };
+            if !pool.selects_node(&self.view.node.labels) {
+                continue; // tidy() releases it when empty
+            }
+            let e = by_pool.entry(pool.spec.cidr).or_default();
+            e.0 += 1;
+            let since = c
+                .value
+                .last_release()
+                .or_else(|| self.first_empty.get(&c.value.cidr).copied());
+            let idle = c.value.is_empty()
+                && c.value.cooling_count(&cd) == 0
+                && since.is_some_and(|t| now >= t.saturating_add(grace));
+            if idle {
+                e.1.push((c.value.cidr, c.mod_revision));
+            }
+        }
+        let mut released = 0;
+        for (_, (held, mut idle)) in by_pool {
+            if idle.len() == held {
+                // Keep one block of the pool: the first in address order.
+                idle.remove(0);
+            }
+            for (cidr, rev) in idle {
+                let guards = [Guard::ModRevision(keys::block_key(&cidr), rev)];
+                let writes = [
+                    Write::Delete(keys::block_key(&cidr)),
+                    Write::Delete(keys::affinity_key(&me, &cidr)),
+                ];
+                match self.ds.txn(&guards, &writes).await {
+                    Ok(TxnOutcome::Committed { revision }) => {
+                        tracing::info!(node = %me, block = %cidr, "released a block empty for the grace period");
+                        self.view.apply_block(cidr, None, revision);
+                        self.first_empty.remove(&cidr);
+                        self.counters.blocks_released += 1;
+                        released += 1;
+                    }
+                    // Someone assigned from it (a borrower) or took it over: it is not idle any more.
+                    Ok(TxnOutcome::Conflict { .. }) => {}
+                    Err(e) => {
+                        tracing::warn!(node = %me, block = %cidr, error = %e, "cannot release empty block")
+                    }
+                }
+            }
+        }
+        released
+    }
+
     async fn assign(&mut self, req: &AssignRequest) -> Result<Assignment, IpamError> {
         if req.handle_id.is_empty() || req.handle_id.contains('/') {
             return Err(IpamError::Invalid(format!(
@@ -586,6 +862,7 @@ impl State {
         // None = believed absent (the common case: a new pod).
         let mut handle: Option<Cached<Handle>> = None;
         let mut skip: BTreeSet<IpNetwork> = BTreeSet::new();
+        let mut refreshed = false;
 
         'attempt: for _ in 0..MAX_ATTEMPTS {
             // What the handle already holds (idempotent retry of an ADD, or an answer lost in an outage).
@@ -627,7 +904,9 @@ impl State {
             }
 
             // Plan on copies of the blocks.
-            let mut staged: BTreeMap<IpNetwork, (Block, bool)> = BTreeMap::new();
+            let cd = self.view.cooldown_at(now_ms());
+            let mut staged: BTreeMap<IpNetwork, (Block, Staged)> = BTreeMap::new();
+            let mut cooling_used = 0;
             let mut got = Vec::new();
             let choices = want_ips
                 .iter()
@@ -635,7 +914,7 @@ impl State {
                 .collect::<Vec<_>>();
             for (ip, choice) in choices {
                 let choice = choice.map_err(IpamError::NoAddress)?;
-                let (cidr, borrowed) = self.stage(&mut staged, choice, &me);
+                let (cidr, borrowed) = self.stage(&mut staged, &choice, &me);
                 let Some(ip) = ip else { continue };
                 let Some((b, _)) = staged.get_mut(&cidr) else {
                     continue;
@@ -653,20 +932,47 @@ impl State {
                 }
             }
             for fam in families {
-                let choice = self
-                    .view
-                    .plan(fam, req.pools.as_deref(), &skip)
-                    .map_err(IpamError::NoAddress)?;
-                let (cidr, borrowed) = self.stage(&mut staged, choice, &me);
+                let choice = match self.view.plan(fam, req.pools.as_deref(), &skip, &cd) {
+                    Ok(c) => c,
+                    Err(_) if !refreshed => {
+                        // The view may be behind (an empty block it believes full): look again once.
+                        refreshed = true;
+                        self.refresh_blocks().await?;
+                        continue 'attempt;
+                    }
+                    Err(e) => {
+                        self.counters.exhausted += 1;
+                        return Err(IpamError::NoAddress(e));
+                    }
+                };
+                if let Choice::Reclaim { block, from } = &choice {
+                    if !self
+                        .stage_reclaim(&mut staged, *block, from.as_deref(), &me)
+                        .await?
+                    {
+                        skip.insert(*block);
+                        continue 'attempt;
+                    }
+                }
+                let allow_cooling = matches!(choice, Choice::Cooling(_));
+                let (cidr, borrowed) = self.stage(&mut staged, &choice, &me);
                 let Some((b, _)) = staged.get_mut(&cidr) else {
                     continue;
                 };
-                match b.assign(1, &req.handle_id, &secondary).first() {
-                    Some(&ip) => got.push(AssignedIp {
-                        ip,
-                        block: cidr,
-                        borrowed,
-                    }),
+                match b
+                    .assign_avoiding(1, &req.handle_id, &secondary, &cd, allow_cooling)
+                    .first()
+                {
+                    Some(&ip) => {
+                        if allow_cooling {
+                            cooling_used += 1;
+                        }
+                        got.push(AssignedIp {
+                            ip,
+                            block: cidr,
+                            borrowed,
+                        })
+                    }
                     None => {
                         // The specific addresses above took the last free one: plan again without it.
                         skip.insert(cidr);
@@ -691,8 +997,16 @@ impl State {
 
             match self.ds.txn(&guards, &writes).await? {
                 TxnOutcome::Committed { revision } => {
-                    for (cidr, (b, _)) in staged {
+                    for (cidr, (b, how)) in staged {
+                        if let Staged::Reclaim { from, .. } = &how {
+                            tracing::info!(node = %me, block = %cidr, from = ?from, "took over an empty block: the pools had no unclaimed block left");
+                            self.counters.blocks_reclaimed += 1;
+                        }
                         self.view.apply_block(cidr, Some(b), revision);
+                    }
+                    if cooling_used > 0 {
+                        tracing::info!(node = %me, handle = %req.handle_id, "handed out an address inside its cooldown: the pools have no other free address");
+                        self.counters.cooling_handed_out += cooling_used;
                     }
                     have.extend(got);
                     have.sort();
@@ -719,12 +1033,20 @@ impl State {
                                 }),
                                 None => None,
                             };
-                        } else if let (Some(kv), Some((_, cidr))) =
-                            (kv, keys::parse_affinity_key(&key))
-                        {
+                        } else if let Some((node, cidr)) = keys::parse_affinity_key(&key) {
+                            // A reclaim whose owner's affinity changed (a release or a claim in flight):
+                            // leave that block alone.
+                            if node != me {
+                                skip.insert(cidr);
+                                continue;
+                            }
+                            let Some(kv) = kv else { continue };
                             // An affinity of ours without a block (a Calico claim that crashed half-way, or
-                            // one in flight): do not fight over it; `ipam check` reports it if it stays.
-                            if !self.view.blocks.contains_key(&cidr) {
+                            // one in flight), or for a block that is not ours: do not fight over it; `ipam
+                            // check` reports it if it stays.
+                            if self.view.blocks.get(&cidr).map(|c| c.value.host())
+                                != Some(Some(me.as_str()))
+                            {
                                 tracing::debug!(
                                     key,
                                     rev = kv.mod_revision,
@@ -742,22 +1064,29 @@ impl State {
         })
     }
 
-    /// Put the block a choice names into `staged` (a copy of the cached one, or a new block for a claim).
+    /// Put the block a choice names into `staged` (a copy of the cached one, or a new block for a claim; a
+    /// reclaim is staged by [`State::stage_reclaim`] first).
     fn stage(
         &self,
-        staged: &mut BTreeMap<IpNetwork, (Block, bool)>,
-        choice: Choice,
+        staged: &mut BTreeMap<IpNetwork, (Block, Staged)>,
+        choice: &Choice,
         me: &str,
     ) -> (IpNetwork, bool) {
-        let (cidr, borrowed) = match choice {
-            Choice::Affine(c) | Choice::Claim(c) => (c, false),
-            Choice::Borrow(c) => (c, true),
+        let cidr = choice.block();
+        let borrowed = match choice {
+            Choice::Affine(_) | Choice::Claim(_) | Choice::Reclaim { .. } => false,
+            Choice::Borrow(_) => true,
+            Choice::Cooling(c) => self
+                .view
+                .blocks
+                .get(c)
+                .is_some_and(|b| b.value.host() != Some(me)),
         };
         staged
             .entry(cidr)
             .or_insert_with(|| match self.view.blocks.get(&cidr) {
-                Some(c) => (c.value.clone(), false),
-                None => (Block::for_node(cidr, me, now_nanos()), true),
+                Some(c) => (c.value.clone(), Staged::Existing),
+                None => (Block::for_node(cidr, me, now_nanos()), Staged::New),
             });
         (cidr, borrowed)
     }
@@ -782,8 +1111,14 @@ async fn run(
     pools_tx: watch::Sender<Vec<IpPool>>,
     affinities_tx: watch::Sender<BTreeMap<IpNetwork, String>>,
 ) {
+    let mut next_idle_check = tokio::time::Instant::now() + idle_check_period(&st.view);
     loop {
         let changed = tokio::select! {
+            _ = tokio::time::sleep_until(next_idle_check) => {
+                st.release_idle_blocks().await;
+                next_idle_check = tokio::time::Instant::now() + idle_check_period(&st.view);
+                false
+            }
             req = rx.recv() => match req {
                 Some(Request::Assign(r, reply)) => {
                     // Assigns that queued up while we were busy go out together, in one transaction.
@@ -827,6 +1162,9 @@ async fn run(
             m = st.watch_config.recv() => st.on_watch(m).await,
         };
         if changed {
+            // The grace period may have been shortened by the configuration: check sooner.
+            next_idle_check =
+                next_idle_check.min(tokio::time::Instant::now() + idle_check_period(&st.view));
             st.tidy().await;
             let pools = st.pool_list();
             pools_tx.send_if_modified(|old| {
@@ -873,6 +1211,11 @@ async fn read_view(ds: &Datastore, node: NodeInfo) -> Result<(View, [i64; 3]), I
         );
     }
     Ok((view, [rb, rp, rc]))
+}
+
+/// How often the empty-block release looks: a quarter of the grace period, between 100 ms and 30 s.
+fn idle_check_period(view: &View) -> Duration {
+    (view.empty_block_grace() / 4).clamp(Duration::from_millis(100), Duration::from_secs(30))
 }
 
 fn now_nanos() -> u64 {

@@ -9,7 +9,7 @@ use std::net::IpAddr;
 
 use ipnetwork::IpNetwork;
 
-use super::block::{Block, ATTR_NAMESPACE, ATTR_NODE, ATTR_POD, ATTR_TYPE};
+use super::block::{now_ms, Block, Cooldown, ATTR_NAMESPACE, ATTR_NODE, ATTR_POD, ATTR_TYPE};
 use super::model::{Affinity, Handle};
 use super::view::{Cached, View};
 use super::{parse, to_json, IpamError, MAX_ATTEMPTS};
@@ -20,9 +20,53 @@ use crate::datastore::{keys, Datastore, Guard, KeyValue, TxnOutcome, Write};
 struct Blocks<'a> {
     view: Option<&'a mut View>,
     local: BTreeMap<IpNetwork, Option<Cached<Block>>>,
+    /// The cooldown in force: an emptied block nobody holds is kept while its addresses cool down.
+    cd: Cooldown,
+    /// Extra guards for every transaction (`ipam gc`: the node's liveness key must still be absent).
+    extra_guards: Vec<Guard>,
 }
 
-impl Blocks<'_> {
+/// The cooldown in force: from the node's view, else from the stored IPAM configuration (CLI).
+async fn cooldown(ds: &Datastore, view: Option<&View>) -> Result<Cooldown, IpamError> {
+    if let Some(v) = view {
+        return Ok(v.cooldown_at(now_ms()));
+    }
+    let mut v = View::default();
+    if let Some(kv) = ds.get(keys::IPAM_CONFIG_KEY).await? {
+        v.apply_config(
+            crate::datastore::WatchEventKind::Put,
+            &kv.value,
+            kv.mod_revision,
+        );
+    }
+    Ok(v.cooldown_at(now_ms()))
+}
+
+impl<'a> Blocks<'a> {
+    async fn new(ds: &Datastore, view: Option<&'a mut View>) -> Result<Blocks<'a>, IpamError> {
+        let cd = cooldown(ds, view.as_deref()).await?;
+        Ok(Blocks {
+            view,
+            local: BTreeMap::new(),
+            cd,
+            extra_guards: Vec::new(),
+        })
+    }
+
+    /// What becomes of a block after a write: kept unless it is empty, held by no node and none of its
+    /// addresses cools down.
+    fn keeps(&self, b: &Block) -> bool {
+        !(b.is_empty() && b.affinity.is_none() && b.cooling_count(&self.cd) == 0)
+    }
+
+    fn write(&self, cidr: &IpNetwork, b: &Block) -> Write {
+        if self.keeps(b) {
+            Write::Put(keys::block_key(cidr), to_json(b))
+        } else {
+            Write::Delete(keys::block_key(cidr))
+        }
+    }
+
     async fn get(
         &mut self,
         ds: &Datastore,
@@ -122,14 +166,6 @@ async fn handle_releases(
     Ok(())
 }
 
-fn block_write(cidr: &IpNetwork, b: &Block) -> Write {
-    if b.is_empty() && b.affinity.is_none() {
-        Write::Delete(keys::block_key(cidr))
-    } else {
-        Write::Put(keys::block_key(cidr), to_json(b))
-    }
-}
-
 /// Release everything `handle_id` owns, delete the handle. Idempotent. Returns the addresses freed.
 pub async fn release_handle(
     ds: &Datastore,
@@ -137,10 +173,7 @@ pub async fn release_handle(
     handle_id: &str,
 ) -> Result<Vec<IpAddr>, IpamError> {
     let hkey = keys::handle_key(handle_id);
-    let mut blocks = Blocks {
-        view,
-        local: BTreeMap::new(),
-    };
+    let mut blocks = Blocks::new(ds, view).await?;
     for _ in 0..MAX_ATTEMPTS {
         let Some(h) = get_handle(ds, handle_id).await? else {
             return Ok(Vec::new());
@@ -155,15 +188,15 @@ pub async fn release_handle(
                 continue;
             };
             let mut b = c.value.clone();
-            freed.extend(b.release_handle(handle_id));
+            freed.extend(b.release_handle_at(handle_id, now_ms()));
             guards.push(Guard::ModRevision(keys::block_key(&cidr), c.mod_revision));
-            writes.push(block_write(&cidr, &b));
+            writes.push(blocks.write(&cidr, &b));
             staged.push((cidr, b));
         }
         match ds.txn(&guards, &writes).await? {
             TxnOutcome::Committed { revision } => {
                 for (cidr, b) in staged {
-                    let keep = !(b.is_empty() && b.affinity.is_none());
+                    let keep = blocks.keeps(&b);
                     blocks.set(cidr, keep.then_some(b), revision);
                 }
                 return Ok(freed);
@@ -200,10 +233,7 @@ pub async fn release_ips(
             by_block.entry(*c).or_default().push(*ip);
         }
     }
-    let mut blocks = Blocks {
-        view,
-        local: BTreeMap::new(),
-    };
+    let mut blocks = Blocks::new(ds, view).await?;
     let mut all = Vec::new();
     for (cidr, ips) in by_block {
         all.extend(release_in_block(ds, &mut blocks, cidr, &ips).await?);
@@ -230,16 +260,17 @@ async fn release_in_block(
             })
             .copied()
             .collect();
-        let per_handle = b.release(ips);
+        let per_handle = b.release_at(ips, now_ms());
         if freed_ips.is_empty() {
             return Ok(Vec::new());
         }
         let mut guards = vec![Guard::ModRevision(keys::block_key(&cidr), c.mod_revision)];
-        let mut writes = vec![block_write(&cidr, &b)];
+        guards.extend(blocks.extra_guards.iter().cloned());
+        let mut writes = vec![blocks.write(&cidr, &b)];
         handle_releases(ds, &cidr, &per_handle, &mut guards, &mut writes).await?;
         match ds.txn(&guards, &writes).await? {
             TxnOutcome::Committed { revision } => {
-                let keep = !(b.is_empty() && b.affinity.is_none());
+                let keep = blocks.keeps(&b);
                 blocks.set(cidr, keep.then_some(b), revision);
                 return Ok(freed_ips);
             }
@@ -257,6 +288,9 @@ pub struct RemoveReport {
     pub blocks_deleted: usize,
     /// Blocks kept because other nodes hold addresses in them; their affinity was dropped.
     pub blocks_released: usize,
+    /// Emptied blocks kept, held by no node, while their addresses cool down (any node may take them over;
+    /// `ipam gc` deletes them afterwards).
+    pub blocks_cooling: usize,
     pub addresses_released: usize,
     pub affinities_deleted: usize,
 }
@@ -265,6 +299,16 @@ pub struct RemoveReport {
 /// deleting their handles), and the addresses it borrowed from other blocks. Each block goes in one
 /// transaction with its affinity and handles.
 pub async fn remove_node(ds: &Datastore, node: &str) -> Result<RemoveReport, IpamError> {
+    remove_node_guarded(ds, node, Vec::new()).await
+}
+
+/// [`remove_node`], with `extra_guards` in every transaction (`ipam gc`: the node's liveness key is still
+/// absent, so a node that comes back in the middle is not released any further).
+pub async fn remove_node_guarded(
+    ds: &Datastore,
+    node: &str,
+    extra_guards: Vec<Guard>,
+) -> Result<RemoveReport, IpamError> {
     if node.is_empty() || node.contains('/') {
         return Err(IpamError::Invalid(format!("bad node name {node:?}")));
     }
@@ -302,10 +346,8 @@ pub async fn remove_node(ds: &Datastore, node: &str) -> Result<RemoveReport, Ipa
             mine.insert(cidr);
         }
     }
-    let mut blocks = Blocks {
-        view: None,
-        local: BTreeMap::new(),
-    };
+    let mut blocks = Blocks::new(ds, None).await?;
+    blocks.extra_guards = extra_guards;
     for cidr in mine {
         remove_node_block(ds, &mut blocks, node, cidr, &mut report).await?;
     }
@@ -327,7 +369,7 @@ async fn remove_node_block(
     for _ in 0..MAX_ATTEMPTS {
         let aff = ds.get(&akey).await?;
         let block = blocks.get(ds, cidr).await?;
-        let mut guards = Vec::new();
+        let mut guards = blocks.extra_guards.clone();
         let mut writes = Vec::new();
         match &aff {
             Some(kv) => {
@@ -353,11 +395,11 @@ async fn remove_node_block(
                     })
                     .map(|(ip, _)| ip)
                     .collect();
-                let per_handle = b.release(&own);
+                let per_handle = b.release_at(&own, now_ms());
                 freed = own.len();
                 b.affinity = None;
                 guards.push(Guard::ModRevision(bkey.clone(), c.mod_revision));
-                writes.push(block_write(&cidr, &b));
+                writes.push(blocks.write(&cidr, &b));
                 handle_releases(ds, &cidr, &per_handle, &mut guards, &mut writes).await?;
                 outcome_block = Some(b);
             }
@@ -372,9 +414,13 @@ async fn remove_node_block(
                 }
                 if let Some(b) = outcome_block {
                     report.addresses_released += freed;
-                    if b.is_empty() {
+                    if !blocks.keeps(&b) {
                         report.blocks_deleted += 1;
                         blocks.set(cidr, None, revision);
+                    } else if b.is_empty() {
+                        // Held by nobody until its addresses have cooled down (then any node may take it).
+                        report.blocks_cooling += 1;
+                        blocks.set(cidr, Some(b), revision);
                     } else {
                         report.blocks_released += 1;
                         blocks.set(cidr, Some(b), revision);

@@ -10,9 +10,13 @@ use std::net::IpAddr;
 
 use ipnetwork::IpNetwork;
 
-use super::block::Block;
+use std::time::Duration;
+
+use super::block::{Block, Cooldown};
 use super::candidates::{block_containing, candidates, fnv1a32};
-use crate::config::ipam_config::{IpamConfigSpec, StoredIpamConfig};
+use crate::config::ipam_config::{
+    IpamConfigSpec, StoredIpamConfig, DEFAULT_EMPTY_BLOCK_GRACE, DEFAULT_RELEASE_COOLDOWN,
+};
 use crate::config::ippool::{AllowedUse, IpPool, PLURAL};
 use crate::datastore::{keys, WatchEvent, WatchEventKind};
 
@@ -72,16 +76,54 @@ impl std::fmt::Display for Family {
     }
 }
 
-/// Where the next address of a family should come from.
+/// The node's own settings for what IPAMConfiguration may leave unset (its flags).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpamOptions {
+    /// How long an affine block stays empty before the node releases it.
+    pub empty_block_grace: Duration,
+    /// How long a released address rests before it is handed out again.
+    pub release_cooldown: Duration,
+}
+
+impl Default for IpamOptions {
+    fn default() -> Self {
+        IpamOptions {
+            empty_block_grace: DEFAULT_EMPTY_BLOCK_GRACE,
+            release_cooldown: DEFAULT_RELEASE_COOLDOWN,
+        }
+    }
+}
+
+/// Where the next address of a family should come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Choice {
-    /// A block affine to this node with a free address.
+    /// A block affine to this node with a free address that is not cooling down.
     Affine(IpNetwork),
     /// A block that does not exist yet: claim it (create block + affinity in the same transaction).
     Claim(IpNetwork),
+    /// The pool has no unclaimed block left: take over this empty block of another node (`from`), by CAS on
+    /// the block (still empty, at the revision seen) and on both affinities (theirs confirmed at the revision
+    /// read, ours absent), all in the assign's transaction.
+    /// `from` is None for a block no node holds (left by a removed node, kept while its addresses cool down).
+    Reclaim {
+        block: IpNetwork,
+        from: Option<String>,
+    },
     /// Another node's block (strictAffinity is false and nothing can be claimed): the address is borrowed and
     /// must be advertised as a host route.
     Borrow(IpNetwork),
+    /// Nothing else is left: an address still cooling down, from this block (affine or borrowed).
+    Cooling(IpNetwork),
+}
+
+impl Choice {
+    /// The block the address comes from.
+    pub fn block(&self) -> IpNetwork {
+        match self {
+            Choice::Affine(c) | Choice::Claim(c) | Choice::Borrow(c) | Choice::Cooling(c) => *c,
+            Choice::Reclaim { block, .. } => *block,
+        }
+    }
 }
 
 /// The node's picture.
@@ -94,6 +136,8 @@ pub struct View {
     pub pools: BTreeMap<String, Cached<IpPool>>,
     pub config: IpamConfigSpec,
     config_revision: i64,
+    /// What applies where `config` leaves a setting unset.
+    pub options: IpamOptions,
 }
 
 impl View {
@@ -106,6 +150,30 @@ impl View {
 
     fn me(&self) -> &str {
         &self.node.name
+    }
+
+    /// The cooldown in force (IPAMConfiguration, else the node's flag).
+    pub fn release_cooldown(&self) -> Duration {
+        self.config
+            .released_address_cooldown
+            .map(|d| d.0)
+            .unwrap_or(self.options.release_cooldown)
+    }
+
+    /// The empty-block grace period in force (IPAMConfiguration, else the node's flag).
+    pub fn empty_block_grace(&self) -> Duration {
+        self.config
+            .empty_block_grace_period
+            .map(|d| d.0)
+            .unwrap_or(self.options.empty_block_grace)
+    }
+
+    /// The cooldown rule at `now_ms`.
+    pub fn cooldown_at(&self, now_ms: u64) -> Cooldown {
+        Cooldown {
+            now_ms,
+            cooldown_ms: self.release_cooldown().as_millis() as u64,
+        }
     }
 
     /// Record a block's state at `revision` (None = absent), unless we already know a newer one.
@@ -248,11 +316,16 @@ impl View {
     }
 
     /// Decide where the next address of `family` comes from. `skip`: blocks this request found taken.
+    ///
+    /// Order: an affine block with an address that is not cooling down; a new block; an empty block of
+    /// another node (only when the pools have no unclaimed block left); a borrowed address (strictAffinity
+    /// false); and only when all of those fail, an address still cooling down (affine first).
     pub fn plan(
         &self,
         family: Family,
         only: Option<&[String]>,
         skip: &BTreeSet<IpNetwork>,
+        cd: &Cooldown,
     ) -> Result<Choice, String> {
         let pools = self.usable_pools(family, only);
         if pools.is_empty() {
@@ -263,13 +336,17 @@ impl View {
             ));
         }
         let in_pools = |b: &IpNetwork| pools.iter().any(|p| p.spec.cidr.contains(b.network()));
-        // 1. An affine block with room.
-        if let Some(c) = self.my_blocks().find(|c| {
+        let usable = |c: &&Cached<Block>| {
             Family::of(&c.value.cidr) == family
-                && c.value.free_count() > 0
                 && !skip.contains(&c.value.cidr)
                 && in_pools(&c.value.cidr)
-        }) {
+        };
+        // 1. An affine block with room.
+        if let Some(c) = self
+            .my_blocks()
+            .filter(usable)
+            .find(|c| c.value.free_cool_count(cd) > 0)
+        {
             return Ok(Choice::Affine(c.value.cidr));
         }
         // 2. Claim a new block.
@@ -291,25 +368,75 @@ impl View {
                     }
                 }
             }
-        }
-        // 3. Borrow.
-        if !self.config.strict_affinity {
-            let others: Vec<IpNetwork> = self
+            // 3. Every block is claimed: take over another node's empty one. Prefer owners holding several
+            // blocks (they keep one), then the block with the most addresses ready.
+            let mut empty: Vec<(usize, usize, &Cached<Block>)> = self
                 .blocks
                 .values()
+                .filter(usable)
                 .filter(|c| {
-                    Family::of(&c.value.cidr) == family
-                        && c.value.host() != Some(self.me())
-                        && c.value.free_count() > 0
-                        && !skip.contains(&c.value.cidr)
-                        && in_pools(&c.value.cidr)
+                    c.value.host() != Some(self.me())
+                        && c.value.is_empty()
+                        && c.value.free_cool_count(cd) > 0
+                        && (c.value.affinity.is_none() || c.value.host().is_some())
+                })
+                .map(|c| {
+                    // A block nobody holds counts as held by many: take it first.
+                    let held = match c.value.host() {
+                        None => usize::MAX,
+                        Some(owner) => self
+                            .blocks
+                            .values()
+                            .filter(|o| o.value.host() == Some(owner))
+                            .count(),
+                    };
+                    (held, c.value.free_cool_count(cd), c)
+                })
+                .collect();
+            empty.sort_by_key(|e| std::cmp::Reverse((e.0, e.1)));
+            if let Some((_, _, c)) = empty.first() {
+                return Ok(Choice::Reclaim {
+                    block: c.value.cidr,
+                    from: c.value.host().map(str::to_string),
+                });
+            }
+        }
+        // 4. Borrow.
+        let others = |cooling: bool| -> Vec<IpNetwork> {
+            self.blocks
+                .values()
+                .filter(usable)
+                .filter(|c| c.value.host() != Some(self.me()))
+                .filter(|c| {
+                    if cooling {
+                        c.value.free_count() > 0
+                    } else {
+                        c.value.free_cool_count(cd) > 0
+                    }
                 })
                 .map(|c| c.value.cidr)
-                .collect();
-            if !others.is_empty() {
-                // Spread borrowers over the candidates so they do not all race for the same block.
-                let start = fnv1a32(self.me()) as usize % others.len();
-                return Ok(Choice::Borrow(others[start]));
+                .collect()
+        };
+        // Spread borrowers over the candidates so they do not all race for the same block.
+        let spread = |v: &[IpNetwork]| v[fnv1a32(self.me()) as usize % v.len()];
+        if !self.config.strict_affinity {
+            let o = others(false);
+            if !o.is_empty() {
+                return Ok(Choice::Borrow(spread(&o)));
+            }
+        }
+        // 5. Only cooling addresses are left: the pool would otherwise be exhausted.
+        if let Some(c) = self
+            .my_blocks()
+            .filter(usable)
+            .find(|c| c.value.free_count() > 0)
+        {
+            return Ok(Choice::Cooling(c.value.cidr));
+        }
+        if !self.config.strict_affinity {
+            let o = others(true);
+            if !o.is_empty() {
+                return Ok(Choice::Cooling(spread(&o)));
             }
         }
         let why = if !self.config.auto_allocate_blocks {
@@ -317,7 +444,7 @@ impl View {
         } else if !may_claim {
             format!("node holds {mine} blocks, maxBlocksPerHost is {max}")
         } else {
-            "every block of the pools is claimed".to_string()
+            "every block of the pools is claimed and none is empty".to_string()
         };
         Err(format!(
             "no free {family} address for node {:?}: {why}{}",
@@ -441,32 +568,80 @@ mod tests {
     }
 
     #[test]
-    fn plan_prefers_affine_then_claim_then_borrow() {
+    fn plan_prefers_affine_then_claim_then_reclaim_then_borrow_then_cooling() {
         let mut v = view("a");
         let skip = BTreeSet::new();
-        let Ok(Choice::Claim(first)) = v.plan(Family::V4, None, &skip) else {
+        let none = Cooldown::NONE;
+        let Ok(Choice::Claim(first)) = v.plan(Family::V4, None, &skip, &none) else {
             panic!("expected a claim")
         };
         v.apply_block(first, Some(Block::for_node(first, "a", 0)), 5);
-        assert_eq!(v.plan(Family::V4, None, &skip), Ok(Choice::Affine(first)));
-        // Fill the pool with other nodes' blocks.
-        for (i, c) in candidates(&"10.0.0.0/24".parse().unwrap(), 26, "a").enumerate() {
-            if c != first {
-                v.apply_block(c, Some(Block::for_node(c, &format!("o{i}"), 0)), 6);
-            }
+        assert_eq!(
+            v.plan(Family::V4, None, &skip, &none),
+            Ok(Choice::Affine(first))
+        );
+        // Fill the pool with other nodes' blocks, empty: the pool has no unclaimed block left.
+        let others: Vec<IpNetwork> = candidates(&"10.0.0.0/24".parse().unwrap(), 26, "a")
+            .filter(|c| *c != first)
+            .collect();
+        for (i, c) in others.iter().enumerate() {
+            v.apply_block(*c, Some(Block::for_node(*c, &format!("o{i}"), 0)), 6);
         }
         let mut full = v.blocks[&first].value.clone();
         full.assign(64, "h", &BTreeMap::new());
         v.apply_block(first, Some(full), 7);
+        match v.plan(Family::V4, None, &skip, &none) {
+            Ok(Choice::Reclaim { block, from }) => {
+                assert!(others.contains(&block));
+                assert_eq!(from.as_deref(), v.blocks[&block].value.host());
+            }
+            other => panic!("expected a reclaim, got {other:?}"),
+        }
+        // maxBlocksPerHost stops a reclaim as it stops a claim.
+        v.config.max_blocks_per_host = 1;
         assert!(matches!(
-            v.plan(Family::V4, None, &skip),
+            v.plan(Family::V4, None, &skip, &none),
+            Ok(Choice::Borrow(_))
+        ));
+        v.config.max_blocks_per_host = 0;
+        // Once every other block holds an address, borrow.
+        for c in &others {
+            let mut b = v.blocks[c].value.clone();
+            b.assign(1, "x", &BTreeMap::new());
+            v.apply_block(*c, Some(b), 8);
+        }
+        assert!(matches!(
+            v.plan(Family::V4, None, &skip, &none),
             Ok(Choice::Borrow(_))
         ));
         v.config.strict_affinity = true;
-        let e = v.plan(Family::V4, None, &skip).unwrap_err();
+        let e = v.plan(Family::V4, None, &skip, &none).unwrap_err();
         assert!(e.contains("strictAffinity"), "{e}");
+        // Free one address of our own block: usable at once without a cooldown; inside one, only as the last
+        // resort (strictAffinity: no borrowing), and never while a borrowable address rests.
+        let mut b = v.blocks[&first].value.clone();
+        let ip = b.ip(3);
+        b.release_at(&[ip], 10_000);
+        v.apply_block(first, Some(b), 9);
+        let cooling = Cooldown {
+            now_ms: 10_500,
+            cooldown_ms: 1000,
+        };
+        assert_eq!(
+            v.plan(Family::V4, None, &skip, &none),
+            Ok(Choice::Affine(first))
+        );
+        assert_eq!(
+            v.plan(Family::V4, None, &skip, &cooling),
+            Ok(Choice::Cooling(first))
+        );
+        v.config.strict_affinity = false;
+        assert!(matches!(
+            v.plan(Family::V4, None, &skip, &cooling),
+            Ok(Choice::Borrow(_))
+        ));
         assert!(v
-            .plan(Family::V6, None, &skip)
+            .plan(Family::V6, None, &skip, &none)
             .unwrap_err()
             .contains("no enabled IPv6 pool"));
     }
@@ -488,7 +663,7 @@ mod tests {
         v.apply_block(c, Some(full), 14);
         v.config.strict_affinity = true;
         assert!(v
-            .plan(Family::V4, None, &BTreeSet::new())
+            .plan(Family::V4, None, &BTreeSet::new(), &Cooldown::NONE)
             .unwrap_err()
             .contains("maxBlocksPerHost is 1"));
     }

@@ -170,6 +170,17 @@ pub struct NodeArgs {
     /// address and this node announces its routes with it as next hop.
     #[arg(long, env = "MARGAY_IP_RECHECK_INTERVAL", default_value_t = 60)]
     pub ip_recheck_interval: u64,
+    /// How long an affine IPAM block must stay empty before this node releases it (Go duration; the node
+    /// keeps one block per pool). IPAMConfiguration `emptyBlockGracePeriod` overrides it.
+    #[arg(long, env = "MARGAY_IPAM_EMPTY_BLOCK_GRACE", default_value = "15m", value_parser = crate::cli::parse_duration)]
+    pub ipam_empty_block_grace: Duration,
+    /// How long a released address is not handed out again unless the pools have nothing else (Go
+    /// duration). IPAMConfiguration `releasedAddressCooldown` overrides it.
+    #[arg(long, env = "MARGAY_IPAM_RELEASE_COOLDOWN", default_value = "30s", value_parser = crate::cli::parse_duration)]
+    pub ipam_release_cooldown: Duration,
+    /// TTL of the node's liveness lease in etcd (`margay ipam gc` releases nodes whose lease is gone).
+    #[arg(long, env = "MARGAY_LIVENESS_TTL", default_value = "15s", value_parser = crate::cli::parse_duration)]
+    pub liveness_ttl: Duration,
 }
 
 /// `--ip` / `IP` as Calico takes it.
@@ -544,12 +555,22 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     crate::dataplane::sysctl::ensure_node(netns.as_deref())?;
     // Pools' nodeSelector is evaluated with the Node resource's labels, followed live below.
     let (labels, labels_rev) = cluster::node_labels(&ds, &name).await.map_err(on_etcd)?;
+    // Liveness first: a node that is serving addresses always holds its lease (ipam gc never touches it).
+    let _liveness = crate::ipam::liveness::Liveness::start(ds.clone(), &name, args.liveness_ttl)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!("liveness lease for node {name:?} (etcd at {endpoints}): {e}")
+        })?;
     let ipam = Arc::new(
-        NodeIpam::start(
+        NodeIpam::start_with(
             ds.clone(),
             NodeInfo {
                 name: name.clone(),
                 labels,
+            },
+            crate::ipam::IpamOptions {
+                empty_block_grace: args.ipam_empty_block_grace,
+                release_cooldown: args.ipam_release_cooldown,
             },
         )
         .await
@@ -803,6 +824,11 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
                     addresses_total: r.addresses_total,
                     addresses_allocated: r.addresses_allocated,
                     addresses_borrowed: r.borrowed.len() as u64,
+                    blocks_empty: r.blocks_empty,
+                    addresses_cooling: r.addresses_cooling,
+                    blocks_reclaimed: r.counters.blocks_reclaimed,
+                    blocks_released_empty: r.counters.blocks_released,
+                    addresses_cooling_handed_out: r.counters.cooling_handed_out,
                 }),
                 datastore: Some(api::DatastoreSummary::of(&ds)),
                 dataplane,
