@@ -136,10 +136,7 @@ pub async fn run_ipam(etcd: &EtcdArgs, cmd: &IpamCmd) -> Result<String, CliError
     }
 }
 
-/// A Go duration (`15m`, `90s`, `1m30s`) for a flag.
-pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    s.parse::<crate::config::bgp::GoDuration>().map(|d| d.0)
-}
+pub use crate::config::bgp::parse_duration;
 
 /// Run a `node` command.
 pub async fn run_node(etcd: &EtcdArgs, cmd: &NodeCmd) -> Result<String, CliError> {

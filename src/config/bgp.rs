@@ -94,6 +94,11 @@ impl Serialize for AsNumber {
     }
 }
 
+/// A Go duration (`15m`, `90s`, `1m30s`) for a flag.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    s.parse::<GoDuration>().map(|d| d.0)
+}
+
 /// A Go `time.Duration` string as Kubernetes `metav1.Duration` carries it: `"120s"`, `"1m30s"`, `"500ms"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct GoDuration(pub Duration);

@@ -172,14 +172,14 @@ pub struct NodeArgs {
     pub ip_recheck_interval: u64,
     /// How long an affine IPAM block must stay empty before this node releases it (Go duration; the node
     /// keeps one block per pool). IPAMConfiguration `emptyBlockGracePeriod` overrides it.
-    #[arg(long, env = "MARGAY_IPAM_EMPTY_BLOCK_GRACE", default_value = "15m", value_parser = crate::cli::parse_duration)]
+    #[arg(long, env = "MARGAY_IPAM_EMPTY_BLOCK_GRACE", default_value = "15m", value_parser = crate::config::bgp::parse_duration)]
     pub ipam_empty_block_grace: Duration,
     /// How long a released address is not handed out again unless the pools have nothing else (Go
     /// duration). IPAMConfiguration `releasedAddressCooldown` overrides it.
-    #[arg(long, env = "MARGAY_IPAM_RELEASE_COOLDOWN", default_value = "30s", value_parser = crate::cli::parse_duration)]
+    #[arg(long, env = "MARGAY_IPAM_RELEASE_COOLDOWN", default_value = "30s", value_parser = crate::config::bgp::parse_duration)]
     pub ipam_release_cooldown: Duration,
     /// TTL of the node's liveness lease in etcd (`margay ipam gc` releases nodes whose lease is gone).
-    #[arg(long, env = "MARGAY_LIVENESS_TTL", default_value = "15s", value_parser = crate::cli::parse_duration)]
+    #[arg(long, env = "MARGAY_LIVENESS_TTL", default_value = "15s", value_parser = crate::config::bgp::parse_duration)]
     pub liveness_ttl: Duration,
 }
 
