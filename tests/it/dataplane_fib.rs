@@ -7,11 +7,12 @@
 //! ```
 
 use crate::common;
+use common::eventually;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::dataplane::{ns_path, runtime, wait_for, RouteMonitor};
+use common::dataplane::{ns_path, runtime, RouteMonitor};
 use common::{is_root, require, sh, unique, Netns};
 use ipnetwork::IpNetwork;
 use margay::dataplane::fib::{Fib, FibConfig, NextHop, Route};
@@ -211,7 +212,7 @@ fn deleted_or_changed_route_is_put_back_and_other_protocols_are_never_touched() 
         sh(&format!("ip -n {name} route del 10.202.0.0/24 proto 77"));
         sh(&format!("ip -n {name} -6 route del fd20::/64 proto 77"));
         assert!(
-            wait_for(Duration::from_secs(10), || {
+            eventually(Duration::from_secs(10), || {
                 routes_of(&name, "proto 77").contains("10.202.0.0/24 via 192.168.1.2")
                     && routes_of(&name, "proto 77").contains("fd20::/64 via fd01::2")
             }),
@@ -223,7 +224,7 @@ fn deleted_or_changed_route_is_put_back_and_other_protocols_are_never_touched() 
             "ip -n {name} route replace 10.200.0.0/24 via 192.168.1.3 proto 77 metric 77"
         ));
         assert!(
-            wait_for(Duration::from_secs(10), || routes_of(&name, "proto 77")
+            eventually(Duration::from_secs(10), || routes_of(&name, "proto 77")
                 .contains("10.200.0.0/24 via 192.168.1.2")),
             "route not restored: {}",
             routes_of(&name, "")

@@ -20,6 +20,7 @@
 //!    `--rm` nothing is left (no veth, no address, no podman netns).
 
 use crate::common;
+use std::time::Duration;
 
 use std::net::Ipv4Addr;
 use std::path::Path;
@@ -109,7 +110,10 @@ fn lab_cni_bad_input_and_podman() {
     let pid = nix::unistd::Pid::from_raw(pid);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM n1");
     assert!(
-        eventually(100, || nix::sys::signal::kill(pid, None).is_err()),
+        eventually(Duration::from_millis(20000), || nix::sys::signal::kill(
+            pid, None
+        )
+        .is_err()),
         "{n1}'s daemon did not stop"
     );
     let (ok, out) = lab.cni(&n1, "bad2", "ADD", &conf.to_string(), &[]);
@@ -124,12 +128,13 @@ fn lab_cni_bad_input_and_podman() {
     assert!(ok, "DEL with the daemon down: {out}");
     let (ok, out) = lab.margay_lab("restart-node", &[&n1]);
     assert!(ok, "restart-node {n1}: {out}");
-    let ready = eventually(150, || {
+    let ready = eventually(Duration::from_millis(30000), || {
         status_json(&n1, None).is_ok_and(|r| r["ready"]["ready"] == true)
     });
     assert!(ready, "{n1} not ready after restart:\n{}", lab.logs());
     assert!(
-        eventually(100, || block_in_use(&n1, block) == in_use
+        eventually(Duration::from_millis(20000), || block_in_use(&n1, block)
+            == in_use
             && pod_veths(&n1) == veths),
         "the spooled DEL was not replayed: in use {} (want {in_use}), veths {:?} (want {veths:?})",
         block_in_use(&n1, block),
@@ -227,7 +232,7 @@ fn lab_cni_bad_input_and_podman() {
         println!("podman ({what}): container {addr} in {block} pinged {target} on {n2}");
         // --rm: DEL reached the node; nothing is left.
         assert!(
-            eventually(50, || pod_veths(&n1) == veths
+            eventually(Duration::from_millis(10000), || pod_veths(&n1) == veths
                 && block_in_use(&n1, block) == in_use),
             "({what}) left behind: veths {:?} (want {veths:?}), in use {} (want {in_use})",
             pod_veths(&n1),

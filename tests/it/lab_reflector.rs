@@ -24,6 +24,7 @@
 //!    block leave etcd, the reflector drops its session.
 
 use crate::common;
+use std::time::Duration;
 
 use std::process::{Command, Stdio};
 
@@ -145,7 +146,10 @@ fn reflector_lab_restart_and_node_leave() {
     assert_eq!(http_get(&rr, RR_HTTP, "/readyz").map(|r| r.0), Ok(200));
     let metrics = http_get(&rr, RR_HTTP, "/metrics").expect("/metrics");
     assert!(
-        eventually(20, || http_get(&rr, RR_HTTP, "/metrics").is_ok_and(
+        eventually(Duration::from_millis(4000), || http_get(
+            &rr, RR_HTTP, "/metrics"
+        )
+        .is_ok_and(
             |(_, m)| m.contains("margay_bgp_sessions{state=\"Established\"} 3")
         )),
         "reflector /metrics: {metrics:?}"
@@ -203,7 +207,7 @@ fn reflector_lab_restart_and_node_leave() {
         ],
     );
     assert!(ok, "margay apply rr-extra: {out}");
-    let added = eventually(50, || {
+    let added = eventually(Duration::from_millis(10000), || {
         status_json(&rr, Some(RR_HTTP))
             .is_ok_and(|r| since(&r).iter().any(|(a, _)| a == "10.99.0.60") && since(&r).len() == 4)
     });
@@ -224,7 +228,7 @@ fn reflector_lab_restart_and_node_leave() {
         ],
     );
     assert!(ok, "margay delete bgppeer rr-extra: {out}");
-    let removed = eventually(50, || {
+    let removed = eventually(Duration::from_millis(10000), || {
         status_json(&rr, Some(RR_HTTP)).is_ok_and(|r| since(&r).len() == 3)
     });
     assert!(
@@ -245,7 +249,7 @@ fn reflector_lab_restart_and_node_leave() {
     // is not ready; with etcd back it is ready again.
     let (ok, out) = lab.margay_lab("etcd", &["stop"]);
     assert!(ok, "etcd stop: {out}");
-    let unready = eventually(150, || {
+    let unready = eventually(Duration::from_millis(30000), || {
         http_get(&rr, RR_HTTP, "/readyz").is_ok_and(|(c, b)| c == 503 && b.contains("etcd"))
     });
     assert!(
@@ -258,8 +262,10 @@ fn reflector_lab_restart_and_node_leave() {
     let (ok, out) = lab.margay_lab("etcd", &["start"]);
     assert!(ok, "etcd start: {out}");
     assert!(
-        eventually(150, || http_get(&rr, RR_HTTP, "/readyz")
-            .is_ok_and(|(c, _)| c == 200)),
+        eventually(Duration::from_millis(30000), || http_get(
+            &rr, RR_HTTP, "/readyz"
+        )
+        .is_ok_and(|(c, _)| c == 200)),
         "/readyz after etcd came back: {:?}",
         http_get(&rr, RR_HTTP, "/readyz")
     );
@@ -294,7 +300,7 @@ fn reflector_lab_restart_and_node_leave() {
     std::thread::sleep(std::time::Duration::from_secs(1));
     let (ok, out) = lab.margay_lab("restart-node", &[&n2]);
     assert!(ok, "restart-node {n2}: {out}");
-    let back_up = eventually(150, || {
+    let back_up = eventually(Duration::from_millis(30000), || {
         established_with_reflector_only(&lab, &n2).is_ok()
             && reflector_clients(&lab)
                 .map(|c| c.iter().all(|(_, s)| s == "Established"))
@@ -345,7 +351,7 @@ fn reflector_lab_restart_and_node_leave() {
     let (ok, out) = lab.margay_lab("remove-node", &[&n3]);
     assert!(ok, "remove-node {n3}: {out}");
     assert!(out.contains("Removed Node resource"), "{out}");
-    let gone = eventually(100, || {
+    let gone = eventually(Duration::from_millis(20000), || {
         [&n1, &n2]
             .iter()
             .all(|n| !proto77(n).iter().any(|(p, _)| *p == blocks[2]))
@@ -371,7 +377,7 @@ fn reflector_lab_restart_and_node_leave() {
         etcd_keys(&etcd_ns, &block_key).is_empty(),
         "{n3}'s block {block_key} is still in etcd"
     );
-    let clients = eventually(50, || {
+    let clients = eventually(Duration::from_millis(10000), || {
         reflector_clients(&lab).is_ok_and(|c| !c.iter().any(|(a, _)| *a == n3_ip.to_string()))
     });
     assert!(

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::dataplane::ns_path;
-use common::lab_core::{eventually, in_ns, Lab, LAB_ETCD};
+use common::lab::{eventually, in_ns, Lab, ETCD};
 use common::{have, require, unique, Netns};
 use margay::dataplane::{in_netns, DataplaneError};
 
@@ -134,12 +134,11 @@ fn nat_set(node: &str, set: &str) -> String {
 #[ignore = "needs root (network namespaces), etcd, iproute2 and ping: scripts/test.sh runs it (--include-ignored)"]
 fn nat_outgoing_follows_pools_live() {
     const T: &str = "nat_outgoing_follows_pools_live";
-    if !(common::lab_core::lab_prerequisites(T)
-        && require(have("nft"), T, "nftables is not installed"))
+    if !(common::lab::lab_prerequisites(T) && require(have("nft"), T, "nftables is not installed"))
     {
         return;
     }
-    let lab = Lab::up(MARGAY, "nat", 1, 1, &[]);
+    let lab = Lab::with("nat", 1, 1, &[]);
     let n1 = lab.nodes[0].0.clone();
     lab.wait_ready(&n1);
     let (pod, _, _) = lab.pods[0].clone();
@@ -222,12 +221,12 @@ fn nat_outgoing_follows_pools_live() {
     );
     let pod6 = format!("{}-v6pod", lab.name);
     let _pod6 = Netns::new(&[&pod6]);
-    let (ok, res) = lab.cni(&n1, &pod6, "ADD");
+    let (ok, res) = lab.pod_cni(&n1, &pod6, "ADD");
     assert!(ok, "CNI ADD of a dual-stack pod: {res}");
     assert!(res.contains("fd00:244:"), "no IPv6 address: {res}");
     assert_eq!(tcp_seen(&pod6, srv6.addr), Some("fd00:99::11".to_string()));
     // The pool deleted: its NAT goes with it.
-    let (ok, o) = lab.cni(&n1, &pod6, "DEL");
+    let (ok, o) = lab.pod_cni(&n1, &pod6, "DEL");
     assert!(ok, "CNI DEL: {o}");
     let (ok, o) = lab.margay_in(&n1, &["delete", "ippool", "v6"]);
     assert!(ok, "delete pool: {o}");
@@ -267,7 +266,7 @@ fn set_labels(lab: &Lab, node: &str, labels: serde_json::Value) {
         &[
             "etcdctl",
             "--endpoints",
-            LAB_ETCD,
+            ETCD,
             "get",
             &key,
             "--print-value-only",
@@ -278,14 +277,7 @@ fn set_labels(lab: &Lab, node: &str, labels: serde_json::Value) {
     v["metadata"]["labels"] = labels;
     let (ok, out) = in_ns(
         &etcd,
-        &[
-            "etcdctl",
-            "--endpoints",
-            LAB_ETCD,
-            "put",
-            &key,
-            &v.to_string(),
-        ],
+        &["etcdctl", "--endpoints", ETCD, "put", &key, &v.to_string()],
     );
     assert!(ok, "etcdctl put {key}: {out}");
 }
@@ -297,7 +289,7 @@ fn etcd_keys(lab: &Lab, prefix: &str) -> Vec<String> {
         &[
             "etcdctl",
             "--endpoints",
-            LAB_ETCD,
+            ETCD,
             "get",
             prefix,
             "--prefix",
@@ -313,7 +305,7 @@ fn etcd_keys(lab: &Lab, prefix: &str) -> Vec<String> {
 
 /// CNI ADD of a new pod `pod` on `node`; the IPv4 address it got.
 fn add_pod(lab: &Lab, node: &str, pod: &str) -> std::net::Ipv4Addr {
-    let (ok, out) = lab.cni(node, pod, "ADD");
+    let (ok, out) = lab.pod_cni(node, pod, "ADD");
     assert!(
         ok,
         "CNI ADD {pod} on {node}: {out}\n{}",
@@ -345,10 +337,10 @@ fn add_pod(lab: &Lab, node: &str, pod: &str) -> std::net::Ipv4Addr {
 #[ignore = "needs root (network namespaces), etcd, iproute2 and ping: scripts/test.sh runs it (--include-ignored)"]
 fn pools_follow_node_labels() {
     const T: &str = "pools_follow_node_labels";
-    if !common::lab_core::lab_prerequisites(T) {
+    if !common::lab::lab_prerequisites(T) {
         return;
     }
-    let lab = Lab::up(MARGAY, "lbl", 2, 1, &[]);
+    let lab = Lab::with("lbl", 2, 1, &[]);
     let (n1, n2) = (lab.nodes[0].0.clone(), lab.nodes[1].0.clone());
     lab.wait_ready(&n1);
     lab.wait_ready(&n2);
@@ -380,7 +372,7 @@ fn pools_follow_node_labels() {
                 a = Some(ip);
                 return true;
             }
-            let _ = lab.cni(&n1, &pods[0], "DEL");
+            let _ = lab.pod_cni(&n1, &pods[0], "DEL");
             false
         }),
         "n1 labelled rack=a never took from rack-a\n{}",
@@ -409,13 +401,13 @@ fn pools_follow_node_labels() {
                 c = Some(ip);
                 return true;
             }
-            let _ = lab.cni(&n1, &pods[2], "DEL");
+            let _ = lab.pod_cni(&n1, &pods[2], "DEL");
             false
         }),
         "n1 relabelled rack=b still takes from rack-a"
     );
     assert!(n1_aff("10.50."), "a block in use ({a}) was released");
-    let (ok, out) = lab.cni(&n1, &pods[0], "DEL");
+    let (ok, out) = lab.pod_cni(&n1, &pods[0], "DEL");
     assert!(ok, "{out}");
     assert!(
         eventually(Duration::from_secs(10), || !n1_aff("10.50.")),
@@ -594,10 +586,10 @@ fn pod_mtu(pod: &str) -> u32 {
 #[ignore = "needs root (network namespaces), etcd, iproute2 and ping: scripts/test.sh runs it (--include-ignored)"]
 fn pod_mtu_is_detected_from_the_node_interfaces() {
     const T: &str = "pod_mtu_is_detected_from_the_node_interfaces";
-    if !common::lab_core::lab_prerequisites(T) {
+    if !common::lab::lab_prerequisites(T) {
         return;
     }
-    let lab = Lab::up(MARGAY, "mtu", 1, 1, &[]);
+    let lab = Lab::with("mtu", 1, 1, &[]);
     let n1 = lab.nodes[0].0.clone();
     lab.wait_ready(&n1);
     assert_eq!(pod_mtu(&lab.pods[0].0), 1500);
@@ -658,7 +650,7 @@ fn pod_mtu_is_detected_from_the_node_interfaces() {
 #[ignore = "needs root (network namespaces), etcd, iproute2 and ping: scripts/test.sh runs it (--include-ignored)"]
 fn ignored_settings_are_reported_and_ipip_says_how_to_fix() {
     const T: &str = "ignored_settings_are_reported_and_ipip_says_how_to_fix";
-    if !common::lab_core::lab_prerequisites(T) {
+    if !common::lab::lab_prerequisites(T) {
         return;
     }
     // What this kernel can do, found independently of margay.
@@ -666,7 +658,7 @@ fn ignored_settings_are_reported_and_ipip_says_how_to_fix() {
     let _p = Netns::new(&[&probe]);
     let kernel_ipip = common::try_sh(&format!("ip -n {probe} link add t0 type ipip 2>&1")).0;
 
-    let lab = Lab::up(MARGAY, "ign", 1, 1, &[]);
+    let lab = Lab::with("ign", 1, 1, &[]);
     let n1 = lab.nodes[0].0.clone();
     lab.wait_ready(&n1);
     apply(
@@ -680,7 +672,7 @@ fn ignored_settings_are_reported_and_ipip_says_how_to_fix() {
         &[
             "etcdctl",
             "--endpoints",
-            LAB_ETCD,
+            ETCD,
             "put",
             "/calico/resources/v3/projectcalico.org/bgpconfigurations/default",
             r#"{"apiVersion":"projectcalico.org/v3","kind":"BGPConfiguration","metadata":{"name":"default"},"spec":{"bindMode":"NodeIP","nodeToNodeMeshEnabled":true}}"#,
@@ -746,7 +738,7 @@ fn ignored_settings_are_reported_and_ipip_says_how_to_fix() {
                 "-f",
                 "-",
                 "--etcd-endpoints",
-                LAB_ETCD,
+                ETCD,
             ])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -807,14 +799,14 @@ fn pool_mode_yaml(mode: &str) -> String {
 #[ignore = "needs root (network namespaces), etcd, iproute2 and ping: scripts/test.sh runs it (--include-ignored)"]
 fn vxlan_always_crosssubnet_never_live() {
     const T: &str = "vxlan_always_crosssubnet_never_live";
-    if !common::lab_core::lab_prerequisites(T) {
+    if !common::lab::lab_prerequisites(T) {
         return;
     }
-    let lab = Lab::up(MARGAY, "vx", 2, 1, &[]);
+    let lab = Lab::with("vx", 2, 1, &[]);
     let (n1, n2) = (lab.nodes[0].0.clone(), lab.nodes[1].0.clone());
     lab.wait_ready(&n1);
     lab.wait_ready(&n2);
-    let b2 = common::lab_core::own_block(&n2).to_string();
+    let b2 = common::lab::own_block(&n2).to_string();
     let p1 = lab
         .pods
         .iter()
@@ -844,7 +836,7 @@ fn vxlan_always_crosssubnet_never_live() {
             &[
                 "etcdctl",
                 "--endpoints",
-                LAB_ETCD,
+                ETCD,
                 "get",
                 &format!("/calico/resources/v3/projectcalico.org/nodes/{n}"),
                 "--print-value-only",
@@ -962,10 +954,10 @@ fn vxlan_always_crosssubnet_never_live() {
 #[ignore = "needs root (network namespaces), etcd, iproute2 and ping: scripts/test.sh runs it (--include-ignored)"]
 fn two_subnets_crosssubnet_encapsulates_only_across_the_router() {
     const T: &str = "two_subnets_crosssubnet_encapsulates_only_across_the_router";
-    if !common::lab_core::lab_prerequisites(T) {
+    if !common::lab::lab_prerequisites(T) {
         return;
     }
-    let lab = Lab::up(MARGAY, "sub", 3, 1, &["--subnets", "2"]);
+    let lab = Lab::with("sub", 3, 1, &["--subnets", "2"]);
     let node = |i: usize| lab.nodes[i].0.clone();
     let (n1, n2, n3) = (node(0), node(1), node(2));
     assert_eq!(lab.nodes[1].1.to_string(), "10.99.1.12");
@@ -981,8 +973,8 @@ fn two_subnets_crosssubnet_encapsulates_only_across_the_router() {
     };
     let (p1, p2, p3) = (pod(&n1), pod(&n2), pod(&n3));
     let (b2, b3) = (
-        common::lab_core::own_block(&n2).to_string(),
-        common::lab_core::own_block(&n3).to_string(),
+        common::lab::own_block(&n2).to_string(),
+        common::lab::own_block(&n3).to_string(),
     );
     let reach = |to: &(String, String, std::net::Ipv4Addr)| {
         in_ns(
@@ -1062,10 +1054,10 @@ fn two_subnets_crosssubnet_encapsulates_only_across_the_router() {
 #[ignore = "needs root (network namespaces), etcd, iproute2 and ping: scripts/test.sh runs it (--include-ignored)"]
 fn vxlan_only_backend_routes_without_bgp() {
     const T: &str = "vxlan_only_backend_routes_without_bgp";
-    if !common::lab_core::lab_prerequisites(T) {
+    if !common::lab::lab_prerequisites(T) {
         return;
     }
-    let lab = Lab::up(MARGAY, "vxo", 2, 1, &["--subnets", "2"]);
+    let lab = Lab::with("vxo", 2, 1, &["--subnets", "2"]);
     let (n1, n2) = (lab.nodes[0].0.clone(), lab.nodes[1].0.clone());
     for n in [&n1, &n2] {
         lab.restart_node_with_env(n, &[("CALICO_NETWORKING_BACKEND", "vxlan")]);
@@ -1074,7 +1066,7 @@ fn vxlan_only_backend_routes_without_bgp() {
         let s = lab.wait_ready(n);
         assert_eq!(s["peers"], serde_json::json!([]), "{n} has BGP peers: {s}");
     }
-    let b2 = common::lab_core::own_block(&n2).to_string();
+    let b2 = common::lab::own_block(&n2).to_string();
     assert!(
         eventually(Duration::from_secs(15), || proto77_text(&n1).lines().any(
             |l| l.starts_with(&format!("{b2} ")) && l.contains("dev vxlan.calico")
@@ -1112,7 +1104,7 @@ fn put(lab: &Lab, plural: &str, name: &str, json: &str) {
     let key = format!("/calico/resources/v3/projectcalico.org/{plural}/{name}");
     let (ok, out) = in_ns(
         &format!("{}-etcd", lab.name),
-        &["etcdctl", "--endpoints", LAB_ETCD, "put", &key, json],
+        &["etcdctl", "--endpoints", ETCD, "put", &key, json],
     );
     assert!(ok, "etcdctl put {key}: {out}");
 }
@@ -1132,7 +1124,7 @@ fn put(lab: &Lab, plural: &str, name: &str, json: &str) {
 #[ignore = "needs root (network namespaces), etcd, iproute2 and ping: scripts/test.sh runs it (--include-ignored)"]
 fn tor_routes_pods_across_subnets_with_recursive_next_hops() {
     const T: &str = "tor_routes_pods_across_subnets_with_recursive_next_hops";
-    if !(common::lab_core::lab_prerequisites(T)
+    if !(common::lab::lab_prerequisites(T)
         && require(
             common::bgp_peers::have_bird(),
             T,
@@ -1141,7 +1133,7 @@ fn tor_routes_pods_across_subnets_with_recursive_next_hops() {
     {
         return;
     }
-    let lab = Lab::up(MARGAY, "tor", 2, 1, &["--subnets", "2"]);
+    let lab = Lab::with("tor", 2, 1, &["--subnets", "2"]);
     let (n1, n2) = (lab.nodes[0].0.clone(), lab.nodes[1].0.clone());
     apply(&lab, &n1, &pool_mode_yaml("Never"));
     put(
@@ -1163,7 +1155,7 @@ fn tor_routes_pods_across_subnets_with_recursive_next_hops() {
             &[
                 "etcdctl",
                 "--endpoints",
-                LAB_ETCD,
+                ETCD,
                 "get",
                 &key,
                 "--print-value-only",
@@ -1174,14 +1166,7 @@ fn tor_routes_pods_across_subnets_with_recursive_next_hops() {
         v["spec"]["bgp"]["asNumber"] = serde_json::json!(64513);
         let (ok, out) = in_ns(
             &etcd,
-            &[
-                "etcdctl",
-                "--endpoints",
-                LAB_ETCD,
-                "put",
-                &key,
-                &v.to_string(),
-            ],
+            &["etcdctl", "--endpoints", ETCD, "put", &key, &v.to_string()],
         );
         assert!(ok, "{out}");
         lab.restart_node(&n2);
@@ -1197,7 +1182,7 @@ fn tor_routes_pods_across_subnets_with_recursive_next_hops() {
             ),
         );
     }
-    let b2 = common::lab_core::own_block(&n2).to_string();
+    let b2 = common::lab::own_block(&n2).to_string();
     assert!(
         eventually(Duration::from_secs(30), || bird
             .birdc(&format!("show route for {b2}"))
@@ -1251,10 +1236,10 @@ fn tor_routes_pods_across_subnets_with_recursive_next_hops() {
 #[ignore = "needs root (network namespaces), etcd, iproute2 and ping: scripts/test.sh runs it (--include-ignored)"]
 fn vxlan_ipv6_pool_goes_through_vxlan_v6() {
     const T: &str = "vxlan_ipv6_pool_goes_through_vxlan_v6";
-    if !common::lab_core::lab_prerequisites(T) {
+    if !common::lab::lab_prerequisites(T) {
         return;
     }
-    let lab = Lab::up(MARGAY, "vx6", 2, 0, &[]);
+    let lab = Lab::with("vx6", 2, 0, &[]);
     let (n1, n2) = (lab.nodes[0].0.clone(), lab.nodes[1].0.clone());
     for (n, a) in [(&n1, "fd00:99::11"), (&n2, "fd00:99::12")] {
         common::sh(&format!("ip -n {n} addr add {a}/64 dev eth0 nodad"));
@@ -1274,7 +1259,7 @@ fn vxlan_ipv6_pool_goes_through_vxlan_v6() {
     let pods = [format!("{}-a", lab.name), format!("{}-b", lab.name)];
     let _pods = Netns::new(&[&pods[0], &pods[1]]);
     let v6_of = |node: &str, pod: &str| -> std::net::Ipv6Addr {
-        let (ok, out) = lab.cni(node, pod, "ADD");
+        let (ok, out) = lab.pod_cni(node, pod, "ADD");
         assert!(ok, "CNI ADD {pod}: {out}\n{}", lab.node_logs(node));
         let v: serde_json::Value = serde_json::from_str(&out).expect("CNI result");
         v["ips"]
@@ -1310,7 +1295,7 @@ fn vxlan_ipv6_pool_goes_through_vxlan_v6() {
             &[
                 "etcdctl",
                 "--endpoints",
-                LAB_ETCD,
+                ETCD,
                 "get",
                 &format!("/calico/resources/v3/projectcalico.org/nodes/{n2}"),
                 "--print-value-only",

@@ -19,11 +19,10 @@ use crate::common;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use common::lab_core::{eventually, in_ns, run, Lab};
+use common::lab::{eventually, in_ns, run, Lab};
 use common::Netns;
 use serde_json::Value;
 
-const MARGAY: &str = env!("CARGO_BIN_EXE_margay");
 const _CNI: &str = env!("CARGO_BIN_EXE_margay-cni");
 const POOL6: &str = "fd00:244::/48";
 
@@ -53,7 +52,7 @@ fn dual_stack_pods_ping_across_nodes_over_both_families() {
     if !common::lab::lab_prerequisites(T) {
         return;
     }
-    let lab = Lab::up(MARGAY, "mgd", 2, 1, &[]);
+    let lab = Lab::with("mgd", 2, 1, &[]);
     let (n1, _) = lab.nodes[0].clone();
     let (n2, _) = lab.nodes[1].clone();
     for (node, ip6) in [(&n1, "fd99::11"), (&n2, "fd99::12")] {
@@ -80,7 +79,7 @@ fn dual_stack_pods_ping_across_nodes_over_both_families() {
             &[
                 "etcdctl",
                 "--endpoints",
-                common::lab_core::LAB_ETCD,
+                common::lab::ETCD,
                 "get",
                 &format!("/calico/resources/v3/projectcalico.org/nodes/{node}"),
                 "--print-value-only",
@@ -106,7 +105,7 @@ fn dual_stack_pods_ping_across_nodes_over_both_families() {
     let _ns = Netns::new(&[&pa, &pb]);
     let mut addrs = Vec::new();
     for (node, pod) in [(&n1, &pa), (&n2, &pb)] {
-        let (ok, out) = lab.cni(node, pod, "ADD");
+        let (ok, out) = lab.pod_cni(node, pod, "ADD");
         assert!(ok, "ADD {pod} on {node}: {out}\n{}", lab.node_logs(node));
         let r: Value = serde_json::from_str(&out).expect("CNI result");
         let ips: Vec<IpAddr> = r["ips"]
@@ -151,7 +150,7 @@ fn dual_stack_pods_ping_across_nodes_over_both_families() {
         }
     }
     for (node, pod) in [(&n1, &pa), (&n2, &pb)] {
-        let (ok, out) = lab.cni(node, pod, "DEL");
+        let (ok, out) = lab.pod_cni(node, pod, "DEL");
         assert!(ok, "DEL {pod}: {out}");
     }
 }

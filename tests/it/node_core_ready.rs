@@ -18,10 +18,9 @@ use crate::common;
 use std::time::Duration;
 
 use common::bgp_peers::{have_bird, Bird};
-use common::lab_core::{eventually, in_ns, Lab, LAB_ETCD};
+use common::lab::{eventually, in_ns, Lab, ETCD};
 use common::{have, is_root, require};
 
-const MARGAY: &str = env!("CARGO_BIN_EXE_margay");
 const _CNI: &str = env!("CARGO_BIN_EXE_margay-cni");
 
 #[test]
@@ -40,7 +39,7 @@ fn readiness_waits_for_end_of_rib_and_names_what_it_waits_for() {
     {
         return;
     }
-    let lab = Lab::up(MARGAY, "mgy", 2, 1, &[]);
+    let lab = Lab::with("mgy", 2, 1, &[]);
     let (n1, ip1) = lab.nodes[0].clone();
     let (_, ip2) = lab.nodes[1].clone();
     let (ok, out) = in_ns(
@@ -48,7 +47,7 @@ fn readiness_waits_for_end_of_rib_and_names_what_it_waits_for() {
         &[
             "etcdctl",
             "--endpoints",
-            LAB_ETCD,
+            ETCD,
             "put",
             "/calico/resources/v3/projectcalico.org/bgppeers/tor",
             r#"{"apiVersion":"projectcalico.org/v3","kind":"BGPPeer","metadata":{"name":"tor"},"spec":{"peerIP":"10.99.0.1","asNumber":65001}}"#,
@@ -117,14 +116,14 @@ fn add_path_from_the_tor_gives_the_fib_the_ecmp_set() {
     {
         return;
     }
-    let lab = Lab::up(MARGAY, "mgq", 1, 0, &[]);
+    let lab = Lab::with("mgq", 1, 0, &[]);
     let (n1, ip1) = lab.nodes[0].clone();
     let (ok, out) = in_ns(
         &format!("{}-etcd", lab.name),
         &[
             "etcdctl",
             "--endpoints",
-            LAB_ETCD,
+            ETCD,
             "put",
             "/calico/resources/v3/projectcalico.org/bgppeers/tor",
             r#"{"apiVersion":"projectcalico.org/v3","kind":"BGPPeer","metadata":{"name":"tor"},"spec":{"peerIP":"10.99.0.1","asNumber":65001}}"#,

@@ -19,11 +19,10 @@ use crate::common;
 
 use std::time::Duration;
 
-use common::lab_core::{eventually, in_ns, own_block, proto77, Lab, LAB_ETCD};
+use common::lab::{eventually, in_ns, own_block, proto77, Lab, ETCD};
 use common::{have, is_root, require};
 use serde_json::{json, Value};
 
-const MARGAY: &str = env!("CARGO_BIN_EXE_margay");
 const _CNI: &str = env!("CARGO_BIN_EXE_margay-cni");
 
 fn key(plural: &str, name: &str) -> String {
@@ -32,7 +31,7 @@ fn key(plural: &str, name: &str) -> String {
 
 fn etcdctl(lab: &Lab, args: &[&str]) -> String {
     let ns = format!("{}-etcd", lab.name);
-    let mut all = vec!["etcdctl", "--endpoints", LAB_ETCD];
+    let mut all = vec!["etcdctl", "--endpoints", ETCD];
     all.extend_from_slice(args);
     let (ok, out) = in_ns(&ns, &all);
     assert!(ok, "etcdctl {args:?}: {out}");
@@ -70,7 +69,7 @@ fn node_with_cluster_id_reflects_for_its_clients_with_the_mesh_off() {
     {
         return;
     }
-    let lab = Lab::up(MARGAY, "mgf", 3, 1, &[]);
+    let lab = Lab::with("mgf", 3, 1, &[]);
     let (n1, ip1) = lab.nodes[0].clone();
     let (n2, ip2) = lab.nodes[1].clone();
     let (n3, ip3) = lab.nodes[2].clone();

@@ -22,7 +22,7 @@ use crate::common;
 
 use std::time::Duration;
 
-use common::lab_core::{eventually, in_ns, own_block, proto77, Lab};
+use common::lab::{eventually, in_ns, own_block, proto77, Lab};
 use nix::sys::signal::Signal;
 
 const MARGAY: &str = env!("CARGO_BIN_EXE_margay");
@@ -36,7 +36,7 @@ fn restarted_node_sweeps_the_block_of_a_node_removed_while_it_was_down() {
     if !common::lab::lab_prerequisites(T) {
         return;
     }
-    let lab = Lab::up(MARGAY, "mgr", 3, 2, &[]);
+    let lab = Lab::with("mgr", 3, 2, &[]);
     let (a, _) = lab.nodes[0].clone();
     let (b, b_ip) = lab.nodes[1].clone();
     let (c, c_ip) = lab.nodes[2].clone();
@@ -128,7 +128,7 @@ fn routes_of_a_peer_not_back_yet_are_held_not_swept() {
     if !common::lab::lab_prerequisites(T) {
         return;
     }
-    let lab = Lab::up(MARGAY, "mgh", 2, 1, &[]);
+    let lab = Lab::with("mgh", 2, 1, &[]);
     let (a, _) = lab.nodes[0].clone();
     let (b, b_ip) = lab.nodes[1].clone();
     let block_b = own_block(&b);
@@ -252,7 +252,7 @@ fn a_killed_rib_or_fib_task_fails_healthz_and_exits_nonzero() {
     if !common::lab::lab_prerequisites(T) {
         return;
     }
-    let lab = Lab::up(MARGAY, "mgk", 2, 1, &[]);
+    let lab = Lab::with("mgk", 2, 1, &[]);
     let (a, a_ip) = lab.nodes[0].clone();
     let (b, _) = lab.nodes[1].clone();
     lab.wait_ready(&a);
@@ -292,7 +292,7 @@ fn a_killed_rib_or_fib_task_fails_healthz_and_exits_nonzero() {
                 "--ip",
                 &a_ip.to_string(),
                 "--etcd-endpoints",
-                common::lab_core::LAB_ETCD,
+                common::lab::ETCD,
             ])
             .arg("--cni-socket")
             .arg(&sock)
@@ -399,14 +399,14 @@ fn node_sets_the_restart_bit_after_a_restart_not_on_first_start() {
     {
         return;
     }
-    let lab = Lab::up(MARGAY, "mgb", 1, 0, &[]);
+    let lab = Lab::with("mgb", 1, 0, &[]);
     let (n1, ip1) = lab.nodes[0].clone();
     let (ok, out) = in_ns(
         &format!("{}-etcd", lab.name),
         &[
             "etcdctl",
             "--endpoints",
-            common::lab_core::LAB_ETCD,
+            common::lab::ETCD,
             "put",
             "/calico/resources/v3/projectcalico.org/bgppeers/tor",
             r#"{"apiVersion":"projectcalico.org/v3","kind":"BGPPeer","metadata":{"name":"tor"},"spec":{"peerIP":"10.99.0.1","asNumber":65001}}"#,
@@ -491,7 +491,7 @@ fn a_changed_node_address_is_followed_by_the_node_resource_and_the_peers() {
     if !common::lab::lab_prerequisites(T) {
         return;
     }
-    let lab = Lab::up(MARGAY, "mga", 2, 1, &[]);
+    let lab = Lab::with("mga", 2, 1, &[]);
     let (a, a_ip) = lab.nodes[0].clone();
     let (b, _) = lab.nodes[1].clone();
     let block_a = own_block(&a);
@@ -514,7 +514,7 @@ fn a_changed_node_address_is_followed_by_the_node_resource_and_the_peers() {
                 &a,
             ])
             .args(["--ip-autodetection-method", "cidr=10.99.0.0/24"])
-            .args(["--etcd-endpoints", common::lab_core::LAB_ETCD])
+            .args(["--etcd-endpoints", common::lab::ETCD])
             .arg("--cni-socket")
             .arg(&sock)
             // Calico's way of saying it.
@@ -577,7 +577,7 @@ fn a_changed_node_address_is_followed_by_the_node_resource_and_the_peers() {
                 &[
                     "etcdctl",
                     "--endpoints",
-                    common::lab_core::LAB_ETCD,
+                    common::lab::ETCD,
                     "get",
                     &node_key,
                     "--print-value-only",

@@ -16,9 +16,8 @@ use crate::common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::lab_core::Lab;
+use common::lab::Lab;
 
-const MARGAY: &str = env!("CARGO_BIN_EXE_margay");
 const _CNI: &str = env!("CARGO_BIN_EXE_margay-cni");
 /// 20 s of flood: the restart and the convergence after it happen well inside it (checked below).
 const PACKETS: u32 = 20000;
@@ -40,7 +39,7 @@ fn daemon_restart_under_1000_pps_loses_nothing() {
     if !common::lab::lab_prerequisites(T) {
         return;
     }
-    let lab = Lab::up(MARGAY, "mgp", 2, 1, &[]);
+    let lab = Lab::with("mgp", 2, 1, &[]);
     let (n2, _) = lab.nodes[1].clone();
     let (p1, _, _) = lab
         .pods

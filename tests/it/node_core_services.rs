@@ -22,20 +22,16 @@ use crate::common;
 use std::time::Duration;
 
 use common::bgp_peers::{have_bird, Bird};
-use common::lab_core::{eventually, in_ns, Lab, LAB_ETCD};
+use common::lab::{eventually, in_ns, Lab, ETCD};
 use common::{have, is_root, require};
 
-const MARGAY: &str = env!("CARGO_BIN_EXE_margay");
 const _CNI: &str = env!("CARGO_BIN_EXE_margay-cni");
 
 /// Put a v3 resource straight into the lab's etcd (the CLI's apply knows pools and IPAM configuration only).
 fn put(lab: &Lab, plural: &str, name: &str, json: &str) {
     let key = format!("/calico/resources/v3/projectcalico.org/{plural}/{name}");
     let ns = format!("{}-etcd", lab.name);
-    let (ok, out) = in_ns(
-        &ns,
-        &["etcdctl", "--endpoints", LAB_ETCD, "put", &key, json],
-    );
+    let (ok, out) = in_ns(&ns, &["etcdctl", "--endpoints", ETCD, "put", &key, json]);
     assert!(ok, "etcdctl put {key}: {out}");
 }
 
@@ -74,7 +70,7 @@ fn service_cidrs_are_originated_by_every_node_and_withdrawn_live() {
     {
         return;
     }
-    let lab = Lab::up(MARGAY, "mgs", 2, 1, &[]);
+    let lab = Lab::with("mgs", 2, 1, &[]);
     let br = format!("{}-br", lab.name);
     let mut conf = String::from("router id 10.99.0.1;\nprotocol device {}\n");
     for (i, (_, ip)) in lab.nodes.iter().enumerate() {

@@ -19,6 +19,7 @@
 //! under CI=true).
 
 use crate::common;
+use std::time::Duration;
 
 use std::net::Ipv4Addr;
 
@@ -169,7 +170,7 @@ fn three_node_full_mesh_lab() {
     let (n3, _) = nodes[2].clone();
     let (ok, out) = lab.margay_lab("remove-node", &[&n3]);
     assert!(ok, "remove-node {n3}: {out}");
-    let gone = eventually(100, || {
+    let gone = eventually(Duration::from_millis(20000), || {
         nodes[..2]
             .iter()
             .all(|(n, _)| !proto77(n).iter().any(|(p, _)| *p == blocks[&n3]))

@@ -13,7 +13,7 @@ use std::fs;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::{have, sh, try_sh, unique, Netns};
 
@@ -78,20 +78,7 @@ where
     }
 }
 
-/// Poll `f` every 200 ms until it returns Some; panic with `what` (and the last observation) if that
-/// takes longer than `limit`. A hang guard, not a speed assertion: limits are generous.
-pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Result<T, String>) -> T {
-    let start = Instant::now();
-    let mut last = String::new();
-    while start.elapsed() < limit {
-        match f() {
-            Ok(v) => return v,
-            Err(s) => last = s,
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    panic!("gave up waiting for {what} after {limit:?}; last seen:\n{last}");
-}
+pub use super::wait_for;
 
 /// A process we started; SIGKILLed (by PID) on drop.
 struct Proc {

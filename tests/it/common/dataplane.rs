@@ -5,7 +5,7 @@
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::{sh, try_sh};
 
@@ -21,21 +21,6 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .expect("tokio runtime")
-}
-
-/// Poll `f` every 50 ms until it is true or `limit` passes. A generous limit is a correctness bound, not a
-/// speed assertion.
-pub fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    loop {
-        if f() {
-            return true;
-        }
-        if start.elapsed() > limit {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// `ip -n NS monitor route` running in the background, its output in a temp file. Markers (a static
@@ -68,13 +53,13 @@ impl RouteMonitor {
         };
         // The first marker proves the monitor is listening.
         assert!(
-            wait_for(Duration::from_secs(10), || {
+            super::eventually(Duration::from_secs(10), || {
                 let n = m.markers;
                 m.markers += 1;
                 let (ok, _) = try_sh(&format!(
                     "ip -n {ns} route add blackhole {MARKER}{n}/32 proto static && ip -n {ns} route del blackhole {MARKER}{n}/32 proto static"
                 ));
-                ok && wait_for(Duration::from_millis(300), || {
+                ok && super::eventually(Duration::from_millis(300), || {
                     m.text().contains(&format!("{MARKER}{n}"))
                 })
             }),
@@ -100,7 +85,7 @@ impl RouteMonitor {
         ));
         let tag = format!("Deleted blackhole {MARKER}{n} ");
         assert!(
-            wait_for(Duration::from_secs(10), || self.text().contains(&tag)),
+            super::eventually(Duration::from_secs(10), || self.text().contains(&tag)),
             "marker {n} never arrived"
         );
         let text = self.text();

@@ -1,6 +1,6 @@
-//! Helpers for the tests that run a whole `margay lab` (tests/lab_*.rs): bring it up under a unique name
-//! with a guard that runs `margay lab down` on drop (also on panic), read its state, run commands in its
-//! namespaces, and read `margay status` and margay's kernel routes.
+//! The one lab handle of the tests: bring a `margay lab` up under a unique name with a guard that runs
+//! `margay lab down` on drop (also on panic), read its nodes and pods, stop and restart daemons, run
+//! margay-cni and commands in its namespaces, read `margay status` and margay's kernel routes.
 #![allow(dead_code)]
 
 use std::net::Ipv4Addr;
@@ -11,11 +11,23 @@ use std::time::Duration;
 use ipnetwork::Ipv4Network;
 use serde_json::Value;
 
+pub use super::eventually;
 use super::{have, is_root, require};
 
 pub const MARGAY: &str = env!("CARGO_BIN_EXE_margay");
 /// The lab's etcd, as seen from inside its namespaces.
 pub const ETCD: &str = "http://10.99.0.2:2379";
+
+/// The node's own block: its one blackhole route of margay's protocol in namespace `ns`.
+pub fn own_block(ns: &str) -> Ipv4Network {
+    let own: Vec<Ipv4Network> = proto77(ns)
+        .into_iter()
+        .filter(|(_, via)| via.is_none())
+        .map(|(p, _)| p)
+        .collect();
+    assert_eq!(own.len(), 1, "{ns} should own one block: {own:?}");
+    own[0]
+}
 
 /// The prerequisites of a lab (root, etcd, etcdctl, ip, ping); false (SKIP) or a panic under CI.
 pub fn lab_prerequisites(test: &str) -> bool {
@@ -57,7 +69,18 @@ impl Lab {
     /// `margay lab up` with `flags` under a name unique to this process and `tag`; panics (with the logs)
     /// when it fails.
     pub fn up(tag: &str, flags: &[&str]) -> Lab {
-        let name = format!("mg{tag}{}", std::process::id() % 100000);
+        Lab::start(format!("mg{tag}{}", std::process::id() % 100000), flags)
+    }
+
+    /// `margay lab up --nodes N --pods P` plus `extra` flags, under the name `<tag><pid % 10000>`.
+    pub fn with(tag: &str, nodes: usize, pods: usize, extra: &[&str]) -> Lab {
+        let (n, p) = (nodes.to_string(), pods.to_string());
+        let mut flags = vec!["--nodes", n.as_str(), "--pods", p.as_str()];
+        flags.extend_from_slice(extra);
+        Lab::start(format!("{tag}{}", std::process::id() % 10000), &flags)
+    }
+
+    fn start(name: String, flags: &[&str]) -> Lab {
         // Every test module shares one process: two labs under one name would tear each other down.
         assert_eq!(
             super::claim(&format!("lab:{name}")),
@@ -79,7 +102,6 @@ impl Lab {
         lab
     }
 
-    /// Run `margay lab CMD ARGS... --name N --state-dir S`.
     pub fn margay_lab(&self, cmd: &str, args: &[&str]) -> (bool, String) {
         run(Command::new(MARGAY)
             .args(["lab", cmd])
@@ -197,6 +219,107 @@ impl Lab {
     pub fn state_path(&self, p: &str) -> PathBuf {
         self.state.join(p)
     }
+
+    /// The text of every daemon log of `node` whose file name starts with `<node>` (first run and restarts).
+    pub fn node_logs(&self, node: &str) -> String {
+        let mut s = String::new();
+        if let Ok(d) = std::fs::read_dir(&self.state) {
+            for e in d.flatten() {
+                let f = e.file_name().to_string_lossy().to_string();
+                if f.starts_with(node) && f.ends_with(".log") {
+                    s.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
+                }
+            }
+        }
+        s
+    }
+
+    /// The PID of `node`'s daemon, from the lab's PID file.
+    pub fn daemon_pid(&self, node: &str) -> i32 {
+        std::fs::read_to_string(self.state.join(format!("{node}.pid")))
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no PID file for {node}'s daemon"))
+    }
+
+    /// Send `sig` to `node`'s daemon and wait (bounded) until it has exited.
+    pub fn stop_daemon(&self, node: &str, sig: nix::sys::signal::Signal) {
+        use nix::sys::signal::kill;
+        use nix::unistd::Pid;
+        let pid = Pid::from_raw(self.daemon_pid(node));
+        kill(pid, sig).unwrap_or_else(|e| panic!("signal {sig} to {node}'s daemon: {e}"));
+        for _ in 0..200 {
+            if kill(pid, None).is_err() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("{node}'s daemon (pid {pid}) did not exit after {sig}");
+    }
+
+    /// `margay lab restart-node NODE` (also starts a daemon that is not running).
+    pub fn restart_node(&self, node: &str) {
+        self.restart_node_with_env(node, &[]);
+    }
+
+    /// `margay lab restart-node NODE` with extra environment for the new daemon (it inherits it).
+    pub fn restart_node_with_env(&self, node: &str, env: &[(&str, &str)]) {
+        let mut cmd = Command::new(MARGAY);
+        cmd.args([
+            "lab",
+            "restart-node",
+            node,
+            "--name",
+            &self.name,
+            "--state-dir",
+        ])
+        .arg(&self.state);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let (ok, out) = run(&mut cmd);
+        assert!(ok, "lab restart-node {node}: {out}");
+    }
+
+    /// `margay <args> --etcd-endpoints <lab etcd>` run inside `node`'s namespace.
+    pub fn margay_in(&self, node: &str, args: &[&str]) -> (bool, String) {
+        let mut all: Vec<&str> = vec![MARGAY];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--etcd-endpoints", ETCD]);
+        in_ns(node, &all)
+    }
+
+    /// `margay status -o json` of `node`'s daemon.
+    pub fn status(&self, node: &str) -> Option<Value> {
+        let (ok, out) = in_ns(node, &[MARGAY, "status", "-o", "json"]);
+        ok.then(|| serde_json::from_str(&out).ok()).flatten()
+    }
+
+    /// Poll (bounded) until `node` reports ready; returns the last status.
+    pub fn wait_ready(&self, node: &str) -> Value {
+        let mut last = None;
+        for _ in 0..600 {
+            last = self.status(node);
+            if last.as_ref().is_some_and(|s| s["ready"]["ready"] == true) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let last = last.unwrap_or(Value::Null);
+        assert_eq!(
+            last["ready"]["ready"],
+            true,
+            "{node} never became ready: {last}\n{}",
+            self.node_logs(node)
+        );
+        last
+    }
+
+    /// Run the lab's margay-cni for `pod` on `node` with `command` and the lab's own configuration (as the
+    /// lab's runtime does).
+    pub fn pod_cni(&self, node: &str, pod: &str, command: &str) -> (bool, String) {
+        self.cni(node, pod, command, &self.cni_conf(node).to_string(), &[])
+    }
 }
 
 /// Nodes (name, address) and pods (name, node, address) as `margay lab up` recorded them in `<state>/lab.json`.
@@ -283,18 +406,6 @@ pub fn status_json(ns: &str, endpoint: Option<&str>) -> Result<Value, String> {
         return Err(out);
     }
     serde_json::from_str(&out).map_err(|e| format!("{e}: {out}"))
-}
-
-/// Poll `f` every 200 ms up to `tries` times until it is true; returns its last answer. The caller asserts
-/// on the state (never on the time it took).
-pub fn eventually(tries: usize, mut f: impl FnMut() -> bool) -> bool {
-    for _ in 0..tries {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    f()
 }
 
 /// ping's own summary: (transmitted, received).

@@ -130,6 +130,54 @@ impl Drop for Netns {
     }
 }
 
+/// Poll `f` every 50 ms until it holds or `limit` passes; false if it never held. The one polling helper
+/// of the tests: a generous limit is a hang guard, not a speed assertion (timing belongs to benchmarks).
+pub fn eventually(limit: std::time::Duration, f: impl FnMut() -> bool) -> bool {
+    poll_every(limit, std::time::Duration::from_millis(50), f)
+}
+
+/// The loop under [`eventually`] and [`wait_for`]: `f` every `every` until it holds or `limit` passes.
+fn poll_every(
+    limit: std::time::Duration,
+    every: std::time::Duration,
+    mut f: impl FnMut() -> bool,
+) -> bool {
+    let end = std::time::Instant::now() + limit;
+    loop {
+        if f() {
+            return true;
+        }
+        if std::time::Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(every);
+    }
+}
+
+/// [`eventually`] for an observation: poll `f` until it returns Ok and give its value; panic naming `what`
+/// and the last reason `f` gave when `limit` passes. Every 200 ms: observations here run commands
+/// (`birdc`, `gobgp`, `vtysh`).
+pub fn wait_for<T>(
+    what: &str,
+    limit: std::time::Duration,
+    mut f: impl FnMut() -> Result<T, String>,
+) -> T {
+    let mut last = String::new();
+    let mut value = None;
+    poll_every(limit, std::time::Duration::from_millis(200), || match f() {
+        Ok(v) => {
+            value = Some(v);
+            true
+        }
+        Err(why) => {
+            last = why;
+            false
+        }
+    });
+    value
+        .unwrap_or_else(|| panic!("gave up waiting for {what} after {limit:?}; last seen:\n{last}"))
+}
+
 /// A free TCP port on 127.0.0.1 (bound and released; good enough for tests that start a server next).
 pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
@@ -140,7 +188,6 @@ pub mod dataplane;
 
 pub mod etcd;
 pub mod lab;
-pub mod lab_core;
 pub mod podman;
 pub mod reflector;
 pub mod wire;
