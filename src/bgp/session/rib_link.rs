@@ -74,6 +74,7 @@ pub fn peer_info(cfg: &PeerConfig, role: &RibRole, n: &Negotiated) -> PeerInfo {
         }),
         families: n.families.clone(),
         add_path_rx: n.add_path_rx.clone(),
+        add_path_tx: n.add_path_tx.clone(),
         max_prefixes: role.max_prefixes,
         allow_local_as: role.allow_local_as,
     }
