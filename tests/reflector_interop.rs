@@ -733,9 +733,8 @@ protocol bgp rr4 {{
   neighbor {RR_V4} as {RR_AS};
   hold time 6;
   connect delay time 1; connect retry time 1; error wait time 1, 2;
-  gateway recursive;
   graceful restart on;
-  ipv4 {{ import all; export where source = RTS_STATIC; {add_paths} }};
+  ipv4 {{ import all; export where source = RTS_STATIC; gateway recursive; {add_paths} }};
 }}
 "#
     )
