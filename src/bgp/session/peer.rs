@@ -198,6 +198,8 @@ enum WriteMsg {
 }
 
 struct Conn {
+    /// Our address on this connection (RFC 4271 6.3: a NEXT_HOP equal to it is semantically incorrect).
+    local: Option<IpAddr>,
     /// Whether extended messages (RFC 8654) were negotiated on this connection: the reader frames the
     /// stream against the negotiated maximum, so an over-long header is answered at once (RFC 4271 6.1).
     extended: Arc<AtomicBool>,
@@ -563,7 +565,9 @@ impl PeerTask {
     }
 
     fn start_io(&mut self, id: ConnId, stream: TcpStream) {
+        // Best effort: Nagle only delays our small control messages, it breaks nothing.
         let _ = stream.set_nodelay(true);
+        let local = stream.local_addr().ok().map(|a| a.ip().to_canonical());
         let (rd, wr) = stream.into_split();
         // Unbounded on purpose: OPEN, KEEPALIVE and NOTIFICATION are a handful of small messages per
         // session, and they must be queued without waiting behind UPDATE data (the bounded `data` queue),
@@ -582,6 +586,7 @@ impl PeerTask {
         self.conns.insert(
             id,
             Conn {
+                local,
                 extended,
                 control: control_tx,
                 data: data_tx,
@@ -691,6 +696,15 @@ impl PeerTask {
                                 let _ = self.events.send(ev).await;
                             } else {
                                 self.count_prefixes(&u);
+                                let mut u = u;
+                                let local = self.conns.get(&id).and_then(|c| c.local);
+                                for (family, nlri) in own_next_hop(&mut u, local) {
+                                    // RFC 4271 6.3: "the route SHOULD be ignored", no NOTIFICATION.
+                                    // Withdrawn, so an earlier announcement of it goes as well.
+                                    tracing::warn!(peer = %self.cfg.peer_addr, %family, prefixes = ?nlri.iter().map(|n| n.prefix).collect::<Vec<_>>(),
+                                        "UPDATE with our own address as next hop: routes ignored (RFC 4271 6.3)");
+                                    batch.push(withdraw_update(family, nlri));
+                                }
                                 batch.push(u);
                             }
                         }
@@ -720,7 +734,7 @@ impl PeerTask {
                     }
                 }
                 Err(e) if e.action() == Rfc7606Action::TreatAsWithdraw && established => {
-                    tracing::warn!(peer = %self.cfg.peer_addr, "malformed UPDATE: {e}");
+                    log_malformed(self.cfg.peer_addr, &e, &frame);
                     self.counters.updates_in += 1;
                     saw_update = true;
                     for (family, nlri) in e.withdrawals().unwrap_or_default() {
@@ -739,6 +753,9 @@ impl PeerTask {
                     let (code, subcode, data) = e.notification();
                     let peer = self.cfg.peer_addr;
                     let t = frame.get(18).copied().unwrap_or(0);
+                    if t == 2 && !e.is_header_error() {
+                        log_malformed(peer, &e, &frame);
+                    }
                     let (ev, what): (fn(ConnId, MessageError) -> Event, &str) =
                         if e.is_header_error() {
                             (Event::BgpHeaderErr, "message")
@@ -886,6 +903,39 @@ impl PeerTask {
         // The select loop only takes commands when there is room, so this rarely waits.
         let _ = data.send(bytes).await;
     }
+}
+
+/// The routes of `u` whose next hop is `local`, our own address on the session (RFC 4271 6.3 semantic
+/// check (a)), taken out of `u`, per family.
+fn own_next_hop(
+    u: &mut Update,
+    local: Option<IpAddr>,
+) -> Vec<(Family, Vec<crate::bgp::wire::Nlri>)> {
+    let Some(local) = local else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    if !u.nlri.is_empty() && u.attributes.next_hop.map(IpAddr::V4) == Some(local) {
+        out.push((Family::IPV4_UNICAST, std::mem::take(&mut u.nlri)));
+    }
+    if let Some(r) = u.attributes.mp_reach.as_mut() {
+        if !r.nlri.is_empty() && r.next_hop.first().map(|a| a.to_canonical()) == Some(local) {
+            out.push((r.family, std::mem::take(&mut r.nlri)));
+        }
+    }
+    out
+}
+
+/// RFC 7606 6: a malformed UPDATE is logged with the prefixes involved and the whole message, so the
+/// cause can be traced to the router that built it.
+fn log_malformed(peer: IpAddr, e: &crate::bgp::wire::DecodeError, frame: &[u8]) {
+    let prefixes: Vec<String> = e
+        .withdrawals()
+        .unwrap_or_default()
+        .iter()
+        .flat_map(|(_, v)| v.iter().map(|n| n.prefix.to_string()))
+        .collect();
+    tracing::warn!(%peer, action = ?e.action(), ?prefixes, update = %hex::encode(frame), "malformed UPDATE: {e}");
 }
 
 fn withdraw_update(family: Family, nlri: Vec<crate::bgp::wire::Nlri>) -> Update {
