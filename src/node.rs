@@ -100,8 +100,14 @@ pub struct NodeArgs {
     pub ip: Option<NodeIp>,
     /// The node's IPv6 address: the next hop of its IPv6 routes (pod blocks of IPv6 pools), carried over the
     /// IPv4 sessions (MP-BGP). Without it, IPv6 blocks are blackholed locally but not advertised.
-    #[arg(long, env = "IP6")]
-    pub ip6: Option<std::net::Ipv6Addr>,
+    /// `autodetect` finds it with --ip6-autodetection-method and re-checks it every --ip-recheck-interval, as
+    /// Calico's IP6=autodetect; `none` or unset: no IPv6 address.
+    #[arg(long, env = "IP6", value_parser = parse_node_ip6)]
+    pub ip6: Option<NodeIp6>,
+    /// How IP6=autodetect finds the address (Calico's IP6_AUTODETECTION_METHOD): first-found,
+    /// interface=REGEX[,REGEX] or skip-interface=REGEX[,REGEX].
+    #[arg(long, env = "IP6_AUTODETECTION_METHOD", default_value = "first-found", value_parser = crate::dataplane::autodetect::parse_method)]
+    pub ip6_autodetection_method: crate::dataplane::autodetect::Method,
     /// How to find the node address when --ip is not given (Calico's IP_AUTODETECTION_METHOD): first-found,
     /// interface=REGEX[,REGEX], skip-interface=REGEX[,REGEX], can-reach=IP|HOSTNAME or cidr=CIDR[,CIDR].
     #[arg(long, env = "MARGAY_IP_AUTODETECTION_METHOD", default_value = "first-found", value_parser = crate::dataplane::autodetect::parse_method)]
@@ -188,6 +194,33 @@ impl NodeIp {
             NodeIp::Autodetect => None,
         }
     }
+}
+
+/// `--ip6` / `IP6` as Calico takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeIp6 {
+    Address(std::net::Ipv6Addr),
+    /// Found by the IPv6 autodetection method (and re-checked).
+    Autodetect,
+    /// `none`: the node has no IPv6 address.
+    None,
+}
+
+/// `fd00::1`, `fd00::1/64`, `autodetect` or `none` (an empty value is `none`).
+pub fn parse_node_ip6(s: &str) -> Result<NodeIp6, String> {
+    let t = s.trim();
+    if t.eq_ignore_ascii_case("autodetect") {
+        return Ok(NodeIp6::Autodetect);
+    }
+    if t.is_empty() || t.eq_ignore_ascii_case("none") {
+        return Ok(NodeIp6::None);
+    }
+    t.split('/')
+        .next()
+        .unwrap_or(t)
+        .parse::<std::net::Ipv6Addr>()
+        .map(NodeIp6::Address)
+        .map_err(|_| format!("{s:?} is not an IPv6 address, \"autodetect\" or \"none\""))
 }
 
 /// `10.0.0.1`, `10.0.0.1/24` (Calico accepts the CIDR form; the prefix length is read from the interface)
@@ -567,9 +600,21 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         .datastore()
         .map_err(|e| anyhow::anyhow!("etcd at {endpoints}: {e}"))?;
     let on_etcd = |e: anyhow::Error| anyhow::anyhow!("etcd at {endpoints}: {e:#}");
-    let ipv6 = args
-        .ip6
-        .map(|a| (a, prefix_len_on_interfaces(netns.as_deref(), a.into())));
+    let ip6_autodetected = args.ip6 == Some(NodeIp6::Autodetect);
+    let ipv6 = match args.ip6 {
+        Some(NodeIp6::Address(a)) => {
+            Some((a, prefix_len_on_interfaces(netns.as_deref(), a.into())))
+        }
+        Some(NodeIp6::Autodetect) => Some(
+            crate::dataplane::autodetect::detect_ipv6(
+                &args.ip6_autodetection_method,
+                netns.as_deref(),
+            )
+            .context("IP6=autodetect")?,
+        ),
+        Some(NodeIp6::None) | None => None,
+    };
+    let ip6 = ipv6.map(|(a, _)| a);
     register_node_with(&ds, &name, ip, prefix_len, ipv6, args.as_number)
         .await
         .map_err(on_etcd)?;
@@ -613,7 +658,7 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         &load_pools(&ds).await.map_err(on_etcd)?,
         &name,
         kernel_has_ipip,
-        args.ip6.is_some(),
+        ip6.is_some(),
         &dp_status,
     );
     let id = Identity {
@@ -624,12 +669,12 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         ip,
         asn,
         cluster_id,
-        ip6: args.ip6,
+        ip6,
         forwarding_preserved: false,
         secrets_dir: args.bgp_secrets_dir.clone(),
         restarting: run_marker(&args),
     };
-    if args.ip6.is_none() && args.ipv6_pool_cidr.is_some() {
+    if ip6.is_none() && args.ipv6_pool_cidr.is_some() {
         tracing::warn!(
             "an IPv6 pool without --ip6/IP6: IPv6 pod blocks are not advertised to peers"
         );
@@ -722,7 +767,7 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         ipam.clone(),
         &name,
         (ip, prefix_len),
-        args.ip6,
+        ip6,
         netns.clone(),
         dp_status.clone(),
     );
@@ -740,6 +785,7 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     let refresh = Arc::new(Notify::new());
     // The node's address as the address monitor last found it (fixed with --ip).
     let (addr_tx, addr_rx) = watch::channel(ip);
+    let (addr6_tx, addr6_rx) = watch::channel(ip6);
     let adverts = task::spawn(
         "advertise",
         advertise_blocks(
@@ -770,8 +816,25 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         drop(affinity_routes_tx);
         task::spawn(
             "peer-loop",
-            peer_loop(feed, id.clone(), spk.clone(), applied_tx, addr_rx),
+            peer_loop(feed, id.clone(), spk.clone(), applied_tx, addr_rx, addr6_rx),
         )
+    };
+    // IP6=autodetect is re-checked as IP=autodetect is; a fixed (or no) IPv6 address keeps the sender.
+    let (monitor6, _fixed_addr6) = if ip6_autodetected && args.ip_recheck_interval > 0 {
+        let m = task::spawn(
+            "address-monitor-v6",
+            monitor_address6(
+                ds.clone(),
+                name.clone(),
+                args.ip6_autodetection_method.clone(),
+                netns.clone(),
+                Duration::from_secs(args.ip_recheck_interval),
+                addr6_tx,
+            ),
+        );
+        (Some(m), None)
+    } else {
+        (None, Some(addr6_tx))
     };
     // Without the monitor the sender is kept, so the receivers' `changed()` waits instead of failing.
     let autodetected = args.ip.and_then(NodeIp::fixed).is_none();
@@ -927,7 +990,7 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     {
         sup.watch(t.watch());
     }
-    if let Some(m) = &monitor {
+    for m in monitor.iter().chain(monitor6.iter()) {
         sup.watch(m.watch());
     }
     let rib_tx = spk.rib();
@@ -1013,6 +1076,7 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     };
     drop(supervised);
     let cleanup = async move {
+        // Nobody listening for the stop means the HTTP server has already ended: nothing to stop.
         let _ = stop_tx.send(());
         // Wait for the aborted tasks to drop what they hold, so the speaker handle is ours alone again.
         for t in [peers, adverts, learned, converging, http]
@@ -1021,6 +1085,7 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
             .chain(cluster_tasks)
             .chain(mtu_task)
             .chain(monitor)
+            .chain(monitor6)
         {
             t.stop().await;
         }
@@ -1158,20 +1223,22 @@ async fn advertise_blocks(
                 }
                 if !new.is_empty() {
                     tracing::info!(prefixes = %prefix_list(&new), "advertising");
-                    let _ = rib
-                        .send(RibInput::Originate {
-                            prefixes: new,
-                            attrs: attrs.clone(),
-                        })
-                        .await;
+                    let input = RibInput::Originate {
+                        prefixes: new,
+                        attrs: attrs.clone(),
+                    };
+                    if !to_rib(&rib, input, "advertise").await {
+                        return;
+                    }
                 }
                 if !gone.is_empty() {
                     tracing::info!(prefixes = %prefix_list(&gone), "withdrawing");
-                    let _ = rib
-                        .send(RibInput::WithdrawLocal {
-                            prefixes: gone.clone(),
-                        })
-                        .await;
+                    let input = RibInput::WithdrawLocal {
+                        prefixes: gone.clone(),
+                    };
+                    if !to_rib(&rib, input, "advertise").await {
+                        return;
+                    }
                     let gone_blocks: Vec<IpNetwork> =
                         gone.into_iter().filter(|g| blocks.contains(g)).collect();
                     if !gone_blocks.is_empty() {
@@ -1193,6 +1260,19 @@ async fn advertise_blocks(
     }
 }
 
+/// Hand `input` to the RIB task. False when its inbox is closed: the RIB task has ended, which the supervisor
+/// reports before it stops the daemon; the calling task (`task`) logs that it stops too and returns.
+async fn to_rib(rib: &mpsc::Sender<RibInput>, input: RibInput, task: &str) -> bool {
+    if rib.send(input).await.is_err() {
+        tracing::error!(
+            task,
+            "the RIB task is gone: this task stops too (the supervisor stops the daemon)"
+        );
+        return false;
+    }
+    true
+}
+
 /// Re-derive the peers and the service prefixes from every snapshot the configuration feed publishes (and
 /// when a mounted password Secret changes); apply only what changed. No etcd request is made here.
 async fn peer_loop(
@@ -1201,6 +1281,7 @@ async fn peer_loop(
     spk: Arc<SpeakerHandle>,
     applied: watch::Sender<bool>,
     mut addr: watch::Receiver<Ipv4Addr>,
+    mut addr6: watch::Receiver<Option<std::net::Ipv6Addr>>,
 ) {
     let mut current: Option<Vec<DesiredPeer>> = None;
     let mut services: BTreeSet<IpNetwork> = BTreeSet::new();
@@ -1223,6 +1304,11 @@ async fn peer_loop(
                 ..Default::default()
             });
             services.clear();
+        }
+        // The same for the IPv6 address: the peers' IPv6 next hop (and so the sessions) follow it; the
+        // other nodes re-peer with it from our Node resource.
+        if addr6.has_changed().unwrap_or(false) {
+            id.ip6 = *addr6.borrow_and_update();
         }
         let snapshot = snapshots.borrow_and_update().clone();
         let secrets_text = secrets_from_dir(&id.secrets_dir).unwrap_or_default();
@@ -1275,7 +1361,9 @@ async fn peer_loop(
                 let want_cluster_id = set.nodes.get(&id.name).and_then(Node::cluster_id);
                 if want_cluster_id != cluster_id {
                     tracing::info!(from = ?cluster_id, to = ?want_cluster_id, "route-reflector cluster id changed");
-                    let _ = rib.send(RibInput::SetClusterId(want_cluster_id)).await;
+                    if !to_rib(&rib, RibInput::SetClusterId(want_cluster_id), "peer-loop").await {
+                        return;
+                    }
                     cluster_id = want_cluster_id;
                 }
                 // Service CIDRs (calico.md 1.8): originated by every node, next hop self.
@@ -1284,24 +1372,34 @@ async fn peer_loop(
                 let gone: Vec<IpNetwork> = services.difference(&want).copied().collect();
                 if !new.is_empty() {
                     tracing::info!(prefixes = %prefix_list(&new), "advertising service CIDRs");
-                    let _ = rib
-                        .send(RibInput::Originate {
-                            prefixes: new,
-                            attrs: attrs.clone(),
-                        })
-                        .await;
+                    let input = RibInput::Originate {
+                        prefixes: new,
+                        attrs: attrs.clone(),
+                    };
+                    if !to_rib(&rib, input, "peer-loop").await {
+                        return;
+                    }
                 }
                 if !gone.is_empty() {
                     tracing::info!(prefixes = %prefix_list(&gone), "withdrawing service CIDRs");
-                    let _ = rib.send(RibInput::WithdrawLocal { prefixes: gone }).await;
+                    if !to_rib(
+                        &rib,
+                        RibInput::WithdrawLocal { prefixes: gone },
+                        "peer-loop",
+                    )
+                    .await
+                    {
+                        return;
+                    }
                 }
                 services = want;
                 // Before the first apply, so no session ever sees a wider export than Calico's.
                 let want_policy = export_policy(&pools, &services);
                 if policy.as_ref() != Some(&want_policy) {
-                    let _ = rib
-                        .send(RibInput::SetPolicy(Arc::new(want_policy.clone())))
-                        .await;
+                    let input = RibInput::SetPolicy(Arc::new(want_policy.clone()));
+                    if !to_rib(&rib, input, "peer-loop").await {
+                        return;
+                    }
                     policy = Some(want_policy);
                 }
                 if current.as_ref() != Some(&peers) {
@@ -1340,6 +1438,12 @@ async fn peer_loop(
                     }
                     break;
                 }
+                changed = addr6.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    break;
+                }
                 _ = tokio::time::sleep(SECRETS_POLL) => {
                     if secrets_from_dir(&id.secrets_dir).unwrap_or_default() != secrets_text {
                         break;
@@ -1347,6 +1451,100 @@ async fn peer_loop(
                 }
             }
         }
+    }
+}
+
+/// The IPv6 twin of [`monitor_address`] for IP6=autodetect: on a change the Node resource's `ipv6Address`
+/// is rewritten and the peer loop follows through `tx`.
+async fn monitor_address6(
+    ds: Arc<Datastore>,
+    name: String,
+    method: crate::dataplane::autodetect::Method,
+    netns: Option<PathBuf>,
+    every: Duration,
+    tx: watch::Sender<Option<std::net::Ipv6Addr>>,
+) {
+    let mut current = *tx.borrow();
+    loop {
+        tokio::time::sleep(every).await;
+        let (m, ns) = (method.clone(), netns.clone());
+        let detected = tokio::task::spawn_blocking(move || {
+            crate::dataplane::autodetect::detect_ipv6(&m, ns.as_deref())
+        })
+        .await;
+        let (ip, prefix_len) = match detected {
+            Ok(Ok(d)) => d,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, address = ?current, "IPv6 address re-detection failed; keeping the current address");
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "IPv6 address re-detection did not finish");
+                continue;
+            }
+        };
+        if Some(ip) == current {
+            continue;
+        }
+        match register_node_ipv6(&ds, &name, ip, prefix_len).await {
+            Ok(()) => {
+                tracing::info!(from = ?current, to = %ip, "node IPv6 address changed: Node resource updated; sessions and routes follow");
+                current = Some(ip);
+                tx.send_replace(current);
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), to = %ip, "node IPv6 address changed but the Node resource could not be updated; retrying")
+            }
+        }
+    }
+}
+
+/// Write `spec.bgp.ipv6Address` of this node's Node resource, keeping everything else (compare-and-swap).
+async fn register_node_ipv6(
+    ds: &Datastore,
+    name: &str,
+    ipv6: std::net::Ipv6Addr,
+    prefix_len: u8,
+) -> anyhow::Result<()> {
+    let key = keys::resource_key(NODES_PLURAL, name);
+    for _ in 0..10 {
+        let Some(existing) = ds.get(&key).await? else {
+            anyhow::bail!("Node {name:?} is gone from the datastore ({key}); the restarted daemon registers it again");
+        };
+        let bytes = patch_node_bgp(
+            Some(&existing.value[..]),
+            || unreachable_fresh_node(name),
+            |bgp| {
+                bgp.insert("ipv6Address".into(), format!("{ipv6}/{prefix_len}").into());
+            },
+        )
+        .with_context(|| format!("stored Node {name:?} at {key} is not valid"))?;
+        if existing.value == bytes
+            || ds
+                .update(&key, bytes, existing.mod_revision)
+                .await?
+                .is_some()
+        {
+            return Ok(());
+        }
+    }
+    anyhow::bail!(
+        "Node {name:?} kept changing under us while updating its IPv6 address; retrying later"
+    )
+}
+
+/// `patch_node_bgp` wants a fresh Node for the case nothing is stored; register_node_ipv6 has checked that
+/// one is, so this is only the well-formed fallback.
+fn unreachable_fresh_node(name: &str) -> Node {
+    Node {
+        api_version: API_VERSION.into(),
+        kind: KIND_NODE.into(),
+        metadata: ObjectMeta {
+            name: name.to_string(),
+            ..Default::default()
+        },
+        spec: NodeSpec::default(),
+        status: None,
     }
 }
 

@@ -274,6 +274,7 @@ async fn follow_feed(
         if nudge.is_closed() {
             return;
         }
+        // Full: a load is already queued and will read the newest snapshot.
         let _ = nudge.try_send(WATCH_TRIGGER);
     }
 }
@@ -524,6 +525,7 @@ async fn run_async(args: ReflectorArgs) -> anyhow::Result<()> {
                 // A feed that lost etcd keeps its last snapshot: the peers may be stale, as with a failed read.
                 let lost = feed.as_ref().and_then(|f| f.down());
                 let why = last_error.as_deref().or(lost.as_deref());
+                // The HTTP handler that asked may have timed out: nobody to answer.
                 let _ = reply.send(status_report(&spk, &id, started, why, ds.as_deref()).await);
             }
         }

@@ -290,6 +290,7 @@ impl Speaker {
         loop {
             tokio::select! {
                 cmd = cmds.recv() => match cmd {
+                    // Replies: a dropped receiver only means the asker went away (the work is done).
                     Some(SpeakerCommand::Apply(desired, reply)) => {
                         let report = self.apply(desired).await;
                         let _ = reply.send(report);

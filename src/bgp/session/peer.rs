@@ -95,6 +95,7 @@ impl PeerHandle {
     /// End-of-RIB. The RIB hears nothing: the process is going away.
     pub async fn shutdown_for_restart(mut self) {
         if let Some(o) = self.owner.take() {
+            // The task has already ended if nobody receives it: nothing left to stop.
             let _ = o.send(StopMode::ForRestart);
         }
         self.join().await;
@@ -371,6 +372,7 @@ impl PeerTask {
         if for_restart {
             // Flush what is queued and close; no NOTIFICATION (see `shutdown_for_restart`).
             for (_, c) in self.conns.drain() {
+                // A writer that is gone has closed the socket already.
                 let _ = c.control.send(WriteMsg::Close);
                 let _ = tokio::time::timeout(Duration::from_secs(2), c.writer).await;
             }
@@ -439,6 +441,7 @@ impl PeerTask {
             }
             Action::CloseConnection(id) => {
                 if let Some(c) = self.conns.remove(&id) {
+                    // A writer that is gone has closed the socket already.
                     let _ = c.control.send(WriteMsg::Close);
                     // A peer that stopped reading must not keep the writer (and the socket) forever.
                     let writer = c.writer;
@@ -479,6 +482,8 @@ impl PeerTask {
                     session: self.session_id,
                     negotiated: neg,
                 };
+                // Session events go to the speaker; when it is gone the daemon is stopping and this
+                // task is about to be stopped with it (here and below).
                 let _ = self.events.send(ev).await;
             }
             Action::Down {
@@ -500,6 +505,7 @@ impl PeerTask {
                     reason,
                     graceful_restart,
                 };
+                // As above: no speaker, nobody to tell.
                 let _ = self.events.send(ev).await;
             }
             Action::LastError(e) => {
@@ -532,6 +538,7 @@ impl PeerTask {
         match encode(msg, &EncodeCtx::default(), &mut buf) {
             Ok(()) => {
                 self.counters.messages_out += 1;
+                // A writer that is gone reports the connection's end through `Internal::Closed`.
                 let _ = c.control.send(WriteMsg::Bytes(buf.freeze()));
             }
             Err(e) => tracing::error!(peer = %self.cfg.peer_addr, "cannot encode {msg:?}: {e}"),
@@ -548,6 +555,7 @@ impl PeerTask {
         let task = tokio::spawn(async move {
             // No timeout here: the FSM's ConnectRetryTimer replaces an attempt that takes too long.
             let r = connect(&cfg).await;
+            // The peer task is gone (and the stream with it) if nobody receives the result.
             let _ = tx.send(Internal::Connected(id, r)).await;
         });
         self.connecting = Some(AbortOnDrop(task));
@@ -693,6 +701,7 @@ impl PeerTask {
                                     session: self.session_id,
                                     family,
                                 };
+                                // No speaker: the daemon is stopping.
                                 let _ = self.events.send(ev).await;
                             } else {
                                 self.count_prefixes(&u);
@@ -726,6 +735,7 @@ impl PeerTask {
                                     session: self.session_id,
                                     family: r.family,
                                 };
+                                // No speaker: the daemon is stopping.
                                 let _ = self.events.send(ev).await;
                             } else {
                                 self.feed(Event::UpdateMsg(id)).await;
@@ -811,6 +821,7 @@ impl PeerTask {
             session: self.session_id,
             updates,
         };
+        // No speaker: the daemon is stopping.
         let _ = self.events.send(ev).await;
     }
 
@@ -900,7 +911,8 @@ impl PeerTask {
         self.counters.updates_out += count_messages(&bytes);
         self.counters.messages_out += count_messages(&bytes);
         self.counters.update_bytes_out += bytes.len() as u64;
-        // The select loop only takes commands when there is room, so this rarely waits.
+        // The select loop only takes commands when there is room, so this rarely waits. A writer that is
+        // gone reports the connection's end through `Internal::Closed`.
         let _ = data.send(bytes).await;
     }
 }
@@ -1022,6 +1034,7 @@ async fn reader(
         }
         match rd.read_buf(&mut buf).await {
             Ok(0) => {
+                // Reader to its peer task: a closed channel means the task (and its interest) is gone.
                 let _ = tx
                     .send(Internal::Closed(id, "connection closed by peer".into()))
                     .await;
@@ -1029,6 +1042,7 @@ async fn reader(
             }
             Ok(_) => {}
             Err(e) => {
+                // As above: no peer task, nobody to tell.
                 let _ = tx.send(Internal::Closed(id, sockopt::io_text(&e))).await;
                 return;
             }
@@ -1045,6 +1059,7 @@ async fn reader(
                 Ok(Some(len)) if buf.len() >= len => frames.push(buf.split_to(len).freeze()),
                 Ok(_) => break,
                 Err(e) => {
+                    // As above: no peer task, nobody to tell (both sends).
                     if !frames.is_empty() {
                         let _ = tx.send(Internal::Frames(id, frames)).await;
                     }
@@ -1082,6 +1097,7 @@ async fn writer(
             Some(b) = data.recv() => wr.write_all(&b).await,
         };
         if let Err(e) = r {
+            // Writer to its peer task: no peer task, nobody to tell.
             let _ = tx
                 .send(Internal::Closed(
                     id,

@@ -114,6 +114,7 @@ pub(crate) async fn write_rib_output(
                 RibOutput::EndOfRib(family) => eors.push(family),
                 RibOutput::MaxPrefixExceeded { limit } => {
                     tracing::warn!(%peer, limit, "peer exceeded its max-prefix limit: stopping the session");
+                    // Closed: the peer task has already ended, which is what Stop asks for.
                     let _ = cmds.send(PeerCommand::Stop).await;
                     return;
                 }
