@@ -155,3 +155,100 @@ fn dual_stack_pods_ping_across_nodes_over_both_families() {
         assert!(ok, "DEL {pod}: {out}");
     }
 }
+
+/// IP6=autodetect, re-checked beside the IPv4 address (here every second): n1's IPv6 address is found by
+/// first-found and written to its Node; when it changes, the Node's `ipv6Address` follows and n2 re-peers
+/// over IPv6 with the new address.
+///
+/// ```text
+///   n1 10.99.0.11, IP6=autodetect: fd99::11 ─▶ fd99::21      n2 10.99.0.12, IP6=fd99::12
+///   expect: Node n1 ipv6Address fd99::11/64, n2 ◀─IPv6─▶ fd99::11 Established;
+///           then Node n1 ipv6Address fd99::21/64, n2 ◀─IPv6─▶ fd99::21 Established, fd99::11 gone
+/// ```
+#[test]
+#[ignore = "needs root (network namespaces), etcd and iproute2: scripts/test.sh runs it (--include-ignored)"]
+fn an_autodetected_ipv6_address_is_rechecked_and_the_peers_follow() {
+    const T: &str = "an_autodetected_ipv6_address_is_rechecked_and_the_peers_follow";
+    if !common::lab::lab_prerequisites(T) {
+        return;
+    }
+    let lab = Lab::up(MARGAY, "mg6", 2, 0, &[]);
+    let (n1, _) = lab.nodes[0].clone();
+    let (n2, _) = lab.nodes[1].clone();
+    let add = |node: &str, ip6: &str| {
+        let (ok, out) = in_ns(
+            node,
+            &[
+                "ip",
+                "addr",
+                "add",
+                &format!("{ip6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ],
+        );
+        assert!(ok, "address {ip6} on {node}: {out}");
+    };
+    add(&n2, "fd99::12");
+    lab.restart_node_with_env(&n2, &[("IP6", "fd99::12")]);
+    add(&n1, "fd99::11");
+    lab.restart_node_with_env(
+        &n1,
+        &[("IP6", "autodetect"), ("MARGAY_IP_RECHECK_INTERVAL", "1")],
+    );
+    lab.wait_ready(&n1);
+    let node_doc = |node: &str| {
+        in_ns(
+            &format!("{}-etcd", lab.name),
+            &[
+                "etcdctl",
+                "--endpoints",
+                common::lab_core::LAB_ETCD,
+                "get",
+                &format!("/calico/resources/v3/projectcalico.org/nodes/{node}"),
+                "--print-value-only",
+            ],
+        )
+        .1
+    };
+    let n2_peer_up = |addr: &str| {
+        lab.status(&n2)
+            .and_then(|s| s["peers"].as_array().cloned())
+            .is_some_and(|p| {
+                p.iter()
+                    .any(|p| p["address"] == addr && p["fsmState"] == "Established")
+            })
+    };
+    for (ip6, old) in [("fd99::11", None), ("fd99::21", Some("fd99::11"))] {
+        if let Some(old) = old {
+            add(&n1, ip6);
+            let (ok, out) = in_ns(
+                &n1,
+                &["ip", "addr", "del", &format!("{old}/64"), "dev", "eth0"],
+            );
+            assert!(ok, "delete {old} on {n1}: {out}");
+        }
+        let mut doc = String::new();
+        assert!(
+            eventually(Duration::from_secs(30), || {
+                doc = node_doc(&n1);
+                doc.contains(&format!("\"ipv6Address\":\"{ip6}/64\""))
+            }),
+            "Node {n1} does not carry {ip6}: {doc}\n{}",
+            lab.node_logs(&n1)
+        );
+        assert!(
+            eventually(Duration::from_secs(60), || n2_peer_up(ip6)
+                && old.is_none_or(|o| !n2_peer_up(o))),
+            "{n2} is not peered over IPv6 with {ip6} alone: {:?}\n{}",
+            lab.status(&n2),
+            lab.logs()
+        );
+    }
+    assert!(
+        lab.node_logs(&n1).contains("node IPv6 address changed"),
+        "{}",
+        lab.node_logs(&n1)
+    );
+}
