@@ -1729,4 +1729,122 @@ mod tests {
         );
         assert!((0..400).all(|k| fast[&prefix(k)] == 9000 + k));
     }
+
+    /// The same for ADD-PATH send sessions: the dirty set keeps (prefix, path id), so a slow peer ends with
+    /// exactly the paths, ids and attributes a fast one holds, withdrawn paths gone.
+    #[test]
+    fn a_slow_add_path_peer_is_coalesced_to_the_current_paths() {
+        let mut cfg = RibConfig::new(65000, Ipv4Addr::new(10, 0, 0, 254));
+        cfg.cluster_id = Some(Ipv4Addr::new(1, 1, 1, 1));
+        let mut rib = Rib::new(cfg, Arc::new(Policy::accept_all()), false);
+        let now = Instant::now();
+        let multi = |n: u8| PeerInfo {
+            add_path_tx: vec![Family::IPV4_UNICAST],
+            ..client(n)
+        };
+        let (fast_tx, mut fast_rx) = mpsc::channel(1 << 16);
+        let (slow_tx, mut slow_rx) = mpsc::channel(2);
+        let (a_tx, _a_rx) = mpsc::channel(1 << 16);
+        let (b_tx, _b_rx) = mpsc::channel(1 << 16);
+        for (id, info, out) in [
+            (1, client(1), a_tx),
+            (2, client(2), b_tx),
+            (3, multi(3), fast_tx),
+            (4, multi(4), slow_tx),
+        ] {
+            rib.handle(
+                RibInput::PeerUp {
+                    peer: PeerId(id),
+                    info,
+                    out,
+                },
+                now,
+            );
+        }
+        let prefix = |k: u32| {
+            IpNetwork::V4(
+                ipnetwork::Ipv4Network::new(Ipv4Addr::from(0x0a64_0000 + (k << 8)), 24).unwrap(),
+            )
+        };
+        // Two origins per prefix, three rounds of changes each, then origin 1 withdraws half.
+        for round in 0..3u32 {
+            for src in [1u32, 2] {
+                for k in 0..200u32 {
+                    let attrs = PathAttributes {
+                        origin: Some(Origin::Igp),
+                        as_path: Some(AsPath::default()),
+                        next_hop: Some(Ipv4Addr::new(10, 0, 0, src as u8)),
+                        med: Some(round * 1000 + k),
+                        local_pref: Some(100),
+                        ..Default::default()
+                    };
+                    rib.handle(
+                        RibInput::Routes {
+                            peer: PeerId(src),
+                            announced: vec![Nlri {
+                                prefix: prefix(k),
+                                path_id: 0,
+                            }],
+                            attrs: Arc::new(attrs),
+                            withdrawn: Vec::new(),
+                        },
+                        now,
+                    );
+                }
+            }
+        }
+        rib.handle(
+            RibInput::Withdraw {
+                peer: PeerId(1),
+                withdrawn: (100..200)
+                    .map(|k| Nlri {
+                        prefix: prefix(k),
+                        path_id: 0,
+                    })
+                    .collect(),
+            },
+            now,
+        );
+        assert!(rib.has_dirty(), "the slow peer's channel of 2 overflowed");
+        let held =
+            |rx: &mut mpsc::Receiver<RibOutput>,
+             h: &mut BTreeMap<(IpNetwork, u32), (Option<Ipv4Addr>, u32)>| {
+                let mut any = false;
+                while let Ok(m) = rx.try_recv() {
+                    any = true;
+                    match m {
+                        RibOutput::Updates { attrs, nlri, .. } => {
+                            for n in nlri {
+                                h.insert(
+                                    (n.prefix, n.path_id),
+                                    (attrs.next_hop, attrs.med.unwrap_or(0)),
+                                );
+                            }
+                        }
+                        RibOutput::Withdraw { nlri, .. } => {
+                            for n in nlri {
+                                h.remove(&(n.prefix, n.path_id));
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                any
+            };
+        let mut fast = BTreeMap::new();
+        held(&mut fast_rx, &mut fast);
+        let mut slow = BTreeMap::new();
+        for _ in 0..10_000 {
+            let got = held(&mut slow_rx, &mut slow);
+            rib.drain_dirty();
+            if !got && !rib.has_dirty() && slow_rx.is_empty() {
+                break;
+            }
+        }
+        assert_eq!(fast.len(), 300, "200 paths of origin 2, 100 of origin 1");
+        assert_eq!(
+            slow, fast,
+            "the slow peer ends with what the fast one holds"
+        );
+    }
 }
