@@ -184,16 +184,32 @@ pub enum NodeIp {
     Address(Ipv4Addr),
     /// Found by the autodetection method (and re-checked).
     Autodetect,
+    /// `none`: an IPv6-only node (IP6 gives its address). Its BGP router id is derived from the node name
+    /// as Calico's `CALICO_ROUTER_ID=hash` does.
+    None,
 }
 
 impl NodeIp {
-    /// The fixed address, or `None` when it is autodetected.
+    /// The fixed address, or `None` when it is autodetected or absent.
     pub fn fixed(self) -> Option<Ipv4Addr> {
         match self {
             NodeIp::Address(a) => Some(a),
-            NodeIp::Autodetect => None,
+            NodeIp::Autodetect | NodeIp::None => None,
         }
     }
+}
+
+/// Calico's router id for nodes without an IPv4 address (`CALICO_ROUTER_ID=hash`, confd's util.go): the
+/// first four octets of sha256(node name), the first one lowered by 32 when it is above 223 (so the id is
+/// never a multicast or reserved address).
+pub fn router_id_from_name(name: &str) -> Ipv4Addr {
+    use sha2::Digest;
+    let h = sha2::Sha256::digest(name.as_bytes());
+    let mut o = [h[0], h[1], h[2], h[3]];
+    if o[0] > 223 {
+        o[0] -= 32;
+    }
+    Ipv4Addr::from(o)
 }
 
 /// `--ip6` / `IP6` as Calico takes it.
@@ -224,23 +240,21 @@ pub fn parse_node_ip6(s: &str) -> Result<NodeIp6, String> {
 }
 
 /// `10.0.0.1`, `10.0.0.1/24` (Calico accepts the CIDR form; the prefix length is read from the interface)
-/// or `autodetect`. `none` (an IPv6-only node) is refused with what to use instead.
+/// `autodetect` or `none` (an IPv6-only node, which then needs IP6).
 pub fn parse_node_ip(s: &str) -> Result<NodeIp, String> {
     let t = s.trim();
     if t.eq_ignore_ascii_case("autodetect") || t.is_empty() {
         return Ok(NodeIp::Autodetect);
     }
     if t.eq_ignore_ascii_case("none") {
-        return Err(
-            "IP=none (an IPv6-only node) is not supported yet: give the node an IPv4 address or autodetect".into(),
-        );
+        return Ok(NodeIp::None);
     }
     t.split('/')
         .next()
         .unwrap_or(t)
         .parse::<Ipv4Addr>()
         .map(NodeIp::Address)
-        .map_err(|_| format!("{s:?} is not an IPv4 address or \"autodetect\""))
+        .map_err(|_| format!("{s:?} is not an IPv4 address, \"autodetect\" or \"none\""))
 }
 
 /// Run the node daemon until SIGTERM/SIGINT.
@@ -277,16 +291,16 @@ pub async fn register_node(
     prefix_len: u8,
     asn: Option<u32>,
 ) -> anyhow::Result<()> {
-    register_node_with(ds, name, ipv4, prefix_len, None, asn).await
+    register_node_with(ds, name, Some((ipv4, prefix_len)), None, asn).await
 }
 
 /// [`register_node`], also writing `spec.bgp.ipv6Address` (`<address>/<prefix length>`) when given; without
-/// it a stored ipv6Address is left as it is.
+/// it a stored ipv6Address is left as it is. `ipv4` None (an IPv6-only node, IP=none) removes a stored
+/// ipv4Address, so no node peers with an address this one no longer has.
 pub async fn register_node_with(
     ds: &Datastore,
     name: &str,
-    ipv4: Ipv4Addr,
-    prefix_len: u8,
+    ipv4: Option<(Ipv4Addr, u8)>,
     ipv6: Option<(std::net::Ipv6Addr, u8)>,
     asn: Option<u32>,
 ) -> anyhow::Result<()> {
@@ -304,7 +318,14 @@ pub async fn register_node_with(
             status: None,
         };
         let bytes = patch_node_bgp(existing.as_ref().map(|kv| &kv.value[..]), fresh, |bgp| {
-            bgp.insert("ipv4Address".into(), format!("{ipv4}/{prefix_len}").into());
+            match ipv4 {
+                Some((a, len)) => {
+                    bgp.insert("ipv4Address".into(), format!("{a}/{len}").into());
+                }
+                None => {
+                    bgp.remove("ipv4Address");
+                }
+            }
             if let Some(a) = asn {
                 bgp.insert("asNumber".into(), a.into());
             }
@@ -319,7 +340,7 @@ pub async fn register_node_with(
             None => ds.create(&key, bytes).await?.is_some(),
         };
         if done {
-            tracing::info!(node = name, address = %ipv4, "Node resource registered");
+            tracing::info!(node = name, address = ?ipv4.map(|a| a.0), ipv6 = ?ipv6.map(|a| a.0), "Node resource registered");
             return Ok(());
         }
     }
@@ -588,13 +609,24 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let name = node_name(&args)?;
     let netns = args.netns.clone();
-    let (ip, prefix_len) = match args.ip.and_then(NodeIp::fixed) {
-        Some(ip) => (ip, prefix_len_on_interfaces(netns.as_deref(), ip.into())),
-        None => crate::dataplane::autodetect::detect_ipv4(
+    let ipv4 = match args.ip {
+        Some(NodeIp::None) => None,
+        Some(NodeIp::Address(ip)) => {
+            Some((ip, prefix_len_on_interfaces(netns.as_deref(), ip.into())))
+        }
+        Some(NodeIp::Autodetect) | None => Some(crate::dataplane::autodetect::detect_ipv4(
             &args.ip_autodetection_method,
             netns.as_deref(),
-        )?,
+        )?),
     };
+    if ipv4.is_none() && matches!(args.ip6, None | Some(NodeIp6::None)) {
+        anyhow::bail!(
+            "IP=none (an IPv6-only node) needs IP6: the node's IPv6 address or autodetect"
+        );
+    }
+    // An IPv6-only node still needs a BGP identifier, a 4-octet number (RFC 6286): Calico's hash of the name.
+    // It is never used as an address: the node has no IPv4 session, pool or route of its own.
+    let (ip, prefix_len) = ipv4.unwrap_or_else(|| (router_id_from_name(&name), 32));
     let endpoints = etcd.etcd_endpoints.join(",");
     let ds = etcd
         .datastore()
@@ -615,12 +647,16 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         Some(NodeIp6::None) | None => None,
     };
     let ip6 = ipv6.map(|(a, _)| a);
-    register_node_with(&ds, &name, ip, prefix_len, ipv6, args.as_number)
+    register_node_with(&ds, &name, ipv4, ipv6, args.as_number)
         .await
         .map_err(on_etcd)?;
-    ensure_default_pool(&ds, args.ipv4_pool_cidr, args.ipv4_pool_block_size)
-        .await
-        .map_err(on_etcd)?;
+    if ipv4.is_some() {
+        ensure_default_pool(&ds, args.ipv4_pool_cidr, args.ipv4_pool_block_size)
+            .await
+            .map_err(on_etcd)?;
+    } else {
+        tracing::info!(router_id = %ip, "IPv6-only node (IP=none): no IPv4 address, default IPv4 pool or IPv4 session; BGP router id from the node name (Calico's CALICO_ROUTER_ID=hash)");
+    }
     if let Some(v6) = args.ipv6_pool_cidr {
         ensure_default_ipv6_pool(&ds, v6, args.ipv6_pool_block_size)
             .await
@@ -837,7 +873,7 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         (None, Some(addr6_tx))
     };
     // Without the monitor the sender is kept, so the receivers' `changed()` waits instead of failing.
-    let autodetected = args.ip.and_then(NodeIp::fixed).is_none();
+    let autodetected = matches!(args.ip, None | Some(NodeIp::Autodetect));
     let (monitor, _fixed_addr) = if autodetected && args.ip_recheck_interval > 0 {
         let m = task::spawn(
             "address-monitor",
@@ -1606,11 +1642,31 @@ mod tests {
         let a = NodeIp::Address(Ipv4Addr::new(10, 0, 0, 1));
         assert_eq!(parse_node_ip("10.0.0.1"), Ok(a));
         assert_eq!(parse_node_ip("10.0.0.1/24"), Ok(a));
-        assert!(parse_node_ip("none").unwrap_err().contains("IPv6-only"));
+        assert_eq!(parse_node_ip("none"), Ok(NodeIp::None));
+        assert_eq!(parse_node_ip6("autodetect"), Ok(NodeIp6::Autodetect));
+        assert_eq!(parse_node_ip6("none"), Ok(NodeIp6::None));
+        assert_eq!(
+            parse_node_ip6("fd00::1/64"),
+            Ok(NodeIp6::Address("fd00::1".parse().unwrap()))
+        );
+        assert!(parse_node_ip6("10.0.0.1").unwrap_err().contains("IPv6"));
         assert!(parse_node_ip("10.0.0.300")
             .unwrap_err()
             .contains("10.0.0.300"));
     }
+    /// Calico's CALICO_ROUTER_ID=hash: sha256 of the name, first four octets, minus 32 above 223.
+    #[test]
+    fn router_id_from_the_node_name_as_calico_hashes_it() {
+        assert_eq!(
+            router_id_from_name("node1"),
+            Ipv4Addr::new(202, 18, 243, 27)
+        );
+        assert_eq!(
+            router_id_from_name("node16"),
+            Ipv4Addr::new(200, 251, 245, 244)
+        );
+    }
+
     use crate::dataplane::pod::POD_GATEWAY_V4;
     use std::net::IpAddr;
 
