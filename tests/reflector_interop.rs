@@ -846,3 +846,111 @@ fn add_path_reflects_both_origins_to_a_bird_client_and_its_kernel() {
         }
     });
 }
+
+/// `reflector::run_with` runs a reflector inside the test's process (as mini-redis's `server::run`): on
+/// listeners the test bound to port 0, until a shutdown future the test completes. No root, no daemon: its
+/// /healthz answers on the given HTTP listener, its BGP listener answers the configured peer's connection
+/// with an OPEN, and completing the future ends the run cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reflector_runs_in_process_on_given_listeners_until_shut_down() {
+    use clap::Parser;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: margay::reflector::ReflectorArgs,
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("rr.yaml");
+    std::fs::write(
+        &config,
+        config_head() + &bgp_peer("local", "127.0.0.2", RR_AS, ""),
+    )
+    .expect("write config");
+    let state = dir.path().join("state");
+    let args = Cli::parse_from([
+        "reflector".as_ref(),
+        "--config".as_ref(),
+        config.as_os_str(),
+        "--state-dir".as_ref(),
+        state.as_os_str(),
+        "--node-name".as_ref(),
+        "rr".as_ref(),
+        "--router-id".as_ref(),
+        RR_ROUTER_ID.as_ref(),
+        "--cluster-id".as_ref(),
+        RR_CLUSTER_ID.as_ref(),
+    ])
+    .args;
+    let bgp = margay::bgp::session::Listener::bind(&["127.0.0.1:0".parse().expect("addr")])
+        .await
+        .expect("BGP listener");
+    let bgp_addr = bgp.local_addrs()[0];
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("HTTP listener");
+    let http_addr = http.local_addr().expect("HTTP address");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(margay::reflector::run_with(
+        args,
+        margay::reflector::Listeners {
+            bgp: Some(bgp),
+            http: Some(http),
+        },
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+
+    let get = |path: &'static str| async move {
+        let mut s = tokio::net::TcpStream::connect(http_addr).await.ok()?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: rr\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.ok()?;
+        Some(out)
+    };
+    let mut last = None;
+    for _ in 0..100 {
+        assert!(!run.is_finished(), "the reflector stopped early");
+        last = get("/healthz").await;
+        if last
+            .as_deref()
+            .is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        last.as_deref()
+            .is_some_and(|r| r.starts_with("HTTP/1.1 200")),
+        "/healthz on the given listener: {last:?}"
+    );
+
+    // The configured peer connects to the given BGP listener and is answered with an OPEN.
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.bind("127.0.0.2:0".parse().expect("addr"))
+        .expect("bind 127.0.0.2");
+    let mut conn = sock
+        .connect(bgp_addr)
+        .await
+        .expect("connect to the reflector");
+    let mut header = [0u8; 19];
+    tokio::time::timeout(Duration::from_secs(10), conn.read_exact(&mut header))
+        .await
+        .expect("an answer within 10 s")
+        .expect("read");
+    assert_eq!(header[18], 1, "OPEN: {header:?}");
+
+    stop_tx.send(()).expect("the run is waiting");
+    let ended = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the run ends once the shutdown future completes")
+        .expect("no panic");
+    assert!(ended.is_ok(), "{ended:?}");
+}
