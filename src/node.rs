@@ -603,8 +603,38 @@ struct Identity {
     restarting: bool,
 }
 
+/// Sockets the node serves on, bound by its caller; `None` binds from the flags and the configuration
+/// (BGP on 0.0.0.0 and [::] at the node's port, `--http-listen`). The CNI socket is a path (`--cni-socket`).
+#[derive(Default)]
+pub struct Listeners {
+    pub bgp: Option<crate::bgp::session::Listener>,
+    pub http: Option<tokio::net::TcpListener>,
+}
+
 async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let stop = async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    };
+    run_with(etcd, args, Listeners::default(), stop).await
+}
+
+/// The node daemon until `shutdown` completes (as mini-redis's `server::run`): `margay node run` passes
+/// SIGTERM/SIGINT, a test a oneshot and listeners on port 0, so a node can run in the test's process. The
+/// way out is the same either way (sessions closed for graceful restart, kernel routes kept).
+pub async fn run_with(
+    etcd: EtcdArgs,
+    args: NodeArgs,
+    listeners: Listeners,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut shutdown = std::pin::pin!(shutdown);
 
     let started = Instant::now();
     let name = node_name(&args)?;
@@ -774,24 +804,36 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     // IPv4 and IPv6 transport: nodes with an ipv6Address peer over IPv6 as well (Calico's mesh does).
     let any4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, id.port));
     let any6 = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, id.port));
-    let spk = match speaker::spawn(
-        speaker_cfg(vec![any4, any6]),
-        Arc::new(Policy::default()),
-        Some(fib_tx.clone()),
-    )
-    .await
-    {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for BGP on [::] (IPv6 disabled?): listening on IPv4 only");
-            speaker::spawn(
-                speaker_cfg(vec![any4]),
-                Arc::new(Policy::default()),
-                Some(fib_tx),
-            )
-            .await
-            .with_context(|| format!("starting the BGP speaker on port {}", id.port))?
-        }
+    let given = match listeners.bgp {
+        Some(l) => Some(speaker::spawn_on(
+            speaker_cfg(Vec::new()),
+            Some(l),
+            Arc::new(Policy::default()),
+            Some(fib_tx.clone()),
+        )),
+        None => None,
+    };
+    let spk = match given {
+        Some(s) => s,
+        None => match speaker::spawn(
+            speaker_cfg(vec![any4, any6]),
+            Arc::new(Policy::default()),
+            Some(fib_tx.clone()),
+        )
+        .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for BGP on [::] (IPv6 disabled?): listening on IPv4 only");
+                speaker::spawn(
+                    speaker_cfg(vec![any4]),
+                    Arc::new(Policy::default()),
+                    Some(fib_tx),
+                )
+                .await
+                .with_context(|| format!("starting the BGP speaker on port {}", id.port))?
+            }
+        },
     };
     if let Some(c) = cluster_id {
         tracing::info!(cluster_id = %c, "route reflector: reflecting for this node's route-reflector clients");
@@ -1063,12 +1105,15 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         Some(_) => Some(signal(SignalKind::user_defined1())?),
         None => None,
     };
-    let http_listener = tokio::net::TcpListener::bind(args.http_listen)
-        .await
-        .map_err(|e| api::ApiError::Bind {
-            addr: args.http_listen,
-            source: e,
-        })?;
+    let http_listener = match listeners.http {
+        Some(l) => l,
+        None => tokio::net::TcpListener::bind(args.http_listen)
+            .await
+            .map_err(|e| api::ApiError::Bind {
+                addr: args.http_listen,
+                source: e,
+            })?,
+    };
     let health = sup.health();
     let http = task::spawn("http", async move {
         let r = api::serve_supervised(
@@ -1086,14 +1131,11 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     tracing::info!(node = %name, address = %ip, asn, cni_socket = %args.cni_socket.display(),
         http = %args.http_listen, etcd = %endpoints, "margay node running");
 
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
     // Boxed so it can be dropped before the cleanup: its heartbeats hold clones of the speaker handle.
     let mut supervised = Box::pin(sup.run());
     let outcome: anyhow::Result<()> = loop {
         tokio::select! {
-            _ = term.recv() => break Ok(()),
-            _ = int.recv() => break Ok(()),
+            () = &mut shutdown => break Ok(()),
             ended = &mut supervised => {
                 tracing::error!(task = ended.name, why = %ended.why,
                     "a task of the daemon ended unexpectedly: /healthz fails and margay exits so that it is restarted \
