@@ -804,15 +804,14 @@ pub async fn run_with(
     // IPv4 and IPv6 transport: nodes with an ipv6Address peer over IPv6 as well (Calico's mesh does).
     let any4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, id.port));
     let any6 = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, id.port));
-    let given = match listeners.bgp {
-        Some(l) => Some(speaker::spawn_on(
+    let given = listeners.bgp.map(|l| {
+        speaker::spawn_on(
             speaker_cfg(Vec::new()),
             Some(l),
             Arc::new(Policy::default()),
             Some(fib_tx.clone()),
-        )),
-        None => None,
-    };
+        )
+    });
     let spk = match given {
         Some(s) => s,
         None => match speaker::spawn(
