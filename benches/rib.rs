@@ -70,6 +70,7 @@ fn client(n: u8) -> PeerInfo {
         graceful_restart: None,
         families: vec![Family::IPV4_UNICAST],
         add_path_rx: Vec::new(),
+        add_path_tx: Vec::new(),
         max_prefixes: None,
         allow_local_as: 0,
     }

@@ -20,11 +20,13 @@ pub fn speaker_peer(p: &config::DesiredPeer, router_id: Ipv4Addr) -> DesiredPeer
     s.passive = p.passive;
     s.password = p.password.clone().map(Password);
     s.ttl_security_hops = p.ttl_security;
-    // RFC 7911: accept several paths per prefix (Calico's BIRD runs `add paths on`), so the RIB sees every
-    // origin of a prefix and the FIB gets the ECMP set. Sending several is not implemented: Receive only.
+    // RFC 7911 both ways, as Calico's BIRD runs `add paths on`: we accept several paths per prefix (the
+    // RIB sees every origin and the FIB gets the ECMP set) and send every path to a peer that asked (a
+    // reflector's clients keep ECMP across the origins of a prefix). A peer that does not offer it gets
+    // the best path alone.
     s.add_path = vec![
-        (Family::IPV4_UNICAST, crate::bgp::wire::AddPathMode::Receive),
-        (Family::IPV6_UNICAST, crate::bgp::wire::AddPathMode::Receive),
+        (Family::IPV4_UNICAST, crate::bgp::wire::AddPathMode::Both),
+        (Family::IPV6_UNICAST, crate::bgp::wire::AddPathMode::Both),
     ];
     if let Some(k) = p.keepalive_time {
         s.timers.keepalive = Some(k.as_secs().clamp(1, u64::from(u16::MAX)) as u16);

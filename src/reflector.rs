@@ -245,6 +245,7 @@ async fn follow_feed(
         if nudge.is_closed() {
             return;
         }
+        // Full: a load is already queued and will read the newest snapshot.
         let _ = nudge.try_send(WATCH_TRIGGER);
     }
 }
@@ -307,8 +308,37 @@ pub fn run(args: ReflectorArgs) -> anyhow::Result<()> {
     rt.block_on(run_async(args))
 }
 
+/// Sockets a reflector serves on, bound by its caller; `None` binds from the flags and the configuration
+/// (the BGP port from the reflector's Node, `--http-listen`).
+#[derive(Default)]
+pub struct Listeners {
+    pub bgp: Option<crate::bgp::session::Listener>,
+    pub http: Option<tokio::net::TcpListener>,
+}
+
 async fn run_async(args: ReflectorArgs) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let stop = async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    };
+    run_with(args, Listeners::default(), stop).await
+}
+
+/// The reflector until `shutdown` completes (as mini-redis's `server::run`): `margay reflector` passes
+/// SIGTERM/SIGINT, a test a oneshot and listeners on port 0, so a reflector runs in the test's process.
+/// Shutdown is the same either way: sessions closed without NOTIFICATION (graceful restart, RFC 4724 4.1).
+pub async fn run_with(
+    args: ReflectorArgs,
+    listeners: Listeners,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut shutdown = std::pin::pin!(shutdown);
 
     let mut feed: Option<Arc<ConfigFeed>> = None;
     let (source, ds): (Arc<dyn ConfigSource>, Option<Arc<Datastore>>) = match &args.config {
@@ -358,18 +388,17 @@ async fn run_async(args: ReflectorArgs) -> anyhow::Result<()> {
             .map(|a| SocketAddr::new(*a, id.port))
             .collect()
     };
-    let spk = speaker::spawn(
-        SpeakerConfig {
-            local_asn: id.asn,
-            router_id: id.router_id,
-            cluster_id: Some(id.cluster_id),
-            listen,
-            rib_capacity: 1024,
-        },
-        Arc::new(Policy::default()),
-        None,
-    )
-    .await?;
+    let speaker_cfg = SpeakerConfig {
+        local_asn: id.asn,
+        router_id: id.router_id,
+        cluster_id: Some(id.cluster_id),
+        listen,
+        rib_capacity: 1024,
+    };
+    let spk = match listeners.bgp {
+        Some(l) => speaker::spawn_on(speaker_cfg, Some(l), Arc::new(Policy::default()), None),
+        None => speaker::spawn(speaker_cfg, Arc::new(Policy::default()), None).await?,
+    };
     let started = Instant::now();
     let report = spk.apply(peers.clone()).await?;
     tracing::info!(
@@ -404,12 +433,15 @@ async fn run_async(args: ReflectorArgs) -> anyhow::Result<()> {
         let rib_tx = rib_tx.clone();
         async move { crate::bgp::rib::heartbeat(&rib_tx).await }
     });
-    let http_listener = tokio::net::TcpListener::bind(args.http_listen)
-        .await
-        .map_err(|e| api::ApiError::Bind {
-            addr: args.http_listen,
-            source: e,
-        })?;
+    let http_listener = match listeners.http {
+        Some(l) => l,
+        None => tokio::net::TcpListener::bind(args.http_listen)
+            .await
+            .map_err(|e| api::ApiError::Bind {
+                addr: args.http_listen,
+                source: e,
+            })?,
+    };
     let health = sup.health();
     let http = crate::task::spawn("http", async move {
         let r = api::serve_supervised(
@@ -453,8 +485,6 @@ async fn run_async(args: ReflectorArgs) -> anyhow::Result<()> {
     let mut outcome = Ok(());
 
     let mut hup = signal(SignalKind::hangup())?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
     let mut current: Vec<DesiredPeer> = peers;
     let mut last_error: Option<String> = None;
     loop {
@@ -482,8 +512,7 @@ async fn run_async(args: ReflectorArgs) -> anyhow::Result<()> {
                     last_error = Some(msg);
                 }
             },
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+            () = &mut shutdown => break,
             ended = &mut supervised => {
                 tracing::error!(task = ended.name, why = %ended.why,
                     "a task of the reflector ended unexpectedly: /healthz fails and the reflector exits so that it is restarted");
@@ -495,6 +524,7 @@ async fn run_async(args: ReflectorArgs) -> anyhow::Result<()> {
                 // A feed that lost etcd keeps its last snapshot: the peers may be stale, as with a failed read.
                 let lost = feed.as_ref().and_then(|f| f.down());
                 let why = last_error.as_deref().or(lost.as_deref());
+                // The HTTP handler that asked may have timed out: nobody to answer.
                 let _ = reply.send(status_report(&spk, &id, started, why, ds.as_deref()).await);
             }
         }

@@ -208,6 +208,17 @@ pub async fn spawn(
     } else {
         Some(Listener::bind(&cfg.listen).await?)
     };
+    Ok(spawn_on(cfg, listener, policy, fib))
+}
+
+/// [`spawn`] on a listener the caller has bound (`cfg.listen` is not used): tests bind port 0 and read
+/// the port back from [`SpeakerHandle::local_addrs`].
+pub fn spawn_on(
+    cfg: SpeakerConfig,
+    listener: Option<Listener>,
+    policy: Arc<Policy>,
+    fib: Option<mpsc::Sender<Vec<FibEvent>>>,
+) -> SpeakerHandle {
     let local_addrs = listener
         .as_ref()
         .map(|l| l.local_addrs().to_vec())
@@ -227,13 +238,13 @@ pub async fn spawn(
     };
     let rib_task = task.rib.watch();
     let join = crate::task::spawn("speaker", task.run(rx, events_rx));
-    Ok(SpeakerHandle {
+    SpeakerHandle {
         tx,
         rib: rib_tx,
         local_addrs,
         task: join,
         rib_task,
-    })
+    }
 }
 
 struct RunningPeer {
@@ -264,6 +275,7 @@ impl Speaker {
         loop {
             tokio::select! {
                 cmd = cmds.recv() => match cmd {
+                    // Replies: a dropped receiver only means the asker went away (the work is done).
                     Some(SpeakerCommand::Apply(desired, reply)) => {
                         let report = self.apply(desired).await;
                         let _ = reply.send(report);

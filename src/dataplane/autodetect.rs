@@ -83,6 +83,13 @@ pub enum AutodetectError {
         detail: String,
         seen: String,
     },
+    /// IP6=autodetect found nothing.
+    #[error("no node IPv6 address matches {method}: {detail}; IPv6 addresses seen: {seen}. Fix: set IP6 to the node's IPv6 address, or choose another --ip6-autodetection-method (IP6_AUTODETECTION_METHOD), e.g. interface=^eth0$")]
+    NoMatchV6 {
+        method: String,
+        detail: String,
+        seen: String,
+    },
 }
 
 /// A list of interface-name regexes, keeping the text the operator wrote for messages.
@@ -525,6 +532,82 @@ pub fn detect_ipv4(
     netns: Option<&Path>,
 ) -> Result<(Ipv4Addr, u8), AutodetectError> {
     detect(method, netns).map(|d| (d.chosen.address, d.chosen.prefix_len))
+}
+
+/// Detect the node's IPv6 address (Calico's `IP6=autodetect` with `IP6_AUTODETECTION_METHOD`): the first
+/// global IPv6 address (not loopback, link-local, multicast or unspecified) on an interface that is up and
+/// matches `method`, in the kernel's interface order; with its prefix length. `first-found`,
+/// `interface=` and `skip-interface=` as for IPv4; `cidr=` and `can-reach=` take IPv4 ranges and targets
+/// here, so they are refused for IPv6 with the fix named.
+pub fn detect_ipv6(
+    method: &Method,
+    netns: Option<&Path>,
+) -> Result<(std::net::Ipv6Addr, u8), AutodetectError> {
+    let found: Vec<(String, std::net::Ipv6Addr, u8, bool)> = in_netns(netns, || {
+        let addrs = nix::ifaddrs::getifaddrs().map_err(|e| DataplaneError::Invalid {
+            what: "interface addresses",
+            value: String::new(),
+            reason: format!("getifaddrs: {e}"),
+        })?;
+        let mut v = Vec::new();
+        for a in addrs {
+            let (Some(addr), Some(mask)) = (a.address, a.netmask) else {
+                continue;
+            };
+            let (Some(sin), Some(m)) = (addr.as_sockaddr_in6(), mask.as_sockaddr_in6()) else {
+                continue;
+            };
+            let len = u128::from(m.ip()).count_ones() as u8;
+            let up = a.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP);
+            v.push((a.interface_name.clone(), sin.ip(), len, up));
+        }
+        Ok(v)
+    })
+    .map_err(AutodetectError::List)?;
+    let usable6 = |ip: &std::net::Ipv6Addr| {
+        !(ip.is_loopback()
+            || ip.is_unspecified()
+            || ip.is_multicast()
+            || ip.is_unicast_link_local())
+    };
+    let skip = default_skip();
+    let wanted = |name: &str| -> Result<bool, AutodetectError> {
+        Ok(match method {
+            Method::FirstFound => !skip.matches(name),
+            Method::Interface(p) => p.matches(name),
+            Method::SkipInterface(p) => !skip.matches(name) && !p.matches(name),
+            Method::CanReach(_) | Method::Cidr(_) => {
+                return Err(AutodetectError::Method {
+                    value: method.to_string(),
+                    reason: "IPv6 autodetection takes first-found, interface= or skip-interface= (can-reach= and cidr= are IPv4 here); or set IP6 to the node's IPv6 address".into(),
+                })
+            }
+        })
+    };
+    let mut candidates = Vec::new();
+    for (name, ip, len, up) in &found {
+        if *up && usable6(ip) && wanted(name)? {
+            candidates.push((name.clone(), *ip, *len));
+        }
+    }
+    let seen = found
+        .iter()
+        .map(|(n, ip, len, up)| format!("{n} {ip}/{len}{}", if *up { "" } else { " (down)" }))
+        .collect::<Vec<_>>()
+        .join(", ");
+    match candidates.first() {
+        Some((name, ip, len)) => {
+            tracing::info!(method = %method, interface = %name, address = %ip, prefix = len,
+                other_candidates = ?candidates.iter().skip(1).map(|(n, a, l)| format!("{n} {a}/{l}")).collect::<Vec<_>>(),
+                "node IPv6 address autodetected");
+            Ok((*ip, *len))
+        }
+        None => Err(AutodetectError::NoMatchV6 {
+            method: method.to_string(),
+            detail: "no global IPv6 address on an interface that is up and matches (link-local addresses do not count)".into(),
+            seen: if seen.is_empty() { "no IPv6 address at all".into() } else { seen },
+        }),
+    }
 }
 
 /// The prefix length `ip` has on the interfaces of the namespace `netns` (for the Node resource's

@@ -136,6 +136,7 @@ async fn run(
                 Ok(Some(resp)) => {
                     backoff = Duration::from_millis(50);
                     if resp.compact_revision() > 0 && resp.compact_revision() >= next {
+                        // A closed channel: the watcher's owner is gone, and so is the need to resync.
                         let _ = tx.send(WatchMessage::Resync).await;
                         return;
                     }

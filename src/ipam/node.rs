@@ -400,6 +400,9 @@ impl State {
 
     /// Serve queued assigns: together in one transaction when they are plain (one address per family, distinct
     /// new handles) and nothing races them; otherwise, or after a lost race, one by one.
+    ///
+    /// A reply that cannot be delivered (here and in `serve`) means the asker gave up (a CNI request that
+    /// timed out): the result stays recorded in etcd, where the next ADD with that handle finds it.
     async fn serve_assigns(&mut self, batch: Vec<(Box<AssignRequest>, Reply<Assignment>)>) {
         if batch.len() > 1 {
             let reqs: Vec<&AssignRequest> = batch.iter().map(|(r, _)| r.as_ref()).collect();

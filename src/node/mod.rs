@@ -100,8 +100,14 @@ pub struct NodeArgs {
     pub ip: Option<NodeIp>,
     /// The node's IPv6 address: the next hop of its IPv6 routes (pod blocks of IPv6 pools), carried over the
     /// IPv4 sessions (MP-BGP). Without it, IPv6 blocks are blackholed locally but not advertised.
-    #[arg(long, env = "IP6")]
-    pub ip6: Option<std::net::Ipv6Addr>,
+    /// `autodetect` finds it with --ip6-autodetection-method and re-checks it every --ip-recheck-interval, as
+    /// Calico's IP6=autodetect; `none` or unset: no IPv6 address.
+    #[arg(long, env = "IP6", value_parser = parse_node_ip6)]
+    pub ip6: Option<NodeIp6>,
+    /// How IP6=autodetect finds the address (Calico's IP6_AUTODETECTION_METHOD): first-found,
+    /// interface=REGEX[,REGEX] or skip-interface=REGEX[,REGEX].
+    #[arg(long, env = "IP6_AUTODETECTION_METHOD", default_value = "first-found", value_parser = crate::dataplane::autodetect::parse_method)]
+    pub ip6_autodetection_method: crate::dataplane::autodetect::Method,
     /// How to find the node address when --ip is not given (Calico's IP_AUTODETECTION_METHOD): first-found,
     /// interface=REGEX[,REGEX], skip-interface=REGEX[,REGEX], can-reach=IP|HOSTNAME or cidr=CIDR[,CIDR].
     #[arg(long, env = "MARGAY_IP_AUTODETECTION_METHOD", default_value = "first-found", value_parser = crate::dataplane::autodetect::parse_method)]
@@ -189,36 +195,77 @@ pub enum NodeIp {
     Address(Ipv4Addr),
     /// Found by the autodetection method (and re-checked).
     Autodetect,
+    /// `none`: an IPv6-only node (IP6 gives its address). Its BGP router id is derived from the node name
+    /// as Calico's `CALICO_ROUTER_ID=hash` does.
+    None,
 }
 
 impl NodeIp {
-    /// The fixed address, or `None` when it is autodetected.
+    /// The fixed address, or `None` when it is autodetected or absent.
     pub fn fixed(self) -> Option<Ipv4Addr> {
         match self {
             NodeIp::Address(a) => Some(a),
-            NodeIp::Autodetect => None,
+            NodeIp::Autodetect | NodeIp::None => None,
         }
     }
 }
 
+/// Calico's router id for nodes without an IPv4 address (`CALICO_ROUTER_ID=hash`, confd's util.go): the
+/// first four octets of sha256(node name), the first one lowered by 32 when it is above 223 (so the id is
+/// never a multicast or reserved address).
+pub fn router_id_from_name(name: &str) -> Ipv4Addr {
+    use sha2::Digest;
+    let h = sha2::Sha256::digest(name.as_bytes());
+    let mut o = [h[0], h[1], h[2], h[3]];
+    if o[0] > 223 {
+        o[0] -= 32;
+    }
+    Ipv4Addr::from(o)
+}
+
+/// `--ip6` / `IP6` as Calico takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeIp6 {
+    Address(std::net::Ipv6Addr),
+    /// Found by the IPv6 autodetection method (and re-checked).
+    Autodetect,
+    /// `none`: the node has no IPv6 address.
+    None,
+}
+
+/// `fd00::1`, `fd00::1/64`, `autodetect` or `none` (an empty value is `none`).
+pub fn parse_node_ip6(s: &str) -> Result<NodeIp6, String> {
+    let t = s.trim();
+    if t.eq_ignore_ascii_case("autodetect") {
+        return Ok(NodeIp6::Autodetect);
+    }
+    if t.is_empty() || t.eq_ignore_ascii_case("none") {
+        return Ok(NodeIp6::None);
+    }
+    t.split('/')
+        .next()
+        .unwrap_or(t)
+        .parse::<std::net::Ipv6Addr>()
+        .map(NodeIp6::Address)
+        .map_err(|_| format!("{s:?} is not an IPv6 address, \"autodetect\" or \"none\""))
+}
+
 /// `10.0.0.1`, `10.0.0.1/24` (Calico accepts the CIDR form; the prefix length is read from the interface)
-/// or `autodetect`. `none` (an IPv6-only node) is refused with what to use instead.
+/// `autodetect` or `none` (an IPv6-only node, which then needs IP6).
 pub fn parse_node_ip(s: &str) -> Result<NodeIp, String> {
     let t = s.trim();
     if t.eq_ignore_ascii_case("autodetect") || t.is_empty() {
         return Ok(NodeIp::Autodetect);
     }
     if t.eq_ignore_ascii_case("none") {
-        return Err(
-            "IP=none (an IPv6-only node) is not supported yet: give the node an IPv4 address or autodetect".into(),
-        );
+        return Ok(NodeIp::None);
     }
     t.split('/')
         .next()
         .unwrap_or(t)
         .parse::<Ipv4Addr>()
         .map(NodeIp::Address)
-        .map_err(|_| format!("{s:?} is not an IPv4 address or \"autodetect\""))
+        .map_err(|_| format!("{s:?} is not an IPv4 address, \"autodetect\" or \"none\""))
 }
 
 /// Run the node daemon until SIGTERM/SIGINT.
@@ -255,22 +302,29 @@ pub async fn register_node(
     prefix_len: u8,
     asn: Option<u32>,
 ) -> anyhow::Result<()> {
-    register_node_with(ds, name, ipv4, prefix_len, None, asn).await
+    register_node_with(ds, name, Some((ipv4, prefix_len)), None, asn).await
 }
 
 /// [`register_node`], also writing `spec.bgp.ipv6Address` (`<address>/<prefix length>`) when given; without
-/// it a stored ipv6Address is left as it is.
+/// it a stored ipv6Address is left as it is. `ipv4` None (an IPv6-only node, IP=none) removes a stored
+/// ipv4Address, so no node peers with an address this one no longer has.
 pub async fn register_node_with(
     ds: &Datastore,
     name: &str,
-    ipv4: Ipv4Addr,
-    prefix_len: u8,
+    ipv4: Option<(Ipv4Addr, u8)>,
     ipv6: Option<(std::net::Ipv6Addr, u8)>,
     asn: Option<u32>,
 ) -> anyhow::Result<()> {
     let updated = resources::patch_node(ds, name, true, |spec| {
         let bgp = resources::bgp_of(spec);
-        bgp.insert("ipv4Address".into(), format!("{ipv4}/{prefix_len}").into());
+        match ipv4 {
+            Some((a, len)) => {
+                bgp.insert("ipv4Address".into(), format!("{a}/{len}").into());
+            }
+            None => {
+                bgp.remove("ipv4Address");
+            }
+        }
         if let Some(a) = asn {
             bgp.insert("asNumber".into(), a.into());
         }
@@ -280,7 +334,7 @@ pub async fn register_node_with(
     })
     .await?;
     if updated != Updated::Unchanged {
-        tracing::info!(node = name, address = %ipv4, "Node resource registered");
+        tracing::info!(node = name, address = ?ipv4.map(|a| a.0), ipv6 = ?ipv6.map(|a| a.0), "Node resource registered");
     }
     Ok(())
 }
@@ -465,33 +519,90 @@ struct Identity {
     restarting: bool,
 }
 
+/// Sockets the node serves on, bound by its caller; `None` binds from the flags and the configuration
+/// (BGP on 0.0.0.0 and [::] at the node's port, `--http-listen`). The CNI socket is a path (`--cni-socket`).
+#[derive(Default)]
+pub struct Listeners {
+    pub bgp: Option<crate::bgp::session::Listener>,
+    pub http: Option<tokio::net::TcpListener>,
+}
+
 async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let stop = async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    };
+    run_with(etcd, args, Listeners::default(), stop).await
+}
+
+/// The node daemon until `shutdown` completes (as mini-redis's `server::run`): `margay node run` passes
+/// SIGTERM/SIGINT, a test a oneshot and listeners on port 0, so a node can run in the test's process. The
+/// way out is the same either way (sessions closed for graceful restart, kernel routes kept).
+pub async fn run_with(
+    etcd: EtcdArgs,
+    args: NodeArgs,
+    listeners: Listeners,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut shutdown = std::pin::pin!(shutdown);
 
     let started = Instant::now();
     let name = node_name(&args)?;
     let netns = args.netns.clone();
-    let (ip, prefix_len) = match args.ip.and_then(NodeIp::fixed) {
-        Some(ip) => (ip, prefix_len_on_interfaces(netns.as_deref(), ip.into())),
-        None => crate::dataplane::autodetect::detect_ipv4(
+    let ipv4 = match args.ip {
+        Some(NodeIp::None) => None,
+        Some(NodeIp::Address(ip)) => {
+            Some((ip, prefix_len_on_interfaces(netns.as_deref(), ip.into())))
+        }
+        Some(NodeIp::Autodetect) | None => Some(crate::dataplane::autodetect::detect_ipv4(
             &args.ip_autodetection_method,
             netns.as_deref(),
-        )?,
+        )?),
     };
+    if ipv4.is_none() && matches!(args.ip6, None | Some(NodeIp6::None)) {
+        anyhow::bail!(
+            "IP=none (an IPv6-only node) needs IP6: the node's IPv6 address or autodetect"
+        );
+    }
+    // An IPv6-only node still needs a BGP identifier, a 4-octet number (RFC 6286): Calico's hash of the name.
+    // It is never used as an address: the node has no IPv4 session, pool or route of its own.
+    let (ip, prefix_len) = ipv4.unwrap_or_else(|| (router_id_from_name(&name), 32));
     let endpoints = etcd.etcd_endpoints.join(",");
     let ds = etcd
         .datastore()
         .map_err(|e| anyhow::anyhow!("etcd at {endpoints}: {e}"))?;
     let on_etcd = |e: anyhow::Error| anyhow::anyhow!("etcd at {endpoints}: {e:#}");
-    let ipv6 = args
-        .ip6
-        .map(|a| (a, prefix_len_on_interfaces(netns.as_deref(), a.into())));
-    register_node_with(&ds, &name, ip, prefix_len, ipv6, args.as_number)
+    let ip6_autodetected = args.ip6 == Some(NodeIp6::Autodetect);
+    let ipv6 = match args.ip6 {
+        Some(NodeIp6::Address(a)) => {
+            Some((a, prefix_len_on_interfaces(netns.as_deref(), a.into())))
+        }
+        Some(NodeIp6::Autodetect) => Some(
+            crate::dataplane::autodetect::detect_ipv6(
+                &args.ip6_autodetection_method,
+                netns.as_deref(),
+            )
+            .context("IP6=autodetect")?,
+        ),
+        Some(NodeIp6::None) | None => None,
+    };
+    let ip6 = ipv6.map(|(a, _)| a);
+    register_node_with(&ds, &name, ipv4, ipv6, args.as_number)
         .await
         .map_err(on_etcd)?;
-    ensure_default_pool(&ds, args.ipv4_pool_cidr, args.ipv4_pool_block_size)
-        .await
-        .map_err(on_etcd)?;
+    if ipv4.is_some() {
+        ensure_default_pool(&ds, args.ipv4_pool_cidr, args.ipv4_pool_block_size)
+            .await
+            .map_err(on_etcd)?;
+    } else {
+        tracing::info!(router_id = %ip, "IPv6-only node (IP=none): no IPv4 address, default IPv4 pool or IPv4 session; BGP router id from the node name (Calico's CALICO_ROUTER_ID=hash)");
+    }
     if let Some(v6) = args.ipv6_pool_cidr {
         ensure_default_ipv6_pool(&ds, v6, args.ipv6_pool_block_size)
             .await
@@ -529,7 +640,7 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         &load_pools(&ds).await.map_err(on_etcd)?,
         &name,
         kernel_has_ipip,
-        args.ip6.is_some(),
+        ip6.is_some(),
         &dp_status,
     );
     let id = Identity {
@@ -540,12 +651,12 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         ip,
         asn,
         cluster_id,
-        ip6: args.ip6,
+        ip6,
         forwarding_preserved: false,
         secrets_dir: args.bgp_secrets_dir.clone(),
         restarting: run_marker(&args),
     };
-    if args.ip6.is_none() && args.ipv6_pool_cidr.is_some() {
+    if ip6.is_none() && args.ipv6_pool_cidr.is_some() {
         tracing::warn!(
             "an IPv6 pool without --ip6/IP6: IPv6 pod blocks are not advertised to peers"
         );
@@ -619,24 +730,35 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     // IPv4 and IPv6 transport: nodes with an ipv6Address peer over IPv6 as well (Calico's mesh does).
     let any4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, id.port));
     let any6 = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, id.port));
-    let spk = match speaker::spawn(
-        speaker_cfg(vec![any4, any6]),
-        Arc::new(Policy::default()),
-        Some(fib_tx.clone()),
-    )
-    .await
-    {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for BGP on [::] (IPv6 disabled?): listening on IPv4 only");
-            speaker::spawn(
-                speaker_cfg(vec![any4]),
-                Arc::new(Policy::default()),
-                Some(fib_tx),
-            )
-            .await
-            .with_context(|| format!("starting the BGP speaker on port {}", id.port))?
-        }
+    let given = listeners.bgp.map(|l| {
+        speaker::spawn_on(
+            speaker_cfg(Vec::new()),
+            Some(l),
+            Arc::new(Policy::default()),
+            Some(fib_tx.clone()),
+        )
+    });
+    let spk = match given {
+        Some(s) => s,
+        None => match speaker::spawn(
+            speaker_cfg(vec![any4, any6]),
+            Arc::new(Policy::default()),
+            Some(fib_tx.clone()),
+        )
+        .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for BGP on [::] (IPv6 disabled?): listening on IPv4 only");
+                speaker::spawn(
+                    speaker_cfg(vec![any4]),
+                    Arc::new(Policy::default()),
+                    Some(fib_tx),
+                )
+                .await
+                .with_context(|| format!("starting the BGP speaker on port {}", id.port))?
+            }
+        },
     };
     if let Some(c) = cluster_id {
         tracing::info!(cluster_id = %c, "route reflector: reflecting for this node's route-reflector clients");
@@ -648,7 +770,7 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         ipam.clone(),
         &name,
         (ip, prefix_len),
-        args.ip6,
+        ip6,
         netns.clone(),
         dp_status.clone(),
     );
@@ -666,6 +788,7 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     let refresh = Arc::new(Notify::new());
     // The node's address as the address monitor last found it (fixed with --ip).
     let (addr_tx, addr_rx) = watch::channel(ip);
+    let (addr6_tx, addr6_rx) = watch::channel(ip6);
     let adverts = task::spawn(
         "advertise",
         advertise_blocks(
@@ -696,11 +819,28 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         drop(affinity_routes_tx);
         task::spawn(
             "peer-loop",
-            peer_loop(feed, id.clone(), spk.clone(), applied_tx, addr_rx),
+            peer_loop(feed, id.clone(), spk.clone(), applied_tx, addr_rx, addr6_rx),
         )
     };
+    // IP6=autodetect is re-checked as IP=autodetect is; a fixed (or no) IPv6 address keeps the sender.
+    let (monitor6, _fixed_addr6) = if ip6_autodetected && args.ip_recheck_interval > 0 {
+        let m = task::spawn(
+            "address-monitor-v6",
+            monitor_address6(
+                ds.clone(),
+                name.clone(),
+                args.ip6_autodetection_method.clone(),
+                netns.clone(),
+                Duration::from_secs(args.ip_recheck_interval),
+                addr6_tx,
+            ),
+        );
+        (Some(m), None)
+    } else {
+        (None, Some(addr6_tx))
+    };
     // Without the monitor the sender is kept, so the receivers' `changed()` waits instead of failing.
-    let autodetected = args.ip.and_then(NodeIp::fixed).is_none();
+    let autodetected = matches!(args.ip, None | Some(NodeIp::Autodetect));
     let (monitor, _fixed_addr) = if autodetected && args.ip_recheck_interval > 0 {
         let m = task::spawn(
             "address-monitor",
@@ -858,7 +998,7 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     {
         sup.watch(t.watch());
     }
-    if let Some(m) = &monitor {
+    for m in monitor.iter().chain(monitor6.iter()) {
         sup.watch(m.watch());
     }
     let rib_tx = spk.rib();
@@ -895,12 +1035,15 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
         Some(_) => Some(signal(SignalKind::user_defined1())?),
         None => None,
     };
-    let http_listener = tokio::net::TcpListener::bind(args.http_listen)
-        .await
-        .map_err(|e| api::ApiError::Bind {
-            addr: args.http_listen,
-            source: e,
-        })?;
+    let http_listener = match listeners.http {
+        Some(l) => l,
+        None => tokio::net::TcpListener::bind(args.http_listen)
+            .await
+            .map_err(|e| api::ApiError::Bind {
+                addr: args.http_listen,
+                source: e,
+            })?,
+    };
     let health = sup.health();
     let http = task::spawn("http", async move {
         let r = api::serve_supervised(
@@ -918,14 +1061,11 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     tracing::info!(node = %name, address = %ip, asn, cni_socket = %args.cni_socket.display(),
         http = %args.http_listen, etcd = %endpoints, "margay node running");
 
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
     // Boxed so it can be dropped before the cleanup: its heartbeats hold clones of the speaker handle.
     let mut supervised = Box::pin(sup.run());
     let outcome: anyhow::Result<()> = loop {
         tokio::select! {
-            _ = term.recv() => break Ok(()),
-            _ = int.recv() => break Ok(()),
+            () = &mut shutdown => break Ok(()),
             ended = &mut supervised => {
                 tracing::error!(task = ended.name, why = %ended.why,
                     "a task of the daemon ended unexpectedly: /healthz fails and margay exits so that it is restarted \
@@ -944,6 +1084,7 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
     };
     drop(supervised);
     let cleanup = async move {
+        // Nobody listening for the stop means the HTTP server has already ended: nothing to stop.
         let _ = stop_tx.send(());
         // Wait for the aborted tasks to drop what they hold, so the speaker handle is ours alone again.
         for t in [peers, adverts, learned, converging, http]
@@ -952,6 +1093,7 @@ async fn run_async(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
             .chain(cluster_tasks)
             .chain(mtu_task)
             .chain(monitor)
+            .chain(monitor6)
         {
             t.stop().await;
         }
@@ -1079,20 +1221,22 @@ async fn advertise_blocks(
                 }
                 if !new.is_empty() {
                     tracing::info!(prefixes = %prefix_list(&new), "advertising");
-                    let _ = rib
-                        .send(RibInput::Originate {
-                            prefixes: new,
-                            attrs: attrs.clone(),
-                        })
-                        .await;
+                    let input = RibInput::Originate {
+                        prefixes: new,
+                        attrs: attrs.clone(),
+                    };
+                    if !to_rib(&rib, input, "advertise").await {
+                        return;
+                    }
                 }
                 if !gone.is_empty() {
                     tracing::info!(prefixes = %prefix_list(&gone), "withdrawing");
-                    let _ = rib
-                        .send(RibInput::WithdrawLocal {
-                            prefixes: gone.clone(),
-                        })
-                        .await;
+                    let input = RibInput::WithdrawLocal {
+                        prefixes: gone.clone(),
+                    };
+                    if !to_rib(&rib, input, "advertise").await {
+                        return;
+                    }
                     let gone_blocks: Vec<IpNetwork> =
                         gone.into_iter().filter(|g| blocks.contains(g)).collect();
                     if !gone_blocks.is_empty() {
@@ -1114,6 +1258,19 @@ async fn advertise_blocks(
     }
 }
 
+/// Hand `input` to the RIB task. False when its inbox is closed: the RIB task has ended, which the supervisor
+/// reports before it stops the daemon; the calling task (`task`) logs that it stops too and returns.
+async fn to_rib(rib: &mpsc::Sender<RibInput>, input: RibInput, task: &str) -> bool {
+    if rib.send(input).await.is_err() {
+        tracing::error!(
+            task,
+            "the RIB task is gone: this task stops too (the supervisor stops the daemon)"
+        );
+        return false;
+    }
+    true
+}
+
 /// Re-derive the peers and the service prefixes from every snapshot the configuration feed publishes (and
 /// when a mounted password Secret changes); apply only what changed. No etcd request is made here.
 async fn peer_loop(
@@ -1122,6 +1279,7 @@ async fn peer_loop(
     spk: Arc<SpeakerHandle>,
     applied: watch::Sender<bool>,
     mut addr: watch::Receiver<Ipv4Addr>,
+    mut addr6: watch::Receiver<Option<std::net::Ipv6Addr>>,
 ) {
     let mut current: Option<Vec<DesiredPeer>> = None;
     let mut services: BTreeSet<IpNetwork> = BTreeSet::new();
@@ -1144,6 +1302,11 @@ async fn peer_loop(
                 ..Default::default()
             });
             services.clear();
+        }
+        // The same for the IPv6 address: the peers' IPv6 next hop (and so the sessions) follow it; the
+        // other nodes re-peer with it from our Node resource.
+        if addr6.has_changed().unwrap_or(false) {
+            id.ip6 = *addr6.borrow_and_update();
         }
         let snapshot = snapshots.borrow_and_update().clone();
         let secrets_text = secrets_from_dir(&id.secrets_dir).unwrap_or_default();
@@ -1196,7 +1359,9 @@ async fn peer_loop(
                 let want_cluster_id = set.nodes.get(&id.name).and_then(Node::cluster_id);
                 if want_cluster_id != cluster_id {
                     tracing::info!(from = ?cluster_id, to = ?want_cluster_id, "route-reflector cluster id changed");
-                    let _ = rib.send(RibInput::SetClusterId(want_cluster_id)).await;
+                    if !to_rib(&rib, RibInput::SetClusterId(want_cluster_id), "peer-loop").await {
+                        return;
+                    }
                     cluster_id = want_cluster_id;
                 }
                 // Service CIDRs (Calico's confd `routes.go`): originated by every node, next hop self.
@@ -1205,24 +1370,34 @@ async fn peer_loop(
                 let gone: Vec<IpNetwork> = services.difference(&want).copied().collect();
                 if !new.is_empty() {
                     tracing::info!(prefixes = %prefix_list(&new), "advertising service CIDRs");
-                    let _ = rib
-                        .send(RibInput::Originate {
-                            prefixes: new,
-                            attrs: attrs.clone(),
-                        })
-                        .await;
+                    let input = RibInput::Originate {
+                        prefixes: new,
+                        attrs: attrs.clone(),
+                    };
+                    if !to_rib(&rib, input, "peer-loop").await {
+                        return;
+                    }
                 }
                 if !gone.is_empty() {
                     tracing::info!(prefixes = %prefix_list(&gone), "withdrawing service CIDRs");
-                    let _ = rib.send(RibInput::WithdrawLocal { prefixes: gone }).await;
+                    if !to_rib(
+                        &rib,
+                        RibInput::WithdrawLocal { prefixes: gone },
+                        "peer-loop",
+                    )
+                    .await
+                    {
+                        return;
+                    }
                 }
                 services = want;
                 // Before the first apply, so no session ever sees a wider export than Calico's.
                 let want_policy = export_policy(&pools, &services);
                 if policy.as_ref() != Some(&want_policy) {
-                    let _ = rib
-                        .send(RibInput::SetPolicy(Arc::new(want_policy.clone())))
-                        .await;
+                    let input = RibInput::SetPolicy(Arc::new(want_policy.clone()));
+                    if !to_rib(&rib, input, "peer-loop").await {
+                        return;
+                    }
                     policy = Some(want_policy);
                 }
                 if current.as_ref() != Some(&peers) {
@@ -1261,6 +1436,12 @@ async fn peer_loop(
                     }
                     break;
                 }
+                changed = addr6.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    break;
+                }
                 _ = tokio::time::sleep(SECRETS_POLL) => {
                     if secrets_from_dir(&id.secrets_dir).unwrap_or_default() != secrets_text {
                         break;
@@ -1269,6 +1450,67 @@ async fn peer_loop(
             }
         }
     }
+}
+
+/// The IPv6 twin of [`monitor_address`] for IP6=autodetect: on a change the Node resource's `ipv6Address`
+/// is rewritten and the peer loop follows through `tx`.
+async fn monitor_address6(
+    ds: Arc<Datastore>,
+    name: String,
+    method: crate::dataplane::autodetect::Method,
+    netns: Option<PathBuf>,
+    every: Duration,
+    tx: watch::Sender<Option<std::net::Ipv6Addr>>,
+) {
+    let mut current = *tx.borrow();
+    loop {
+        tokio::time::sleep(every).await;
+        let (m, ns) = (method.clone(), netns.clone());
+        let detected = tokio::task::spawn_blocking(move || {
+            crate::dataplane::autodetect::detect_ipv6(&m, ns.as_deref())
+        })
+        .await;
+        let (ip, prefix_len) = match detected {
+            Ok(Ok(d)) => d,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, address = ?current, "IPv6 address re-detection failed; keeping the current address");
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "IPv6 address re-detection did not finish");
+                continue;
+            }
+        };
+        if Some(ip) == current {
+            continue;
+        }
+        match register_node_ipv6(&ds, &name, ip, prefix_len).await {
+            Ok(()) => {
+                tracing::info!(from = ?current, to = %ip, "node IPv6 address changed: Node resource updated; sessions and routes follow");
+                current = Some(ip);
+                tx.send_replace(current);
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), to = %ip, "node IPv6 address changed but the Node resource could not be updated; retrying")
+            }
+        }
+    }
+}
+
+/// Write `spec.bgp.ipv6Address` of this node's Node resource, keeping everything else (compare-and-swap).
+/// The Node must exist: a node whose resource was deleted under it registers again when restarted.
+async fn register_node_ipv6(
+    ds: &Datastore,
+    name: &str,
+    ipv6: std::net::Ipv6Addr,
+    prefix_len: u8,
+) -> anyhow::Result<()> {
+    resources::patch_node(ds, name, false, |spec| {
+        resources::bgp_of(spec).insert("ipv6Address".into(), format!("{ipv6}/{prefix_len}").into());
+    })
+    .await
+    .with_context(|| format!("updating the IPv6 address of Node {name:?}"))?;
+    Ok(())
 }
 
 /// Detect the node's address again every `every` (Calico re-checks every 60 s). On a change: write it to
@@ -1329,11 +1571,31 @@ mod tests {
         let a = NodeIp::Address(Ipv4Addr::new(10, 0, 0, 1));
         assert_eq!(parse_node_ip("10.0.0.1"), Ok(a));
         assert_eq!(parse_node_ip("10.0.0.1/24"), Ok(a));
-        assert!(parse_node_ip("none").unwrap_err().contains("IPv6-only"));
+        assert_eq!(parse_node_ip("none"), Ok(NodeIp::None));
+        assert_eq!(parse_node_ip6("autodetect"), Ok(NodeIp6::Autodetect));
+        assert_eq!(parse_node_ip6("none"), Ok(NodeIp6::None));
+        assert_eq!(
+            parse_node_ip6("fd00::1/64"),
+            Ok(NodeIp6::Address("fd00::1".parse().unwrap()))
+        );
+        assert!(parse_node_ip6("10.0.0.1").unwrap_err().contains("IPv6"));
         assert!(parse_node_ip("10.0.0.300")
             .unwrap_err()
             .contains("10.0.0.300"));
     }
+    /// Calico's CALICO_ROUTER_ID=hash: sha256 of the name, first four octets, minus 32 above 223.
+    #[test]
+    fn router_id_from_the_node_name_as_calico_hashes_it() {
+        assert_eq!(
+            router_id_from_name("node1"),
+            Ipv4Addr::new(202, 18, 243, 27)
+        );
+        assert_eq!(
+            router_id_from_name("node16"),
+            Ipv4Addr::new(200, 251, 245, 244)
+        );
+    }
+
     use crate::dataplane::pod::POD_GATEWAY_V4;
     use std::net::IpAddr;
 

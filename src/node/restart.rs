@@ -356,6 +356,7 @@ pub async fn run(
                         "restart: swept routes nobody re-announced after convergence (held: via peers not back yet)");
                 }
                 if first {
+                    // With every readiness receiver gone (the daemon is stopping) there is nobody to tell.
                     let _ = ready.send(Readiness::Converged);
                     first = false;
                 }
@@ -366,6 +367,7 @@ pub async fn run(
             }
             Err(e) => {
                 tracing::error!(error = %format!("{e:#}"), "restart: sweeping stale routes failed; they stay until the next restart");
+                // As above: no receiver left means the daemon is stopping.
                 let _ = ready.send(Readiness::Converged);
                 return;
             }

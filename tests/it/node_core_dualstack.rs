@@ -154,3 +154,265 @@ fn dual_stack_pods_ping_across_nodes_over_both_families() {
         assert!(ok, "DEL {pod}: {out}");
     }
 }
+
+/// IP6=autodetect, re-checked beside the IPv4 address (here every second): n1's IPv6 address is found by
+/// first-found and written to its Node; when it changes, the Node's `ipv6Address` follows and n2 re-peers
+/// over IPv6 with the new address.
+///
+/// ```text
+///   n1 10.99.0.11, IP6=autodetect: fd99::11 ─▶ fd99::21      n2 10.99.0.12, IP6=fd99::12
+///   expect: Node n1 ipv6Address fd99::11/64, n2 ◀─IPv6─▶ fd99::11 Established;
+///           then Node n1 ipv6Address fd99::21/64, n2 ◀─IPv6─▶ fd99::21 Established, fd99::11 gone
+/// ```
+#[test]
+#[ignore = "needs root (network namespaces), etcd and iproute2: scripts/test.sh runs it (--include-ignored)"]
+fn an_autodetected_ipv6_address_is_rechecked_and_the_peers_follow() {
+    const T: &str = "an_autodetected_ipv6_address_is_rechecked_and_the_peers_follow";
+    if !common::lab::lab_prerequisites(T) {
+        return;
+    }
+    let lab = Lab::with("mg6", 2, 0, &[]);
+    let (n1, _) = lab.nodes[0].clone();
+    let (n2, _) = lab.nodes[1].clone();
+    let add = |node: &str, ip6: &str| {
+        let (ok, out) = in_ns(
+            node,
+            &[
+                "ip",
+                "addr",
+                "add",
+                &format!("{ip6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ],
+        );
+        assert!(ok, "address {ip6} on {node}: {out}");
+    };
+    add(&n2, "fd99::12");
+    lab.restart_node_with_env(&n2, &[("IP6", "fd99::12")]);
+    add(&n1, "fd99::11");
+    lab.restart_node_with_env(
+        &n1,
+        &[("IP6", "autodetect"), ("MARGAY_IP_RECHECK_INTERVAL", "1")],
+    );
+    lab.wait_ready(&n1);
+    let node_doc = |node: &str| {
+        in_ns(
+            &format!("{}-etcd", lab.name),
+            &[
+                "etcdctl",
+                "--endpoints",
+                common::lab::ETCD,
+                "get",
+                &format!("/calico/resources/v3/projectcalico.org/nodes/{node}"),
+                "--print-value-only",
+            ],
+        )
+        .1
+    };
+    let n2_peer_up = |addr: &str| {
+        lab.status(&n2)
+            .and_then(|s| s["peers"].as_array().cloned())
+            .is_some_and(|p| {
+                p.iter()
+                    .any(|p| p["address"] == addr && p["fsmState"] == "Established")
+            })
+    };
+    for (ip6, old) in [("fd99::11", None), ("fd99::21", Some("fd99::11"))] {
+        if let Some(old) = old {
+            add(&n1, ip6);
+            let (ok, out) = in_ns(
+                &n1,
+                &["ip", "addr", "del", &format!("{old}/64"), "dev", "eth0"],
+            );
+            assert!(ok, "delete {old} on {n1}: {out}");
+        }
+        let mut doc = String::new();
+        assert!(
+            eventually(Duration::from_secs(30), || {
+                doc = node_doc(&n1);
+                doc.contains(&format!("\"ipv6Address\":\"{ip6}/64\""))
+            }),
+            "Node {n1} does not carry {ip6}: {doc}\n{}",
+            lab.node_logs(&n1)
+        );
+        assert!(
+            eventually(Duration::from_secs(60), || n2_peer_up(ip6)
+                && old.is_none_or(|o| !n2_peer_up(o))),
+            "{n2} is not peered over IPv6 with {ip6} alone: {:?}\n{}",
+            lab.status(&n2),
+            lab.logs()
+        );
+    }
+    assert!(
+        lab.node_logs(&n1).contains("node IPv6 address changed"),
+        "{}",
+        lab.node_logs(&n1)
+    );
+}
+
+/// Kills a daemon the test started itself, by PID, on drop (also on panic).
+struct Daemon(std::process::Child);
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.0.wait();
+    }
+}
+
+/// IPv6-only nodes (Calico's IP=none with IP6): no ipv4Address in their Node resources (the lab had
+/// written one: it is removed), a BGP router id from the node name, one IPv6 mesh session between them,
+/// each node's IPv6 block in the other's FIB via its IPv6 address, and pods that ping over IPv6.
+///
+/// ```text
+///   n1 IP=none IP6=fd99::11 ◀──iBGP, IPv6 transport, IPv6 unicast──▶ n2 IP=none IP6=fd99::12
+///   <lab>-o1 (on n1) fd00:244::../128   ping over IPv6   <lab>-o2 (on n2) fd00:244::../128
+/// ```
+#[test]
+#[ignore = "needs root (network namespaces), etcd, iproute2 and ping: scripts/test.sh runs it (--include-ignored)"]
+fn ipv6_only_nodes_peer_over_ipv6_and_their_pods_ping() {
+    const T: &str = "ipv6_only_nodes_peer_over_ipv6_and_their_pods_ping";
+    if !common::lab::lab_prerequisites(T) {
+        return;
+    }
+    let lab = Lab::with("mgo", 2, 0, &[]);
+    let nodes = [
+        (lab.nodes[0].0.clone(), "fd99::11"),
+        (lab.nodes[1].0.clone(), "fd99::12"),
+    ];
+    let mut daemons = Vec::new();
+    for (node, ip6) in &nodes {
+        lab.stop_daemon(node, nix::sys::signal::Signal::SIGTERM);
+        let (ok, out) = in_ns(
+            node,
+            &[
+                "ip",
+                "addr",
+                "add",
+                &format!("{ip6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ],
+        );
+        assert!(ok, "address {ip6} on {node}: {out}");
+        let log = lab.state.join(format!("{node}-v6only.log"));
+        daemons.push(Daemon(
+            std::process::Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    node,
+                    common::lab::MARGAY,
+                    "node",
+                    "run",
+                    "--node-name",
+                    node,
+                ])
+                .args(["--etcd-endpoints", common::lab::ETCD])
+                .arg("--cni-socket")
+                .arg(lab.state.join(node).join("cni.sock"))
+                .env("IP", "none")
+                .env("IP6", ip6)
+                .env("MARGAY_IPV6POOL_CIDR", POOL6)
+                .env("RUST_LOG", "info")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::fs::File::create(&log).expect("log file"))
+                .spawn()
+                .expect("start margay node"),
+        ));
+    }
+    let log = |node: &str| {
+        std::fs::read_to_string(lab.state.join(format!("{node}-v6only.log"))).unwrap_or_default()
+    };
+    for ((node, ip6), (other, other_ip6)) in [
+        (nodes[0].clone(), nodes[1].clone()),
+        (nodes[1].clone(), nodes[0].clone()),
+    ] {
+        let mut doc = String::new();
+        assert!(
+            eventually(Duration::from_secs(30), || {
+                doc = in_ns(
+                    &format!("{}-etcd", lab.name),
+                    &[
+                        "etcdctl",
+                        "--endpoints",
+                        common::lab::ETCD,
+                        "get",
+                        &format!("/calico/resources/v3/projectcalico.org/nodes/{node}"),
+                        "--print-value-only",
+                    ],
+                )
+                .1;
+                doc.contains(&format!("\"ipv6Address\":\"{ip6}/64\""))
+                    && !doc.contains("ipv4Address")
+            }),
+            "Node {node}: {doc}\n{}",
+            log(&node)
+        );
+        let mut status = None;
+        assert!(
+            eventually(Duration::from_secs(60), || {
+                status = lab.status(&node);
+                status
+                    .as_ref()
+                    .and_then(|s| s["peers"].as_array().cloned())
+                    .is_some_and(|p| {
+                        p.len() == 1
+                            && p[0]["address"] == other_ip6
+                            && p[0]["fsmState"] == "Established"
+                    })
+            }),
+            "{node}: not one Established IPv6 session with {other} ({other_ip6}): {status:?}\n{}",
+            log(&node)
+        );
+    }
+    let (pa, pb) = (format!("{}-o1", lab.name), format!("{}-o2", lab.name));
+    let _ns = Netns::new(&[&pa, &pb]);
+    let mut v6s = Vec::new();
+    for ((node, _), pod) in nodes.iter().zip([&pa, &pb]) {
+        let (ok, out) = lab.pod_cni(node, pod, "ADD");
+        assert!(ok, "ADD {pod} on {node}: {out}\n{}", log(node));
+        let r: Value = serde_json::from_str(&out).expect("CNI result");
+        let v6: IpAddr = r["ips"]
+            .as_array()
+            .expect("ips")
+            .iter()
+            .filter_map(|i| i["address"].as_str()?.split('/').next()?.parse().ok())
+            .find(|i: &IpAddr| i.is_ipv6())
+            .unwrap_or_else(|| panic!("no IPv6 in {r}"));
+        v6s.push(v6);
+    }
+    for ((node, _), (_, other_ip6)) in [
+        (nodes[0].clone(), nodes[1].clone()),
+        (nodes[1].clone(), nodes[0].clone()),
+    ] {
+        assert!(
+            eventually(Duration::from_secs(30), || proto77_v6(&node)
+                .iter()
+                .any(|(p, via)| via == other_ip6 && p.ends_with("/122"))),
+            "{node} has no IPv6 block via {other_ip6}: {:?}\n{}",
+            proto77_v6(&node),
+            log(&node)
+        );
+    }
+    for (from, to) in [(&pa, v6s[1]), (&pb, v6s[0])] {
+        assert!(
+            eventually(Duration::from_secs(20), || in_ns(
+                from,
+                &["ping", "-c", "1", "-W", "2", &to.to_string()]
+            )
+            .0),
+            "{from} cannot ping {to} over IPv6"
+        );
+    }
+    for ((node, _), pod) in nodes.iter().zip([&pa, &pb]) {
+        let (ok, out) = lab.pod_cni(node, pod, "DEL");
+        assert!(ok, "DEL {pod}: {out}");
+    }
+    drop(daemons);
+}

@@ -152,3 +152,102 @@ fn add_path_from_the_tor_gives_the_fib_the_ecmp_set() {
     );
     assert!(route.contains("proto 77"), "{route}");
 }
+
+/// `node::run_with` runs a node inside the test's process (as mini-redis's `server::run`), here on a thread
+/// inside a lab node's namespace (so its netlink and sockets are the lab node's), on BGP and HTTP listeners
+/// the test bound to port 0, until a shutdown future the test completes: it registers, becomes ready, and
+/// completing the future ends the run cleanly.
+#[test]
+#[ignore = "needs root (network namespaces) and etcd: scripts/test.sh runs it (--include-ignored)"]
+fn a_node_runs_in_process_on_given_listeners_until_shut_down() {
+    const T: &str = "a_node_runs_in_process_on_given_listeners_until_shut_down";
+    if !common::lab::lab_prerequisites(T) {
+        return;
+    }
+    let lab = Lab::with("mgp", 1, 0, &[]);
+    let (n1, ip) = lab.nodes[0].clone();
+    lab.stop_daemon(&n1, nix::sys::signal::Signal::SIGTERM);
+    let sock = lab.state.join("in-process.sock");
+    let netns = format!("/run/netns/{n1}");
+    let name = n1.clone();
+    let result = common::bgp_peers::in_netns(&n1, move || async move {
+        use clap::Parser;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            etcd: margay::cli::EtcdArgs,
+            #[command(flatten)]
+            node: margay::node::NodeArgs,
+        }
+        let cli = Cli::parse_from([
+            "node",
+            "--node-name",
+            &name,
+            "--ip",
+            &ip.to_string(),
+            "--netns",
+            &netns,
+            "--etcd-endpoints",
+            ETCD,
+            "--cni-socket",
+            sock.to_str().expect("utf-8 path"),
+        ]);
+        let bgp = margay::bgp::session::Listener::bind(&["127.0.0.1:0".parse().expect("addr")])
+            .await
+            .expect("BGP listener");
+        let http = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("HTTP listener");
+        let http_addr = http.local_addr().expect("HTTP address");
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let run = tokio::spawn(margay::node::run_with(
+            cli.etcd,
+            cli.node,
+            margay::node::Listeners {
+                bgp: Some(bgp),
+                http: Some(http),
+            },
+            async move {
+                let _ = stop_rx.await;
+            },
+        ));
+        let mut last = None;
+        for _ in 0..300 {
+            if run.is_finished() {
+                break;
+            }
+            let got = async {
+                let mut s = tokio::net::TcpStream::connect(http_addr).await.ok()?;
+                s.write_all(b"GET /readyz HTTP/1.1\r\nHost: n\r\nConnection: close\r\n\r\n")
+                    .await
+                    .ok()?;
+                let mut out = String::new();
+                s.read_to_string(&mut out).await.ok()?;
+                Some(out)
+            }
+            .await;
+            let ready = got
+                .as_deref()
+                .is_some_and(|r| r.starts_with("HTTP/1.1 200"));
+            last = got;
+            if ready {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let _ = stop_tx.send(());
+        let ended = tokio::time::timeout(Duration::from_secs(20), run)
+            .await
+            .map_err(|_| "the run did not end after its shutdown future".to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        (last, ended.map(|r| r.map_err(|e| format!("{e:#}"))))
+    });
+    let (last, ended) = result;
+    assert!(
+        last.as_deref()
+            .is_some_and(|r| r.starts_with("HTTP/1.1 200")),
+        "/readyz on the given listener: {last:?} (run: {ended:?})"
+    );
+    assert!(matches!(ended, Ok(Ok(()))), "{ended:?}");
+}

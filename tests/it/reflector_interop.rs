@@ -710,3 +710,247 @@ fn sighup_adds_and_removes_peers_without_resetting_others() {
     assert_eq!(established(&frr), frr_count, "FRR's session reset");
     gobgp_path(&gobgp, "ipv4", "203.0.113.0/24").expect("GoBGP keeps FRR's route");
 }
+
+/// BIRD client `i` on IPv4 only, as Calico configures it (`gateway recursive`, graceful restart), with
+/// `v4` as static routes. `add_paths`: the ADD-PATH option of its channel (`add paths rx` / `on`, or
+/// nothing); its kernel protocol exports with `merge paths on`, so an ECMP set reaches the kernel whole.
+fn bird_v4_conf(i: usize, v4: &[&str], add_paths: &str) -> String {
+    let rid = client_v4(i);
+    let routes: String = v4
+        .iter()
+        .map(|p| format!(" route {p} blackhole;"))
+        .collect();
+    format!(
+        r#"
+router id {rid};
+log stderr all;
+protocol device {{ }}
+protocol direct {{ ipv4; }}
+protocol kernel {{ ipv4 {{ export where source = RTS_BGP; }}; merge paths on; }}
+protocol static s4 {{ ipv4;{routes} }}
+protocol bgp rr4 {{
+  local {rid} as {RR_AS};
+  neighbor {RR_V4} as {RR_AS};
+  hold time 6;
+  connect delay time 1; connect retry time 1; error wait time 1, 2;
+  graceful restart on;
+  ipv4 {{ import all; export where source = RTS_STATIC; gateway recursive; {add_paths} }};
+}}
+"#
+    )
+}
+
+/// ADD-PATH send (RFC 7911), as Calico's BIRD has it (`add paths on`):
+/// ```text
+///   BIRD c1 10.1.0.2 static 192.0.2.0/24 ──┐                         ┌── BIRD c3 10.1.0.4 `add paths rx`
+///                                          ├── margay rr 10.1.0.1 ───┤     kernel: 192.0.2.0/24
+///   BIRD c2 10.1.0.3 static 192.0.2.0/24 ──┘   (every client an RR   │       nexthop via 10.1.0.2
+///                                               client, iBGP)        │       nexthop via 10.1.0.3
+///                                                                    └── GoBGP c4 10.1.0.5 (no ADD-PATH)
+///   expect: c3 holds two BGP paths (next hops 10.1.0.2, 10.1.0.3) and its kernel both next hops;
+///   GoBGP holds one path; c1 withdraws: c3 keeps exactly c2's path, kernel one next hop.
+/// ```
+#[test]
+#[ignore = "needs root (network namespaces) and the daemons this test starts: scripts/test.sh runs it (--include-ignored)"]
+fn add_path_reflects_both_origins_to_a_bird_client_and_its_kernel() {
+    let t = "add_path_reflects_both_origins_to_a_bird_client_and_its_kernel";
+    if !prereqs(t) {
+        return;
+    }
+    let star = Star::new("ap", 4);
+    let cfg = config_head()
+        + &bgp_peer("c1", &client_v4(1), RR_AS, "")
+        + &bgp_peer("c2", &client_v4(2), RR_AS, "")
+        + &bgp_peer("c3", &client_v4(3), RR_AS, "")
+        + &password_secret("bgp-secrets", "gobgp", "rr-md5")
+        + &bgp_peer(
+            "c4",
+            &client_v4(4),
+            RR_AS,
+            &password_ref("bgp-secrets", "gobgp"),
+        );
+    let rr = Reflector::start(&star.hub, &cfg);
+    let prefix = "192.0.2.0/24";
+    let c1 = Bird::start(star.ns(1), &bird_v4_conf(1, &[prefix], ""));
+    let _c2 = Bird::start(star.ns(2), &bird_v4_conf(2, &[prefix], ""));
+    let c3 = Bird::start(star.ns(3), &bird_v4_conf(3, &[], "add paths rx;"));
+    let gobgp = GoBgp::start(star.ns(4), &gobgp_conf(4, "rr-md5"));
+    for i in 1..=4 {
+        wait_up(&rr, &client_v4(i));
+    }
+    let paths_at_c3 = || {
+        let out = c3.birdc(&format!("show route {prefix} all"));
+        let n = out.matches("[rr4").count();
+        (n, out)
+    };
+    let out = wait_for("c3 to hold two paths of 192.0.2.0/24", LIMIT, || {
+        let (n, out) = paths_at_c3();
+        if n == 2 && out.contains("10.1.0.2") && out.contains("10.1.0.3") {
+            Ok(out)
+        } else {
+            Err(format!(
+                "{n} paths:\n{out}\n{}",
+                c3.birdc("show protocols all rr4")
+            ))
+        }
+    });
+    eprintln!("c3:\n{out}");
+    let kernel = || crate::common::try_sh(&format!("ip -n {} route show {prefix}", star.ns(3))).1;
+    wait_for("c3's kernel to get both next hops", LIMIT, || {
+        let k = kernel();
+        if k.contains("nexthop via 10.1.0.2") && k.contains("nexthop via 10.1.0.3") {
+            Ok(())
+        } else {
+            Err(k)
+        }
+    });
+    // GoBGP did not offer ADD-PATH: one path, the best (lower ORIGINATOR_ID: c1).
+    let g = wait_for("GoBGP to hold one path", LIMIT, || {
+        let out = gobgp.gobgp("global rib -a ipv4 -j");
+        let v: Value = serde_json::from_str(&out).map_err(|e| format!("{e}: {out}"))?;
+        match v.get(prefix).and_then(|p| p.as_array()) {
+            Some(p) if !p.is_empty() => Ok(p.clone()),
+            _ => Err(out),
+        }
+    });
+    assert_eq!(
+        g.len(),
+        1,
+        "one path towards a peer without ADD-PATH: {g:#?}"
+    );
+    check_gobgp_reflected(&g[0], &client_v4(1), &client_v4(1)).expect("c1's path");
+    let c3_peer = rr.peer(&client_v4(3)).expect("c3 at margay");
+    assert_eq!(
+        c3_peer["prefixesAdvertised"], 2,
+        "two paths to c3: {c3_peer:#}"
+    );
+
+    // c1 withdraws its origin: c3 keeps c2's path alone, its kernel one next hop.
+    std::fs::write(c1.path("bird.conf"), bird_v4_conf(1, &[], "")).expect("write bird.conf");
+    let out = c1.birdc("configure");
+    assert!(out.contains("Reconfigured"), "birdc configure: {out}");
+    wait_for("c3 to keep only c2's path", LIMIT, || {
+        let (n, out) = paths_at_c3();
+        if n == 1 && out.contains("10.1.0.3") && !out.contains("via 10.1.0.2") {
+            Ok(())
+        } else {
+            Err(format!("{n} paths:\n{out}"))
+        }
+    });
+    wait_for("c3's kernel to keep only 10.1.0.3", LIMIT, || {
+        let k = kernel();
+        if k.contains("via 10.1.0.3") && !k.contains("10.1.0.2") {
+            Ok(())
+        } else {
+            Err(k)
+        }
+    });
+}
+
+/// `reflector::run_with` runs a reflector inside the test's process (as mini-redis's `server::run`): on
+/// listeners the test bound to port 0, until a shutdown future the test completes. No root, no daemon: its
+/// /healthz answers on the given HTTP listener, its BGP listener answers the configured peer's connection
+/// with an OPEN, and completing the future ends the run cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reflector_runs_in_process_on_given_listeners_until_shut_down() {
+    use clap::Parser;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: margay::reflector::ReflectorArgs,
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("rr.yaml");
+    std::fs::write(
+        &config,
+        config_head() + &bgp_peer("local", "127.0.0.2", RR_AS, ""),
+    )
+    .expect("write config");
+    let state = dir.path().join("state");
+    let args = Cli::parse_from([
+        "reflector".as_ref(),
+        "--config".as_ref(),
+        config.as_os_str(),
+        "--state-dir".as_ref(),
+        state.as_os_str(),
+        "--node-name".as_ref(),
+        "rr".as_ref(),
+        "--router-id".as_ref(),
+        RR_ROUTER_ID.as_ref(),
+        "--cluster-id".as_ref(),
+        RR_CLUSTER_ID.as_ref(),
+    ])
+    .args;
+    let bgp = margay::bgp::session::Listener::bind(&["127.0.0.1:0".parse().expect("addr")])
+        .await
+        .expect("BGP listener");
+    let bgp_addr = bgp.local_addrs()[0];
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("HTTP listener");
+    let http_addr = http.local_addr().expect("HTTP address");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(margay::reflector::run_with(
+        args,
+        margay::reflector::Listeners {
+            bgp: Some(bgp),
+            http: Some(http),
+        },
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+
+    let get = |path: &'static str| async move {
+        let mut s = tokio::net::TcpStream::connect(http_addr).await.ok()?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: rr\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.ok()?;
+        Some(out)
+    };
+    let mut last = None;
+    for _ in 0..100 {
+        assert!(!run.is_finished(), "the reflector stopped early");
+        last = get("/healthz").await;
+        if last
+            .as_deref()
+            .is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        last.as_deref()
+            .is_some_and(|r| r.starts_with("HTTP/1.1 200")),
+        "/healthz on the given listener: {last:?}"
+    );
+
+    // The configured peer connects to the given BGP listener and is answered with an OPEN.
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.bind("127.0.0.2:0".parse().expect("addr"))
+        .expect("bind 127.0.0.2");
+    let mut conn = sock
+        .connect(bgp_addr)
+        .await
+        .expect("connect to the reflector");
+    let mut header = [0u8; 19];
+    tokio::time::timeout(Duration::from_secs(10), conn.read_exact(&mut header))
+        .await
+        .expect("an answer within 10 s")
+        .expect("read");
+    assert_eq!(header[18], 1, "OPEN: {header:?}");
+
+    stop_tx.send(()).expect("the run is waiting");
+    let ended = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the run ends once the shutdown future completes")
+        .expect("no panic");
+    assert!(ended.is_ok(), "{ended:?}");
+}

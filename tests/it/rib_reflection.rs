@@ -572,3 +572,162 @@ fn a_decoded_update_with_both_families_becomes_one_input() {
         "both withdrawals applied"
     );
 }
+
+/// What an ADD-PATH send peer holds, rebuilt from its outputs: (prefix, path id) → attributes.
+fn fold_paths(
+    held: &mut std::collections::BTreeMap<(String, u32), Arc<PathAttributes>>,
+    log: Vec<RibOutput>,
+) {
+    for m in log {
+        match m {
+            RibOutput::Updates { attrs, nlri, .. } => {
+                for n in nlri {
+                    held.insert((n.prefix.to_string(), n.path_id), attrs.clone());
+                }
+            }
+            RibOutput::Withdraw { nlri, .. } => {
+                for n in nlri {
+                    assert!(
+                        held.remove(&(n.prefix.to_string(), n.path_id)).is_some(),
+                        "withdrawal of a path id the peer never got: {n:?}"
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// RFC 7911: two clients originate one prefix; the client with ADD-PATH send negotiated holds both paths
+/// under two path ids, each id stable while its path lives (a changed attribute replaces it under the same
+/// id, the other path is not re-sent), and the loss of one origin withdraws exactly its id. A client
+/// without ADD-PATH holds the best path alone, as before.
+#[test]
+fn add_path_send_gives_every_path_with_stable_ids_and_plain_peers_the_best() {
+    use std::collections::BTreeMap;
+    let mut h = reflector();
+    h.up(1, client(1));
+    h.up(2, client(2));
+    let multi = margay::bgp::rib::PeerInfo {
+        add_path_tx: vec![Family::IPV4_UNICAST],
+        ..client(3)
+    };
+    h.up(3, multi.clone());
+    h.up(4, client(4));
+    h.take_log(3);
+    h.announce(1, &["10.9.0.0/24"], attrs(&[], "10.0.0.1"));
+    h.announce(2, &["10.9.0.0/24"], attrs(&[], "10.0.0.2"));
+
+    let mut held = BTreeMap::new();
+    fold_paths(&mut held, h.take_log(3));
+    let nh_of = |held: &BTreeMap<(String, u32), Arc<PathAttributes>>| {
+        let mut v: Vec<(u32, String)> = held
+            .iter()
+            .map(|((_, id), a)| (*id, a.next_hop.map(|n| n.to_string()).unwrap_or_default()))
+            .collect();
+        v.sort();
+        v
+    };
+    let two = nh_of(&held);
+    assert_eq!(two.len(), 2, "both paths, under two ids: {two:?}");
+    let mut nhs: Vec<&str> = two.iter().map(|(_, n)| n.as_str()).collect();
+    nhs.sort();
+    assert_eq!(nhs, ["10.0.0.1", "10.0.0.2"], "next hops kept (reflected)");
+    let id_of = |v: &[(u32, String)], nh: &str| {
+        v.iter()
+            .find(|(_, n)| n == nh)
+            .map(|(i, _)| *i)
+            .expect("path present")
+    };
+    let (id1, id2) = (id_of(&two, "10.0.0.1"), id_of(&two, "10.0.0.2"));
+    // The plain client holds one path: the best.
+    let plain = h
+        .holds(4, "10.9.0.0/24")
+        .expect("plain client has the prefix");
+    assert!(
+        h.take_log(4).iter().all(|m| match m {
+            RibOutput::Updates { nlri, .. } | RibOutput::Withdraw { nlri, .. } =>
+                nlri.iter().all(|n| n.path_id == 0),
+            _ => true,
+        }),
+        "no path ids towards a peer without ADD-PATH"
+    );
+    assert_eq!(
+        plain.next_hop,
+        Some(ip4("10.0.0.1")),
+        "lower router id wins"
+    );
+    assert_eq!(
+        h.rib.adj_rib_out(PeerId(3), Family::IPV4_UNICAST).len(),
+        2,
+        "Adj-RIB-Out lists both paths"
+    );
+
+    // Client 2's path changes (MED): replaced under its id; client 1's path is not sent again.
+    let mut changed = attrs(&[], "10.0.0.2");
+    changed.med = Some(7);
+    h.announce(2, &["10.9.0.0/24"], changed);
+    let log = h.take_log(3);
+    let ids: Vec<u32> = log
+        .iter()
+        .flat_map(|m| match m {
+            RibOutput::Updates { nlri, .. } => nlri.iter().map(|n| n.path_id).collect(),
+            RibOutput::Withdraw { .. } => panic!("nothing to withdraw: {m:?}"),
+            _ => Vec::new(),
+        })
+        .collect();
+    assert_eq!(ids, vec![id2], "only the changed path, under its old id");
+    fold_paths(&mut held, log);
+    assert_eq!(held[&("10.9.0.0/24".to_string(), id2)].med, Some(7));
+
+    // Client 1 withdraws: exactly its id goes.
+    h.withdraw(1, &["10.9.0.0/24"]);
+    let log = h.take_log(3);
+    assert!(
+        log.iter()
+            .any(|m| matches!(m, RibOutput::Withdraw { nlri, .. }
+            if nlri.iter().map(|n| n.path_id).collect::<Vec<_>>() == vec![id1])),
+        "withdrawal of id {id1}: {log:?}"
+    );
+    fold_paths(&mut held, log);
+    assert_eq!(nh_of(&held), vec![(id2, "10.0.0.2".to_string())]);
+    assert_eq!(
+        h.holds(4, "10.9.0.0/24").and_then(|a| a.next_hop),
+        Some(ip4("10.0.0.2")),
+        "the plain client moves to the remaining path"
+    );
+
+    // A client that comes up later gets every path in its table dump.
+    h.announce(1, &["10.9.0.0/24"], attrs(&[], "10.0.0.1"));
+    h.up(
+        5,
+        margay::bgp::rib::PeerInfo {
+            add_path_tx: vec![Family::IPV4_UNICAST],
+            ..client(5)
+        },
+    );
+    let mut late = BTreeMap::new();
+    fold_paths(&mut late, h.take_log(5));
+    assert_eq!(nh_of(&late).len(), 2, "{late:?}");
+}
+
+/// Paths an ADD-PATH peer sent under two ids of its own stay two paths towards an ADD-PATH send client,
+/// under two distinct ids of ours.
+#[test]
+fn add_path_send_keeps_two_paths_of_one_peer_apart() {
+    let mut h = reflector();
+    h.up(1, client(1));
+    h.up(
+        3,
+        margay::bgp::rib::PeerInfo {
+            add_path_tx: vec![Family::IPV4_UNICAST],
+            ..client(3)
+        },
+    );
+    h.take_log(3);
+    h.announce_ids(1, &[("10.9.0.0/24", 1)], attrs(&[], "10.0.0.11"));
+    h.announce_ids(1, &[("10.9.0.0/24", 2)], attrs(&[], "10.0.0.12"));
+    let mut held = std::collections::BTreeMap::new();
+    fold_paths(&mut held, h.take_log(3));
+    assert_eq!(held.len(), 2, "{held:?}");
+}

@@ -527,3 +527,61 @@ async fn rfc7606_and_rfc4271_samples_over_a_live_session() {
     assert_eq!(got, (1, 2, vec![0x13, 0x88]));
     peer.shutdown().await;
 }
+
+/// RFC 4271 6.3 NEXT_HOP, live: a NEXT_HOP that is no host address (0.0.0.0) is treat-as-withdraw
+/// (RFC 7606 3 (e)); a NEXT_HOP that is margay's own address on the session (127.0.0.1) is semantically
+/// incorrect: the route is ignored and an earlier announcement of it withdrawn, without a NOTIFICATION;
+/// the session stays up and a good route after them is announced.
+#[tokio::test]
+async fn next_hop_semantics_over_a_live_session() {
+    let listener = Listener::bind(&[SocketAddr::from(([127, 0, 0, 1], 0))])
+        .await
+        .expect("listener");
+    let addr = listener.local_addrs()[0];
+    let (tx, mut rx) = mpsc::channel(1024);
+    let peer = spawn_peer(passive("127.0.0.2", 65002), Some(listener.handle()), tx);
+    let mut b = Scripted::establish(Ipv4Addr::new(127, 0, 0, 2), 65002, addr).await;
+    next_matching(&mut rx, "Established", |e| {
+        matches!(e, SessionEvent::Established { .. })
+    })
+    .await;
+    let updates = |ev: &SessionEvent| !announced_v4(ev).is_empty() || !withdrawn_v4(ev).is_empty();
+
+    b.send_raw(&update_msg(&body(
+        &[ORIGIN, AS_PATH, NEXT_HOP],
+        &[24, 10, 6, 0],
+    )))
+    .await;
+    let ev = next_matching(&mut rx, "10.6.0.0/24 announced", updates).await;
+    assert_eq!(announced_v4(&ev), vec![net("10.6.0.0/24")]);
+
+    const NEXT_HOP_ZERO: &[u8] = &[0x40, 3, 4, 0, 0, 0, 0];
+    b.send_raw(&update_msg(&body(
+        &[ORIGIN, AS_PATH, NEXT_HOP_ZERO],
+        &[24, 10, 7, 0],
+    )))
+    .await;
+    let ev = next_matching(&mut rx, "treat-as-withdraw of 10.7.0.0/24", updates).await;
+    assert_eq!(withdrawn_v4(&ev), vec![net("10.7.0.0/24")], "{ev:?}");
+    assert!(announced_v4(&ev).is_empty(), "{ev:?}");
+
+    const NEXT_HOP_OURS: &[u8] = &[0x40, 3, 4, 127, 0, 0, 1];
+    b.send_raw(&update_msg(&body(
+        &[ORIGIN, AS_PATH, NEXT_HOP_OURS],
+        &[24, 10, 6, 0],
+    )))
+    .await;
+    let ev = next_matching(&mut rx, "10.6.0.0/24 ignored (withdrawn)", updates).await;
+    assert_eq!(withdrawn_v4(&ev), vec![net("10.6.0.0/24")], "{ev:?}");
+    assert!(announced_v4(&ev).is_empty(), "{ev:?}");
+
+    b.send_raw(&update_msg(&body(
+        &[ORIGIN, AS_PATH, NEXT_HOP],
+        &[24, 10, 8, 0],
+    )))
+    .await;
+    let ev = next_matching(&mut rx, "10.8.0.0/24 announced", updates).await;
+    assert_eq!(announced_v4(&ev), vec![net("10.8.0.0/24")]);
+    assert_eq!(peer.status().state, State::Established, "no NOTIFICATION");
+    peer.shutdown().await;
+}

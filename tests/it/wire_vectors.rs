@@ -1253,3 +1253,208 @@ fn rfc4271_6_3_rfc7606_7_2_external_as_path() {
     )
     .expect("iBGP");
 }
+
+/// The rules of the audit table in `bgp::wire::error` not proved by the tests above: RFC 7606 3 (f), 3 (h),
+/// 3 (i), 4 (zero length), 5.1 (both directions), 5.3 (MP attributes) and the RFC 4271 6.3 NEXT_HOP syntax.
+#[test]
+fn rfc7606_audit_remaining_rules() {
+    use Rfc7606Action::*;
+    let outcome = |body: &str| -> (Rfc7606Action, (u8, u8), bool) {
+        match decode_full(&msg(2, body), &four().0) {
+            Ok(d) => {
+                let e = d
+                    .discarded
+                    .first()
+                    .unwrap_or_else(|| panic!("{body}: no error"));
+                let (c, s, _) = e.notification();
+                let Message::Update(u) = d.message else {
+                    panic!("not UPDATE")
+                };
+                (e.action(), (c, s), !u.nlri.is_empty())
+            }
+            Err(e) => {
+                let (c, s, _) = e.notification();
+                (e.action(), (c, s), false)
+            }
+        }
+    };
+    let cases: &[(&str, &str, Rfc7606Action, (u8, u8))] = &[
+        // 3 (f): AGGREGATOR and ATOMIC_AGGREGATE with wrong flags are discarded, the route kept.
+        (
+            "3 (f) AGGREGATOR flagged well-known",
+            "0000 0019 {OK} 40 07 08 0000fde9 0a000001 08 0a",
+            AttributeDiscard,
+            (3, 4),
+        ),
+        (
+            "3 (f) ATOMIC_AGGREGATE flagged optional",
+            "0000 0011 {OK} c0 06 00 08 0a",
+            AttributeDiscard,
+            (3, 4),
+        ),
+        // 5.3 / 3 (j): MP attributes with wrong flags, or too short, cannot locate their NLRI.
+        (
+            "5.3 MP_UNREACH flagged transitive",
+            "0000 0014 c0 0f 03 0002 01 {OK} 08 0a",
+            SessionReset,
+            (3, 4),
+        ),
+        (
+            "5.3 MP_UNREACH of 2 octets",
+            "0000 0013 80 0f 02 0002 {OK} 08 0a",
+            SessionReset,
+            (3, 9),
+        ),
+        (
+            "5.3 MP_REACH of 4 octets",
+            "0000 0015 80 0e 04 0002 01 10 {OK} 08 0a",
+            SessionReset,
+            (3, 9),
+        ),
+        // 3 (h): the strongest action wins: treat-as-withdraw over a discard, a reset over both.
+        (
+            "3 (h) discard + treat-as-withdraw",
+            "0000 0017 {OK} 40 06 01 00 80 04 02 0001 08 0a",
+            TreatAsWithdraw,
+            (3, 5),
+        ),
+        (
+            "3 (h) treat-as-withdraw + reset",
+            "0000 001a 40 01 01 05 40 02 00 40 03 04 0a000001 80 0f 03 0002 01 80 0f 03 0002 01 08 0a",
+            SessionReset,
+            (3, 1),
+        ),
+        // 3 (i): the withdrawn routes field is checked like the NLRI field.
+        (
+            "3 (i) withdrawn prefix of length 33",
+            "0006 21 0a00000000 0000",
+            SessionReset,
+            (3, 10),
+        ),
+        // 4: zero length is malformed for all but AS_PATH and ATOMIC_AGGREGATE.
+        (
+            "4 ORIGIN of length 0",
+            "0000 000d 40 01 00 40 02 00 40 03 04 0a000001 08 0a",
+            TreatAsWithdraw,
+            (3, 5),
+        ),
+        (
+            "4 NEXT_HOP of length 0",
+            "0000 000a 40 01 01 00 40 02 00 40 03 00 08 0a",
+            TreatAsWithdraw,
+            (3, 5),
+        ),
+        ("4 MED of length 0", "0000 0011 {OK} 80 04 00 08 0a", TreatAsWithdraw, (3, 5)),
+        (
+            "4 LOCAL_PREF of length 0",
+            "0000 0011 {OK} 40 05 00 08 0a",
+            TreatAsWithdraw,
+            (3, 5),
+        ),
+        (
+            "4 COMMUNITIES of length 0",
+            "0000 0011 {OK} c0 08 00 08 0a",
+            TreatAsWithdraw,
+            (3, 5),
+        ),
+        // RFC 4271 6.3: NEXT_HOP must be a host address; RFC 7606 3 (e): treat-as-withdraw.
+        (
+            "4271 6.3 NEXT_HOP 0.0.0.0",
+            "0000 000e 40 01 01 00 40 02 00 40 03 04 00000000 08 0a",
+            TreatAsWithdraw,
+            (3, 8),
+        ),
+        (
+            "4271 6.3 NEXT_HOP 224.0.0.1",
+            "0000 000e 40 01 01 00 40 02 00 40 03 04 e0000001 08 0a",
+            TreatAsWithdraw,
+            (3, 8),
+        ),
+        (
+            "4271 6.3 NEXT_HOP 255.255.255.255",
+            "0000 000e 40 01 01 00 40 02 00 40 03 04 ffffffff 08 0a",
+            TreatAsWithdraw,
+            (3, 8),
+        ),
+    ];
+    for (rule, body, action, notif) in cases {
+        let body = body.replace("{OK}", OK_ATTRS);
+        let (a, n, kept) = outcome(&body);
+        assert_eq!((a, n), (*action, *notif), "{rule}");
+        assert_eq!(
+            kept,
+            *action == AttributeDiscard,
+            "{rule}: route kept only on a discard"
+        );
+    }
+    // The Invalid NEXT_HOP NOTIFICATION carries the attribute.
+    let e = update_err("0000 000e 40 01 01 00 40 02 00 40 03 04 00000000 08 0a");
+    assert_eq!(
+        e.notification().2,
+        hex::decode("40030400000000").expect("hex")
+    );
+    // A loopback next hop is let through (one-host tests), a plain one of course too.
+    for nh in ["7f000002", "0a000001"] {
+        decode(
+            &msg(
+                2,
+                &format!("0000 000e 40 01 01 00 40 02 00 40 03 04 {nh} 08 0a"),
+            ),
+            &four().0,
+        )
+        .unwrap_or_else(|e| panic!("{nh}: {e}"));
+    }
+
+    // 5.1 receive: MP_REACH after the other attributes is accepted.
+    let d = decode(
+        &msg(
+            2,
+            &format!(
+                "0000 002d {OK_ATTRS} 80 0e 1c 0002 01 10 20010db8000000000000000000000001 00 30 20010db80009"
+            ),
+        ),
+        &four().0,
+    )
+    .expect("MP_REACH last");
+    let Message::Update(u) = d else {
+        panic!("not UPDATE")
+    };
+    assert_eq!(
+        u.attributes.mp_reach.expect("mp_reach").nlri,
+        vec![n("2001:db8:9::/48")]
+    );
+
+    // 5.1 send: what sessions send (the packers) has MP_REACH / MP_UNREACH first and one NLRI-bearing
+    // field per UPDATE.
+    let (_, e) = four();
+    let mut a = shared_attrs();
+    a.next_hop = None;
+    a.mp_reach = Some(MpReach {
+        family: Family::IPV6_UNICAST,
+        next_hop: vec!["2001:db8::1".parse().expect("v6")],
+        nlri: vec![],
+    });
+    let v6 = vec![n("2001:db8:1::/48")];
+    for (what, out) in [
+        ("announce", {
+            let mut o = BytesMut::new();
+            encode_updates(&a, Family::IPV6_UNICAST, &v6, &e, &mut o).expect("enc");
+            o
+        }),
+        ("withdraw", {
+            let mut o = BytesMut::new();
+            encode_withdrawals(Family::IPV6_UNICAST, &v6, &e, &mut o).expect("enc");
+            o
+        }),
+    ] {
+        let body = &out[19..];
+        assert_eq!(&body[..2], &[0, 0], "{what}: no withdrawn routes field");
+        let alen = u16::from_be_bytes([body[2], body[3]]) as usize;
+        assert_eq!(4 + alen, body.len(), "{what}: no NLRI field");
+        let first = body[5];
+        assert!(
+            first == 14 || first == 15,
+            "{what}: first attribute is type {first}"
+        );
+    }
+}

@@ -109,7 +109,8 @@ struct Slot {
     /// Prefixes whose current export this peer still has to get: filled instead of the channel once the
     /// channel is full (a slow session), drained when it has room. A prefix that changes ten times while
     /// the peer is slow is sent once, as it is then, so a stalled peer costs at most one entry per prefix.
-    dirty: HashSet<IpNetwork>,
+    /// Keyed by prefix and the path id it goes out under (0 unless ADD-PATH send is negotiated).
+    dirty: HashSet<Nlri>,
     /// End-of-RIB markers and the max-prefix signal held back until `dirty` is drained, to keep their order.
     dirty_tail: Vec<RibOutput>,
     /// Index into `State::groups`: the update group whose export cache this peer uses (0: none yet).
@@ -163,6 +164,9 @@ struct State {
     gc_threshold: usize,
     fib_enabled: bool,
     fib: Vec<FibEvent>,
+    /// Up sessions with ADD-PATH send negotiated for some family: while there are none, a change that
+    /// leaves the best path alone is nobody's business and `settle` returns early.
+    add_path_peers: usize,
 }
 
 /// The RIB. One owner (the RIB task); see the module docs of `bgp::rib`.
@@ -185,6 +189,7 @@ fn local_info(cfg: &RibConfig) -> PeerInfo {
         graceful_restart: None,
         families: Vec::new(),
         add_path_rx: Vec::new(),
+        add_path_tx: Vec::new(),
         max_prefixes: None,
         allow_local_as: 0,
     }
@@ -209,6 +214,7 @@ impl Rib {
                 gc_threshold: 1024,
                 fib_enabled: fib,
                 fib: Vec::new(),
+                add_path_peers: 0,
             },
         }
     }
@@ -354,21 +360,28 @@ impl Rib {
                     break;
                 }
                 // Fill at most the room there is: one message per attribute set, at most `max` prefixes.
-                let batch: Vec<IpNetwork> = s.dirty.iter().take(max * room).copied().collect();
-                for p in &batch {
-                    s.dirty.remove(p);
+                let batch: Vec<Nlri> = s.dirty.iter().take(max * room).copied().collect();
+                for n in &batch {
+                    s.dirty.remove(n);
                 }
                 let mut msgs: Vec<RibOutput> = Vec::new();
                 let mut groups: HashMap<usize, usize, BuildHasherDefault<PtrHasher>> =
                     HashMap::default();
                 let mut withdrawn: HashMap<Family, usize> = HashMap::new();
-                for prefix in batch {
+                for nlri in batch {
+                    let prefix = nlri.prefix;
                     let family = family_of(&prefix);
-                    let attrs = self
-                        .tables
-                        .get(&prefix)
-                        .and_then(|d| self.st.export(t, &prefix, d.best(), &policy));
-                    let nlri = Nlri { prefix, path_id: 0 };
+                    let attrs = match self.tables.get(&prefix) {
+                        None => None,
+                        // ADD-PATH send: the path going out under this id, if it still exists.
+                        Some(d) if self.st.multi(t, family) => self
+                            .st
+                            .export_all(t, &prefix, d.paths(), &policy)
+                            .into_iter()
+                            .find(|(id, _)| *id == nlri.path_id)
+                            .map(|(_, a)| a),
+                        Some(d) => self.st.export(t, &prefix, d.best(), &policy),
+                    };
                     match attrs {
                         Some(a) => {
                             let i = *groups.entry(Arc::as_ptr(&a) as usize).or_insert_with(|| {
@@ -411,7 +424,7 @@ impl Rib {
                         RibOutput::Updates { nlri, .. } | RibOutput::Withdraw { nlri, .. },
                     ) = full
                     {
-                        s.dirty.extend(nlri.into_iter().map(|n| n.prefix));
+                        s.dirty.extend(nlri);
                     }
                 }
             }
@@ -501,8 +514,13 @@ impl Rib {
         let policy = self.st.policy.clone();
         let mut out = Vec::new();
         let st = &mut self.st;
+        let multi = st.multi(slot, family);
         let mut each = |prefix: IpNetwork, d: &Dest| {
-            if let Some(a) = st.export(slot, &prefix, d.best(), &policy) {
+            if multi {
+                for (_, a) in st.export_all(slot, &prefix, d.paths(), &policy) {
+                    out.push((prefix, a));
+                }
+            } else if let Some(a) = st.export(slot, &prefix, d.best(), &policy) {
                 out.push((prefix, a));
             }
         };
@@ -598,6 +616,7 @@ impl Rib {
             s.max_prefix_signalled = false;
             s.deadline = None;
         }
+        self.st.recount_add_path();
         self.st.clear_caches();
 
         // RFC 4724 4.2: families the restarted peer no longer preserves forwarding state for lose their stale
@@ -633,11 +652,11 @@ impl Rib {
             let st = &mut self.st;
             if *family == Family::IPV4_UNICAST {
                 for (k, d) in self.tables.v4.iter() {
-                    st.announce_best(slot, k.to_net(), d, &policy);
+                    st.announce(slot, k.to_net(), d, &policy);
                 }
             } else if *family == Family::IPV6_UNICAST {
                 for (k, d) in self.tables.v6.iter() {
-                    st.announce_best(slot, k.to_net(), d, &policy);
+                    st.announce(slot, k.to_net(), d, &policy);
                 }
             }
             st.flush(slot);
@@ -661,11 +680,11 @@ impl Rib {
         let st = &mut self.st;
         if family == Family::IPV4_UNICAST {
             for (k, d) in self.tables.v4.iter() {
-                st.announce_best(slot, k.to_net(), d, &policy);
+                st.announce(slot, k.to_net(), d, &policy);
             }
         } else if family == Family::IPV6_UNICAST {
             for (k, d) in self.tables.v6.iter() {
-                st.announce_best(slot, k.to_net(), d, &policy);
+                st.announce(slot, k.to_net(), d, &policy);
             }
         }
         st.flush(slot);
@@ -691,6 +710,8 @@ impl Rib {
         s.dirty_tail = Vec::new();
         s.pending = Pending::default();
         s.counters.advertised = 0;
+        self.st.recount_add_path();
+        let s = &self.st.slots[slot as usize];
         let restart = s
             .info
             .graceful_restart
@@ -898,10 +919,10 @@ impl Rib {
                 continue;
             }
             for (k, d) in self.tables.v4.iter() {
-                st.policy_diff(slot, k.to_net(), d.best(), &old, &policy);
+                st.policy_diff(slot, k.to_net(), d, &old, &policy);
             }
             for (k, d) in self.tables.v6.iter() {
-                st.policy_diff(slot, k.to_net(), d.best(), &old, &policy);
+                st.policy_diff(slot, k.to_net(), d, &old, &policy);
             }
         }
     }
@@ -957,7 +978,7 @@ fn upsert_in<K: PrefixKey>(
             path.flags = super::table::FLAG_ECMP;
             let pos = map.insert_at(pos, key, Dest::One(path));
             let d = map.at_mut(pos);
-            st.settle(prefix, None, st.fib_enabled.then(Vec::new), Some(d));
+            st.settle(prefix, None, &[], st.fib_enabled.then(Vec::new), Some(d));
             true
         }
         Ok(pos) => {
@@ -975,7 +996,13 @@ fn upsert_in<K: PrefixKey>(
                     }
                     path.flags = super::table::FLAG_ECMP;
                     let old = std::mem::replace(p, path);
-                    st.settle(prefix, Some(old), old_nh, Some(dest));
+                    st.settle(
+                        prefix,
+                        Some(&old),
+                        std::slice::from_ref(&old),
+                        old_nh,
+                        Some(dest),
+                    );
                     return true;
                 }
             }
@@ -1038,13 +1065,19 @@ fn modify(
     edit: impl FnOnce(&mut State, &mut Vec<Path>) -> bool,
 ) -> bool {
     let old_best = dest.best().clone();
+    // Every old path, for the ADD-PATH send sessions' diff; nobody needs them when there are none.
+    let old_all = if st.add_path_peers > 0 {
+        dest.to_vec()
+    } else {
+        Vec::new()
+    };
     let old_nh = st.fib_enabled.then(|| fib_next_hops(prefix, dest));
     let mut v = dest.to_vec();
     if !edit(st, &mut v) {
         return true;
     }
     if v.is_empty() {
-        st.settle(prefix, Some(old_best), old_nh, None);
+        st.settle(prefix, Some(&old_best), &old_all, old_nh, None);
         return false;
     }
     decision::select(&mut v, &|s| st.meta(s));
@@ -1052,8 +1085,22 @@ fn modify(
         return false;
     };
     *dest = new;
-    st.settle(prefix, Some(old_best), old_nh, Some(dest));
+    st.settle(prefix, Some(&old_best), &old_all, old_nh, Some(dest));
     true
+}
+
+/// The path id a path goes out under on ADD-PATH send sessions (RFC 7911 3): stable for as long as the
+/// path exists, since it is made of what identifies the path here, its peer slot (low 16 bits) and the id
+/// the peer gave it (high 16 bits; 0 for a peer without ADD-PATH, so a plain peer's path is its slot).
+/// Two paths of one prefix from one ADD-PATH peer whose ids agree in the low 16 bits would collide;
+/// `export_all` then sends the better one only.
+fn tx_path_id(p: &Path) -> u32 {
+    (p.path_id << 16) | u32::from(p.slot)
+}
+
+/// Did anything an ADD-PATH send session could see change between two path lists of one prefix?
+fn paths_changed(old: &[Path], new: &[Path]) -> bool {
+    old.len() != new.len() || old.iter().any(|o| !new.iter().any(|n| n.same(o)))
 }
 
 /// The sorted next hops of the ECMP set, for the FIB (learned routes only).
@@ -1115,7 +1162,16 @@ impl State {
         s.deadline = None;
         s.counters = PeerCounters::default();
         self.free.push(slot);
+        self.recount_add_path();
         self.clear_caches();
+    }
+
+    fn recount_add_path(&mut self) {
+        self.add_path_peers = self
+            .slots
+            .iter()
+            .filter(|s| s.up && !s.info.add_path_tx.is_empty())
+            .count();
     }
 
     fn clear_caches(&mut self) {
@@ -1271,27 +1327,40 @@ impl State {
         out
     }
 
-    /// Propagate a best-path change of `prefix` to every established peer and to the FIB.
+    /// Propagate a change of `prefix` to every established peer and to the FIB: a best-path change to every
+    /// session, any path change to the ADD-PATH send sessions. `old_all` is every path before the change
+    /// (needed only while `add_path_peers > 0`).
     fn settle(
         &mut self,
         prefix: IpNetwork,
-        old: Option<Path>,
+        old: Option<&Path>,
+        old_all: &[Path],
         old_nh: Option<Vec<IpAddr>>,
         new: Option<&Dest>,
     ) {
         let new_best = new.map(|d| d.best());
-        let changed = match (&old, new_best) {
+        let new_all = new.map_or(&[][..], |d| d.paths());
+        let changed = match (old, new_best) {
             (Some(o), Some(n)) => !o.same(n),
             (None, None) => false,
             _ => true,
         };
-        if changed {
+        let any_changed = self.add_path_peers > 0 && paths_changed(old_all, new_all);
+        if changed || any_changed {
+            let family = family_of(&prefix);
             let policy = self.policy.clone();
             for t in 0..self.slots.len() as u16 {
-                if self.slots[t as usize].up {
-                    let e_old = old
-                        .as_ref()
-                        .and_then(|p| self.export(t, &prefix, p, &policy));
+                if !self.slots[t as usize].up {
+                    continue;
+                }
+                if self.multi(t, family) {
+                    if any_changed {
+                        let e_old = self.export_all(t, &prefix, old_all, &policy);
+                        let e_new = self.export_all(t, &prefix, new_all, &policy);
+                        self.diff_multi(t, prefix, e_old, e_new);
+                    }
+                } else if changed {
+                    let e_old = old.and_then(|p| self.export(t, &prefix, p, &policy));
                     let e_new = new_best.and_then(|p| self.export(t, &prefix, p, &policy));
                     self.diff(t, prefix, e_old, e_new);
                 }
@@ -1325,31 +1394,107 @@ impl State {
                 if o.is_none() {
                     self.slots[t as usize].counters.advertised += 1;
                 }
-                self.queue_announce(t, prefix, n);
+                self.queue_announce(t, prefix, 0, n);
             }
             (Some(_), None) => {
                 let c = &mut self.slots[t as usize].counters;
                 c.advertised = c.advertised.saturating_sub(1);
-                self.queue_withdraw(t, prefix);
+                self.queue_withdraw(t, prefix, 0);
             }
             (None, None) => {}
         }
     }
 
-    fn policy_diff(&mut self, t: u16, prefix: IpNetwork, best: &Path, old: &Policy, new: &Policy) {
-        let e_old = self.export(t, &prefix, best, old);
-        let e_new = self.export(t, &prefix, best, new);
-        self.diff(t, prefix, e_old, e_new);
-    }
-
-    fn announce_best(&mut self, t: u16, prefix: IpNetwork, d: &Dest, policy: &Policy) {
-        if let Some(a) = self.export(t, &prefix, d.best(), policy) {
-            self.slots[t as usize].counters.advertised += 1;
-            self.queue_announce(t, prefix, a);
+    /// The ADD-PATH send version of [`State::diff`]: withdraw the path ids that are gone, announce the new
+    /// ones and those whose attributes changed (RFC 7911 3: a path id identifies the path to be replaced or
+    /// withdrawn).
+    fn diff_multi(
+        &mut self,
+        t: u16,
+        prefix: IpNetwork,
+        old: Vec<(u32, Arc<PathAttributes>)>,
+        new: Vec<(u32, Arc<PathAttributes>)>,
+    ) {
+        for (id, _) in &old {
+            if !new.iter().any(|(n, _)| n == id) {
+                let c = &mut self.slots[t as usize].counters;
+                c.advertised = c.advertised.saturating_sub(1);
+                self.queue_withdraw(t, prefix, *id);
+            }
+        }
+        for (id, a) in new {
+            match old.iter().find(|(o, _)| *o == id) {
+                Some((_, o)) if Arc::ptr_eq(o, &a) => {}
+                Some(_) => self.queue_announce(t, prefix, id, a),
+                None => {
+                    self.slots[t as usize].counters.advertised += 1;
+                    self.queue_announce(t, prefix, id, a);
+                }
+            }
         }
     }
 
-    fn queue_announce(&mut self, t: u16, prefix: IpNetwork, attrs: Arc<PathAttributes>) {
+    /// Does target `t` get every path of `family` (ADD-PATH send negotiated) rather than the best one?
+    fn multi(&self, t: u16, family: Family) -> bool {
+        self.slots[t as usize].info.add_path_tx.contains(&family)
+    }
+
+    /// What an ADD-PATH send target `t` holds for `paths` of `prefix`: (path id, attributes) for each path
+    /// export allows, best first. Two paths that would share an id (see [`tx_path_id`]) are cut to the
+    /// better one, so a path id never stands for two paths at once.
+    fn export_all(
+        &mut self,
+        t: u16,
+        prefix: &IpNetwork,
+        paths: &[Path],
+        policy: &Policy,
+    ) -> Vec<(u32, Arc<PathAttributes>)> {
+        let mut out: Vec<(u32, Arc<PathAttributes>)> = Vec::with_capacity(paths.len());
+        for p in paths {
+            let id = tx_path_id(p);
+            if out.iter().any(|(i, _)| *i == id) {
+                continue;
+            }
+            if let Some(a) = self.export(t, prefix, p, policy) {
+                out.push((id, a));
+            }
+        }
+        out
+    }
+
+    fn policy_diff(&mut self, t: u16, prefix: IpNetwork, d: &Dest, old: &Policy, new: &Policy) {
+        if self.multi(t, family_of(&prefix)) {
+            let e_old = self.export_all(t, &prefix, d.paths(), old);
+            let e_new = self.export_all(t, &prefix, d.paths(), new);
+            self.diff_multi(t, prefix, e_old, e_new);
+            return;
+        }
+        let e_old = self.export(t, &prefix, d.best(), old);
+        let e_new = self.export(t, &prefix, d.best(), new);
+        self.diff(t, prefix, e_old, e_new);
+    }
+
+    /// Queue what target `t` holds for `prefix` (a table dump, a route refresh): the best path, or every
+    /// path on an ADD-PATH send session.
+    fn announce(&mut self, t: u16, prefix: IpNetwork, d: &Dest, policy: &Policy) {
+        if self.multi(t, family_of(&prefix)) {
+            for (id, a) in self.export_all(t, &prefix, d.paths(), policy) {
+                self.slots[t as usize].counters.advertised += 1;
+                self.queue_announce(t, prefix, id, a);
+            }
+        } else if let Some(a) = self.export(t, &prefix, d.best(), policy) {
+            self.slots[t as usize].counters.advertised += 1;
+            self.queue_announce(t, prefix, 0, a);
+        }
+    }
+
+    fn queue_announce(
+        &mut self,
+        t: u16,
+        prefix: IpNetwork,
+        path_id: u32,
+        attrs: Arc<PathAttributes>,
+    ) {
         let max = self.cfg.max_batch.max(1);
         let family = family_of(&prefix);
         let s = &mut self.slots[t as usize];
@@ -1367,7 +1512,7 @@ impl State {
             }
         };
         let g = &mut p.groups[i];
-        g.2.push(Nlri { prefix, path_id: 0 });
+        g.2.push(Nlri { prefix, path_id });
         if g.2.len() >= max {
             // Each prefix changes at most once per input, so sending a full group early cannot reorder two
             // changes of one prefix.
@@ -1381,7 +1526,7 @@ impl State {
         }
     }
 
-    fn queue_withdraw(&mut self, t: u16, prefix: IpNetwork) {
+    fn queue_withdraw(&mut self, t: u16, prefix: IpNetwork, path_id: u32) {
         let max = self.cfg.max_batch.max(1);
         let family = family_of(&prefix);
         let p = &mut self.slots[t as usize].pending;
@@ -1393,7 +1538,7 @@ impl State {
             }
         };
         let w = &mut p.withdrawn[i].1;
-        w.push(Nlri { prefix, path_id: 0 });
+        w.push(Nlri { prefix, path_id });
         if w.len() >= max {
             let nlri = std::mem::take(w);
             self.send(t, RibOutput::Withdraw { family, nlri });
@@ -1420,7 +1565,7 @@ impl State {
         }
         match msg {
             RibOutput::Updates { nlri, .. } | RibOutput::Withdraw { nlri, .. } => {
-                s.dirty.extend(nlri.into_iter().map(|n| n.prefix));
+                s.dirty.extend(nlri);
             }
             other => s.dirty_tail.push(other),
         }
@@ -1474,6 +1619,7 @@ mod tests {
             graceful_restart: None,
             families: vec![Family::IPV4_UNICAST],
             add_path_rx: Vec::new(),
+            add_path_tx: Vec::new(),
             max_prefixes: None,
             allow_local_as: 0,
         }
@@ -1582,5 +1728,123 @@ mod tests {
             "the slow peer ends with what the fast one holds"
         );
         assert!((0..400).all(|k| fast[&prefix(k)] == 9000 + k));
+    }
+
+    /// The same for ADD-PATH send sessions: the dirty set keeps (prefix, path id), so a slow peer ends with
+    /// exactly the paths, ids and attributes a fast one holds, withdrawn paths gone.
+    #[test]
+    fn a_slow_add_path_peer_is_coalesced_to_the_current_paths() {
+        let mut cfg = RibConfig::new(65000, Ipv4Addr::new(10, 0, 0, 254));
+        cfg.cluster_id = Some(Ipv4Addr::new(1, 1, 1, 1));
+        let mut rib = Rib::new(cfg, Arc::new(Policy::accept_all()), false);
+        let now = Instant::now();
+        let multi = |n: u8| PeerInfo {
+            add_path_tx: vec![Family::IPV4_UNICAST],
+            ..client(n)
+        };
+        let (fast_tx, mut fast_rx) = mpsc::channel(1 << 16);
+        let (slow_tx, mut slow_rx) = mpsc::channel(2);
+        let (a_tx, _a_rx) = mpsc::channel(1 << 16);
+        let (b_tx, _b_rx) = mpsc::channel(1 << 16);
+        for (id, info, out) in [
+            (1, client(1), a_tx),
+            (2, client(2), b_tx),
+            (3, multi(3), fast_tx),
+            (4, multi(4), slow_tx),
+        ] {
+            rib.handle(
+                RibInput::PeerUp {
+                    peer: PeerId(id),
+                    info,
+                    out,
+                },
+                now,
+            );
+        }
+        let prefix = |k: u32| {
+            IpNetwork::V4(
+                ipnetwork::Ipv4Network::new(Ipv4Addr::from(0x0a64_0000 + (k << 8)), 24).unwrap(),
+            )
+        };
+        // Two origins per prefix, three rounds of changes each, then origin 1 withdraws half.
+        for round in 0..3u32 {
+            for src in [1u32, 2] {
+                for k in 0..200u32 {
+                    let attrs = PathAttributes {
+                        origin: Some(Origin::Igp),
+                        as_path: Some(AsPath::default()),
+                        next_hop: Some(Ipv4Addr::new(10, 0, 0, src as u8)),
+                        med: Some(round * 1000 + k),
+                        local_pref: Some(100),
+                        ..Default::default()
+                    };
+                    rib.handle(
+                        RibInput::Routes {
+                            peer: PeerId(src),
+                            announced: vec![Nlri {
+                                prefix: prefix(k),
+                                path_id: 0,
+                            }],
+                            attrs: Arc::new(attrs),
+                            withdrawn: Vec::new(),
+                        },
+                        now,
+                    );
+                }
+            }
+        }
+        rib.handle(
+            RibInput::Withdraw {
+                peer: PeerId(1),
+                withdrawn: (100..200)
+                    .map(|k| Nlri {
+                        prefix: prefix(k),
+                        path_id: 0,
+                    })
+                    .collect(),
+            },
+            now,
+        );
+        assert!(rib.has_dirty(), "the slow peer's channel of 2 overflowed");
+        let held =
+            |rx: &mut mpsc::Receiver<RibOutput>,
+             h: &mut BTreeMap<(IpNetwork, u32), (Option<Ipv4Addr>, u32)>| {
+                let mut any = false;
+                while let Ok(m) = rx.try_recv() {
+                    any = true;
+                    match m {
+                        RibOutput::Updates { attrs, nlri, .. } => {
+                            for n in nlri {
+                                h.insert(
+                                    (n.prefix, n.path_id),
+                                    (attrs.next_hop, attrs.med.unwrap_or(0)),
+                                );
+                            }
+                        }
+                        RibOutput::Withdraw { nlri, .. } => {
+                            for n in nlri {
+                                h.remove(&(n.prefix, n.path_id));
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                any
+            };
+        let mut fast = BTreeMap::new();
+        held(&mut fast_rx, &mut fast);
+        let mut slow = BTreeMap::new();
+        for _ in 0..10_000 {
+            let got = held(&mut slow_rx, &mut slow);
+            rib.drain_dirty();
+            if !got && !rib.has_dirty() && slow_rx.is_empty() {
+                break;
+            }
+        }
+        assert_eq!(fast.len(), 300, "200 paths of origin 2, 100 of origin 1");
+        assert_eq!(
+            slow, fast,
+            "the slow peer ends with what the fast one holds"
+        );
     }
 }

@@ -101,6 +101,9 @@ pub struct PeerInfo {
     pub families: Vec<Family>,
     /// Families for which ADD-PATH receive was negotiated (we may receive several paths per prefix).
     pub add_path_rx: Vec<Family>,
+    /// Families for which ADD-PATH send was negotiated (RFC 7911): the peer gets every path of a prefix
+    /// that export allows, each under its own path id, instead of the best one alone.
+    pub add_path_tx: Vec<Family>,
     /// Max-prefix: accept at most this many prefixes from the peer; beyond it the RIB rejects them and tells the
     /// session to close with Cease / Maximum Number of Prefixes Reached (RFC 4486).
     pub max_prefixes: Option<u32>,
@@ -330,7 +333,7 @@ pub struct PeerCounters {
     pub accepted: u64,
     /// Stale paths held now (graceful restart).
     pub stale: u64,
-    /// Prefixes the peer holds from us now.
+    /// Prefixes the peer holds from us now (paths, on an ADD-PATH send session: one per path).
     pub advertised: u64,
     /// Announcements rejected by import rules (loops, policy, max-prefix).
     pub rejected: u64,

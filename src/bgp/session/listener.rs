@@ -238,6 +238,7 @@ async fn run(listeners: Vec<Arc<TcpListener>>, mut requests: mpsc::Receiver<Requ
                             peers.insert(peer, Registration { conns, has_password: password.is_some() });
                         })
                     };
+                    // The registering peer task is gone if nobody takes the answer.
                     let _ = reply.send(r);
                 }
                 Some(Request::Unregister { peer }) => {

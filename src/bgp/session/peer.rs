@@ -86,6 +86,7 @@ impl PeerHandle {
     /// End-of-RIB. The RIB hears nothing: the process is going away.
     pub async fn shutdown_for_restart(mut self) {
         if let Some(o) = self.owner.take() {
+            // The task has already ended if nobody receives it: nothing left to stop.
             let _ = o.send(StopMode::ForRestart);
         }
         self.join().await;
@@ -189,6 +190,8 @@ enum WriteMsg {
 }
 
 struct Conn {
+    /// Our address on this connection (RFC 4271 6.3: a NEXT_HOP equal to it is semantically incorrect).
+    local: Option<IpAddr>,
     /// Whether extended messages (RFC 8654) were negotiated on this connection: the reader frames the
     /// stream against the negotiated maximum, so an over-long header is answered at once (RFC 4271 6.1).
     extended: Arc<AtomicBool>,
@@ -360,6 +363,7 @@ impl PeerTask {
         if for_restart {
             // Flush what is queued and close; no NOTIFICATION (see `shutdown_for_restart`).
             for (_, c) in self.conns.drain() {
+                // A writer that is gone has closed the socket already.
                 let _ = c.control.send(WriteMsg::Close);
                 let _ = tokio::time::timeout(Duration::from_secs(2), c.writer).await;
             }
@@ -428,6 +432,7 @@ impl PeerTask {
             }
             Action::CloseConnection(id) => {
                 if let Some(c) = self.conns.remove(&id) {
+                    // A writer that is gone has closed the socket already.
                     let _ = c.control.send(WriteMsg::Close);
                     // A peer that stopped reading must not keep the writer (and the socket) forever.
                     let writer = c.writer;
@@ -468,6 +473,8 @@ impl PeerTask {
                     session: self.session_id,
                     negotiated: neg,
                 };
+                // Session events go to the speaker; when it is gone the daemon is stopping and this
+                // task is about to be stopped with it (here and below).
                 let _ = self.events.send(ev).await;
             }
             Action::Down {
@@ -489,6 +496,7 @@ impl PeerTask {
                     reason,
                     graceful_restart,
                 };
+                // As above: no speaker, nobody to tell.
                 let _ = self.events.send(ev).await;
             }
             Action::LastError(e) => {
@@ -521,6 +529,7 @@ impl PeerTask {
         match encode(msg, &EncodeCtx::default(), &mut buf) {
             Ok(()) => {
                 self.counters.messages_out += 1;
+                // A writer that is gone reports the connection's end through `Internal::Closed`.
                 let _ = c.control.send(WriteMsg::Bytes(buf.freeze()));
             }
             Err(e) => tracing::error!(peer = %self.cfg.peer_addr, "cannot encode {msg:?}: {e}"),
@@ -537,6 +546,7 @@ impl PeerTask {
         let task = tokio::spawn(async move {
             // No timeout here: the FSM's ConnectRetryTimer replaces an attempt that takes too long.
             let r = connect(&cfg).await;
+            // The peer task is gone (and the stream with it) if nobody receives the result.
             let _ = tx.send(Internal::Connected(id, r)).await;
         });
         self.connecting = Some(AbortOnDrop(task));
@@ -554,7 +564,9 @@ impl PeerTask {
     }
 
     fn start_io(&mut self, id: ConnId, stream: TcpStream) {
+        // Best effort: Nagle only delays our small control messages, it breaks nothing.
         let _ = stream.set_nodelay(true);
+        let local = stream.local_addr().ok().map(|a| a.ip().to_canonical());
         let (rd, wr) = stream.into_split();
         // Unbounded on purpose: OPEN, KEEPALIVE and NOTIFICATION are a handful of small messages per
         // session, and they must be queued without waiting behind UPDATE data (the bounded `data` queue),
@@ -573,6 +585,7 @@ impl PeerTask {
         self.conns.insert(
             id,
             Conn {
+                local,
                 extended,
                 control: control_tx,
                 data: data_tx,
@@ -679,9 +692,19 @@ impl PeerTask {
                                     session: self.session_id,
                                     family,
                                 };
+                                // No speaker: the daemon is stopping.
                                 let _ = self.events.send(ev).await;
                             } else {
                                 self.count_prefixes(&u);
+                                let mut u = u;
+                                let local = self.conns.get(&id).and_then(|c| c.local);
+                                for (family, nlri) in own_next_hop(&mut u, local) {
+                                    // RFC 4271 6.3: "the route SHOULD be ignored", no NOTIFICATION.
+                                    // Withdrawn, so an earlier announcement of it goes as well.
+                                    tracing::warn!(peer = %self.cfg.peer_addr, %family, prefixes = ?nlri.iter().map(|n| n.prefix).collect::<Vec<_>>(),
+                                        "UPDATE with our own address as next hop: routes ignored (RFC 4271 6.3)");
+                                    batch.push(withdraw_update(family, nlri));
+                                }
                                 batch.push(u);
                             }
                         }
@@ -703,6 +726,7 @@ impl PeerTask {
                                     session: self.session_id,
                                     family: r.family,
                                 };
+                                // No speaker: the daemon is stopping.
                                 let _ = self.events.send(ev).await;
                             } else {
                                 self.feed(Event::UpdateMsg(id)).await;
@@ -711,7 +735,7 @@ impl PeerTask {
                     }
                 }
                 Err(e) if e.action() == Rfc7606Action::TreatAsWithdraw && established => {
-                    tracing::warn!(peer = %self.cfg.peer_addr, "malformed UPDATE: {e}");
+                    log_malformed(self.cfg.peer_addr, &e, &frame);
                     self.counters.updates_in += 1;
                     saw_update = true;
                     for (family, nlri) in e.withdrawals().unwrap_or_default() {
@@ -730,6 +754,9 @@ impl PeerTask {
                     let (code, subcode, data) = e.notification();
                     let peer = self.cfg.peer_addr;
                     let t = frame.get(18).copied().unwrap_or(0);
+                    if t == 2 && !e.is_header_error() {
+                        log_malformed(peer, &e, &frame);
+                    }
                     let (ev, what): (fn(ConnId, MessageError) -> Event, &str) =
                         if e.is_header_error() {
                             (Event::BgpHeaderErr, "message")
@@ -785,6 +812,7 @@ impl PeerTask {
             session: self.session_id,
             updates,
         };
+        // No speaker: the daemon is stopping.
         let _ = self.events.send(ev).await;
     }
 
@@ -874,9 +902,43 @@ impl PeerTask {
         self.counters.updates_out += count_messages(&bytes);
         self.counters.messages_out += count_messages(&bytes);
         self.counters.update_bytes_out += bytes.len() as u64;
-        // The select loop only takes commands when there is room, so this rarely waits.
+        // The select loop only takes commands when there is room, so this rarely waits. A writer that is
+        // gone reports the connection's end through `Internal::Closed`.
         let _ = data.send(bytes).await;
     }
+}
+
+/// The routes of `u` whose next hop is `local`, our own address on the session (RFC 4271 6.3 semantic
+/// check (a)), taken out of `u`, per family.
+fn own_next_hop(
+    u: &mut Update,
+    local: Option<IpAddr>,
+) -> Vec<(Family, Vec<crate::bgp::wire::Nlri>)> {
+    let Some(local) = local else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    if !u.nlri.is_empty() && u.attributes.next_hop.map(IpAddr::V4) == Some(local) {
+        out.push((Family::IPV4_UNICAST, std::mem::take(&mut u.nlri)));
+    }
+    if let Some(r) = u.attributes.mp_reach.as_mut() {
+        if !r.nlri.is_empty() && r.next_hop.first().map(|a| a.to_canonical()) == Some(local) {
+            out.push((r.family, std::mem::take(&mut r.nlri)));
+        }
+    }
+    out
+}
+
+/// RFC 7606 6: a malformed UPDATE is logged with the prefixes involved and the whole message, so the
+/// cause can be traced to the router that built it.
+fn log_malformed(peer: IpAddr, e: &crate::bgp::wire::DecodeError, frame: &[u8]) {
+    let prefixes: Vec<String> = e
+        .withdrawals()
+        .unwrap_or_default()
+        .iter()
+        .flat_map(|(_, v)| v.iter().map(|n| n.prefix.to_string()))
+        .collect();
+    tracing::warn!(%peer, action = ?e.action(), ?prefixes, update = %hex::encode(frame), "malformed UPDATE: {e}");
 }
 
 fn withdraw_update(family: Family, nlri: Vec<crate::bgp::wire::Nlri>) -> Update {
@@ -963,6 +1025,7 @@ async fn reader(
         }
         match rd.read_buf(&mut buf).await {
             Ok(0) => {
+                // Reader to its peer task: a closed channel means the task (and its interest) is gone.
                 let _ = tx
                     .send(Internal::Closed(id, "connection closed by peer".into()))
                     .await;
@@ -970,6 +1033,7 @@ async fn reader(
             }
             Ok(_) => {}
             Err(e) => {
+                // As above: no peer task, nobody to tell.
                 let _ = tx.send(Internal::Closed(id, sockopt::io_text(&e))).await;
                 return;
             }
@@ -986,6 +1050,7 @@ async fn reader(
                 Ok(Some(len)) if buf.len() >= len => frames.push(buf.split_to(len).freeze()),
                 Ok(_) => break,
                 Err(e) => {
+                    // As above: no peer task, nobody to tell (both sends).
                     if !frames.is_empty() {
                         let _ = tx.send(Internal::Frames(id, frames)).await;
                     }
@@ -1023,6 +1088,7 @@ async fn writer(
             Some(b) = data.recv() => wr.write_all(&b).await,
         };
         if let Err(e) = r {
+            // Writer to its peer task: no peer task, nobody to tell.
             let _ = tx
                 .send(Internal::Closed(
                     id,

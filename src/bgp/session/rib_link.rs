@@ -74,6 +74,7 @@ pub fn peer_info(cfg: &PeerConfig, role: &RibRole, n: &Negotiated) -> PeerInfo {
         }),
         families: n.families.clone(),
         add_path_rx: n.add_path_rx.clone(),
+        add_path_tx: n.add_path_tx.clone(),
         max_prefixes: role.max_prefixes,
         allow_local_as: role.allow_local_as,
     }
@@ -113,6 +114,7 @@ pub(crate) async fn write_rib_output(
                 RibOutput::EndOfRib(family) => eors.push(family),
                 RibOutput::MaxPrefixExceeded { limit } => {
                     tracing::warn!(%peer, limit, "peer exceeded its max-prefix limit: stopping the session");
+                    // Closed: the peer task has already ended, which is what Stop asks for.
                     let _ = cmds.send(PeerCommand::Stop).await;
                     return;
                 }

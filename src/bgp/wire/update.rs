@@ -259,12 +259,12 @@ fn decode_attributes(
                 type_code: t,
                 data: raw.to_vec(),
             };
-            // RFC 7606 3 (b): treat-as-withdraw. MP attributes are still parsed so that their prefixes
-            // can be withdrawn; if that fails too the NLRI cannot be known and the session resets.
-            if t == attr::MP_REACH_NLRI || t == attr::MP_UNREACH_NLRI {
-                decode_known(t, v, raw, ctx, attrs, st)?;
+            // RFC 7606 3 (c), 3 (f), 5.3: see `DecodeError::action`.
+            match e.action() {
+                Rfc7606Action::SessionReset => return Err(e),
+                Rfc7606Action::TreatAsWithdraw => st.withdraw(e),
+                Rfc7606Action::AttributeDiscard => discarded.push(e),
             }
-            st.withdraw(e);
             continue;
         }
         if let Err(e) = decode_known(t, v, raw, ctx, attrs, st) {
@@ -323,7 +323,16 @@ fn decode_known(
             if v.len() != 4 {
                 return Err(len_err(t, raw, v));
             }
-            attrs.next_hop = Some(Ipv4Addr::from(be32(v)));
+            let nh = Ipv4Addr::from(be32(v));
+            // RFC 4271 6.3: syntactically the NEXT_HOP must be a valid host address: not in 0/8 ("this
+            // network") or 224/3 (multicast, reserved, broadcast). Invalid NEXT_HOP (3/8), treat-as-withdraw
+            // by RFC 7606 3 (e). Loopback (which FRR refuses too) is let through: speakers tested on one
+            // host use it, and the kernel refuses a route via it anyway.
+            let o = nh.octets()[0];
+            if o == 0 || o >= 224 {
+                return Err(DecodeError::InvalidNextHop { data: raw.to_vec() });
+            }
+            attrs.next_hop = Some(nh);
         }
         attr::MULTI_EXIT_DISC | attr::LOCAL_PREF | attr::ORIGINATOR_ID => {
             if v.len() != 4 {

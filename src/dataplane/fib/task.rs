@@ -171,6 +171,7 @@ pub(super) async fn run(
         };
         for r in replies {
             match r {
+                // A dropped receiver only means the asker went away.
                 Reply::Settle(tx) => {
                     let _ = tx.send(state.status());
                 }

@@ -143,6 +143,11 @@ fn v4_addr() -> impl Strategy<Value = Ipv4Addr> {
     any::<u32>().prop_map(Ipv4Addr::from)
 }
 
+/// An address a NEXT_HOP may carry (RFC 4271 6.3): outside 0/8 and 224/3.
+fn host_v4_addr() -> impl Strategy<Value = Ipv4Addr> {
+    (0x0100_0000u32..0xe000_0000).prop_map(Ipv4Addr::from)
+}
+
 fn v6_addr() -> impl Strategy<Value = Ipv6Addr> {
     any::<u128>().prop_map(Ipv6Addr::from)
 }
@@ -225,7 +230,7 @@ pub fn update(cfg: &Cfg) -> BoxedStrategy<Update> {
     let base = (
         option::of(origin()),
         option::of(as_path(cfg)),
-        option::of(v4_addr()),
+        option::of(host_v4_addr()),
         option::of(any::<u32>()),
         option::of(any::<u32>()),
         any::<bool>(),

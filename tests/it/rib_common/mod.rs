@@ -72,6 +72,7 @@ pub fn peer(n: u8, asn: u32) -> PeerInfo {
         graceful_restart: None,
         families: vec![Family::IPV4_UNICAST, Family::IPV6_UNICAST],
         add_path_rx: Vec::new(),
+        add_path_tx: Vec::new(),
         max_prefixes: None,
         allow_local_as: 0,
     }
