@@ -164,7 +164,7 @@ fn a_node_runs_in_process_on_given_listeners_until_shut_down() {
     if !common::lab::lab_prerequisites(T) {
         return;
     }
-    let lab = Lab::with("mgp", 1, 0, &[]);
+    let lab = Lab::with("mgz", 1, 0, &[]);
     let (n1, ip) = lab.nodes[0].clone();
     lab.stop_daemon(&n1, nix::sys::signal::Signal::SIGTERM);
     let sock = lab.state.join("in-process.sock");

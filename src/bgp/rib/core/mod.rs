@@ -1,0 +1,781 @@
+//! The Sans-IO RIB: every route margay knows and every rule that moves them, with no task, socket or clock of
+//! its own. [`Rib::handle`] applies one [`RibInput`]; outputs go to the per-peer senders given at `PeerUp` and to
+//! [`Rib::take_fib_events`]; timers are [`Rib::next_deadline`] / [`Rib::on_timer`]. `task.rs` drives it.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use ipnetwork::IpNetwork;
+use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
+
+use super::chunkmap::ChunkMap;
+use super::decision::{self, Kind, SourceMeta};
+use super::export::{self, ExportSource, ExportTarget};
+use super::table::{Dest, Path, PrefixKey, Tables, V4Key, V6Key, FLAG_STALE, LOCAL_SLOT};
+use super::{
+    family_of, FibEvent, NextHopMode, PathSource, PathView, PeerCounters, PeerId, PeerInfo, Policy,
+    Query, RibConfig, RibInput, RibOutput, RibSummary, RouteView,
+};
+use crate::bgp::wire::{AsPath, AsSegment, Family, Nlri, Origin, PathAttributes};
+
+mod output;
+mod peers;
+
+#[allow(unused_imports)]
+use peers::*;
+
+type ExportKey = (usize, u16, bool);
+type ExportCache = HashMap<ExportKey, (Arc<PathAttributes>, Option<Arc<PathAttributes>>), FastHash>;
+
+/// What decides the attributes a target receives for a path (`export::rewrite`): targets that agree on
+/// these form one update group and share one export cache, so a reflector with a thousand clients rewrites
+/// each (attribute set, source) once, not once per client (FRR's and GoBGP's update groups). Whether a path
+/// goes to a target at all (split horizon, RFC 4456 6) is still decided per target: it is cheap.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct GroupKey {
+    kind: Kind,
+    local_asn: u32,
+    next_hop_mode: NextHopMode,
+    local_v4: Option<Ipv4Addr>,
+    local_v6: Option<Ipv6Addr>,
+}
+
+impl GroupKey {
+    fn of(kind: Kind, info: &PeerInfo) -> GroupKey {
+        GroupKey {
+            kind,
+            local_asn: info.local_asn,
+            next_hop_mode: info.next_hop_mode,
+            local_v4: info.local_v4,
+            local_v6: info.local_v6,
+        }
+    }
+}
+
+/// The hasher of the hot per-prefix maps (keys are pointers and small integers the RIB makes itself):
+/// SipHash's DoS resistance buys nothing here and costs a third of an export; foldhash is the crate's fast
+/// hasher (the FIB uses it too).
+type FastHash = foldhash::fast::FixedState;
+
+/// Per-peer output collected while one input is applied, grouped by (rewritten) attribute set.
+#[derive(Debug, Default)]
+struct Pending {
+    groups: Vec<(Family, Arc<PathAttributes>, Vec<Nlri>)>,
+    index: HashMap<usize, usize, FastHash>,
+    /// The group the previous prefix went to: consecutive prefixes of one UPDATE share it.
+    last: Option<(usize, usize)>,
+    withdrawn: Vec<(Family, Vec<Nlri>)>,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.groups.is_empty() && self.withdrawn.is_empty()
+    }
+}
+
+#[derive(Debug)]
+struct Slot {
+    id: Option<PeerId>,
+    in_use: bool,
+    info: PeerInfo,
+    kind: Kind,
+    up: bool,
+    out: Option<mpsc::Sender<RibOutput>>,
+    /// Prefixes whose current export this peer still has to get: filled instead of the channel once the
+    /// channel is full (a slow session), drained when it has room. A prefix that changes ten times while
+    /// the peer is slow is sent once, as it is then, so a stalled peer costs at most one entry per prefix.
+    /// Keyed by prefix and the path id it goes out under (0 unless ADD-PATH send is negotiated).
+    dirty: HashSet<Nlri>,
+    /// End-of-RIB markers and the max-prefix signal held back until `dirty` is drained, to keep their order.
+    dirty_tail: Vec<RibOutput>,
+    /// Index into `State::groups`: the update group whose export cache this peer uses (0: none yet).
+    group: usize,
+    /// The session generation of the last `PeerUp` (0 when it came without one).
+    generation: u64,
+    counters: PeerCounters,
+    /// Restart timer while down, stale-routes timer while up and waiting for End-of-RIB (RFC 4724 4.2).
+    deadline: Option<Instant>,
+    stale_families: Vec<Family>,
+    pending: Pending,
+    max_prefix_signalled: bool,
+}
+
+impl Slot {
+    fn new(info: PeerInfo, kind: Kind) -> Slot {
+        Slot {
+            id: None,
+            in_use: true,
+            info,
+            kind,
+            up: false,
+            out: None,
+            dirty: HashSet::new(),
+            dirty_tail: Vec::new(),
+            group: 0,
+            generation: 0,
+            counters: PeerCounters::default(),
+            deadline: None,
+            stale_families: Vec::new(),
+            pending: Pending::default(),
+            max_prefix_signalled: false,
+        }
+    }
+}
+
+/// Everything but the tables, so table iteration and state updates borrow disjoint fields.
+#[derive(Debug)]
+struct State {
+    cfg: RibConfig,
+    policy: Arc<Policy>,
+    slots: Vec<Slot>,
+    /// Export caches, one per update group (index 0 is unused: the local slot never receives).
+    groups: Vec<ExportCache>,
+    group_ids: HashMap<GroupKey, usize>,
+    /// Slots with a non-empty `dirty` set or `dirty_tail`.
+    dirty_slots: Vec<u16>,
+    by_id: HashMap<PeerId, u16>,
+    free: Vec<u16>,
+    interner: HashSet<Arc<PathAttributes>>,
+    gc_threshold: usize,
+    fib_enabled: bool,
+    fib: Vec<FibEvent>,
+    /// Up sessions with ADD-PATH send negotiated for some family: while there are none, a change that
+    /// leaves the best path alone is nobody's business and `settle` returns early.
+    add_path_peers: usize,
+}
+
+/// The RIB. One owner (the RIB task); see the module docs of `bgp::rib`.
+#[derive(Debug)]
+pub struct Rib {
+    tables: Tables,
+    st: State,
+}
+
+fn local_info(cfg: &RibConfig) -> PeerInfo {
+    PeerInfo {
+        asn: cfg.local_asn,
+        local_asn: cfg.local_asn,
+        router_id: cfg.router_id,
+        address: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        local_v4: None,
+        local_v6: None,
+        rr_client: false,
+        next_hop_mode: Default::default(),
+        graceful_restart: None,
+        families: Vec::new(),
+        add_path_rx: Vec::new(),
+        add_path_tx: Vec::new(),
+        max_prefixes: None,
+        allow_local_as: 0,
+    }
+}
+
+impl Rib {
+    /// A RIB with no peers. `fib`: whether to compute [`FibEvent`]s (a reflector has no FIB).
+    pub fn new(cfg: RibConfig, policy: Arc<Policy>, fib: bool) -> Rib {
+        let local = Slot::new(local_info(&cfg), Kind::Local);
+        Rib {
+            tables: Tables::default(),
+            st: State {
+                cfg,
+                policy,
+                slots: vec![local],
+                groups: vec![ExportCache::default()],
+                group_ids: HashMap::new(),
+                dirty_slots: Vec::new(),
+                by_id: HashMap::new(),
+                free: Vec::new(),
+                interner: HashSet::new(),
+                gc_threshold: 1024,
+                fib_enabled: fib,
+                fib: Vec::new(),
+                add_path_peers: 0,
+            },
+        }
+    }
+
+    /// Apply one input. `now` drives the graceful-restart timers.
+    pub fn handle(&mut self, input: RibInput, now: Instant) {
+        self.apply(input, now);
+        self.st.flush_all();
+        if self.has_dirty() {
+            self.drain_dirty();
+        }
+        self.st.maybe_gc();
+    }
+
+    fn apply(&mut self, input: RibInput, now: Instant) {
+        match input {
+            RibInput::Session { generation, input } => {
+                let Some(peer) = input.session_peer() else {
+                    return;
+                };
+                if matches!(*input, RibInput::PeerUp { .. }) {
+                    self.apply(*input, now);
+                    if let Some(slot) = self.st.by_id.get(&peer).copied() {
+                        self.st.slots[slot as usize].generation = generation;
+                    }
+                    return;
+                }
+                let current = self
+                    .st
+                    .by_id
+                    .get(&peer)
+                    .map(|s| self.st.slots[*s as usize].generation);
+                if current == Some(generation) {
+                    self.apply(*input, now);
+                } else {
+                    tracing::debug!(
+                        ?peer,
+                        generation,
+                        ?current,
+                        "input of an earlier session: dropped"
+                    );
+                }
+            }
+            RibInput::PeerUp { peer, info, out } => self.peer_up(peer, info, out, now),
+            RibInput::Routes {
+                peer,
+                announced,
+                attrs,
+                withdrawn,
+            } => self.routes(peer, announced, attrs, withdrawn),
+            RibInput::Withdraw { peer, withdrawn } => {
+                if let Some(slot) = self.up_slot(peer) {
+                    for n in withdrawn {
+                        self.remove_path(slot, n.prefix, n.path_id);
+                    }
+                }
+            }
+            RibInput::EndOfRib { peer, family } => self.end_of_rib(peer, family),
+            RibInput::RouteRefresh { peer, family } => self.route_refresh(peer, family),
+            RibInput::PeerDown { peer, graceful } => self.peer_down(peer, graceful, now),
+            RibInput::Originate { prefixes, attrs } => self.originate(prefixes, attrs),
+            RibInput::WithdrawLocal { prefixes } => {
+                for p in prefixes {
+                    self.remove_path(LOCAL_SLOT, p, 0);
+                }
+            }
+            RibInput::SetPolicy(policy) => self.set_policy(policy),
+            RibInput::SetClusterId(id) => self.st.cfg.cluster_id = id,
+            RibInput::Query(q) => self.query(q),
+        }
+    }
+
+    /// The earliest graceful-restart timer, if any.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.st
+            .slots
+            .iter()
+            .filter(|s| s.in_use)
+            .filter_map(|s| s.deadline)
+            .min()
+    }
+
+    /// Fire the graceful-restart timers due at `now`: sweep the stale routes of those peers (RFC 4724 4.2).
+    pub fn on_timer(&mut self, now: Instant) {
+        let due: Vec<u16> = (0..self.st.slots.len() as u16)
+            .filter(|&s| {
+                self.st.slots[s as usize].in_use
+                    && self.st.slots[s as usize].deadline.is_some_and(|d| d <= now)
+            })
+            .collect();
+        for slot in due {
+            let s = &mut self.st.slots[slot as usize];
+            s.deadline = None;
+            s.stale_families.clear();
+            tracing::info!(peer = ?s.info.address, "graceful restart: timer expired, sweeping stale routes");
+            self.sweep_stale(slot, None);
+            if !self.st.slots[slot as usize].up {
+                self.st.free_slot(slot);
+            }
+        }
+        self.st.flush_all();
+        self.st.maybe_gc();
+    }
+
+    /// True while some peer has changes waiting for room in its channel ([`Rib::drain_dirty`]).
+    pub fn has_dirty(&self) -> bool {
+        !self.st.dirty_slots.is_empty()
+    }
+
+    /// Send what slow peers are owed, as far as their channels have room: for each dirty prefix its export
+    /// as of now (an announcement, or a withdrawal when there is nothing to send any more), grouped by
+    /// attribute set; then the held-back End-of-RIB markers. The RIB task calls this after every input and
+    /// on a short tick while [`Rib::has_dirty`].
+    pub fn drain_dirty(&mut self) {
+        let slots = std::mem::take(&mut self.st.dirty_slots);
+        let policy = self.st.policy.clone();
+        let max = self.st.cfg.max_batch.max(1);
+        for t in slots {
+            loop {
+                let s = &mut self.st.slots[t as usize];
+                let room = match &s.out {
+                    Some(out) if s.up => out.capacity(),
+                    _ => {
+                        s.dirty.clear();
+                        s.dirty_tail.clear();
+                        break;
+                    }
+                };
+                if room == 0 {
+                    break;
+                }
+                if s.dirty.is_empty() {
+                    // Markers go out in order once every prefix before them is out.
+                    while let Some(m) = s.dirty_tail.first() {
+                        let Some(out) = &s.out else { break };
+                        match out.try_send(m.clone()) {
+                            Ok(()) => {
+                                s.dirty_tail.remove(0);
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    break;
+                }
+                // Fill at most the room there is: one message per attribute set, at most `max` prefixes.
+                let batch: Vec<Nlri> = s.dirty.iter().take(max * room).copied().collect();
+                for n in &batch {
+                    s.dirty.remove(n);
+                }
+                let mut msgs: Vec<RibOutput> = Vec::new();
+                let mut groups: HashMap<usize, usize, FastHash> = HashMap::default();
+                let mut withdrawn: HashMap<Family, usize> = HashMap::new();
+                for nlri in batch {
+                    let prefix = nlri.prefix;
+                    let family = family_of(&prefix);
+                    let attrs = match self.tables.get(&prefix) {
+                        None => None,
+                        // ADD-PATH send: the path going out under this id, if it still exists.
+                        Some(d) if self.st.multi(t, family) => self
+                            .st
+                            .export_all(t, &prefix, d.paths(), &policy)
+                            .into_iter()
+                            .find(|(id, _)| *id == nlri.path_id)
+                            .map(|(_, a)| a),
+                        Some(d) => self.st.export(t, &prefix, d.best(), &policy),
+                    };
+                    match attrs {
+                        Some(a) => {
+                            let i = *groups.entry(Arc::as_ptr(&a) as usize).or_insert_with(|| {
+                                msgs.push(RibOutput::Updates {
+                                    family,
+                                    attrs: a.clone(),
+                                    nlri: Vec::new(),
+                                });
+                                msgs.len() - 1
+                            });
+                            if let RibOutput::Updates { nlri: v, .. } = &mut msgs[i] {
+                                v.push(nlri);
+                            }
+                        }
+                        None => {
+                            let i = *withdrawn.entry(family).or_insert_with(|| {
+                                msgs.push(RibOutput::Withdraw {
+                                    family,
+                                    nlri: Vec::new(),
+                                });
+                                msgs.len() - 1
+                            });
+                            if let RibOutput::Withdraw { nlri: v, .. } = &mut msgs[i] {
+                                v.push(nlri);
+                            }
+                        }
+                    }
+                }
+                let s = &mut self.st.slots[t as usize];
+                for m in msgs {
+                    let full = match (&s.out, m) {
+                        (Some(out), m) => match out.try_send(m) {
+                            Ok(()) => None,
+                            Err(TrySendError::Full(m)) => Some(m),
+                            Err(TrySendError::Closed(_)) => None,
+                        },
+                        (None, _) => None,
+                    };
+                    if let Some(
+                        RibOutput::Updates { nlri, .. } | RibOutput::Withdraw { nlri, .. },
+                    ) = full
+                    {
+                        s.dirty.extend(nlri);
+                    }
+                }
+            }
+            let s = &self.st.slots[t as usize];
+            if !s.dirty.is_empty() || !s.dirty_tail.is_empty() {
+                self.st.dirty_slots.push(t);
+            }
+        }
+        // A peer that went down and came back while dirty may be listed twice.
+        self.st.dirty_slots.sort_unstable();
+        self.st.dirty_slots.dedup();
+    }
+
+    /// ECMP next-hop changes since the last call (only when created with `fib = true`).
+    pub fn take_fib_events(&mut self) -> Vec<FibEvent> {
+        std::mem::take(&mut self.st.fib)
+    }
+
+    /// Answer a query synchronously (also reachable as `RibInput::Query`).
+    pub fn summary(&self) -> RibSummary {
+        let peers = self
+            .st
+            .slots
+            .iter()
+            .filter(|s| s.in_use && s.id.is_some())
+            .map(|s| PeerCounters {
+                peer: s.id,
+                address: Some(s.info.address),
+                up: s.up,
+                ..s.counters.clone()
+            })
+            .collect();
+        RibSummary {
+            ipv4_prefixes: self.tables.v4.len(),
+            ipv6_prefixes: self.tables.v6.len(),
+            attribute_sets: self.st.interner.len(),
+            local_prefixes: self.st.slots[LOCAL_SLOT as usize].counters.accepted as usize,
+            peers,
+        }
+    }
+
+    /// Every path of `prefix`, best first.
+    pub fn lookup(&self, prefix: &IpNetwork) -> Vec<PathView> {
+        let Some(dest) = self.tables.get(prefix) else {
+            return Vec::new();
+        };
+        dest.paths()
+            .iter()
+            .enumerate()
+            .map(|(i, p)| self.st.view(p, i == 0))
+            .collect()
+    }
+
+    /// The best path of every prefix of `family`, in prefix order.
+    pub fn loc_rib(&self, family: Family) -> Vec<RouteView> {
+        let mk = |prefix: IpNetwork, d: &Dest| RouteView {
+            prefix,
+            best: self.st.view(d.best(), true),
+            ecmp_paths: d.paths().iter().filter(|p| p.ecmp()).count(),
+        };
+        if family == Family::IPV4_UNICAST {
+            self.tables
+                .v4
+                .iter()
+                .map(|(k, d)| mk(k.to_net(), d))
+                .collect()
+        } else if family == Family::IPV6_UNICAST {
+            self.tables
+                .v6
+                .iter()
+                .map(|(k, d)| mk(k.to_net(), d))
+                .collect()
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// What `peer` holds from us for `family` (Adj-RIB-Out), derived from the Loc-RIB.
+    pub fn adj_rib_out(
+        &mut self,
+        peer: PeerId,
+        family: Family,
+    ) -> Vec<(IpNetwork, Arc<PathAttributes>)> {
+        let Some(slot) = self.up_slot(peer) else {
+            return Vec::new();
+        };
+        let policy = self.st.policy.clone();
+        let mut out = Vec::new();
+        let st = &mut self.st;
+        let multi = st.multi(slot, family);
+        let mut each = |prefix: IpNetwork, d: &Dest| {
+            if multi {
+                for (_, a) in st.export_all(slot, &prefix, d.paths(), &policy) {
+                    out.push((prefix, a));
+                }
+            } else if let Some(a) = st.export(slot, &prefix, d.best(), &policy) {
+                out.push((prefix, a));
+            }
+        };
+        if family == Family::IPV4_UNICAST {
+            self.tables.v4.iter().for_each(|(k, d)| each(k.to_net(), d));
+        } else if family == Family::IPV6_UNICAST {
+            self.tables.v6.iter().for_each(|(k, d)| each(k.to_net(), d));
+        }
+        out
+    }
+
+    fn query(&mut self, q: Query) {
+        // A dropped receiver only means the asker went away.
+        match q {
+            Query::Summary(reply) => {
+                let _ = reply.send(self.summary());
+            }
+            Query::Prefix { prefix, reply } => {
+                let _ = reply.send(self.lookup(&prefix));
+            }
+            Query::LocRib { family, reply } => {
+                let _ = reply.send(self.loc_rib(family));
+            }
+            Query::AdjRibOut {
+                peer,
+                family,
+                reply,
+            } => {
+                let _ = reply.send(self.adj_rib_out(peer, family));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn client(n: u8) -> PeerInfo {
+        PeerInfo {
+            asn: 65000,
+            local_asn: 65000,
+            router_id: Ipv4Addr::new(10, 0, 0, n),
+            address: IpAddr::V4(Ipv4Addr::new(10, 0, 0, n)),
+            local_v4: Some(Ipv4Addr::new(10, 0, 0, 254)),
+            local_v6: None,
+            rr_client: true,
+            next_hop_mode: NextHopMode::Auto,
+            graceful_restart: None,
+            families: vec![Family::IPV4_UNICAST],
+            add_path_rx: Vec::new(),
+            add_path_tx: Vec::new(),
+            max_prefixes: None,
+            allow_local_as: 0,
+        }
+    }
+
+    fn held_after(rx: &mut mpsc::Receiver<RibOutput>, held: &mut BTreeMap<IpNetwork, u32>) -> bool {
+        let mut any = false;
+        while let Ok(m) = rx.try_recv() {
+            any = true;
+            match m {
+                RibOutput::Updates { attrs, nlri, .. } => {
+                    for n in nlri {
+                        held.insert(n.prefix, attrs.med.unwrap_or(0));
+                    }
+                }
+                RibOutput::Withdraw { nlri, .. } => {
+                    for n in nlri {
+                        held.remove(&n.prefix);
+                    }
+                }
+                _ => {}
+            }
+        }
+        any
+    }
+
+    /// A peer whose channel is full gets, once it reads again, exactly the current state: every prefix with
+    /// its last attributes, withdrawn ones gone, without the RIB ever queueing more than the channel holds.
+    #[test]
+    fn a_slow_peer_is_coalesced_to_the_current_state() {
+        let mut cfg = RibConfig::new(65000, Ipv4Addr::new(10, 0, 0, 254));
+        cfg.cluster_id = Some(Ipv4Addr::new(1, 1, 1, 1));
+        let mut rib = Rib::new(cfg, Arc::new(Policy::accept_all()), false);
+        let now = Instant::now();
+        let (fast_tx, mut fast_rx) = mpsc::channel(1 << 16);
+        let (slow_tx, mut slow_rx) = mpsc::channel(2);
+        let (src_tx, _src_rx) = mpsc::channel(1 << 16);
+        for (id, out) in [(1, src_tx), (2, fast_tx), (3, slow_tx)] {
+            rib.handle(
+                RibInput::PeerUp {
+                    peer: PeerId(id),
+                    info: client(id as u8),
+                    out,
+                },
+                now,
+            );
+        }
+        let prefix = |k: u32| {
+            IpNetwork::V4(
+                ipnetwork::Ipv4Network::new(Ipv4Addr::from(0x0a64_0000 + (k << 8)), 24).unwrap(),
+            )
+        };
+        // Ten rounds over 500 prefixes, each with its own MED: nothing groups, every change is a message.
+        for round in 0..10u32 {
+            for k in 0..500u32 {
+                let attrs = PathAttributes {
+                    origin: Some(Origin::Igp),
+                    as_path: Some(AsPath::default()),
+                    next_hop: Some(Ipv4Addr::new(10, 0, 0, 1)),
+                    med: Some(round * 1000 + k),
+                    local_pref: Some(100),
+                    ..Default::default()
+                };
+                rib.handle(
+                    RibInput::Routes {
+                        peer: PeerId(1),
+                        announced: vec![Nlri {
+                            prefix: prefix(k),
+                            path_id: 0,
+                        }],
+                        attrs: Arc::new(attrs),
+                        withdrawn: Vec::new(),
+                    },
+                    now,
+                );
+            }
+        }
+        // Withdraw the last 100.
+        rib.handle(
+            RibInput::Withdraw {
+                peer: PeerId(1),
+                withdrawn: (400..500)
+                    .map(|k| Nlri {
+                        prefix: prefix(k),
+                        path_id: 0,
+                    })
+                    .collect(),
+            },
+            now,
+        );
+        assert!(rib.has_dirty(), "the slow peer's channel of 2 overflowed");
+        assert!(slow_rx.len() <= 2);
+        let mut fast = BTreeMap::new();
+        held_after(&mut fast_rx, &mut fast);
+        let mut slow = BTreeMap::new();
+        for _ in 0..10_000 {
+            let got = held_after(&mut slow_rx, &mut slow);
+            rib.drain_dirty();
+            if !got && !rib.has_dirty() && slow_rx.is_empty() {
+                break;
+            }
+        }
+        assert_eq!(fast.len(), 400);
+        assert_eq!(
+            slow, fast,
+            "the slow peer ends with what the fast one holds"
+        );
+        assert!((0..400).all(|k| fast[&prefix(k)] == 9000 + k));
+    }
+
+    /// The same for ADD-PATH send sessions: the dirty set keeps (prefix, path id), so a slow peer ends with
+    /// exactly the paths, ids and attributes a fast one holds, withdrawn paths gone.
+    #[test]
+    fn a_slow_add_path_peer_is_coalesced_to_the_current_paths() {
+        let mut cfg = RibConfig::new(65000, Ipv4Addr::new(10, 0, 0, 254));
+        cfg.cluster_id = Some(Ipv4Addr::new(1, 1, 1, 1));
+        let mut rib = Rib::new(cfg, Arc::new(Policy::accept_all()), false);
+        let now = Instant::now();
+        let multi = |n: u8| PeerInfo {
+            add_path_tx: vec![Family::IPV4_UNICAST],
+            ..client(n)
+        };
+        let (fast_tx, mut fast_rx) = mpsc::channel(1 << 16);
+        let (slow_tx, mut slow_rx) = mpsc::channel(2);
+        let (a_tx, _a_rx) = mpsc::channel(1 << 16);
+        let (b_tx, _b_rx) = mpsc::channel(1 << 16);
+        for (id, info, out) in [
+            (1, client(1), a_tx),
+            (2, client(2), b_tx),
+            (3, multi(3), fast_tx),
+            (4, multi(4), slow_tx),
+        ] {
+            rib.handle(
+                RibInput::PeerUp {
+                    peer: PeerId(id),
+                    info,
+                    out,
+                },
+                now,
+            );
+        }
+        let prefix = |k: u32| {
+            IpNetwork::V4(
+                ipnetwork::Ipv4Network::new(Ipv4Addr::from(0x0a64_0000 + (k << 8)), 24).unwrap(),
+            )
+        };
+        // Two origins per prefix, three rounds of changes each, then origin 1 withdraws half.
+        for round in 0..3u32 {
+            for src in [1u32, 2] {
+                for k in 0..200u32 {
+                    let attrs = PathAttributes {
+                        origin: Some(Origin::Igp),
+                        as_path: Some(AsPath::default()),
+                        next_hop: Some(Ipv4Addr::new(10, 0, 0, src as u8)),
+                        med: Some(round * 1000 + k),
+                        local_pref: Some(100),
+                        ..Default::default()
+                    };
+                    rib.handle(
+                        RibInput::Routes {
+                            peer: PeerId(src),
+                            announced: vec![Nlri {
+                                prefix: prefix(k),
+                                path_id: 0,
+                            }],
+                            attrs: Arc::new(attrs),
+                            withdrawn: Vec::new(),
+                        },
+                        now,
+                    );
+                }
+            }
+        }
+        rib.handle(
+            RibInput::Withdraw {
+                peer: PeerId(1),
+                withdrawn: (100..200)
+                    .map(|k| Nlri {
+                        prefix: prefix(k),
+                        path_id: 0,
+                    })
+                    .collect(),
+            },
+            now,
+        );
+        assert!(rib.has_dirty(), "the slow peer's channel of 2 overflowed");
+        let held =
+            |rx: &mut mpsc::Receiver<RibOutput>,
+             h: &mut BTreeMap<(IpNetwork, u32), (Option<Ipv4Addr>, u32)>| {
+                let mut any = false;
+                while let Ok(m) = rx.try_recv() {
+                    any = true;
+                    match m {
+                        RibOutput::Updates { attrs, nlri, .. } => {
+                            for n in nlri {
+                                h.insert(
+                                    (n.prefix, n.path_id),
+                                    (attrs.next_hop, attrs.med.unwrap_or(0)),
+                                );
+                            }
+                        }
+                        RibOutput::Withdraw { nlri, .. } => {
+                            for n in nlri {
+                                h.remove(&(n.prefix, n.path_id));
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                any
+            };
+        let mut fast = BTreeMap::new();
+        held(&mut fast_rx, &mut fast);
+        let mut slow = BTreeMap::new();
+        for _ in 0..10_000 {
+            let got = held(&mut slow_rx, &mut slow);
+            rib.drain_dirty();
+            if !got && !rib.has_dirty() && slow_rx.is_empty() {
+                break;
+            }
+        }
+        assert_eq!(fast.len(), 300, "200 paths of origin 2, 100 of origin 1");
+        assert_eq!(
+            slow, fast,
+            "the slow peer ends with what the fast one holds"
+        );
+    }
+}

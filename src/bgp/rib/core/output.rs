@@ -1,0 +1,491 @@
+//! The RIB's output side: peer slots and update groups, attribute interning, export decisions per target,
+//! the per-peer queues (bounded, coalescing into a dirty set when full) and their flushing.
+
+#[allow(unused_imports)]
+use super::*;
+
+impl State {
+    pub(super) fn meta(&self, slot: u16) -> SourceMeta {
+        let s = &self.slots[slot as usize];
+        SourceMeta {
+            kind: s.kind,
+            router_id: s.info.router_id,
+            address: s.info.address,
+        }
+    }
+
+    pub(super) fn alloc_slot(&mut self, peer: PeerId, info: PeerInfo, kind: Kind) -> u16 {
+        let mut s = Slot::new(info, kind);
+        s.id = Some(peer);
+        let slot = match self.free.pop() {
+            Some(i) => {
+                self.slots[i as usize] = s;
+                i
+            }
+            None => {
+                self.slots.push(s);
+                (self.slots.len() - 1) as u16
+            }
+        };
+        self.by_id.insert(peer, slot);
+        slot
+    }
+
+    pub(super) fn free_slot(&mut self, slot: u16) {
+        let s = &mut self.slots[slot as usize];
+        if let Some(id) = s.id.take() {
+            self.by_id.remove(&id);
+        }
+        s.in_use = false;
+        s.up = false;
+        s.out = None;
+        s.dirty = HashSet::new();
+        s.dirty_tail = Vec::new();
+        s.deadline = None;
+        s.counters = PeerCounters::default();
+        self.free.push(slot);
+        self.recount_add_path();
+        self.clear_caches();
+    }
+
+    pub(super) fn recount_add_path(&mut self) {
+        self.add_path_peers = self
+            .slots
+            .iter()
+            .filter(|s| s.up && !s.info.add_path_tx.is_empty())
+            .count();
+    }
+
+    pub(super) fn clear_caches(&mut self) {
+        for g in &mut self.groups {
+            g.clear();
+        }
+    }
+
+    /// The update group of a target with these settings, made on first use. Groups are never removed: there
+    /// are as many as distinct settings (a handful), not peers.
+    pub(super) fn group_for(&mut self, kind: Kind, info: &PeerInfo) -> usize {
+        let key = GroupKey::of(kind, info);
+        if let Some(g) = self.group_ids.get(&key) {
+            return *g;
+        }
+        self.groups.push(ExportCache::default());
+        let g = self.groups.len() - 1;
+        self.group_ids.insert(key, g);
+        g
+    }
+
+    pub(super) fn path_added(&mut self, p: &Path) {
+        self.slots[p.slot as usize].counters.accepted += 1;
+    }
+
+    pub(super) fn path_gone(&mut self, p: &Path) {
+        let c = &mut self.slots[p.slot as usize].counters;
+        c.accepted = c.accepted.saturating_sub(1);
+        if p.stale() {
+            c.stale = c.stale.saturating_sub(1);
+        }
+    }
+
+    /// RFC 4271 9.1.2 AS loop (eBGP) and RFC 4456 8 ORIGINATOR_ID / CLUSTER_LIST loops (iBGP).
+    pub(super) fn import_loop(&self, slot: u16, attrs: &PathAttributes) -> bool {
+        let s = &self.slots[slot as usize];
+        match s.kind {
+            Kind::Ebgp => attrs.as_path.as_ref().is_some_and(|p| {
+                let own: usize = p
+                    .segments
+                    .iter()
+                    .map(|seg| match seg {
+                        AsSegment::Sequence(v)
+                        | AsSegment::Set(v)
+                        | AsSegment::ConfedSequence(v)
+                        | AsSegment::ConfedSet(v) => {
+                            v.iter().filter(|a| **a == s.info.local_asn).count()
+                        }
+                    })
+                    .sum();
+                own > s.info.allow_local_as as usize
+            }),
+            _ => {
+                attrs.originator_id == Some(self.cfg.router_id)
+                    || attrs
+                        .cluster_list
+                        .contains(&self.cfg.effective_cluster_id())
+            }
+        }
+    }
+
+    /// Intern an attribute set: equal sets share one allocation. MP NLRI fields are cleared first so sets that
+    /// differ only in the prefixes they once carried are equal.
+    pub(super) fn intern(&mut self, attrs: Arc<PathAttributes>) -> Arc<PathAttributes> {
+        let attrs = if attrs.mp_unreach.is_some()
+            || attrs.mp_reach.as_ref().is_some_and(|m| !m.nlri.is_empty())
+        {
+            let mut a = (*attrs).clone();
+            a.mp_unreach = None;
+            if let Some(m) = a.mp_reach.as_mut() {
+                m.nlri.clear();
+            }
+            Arc::new(a)
+        } else {
+            attrs
+        };
+        if let Some(existing) = self.interner.get(&attrs) {
+            return existing.clone();
+        }
+        self.interner.insert(attrs.clone());
+        attrs
+    }
+
+    /// Drop interned sets nobody uses any more (only the interner holds them). Amortised: runs when the set
+    /// has doubled since the last collection. Export caches hold references too, so they are cleared first.
+    pub(super) fn maybe_gc(&mut self) {
+        if self.interner.len() <= self.gc_threshold {
+            return;
+        }
+        self.clear_caches();
+        self.interner.retain(|a| Arc::strong_count(a) > 1);
+        self.gc_threshold = (self.interner.len() * 2).max(1024);
+    }
+
+    pub(super) fn view(&self, p: &Path, best: bool) -> PathView {
+        let s = &self.slots[p.slot as usize];
+        let local = p.slot == LOCAL_SLOT;
+        PathView {
+            source: match s.id {
+                Some(id) if !local => PathSource::Peer(id),
+                _ => PathSource::Local,
+            },
+            peer_address: (!local).then_some(s.info.address),
+            path_id: p.path_id,
+            attrs: p.attrs.clone(),
+            best,
+            ecmp: p.ecmp(),
+            stale: p.stale(),
+        }
+    }
+
+    /// What target `t` receives for `path` as best of `prefix`, under `policy`.
+    pub(super) fn export(
+        &mut self,
+        t: u16,
+        prefix: &IpNetwork,
+        path: &Path,
+        policy: &Policy,
+    ) -> Option<Arc<PathAttributes>> {
+        let family = family_of(prefix);
+        let ts = &self.slots[t as usize];
+        if !ts.info.families.contains(&family) {
+            return None;
+        }
+        let ss = &self.slots[path.slot as usize];
+        let src = ExportSource {
+            slot: path.slot,
+            kind: ss.kind,
+            router_id: ss.info.router_id,
+            rr_client: ss.info.rr_client,
+        };
+        let tgt = ExportTarget {
+            slot: t,
+            kind: ts.kind,
+            info: &ts.info,
+        };
+        if !export::may_send(&src, &tgt) || !policy.export_allowed(prefix, src.kind == Kind::Local)
+        {
+            return None;
+        }
+        let key = (
+            Arc::as_ptr(&path.attrs) as usize,
+            path.slot,
+            family != Family::IPV4_UNICAST,
+        );
+        let group = ts.group;
+        if let Some((_, out)) = self.groups[group].get(&key) {
+            return out.clone();
+        }
+        let rewritten = export::rewrite(path, &src, &tgt, family, self.cfg.effective_cluster_id());
+        let out = rewritten.map(|a| self.intern(Arc::new(a)));
+        self.groups[group].insert(key, (path.attrs.clone(), out.clone()));
+        out
+    }
+
+    /// Propagate a change of `prefix` to every established peer and to the FIB: a best-path change to every
+    /// session, any path change to the ADD-PATH send sessions. `old_all` is every path before the change
+    /// (needed only while `add_path_peers > 0`).
+    pub(super) fn settle(
+        &mut self,
+        prefix: IpNetwork,
+        old: Option<&Path>,
+        old_all: &[Path],
+        old_nh: Option<Vec<IpAddr>>,
+        new: Option<&Dest>,
+    ) {
+        let new_best = new.map(|d| d.best());
+        let new_all = new.map_or(&[][..], |d| d.paths());
+        let changed = match (old, new_best) {
+            (Some(o), Some(n)) => !o.same(n),
+            (None, None) => false,
+            _ => true,
+        };
+        let any_changed = self.add_path_peers > 0 && paths_changed(old_all, new_all);
+        if changed || any_changed {
+            let family = family_of(&prefix);
+            let policy = self.policy.clone();
+            for t in 0..self.slots.len() as u16 {
+                if !self.slots[t as usize].up {
+                    continue;
+                }
+                if self.multi(t, family) {
+                    if any_changed {
+                        let e_old = self.export_all(t, &prefix, old_all, &policy);
+                        let e_new = self.export_all(t, &prefix, new_all, &policy);
+                        self.diff_multi(t, prefix, e_old, e_new);
+                    }
+                } else if changed {
+                    let e_old = old.and_then(|p| self.export(t, &prefix, p, &policy));
+                    let e_new = new_best.and_then(|p| self.export(t, &prefix, p, &policy));
+                    self.diff(t, prefix, e_old, e_new);
+                }
+            }
+        }
+        if let Some(old_nh) = old_nh {
+            let new_nh = new.map(|d| fib_next_hops(prefix, d)).unwrap_or_default();
+            if new_nh != old_nh {
+                self.fib.push(if new_nh.is_empty() {
+                    FibEvent::Remove { prefix }
+                } else {
+                    FibEvent::Set {
+                        prefix,
+                        next_hops: new_nh,
+                    }
+                });
+            }
+        }
+    }
+
+    pub(super) fn diff(
+        &mut self,
+        t: u16,
+        prefix: IpNetwork,
+        old: Option<Arc<PathAttributes>>,
+        new: Option<Arc<PathAttributes>>,
+    ) {
+        match (old, new) {
+            (Some(o), Some(n)) if Arc::ptr_eq(&o, &n) => {}
+            (o, Some(n)) => {
+                if o.is_none() {
+                    self.slots[t as usize].counters.advertised += 1;
+                }
+                self.queue_announce(t, prefix, 0, n);
+            }
+            (Some(_), None) => {
+                let c = &mut self.slots[t as usize].counters;
+                c.advertised = c.advertised.saturating_sub(1);
+                self.queue_withdraw(t, prefix, 0);
+            }
+            (None, None) => {}
+        }
+    }
+
+    /// The ADD-PATH send version of [`State::diff`]: withdraw the path ids that are gone, announce the new
+    /// ones and those whose attributes changed (RFC 7911 3: a path id identifies the path to be replaced or
+    /// withdrawn).
+    pub(super) fn diff_multi(
+        &mut self,
+        t: u16,
+        prefix: IpNetwork,
+        old: Vec<(u32, Arc<PathAttributes>)>,
+        new: Vec<(u32, Arc<PathAttributes>)>,
+    ) {
+        for (id, _) in &old {
+            if !new.iter().any(|(n, _)| n == id) {
+                let c = &mut self.slots[t as usize].counters;
+                c.advertised = c.advertised.saturating_sub(1);
+                self.queue_withdraw(t, prefix, *id);
+            }
+        }
+        for (id, a) in new {
+            match old.iter().find(|(o, _)| *o == id) {
+                Some((_, o)) if Arc::ptr_eq(o, &a) => {}
+                Some(_) => self.queue_announce(t, prefix, id, a),
+                None => {
+                    self.slots[t as usize].counters.advertised += 1;
+                    self.queue_announce(t, prefix, id, a);
+                }
+            }
+        }
+    }
+
+    /// Does target `t` get every path of `family` (ADD-PATH send negotiated) rather than the best one?
+    pub(super) fn multi(&self, t: u16, family: Family) -> bool {
+        self.slots[t as usize].info.add_path_tx.contains(&family)
+    }
+
+    /// What an ADD-PATH send target `t` holds for `paths` of `prefix`: (path id, attributes) for each path
+    /// export allows, best first. Two paths that would share an id (see [`tx_path_id`]) are cut to the
+    /// better one, so a path id never stands for two paths at once.
+    pub(super) fn export_all(
+        &mut self,
+        t: u16,
+        prefix: &IpNetwork,
+        paths: &[Path],
+        policy: &Policy,
+    ) -> Vec<(u32, Arc<PathAttributes>)> {
+        let mut out: Vec<(u32, Arc<PathAttributes>)> = Vec::with_capacity(paths.len());
+        for p in paths {
+            let id = tx_path_id(p);
+            if out.iter().any(|(i, _)| *i == id) {
+                continue;
+            }
+            if let Some(a) = self.export(t, prefix, p, policy) {
+                out.push((id, a));
+            }
+        }
+        out
+    }
+
+    pub(super) fn policy_diff(
+        &mut self,
+        t: u16,
+        prefix: IpNetwork,
+        d: &Dest,
+        old: &Policy,
+        new: &Policy,
+    ) {
+        if self.multi(t, family_of(&prefix)) {
+            let e_old = self.export_all(t, &prefix, d.paths(), old);
+            let e_new = self.export_all(t, &prefix, d.paths(), new);
+            self.diff_multi(t, prefix, e_old, e_new);
+            return;
+        }
+        let e_old = self.export(t, &prefix, d.best(), old);
+        let e_new = self.export(t, &prefix, d.best(), new);
+        self.diff(t, prefix, e_old, e_new);
+    }
+
+    /// Queue what target `t` holds for `prefix` (a table dump, a route refresh): the best path, or every
+    /// path on an ADD-PATH send session.
+    pub(super) fn announce(&mut self, t: u16, prefix: IpNetwork, d: &Dest, policy: &Policy) {
+        if self.multi(t, family_of(&prefix)) {
+            for (id, a) in self.export_all(t, &prefix, d.paths(), policy) {
+                self.slots[t as usize].counters.advertised += 1;
+                self.queue_announce(t, prefix, id, a);
+            }
+        } else if let Some(a) = self.export(t, &prefix, d.best(), policy) {
+            self.slots[t as usize].counters.advertised += 1;
+            self.queue_announce(t, prefix, 0, a);
+        }
+    }
+
+    pub(super) fn queue_announce(
+        &mut self,
+        t: u16,
+        prefix: IpNetwork,
+        path_id: u32,
+        attrs: Arc<PathAttributes>,
+    ) {
+        let max = self.cfg.max_batch.max(1);
+        let family = family_of(&prefix);
+        let s = &mut self.slots[t as usize];
+        let key = Arc::as_ptr(&attrs) as usize;
+        let p = &mut s.pending;
+        let i = match p.last {
+            Some((k, i)) if k == key => i,
+            _ => {
+                let i = *p.index.entry(key).or_insert_with(|| {
+                    p.groups.push((family, attrs, Vec::new()));
+                    p.groups.len() - 1
+                });
+                p.last = Some((key, i));
+                i
+            }
+        };
+        let g = &mut p.groups[i];
+        g.2.push(Nlri { prefix, path_id });
+        if g.2.len() >= max {
+            // Each prefix changes at most once per input, so sending a full group early cannot reorder two
+            // changes of one prefix.
+            let nlri = std::mem::take(&mut g.2);
+            let msg = RibOutput::Updates {
+                family: g.0,
+                attrs: g.1.clone(),
+                nlri,
+            };
+            self.send(t, msg);
+        }
+    }
+
+    pub(super) fn queue_withdraw(&mut self, t: u16, prefix: IpNetwork, path_id: u32) {
+        let max = self.cfg.max_batch.max(1);
+        let family = family_of(&prefix);
+        let p = &mut self.slots[t as usize].pending;
+        let i = match p.withdrawn.iter().position(|(f, _)| *f == family) {
+            Some(i) => i,
+            None => {
+                p.withdrawn.push((family, Vec::new()));
+                p.withdrawn.len() - 1
+            }
+        };
+        let w = &mut p.withdrawn[i].1;
+        w.push(Nlri { prefix, path_id });
+        if w.len() >= max {
+            let nlri = std::mem::take(w);
+            self.send(t, RibOutput::Withdraw { family, nlri });
+        }
+    }
+
+    /// Hand `msg` to the peer's session, or, when its channel is full (or already has a backlog here),
+    /// fold it into the peer's dirty set: the RIB never buffers a table for a slow peer.
+    pub(super) fn send(&mut self, t: u16, msg: RibOutput) {
+        let s = &mut self.slots[t as usize];
+        let Some(out) = &s.out else { return };
+        let msg = if s.dirty.is_empty() && s.dirty_tail.is_empty() {
+            match out.try_send(msg) {
+                Ok(()) => return,
+                // A closed channel means the session is gone; its PeerDown is on the way.
+                Err(TrySendError::Closed(_)) => return,
+                Err(TrySendError::Full(msg)) => msg,
+            }
+        } else {
+            msg
+        };
+        if s.dirty.is_empty() && s.dirty_tail.is_empty() {
+            self.dirty_slots.push(t);
+        }
+        match msg {
+            RibOutput::Updates { nlri, .. } | RibOutput::Withdraw { nlri, .. } => {
+                s.dirty.extend(nlri);
+            }
+            other => s.dirty_tail.push(other),
+        }
+    }
+
+    pub(super) fn flush(&mut self, t: u16) {
+        let p = std::mem::take(&mut self.slots[t as usize].pending);
+        for (family, nlri) in p.withdrawn {
+            if !nlri.is_empty() {
+                self.send(t, RibOutput::Withdraw { family, nlri });
+            }
+        }
+        for (family, attrs, nlri) in p.groups {
+            if !nlri.is_empty() {
+                self.send(
+                    t,
+                    RibOutput::Updates {
+                        family,
+                        attrs,
+                        nlri,
+                    },
+                );
+            }
+        }
+    }
+
+    pub(super) fn flush_all(&mut self) {
+        for t in 0..self.slots.len() as u16 {
+            if !self.slots[t as usize].pending.is_empty() {
+                self.flush(t);
+            }
+        }
+    }
+}
