@@ -1,14 +1,19 @@
 //! IPAM assignment rate and etcd round trips per assignment, beside the raw rate of etcd compare-and-swap
 //! transactions measured in the same run against the same etcd member (the physical ceiling).
 //!
-//! `cargo bench --bench ipam [-- --assigns N] [--rounds R] [--only-assign]` (the last runs nothing but
-//! uncontended assigns, for `perf record`)
+//! `cargo bench --bench ipam [-- --assigns N] [--rounds R] [--only-assign] [--churn N]` (`--only-assign` runs
+//! nothing but uncontended assigns, for `perf record`; `--churn N` adds the churn row with N assignments)
 //!
 //! 1. raw CAS, 1 client: one etcd-client connection, sequential `Txn{ mod_revision(k) == r } then put(k)`;
 //! 2. raw CAS, 16 clients: 16 connections, each its own key, concurrently;
 //! 3. IPAM, 1 node, uncontended: sequential `NodeIpam::assign` (one IPv4 per pod, a new handle each);
 //! 4. IPAM, 8 nodes, contended: 8 node tasks assigning concurrently from two pools, one small enough that
 //!    half the nodes borrow from the others' blocks (the concurrency test's set-up).
+//!
+//! 5. (`--churn N`) IPAM under churn (issue 15): 8 nodes assign and release in random order (at most 8 live
+//!    addresses each) from a pool of 4 x that peak (10.90.0.0/24, blockSize 28), with a 200 ms cooldown and a
+//!    300 ms empty-block grace: assignments per second and etcd transactions per assignment (releases are
+//!    transactions too: both are reported).
 //!
 //! Target (issue 3): an uncontended assign costs exactly 1 etcd transaction and reaches >= 80% of the
 //! 1-client raw CAS rate.
@@ -288,6 +293,91 @@ async fn ipam_burst(ds: &Arc<Datastore>, total: usize, concurrency: usize) -> (R
     )
 }
 
+/// Churn: `nodes` node tasks, each keeping at most `live_max` addresses, assigning and releasing in random
+/// order until `total` assignments are made. Returns the assign run, txns per assignment, txns per operation
+/// (assign or release), and the summed counters.
+async fn ipam_churn(
+    ds: &Arc<Datastore>,
+    nodes: usize,
+    live_max: usize,
+    total: usize,
+) -> (Run, f64, f64, margay::ipam::IpamCounters) {
+    resources::apply(
+        ds,
+        "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {name: churn}\nspec: {cidr: 10.90.0.0/24, blockSize: 28}\n---\napiVersion: projectcalico.org/v3\nkind: IPAMConfiguration\nmetadata: {name: default}\nspec: {releasedAddressCooldown: 200ms, emptyBlockGracePeriod: 300ms}\n",
+    )
+    .await
+    .expect("churn pool");
+    let handles = start_nodes(ds, nodes).await;
+    let before = ds.stats();
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let releases = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for (n, node) in handles.iter().enumerate() {
+        let (node, done, releases) = (node.clone(), done.clone(), releases.clone());
+        tasks.push(tokio::spawn(async move {
+            use std::sync::atomic::Ordering::Relaxed;
+            let mut rng =
+                0x9e37_79b9_7f4a_7c15u64 ^ (n as u64 + 1).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            let mut next = move || {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                rng
+            };
+            let (mut lat, mut live, mut i) = (Vec::new(), Vec::<String>::new(), 0usize);
+            while done.load(Relaxed) < total {
+                if live.is_empty() || (live.len() < live_max && next() % 100 < 55) {
+                    let h = format!("churn-{n}-{i}");
+                    i += 1;
+                    let t = Instant::now();
+                    node.assign(AssignRequest::v4(&h))
+                        .await
+                        .expect("churn assign");
+                    lat.push(t.elapsed());
+                    done.fetch_add(1, Relaxed);
+                    live.push(h);
+                } else {
+                    let h = live.swap_remove((next() % live.len() as u64) as usize);
+                    node.release_handle(&h).await.expect("churn release");
+                    releases.fetch_add(1, Relaxed);
+                }
+            }
+            for h in live {
+                node.release_handle(&h).await.expect("churn release");
+            }
+            lat
+        }));
+    }
+    let mut latencies = Vec::new();
+    for t in tasks {
+        latencies.extend(t.await.expect("task"));
+    }
+    let elapsed = start.elapsed();
+    let assigns = latencies.len();
+    let txns = (ds.stats().txns - before.txns) as f64;
+    let rel = releases.load(std::sync::atomic::Ordering::Relaxed);
+    let mut c = margay::ipam::IpamCounters::default();
+    for h in &handles {
+        let r = h.routes().await.expect("routes").counters;
+        c.blocks_reclaimed += r.blocks_reclaimed;
+        c.blocks_released += r.blocks_released;
+        c.cooling_handed_out += r.cooling_handed_out;
+        c.exhausted += r.exhausted;
+    }
+    (
+        Run {
+            ops: assigns,
+            elapsed,
+            latencies,
+        },
+        txns / assigns as f64,
+        txns / (assigns + rel) as f64,
+        c,
+    )
+}
+
 fn arg(name: &str, default: usize) -> usize {
     let args: Vec<String> = std::env::args().collect();
     args.iter()
@@ -349,6 +439,8 @@ fn main() {
         let eight = start_nodes(&ds, 8).await;
         let (run8, rt8) = ipam(&ds, &eight, 0, assigns / 8, true).await;
         let (burst, rtb) = ipam_burst(&ds, assigns, 32).await;
+        let churn_n = arg("--churn", 0);
+        let churn = if churn_n > 0 { Some(ipam_churn(&ds, 8, 8, churn_n).await) } else { None };
 
         let median = |runs: &[Run]| -> Run {
             let mut v: Vec<&Run> = runs.iter().collect();
@@ -386,6 +478,17 @@ fn main() {
         row("raw etcd CAS txn, 16 clients", &raw16, "1");
         row("IPAM assign, 8 nodes, contended (two pools, half borrowing)", &run8, &format!("{rt8:.3}"));
         row("IPAM assign, 1 node, bursts of 32 concurrent ADDs (batched)", &burst, &format!("{rtb:.3}"));
+        if let Some((run, per_assign, per_op, c)) = &churn {
+            row(
+                "IPAM assign under churn, 8 nodes, pool 4x peak, cooldown 200 ms (txns per assignment)",
+                run,
+                &format!("{per_assign:.3}"),
+            );
+            println!(
+                "churn: {} assignments, {per_assign:.3} etcd txns per assignment ({per_op:.3} per assign-or-release); {} blocks reclaimed, {} released after the grace, {} cooling addresses handed out, {} exhausted",
+                run.ops, c.blocks_reclaimed, c.blocks_released, c.cooling_handed_out, c.exhausted
+            );
+        }
         println!(
             "per-round ops/s: raw CAS [{}]; 5 KB CAS [{}]; 128 B CAS + handle [{}]; IPAM-sized CAS [{}]; watched IPAM-sized CAS [{}]; IPAM assign [{}]",
             rates(&raw1),

@@ -21,6 +21,9 @@ pub const LIVENESS_PREFIX: &str = "/calico/margay/v1/liveness/";
 /// node that never had a liveness key, e.g. a Calico node in a mixed cluster).
 pub const NODE_RECORDS_PREFIX: &str = "/calico/margay/v1/node/";
 
+/// Held (on its lease) by the node elected to run the automatic `ipam gc`.
+pub const GC_LEADER_KEY: &str = "/calico/margay/v1/gc-leader";
+
 /// `/calico/margay/v1/liveness/<node>`.
 pub fn liveness_key(node: &str) -> String {
     format!("{LIVENESS_PREFIX}{node}")

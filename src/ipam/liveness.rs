@@ -395,3 +395,87 @@ async fn delete_cooled_blocks(ds: &Datastore, snap: &ops::Snapshot) -> Result<us
     }
     Ok(n)
 }
+
+/// The key whose holder runs the automatic gc.
+pub fn leader_key() -> String {
+    keys::GC_LEADER_KEY.to_string()
+}
+
+/// Who holds the gc leadership now, if anyone.
+pub async fn gc_leader(ds: &Datastore) -> Result<Option<String>, IpamError> {
+    Ok(ds
+        .get(&leader_key())
+        .await?
+        .map(|kv| String::from_utf8_lossy(&kv.value).into_owned()))
+}
+
+/// Campaign for the gc leadership among the candidates (lease of `ttl`) and, while leader, run
+/// `gc(grace, release)` every `interval`. Runs until dropped; a leader that stops renewing (crash, partition)
+/// loses the key when its lease expires and another candidate takes over.
+pub async fn run_gc_leader(
+    ds: Arc<Datastore>,
+    node: String,
+    ttl: Duration,
+    interval: Duration,
+    grace: Duration,
+) {
+    let ttl_s = ttl.as_secs().max(1) as i64;
+    let key = leader_key();
+    loop {
+        let lease = match ds.lease_grant(ttl_s).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(node = %node, error = %e, "gc leader: cannot take a lease");
+                tokio::time::sleep(interval).await;
+                continue;
+            }
+        };
+        let won = matches!(
+            ds.txn(
+                &[Guard::Absent(key.clone())],
+                &[Write::PutLeased(
+                    key.clone(),
+                    node.clone().into_bytes(),
+                    lease
+                )],
+            )
+            .await,
+            Ok(TxnOutcome::Committed { .. })
+        );
+        if !won {
+            let _ = ds.lease_revoke(lease).await;
+            tokio::time::sleep(interval.min(ttl)).await;
+            continue;
+        }
+        tracing::info!(node = %node, "gc leader: elected");
+        let renew = Duration::from_millis((ttl_s as u64 * 1000 / 3).max(100));
+        let mut next_gc = tokio::time::Instant::now();
+        loop {
+            if tokio::time::Instant::now() >= next_gc {
+                match gc(&ds, grace, true).await {
+                    Ok(r) => {
+                        let released: Vec<&str> = r
+                            .nodes
+                            .iter()
+                            .filter(|n| n.released.is_some())
+                            .map(|n| n.name.as_str())
+                            .collect();
+                        if !released.is_empty() {
+                            tracing::info!(nodes = ?released, "gc leader: released nodes whose liveness is gone");
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "gc leader: gc failed"),
+                }
+                next_gc = tokio::time::Instant::now() + interval;
+            }
+            tokio::time::sleep(renew.min(interval)).await;
+            match ds.lease_keep_alive(lease).await {
+                Ok(t) if t > 0 => {}
+                _ => {
+                    tracing::warn!(node = %node, "gc leader: lease lost; campaigning again");
+                    break;
+                }
+            }
+        }
+    }
+}

@@ -9,7 +9,9 @@
 //!   candidates.rs  which block to claim             requests come in over a channel with a oneshot reply
 //!   view.rs        View: cached state +   ops.rs    cluster-wide operations for the CLI and GC:
 //!                  plan (affine / claim /           release by handle / address, node remove,
-//!                  borrow)                          check, usage report
+//!                  reclaim / borrow /               check, usage report
+//!                  cooling)               liveness.rs  etcd-lease liveness per node, `ipam gc`, the
+//!                                                   opt-in gc leader
 //! ```
 //!
 //! Every write is one etcd transaction guarded by the revisions the plan was made from, so nothing is ever

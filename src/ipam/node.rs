@@ -736,9 +736,12 @@ impl State {
     }
 
     /// Release empty affine blocks whose pool no longer selects this node (or is gone), with their affinity.
+    /// A block whose addresses still cool down is kept, held by no node, so their release times are not
+    /// forgotten (another node may take it over; `ipam gc --release` deletes it once cooled).
     async fn tidy(&mut self) {
         let me = self.view.node.name.clone();
-        let stale: Vec<(IpNetwork, i64)> = self
+        let cd = self.view.cooldown_at(now_ms());
+        let stale: Vec<(Block, i64)> = self
             .view
             .my_blocks()
             .filter(|c| c.value.is_empty())
@@ -746,18 +749,27 @@ impl State {
                 None => true,
                 Some(p) => !p.selects_node(&self.view.node.labels),
             })
-            .map(|c| (c.value.cidr, c.mod_revision))
+            .map(|c| (c.value.clone(), c.mod_revision))
             .collect();
-        for (cidr, rev) in stale {
+        for (b, rev) in stale {
+            let cidr = b.cidr;
             let guards = [Guard::ModRevision(keys::block_key(&cidr), rev)];
+            let cooling = b.cooling_count(&cd) > 0;
+            let mut unheld = b;
+            unheld.affinity = None;
             let writes = [
-                Write::Delete(keys::block_key(&cidr)),
+                if cooling {
+                    Write::Put(keys::block_key(&cidr), to_json(&unheld))
+                } else {
+                    Write::Delete(keys::block_key(&cidr))
+                },
                 Write::Delete(keys::affinity_key(&me, &cidr)),
             ];
             match self.ds.txn(&guards, &writes).await {
                 Ok(TxnOutcome::Committed { revision }) => {
                     tracing::info!(node = %me, block = %cidr, "released empty block: its pool no longer selects this node");
-                    self.view.apply_block(cidr, None, revision);
+                    self.view
+                        .apply_block(cidr, cooling.then_some(unheld), revision);
                 }
                 Ok(TxnOutcome::Conflict { .. }) => {}
                 Err(e) => {

@@ -187,6 +187,13 @@ pub struct NodeArgs {
     /// TTL of the node's liveness lease in etcd (`margay ipam gc` releases nodes whose lease is gone).
     #[arg(long, env = "MARGAY_LIVENESS_TTL", default_value = "15s", value_parser = crate::config::bgp::parse_duration)]
     pub liveness_ttl: Duration,
+    /// Take part in electing (through etcd) the one node that runs `ipam gc --release` on its own every
+    /// minute, for nodes whose liveness has been gone longer than --ipam-gc-grace. Off by default.
+    #[arg(long, env = "MARGAY_IPAM_GC_LEADER")]
+    pub ipam_gc_leader: bool,
+    /// With --ipam-gc-leader: how long a node must have been seen missing before it is released.
+    #[arg(long, env = "MARGAY_IPAM_GC_GRACE", default_value = "15m", value_parser = crate::cli::parse_duration)]
+    pub ipam_gc_grace: Duration,
 }
 
 /// `--ip` / `IP` as Calico takes it.
@@ -687,6 +694,18 @@ pub async fn run_with(
         .await
         .map_err(|e| anyhow::anyhow!("IPAM for node {name:?} (etcd at {endpoints}): {e}"))?,
     );
+    let _gc_leader = args.ipam_gc_leader.then(|| {
+        task::spawn(
+            "ipam-gc-leader",
+            crate::ipam::liveness::run_gc_leader(
+                ds.clone(),
+                name.clone(),
+                args.liveness_ttl,
+                Duration::from_secs(60),
+                args.ipam_gc_grace,
+            ),
+        )
+    });
     let cluster_tasks = [
         task::spawn(
             "labels",

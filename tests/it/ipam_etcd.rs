@@ -311,11 +311,18 @@ async fn empty_blocks_released_when_pool_stops_selecting_node() {
     )
     .await
     .unwrap();
-    // The node learns the change by its watch and releases the block with its affinity.
+    // The node learns the change by its watch and releases the block with its affinity (the block itself
+    // stays, held by no node, while its released address cools down).
     let mut gone = false;
     for _ in 0..200 {
-        if ds.get(&bkey).await.unwrap().is_none() {
-            gone = true;
+        match ds.get(&bkey).await.unwrap() {
+            None => gone = true,
+            Some(kv) => {
+                let b: margay::ipam::Block = serde_json::from_slice(&kv.value).unwrap();
+                gone = b.affinity.is_none() && b.is_empty();
+            }
+        }
+        if gone {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -759,5 +766,78 @@ async fn released_addresses_cool_down_across_restarts() {
     assert_eq!(n.routes().await.unwrap().counters.cooling_handed_out, 1);
     let e = n.assign(AssignRequest::v4("c1")).await.unwrap_err();
     assert!(matches!(e, IpamError::NoAddress(_)), "{e}");
+    check_clean(&ds).await;
+}
+
+/// The opt-in automatic gc: two candidates elect one leader through etcd; the leader releases a node whose
+/// liveness lease is gone (grace 0 here) without any operator; when the leader stops, the other takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs etcd: scripts/test.sh runs it (--include-ignored)"]
+async fn elected_gc_leader_releases_vanished_nodes() {
+    use margay::ipam::liveness::{gc_leader, run_gc_leader, Liveness};
+    let Some((_etcd, ds)) = setup("elected_gc_leader_releases_vanished_nodes", POOLS).await else {
+        return;
+    };
+    let live = Liveness::start(ds.clone(), "gone", Duration::from_secs(1))
+        .await
+        .unwrap();
+    let gone = node(&ds, "gone").await;
+    gone.assign(AssignRequest::v4("g0")).await.unwrap();
+    let stays = node(&ds, "stays").await;
+    let _stays_live = Liveness::start(ds.clone(), "stays", Duration::from_secs(1))
+        .await
+        .unwrap();
+    stays.assign(AssignRequest::v4("s0")).await.unwrap();
+    let leader = |name: &str| {
+        tokio::spawn(run_gc_leader(
+            ds.clone(),
+            name.to_string(),
+            Duration::from_secs(1),
+            Duration::from_millis(200),
+            Duration::ZERO,
+        ))
+    };
+    let (c1, c2) = (leader("cand-1"), leader("cand-2"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let first = loop {
+        if let Some(l) = gc_leader(&ds).await.unwrap() {
+            break l;
+        }
+        assert!(std::time::Instant::now() < deadline, "nobody elected");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // The node dies; the leader releases it.
+    drop(live);
+    drop(gone);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let snap = ops::snapshot(&ds).await.unwrap();
+        if snap.affinities.keys().all(|(n, _)| n != "gone") && !snap.handles.contains_key("g0") {
+            assert!(snap.handles.contains_key("s0"), "a live node was released");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "leader never released the node"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The leader stops: its lease runs out, the other candidate is elected.
+    if first == "cand-1" {
+        c1.abort();
+    } else {
+        c2.abort();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match gc_leader(&ds).await.unwrap() {
+            Some(l) if l != first => break,
+            _ => {}
+        }
+        assert!(std::time::Instant::now() < deadline, "no new leader");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    c1.abort();
+    c2.abort();
     check_clean(&ds).await;
 }
