@@ -65,38 +65,42 @@ fn pctl(v: &mut [f64], p: f64) -> f64 {
     v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
-/// One iperf3 TCP run from `client` to `server` (`ip`): received Gbit/s.
+/// One iperf3 TCP run from `client` to `server` (`ip`): received Gbit/s. The server is started first and
+/// waited for (listening), the client is bounded in time, the server is killed by PID afterwards: a lost
+/// run is retried, never waited on forever.
 fn iperf(client: &str, server: &str, ip: &str, secs: u32) -> f64 {
-    let mut srv = Command::new("ip")
-        .args(["netns", "exec", server, "iperf3", "-s", "-1", "-p", "5201"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("iperf3 -s");
-    let t = Instant::now();
-    let out = loop {
-        let out = Command::new("ip")
-            .args(["netns", "exec", client, "iperf3", "-c", ip, "-p", "5201"])
-            .args(["-t", &secs.to_string(), "-J"])
+    for attempt in 0..3 {
+        let mut srv = Command::new("ip")
+            .args(["netns", "exec", server, "iperf3", "-s", "-1", "-p", "5201"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("iperf3 -s");
+        wait_for("iperf3 -s listening", Duration::from_secs(5), || {
+            !run(&format!("ip netns exec {server} ss -Hltn sport = :5201"))
+                .trim()
+                .is_empty()
+        });
+        let out = Command::new("timeout")
+            .arg((secs + 15).to_string())
+            .args([
+                "ip", "netns", "exec", client, "iperf3", "-c", ip, "-p", "5201",
+            ])
+            .args(["-t", &secs.to_string(), "-J", "--connect-timeout", "3000"])
             .output()
             .expect("iperf3 -c");
-        if out.status.success() {
-            break out;
+        let _ = srv.kill();
+        let _ = srv.wait();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if let Some(bps) = v["end"]["sum_received"]["bits_per_second"].as_f64() {
+            return bps / 1e9;
         }
-        // The server may not listen yet.
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "iperf3 {client} -> {ip}: {}",
-            String::from_utf8_lossy(&out.stdout)
+        eprintln!(
+            "  iperf3 {client} -> {ip} attempt {attempt} failed: {}",
+            v["error"].as_str().unwrap_or("no result")
         );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let _ = srv.wait();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");
-    v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .unwrap_or_else(|| panic!("no sum_received in iperf3 output: {v}"))
-        / 1e9
+    }
+    panic!("iperf3 {client} -> {ip}: no result in 3 attempts");
 }
 
 /// Median RTT (ms) of 200 pings from `client` to `ip`.
@@ -109,7 +113,10 @@ fn ping_p50(client: &str, ip: &str) -> f64 {
         .filter_map(|l| l.split("time=").nth(1))
         .filter_map(|t| t.split_whitespace().next()?.parse().ok())
         .collect();
-    assert!(rtts.len() >= 190, "ping {client} -> {ip} lost packets:\n{out}");
+    assert!(
+        rtts.len() >= 190,
+        "ping {client} -> {ip} lost packets:\n{out}"
+    );
     median(&mut rtts)
 }
 
@@ -262,8 +269,12 @@ impl HandBuilt {
         let (r, n1, n2) = (self.ns("r"), self.ns("n1"), self.ns("n2"));
         let cmds = if vxlan {
             vec![
-                format!("ip -n {n1} route replace 10.245.2.0/26 via 10.245.2.0 dev vxlan.calico onlink"),
-                format!("ip -n {n2} route replace 10.245.1.0/26 via 10.245.1.0 dev vxlan.calico onlink"),
+                format!(
+                    "ip -n {n1} route replace 10.245.2.0/26 via 10.245.2.0 dev vxlan.calico onlink"
+                ),
+                format!(
+                    "ip -n {n2} route replace 10.245.1.0/26 via 10.245.1.0 dev vxlan.calico onlink"
+                ),
             ]
         } else {
             vec![
@@ -312,7 +323,11 @@ fn measure(
     };
     for i in 0..runs {
         // Alternate which goes first, so a drift in the machine's load hits both alike.
-        let order = if i % 2 == 0 { [true, false] } else { [false, true] };
+        let order = if i % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        };
         for m in order {
             let (c, s, ip) = if m { margay } else { hand };
             let g = iperf(c, s, ip, secs);
@@ -423,7 +438,11 @@ fn main() {
             .and_then(|i| args.get(i + 1)?.parse().ok())
             .unwrap_or(default)
     };
-    let (runs, secs, flips) = (arg("--runs", 5), arg("--secs", 3) as u32, arg("--flips", 20));
+    let (runs, secs, flips) = (
+        arg("--runs", 5),
+        arg("--secs", 3) as u32,
+        arg("--flips", 20),
+    );
     if !prerequisites("pod_paths bench", &["iperf3", "bird", "birdc", "bridge"]) {
         return;
     }
@@ -433,7 +452,18 @@ fn main() {
         name: name.clone(),
     };
     let out = Command::new(MARGAY)
-        .args(["lab", "up", "--name", &name, "--nodes", "3", "--pods", "1", "--subnets", "2"])
+        .args([
+            "lab",
+            "up",
+            "--name",
+            &name,
+            "--nodes",
+            "3",
+            "--pods",
+            "1",
+            "--subnets",
+            "2",
+        ])
         .env("RUST_LOG", "warn")
         .output()
         .expect("margay lab up");
@@ -452,7 +482,12 @@ fn main() {
     let hb = HandBuilt::new(mtu);
     let (h1, h2, h3) = (hb.ns("p1"), hb.ns("p2"), hb.ns("p3"));
     hb.cross_via_vxlan(true);
-    for (c, ip) in [(&p1, &ip2), (&p1, &ip3), (&h1, &"10.245.2.2".to_string()), (&h1, &"10.245.3.2".to_string())] {
+    for (c, ip) in [
+        (&p1, &ip2),
+        (&p1, &ip3),
+        (&h1, &"10.245.2.2".to_string()),
+        (&h1, &"10.245.3.2".to_string()),
+    ] {
         wait_for(&format!("{c} -> {ip}"), Duration::from_secs(30), || {
             sh(&format!("ip netns exec {c} ping -c 1 -W 1 {ip}"))
         });
@@ -503,9 +538,11 @@ fn main() {
                 while m.events.try_recv().is_ok() {}
             }
             let t0 = w.set_mode(mode);
-            wait_for(&format!("vxlanMode {mode}"), Duration::from_secs(30), || {
-                switched(&nodes, &blocks, mode)
-            });
+            wait_for(
+                &format!("vxlanMode {mode}"),
+                Duration::from_secs(30),
+                || switched(&nodes, &blocks, mode),
+            );
             // The last notification of a route to another node's block, on any node.
             let mut last = None;
             for (m, n) in monitors.iter().zip(&nodes) {
@@ -543,7 +580,10 @@ fn main() {
                 .expect("Node JSON");
         v["spec"]["bgp"]["asNumber"] = 64513.into();
         etcdctl(&format!("put {key} '{v}'"));
-        run(&format!("{MARGAY} lab restart-node {} --name {name}", node(2)));
+        run(&format!(
+            "{MARGAY} lab restart-node {} --name {name}",
+            node(2)
+        ));
     }
     let bird = Bird::start(
         &br,
@@ -551,15 +591,20 @@ fn main() {
          protocol bgp a { local 10.99.0.1 as 65001; neighbor 10.99.0.11 as 64512; ipv4 { import all; export all; next hop keep; }; }\n\
          protocol bgp b { local 10.99.1.1 as 65001; neighbor 10.99.1.12 as 64513; ipv4 { import all; export all; next hop keep; }; }\n",
     );
-    for (peer, n, ip) in [("tor-a", node(1), "10.99.0.1"), ("tor-b", node(2), "10.99.1.1")] {
+    for (peer, n, ip) in [
+        ("tor-a", node(1), "10.99.0.1"),
+        ("tor-b", node(2), "10.99.1.1"),
+    ] {
         etcdctl(&format!(
             "put /calico/resources/v3/projectcalico.org/bgppeers/{peer} '{{\"apiVersion\":\"projectcalico.org/v3\",\"kind\":\"BGPPeer\",\"metadata\":{{\"name\":\"{peer}\"}},\"spec\":{{\"node\":\"{n}\",\"peerIP\":\"{ip}\",\"asNumber\":65001}}}}'"
         ));
     }
     bird.wait_established(2, Duration::from_secs(60));
-    wait_for("n2's block via the ToR on n1", Duration::from_secs(60), || {
-        route_of(&routes(&node(1)), &b2).contains("via 10.99.0.1 dev eth0")
-    });
+    wait_for(
+        "n2's block via the ToR on n1",
+        Duration::from_secs(60),
+        || route_of(&routes(&node(1)), &b2).contains("via 10.99.0.1 dev eth0"),
+    );
     wait_for("p1 -> p2 through the ToR", Duration::from_secs(30), || {
         sh(&format!("ip netns exec {p1} ping -c 1 -W 1 {ip2}"))
     });

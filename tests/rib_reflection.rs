@@ -598,7 +598,11 @@ fn node_exports_mesh_learned_pool_routes_to_an_ebgp_tor_as_calico_does() {
     h.up(1, peer(1, LOCAL_AS)); // mesh
     h.up(2, peer(2, LOCAL_AS)); // mesh
     h.up(3, peer(3, 65001)); // the ToR
-    h.announce(1, &["10.244.3.0/26", "192.0.2.0/24"], attrs(&[], "10.0.0.1"));
+    h.announce(
+        1,
+        &["10.244.3.0/26", "192.0.2.0/24"],
+        attrs(&[], "10.0.0.1"),
+    );
     let got = h
         .holds(3, "10.244.3.0/26")
         .expect("a mesh-learned block goes to the eBGP ToR (Calico step 8)");
@@ -608,7 +612,11 @@ fn node_exports_mesh_learned_pool_routes_to_an_ebgp_tor_as_calico_does() {
             segments: vec![AsSegment::Sequence(vec![LOCAL_AS])]
         })
     );
-    assert_eq!(got.next_hop, Some(ip4("10.0.0.254")), "next hop self, as BIRD multihop");
+    assert_eq!(
+        got.next_hop,
+        Some(ip4("10.0.0.254")),
+        "next hop self, as BIRD multihop"
+    );
     assert!(
         h.holds(3, "192.0.2.0/24").is_none(),
         "outside every pool: rejected (step 9)"
