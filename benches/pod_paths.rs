@@ -12,9 +12,11 @@
 //! - across the router via a BIRD "ToR" (pool Never, mesh off, an AS per rack, eBGP to the router): margay
 //!   installs `<block> via 10.99.0.1 dev eth0` (next hop resolved recursively), the router forwards on the
 //!   routes BIRD learned; by hand: the same routes with `ip route`.
+//!
 //! Throughput: `iperf3 -c <pod> -t <secs> -J` from the client pod to `iperf3 -s -1` in the server pod (plain
 //! processes in the pods' namespaces), received bits/s. Latency: `ping -i 0.005` RTT, median of 200.
-//! Pods on both sides have the same MTU (the hand-built pods take the MTU margay gave its pods).
+//! Pods on both sides have the same MTU (the hand-built pods take the MTU margay gave its pods). A last row
+//! loads margay's nftables NAT table into the hand-built nodes, to show what of a difference is netfilter's.
 //!
 //! Flips: the pool's `vxlanMode` written to etcd (one txn from this process, inside the lab) alternately
 //! Always and Never; the clock stops at the kernel notification (a netlink monitor per node namespace) of the
@@ -262,6 +264,26 @@ impl HandBuilt {
             run(&c);
         }
         hb
+    }
+
+    /// Load `table` (nft syntax: margay's `inet margay` NAT table as a node holds it) into every hand-built
+    /// node, so the by-hand path pays what netfilter costs margay's (conntrack, the NAT hooks).
+    fn load_nft(&self, table: &str) {
+        for n in ["n1", "n2", "n3"] {
+            let mut c = Command::new("ip")
+                .args(["netns", "exec", &self.ns(n), "nft", "-f", "-"])
+                .stdin(Stdio::piped())
+                .spawn()
+                .expect("nft -f -");
+            if let Some(mut i) = c.stdin.take() {
+                use std::io::Write;
+                i.write_all(table.as_bytes()).expect("write nft");
+            }
+            assert!(
+                c.wait().map(|s| s.success()).unwrap_or(false),
+                "nft -f in {n}"
+            );
+        }
     }
 
     /// Cross-segment routes through VXLAN (`true`) or through the router (`false`).
@@ -617,6 +639,21 @@ fn main() {
         secs,
     ));
     drop(bird);
+
+    // Where a difference comes from: the by-hand nodes with margay's nftables table (NAT for the pool:
+    // conntrack and the nat hooks see every packet), the same-segment path again.
+    let table = run(&format!(
+        "ip netns exec {} nft list table inet margay",
+        node(1)
+    ));
+    hb.load_nft(&table);
+    results.push(measure(
+        "same segment; by hand WITH margay's nft NAT table loaded",
+        (&p1, &p3, &ip3),
+        (&h1, &h3, "10.245.3.2"),
+        runs,
+        secs,
+    ));
 
     report(&mut results, runs, secs);
     println!();
