@@ -1325,11 +1325,13 @@ fn ipip_crosssubnet_always_never_across_the_router() {
 
 /// ```text
 ///   netns <lab>-br: router (no pod route), br0 10.99.0.0/24 | br1 10.99.1.0/24
-///     n1 10.99.0.11 (pod p1)  |  n2 10.99.1.12 (pod p2)       pool vxlanMode CrossSubnet
-///   both daemons restarted with CALICO_NETWORKING_BACKEND=vxlan: no BGP session at all
+///     n1 10.99.0.11 (pod p1)                 |  n2 10.99.1.12 (pod p2)       pool vxlanMode CrossSubnet
+///     n3 10.99.0.13 (pod p3)                 |
+///   every daemon restarted with CALICO_NETWORKING_BACKEND=vxlan: no BGP session at all
 /// ```
-/// Expect: no peers in `margay status`, n1 routes n2's block through `vxlan.calico` (from the block's
-/// affinity in etcd, not from BGP), and the pods ping each other across the router.
+/// Expect: no peers in `margay status`, n1 routes n2's block through `vxlan.calico` and n3's plainly (from the
+/// blocks' affinities in etcd, not from BGP), and the ping matrix is full: every pod pings every other pod,
+/// across the router and within the segment, as with BGP.
 #[test]
 #[ignore = "needs root (network namespaces), etcd, iproute2 and ping: scripts/test.sh runs it (--include-ignored)"]
 fn vxlan_only_backend_routes_without_bgp() {
@@ -1337,45 +1339,56 @@ fn vxlan_only_backend_routes_without_bgp() {
     if !common::lab_core::lab_prerequisites(T) {
         return;
     }
-    let lab = Lab::up(MARGAY, "vxo", 2, 1, &["--subnets", "2"]);
-    let (n1, n2) = (lab.nodes[0].0.clone(), lab.nodes[1].0.clone());
-    for n in [&n1, &n2] {
+    let lab = Lab::up(MARGAY, "vxo", 3, 1, &["--subnets", "2"]);
+    let nodes: Vec<String> = lab.nodes.iter().map(|n| n.0.clone()).collect();
+    let (n1, n2, n3) = (nodes[0].clone(), nodes[1].clone(), nodes[2].clone());
+    for n in &nodes {
         lab.restart_node_with_env(n, &[("CALICO_NETWORKING_BACKEND", "vxlan")]);
     }
-    for n in [&n1, &n2] {
+    for n in &nodes {
         let s = lab.wait_ready(n);
         assert_eq!(s["peers"], serde_json::json!([]), "{n} has BGP peers: {s}");
     }
-    let b2 = common::lab_core::own_block(&n2).to_string();
+    let (b2, b3) = (
+        common::lab_core::own_block(&n2).to_string(),
+        common::lab_core::own_block(&n3).to_string(),
+    );
     assert!(
-        eventually(Duration::from_secs(15), || proto77_text(&n1).lines().any(
-            |l| l.starts_with(&format!("{b2} ")) && l.contains("dev vxlan.calico")
-        )),
+        eventually(Duration::from_secs(15), || {
+            let r = proto77_text(&n1);
+            r.lines()
+                .any(|l| l.starts_with(&format!("{b2} ")) && l.contains("dev vxlan.calico"))
+                && r.lines()
+                    .any(|l| l.starts_with(&format!("{b3} via 10.99.0.13 dev eth0")))
+        }),
         "{}\n{}",
         proto77_text(&n1),
         lab.node_logs(&n1)
     );
-    // Readiness swept what BGP had installed before the restart and nobody re-announced: the route above
-    // comes from the affinity path, and stays.
+    // Readiness swept what BGP had installed before the restart and nobody re-announced: the routes above
+    // come from the affinity path, and stay.
     std::thread::sleep(Duration::from_millis(500));
     assert!(proto77_text(&n1).contains(&b2));
-    let p1 = lab
-        .pods
-        .iter()
-        .find(|(_, n, _)| *n == n1)
-        .expect("p1")
-        .0
-        .clone();
-    let p2 = lab.pods.iter().find(|(_, n, _)| *n == n2).expect("p2").2;
-    assert!(
-        in_ns(&p1, &["ping", "-c", "2", "-W", "2", &p2.to_string()]).0,
-        "p1 -> p2 without BGP"
-    );
+    for (from, _, _) in &lab.pods {
+        for (to, _, ip) in &lab.pods {
+            if from == to {
+                continue;
+            }
+            assert!(
+                eventually(Duration::from_secs(5), || in_ns(
+                    from,
+                    &["ping", "-c", "1", "-W", "1", &ip.to_string()]
+                )
+                .0),
+                "{from} -> {to} without BGP"
+            );
+        }
+    }
     let log = lab.node_logs(&n1);
     assert!(log.contains("networking backend vxlan"), "{log}");
     assert!(
-        log.contains("VXLAN-only: routes from block affinities routes=1"),
-        "the route did not come from the affinity path:\n{log}"
+        log.contains("VXLAN-only: routes from block affinities routes=2"),
+        "the routes did not come from the affinity path:\n{log}"
     );
 }
 
