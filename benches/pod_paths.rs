@@ -608,6 +608,32 @@ fn main() {
         runs,
         secs,
     ));
+    // VXLAN switched back on for the last row with the table: conntrack then sees the inner and the outer
+    // (UDP) packet.
+    {
+        in_netns(&etcd_ns, || {
+            PoolWriter::new().set_mode("CrossSubnet");
+        });
+        wait_for(
+            "n2's block through VXLAN again",
+            Duration::from_secs(30),
+            || route_of(&routes(&node(1)), &b2).contains("dev vxlan.calico"),
+        );
+        hb.cross_via_vxlan(true);
+        results.push(measure(
+            "across the router, VXLAN; by hand WITH margay's nft NAT table loaded",
+            (&p1, &p2, &ip2),
+            (&h1, &h2, "10.245.2.2"),
+            runs,
+            secs,
+        ));
+        in_netns(&etcd_ns, || {
+            PoolWriter::new().set_mode("Never");
+        });
+        wait_for("n2's block plain again", Duration::from_secs(30), || {
+            !route_of(&routes(&node(1)), &b2).contains("vxlan")
+        });
+    }
     hb.unload_nft();
 
     // Via a BIRD ToR: pool Never, mesh off, rack B in its own AS, eBGP to the router.
