@@ -26,6 +26,8 @@ pkgs=(gcc g++ libc6-dev make ca-certificates protobuf-compiler libprotobuf-dev)
 # Tests, lab and benchmarks: real etcd, BGP peers nobody here wrote, the kernel's tools, a CNI runtime.
 pkgs+=(etcd-server etcd-client bird2 gobgpd frr containernetworking-plugins podman busybox-static
        nftables iptables iproute2 iputils-ping procps psmisc util-linux openssl binutils)
+# Pod-to-pod throughput benchmark (benches/pod_paths.rs).
+pkgs+=(iperf3)
 # Manifest checks (pip into a venv) and the container image test (a Debian root made with debootstrap).
 pkgs+=(python3 python3-pip python3-venv debootstrap)
 missing=()

@@ -57,6 +57,10 @@ pub struct DataplaneSummary {
     /// The same for IPv6 (`vxlan-v6.calico`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vxlan_v6: Option<String>,
+    /// The IPIP tunnel (`tunl0`: its tunnel address, or why it cannot be built); absent when no pool uses
+    /// IPIP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipip: Option<String>,
     /// Learned routes whose next hop resolves through no kernel route (not installed, retried): the first
     /// 100 with the reason.
     #[serde(default)]
@@ -283,6 +287,9 @@ fn render_dataplane(out: &mut String, d: &DataplaneSummary) {
     out.push_str(&format!("Outgoing NAT: {nat}.\n"));
     for v in d.vxlan.iter().chain(d.vxlan_v6.iter()) {
         out.push_str(&format!("VXLAN: {v}.\n"));
+    }
+    if let Some(v) = &d.ipip {
+        out.push_str(&format!("IPIP: {v}.\n"));
     }
     if let Some(e) = &d.nat_error {
         out.push_str(&format!("ERROR: outgoing NAT not programmed: {e}\n"));

@@ -4,7 +4,8 @@
 //!
 //! Two grades: [`Severity::Error`] where ignoring the setting breaks pod connectivity (an encapsulation
 //! margay cannot build: traffic would leave unencapsulated), [`Severity::NotSupported`] where margay
-//! behaves as if the field were at its default. Pure: the caller says whether the kernel has ipip.
+//! behaves as if the field were at its default. Pure: the caller says whether the kernel has ipip (IPIP
+//! pools are built where it has, and are an error with the fix where it has not).
 
 use super::bgp::{BindMode, ConfigSet};
 use super::ippool::{EncapMode, IpPool};
@@ -75,11 +76,12 @@ pub fn scan(
     for p in pools {
         let name = p.name();
         let ipip = p.spec.ipip_mode.unwrap_or_default();
-        if ipip != EncapMode::Never {
-            let why = if kernel_has_ipip {
-                "margay does not build IPIP tunnels"
-            } else {
-                "this kernel has no ipip module (an ipip device cannot be created) and margay does not build IPIP tunnels"
+        // margay builds tunl0 where the kernel can; where it cannot, the pool's routes that need the tunnel
+        // are withheld (never sent unencapsulated) and this says why and how to get them back.
+        if ipip != EncapMode::Never && !kernel_has_ipip {
+            let lost = match ipip {
+                EncapMode::CrossSubnet => "routes to its blocks on nodes in other subnets",
+                _ => "routes to its blocks on other nodes",
             };
             add(
                 Severity::Error,
@@ -88,8 +90,10 @@ pub fn scan(
                 "spec.ipipMode",
                 format!("{ipip:?}"),
                 &format!(
-                    "{why}: pod traffic to nodes in other subnets would leave unencapsulated and be lost. \
-                     Switch the pool to VXLAN:\n{}",
+                    "this kernel has no ipip module, so this node cannot build tunl0: the pool's {lost} \
+                     are not installed (see the unresolved routes) rather than sent unencapsulated. Load the \
+                     module (modprobe ipip) on every node, or switch the pool to VXLAN (same mode, pods keep \
+                     their addresses):\n{}",
                     switch_to_vxlan_command(p)
                 ),
             );
@@ -255,21 +259,7 @@ pub fn scan(
     }
     if let Some(node) = set.nodes.get(me) {
         let s = &node.spec;
-        if let Some(a) = s
-            .bgp
-            .as_ref()
-            .and_then(|b| b.ipv4_ipip_tunnel_addr.as_ref())
-        {
-            add(
-                Severity::NotSupported,
-                "Node",
-                me,
-                "spec.bgp.ipv4IPIPTunnelAddr",
-                a.clone(),
-                "ignored: margay builds no IPIP tunnel",
-            );
-        }
-        // The VXLAN tunnel fields are used (IPv4 and IPv6 VXLAN).
+        // The VXLAN and IPIP tunnel address fields are used (written by the tunnel followers).
         for field in ["wireguard"] {
             if let Some(v) = s.other.get(field) {
                 let value = serde_yaml_ng::to_string(v)
@@ -310,6 +300,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("no ipip module"), "{text}");
+        assert!(text.contains("not installed"), "{text}");
         assert!(text.contains("margay apply -f - <<'EOF'"), "{text}");
         assert!(text.contains("vxlanMode: Always"), "{text}");
         assert!(text.contains("ipipMode: Never"), "{text}");
@@ -324,6 +315,20 @@ mod tests {
         assert_eq!(back.spec.vxlan_mode, Some(EncapMode::Always));
         assert_eq!(back.spec.ipip_mode, Some(EncapMode::Never));
         back.validate().unwrap();
+    }
+
+    #[test]
+    fn ipip_with_the_module_is_built_not_reported() {
+        let mut p = IpPool::new("calico", "10.244.0.0/16".parse().unwrap());
+        p.spec.ipip_mode = Some(EncapMode::CrossSubnet);
+        assert!(scan(&ConfigSet::default(), &[p.clone()], "n1", true, false).is_empty());
+        let f = scan(&ConfigSet::default(), &[p], "n1", false, false);
+        assert!(
+            f[0].note.contains("nodes in other subnets")
+                && f[0].note.contains("vxlanMode: CrossSubnet"),
+            "{}",
+            f[0]
+        );
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Everything that touches the kernel: FIB routes under margay's own protocol number, pod plumbing and NAT.
+//! Everything that touches the kernel: FIB routes under margay's own protocol number, pod plumbing, the
+//! tunnel devices (VXLAN, IPIP) and NAT.
 //! It owns only routes with its protocol number and interfaces with its prefix; it never flushes.
 //!
 //! All netlink work for a node runs in that node's network namespace (sockets are opened by a thread that
@@ -8,6 +9,7 @@ pub mod autodetect;
 pub mod encap;
 pub mod error;
 pub mod fib;
+pub mod ipip;
 pub mod mtu;
 pub mod nat;
 pub mod netns;

@@ -26,7 +26,7 @@ use sha1::{Digest, Sha1};
 
 use super::error::DataplaneError;
 use super::nl::NlSocket;
-use super::pod::{add_address, delete_link, dump_addresses, find_link, nl_err, set_link_up};
+use super::pod::{delete_link, find_link, nl_err, set_link_up};
 
 /// Calico's IPv4 VXLAN device name.
 pub const DEVICE: &str = "vxlan.calico";
@@ -160,22 +160,7 @@ pub fn ensure_device(netns: Option<&Path>, v: &LocalVtep) -> Result<u32, Datapla
     msg.attributes.push(LinkAttribute::Mtu(v.mtu));
     sock.request(RouteNetlinkMessage::SetLink(msg), 0)
         .map_err(|e| nl_err(&sock, "set MTU", dev, e))?;
-    for (ip, len) in dump_addresses(&mut sock, index)? {
-        if ip != v.tunnel_ip {
-            let mut m = AddressMessage::default();
-            m.header.index = index;
-            m.header.prefix_len = len;
-            m.header.family = if ip.is_ipv4() {
-                AddressFamily::Inet
-            } else {
-                AddressFamily::Inet6
-            };
-            m.attributes.push(AddressAttribute::Local(ip));
-            m.attributes.push(AddressAttribute::Address(ip));
-            let _ = sock.request(RouteNetlinkMessage::DelAddress(m), 0);
-        }
-    }
-    add_address(&mut sock, index, dev, v.tunnel_ip)?;
+    super::encap::set_only_address(&mut sock, index, dev, v.tunnel_ip)?;
     set_link_up(&mut sock, index, dev, None)?;
     Ok(index)
 }

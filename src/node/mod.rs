@@ -13,9 +13,10 @@
 //!   NodeIpam ──pools (watch)──▶ cluster::follow_nat ──▶ nft table inet margay (natOutgoing)
 //!   etcd Node/<me> labels ──▶ cluster::follow_labels ──set_labels──▶ NodeIpam (pools' nodeSelector)
 //!   NodeIpam pools + interfaces ──▶ cluster::follow_mtu ──▶ PodMtu (CNI ADDs without an mtu)
-//!   NodeIpam pools + etcd nodes/ ──▶ vxlan::follow_vxlan (one per family) ──▶ vxlan.calico / vxlan-v6.calico,
-//!        neighbour + FDB entries; VxlanRouting ──▶ nexthop::learned_routes (VXLAN pools via the tunnel)
-//!   CALICO_NETWORKING_BACKEND=vxlan: NodeIpam affinities ──▶ vxlan::route_by_affinities ──FibEvent──▶ (same path)
+//!   NodeIpam pools + etcd nodes/ ──▶ encap::follow_tunnel (VXLAN v4, VXLAN v6, IPIP) ──▶ vxlan.calico /
+//!        vxlan-v6.calico (+ neighbour, FDB entries) / tunl0; EncapRouting ──▶ nexthop::learned_routes
+//!        (encapsulated pools via their tunnel, withheld while it cannot be built)
+//!   CALICO_NETWORKING_BACKEND=vxlan: NodeIpam affinities ──▶ encap::route_by_affinities ──FibEvent──▶ (same path)
 //! ```
 //!
 //! This module owns the composition only: registering the Node resource, creating the default pools, the
@@ -70,10 +71,10 @@ use crate::task;
 
 mod backend;
 pub mod cluster;
+pub mod encap;
 pub mod nexthop;
 pub mod restart;
 pub mod services;
-pub mod vxlan;
 
 pub use backend::{attachment, resolve_pools, NodeBackend};
 pub use restart::{reconcile_pods, PodReconcile, Readiness};
@@ -192,7 +193,7 @@ pub struct NodeArgs {
     #[arg(long, env = "MARGAY_IPAM_GC_LEADER")]
     pub ipam_gc_leader: bool,
     /// With --ipam-gc-leader: how long a node must have been seen missing before it is released.
-    #[arg(long, env = "MARGAY_IPAM_GC_GRACE", default_value = "15m", value_parser = crate::cli::parse_duration)]
+    #[arg(long, env = "MARGAY_IPAM_GC_GRACE", default_value = "15m", value_parser = crate::config::bgp::parse_duration)]
     pub ipam_gc_grace: Duration,
 }
 
@@ -784,7 +785,7 @@ pub async fn run_with(
     }
     let spk = Arc::new(spk);
     // Next hops resolved recursively through the node's routes (BIRD `gateway recursive`).
-    let (vxlan_tasks, vxlan_routing) = vxlan::spawn(
+    let (tunnel_tasks, tunnel_routing) = encap::spawn(
         ds.clone(),
         ipam.clone(),
         &name,
@@ -800,7 +801,7 @@ pub async fn run_with(
             fib.clone(),
             netns.clone(),
             dp_status.clone(),
-            vxlan_routing.clone(),
+            tunnel_routing.clone(),
         ),
     );
 
@@ -827,10 +828,10 @@ pub async fn run_with(
         applied_tx.send_replace(true);
         task::spawn(
             "vxlan-routes",
-            vxlan::route_by_affinities_all(
+            encap::route_by_affinities_all(
                 name.clone(),
                 ipam.subscribe_affinities(),
-                vxlan_routing,
+                tunnel_routing,
                 affinity_routes_tx,
             ),
         )
@@ -1013,7 +1014,7 @@ pub async fn run_with(
     for t in cluster_tasks
         .iter()
         .chain(mtu_task.iter())
-        .chain(vxlan_tasks.iter())
+        .chain(tunnel_tasks.iter())
     {
         sup.watch(t.watch());
     }
@@ -1108,7 +1109,7 @@ pub async fn run_with(
         // Wait for the aborted tasks to drop what they hold, so the speaker handle is ours alone again.
         for t in [peers, adverts, learned, converging, http]
             .into_iter()
-            .chain(vxlan_tasks)
+            .chain(tunnel_tasks)
             .chain(cluster_tasks)
             .chain(mtu_task)
             .chain(monitor)

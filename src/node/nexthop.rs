@@ -26,7 +26,7 @@ use crate::dataplane::fib::{FibHandle, NextHop, Route, DEFAULT_PROTOCOL, MAIN_TA
 use crate::dataplane::resolve::{drain_changes, route_monitor, Igp, Resolution};
 
 use super::cluster::DataplaneStatus;
-use super::vxlan::{Encap, VxlanRouting};
+use super::encap::{Encap, EncapRouting};
 
 /// How often unresolved next hops are tried again even without a route change.
 pub const RETRY: Duration = Duration::from_secs(5);
@@ -45,9 +45,9 @@ struct Resolver {
     /// Next hops already reported unresolved (logged once until they resolve).
     reported: std::collections::HashSet<IpAddr>,
     unresolved: BTreeMap<IpNetwork, String>,
-    /// VXLAN pools and remote VTEPs: learned routes of VXLAN pools go through the tunnel.
-    /// Per family (IPv4, IPv6).
-    vxlan: [VxlanRouting; 2],
+    /// One picture per tunnel (VXLAN v4, VXLAN v6, IPIP): learned routes of an encapsulated pool go through
+    /// its tunnel, or are withheld while it cannot be built.
+    encap: Vec<EncapRouting>,
 }
 
 /// An IPv6 link-local next hop cannot be looked up without its interface: it goes as learned.
@@ -85,21 +85,21 @@ impl Resolver {
         let mut hops: Vec<NextHop> = Vec::new();
         let mut why = Vec::new();
         for &nh in nhs {
-            let vx = &self.vxlan[usize::from(prefix.is_ipv6())];
-            if !vx.pools.is_empty() {
-                match vx.encap(&prefix, nh) {
-                    Encap::No => {}
-                    Encap::Tunnel(t) => {
-                        hops.push(NextHop::onlink(
-                            t,
-                            crate::dataplane::vxlan::device(t.is_ipv6()),
-                        ));
-                        continue;
-                    }
-                    Encap::Missing(w) => {
-                        why.push(w);
-                        continue;
-                    }
+            // A pool has at most one encapsulation (validation refuses both modes on).
+            match self
+                .encap
+                .iter()
+                .find(|e| e.covers(&prefix))
+                .map(|e| e.encap(&prefix, nh))
+            {
+                None | Some(Encap::No) => {}
+                Some(Encap::Tunnel(hop)) => {
+                    hops.push(hop);
+                    continue;
+                }
+                Some(Encap::Missing(w)) => {
+                    why.push(w);
+                    continue;
                 }
             }
             match self.resolution(nh) {
@@ -234,7 +234,7 @@ impl Resolver {
 }
 
 impl Resolver {
-    /// The VXLAN picture changed: every learned route is computed again (the FIB writes only differences).
+    /// A tunnel's picture changed: every learned route is computed again (the FIB writes only differences).
     async fn rewrite_all(&mut self, fib: &FibHandle) {
         let all: Vec<(IpNetwork, Vec<IpAddr>)> =
             self.learned.iter().map(|(p, n)| (*p, n.clone())).collect();
@@ -257,14 +257,16 @@ impl Resolver {
     }
 }
 
-/// The next change of an optional watch (never, without one).
-async fn routing_changed(
-    w: &mut Option<tokio::sync::watch::Receiver<VxlanRouting>>,
-) -> Result<(), tokio::sync::watch::error::RecvError> {
-    match w.as_mut() {
-        Some(v) => v.changed().await,
-        None => std::future::pending().await,
+/// The index of the next tunnel picture to change; None when one's sender is gone; never with none.
+async fn any_changed(w: &mut [tokio::sync::watch::Receiver<EncapRouting>]) -> Option<usize> {
+    if w.is_empty() {
+        return std::future::pending().await;
     }
+    let changes = w
+        .iter_mut()
+        .enumerate()
+        .map(|(i, r)| Box::pin(async move { r.changed().await.ok().map(|()| i) }));
+    futures::future::select_all(changes).await.0
 }
 
 async fn write(fib: &FibHandle, replace: Vec<Route>, remove: Vec<IpNetwork>) {
@@ -286,11 +288,14 @@ pub async fn learned_routes(
     fib: FibHandle,
     netns: Option<PathBuf>,
     status: DataplaneStatus,
-    vxlan: [Option<tokio::sync::watch::Receiver<VxlanRouting>>; 2],
+    encap: Vec<tokio::sync::watch::Receiver<EncapRouting>>,
 ) {
-    let [mut vxlan4, mut vxlan6] = vxlan;
+    let mut encap = encap;
     let mut r = Resolver {
-        vxlan: [VxlanRouting::default(), VxlanRouting::default()],
+        encap: encap
+            .iter_mut()
+            .map(|w| w.borrow_and_update().clone())
+            .collect(),
         netns: netns.clone(),
         learned: HashMap::new(),
         igp: None,
@@ -348,22 +353,14 @@ pub async fn learned_routes(
                     r.reresolve(&fib).await;
                 }
             }
-            c = routing_changed(&mut vxlan4) => {
-                match (c, vxlan4.as_mut()) {
-                    (Ok(()), Some(v)) => {
-                        r.vxlan[0] = v.borrow_and_update().clone();
+            i = any_changed(&mut encap) => {
+                match i {
+                    Some(i) => {
+                        r.encap[i] = encap[i].borrow_and_update().clone();
                         r.rewrite_all(&fib).await;
                     }
-                    _ => vxlan4 = None,
-                }
-            }
-            c = routing_changed(&mut vxlan6) => {
-                match (c, vxlan6.as_mut()) {
-                    (Ok(()), Some(v)) => {
-                        r.vxlan[1] = v.borrow_and_update().clone();
-                        r.rewrite_all(&fib).await;
-                    }
-                    _ => vxlan6 = None,
+                    // A follower ended (the node is shutting down): stop listening to all of them.
+                    None => encap.clear(),
                 }
             }
             _ = retry.tick() => {
@@ -373,5 +370,83 @@ pub async fn learned_routes(
             }
         }
         r.publish(&status);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ippool::EncapMode;
+    use crate::node::encap::Tunnel;
+
+    fn resolver(encap: Vec<EncapRouting>) -> Resolver {
+        Resolver {
+            netns: None,
+            learned: HashMap::new(),
+            // No IGP read: plain next hops go as learned (on-link).
+            igp: None,
+            resolved: HashMap::new(),
+            reported: std::collections::HashSet::new(),
+            unresolved: BTreeMap::new(),
+            encap,
+        }
+    }
+
+    fn ipip(ready: bool) -> EncapRouting {
+        EncapRouting {
+            tunnel: Tunnel::Ipip,
+            pools: vec![("10.244.0.0/16".parse().unwrap(), EncapMode::CrossSubnet)],
+            local_subnet: Some("10.99.0.0/24".parse().unwrap()),
+            ready,
+            not_ready: (!ready).then(|| "this kernel has no ipip module".to_string()),
+            ..Default::default()
+        }
+    }
+
+    /// The route plans of an IPIP pool: across subnets through tunl0 via the remote node, inside the subnet
+    /// plain, an ECMP set split accordingly, other pools untouched; without the tunnel the route is withheld.
+    #[test]
+    fn ipip_route_plans() {
+        let vx = EncapRouting {
+            tunnel: Tunnel::VxlanV4,
+            ..Default::default()
+        };
+        let mut r = resolver(vec![vx, ipip(true)]);
+        let block: IpNetwork = "10.244.9.0/26".parse().unwrap();
+        let far: IpAddr = "10.99.1.12".parse().unwrap();
+        let near: IpAddr = "10.99.0.13".parse().unwrap();
+        assert_eq!(
+            r.route(block, &[far]).unwrap().to_string(),
+            "10.244.9.0/26 via 10.99.1.12 dev tunl0 onlink"
+        );
+        assert_eq!(
+            r.route(block, &[near]).unwrap().to_string(),
+            "10.244.9.0/26 via 10.99.0.13"
+        );
+        let both = r.route(block, &[far, near]).unwrap().to_string();
+        assert!(
+            both.contains("via 10.99.1.12 dev tunl0 onlink") && both.contains("via 10.99.0.13"),
+            "{both}"
+        );
+        // Not an IPIP pool: as learned.
+        assert_eq!(
+            r.route("10.50.0.0/26".parse().unwrap(), &[far])
+                .unwrap()
+                .to_string(),
+            "10.50.0.0/26 via 10.99.1.12"
+        );
+
+        // No tunl0 (no ipip module): never unencapsulated; the reason travels to the status.
+        let mut r = resolver(vec![ipip(false)]);
+        let why = r.route(block, &[far]).unwrap_err();
+        assert!(
+            why.contains("tunl0") && why.contains("no ipip module"),
+            "{why}"
+        );
+        // An ECMP set keeps only its same-subnet member.
+        assert_eq!(
+            r.route(block, &[far, near]).unwrap().to_string(),
+            "10.244.9.0/26 via 10.99.0.13"
+        );
     }
 }

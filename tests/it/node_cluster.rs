@@ -486,7 +486,7 @@ fn learned_next_hops_resolve_recursively_and_follow_the_underlay() {
             fib.clone(),
             Some(ns_path(&a)),
             status.clone(),
-            [None, None],
+            Vec::new(),
         ));
         (tx, task, fib)
     });
@@ -637,15 +637,46 @@ fn pod_mtu_is_detected_from_the_node_interfaces() {
     assert_eq!(pod_mtu(&pods[2]), 1300);
 }
 
+/// The Node resource `node` as stored in the lab's etcd (Null when absent).
+fn node_json(lab: &Lab, node: &str) -> serde_json::Value {
+    let (ok, out) = in_ns(
+        &format!("{}-etcd", lab.name),
+        &[
+            "etcdctl",
+            "--endpoints",
+            ETCD,
+            "get",
+            &format!("/calico/resources/v3/projectcalico.org/nodes/{node}"),
+            "--print-value-only",
+        ],
+    );
+    if !ok {
+        return serde_json::Value::Null;
+    }
+    serde_json::from_str(out.trim()).unwrap_or_default()
+}
+
+/// Can this kernel create an ipip device? Asked independently of margay, in a scratch namespace.
+fn kernel_has_ipip() -> bool {
+    let probe = unique("ipip");
+    let _p = Netns::new(&[&probe]);
+    common::try_sh(&format!("ip -n {probe} link add t0 type ipip 2>&1")).0
+}
+
 /// ```text
 ///   netns <lab>-br: bridge 10.99.0.0/24
-///     `-- n1 10.99.0.11  pool default-ipv4-ippool: ipipMode Always (a Calico manifest's pool, adopted)
+///     |-- n1 10.99.0.11  (pod p1)   pool default-ipv4-ippool: ipipMode Always (a Calico manifest's pool,
+///     `-- n2 10.99.0.12  (pod p2)   adopted as it is)
 ///   BGPConfiguration default: bindMode NodeIP (parsed, not acted on)
 /// ```
-/// Expect, on a kernel without ipip: an error in `margay status` and in the log at start naming the pool,
-/// the field, the reason and the exact `margay apply` that switches it to VXLAN; running that command
-/// clears the IPIP error. bindMode gives a "Not supported" line naming resource and field. (With ipip in
-/// the kernel the error still says margay builds no IPIP tunnel, without the module reason.)
+/// Expect, on a kernel without ipip (this machine): an error in `margay status` and in the log at start
+/// naming the pool, the field, the reason and the exact `margay apply` that switches it to VXLAN; `IPIP:
+/// tunl0 not ready` in the status; n2's block is NOT installed on n1 (never unencapsulated) and is listed as
+/// unresolved with the reason; the tunnel address is still allocated and written as the Node's
+/// `spec.bgp.ipv4IPIPTunnelAddr`, as Calico's allocator does. Running the command from the status clears the
+/// error and the IPIP address, n2's block goes through `vxlan.calico` and p1 pings p2. bindMode gives a
+/// "Not supported" line naming resource and field. On a kernel with ipip: no error, n2's block goes through
+/// `tunl0` and p1 pings p2.
 #[test]
 #[ignore = "needs root (network namespaces), etcd, iproute2 and ping: scripts/test.sh runs it (--include-ignored)"]
 fn ignored_settings_are_reported_and_ipip_says_how_to_fix() {
@@ -653,14 +684,37 @@ fn ignored_settings_are_reported_and_ipip_says_how_to_fix() {
     if !common::lab::lab_prerequisites(T) {
         return;
     }
-    // What this kernel can do, found independently of margay.
-    let probe = unique("ipip");
-    let _p = Netns::new(&[&probe]);
-    let kernel_ipip = common::try_sh(&format!("ip -n {probe} link add t0 type ipip 2>&1")).0;
+    let kernel_ipip = kernel_has_ipip();
 
-    let lab = Lab::with("ign", 1, 1, &[]);
-    let n1 = lab.nodes[0].0.clone();
+    let lab = Lab::with("ign", 2, 1, &[]);
+    let (n1, n2) = (lab.nodes[0].0.clone(), lab.nodes[1].0.clone());
     lab.wait_ready(&n1);
+    lab.wait_ready(&n2);
+    let b2 = common::lab::own_block(&n2).to_string();
+    let p1 = lab
+        .pods
+        .iter()
+        .find(|(_, n, _)| *n == n1)
+        .expect("pod on n1")
+        .0
+        .clone();
+    let p2 = lab
+        .pods
+        .iter()
+        .find(|(_, n, _)| *n == n2)
+        .expect("pod on n2")
+        .2;
+    let route_b2 = || {
+        proto77_text(&n1)
+            .lines()
+            .find(|l| l.starts_with(&format!("{b2} ")))
+            .unwrap_or("")
+            .to_string()
+    };
+    assert!(
+        eventually(Duration::from_secs(15), || !route_b2().is_empty()),
+        "n2's block never reached n1"
+    );
     apply(
         &lab,
         &n1,
@@ -679,14 +733,61 @@ fn ignored_settings_are_reported_and_ipip_says_how_to_fix() {
         ],
     );
     assert!(ok, "{out}");
-    // Seen live (the configuration watch), then at start.
+    // The tunnel address is allocated and written where Calico keeps it, module or not.
+    let ipip_addr = |n: &str| {
+        node_json(&lab, n)["spec"]["bgp"]["ipv4IPIPTunnelAddr"]
+            .as_str()
+            .map(String::from)
+    };
+    assert!(
+        eventually(Duration::from_secs(15), || ipip_addr(&n1).is_some()),
+        "no spec.bgp.ipv4IPIPTunnelAddr on n1: {}\n{}",
+        node_json(&lab, &n1),
+        lab.node_logs(&n1)
+    );
     let errors = |s: &serde_json::Value| s["dataplane"]["errors"].to_string();
+
+    if kernel_ipip {
+        // The module is there: margay builds tunl0 and sends n2's block through it.
+        assert!(
+            eventually(Duration::from_secs(15), || route_b2()
+                .contains("via 10.99.0.12 dev tunl0")
+                && route_b2().contains("onlink")),
+            "{}\n{}",
+            route_b2(),
+            lab.node_logs(&n1)
+        );
+        assert!(
+            in_ns(&p1, &["ping", "-c", "2", "-W", "2", &p2.to_string()]).0,
+            "p1 -> p2 over IPIP"
+        );
+        let s = lab.status(&n1).expect("status");
+        assert!(!errors(&s).contains("ipipMode"), "{s}");
+        return;
+    }
+
+    // Seen live (the configuration watch), then at start.
     assert!(
         eventually(Duration::from_secs(10), || lab
             .status(&n1)
             .is_some_and(|s| errors(&s).contains("spec.ipipMode = Always"))),
         "{:?}",
         lab.status(&n1)
+    );
+    // Never unencapsulated: n2's block leaves n1's kernel and is reported with the reason.
+    let unresolved = |s: &serde_json::Value| s["dataplane"]["unresolvedRoutes"].to_string();
+    assert!(
+        eventually(Duration::from_secs(15), || route_b2().is_empty()
+            && lab.status(&n1).is_some_and(
+                |s| unresolved(&s).contains(&b2) && unresolved(&s).contains("no ipip module")
+            )),
+        "route {:?}; status {:?}",
+        route_b2(),
+        lab.status(&n1)
+    );
+    assert!(
+        !in_ns(&p1, &["ping", "-c", "1", "-W", "1", &p2.to_string()]).0,
+        "p1 reached p2 unencapsulated"
     );
     lab.restart_node(&n1);
     lab.wait_ready(&n1);
@@ -700,20 +801,26 @@ fn ignored_settings_are_reported_and_ipip_says_how_to_fix() {
         log.contains("spec.bindMode = NodeIP"),
         "no warning at start:\n{log}"
     );
-    let (ok, table) = in_ns(&n1, &[MARGAY, "status"]);
-    assert!(ok, "{table}");
+    let mut table = String::new();
     assert!(
-        table.contains("ERROR: IPPool \"default-ipv4-ippool\": spec.ipipMode = Always"),
+        eventually(Duration::from_secs(15), || {
+            table = in_ns(&n1, &[MARGAY, "status"]).1;
+            table.contains(&format!("Unresolved next hop: {b2}"))
+        }),
         "{table}"
     );
-    assert_eq!(
-        table.contains("no ipip module"),
-        !kernel_ipip,
-        "kernel ipip support misreported:\n{table}"
-    );
+    for want in [
+        "ERROR: IPPool \"default-ipv4-ippool\": spec.ipipMode = Always",
+        "no ipip module",
+        "IPIP: tunl0 not ready",
+        "Not supported: BGPConfiguration \"default\": spec.bindMode = NodeIP",
+    ] {
+        assert!(table.contains(want), "{want:?} missing:\n{table}");
+    }
     assert!(
-        table.contains("Not supported: BGPConfiguration \"default\": spec.bindMode = NodeIP"),
-        "{table}"
+        route_b2().is_empty(),
+        "installed after the restart: {}",
+        route_b2()
     );
     let metrics = common::lab::http_get(&n1, margay::api::DEFAULT_LISTEN, "/metrics")
         .expect("metrics")
@@ -760,9 +867,23 @@ fn ignored_settings_are_reported_and_ipip_says_how_to_fix() {
         "{:?}",
         lab.status(&n1)
     );
-    // VXLAN (IPv4) is built: nothing is left to report.
+    // VXLAN (IPv4) is built: nothing is left to report, n2's block goes through it, the IPIP address is
+    // released from the Node.
+    assert!(
+        eventually(Duration::from_secs(15), || route_b2()
+            .contains("dev vxlan.calico")),
+        "{}\n{}",
+        route_b2(),
+        lab.node_logs(&n1)
+    );
+    assert!(
+        in_ns(&p1, &["ping", "-c", "2", "-W", "2", &p2.to_string()]).0,
+        "p1 -> p2 after the switch to VXLAN"
+    );
+    assert!(eventually(Duration::from_secs(10), || ipip_addr(&n1).is_none()));
     let s = lab.status(&n1).expect("status");
     assert_eq!(s["dataplane"]["errors"], serde_json::json!([]), "{s}");
+    assert!(s["dataplane"]["ipip"].is_null(), "{s}");
 }
 
 /// TX packets of `dev` in `ns` (0 when it does not exist).
@@ -1043,13 +1164,166 @@ fn two_subnets_crosssubnet_encapsulates_only_across_the_router() {
     );
 }
 
+fn pool_ipip_yaml(mode: &str) -> String {
+    format!(
+        "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata:\n  name: default-ipv4-ippool\nspec:\n  \
+         cidr: 10.244.0.0/16\n  blockSize: 26\n  natOutgoing: true\n  ipipMode: {mode}\n  nodeSelector: all()\n"
+    )
+}
+
+/// ```text
+///   netns <lab>-br: router, knows no pod route
+///     br0 10.99.0.1/24                          br1 10.99.1.1/24
+///      |-- n1 10.99.0.11 (pod p1)                |-- n2 10.99.1.12 (pod p2)
+///      |-- n3 10.99.0.13 (pod p3)                |
+///      `-- etcd 10.99.0.2
+///   iBGP full mesh across the router; pool 10.244.0.0/16 ipipMode CrossSubnet -> Always -> Never (live)
+///   every node: tunl0 (the ipip module's fallback device), its tunnel address from IPAM
+/// ```
+/// Expect, CrossSubnet: every node's Node carries `spec.bgp.ipv4IPIPTunnelAddr`, which is tunl0's only
+/// address; n1 routes n2's block `via 10.99.1.12 dev tunl0 onlink` (the gateway is the remote node itself)
+/// and n3's plainly `via 10.99.0.13 dev eth0`; p1 -> p3 leaves tunl0's counter alone, p1 -> p2 moves it.
+/// Always: n3's block goes through tunl0 too. Never: tunl0 loses its address, the Node its field, and n2's
+/// block resolves through the default route (the router drops it: no pod route there).
+/// Runs only where the kernel has the ipip module (scripts/test.sh skips it, saying so, where it has not).
+#[test]
+#[ignore = "needs the ipip kernel module (and root, etcd, iproute2, ping): scripts/test.sh runs it (--include-ignored) where `modprobe -n ipip` or /sys/module/ipip shows the module, and skips it with a printed line elsewhere"]
+fn ipip_crosssubnet_always_never_across_the_router() {
+    const T: &str = "ipip_crosssubnet_always_never_across_the_router";
+    if !(common::lab::lab_prerequisites(T)
+        && require(
+            kernel_has_ipip(),
+            T,
+            "this kernel cannot create an ipip device (no ipip module)",
+        ))
+    {
+        return;
+    }
+    let lab = Lab::with("ipx", 3, 1, &["--subnets", "2"]);
+    let node = |i: usize| lab.nodes[i].0.clone();
+    let (n1, n2, n3) = (node(0), node(1), node(2));
+    for n in [&n1, &n2, &n3] {
+        lab.wait_ready(n);
+    }
+    let pod = |n: &str| {
+        lab.pods
+            .iter()
+            .find(|(_, pn, _)| pn == n)
+            .expect("pod")
+            .clone()
+    };
+    let (p1, p2, p3) = (pod(&n1), pod(&n2), pod(&n3));
+    let (b2, b3) = (
+        common::lab::own_block(&n2).to_string(),
+        common::lab::own_block(&n3).to_string(),
+    );
+    let reach = |to: &(String, String, std::net::Ipv4Addr)| {
+        in_ns(
+            &p1.0,
+            &["ping", "-c", "3", "-i", "0.2", "-W", "2", &to.2.to_string()],
+        )
+        .0
+    };
+    let route_of = |b: &str| -> String {
+        proto77_text(&n1)
+            .lines()
+            .find(|l| l.starts_with(&format!("{b} ")))
+            .unwrap_or("")
+            .to_string()
+    };
+    let ipip_addr = |n: &str| {
+        node_json(&lab, n)["spec"]["bgp"]["ipv4IPIPTunnelAddr"]
+            .as_str()
+            .map(String::from)
+    };
+
+    apply(&lab, &n1, &pool_ipip_yaml("CrossSubnet"));
+    assert!(
+        eventually(Duration::from_secs(15), || route_of(&b2)
+            .contains("via 10.99.1.12 dev tunl0")
+            && route_of(&b2).contains("onlink")
+            && route_of(&b3).contains("via 10.99.0.13 dev eth0")),
+        "n2: {:?} n3: {:?}\n{}",
+        route_of(&b2),
+        route_of(&b3),
+        lab.node_logs(&n1)
+    );
+    for n in [&n1, &n2, &n3] {
+        assert!(
+            eventually(Duration::from_secs(10), || ipip_addr(n).is_some()),
+            "{n}: no ipv4IPIPTunnelAddr: {}",
+            node_json(&lab, n)
+        );
+    }
+    let t1 = ipip_addr(&n1).expect("n1's tunnel address");
+    let addrs = common::sh(&format!("ip -n {n1} -4 -o addr show dev tunl0"));
+    assert!(
+        addrs.contains(&format!("inet {t1}/32")) && addrs.lines().count() == 1,
+        "tunl0 on n1: {addrs}"
+    );
+    let tx = || tx_packets(&n1, "tunl0");
+    let before = tx();
+    assert!(reach(&p3), "p1 -> p3 (same segment)");
+    assert_eq!(tx(), before, "same-segment traffic was encapsulated");
+    assert!(reach(&p2), "p1 -> p2 (across the router, IPIP)");
+    assert!(
+        tx() >= before + 3,
+        "cross-segment traffic was not encapsulated"
+    );
+    assert!(
+        in_ns(&p2.0, &["ping", "-c", "1", "-W", "2", &p3.2.to_string()]).0,
+        "p2 -> p3"
+    );
+    let (_, table) = in_ns(&n1, &[MARGAY, "status"]);
+    assert!(
+        table.contains(&format!("IPIP: tunl0 up, tunnel address {t1}")),
+        "{table}"
+    );
+
+    // Always: the same-segment node goes through the tunnel too.
+    apply(&lab, &n1, &pool_ipip_yaml("Always"));
+    assert!(
+        eventually(Duration::from_secs(15), || route_of(&b3)
+            .contains("via 10.99.0.13 dev tunl0")),
+        "{}",
+        route_of(&b3)
+    );
+    let before = tx();
+    assert!(reach(&p3), "p1 -> p3 with Always");
+    assert!(tx() >= before + 3);
+
+    // Never: plain routes, resolved recursively; the router drops pod traffic; tunl0 released.
+    apply(&lab, &n1, &pool_ipip_yaml("Never"));
+    assert!(
+        eventually(Duration::from_secs(15), || route_of(&b2)
+            .contains("via 10.99.0.1 dev eth0")),
+        "{:?}\n{}",
+        route_of(&b2),
+        proto77_text(&n1)
+    );
+    assert!(eventually(Duration::from_secs(10), || ipip_addr(&n1).is_none()));
+    assert!(
+        common::sh(&format!("ip -n {n1} -4 -o addr show dev tunl0"))
+            .trim()
+            .is_empty(),
+        "tunl0 kept an address"
+    );
+    assert!(reach(&p3), "p1 -> p3 without encapsulation");
+    assert!(
+        !reach(&p2),
+        "p1 reached p2 through a router that knows no pod route"
+    );
+}
+
 /// ```text
 ///   netns <lab>-br: router (no pod route), br0 10.99.0.0/24 | br1 10.99.1.0/24
-///     n1 10.99.0.11 (pod p1)  |  n2 10.99.1.12 (pod p2)       pool vxlanMode CrossSubnet
-///   both daemons restarted with CALICO_NETWORKING_BACKEND=vxlan: no BGP session at all
+///     n1 10.99.0.11 (pod p1)                 |  n2 10.99.1.12 (pod p2)       pool vxlanMode CrossSubnet
+///     n3 10.99.0.13 (pod p3)                 |
+///   every daemon restarted with CALICO_NETWORKING_BACKEND=vxlan: no BGP session at all
 /// ```
-/// Expect: no peers in `margay status`, n1 routes n2's block through `vxlan.calico` (from the block's
-/// affinity in etcd, not from BGP), and the pods ping each other across the router.
+/// Expect: no peers in `margay status`, n1 routes n2's block through `vxlan.calico` and n3's plainly (from the
+/// blocks' affinities in etcd, not from BGP), and the ping matrix is full: every pod pings every other pod,
+/// across the router and within the segment, as with BGP.
 #[test]
 #[ignore = "needs root (network namespaces), etcd, iproute2 and ping: scripts/test.sh runs it (--include-ignored)"]
 fn vxlan_only_backend_routes_without_bgp() {
@@ -1057,45 +1331,56 @@ fn vxlan_only_backend_routes_without_bgp() {
     if !common::lab::lab_prerequisites(T) {
         return;
     }
-    let lab = Lab::with("vxo", 2, 1, &["--subnets", "2"]);
-    let (n1, n2) = (lab.nodes[0].0.clone(), lab.nodes[1].0.clone());
-    for n in [&n1, &n2] {
+    let lab = Lab::with("vxo", 3, 1, &["--subnets", "2"]);
+    let nodes: Vec<String> = lab.nodes.iter().map(|n| n.0.clone()).collect();
+    let (n1, n2, n3) = (nodes[0].clone(), nodes[1].clone(), nodes[2].clone());
+    for n in &nodes {
         lab.restart_node_with_env(n, &[("CALICO_NETWORKING_BACKEND", "vxlan")]);
     }
-    for n in [&n1, &n2] {
+    for n in &nodes {
         let s = lab.wait_ready(n);
         assert_eq!(s["peers"], serde_json::json!([]), "{n} has BGP peers: {s}");
     }
-    let b2 = common::lab::own_block(&n2).to_string();
+    let (b2, b3) = (
+        common::lab::own_block(&n2).to_string(),
+        common::lab::own_block(&n3).to_string(),
+    );
     assert!(
-        eventually(Duration::from_secs(15), || proto77_text(&n1).lines().any(
-            |l| l.starts_with(&format!("{b2} ")) && l.contains("dev vxlan.calico")
-        )),
+        eventually(Duration::from_secs(15), || {
+            let r = proto77_text(&n1);
+            r.lines()
+                .any(|l| l.starts_with(&format!("{b2} ")) && l.contains("dev vxlan.calico"))
+                && r.lines()
+                    .any(|l| l.starts_with(&format!("{b3} via 10.99.0.13 dev eth0")))
+        }),
         "{}\n{}",
         proto77_text(&n1),
         lab.node_logs(&n1)
     );
-    // Readiness swept what BGP had installed before the restart and nobody re-announced: the route above
-    // comes from the affinity path, and stays.
+    // Readiness swept what BGP had installed before the restart and nobody re-announced: the routes above
+    // come from the affinity path, and stay.
     std::thread::sleep(Duration::from_millis(500));
     assert!(proto77_text(&n1).contains(&b2));
-    let p1 = lab
-        .pods
-        .iter()
-        .find(|(_, n, _)| *n == n1)
-        .expect("p1")
-        .0
-        .clone();
-    let p2 = lab.pods.iter().find(|(_, n, _)| *n == n2).expect("p2").2;
-    assert!(
-        in_ns(&p1, &["ping", "-c", "2", "-W", "2", &p2.to_string()]).0,
-        "p1 -> p2 without BGP"
-    );
+    for (from, _, _) in &lab.pods {
+        for (to, _, ip) in &lab.pods {
+            if from == to {
+                continue;
+            }
+            assert!(
+                eventually(Duration::from_secs(5), || in_ns(
+                    from,
+                    &["ping", "-c", "1", "-W", "1", &ip.to_string()]
+                )
+                .0),
+                "{from} -> {to} without BGP"
+            );
+        }
+    }
     let log = lab.node_logs(&n1);
     assert!(log.contains("networking backend vxlan"), "{log}");
     assert!(
-        log.contains("VXLAN-only: routes from block affinities routes=1"),
-        "the route did not come from the affinity path:\n{log}"
+        log.contains("VXLAN-only: routes from block affinities routes=2"),
+        "the routes did not come from the affinity path:\n{log}"
     );
 }
 

@@ -731,3 +731,54 @@ fn add_path_send_keeps_two_paths_of_one_peer_apart() {
     fold_paths(&mut held, h.take_log(3));
     assert_eq!(held.len(), 2, "{held:?}");
 }
+
+/// A Calico node with the full mesh and an eBGP ToR peer (Calico's BIRD export filter): every peer's BIRD export filter ends
+/// in `calico_export_to_bgp_peers`, whose step 8 accepts anything inside an enabled pool, and BIRD offers an
+/// eBGP peer its best route for each prefix whatever protocol it came from; Calico's sessions are all
+/// multihop, and BIRD (`bgp_use_next_hop` in proto/bgp/attrs.c) keeps a next hop towards an eBGP peer only
+/// between single-hop sessions on one interface, so it sends its own address. margay does the same: a block learned over the mesh goes to the ToR with our
+/// AS prepended and next hop self (so the ToR may reach another rack's node through us: the reason Calico's ToR
+/// designs turn the mesh off), a mesh-learned route outside every pool does not, and nothing learned over the
+/// mesh goes back into the mesh (RFC 4271 9.2).
+#[test]
+fn node_exports_mesh_learned_pool_routes_to_an_ebgp_tor_as_calico_does() {
+    let policy = Policy {
+        import_only_within: None,
+        export: ExportRule::Calico {
+            pools: vec![PoolExport {
+                cidr: net("10.244.0.0/16"),
+                disabled: false,
+                disable_bgp_export: false,
+            }],
+            extra_accept: vec![],
+        },
+    };
+    let mut h = Harness::with(RibConfig::new(LOCAL_AS, RID), policy);
+    h.up(1, peer(1, LOCAL_AS)); // mesh
+    h.up(2, peer(2, LOCAL_AS)); // mesh
+    h.up(3, peer(3, 65001)); // the ToR
+    h.announce(
+        1,
+        &["10.244.3.0/26", "192.0.2.0/24"],
+        attrs(&[], "10.0.0.1"),
+    );
+    let got = h
+        .holds(3, "10.244.3.0/26")
+        .expect("a mesh-learned block goes to the eBGP ToR (Calico step 8)");
+    assert_eq!(
+        got.as_path,
+        Some(AsPath {
+            segments: vec![AsSegment::Sequence(vec![LOCAL_AS])]
+        })
+    );
+    assert_eq!(
+        got.next_hop,
+        Some(ip4("10.0.0.254")),
+        "next hop self, as BIRD multihop"
+    );
+    assert!(
+        h.holds(3, "192.0.2.0/24").is_none(),
+        "outside every pool: rejected (step 9)"
+    );
+    assert!(h.holds(2, "10.244.3.0/26").is_none(), "iBGP split horizon");
+}
