@@ -8,6 +8,7 @@
 mod client;
 pub mod metrics;
 mod status;
+pub mod table;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -232,35 +232,11 @@ pub fn render_status_table(r: &StatusReport) -> String {
                 ]
             })
             .collect();
-        let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-        for row in &rows {
-            for (w, cell) in widths.iter_mut().zip(row.iter()) {
-                *w = (*w).max(cell.chars().count());
-            }
+        let mut t = super::table::Table::new(&header);
+        for row in rows {
+            t.row(row.to_vec());
         }
-        let line = |out: &mut String| {
-            out.push('+');
-            for w in &widths {
-                out.push_str(&"-".repeat(w + 2));
-                out.push('+');
-            }
-            out.push('\n');
-        };
-        let cells = |out: &mut String, cells: &[&str]| {
-            out.push('|');
-            for (w, c) in widths.iter().zip(cells) {
-                out.push_str(&format!(" {c:<w$} |", w = *w));
-            }
-            out.push('\n');
-        };
-        line(&mut out);
-        cells(&mut out, &header);
-        line(&mut out);
-        for row in &rows {
-            let refs: Vec<&str> = row.iter().map(String::as_str).collect();
-            cells(&mut out, &refs);
-        }
-        line(&mut out);
+        out.push_str(&t.render());
     }
     out
 }

@@ -4,7 +4,7 @@
 
 pub mod ipam;
 pub mod resources;
-pub mod table;
+pub use crate::api::table;
 
 use std::path::PathBuf;
 

@@ -1,5 +1,5 @@
 //! Plain text tables as calicoctl prints them: upper-case headers, columns separated by " | ", a rule under
-//! the header.
+//! the header. The one table renderer: `margay status`'s peer table and the CLI's `get` and `ipam` tables.
 
 /// A table being built.
 pub struct Table {
