@@ -174,7 +174,12 @@ fn run(cmd: &str, args: &[&str]) {
     assert!(st.success(), "{cmd} {args:?} failed");
 }
 
+/// The margay binary: `MARGAY_EXE` if set (e.g. a wrapper that runs it under a heap profiler), else the
+/// release build beside this bench.
 fn margay_exe() -> Result<std::path::PathBuf, String> {
+    if let Some(p) = std::env::var_os("MARGAY_EXE") {
+        return Ok(p.into());
+    }
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let dir = exe
         .parent()

@@ -16,13 +16,14 @@ pub(crate) fn prefix_list(prefixes: &[IpNetwork]) -> String {
 }
 
 /// Keep the RIB's local routes and the blackhole routes equal to the node's blocks (exact prefix) and
-/// borrowed addresses (/32).
+/// borrowed addresses (/32). `originated` turns true once the first set is in the RIB.
 pub(super) async fn advertise_blocks(
     ipam: Arc<NodeIpam>,
     fib: FibHandle,
     rib: mpsc::Sender<RibInput>,
     mut addr: watch::Receiver<Ipv4Addr>,
     refresh: Arc<Notify>,
+    originated: watch::Sender<bool>,
 ) {
     let mut attrs = Arc::new(PathAttributes {
         next_hop: Some(*addr.borrow_and_update()),
@@ -99,6 +100,7 @@ pub(super) async fn advertise_blocks(
                 }
                 blocks = want_blocks;
                 hosts = want_hosts;
+                originated.send_replace(true);
             }
             Err(e) => tracing::warn!(error = %e, "reading the node's blocks"),
         }

@@ -102,6 +102,8 @@ pub use store::*;
 const SECRETS_POLL: Duration = Duration::from_secs(10);
 /// How often the node's blocks are compared with what it advertises (ADD and DEL also trigger it).
 const BLOCK_POLL: Duration = Duration::from_secs(1);
+/// How long the first BGP sessions wait for the node's blocks to be in the RIB (see `peer_loop`).
+const ORIGINATE_WAIT: Duration = Duration::from_secs(10);
 
 /// Run the node daemon until SIGTERM/SIGINT.
 pub fn run(etcd: EtcdArgs, args: NodeArgs) -> anyhow::Result<()> {
@@ -456,6 +458,8 @@ pub async fn run_with(
     // The node's address as the address monitor last found it (fixed with --ip).
     let (addr_tx, addr_rx) = watch::channel(ip);
     let (addr6_tx, addr6_rx) = watch::channel(ip6);
+    // Set once the node's blocks are in the RIB: the first sessions wait for it (see peer_loop).
+    let (originated_tx, originated_rx) = watch::channel(false);
     let adverts = task::spawn(
         "advertise",
         advertise_blocks(
@@ -464,6 +468,7 @@ pub async fn run_with(
             spk.rib(),
             addr_rx.clone(),
             refresh.clone(),
+            originated_tx,
         ),
     );
     let (applied_tx, applied_rx) = watch::channel(false);
@@ -486,7 +491,15 @@ pub async fn run_with(
         drop(affinity_routes_tx);
         task::spawn(
             "peer-loop",
-            peer_loop(feed, id.clone(), spk.clone(), applied_tx, addr_rx, addr6_rx),
+            peer_loop(
+                feed,
+                id.clone(),
+                spk.clone(),
+                applied_tx,
+                originated_rx,
+                addr_rx,
+                addr6_rx,
+            ),
         )
     };
     // IP6=autodetect is re-checked as IP=autodetect is; a fixed (or no) IPv6 address keeps the sender.

@@ -24,6 +24,7 @@ pub(super) async fn peer_loop(
     mut id: Identity,
     spk: Arc<SpeakerHandle>,
     applied: watch::Sender<bool>,
+    mut originated: watch::Receiver<bool>,
     mut addr: watch::Receiver<Ipv4Addr>,
     mut addr6: watch::Receiver<Option<std::net::Ipv6Addr>>,
 ) {
@@ -146,6 +147,9 @@ pub(super) async fn peer_loop(
                     }
                     policy = Some(want_policy);
                 }
+                if current.is_none() {
+                    wait_for_own_routes(&mut originated).await;
+                }
                 if current.as_ref() != Some(&peers) {
                     match spk.apply(peers.clone()).await {
                         // The speaker logs what the apply changed.
@@ -195,5 +199,23 @@ pub(super) async fn peer_loop(
                 }
             }
         }
+    }
+}
+
+/// Before the first sessions: wait until the node's blocks are in the RIB, so every session's initial
+/// table carries them ahead of its End-of-RIB. A peer that kept our routes across our restart (RFC 4724
+/// 4.2) sweeps what is missing at End-of-RIB: a block announced a moment later would be withdrawn from its
+/// kernel in between, and traffic to our pods dropped. The wait is bounded: a node whose IPAM cannot be read
+/// still peers (and learns the routes it needs), and says why its blocks come late.
+async fn wait_for_own_routes(originated: &mut watch::Receiver<bool>) {
+    match tokio::time::timeout(ORIGINATE_WAIT, originated.wait_for(|done| *done)).await {
+        Ok(Ok(_)) => {}
+        // The advertise task is gone (the daemon is stopping, or the supervisor reports it).
+        Ok(Err(_)) => {}
+        Err(_) => tracing::warn!(
+            waited_s = ORIGINATE_WAIT.as_secs(),
+            "the node's blocks are not in the RIB yet (IPAM unreadable?); starting BGP without them: peers \
+             that kept our routes across a restart drop them at End-of-RIB until they are announced"
+        ),
     }
 }
