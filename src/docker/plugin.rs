@@ -541,3 +541,303 @@ impl<B: Backend> Plugin<B> {
         Ok(reply)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ippool::IpPool;
+    use std::sync::Mutex;
+
+    /// In-memory IPAM and "kernel": enough to check what each handler asks for and what it leaves.
+    #[derive(Default)]
+    struct Fake {
+        pools: Vec<IpPool>,
+        /// Free addresses, handed out in order.
+        free: Mutex<Vec<IpAddr>>,
+        /// handle -> address
+        assigned: Mutex<BTreeMap<String, IpAddr>>,
+        /// workload -> addresses
+        veths: Mutex<BTreeMap<String, Vec<IpAddr>>>,
+        etcd_down: bool,
+        plumb_fails: bool,
+        events: Mutex<Vec<String>>,
+    }
+
+    fn pool(name: &str, cidr: &str) -> IpPool {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "projectcalico.org/v3", "kind": "IPPool",
+            "metadata": {"name": name}, "spec": {"cidr": cidr}
+        }))
+        .unwrap()
+    }
+
+    fn unreachable() -> IpamError {
+        IpamError::Datastore(crate::datastore::DatastoreError::Unreachable { tried: vec![] })
+    }
+
+    impl Backend for Fake {
+        async fn pools(&self) -> Result<Vec<IpPool>, PluginError> {
+            if self.etcd_down {
+                return Err(PluginError::ipam("IPAM pools", unreachable()));
+            }
+            Ok(self.pools.clone())
+        }
+        async fn usable_pools(&self, v6: bool) -> Result<Vec<String>, PluginError> {
+            Ok(self
+                .pools
+                .iter()
+                .filter(|p| p.spec.cidr.is_ipv6() == v6)
+                .map(|p| p.name().to_string())
+                .collect())
+        }
+        async fn assign(&self, req: AssignRequest) -> Result<Vec<IpAddr>, PluginError> {
+            if self.etcd_down {
+                return Err(PluginError::ipam("IPAM assign", unreachable()));
+            }
+            let mut free = self.free.lock().unwrap();
+            if free.is_empty() {
+                return Err(PluginError::ipam(
+                    "IPAM assign",
+                    IpamError::NoAddress("pool p1 has no free address".into()),
+                ));
+            }
+            let ip = free.remove(0);
+            self.assigned.lock().unwrap().insert(req.handle_id, ip);
+            Ok(vec![ip])
+        }
+        async fn release(&self, ip: IpAddr) -> Result<(), PluginError> {
+            self.assigned.lock().unwrap().retain(|_, a| *a != ip);
+            Ok(())
+        }
+        async fn plumb(
+            &self,
+            wid: String,
+            v4: Option<Ipv4Addr>,
+            v6: Option<Ipv6Addr>,
+        ) -> Result<String, PluginError> {
+            if self.plumb_fails {
+                return Err(PluginError::Refused("netlink says no".into()));
+            }
+            let ips = v4.map(IpAddr::V4).into_iter().chain(v6.map(IpAddr::V6)).collect();
+            self.veths.lock().unwrap().insert(wid.clone(), ips);
+            Ok(peer_ifname(&wid))
+        }
+        async fn unplumb(&self, wid: String) -> Result<(), PluginError> {
+            self.veths.lock().unwrap().remove(&wid);
+            Ok(())
+        }
+        async fn plumbed(&self, wid: String) -> Result<Option<Vec<IpAddr>>, PluginError> {
+            Ok(self.veths.lock().unwrap().get(&wid).cloned())
+        }
+        fn network_created(&self, id: &str) {
+            self.events.lock().unwrap().push(format!("created {id}"));
+        }
+        fn network_deleted(&self, id: &str) {
+            self.events.lock().unwrap().push(format!("deleted {id}"));
+        }
+    }
+
+    fn plugin(f: Fake) -> Plugin<Fake> {
+        Plugin {
+            backend: f,
+            node: "n1".into(),
+        }
+    }
+
+    fn fake() -> Fake {
+        Fake {
+            pools: vec![pool("p1", "10.65.0.0/16")],
+            free: Mutex::new(vec!["10.65.1.2".parse().unwrap(), "10.65.1.3".parse().unwrap()]),
+            ..Default::default()
+        }
+    }
+
+    async fn call(p: &Plugin<Fake>, method: &str, body: Value) -> Reply {
+        p.handle(method, body.to_string().as_bytes()).await
+    }
+
+    #[tokio::test]
+    async fn handshake_and_unknown_methods() {
+        let p = plugin(fake());
+        let (s, v) = p.handle("Plugin.Activate", b"").await;
+        assert_eq!(s, 200);
+        assert_eq!(v["Implements"], json!(["NetworkDriver", "IpamDriver"]));
+        let (_, v) = p.handle("NetworkDriver.GetCapabilities", b"").await;
+        assert_eq!(v["Scope"], "local");
+        let (s, v) = p.handle("NetworkDriver.AllocateNetwork", b"{}").await;
+        assert_eq!(s, 404, "{v}");
+        let (s, v) = p.handle("IpamDriver.RequestPool", b"{not json").await;
+        assert_eq!(s, 400);
+        assert!(v["Err"].as_str().unwrap().contains("malformed"), "{v}");
+    }
+
+    #[tokio::test]
+    async fn request_pool_default_named_and_refused() {
+        let p = plugin(fake());
+        let (s, v) = call(&p, "IpamDriver.RequestPool", json!({"AddressSpace": "MargayLocal"})).await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["PoolID"], "margay-ipv4");
+        assert_eq!(v["Pool"], "0.0.0.0/0");
+        assert_eq!(v["Data"][GATEWAY_DATA], "0.0.0.0/0");
+        let (s, v) = call(&p, "IpamDriver.RequestPool", json!({"Options": {"pool": "p1"}})).await;
+        assert_eq!((s, v["PoolID"].as_str()), (200, Some("margay-ipv4:p1")));
+        assert_eq!(v["Pool"], "10.65.0.0/16");
+        let (s, v) = call(&p, "IpamDriver.RequestPool", json!({"Pool": "10.65.0.0/16"})).await;
+        assert_eq!((s, v["PoolID"].as_str()), (200, Some("margay-ipv4:p1")));
+
+        let (s, v) = call(&p, "IpamDriver.RequestPool", json!({"Options": {"pool": "nope"}})).await;
+        let err = v["Err"].as_str().unwrap();
+        assert_eq!(s, 500);
+        assert!(err.contains("no IPPool \"nope\"") && err.contains("p1 (10.65.0.0/16)"), "{err}");
+        let (_, v) = call(&p, "IpamDriver.RequestPool", json!({"Pool": "10.9.0.0/16"})).await;
+        assert!(v["Err"].as_str().unwrap().contains("--subnet 10.9.0.0/16"), "{v}");
+        let (_, v) = call(&p, "IpamDriver.RequestPool", json!({"Pool": "10.65.0.0/16", "SubPool": "10.65.1.0/24"})).await;
+        assert!(v["Err"].as_str().unwrap().contains("--ip-range"), "{v}");
+        let (_, v) = call(&p, "IpamDriver.RequestPool", json!({"Options": {"color": "red"}})).await;
+        assert!(v["Err"].as_str().unwrap().contains("\"color\""), "{v}");
+        let (_, v) = call(&p, "IpamDriver.RequestPool", json!({"Options": {"pool": "p1"}, "V6": true})).await;
+        assert!(v["Err"].as_str().unwrap().contains("IPv4 pool"), "{v}");
+        let (_, v) = call(&p, "IpamDriver.RequestPool", json!({"V6": true})).await;
+        assert!(v["Err"].as_str().unwrap().contains("no usable IPv6 IPPool"), "{v}");
+    }
+
+    #[tokio::test]
+    async fn addresses_come_and_go_by_handle() {
+        let p = plugin(fake());
+        let (s, v) = call(&p, "IpamDriver.RequestAddress", json!({"PoolID": "margay-ipv4:p1"})).await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["Address"], "10.65.1.2/32");
+        let assigned = p.backend.assigned.lock().unwrap().clone();
+        let (handle, _) = assigned.iter().next().unwrap();
+        assert!(handle.starts_with("docker."), "{handle}");
+        // The gateway request is refused: Docker got the gateway from RequestPool.
+        let (_, v) = call(
+            &p,
+            "IpamDriver.RequestAddress",
+            json!({"PoolID": "margay-ipv4", "Options": {"RequestAddressType": GATEWAY_DATA}}),
+        )
+        .await;
+        assert!(v["Err"].as_str().unwrap().contains("--gateway"), "{v}");
+        let (_, v) = call(&p, "IpamDriver.RequestAddress", json!({"PoolID": "default-pool"})).await;
+        assert!(v["Err"].as_str().unwrap().contains("not handed out by margay"), "{v}");
+        // Release is idempotent.
+        for _ in 0..2 {
+            let (s, _) = call(&p, "IpamDriver.ReleaseAddress", json!({"PoolID": "margay-ipv4:p1", "Address": "10.65.1.2"})).await;
+            assert_eq!(s, 200);
+        }
+        assert!(p.backend.assigned.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn exhausted_and_etcd_down_say_so_and_keep_nothing() {
+        let f = fake();
+        f.free.lock().unwrap().clear();
+        let p = plugin(f);
+        let (s, v) = call(&p, "IpamDriver.RequestAddress", json!({"PoolID": "margay-ipv4"})).await;
+        assert_eq!(s, 500);
+        assert!(v["Err"].as_str().unwrap().contains("no free address"), "{v}");
+        let p = plugin(Fake {
+            etcd_down: true,
+            ..fake()
+        });
+        let (_, v) = call(&p, "IpamDriver.RequestAddress", json!({"PoolID": "margay-ipv4"})).await;
+        let err = v["Err"].as_str().unwrap();
+        assert!(err.contains("etcd is not reachable") && err.contains("nothing was allocated"), "{err}");
+        let (_, v) = call(&p, "IpamDriver.RequestPool", json!({"Options": {"pool": "p1"}})).await;
+        assert!(v["Err"].as_str().unwrap().contains("etcd is not reachable"), "{v}");
+        assert!(p.backend.assigned.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn endpoint_lifecycle_is_pod_like_and_idempotent() {
+        let p = plugin(fake());
+        let ep = "0123456789abcdef0123456789abcdef";
+        let (s, v) = call(
+            &p,
+            "NetworkDriver.CreateEndpoint",
+            json!({"NetworkID": "n", "EndpointID": ep, "Interface": {"Address": "10.65.1.2/32"}}),
+        )
+        .await;
+        assert_eq!((s, &v), (200, &json!({})));
+        let (s, v) = call(&p, "NetworkDriver.Join", json!({"NetworkID": "n", "EndpointID": ep, "SandboxKey": "/x"})).await;
+        assert_eq!(s, 200, "{v}");
+        let wid = workload_id(ep);
+        assert_eq!(v["InterfaceName"]["SrcName"], peer_ifname(&wid));
+        assert_eq!(v["InterfaceName"]["DstPrefix"], "eth");
+        assert_eq!(v["Gateway"], "169.254.1.1");
+        assert!(v.get("GatewayIPv6").is_none(), "{v}");
+        assert_eq!(v["StaticRoutes"], json!([{"Destination": "169.254.1.1/32", "RouteType": 1}]));
+        assert_eq!(v["DisableGatewayService"], true);
+        for m in ["NetworkDriver.Leave", "NetworkDriver.DeleteEndpoint", "NetworkDriver.DeleteEndpoint"] {
+            let (s, _) = call(&p, m, json!({"NetworkID": "n", "EndpointID": ep})).await;
+            assert_eq!(s, 200, "{m}");
+        }
+        assert!(p.backend.veths.lock().unwrap().is_empty());
+        // Join of an endpoint without a veth names the missing interface.
+        let (s, v) = call(&p, "NetworkDriver.Join", json!({"NetworkID": "n", "EndpointID": ep})).await;
+        assert_eq!(s, 500);
+        assert!(v["Err"].as_str().unwrap().contains(&host_ifname(&wid)), "{v}");
+    }
+
+    #[tokio::test]
+    async fn endpoint_refusals_leave_no_veth() {
+        let p = plugin(fake());
+        let (_, v) = call(&p, "NetworkDriver.CreateEndpoint", json!({"NetworkID": "n", "EndpointID": "e1", "Interface": {}})).await;
+        assert!(v["Err"].as_str().unwrap().contains("--ipam-driver margay"), "{v}");
+        let p = plugin(Fake {
+            plumb_fails: true,
+            ..fake()
+        });
+        let (s, v) = call(
+            &p,
+            "NetworkDriver.CreateEndpoint",
+            json!({"NetworkID": "n", "EndpointID": "e1", "Interface": {"Address": "10.65.1.2/32"}}),
+        )
+        .await;
+        assert_eq!(s, 500);
+        assert!(v["Err"].as_str().unwrap().contains("netlink says no"), "{v}");
+        assert!(p.backend.veths.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn networks_must_use_margay_ipam_and_are_announced() {
+        let p = plugin(fake());
+        let (s, v) = call(
+            &p,
+            "NetworkDriver.CreateNetwork",
+            json!({"NetworkID": "abc", "Options": {"com.docker.network.generic": {}},
+                   "IPv4Data": [{"AddressSpace": "MargayLocal", "Pool": "0.0.0.0/0", "Gateway": "0.0.0.0/0"}]}),
+        )
+        .await;
+        assert_eq!(s, 200, "{v}");
+        let (_, v) = call(
+            &p,
+            "NetworkDriver.CreateNetwork",
+            json!({"NetworkID": "def", "IPv4Data": [{"AddressSpace": "LocalDefault", "Pool": "172.18.0.0/16", "Gateway": "172.18.0.1/16"}]}),
+        )
+        .await;
+        assert!(v["Err"].as_str().unwrap().contains("--ipam-driver margay"), "{v}");
+        let (_, v) = call(
+            &p,
+            "NetworkDriver.CreateNetwork",
+            json!({"NetworkID": "ghi", "Options": {"com.docker.network.generic": {"mtu": "1400"}}}),
+        )
+        .await;
+        assert!(v["Err"].as_str().unwrap().contains("-o mtu"), "{v}");
+        let (s, _) = call(&p, "NetworkDriver.DeleteNetwork", json!({"NetworkID": "abc"})).await;
+        assert_eq!(s, 200);
+        assert_eq!(*p.backend.events.lock().unwrap(), vec!["created abc", "deleted abc"]);
+    }
+
+    #[test]
+    fn pool_ids_round_trip() {
+        for id in [
+            PoolId { v6: false, pool: None },
+            PoolId { v6: true, pool: Some("p-1".into()) },
+        ] {
+            assert_eq!(PoolId::parse(&id.encode()), Some(id));
+        }
+        assert_eq!(PoolId::parse("margay-ipv4:"), None);
+        assert_eq!(PoolId::parse("CalicoPoolIPv4"), None);
+    }
+}
