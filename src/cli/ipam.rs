@@ -80,7 +80,9 @@ pub async fn show(
 pub async fn show_ip(ds: &Datastore, ip: IpAddr) -> Result<String, CliError> {
     let snap = ops::snapshot(ds).await?;
     let Some((cidr, b)) = snap.blocks.iter().find(|(c, _)| c.contains(ip)) else {
-        return Ok(format!("IP {ip} is not assigned (no IPAM block holds it)\n"));
+        return Ok(format!(
+            "IP {ip} is not assigned (no IPAM block holds it)\n"
+        ));
     };
     let Some(attr) = b
         .ordinal(ip)

@@ -618,7 +618,11 @@ mod tests {
             if self.plumb_fails {
                 return Err(PluginError::Refused("netlink says no".into()));
             }
-            let ips = v4.map(IpAddr::V4).into_iter().chain(v6.map(IpAddr::V6)).collect();
+            let ips = v4
+                .map(IpAddr::V4)
+                .into_iter()
+                .chain(v6.map(IpAddr::V6))
+                .collect();
             self.veths.lock().unwrap().insert(wid.clone(), ips);
             Ok(peer_ifname(&wid))
         }
@@ -647,7 +651,10 @@ mod tests {
     fn fake() -> Fake {
         Fake {
             pools: vec![pool("p1", "10.65.0.0/16")],
-            free: Mutex::new(vec!["10.65.1.2".parse().unwrap(), "10.65.1.3".parse().unwrap()]),
+            free: Mutex::new(vec![
+                "10.65.1.2".parse().unwrap(),
+                "10.65.1.3".parse().unwrap(),
+            ]),
             ..Default::default()
         }
     }
@@ -674,37 +681,86 @@ mod tests {
     #[tokio::test]
     async fn request_pool_default_named_and_refused() {
         let p = plugin(fake());
-        let (s, v) = call(&p, "IpamDriver.RequestPool", json!({"AddressSpace": "MargayLocal"})).await;
+        let (s, v) = call(
+            &p,
+            "IpamDriver.RequestPool",
+            json!({"AddressSpace": "MargayLocal"}),
+        )
+        .await;
         assert_eq!(s, 200, "{v}");
         assert_eq!(v["PoolID"], "margay-ipv4");
         assert_eq!(v["Pool"], "0.0.0.0/0");
         assert_eq!(v["Data"][GATEWAY_DATA], "0.0.0.0/0");
-        let (s, v) = call(&p, "IpamDriver.RequestPool", json!({"Options": {"pool": "p1"}})).await;
+        let (s, v) = call(
+            &p,
+            "IpamDriver.RequestPool",
+            json!({"Options": {"pool": "p1"}}),
+        )
+        .await;
         assert_eq!((s, v["PoolID"].as_str()), (200, Some("margay-ipv4:p1")));
         assert_eq!(v["Pool"], "10.65.0.0/16");
-        let (s, v) = call(&p, "IpamDriver.RequestPool", json!({"Pool": "10.65.0.0/16"})).await;
+        let (s, v) = call(
+            &p,
+            "IpamDriver.RequestPool",
+            json!({"Pool": "10.65.0.0/16"}),
+        )
+        .await;
         assert_eq!((s, v["PoolID"].as_str()), (200, Some("margay-ipv4:p1")));
 
-        let (s, v) = call(&p, "IpamDriver.RequestPool", json!({"Options": {"pool": "nope"}})).await;
+        let (s, v) = call(
+            &p,
+            "IpamDriver.RequestPool",
+            json!({"Options": {"pool": "nope"}}),
+        )
+        .await;
         let err = v["Err"].as_str().unwrap();
         assert_eq!(s, 500);
-        assert!(err.contains("no IPPool \"nope\"") && err.contains("p1 (10.65.0.0/16)"), "{err}");
+        assert!(
+            err.contains("no IPPool \"nope\"") && err.contains("p1 (10.65.0.0/16)"),
+            "{err}"
+        );
         let (_, v) = call(&p, "IpamDriver.RequestPool", json!({"Pool": "10.9.0.0/16"})).await;
-        assert!(v["Err"].as_str().unwrap().contains("--subnet 10.9.0.0/16"), "{v}");
-        let (_, v) = call(&p, "IpamDriver.RequestPool", json!({"Pool": "10.65.0.0/16", "SubPool": "10.65.1.0/24"})).await;
+        assert!(
+            v["Err"].as_str().unwrap().contains("--subnet 10.9.0.0/16"),
+            "{v}"
+        );
+        let (_, v) = call(
+            &p,
+            "IpamDriver.RequestPool",
+            json!({"Pool": "10.65.0.0/16", "SubPool": "10.65.1.0/24"}),
+        )
+        .await;
         assert!(v["Err"].as_str().unwrap().contains("--ip-range"), "{v}");
-        let (_, v) = call(&p, "IpamDriver.RequestPool", json!({"Options": {"color": "red"}})).await;
+        let (_, v) = call(
+            &p,
+            "IpamDriver.RequestPool",
+            json!({"Options": {"color": "red"}}),
+        )
+        .await;
         assert!(v["Err"].as_str().unwrap().contains("\"color\""), "{v}");
-        let (_, v) = call(&p, "IpamDriver.RequestPool", json!({"Options": {"pool": "p1"}, "V6": true})).await;
+        let (_, v) = call(
+            &p,
+            "IpamDriver.RequestPool",
+            json!({"Options": {"pool": "p1"}, "V6": true}),
+        )
+        .await;
         assert!(v["Err"].as_str().unwrap().contains("IPv4 pool"), "{v}");
         let (_, v) = call(&p, "IpamDriver.RequestPool", json!({"V6": true})).await;
-        assert!(v["Err"].as_str().unwrap().contains("no usable IPv6 IPPool"), "{v}");
+        assert!(
+            v["Err"].as_str().unwrap().contains("no usable IPv6 IPPool"),
+            "{v}"
+        );
     }
 
     #[tokio::test]
     async fn addresses_come_and_go_by_handle() {
         let p = plugin(fake());
-        let (s, v) = call(&p, "IpamDriver.RequestAddress", json!({"PoolID": "margay-ipv4:p1"})).await;
+        let (s, v) = call(
+            &p,
+            "IpamDriver.RequestAddress",
+            json!({"PoolID": "margay-ipv4:p1"}),
+        )
+        .await;
         assert_eq!(s, 200, "{v}");
         assert_eq!(v["Address"], "10.65.1.2/32");
         let assigned = p.backend.assigned.lock().unwrap().clone();
@@ -718,11 +774,27 @@ mod tests {
         )
         .await;
         assert!(v["Err"].as_str().unwrap().contains("--gateway"), "{v}");
-        let (_, v) = call(&p, "IpamDriver.RequestAddress", json!({"PoolID": "default-pool"})).await;
-        assert!(v["Err"].as_str().unwrap().contains("not handed out by margay"), "{v}");
+        let (_, v) = call(
+            &p,
+            "IpamDriver.RequestAddress",
+            json!({"PoolID": "default-pool"}),
+        )
+        .await;
+        assert!(
+            v["Err"]
+                .as_str()
+                .unwrap()
+                .contains("not handed out by margay"),
+            "{v}"
+        );
         // Release is idempotent.
         for _ in 0..2 {
-            let (s, _) = call(&p, "IpamDriver.ReleaseAddress", json!({"PoolID": "margay-ipv4:p1", "Address": "10.65.1.2"})).await;
+            let (s, _) = call(
+                &p,
+                "IpamDriver.ReleaseAddress",
+                json!({"PoolID": "margay-ipv4:p1", "Address": "10.65.1.2"}),
+            )
+            .await;
             assert_eq!(s, 200);
         }
         assert!(p.backend.assigned.lock().unwrap().is_empty());
@@ -733,18 +805,42 @@ mod tests {
         let f = fake();
         f.free.lock().unwrap().clear();
         let p = plugin(f);
-        let (s, v) = call(&p, "IpamDriver.RequestAddress", json!({"PoolID": "margay-ipv4"})).await;
+        let (s, v) = call(
+            &p,
+            "IpamDriver.RequestAddress",
+            json!({"PoolID": "margay-ipv4"}),
+        )
+        .await;
         assert_eq!(s, 500);
-        assert!(v["Err"].as_str().unwrap().contains("no free address"), "{v}");
+        assert!(
+            v["Err"].as_str().unwrap().contains("no free address"),
+            "{v}"
+        );
         let p = plugin(Fake {
             etcd_down: true,
             ..fake()
         });
-        let (_, v) = call(&p, "IpamDriver.RequestAddress", json!({"PoolID": "margay-ipv4"})).await;
+        let (_, v) = call(
+            &p,
+            "IpamDriver.RequestAddress",
+            json!({"PoolID": "margay-ipv4"}),
+        )
+        .await;
         let err = v["Err"].as_str().unwrap();
-        assert!(err.contains("etcd is not reachable") && err.contains("nothing was allocated"), "{err}");
-        let (_, v) = call(&p, "IpamDriver.RequestPool", json!({"Options": {"pool": "p1"}})).await;
-        assert!(v["Err"].as_str().unwrap().contains("etcd is not reachable"), "{v}");
+        assert!(
+            err.contains("etcd is not reachable") && err.contains("nothing was allocated"),
+            "{err}"
+        );
+        let (_, v) = call(
+            &p,
+            "IpamDriver.RequestPool",
+            json!({"Options": {"pool": "p1"}}),
+        )
+        .await;
+        assert!(
+            v["Err"].as_str().unwrap().contains("etcd is not reachable"),
+            "{v}"
+        );
         assert!(p.backend.assigned.lock().unwrap().is_empty());
     }
 
@@ -759,31 +855,59 @@ mod tests {
         )
         .await;
         assert_eq!((s, &v), (200, &json!({})));
-        let (s, v) = call(&p, "NetworkDriver.Join", json!({"NetworkID": "n", "EndpointID": ep, "SandboxKey": "/x"})).await;
+        let (s, v) = call(
+            &p,
+            "NetworkDriver.Join",
+            json!({"NetworkID": "n", "EndpointID": ep, "SandboxKey": "/x"}),
+        )
+        .await;
         assert_eq!(s, 200, "{v}");
         let wid = workload_id(ep);
         assert_eq!(v["InterfaceName"]["SrcName"], peer_ifname(&wid));
         assert_eq!(v["InterfaceName"]["DstPrefix"], "eth");
         assert_eq!(v["Gateway"], "169.254.1.1");
         assert!(v.get("GatewayIPv6").is_none(), "{v}");
-        assert_eq!(v["StaticRoutes"], json!([{"Destination": "169.254.1.1/32", "RouteType": 1}]));
+        assert_eq!(
+            v["StaticRoutes"],
+            json!([{"Destination": "169.254.1.1/32", "RouteType": 1}])
+        );
         assert_eq!(v["DisableGatewayService"], true);
-        for m in ["NetworkDriver.Leave", "NetworkDriver.DeleteEndpoint", "NetworkDriver.DeleteEndpoint"] {
+        for m in [
+            "NetworkDriver.Leave",
+            "NetworkDriver.DeleteEndpoint",
+            "NetworkDriver.DeleteEndpoint",
+        ] {
             let (s, _) = call(&p, m, json!({"NetworkID": "n", "EndpointID": ep})).await;
             assert_eq!(s, 200, "{m}");
         }
         assert!(p.backend.veths.lock().unwrap().is_empty());
         // Join of an endpoint without a veth names the missing interface.
-        let (s, v) = call(&p, "NetworkDriver.Join", json!({"NetworkID": "n", "EndpointID": ep})).await;
+        let (s, v) = call(
+            &p,
+            "NetworkDriver.Join",
+            json!({"NetworkID": "n", "EndpointID": ep}),
+        )
+        .await;
         assert_eq!(s, 500);
-        assert!(v["Err"].as_str().unwrap().contains(&host_ifname(&wid)), "{v}");
+        assert!(
+            v["Err"].as_str().unwrap().contains(&host_ifname(&wid)),
+            "{v}"
+        );
     }
 
     #[tokio::test]
     async fn endpoint_refusals_leave_no_veth() {
         let p = plugin(fake());
-        let (_, v) = call(&p, "NetworkDriver.CreateEndpoint", json!({"NetworkID": "n", "EndpointID": "e1", "Interface": {}})).await;
-        assert!(v["Err"].as_str().unwrap().contains("--ipam-driver margay"), "{v}");
+        let (_, v) = call(
+            &p,
+            "NetworkDriver.CreateEndpoint",
+            json!({"NetworkID": "n", "EndpointID": "e1", "Interface": {}}),
+        )
+        .await;
+        assert!(
+            v["Err"].as_str().unwrap().contains("--ipam-driver margay"),
+            "{v}"
+        );
         let p = plugin(Fake {
             plumb_fails: true,
             ..fake()
@@ -795,7 +919,10 @@ mod tests {
         )
         .await;
         assert_eq!(s, 500);
-        assert!(v["Err"].as_str().unwrap().contains("netlink says no"), "{v}");
+        assert!(
+            v["Err"].as_str().unwrap().contains("netlink says no"),
+            "{v}"
+        );
         assert!(p.backend.veths.lock().unwrap().is_empty());
     }
 
@@ -816,7 +943,10 @@ mod tests {
             json!({"NetworkID": "def", "IPv4Data": [{"AddressSpace": "LocalDefault", "Pool": "172.18.0.0/16", "Gateway": "172.18.0.1/16"}]}),
         )
         .await;
-        assert!(v["Err"].as_str().unwrap().contains("--ipam-driver margay"), "{v}");
+        assert!(
+            v["Err"].as_str().unwrap().contains("--ipam-driver margay"),
+            "{v}"
+        );
         let (_, v) = call(
             &p,
             "NetworkDriver.CreateNetwork",
@@ -824,16 +954,30 @@ mod tests {
         )
         .await;
         assert!(v["Err"].as_str().unwrap().contains("-o mtu"), "{v}");
-        let (s, _) = call(&p, "NetworkDriver.DeleteNetwork", json!({"NetworkID": "abc"})).await;
+        let (s, _) = call(
+            &p,
+            "NetworkDriver.DeleteNetwork",
+            json!({"NetworkID": "abc"}),
+        )
+        .await;
         assert_eq!(s, 200);
-        assert_eq!(*p.backend.events.lock().unwrap(), vec!["created abc", "deleted abc"]);
+        assert_eq!(
+            *p.backend.events.lock().unwrap(),
+            vec!["created abc", "deleted abc"]
+        );
     }
 
     #[test]
     fn pool_ids_round_trip() {
         for id in [
-            PoolId { v6: false, pool: None },
-            PoolId { v6: true, pool: Some("p-1".into()) },
+            PoolId {
+                v6: false,
+                pool: None,
+            },
+            PoolId {
+                v6: true,
+                pool: Some("p-1".into()),
+            },
         ] {
             assert_eq!(PoolId::parse(&id.encode()), Some(id));
         }

@@ -64,7 +64,15 @@ impl Dockerd {
         let log = std::fs::File::create(dir.join("dockerd.log")).expect("dockerd log");
         // ip netns exec, unshare and `exec` each replace the process: the child's PID is dockerd's.
         let child = Command::new("ip")
-            .args(["netns", "exec", node, "unshare", "--mount", "--propagation", "private"])
+            .args([
+                "netns",
+                "exec",
+                node,
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+            ])
             .args(["sh", "-c", &script])
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
@@ -107,7 +115,12 @@ impl Dockerd {
 
     fn must(&self, args: &[&str]) -> String {
         let (ok, out) = self.docker(args);
-        assert!(ok, "docker {args:?} on {}: {out}\n{}", self.node, self.log());
+        assert!(
+            ok,
+            "docker {args:?} on {}: {out}\n{}",
+            self.node,
+            self.log()
+        );
         out
     }
 
@@ -165,7 +178,11 @@ fn rootfs_tar(dir: &Path) -> PathBuf {
     std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("copy busybox");
     let (ok, list) = run(Command::new("/bin/busybox").arg("--list"));
     assert!(ok, "busybox --list: {list}");
-    for applet in list.lines().map(str::trim).filter(|a| !a.is_empty() && *a != "busybox") {
+    for applet in list
+        .lines()
+        .map(str::trim)
+        .filter(|a| !a.is_empty() && *a != "busybox")
+    {
         // Relative links: the image must not point at the host's /bin/busybox.
         let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(applet));
     }
@@ -204,7 +221,16 @@ fn wait(what: &str, limit: Duration, mut f: impl FnMut() -> Result<(), String>) 
 }
 
 fn ping(d: &Dockerd, container: &str, to: std::net::Ipv4Addr) -> Result<(), String> {
-    let (ok, out) = d.docker(&["exec", container, "ping", "-c", "1", "-W", "1", &to.to_string()]);
+    let (ok, out) = d.docker(&[
+        "exec",
+        container,
+        "ping",
+        "-c",
+        "1",
+        "-W",
+        "1",
+        &to.to_string(),
+    ]);
     if ok {
         Ok(())
     } else {
@@ -251,7 +277,12 @@ fn containers_on_two_docker_hosts_ping_across_bgp_and_leave_ipam_clean() {
             ],
         );
         lab.wait_ready(n);
-        assert!(plugin.exists(), "{n}: no plugin socket {}\n{}", plugin.display(), lab.node_logs(n));
+        assert!(
+            plugin.exists(),
+            "{n}: no plugin socket {}\n{}",
+            plugin.display(),
+            lab.node_logs(n)
+        );
         let d = Dockerd::start(n, &dir, &plugin);
         import(&d, &tar);
         dockerds.push(d);
@@ -260,14 +291,34 @@ fn containers_on_two_docker_hosts_ping_across_bgp_and_leave_ipam_clean() {
 
     // Refused cleanly: an unknown pool names itself and what exists, and nothing is created.
     let (ok, out) = d1.docker(&[
-        "network", "create", "--driver", "margay", "--ipam-driver", "margay", "--ipam-opt", "pool=nope",
+        "network",
+        "create",
+        "--driver",
+        "margay",
+        "--ipam-driver",
+        "margay",
+        "--ipam-opt",
+        "pool=nope",
         "bad1",
     ]);
     assert!(!ok, "a network on an unknown pool was created: {out}");
-    assert!(out.contains("no IPPool \"nope\"") && out.contains("IPPools in the datastore"), "{out}");
-    assert!(!d1.must(&["network", "ls", "--format", "{{.Name}}"]).contains("bad1"));
+    assert!(
+        out.contains("no IPPool \"nope\"") && out.contains("IPPools in the datastore"),
+        "{out}"
+    );
+    assert!(!d1
+        .must(&["network", "ls", "--format", "{{.Name}}"])
+        .contains("bad1"));
 
-    d1.must(&["network", "create", "--driver", "margay", "--ipam-driver", "margay", "net1"]);
+    d1.must(&[
+        "network",
+        "create",
+        "--driver",
+        "margay",
+        "--ipam-driver",
+        "margay",
+        "net1",
+    ]);
     // Host 2 learns net1 from etcd and creates it in its own Docker.
     wait("net1 on host 2", Duration::from_secs(20), || {
         let (ok, out) = d2.docker(&["network", "inspect", "-f", "{{.Driver}}", "net1"]);
@@ -278,22 +329,52 @@ fn containers_on_two_docker_hosts_ping_across_bgp_and_leave_ipam_clean() {
         }
     });
 
-    d1.must(&["run", "-d", "--name", "c1", "--network", "net1", IMAGE, "sleep", "600"]);
-    d2.must(&["run", "-d", "--name", "c2", "--network", "net1", IMAGE, "sleep", "600"]);
+    d1.must(&[
+        "run",
+        "-d",
+        "--name",
+        "c1",
+        "--network",
+        "net1",
+        IMAGE,
+        "sleep",
+        "600",
+    ]);
+    d2.must(&[
+        "run",
+        "-d",
+        "--name",
+        "c2",
+        "--network",
+        "net1",
+        IMAGE,
+        "sleep",
+        "600",
+    ]);
     let (a1, a2) = (d1.address("c1", "net1"), d2.address("c2", "net1"));
     let (b1, b2) = (lab.own_block(&n1), lab.own_block(&n2));
     assert!(b1.contains(a1), "c1 {a1} is not in {n1}'s block {b1}");
     assert!(b2.contains(a2), "c2 {a2} is not in {n2}'s block {b2}");
     // Plumbed like a pod: /32 on eth0, default via 169.254.1.1.
     let inside = d1.must(&["exec", "c1", "ip", "-4", "route"]);
-    assert!(inside.contains("default via 169.254.1.1"), "c1 routes: {inside}");
+    assert!(
+        inside.contains("default via 169.254.1.1"),
+        "c1 routes: {inside}"
+    );
     let addr = d1.must(&["exec", "c1", "ip", "-4", "-o", "addr", "show", "eth0"]);
     assert!(addr.contains(&format!("{a1}/32")), "c1 eth0: {addr}");
     let (ok, host_route) = in_ns(&n1, &["ip", "route", "show", &format!("{a1}/32")]);
-    assert!(ok && host_route.contains("dev mg"), "host route of c1 on {n1}: {host_route}");
+    assert!(
+        ok && host_route.contains("dev mg"),
+        "host route of c1 on {n1}: {host_route}"
+    );
 
-    wait("c1 -> c2 across hosts", Duration::from_secs(30), || ping(d1, "c1", a2));
-    wait("c2 -> c1 across hosts", Duration::from_secs(30), || ping(d2, "c2", a1));
+    wait("c1 -> c2 across hosts", Duration::from_secs(30), || {
+        ping(d1, "c1", a2)
+    });
+    wait("c2 -> c1 across hosts", Duration::from_secs(30), || {
+        ping(d2, "c2", a1)
+    });
 
     // IPAM knows them: one address in use in each node's block, under a docker handle.
     let (ok, show) = lab.margay_in(&n1, &["ipam", "show", "--show-blocks"]);
@@ -303,13 +384,20 @@ fn containers_on_two_docker_hosts_ping_across_bgp_and_leave_ipam_clean() {
             .lines()
             .find(|l| l.contains(&format!(" {b} ")))
             .unwrap_or_else(|| panic!("no row for {b}:\n{show}"));
-        assert!(row.contains("| 1 (") , "block {b} should hold 1 address: {row}");
+        assert!(
+            row.contains("| 1 ("),
+            "block {b} should hold 1 address: {row}"
+        );
     }
     for (n, a) in [(&n1, a1), (&n2, a2)] {
         let (ok, ip) = lab.margay_in(n, &["ipam", "show", "--ip", &a.to_string()]);
         assert!(ok && ip.contains("docker."), "ipam show --ip {a}: {ip}");
     }
-    assert!(ipam_check(&n1).contains("found 0 problems"), "{}", ipam_check(&n1));
+    assert!(
+        ipam_check(&n1).contains("found 0 problems"),
+        "{}",
+        ipam_check(&n1)
+    );
 
     // Teardown: containers, then the network on host 1; host 2's copy follows.
     d1.must(&["rm", "-f", "c1"]);
@@ -326,16 +414,20 @@ fn containers_on_two_docker_hosts_ping_across_bgp_and_leave_ipam_clean() {
     let check = ipam_check(&n1);
     assert!(check.contains("found 0 problems"), "{check}");
     for (n, b) in [(&n1, b1), (&n2, b2)] {
-        assert_eq!(crate::common::lab::block_in_use(n, b), 0, "{n}'s block {b} after teardown");
+        assert_eq!(
+            crate::common::lab::block_in_use(n, b),
+            0,
+            "{n}'s block {b} after teardown"
+        );
         let veths = pod_veths(n);
         assert!(veths.is_empty(), "stray veths on {n}: {veths:?}");
     }
-    let (ok, keys) = run(Command::new("ip").args(["netns", "exec", &n1, "etcdctl", "--endpoints", ETCD]).args([
-        "get",
-        "--prefix",
-        "--keys-only",
-        "/margay/docker/",
-    ]));
-    assert!(ok && keys.trim().is_empty(), "definitions left in etcd: {keys}");
+    let (ok, keys) = run(Command::new("ip")
+        .args(["netns", "exec", &n1, "etcdctl", "--endpoints", ETCD])
+        .args(["get", "--prefix", "--keys-only", "/margay/docker/"]));
+    assert!(
+        ok && keys.trim().is_empty(),
+        "definitions left in etcd: {keys}"
+    );
     let _ = MARGAY;
 }
