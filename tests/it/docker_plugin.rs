@@ -411,23 +411,154 @@ fn containers_on_two_docker_hosts_ping_across_bgp_and_leave_ipam_clean() {
             Err(out)
         }
     });
-    let check = ipam_check(&n1);
-    assert!(check.contains("found 0 problems"), "{check}");
-    for (n, b) in [(&n1, b1), (&n2, b2)] {
+    assert_clean(&lab, &[(&n1, b1), (&n2, b2)], "after the teardown");
+
+    // etcd down: RequestAddress cannot assign; Docker shows why, and nothing is made.
+    d1.must(&[
+        "network",
+        "create",
+        "--driver",
+        "margay",
+        "--ipam-driver",
+        "margay",
+        "net3",
+    ]);
+    let (ok, out) = lab.margay_lab("etcd", &["stop"]);
+    assert!(ok, "etcd stop: {out}");
+    let (ok, out) = d1.docker(&[
+        "run",
+        "-d",
+        "--name",
+        "c3",
+        "--network",
+        "net3",
+        IMAGE,
+        "sleep",
+        "600",
+    ]);
+    let (eok, eout) = lab.margay_lab("etcd", &["start"]);
+    assert!(eok, "etcd start: {eout}");
+    assert!(!ok, "a container started while etcd was down: {out}");
+    assert!(
+        out.contains("etcd is not reachable") && out.contains("nothing was allocated"),
+        "{out}"
+    );
+    assert!(
+        pod_veths(&n1).is_empty(),
+        "veth left after the etcd failure: {:?}",
+        pod_veths(&n1)
+    );
+    d1.must(&["rm", "-f", "c3"]);
+    d1.must(&["network", "rm", "net3"]);
+
+    // Pool exhausted: a two-address pool, a third container is refused by name of the cause.
+    let pool = tmp.path().join("tiny.yaml");
+    std::fs::write(
+        &pool,
+        "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata:\n  name: tiny\nspec:\n  cidr: 10.123.0.0/31\n  blockSize: 31\n",
+    )
+    .expect("pool file");
+    let (ok, out) = lab.margay_in(&n1, &["apply", "-f", &pool.display().to_string()]);
+    assert!(ok, "apply tiny pool: {out}");
+    d1.must(&[
+        "network",
+        "create",
+        "--driver",
+        "margay",
+        "--ipam-driver",
+        "margay",
+        "--ipam-opt",
+        "pool=tiny",
+        "net2",
+    ]);
+    wait(
+        "the tiny pool in n1's IPAM view",
+        Duration::from_secs(10),
+        || {
+            let (ok, out) = d1.docker(&[
+                "run",
+                "-d",
+                "--name",
+                "t1",
+                "--network",
+                "net2",
+                IMAGE,
+                "sleep",
+                "600",
+            ]);
+            if ok {
+                return Ok(());
+            }
+            let _ = d1.docker(&["rm", "-f", "t1"]);
+            Err(out)
+        },
+    );
+    d1.must(&[
+        "run",
+        "-d",
+        "--name",
+        "t2",
+        "--network",
+        "net2",
+        IMAGE,
+        "sleep",
+        "600",
+    ]);
+    let (ok, out) = d1.docker(&[
+        "run",
+        "-d",
+        "--name",
+        "t3",
+        "--network",
+        "net2",
+        IMAGE,
+        "sleep",
+        "600",
+    ]);
+    assert!(!ok, "a third address came out of a two-address pool: {out}");
+    assert!(out.contains("no free address"), "{out}");
+    let tiny: ipnetwork::Ipv4Network = "10.123.0.0/31".parse().expect("cidr");
+    for c in ["t1", "t2"] {
+        let a = d1.address(c, "net2");
+        assert!(tiny.contains(a), "{c} {a} is not from the tiny pool");
+    }
+    d1.must(&["rm", "-f", "t1", "t2", "t3"]);
+    d1.must(&["network", "rm", "net2"]);
+    assert_clean(
+        &lab,
+        &[(&n1, b1), (&n2, b2), (&n1, tiny)],
+        "after the failure paths",
+    );
+}
+
+/// IPAM consistent, the blocks empty, no margay veth, no network definition left in etcd.
+fn assert_clean(lab: &Lab, blocks: &[(&String, ipnetwork::Ipv4Network)], when: &str) {
+    let n1 = blocks[0].0;
+    let check = ipam_check(n1);
+    assert!(check.contains("found 0 problems"), "{when}: {check}");
+    for (n, b) in blocks {
         assert_eq!(
-            crate::common::lab::block_in_use(n, b),
+            crate::common::lab::block_in_use(n, *b),
             0,
-            "{n}'s block {b} after teardown"
+            "{when}: {n}'s block {b} still holds addresses"
         );
         let veths = pod_veths(n);
-        assert!(veths.is_empty(), "stray veths on {n}: {veths:?}");
+        assert!(veths.is_empty(), "{when}: stray veths on {n}: {veths:?}");
     }
-    let (ok, keys) = run(Command::new("ip")
-        .args(["netns", "exec", &n1, "etcdctl", "--endpoints", ETCD])
-        .args(["get", "--prefix", "--keys-only", "/margay/docker/"]));
-    assert!(
-        ok && keys.trim().is_empty(),
-        "definitions left in etcd: {keys}"
+    // The definitions go asynchronously (the sync deletes them after DeleteNetwork).
+    wait(
+        "network definitions deleted from etcd",
+        Duration::from_secs(20),
+        || {
+            let (ok, keys) = run(Command::new("ip")
+                .args(["netns", "exec", n1, "etcdctl", "--endpoints", ETCD])
+                .args(["get", "--prefix", "--keys-only", "/margay/docker/"]));
+            if ok && keys.trim().is_empty() {
+                Ok(())
+            } else {
+                Err(format!("{when}: {keys}\n{}", lab.node_logs(n1)))
+            }
+        },
     );
     let _ = MARGAY;
 }
