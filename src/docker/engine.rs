@@ -66,6 +66,16 @@ pub struct IpamInfo {
     pub driver: String,
     #[serde(rename = "Options")]
     pub options: Option<BTreeMap<String, String>>,
+    #[serde(rename = "Config")]
+    pub config: Option<Vec<IpamConfig>>,
+}
+
+/// One `--subnet` (with what Docker recorded beside it).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct IpamConfig {
+    #[serde(rename = "Subnet")]
+    pub subnet: String,
 }
 
 /// The Docker daemon at a unix socket.

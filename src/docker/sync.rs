@@ -46,6 +46,9 @@ pub struct NetworkDef {
     /// `--ipam-opt` (only `pool=NAME` is accepted).
     #[serde(default)]
     pub ipam_options: BTreeMap<String, String>,
+    /// `--subnet`s: IPPool CIDRs (the unspecified network Docker records for "the node's pools" is left out).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subnets: Vec<String>,
     #[serde(default)]
     pub enable_ipv6: bool,
     #[serde(default)]
@@ -60,6 +63,14 @@ impl NetworkDef {
         NetworkDef {
             name: info.name.clone(),
             ipam_options: info.ipam.options.clone().unwrap_or_default(),
+            subnets: info
+                .ipam
+                .config
+                .iter()
+                .flatten()
+                .map(|c| c.subnet.clone())
+                .filter(|s| !s.is_empty() && s != "0.0.0.0/0" && s != "::/0")
+                .collect(),
             enable_ipv6: info.enable_ipv6,
             labels: info.labels.clone().unwrap_or_default(),
             created_by: node.to_string(),
@@ -73,7 +84,11 @@ impl NetworkDef {
             "CheckDuplicate": true,
             "Driver": DRIVER,
             "EnableIPv6": self.enable_ipv6,
-            "IPAM": {"Driver": DRIVER, "Options": self.ipam_options},
+            "IPAM": {
+                "Driver": DRIVER,
+                "Options": self.ipam_options,
+                "Config": self.subnets.iter().map(|s| json!({"Subnet": s})).collect::<Vec<_>>(),
+            },
             "Labels": self.labels,
         })
     }
@@ -400,7 +415,9 @@ mod tests {
     fn definition_round_trip_and_create_spec() {
         let info: NetworkInfo = serde_json::from_str(
             r#"{"Name":"net1","Id":"abc","Driver":"margay","EnableIPv6":false,
-                "IPAM":{"Driver":"margay","Options":{"pool":"p1"}},"Options":{},"Labels":null}"#,
+                "IPAM":{"Driver":"margay","Options":{"pool":"p1"},
+                        "Config":[{"Subnet":"10.65.0.0/16","Gateway":"0.0.0.0/0"},{"Subnet":"0.0.0.0/0"}]},
+                "Options":{},"Labels":null}"#,
         )
         .unwrap();
         let d = NetworkDef::from_info(&info, "n1");
@@ -412,6 +429,7 @@ mod tests {
         assert_eq!(spec["Driver"], "margay");
         assert_eq!(spec["IPAM"]["Driver"], "margay");
         assert_eq!(spec["IPAM"]["Options"]["pool"], "p1");
+        assert_eq!(spec["IPAM"]["Config"], json!([{"Subnet": "10.65.0.0/16"}]));
         assert_eq!(NetworkDef::key("net1"), "/margay/docker/v1/networks/net1");
     }
 }

@@ -302,6 +302,7 @@ fn containers_on_two_docker_hosts_ping_across_bgp_and_leave_ipam_clean() {
         "bad1",
     ]);
     assert!(!ok, "a network on an unknown pool was created: {out}");
+    eprintln!("unknown pool: {out}");
     assert!(
         out.contains("no IPPool \"nope\"") && out.contains("IPPools in the datastore"),
         "{out}"
@@ -439,6 +440,7 @@ fn containers_on_two_docker_hosts_ping_across_bgp_and_leave_ipam_clean() {
     let (eok, eout) = lab.margay_lab("etcd", &["start"]);
     assert!(eok, "etcd start: {eout}");
     assert!(!ok, "a container started while etcd was down: {out}");
+    eprintln!("etcd down: {out}");
     assert!(
         out.contains("etcd is not reachable") && out.contains("nothing was allocated"),
         "{out}"
@@ -516,6 +518,7 @@ fn containers_on_two_docker_hosts_ping_across_bgp_and_leave_ipam_clean() {
         "600",
     ]);
     assert!(!ok, "a third address came out of a two-address pool: {out}");
+    eprintln!("exhausted: {out}");
     assert!(out.contains("no free address"), "{out}");
     let tiny: ipnetwork::Ipv4Network = "10.123.0.0/31".parse().expect("cidr");
     for c in ["t1", "t2"] {
