@@ -105,7 +105,7 @@ pub enum SyncEvent {
     Deleted(String),
 }
 
-struct Sync {
+struct NetworkSync {
     ds: Arc<Datastore>,
     engine: Engine,
     node: String,
@@ -123,7 +123,7 @@ struct Sync {
     logged: BTreeSet<String>,
 }
 
-impl Sync {
+impl NetworkSync {
     fn warn_once(&mut self, key: String, msg: &str, err: &dyn std::fmt::Display) {
         if self.logged.insert(key.clone()) {
             tracing::warn!(what = %key, error = %err, "docker network sync: {msg}; retrying every {RETRY:?}");
@@ -349,7 +349,7 @@ pub async fn run(
     node: String,
     mut events: mpsc::UnboundedReceiver<SyncEvent>,
 ) {
-    let mut s = Sync {
+    let mut s = NetworkSync {
         ds,
         engine,
         node,

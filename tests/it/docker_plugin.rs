@@ -473,6 +473,16 @@ fn containers_on_two_docker_hosts_ping_across_bgp_and_leave_ipam_clean() {
         "pool=tiny",
         "net2",
     ]);
+    // Host 2 gets net2 with the same pool and subnet from the shared definition.
+    wait("net2 on host 2", Duration::from_secs(20), || {
+        let f = "{{.IPAM.Options.pool}} {{range .IPAM.Config}}{{.Subnet}}{{end}}";
+        let (ok, out) = d2.docker(&["network", "inspect", "-f", f, "net2"]);
+        if ok && out.trim() == "tiny 10.123.0.0/31" {
+            Ok(())
+        } else {
+            Err(out)
+        }
+    });
     wait(
         "the tiny pool in n1's IPAM view",
         Duration::from_secs(10),
