@@ -311,6 +311,7 @@ fn containers_on_two_docker_hosts_ping_across_bgp_and_leave_ipam_clean() {
         .must(&["network", "ls", "--format", "{{.Name}}"])
         .contains("bad1"));
 
+    let t = Instant::now();
     d1.must(&[
         "network",
         "create",
@@ -320,6 +321,7 @@ fn containers_on_two_docker_hosts_ping_across_bgp_and_leave_ipam_clean() {
         "margay",
         "net1",
     ]);
+    let created = t.elapsed();
     // Host 2 learns net1 from etcd and creates it in its own Docker.
     wait("net1 on host 2", Duration::from_secs(20), || {
         let (ok, out) = d2.docker(&["network", "inspect", "-f", "{{.Driver}}", "net1"]);
@@ -330,6 +332,12 @@ fn containers_on_two_docker_hosts_ping_across_bgp_and_leave_ipam_clean() {
         }
     });
 
+    // Figures for the report, not assertions (timing targets belong in benchmarks).
+    eprintln!(
+        "docker_plugin: network create {created:?}, on host 2 after {:?}",
+        t.elapsed()
+    );
+    let t = Instant::now();
     d1.must(&[
         "run",
         "-d",
@@ -370,6 +378,24 @@ fn containers_on_two_docker_hosts_ping_across_bgp_and_leave_ipam_clean() {
         "host route of c1 on {n1}: {host_route}"
     );
 
+    eprintln!("docker_plugin: docker run -d on net1 {:?}", t.elapsed());
+    let t = Instant::now();
+    d1.must(&[
+        "run",
+        "-d",
+        "--name",
+        "c0",
+        "--network",
+        "none",
+        IMAGE,
+        "sleep",
+        "600",
+    ]);
+    eprintln!(
+        "docker_plugin: docker run -d with --network none {:?}",
+        t.elapsed()
+    );
+    d1.must(&["rm", "-f", "c0"]);
     wait("c1 -> c2 across hosts", Duration::from_secs(30), || {
         ping(d1, "c1", a2)
     });
