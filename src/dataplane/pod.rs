@@ -3,7 +3,9 @@
 //! and what the daemon lists after a restart to rebuild its state from the kernel.
 //!
 //! It owns host interfaces named `mg` + 11 hex characters of SHA-256(workload id) and the host routes with
-//! [`POD_ROUTE_PROTOCOL`] through them; it never touches another interface. Everything runs on sockets opened
+//! [`POD_ROUTE_PROTOCOL`] through them, and the peers `mgt` + the same hex that [`add_endpoint`] leaves in
+//! the node's namespace for a runtime that moves the interface itself (Docker); it never touches another
+//! interface. Everything runs on sockets opened
 //! inside the right namespace: the node's (given by path, `None` for the current one) and the pod's.
 //!
 //! ```text
