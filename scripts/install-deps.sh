@@ -26,6 +26,8 @@ pkgs=(gcc g++ libc6-dev make ca-certificates protobuf-compiler libprotobuf-dev)
 # Tests, lab and benchmarks: real etcd, BGP peers nobody here wrote, the kernel's tools, a CNI runtime.
 pkgs+=(etcd-server etcd-client bird2 gobgpd frr containernetworking-plugins podman busybox-static
        nftables iptables iproute2 iputils-ping procps psmisc util-linux openssl binutils)
+# Docker hosts (tests/it/docker_plugin.rs): Debian's dockerd, started by the test inside lab namespaces.
+pkgs+=(docker.io)
 # Pod-to-pod throughput benchmark (benches/pod_paths.rs).
 pkgs+=(iperf3)
 # Manifest checks (pip into a venv) and the container image test (a Debian root made with debootstrap).
@@ -37,10 +39,19 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "install-deps.sh: installing ${missing[*]}"
   apt-get update -qq || die "apt-get update failed: check the network and /etc/apt/sources.list*"
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
-    || die "apt-get install failed for: ${missing[*]}"
+  # No package may start its service while installing: a dockerd in the host's namespace would create
+  # docker0 and iptables rules there. policy-rc.d 101 = "not allowed" (Debian's invoke-rc.d contract).
+  policy=/usr/sbin/policy-rc.d
+  own_policy=
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod 755 "$policy" && own_policy=1
+  fi
+  rc=0
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null || rc=$?
+  if [ -n "$own_policy" ]; then rm -f "$policy"; fi
+  [ $rc -eq 0 ] || die "apt-get install failed for: ${missing[*]}"
 fi
 # The packages install services; margay's tests start their own copies in namespaces, never these.
 if command -v systemctl >/dev/null 2>&1; then
-  for s in frr bird etcd gobgpd; do systemctl disable --now "$s" >/dev/null 2>&1 || true; done
+  for s in frr bird etcd gobgpd docker.socket docker containerd; do systemctl disable --now "$s" >/dev/null 2>&1 || true; done
 fi

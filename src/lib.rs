@@ -11,6 +11,7 @@ pub mod cni;
 pub mod config;
 pub mod dataplane;
 pub mod datastore;
+pub mod docker;
 pub mod feed;
 pub mod ipam;
 pub mod lab;

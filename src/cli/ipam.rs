@@ -76,6 +76,33 @@ pub async fn show(
     Ok(out)
 }
 
+/// `ipam show --ip ADDR`: whether the address is in use, and by what (block, owner node, handle, attributes).
+pub async fn show_ip(ds: &Datastore, ip: IpAddr) -> Result<String, CliError> {
+    let snap = ops::snapshot(ds).await?;
+    let Some((cidr, b)) = snap.blocks.iter().find(|(c, _)| c.contains(ip)) else {
+        return Ok(format!(
+            "IP {ip} is not assigned (no IPAM block holds it)\n"
+        ));
+    };
+    let Some(attr) = b
+        .ordinal(ip)
+        .ok()
+        .and_then(|o| b.allocations.get(o).copied().flatten())
+        .and_then(|a| b.attributes.get(a))
+    else {
+        return Ok(format!("IP {ip} is not assigned (block {cidr})\n"));
+    };
+    let mut out = format!(
+        "IP {ip} is in use\nBlock: {cidr} (affine to {})\nHandle: {}\nAttributes:\n",
+        b.host().unwrap_or("no node"),
+        attr.handle_id.as_deref().unwrap_or("(none)")
+    );
+    for (k, v) in attr.secondary.iter().flatten() {
+        out.push_str(&format!("  {k}: {v}\n"));
+    }
+    Ok(out)
+}
+
 /// Empty blocks, addresses cooling down, nodes without liveness.
 async fn churn_summary(ds: &Datastore, snap: &ops::Snapshot) -> Result<String, CliError> {
     let mut view = View::default();

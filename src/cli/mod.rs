@@ -62,6 +62,9 @@ pub enum IpamCmd {
         /// Addresses borrowed from other nodes' blocks.
         #[arg(long)]
         show_borrowed: bool,
+        /// One address: whether it is in use, its block, handle and attributes (as `calicoctl ipam show --ip`).
+        #[arg(long, conflicts_with_all = ["show_blocks", "show_borrowed"])]
+        ip: Option<std::net::IpAddr>,
     },
     /// Look for inconsistencies; ends with "found N problems".
     Check {
@@ -107,9 +110,11 @@ pub enum NodeCmd {
 pub async fn run_ipam(etcd: &EtcdArgs, cmd: &IpamCmd) -> Result<String, CliError> {
     let ds = etcd.datastore()?;
     match cmd {
+        IpamCmd::Show { ip: Some(ip), .. } => ipam::show_ip(&ds, *ip).await,
         IpamCmd::Show {
             show_blocks,
             show_borrowed,
+            ip: None,
         } => ipam::show(&ds, *show_blocks, *show_borrowed).await,
         IpamCmd::Gc { release, grace } => ipam::gc(&ds, *grace, *release).await,
         IpamCmd::Check {

@@ -3,7 +3,9 @@
 //! and what the daemon lists after a restart to rebuild its state from the kernel.
 //!
 //! It owns host interfaces named `mg` + 11 hex characters of SHA-256(workload id) and the host routes with
-//! [`POD_ROUTE_PROTOCOL`] through them; it never touches another interface. Everything runs on sockets opened
+//! [`POD_ROUTE_PROTOCOL`] through them, and the peers `mgt` + the same hex that [`add_endpoint`] leaves in
+//! the node's namespace for a runtime that moves the interface itself (Docker); it never touches another
+//! interface. Everything runs on sockets opened
 //! inside the right namespace: the node's (given by path, `None` for the current one) and the pod's.
 //!
 //! ```text
@@ -752,6 +754,114 @@ pub fn check_pod(spec: &PodSpec) -> Result<(), DataplaneError> {
             diffs,
         })
     }
+}
+
+/// What a runtime that moves the interface itself (Docker's remote network driver: its `Join` answer names
+/// a host-side device, and Docker moves it into the sandbox, renames it and sets its address) is given:
+/// the same host side as a pod's, but the peer left in the node's namespace under [`peer_ifname`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointSpec {
+    pub node_netns: Option<PathBuf>,
+    /// Names the host veth (`mg` + hash) exactly as a pod's workload id does.
+    pub workload_id: String,
+    pub mtu: u32,
+    pub ipv4: Option<Ipv4Addr>,
+    pub ipv6: Option<Ipv6Addr>,
+}
+
+/// The peer of an endpoint's veth while it waits in the node's namespace for the runtime to move it:
+/// `mgt` + the same 11 hex characters as the host side (14 bytes, so never taken for a host veth).
+pub fn peer_ifname(workload_id: &str) -> String {
+    format!(
+        "{HOST_PREFIX}t{}",
+        &host_ifname(workload_id)[HOST_PREFIX.len()..]
+    )
+}
+
+/// Build an endpoint's veth pair in the node's namespace: the host side exactly as [`add_pod`] leaves it
+/// (fixed MAC, alias = workload id, sysctls, up, the `/32` (`/128`) host routes), the peer down and
+/// unaddressed under [`peer_ifname`] for the runtime to move. A stale pair of the same workload is replaced.
+/// On failure nothing is left.
+pub fn add_endpoint(spec: &EndpointSpec) -> Result<String, DataplaneError> {
+    PodSpec {
+        node_netns: spec.node_netns.clone(),
+        pod_netns: PathBuf::from("/"),
+        workload_id: spec.workload_id.clone(),
+        ifname: peer_ifname(&spec.workload_id),
+        mtu: spec.mtu,
+        ipv4: spec.ipv4,
+        ipv6: spec.ipv6,
+    }
+    .validate()?;
+    let host = host_ifname(&spec.workload_id);
+    let peer = peer_ifname(&spec.workload_id);
+    let mut node = NlSocket::open(spec.node_netns.as_deref())?;
+    for name in [&host, &peer] {
+        if let Some(stale) = find_link(&mut node, name)? {
+            tracing::info!(workload = %spec.workload_id, interface = %name, "replacing stale endpoint interface");
+            delete_link(&mut node, stale.index, name)?;
+        }
+    }
+    let mut p = LinkMessage::default();
+    p.attributes.push(LinkAttribute::IfName(peer.clone()));
+    p.attributes.push(LinkAttribute::Mtu(spec.mtu));
+    let mut msg = LinkMessage::default();
+    msg.attributes.push(LinkAttribute::IfName(host.clone()));
+    msg.attributes.push(LinkAttribute::Mtu(spec.mtu));
+    msg.attributes
+        .push(LinkAttribute::Address(HOST_MAC.to_vec()));
+    msg.attributes.push(LinkAttribute::LinkInfo(vec![
+        LinkInfo::Kind(InfoKind::Veth),
+        LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(p))),
+    ]));
+    node.request(RouteNetlinkMessage::NewLink(msg), NLM_F_CREATE | NLM_F_EXCL)
+        .map_err(|e| nl_err(&node, "create veth", format!("{host} <-> {peer}"), e))?;
+    let built = (|| {
+        let host_link =
+            find_link(&mut node, &host)?.ok_or_else(|| DataplaneError::DeviceNotFound {
+                name: host.clone(),
+                netns: node.netns.clone(),
+            })?;
+        let v6 = spec.ipv6.is_some();
+        let (s4, s6) = sysctl::host_veth_settings(&host, v6);
+        let node_label = node.netns.clone();
+        in_netns(spec.node_netns.as_deref(), || {
+            sysctl::set_here(&node_label, &s4, false)?;
+            sysctl::set_here(&node_label, &s6, !v6)?;
+            Ok(())
+        })?;
+        set_link_up(&mut node, host_link.index, &host, Some(&spec.workload_id))?;
+        for ip in spec
+            .ipv4
+            .map(IpAddr::V4)
+            .into_iter()
+            .chain(spec.ipv6.map(IpAddr::V6))
+        {
+            add_route(&mut node, host_net(ip), None, host_link.index, &host)?;
+        }
+        Ok(())
+    })();
+    match built {
+        Ok(()) => Ok(peer),
+        Err(e) => {
+            // Deleting the host end removes the peer and the routes with it.
+            if let Ok(Some(l)) = find_link(&mut node, &host) {
+                if let Err(undo) = delete_link(&mut node, l.index, &host) {
+                    tracing::error!(interface = %host, error = %undo, "could not undo a failed endpoint create");
+                }
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Whether the endpoint's host veth exists in the node's namespace.
+pub fn endpoint_exists(
+    node_netns: Option<&Path>,
+    workload_id: &str,
+) -> Result<bool, DataplaneError> {
+    let mut node = NlSocket::open(node_netns)?;
+    Ok(find_link(&mut node, &host_ifname(workload_id))?.is_some())
 }
 
 /// DEL: remove the workload's veth (its peer, addresses and routes go with it) and any host route of ours

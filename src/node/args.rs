@@ -113,6 +113,15 @@ pub struct NodeArgs {
     /// With --ipam-gc-leader: how long a node must have been seen missing before it is released.
     #[arg(long, env = "MARGAY_IPAM_GC_GRACE", default_value = "15m", value_parser = crate::config::bgp::parse_duration)]
     pub ipam_gc_grace: Duration,
+    /// Serve Docker's remote network and IPAM driver (`docker network create --driver margay --ipam-driver
+    /// margay`) on this unix socket (bare flag: /run/docker/plugins/margay.sock, where Docker finds it).
+    /// See docs/docker.md.
+    #[arg(long, env = "MARGAY_DOCKER_PLUGIN", num_args = 0..=1, default_missing_value = crate::docker::DEFAULT_SOCKET, value_name = "SOCKET")]
+    pub docker_plugin: Option<PathBuf>,
+    /// With --docker-plugin: the local Docker API, through which networks defined on other hosts are
+    /// created here and new networks are read to share them (etcd /margay/docker/v1/networks/).
+    #[arg(long, env = "MARGAY_DOCKER_HOST", default_value = crate::docker::DEFAULT_DOCKER_HOST)]
+    pub docker_host: String,
 }
 
 /// `--ip` / `IP` as Calico takes it.

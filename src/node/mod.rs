@@ -575,6 +575,41 @@ pub async fn run_with(
         )),
         _ => None,
     };
+    // The Docker plugin (optional) draws on the same IPAM task and pod plumbing as the CNI socket.
+    let docker_tasks = match &args.docker_plugin {
+        Some(path) => {
+            let listener = crate::docker::bind(path)?;
+            let (sync_tx, sync_rx) = tokio::sync::mpsc::unbounded_channel();
+            let plugin = crate::docker::Plugin {
+                backend: crate::docker::NodeDocker {
+                    ipam: ipam.clone(),
+                    netns: netns.clone(),
+                    mtu: pod_mtu.clone(),
+                    refresh: refresh.clone(),
+                    sync: sync_tx,
+                },
+                node: name.clone(),
+            };
+            let path = path.clone();
+            tracing::info!(socket = %path.display(), docker_host = %args.docker_host, "serving the Docker network and IPAM plugin");
+            let server = task::spawn("docker-plugin", async move {
+                if let Err(e) = crate::docker::serve(listener, path, plugin).await {
+                    tracing::error!(error = %e, "Docker plugin");
+                }
+            });
+            let sync = task::spawn(
+                "docker-sync",
+                crate::docker::sync::run(
+                    ds.clone(),
+                    crate::docker::engine::Engine::new(&args.docker_host),
+                    name.clone(),
+                    sync_rx,
+                ),
+            );
+            vec![server, sync]
+        }
+        None => Vec::new(),
+    };
     let backend = Arc::new(NodeBackend {
         ipam: ipam.clone(),
         netns: netns.clone(),
@@ -673,6 +708,7 @@ pub async fn run_with(
     }
     for t in cluster_tasks
         .iter()
+        .chain(docker_tasks.iter())
         .chain(mtu_task.iter())
         .chain(tunnel_tasks.iter())
     {
@@ -771,6 +807,7 @@ pub async fn run_with(
             .into_iter()
             .chain(tunnel_tasks)
             .chain(cluster_tasks)
+            .chain(docker_tasks)
             .chain(mtu_task)
             .chain(monitor)
             .chain(monitor6)

@@ -24,6 +24,7 @@ mod dataplane_fib;
 mod dataplane_nat;
 mod dataplane_pods;
 mod datastore_etcd;
+mod docker_plugin;
 mod house_layering;
 mod image;
 mod ipam_cli;
