@@ -57,7 +57,7 @@ enum Command {
     },
     /// The routes a host outside the cluster needs to reach every pod block and the service CIDRs through a
     /// gateway node (`ip route` commands, `ip -batch` input, a table or JSON), or with --watch kept in a
-    /// network namespace as blocks are claimed and released (route protocol 78).
+    /// network namespace as blocks are claimed and released (route protocol 79).
     Routes {
         #[command(flatten)]
         etcd: margay::datastore::EtcdArgs,

@@ -5,7 +5,7 @@
 //!
 //! ```text
 //!   etcd ──list blocks + resources at one revision──▶ plan (pure: blocks, pools, services, gateway) ──▶ text
-//!   etcd ──watch blocks / resources──▶ --watch loop ──sync(desired)──▶ FIB task (proto 78) ──▶ target netns
+//!   etcd ──watch blocks / resources──▶ --watch loop ──sync(desired)──▶ FIB task (proto 79) ──▶ target netns
 //! ```
 //!
 //! This module reads etcd and, with `--watch`, writes routes of its own protocol number only (through the
@@ -29,19 +29,19 @@ use crate::dataplane::{Fib, FibConfig, FibHandle, NextHop, Route};
 use crate::datastore::{keys, Datastore, WatchEventKind, WatchMessage};
 use crate::ipam::block::Block;
 
-/// The route protocol number of outside-host routes (`ip route ... proto 78`): not margay node's own (77),
-/// unassigned in `/etc/iproute2/rt_protos` (BIRD 12, Felix 80, `ip route add` 3/4).
-pub const OUTSIDE_PROTOCOL: u8 = 78;
+/// The route protocol number of outside-host routes (`ip route ... proto 79`): neither margay node's FIB (77)
+/// nor its pod routes (78), unassigned in `/etc/iproute2/rt_protos` (BIRD 12, Felix 80, `ip route add` 3/4).
+pub const OUTSIDE_PROTOCOL: u8 = 79;
 /// Their metric: its own value, so a hand-written route on the same prefix (metric 0) neither collides
 /// with ours nor loses to it silently: the hand-written one wins and ours stays as the fallback.
-pub const OUTSIDE_METRIC: u32 = 78;
+pub const OUTSIDE_METRIC: u32 = 79;
 
 /// How `margay routes` prints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum RoutesFormat {
-    /// Shell commands: `ip route replace PREFIX via GW proto 78 metric 78`.
+    /// Shell commands: `ip route replace PREFIX via GW proto 79 metric 79`.
     Commands,
-    /// `ip -batch -` input: `route replace PREFIX via GW proto 78 metric 78`.
+    /// `ip -batch -` input: `route replace PREFIX via GW proto 79 metric 79`.
     Batch,
     /// A human-readable route table (destination, gateway, what it reaches).
     Table,
@@ -356,11 +356,15 @@ pub fn render(
     }
 }
 
-/// The node a stored block is affine to (`host:NAME`); None when the value does not parse.
-fn block_owner(value: &[u8]) -> Option<String> {
-    serde_json::from_slice::<Block>(value)
-        .ok()
-        .and_then(|b| b.host().map(str::to_string))
+/// Whether a stored block needs a route, and the node it is affine to (`host:NAME`). An empty block held by
+/// no node (left cooling after its node was removed) has nothing behind it: no route. A value that does not
+/// parse is routed (the gateway decides), without an owner.
+fn block_entry(value: &[u8]) -> Option<Option<String>> {
+    match serde_json::from_slice::<Block>(value) {
+        Ok(b) if b.host().is_none() && b.is_empty() => None,
+        Ok(b) => Some(b.host().map(str::to_string)),
+        Err(_) => Some(None),
+    }
 }
 
 /// Read everything the plan needs at one revision; returns the revision.
@@ -368,8 +372,9 @@ pub async fn read_inputs(ds: &Datastore) -> Result<(Inputs, i64), CliError> {
     let snap = crate::feed::list_snapshot(ds).await?;
     let mut inputs = inputs_from(&snap)?;
     for kv in ds.list_at(keys::BLOCKS_PREFIX, snap.revision).await? {
-        if let Some(cidr) = keys::parse_block_key(&kv.key) {
-            inputs.blocks.insert(cidr, block_owner(&kv.value));
+        if let (Some(cidr), Some(owner)) = (keys::parse_block_key(&kv.key), block_entry(&kv.value))
+        {
+            inputs.blocks.insert(cidr, owner);
         }
     }
     Ok((inputs, snap.revision))
@@ -409,9 +414,13 @@ fn check_protocol(args: &RoutesArgs) -> Result<(), CliError> {
             "--protocol {}: 0-4 are the kernel's own (unspec, redirect, kernel, boot, static); pick an unused number (default {OUTSIDE_PROTOCOL})",
             args.protocol
         ))),
-        p if p == crate::dataplane::fib::DEFAULT_PROTOCOL => Err(CliError::Usage(format!(
-            "--protocol {p} is margay node's own protocol: on a node the two would remove each other's routes; pick another (default {OUTSIDE_PROTOCOL})"
-        ))),
+        p if p == crate::dataplane::fib::DEFAULT_PROTOCOL
+            || p == crate::dataplane::pod::POD_ROUTE_PROTOCOL =>
+        {
+            Err(CliError::Usage(format!(
+                "--protocol {p} is one of margay node's own (77 its FIB, 78 its pod routes): on a node the two would remove each other's routes; pick another (default {OUTSIDE_PROTOCOL})"
+            )))
+        }
         _ => Ok(()),
     }
 }
@@ -523,9 +532,14 @@ pub async fn watch(
                             continue;
                         };
                         match ev.kind {
-                            WatchEventKind::Put => {
-                                inputs.blocks.insert(cidr, block_owner(&ev.value));
-                            }
+                            WatchEventKind::Put => match block_entry(&ev.value) {
+                                Some(owner) => {
+                                    inputs.blocks.insert(cidr, owner);
+                                }
+                                None => {
+                                    inputs.blocks.remove(&cidr);
+                                }
+                            },
                             WatchEventKind::Delete => {
                                 inputs.blocks.remove(&cidr);
                             }
@@ -677,19 +691,19 @@ mod tests {
         let i = inputs();
         let gw = resolve_gateway(&i, "n1").unwrap();
         let p = plan(&i, &gw, true, false);
-        let b = render(&p, &gw, RoutesFormat::Batch, 78, 78);
+        let b = render(&p, &gw, RoutesFormat::Batch, 79, 79);
         assert!(
             b.lines()
-                .any(|l| l == "route replace 10.244.0.0/16 via 10.99.0.11 proto 78 metric 78"),
+                .any(|l| l == "route replace 10.244.0.0/16 via 10.99.0.11 proto 79 metric 79"),
             "{b}"
         );
-        let c = render(&p, &gw, RoutesFormat::Commands, 78, 78);
+        let c = render(&p, &gw, RoutesFormat::Commands, 79, 79);
         assert!(c.lines().all(|l| l.starts_with("ip route replace ")), "{c}");
         let j: serde_json::Value =
-            serde_json::from_str(&render(&p, &gw, RoutesFormat::Json, 78, 78)).unwrap();
+            serde_json::from_str(&render(&p, &gw, RoutesFormat::Json, 79, 79)).unwrap();
         assert_eq!(j["gateway"]["node"], "n1");
         assert_eq!(j["routes"][1]["kind"], "pool");
-        let t = render(&p, &gw, RoutesFormat::Table, 78, 78);
+        let t = render(&p, &gw, RoutesFormat::Table, 79, 79);
         assert!(
             t.contains("DESTINATION") && t.contains("pool default-ipv4-ippool"),
             "{t}"

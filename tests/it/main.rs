@@ -14,6 +14,7 @@ mod common;
 mod rib_common;
 
 mod cli_bgp_resources;
+mod cli_routes;
 mod cni_chain;
 mod cni_manifest;
 mod cni_podman;
