@@ -135,7 +135,8 @@ impl HostVethSpec {
                 out.push((*r, Some(*gw), *src));
             }
         }
-        out.sort();
+        // Link routes first: the kernel refuses a gateway it has no route to yet.
+        out.sort_by_key(|(dst, gw, src)| (gw.is_some(), *dst, *gw, *src));
         out.dedup_by(|a, b| a.0 == b.0);
         out
     }
