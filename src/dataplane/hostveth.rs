@@ -404,12 +404,13 @@ mod tests {
         assert_eq!(
             r,
             vec![
+                // The link route to the node first: the kernel needs it to accept the gateway.
+                ("10.99.0.11/32".parse().unwrap(), None, src),
                 (
                     "10.96.0.0/12".parse().unwrap(),
                     Some("10.99.0.11".parse().unwrap()),
                     src
                 ),
-                ("10.99.0.11/32".parse().unwrap(), None, src),
             ]
         );
         assert!(host_veth_ifname("w").starts_with("mh") && host_veth_ifname("w").len() == 13);
