@@ -266,7 +266,7 @@ fn build(
     })?;
     // Forwarding on the host end: service traffic from the pod is DNATed and forwarded on by the node.
     let label = node.netns.clone();
-    let settings = vec![
+    let settings = [
         (format!("net/ipv4/conf/{host}/forwarding"), "1"),
         (format!("net/ipv6/conf/{host}/accept_ra"), "0"),
     ];
