@@ -4,7 +4,9 @@
 //! with margay's veth it reaches the node's address and a service address on the node (standing in for a
 //! kube-proxy service IP, inside the BGPConfiguration's serviceClusterIPs), still reaches its underlay
 //! neighbours directly, and the node reaches the pod's underlay address. ADD again is a no-op, CHECK
-//! finds a removed route, bad configurations are refused, DEL leaves exactly the macvlan behind.
+//! finds a removed route, bad configurations are refused, DEL leaves exactly the macvlan behind. Then the
+//! same chain under podman (CNI backend) inside the node: the container reaches the node, the service and
+//! its underlay neighbour, and `--rm` leaves no host-veth end.
 //!
 //! ```text
 //!   netns <lab>-br: bridge br0 10.99.0.1/24  (an underlay neighbour of the pod)
@@ -23,7 +25,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use common::lab::{lab_prerequisites, Lab, ETCD, MARGAY};
-use common::{require, sh, try_sh};
+use common::{have, require, sh, try_sh};
 use serde_json::{json, Value};
 
 /// Run one CNI plugin in `node`'s namespace for container `pod` (netns /var/run/netns/<pod>), as libcni does.
@@ -281,4 +283,92 @@ fn macvlan_pod_reaches_node_and_service_through_host_veth() {
         !sh(&format!("ip -n {pod} -o link")).contains("eth0"),
         "macvlan left behind"
     );
+
+    // 4. The same chain under a real runtime: podman (CNI backend) inside the node.
+    if !require(
+        have("podman") && have("busybox") && have("nsenter") && have("unshare"),
+        T,
+        "needs podman, busybox-static and util-linux (scripts/install-deps.sh)",
+    ) {
+        return;
+    }
+    let _guard = Leftovers::note();
+    let conflist = json!({"cniVersion": "1.0.0", "name": "mgunder", "plugins": [
+        {"type": "macvlan", "master": "eth0", "mode": "bridge",
+         "ipam": {"type": "host-local", "dataDir": lab.state_path("podman-host-local"),
+                  "ranges": [[{"subnet": "10.99.0.0/24", "rangeStart": "10.99.0.230", "rangeEnd": "10.99.0.240"}]]}},
+        {"type": "margay", "mode": "host-veth", "socket": lab.socket(&n1), "timeout_seconds": 30,
+         "log_file": lab.state_path("podman-cni.log")}
+    ]});
+    let p = crate::common::podman::Podman::new(&n1, &conflist);
+    let (ok, out) = p.run(&format!(
+        "run --rm --network mgunder localhost/test-busybox sh -c \
+         'ip -o link; ping -c1 -W2 {node_ip}; ping -c1 -W2 10.96.0.10; ping -c1 -W2 10.99.0.1'"
+    ));
+    assert!(ok, "podman run failed: {out}\n{}", lab.logs());
+    println!("podman:\n{out}");
+    assert!(out.contains("veth0"), "no veth0 in the container: {out}");
+    assert_eq!(
+        out.matches(" 0% packet loss").count(),
+        3,
+        "the container must reach its node, the service and its underlay neighbour: {out}"
+    );
+    assert!(
+        common::lab::eventually(std::time::Duration::from_secs(10), || !sh(&format!(
+            "ip -n {n1} -o link"
+        ))
+        .contains(": mh")),
+        "podman --rm left a host-veth end on {n1}"
+    );
+}
+
+/// What podman and crun may leave when a run fails: /run/crun, /run/mount (when this test created them) and
+/// podman's cni-* namespaces holding an address of the test's underlay range (10.99.0.230-240).
+struct Leftovers {
+    crun_existed: bool,
+    mount_existed: bool,
+}
+
+impl Leftovers {
+    fn note() -> Leftovers {
+        Leftovers {
+            crun_existed: Path::new("/run/crun").exists(),
+            mount_existed: Path::new("/run/mount").exists(),
+        }
+    }
+}
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        if !self.crun_existed {
+            let _ = std::fs::remove_dir("/run/crun");
+        }
+        if !self.mount_existed {
+            let _ = std::fs::remove_file("/run/mount/utab");
+            let _ = std::fs::remove_dir("/run/mount");
+        }
+        let Ok(dir) = std::fs::read_dir("/run/netns") else {
+            return;
+        };
+        for e in dir.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if !name.starts_with("cni-") {
+                continue;
+            }
+            let (_, addrs) = try_sh(&format!("ip -n {name} -4 -o addr show"));
+            let ours = addrs.split_whitespace().any(|w| {
+                w.split('/')
+                    .next()
+                    .and_then(|a| a.parse::<std::net::Ipv4Addr>().ok())
+                    .is_some_and(|a| {
+                        a.octets()[..3] == [10, 99, 0] && (230..=240).contains(&a.octets()[3])
+                    })
+            });
+            if ours {
+                let _ = try_sh(&format!(
+                    "ip netns pids {name} | xargs -r kill -9; ip netns del {name}"
+                ));
+            }
+        }
+    }
 }
