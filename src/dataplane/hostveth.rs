@@ -8,17 +8,20 @@
 //!   eth0 10.99.0.11 ── (macvlan parent) ───────── eth0 10.99.0.200/24 (the previous plugin's; untouched)
 //!   mhXXXXXXXXXXX (no address) ◀────veth────────▶ veth0 (no address)
 //!     10.99.0.200/32 dev mhX scope link            10.99.0.11/32 dev veth0 scope link src 10.99.0.200
+//!     rule to 10.99.0.200 lookup main pref 90
 //!     (proto 78: the node reaches the pod's        10.96.0.0/12 via 10.99.0.11 dev veth0 src 10.99.0.200
 //!      underlay address over the veth)             (proto 78: node addresses, service CIDRs, extras)
 //! ```
 //!
-//! Replies return the way requests came, by longest prefix on both sides: the pod's /32 to each node address
-//! beats the macvlan's connected subnet, so the pod answers the node over the veth; the node's /32 to the pod
-//! beats its own connected subnet, so the node answers (and un-NATs service traffic for) the pod over the
-//! veth, never through the underlay where macvlan would drop it. Both routes carry `src`/scope so the pod
-//! sends from its underlay address, the one the node routes back.
+//! Replies return the way requests came: the pod's /32 to each node address beats the macvlan's connected
+//! subnet, so the pod answers the node over the veth; on the node, a rule `to <pod address> lookup main
+//! pref 90` (ahead of any source-based rule the node keeps for its own addresses) and the /32 through the veth
+//! make the node answer (and un-NAT service traffic for) the pod over the veth, never through the underlay
+//! where macvlan would drop it. The pod's routes carry `src` so it sends from its underlay address, the one
+//! the node routes back.
 //!
-//! It owns host interfaces named `mh` + 11 hex characters of SHA-256(workload id) and what hangs off them;
+//! It owns host interfaces named `mh` + 11 hex characters of SHA-256(workload id), what hangs off them and
+//! the pref-90 rules to the pod addresses routed through them;
 //! in the pod it creates only the veth end (its routes go with it). It never touches the previous
 //! plugin's interface, addresses or routes.
 
@@ -34,6 +37,7 @@ use netlink_packet_route::link::{
 use netlink_packet_route::route::{
     RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
+use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use sha2::{Digest, Sha256};
 
@@ -48,6 +52,11 @@ use super::sysctl;
 
 /// Prefix of the host ends of host-veth pairs (not `mg`: the node's pod listing and GC never see them).
 pub const HOST_VETH_PREFIX: &str = "mh";
+
+/// Priority of the node's `to <pod address> lookup main` rules: ahead of source-based rules a multi-homed
+/// node keeps for its own addresses (commonly numbered from 100), so the node's answer to the pod follows the
+/// veth route and never a table that sends the pod's subnet out of the macvlan parent.
+pub const HOST_VETH_RULE_PRIORITY: u32 = 90;
 
 /// What host-veth ADD (and CHECK) is asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -188,6 +197,74 @@ fn add_pod_route(
     })
 }
 
+fn rule_msg(ip: IpAddr) -> RuleMessage {
+    let mut m = RuleMessage::default();
+    m.header.family = if ip.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    m.header.dst_len = if ip.is_ipv4() { 32 } else { 128 };
+    m.header.table = 254;
+    m.header.action = RuleAction::ToTable;
+    m.attributes.push(RuleAttribute::Destination(ip));
+    m.attributes
+        .push(RuleAttribute::Priority(HOST_VETH_RULE_PRIORITY));
+    m.attributes.push(RuleAttribute::Table(254));
+    m.attributes
+        .push(RuleAttribute::Protocol(RouteProtocol::from(
+            POD_ROUTE_PROTOCOL,
+        )));
+    m
+}
+
+/// `ip rule add to <ip> lookup main pref 90 proto 78`; present already is fine.
+fn add_rule(sock: &mut NlSocket, ip: IpAddr) -> Result<(), DataplaneError> {
+    match sock.request(
+        RouteNetlinkMessage::NewRule(rule_msg(ip)),
+        NLM_F_CREATE | NLM_F_EXCL,
+    ) {
+        Ok(()) => Ok(()),
+        Err(e) if e.errno == libc::EEXIST => Ok(()),
+        Err(e) => Err(nl_err(sock, "add rule", format!("to {ip} lookup main"), e)),
+    }
+}
+
+/// Delete that rule; absent is fine.
+fn del_rule(sock: &mut NlSocket, ip: IpAddr) -> Result<(), DataplaneError> {
+    match sock.request(RouteNetlinkMessage::DelRule(rule_msg(ip)), 0) {
+        Ok(()) => Ok(()),
+        Err(e) if e.errno == libc::ENOENT => Ok(()),
+        Err(e) => Err(nl_err(
+            sock,
+            "delete rule",
+            format!("to {ip} lookup main"),
+            e,
+        )),
+    }
+}
+
+/// Whether the rule for `ip` is in place.
+fn has_rule(sock: &mut NlSocket, ip: IpAddr) -> Result<bool, DataplaneError> {
+    let mut q = RuleMessage::default();
+    q.header.family = if ip.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let replies = sock
+        .dump(RouteNetlinkMessage::GetRule(q))
+        .map_err(|e| nl_err(sock, "dump rules", "", e))?;
+    Ok(replies.iter().any(|r| match r {
+        RouteNetlinkMessage::NewRule(m) => {
+            m.attributes.contains(&RuleAttribute::Destination(ip))
+                && m.attributes
+                    .contains(&RuleAttribute::Priority(HOST_VETH_RULE_PRIORITY))
+        }
+        _ => false,
+    }))
+}
+
 /// ADD: build the veth and its routes. Idempotent: a complete pair is left as it is; an incomplete one (or
 /// one built for other addresses) is replaced. On failure nothing of it is left.
 pub fn add_host_veth(spec: &HostVethSpec) -> Result<HostVethResult, DataplaneError> {
@@ -244,6 +321,9 @@ pub fn add_host_veth(spec: &HostVethSpec) -> Result<HostVethResult, DataplaneErr
     match build(spec, &host, &mut node, &mut pod) {
         Ok(r) => Ok(r),
         Err(e) => {
+            for ip in &spec.pod_ips {
+                let _ = del_rule(&mut node, *ip);
+            }
             if let Ok(Some(l)) = find_link(&mut node, &host) {
                 if let Err(undo) = delete_link(&mut node, l.index, &host) {
                     tracing::error!(interface = %host, error = %undo, "could not undo a failed host-veth ADD");
@@ -287,6 +367,7 @@ fn build(
     }
     for ip in &spec.pod_ips {
         add_route(node, host_net(*ip), None, host_link.index, host)?;
+        add_rule(node, *ip)?;
     }
     result(spec, host, node, pod)
 }
@@ -339,6 +420,11 @@ fn verify(
         {
             return Err(differs(format!("no host route {ip} dev {host}")));
         }
+        if !has_rule(node, *ip)? {
+            return Err(differs(format!(
+                "no rule to {ip} lookup main pref {HOST_VETH_RULE_PRIORITY}"
+            )));
+        }
     }
     let pod_routes = dump_routes(pod, Some(POD_ROUTE_PROTOCOL))?;
     for (dst, gw, _) in spec.pod_routes() {
@@ -366,13 +452,22 @@ pub fn check_host_veth(spec: &HostVethSpec) -> Result<HostVethResult, DataplaneE
     result(spec, &host, &mut node, &mut pod)
 }
 
-/// DEL: delete the host end (its peer, the host routes through it and the pod's routes over it go with
-/// it). True when there was something to delete; the previous plugin's interface is not touched.
+/// DEL: delete the rules for the pod's addresses and the host end (its peer, the host routes through it and
+/// the pod's routes over it go with it). True when there was something to delete; the previous plugin's interface is not touched.
 pub fn del_host_veth(node_netns: Option<&Path>, workload_id: &str) -> Result<bool, DataplaneError> {
     let host = host_veth_ifname(workload_id);
     let mut node = NlSocket::open(node_netns)?;
     match find_link(&mut node, &host)? {
         Some(l) => {
+            // The rules name the pod's addresses, which only the host routes through the veth still know.
+            let ips: Vec<IpAddr> = dump_routes(&mut node, Some(POD_ROUTE_PROTOCOL))?
+                .into_iter()
+                .filter(|(_, gw, oif, _, _)| gw.is_none() && *oif == l.index)
+                .map(|(dst, ..)| dst.ip())
+                .collect();
+            for ip in ips {
+                del_rule(&mut node, ip)?;
+            }
             delete_link(&mut node, l.index, &host)?;
             Ok(true)
         }

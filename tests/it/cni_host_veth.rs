@@ -181,7 +181,7 @@ fn macvlan_pod_reaches_node_and_service_through_host_veth() {
     // 2. margay host-veth: the merged result, and the paths it opens.
     let (ok, out) = lab.cni(&n1, &pod, "ADD", &margay.to_string(), &[]);
     assert!(ok, "margay host-veth ADD: {out}\n{}", lab.node_logs(&n1));
-    let res: Value = serde_json::from_str(&out).expect("margay result");
+    let mut res: Value = serde_json::from_str(&out).expect("margay result");
     println!("chained result: {res}");
     let ifs = res["interfaces"].as_array().expect("interfaces");
     assert_eq!(
@@ -235,6 +235,45 @@ fn macvlan_pod_reaches_node_and_service_through_host_veth() {
         "underlay traffic must stay on the macvlan"
     );
 
+    // Replies the same way: a multi-homed node's source-based table for its own address would send its
+    // answer to the pod out of the macvlan parent (where it is lost); margay's `to <pod> lookup main pref 90`
+    // comes first. Without that rule the ping fails (so the rule is what makes it work), and CHECK says so.
+    sh(&format!(
+        "ip -n {n1} route add 10.99.0.0/24 dev eth0 table 100 && \
+         ip -n {n1} rule add from {node_ip} lookup 100 pref 100"
+    ));
+    let rules = sh(&format!("ip -n {n1} rule show"));
+    assert!(
+        rules.contains(&format!("to {pod_ip} lookup main")),
+        "{rules}"
+    );
+    assert!(
+        pings(&pod, &node_ip),
+        "the node's source rule beat margay's"
+    );
+    sh(&format!("ip -n {n1} rule del pref 90 to {pod_ip}"));
+    assert!(
+        !pings(&pod, &node_ip),
+        "the node answers over the veth even without margay's rule: the check proves nothing"
+    );
+    let mut check_now = margay.clone();
+    check_now["prevResult"] = res.clone();
+    let (ok, out) = lab.cni(&n1, &pod, "CHECK", &check_now.to_string(), &[]);
+    assert!(
+        !ok && error_code(&out) == 102 && out.contains("rule"),
+        "{out}"
+    );
+    let (ok, out) = lab.cni(&n1, &pod, "ADD", &margay.to_string(), &[]);
+    assert!(ok, "repairing ADD: {out}");
+    // The incomplete pair was rebuilt: new MACs, same names.
+    res = serde_json::from_str(&out).expect("repaired result");
+    let host_if_now = res["interfaces"][1]["name"].as_str().unwrap_or_default();
+    assert_eq!(host_if_now, host_if, "{res}");
+    assert!(
+        pings(&pod, &node_ip),
+        "the repaired rule does not bring the answers back"
+    );
+
     // ADD again: nothing changes. CHECK passes, and fails once a route is gone; ADD repairs.
     let (ok, again) = lab.cni(&n1, &pod, "ADD", &margay.to_string(), &[]);
     assert!(ok, "second ADD: {again}");
@@ -271,6 +310,13 @@ fn macvlan_pod_reaches_node_and_service_through_host_veth() {
         !sh(&format!("ip -n {n1} route show proto 78")).contains(&pod_ip),
         "host route to the pod left behind"
     );
+    assert!(
+        !sh(&format!("ip -n {n1} rule show")).contains(&format!("to {pod_ip} ")),
+        "rule to the pod left behind"
+    );
+    sh(&format!(
+        "ip -n {n1} rule del pref 100 && ip -n {n1} route flush table 100"
+    ));
     assert!(
         sh(&format!("ip -n {pod} -o addr show dev eth0")).contains(&pod_ip),
         "margay's DEL touched the macvlan interface"
