@@ -55,6 +55,15 @@ enum Command {
         #[arg(short = 'f', long = "filename")]
         file: std::path::PathBuf,
     },
+    /// The routes a host outside the cluster needs to reach every pod block and the service CIDRs through a
+    /// gateway node (`ip route` commands, `ip -batch` input, a table or JSON), or with --watch kept in a
+    /// network namespace as blocks are claimed and released (route protocol 79).
+    Routes {
+        #[command(flatten)]
+        etcd: margay::datastore::EtcdArgs,
+        #[command(flatten)]
+        args: margay::cli::RoutesArgs,
+    },
     /// Show resources: ippool, ipamconfiguration, bgpconfiguration, bgppeer, node.
     Get {
         #[command(flatten)]
@@ -136,6 +145,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Node { etcd, cmd } => print_async(margay::cli::run_node(&etcd, &cmd)),
         Command::Lab { cmd } => margay::lab::run(cmd),
+        Command::Routes { etcd, args } => print_async(async move {
+            let (text, notes) = margay::cli::run_routes(&etcd, &args).await?;
+            for n in notes {
+                eprintln!("margay routes: note: {n}");
+            }
+            Ok(text)
+        }),
         Command::Apply { etcd, file } => print_async(margay::cli::run_apply(&etcd, &file)),
         Command::Get {
             etcd,

@@ -4,6 +4,7 @@
 
 pub mod ipam;
 pub mod resources;
+pub mod routes;
 pub use crate::api::table;
 
 use std::path::PathBuf;
@@ -14,6 +15,7 @@ use crate::datastore::{Datastore, DatastoreError};
 use crate::ipam::IpamError;
 
 pub use resources::Output;
+pub use routes::{RoutesArgs, RoutesFormat};
 
 /// What a CLI command can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -174,6 +176,21 @@ async fn remove_node_resource(ds: &Datastore, name: &str) -> Result<String, CliE
         Err(crate::datastore::resources::ResourceError::Datastore(e)) => Err(e.into()),
         Err(e) => Err(CliError::Usage(e.to_string())),
     }
+}
+
+/// `routes --via ...`: the text to print and the notes (for stderr). With `--watch` it runs until
+/// interrupted, printing each change as it happens, and returns no text.
+pub async fn run_routes(
+    etcd: &EtcdArgs,
+    args: &RoutesArgs,
+) -> Result<(String, Vec<String>), CliError> {
+    let ds = etcd.datastore()?;
+    if args.watch {
+        let mut out = std::io::stdout();
+        routes::watch(ds, args, &mut out).await?;
+        return Ok((String::new(), Vec::new()));
+    }
+    routes::print(&ds, args).await
 }
 
 /// `apply -f FILE` (`-` = stdin).

@@ -128,6 +128,57 @@ impl Attachment {
     }
 }
 
+/// Host-veth mode (a later plugin in a chain after macvlan/ipvlan), ADD and CHECK: the veth to build or
+/// verify for one container. The pod's addresses are the previous plugin's (from `prevResult`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostVethRequest {
+    pub container_id: String,
+    pub netns: PathBuf,
+    /// CNI_IFNAME: the previous plugin's interface (left alone).
+    pub ifname: String,
+    pub network: String,
+    pub pod: Option<PodRef>,
+    /// The pod's addresses on `ifname`, from `prevResult`.
+    pub pod_ips: Vec<IpAddr>,
+    pub conf: super::types::HostVethConf,
+    pub mtu: Option<u32>,
+}
+
+impl HostVethRequest {
+    /// Names the host end of the veth (as for primary pods, plus the veth's name inside the pod).
+    pub fn workload_id(&self) -> String {
+        format!(
+            "{}.hv.{}",
+            workload_id(self.pod.as_ref(), &self.container_id, &self.ifname),
+            self.conf.veth_name
+        )
+    }
+}
+
+/// Host-veth mode, DEL: remove the veth of one container (and the host routes through it).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostVethDel {
+    pub del: DelRequest,
+    pub veth_name: String,
+}
+
+impl HostVethDel {
+    pub fn workload_id(&self) -> String {
+        format!("{}.hv.{}", self.del.workload_id(), self.veth_name)
+    }
+}
+
+/// What host-veth ADD built (and CHECK found): the two ends of the veth and the routes through it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostVethAttachment {
+    pub host_ifname: String,
+    pub host_mac: Option<String>,
+    pub pod_ifname: String,
+    pub pod_mac: Option<String>,
+    /// Destinations routed through the veth inside the pod (node addresses, service CIDRs, extras).
+    pub pod_routes: Vec<Route>,
+}
+
 /// The work behind the CNI socket, implemented by the node (IPAM + dataplane + BGP) and by tests.
 ///
 /// Contract:
@@ -148,6 +199,31 @@ pub trait CniBackend: Send + Sync + 'static {
     fn check(&self, req: PodRequest) -> impl Future<Output = Result<Attachment, CniError>> + Send;
     fn status(&self, req: StatusRequest) -> impl Future<Output = Result<(), CniError>> + Send;
     fn gc(&self, req: GcRequest) -> impl Future<Output = Result<(), CniError>> + Send;
+
+    /// Host-veth mode ADD: idempotent; on failure nothing of it is left.
+    fn host_veth_add(
+        &self,
+        req: HostVethRequest,
+    ) -> impl Future<Output = Result<HostVethAttachment, CniError>> + Send {
+        async move { Err(host_veth_unsupported(&req.container_id)) }
+    }
+    /// Host-veth mode DEL: removes exactly the veth (and its routes); succeeds when it is already gone.
+    fn host_veth_del(&self, req: HostVethDel) -> impl Future<Output = Result<(), CniError>> + Send {
+        async move { Err(host_veth_unsupported(&req.del.container_id)) }
+    }
+    /// Host-veth mode CHECK: the veth and every route of it are in place.
+    fn host_veth_check(
+        &self,
+        req: HostVethRequest,
+    ) -> impl Future<Output = Result<HostVethAttachment, CniError>> + Send {
+        async move { Err(host_veth_unsupported(&req.container_id)) }
+    }
+}
+
+fn host_veth_unsupported(container: &str) -> CniError {
+    CniError::invalid_config(format!(
+        "container {container:?}: this margay backend does not implement \"mode\": \"host-veth\""
+    ))
 }
 
 impl PodRef {

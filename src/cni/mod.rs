@@ -17,7 +17,8 @@ pub mod server;
 pub mod types;
 
 pub use backend::{
-    Attachment, CniBackend, DelRequest, GcRequest, PodRef, PodRequest, StatusRequest,
+    Attachment, CniBackend, DelRequest, GcRequest, HostVethAttachment, HostVethDel,
+    HostVethRequest, PodRef, PodRequest, StatusRequest,
 };
 pub use server::{CniMetrics, CniServer, ServerConfig, ServerError};
 pub use types::{codes, CniError, CniResult, CniVersion};

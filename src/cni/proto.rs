@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::types::{codes, CniArgs, CniError, CniResult, NetConf, PoolRef, ValidAttachment};
+use super::types::{
+    codes, CniArgs, CniError, CniResult, HostVethConf, NetConf, PoolRef, ValidAttachment,
+};
 
 /// Version of this protocol. Bump it when a field changes meaning; additions with serde defaults do not.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -90,6 +92,11 @@ pub struct Request {
     /// read as "nothing is valid" and release every pod of the node.
     #[serde(default)]
     pub valid_attachments: Option<Vec<ValidAttachment>>,
+    /// The chained host-veth mode and its settings (absent: the usual mode). An addition with a serde
+    /// default, so the protocol version stays; a daemon older than the mode would read it as a primary ADD
+    /// (and refuse it: a pod interface named CNI_IFNAME already exists).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_veth: Option<HostVethConf>,
 }
 
 impl Request {
@@ -116,6 +123,7 @@ impl Request {
             prev_result: conf.prev_result.clone(),
             runtime_config: conf.runtime_config.clone(),
             valid_attachments: conf.valid_attachments.clone(),
+            host_veth: conf.host_veth.clone(),
         }
     }
 }

@@ -22,6 +22,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
+use std::net::IpAddr;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
@@ -37,12 +38,14 @@ use tokio::sync::{OwnedMutexGuard, RwLock, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
-use super::backend::{CniBackend, DelRequest, GcRequest, PodRequest, StatusRequest};
+use super::backend::{
+    CniBackend, DelRequest, GcRequest, HostVethDel, HostVethRequest, PodRequest, StatusRequest,
+};
 use super::proto::{
     spool_dir, spool_file_name, write_spool, Command, Outcome, Request, Response,
     MAX_MESSAGE_BYTES, PROTOCOL_VERSION,
 };
-use super::types::{codes, CniError, CniResult, DEFAULT_SOCKET};
+use super::types::{codes, CniError, CniResult, Interface, DEFAULT_SOCKET};
 
 /// How the server runs.
 #[derive(Debug, Clone)]
@@ -508,6 +511,9 @@ impl<B: CniBackend> Inner<B> {
     }
 
     async fn add(&self, req: &Request) -> Result<Option<CniResult>, CniError> {
+        if req.host_veth.is_some() {
+            return self.host_veth_add(req).await.map(Some);
+        }
         let pod = PodRequest::from_request(req)?;
         let netns = pod.netns.to_string_lossy().into_owned();
         let ifname = pod.ifname.clone();
@@ -528,6 +534,14 @@ impl<B: CniBackend> Inner<B> {
 
     async fn del(&self, req: &Request) -> Result<(), CniError> {
         let del = DelRequest::from_request(req)?;
+        if let Some(hv) = &req.host_veth {
+            return self
+                .bounded(self.backend.host_veth_del(HostVethDel {
+                    del,
+                    veth_name: hv.veth_name.clone(),
+                }))
+                .await;
+        }
         self.bounded(self.backend.del(del)).await
     }
 
@@ -588,6 +602,9 @@ impl<B: CniBackend> Inner<B> {
     /// CHECK: the backend verifies its own state and returns what exists; then every interface and address
     /// margay owns must appear in `prevResult` exactly so (entries of other plugins are not ours to judge).
     async fn check(&self, req: &Request) -> Result<(), CniError> {
+        if req.host_veth.is_some() {
+            return self.host_veth_check(req).await;
+        }
         let pod = PodRequest::from_request(req)?;
         let netns = pod.netns.to_string_lossy().into_owned();
         let now = self
@@ -608,6 +625,114 @@ impl<B: CniBackend> Inner<B> {
                     req.container_id.as_deref().unwrap_or("")
                 ),
                 diffs.join("; "),
+            ))
+        }
+    }
+
+    /// Host-veth mode: what the backend needs, from the request and its `prevResult` (the previous plugin's
+    /// interface `CNI_IFNAME` and its addresses).
+    fn host_veth_request(req: &Request) -> Result<(HostVethRequest, CniResult), CniError> {
+        let pod = PodRequest::from_request(req)?;
+        let conf = req
+            .host_veth
+            .clone()
+            .ok_or_else(|| CniError::internal("not host-veth"))?;
+        let prev = req.prev_result.clone().ok_or_else(|| {
+            CniError::invalid_config(format!(
+                "\"mode\": \"host-veth\" makes margay a later plugin in a chain, and {} came without prevResult: \
+                 list margay after the plugin that makes {} (macvlan, ipvlan) in the conflist's plugins",
+                req.command, pod.ifname
+            ))
+        })?;
+        if conf.veth_name == pod.ifname {
+            return Err(CniError::invalid_config(format!(
+                "field \"veth_name\" is {:?}, the same as CNI_IFNAME (the previous plugin's interface); give the veth another name",
+                conf.veth_name
+            )));
+        }
+        let idx = prev
+            .interfaces
+            .iter()
+            .position(|i| i.name == pod.ifname && i.sandbox.is_some());
+        let pod_ips: Vec<IpAddr> = prev
+            .ips
+            .iter()
+            .filter(|ip| idx.is_none() || ip.interface.is_none() || ip.interface == idx)
+            .map(|ip| ip.address.addr)
+            .collect();
+        if pod_ips.is_empty() {
+            return Err(CniError::invalid_config(format!(
+                "prevResult has no address on {} (interfaces: {:?}): host-veth mode routes the previous plugin's addresses, so that plugin needs IPAM (host-local, static, dhcp)",
+                pod.ifname,
+                prev.interfaces.iter().map(|i| i.name.as_str()).collect::<Vec<_>>()
+            )));
+        }
+        Ok((
+            HostVethRequest {
+                container_id: pod.container_id,
+                netns: pod.netns,
+                ifname: pod.ifname,
+                network: pod.network,
+                pod: pod.pod,
+                pod_ips,
+                conf,
+                mtu: pod.mtu,
+            },
+            prev,
+        ))
+    }
+
+    /// Host-veth ADD: the backend builds the veth; the result is `prevResult` with the two ends appended
+    /// (the host end without `sandbox`), its addresses and routes unchanged (CNI spec: a chained plugin
+    /// passes the previous result on, extended).
+    async fn host_veth_add(&self, req: &Request) -> Result<CniResult, CniError> {
+        let (hv, prev) = Self::host_veth_request(req)?;
+        let netns = hv.netns.to_string_lossy().into_owned();
+        let att = self.bounded(self.backend.host_veth_add(hv)).await?;
+        let mut out = prev;
+        // A repeated ADD (the runtime retried) must not list the veth twice.
+        out.interfaces.retain(|i| {
+            i.name != att.host_ifname && !(i.name == att.pod_ifname && i.sandbox.is_some())
+        });
+        out.interfaces.push(Interface {
+            name: att.host_ifname,
+            mac: att.host_mac,
+            mtu: None,
+            sandbox: None,
+        });
+        out.interfaces.push(Interface {
+            name: att.pod_ifname,
+            mac: att.pod_mac,
+            mtu: None,
+            sandbox: Some(netns),
+        });
+        Ok(out)
+    }
+
+    /// Host-veth CHECK: the backend verifies the veth and its routes; `prevResult` must list both ends.
+    async fn host_veth_check(&self, req: &Request) -> Result<(), CniError> {
+        let (hv, prev) = Self::host_veth_request(req)?;
+        let att = self.bounded(self.backend.host_veth_check(hv)).await?;
+        let mut missing = Vec::new();
+        for (name, in_pod) in [(&att.host_ifname, false), (&att.pod_ifname, true)] {
+            if !prev
+                .interfaces
+                .iter()
+                .any(|i| &i.name == name && i.sandbox.is_some() == in_pod)
+            {
+                missing.push(format!("prevResult does not list interface {name}"));
+            }
+        }
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(CniError::new(
+                codes::CHECK_FAILED,
+                format!(
+                    "CHECK for container {:?}: the result of the ADD is not the one passed in",
+                    req.container_id.as_deref().unwrap_or("")
+                ),
+                missing.join("; "),
             ))
         }
     }

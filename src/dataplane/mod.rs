@@ -9,6 +9,7 @@ pub mod autodetect;
 pub mod encap;
 pub mod error;
 pub mod fib;
+pub mod hostveth;
 pub mod ipip;
 pub mod mtu;
 pub mod nat;

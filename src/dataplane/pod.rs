@@ -104,7 +104,7 @@ fn is_host_ifname(name: &str) -> bool {
         && name[2..].bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-fn mac_string(b: &[u8]) -> String {
+pub(crate) fn mac_string(b: &[u8]) -> String {
     b.iter()
         .map(|x| format!("{x:02x}"))
         .collect::<Vec<_>>()
@@ -178,14 +178,14 @@ impl PodSpec {
 /// A link as we need to see it.
 pub(crate) struct Link {
     pub(crate) index: u32,
-    name: String,
+    pub(crate) name: String,
     pub(crate) mtu: u32,
-    up: bool,
+    pub(crate) up: bool,
     pub(crate) mac: Vec<u8>,
-    alias: String,
-    kind_veth: bool,
+    pub(crate) alias: String,
+    pub(crate) kind_veth: bool,
     /// IFLA_LINK: for a veth, the peer's index (in the peer's namespace).
-    peer_index: Option<u32>,
+    pub(crate) peer_index: Option<u32>,
 }
 
 fn link_from(m: &LinkMessage) -> Link {
@@ -314,7 +314,7 @@ pub(crate) fn add_address(
 }
 
 /// `dst dev index [via gw] scope ...`, protocol POD_ROUTE_PROTOCOL, by replace.
-fn add_route(
+pub(crate) fn add_route(
     sock: &mut NlSocket,
     dst: IpNetwork,
     gateway: Option<IpAddr>,
@@ -354,7 +354,7 @@ fn add_route(
     })
 }
 
-fn host_net(ip: IpAddr) -> IpNetwork {
+pub(crate) fn host_net(ip: IpAddr) -> IpNetwork {
     match ip {
         IpAddr::V4(a) => IpNetwork::V4(ipnetwork::Ipv4Network::from(a)),
         IpAddr::V6(a) => IpNetwork::V6(ipnetwork::Ipv6Network::from(a)),
@@ -370,10 +370,10 @@ fn default_net(v4: bool) -> IpNetwork {
 }
 
 /// A route as read back: (dst, gateway, oif, protocol, scope).
-type SeenRoute = (IpNetwork, Option<IpAddr>, u32, u8, u8);
+pub(crate) type SeenRoute = (IpNetwork, Option<IpAddr>, u32, u8, u8);
 
 /// Dump the main table's routes of both families (optionally only one protocol).
-fn dump_routes(
+pub(crate) fn dump_routes(
     sock: &mut NlSocket,
     protocol: Option<u8>,
 ) -> Result<Vec<SeenRoute>, DataplaneError> {

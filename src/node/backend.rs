@@ -20,11 +20,13 @@ use std::sync::Arc;
 use tokio::sync::Notify;
 
 use crate::cni::backend::{
-    Attachment, CniBackend, DelRequest, GcRequest, PodRequest, StatusRequest,
+    Attachment, CniBackend, DelRequest, GcRequest, HostVethAttachment, HostVethDel,
+    HostVethRequest, PodRequest, StatusRequest,
 };
 use crate::cni::proto::{write_spool, Command, Request, PROTOCOL_VERSION};
 use crate::cni::types::{codes, Cidr, CniArgs, CniError, Dns, PoolRef, Route as CniRoute};
 use crate::config::ippool::AllowedUse;
+use crate::dataplane::hostveth::{self, HostVethSpec};
 use crate::dataplane::pod::{self, PodSpec, POD_GATEWAY_V4, POD_GATEWAY_V6};
 use crate::ipam::{AssignRequest, Family, IpamError, NodeIpam};
 
@@ -40,6 +42,37 @@ pub struct NodeBackend {
     /// The CNI socket whose DEL spool takes a release that failed during an ADD's rollback (None: such a
     /// release is only logged).
     pub spool_socket: Option<PathBuf>,
+    /// What the chained host-veth mode routes over the veth: the node's addresses and service CIDRs.
+    pub host_veth: HostVethContext,
+}
+
+/// The node's side of host-veth mode: its own addresses (the pod's next hop over the veth) and the
+/// configuration feed, whose `default` BGPConfiguration lists the service CIDRs.
+#[derive(Debug, Clone, Default)]
+pub struct HostVethContext {
+    pub node_ips: Vec<IpAddr>,
+    pub feed: Option<tokio::sync::watch::Receiver<Arc<crate::feed::Snapshot>>>,
+}
+
+impl HostVethContext {
+    /// The service CIDRs of the cluster now (serviceClusterIPs, serviceExternalIPs, serviceLoadBalancerIPs).
+    fn services(&self) -> Vec<ipnetwork::IpNetwork> {
+        let Some(feed) = &self.feed else {
+            return Vec::new();
+        };
+        let snap = feed.borrow().clone();
+        let set = crate::config::bgp::ConfigSet {
+            bgp_configurations: snap
+                .bgp_configurations
+                .iter()
+                .map(|(k, v)| (k.clone(), (**v).clone()))
+                .collect(),
+            ..Default::default()
+        };
+        super::services::service_prefixes(&set, "")
+            .into_iter()
+            .collect()
+    }
 }
 
 pub(crate) fn ipam_error(what: &str, e: IpamError) -> CniError {
@@ -274,6 +307,7 @@ impl NodeBackend {
             prev_result: None,
             runtime_config: None,
             valid_attachments: None,
+            host_veth: None,
         };
         match write_spool(socket, &del) {
             Ok(path) => {
@@ -290,7 +324,78 @@ impl NodeBackend {
     }
 }
 
+impl NodeBackend {
+    fn host_veth_spec(&self, req: &HostVethRequest) -> HostVethSpec {
+        let mut routes: Vec<ipnetwork::IpNetwork> = if req.conf.service_routes {
+            self.host_veth.services()
+        } else {
+            Vec::new()
+        };
+        routes.extend(
+            req.conf
+                .extra_routes
+                .iter()
+                .filter_map(|c| ipnetwork::IpNetwork::new(c.addr, c.prefix).ok()),
+        );
+        HostVethSpec {
+            node_netns: self.netns.clone(),
+            pod_netns: req.netns.clone(),
+            workload_id: req.workload_id(),
+            pod_ifname: req.conf.veth_name.clone(),
+            mtu: req.mtu.unwrap_or_else(|| self.mtu.get()),
+            pod_ips: req.pod_ips.clone(),
+            node_ips: self.host_veth.node_ips.clone(),
+            routes,
+        }
+    }
+}
+
+fn host_veth_attachment(spec: &HostVethSpec, r: hostveth::HostVethResult) -> HostVethAttachment {
+    HostVethAttachment {
+        host_ifname: r.host_ifname,
+        host_mac: Some(r.host_mac),
+        pod_ifname: r.pod_ifname,
+        pod_mac: Some(r.pod_mac),
+        pod_routes: spec
+            .pod_routes()
+            .into_iter()
+            .map(|(dst, gw, _)| CniRoute {
+                dst: Cidr {
+                    addr: dst.network(),
+                    prefix: dst.prefix(),
+                },
+                gw,
+            })
+            .collect(),
+    }
+}
+
 impl CniBackend for NodeBackend {
+    async fn host_veth_add(&self, req: HostVethRequest) -> Result<HostVethAttachment, CniError> {
+        let spec = self.host_veth_spec(&req);
+        let s = spec.clone();
+        let r = blocking(move || hostveth::add_host_veth(&s)).await?;
+        Ok(host_veth_attachment(&spec, r))
+    }
+
+    async fn host_veth_check(&self, req: HostVethRequest) -> Result<HostVethAttachment, CniError> {
+        let spec = self.host_veth_spec(&req);
+        let s = spec.clone();
+        let r = blocking(move || hostveth::check_host_veth(&s))
+            .await
+            .map_err(|mut e| {
+                e.code = codes::CHECK_FAILED;
+                e
+            })?;
+        Ok(host_veth_attachment(&spec, r))
+    }
+
+    async fn host_veth_del(&self, req: HostVethDel) -> Result<(), CniError> {
+        let netns = self.netns.clone();
+        let wid = req.workload_id();
+        blocking(move || hostveth::del_host_veth(netns.as_deref(), &wid).map(|_| ())).await
+    }
+
     async fn add(&self, req: PodRequest) -> Result<Attachment, CniError> {
         let handle = req.handle_id();
         let mut ask = AssignRequest::v4(&handle);

@@ -270,6 +270,7 @@ pub async fn run_with(
         .await
         .map_err(|e| on_etcd(e.into()))?;
     let feed_counters = feed.counters().clone();
+    let feed_for_cni = feed.subscribe();
     let set = feed
         .current()
         .config_set(secrets_in(Some(&args.bgp_secrets_dir))?)
@@ -616,6 +617,14 @@ pub async fn run_with(
         mtu: pod_mtu,
         refresh: refresh.clone(),
         spool_socket: Some(args.cni_socket.clone()),
+        host_veth: backend::HostVethContext {
+            node_ips: ipv4
+                .map(|(a, _)| std::net::IpAddr::V4(a))
+                .into_iter()
+                .chain(ip6.map(std::net::IpAddr::V6))
+                .collect(),
+            feed: Some(feed_for_cni),
+        },
     });
     let mut registry = Registry::default();
     feed_counters.register(&mut registry);

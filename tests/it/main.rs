@@ -14,7 +14,9 @@ mod common;
 mod rib_common;
 
 mod cli_bgp_resources;
+mod cli_routes;
 mod cni_chain;
+mod cni_host_veth;
 mod cni_manifest;
 mod cni_podman;
 mod cni_shim;

@@ -78,6 +78,7 @@ impl Node {
             mtu: 1500.into(),
             refresh: Arc::new(Notify::new()),
             spool_socket: Some(socket.clone()),
+            host_veth: Default::default(),
         });
         let mut n = Node {
             etcd,

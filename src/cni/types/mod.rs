@@ -157,6 +157,53 @@ mod tests {
     }
 
     #[test]
+    fn host_veth_mode_parses_and_refuses_bad_configs() {
+        let c = NetConf::parse(&conf(json!({"mode": "host-veth"}))).unwrap();
+        let hv = c.host_veth.unwrap();
+        assert_eq!(hv.veth_name, DEFAULT_HOST_VETH_NAME);
+        assert!(hv.service_routes && hv.extra_routes.is_empty());
+        let c = NetConf::parse(&conf(json!({"mode": "host-veth", "veth_name": "hv0",
+            "extra_routes": ["10.0.0.0/8"], "service_routes": false})))
+        .unwrap();
+        let hv = c.host_veth.unwrap();
+        assert_eq!(hv.veth_name, "hv0");
+        assert_eq!(hv.extra_routes[0].to_string(), "10.0.0.0/8");
+        assert!(!hv.service_routes);
+        assert!(NetConf::parse(&conf(json!({})))
+            .unwrap()
+            .host_veth
+            .is_none());
+        for (bad, says) in [
+            (json!({"mode": "hostveth"}), "mode"),
+            (
+                json!({"mode": "host-veth", "veth_name": "a/b"}),
+                "veth_name",
+            ),
+            (
+                json!({"mode": "host-veth", "extra_routes": ["10.1.0.0/8"]}),
+                "host bits",
+            ),
+            (
+                json!({"mode": "host-veth", "extra_routes": "10.0.0.0/8"}),
+                "extra_routes",
+            ),
+            (
+                json!({"mode": "host-veth", "service_routes": "yes"}),
+                "service_routes",
+            ),
+            (
+                json!({"mode": "host-veth", "ipv4_pools": ["10.0.0.0/8"]}),
+                "IPAM",
+            ),
+            (json!({"veth_name": "hv0"}), "host-veth"),
+        ] {
+            let e = NetConf::parse(&conf(bad.clone())).unwrap_err();
+            assert_eq!(e.code, codes::INVALID_NETWORK_CONFIG, "{bad}: {e}");
+            assert!(e.msg.contains(says), "{bad}: {}", e.msg);
+        }
+    }
+
+    #[test]
     fn versions_parse_order_and_features() {
         for v in CniVersion::ALL {
             assert_eq!(v.as_str().parse::<CniVersion>().unwrap(), v);

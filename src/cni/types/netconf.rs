@@ -214,6 +214,89 @@ pub struct NetConf {
     pub runtime_config: Option<Value>,
     /// GC only: the attachments the runtime still uses.
     pub valid_attachments: Option<Vec<ValidAttachment>>,
+    /// `"mode": "host-veth"`: margay is a later plugin in a chain whose first plugin made the pod's
+    /// interface (macvlan, ipvlan); it adds only a veth from the pod to the node. None: the usual mode.
+    pub host_veth: Option<HostVethConf>,
+}
+
+/// The chained underlay mode (`"mode": "host-veth"`): a veth pair from the pod to the node, routes in the
+/// pod for the node's addresses, the cluster's service CIDRs and `extra_routes` through it, a host route to
+/// the pod's underlay address through it. No IPAM: the addresses are the previous plugin's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostVethConf {
+    /// The veth's name inside the pod (`CNI_IFNAME` is the previous plugin's interface).
+    pub veth_name: String,
+    /// Destinations routed through the veth besides the node's addresses and the service CIDRs.
+    #[serde(default)]
+    pub extra_routes: Vec<Cidr>,
+    /// Route the BGPConfiguration's service CIDRs through the veth (default true).
+    #[serde(default = "yes")]
+    pub service_routes: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// The veth's default name inside the pod in host-veth mode.
+pub const DEFAULT_HOST_VETH_NAME: &str = "veth0";
+
+impl HostVethConf {
+    /// Parse the host-veth keys of a configuration object whose `mode` is `host-veth`.
+    fn parse(obj: &Map<String, Value>) -> Result<HostVethConf, CniError> {
+        let veth_name = match obj.get("veth_name") {
+            None | Some(Value::Null) => DEFAULT_HOST_VETH_NAME.to_string(),
+            Some(Value::String(n)) => n.clone(),
+            Some(other) => {
+                return Err(CniError::invalid_config(format!(
+                    "field \"veth_name\" must be a string, not {other}"
+                )))
+            }
+        };
+        validate_ifname(&veth_name)
+            .map_err(|e| CniError::invalid_config(format!("field \"veth_name\": {}", e.msg)))?;
+        let extra_routes = match obj.get("extra_routes") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|e| {
+                    let s = e.as_str().ok_or_else(|| {
+                        CniError::invalid_config(format!(
+                            "field \"extra_routes\": {e} is not a string"
+                        ))
+                    })?;
+                    let c: Cidr = s.parse().map_err(|e| {
+                        CniError::invalid_config(format!("field \"extra_routes\": {e}"))
+                    })?;
+                    if !c.is_network() {
+                        return Err(CniError::invalid_config(format!(
+                            "field \"extra_routes\": {s:?} has host bits set; write the network address"
+                        )));
+                    }
+                    Ok(c)
+                })
+                .collect::<Result<_, _>>()?,
+            Some(other) => {
+                return Err(CniError::invalid_config(format!(
+                    "field \"extra_routes\" must be a list of CIDR strings, not {other}"
+                )))
+            }
+        };
+        let service_routes = match obj.get("service_routes") {
+            None | Some(Value::Null) => true,
+            Some(Value::Bool(b)) => *b,
+            Some(other) => {
+                return Err(CniError::invalid_config(format!(
+                    "field \"service_routes\" must be true or false, not {other}"
+                )))
+            }
+        };
+        Ok(HostVethConf {
+            veth_name,
+            extra_routes,
+            service_routes,
+        })
+    }
 }
 
 /// Longest `timeout_seconds` accepted: kubelet's own runtime request timeout is 2 minutes.
@@ -344,7 +427,33 @@ impl NetConf {
                 })?,
             ),
         };
+        let host_veth = match s("mode")? {
+            None | Some("primary") => {
+                for k in ["veth_name", "extra_routes", "service_routes"] {
+                    if obj.contains_key(k) {
+                        return Err(CniError::invalid_config(format!(
+                            "field {k:?} belongs to \"mode\": \"host-veth\"; this configuration has no mode (margay as the primary plugin)"
+                        )));
+                    }
+                }
+                None
+            }
+            Some("host-veth") => {
+                if !ipv4_pools.is_empty() || !ipv6_pools.is_empty() {
+                    return Err(CniError::invalid_config(
+                        "\"mode\": \"host-veth\" takes no ipv4_pools/ipv6_pools: the pod's addresses come from the previous plugin in the chain (margay does no IPAM in this mode)",
+                    ));
+                }
+                Some(HostVethConf::parse(obj)?)
+            }
+            Some(other) => {
+                return Err(CniError::invalid_config(format!(
+                    "field \"mode\" is {other:?}; use \"host-veth\" (a later plugin in a chain after macvlan/ipvlan) or leave it out"
+                )))
+            }
+        };
         Ok(NetConf {
+            host_veth,
             cni_version,
             name,
             mtu,
