@@ -50,6 +50,7 @@ mod reflector_malformed;
 mod reflector_scale;
 mod rib_decision;
 mod rib_graceful_restart;
+mod rib_llgr;
 mod rib_proptest;
 mod rib_reflection;
 mod rib_task;

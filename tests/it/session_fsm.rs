@@ -801,6 +801,7 @@ fn restart_bit_only_until_the_first_established_session() {
         restart_time: 120,
         restarting: true,
         forwarding_preserved: true,
+        ..Default::default()
     });
     let r_bit = |a: &[Action]| {
         a.iter().find_map(|a| match a {
@@ -836,6 +837,7 @@ fn our_open_carries_gr_bits_and_families() {
         restart_time: 300,
         restarting: true,
         forwarding_preserved: true,
+        ..Default::default()
     });
     let o = build_open(&c);
     let gr = o.capabilities.iter().find_map(|c| match c {
