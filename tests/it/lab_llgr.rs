@@ -78,8 +78,7 @@ fn pods_ping(lab: &Lab) -> Result<(), String> {
 fn converged(lab: &Lab, blocks: &[ipnetwork::Ipv4Network]) -> bool {
     eventually(Duration::from_secs(30), || {
         (0..2).all(|i| {
-            let (other, ip) = &lab.nodes[1 - i];
-            let _ = other;
+            let ip = &lab.nodes[1 - i].1;
             rr_peer(lab.node(i)).is_some_and(|p| {
                 p["fsmState"] == "Established" && p.get("prefixesLlgrStale").is_none()
             }) && route_to(lab.node(i), blocks[1 - i], *ip)

@@ -220,7 +220,7 @@ impl Harness {
         self.now += d;
         // One step may pass several timers (a restart time, then a Long-Lived Stale Time).
         for _ in 0..8 {
-            if !self.rib.next_deadline().is_some_and(|t| t <= self.now) {
+            if self.rib.next_deadline().is_none_or(|t| t > self.now) {
                 break;
             }
             self.rib.on_timer(self.now);
