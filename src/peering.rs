@@ -38,6 +38,10 @@ pub fn speaker_peer(p: &config::DesiredPeer, router_id: Ipv4Addr) -> DesiredPeer
         // session is back (RFC 4724 4.2), before we re-announce them: a withdraw-then-add gap in every
         // peer's FIB. A speaker that forwards nothing (the reflector) clears it.
         forwarding_preserved: true,
+        // RFC 9494: the stale time from the annotations (`config::peers`); the LLGR F bit follows the GR
+        // one on a node (the caller sets both after a restart).
+        long_lived_stale_time: p.llgr_stale_time.as_secs().min(u64::from(u32::MAX)) as u32,
+        long_lived_forwarding_preserved: true,
         ..Default::default()
     });
     DesiredPeer {

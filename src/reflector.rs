@@ -76,6 +76,12 @@ pub struct ReflectorArgs {
     /// until its End-of-RIB.
     #[arg(long, default_value = "/var/run/margay")]
     pub state_dir: PathBuf,
+    /// Long-lived graceful restart (RFC 9494) on every session of this reflector: the Long-Lived Stale
+    /// Time advertised to and accepted from its clients, as a duration ("24h", "3600s"; "0" = off). It
+    /// wins over the `margay.io/llgr-stale-time` annotations. Default: the annotations, else a day towards
+    /// Calico nodes (docs/reflector.md).
+    #[arg(long, value_parser = crate::config::bgp::parse_llgr_stale_time)]
+    pub llgr_stale_time: Option<Duration>,
 }
 
 /// Where the reflector's resources come from: a multi-document YAML file, or the etcd datastore (the same
@@ -198,6 +204,13 @@ async fn load_peers(
                 // A reflector forwards nothing: it never claims preserved forwarding state.
                 gr.restarting = restarting;
                 gr.forwarding_preserved = false;
+                // But for LLGR the F bit is what lets a client keep its long-lived stale routes until our
+                // End-of-RIB after we return (RFC 9494 4.2) instead of sweeping them at once: the routes we
+                // reflect point at their originating nodes, so no forwarding anywhere depends on us.
+                gr.long_lived_forwarding_preserved = true;
+                if let Some(t) = args.llgr_stale_time {
+                    gr.long_lived_stale_time = t.as_secs() as u32;
+                }
             }
             d
         })

@@ -69,6 +69,16 @@ pub struct PeerReport {
     pub prefixes_received: u64,
     pub prefixes_accepted: u64,
     pub prefixes_advertised: u64,
+    /// Of the accepted prefixes, those kept stale through a graceful restart of the peer.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub prefixes_stale: u64,
+    /// Of the stale prefixes, those in the long-lived phase, marked LLGR_STALE (RFC 9494).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub prefixes_llgr_stale: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// The speaker's identity and listening sockets.
@@ -521,17 +531,34 @@ impl Speaker {
                     state: calico_state(s.state).to_string(),
                     fsm_state: s.state.to_string(),
                     since: Some(rfc3339(s.since)),
-                    info: if established {
-                        "Established".to_string()
-                    } else {
-                        s.last_error.clone().unwrap_or_else(|| s.state.to_string())
-                    },
+                    info: stale_info(
+                        if established {
+                            "Established".to_string()
+                        } else {
+                            s.last_error.clone().unwrap_or_else(|| s.state.to_string())
+                        },
+                        counters.map_or((0, 0), |c| (c.stale, c.llgr_stale)),
+                    ),
+                    prefixes_stale: counters.map_or(0, |c| c.stale),
+                    prefixes_llgr_stale: counters.map_or(0, |c| c.llgr_stale),
                     prefixes_received: counters.map_or(s.counters.prefixes_in, |c| c.received),
                     prefixes_accepted: counters.map_or(0, |c| c.accepted),
                     prefixes_advertised: counters.map_or(0, |c| c.advertised),
                 }
             })
             .collect()
+    }
+}
+
+/// The INFO column with the routes kept through a restart of the peer: "hold timer expired; 12 routes
+/// kept long-lived stale (LLGR)".
+fn stale_info(info: String, (stale, llgr): (u64, u64)) -> String {
+    if llgr > 0 {
+        format!("{info}; {llgr} routes kept long-lived stale (LLGR)")
+    } else if stale > 0 {
+        format!("{info}; {stale} routes kept stale (graceful restart)")
+    } else {
+        info
     }
 }
 

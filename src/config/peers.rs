@@ -12,7 +12,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use super::bgp::{
-    BgpPeer, ConfigSet, NextHopMode, Node, ReversePeering, SourceAddress, KIND_BGP_PEER, KIND_NODE,
+    BgpConfiguration, BgpPeer, ConfigSet, NextHopMode, Node, ReversePeering, SourceAddress,
+    KIND_BGP_PEER, KIND_NODE,
 };
 use super::meta::ConfigError;
 use super::selector::Selector;
@@ -70,6 +71,9 @@ pub struct DesiredPeer {
     pub peer_node: Option<String>,
     /// The BGPPeer resource that produced it (None for the mesh).
     pub from_resource: Option<String>,
+    /// Long-Lived Stale Time (RFC 9494) advertised and accepted on this session; zero = LLGR off. See
+    /// [`llgr_stale_time`].
+    pub llgr_stale_time: Duration,
 }
 
 impl DesiredPeer {
@@ -259,6 +263,7 @@ pub fn desired_peers(set: &ConfigSet, node_name: &str) -> Result<Vec<DesiredPeer
                     num_allowed_local_as: None,
                     peer_node: Some(other.metadata.name.clone()),
                     from_resource: None,
+                    llgr_stale_time: llgr_stale_time(&global, None, true),
                 };
                 out.insert(d.key(), d);
             }
@@ -336,6 +341,18 @@ fn build(
         num_allowed_local_as: p.spec.num_allowed_local_as_numbers,
         peer_node: peer_node.map(|n| n.metadata.name.clone()),
         from_resource: Some(p.metadata.name.clone()),
+        llgr_stale_time: llgr_stale_time(&set.default_bgp(), Some(p), peer_node.is_some()),
+    }
+}
+
+/// The Long-Lived Stale Time of a session: the BGPPeer's `margay.io/llgr-stale-time` annotation when it has
+/// one; else, towards a Calico node (mesh, route reflector), the default BGPConfiguration's annotation or a
+/// day; else (an external router) off, as RFC 9494 section 5 asks of a session nobody configured for it.
+fn llgr_stale_time(global: &BgpConfiguration, p: Option<&BgpPeer>, to_node: bool) -> Duration {
+    match p.and_then(BgpPeer::llgr_stale_time) {
+        Some(d) => d,
+        None if to_node => global.node_llgr_stale_time(),
+        None => Duration::ZERO,
     }
 }
 

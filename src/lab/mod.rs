@@ -72,7 +72,8 @@ pub enum LabCmd {
         #[command(flatten)]
         common: LabArgs,
     },
-    /// Stop one node's daemon with SIGTERM and start it again (its pods and kernel routes stay).
+    /// Stop one node's daemon with SIGTERM and start it again (its pods and kernel routes stay); the
+    /// reflector's name (`<lab>-rr`) restarts the reflector, also one that was killed.
     RestartNode {
         node: String,
         #[command(flatten)]

@@ -42,6 +42,9 @@ pub(super) fn restart_node(args: &LabArgs, node: &str) -> anyhow::Result<()> {
     use nix::unistd::Pid;
     let state = args.state();
     let lab = load(&state)?;
+    if lab.reflector.as_deref() == Some(node) {
+        return restart_reflector(&state, node);
+    }
     let Some(n) = lab.nodes.iter().find(|n| n.name == node) else {
         bail!(
             "no node {node:?} in lab {:?} (nodes: {})",
@@ -79,6 +82,24 @@ pub(super) fn restart_node(args: &LabArgs, node: &str) -> anyhow::Result<()> {
         "{node}: daemon restarted (pid {pid}, log {}{suffix}.log)",
         state.join(node).display()
     );
+    Ok(())
+}
+
+/// `restart-node` for the lab's route reflector: stop it (if it still runs), keep its log under a
+/// timestamped name, start it again (it finds its run marker and announces the restart, RFC 4724 R bit).
+fn restart_reflector(state: &Path, rr: &str) -> anyhow::Result<()> {
+    stop_pid_file(&state.join(format!("{rr}.pid")), &format!("reflector {rr}"))?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    // Best effort: a missing log only means nothing to keep.
+    let _ = std::fs::rename(
+        state.join(format!("{rr}.log")),
+        state.join(format!("{rr}.before-{stamp}.log")),
+    );
+    let pid = start_reflector(state, rr)?;
+    println!("{rr}: reflector restarted (pid {pid})");
     Ok(())
 }
 

@@ -82,6 +82,7 @@ pub(super) async fn peer_loop(
                     // was preserved and they should not.
                     if let Some(gr) = d.session.graceful_restart.as_mut() {
                         gr.forwarding_preserved = id.forwarding_preserved;
+                        gr.long_lived_forwarding_preserved = id.forwarding_preserved;
                         gr.restarting = id.restarting;
                     }
                     d

@@ -297,3 +297,87 @@ fn unknown_node_is_an_error_naming_it() {
     assert_eq!(e.name, "zz");
     assert!(e.to_string().contains("Node"));
 }
+
+/// Long-lived graceful restart (RFC 9494) per session: a day between Calico nodes (mesh, node <-> reflector)
+/// unless the default BGPConfiguration's `margay.io/llgr-stale-time` says otherwise; a BGPPeer's own
+/// annotation wins for its sessions; external routers are off unless annotated; bad values are refused
+/// naming the resource, the annotation, the value and the fix.
+#[test]
+fn llgr_stale_time_from_annotations_and_defaults() {
+    let day = Duration::from_secs(86_400);
+    let ext = "apiVersion: projectcalico.org/v3\nkind: BGPPeer\nmetadata: {name: tor}\nspec:\n  peerIP: 10.0.0.254\n  asNumber: 65001\n".to_string();
+    let rr_peer = |ann: &str| {
+        format!("apiVersion: projectcalico.org/v3\nkind: BGPPeer\nmetadata:\n  name: to-rr\n{ann}spec:\n  nodeSelector: \"!has(route-reflector)\"\n  peerSelector: has(route-reflector)\n")
+    };
+    let nodes = || {
+        vec![
+            node("a", "10.0.0.1", &[], ""),
+            node("b", "10.0.0.2", &[], ""),
+            rr_node("rr", "10.0.0.3", "244.0.0.1"),
+        ]
+    };
+    let mut docs = nodes();
+    docs.push(ext.clone());
+    docs.push(rr_peer(""));
+    let s = set(&docs);
+    let a = peers(&s, "a");
+    assert_eq!(find(&a, "10.0.0.2").llgr_stale_time, day, "mesh: a day");
+    assert_eq!(
+        find(&a, "10.0.0.3").llgr_stale_time,
+        day,
+        "to the reflector: a day"
+    );
+    assert_eq!(
+        find(&a, "10.0.0.254").llgr_stale_time,
+        Duration::ZERO,
+        "external router: off (RFC 9494 5)"
+    );
+    let rr = peers(&s, "rr");
+    assert_eq!(
+        find(&rr, "10.0.0.1").llgr_stale_time,
+        day,
+        "reflector side too"
+    );
+
+    // The mesh setting on the default BGPConfiguration; a BGPPeer's own annotation wins.
+    let mut docs = nodes();
+    docs.push("apiVersion: projectcalico.org/v3\nkind: BGPConfiguration\nmetadata:\n  name: default\n  annotations:\n    margay.io/llgr-stale-time: \"0\"\n".into());
+    docs.push(rr_peer(
+        "  annotations:\n    margay.io/llgr-stale-time: 1h\n",
+    ));
+    docs.push(ext.replace(
+        "name: tor}",
+        "name: tor, annotations: {margay.io/llgr-stale-time: 2h}}",
+    ));
+    let s = set(&docs);
+    let a = peers(&s, "a");
+    assert_eq!(
+        find(&a, "10.0.0.2").llgr_stale_time,
+        Duration::ZERO,
+        "mesh off"
+    );
+    assert_eq!(
+        find(&a, "10.0.0.3").llgr_stale_time,
+        Duration::from_secs(3600)
+    );
+    assert_eq!(
+        find(&a, "10.0.0.254").llgr_stale_time,
+        Duration::from_secs(7200)
+    );
+
+    // Refused loudly.
+    let mut docs = nodes();
+    docs.push(rr_peer(
+        "  annotations:\n    margay.io/llgr-stale-time: a week\n",
+    ));
+    let e = ConfigSet::from_yaml(&docs.join("---\n"))
+        .expect_err("a bad annotation is refused")
+        .to_string();
+    assert!(
+        e.contains("to-rr")
+            && e.contains("margay.io/llgr-stale-time")
+            && e.contains("a week")
+            && e.contains("\"0\""),
+        "{e}"
+    );
+}

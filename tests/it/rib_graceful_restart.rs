@@ -148,6 +148,7 @@ fn forwarding_state_not_preserved_sweeps_on_return() {
         graceful_restart: Some(PeerGracefulRestart {
             restart_time: Duration::from_secs(120),
             forwarding_preserved: vec![Family::IPV6_UNICAST],
+            long_lived: None,
         }),
         ..peer(1, 65001)
     };

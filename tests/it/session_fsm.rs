@@ -801,6 +801,7 @@ fn restart_bit_only_until_the_first_established_session() {
         restart_time: 120,
         restarting: true,
         forwarding_preserved: true,
+        ..Default::default()
     });
     let r_bit = |a: &[Action]| {
         a.iter().find_map(|a| match a {
@@ -836,6 +837,7 @@ fn our_open_carries_gr_bits_and_families() {
         restart_time: 300,
         restarting: true,
         forwarding_preserved: true,
+        ..Default::default()
     });
     let o = build_open(&c);
     let gr = o.capabilities.iter().find_map(|c| match c {
@@ -972,4 +974,77 @@ proptest! {
             prop_assert_eq!(s.negotiated().is_some(), matches!(s.state(), State::OpenConfirm | State::Established));
         }
     }
+}
+
+/// RFC 9494 3.1: the LLGR capability goes out only next to graceful restart and only when a stale time is
+/// configured; it is in force when the peer sent it with graceful restart (alone it is ignored), for the
+/// negotiated families, with the peer's stale time shortened to ours.
+#[test]
+fn long_lived_graceful_restart_is_offered_and_negotiated() {
+    use margay::bgp::wire::LongLivedFamily;
+    let llgr_of = |o: &Open| {
+        o.capabilities.iter().find_map(|c| match c {
+            Capability::LongLivedGracefulRestart(v) => Some(v.clone()),
+            _ => None,
+        })
+    };
+    let mut c = cfg();
+    assert_eq!(llgr_of(&build_open(&c)), None, "off unless configured");
+    if let Some(gr) = c.graceful_restart.as_mut() {
+        gr.long_lived_stale_time = 3600;
+        gr.long_lived_forwarding_preserved = true;
+    }
+    let ours = llgr_of(&build_open(&c)).expect("offered");
+    assert_eq!(ours.len(), 2, "one tuple per family: {ours:?}");
+    assert!(ours
+        .iter()
+        .all(|l| l.stale_time == 3600 && l.forwarding_preserved));
+
+    let mut theirs = peer_open(65000, Ipv4Addr::new(10, 0, 0, 2));
+    theirs
+        .capabilities
+        .push(Capability::LongLivedGracefulRestart(vec![
+            LongLivedFamily {
+                family: Family::IPV4_UNICAST,
+                forwarding_preserved: true,
+                stale_time: 86_400,
+            },
+            LongLivedFamily {
+                family: Family {
+                    afi: margay::bgp::wire::Afi::Ipv4,
+                    safi: margay::bgp::wire::Safi::Other(128),
+                },
+                forwarding_preserved: true,
+                stale_time: 86_400,
+            },
+        ]));
+    let n = negotiate(&c, &theirs).expect("negotiated");
+    let ll = n
+        .peer_graceful_restart
+        .as_ref()
+        .and_then(|g| g.long_lived.clone())
+        .expect("LLGR in force");
+    assert_eq!(
+        ll,
+        vec![LongLivedFamily {
+            family: Family::IPV4_UNICAST,
+            forwarding_preserved: true,
+            stale_time: 3600,
+        }],
+        "negotiated families only, capped by ours"
+    );
+
+    // Without graceful restart the LLGR capability is ignored; with ours off, too.
+    let mut alone = theirs.clone();
+    alone
+        .capabilities
+        .retain(|c| !matches!(c, Capability::GracefulRestart { .. }));
+    let n = negotiate(&c, &alone).expect("negotiated");
+    assert!(n.peer_graceful_restart.is_none());
+    let n = negotiate(&cfg(), &theirs).expect("negotiated");
+    assert_eq!(
+        n.peer_graceful_restart.and_then(|g| g.long_lived),
+        None,
+        "we did not offer it"
+    );
 }

@@ -1033,3 +1033,67 @@ fn bird_add_path_negotiated_and_decoded() {
     });
     drop(link);
 }
+
+/// RFC 9494 interop: BIRD 2 with `long lived graceful restart on` and margay with a Long-Lived Stale Time
+/// negotiate LLGR both ways: margay sees BIRD's capability (its stale time capped by ours) and BIRD's
+/// `show protocols all` lists the capability margay sent.
+#[test]
+#[ignore = "needs root (network namespaces) and BIRD 2: scripts/test.sh runs it (--include-ignored)"]
+fn bird_negotiates_long_lived_graceful_restart() {
+    let t = "bird_negotiates_long_lived_graceful_restart";
+    if !prereqs(t, have_bird(), "bird2") {
+        return;
+    }
+    let link = Link::new("ll");
+    let conf = bird_conf_v4(9).replace(
+        "graceful restart on;",
+        "graceful restart on; long lived graceful restart on; long lived stale time 3600;",
+    );
+    let bird = Bird::start(&link.peer_ns, &conf);
+    let (negotiated, out) = in_netns(&link.margay_ns, move || async move {
+        let (tx, mut rx) = mpsc::channel(1024);
+        let mut cfg = peer_cfg("10.0.0.2", 4200000002, 4200000001);
+        cfg.families = vec![margay::bgp::wire::Family::IPV4_UNICAST];
+        if let Some(gr) = cfg.graceful_restart.as_mut() {
+            gr.long_lived_stale_time = 600;
+            gr.long_lived_forwarding_preserved = true;
+        }
+        let p = spawn_peer(cfg, None, tx);
+        let mut seen = Vec::new();
+        let ev = expect_event(&mut rx, &mut seen, "Established", |e| {
+            matches!(e, SessionEvent::Established { .. })
+        })
+        .await;
+        // BIRD's view while the session is up (it may take a moment to reach Established itself).
+        let mut out = String::new();
+        for _ in 0..20 {
+            out = bird.birdc("show protocols all margay4");
+            if out.contains("Established") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        p.shutdown().await;
+        match ev {
+            SessionEvent::Established { negotiated, .. } => (negotiated, out),
+            _ => unreachable!(),
+        }
+    });
+    let ll = negotiated
+        .peer_graceful_restart
+        .as_ref()
+        .and_then(|g| g.long_lived.clone())
+        .expect("LLGR negotiated with BIRD");
+    assert!(
+        ll.iter()
+            .any(|l| l.family == margay::bgp::wire::Family::IPV4_UNICAST && l.stale_time == 600),
+        "BIRD's 3600 s capped to our 600 s: {ll:?}"
+    );
+    println!("{out}");
+    // BIRD lists it under its own capabilities and under the neighbour's (what margay sent).
+    assert!(
+        out.matches("Long-lived graceful restart").count() >= 2,
+        "BIRD does not list LLGR on both sides: {out}"
+    );
+    drop(link);
+}

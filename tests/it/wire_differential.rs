@@ -111,6 +111,7 @@ fn ours(m: &Message) -> Canon {
                     Capability::GracefulRestart { .. } => (64, None, None),
                     Capability::FourOctetAs(a) => (65, None, Some(*a)),
                     Capability::AddPath(_) => (69, None, None),
+                    Capability::LongLivedGracefulRestart(_) => (71, None, None),
                     Capability::Unknown { code, .. } => (*code, None, None),
                 })
                 .collect();

@@ -1458,3 +1458,91 @@ fn rfc7606_audit_remaining_rules() {
         );
     }
 }
+
+/// RFC 9494 3.1: the long-lived graceful restart capability, one 7-octet tuple per family (AFI, SAFI,
+/// flags with the F bit, 24-bit stale time), next to graceful restart; an empty one (BIRD's "aware" mode)
+/// too.
+#[test]
+fn open_long_lived_graceful_restart() {
+    let o = Open {
+        version: 4,
+        my_as: 64512,
+        hold_time: 90,
+        bgp_id: Ipv4Addr::new(10, 0, 0, 1),
+        capabilities: vec![
+            Capability::GracefulRestart {
+                restarting: false,
+                notification: false,
+                restart_time: 0,
+                families: vec![],
+            },
+            Capability::LongLivedGracefulRestart(vec![
+                LongLivedFamily {
+                    family: Family::IPV4_UNICAST,
+                    forwarding_preserved: true,
+                    stale_time: 86_400,
+                },
+                LongLivedFamily {
+                    family: Family::IPV6_UNICAST,
+                    forwarding_preserved: false,
+                    stale_time: LLGR_MAX_STALE_TIME,
+                },
+            ]),
+            Capability::LongLivedGracefulRestart(vec![]),
+        ],
+    };
+    let bytes = msg(
+        1,
+        "04 fc00 005a 0a000001 18 02 16
+         40 02 0000
+         47 0e 0001 01 80 015180 0002 01 00 ffffff
+         47 00",
+    );
+    both_ways(
+        &bytes,
+        &Message::Open(o),
+        &DecodeCtx::default(),
+        &EncodeCtx::default(),
+    );
+    assert_eq!((LLGR_STALE, NO_LLGR), (0xffff_0006, 0xffff_0007));
+}
+
+/// Tolerant on receipt: flag bits other than F are ignored (RFC 9494 3.1); a length that is not a
+/// multiple of 7 is a malformed capability, refused with the code in the error.
+#[test]
+fn open_long_lived_graceful_restart_tolerance() {
+    let bytes = msg(1, "04 fc00 005a 0a000001 0b 02 09 47 07 0001 01 ff 000e10");
+    let Message::Open(o) = decode(&bytes, &DecodeCtx::default()).expect("decodes") else {
+        panic!("not an OPEN");
+    };
+    assert_eq!(
+        o.capabilities,
+        vec![Capability::LongLivedGracefulRestart(vec![
+            LongLivedFamily {
+                family: Family::IPV4_UNICAST,
+                forwarding_preserved: true,
+                stale_time: 3600,
+            }
+        ])]
+    );
+    let bad = msg(1, "04 fc00 005a 0a000001 0a 02 08 47 06 0001 01 80 0000");
+    match decode(&bad, &DecodeCtx::default()) {
+        Err(DecodeError::MalformedCapability { code: 71, .. }) => {}
+        other => panic!("want a malformed capability 71, got {other:?}"),
+    }
+    // Encoding clamps a stale time beyond 24 bits instead of spilling into the next tuple.
+    let o = Message::Open(Open {
+        version: 4,
+        my_as: 64512,
+        hold_time: 90,
+        bgp_id: Ipv4Addr::new(10, 0, 0, 1),
+        capabilities: vec![Capability::LongLivedGracefulRestart(vec![
+            LongLivedFamily {
+                family: Family::IPV4_UNICAST,
+                forwarding_preserved: false,
+                stale_time: u32::MAX,
+            },
+        ])],
+    });
+    assert!(hex::encode(enc(&o, &EncodeCtx::default())).ends_with("470700010100ffffff"));
+}

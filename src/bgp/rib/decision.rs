@@ -7,7 +7,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use super::table::{Path, FLAG_ECMP};
-use crate::bgp::wire::Origin;
+use crate::bgp::wire::{Origin, LLGR_STALE};
 
 /// LOCAL_PREF assumed when none is present (and for routes learned over eBGP, whose received LOCAL_PREF is
 /// ignored, RFC 4271 5.1.5). BIRD and FRR use 100 too.
@@ -74,6 +74,11 @@ pub(crate) fn select(paths: &mut [Path], meta: &dyn Fn(u16) -> SourceMeta) -> us
     let metas: Vec<SourceMeta> = paths.iter().map(|p| meta(p.slot)).collect();
     let mut cand: Vec<usize> = (0..paths.len()).collect();
 
+    // RFC 9494 4.3: a route carrying LLGR_STALE is less preferred than any route without it, whatever its
+    // other attributes; among stale routes the usual steps decide.
+    keep_best(&mut cand, |i| {
+        paths[i].attrs.communities.contains(&LLGR_STALE)
+    });
     // (a) highest degree of preference (9.1.1 / 9.1.2.1).
     keep_best(&mut cand, |i| {
         std::cmp::Reverse(degree_of_preference(&paths[i], metas[i].kind))

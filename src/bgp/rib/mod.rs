@@ -75,6 +75,34 @@ pub struct PeerGracefulRestart {
     /// Families for which the peer said it kept its forwarding state (F bit). On re-establishment, stale routes
     /// of a family without the bit are swept at once (RFC 4724 4.2).
     pub forwarding_preserved: Vec<Family>,
+    /// Long-lived graceful restart (RFC 9494), set only when both sides advertised it next to graceful
+    /// restart. None: the routes go when the restart time ends, and LLGR_STALE routes are never sent to
+    /// this peer (RFC 9494 4.5).
+    pub long_lived: Option<PeerLongLived>,
+}
+
+/// Long-lived graceful restart as negotiated with a peer (RFC 9494 3.1, 4.2).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PeerLongLived {
+    /// Families whose routes are kept, marked LLGR_STALE, once the restart time has run out, and for how
+    /// long (the peer's Long-Lived Stale Time, capped by ours). A family missing here, or with a zero time,
+    /// is swept when the restart time ends.
+    pub families: Vec<(Family, Duration)>,
+    /// Families whose F bit was set in the LLGR capability: on re-establishment, long-lived stale routes of
+    /// the other families are swept at once (RFC 9494 4.2).
+    pub forwarding_preserved: Vec<Family>,
+}
+
+impl PeerGracefulRestart {
+    /// The Long-Lived Stale Time of `family`, when it is kept long-lived at all.
+    pub fn long_lived_time(&self, family: Family) -> Option<Duration> {
+        self.long_lived
+            .as_ref()?
+            .families
+            .iter()
+            .find(|(f, t)| *f == family && !t.is_zero())
+            .map(|(_, t)| *t)
+    }
 }
 
 /// Everything the RIB needs to know about an established session.
@@ -310,6 +338,9 @@ pub struct PathView {
     pub ecmp: bool,
     /// Kept across a graceful restart of its peer, waiting for End-of-RIB or the restart time.
     pub stale: bool,
+    /// Carries the LLGR_STALE community (RFC 9494 4.3): kept by us, or by a peer, past a restart time;
+    /// least preferred.
+    pub llgr_stale: bool,
 }
 
 /// One Loc-RIB entry as a query sees it.
@@ -331,8 +362,10 @@ pub struct PeerCounters {
     pub received: u64,
     /// Paths held now (accepted by import policy), including stale ones.
     pub accepted: u64,
-    /// Stale paths held now (graceful restart).
+    /// Stale paths held now (graceful restart), including the long-lived stale ones.
     pub stale: u64,
+    /// Of the stale paths, those in the long-lived phase, marked LLGR_STALE (RFC 9494 4.2).
+    pub llgr_stale: u64,
     /// Prefixes the peer holds from us now (paths, on an ADD-PATH send session: one per path).
     pub advertised: u64,
     /// Announcements rejected by import rules (loops, policy, max-prefix).

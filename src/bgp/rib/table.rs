@@ -16,6 +16,9 @@ pub(crate) const LOCAL_SLOT: u16 = 0;
 
 pub(crate) const FLAG_STALE: u8 = 1;
 pub(crate) const FLAG_ECMP: u8 = 2;
+/// Kept past the restart time, with LLGR_STALE added to its attributes (RFC 9494 4.2); always with
+/// `FLAG_STALE`.
+pub(crate) const FLAG_LLGR: u8 = 4;
 
 /// One path to a prefix: who sent it (peer slot), its ADD-PATH id and its interned attributes.
 #[derive(Debug, Clone)]
@@ -29,6 +32,9 @@ pub(crate) struct Path {
 impl Path {
     pub fn stale(&self) -> bool {
         self.flags & FLAG_STALE != 0
+    }
+    pub fn llgr(&self) -> bool {
+        self.flags & FLAG_LLGR != 0
     }
     pub fn ecmp(&self) -> bool {
         self.flags & FLAG_ECMP != 0

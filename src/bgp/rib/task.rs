@@ -91,6 +91,8 @@ async fn run(
 /// How soon a peer whose channel was full is offered its dirty prefixes again.
 const DIRTY_RETRY: std::time::Duration = std::time::Duration::from_millis(2);
 
+// One lives on the stack per loop turn; boxing the input would cost an allocation per RIB input.
+#[allow(clippy::large_enum_variant)]
 enum Tick {
     Input(RibInput),
     Timer,

@@ -50,6 +50,15 @@ pub struct GracefulRestartConfig {
     pub restarting: bool,
     /// Forwarding State ("F") bit, per advertised family: the kernel routes survived our restart.
     pub forwarding_preserved: bool,
+    /// Long-lived graceful restart (RFC 9494): the Long-Lived Stale Time in seconds we advertise for
+    /// every family, and the longest we keep a peer's routes long-lived stale as its helper (a peer
+    /// asking for more gets ours). 0 = LLGR off: no capability, no helper (RFC 9494 5: never on unless
+    /// configured).
+    pub long_lived_stale_time: u32,
+    /// The F bit of the LLGR capability. Separate from `forwarding_preserved`: a reflector forwards
+    /// nothing, so the forwarding of the routes it reflects (they point at their origins) survives any
+    /// outage of it.
+    pub long_lived_forwarding_preserved: bool,
 }
 
 impl Default for GracefulRestartConfig {
@@ -59,6 +68,8 @@ impl Default for GracefulRestartConfig {
             restart_time: 120,
             restarting: false,
             forwarding_preserved: false,
+            long_lived_stale_time: 0,
+            long_lived_forwarding_preserved: false,
         }
     }
 }

@@ -4,7 +4,8 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use crate::bgp::wire::{
-    AddPathMode, Capability, Family, GracefulRestartFamily, Notification, Open, AS_TRANS,
+    AddPathMode, Capability, Family, GracefulRestartFamily, LongLivedFamily, Notification, Open,
+    AS_TRANS, LLGR_MAX_STALE_TIME,
 };
 
 use super::config::PeerConfig;
@@ -51,6 +52,10 @@ pub struct PeerGracefulRestart {
     pub notification: bool,
     /// Families the peer preserves across a restart, with its Forwarding State bit.
     pub families: Vec<GracefulRestartFamily>,
+    /// Long-lived graceful restart (RFC 9494), when both sides advertised it next to graceful restart:
+    /// the peer's families (negotiated ones only) with their stale time capped by ours. `Some(vec![])` is
+    /// a peer that understands LLGR_STALE routes but keeps no family long-lived (BIRD's "aware").
+    pub long_lived: Option<Vec<LongLivedFamily>>,
 }
 
 impl PeerGracefulRestart {
@@ -140,6 +145,9 @@ pub fn build_open(cfg: &PeerConfig) -> Open {
                 })
                 .collect(),
         });
+        if let Some(c) = long_lived_capability(cfg) {
+            caps.push(c);
+        }
     }
     caps.push(Capability::FourOctetAs(cfg.local_as));
     let add_path: Vec<_> = cfg
@@ -159,6 +167,54 @@ pub fn build_open(cfg: &PeerConfig) -> Open {
         bgp_id: cfg.router_id,
         capabilities: caps,
     }
+}
+
+/// The LLGR capability we advertise (RFC 9494 3.1): only next to graceful restart and only when a stale
+/// time is configured, one tuple per family we offer.
+fn long_lived_capability(cfg: &PeerConfig) -> Option<Capability> {
+    let gr = cfg.graceful_restart.as_ref()?;
+    if gr.long_lived_stale_time == 0 {
+        return None;
+    }
+    Some(Capability::LongLivedGracefulRestart(
+        cfg.families
+            .iter()
+            .map(|f| LongLivedFamily {
+                family: *f,
+                forwarding_preserved: gr.long_lived_forwarding_preserved,
+                stale_time: gr.long_lived_stale_time.min(LLGR_MAX_STALE_TIME),
+            })
+            .collect(),
+    ))
+}
+
+/// RFC 9494 3.1, 4.2: LLGR is in force when we advertised it and the peer sent it together with graceful
+/// restart (alone it is ignored). The peer's stale time is shortened to ours.
+fn negotiate_long_lived(
+    cfg: &PeerConfig,
+    open: &Open,
+    families: &[Family],
+) -> Option<Vec<LongLivedFamily>> {
+    let ours = cfg.graceful_restart.as_ref()?.long_lived_stale_time;
+    if ours == 0 {
+        return None;
+    }
+    let mut theirs = open.capabilities.iter().filter_map(|c| match c {
+        Capability::LongLivedGracefulRestart(v) => Some(v),
+        _ => None,
+    });
+    let first = theirs.next()?;
+    Some(
+        first
+            .iter()
+            .chain(theirs.flatten())
+            .filter(|l| families.contains(&l.family))
+            .map(|l| LongLivedFamily {
+                stale_time: l.stale_time.min(ours),
+                ..*l
+            })
+            .collect(),
+    )
 }
 
 fn open_error(subcode: u8, data: Vec<u8>, reason: String) -> OpenError {
@@ -335,6 +391,7 @@ pub fn negotiate(cfg: &PeerConfig, open: &Open) -> Result<Negotiated, OpenError>
                 .filter(|g| families.contains(&g.family))
                 .copied()
                 .collect(),
+            long_lived: negotiate_long_lived(cfg, open, &families),
         }),
         _ => None,
     });

@@ -13,7 +13,7 @@ use bytes::BytesMut;
 use tokio::sync::mpsc;
 
 use crate::bgp::rib::{
-    NextHopMode, PeerGracefulRestart as RibGr, PeerId, PeerInfo, RibInput, RibOutput,
+    NextHopMode, PeerGracefulRestart as RibGr, PeerId, PeerInfo, PeerLongLived, RibInput, RibOutput,
 };
 use crate::bgp::wire::{encode_updates, encode_withdrawals, EncodeCtx, Family};
 
@@ -71,6 +71,17 @@ pub fn peer_info(cfg: &PeerConfig, role: &RibRole, n: &Negotiated) -> PeerInfo {
                 .filter(|f| f.forwarding_preserved)
                 .map(|f| f.family)
                 .collect(),
+            long_lived: g.long_lived.as_ref().map(|l| PeerLongLived {
+                families: l
+                    .iter()
+                    .map(|f| (f.family, Duration::from_secs(u64::from(f.stale_time))))
+                    .collect(),
+                forwarding_preserved: l
+                    .iter()
+                    .filter(|f| f.forwarding_preserved)
+                    .map(|f| f.family)
+                    .collect(),
+            }),
         }),
         families: n.families.clone(),
         add_path_rx: n.add_path_rx.clone(),

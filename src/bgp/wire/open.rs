@@ -22,6 +22,7 @@ pub(crate) mod cap {
     pub const GRACEFUL_RESTART: u8 = 64;
     pub const FOUR_OCTET_AS: u8 = 65;
     pub const ADD_PATH: u8 = 69;
+    pub const LONG_LIVED_GRACEFUL_RESTART: u8 = 71;
 }
 
 pub(crate) fn decode_open(b: &[u8]) -> Result<Open, DecodeError> {
@@ -177,6 +178,23 @@ fn decode_capabilities(mut b: &[u8], out: &mut Vec<Capability>) -> Result<(), De
                     .collect();
                 Capability::AddPath(entries)
             }
+            cap::LONG_LIVED_GRACEFUL_RESTART => {
+                // RFC 9494 3.1: (AFI 2, SAFI 1, flags 1, stale time 3) per family. Only the F bit of the
+                // flags means anything; the others are ignored on receipt. A length that is not a
+                // multiple of 7 is malformed (as BIRD and GoBGP treat it).
+                if v.len() % 7 != 0 {
+                    return Err(bad("length is not a multiple of 7"));
+                }
+                Capability::LongLivedGracefulRestart(
+                    v.chunks_exact(7)
+                        .map(|c| LongLivedFamily {
+                            family: family_at(c),
+                            forwarding_preserved: c[3] & 0x80 != 0,
+                            stale_time: u32::from_be_bytes([0, c[4], c[5], c[6]]),
+                        })
+                        .collect(),
+                )
+            }
             cap::EXTENDED_NEXT_HOP => {
                 // RFC 8950 3: NLRI AFI (2), NLRI SAFI (2), next-hop AFI (2).
                 if v.len() % 6 != 0 {
@@ -224,6 +242,7 @@ fn encode_capability(c: &Capability, out: &mut BytesMut) -> Result<(), EncodeErr
         Capability::FourOctetAs(_) => cap::FOUR_OCTET_AS,
         Capability::AddPath(_) => cap::ADD_PATH,
         Capability::ExtendedNextHop(_) => cap::EXTENDED_NEXT_HOP,
+        Capability::LongLivedGracefulRestart(_) => cap::LONG_LIVED_GRACEFUL_RESTART,
         Capability::Unknown { code, .. } => *code,
     };
     out.put_u8(code);
@@ -270,6 +289,15 @@ fn encode_capability(c: &Capability, out: &mut BytesMut) -> Result<(), EncodeErr
                 out.put_u16(f.afi.code());
                 out.put_u16(f.safi.code() as u16);
                 out.put_u16(nh.code());
+            }
+        }
+        Capability::LongLivedGracefulRestart(entries) => {
+            for e in entries {
+                put_family(e.family, out);
+                // RFC 9494 3.1: only the F bit is defined; the rest are sent as zero.
+                out.put_u8(if e.forwarding_preserved { 0x80 } else { 0 });
+                let t = e.stale_time.min(LLGR_MAX_STALE_TIME).to_be_bytes();
+                out.put_slice(&t[1..]);
             }
         }
         Capability::Unknown { data, .. } => out.put_slice(data),

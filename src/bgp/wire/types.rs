@@ -147,6 +147,27 @@ pub struct GracefulRestartFamily {
     pub forwarding_preserved: bool,
 }
 
+/// One address family entry of the long-lived graceful restart capability (RFC 9494 section 3.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LongLivedFamily {
+    pub family: Family,
+    /// The F bit (0x80 of the flags): the sender kept its forwarding state for this family.
+    pub forwarding_preserved: bool,
+    /// Long-Lived Stale Time in seconds (24 bits, 0..=16_777_215): how long a helper may keep the
+    /// sender's routes of this family, marked LLGR_STALE, after the graceful-restart time.
+    pub stale_time: u32,
+}
+
+/// The largest Long-Lived Stale Time the 24-bit field holds (RFC 9494 3.1).
+pub const LLGR_MAX_STALE_TIME: u32 = 0x00ff_ffff;
+
+/// Well-known community LLGR_STALE (65535:6, RFC 9494 3.2): the route is kept by a long-lived graceful
+/// restart helper after its peer went away; least preferred (RFC 9494 4.3).
+pub const LLGR_STALE: u32 = 0xffff_0006;
+/// Well-known community NO_LLGR (65535:7, RFC 9494 3.3): drop the route instead of keeping it long-lived
+/// stale.
+pub const NO_LLGR: u32 = 0xffff_0007;
+
 /// OPEN capabilities (RFC 5492) that margay understands; anything else is carried as `Unknown`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Capability {
@@ -167,6 +188,9 @@ pub enum Capability {
     FourOctetAs(u32),
     /// Code 69 (RFC 7911).
     AddPath(Vec<(Family, AddPathMode)>),
+    /// Code 71 (RFC 9494): long-lived graceful restart, one entry per family. Meaningful only next to
+    /// `GracefulRestart` (RFC 9494 3.1: received alone it is ignored).
+    LongLivedGracefulRestart(Vec<LongLivedFamily>),
     /// Code 5 (RFC 8950): NLRI family, next-hop AFI.
     ExtendedNextHop(Vec<(Family, Afi)>),
     /// Any other capability, kept byte for byte.

@@ -218,6 +218,7 @@ impl BgpPeer {
             r.parse::<IpAddr>()
                 .map_err(|_| err("spec.reachableBy", r, "not an IP address"))?;
         }
+        llgr_annotation(KIND_BGP_PEER, &self.metadata)?;
         Ok(())
     }
 }

@@ -26,12 +26,14 @@ use super::selector::Selector;
 
 mod bgp_configuration;
 mod bgp_peer;
+mod llgr;
 mod loader;
 mod node;
 mod values;
 
 pub use bgp_configuration::*;
 pub use bgp_peer::*;
+pub use llgr::*;
 pub use loader::*;
 pub use node::*;
 pub use values::*;

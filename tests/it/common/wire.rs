@@ -346,10 +346,23 @@ pub fn capability() -> impl Strategy<Value = Capability> {
         vec((family_any(), mode), 0..4).prop_map(Capability::AddPath),
         vec((family_any(), any::<u16>().prop_map(Afi::from_code)), 0..3)
             .prop_map(Capability::ExtendedNextHop),
+        vec((family_any(), any::<bool>(), 0u32..=0x00ff_ffff), 0..4).prop_map(|v| {
+            Capability::LongLivedGracefulRestart(
+                v.into_iter()
+                    .map(
+                        |(family, forwarding_preserved, stale_time)| LongLivedFamily {
+                            family,
+                            forwarding_preserved,
+                            stale_time,
+                        },
+                    )
+                    .collect(),
+            )
+        }),
         (
             any::<u8>().prop_filter("unknown code", |c| !matches!(
                 c,
-                1 | 2 | 5 | 6 | 64 | 65 | 69
+                1 | 2 | 5 | 6 | 64 | 65 | 69 | 71
             )),
             vec(any::<u8>(), 0..40)
         )

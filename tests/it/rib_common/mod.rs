@@ -82,6 +82,23 @@ pub fn gr(secs: u64) -> Option<PeerGracefulRestart> {
     Some(PeerGracefulRestart {
         restart_time: Duration::from_secs(secs),
         forwarding_preserved: vec![Family::IPV4_UNICAST, Family::IPV6_UNICAST],
+        long_lived: None,
+    })
+}
+
+/// Graceful restart with `restart` seconds and long-lived graceful restart for both families with
+/// `stale` seconds and the F bit (RFC 9494).
+pub fn llgr(restart: u64, stale: u64) -> Option<PeerGracefulRestart> {
+    Some(PeerGracefulRestart {
+        restart_time: Duration::from_secs(restart),
+        forwarding_preserved: vec![Family::IPV4_UNICAST, Family::IPV6_UNICAST],
+        long_lived: Some(margay::bgp::rib::PeerLongLived {
+            families: vec![
+                (Family::IPV4_UNICAST, Duration::from_secs(stale)),
+                (Family::IPV6_UNICAST, Duration::from_secs(stale)),
+            ],
+            forwarding_preserved: vec![Family::IPV4_UNICAST, Family::IPV6_UNICAST],
+        }),
     })
 }
 
@@ -201,7 +218,11 @@ impl Harness {
 
     pub fn advance(&mut self, d: Duration) {
         self.now += d;
-        if self.rib.next_deadline().is_some_and(|t| t <= self.now) {
+        // One step may pass several timers (a restart time, then a Long-Lived Stale Time).
+        for _ in 0..8 {
+            if self.rib.next_deadline().is_none_or(|t| t > self.now) {
+                break;
+            }
             self.rib.on_timer(self.now);
         }
         self.pump();

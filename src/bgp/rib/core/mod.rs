@@ -14,12 +14,16 @@ use tokio::sync::mpsc::error::TrySendError;
 use super::chunkmap::ChunkMap;
 use super::decision::{self, Kind, SourceMeta};
 use super::export::{self, ExportSource, ExportTarget};
-use super::table::{Dest, Path, PrefixKey, Tables, V4Key, V6Key, FLAG_STALE, LOCAL_SLOT};
+use super::table::{
+    Dest, Path, PrefixKey, Tables, V4Key, V6Key, FLAG_LLGR, FLAG_STALE, LOCAL_SLOT,
+};
 use super::{
     family_of, FibEvent, NextHopMode, PathSource, PathView, PeerCounters, PeerId, PeerInfo, Policy,
     Query, RibConfig, RibInput, RibOutput, RibSummary, RouteView,
 };
-use crate::bgp::wire::{AsPath, AsSegment, Family, Nlri, Origin, PathAttributes};
+use crate::bgp::wire::{
+    AsPath, AsSegment, Family, Nlri, Origin, PathAttributes, LLGR_STALE, NO_LLGR,
+};
 
 mod output;
 mod peers;
@@ -99,6 +103,10 @@ struct Slot {
     /// Restart timer while down, stale-routes timer while up and waiting for End-of-RIB (RFC 4724 4.2).
     deadline: Option<Instant>,
     stale_families: Vec<Family>,
+    /// Long-Lived Stale Time timers, one per family in the long-lived phase (RFC 9494 4.2). They run
+    /// whether the peer is up or down and are not restarted by further flaps: a family leaves this list
+    /// only at its End-of-RIB (the peer is synchronised again) or when its time runs out.
+    llgr_until: Vec<(Family, Instant)>,
     pending: Pending,
     max_prefix_signalled: bool,
 }
@@ -119,6 +127,7 @@ impl Slot {
             counters: PeerCounters::default(),
             deadline: None,
             stale_families: Vec::new(),
+            llgr_until: Vec::new(),
             pending: Pending::default(),
             max_prefix_signalled: false,
         }
@@ -265,31 +274,62 @@ impl Rib {
         }
     }
 
-    /// The earliest graceful-restart timer, if any.
+    /// The earliest graceful-restart timer (restart time, stale-routes time, Long-Lived Stale Time), if any.
     pub fn next_deadline(&self) -> Option<Instant> {
         self.st
             .slots
             .iter()
             .filter(|s| s.in_use)
-            .filter_map(|s| s.deadline)
+            .flat_map(|s| {
+                s.deadline
+                    .into_iter()
+                    .chain(s.llgr_until.iter().map(|(_, t)| *t))
+            })
             .min()
     }
 
-    /// Fire the graceful-restart timers due at `now`: sweep the stale routes of those peers (RFC 4724 4.2).
+    /// Fire the graceful-restart timers due at `now`. A down peer's restart time ending starts the
+    /// long-lived phase for its families that negotiated it and sweeps the others (RFC 4724 4.2, RFC 9494
+    /// 4.2); a Long-Lived Stale Time ending sweeps that family; the stale-routes time of a peer that came
+    /// back without sending End-of-RIB sweeps all of its stale routes.
     pub fn on_timer(&mut self, now: Instant) {
-        let due: Vec<u16> = (0..self.st.slots.len() as u16)
-            .filter(|&s| {
-                self.st.slots[s as usize].in_use
-                    && self.st.slots[s as usize].deadline.is_some_and(|d| d <= now)
-            })
-            .collect();
-        for slot in due {
+        for slot in 0..self.st.slots.len() as u16 {
             let s = &mut self.st.slots[slot as usize];
-            s.deadline = None;
-            s.stale_families.clear();
-            tracing::info!(peer = ?s.info.address, "graceful restart: timer expired, sweeping stale routes");
-            self.sweep_stale(slot, None);
-            if !self.st.slots[slot as usize].up {
+            let fired =
+                s.deadline.is_some_and(|d| d <= now) || s.llgr_until.iter().any(|(_, t)| *t <= now);
+            if !s.in_use || slot == LOCAL_SLOT || !fired {
+                continue;
+            }
+            if let Some(due) = s.deadline.filter(|d| *d <= now) {
+                s.deadline = None;
+                if s.up {
+                    s.stale_families.clear();
+                    s.llgr_until.clear();
+                    tracing::info!(peer = ?s.info.address, "graceful restart: no End-of-RIB within the stale-routes time, sweeping stale routes");
+                    self.sweep_stale(slot, None);
+                } else {
+                    // Timed from when the restart time ended, not from when the timer was looked at.
+                    self.enter_long_lived(slot, due);
+                }
+            }
+            let s = &mut self.st.slots[slot as usize];
+            let expired: Vec<Family> = s
+                .llgr_until
+                .iter()
+                .filter(|(_, t)| *t <= now)
+                .map(|(f, _)| *f)
+                .collect();
+            for f in expired {
+                let s = &mut self.st.slots[slot as usize];
+                s.llgr_until.retain(|(g, _)| *g != f);
+                s.stale_families.retain(|g| *g != f);
+                tracing::info!(peer = ?s.info.address, family = %f, "long-lived graceful restart: stale time over, sweeping the long-lived stale routes");
+                self.sweep_stale(slot, Some(f));
+            }
+            let s = &self.st.slots[slot as usize];
+            if !s.up && s.deadline.is_none() && s.llgr_until.is_empty() {
+                // Nothing keeps the peer's routes any more.
+                self.sweep_stale(slot, None);
                 self.st.free_slot(slot);
             }
         }

@@ -85,6 +85,9 @@ impl State {
         if p.stale() {
             c.stale = c.stale.saturating_sub(1);
         }
+        if p.llgr() {
+            c.llgr_stale = c.llgr_stale.saturating_sub(1);
+        }
     }
 
     /// RFC 4271 9.1.2 AS loop (eBGP) and RFC 4456 8 ORIGINATOR_ID / CLUSTER_LIST loops (iBGP).
@@ -162,6 +165,7 @@ impl State {
             best,
             ecmp: p.ecmp(),
             stale: p.stale(),
+            llgr_stale: p.attrs.communities.contains(&LLGR_STALE),
         }
     }
 
@@ -176,6 +180,11 @@ impl State {
         let family = family_of(prefix);
         let ts = &self.slots[t as usize];
         if !ts.info.families.contains(&family) {
+            return None;
+        }
+        // RFC 9494 4.5: a long-lived stale route goes only to peers that negotiated LLGR; the others get a
+        // withdrawal (the optional NO_EXPORT + LOCAL_PREF 0 variant for iBGP is not done).
+        if path.attrs.communities.contains(&LLGR_STALE) && !llgr_aware(&ts.info) {
             return None;
         }
         let ss = &self.slots[path.slot as usize];
@@ -488,4 +497,11 @@ impl State {
             }
         }
     }
+}
+
+/// Did the peer negotiate long-lived graceful restart (so it may receive LLGR_STALE routes)?
+pub(super) fn llgr_aware(info: &PeerInfo) -> bool {
+    info.graceful_restart
+        .as_ref()
+        .is_some_and(|g| g.long_lived.is_some())
 }

@@ -46,6 +46,7 @@ impl Rib {
                 {
                     self.sweep_stale(slot, None);
                     self.st.slots[slot as usize].stale_families.clear();
+                    self.st.slots[slot as usize].llgr_until.clear();
                 }
                 slot
             }
@@ -72,18 +73,30 @@ impl Rib {
         self.st.clear_caches();
 
         // RFC 4724 4.2: families the restarted peer no longer preserves forwarding state for lose their stale
-        // routes at once; the rest wait for End-of-RIB, bounded by the stale-routes time.
+        // routes at once; the rest wait for End-of-RIB, bounded by the stale-routes time. A family in the
+        // long-lived phase is judged by the F bit of the new session's LLGR capability, and goes at once when
+        // the new session has no LLGR for it (RFC 9494 4.2).
         let stale_families = self.st.slots[slot as usize].stale_families.clone();
         let mut waiting = Vec::new();
         for f in stale_families {
-            let preserved = self.st.slots[slot as usize]
-                .info
-                .graceful_restart
-                .as_ref()
-                .is_some_and(|gr| gr.forwarding_preserved.contains(&f));
+            let s = &self.st.slots[slot as usize];
+            let long_lived = s.llgr_until.iter().any(|(g, _)| *g == f);
+            let preserved = s.info.graceful_restart.as_ref().is_some_and(|gr| {
+                if long_lived {
+                    gr.long_lived.as_ref().is_some_and(|l| {
+                        l.forwarding_preserved.contains(&f)
+                            && l.families.iter().any(|(g, _)| *g == f)
+                    })
+                } else {
+                    gr.forwarding_preserved.contains(&f)
+                }
+            });
             if preserved {
                 waiting.push(f);
             } else {
+                self.st.slots[slot as usize]
+                    .llgr_until
+                    .retain(|(g, _)| *g != f);
                 self.sweep_stale(slot, Some(f));
             }
         }
@@ -164,16 +177,19 @@ impl Rib {
         s.counters.advertised = 0;
         self.st.recount_add_path();
         let s = &self.st.slots[slot as usize];
-        let restart = s
-            .info
-            .graceful_restart
-            .as_ref()
-            .map(|g| g.restart_time)
-            .filter(|t| !t.is_zero());
+        let restart = s.info.graceful_restart.as_ref().map(|g| g.restart_time);
+        // RFC 9494 4.2: with LLGR a zero restart time goes straight to the long-lived phase.
+        let long_lived = s.info.graceful_restart.as_ref().is_some_and(|g| {
+            g.long_lived
+                .as_ref()
+                .is_some_and(|l| l.families.iter().any(|(_, t)| !t.is_zero()))
+        });
         let has_routes = s.counters.accepted > 0;
         self.st.clear_caches();
         match restart {
-            Some(restart_time) if graceful && has_routes => {
+            Some(restart_time)
+                if graceful && has_routes && (!restart_time.is_zero() || long_lived) =>
+            {
                 // RFC 4724 4.2: keep the routes, marked stale, for the restart time.
                 let mut families = Vec::new();
                 let mut n = 0u64;
@@ -186,12 +202,22 @@ impl Rib {
                 let s = &mut self.st.slots[slot as usize];
                 s.counters.stale = n;
                 s.stale_families = families;
-                s.deadline = Some(now + restart_time);
                 tracing::info!(
                     ?peer,
                     stale = n,
+                    restart_time = ?restart_time,
                     "graceful restart: keeping routes of peer as stale"
                 );
+                if restart_time.is_zero() {
+                    self.enter_long_lived(slot, now);
+                    let s = &self.st.slots[slot as usize];
+                    if s.llgr_until.is_empty() {
+                        self.sweep_stale(slot, None);
+                        self.st.free_slot(slot);
+                    }
+                } else {
+                    s.deadline = Some(now + restart_time);
+                }
             }
             _ => {
                 self.remove_all(slot);
@@ -200,11 +226,58 @@ impl Rib {
         }
     }
 
+    /// The restart time of a down peer has ended (at `at`): RFC 9494 4.2. Each stale family the peer
+    /// negotiated LLGR for stays, its routes carrying NO_LLGR dropped and the others marked LLGR_STALE (least
+    /// preferred from now on, re-advertised with the community to LLGR peers and withdrawn from the rest),
+    /// until its Long-Lived Stale Time runs out; a family whose timer already runs from an earlier outage
+    /// keeps it. Every other family is swept (RFC 4724 4.2).
+    pub(super) fn enter_long_lived(&mut self, slot: u16, at: Instant) {
+        let s = &self.st.slots[slot as usize];
+        let gr = s.info.graceful_restart.clone();
+        let address = s.info.address;
+        let families = s.stale_families.clone();
+        let mut keep = Vec::new();
+        for f in families {
+            match gr.as_ref().and_then(|g| g.long_lived_time(f)) {
+                Some(t) => {
+                    let (dropped, kept) = self.mark_long_lived(slot, f);
+                    let s = &mut self.st.slots[slot as usize];
+                    if !s.llgr_until.iter().any(|(g, _)| *g == f) {
+                        s.llgr_until.push((f, at + t));
+                    }
+                    tracing::warn!(peer = %address, family = %f, kept, dropped_no_llgr = dropped, stale_time = ?t,
+                        "long-lived graceful restart: restart time over, keeping the peer's routes as LLGR_STALE (least preferred)");
+                    keep.push(f);
+                }
+                None => {
+                    tracing::info!(peer = %address, family = %f, "graceful restart: restart time over, sweeping stale routes");
+                    self.sweep_stale(slot, Some(f));
+                }
+            }
+        }
+        self.st.slots[slot as usize].stale_families = keep;
+    }
+
+    /// Mark the stale paths of `slot` in `family` long-lived stale (RFC 9494 4.2): drop those carrying
+    /// NO_LLGR, add LLGR_STALE to the others. Returns (dropped, marked).
+    pub(super) fn mark_long_lived(&mut self, slot: u16, family: Family) -> (u64, u64) {
+        let mut n = (0, 0);
+        let mut cache = HashMap::default();
+        if family == Family::IPV4_UNICAST {
+            long_lived_in(&mut self.tables.v4, &mut self.st, slot, &mut cache, &mut n);
+        } else if family == Family::IPV6_UNICAST {
+            long_lived_in(&mut self.tables.v6, &mut self.st, slot, &mut cache, &mut n);
+        }
+        n
+    }
+
     pub(super) fn end_of_rib(&mut self, peer: PeerId, family: Family) {
         let Some(slot) = self.up_slot(peer) else {
             return;
         };
         let s = &mut self.st.slots[slot as usize];
+        // RFC 9494 4.2: synchronised again, so a later outage starts a fresh Long-Lived Stale Time.
+        s.llgr_until.retain(|(f, _)| *f != family);
         if let Some(i) = s.stale_families.iter().position(|f| *f == family) {
             s.stale_families.remove(i);
             if s.stale_families.is_empty() {
@@ -451,6 +524,9 @@ pub(super) fn upsert_in<K: PrefixKey>(
                     if p.stale() {
                         st.slots[p.slot as usize].counters.stale -= 1;
                     }
+                    if p.llgr() {
+                        st.slots[p.slot as usize].counters.llgr_stale -= 1;
+                    }
                     path.flags = crate::bgp::rib::table::FLAG_ECMP;
                     let old = std::mem::replace(p, path);
                     st.settle(
@@ -478,6 +554,9 @@ pub(super) fn upsert_in<K: PrefixKey>(
                     if v[i].stale() {
                         st.slots[path.slot as usize].counters.stale -= 1;
                     }
+                    if v[i].llgr() {
+                        st.slots[path.slot as usize].counters.llgr_stale -= 1;
+                    }
                     v[i] = path;
                 } else {
                     st.path_added(&path);
@@ -488,6 +567,55 @@ pub(super) fn upsert_in<K: PrefixKey>(
             true
         }
     }
+}
+
+/// Long-lived stale marking of `slot`'s stale paths in one table (see [`Rib::mark_long_lived`]). `cache`
+/// maps an attribute set to its LLGR_STALE twin, so a million routes sharing a few sets intern a few.
+type LongLivedCache = HashMap<usize, (Arc<PathAttributes>, Arc<PathAttributes>), FastHash>;
+
+pub(super) fn long_lived_in<K: PrefixKey>(
+    map: &mut ChunkMap<K, Dest>,
+    st: &mut State,
+    slot: u16,
+    cache: &mut LongLivedCache,
+    n: &mut (u64, u64),
+) {
+    let due = move |p: &Path| p.slot == slot && p.stale() && !p.llgr();
+    map.retain(|k, d| {
+        if !d.paths().iter().any(due) {
+            return true;
+        }
+        modify(st, k.to_net(), d, |st, v| {
+            v.retain(|p| {
+                let drop = due(p) && p.attrs.communities.contains(&NO_LLGR);
+                if drop {
+                    st.path_gone(p);
+                    n.0 += 1;
+                }
+                !drop
+            });
+            for p in v.iter_mut().filter(|p| due(p)) {
+                let key = Arc::as_ptr(&p.attrs) as usize;
+                let marked = match cache.get(&key) {
+                    Some((_, m)) => m.clone(),
+                    None => {
+                        let mut a = (*p.attrs).clone();
+                        if !a.communities.contains(&LLGR_STALE) {
+                            a.communities.push(LLGR_STALE);
+                        }
+                        let m = st.intern(Arc::new(a));
+                        cache.insert(key, (p.attrs.clone(), m.clone()));
+                        m
+                    }
+                };
+                p.attrs = marked;
+                p.flags |= FLAG_LLGR;
+                st.slots[slot as usize].counters.llgr_stale += 1;
+                n.1 += 1;
+            }
+            true
+        })
+    });
 }
 
 /// Remove the paths matching `pred` from every prefix of `map`, re-deciding and propagating each touched prefix.
