@@ -154,7 +154,7 @@ impl BfdHandle {
     }
 
     /// Tell every peer AdminDown and stop.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(&self) {
         let (tx, rx) = oneshot::channel();
         if self.tx.send(Command::Shutdown(tx)).await.is_ok() {
             let _ = rx.await;

@@ -70,6 +70,8 @@ pub struct DesiredPeer {
     pub peer_node: Option<String>,
     /// The BGPPeer resource that produced it (None for the mesh).
     pub from_resource: Option<String>,
+    /// BFD for this session (annotations on the BGPPeer, or on the default BGPConfiguration for the mesh).
+    pub bfd: Option<super::bfd::BfdConfig>,
 }
 
 impl DesiredPeer {
@@ -165,6 +167,8 @@ pub fn desired_peers(set: &ConfigSet, node_name: &str) -> Result<Vec<DesiredPeer
         } else {
             PeerType::Global
         };
+        let bfd = super::bfd::BfdConfig::from_meta(KIND_BGP_PEER, &p.metadata)?;
+        let first_new = explicit.len();
 
         // Forward: this node is selected by node / nodeSelector (or the peer is global).
         if applies_to(node) {
@@ -209,6 +213,9 @@ pub fn desired_peers(set: &ConfigSet, node_name: &str) -> Result<Vec<DesiredPeer
                 }
             }
         }
+        for d in &mut explicit[first_new..] {
+            d.bfd = bfd;
+        }
     }
     for d in explicit {
         // Never peer with ourselves, and only over a family we have an address in.
@@ -221,6 +228,8 @@ pub fn desired_peers(set: &ConfigSet, node_name: &str) -> Result<Vec<DesiredPeer
     // The mesh (Calico's confd peering rules): only on nodes that are not route reflectors, to every other node that is not
     // one either; explicit peerings to the same address win.
     if global.mesh_enabled() && me.cluster_id.is_none() {
+        let mesh_bfd =
+            super::bfd::BfdConfig::from_meta(super::bgp::KIND_BGP_CONFIGURATION, &global.metadata)?;
         let password = global
             .spec
             .node_mesh_password
@@ -259,6 +268,7 @@ pub fn desired_peers(set: &ConfigSet, node_name: &str) -> Result<Vec<DesiredPeer
                     num_allowed_local_as: None,
                     peer_node: Some(other.metadata.name.clone()),
                     from_resource: None,
+                    bfd: mesh_bfd,
                 };
                 out.insert(d.key(), d);
             }
@@ -336,6 +346,7 @@ fn build(
         num_allowed_local_as: p.spec.num_allowed_local_as_numbers,
         peer_node: peer_node.map(|n| n.metadata.name.clone()),
         from_resource: Some(p.metadata.name.clone()),
+        bfd: None,
     }
 }
 
