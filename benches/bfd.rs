@@ -16,6 +16,12 @@
 //! session down and the route out of the kernel.
 //!
 //! `cargo bench --bench bfd -- [--cuts 20]` (root; etcd; BIRD 2).
+//!
+//! `cargo bench --bench bfd -- --cpu-sessions 1000 [--seconds 10]`: CPU cost of many sessions instead. Two
+//! BFD tasks in this process (one tokio runtime each, one thread each) hold N sessions with each other over
+//! loopback (127.2.x.y <-> 127.3.x.y, a pair of addresses per session) at 100 ms x 3; once all are Up, the
+//! CPU time each task's thread uses over the window is read from /proc (utime + stime) and the sessions are
+//! checked to have stayed Up.
 
 #![allow(clippy::unwrap_used)] // bench code: a panic is the failure report
 
@@ -108,9 +114,124 @@ fn deleted_after(m: &RouteMonitor, t0: Instant) -> Duration {
     }
 }
 
+fn arg<T: std::str::FromStr>(args: &[String], name: &str) -> Option<T> {
+    let i = args.iter().position(|a| a == name)?;
+    args.get(i + 1).and_then(|v| v.parse().ok())
+}
+
+/// CPU seconds (utime + stime) of thread `tid` of this process.
+fn thread_cpu(tid: i32) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = &s[s.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    ticks / 100.0 // USER_HZ
+}
+
+fn cpu_bench(n: usize, seconds: u64) {
+    use margay::bfd::{spawn, BfdPeer, BfdPorts, Timers};
+    use std::net::IpAddr;
+    use std::sync::mpsc as smpsc;
+    let free = || {
+        std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (pa, pb) = (free(), free());
+    let timers = Timers {
+        desired_min_tx: Duration::from_millis(100),
+        required_min_rx: Duration::from_millis(100),
+        detect_mult: 3,
+    };
+    let addr = |net: u8, i: usize| IpAddr::V4(Ipv4Addr::new(127, net, (i / 250) as u8, (i % 250 + 1) as u8));
+    // Side `me` talks from 127.<me>.x.y to 127.<other>.x.y.
+    let side = |me: u8, other: u8, listen: u16, to: u16, report: smpsc::Sender<(i32, usize)>, stop: smpsc::Receiver<()>| {
+        std::thread::spawn(move || {
+            let tid = nix::unistd::gettid().as_raw();
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let (tx, mut rx) = tokio::sync::mpsc::channel(4096);
+                let h = spawn(
+                    BfdPorts {
+                        listen_single_hop: listen,
+                        listen_multihop: free(),
+                        peer_single_hop: to,
+                        peer_multihop: 1,
+                    },
+                    tx,
+                );
+                let peers = (0..n)
+                    .map(|i| BfdPeer {
+                        peer: addr(other, i),
+                        local: Some(addr(me, i)),
+                        multihop: false,
+                        timers,
+                    })
+                    .collect();
+                h.apply(peers).await.unwrap();
+                tokio::spawn(async move { while rx.recv().await.is_some() {} });
+                loop {
+                    let up = h.status().await.unwrap().iter().filter(|b| b.state == "Up").count();
+                    report.send((tid, up)).unwrap();
+                    if stop.try_recv().is_ok() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            });
+        })
+    };
+    let (ra_tx, ra) = smpsc::channel();
+    let (rb_tx, rb) = smpsc::channel();
+    let (sa_tx, sa) = smpsc::channel();
+    let (sb_tx, sb) = smpsc::channel();
+    let ta = side(2, 3, pa, pb, ra_tx, sa);
+    let tb = side(3, 2, pb, pa, rb_tx, sb);
+    let t = Instant::now();
+    let (mut tid_a, mut tid_b) = (0, 0);
+    loop {
+        let (ta_id, up_a) = ra.recv().unwrap();
+        let (tb_id, up_b) = rb.recv().unwrap();
+        (tid_a, tid_b) = (ta_id, tb_id);
+        if up_a == n && up_b == n {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(120), "only {up_a}/{up_b} of {n} sessions Up");
+    }
+    eprintln!("{n} sessions Up on both sides after {:.1} s", t.elapsed().as_secs_f64());
+    // Let the Poll Sequences settle, then measure.
+    std::thread::sleep(Duration::from_secs(2));
+    let (a0, b0, w0) = (thread_cpu(tid_a), thread_cpu(tid_b), Instant::now());
+    std::thread::sleep(Duration::from_secs(seconds));
+    let (a1, b1, wall) = (thread_cpu(tid_a), thread_cpu(tid_b), w0.elapsed().as_secs_f64());
+    let mut still_up = (0, 0);
+    while let Ok((_, u)) = ra.try_recv() {
+        still_up.0 = u;
+    }
+    while let Ok((_, u)) = rb.try_recv() {
+        still_up.1 = u;
+    }
+    let _ = sa_tx.send(());
+    let _ = sb_tx.send(());
+    let _ = (ta.join(), tb.join());
+    let (ca, cb) = ((a1 - a0) / wall * 100.0, (b1 - b0) / wall * 100.0);
+    println!("bfd CPU, {n} sessions at 100 ms x 3 (each side sends {:.0} packets/s and receives as many)", n as f64 * 1000.0 / 87.5);
+    println!("| side | CPU % of one core | sessions Up at the end |");
+    println!("|---|---|---|");
+    println!("| A | {ca:.1} | {} |", still_up.0);
+    println!("| B | {cb:.1} | {} |", still_up.1);
+}
+
 fn main() {
     let mut cuts = 20usize;
     let args: Vec<String> = std::env::args().collect();
+    if let Some(n) = arg::<usize>(&args, "--cpu-sessions") {
+        cpu_bench(n, arg(&args, "--seconds").unwrap_or(10));
+        return;
+    }
     if let Some(i) = args.iter().position(|a| a == "--cuts") {
         cuts = args.get(i + 1).and_then(|v| v.parse().ok()).unwrap_or(cuts);
     }
