@@ -146,12 +146,27 @@ fn cpu_bench(n: usize, seconds: u64) {
         required_min_rx: Duration::from_millis(100),
         detect_mult: 3,
     };
-    let addr = |net: u8, i: usize| IpAddr::V4(Ipv4Addr::new(127, net, (i / 250) as u8, (i % 250 + 1) as u8));
+    let addr = |net: u8, i: usize| {
+        IpAddr::V4(Ipv4Addr::new(
+            127,
+            net,
+            (i / 250) as u8,
+            (i % 250 + 1) as u8,
+        ))
+    };
     // Side `me` talks from 127.<me>.x.y to 127.<other>.x.y.
-    let side = |me: u8, other: u8, listen: u16, to: u16, report: smpsc::Sender<(i32, usize)>, stop: smpsc::Receiver<()>| {
+    let side = |me: u8,
+                other: u8,
+                listen: u16,
+                to: u16,
+                report: smpsc::Sender<(i32, usize)>,
+                stop: smpsc::Receiver<()>| {
         std::thread::spawn(move || {
             let tid = nix::unistd::gettid().as_raw();
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             rt.block_on(async move {
                 let (tx, mut rx) = tokio::sync::mpsc::channel(4096);
                 let h = spawn(
@@ -174,7 +189,13 @@ fn cpu_bench(n: usize, seconds: u64) {
                 h.apply(peers).await.unwrap();
                 tokio::spawn(async move { while rx.recv().await.is_some() {} });
                 loop {
-                    let up = h.status().await.unwrap().iter().filter(|b| b.state == "Up").count();
+                    let up = h
+                        .status()
+                        .await
+                        .unwrap()
+                        .iter()
+                        .filter(|b| b.state == "Up")
+                        .count();
                     report.send((tid, up)).unwrap();
                     if stop.try_recv().is_ok() {
                         break;
@@ -199,14 +220,24 @@ fn cpu_bench(n: usize, seconds: u64) {
         if up_a == n && up_b == n {
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(120), "only {up_a}/{up_b} of {n} sessions Up");
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "only {up_a}/{up_b} of {n} sessions Up"
+        );
     }
-    eprintln!("{n} sessions Up on both sides after {:.1} s", t.elapsed().as_secs_f64());
+    eprintln!(
+        "{n} sessions Up on both sides after {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
     // Let the Poll Sequences settle, then measure.
     std::thread::sleep(Duration::from_secs(2));
     let (a0, b0, w0) = (thread_cpu(tid_a), thread_cpu(tid_b), Instant::now());
     std::thread::sleep(Duration::from_secs(seconds));
-    let (a1, b1, wall) = (thread_cpu(tid_a), thread_cpu(tid_b), w0.elapsed().as_secs_f64());
+    let (a1, b1, wall) = (
+        thread_cpu(tid_a),
+        thread_cpu(tid_b),
+        w0.elapsed().as_secs_f64(),
+    );
     let mut still_up = (0, 0);
     while let Ok((_, u)) = ra.try_recv() {
         still_up.0 = u;
@@ -267,7 +298,15 @@ fn main() {
         r#"{{"apiVersion":"projectcalico.org/v3","kind":"BGPPeer","metadata":{{"name":"tor","annotations":{{"margay.io/bfd":"true","margay.io/bfd-min-rx":"100ms","margay.io/bfd-min-tx":"100ms","margay.io/bfd-multiplier":"3"}}}},"spec":{{"peerIP":"{PEER_IP}","asNumber":65001}}}}"#
     );
     let ok = Command::new("ip")
-        .args(["netns", "exec", &format!("{}-etcd", lab.name), "etcdctl", "--endpoints", LAB_ETCD, "put"])
+        .args([
+            "netns",
+            "exec",
+            &format!("{}-etcd", lab.name),
+            "etcdctl",
+            "--endpoints",
+            LAB_ETCD,
+            "put",
+        ])
         .arg("/calico/resources/v3/projectcalico.org/bgppeers/tor")
         .arg(&peer_json)
         .status()
@@ -279,15 +318,19 @@ fn main() {
     let anchor_mon = RouteMonitor::start(&anchor);
     let (mut m, mut b) = (Vec::new(), Vec::new());
     for i in 0..cuts {
-        wait("both detectors to hold the route with BFD Up", Duration::from_secs(120), || {
-            has_route(&node)
-                && has_route(&anchor)
-                && margay_bfd_up(&node)
-                && anchor_bird
-                    .birdc("show bfd sessions")
-                    .lines()
-                    .any(|l| l.contains(PEER_IP) && l.contains(" Up "))
-        });
+        wait(
+            "both detectors to hold the route with BFD Up",
+            Duration::from_secs(120),
+            || {
+                has_route(&node)
+                    && has_route(&anchor)
+                    && margay_bfd_up(&node)
+                    && anchor_bird
+                        .birdc("show bfd sessions")
+                        .lines()
+                        .any(|l| l.contains(PEER_IP) && l.contains(" Up "))
+            },
+        );
         // Let the Poll Sequence for the fast rate settle (RFC 5880 6.8.3) before cutting.
         std::thread::sleep(Duration::from_millis(500));
         while margay_mon.events.try_recv().is_ok() {}
@@ -319,8 +362,5 @@ fn main() {
             v.last().map(|d| d.as_secs_f64() * 1e3).unwrap_or(f64::NAN)
         );
     }
-    println!(
-        "ratio p50 margay/BIRD: {:.2}",
-        pct(&m, 0.5) / pct(&b, 0.5)
-    );
+    println!("ratio p50 margay/BIRD: {:.2}", pct(&m, 0.5) / pct(&b, 0.5));
 }

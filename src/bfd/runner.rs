@@ -773,6 +773,48 @@ mod tests {
         assert_eq!(a.status().await.unwrap()[0].down_count, 1);
     }
 
+    /// RFC 5881 4 and 5: what a peer receives: TTL 255, a source port in 49152-65535, and (while Down)
+    /// the slow rate with Your Discriminator 0.
+    #[tokio::test]
+    async fn sends_with_ttl_255_from_a_high_source_port() {
+        let peer_sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        setsockopt(&peer_sock, sockopt::Ipv4RecvTtl, &true).unwrap();
+        peer_sock
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let (tx, _rx) = mpsc::channel(16);
+        let a = spawn(
+            BfdPorts {
+                listen_single_hop: free_udp_port(),
+                listen_multihop: free_udp_port(),
+                peer_single_hop: peer_sock.local_addr().unwrap().port(),
+                peer_multihop: 1,
+            },
+            tx,
+        );
+        let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        a.apply(vec![BfdPeer {
+            peer: lo,
+            local: Some(lo),
+            multihop: false,
+            timers: Timers::default(),
+        }])
+        .await
+        .unwrap();
+        let fd = peer_sock.as_raw_fd();
+        let d = tokio::task::spawn_blocking(move || recv_datagram(fd, false))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.ttl, Some(255));
+        assert!(SOURCE_PORTS.contains(&d.from.port()), "{}", d.from);
+        let p = ControlPacket::decode(&d.buf[..d.len]).unwrap();
+        assert_eq!(p.state, State::Down);
+        assert_eq!(p.your_disc, 0);
+        assert_eq!(p.desired_min_tx, Duration::from_secs(1));
+        drop(peer_sock);
+    }
+
     #[tokio::test]
     async fn admin_down_from_the_peer_is_not_a_failure() {
         let (pa, pb) = (free_udp_port(), free_udp_port());

@@ -87,7 +87,14 @@ fn has_route(ns: &str, prefix: &str, via: &str) -> bool {
 }
 
 /// Up on margay's side (state, negotiated 100 ms x 3), BGP Established, the route in the kernel.
-fn assert_all_up(lab: &Lab, node: &str, peer: &str, route: &str, peer_view: &dyn Fn() -> bool, diag: &dyn Fn() -> String) {
+fn assert_all_up(
+    lab: &Lab,
+    node: &str,
+    peer: &str,
+    route: &str,
+    peer_view: &dyn Fn() -> bool,
+    diag: &dyn Fn() -> String,
+) {
     let ok = eventually(RECOVER_GUARD, || {
         let Some(st) = lab.status(node) else {
             return false;
@@ -228,11 +235,16 @@ exit
     let frr = Frr::start_with_bfdd(&ns, &bgpd, bfdd);
     tor_peer(&lab, 65003);
     let frr_up = || {
-        let peers: Value = serde_json::from_str(&frr.vtysh_bfdd("show bfd peers json")).unwrap_or(Value::Null);
-        let bfd_up = peers
-            .as_array()
-            .is_some_and(|a| a.iter().any(|p| p["peer"] == node_ip.as_str() && p["status"] == "up"));
-        bfd_up && frr.vtysh(&format!("show bgp neighbors {node_ip}")).contains("BGP state = Established")
+        let peers: Value =
+            serde_json::from_str(&frr.vtysh_bfdd("show bfd peers json")).unwrap_or(Value::Null);
+        let bfd_up = peers.as_array().is_some_and(|a| {
+            a.iter()
+                .any(|p| p["peer"] == node_ip.as_str() && p["status"] == "up")
+        });
+        bfd_up
+            && frr
+                .vtysh(&format!("show bgp neighbors {node_ip}"))
+                .contains("BGP state = Established")
     };
     let diag = || {
         format!(
@@ -277,7 +289,10 @@ fn bfd_on_the_mesh_between_two_margay_nodes() {
     assert_all_up(&lab, &n1, &ip2, &block2, &n2_sees_n1, &diag);
     // The status table shows the section.
     let (ok, table) = in_ns(&n1, &[common::lab::MARGAY, "status"]);
-    assert!(ok && table.contains("BFD status") && table.contains(&ip2), "{table}");
+    assert!(
+        ok && table.contains("BFD status") && table.contains(&ip2),
+        "{table}"
+    );
 
     // Node 2's own link, cut inside its namespace.
     cut_and_expect_withdrawal(&lab, &n1, &ip2, &block2, &n2);
