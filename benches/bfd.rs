@@ -212,19 +212,17 @@ fn cpu_bench(n: usize, seconds: u64) {
     let ta = side(2, 3, pa, pb, ra_tx, sa);
     let tb = side(3, 2, pb, pa, rb_tx, sb);
     let t = Instant::now();
-    let (mut tid_a, mut tid_b) = (0, 0);
-    loop {
+    let (tid_a, tid_b) = loop {
         let (ta_id, up_a) = ra.recv().unwrap();
         let (tb_id, up_b) = rb.recv().unwrap();
-        (tid_a, tid_b) = (ta_id, tb_id);
         if up_a == n && up_b == n {
-            break;
+            break (ta_id, tb_id);
         }
         assert!(
             t.elapsed() < Duration::from_secs(120),
             "only {up_a}/{up_b} of {n} sessions Up"
         );
-    }
+    };
     eprintln!(
         "{n} sessions Up on both sides after {:.1} s",
         t.elapsed().as_secs_f64()
