@@ -4,6 +4,7 @@
 //! reflector). Arrows point down only: parts never reach up into the composers. docs/architecture.md is the map.
 
 pub mod api;
+pub mod bfd;
 pub mod bgp;
 pub mod cli;
 

@@ -4,9 +4,12 @@
 
 use std::net::Ipv4Addr;
 
+use tokio::sync::mpsc;
+
+use crate::bfd::{BfdEvent, BfdPeer, Timers};
 use crate::bgp::rib::NextHopMode;
 use crate::bgp::session::PeerConfig;
-use crate::bgp::speaker::DesiredPeer;
+use crate::bgp::speaker::{BfdLink, DesiredPeer};
 use crate::bgp::wire::Family;
 use crate::config::peers as config;
 
@@ -62,6 +65,47 @@ impl From<crate::config::bgp::NextHopMode> for NextHopMode {
             crate::config::bgp::NextHopMode::Auto => NextHopMode::Auto,
             crate::config::bgp::NextHopMode::SelfAddr => NextHopMode::SelfAddr,
             crate::config::bgp::NextHopMode::Keep => NextHopMode::Keep,
+        }
+    }
+}
+
+/// The BFD session a peer asked for (annotations, `config::bfd`), from the BGP session's own source
+/// address to its peer address.
+pub fn bfd_peer(p: &config::DesiredPeer) -> Option<BfdPeer> {
+    let c = p.bfd?;
+    Some(BfdPeer {
+        peer: p.address,
+        local: p.source_address,
+        multihop: c.multihop,
+        timers: Timers {
+            desired_min_tx: c.min_tx,
+            required_min_rx: c.min_rx,
+            detect_mult: c.multiplier,
+        },
+    })
+}
+
+/// The BFD peers of a peer set: one per address and hop mode (two BGP sessions to one address on two
+/// ports share their BFD session).
+pub fn bfd_peers(peers: &[config::DesiredPeer]) -> Vec<BfdPeer> {
+    let mut out: Vec<BfdPeer> = peers.iter().filter_map(bfd_peer).collect();
+    out.sort_by_key(|b| (b.peer, b.multihop));
+    out.dedup_by_key(|b| (b.peer, b.multihop));
+    out
+}
+
+/// BFD Down -> the BGP session of that peer is reset at once (RFC 5882 4.3): its routes leave the RIB
+/// and the FIB now and a fresh connection follows, instead of waiting for the hold timer.
+pub async fn bfd_to_speaker(mut events: mpsc::Receiver<BfdEvent>, spk: BfdLink) {
+    while let Some(ev) = events.recv().await {
+        match ev {
+            BfdEvent::Down { peer, diag } => {
+                tracing::warn!(%peer, diag = diag.as_str(), "BFD session down: resetting the BGP session");
+                if spk.bfd_down(peer, diag.as_str().to_string()).await.is_err() {
+                    return; // the speaker is gone: the daemon is stopping
+                }
+            }
+            BfdEvent::Up { peer } => tracing::info!(%peer, "BFD session up"),
         }
     }
 }

@@ -193,10 +193,13 @@ async fn load_peers(
     args: &ReflectorArgs,
     source: &dyn ConfigSource,
     restarting: bool,
-) -> anyhow::Result<(Identity, Vec<DesiredPeer>)> {
+) -> anyhow::Result<(Identity, Vec<DesiredPeer>, Vec<crate::bfd::BfdPeer>)> {
     let mut set = source.load().await?;
     let id = identity(args, &mut set, &source.describe())?;
-    let peers = desired_peers(&set, &id.name)?
+    let wanted = desired_peers(&set, &id.name)?;
+    // BFD from the same BGPPeer annotations the nodes read (a reverse peering gives both ends BFD).
+    let bfd = crate::peering::bfd_peers(&wanted);
+    let peers = wanted
         .iter()
         .map(|p| {
             let mut d = crate::peering::speaker_peer(p, id.router_id);
@@ -215,7 +218,7 @@ async fn load_peers(
             d
         })
         .collect();
-    Ok((id, peers))
+    Ok((id, peers, bfd))
 }
 
 /// Make the reflector's Node resource in etcd say what it runs with: its address (the router id when the
@@ -267,7 +270,10 @@ async fn follow_feed(
 const WATCH_TRIGGER: &str = "etcd watch";
 
 /// What the loader hands back: its trigger and the loaded identity and peers, or why it could not.
-type Loaded = (&'static str, anyhow::Result<(Identity, Vec<DesiredPeer>)>);
+type Loaded = (
+    &'static str,
+    anyhow::Result<(Identity, Vec<DesiredPeer>, Vec<crate::bfd::BfdPeer>)>,
+);
 
 /// Load on every trigger, one at a time, and send the result to the main loop.
 async fn loader(
@@ -379,7 +385,7 @@ pub async fn run_with(
     };
     let marker = args.state_dir.join("reflector.running");
     let restarting = marker.exists();
-    let (id, peers) = load_peers(&args, source.as_ref(), restarting).await?;
+    let (id, peers, bfd_peers) = load_peers(&args, source.as_ref(), restarting).await?;
     if let Some(ds) = &ds {
         register_reflector_node(ds, &id.name, id.router_id, id.cluster_id, args.as_number)
             .await
@@ -413,6 +419,15 @@ pub async fn run_with(
         None => speaker::spawn(speaker_cfg, Arc::new(Policy::default()), None).await?,
     };
     let started = Instant::now();
+    // One BFD task for the reflector's BFD sessions; a Down resets that client's BGP session.
+    let (bfd_events_tx, bfd_events_rx) = mpsc::channel(256);
+    let bfd = crate::bfd::spawn(crate::bfd::BfdPorts::default(), bfd_events_tx);
+    let bfd_link = crate::task::spawn(
+        "bfd-link",
+        crate::peering::bfd_to_speaker(bfd_events_rx, spk.bfd_link()),
+    );
+    bfd.apply(bfd_peers.clone()).await?;
+    let mut current_bfd = bfd_peers;
     let report = spk.apply(peers.clone()).await?;
     tracing::info!(
         source = %source.describe(), router_id = %id.router_id, cluster_id = %id.cluster_id, asn = id.asn,
@@ -441,6 +456,8 @@ pub async fn run_with(
     for w in spk.tasks() {
         sup.watch(w);
     }
+    sup.watch(bfd.watch());
+    sup.watch(bfd_link.watch());
     let rib_tx = spk.rib();
     sup.probe("rib", move || {
         let rib_tx = rib_tx.clone();
@@ -505,10 +522,14 @@ pub async fn run_with(
             // A full trigger queue already holds a load that will read the newest state.
             _ = hup.recv() => { let _ = trigger_tx.try_send("SIGHUP"); }
             Some((why, loaded)) = loaded_rx.recv() => match loaded {
-                Ok((id2, peers)) => {
+                Ok((id2, peers, bfd_peers)) => {
                     last_error = None;
                     if id2 != id {
                         tracing::warn!(running = ?id, configured = ?id2, "a new router id, cluster id, AS or port needs a restart; peers are applied with the running identity");
+                    }
+                    if bfd_peers != current_bfd {
+                        bfd.apply(bfd_peers.clone()).await?;
+                        current_bfd = bfd_peers;
                     }
                     if peers != current {
                         let report = spk.apply(peers.clone()).await?;
@@ -538,7 +559,9 @@ pub async fn run_with(
                 let lost = feed.as_ref().and_then(|f| f.down());
                 let why = last_error.as_deref().or(lost.as_deref());
                 // The HTTP handler that asked may have timed out: nobody to answer.
-                let _ = reply.send(status_report(&spk, &id, started, why, ds.as_deref()).await);
+                let mut report = status_report(&spk, &id, started, why, ds.as_deref()).await;
+                report.bfd = bfd.status().await.unwrap_or_default();
+                let _ = reply.send(report);
             }
         }
     }
@@ -550,7 +573,10 @@ pub async fn run_with(
     }
     // SIGTERM is how a DaemonSet or systemd restarts us: close every session without a NOTIFICATION so
     // peers that negotiated graceful restart keep our routes while we are away (RFC 4724 4.1). The run
-    // marker stays, so the next start announces the restart.
+    // marker stays, so the next start announces the restart. BFD says AdminDown first, which peers' BGP
+    // must not act on (RFC 5882 3.2).
+    bfd.shutdown().await;
+    bfd_link.stop().await;
     spk.shutdown(true).await;
     tracing::info!("route reflector stopped; peers keep its routes for the graceful restart time");
     outcome
@@ -571,6 +597,7 @@ async fn status_report(
         asn: id.asn,
         router_id: id.router_id.to_string(),
         uptime_seconds: started.elapsed().as_secs(),
+        bfd: Vec::new(),
         // Not ready while the configuration cannot be read: the peers may be stale.
         ready: ReadyState {
             ready: last_error.is_none(),

@@ -33,6 +33,11 @@ struct FieldLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BfdLabel {
+    peer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PeerLabel {
     peer: String,
     peer_type: String,
@@ -105,6 +110,41 @@ pub fn report_registry(r: &StatusReport) -> Registry {
         "bgp_prefixes_advertised",
         "Prefixes we currently announce to the peer",
         advertised,
+    );
+
+    let bfd_up = Family::<BfdLabel, Gauge>::default();
+    let bfd_detect = Family::<BfdLabel, Gauge>::default();
+    let bfd_tx = Family::<BfdLabel, Gauge>::default();
+    let bfd_downs = Family::<BfdLabel, Counter>::default();
+    for b in &r.bfd {
+        let l = BfdLabel {
+            peer: b.peer.clone(),
+        };
+        let g = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        bfd_up.get_or_create(&l).set(i64::from(b.state == "Up"));
+        bfd_detect.get_or_create(&l).set(g(b.detect_time_ms));
+        bfd_tx.get_or_create(&l).set(g(b.tx_interval_ms));
+        bfd_downs.get_or_create(&l).inc_by(b.down_count);
+    }
+    reg.register(
+        "bfd_session_up",
+        "1 when the BFD session with the peer is Up (RFC 5880)",
+        bfd_up,
+    );
+    reg.register(
+        "bfd_detect_time_milliseconds",
+        "Negotiated BFD detection time (RFC 5880 6.8.4); 0 until the peer is heard",
+        bfd_detect,
+    );
+    reg.register(
+        "bfd_tx_interval_milliseconds",
+        "Negotiated BFD transmit interval before jitter (RFC 5880 6.8.7)",
+        bfd_tx,
+    );
+    reg.register(
+        "bfd_session_downs",
+        "Times the BFD session went from Up to Down",
+        bfd_downs,
     );
 
     let unknown = Family::<FieldLabel, Counter>::default();
@@ -258,6 +298,7 @@ mod tests {
                 ready: true,
                 reason: None,
             },
+            bfd: Vec::new(),
             peers: vec![
                 PeerStatus {
                     address: "10.0.0.2".into(),

@@ -16,6 +16,9 @@ pub struct StatusReport {
     pub uptime_seconds: u64,
     pub ready: ReadyState,
     pub peers: Vec<PeerStatus>,
+    /// BFD sessions (RFC 5880), one per BGP peer that asked for BFD.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bfd: Vec<crate::bfd::BfdReport>,
     /// The node's kernel routes (absent on a reflector, which has no dataplane).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fib: Option<FibSummary>,
@@ -238,7 +241,51 @@ pub fn render_status_table(r: &StatusReport) -> String {
         }
         out.push_str(&t.render());
     }
+    render_bfd(&mut out, &r.bfd);
     out
+}
+
+/// `BFD status`: per session its state, the peer's, the negotiated transmit interval and detection time.
+fn render_bfd(out: &mut String, sessions: &[crate::bfd::BfdReport]) {
+    if sessions.is_empty() {
+        return;
+    }
+    out.push_str("\nBFD status\n");
+    let mut t = super::table::Table::new(&[
+        "PEER ADDRESS",
+        "MODE",
+        "STATE",
+        "REMOTE",
+        "SINCE",
+        "INTERVAL",
+        "DETECT",
+        "DOWNS",
+        "INFO",
+    ]);
+    for b in sessions {
+        let ms = |v: u64| {
+            if v == 0 {
+                "-".to_string()
+            } else {
+                format!("{v}ms")
+            }
+        };
+        let since = crate::bgp::speaker::rfc3339(
+            std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(b.since_unix_secs),
+        );
+        t.row(vec![
+            b.peer.clone(),
+            if b.multihop { "multihop" } else { "single hop" }.to_string(),
+            b.state.clone(),
+            b.remote_state.clone(),
+            since_short(&since),
+            ms(b.tx_interval_ms),
+            ms(b.detect_time_ms),
+            b.down_count.to_string(),
+            b.error.clone().unwrap_or_else(|| b.diag.clone()),
+        ]);
+    }
+    out.push_str(&t.render());
 }
 
 fn render_dataplane(out: &mut String, d: &DataplaneSummary) {
@@ -312,6 +359,7 @@ mod tests {
                 ready: true,
                 reason: None,
             },
+            bfd: Vec::new(),
             peers: vec![
                 PeerStatus {
                     address: "10.0.0.2".into(),

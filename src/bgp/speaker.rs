@@ -119,6 +119,7 @@ enum SpeakerCommand {
     Apply(Vec<DesiredPeer>, oneshot::Sender<ApplyReport>),
     Status(oneshot::Sender<Vec<PeerReport>>),
     Sync(oneshot::Sender<Vec<PeerSync>>),
+    BfdDown(IpAddr, String),
     Shutdown {
         for_restart: bool,
         reply: oneshot::Sender<()>,
@@ -132,6 +133,21 @@ pub struct PeerSync {
     pub established: bool,
     /// The peer sent End-of-RIB (RFC 4724 section 2) for every family negotiated on its current session.
     pub end_of_rib: bool,
+}
+
+/// Resets a peer's session when BFD says its path failed; cloned from [`SpeakerHandle::bfd_link`].
+#[derive(Clone)]
+pub struct BfdLink(mpsc::Sender<SpeakerCommand>);
+
+impl BfdLink {
+    /// BFD saw the path to `peer` fail: reset its session now (routes withdrawn from the RIB and the FIB,
+    /// then a fresh reconnect). An address the speaker has no peer for is ignored.
+    pub async fn bfd_down(&self, peer: IpAddr, reason: String) -> Result<(), SpeakerError> {
+        self.0
+            .send(SpeakerCommand::BfdDown(peer, reason))
+            .await
+            .map_err(|_| SpeakerError::Gone)
+    }
 }
 
 /// The owner's handle. Dropping it stops the speaker, its peers and the RIB.
@@ -179,6 +195,11 @@ impl SpeakerHandle {
             .await
             .map_err(|_| SpeakerError::Gone)?;
         rx.await.map_err(|_| SpeakerError::Gone)
+    }
+
+    /// A cheap handle that resets sessions on BFD's word (for the task that listens to BFD).
+    pub fn bfd_link(&self) -> BfdLink {
+        BfdLink(self.tx.clone())
     }
 
     /// Stop every session and the speaker. `for_restart`: close without a NOTIFICATION so peers that
@@ -295,6 +316,13 @@ impl Speaker {
                     }
                     Some(SpeakerCommand::Sync(reply)) => {
                         let _ = reply.send(self.sync_state());
+                    }
+                    Some(SpeakerCommand::BfdDown(addr, reason)) => {
+                        if let Some(p) = self.peers.get(&addr) {
+                            if p.handle.send(PeerCommand::BfdDown { reason }).await.is_err() {
+                                tracing::warn!(peer = %addr, "BFD down: the peer task has stopped");
+                            }
+                        }
                     }
                     Some(SpeakerCommand::Shutdown { for_restart, reply }) => {
                         for (_, p) in std::mem::take(&mut self.peers) {

@@ -3,6 +3,7 @@
 //! Parse, then validate, then apply: the serde types mirror Calico's YAML/JSON; `validate()` on each
 //! resource returns a [`ConfigError`] naming the resource, the field and the bad value.
 
+pub mod bfd;
 pub mod bgp;
 pub mod meta;
 pub mod peers;

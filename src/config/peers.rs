@@ -74,6 +74,8 @@ pub struct DesiredPeer {
     /// Long-Lived Stale Time (RFC 9494) advertised and accepted on this session; zero = LLGR off. See
     /// [`llgr_stale_time`].
     pub llgr_stale_time: Duration,
+    /// BFD for this session (annotations on the BGPPeer, or on the default BGPConfiguration for the mesh).
+    pub bfd: Option<super::bfd::BfdConfig>,
 }
 
 impl DesiredPeer {
@@ -169,6 +171,8 @@ pub fn desired_peers(set: &ConfigSet, node_name: &str) -> Result<Vec<DesiredPeer
         } else {
             PeerType::Global
         };
+        let bfd = super::bfd::BfdConfig::from_meta(KIND_BGP_PEER, &p.metadata)?;
+        let first_new = explicit.len();
 
         // Forward: this node is selected by node / nodeSelector (or the peer is global).
         if applies_to(node) {
@@ -213,6 +217,9 @@ pub fn desired_peers(set: &ConfigSet, node_name: &str) -> Result<Vec<DesiredPeer
                 }
             }
         }
+        for d in &mut explicit[first_new..] {
+            d.bfd = bfd;
+        }
     }
     for d in explicit {
         // Never peer with ourselves, and only over a family we have an address in.
@@ -225,6 +232,8 @@ pub fn desired_peers(set: &ConfigSet, node_name: &str) -> Result<Vec<DesiredPeer
     // The mesh (Calico's confd peering rules): only on nodes that are not route reflectors, to every other node that is not
     // one either; explicit peerings to the same address win.
     if global.mesh_enabled() && me.cluster_id.is_none() {
+        let mesh_bfd =
+            super::bfd::BfdConfig::from_meta(super::bgp::KIND_BGP_CONFIGURATION, &global.metadata)?;
         let password = global
             .spec
             .node_mesh_password
@@ -264,6 +273,7 @@ pub fn desired_peers(set: &ConfigSet, node_name: &str) -> Result<Vec<DesiredPeer
                     peer_node: Some(other.metadata.name.clone()),
                     from_resource: None,
                     llgr_stale_time: llgr_stale_time(&global, None, true),
+                    bfd: mesh_bfd,
                 };
                 out.insert(d.key(), d);
             }
@@ -342,6 +352,7 @@ fn build(
         peer_node: peer_node.map(|n| n.metadata.name.clone()),
         from_resource: Some(p.metadata.name.clone()),
         llgr_stale_time: llgr_stale_time(&set.default_bgp(), Some(p), peer_node.is_some()),
+        bfd: None,
     }
 }
 

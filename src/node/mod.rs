@@ -434,6 +434,16 @@ pub async fn run_with(
         tracing::info!(cluster_id = %c, "route reflector: reflecting for this node's route-reflector clients");
     }
     let spk = Arc::new(spk);
+    // One BFD task for every BFD session of the node; a Down resets that peer's BGP session.
+    let (bfd_events_tx, bfd_events_rx) = mpsc::channel(256);
+    let bfd = Arc::new(crate::bfd::spawn(
+        crate::bfd::BfdPorts::default(),
+        bfd_events_tx,
+    ));
+    let bfd_link = task::spawn(
+        "bfd-link",
+        crate::peering::bfd_to_speaker(bfd_events_rx, spk.bfd_link()),
+    );
     // Next hops resolved recursively through the node's routes (BIRD `gateway recursive`).
     let (tunnel_tasks, tunnel_routing) = encap::spawn(
         ds.clone(),
@@ -496,6 +506,7 @@ pub async fn run_with(
                 feed,
                 id.clone(),
                 spk.clone(),
+                bfd.clone(),
                 applied_tx,
                 originated_rx,
                 addr_rx,
@@ -651,11 +662,13 @@ pub async fn run_with(
     });
 
     let status_spk = spk.clone();
+    let status_bfd = bfd.clone();
     let status_id = id.clone();
     let (status_ipam, status_fib, status_ds) = (ipam.clone(), fib.clone(), ds.clone());
     let status_dp = dp_status.clone();
     let status_source = move || {
         let spk = status_spk.clone();
+        let bfd = status_bfd.clone();
         let id = status_id.clone();
         let (ipam, fib, ds) = (status_ipam.clone(), status_fib.clone(), status_ds.clone());
         let dataplane = Some(status_dp.borrow().clone());
@@ -676,6 +689,7 @@ pub async fn run_with(
                     reason,
                 },
                 peers: spk.status().await.unwrap_or_default(),
+                bfd: bfd.status().await.unwrap_or_default(),
                 fib: tokio::time::timeout(Duration::from_secs(1), fib.settle())
                     .await
                     .ok()
@@ -712,6 +726,8 @@ pub async fn run_with(
         adverts.watch(),
         peers.watch(),
         cni.watch(),
+        bfd.watch(),
+        bfd_link.watch(),
     ] {
         sup.watch(w);
     }
@@ -824,6 +840,10 @@ pub async fn run_with(
             t.stop().await;
         }
         let _ = tokio::time::timeout(Duration::from_secs(5), cni.join()).await;
+        // AdminDown first (RFC 5880 6.8.16): peers' BGP must not react to our BFD going quiet (RFC 5882
+        // 3.2), so their graceful restart keeps our routes while we restart.
+        bfd.shutdown().await;
+        bfd_link.stop().await;
         shutdown_speaker(spk).await;
     };
     if outcome.is_err() {

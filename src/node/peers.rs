@@ -23,12 +23,14 @@ pub(super) async fn peer_loop(
     feed: ConfigFeed,
     mut id: Identity,
     spk: Arc<SpeakerHandle>,
+    bfd: Arc<crate::bfd::BfdHandle>,
     applied: watch::Sender<bool>,
     mut originated: watch::Receiver<bool>,
     mut addr: watch::Receiver<Ipv4Addr>,
     mut addr6: watch::Receiver<Option<std::net::Ipv6Addr>>,
 ) {
     let mut current: Option<Vec<DesiredPeer>> = None;
+    let mut current_bfd: Option<Vec<crate::bfd::BfdPeer>> = None;
     let mut services: BTreeSet<IpNetwork> = BTreeSet::new();
     let mut policy: Option<Policy> = None;
     let mut last_error: Option<String> = None;
@@ -59,7 +61,9 @@ pub(super) async fn peer_loop(
         let secrets_text = secrets_from_dir(&id.secrets_dir).unwrap_or_default();
         let derived = async {
             let set = snapshot.config_set(secrets_in(Some(&id.secrets_dir))?)?;
-            let peers: Vec<DesiredPeer> = desired_peers(&set, &id.name)?
+            let wanted = desired_peers(&set, &id.name)?;
+            let bfd_peers = crate::peering::bfd_peers(&wanted);
+            let peers: Vec<DesiredPeer> = wanted
                 .iter()
                 .map(|p| {
                     let mut d = crate::peering::speaker_peer(p, id.ip);
@@ -89,10 +93,10 @@ pub(super) async fn peer_loop(
                 })
                 .collect();
             let pools = snapshot.pools()?;
-            anyhow::Ok((set, peers, pools))
+            anyhow::Ok((set, peers, pools, bfd_peers))
         };
         match derived.await {
-            Ok((set, peers, pools)) => {
+            Ok((set, peers, pools, bfd_peers)) => {
                 last_error = None;
                 cluster::report_unsupported(
                     &set,
@@ -147,6 +151,13 @@ pub(super) async fn peer_loop(
                         return;
                     }
                     policy = Some(want_policy);
+                }
+                // BFD sessions first, so a new peer's BFD is already coming up when BGP connects.
+                if current_bfd.as_ref() != Some(&bfd_peers) {
+                    match bfd.apply(bfd_peers.clone()).await {
+                        Ok(()) => current_bfd = Some(bfd_peers),
+                        Err(e) => tracing::error!(error = %e, "applying BFD sessions"),
+                    }
                 }
                 if current.is_none() {
                     wait_for_own_routes(&mut originated).await;

@@ -13,6 +13,7 @@ mod cni_common;
 mod common;
 mod rib_common;
 
+mod bfd_interop;
 mod cli_bgp_resources;
 mod cli_routes;
 mod cni_chain;

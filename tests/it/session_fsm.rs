@@ -901,6 +901,38 @@ fn arb_open() -> impl Strategy<Value = Open> {
         })
 }
 
+#[test]
+fn established_bfd_down_resets_at_once_without_keeping_routes() {
+    let mut s = established();
+    let a = s.handle(Event::BfdDown {
+        reason: "control detection time expired".into(),
+    });
+    // RFC 9384: Cease / BFD Down.
+    assert_eq!(notification_of(&a), Some((6, 10)));
+    let down = a.iter().find_map(|a| match a {
+        Action::Down {
+            reason,
+            graceful_restart,
+        } => Some((reason.clone(), graceful_restart.clone())),
+        _ => None,
+    });
+    let (reason, gr) = down.expect("Down");
+    assert_eq!(reason, "BFD session down: control detection time expired");
+    assert!(gr.is_none(), "the path failed: routes go now, not after GR");
+    assert_eq!(s.state(), State::Idle);
+    // A fresh reconnect follows, as after any failure.
+    assert!(has(&a, |a| matches!(
+        a,
+        Action::StartTimer(Timer::IdleHold, _)
+    )));
+    // Outside a session it changes nothing.
+    let mut idle = Session::new(cfg());
+    idle.handle(Event::ManualStart);
+    assert!(idle
+        .handle(Event::BfdDown { reason: "x".into() })
+        .is_empty());
+}
+
 fn arb_event() -> impl Strategy<Value = Event> {
     let conn = 0u64..4;
     let notif = (
@@ -925,6 +957,9 @@ fn arb_event() -> impl Strategy<Value = Event> {
         Just(Event::HoldTimerExpires),
         Just(Event::KeepaliveTimerExpires),
         Just(Event::IdleHoldTimerExpires),
+        Just(Event::BfdDown {
+            reason: "detection time expired".into()
+        }),
         conn.clone().prop_map(Event::TcpCrAcked),
         conn.clone().prop_map(Event::TcpConnectionConfirmed),
         conn.clone().prop_map(|c| Event::TcpConnectionFails {

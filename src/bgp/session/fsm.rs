@@ -106,6 +106,10 @@ pub enum Event {
     UpdateMsg(ConnId),
     /// Event 28 UpdateMsgErr: an UPDATE error that RFC 7606 says resets the session.
     UpdateMsgErr(ConnId, MessageError),
+    /// BFD declared the path down (RFC 5882 4.3; not one of RFC 4271's events): like a hold timer expiry
+    /// but at once, and the peer's routes go now rather than being kept for graceful restart: the
+    /// forwarding path itself failed, so stale routes would blackhole traffic.
+    BfdDown { reason: String },
 }
 
 /// What the peer task must do (RFC 4271 8.2.2 "the local system ...").
@@ -146,6 +150,9 @@ struct Conn {
     id: ConnId,
     dir: Direction,
 }
+
+/// RFC 9384: Cease subcode "BFD Down".
+pub const CEASE_BFD_DOWN: u8 = 10;
 
 /// The FSM of one peer.
 #[derive(Debug, Clone)]
@@ -231,6 +238,7 @@ impl Session {
             Event::NotifMsg(conn, n) => self.notification_received(conn, n, &mut out),
             Event::KeepAliveMsg(conn) => self.keepalive_received(conn, &mut out),
             Event::UpdateMsg(conn) => self.update_received(conn, &mut out),
+            Event::BfdDown { reason } => self.bfd_down(reason, &mut out),
         }
         out
     }
@@ -384,6 +392,21 @@ impl Session {
                 };
                 // RFC 4724 4.2: a hold timer expiry is a session loss where GR applies.
                 self.fail("hold timer expired".into(), Some(n), true, out);
+            }
+            State::Idle | State::Connect | State::Active => {}
+        }
+    }
+
+    fn bfd_down(&mut self, reason: String, out: &mut Vec<Action>) {
+        match self.state {
+            State::OpenSent | State::OpenConfirm | State::Established => {
+                // RFC 9384: Cease subcode 10, "BFD Down".
+                let n = Notification {
+                    code: code::CEASE,
+                    subcode: CEASE_BFD_DOWN,
+                    data: Vec::new(),
+                };
+                self.fail(format!("BFD session down: {reason}"), Some(n), false, out);
             }
             State::Idle | State::Connect | State::Active => {}
         }

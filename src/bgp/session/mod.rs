@@ -114,6 +114,9 @@ pub enum PeerCommand {
     Stop,
     /// Start again after `Stop`.
     Start,
+    /// BFD declared the path to the peer down (RFC 5882 4.3): reset the session now, without graceful
+    /// restart retention, and reconnect as after any failure.
+    BfdDown { reason: String },
 }
 
 /// Counters of one peer, since the task started.

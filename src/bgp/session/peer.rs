@@ -852,6 +852,7 @@ impl PeerTask {
             }
             PeerCommand::Stop => self.feed(Event::ManualStop).await,
             PeerCommand::Start => self.feed(Event::ManualStart).await,
+            PeerCommand::BfdDown { reason } => self.feed(Event::BfdDown { reason }).await,
             PeerCommand::Reconfigure(new) => {
                 if *new == self.cfg {
                     return;

@@ -139,6 +139,7 @@ impl BgpConfiguration {
             &self.metadata,
         )?;
         llgr_annotation(KIND_BGP_CONFIGURATION, &self.metadata)?;
+        crate::config::bfd::BfdConfig::from_meta(KIND_BGP_CONFIGURATION, &self.metadata)?;
         let s = &self.spec;
         if let Some(node) = self.node_name() {
             if node.is_empty() {

@@ -118,6 +118,7 @@ impl BgpPeer {
             ConfigError::new(KIND_BGP_PEER, name, field, value, reason)
         };
         check_header(KIND_BGP_PEER, &self.api_version, &self.kind, &self.metadata)?;
+        crate::config::bfd::BfdConfig::from_meta(KIND_BGP_PEER, &self.metadata)?;
         let s = &self.spec;
         if s.node.as_deref().is_some_and(|n| !n.is_empty()) && s.node_selector.is_some() {
             return Err(err(

@@ -321,11 +321,25 @@ pub struct Frr {
     pub ns: String,
     zebra: Option<Proc>,
     bgpd: Option<Proc>,
+    bfdd: Option<Proc>,
+}
+
+pub fn have_bfdd() -> bool {
+    have("/usr/lib/frr/bfdd")
 }
 
 impl Frr {
     /// Start zebra and bgpd; `bgpd_conf` is bgpd's whole configuration.
     pub fn start(ns: &str, bgpd_conf: &str) -> Frr {
+        Frr::start_with(ns, bgpd_conf, None)
+    }
+
+    /// Start zebra, bfdd (with `bfdd_conf`) and bgpd: bgpd asks bfdd for sessions through zebra.
+    pub fn start_with_bfdd(ns: &str, bgpd_conf: &str, bfdd_conf: &str) -> Frr {
+        Frr::start_with(ns, bgpd_conf, Some(bfdd_conf))
+    }
+
+    fn start_with(ns: &str, bgpd_conf: &str, bfdd_conf: Option<&str>) -> Frr {
         let dir = tempfile::Builder::new()
             .prefix("margay-frr")
             .tempdir()
@@ -333,6 +347,9 @@ impl Frr {
         let d = dir.path().to_path_buf();
         fs::write(d.join("zebra.conf"), "hostname zebra\n").expect("zebra.conf");
         fs::write(d.join("bgpd.conf"), bgpd_conf).expect("bgpd.conf");
+        if let Some(c) = bfdd_conf {
+            fs::write(d.join("bfdd.conf"), c).expect("bfdd.conf");
+        }
         sh(&format!(
             "chown -R frr:frr {0} && chmod 755 {0}",
             d.display()
@@ -369,6 +386,44 @@ impl Frr {
                 Err(read_log(&d.join("zebra.log")))
             }
         });
+        let bfdd = bfdd_conf.map(|_| {
+            let bfdd = Proc::spawn(
+                "bfdd",
+                ns,
+                &[
+                    "/usr/lib/frr/bfdd",
+                    "-u",
+                    "frr",
+                    "-g",
+                    "frr",
+                    "-z",
+                    &zserv_arg,
+                    "--vty_socket",
+                    &vty,
+                    "-P",
+                    "0",
+                    "-i",
+                    s(&d.join("bfdd.pid")),
+                    "--bfdctl",
+                    s(&d.join("bfdd.sock")),
+                    "-f",
+                    s(&d.join("bfdd.conf")),
+                ],
+                &d.join("bfdd.log"),
+            );
+            wait_for("bfdd's vty", Duration::from_secs(20), || {
+                let (ok, out) = try_sh(&format!(
+                    "vtysh --vty_socket {} -d bfdd -c 'show bfd peers json'",
+                    d.display()
+                ));
+                if ok && out.trim_start().starts_with('[') {
+                    Ok(())
+                } else {
+                    Err(format!("{out}\nlog: {}", read_log(&d.join("bfdd.log"))))
+                }
+            });
+            bfdd
+        });
         let bgpd = Proc::spawn(
             "bgpd",
             ns,
@@ -397,6 +452,7 @@ impl Frr {
             ns: ns.to_string(),
             zebra: Some(zebra),
             bgpd: Some(bgpd),
+            bfdd,
         };
         wait_for("bgpd's vty", Duration::from_secs(20), || {
             let out = f.vtysh("show bgp summary json");
@@ -420,6 +476,19 @@ impl Frr {
         .1
     }
 
+    /// A vtysh command to bfdd.
+    pub fn vtysh_bfdd(&self, cmd: &str) -> String {
+        try_sh(&format!(
+            "vtysh --vty_socket {} -d bfdd -c '{cmd}'",
+            self.dir.path().display()
+        ))
+        .1
+    }
+
+    pub fn bfdd_log(&self) -> String {
+        read_log(&self.dir.path().join("bfdd.log"))
+    }
+
     pub fn bgpd_pid(&self) -> i32 {
         self.bgpd.as_ref().map(|p| p.pid()).unwrap_or(0)
     }
@@ -432,6 +501,7 @@ impl Frr {
 impl Drop for Frr {
     fn drop(&mut self) {
         self.bgpd = None;
+        self.bfdd = None;
         self.zebra = None;
     }
 }
