@@ -4,6 +4,8 @@
 //!   start ─▶ FIB task adopts its proto-77 routes (forwarding continues, nothing written)
 //!         ─▶ reconcile_pods: pod veths (kernel) vs this node's IPAM allocations (log what disagrees)
 //!         ─▶ CNI socket opens
+//!         ─▶ the node's blocks in the RIB (peer_loop waits for them, bounded: a peer that kept our routes
+//!            sweeps at our End-of-RIB whatever the initial table lacked)
 //!         ─▶ peers applied ─▶ converge(): poll the speaker's PeerSync every CONVERGE_POLL
 //!                                   every Established peer sent End-of-RIB (or the bounded wait ran out)
 //!                             ─▶ sweep(): adopted routes nobody re-announced leave the FIB, except
