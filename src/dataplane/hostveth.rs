@@ -30,13 +30,11 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use ipnetwork::IpNetwork;
-use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE};
+use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL};
 use netlink_packet_route::link::{
     InfoData, InfoKind, InfoVeth, LinkAttribute, LinkInfo, LinkMessage,
 };
-use netlink_packet_route::route::{
-    RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType,
-};
+use netlink_packet_route::route::RouteProtocol;
 use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use sha2::{Digest, Sha256};
@@ -45,8 +43,8 @@ use super::error::DataplaneError;
 use super::netns::{in_netns, open_netns};
 use super::nl::NlSocket;
 use super::pod::{
-    add_route, delete_link, dump_routes, find_link, host_net, mac_string, nl_err, set_link_up,
-    POD_ROUTE_PROTOCOL,
+    add_route, add_route_src, delete_link, dump_routes, find_link, host_net, mac_string, nl_err,
+    set_link_up, POD_ROUTE_PROTOCOL,
 };
 use super::sysctl;
 
@@ -149,52 +147,6 @@ impl HostVethSpec {
         out.dedup_by(|a, b| a.0 == b.0);
         out
     }
-}
-
-/// `dst [via gw] dev index src src` in the pod, protocol 78, by replace.
-fn add_pod_route(
-    sock: &mut NlSocket,
-    (dst, gw, src): PodRoute,
-    index: u32,
-    ifname: &str,
-) -> Result<(), DataplaneError> {
-    let mut m = RouteMessage::default();
-    m.header.address_family = if dst.is_ipv4() {
-        AddressFamily::Inet
-    } else {
-        AddressFamily::Inet6
-    };
-    m.header.destination_prefix_length = dst.prefix();
-    m.header.table = 254;
-    m.header.protocol = RouteProtocol::from(POD_ROUTE_PROTOCOL);
-    m.header.kind = RouteType::Unicast;
-    m.header.scope = if gw.is_some() {
-        RouteScope::Universe
-    } else {
-        RouteScope::Link
-    };
-    if dst.prefix() > 0 {
-        m.attributes
-            .push(RouteAttribute::Destination(dst.ip().into()));
-    }
-    if let Some(g) = gw {
-        m.attributes.push(RouteAttribute::Gateway(g.into()));
-    }
-    m.attributes.push(RouteAttribute::PrefSource(src.into()));
-    m.attributes.push(RouteAttribute::Oif(index));
-    sock.request(
-        RouteNetlinkMessage::NewRoute(m),
-        NLM_F_CREATE | NLM_F_REPLACE,
-    )
-    .map_err(|e| {
-        let via = gw.map(|g| format!(" via {g}")).unwrap_or_default();
-        nl_err(
-            sock,
-            "add route",
-            format!("{dst}{via} dev {ifname} src {src}"),
-            e,
-        )
-    })
 }
 
 fn rule_msg(ip: IpAddr) -> RuleMessage {
@@ -363,7 +315,8 @@ fn build(
         })?;
     set_link_up(pod, pod_link.index, &spec.pod_ifname, None)?;
     for r in spec.pod_routes() {
-        add_pod_route(pod, r, pod_link.index, &spec.pod_ifname)?;
+        let (dst, gw, src) = r;
+        add_route_src(pod, dst, gw, Some(src), pod_link.index, &spec.pod_ifname)?;
     }
     for ip in &spec.pod_ips {
         add_route(node, host_net(*ip), None, host_link.index, host)?;

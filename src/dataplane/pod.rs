@@ -321,6 +321,18 @@ pub(crate) fn add_route(
     index: u32,
     ifname: &str,
 ) -> Result<(), DataplaneError> {
+    add_route_src(sock, dst, gateway, None, index, ifname)
+}
+
+/// As [`add_route`], with a preferred source address (`src`) when given.
+pub(crate) fn add_route_src(
+    sock: &mut NlSocket,
+    dst: IpNetwork,
+    gateway: Option<IpAddr>,
+    src: Option<IpAddr>,
+    index: u32,
+    ifname: &str,
+) -> Result<(), DataplaneError> {
     let mut m = RouteMessage::default();
     m.header.address_family = if dst.is_ipv4() {
         AddressFamily::Inet
@@ -343,6 +355,9 @@ pub(crate) fn add_route(
     if let Some(gw) = gateway {
         m.attributes.push(RouteAttribute::Gateway(gw.into()));
     }
+    if let Some(src) = src {
+        m.attributes.push(RouteAttribute::PrefSource(src.into()));
+    }
     m.attributes.push(RouteAttribute::Oif(index));
     sock.request(
         RouteNetlinkMessage::NewRoute(m),
@@ -350,7 +365,13 @@ pub(crate) fn add_route(
     )
     .map_err(|e| {
         let via = gateway.map(|g| format!(" via {g}")).unwrap_or_default();
-        nl_err(sock, "add route", format!("{dst}{via} dev {ifname}"), e)
+        let from = src.map(|a| format!(" src {a}")).unwrap_or_default();
+        nl_err(
+            sock,
+            "add route",
+            format!("{dst}{via} dev {ifname}{from}"),
+            e,
+        )
     })
 }
 

@@ -509,8 +509,10 @@ pub async fn run_with(
                 bfd.clone(),
                 applied_tx,
                 originated_rx,
-                addr_rx,
-                addr6_rx,
+                NodeAddresses {
+                    v4: addr_rx,
+                    v6: addr6_rx,
+                },
             ),
         )
     };

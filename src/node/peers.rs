@@ -17,6 +17,12 @@ pub(super) async fn to_rib(rib: &mpsc::Sender<RibInput>, input: RibInput, task: 
     true
 }
 
+/// The node's addresses as the address monitors last found them (fixed ones never change).
+pub(super) struct NodeAddresses {
+    pub v4: watch::Receiver<Ipv4Addr>,
+    pub v6: watch::Receiver<Option<std::net::Ipv6Addr>>,
+}
+
 /// Re-derive the peers and the service prefixes from every snapshot the configuration feed publishes (and
 /// when a mounted password Secret changes); apply only what changed. No etcd request is made here.
 pub(super) async fn peer_loop(
@@ -26,9 +32,12 @@ pub(super) async fn peer_loop(
     bfd: Arc<crate::bfd::BfdHandle>,
     applied: watch::Sender<bool>,
     mut originated: watch::Receiver<bool>,
-    mut addr: watch::Receiver<Ipv4Addr>,
-    mut addr6: watch::Receiver<Option<std::net::Ipv6Addr>>,
+    addresses: NodeAddresses,
 ) {
+    let NodeAddresses {
+        v4: mut addr,
+        v6: mut addr6,
+    } = addresses;
     let mut current: Option<Vec<DesiredPeer>> = None;
     let mut current_bfd: Option<Vec<crate::bfd::BfdPeer>> = None;
     let mut services: BTreeSet<IpNetwork> = BTreeSet::new();
