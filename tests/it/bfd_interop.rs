@@ -301,3 +301,105 @@ fn bfd_on_the_mesh_between_two_margay_nodes() {
     let _ = common::try_sh(&format!("ip -n {n2} route replace default via 10.99.0.1"));
     assert_all_up(&lab, &n1, &ip2, &block2, &n2_sees_n1, &diag);
 }
+
+/// The standalone reflector (`margay reflector` in a `lab --reflector`) with BFD towards an outside BIRD
+/// configured by a BGPPeer for the reflector's own node name: BFD Up on both sides; the peer's link cut takes
+/// the reflector's session down at once (not after the 240 s hold time), and the peer's route (reflected
+/// next hop self, as an eBGP-learned route) leaves its clients' kernels; the link back brings BFD, BGP and
+/// the route back.
+#[test]
+#[ignore = "needs root, network namespaces, etcd and BIRD 2: scripts/test.sh runs it (--include-ignored)"]
+fn bfd_on_the_standalone_reflector_with_bird() {
+    const T: &str = "bfd_on_the_standalone_reflector_with_bird";
+    if !(lab_prerequisites(T) && require(have_bird(), T, "BIRD 2 is not installed (bird2)")) {
+        return;
+    }
+    let lab = Lab::with("bfdr", 1, 0, &["--reflector"]);
+    let node = lab.node(0).to_string();
+    let rr = format!("{}-rr", lab.name);
+    let rr_ip = "10.99.0.3";
+    let (_g, ns) = peer_namespace(&lab, "bfdrp");
+    let conf = format!(
+        r#"router id {PEER_IP};
+protocol device {{ }}
+protocol bfd {{
+  interface "*" {{ min rx interval 100 ms; min tx interval 100 ms; idle tx interval 1 s; multiplier 3; }};
+}}
+protocol static {{ ipv4; route {ROUTE} unreachable; }}
+protocol bgp margay {{
+  local {PEER_IP} as 65001;
+  neighbor {rr_ip} as 64512;
+  hold time 240;
+  connect retry time 2;
+  error wait time 1, 5;
+  bfd on;
+  ipv4 {{ import all; export all; }};
+}}
+"#
+    );
+    let bird = Bird::start(&ns, &conf);
+    put(
+        &lab,
+        "bgppeers",
+        "tor-rr",
+        &format!(
+            r#"{{"apiVersion":"projectcalico.org/v3","kind":"BGPPeer","metadata":{{"name":"tor-rr","annotations":{{"margay.io/bfd":"true","margay.io/bfd-min-rx":"100ms","margay.io/bfd-min-tx":"100ms","margay.io/bfd-multiplier":"3"}}}},"spec":{{"node":"{rr}","peerIP":"{PEER_IP}","asNumber":65001}}}}"#
+        ),
+    );
+    let rr_status = || common::lab::status_json(&rr, Some("127.0.0.1:9190")).unwrap_or(Value::Null);
+    let bird_up = || {
+        bird.birdc("show bfd sessions")
+            .lines()
+            .any(|l| l.contains(rr_ip) && l.contains("Up"))
+            && bird.birdc("show protocols margay").contains("Established")
+    };
+    let all_up = || {
+        let st = rr_status();
+        bfd_of(&st, PEER_IP)["state"] == "Up"
+            && bgp_state(&st, PEER_IP) == "Established"
+            && has_route(&node, ROUTE, rr_ip)
+            && bird_up()
+    };
+    let diag = || {
+        format!(
+            "reflector: {}\n{} routes: {:?}\n{}\n{}",
+            rr_status(),
+            node,
+            proto77(&node),
+            bird.birdc("show bfd sessions"),
+            bird.birdc("show protocols all margay"),
+        )
+    };
+    assert!(
+        eventually(RECOVER_GUARD, all_up),
+        "never all up: {}",
+        diag()
+    );
+    let st = rr_status();
+    assert_eq!(bfd_of(&st, PEER_IP)["detectTimeMs"], 300, "{st}");
+
+    let t0 = Instant::now();
+    sh(&format!("ip -n {ns} link set eth0 down"));
+    let gone = eventually(DETECT_GUARD, || !has_route(&node, ROUTE, rr_ip));
+    assert!(
+        gone,
+        "{ROUTE} still in {node}'s kernel {DETECT_GUARD:?} after the cut (hold time 240 s): {}",
+        diag()
+    );
+    eprintln!(
+        "{node}: the reflected route left the kernel {:?} after the cut",
+        t0.elapsed()
+    );
+    let st = rr_status();
+    let b = bfd_of(&st, PEER_IP);
+    assert_ne!(b["state"], "Up", "BFD still Up after the cut: {st}");
+    assert!(b["downCount"].as_u64().unwrap_or(0) >= 1, "{st}");
+    assert_ne!(bgp_state(&st, PEER_IP), "Established", "{st}");
+
+    sh(&format!("ip -n {ns} link set eth0 up"));
+    assert!(
+        eventually(RECOVER_GUARD, all_up),
+        "not back after the link returned: {}",
+        diag()
+    );
+}
