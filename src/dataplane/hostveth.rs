@@ -26,14 +26,10 @@
 //! plugin's interface, addresses or routes.
 
 use std::net::IpAddr;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use ipnetwork::IpNetwork;
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL};
-use netlink_packet_route::link::{
-    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkInfo, LinkMessage,
-};
 use netlink_packet_route::route::RouteProtocol;
 use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
@@ -43,8 +39,8 @@ use super::error::DataplaneError;
 use super::netns::{in_netns, open_netns};
 use super::nl::NlSocket;
 use super::pod::{
-    add_route, add_route_src, delete_link, dump_routes, find_link, host_net, mac_string, nl_err,
-    set_link_up, POD_ROUTE_PROTOCOL,
+    add_route, add_route_src, create_veth_into, delete_link, dump_routes, find_link, host_net,
+    mac_string, nl_err, set_link_up, POD_ROUTE_PROTOCOL,
 };
 use super::sysctl;
 
@@ -241,35 +237,14 @@ pub fn add_host_veth(spec: &HostVethSpec) -> Result<HostVethResult, DataplaneErr
         });
     }
     // Both ends in one request, the peer created inside the pod under its final name.
-    let mut peer = LinkMessage::default();
-    peer.attributes
-        .push(LinkAttribute::IfName(spec.pod_ifname.clone()));
-    peer.attributes.push(LinkAttribute::Mtu(spec.mtu));
-    peer.attributes
-        .push(LinkAttribute::NetNsFd(pod_ns.as_raw_fd()));
-    let mut msg = LinkMessage::default();
-    msg.attributes.push(LinkAttribute::IfName(host.clone()));
-    msg.attributes.push(LinkAttribute::Mtu(spec.mtu));
-    msg.attributes.push(LinkAttribute::LinkInfo(vec![
-        LinkInfo::Kind(InfoKind::Veth),
-        LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer))),
-    ]));
-    node.request(RouteNetlinkMessage::NewLink(msg), NLM_F_CREATE | NLM_F_EXCL)
-        .map_err(|e| {
-            if e.errno == libc::EEXIST {
-                DataplaneError::NameCollision {
-                    name: format!("{host} or {}", spec.pod_ifname),
-                    netns: format!("{} / {}", node.netns, pod.netns),
-                }
-            } else {
-                nl_err(
-                    &node,
-                    "create veth",
-                    format!("{host} <-> {}", spec.pod_ifname),
-                    e,
-                )
-            }
-        })?;
+    create_veth_into(
+        &mut node,
+        &pod,
+        &pod_ns,
+        (&host, None),
+        &spec.pod_ifname,
+        spec.mtu,
+    )?;
     match build(spec, &host, &mut node, &mut pod) {
         Ok(r) => Ok(r),
         Err(e) => {

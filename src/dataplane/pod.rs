@@ -375,6 +375,46 @@ pub(crate) fn add_route_src(
     })
 }
 
+/// Create a veth pair in one request: `host` (with `host_mac` if given) in `node`'s namespace, its peer
+/// `pod_ifname` directly inside `pod_ns` (the namespace `pod` is open in). A name taken on either side is a
+/// [`DataplaneError::NameCollision`].
+pub(crate) fn create_veth_into(
+    node: &mut NlSocket,
+    pod: &NlSocket,
+    pod_ns: &std::fs::File,
+    (host, host_mac): (&str, Option<&[u8]>),
+    pod_ifname: &str,
+    mtu: u32,
+) -> Result<(), DataplaneError> {
+    let mut peer = LinkMessage::default();
+    peer.attributes
+        .push(LinkAttribute::IfName(pod_ifname.to_string()));
+    peer.attributes.push(LinkAttribute::Mtu(mtu));
+    peer.attributes
+        .push(LinkAttribute::NetNsFd(pod_ns.as_raw_fd()));
+    let mut msg = LinkMessage::default();
+    msg.attributes.push(LinkAttribute::IfName(host.to_string()));
+    msg.attributes.push(LinkAttribute::Mtu(mtu));
+    if let Some(mac) = host_mac {
+        msg.attributes.push(LinkAttribute::Address(mac.to_vec()));
+    }
+    msg.attributes.push(LinkAttribute::LinkInfo(vec![
+        LinkInfo::Kind(InfoKind::Veth),
+        LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer))),
+    ]));
+    node.request(RouteNetlinkMessage::NewLink(msg), NLM_F_CREATE | NLM_F_EXCL)
+        .map_err(|e| {
+            if e.errno == libc::EEXIST {
+                DataplaneError::NameCollision {
+                    name: format!("{host} or {pod_ifname}"),
+                    netns: format!("{} / {}", node.netns, pod.netns),
+                }
+            } else {
+                nl_err(node, "create veth", format!("{host} <-> {pod_ifname}"), e)
+            }
+        })
+}
+
 pub(crate) fn host_net(ip: IpAddr) -> IpNetwork {
     match ip {
         IpAddr::V4(a) => IpNetwork::V4(ipnetwork::Ipv4Network::from(a)),
@@ -512,37 +552,14 @@ pub fn add_pod(spec: &PodSpec) -> Result<PodResult, DataplaneError> {
 
     // One request makes both ends, the peer directly inside the pod's namespace under its final name:
     // there is no moment where a half-made pair sits in the wrong place.
-    let mut peer = LinkMessage::default();
-    peer.attributes
-        .push(LinkAttribute::IfName(spec.ifname.clone()));
-    peer.attributes.push(LinkAttribute::Mtu(spec.mtu));
-    peer.attributes
-        .push(LinkAttribute::NetNsFd(pod_ns.as_raw_fd()));
-    let mut msg = LinkMessage::default();
-    msg.attributes.push(LinkAttribute::IfName(host.clone()));
-    msg.attributes.push(LinkAttribute::Mtu(spec.mtu));
-    msg.attributes
-        .push(LinkAttribute::Address(HOST_MAC.to_vec()));
-    msg.attributes.push(LinkAttribute::LinkInfo(vec![
-        LinkInfo::Kind(InfoKind::Veth),
-        LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer))),
-    ]));
-    node.request(RouteNetlinkMessage::NewLink(msg), NLM_F_CREATE | NLM_F_EXCL)
-        .map_err(|e| {
-            if e.errno == libc::EEXIST {
-                DataplaneError::NameCollision {
-                    name: format!("{host} or {}", spec.ifname),
-                    netns: format!("{} / {}", node.netns, pod.netns),
-                }
-            } else {
-                nl_err(
-                    &node,
-                    "create veth",
-                    format!("{host} <-> {}", spec.ifname),
-                    e,
-                )
-            }
-        })?;
+    create_veth_into(
+        &mut node,
+        &pod,
+        &pod_ns,
+        (&host, Some(&HOST_MAC[..])),
+        &spec.ifname,
+        spec.mtu,
+    )?;
 
     match build(spec, &host, &mut node, &mut pod) {
         Ok(r) => Ok(r),
