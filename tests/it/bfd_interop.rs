@@ -1,5 +1,6 @@
 //! BFD (RFC 5880/5881) between a margay node and real peers: BIRD 2 (`protocol bfd` + `bfd on`), FRR
-//! (bfdd + `neighbor X bfd`), and another margay node over the mesh. Each test brings BFD Up on both
+//! (bfdd + `neighbor X bfd`), and another margay node over the mesh, all single hop (RFC 5881); and BIRD 2
+//! one router away over multihop (RFC 5883, `bfd_multihop_with_bird_across_a_router`). Each test brings BFD Up on both
 //! sides, cuts the peer's link inside the peer's own namespace, and checks that margay takes the BGP
 //! session down and removes the peer's routes from the kernel long before the 240 s hold time; then the
 //! link returns and BFD, BGP and the route come back. Timing figures belong to `benches/bfd.rs`; the
@@ -91,7 +92,7 @@ fn assert_all_up(
     lab: &Lab,
     node: &str,
     peer: &str,
-    route: &str,
+    (route, via): (&str, &str),
     peer_view: &dyn Fn() -> bool,
     diag: &dyn Fn() -> String,
 ) {
@@ -101,7 +102,7 @@ fn assert_all_up(
         };
         bfd_of(&st, peer)["state"] == "Up"
             && bgp_state(&st, peer) == "Established"
-            && has_route(node, route, peer)
+            && has_route(node, route, via)
             && peer_view()
     });
     assert!(
@@ -114,12 +115,18 @@ fn assert_all_up(
     );
 }
 
-/// Cut `ns`'s link; margay must see BFD Down and remove `route` from the kernel well before the hold
-/// time. Returns how long the route took to go (printed, not asserted tightly).
-fn cut_and_expect_withdrawal(lab: &Lab, node: &str, peer: &str, route: &str, ns: &str) -> Duration {
+/// Cut `ns`'s link; margay must see BFD Down and remove `route` (through `via`) from the kernel well
+/// before the hold time. Returns how long the route took to go (printed, not asserted tightly).
+fn cut_and_expect_withdrawal(
+    lab: &Lab,
+    node: &str,
+    peer: &str,
+    (route, via): (&str, &str),
+    ns: &str,
+) -> Duration {
     let t0 = Instant::now();
     sh(&format!("ip -n {ns} link set eth0 down"));
-    let gone = eventually(DETECT_GUARD, || !has_route(node, route, peer));
+    let gone = eventually(DETECT_GUARD, || !has_route(node, route, via));
     let took = t0.elapsed();
     assert!(
         gone,
@@ -181,15 +188,96 @@ protocol bgp margay {{
             bird.log()
         )
     };
-    assert_all_up(&lab, &node, PEER_IP, ROUTE, &bird_up, &diag);
+    assert_all_up(&lab, &node, PEER_IP, (ROUTE, PEER_IP), &bird_up, &diag);
     // The negotiated figures: max(100 ms, 100 ms), 3 x 100 ms.
     let st = lab.status(&node).unwrap_or(Value::Null);
     assert_eq!(bfd_of(&st, PEER_IP)["txIntervalMs"], 100, "{st}");
     assert_eq!(bfd_of(&st, PEER_IP)["detectTimeMs"], 300, "{st}");
 
-    cut_and_expect_withdrawal(&lab, &node, PEER_IP, ROUTE, &ns);
+    cut_and_expect_withdrawal(&lab, &node, PEER_IP, (ROUTE, PEER_IP), &ns);
     sh(&format!("ip -n {ns} link set eth0 up"));
-    assert_all_up(&lab, &node, PEER_IP, ROUTE, &bird_up, &diag);
+    assert_all_up(&lab, &node, PEER_IP, (ROUTE, PEER_IP), &bird_up, &diag);
+}
+
+/// RFC 5883 multihop BFD with BIRD one router away: the lab's second subnet (`--subnets 2`), BIRD at
+/// 10.99.1.200 behind the router `<lab>-br` (10.99.1.1), the margay node at 10.99.0.11 on the first
+/// subnet; the BGP session is multihop (Calico's sessions are, TTL 64), BFD runs on UDP 4784
+/// (`margay.io/bfd-multihop`, BIRD's `multihop { }` block), and the learned route goes into the kernel
+/// through the node's own next hop to the router (recursive resolution).
+#[test]
+#[ignore = "needs root, network namespaces, etcd and BIRD 2: scripts/test.sh runs it (--include-ignored)"]
+fn bfd_multihop_with_bird_across_a_router() {
+    const T: &str = "bfd_multihop_with_bird_across_a_router";
+    if !(lab_prerequisites(T) && require(have_bird(), T, "BIRD 2 is not installed (bird2)")) {
+        return;
+    }
+    const FAR_PEER: &str = "10.99.1.200";
+    const ROUTER: &str = "10.99.0.1";
+    let lab = Lab::with("bfdm", 1, 0, &["--subnets", "2"]);
+    let node = lab.node(0).to_string();
+    let node_ip = lab.nodes[0].1.to_string();
+    let ns = unique("bfdmp");
+    let _g = Netns::new(&[&ns]);
+    let br = format!("{}-br", lab.name);
+    let port = unique("bp");
+    sh(&format!(
+        "ip -n {br} link add {port} type veth peer name eth0 netns {ns}"
+    ));
+    sh(&format!("ip -n {br} link set {port} master br1 up"));
+    sh(&format!("ip -n {ns} addr add {FAR_PEER}/24 dev eth0"));
+    sh(&format!("ip -n {ns} link set eth0 up"));
+    sh(&format!("ip -n {ns} route add default via 10.99.1.1"));
+    let conf = format!(
+        r#"router id {FAR_PEER};
+protocol device {{ }}
+protocol bfd {{
+  multihop {{ min rx interval 100 ms; min tx interval 100 ms; idle tx interval 1 s; multiplier 3; }};
+}}
+protocol static {{ ipv4; route {ROUTE} unreachable; }}
+protocol bgp margay {{
+  local {FAR_PEER} as 65001;
+  neighbor {node_ip} as 64512;
+  multihop;
+  hold time 240;
+  connect retry time 2;
+  error wait time 1, 5;
+  bfd on;
+  ipv4 {{ import all; export all; }};
+}}
+"#
+    );
+    let bird = Bird::start(&ns, &conf);
+    put(
+        &lab,
+        "bgppeers",
+        "far",
+        &format!(
+            r#"{{"apiVersion":"projectcalico.org/v3","kind":"BGPPeer","metadata":{{"name":"far","annotations":{{"margay.io/bfd":"true","margay.io/bfd-multihop":"true","margay.io/bfd-min-rx":"100ms","margay.io/bfd-min-tx":"100ms","margay.io/bfd-multiplier":"3"}}}},"spec":{{"peerIP":"{FAR_PEER}","asNumber":65001}}}}"#
+        ),
+    );
+    let bird_up = || {
+        bird.birdc("show bfd sessions")
+            .lines()
+            .any(|l| l.contains(&node_ip) && l.contains("Up"))
+            && bird.birdc("show protocols margay").contains("Established")
+    };
+    let diag = || {
+        format!(
+            "{}\n{}\n{}",
+            bird.birdc("show bfd sessions"),
+            bird.birdc("show protocols all margay"),
+            bird.log()
+        )
+    };
+    assert_all_up(&lab, &node, FAR_PEER, (ROUTE, ROUTER), &bird_up, &diag);
+    let st = lab.status(&node).unwrap_or(Value::Null);
+    let b = bfd_of(&st, FAR_PEER);
+    assert_eq!(b["multihop"], true, "not a multihop session: {st}");
+    assert_eq!(b["detectTimeMs"], 300, "{st}");
+    cut_and_expect_withdrawal(&lab, &node, FAR_PEER, (ROUTE, ROUTER), &ns);
+    sh(&format!("ip -n {ns} link set eth0 up"));
+    sh(&format!("ip -n {ns} route replace default via 10.99.1.1"));
+    assert_all_up(&lab, &node, FAR_PEER, (ROUTE, ROUTER), &bird_up, &diag);
 }
 
 #[test]
@@ -255,10 +343,10 @@ exit
             frr.log()
         )
     };
-    assert_all_up(&lab, &node, PEER_IP, ROUTE, &frr_up, &diag);
-    cut_and_expect_withdrawal(&lab, &node, PEER_IP, ROUTE, &ns);
+    assert_all_up(&lab, &node, PEER_IP, (ROUTE, PEER_IP), &frr_up, &diag);
+    cut_and_expect_withdrawal(&lab, &node, PEER_IP, (ROUTE, PEER_IP), &ns);
     sh(&format!("ip -n {ns} link set eth0 up"));
-    assert_all_up(&lab, &node, PEER_IP, ROUTE, &frr_up, &diag);
+    assert_all_up(&lab, &node, PEER_IP, (ROUTE, PEER_IP), &frr_up, &diag);
 }
 
 /// Two margay nodes, BFD on the mesh through the default BGPConfiguration's annotations: node 2's link
@@ -286,7 +374,7 @@ fn bfd_on_the_mesh_between_two_margay_nodes() {
             .is_some_and(|st| bfd_of(&st, &ip1)["state"] == "Up")
     };
     let diag = || lab.node_logs(&n2);
-    assert_all_up(&lab, &n1, &ip2, &block2, &n2_sees_n1, &diag);
+    assert_all_up(&lab, &n1, &ip2, (&block2, &ip2), &n2_sees_n1, &diag);
     // The status table shows the section.
     let (ok, table) = in_ns(&n1, &[common::lab::MARGAY, "status"]);
     assert!(
@@ -295,11 +383,11 @@ fn bfd_on_the_mesh_between_two_margay_nodes() {
     );
 
     // Node 2's own link, cut inside its namespace.
-    cut_and_expect_withdrawal(&lab, &n1, &ip2, &block2, &n2);
+    cut_and_expect_withdrawal(&lab, &n1, &ip2, (&block2, &ip2), &n2);
     sh(&format!("ip -n {n2} link set eth0 up"));
     // Its default route went with the link.
     let _ = common::try_sh(&format!("ip -n {n2} route replace default via 10.99.0.1"));
-    assert_all_up(&lab, &n1, &ip2, &block2, &n2_sees_n1, &diag);
+    assert_all_up(&lab, &n1, &ip2, (&block2, &ip2), &n2_sees_n1, &diag);
 }
 
 /// The standalone reflector (`margay reflector` in a `lab --reflector`) with BFD towards an outside BIRD
