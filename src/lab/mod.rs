@@ -15,6 +15,8 @@
 //!   --reflector: mesh off, every node peers only with mgl-rr (Calico's resources, written into etcd:
 //!   BGPConfiguration nodeToNodeMeshEnabled false, Node mgl-rr with routeReflectorClusterID 244.0.0.1 and
 //!   label route-reflector, BGPPeer nodeSelector all() / peerSelector has(route-reflector))
+//!   --outside-router: mgl-rtr 10.99.0.4, BIRD 2 in AS 64567, every node peering with it by one global
+//!   BGPPeer; mgl-ext 10.97.0.2 behind it on its own segment (see `router`)
 //! ```
 //!
 //! Pods are plumbed by executing the real `margay-cni` binary, installed as `margay` in the lab's CNI bin
