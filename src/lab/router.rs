@@ -5,7 +5,8 @@
 //!     |-- <lab>-n1 .. nN   margay nodes (AS 64512), each with a session to the router: one global BGPPeer
 //!     `-- <lab>-rtr  eth0 10.99.0.4   BIRD 2, AS 64567: learns the nodes' blocks and service CIDRs into
 //!            |                        its kernel (ECMP where several nodes send one prefix), sends the
-//!            |                        nodes a default route and its outside segment (next hop itself)
+//!            |                        nodes everything (next hop itself): a default route, its outside
+//!            |                        segment, and the blocks back (which the nodes refuse: AS loop)
 //!         eth1 10.97.0.1/24
 //!            `-- <lab>-ext  eth0 10.97.0.2/24, default via 10.97.0.1: a host that is not in the cluster
 //! ```
@@ -69,7 +70,9 @@ pub(super) fn apply_file(state: &Path, etcd_ns: &str, file: &str, doc: &str) -> 
 }
 
 /// BIRD's configuration: one eBGP session per node; everything learned goes to the kernel (ECMP); the
-/// nodes get a default route and the outside segment, both with the router as next hop.
+/// nodes get everything the router has, as a ToR sends it: its default route and outside segment, and the
+/// other nodes' blocks and the service CIDRs back with AS path `64567 64512`, which the nodes must refuse
+/// (their own AS in the path, RFC 4271 9.1.2), or a block would loop between router and nodes.
 pub(super) fn bird_conf(nodes: &[Ipv4Addr]) -> String {
     let mut c = format!(
         "router id {ROUTER_IP};
@@ -84,7 +87,7 @@ template bgp node {{
   local {ROUTER_IP} as {ROUTER_AS};
   ipv4 {{
     import all;
-    export where net = 0.0.0.0/0 || net = {OUTSIDE_NET};
+    export all;
     next hop self;
   }};
 }}

@@ -89,6 +89,29 @@ fn outside_router_learns_blocks_and_services_and_reaches_pods() {
         );
     }
 
+    // The router sends the blocks back too (as a ToR exporting everything does): no node takes them
+    // (AS 64512 in the path), so no block is routed towards the router.
+    for n in &nodes {
+        let learned = sh(&format!("ip -n {n} route show proto 77"));
+        assert!(
+            !learned
+                .lines()
+                .any(|l| (l.starts_with("10.244.") || l.starts_with("10.96."))
+                    && l.contains("10.99.0.4")),
+            "{n} took a block or service route back from the router (a loop):\n{learned}"
+        );
+    }
+    // ... and the nodes did receive them: the router session counts more received than accepted.
+    let st = lab.status(&nodes[0]).expect("n1 status");
+    let rtr_peer = st["peers"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["address"] == "10.99.0.4"))
+        .unwrap_or_else(|| panic!("no router peer in {st}"));
+    assert!(
+        rtr_peer["prefixesReceived"].as_u64() > rtr_peer["prefixesAccepted"].as_u64(),
+        "the router sent the blocks back and nothing was refused? {rtr_peer}"
+    );
+
     // The host behind the router reaches a pod on every node, and the service.
     for p in &pods {
         assert!(
