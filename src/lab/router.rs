@@ -24,8 +24,6 @@ pub(super) const ROUTER_AS: u32 = 64567;
 /// The router's address on the outside segment, and the outside host's.
 const OUTSIDE_GW: &str = "10.97.0.1";
 const OUTSIDE_HOST: &str = "10.97.0.2";
-/// The outside segment.
-pub(super) const OUTSIDE_NET: &str = "10.97.0.0/24";
 
 /// How long the router keeps a node's routes after its session drops without a NOTIFICATION (the node's
 /// graceful restart time, from the BGPPeer's `maxRestartTime`): long enough for `lab restart-node`, short
