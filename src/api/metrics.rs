@@ -272,6 +272,15 @@ pub fn report_registry(r: &StatusReport) -> Registry {
             reg.register(name, help, g);
         }
     }
+    if let Some(g) = &r.gateway {
+        let v = Gauge::<i64>::default();
+        v.set(i64::try_from(g.problems.len()).unwrap_or(i64::MAX));
+        reg.register(
+            "gateway_problems",
+            "On a gateway node (--gateway): kernel settings that keep it from forwarding for outside hosts (see margay status)",
+            v,
+        );
+    }
     reg
 }
 

@@ -25,8 +25,8 @@ use crate::task::Health;
 
 pub use client::{fetch_status, ApiError};
 pub use status::{
-    render_status_table, DataplaneSummary, DatastoreSummary, FibSummary, IpamSummary, PeerStatus,
-    ReadyState, StatusReport,
+    render_status_table, DataplaneSummary, DatastoreSummary, FibSummary, GatewaySummary,
+    IpamSummary, PeerStatus, ReadyState, StatusReport,
 };
 
 /// Default address of the local status endpoint (loopback only: it is for the node's own operators).

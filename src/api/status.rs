@@ -32,6 +32,21 @@ pub struct StatusReport {
     /// absent on a reflector).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dataplane: Option<DataplaneSummary>,
+    /// Present when the node is a gateway for outside hosts (`margay node run --gateway`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<GatewaySummary>,
+}
+
+/// A gateway node's forwarding settings, as the kernel holds them now.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewaySummary {
+    /// The interfaces whose reverse-path filtering was checked.
+    #[serde(default)]
+    pub interfaces: Vec<String>,
+    /// Each wrong setting, with the exact fix (`sysctl -w ...`); empty when all is right.
+    #[serde(default)]
+    pub problems: Vec<String>,
 }
 
 /// The node's outgoing NAT, pod MTU and the settings it cannot honour.
@@ -186,6 +201,24 @@ pub fn render_status_table(r: &StatusReport) -> String {
     }
     if let Some(d) = &r.dataplane {
         render_dataplane(&mut out, d);
+    }
+    if let Some(g) = &r.gateway {
+        out.push_str(&format!(
+            "Gateway: this node forwards for outside hosts (reverse-path filtering checked on {}): {}.\n",
+            if g.interfaces.is_empty() {
+                "no interface".to_string()
+            } else {
+                g.interfaces.join(", ")
+            },
+            if g.problems.is_empty() {
+                "forwarding settings OK".to_string()
+            } else {
+                format!("{} wrong setting(s)", g.problems.len())
+            }
+        ));
+        for p in &g.problems {
+            out.push_str(&format!("ERROR: gateway: {p}\n"));
+        }
     }
     for (title, v6) in [("IPv4 BGP status", false), ("IPv6 BGP status", true)] {
         let peers: Vec<&PeerStatus> = r

@@ -60,6 +60,8 @@ pub struct HostVethSpec {
     pub pod_netns: PathBuf,
     /// Names the host end.
     pub workload_id: String,
+    /// Who the pair belongs to, written as the host end's alias for GC: see [`owner_alias`].
+    pub owner: String,
     /// The veth's name inside the pod.
     pub pod_ifname: String,
     pub mtu: u32,
@@ -282,7 +284,7 @@ fn build(
         sysctl::set_here(&label, &settings[1..], true)?;
         Ok(())
     })?;
-    set_link_up(node, host_link.index, host, Some(&spec.workload_id))?;
+    set_link_up(node, host_link.index, host, Some(&spec.owner))?;
     let pod_link =
         find_link(pod, &spec.pod_ifname)?.ok_or_else(|| DataplaneError::DeviceNotFound {
             name: spec.pod_ifname.clone(),
@@ -387,20 +389,62 @@ pub fn del_host_veth(node_netns: Option<&Path>, workload_id: &str) -> Result<boo
     let mut node = NlSocket::open(node_netns)?;
     match find_link(&mut node, &host)? {
         Some(l) => {
-            // The rules name the pod's addresses, which only the host routes through the veth still know.
-            let ips: Vec<IpAddr> = dump_routes(&mut node, Some(POD_ROUTE_PROTOCOL))?
-                .into_iter()
-                .filter(|(_, gw, oif, _, _)| gw.is_none() && *oif == l.index)
-                .map(|(dst, ..)| dst.ip())
-                .collect();
-            for ip in ips {
-                del_rule(&mut node, ip)?;
-            }
-            delete_link(&mut node, l.index, &host)?;
+            del_pair(&mut node, l.index, &host)?;
             Ok(true)
         }
         None => Ok(false),
     }
+}
+
+/// Delete the rules of the pair whose host end is `index`, then the pair.
+fn del_pair(node: &mut NlSocket, index: u32, host: &str) -> Result<(), DataplaneError> {
+    // The rules name the pod's addresses, which only the host routes through the veth still know.
+    let ips: Vec<IpAddr> = dump_routes(node, Some(POD_ROUTE_PROTOCOL))?
+        .into_iter()
+        .filter(|(_, gw, oif, _, _)| gw.is_none() && *oif == index)
+        .map(|(dst, ..)| dst.ip())
+        .collect();
+    for ip in ips {
+        del_rule(node, ip)?;
+    }
+    delete_link(node, index, host)
+}
+
+/// The alias ADD writes on the host end: `<network>/<container id>/<CNI_IFNAME>`, what CNI GC's
+/// `cni.dev/valid-attachments` name (the interface name is a hash of the workload, which for a Kubernetes
+/// pod is its namespace and name, not its container id). Network names, container ids and interface
+/// names contain no `/`.
+pub fn owner_alias(network: &str, container_id: &str, ifname: &str) -> String {
+    format!("{network}/{container_id}/{ifname}")
+}
+
+/// CNI GC for host-veth mode: delete the pairs of `network` (by the host end's alias) whose (container
+/// id, CNI_IFNAME) is not in `valid`, with their rules. Pairs of other networks, and `mh*` interfaces
+/// without such an alias (not margay's, or made before the alias existed), are left alone. Returns the
+/// host ends deleted.
+pub fn gc_host_veths(
+    node_netns: Option<&Path>,
+    network: &str,
+    valid: &std::collections::BTreeSet<(String, String)>,
+) -> Result<Vec<String>, DataplaneError> {
+    let mut node = NlSocket::open(node_netns)?;
+    let mut removed = Vec::new();
+    for l in super::pod::list_links(&mut node)? {
+        if !l.kind_veth || !l.name.starts_with(HOST_VETH_PREFIX) {
+            continue;
+        }
+        let mut parts = l.alias.splitn(3, '/');
+        let (Some(net), Some(cid), Some(ifname)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        if net != network || valid.contains(&(cid.to_string(), ifname.to_string())) {
+            continue;
+        }
+        del_pair(&mut node, l.index, &l.name)?;
+        removed.push(l.name);
+    }
+    Ok(removed)
 }
 
 #[cfg(test)]
@@ -413,6 +457,7 @@ mod tests {
             node_netns: None,
             pod_netns: PathBuf::from("/x"),
             workload_id: "w".into(),
+            owner: owner_alias("n", "c", "eth0"),
             pod_ifname: "veth0".into(),
             mtu: 1500,
             pod_ips: vec!["10.99.0.200".parse().unwrap()],

@@ -942,6 +942,20 @@ pub fn del_pod(node_netns: Option<&Path>, workload_id: &str) -> Result<bool, Dat
 }
 
 /// List: the pods this node has plumbed, from the kernel (interfaces named `mg` + 11 hex, veths).
+/// Every interface of the namespace `node` was opened in.
+pub(crate) fn list_links(node: &mut NlSocket) -> Result<Vec<Link>, DataplaneError> {
+    let links = node
+        .dump(RouteNetlinkMessage::GetLink(LinkMessage::default()))
+        .map_err(|e| nl_err(node, "dump interfaces", "all", e))?;
+    Ok(links
+        .iter()
+        .filter_map(|l| match l {
+            RouteNetlinkMessage::NewLink(m) => Some(link_from(m)),
+            _ => None,
+        })
+        .collect())
+}
+
 pub fn list_pods(node_netns: Option<&Path>) -> Result<Vec<PlumbedPod>, DataplaneError> {
     let mut node = NlSocket::open(node_netns)?;
     let links = node

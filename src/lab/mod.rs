@@ -15,6 +15,8 @@
 //!   --reflector: mesh off, every node peers only with mgl-rr (Calico's resources, written into etcd:
 //!   BGPConfiguration nodeToNodeMeshEnabled false, Node mgl-rr with routeReflectorClusterID 244.0.0.1 and
 //!   label route-reflector, BGPPeer nodeSelector all() / peerSelector has(route-reflector))
+//!   --outside-router: mgl-rtr 10.99.0.4, BIRD 2 in AS 64567, every node peering with it by one global
+//!   BGPPeer; mgl-ext 10.97.0.2 behind it on its own segment (see `router`)
 //! ```
 //!
 //! Pods are plumbed by executing the real `margay-cni` binary, installed as `margay` in the lab's CNI bin
@@ -37,12 +39,14 @@ use serde::{Deserialize, Serialize};
 mod down;
 mod ops;
 mod process;
+mod router;
 mod status;
 mod up;
 
 use down::*;
 use ops::*;
 use process::*;
+use router::*;
 use status::*;
 use up::*;
 
@@ -64,6 +68,12 @@ pub enum LabCmd {
         /// on the second, ...), and the default pool gets `vxlanMode: CrossSubnet` so pods reach each other.
         #[arg(long, default_value_t = 1)]
         subnets: usize,
+        /// A router outside the cluster (BIRD 2, AS 64567, `<lab>-rtr` at 10.99.0.4) that every node peers
+        /// with through one global BGPPeer, and a host behind it (`<lab>-ext`, 10.97.0.2 on the router's
+        /// own segment). The router learns the nodes' blocks and service CIDRs into its kernel and sends
+        /// them a default route and its segment. One segment only (not with --subnets 2).
+        #[arg(long)]
+        outside_router: bool,
         #[command(flatten)]
         common: LabArgs,
     },
@@ -154,6 +164,9 @@ struct LabState {
     /// The route reflector's namespace (also its Node name), when the lab runs with `--reflector`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     reflector: Option<String>,
+    /// The outside router's namespace, when the lab runs with `--outside-router`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    router: Option<String>,
 }
 
 /// Run a lab command.
@@ -164,6 +177,7 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<()> {
             pods,
             reflector,
             subnets,
+            outside_router,
             common,
         } => {
             if !(1..=50).contains(&nodes) {
@@ -178,7 +192,10 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<()> {
             if !(1..=2).contains(&subnets) {
                 bail!("--subnets must be 1 or 2");
             }
-            if let Err(e) = up(&common, nodes, pods, reflector, subnets) {
+            if outside_router && subnets > 1 {
+                bail!("--outside-router needs --subnets 1: the router peers with the nodes on the lab's one segment");
+            }
+            if let Err(e) = up(&common, nodes, pods, reflector, subnets, outside_router) {
                 eprintln!("margay lab: bring-up failed; the lab is left as it is for inspection (logs in {}); `margay lab down --name {}` removes it", common.state().display(), common.name);
                 return Err(e);
             }

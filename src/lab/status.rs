@@ -76,6 +76,24 @@ pub(super) fn status(args: &LabArgs) -> anyhow::Result<bool> {
         }
         println!();
     }
+    if let Some(rtr) = &lab.router {
+        println!("== outside router {rtr} ({ROUTER_IP}, AS {ROUTER_AS}; birdc show route)");
+        let ctl = router_ctl(&args.state(), &args.name);
+        match Command::new("birdc")
+            .arg("-s")
+            .arg(&ctl)
+            .args(["show", "route"])
+            .output()
+        {
+            Ok(o) if o.status.success() => print!("{}", String::from_utf8_lossy(&o.stdout)),
+            Ok(o) => println!(
+                "  unavailable: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
+            Err(e) => println!("  unavailable: {e}"),
+        }
+        println!();
+    }
     for n in &lab.nodes {
         println!("== BGP peers of {} (margay status)", n.name);
         match ns_exec(&n.name, &[&margay_s, "status"]) {

@@ -10,6 +10,7 @@ pub(super) fn up(
     n_pods: usize,
     reflector: bool,
     subnets: usize,
+    outside_router: bool,
 ) -> anyhow::Result<()> {
     for (bin, pkg) in [
         ("ip", "iproute2"),
@@ -104,6 +105,16 @@ pub(super) fn up(
     }
     if subnets > 1 {
         write_crosssubnet_pool(&state, &etcd_ns)?;
+    }
+    if outside_router {
+        // The peer first, so every node starts with it; BIRD before the nodes, so their sessions come up
+        // at the first attempt.
+        write_router_peer(&state, &etcd_ns)?;
+        let ips: Vec<Ipv4Addr> = (1..=n_nodes)
+            .map(|i| Ipv4Addr::new(10, 99, 0, 10 + i as u8))
+            .collect();
+        lab.router = Some(start_router(&state, p, &ips, &attach)?);
+        save(&state, &lab)?;
     }
     for i in 1..=n_nodes {
         let name = format!("{p}-n{i}");

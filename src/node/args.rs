@@ -122,6 +122,12 @@ pub struct NodeArgs {
     /// created here and new networks are read to share them (etcd /margay/docker/v1/networks/).
     #[arg(long, env = "MARGAY_DOCKER_HOST", default_value = crate::docker::DEFAULT_DOCKER_HOST)]
     pub docker_host: String,
+    /// This node forwards for hosts outside the cluster (the `--via` node of `margay routes`, or the next
+    /// hop an outside router uses): `margay status` then says so and checks the kernel settings that needs
+    /// (forwarding on, no strict reverse-path filtering on its interfaces), naming each wrong one with the
+    /// fix. margay reports them and changes none but forwarding (which every node turns on, as Felix does).
+    #[arg(long, env = "MARGAY_GATEWAY")]
+    pub gateway: bool,
 }
 
 /// `--ip` / `IP` as Calico takes it.

@@ -341,6 +341,7 @@ impl NodeBackend {
             node_netns: self.netns.clone(),
             pod_netns: req.netns.clone(),
             workload_id: req.workload_id(),
+            owner: hostveth::owner_alias(&req.network, &req.container_id, &req.ifname),
             pod_ifname: req.conf.veth_name.clone(),
             mtu: req.mtu.unwrap_or_else(|| self.mtu.get()),
             pod_ips: req.pod_ips.clone(),
@@ -558,6 +559,18 @@ impl CniBackend for NodeBackend {
                 removed.push(p.host_ifname);
             }
         }
+        // Host-veth pairs (chained mode) of this network whose container the runtime no longer lists.
+        let netns = self.netns.clone();
+        let network = req.network.clone();
+        let valid_pairs: BTreeSet<(String, String)> = req
+            .valid_attachments
+            .iter()
+            .map(|a| (a.container_id.clone(), a.ifname.clone()))
+            .collect();
+        removed.extend(
+            blocking(move || hostveth::gc_host_veths(netns.as_deref(), &network, &valid_pairs))
+                .await?,
+        );
         let mut released = Vec::new();
         let mut first_error = None;
         for h in &stale {

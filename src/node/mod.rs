@@ -668,6 +668,7 @@ pub async fn run_with(
     let status_id = id.clone();
     let (status_ipam, status_fib, status_ds) = (ipam.clone(), fib.clone(), ds.clone());
     let status_dp = dp_status.clone();
+    let gateway_netns = args.gateway.then(|| args.netns.clone());
     let status_source = move || {
         let spk = status_spk.clone();
         let bfd = status_bfd.clone();
@@ -678,7 +679,29 @@ pub async fn run_with(
         // and applied) and BGP has converged (End-of-RIB from the Established peers, bounded wait). Not
         // tied to every peer being Established.
         let reason = ready_rx.borrow().reason();
+        let gateway_netns = gateway_netns.clone();
         async move {
+            // Read at every request (a few /proc reads on a blocking thread: the netns switch is per thread),
+            // so a setting changed by hand shows at once.
+            let gateway = match gateway_netns {
+                Some(ns) => Some(
+                    tokio::task::spawn_blocking(
+                        move || match crate::dataplane::sysctl::read_gateway(ns.as_deref()) {
+                            Ok(s) => api::GatewaySummary {
+                                interfaces: s.rp_filter.iter().map(|(i, _)| i.clone()).collect(),
+                                problems: crate::dataplane::sysctl::gateway_findings(&s),
+                            },
+                            Err(e) => api::GatewaySummary {
+                                interfaces: Vec::new(),
+                                problems: vec![format!("cannot read the node's sysctls: {e}")],
+                            },
+                        },
+                    )
+                    .await
+                    .unwrap_or_default(),
+                ),
+                None => None,
+            };
             StatusReport {
                 role: "node".into(),
                 node_name: id.name.clone(),
@@ -712,6 +735,7 @@ pub async fn run_with(
                 }),
                 datastore: Some(api::DatastoreSummary::of(&ds)),
                 dataplane,
+                gateway,
             }
         }
         .boxed()

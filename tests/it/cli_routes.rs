@@ -1,18 +1,23 @@
-//! `margay routes`: a host outside the cluster (on the lab's segment, not a node, no route to any pod)
-//! reaches pods on every node and a service address through a gateway node, first from printed routes
-//! (`--format batch` fed to `ip -batch`), then from `--watch --netns`, which follows a block claimed later
-//! and a block released by a node leaving, touches no route of another protocol, and adopts its own routes
-//! when restarted.
+//! `margay routes`: hosts outside the cluster reach pods on every node and a service cluster IP through a
+//! gateway node. Host 1 sits on the lab's segment and takes printed routes (`--format batch` fed to
+//! `ip -batch`); host 2 sits on a separate segment behind the gateway (a second link of n1) and is kept by
+//! `--watch --netns`, which follows a block claimed later and a block released by a node leaving, touches
+//! no route of another protocol, and adopts its own routes when restarted. The service IP is a DNAT rule in
+//! every node's nftables (standing in for kube-proxy), not an address. The gateway runs with `--gateway`:
+//! `margay status` says so and names each wrong forwarding sysctl with its fix.
 //!
 //! ```text
-//!   netns <lab>-br: bridge br0 10.99.0.1/24 (knows no pod route)
+//!   netns <lab>-br: bridge br0 10.99.0.1/24, knows no pod route; 10.98.0.0/24 via 10.99.0.11 (the segment
+//!     |                                      behind the gateway, as the nodes' router would know it)
 //!     |-- <lab>-etcd  10.99.0.2    etcd; `margay routes` runs here (it reaches etcd)
-//!     |-- <lab>-n1    10.99.0.11   gateway: 10.96.0.10/32 on lo (stands in for a kube-proxy service IP)
+//!     |-- <lab>-n1    10.99.0.11   gateway (--gateway); eth1 10.98.0.1/24 ──┐
 //!     |-- <lab>-n2    10.99.0.12   pod n2p1; later pod n2x from pool 10.245.0.0/16 (a new block)
-//!     |-- <lab>-n3    10.99.0.13   pod n3p1; removed later (its block goes)
-//!     |-- <lab>-out   10.99.0.50   outside host 1: `margay routes --via n1 --format batch | ip -batch -`
-//!     `-- <lab>-out2  10.99.0.51   outside host 2: `margay routes --via n1 --watch --netns <lab>-out2`
-//!   expected on the outside hosts: every block and 10.96.0.0/12 via 10.99.0.11 proto 79 metric 79
+//!     |-- <lab>-n3    10.99.0.13   pod n3p1 (the service's backend); removed later (its block goes)
+//!     `-- <lab>-out   10.99.0.50   outside host 1: `margay routes --via n1 --format batch | ip -batch -`
+//!   <lab>-out2  eth0 10.98.0.51/24 ─────────────────────────────────────────┘ outside host 2, its own segment:
+//!               `margay routes --via 10.98.0.1 --watch --netns <lab>-out2`
+//!   every node: nft table kubeproxy: 10.96.0.10 -> DNAT n3p1 (masquerade when the source is outside the pool)
+//!   expected on the outside hosts: every block and 10.96.0.0/12 via the gateway, proto 79 metric 79
 //! ```
 
 use crate::common;
@@ -20,7 +25,9 @@ use crate::common;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::lab::{eventually, in_ns, lab_prerequisites, Lab, ETCD, MARGAY};
+use common::lab::{
+    eventually, http_get, in_ns, kube_proxy_dnat, lab_prerequisites, Lab, ETCD, MARGAY,
+};
 use common::{sh, try_sh};
 
 /// The routes of `margay routes`' protocol in `ns`, as `ip route` prints them.
@@ -45,6 +52,74 @@ fn outside_host(lab: &Lab, suffix: &str, addr: &str) -> String {
          ip -n {ns} link set lo up && ip -n {ns} link set eth0 up"
     ));
     ns
+}
+
+/// An outside host on a segment of its own behind the gateway `gw` (a veth from the gateway's namespace:
+/// gateway eth1 10.98.0.1/24, host eth0 10.98.0.51/24), and the nodes' router (the bridge namespace)
+/// told that segment is behind the gateway, as a data centre's router would be. The host gets no route to
+/// the pods or services: those come from `margay routes`.
+fn behind_gateway(lab: &Lab, gw: &str) -> String {
+    let ns = format!("{}-out2", lab.name);
+    let br = format!("{}-br", lab.name);
+    sh(&format!(
+        "ip netns add {ns} && ip -n {gw} link add eth1 type veth peer name eth0 netns {ns} && \
+         ip -n {gw} addr add 10.98.0.1/24 dev eth1 && ip -n {gw} link set eth1 up && \
+         ip -n {ns} addr add 10.98.0.51/24 dev eth0 && ip -n {ns} link set lo up && ip -n {ns} link set eth0 up && \
+         ip netns exec {br} sysctl -qw net.ipv4.ip_forward=1 && ip -n {br} route add 10.98.0.0/24 via {}",
+        lab.nodes[0].1
+    ));
+    ns
+}
+
+/// `margay status` on the gateway (restarted with MARGAY_GATEWAY=true) reports it, with no problem while
+/// the settings are right and with the exact fix for each wrong one; another node reports no gateway.
+fn gateway_status(lab: &Lab, n1: &str, n2: &str) {
+    lab.restart_node_with_env(n1, &[("MARGAY_GATEWAY", "true")]);
+    let st = lab.wait_ready(n1);
+    assert_eq!(st["gateway"]["problems"], serde_json::json!([]), "{st}");
+    let ifs = st["gateway"]["interfaces"].to_string();
+    assert!(ifs.contains("eth0") && ifs.contains("eth1"), "{st}");
+    assert!(lab.status(n2).expect("n2 status")["gateway"].is_null());
+    sh(&format!(
+        "ip netns exec {n1} sysctl -qw net.ipv4.ip_forward=0 net.ipv4.conf.eth1.rp_filter=1"
+    ));
+    let st = lab.status(n1).expect("n1 status");
+    let problems: Vec<String> = st["gateway"]["problems"]
+        .as_array()
+        .expect("problems")
+        .iter()
+        .filter_map(|p| p.as_str().map(str::to_string))
+        .collect();
+    assert_eq!(problems.len(), 2, "{problems:?}");
+    assert!(
+        problems[0].ends_with("fix: sysctl -w net.ipv4.ip_forward=1"),
+        "{problems:?}"
+    );
+    assert!(
+        problems[1].starts_with("eth1:")
+            && problems[1].ends_with("fix: sysctl -w net.ipv4.conf.eth1.rp_filter=2"),
+        "{problems:?}"
+    );
+    let (ok, table) = in_ns(n1, &[MARGAY, "status"]);
+    assert!(ok, "{table}");
+    println!("margay status on the gateway with two wrong settings:\n{table}");
+    assert!(
+        table.contains("Gateway: this node forwards for outside hosts")
+            && table.contains("ERROR: gateway: eth1: strict reverse-path filtering"),
+        "{table}"
+    );
+    let (code, metrics) = http_get(n1, "127.0.0.1:9190", "/metrics").expect("/metrics");
+    assert!(
+        code == 200 && metrics.contains("margay_gateway_problems 2"),
+        "{metrics}"
+    );
+    // The fixes as printed, and the report is clean again.
+    for p in &problems {
+        let fix = p.rsplit("fix: ").next().expect("fix");
+        sh(&format!("ip netns exec {n1} {fix}"));
+    }
+    let st = lab.status(n1).expect("n1 status");
+    assert_eq!(st["gateway"]["problems"], serde_json::json!([]), "{st}");
 }
 
 /// `margay routes --watch` as a child; SIGTERM (by PID) on drop.
@@ -105,7 +180,12 @@ fn routes_reach_pods_from_an_outside_host() {
         assert!(ok, "margay apply: {out}");
     };
     apply("apiVersion: projectcalico.org/v3\nkind: BGPConfiguration\nmetadata:\n  name: default\nspec:\n  serviceClusterIPs:\n  - cidr: 10.96.0.0/12\n");
-    sh(&format!("ip -n {n1} addr add 10.96.0.10/32 dev lo"));
+    let pods: Vec<String> = lab.pods.iter().map(|(_, _, ip)| ip.to_string()).collect();
+    assert_eq!(pods.len(), 3);
+    // kube-proxy's stand-in on every node: the service 10.96.0.10 is n3's pod.
+    for n in [&n1, &n2, &n3] {
+        kube_proxy_dnat(n, "10.96.0.10", &pods[2], "10.244.0.0/16");
+    }
 
     // Errors first: they name what is wrong.
     let (ok, out) = margay(&["routes", "--via", "nosuch"]);
@@ -129,8 +209,6 @@ fn routes_reach_pods_from_an_outside_host() {
 
     // 1. Printed routes, applied by hand on outside host 1.
     let out1 = outside_host(&lab, "out", "10.99.0.50");
-    let pods: Vec<String> = lab.pods.iter().map(|(_, _, ip)| ip.to_string()).collect();
-    assert_eq!(pods.len(), 3);
     assert!(
         !pings(&out1, &pods[1]),
         "{out1} reaches a pod before it has any route"
@@ -158,7 +236,8 @@ fn routes_reach_pods_from_an_outside_host() {
     }
     assert!(
         pings(&out1, "10.96.0.10"),
-        "{out1} does not reach the service address"
+        "{out1} does not reach the service cluster IP (DNAT to {})",
+        pods[2]
     );
     let (ok, json) = margay(&["routes", "--via", &n1, "--format", "json", "--aggregate"]);
     assert!(ok, "{json}");
@@ -173,11 +252,16 @@ fn routes_reach_pods_from_an_outside_host() {
     );
 
     // 2. --watch on outside host 2, beside a route of another protocol it must leave alone.
-    let out2 = outside_host(&lab, "out2", "10.99.0.51");
+    let out2 = behind_gateway(&lab, &n1);
     sh(&format!(
-        "ip -n {out2} route add 192.0.2.0/24 via 10.99.0.1"
+        "ip -n {out2} route add 192.0.2.0/24 via 10.98.0.1"
     ));
-    let ns_arg = ["--via", n1.as_str(), "--netns", out2.as_str()];
+    assert!(
+        !pings(&out2, &pods[1]),
+        "{out2} reaches a pod before it has any route"
+    );
+    let gw = "10.98.0.1".to_string();
+    let ns_arg = ["--via", gw.as_str(), "--netns", out2.as_str()];
     let mut w = Watcher::start(&etcd_ns, &ns_arg, lab.state_path("routes-watch.log"));
     let blocks: Vec<String> = [&n1, &n2, &n3]
         .iter()
@@ -200,6 +284,13 @@ fn routes_reach_pods_from_an_outside_host() {
     for p in &pods {
         assert!(pings(&out2, p), "{out2} does not reach pod {p}");
     }
+    assert!(
+        pings(&out2, "10.96.0.10"),
+        "{out2} does not reach the service cluster IP through the gateway"
+    );
+
+    // The gateway says it is one, and names every wrong forwarding setting with its fix.
+    gateway_status(&lab, &n1, &n2);
 
     // A block claimed later: a second pool, and a pod on n2 drawing from it.
     apply("apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata:\n  name: second\nspec:\n  cidr: 10.245.0.0/16\n  blockSize: 26\n");
@@ -264,7 +355,7 @@ fn routes_reach_pods_from_an_outside_host() {
     assert!(has(&out2, &blocks[0]) && has(&out2, &blocks[1]) && has(&out2, &new_block));
     let other = sh(&format!("ip -n {out2} route show 192.0.2.0/24"));
     assert!(
-        other.contains("via 10.99.0.1"),
+        other.contains("via 10.98.0.1"),
         "the watch touched a route not its own: {other:?}"
     );
     w.stop();

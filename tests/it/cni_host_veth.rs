@@ -1,17 +1,19 @@
 //! margay-cni in its chained underlay mode (`"mode": "host-veth"`), after the reference `macvlan` plugin
 //! (with `host-local` IPAM) on a lab node's NIC, each plugin run as libcni runs a conflist: the previous
 //! result is the next one's `prevResult`, DEL in reverse order. A macvlan pod cannot reach its own node;
-//! with margay's veth it reaches the node's address and a service address on the node (standing in for a
-//! kube-proxy service IP, inside the BGPConfiguration's serviceClusterIPs), still reaches its underlay
-//! neighbours directly, and the node reaches the pod's underlay address. ADD again is a no-op, CHECK
-//! finds a removed route, bad configurations are refused, DEL leaves exactly the macvlan behind. Then the
+//! with margay's veth it reaches the node's address and a service cluster IP (inside the
+//! BGPConfiguration's serviceClusterIPs) that is a DNAT rule in the node's nftables, as kube-proxy makes it
+//! (backend: an underlay host; masqueraded, as kube-proxy does for sources outside the cluster CIDR), still
+//! reaches its underlay neighbours directly, and the node reaches the pod's underlay address. ADD again is
+//! a no-op, CHECK finds a removed route, bad configurations are refused, DEL leaves exactly the macvlan
+//! behind, CNI GC deletes the pair of a container the runtime no longer lists (and only that). Then the
 //! same chain under podman (CNI backend) inside the node: the container reaches the node, the service and
 //! its underlay neighbour, and `--rm` leaves no host-veth end.
 //!
 //! ```text
 //!   netns <lab>-br: bridge br0 10.99.0.1/24  (an underlay neighbour of the pod)
 //!     |-- <lab>-etcd 10.99.0.2
-//!     `-- <lab>-n1   eth0 10.99.0.11, lo 10.96.0.10/32 ("service"), margay node run
+//!     `-- <lab>-n1   eth0 10.99.0.11, margay node run; nft: 10.96.0.10 -> DNAT 10.99.0.1 (+ masquerade)
 //!            |  macvlan (bridge mode, parent eth0)      mhXXXXXXXXXXX (host end, no address)
 //!            |                                            10.99.0.2xx/32 dev mhX (proto 78)
 //!         <lab>-hvp: eth0 10.99.0.2xx/24 (macvlan + host-local)
@@ -24,7 +26,7 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use common::lab::{lab_prerequisites, Lab, ETCD, MARGAY};
+use common::lab::{kube_proxy_dnat, lab_prerequisites, Lab, ETCD, MARGAY};
 use common::{have, require, sh, try_sh};
 use serde_json::{json, Value};
 
@@ -92,7 +94,8 @@ fn macvlan_pod_reaches_node_and_service_through_host_veth() {
         "printf '%s' 'apiVersion: projectcalico.org/v3\nkind: BGPConfiguration\nmetadata:\n  name: default\nspec:\n  serviceClusterIPs:\n  - cidr: 10.96.0.0/12\n' | ip netns exec {etcd_ns} {MARGAY} apply -f - --etcd-endpoints {ETCD}"
     ));
     assert!(ok, "apply BGPConfiguration: {out}");
-    sh(&format!("ip -n {n1} addr add 10.96.0.10/32 dev lo"));
+    // kube-proxy's stand-in: the service 10.96.0.10 is the underlay host 10.99.0.1 (the bridge).
+    kube_proxy_dnat(&n1, "10.96.0.10", "10.99.0.1", "10.244.0.0/16");
     let pod = format!("{}-hvp", lab.name);
     sh(&format!("ip netns add {pod} && ip -n {pod} link set lo up"));
     let ipam_dir = lab.state_path("host-local");
@@ -220,7 +223,7 @@ fn macvlan_pod_reaches_node_and_service_through_host_veth() {
     );
     assert!(
         pings(&pod, "10.96.0.10"),
-        "the pod does not reach the service address"
+        "the pod does not reach the service cluster IP (DNAT on the node)"
     );
     assert!(
         pings(&n1, &pod_ip),
@@ -323,6 +326,43 @@ fn macvlan_pod_reaches_node_and_service_through_host_veth() {
     );
     let (ok, out) = lab.cni(&n1, &pod, "DEL", &check.to_string(), &[]);
     assert!(ok, "a second DEL must succeed: {out}");
+    // CNI GC: a pair whose container the runtime still lists stays, as does every pair when another
+    // network is collected; with the container gone from the list, its pair and rule go.
+    let (ok, out) = lab.cni(&n1, &pod, "ADD", &margay.to_string(), &[]);
+    assert!(ok, "ADD before GC: {out}");
+    let gc = |network: &str, valid: Value| {
+        let mut c = lab.cni_conf(&n1);
+        c["cniVersion"] = json!("1.1.0");
+        c["name"] = json!(network);
+        c["mode"] = json!("host-veth");
+        c["cni.dev/valid-attachments"] = valid;
+        let (ok, out) = lab.cni(&n1, &pod, "GC", &c.to_string(), &[]);
+        assert!(ok, "GC of {network}: {out}");
+    };
+    let has_pair = || sh(&format!("ip -n {n1} -o link")).contains(&host_if);
+    gc("underlay", json!([{"containerID": pod, "ifname": "eth0"}]));
+    assert!(has_pair(), "GC removed the pair of a listed container");
+    gc("othernet", json!([]));
+    assert!(
+        has_pair(),
+        "GC of another network removed this network's pair"
+    );
+    gc(
+        "underlay",
+        json!([{"containerID": "someone-else", "ifname": "eth0"}]),
+    );
+    assert!(
+        !has_pair(),
+        "GC left the pair of a container the runtime no longer lists"
+    );
+    assert!(
+        !sh(&format!("ip -n {n1} rule show")).contains(&format!("to {pod_ip} ")),
+        "GC left the rule to the pod behind"
+    );
+    assert!(
+        !sh(&format!("ip -n {pod} -o link")).contains("veth0"),
+        "GC left veth0 in the pod"
+    );
     let (ok, out) = plugin(&n1, "/usr/lib/cni/macvlan", "DEL", &pod, &macvlan);
     assert!(ok, "macvlan DEL: {out}");
     assert!(

@@ -37,6 +37,7 @@ mod ipam_etcd;
 mod ipam_proptest;
 mod lab_cni;
 mod lab_llgr;
+mod lab_outside_router;
 mod lab_reflector;
 mod node_autodetect;
 mod node_cluster;

@@ -514,3 +514,32 @@ pub fn ipam_check(node: &str) -> String {
     assert!(ok, "ipam check: {out}");
     out
 }
+
+/// A stand-in for kube-proxy in namespace `ns` (a node): traffic to the service address `service` is
+/// DNATed to `backend`, and traffic from outside `cluster_cidr` is also masqueraded on the way out (as
+/// kube-proxy's KUBE-MARK-MASQ does for a cluster IP reached from outside `--cluster-cidr`), so replies
+/// return through this node. One nft table, `kubeproxy`, created only inside `ns`.
+pub fn kube_proxy_dnat(ns: &str, service: &str, backend: &str, cluster_cidr: &str) {
+    let rules = format!(
+        "table ip kubeproxy {{
+  chain pre {{
+    type nat hook prerouting priority dstnat; policy accept;
+    ip daddr {service} ip saddr != {cluster_cidr} meta mark set 0x4000
+    ip daddr {service} dnat to {backend}
+  }}
+  chain out {{
+    type nat hook output priority -100; policy accept;
+    ip daddr {service} dnat to {backend}
+  }}
+  chain post {{
+    type nat hook postrouting priority srcnat; policy accept;
+    meta mark 0x4000 masquerade
+  }}
+}}
+"
+    );
+    let file = tempfile::NamedTempFile::new().expect("tempfile");
+    std::fs::write(file.path(), rules).expect("write nft rules");
+    let (ok, out) = in_ns(ns, &["nft", "-f", &path_str(file.path())]);
+    assert!(ok, "nft -f (kube-proxy stand-in) in {ns}: {out}");
+}
