@@ -29,7 +29,9 @@ use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::api::{self, ReadyState, StatusReport};
+use crate::bgp::converge::convergence;
 use crate::bgp::policy::Policy;
+use crate::bgp::rib::RibInput;
 use crate::bgp::speaker::{self, DesiredPeer, SpeakerConfig, SpeakerHandle};
 use crate::config::bgp::{ConfigSet, NodeBgpSpec};
 use crate::config::peers::desired_peers;
@@ -37,6 +39,15 @@ use crate::datastore::resources;
 use crate::datastore::EtcdArgs;
 use crate::datastore::{Datastore, Updated};
 use crate::feed::{ConfigFeed, FeedOptions, Snapshot};
+
+/// Route-selection deferral after a restart (RFC 4724 4.1): every configured client Established with its
+/// End-of-RIB ends it; after `DEFERRAL_MIN_WAIT` the clients that are not back are no longer waited for
+/// (a Node that is gone for good must not hold every other client's updates), and `DEFERRAL_MAX_WAIT`
+/// bounds the wait for a client that is back but never sends End-of-RIB. Clients keep the routes they
+/// had from us meanwhile (our F bit), so the wait costs only the delay of changes made during it.
+const DEFERRAL_MIN_WAIT: Duration = Duration::from_secs(5);
+const DEFERRAL_MAX_WAIT: Duration = Duration::from_secs(60);
+const DEFERRAL_POLL: Duration = Duration::from_millis(100);
 
 /// `margay reflector` flags.
 #[derive(Debug, Clone, clap::Args)]
@@ -204,9 +215,12 @@ async fn load_peers(
         .map(|p| {
             let mut d = crate::peering::speaker_peer(p, id.router_id);
             if let Some(gr) = d.session.graceful_restart.as_mut() {
-                // A reflector forwards nothing: it never claims preserved forwarding state.
+                // The F bit (RFC 4724 3): the forwarding of every route we reflect survives our restart,
+                // because those routes point at their originating nodes, not at us. With it clear, a client
+                // must delete our routes the moment the new session comes up (4.2) and re-learn them from
+                // our table a moment later: a gap in the client's kernel on every reflector restart.
                 gr.restarting = restarting;
-                gr.forwarding_preserved = false;
+                gr.forwarding_preserved = true;
                 // But for LLGR the F bit is what lets a client keep its long-lived stale routes until our
                 // End-of-RIB after we return (RFC 9494 4.2) instead of sweeping them at once: the routes we
                 // reflect point at their originating nodes, so no forwarding anywhere depends on us.
@@ -428,6 +442,19 @@ pub async fn run_with(
     );
     bfd.apply(bfd_peers.clone()).await?;
     let mut current_bfd = bfd_peers;
+    // After a restart, route selection towards the clients is deferred (RFC 4724 4.1) until every client
+    // is back and has sent End-of-RIB (bounded, see `DEFERRAL_*`): a client that got our End-of-RIB on a
+    // table still missing the routes of clients not yet back would sweep those routes from its kernel.
+    let mut deferring = restarting;
+    if restarting {
+        spk.rib()
+            .send(RibInput::DeferSelection {
+                until: Instant::now() + DEFERRAL_MAX_WAIT,
+            })
+            .await
+            .map_err(|_| anyhow::anyhow!("the RIB task has stopped"))?;
+    }
+    let mut deferral_poll = tokio::time::interval(DEFERRAL_POLL);
     let report = spk.apply(peers.clone()).await?;
     tracing::info!(
         source = %source.describe(), router_id = %id.router_id, cluster_id = %id.cluster_id, asn = id.asn,
@@ -546,6 +573,16 @@ pub async fn run_with(
                     last_error = Some(msg);
                 }
             },
+            _ = deferral_poll.tick(), if deferring => {
+                let peers = spk.sync_state().await.unwrap_or_default();
+                if let Some(why) = convergence(&peers, started.elapsed(), DEFERRAL_MIN_WAIT, DEFERRAL_MAX_WAIT) {
+                    tracing::debug!(%why, "route selection still deferred");
+                } else {
+                    deferring = false;
+                    // The RIB ends the deferral itself at DEFERRAL_MAX_WAIT should this never arrive.
+                    let _ = spk.rib().send(RibInput::EndDeferral).await;
+                }
+            }
             () = &mut shutdown => break,
             ended = &mut supervised => {
                 tracing::error!(task = ended.name, why = %ended.why,

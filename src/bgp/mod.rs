@@ -27,6 +27,7 @@
 //! Unbounded channels left: the peer task's control queue to its connection writer (OPEN, KEEPALIVE,
 //! NOTIFICATION: a few small messages per session, which must never wait behind UPDATE data).
 
+pub mod converge;
 pub mod policy;
 pub mod rib;
 pub mod session;

@@ -19,7 +19,8 @@
 //!    etcd stopped the reflector keeps its sessions and status, /readyz is 503 naming etcd, then 200 again;
 //! 2. n2's daemon restarts while pods on n1 and n2 ping each other at 1000 packets/s: the loss from ping's
 //!    own summary is printed (and must be 0: graceful restart plus a FIB that is never flushed), and n1's
-//!    route to n2's block is never deleted meanwhile (`ip monitor route`);
+//!    route to n2's block is never deleted meanwhile (`ip monitor route`); then the same with the reflector
+//!    itself restarted: no client deletes a reflected route (F bit, selection deferral) and nothing is lost;
 //! 3. n3 leaves (daemon stopped, `margay node remove`): its block leaves n1's and n2's FIBs, its affinity and
 //!    block leave etcd, the reflector drops its session.
 
@@ -272,77 +273,12 @@ fn reflector_lab_restart_and_node_leave() {
 
     // 2. Restart n2's daemon under 1000 pps in both directions between n1 and n2.
     let (n1, n2) = (lab.node(0).to_string(), lab.node(1).to_string());
-    let (p1, ip1) = lab.pod_on(&n1);
-    let (p2, ip2) = lab.pod_on(&n2);
-    // A fixed count (10 s at 1000 pps), not SIGINT: ping then waits for the last replies, so a packet in
-    // flight when it stops is not counted as lost.
-    let ping = |from: &str, to: std::net::Ipv4Addr| {
-        Command::new("ip")
-            .args([
-                "netns", "exec", from, "ping", "-q", "-i", "0.001", "-c", "10000", "-W", "1",
-            ])
-            .arg(to.to_string())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn ping")
-    };
-    // And a deterministic witness of what ping may miss between two packets: n1's kernel must never lose
-    // its route to n2's block (a withdraw-then-add at reconnect is a gap even when no packet falls in it).
-    let monitor = Command::new("ip")
-        .args(["-n", &n1, "monitor", "route"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn ip monitor");
-    let mut fwd = ping(&p1, ip2);
-    let back = ping(&p2, ip1);
-    std::thread::sleep(std::time::Duration::from_secs(1));
-    let (ok, out) = lab.margay_lab("restart-node", &[&n2]);
-    assert!(ok, "restart-node {n2}: {out}");
-    let back_up = eventually(Duration::from_millis(30000), || {
-        established_with_reflector_only(&lab, &n2).is_ok()
-            && reflector_clients(&lab)
-                .map(|c| c.iter().all(|(_, s)| s == "Established"))
-                .unwrap_or(false)
-    });
-    // Whether the measurement covered the whole restart (session back while ping still ran).
-    let covered = matches!(fwd.try_wait(), Ok(None));
-    let mut summaries = Vec::new();
-    for (what, child) in [
-        (format!("{p1} -> {p2}"), fwd),
-        (format!("{p2} -> {p1}"), back),
-    ] {
-        let out = child.wait_with_output().expect("ping output");
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        let (tx, rx) = ping_summary(&text).unwrap_or_else(|| panic!("no ping summary: {text}"));
-        println!(
-            "restart of {n2} under 1000 pps, {what}: {tx} transmitted, {rx} received, {} lost (ping ran past the re-established session: {covered})",
-            tx - rx
-        );
-        summaries.push((what, tx, rx));
-    }
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(monitor.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let changes = String::from_utf8_lossy(&monitor.wait_with_output().expect("ip monitor").stdout)
-        .to_string();
-    assert!(back_up, "{n2} did not come back:\n{}", lab.logs());
-    assert!(
-        !changes.contains(&format!("Deleted {} ", blocks[1])),
-        "{n1} dropped its route to {n2}'s block {} during the restart:\n{changes}",
-        blocks[1]
-    );
-    for (what, tx, rx) in &summaries {
-        assert!(*tx > 1000, "{what}: only {tx} packets sent");
-        assert_eq!(
-            tx,
-            rx,
-            "{what}: packets lost across {n2}'s restart\n{}",
-            lab.logs()
-        );
-    }
+    let (_, ip2) = lab.pod_on(&n2);
+    restart_under_flood(&lab, &blocks, &n2);
+    // 2b. Restart the reflector itself under the same flood: every client keeps the reflected routes
+    // (the reflector's F bit) until the reflector's End-of-RIB, which comes only after every client is
+    // back and has sent its own (selection deferral, RFC 4724 4.1): no client sweeps a route in between.
+    restart_under_flood(&lab, &blocks, &rr);
 
     // 3. n3 leaves: daemon stopped (graceful: the reflector first keeps its routes as stale), then
     // `margay node remove`: the Node resource goes, the reflector drops the peer and flushes its routes.
@@ -405,4 +341,103 @@ fn reflector_lab_restart_and_node_leave() {
     let (p1, _) = lab.pod_on(&n1);
     let (ok, out) = in_ns(&p1, &["ping", "-c", "1", "-W", "2", &ip2.to_string()]);
     assert!(ok, "{p1} -> {ip2} after {n3} left: {out}");
+}
+
+/// Restart `target` (a node's daemon or the reflector) with `margay lab restart-node` while the pods on
+/// n1 and n2 ping each other at 1000 packets/s; wait until every session is back. Asserts no lost packet
+/// (ping's own summary) and, as a deterministic witness of what ping may miss between two packets, that
+/// neither n1's route to n2's block nor n2's route to n1's block was deleted meanwhile (`ip monitor`).
+fn restart_under_flood(lab: &Lab, blocks: &[ipnetwork::Ipv4Network], target: &str) {
+    let (n1, n2) = (lab.node(0).to_string(), lab.node(1).to_string());
+    let (p1, ip1) = lab.pod_on(&n1);
+    let (p2, ip2) = lab.pod_on(&n2);
+    // A fixed count (10 s at 1000 pps), not SIGINT: ping then waits for the last replies, so a packet in
+    // flight when it stops is not counted as lost.
+    let ping = |from: &str, to: std::net::Ipv4Addr| {
+        Command::new("ip")
+            .args([
+                "netns", "exec", from, "ping", "-q", "-i", "0.001", "-c", "10000", "-W", "1",
+            ])
+            .arg(to.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ping")
+    };
+    let monitor = |ns: &str| {
+        Command::new("ip")
+            .args(["-n", ns, "-ts", "monitor", "route"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ip monitor")
+    };
+    let monitors = [
+        (n1.clone(), blocks[1], monitor(&n1)),
+        (n2.clone(), blocks[0], monitor(&n2)),
+    ];
+    let fwd = ping(&p1, ip2);
+    let back = ping(&p2, ip1);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let (ok, out) = lab.margay_lab("restart-node", &[target]);
+    assert!(ok, "restart-node {target}: {out}");
+    let back_up = eventually(Duration::from_millis(30000), || {
+        lab.nodes
+            .iter()
+            .all(|(n, _)| established_with_reflector_only(lab, n).is_ok())
+            && reflector_clients(lab)
+                .map(|c| c.iter().all(|(_, s)| s == "Established"))
+                .unwrap_or(false)
+    });
+    // Whether the measurement covered the whole restart (sessions back while ping still ran).
+    let mut fwd = fwd;
+    let covered = matches!(fwd.try_wait(), Ok(None));
+    let mut summaries = Vec::new();
+    for (what, child) in [
+        (format!("{p1} -> {p2}"), fwd),
+        (format!("{p2} -> {p1}"), back),
+    ] {
+        let out = child.wait_with_output().expect("ping output");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (tx, rx) = ping_summary(&text).unwrap_or_else(|| panic!("no ping summary: {text}"));
+        println!(
+            "restart of {target} under 1000 pps, {what}: {tx} transmitted, {rx} received, {} lost (ping ran past the re-established sessions: {covered})",
+            tx - rx
+        );
+        summaries.push((what, tx, rx));
+    }
+    let mut deleted = Vec::new();
+    let mut changes = String::new();
+    for (ns, block, m) in monitors {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(m.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let text =
+            String::from_utf8_lossy(&m.wait_with_output().expect("ip monitor").stdout).to_string();
+        if text.contains(&format!("Deleted {block} ")) {
+            deleted.push(format!("{ns} deleted its route to {block}"));
+        }
+        changes.push_str(&format!("--- {ns}: ip monitor route\n{text}"));
+    }
+    assert!(
+        back_up,
+        "sessions did not come back after restarting {target}:\n{}",
+        lab.logs()
+    );
+    assert!(
+        deleted.is_empty(),
+        "{} during the restart of {target}:\n{changes}\n{}",
+        deleted.join("; "),
+        lab.logs()
+    );
+    for (what, tx, rx) in &summaries {
+        assert!(*tx > 1000, "{what}: only {tx} packets sent");
+        assert_eq!(
+            tx,
+            rx,
+            "{what}: packets lost across the restart of {target}\n{changes}\n{}",
+            lab.logs()
+        );
+    }
 }

@@ -6,7 +6,7 @@ use crate::rib_common;
 
 use std::time::Duration;
 
-use margay::bgp::rib::{PeerGracefulRestart, PeerId, PeerInfo, RibInput};
+use margay::bgp::rib::{PeerGracefulRestart, PeerId, PeerInfo, RibInput, RibOutput};
 use margay::bgp::wire::Family;
 use rib_common::*;
 
@@ -183,4 +183,91 @@ fn stale_paths_lose_nothing_in_the_decision_and_are_replaced_by_fresh_ones() {
         h.best_from("10.1.0.0/24"),
         Some("10.0.0.2".parse().expect("ip"))
     );
+}
+
+/// Restarting speaker (RFC 4724 4.1): with selection deferred, peers that come back get nothing, not
+/// even End-of-RIB, until the deferral ends; then each gets the whole table (including what the peers
+/// that came back later sent meanwhile) followed by End-of-RIB.
+#[test]
+fn deferred_selection_sends_nothing_until_it_ends_then_the_whole_table() {
+    let mut h = Harness::new();
+    let until = h.now + Duration::from_secs(60);
+    h.input(RibInput::DeferSelection { until });
+    assert!(h.rib.deferring());
+    h.up(1, gr_peer(1, 120));
+    h.announce(1, &["10.1.0.0/24"], attrs(&[], "10.0.0.1"));
+    h.input(RibInput::EndOfRib {
+        peer: PeerId(1),
+        family: Family::IPV4_UNICAST,
+    });
+    h.up(2, gr_peer(2, 120));
+    h.announce(2, &["10.2.0.0/24"], attrs(&[], "10.0.0.2"));
+    h.advance(Duration::from_secs(5));
+    for id in [1, 2] {
+        assert!(
+            h.take_log(id).is_empty(),
+            "peer {id} got output while selection was deferred"
+        );
+    }
+    // Routes are still selected meanwhile (only the sending waits).
+    assert!(h.best("10.2.0.0/24").is_some());
+
+    h.input(RibInput::EndDeferral);
+    assert!(!h.rib.deferring());
+    assert!(
+        h.holds(1, "10.2.0.0/24").is_some(),
+        "peer 1 gets peer 2's route"
+    );
+    assert!(
+        h.holds(2, "10.1.0.0/24").is_some(),
+        "peer 2 gets peer 1's route"
+    );
+    for id in [1, 2] {
+        let log = h.take_log(id);
+        assert!(
+            table_then_end_of_rib(&log),
+            "peer {id}: the table, then End-of-RIB: {log:?}"
+        );
+    }
+    // After the deferral, changes flow at once again.
+    h.announce(1, &["10.3.0.0/24"], attrs(&[], "10.0.0.1"));
+    assert!(h.holds(2, "10.3.0.0/24").is_some());
+    // A second EndDeferral does not send the table again.
+    h.input(RibInput::EndDeferral);
+    assert!(h
+        .take_log(1)
+        .iter()
+        .all(|m| !matches!(m, RibOutput::EndOfRib(_))));
+}
+
+/// The deferral is bounded by its own deadline, whatever the owner does.
+#[test]
+fn deferred_selection_ends_at_its_deadline() {
+    let mut h = Harness::new();
+    h.input(RibInput::DeferSelection {
+        until: h.now + Duration::from_secs(60),
+    });
+    h.up(1, gr_peer(1, 120));
+    h.up(2, gr_peer(2, 120));
+    h.announce(2, &["10.2.0.0/24"], attrs(&[], "10.0.0.2"));
+    assert_eq!(h.rib.next_deadline(), Some(h.now + Duration::from_secs(60)));
+    h.advance(Duration::from_secs(59));
+    assert!(h.take_log(1).is_empty());
+    h.advance(Duration::from_secs(2));
+    assert!(!h.rib.deferring());
+    assert!(h.holds(1, "10.2.0.0/24").is_some());
+    let log = h.take_log(1);
+    assert!(table_then_end_of_rib(&log), "{log:?}");
+}
+
+/// Updates first, then End-of-RIB for IPv4 (and nothing but End-of-RIB markers after it).
+fn table_then_end_of_rib(log: &[RibOutput]) -> bool {
+    let first_eor = log.iter().position(|m| matches!(m, RibOutput::EndOfRib(_)));
+    first_eor.is_some_and(|i| {
+        i > 0
+            && log[i..].iter().all(|m| matches!(m, RibOutput::EndOfRib(_)))
+            && log[i..]
+                .iter()
+                .any(|m| matches!(m, RibOutput::EndOfRib(Family::IPV4_UNICAST)))
+    })
 }

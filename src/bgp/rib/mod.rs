@@ -193,6 +193,13 @@ pub enum RibInput {
     /// Change the route-reflector cluster id (RFC 4456 section 7; None: the router id). Applies to routes
     /// reflected from now on; the owner restarts the sessions whose client role changed, which re-sends them.
     SetClusterId(Option<Ipv4Addr>),
+    /// Defer route selection towards peers until `until` or [`RibInput::EndDeferral`], whichever comes
+    /// first (RFC 4724 4.1, for a speaker that restarted): routes are received and selected as usual, but
+    /// nothing is sent to any peer, not even the initial table or End-of-RIB, so no peer sweeps the stale
+    /// routes it kept for us on a table that lacks what our other peers have not re-sent yet.
+    DeferSelection { until: std::time::Instant },
+    /// Deferral over: every Established peer gets the whole table, then End-of-RIB.
+    EndDeferral,
     /// Read-only questions, answered through the oneshot.
     Query(Query),
     /// Input straight from one Established session of a peer (its peer task sends it; the speaker is not

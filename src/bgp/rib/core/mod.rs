@@ -154,6 +154,8 @@ struct State {
     /// Up sessions with ADD-PATH send negotiated for some family: while there are none, a change that
     /// leaves the best path alone is nobody's business and `settle` returns early.
     add_path_peers: usize,
+    /// Route selection deferred towards peers until then (RFC 4724 4.1): nothing is sent to any peer.
+    deferring: Option<Instant>,
 }
 
 /// The RIB. One owner (the RIB task); see the module docs of `bgp::rib`.
@@ -202,6 +204,7 @@ impl Rib {
                 fib_enabled: fib,
                 fib: Vec::new(),
                 add_path_peers: 0,
+                deferring: None,
             },
         }
     }
@@ -270,6 +273,14 @@ impl Rib {
             }
             RibInput::SetPolicy(policy) => self.set_policy(policy),
             RibInput::SetClusterId(id) => self.st.cfg.cluster_id = id,
+            RibInput::DeferSelection { until } => {
+                tracing::info!(
+                    in_ms = until.saturating_duration_since(now).as_millis() as u64,
+                    "graceful restart: route selection deferred until the peers have sent End-of-RIB"
+                );
+                self.st.deferring = Some(until);
+            }
+            RibInput::EndDeferral => self.end_deferral("every peer is back"),
             RibInput::Query(q) => self.query(q),
         }
     }
@@ -285,7 +296,32 @@ impl Rib {
                     .into_iter()
                     .chain(s.llgr_until.iter().map(|(_, t)| *t))
             })
+            .chain(self.st.deferring)
             .min()
+    }
+
+    /// Whether route selection is still deferred towards peers (RFC 4724 4.1).
+    pub fn deferring(&self) -> bool {
+        self.st.deferring.is_some()
+    }
+
+    /// End the deferral: every Established peer gets the whole table and End-of-RIB, as a new session would.
+    fn end_deferral(&mut self, why: &str) {
+        if self.st.deferring.take().is_none() {
+            return;
+        }
+        let mut sent = 0;
+        for slot in 1..self.st.slots.len() as u16 {
+            let s = &self.st.slots[slot as usize];
+            if s.in_use && s.up && slot != LOCAL_SLOT {
+                self.dump_table(slot);
+                sent += 1;
+            }
+        }
+        tracing::info!(
+            peers = sent,
+            "graceful restart: route selection deferral over ({why}): tables and End-of-RIB sent"
+        );
     }
 
     /// Fire the graceful-restart timers due at `now`. A down peer's restart time ending starts the
@@ -293,6 +329,9 @@ impl Rib {
     /// 4.2); a Long-Lived Stale Time ending sweeps that family; the stale-routes time of a peer that came
     /// back without sending End-of-RIB sweeps all of its stale routes.
     pub fn on_timer(&mut self, now: Instant) {
+        if self.st.deferring.is_some_and(|d| d <= now) {
+            self.end_deferral("the deferral time ran out");
+        }
         for slot in 0..self.st.slots.len() as u16 {
             let s = &mut self.st.slots[slot as usize];
             let fired =

@@ -446,6 +446,10 @@ impl State {
     /// Hand `msg` to the peer's session, or, when its channel is full (or already has a backlog here),
     /// fold it into the peer's dirty set: the RIB never buffers a table for a slow peer.
     pub(super) fn send(&mut self, t: u16, msg: RibOutput) {
+        if self.deferring.is_some() {
+            // RFC 4724 4.1: nothing leaves while selection is deferred; the whole table goes when it ends.
+            return;
+        }
         let s = &mut self.slots[t as usize];
         let Some(out) = &s.out else { return };
         let msg = if s.dirty.is_empty() && s.dirty_tail.is_empty() {

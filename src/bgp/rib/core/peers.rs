@@ -111,6 +111,10 @@ impl Rib {
 
     /// Send the whole Loc-RIB to a newly established peer, then End-of-RIB per family (RFC 4724 2).
     pub(super) fn dump_table(&mut self, slot: u16) {
+        if self.st.deferring.is_some() {
+            // Sent when the deferral ends (`end_deferral`).
+            return;
+        }
         let policy = self.st.policy.clone();
         let families = self.st.slots[slot as usize].info.families.clone();
         for family in &families {
