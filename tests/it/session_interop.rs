@@ -17,6 +17,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use common::bgp_peers::{have_bird, have_frr, have_gobgp, in_netns, Bird, Frr, GoBgp, Link};
+use common::session::{established, expect_event, status_until, LIMIT};
 use common::{is_root, require};
 use ipnetwork::IpNetwork;
 use margay::bgp::session::{
@@ -24,8 +25,6 @@ use margay::bgp::session::{
 };
 use margay::bgp::wire::{AsPath, AsSegment, Family, Nlri, Origin, PathAttributes, Update};
 use tokio::sync::mpsc;
-
-const LIMIT: Duration = Duration::from_secs(60);
 
 fn prereqs(test: &str, daemon_ok: bool, daemon: &str) -> bool {
     require(is_root(), test, "needs root for network namespaces")
@@ -49,27 +48,6 @@ fn peer_cfg(peer: &str, peer_as: u32, local_as: u32) -> PeerConfig {
     c
 }
 
-/// Wait for the first event matching `pred`, keeping the others in `seen`.
-async fn expect_event(
-    rx: &mut mpsc::Receiver<SessionEvent>,
-    seen: &mut Vec<SessionEvent>,
-    what: &str,
-    pred: impl Fn(&SessionEvent) -> bool,
-) -> SessionEvent {
-    if let Some(i) = seen.iter().position(&pred) {
-        return seen.remove(i);
-    }
-    let deadline = tokio::time::Instant::now() + LIMIT;
-    loop {
-        match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Ok(Some(ev)) if pred(&ev) => return ev,
-            Ok(Some(ev)) => seen.push(ev),
-            Ok(None) => panic!("event channel closed while waiting for {what}; seen: {seen:#?}"),
-            Err(_) => panic!("no {what} within {LIMIT:?}; seen: {seen:#?}"),
-        }
-    }
-}
-
 /// Poll a condition (e.g. a daemon's CLI) while letting margay's tasks run.
 async fn eventually<T>(what: &str, mut f: impl FnMut() -> Result<T, String>) -> T {
     let deadline = tokio::time::Instant::now() + LIMIT;
@@ -82,24 +60,6 @@ async fn eventually<T>(what: &str, mut f: impl FnMut() -> Result<T, String>) -> 
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     panic!("gave up waiting for {what}; last seen:\n{last}");
-}
-
-/// Wait until the peer's status satisfies `pred`.
-async fn status_until(
-    h: &PeerHandle,
-    what: &str,
-    pred: impl Fn(&margay::bgp::session::PeerStatus) -> bool,
-) {
-    let mut w = h.watch_status();
-    let r = tokio::time::timeout(LIMIT, w.wait_for(|s| pred(s))).await;
-    match r {
-        Ok(Ok(_)) => {}
-        _ => panic!(
-            "peer {} never reached {what}; status: {:#?}",
-            h.peer(),
-            h.status()
-        ),
-    }
 }
 
 fn announced(ev: &SessionEvent) -> Vec<IpNetwork> {
@@ -368,10 +328,7 @@ fn bird_hold_timer_expires_when_peer_is_stopped() {
         cfg.timers.hold_time = 3;
         let p = spawn_peer(cfg, None, tx);
         let mut seen = Vec::new();
-        expect_event(&mut rx, &mut seen, "Established", |e| {
-            matches!(e, SessionEvent::Established { .. })
-        })
-        .await;
+        established(&mut rx, &mut seen, "Established").await;
         bird.stop_signal();
         let ev = expect_event(&mut rx, &mut seen, "Down", |e| {
             matches!(e, SessionEvent::Down { .. })
@@ -442,13 +399,7 @@ fn gobgp_md5_password_right_and_wrong() {
         cfg.password = Some(Password("s3cret-md5".into()));
         let p = spawn_peer(cfg.clone(), None, tx.clone());
         let mut seen = Vec::new();
-        let ev = expect_event(&mut rx, &mut seen, "Established", |e| {
-            matches!(e, SessionEvent::Established { .. })
-        })
-        .await;
-        let SessionEvent::Established { negotiated, .. } = ev else {
-            unreachable!()
-        };
+        let (_, negotiated) = established(&mut rx, &mut seen, "Established").await;
         assert_eq!(
             negotiated.families,
             vec![Family::IPV4_UNICAST, Family::IPV6_UNICAST]
@@ -544,13 +495,7 @@ router bgp 65000
         cfg.password = Some(Password("frr-md5-key".into()));
         let p = spawn_peer(cfg, Some(listener.handle()), tx);
         let mut seen = Vec::new();
-        let ev = expect_event(&mut rx, &mut seen, "Established", |e| {
-            matches!(e, SessionEvent::Established { .. })
-        })
-        .await;
-        let SessionEvent::Established { negotiated, .. } = ev else {
-            unreachable!()
-        };
+        let (_, negotiated) = established(&mut rx, &mut seen, "Established").await;
         assert!(negotiated.is_ibgp());
         assert_eq!(negotiated.families, vec![Family::IPV6_UNICAST]);
         let mut got = Vec::new();
@@ -610,13 +555,7 @@ fn bird_killed_and_restarted_with_graceful_restart() {
         let (tx, mut rx) = mpsc::channel(1024);
         let p = spawn_peer(peer_cfg("10.0.0.2", 4200000002, 4200000001), None, tx);
         let mut seen = Vec::new();
-        let ev = expect_event(&mut rx, &mut seen, "Established", |e| {
-            matches!(e, SessionEvent::Established { .. })
-        })
-        .await;
-        let SessionEvent::Established { session: first, .. } = ev else {
-            unreachable!()
-        };
+        let (first, _) = established(&mut rx, &mut seen, "Established").await;
         expect_event(&mut rx, &mut seen, "End-of-RIB", |e| {
             matches!(e, SessionEvent::EndOfRib { .. })
         })
@@ -643,18 +582,7 @@ fn bird_killed_and_restarted_with_graceful_restart() {
         );
 
         bird.restart_with_args(&["-R"]);
-        let ev = expect_event(&mut rx, &mut seen, "Established again", |e| {
-            matches!(e, SessionEvent::Established { .. })
-        })
-        .await;
-        let SessionEvent::Established {
-            session: second,
-            negotiated,
-            ..
-        } = ev
-        else {
-            unreachable!()
-        };
+        let (second, negotiated) = established(&mut rx, &mut seen, "Established again").await;
         assert!(second > first, "a new session id for the new session");
         let gr = negotiated
             .peer_graceful_restart
@@ -775,10 +703,7 @@ protocol bgp margay4 {
         cfg.source_addr = Some(ip("10.0.0.1"));
         let p = spawn_peer(cfg, None, tx);
         let mut seen = Vec::new();
-        expect_event(&mut rx, &mut seen, "Established", |e| {
-            matches!(e, SessionEvent::Established { .. })
-        })
-        .await;
+        established(&mut rx, &mut seen, "Established").await;
         let out = bird.birdc("show protocols all margay4");
         assert!(out.contains("Established"), "{out}");
         p.shutdown().await;
@@ -838,13 +763,7 @@ fn margay_graceful_restart_bird_keeps_routes_until_end_of_rib() {
             update: &Update,
         ) -> PeerHandle {
             let p = spawn_peer(cfg, None, tx);
-            let ev = expect_event(rx, seen, "Established", |e| {
-                matches!(e, SessionEvent::Established { .. })
-            })
-            .await;
-            let SessionEvent::Established { session, .. } = ev else {
-                unreachable!()
-            };
+            let (session, _) = established(rx, seen, "Established").await;
             let updates = vec![update.clone()];
             p.send(PeerCommand::SendUpdateList { session, updates })
                 .await
@@ -908,13 +827,7 @@ fn margay_graceful_restart_bird_keeps_routes_until_end_of_rib() {
             g.restarting = true;
         }
         let p = spawn_peer(restarted, None, tx);
-        let ev = expect_event(&mut rx, &mut seen, "Established after restart", |e| {
-            matches!(e, SessionEvent::Established { .. })
-        })
-        .await;
-        let SessionEvent::Established { session, .. } = ev else {
-            unreachable!()
-        };
+        let (session, _) = established(&mut rx, &mut seen, "Established after restart").await;
         assert!(has_route(), "still kept before our End-of-RIB");
         p.send(PeerCommand::SendEndOfRib {
             session,
@@ -957,18 +870,7 @@ fn bird_add_path_negotiated_and_decoded() {
         cfg.add_path = vec![(Family::IPV4_UNICAST, margay::bgp::wire::AddPathMode::Both)];
         let p = spawn_peer(cfg, None, tx);
         let mut seen = Vec::new();
-        let ev = expect_event(&mut rx, &mut seen, "Established", |e| {
-            matches!(e, SessionEvent::Established { .. })
-        })
-        .await;
-        let SessionEvent::Established {
-            session,
-            negotiated,
-            ..
-        } = ev
-        else {
-            unreachable!()
-        };
+        let (session, negotiated) = established(&mut rx, &mut seen, "Established").await;
         assert_eq!(negotiated.add_path_rx, vec![Family::IPV4_UNICAST]);
         assert_eq!(negotiated.add_path_tx, vec![Family::IPV4_UNICAST]);
         let mut got = Vec::new();
@@ -1060,10 +962,7 @@ fn bird_negotiates_long_lived_graceful_restart() {
         }
         let p = spawn_peer(cfg, None, tx);
         let mut seen = Vec::new();
-        let ev = expect_event(&mut rx, &mut seen, "Established", |e| {
-            matches!(e, SessionEvent::Established { .. })
-        })
-        .await;
+        let (_, negotiated) = established(&mut rx, &mut seen, "Established").await;
         // BIRD's view while the session is up (it may take a moment to reach Established itself).
         let mut out = String::new();
         for _ in 0..20 {
@@ -1074,10 +973,7 @@ fn bird_negotiates_long_lived_graceful_restart() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         p.shutdown().await;
-        match ev {
-            SessionEvent::Established { negotiated, .. } => (negotiated, out),
-            _ => unreachable!(),
-        }
+        (negotiated, out)
     });
     let ll = negotiated
         .peer_graceful_restart

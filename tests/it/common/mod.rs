@@ -190,4 +190,5 @@ pub mod etcd;
 pub mod lab;
 pub mod podman;
 pub mod reflector;
+pub mod session;
 pub mod wire;
