@@ -191,4 +191,5 @@ pub mod lab;
 pub mod podman;
 pub mod reflector;
 pub mod session;
+pub mod subnets;
 pub mod wire;
