@@ -899,11 +899,16 @@ fn ignored_settings_are_reported_and_ipip_says_how_to_fix() {
     assert!(s["dataplane"]["ipip"].is_null(), "{s}");
 }
 
-fn pool_mode_yaml(mode: &str) -> String {
+/// The lab's default pool with `encap` (`vxlanMode`, `ipipMode`) set to `mode`.
+fn encap_pool_yaml(encap: &str, mode: &str) -> String {
     format!(
         "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata:\n  name: default-ipv4-ippool\nspec:\n  \
-         cidr: 10.244.0.0/16\n  blockSize: 26\n  natOutgoing: true\n  vxlanMode: {mode}\n  nodeSelector: all()\n"
+         cidr: 10.244.0.0/16\n  blockSize: 26\n  natOutgoing: true\n  {encap}: {mode}\n  nodeSelector: all()\n"
     )
+}
+
+fn pool_mode_yaml(mode: &str) -> String {
+    encap_pool_yaml("vxlanMode", mode)
 }
 
 /// ```text
@@ -1100,10 +1105,7 @@ fn two_subnets_crosssubnet_encapsulates_only_across_the_router() {
 }
 
 fn pool_ipip_yaml(mode: &str) -> String {
-    format!(
-        "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata:\n  name: default-ipv4-ippool\nspec:\n  \
-         cidr: 10.244.0.0/16\n  blockSize: 26\n  natOutgoing: true\n  ipipMode: {mode}\n  nodeSelector: all()\n"
-    )
+    encap_pool_yaml("ipipMode", mode)
 }
 
 /// ```text

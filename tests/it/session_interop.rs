@@ -17,7 +17,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use common::bgp_peers::{have_bird, have_frr, have_gobgp, in_netns, Bird, Frr, GoBgp, Link};
-use common::session::{established, expect_event, status_until, LIMIT};
+use common::session::{established, expect_event, output_until, status_until, LIMIT};
 use common::{is_root, require};
 use ipnetwork::IpNetwork;
 use margay::bgp::session::{
@@ -231,14 +231,11 @@ fn bird_sessions_ipv4_ipv6_four_octet_as_and_end_of_rib() {
         })
         .await
         .expect("send");
-        let route = eventually("BIRD to hold 203.0.113.0/24 from margay", || {
-            let out = bird.birdc("show route 203.0.113.0/24 all");
-            if out.contains("203.0.113.0/24") && out.contains("4200000001") {
-                Ok(out)
-            } else {
-                Err(out)
-            }
-        })
+        let route = output_until(
+            "BIRD to hold 203.0.113.0/24 from margay",
+            || bird.birdc("show route 203.0.113.0/24 all"),
+            |out| out.contains("203.0.113.0/24") && out.contains("4200000001"),
+        )
         .await;
         assert!(route.contains("10.0.0.1"), "next hop as sent: {route}");
         for proto in ["margay4", "margay6"] {
@@ -257,14 +254,11 @@ fn bird_sessions_ipv4_ipv6_four_octet_as_and_end_of_rib() {
         p4.shutdown().await;
         p6.shutdown().await;
         // Cease / administrative shutdown reached BIRD.
-        eventually("BIRD to see our shutdown", || {
-            let out = bird.birdc("show protocols all margay4");
-            if !out.contains("Established") {
-                Ok(())
-            } else {
-                Err(out)
-            }
-        })
+        output_until(
+            "BIRD to see our shutdown",
+            || bird.birdc("show protocols all margay4"),
+            |out| !out.contains("Established"),
+        )
         .await;
     });
     drop(link);
@@ -286,14 +280,11 @@ fn bird_wrong_as_keeps_session_down_with_plain_reason() {
         let want = "OPEN from 10.0.0.2: bad peer AS 4200000002, expected 65099";
         status_until(&p, want, |s| s.last_error.as_deref() == Some(want)).await;
         // BIRD got our NOTIFICATION (OPEN error / bad peer AS).
-        eventually("BIRD to report the bad peer AS NOTIFICATION", || {
-            let out = bird.birdc("show protocols all margay4");
-            if out.to_lowercase().contains("bad peer as") {
-                Ok(())
-            } else {
-                Err(out)
-            }
-        })
+        output_until(
+            "BIRD to report the bad peer AS NOTIFICATION",
+            || bird.birdc("show protocols all margay4"),
+            |out| out.to_lowercase().contains("bad peer as"),
+        )
         .await;
         assert_ne!(p.status().state, State::Established);
         while let Ok(ev) = rx.try_recv() {
@@ -412,24 +403,18 @@ fn gobgp_md5_password_right_and_wrong() {
             .await;
             got.extend(announced(&ev));
         }
-        eventually("gobgp to show the neighbor Established", || {
-            let out = gobgp.gobgp("neighbor");
-            if out.contains("10.0.0.1") && out.contains("Establ") {
-                Ok(())
-            } else {
-                Err(out)
-            }
-        })
+        output_until(
+            "gobgp to show the neighbor Established",
+            || gobgp.gobgp("neighbor"),
+            |out| out.contains("10.0.0.1") && out.contains("Establ"),
+        )
         .await;
         p.shutdown().await;
-        eventually("gobgp to see the session go", || {
-            let out = gobgp.gobgp("neighbor");
-            if !out.contains("Establ") {
-                Ok(())
-            } else {
-                Err(out)
-            }
-        })
+        output_until(
+            "gobgp to see the session go",
+            || gobgp.gobgp("neighbor"),
+            |out| !out.contains("Establ"),
+        )
         .await;
 
         // Now the wrong password: our SYNs carry a signature GoBGP's kernel rejects.
@@ -645,14 +630,11 @@ protocol bgp margay4 {
         let listener = Listener::bind(&[SocketAddr::new(ip("10.0.0.1"), 179)])
             .await
             .expect("bind listener");
-        eventually("BIRD to be rejected by margay's listener", || {
-            let out = bird.birdc("show protocols all margay4");
-            if out.to_lowercase().contains("connection rejected") {
-                Ok(())
-            } else {
-                Err(out)
-            }
-        })
+        output_until(
+            "BIRD to be rejected by margay's listener",
+            || bird.birdc("show protocols all margay4"),
+            |out| out.to_lowercase().contains("connection rejected"),
+        )
         .await;
         let (tx, _rx) = mpsc::channel(16);
         let p = spawn_peer(peer_cfg("10.0.0.2", 65002, 65001), None, tx);
@@ -922,14 +904,11 @@ fn bird_add_path_negotiated_and_decoded() {
         })
         .await
         .expect("send");
-        eventually("BIRD to hold our route sent with a path id", || {
-            let out = bird.birdc("show route 203.0.113.0/24");
-            if out.contains("203.0.113.0/24") {
-                Ok(())
-            } else {
-                Err(out)
-            }
-        })
+        output_until(
+            "BIRD to hold our route sent with a path id",
+            || bird.birdc("show route 203.0.113.0/24"),
+            |out| out.contains("203.0.113.0/24"),
+        )
         .await;
         p.shutdown().await;
     });

@@ -107,3 +107,22 @@ pub async fn next_established(
         other => unreachable!("next_matching returned {other:?}"),
     }
 }
+
+/// Poll `read` (a daemon's CLI, e.g. `birdc show protocols`) until its output satisfies `ok`, letting
+/// margay's tasks run meanwhile; the output that did.
+pub async fn output_until(
+    what: &str,
+    mut read: impl FnMut() -> String,
+    ok: impl Fn(&str) -> bool,
+) -> String {
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    let mut last = String::new();
+    while tokio::time::Instant::now() < deadline {
+        last = read();
+        if ok(&last) {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    panic!("gave up waiting for {what}; last seen:\n{last}");
+}
