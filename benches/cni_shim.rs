@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use margay::cni::backend::{
     Attachment, CniBackend, DelRequest, GcRequest, PodRequest, StatusRequest,
 };
-use margay::cni::types::{Cidr, CniError, Dns};
+use margay::cni::types::{cidr, CniError, Dns};
 use margay::cni::{CniServer, ServerConfig};
 use serde_json::{json, Value};
 
@@ -47,7 +47,7 @@ impl CniBackend for NullBackend {
             pod_ifname: req.ifname,
             pod_mac: None,
             mtu: None,
-            ips: vec![Cidr::host(ip.into())],
+            ips: vec![cidr::host(ip.into())],
             routes: vec![],
             dns: Dns::default(),
         })

@@ -1,8 +1,14 @@
-//! A tiny blocking HTTP/1.1 GET client for `margay status`: one request to the local endpoint, no runtime.
+//! The HTTP/1.1 GET client of `margay status`: one request to the local endpoint over hyper's client
+//! connection (hyper, hyper-util and http-body-util are built anyway, for axum and tonic).
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::{header, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
 
 use super::StatusReport;
 
@@ -26,65 +32,54 @@ pub enum ApiError {
     },
     #[error("bad answer from the margay status endpoint at {addr}: {reason}")]
     BadAnswer { addr: SocketAddr, reason: String },
+    #[error("cannot start the status client: {0}")]
+    Runtime(std::io::Error),
 }
 
-/// GET `/status` from a running daemon.
+/// GET `/status` from a running daemon (blocking: `margay status` has no runtime of its own).
 pub fn fetch_status(addr: SocketAddr, timeout: Duration) -> Result<StatusReport, ApiError> {
-    let body = get(addr, "/status", timeout)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(ApiError::Runtime)?;
+    let body = rt.block_on(get(addr, "/status", timeout))?;
     serde_json::from_slice(&body).map_err(|e| ApiError::BadAnswer {
         addr,
         reason: format!("status JSON: {e}"),
     })
 }
 
-fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<Vec<u8>, ApiError> {
-    let connect = |e| ApiError::Connect { addr, source: e };
-    let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(connect)?;
-    s.set_read_timeout(Some(timeout)).map_err(connect)?;
-    s.set_write_timeout(Some(timeout)).map_err(connect)?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAccept: application/json\r\n\r\n"
-    )
-    .map_err(connect)?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).map_err(connect)?;
-    let bad = |reason: &str| ApiError::BadAnswer {
-        addr,
-        reason: reason.to_string(),
-    };
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| bad("no HTTP header"))?;
-    let head = String::from_utf8_lossy(&raw[..split]).to_string();
-    let status_line = head.lines().next().unwrap_or_default();
-    if !status_line.contains(" 200 ") {
-        return Err(bad(&format!("HTTP status {status_line:?}")));
-    }
-    let mut body = raw[split + 4..].to_vec();
-    if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        body = dechunk(&body).ok_or_else(|| bad("bad chunked encoding"))?;
-    }
-    Ok(body)
-}
-
-fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let eol = b.windows(2).position(|w| w == b"\r\n")?;
-        let size_str = std::str::from_utf8(&b[..eol]).ok()?;
-        let size = usize::from_str_radix(size_str.split(';').next()?.trim(), 16).ok()?;
-        b = &b[eol + 2..];
-        if size == 0 {
-            return Some(out);
+/// One GET over a fresh HTTP/1.1 connection (hyper's client connection: no pool, nothing left behind).
+async fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<Vec<u8>, ApiError> {
+    let connect = |source| ApiError::Connect { addr, source };
+    let hyper_err = |e: hyper::Error| connect(std::io::Error::other(e));
+    let bad = |reason: String| ApiError::BadAnswer { addr, reason };
+    let exchange = async {
+        let stream = TcpStream::connect(addr).await.map_err(connect)?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(hyper_err)?;
+        // The connection task ends with the exchange (Connection: close) or with our runtime.
+        tokio::spawn(conn);
+        let req = Request::get(path)
+            .header(header::HOST, addr.to_string())
+            .header(header::CONNECTION, "close")
+            .header(header::ACCEPT, "application/json")
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| bad(format!("request: {e}")))?;
+        let resp = sender.send_request(req).await.map_err(hyper_err)?;
+        if resp.status() != StatusCode::OK {
+            return Err(bad(format!("HTTP status {:?}", resp.status().to_string())));
         }
-        out.extend_from_slice(b.get(..size)?);
-        b = b.get(size + 2..)?;
-    }
+        let body = resp.into_body().collect().await.map_err(hyper_err)?;
+        Ok(body.to_bytes().to_vec())
+    };
+    tokio::time::timeout(timeout, exchange).await.map_err(|_| {
+        connect(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer within {timeout:?}"),
+        ))
+    })?
 }
 
 #[cfg(test)]
@@ -94,15 +89,6 @@ mod tests {
     use futures::FutureExt;
     use prometheus_client::registry::Registry;
     use std::sync::Arc;
-
-    #[test]
-    fn dechunk_reassembles() {
-        assert_eq!(
-            dechunk(b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n").unwrap(),
-            b"abcde"
-        );
-        assert!(dechunk(b"zz\r\n").is_none());
-    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn client_reads_what_server_serves() {
@@ -129,19 +115,19 @@ mod tests {
                 .unwrap()
                 .unwrap();
         assert_eq!(report.asn, 65000);
-        let ready =
-            tokio::task::spawn_blocking(move || get(addr, "/readyz", Duration::from_secs(5)))
-                .await
-                .unwrap();
+        let ready = get(addr, "/readyz", Duration::from_secs(5)).await;
         match ready {
             Err(ApiError::BadAnswer { reason, .. }) => assert!(reason.contains("503"), "{reason}"),
             other => panic!("readyz should be 503, got {other:?}"),
         }
         server.abort();
         // Nobody listening: the error names the address and suggests the fix.
-        let err = fetch_status(addr, Duration::from_millis(500))
-            .unwrap_err()
-            .to_string();
+        let err =
+            tokio::task::spawn_blocking(move || fetch_status(addr, Duration::from_millis(500)))
+                .await
+                .unwrap()
+                .unwrap_err()
+                .to_string();
         assert!(
             err.contains(&addr.to_string()) && err.contains("is margay running"),
             "{err}"

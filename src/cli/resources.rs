@@ -1,101 +1,73 @@
-//! `apply -f`, `get`, `delete` over a registry of resource kinds. Each [`KindInfo`] says where a kind lives in
-//! etcd, how to turn the operator's document into the stored bytes (defaults + validation) and back, and how
-//! to print it as a table. IPPool, IPAMConfiguration, BGPConfiguration, BGPPeer and Node are registered; adding
-//! a kind is adding one entry to [`KINDS`]. The BGP kinds are also checked together before a write, because a
-//! node refuses an invalid set as a whole (password Secrets are the nodes' mounted files, so they are assumed).
+//! `apply -f`, `get`, `delete` over the registry of resource kinds (`config::resource::KINDS`: where a kind
+//! lives in etcd, how the operator's document becomes the stored bytes, defaults + validation, and back),
+//! reading and writing through `datastore::resources`. What is the CLI's own is how each kind is printed
+//! as a table ([`Columns`]); adding a kind is one `Resource` impl, one entry in `KINDS` and one here.
+//! The BGP kinds are also checked together before a write, because a node refuses an invalid set as a whole (password Secrets are the nodes' mounted files, so they are assumed).
 
 use serde::Deserialize;
 use serde_json::Value;
 
 use super::table::Table;
 use super::CliError;
-use crate::config::bgp::{
-    BgpConfiguration, BgpPeer, ConfigSet, Node, KIND_BGP_CONFIGURATION, KIND_BGP_PEER, KIND_NODE,
-};
-use crate::config::ipam_config::{self, IpamConfiguration, StoredIpamConfig};
-use crate::config::ippool::{self, IpPool};
-use crate::config::{tolerant, ConfigError};
-use crate::datastore::{keys, Datastore, Guard, TxnOutcome, Write};
+use crate::config::bgp::ConfigSet;
+use crate::config::resource::{self, DocumentError, KindInfo, KINDS};
+use crate::datastore::resources::{self as stored, ResourceError, StoredDocument};
+use crate::datastore::Datastore;
 
-/// Where a kind's objects are stored.
-pub enum Storage {
-    /// One object per name under `/calico/resources/v3/projectcalico.org/<plural>/<name>`.
-    Resources { plural: &'static str },
-    /// A single object at a fixed key, whatever its name (IPAMConfiguration at `/calico/ipam/v2/config`).
-    Singleton {
-        key: &'static str,
-        name: &'static str,
-    },
+/// How `get` shows one kind as a table: columns of the default and `-o wide` tables, and a row.
+struct Columns {
+    kind: &'static str,
+    columns: &'static [&'static str],
+    wide_columns: &'static [&'static str],
+    row: fn(&Value, bool) -> Vec<String>,
 }
-
-/// Operator document and the other stored objects of its kind -> (name, stored bytes).
-pub type EncodeFn = fn(&Value, &[Value]) -> Result<(String, Vec<u8>), CliError>;
-
-/// One kind of resource the CLI knows.
-pub struct KindInfo {
-    pub kind: &'static str,
-    /// Names accepted on the command line (lower case): `ippool`, `ippools`, `pool`, ...
-    pub aliases: &'static [&'static str],
-    pub storage: Storage,
-    /// Operator document -> (name, stored bytes), applying defaults and validating against the other stored
-    /// objects of the kind.
-    pub encode: EncodeFn,
-    /// Stored bytes -> the v3 document.
-    pub decode: fn(&str, &[u8]) -> Result<Value, CliError>,
-    /// Columns of the default and `-o wide` tables, and a row.
-    pub columns: &'static [&'static str],
-    pub wide_columns: &'static [&'static str],
-    pub row: fn(&Value, bool) -> Vec<String>,
-}
-
-/// Every kind `apply`, `get` and `delete` handle.
-pub static KINDS: &[KindInfo] = &[IPPOOL, IPAMCONFIG, BGPCONFIG, BGPPEER, NODE];
 
 /// Find a kind by its `kind:` or a command-line alias (case-insensitive).
 pub fn kind(name: &str) -> Result<&'static KindInfo, CliError> {
-    let l = name.to_ascii_lowercase();
-    KINDS
-        .iter()
-        .find(|k| k.kind.eq_ignore_ascii_case(&l) || k.aliases.contains(&l.as_str()))
-        .ok_or_else(|| {
-            let known: Vec<&str> = KINDS.iter().map(|k| k.kind).collect();
-            CliError::Usage(format!(
-                "unknown resource kind {name:?}; known: {}",
-                known.join(", ")
-            ))
-        })
+    resource::kind(name).ok_or_else(|| {
+        let known: Vec<&str> = KINDS.iter().map(|k| k.kind).collect();
+        CliError::Usage(format!(
+            "unknown resource kind {name:?}; known: {}",
+            known.join(", ")
+        ))
+    })
 }
 
-fn invalid(e: ConfigError) -> CliError {
-    CliError::Config(e)
+impl From<DocumentError> for CliError {
+    fn from(e: DocumentError) -> CliError {
+        match e {
+            DocumentError::Invalid(e) => CliError::Config(e),
+            e @ DocumentError::Json { .. } => CliError::Usage(e.to_string()),
+        }
+    }
+}
+
+impl From<ResourceError> for CliError {
+    fn from(e: ResourceError) -> CliError {
+        match e {
+            ResourceError::Datastore(e) => CliError::Datastore(e),
+            ResourceError::Document(e) => e.into(),
+            e => CliError::Usage(e.to_string()),
+        }
+    }
 }
 
 fn json_err(what: &str, e: impl std::fmt::Display) -> CliError {
     CliError::Usage(format!("{what}: {e}"))
 }
 
-const IPPOOL: KindInfo = KindInfo {
-    kind: ippool::KIND,
-    aliases: &["ippool", "ippools", "pool", "pools", "ipp"],
-    storage: Storage::Resources {
-        plural: ippool::PLURAL,
-    },
-    encode: |doc, others| {
-        let p: IpPool = tolerant::strict(ippool::KIND, doc).map_err(invalid)?;
-        let mut p = p.with_defaults();
-        // The stored pools were written by whoever: read them as the daemon does.
-        let others: Vec<IpPool> = others
-            .iter()
-            .filter_map(|o| tolerant::tolerant(ippool::KIND, o.clone()).ok())
-            .collect();
-        ippool::validate_against(&p, &others).map_err(invalid)?;
-        p.metadata.resource_version = None;
-        let bytes = serde_json::to_vec(&p).map_err(|e| json_err("IPPool", e))?;
-        Ok((p.metadata.name.clone(), bytes))
-    },
-    decode: |_, bytes| {
-        serde_json::from_slice::<Value>(bytes).map_err(|e| json_err("stored IPPool", e))
-    },
+/// The table of every kind in [`KINDS`].
+static TABLES: &[Columns] = &[IPPOOL, IPAMCONFIG, BGPCONFIG, BGPPEER, NODE];
+
+fn columns(k: &KindInfo) -> Result<&'static Columns, CliError> {
+    TABLES
+        .iter()
+        .find(|c| c.kind == k.kind)
+        .ok_or_else(|| CliError::Usage(format!("no table for kind {}", k.kind)))
+}
+
+const IPPOOL: Columns = Columns {
+    kind: crate::config::ippool::KIND,
     columns: &["NAME", "CIDR", "SELECTOR"],
     wide_columns: &[
         "NAME",
@@ -143,31 +115,8 @@ const IPPOOL: KindInfo = KindInfo {
     },
 };
 
-const IPAMCONFIG: KindInfo = KindInfo {
-    kind: ipam_config::KIND,
-    aliases: &[
-        "ipamconfiguration",
-        "ipamconfigurations",
-        "ipamconfig",
-        "ipamconfigs",
-    ],
-    storage: Storage::Singleton {
-        key: keys::IPAM_CONFIG_KEY,
-        name: ipam_config::NAME,
-    },
-    encode: |doc, _| {
-        let c: IpamConfiguration = tolerant::strict(ipam_config::KIND, doc).map_err(invalid)?;
-        c.validate().map_err(invalid)?;
-        let stored = StoredIpamConfig::from(c.spec);
-        let bytes = serde_json::to_vec(&stored).map_err(|e| json_err("IPAMConfiguration", e))?;
-        Ok((c.metadata.name, bytes))
-    },
-    decode: |_, bytes| {
-        let s: StoredIpamConfig =
-            tolerant::tolerant_slice(ipam_config::KIND, bytes).map_err(invalid)?;
-        serde_json::to_value(IpamConfiguration::new(s.into()))
-            .map_err(|e| json_err("IPAMConfiguration", e))
-    },
+const IPAMCONFIG: Columns = Columns {
+    kind: crate::config::ipam_config::KIND,
     columns: &["NAME", "STRICTAFFINITY", "MAXBLOCKSPERHOST"],
     wide_columns: &[
         "NAME",
@@ -201,57 +150,8 @@ fn cell(v: &Value, pointer: &str) -> String {
     }
 }
 
-/// Stored v3 JSON -> document, with `apiVersion` and `kind` filled in when the writer left them out.
-fn decode_v3(kind: &'static str, what: &str, bytes: &[u8]) -> Result<Value, CliError> {
-    let mut v: Value = serde_json::from_slice(bytes).map_err(|e| json_err(what, e))?;
-    if let Some(o) = v.as_object_mut() {
-        o.entry("apiVersion")
-            .or_insert_with(|| crate::config::API_VERSION.into());
-        o.entry("kind").or_insert_with(|| kind.into());
-    }
-    Ok(v)
-}
-
-/// Parse an operator document of a BGP kind (unknown fields are refused with their name), validate it,
-/// and return (name, stored JSON).
-fn encode_typed<T>(
-    kind: &str,
-    doc: &Value,
-    validate: fn(&T) -> Result<(), ConfigError>,
-    meta: fn(&mut T) -> &mut crate::config::ObjectMeta,
-) -> Result<(String, Vec<u8>), CliError>
-where
-    T: serde::de::DeserializeOwned + serde::Serialize,
-{
-    let mut t: T = tolerant::strict(kind, doc).map_err(invalid)?;
-    validate(&t).map_err(invalid)?;
-    let m = meta(&mut t);
-    m.resource_version = None;
-    let name = m.name.clone();
-    let bytes = serde_json::to_vec(&t).map_err(|e| json_err(kind, e))?;
-    Ok((name, bytes))
-}
-
-const BGPCONFIG: KindInfo = KindInfo {
-    kind: KIND_BGP_CONFIGURATION,
-    aliases: &[
-        "bgpconfiguration",
-        "bgpconfigurations",
-        "bgpconfig",
-        "bgpconfigs",
-    ],
-    storage: Storage::Resources {
-        plural: crate::config::bgp::BGP_CONFIGURATION_PLURAL,
-    },
-    encode: |doc, _| {
-        encode_typed::<BgpConfiguration>(
-            KIND_BGP_CONFIGURATION,
-            doc,
-            BgpConfiguration::validate,
-            |c| &mut c.metadata,
-        )
-    },
-    decode: |_, bytes| decode_v3(KIND_BGP_CONFIGURATION, "stored BGPConfiguration", bytes),
+const BGPCONFIG: Columns = Columns {
+    kind: crate::config::bgp::KIND_BGP_CONFIGURATION,
     columns: &["NAME", "LOGSEVERITY", "MESHENABLED", "ASNUMBER"],
     wide_columns: &[
         "NAME",
@@ -287,16 +187,8 @@ const BGPCONFIG: KindInfo = KindInfo {
     },
 };
 
-const BGPPEER: KindInfo = KindInfo {
-    kind: KIND_BGP_PEER,
-    aliases: &["bgppeer", "bgppeers", "bgpp", "peer", "peers"],
-    storage: Storage::Resources {
-        plural: crate::config::bgp::BGP_PEER_PLURAL,
-    },
-    encode: |doc, _| {
-        encode_typed::<BgpPeer>(KIND_BGP_PEER, doc, BgpPeer::validate, |p| &mut p.metadata)
-    },
-    decode: |_, bytes| decode_v3(KIND_BGP_PEER, "stored BGPPeer", bytes),
+const BGPPEER: Columns = Columns {
+    kind: crate::config::bgp::KIND_BGP_PEER,
     columns: &["NAME", "PEERIP", "NODE", "ASN"],
     wide_columns: &[
         "NAME",
@@ -327,14 +219,8 @@ const BGPPEER: KindInfo = KindInfo {
     },
 };
 
-const NODE: KindInfo = KindInfo {
-    kind: KIND_NODE,
-    aliases: &["node", "nodes", "no"],
-    storage: Storage::Resources {
-        plural: crate::config::bgp::NODE_PLURAL,
-    },
-    encode: |doc, _| encode_typed::<Node>(KIND_NODE, doc, Node::validate, |n| &mut n.metadata),
-    decode: |_, bytes| decode_v3(KIND_NODE, "stored Node", bytes),
+const NODE: Columns = Columns {
+    kind: crate::config::bgp::KIND_NODE,
     columns: &["NAME"],
     wide_columns: &["NAME", "ASN", "IPV4", "IPV6", "RRCLUSTERID"],
     row: |v, wide| {
@@ -354,11 +240,6 @@ const NODE: KindInfo = KindInfo {
     },
 };
 
-/// The BGP kinds a node validates as one set.
-fn is_bgp_kind(k: &KindInfo) -> bool {
-    [KIND_BGP_CONFIGURATION, KIND_BGP_PEER, KIND_NODE].contains(&k.kind)
-}
-
 /// Check that the stored BGP resources, with `doc` written as (kind, name), still form a set a node
 /// accepts (for example, every BGPPeer's password secret resolves; a node refuses an invalid set whole).
 async fn check_bgp_set(
@@ -368,8 +249,11 @@ async fn check_bgp_set(
     doc: &Value,
 ) -> Result<(), CliError> {
     let mut text = String::new();
-    for other in KINDS.iter().filter(|o| is_bgp_kind(o)) {
-        for (n, _, v) in list(ds, other).await? {
+    for other in KINDS.iter().filter(|o| o.bgp_set) {
+        for StoredDocument {
+            name: n, doc: v, ..
+        } in stored::list_documents(ds, other).await?
+        {
             if other.kind == k.kind && n == name {
                 continue;
             }
@@ -420,37 +304,6 @@ async fn check_bgp_set(
         })
 }
 
-fn key_of(k: &KindInfo, name: &str) -> String {
-    match &k.storage {
-        Storage::Resources { plural } => keys::resource_key(plural, name),
-        Storage::Singleton { key, .. } => key.to_string(),
-    }
-}
-
-/// Every stored object of a kind: (name, mod_revision, v3 document).
-pub async fn list(ds: &Datastore, k: &KindInfo) -> Result<Vec<(String, i64, Value)>, CliError> {
-    let mut out = Vec::new();
-    match &k.storage {
-        Storage::Resources { plural } => {
-            let prefix = keys::resource_prefix(plural);
-            for kv in ds.list(&prefix).await?.0 {
-                let name = kv.key.trim_start_matches(&prefix).to_string();
-                out.push((name.clone(), kv.mod_revision, (k.decode)(&name, &kv.value)?));
-            }
-        }
-        Storage::Singleton { key, name } => {
-            if let Some(kv) = ds.get(key).await? {
-                out.push((
-                    name.to_string(),
-                    kv.mod_revision,
-                    (k.decode)(name, &kv.value)?,
-                ));
-            }
-        }
-    }
-    Ok(out)
-}
-
 /// Split a YAML (or JSON) file into documents, unrolling `kind: List`.
 pub fn documents(text: &str) -> Result<Vec<Value>, CliError> {
     let mut docs = Vec::new();
@@ -494,26 +347,26 @@ async fn apply_one(ds: &Datastore, doc: &Value) -> Result<String, CliError> {
             .and_then(Value::as_str)
             .ok_or_else(|| CliError::Usage("a document has no kind".into()))?;
         let k = kind(kind_name)?;
-        let existing = list(ds, k).await?;
-        let others: Vec<Value> = existing.iter().map(|(_, _, v)| v.clone()).collect();
+        let existing = stored::list_documents(ds, k).await?;
+        let others: Vec<Value> = existing.iter().map(|s| s.doc.clone()).collect();
         let (name, bytes) = (k.encode)(doc, &others)?;
-        if is_bgp_kind(k) {
+        if k.bgp_set {
             check_bgp_set(ds, k, &name, doc).await?;
         }
-        let key = key_of(k, &name);
-        let guard = match existing.iter().find(|(n, _, _)| *n == name) {
-            Some((_, rev, _)) => Guard::ModRevision(key.clone(), *rev),
-            None => Guard::Absent(key.clone()),
-        };
-        match ds.txn(&[guard], &[Write::Put(key, bytes)]).await? {
-            TxnOutcome::Committed { .. } => Ok(format!(
+        let rev = existing
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| s.mod_revision);
+        if stored::put_document(ds, k, &name, bytes, rev).await? {
+            Ok(format!(
                 "Successfully applied 1 '{}' resource(s): {name}",
                 k.kind
-            )),
-            TxnOutcome::Conflict { .. } => Err(CliError::Usage(format!(
+            ))
+        } else {
+            Err(CliError::Usage(format!(
                 "{} {name:?} changed while it was being applied; run apply again",
                 k.kind
-            ))),
+            )))
         }
     }
 }
@@ -535,16 +388,23 @@ pub async fn get(
     output: Output,
 ) -> Result<String, CliError> {
     let k = kind(kind_name)?;
-    let mut objs: Vec<Value> = list(ds, k)
+    let table = columns(k)?;
+    let mut objs: Vec<Value> = stored::list_documents(ds, k)
         .await?
         .into_iter()
-        .filter(|(n, _, _)| name.is_none_or(|x| x == n))
-        .map(|(_, rev, mut v)| {
-            if let Some(m) = v.get_mut("metadata").and_then(Value::as_object_mut) {
-                m.insert("resourceVersion".into(), Value::String(rev.to_string()));
-            }
-            v
-        })
+        .filter(|s| name.is_none_or(|x| x == s.name))
+        .map(
+            |StoredDocument {
+                 mod_revision: rev,
+                 doc: mut v,
+                 ..
+             }| {
+                if let Some(m) = v.get_mut("metadata").and_then(Value::as_object_mut) {
+                    m.insert("resourceVersion".into(), Value::String(rev.to_string()));
+                }
+                v
+            },
+        )
         .collect();
     if let (Some(n), true) = (name, objs.is_empty()) {
         return Err(CliError::NotFound(format!("{} {n:?} not found", k.kind)));
@@ -571,9 +431,13 @@ pub async fn get(
         }
         Output::Table | Output::Wide => {
             let wide = output == Output::Wide;
-            let mut t = Table::new(if wide { k.wide_columns } else { k.columns });
+            let mut t = Table::new(if wide {
+                table.wide_columns
+            } else {
+                table.columns
+            });
             for o in &objs {
-                t.row((k.row)(o, wide));
+                t.row((table.row)(o, wide));
             }
             t.render()
         }
@@ -587,20 +451,20 @@ fn list_doc(items: Vec<Value>) -> Value {
 /// `delete KIND NAME`.
 pub async fn delete(ds: &Datastore, kind_name: &str, name: &str) -> Result<String, CliError> {
     let k = kind(kind_name)?;
-    let existing = list(ds, k).await?;
-    let Some((_, rev, _)) = existing.iter().find(|(n, _, _)| n == name) else {
+    let existing = stored::list_documents(ds, k).await?;
+    let Some(found) = existing.iter().find(|s| s.name == name) else {
         return Err(CliError::NotFound(format!("{} {name:?} not found", k.kind)));
     };
-    let key = key_of(k, name);
-    match ds.delete(&key, *rev).await? {
-        Some(_) => Ok(format!(
+    if stored::delete_document(ds, k, name, found.mod_revision).await? {
+        Ok(format!(
             "Successfully deleted 1 '{}' resource(s): {name}\n",
             k.kind
-        )),
-        None => Err(CliError::Usage(format!(
+        ))
+    } else {
+        Err(CliError::Usage(format!(
             "{} {name:?} changed while it was being deleted; run delete again",
             k.kind
-        ))),
+        )))
     }
 }
 

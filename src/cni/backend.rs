@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use super::proto::Request;
 use super::types::{
-    codes, Cidr, CniError, CniResult, Dns, Interface, IpConfig, PoolRef, Route, ValidAttachment,
+    codes, CniError, CniResult, Dns, Interface, IpConfig, PoolRef, Route, ValidAttachment,
 };
 
 /// The Kubernetes pod a request is for (from `CNI_ARGS`); absent for runtimes outside Kubernetes.
@@ -82,7 +82,7 @@ pub struct Attachment {
     pub pod_mac: Option<String>,
     pub mtu: Option<u32>,
     /// The pod's addresses with their prefix length as configured on the interface (`/32`, `/128`).
-    pub ips: Vec<Cidr>,
+    pub ips: Vec<ipnetwork::IpNetwork>,
     /// Routes inside the pod (e.g. `0.0.0.0/0 via 169.254.1.1`).
     pub routes: Vec<Route>,
     pub dns: Dns,
@@ -124,7 +124,7 @@ impl Attachment {
 
     /// The pod's addresses without prefix lengths.
     pub fn addresses(&self) -> Vec<IpAddr> {
-        self.ips.iter().map(|c| c.addr).collect()
+        self.ips.iter().map(|c| c.ip()).collect()
     }
 }
 

@@ -658,7 +658,7 @@ impl<B: CniBackend> Inner<B> {
             .ips
             .iter()
             .filter(|ip| idx.is_none() || ip.interface.is_none() || ip.interface == idx)
-            .map(|ip| ip.address.addr)
+            .map(|ip| ip.address.ip())
             .collect();
         if pod_ips.is_empty() {
             return Err(CniError::invalid_config(format!(
@@ -849,7 +849,7 @@ fn compare_with_prev(prev: &CniResult, now: &CniResult) -> Vec<String> {
     }
     let pod_if = now.interfaces.get(1).map(|i| i.name.as_str());
     for ip in &now.ips {
-        if !prev.ips.iter().any(|p| p.address.addr == ip.address.addr) {
+        if !prev.ips.iter().any(|p| p.address.ip() == ip.address.ip()) {
             diffs.push(format!(
                 "address {} is on the pod but not in prevResult",
                 ip.address
@@ -861,7 +861,7 @@ fn compare_with_prev(prev: &CniResult, now: &CniResult) -> Vec<String> {
             .interface
             .and_then(|i| prev.interfaces.get(i))
             .is_some_and(|i| Some(i.name.as_str()) == pod_if && i.sandbox.is_some());
-        if on_pod_if && !now.ips.iter().any(|n| n.address.addr == p.address.addr) {
+        if on_pod_if && !now.ips.iter().any(|n| n.address.ip() == p.address.ip()) {
             diffs.push(format!(
                 "prevResult lists {} on the pod, but margay no longer assigns it",
                 p.address

@@ -23,6 +23,8 @@ pub const DEFAULT_RELEASE_COOLDOWN: std::time::Duration = std::time::Duration::f
 pub const KIND: &str = "IPAMConfiguration";
 /// The only name Calico accepts.
 pub const NAME: &str = "default";
+/// Where Calico stores it (its v1 model `IPAMConfig`); `datastore::keys::IPAM_CONFIG_KEY`.
+pub const STORED_KEY: &str = "/calico/ipam/v2/config";
 
 /// The v3 resource as operators write it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -7,11 +7,13 @@ pub mod bfd;
 pub mod bgp;
 pub mod meta;
 pub mod peers;
+pub mod resource;
 pub mod selector;
 pub mod tolerant;
 pub mod unsupported;
 
 pub use meta::{ConfigError, ObjectMeta, API_VERSION};
+pub use resource::{Resource, Storage, KINDS};
 pub use selector::{Selector, SelectorError};
 pub mod ipam_config;
 pub mod ippool;

@@ -382,16 +382,32 @@ pub(crate) fn create_veth_into(
     node: &mut NlSocket,
     pod: &NlSocket,
     pod_ns: &std::fs::File,
-    (host, host_mac): (&str, Option<&[u8]>),
+    host: (&str, Option<&[u8]>),
     pod_ifname: &str,
     mtu: u32,
 ) -> Result<(), DataplaneError> {
+    create_veth(node, host, pod_ifname, mtu, Some((pod, pod_ns)))
+}
+
+/// The one veth-pair request: `host` (with `host_mac` if given) in `node`'s namespace and its peer
+/// `peer_ifname`, created inside `peer_ns` (a socket open in it, for messages, and its file) when given,
+/// else beside the host side in `node`'s namespace (a Docker endpoint's peer, which the runtime moves).
+/// A name taken on either side is a [`DataplaneError::NameCollision`].
+fn create_veth(
+    node: &mut NlSocket,
+    (host, host_mac): (&str, Option<&[u8]>),
+    peer_ifname: &str,
+    mtu: u32,
+    peer_ns: Option<(&NlSocket, &std::fs::File)>,
+) -> Result<(), DataplaneError> {
     let mut peer = LinkMessage::default();
     peer.attributes
-        .push(LinkAttribute::IfName(pod_ifname.to_string()));
+        .push(LinkAttribute::IfName(peer_ifname.to_string()));
     peer.attributes.push(LinkAttribute::Mtu(mtu));
-    peer.attributes
-        .push(LinkAttribute::NetNsFd(pod_ns.as_raw_fd()));
+    if let Some((_, file)) = peer_ns {
+        peer.attributes
+            .push(LinkAttribute::NetNsFd(file.as_raw_fd()));
+    }
     let mut msg = LinkMessage::default();
     msg.attributes.push(LinkAttribute::IfName(host.to_string()));
     msg.attributes.push(LinkAttribute::Mtu(mtu));
@@ -406,11 +422,14 @@ pub(crate) fn create_veth_into(
         .map_err(|e| {
             if e.errno == libc::EEXIST {
                 DataplaneError::NameCollision {
-                    name: format!("{host} or {pod_ifname}"),
-                    netns: format!("{} / {}", node.netns, pod.netns),
+                    name: format!("{host} or {peer_ifname}"),
+                    netns: match peer_ns {
+                        Some((sock, _)) => format!("{} / {}", node.netns, sock.netns),
+                        None => node.netns.clone(),
+                    },
                 }
             } else {
-                nl_err(node, "create veth", format!("{host} <-> {pod_ifname}"), e)
+                nl_err(node, "create veth", format!("{host} <-> {peer_ifname}"), e)
             }
         })
 }
@@ -840,20 +859,13 @@ pub fn add_endpoint(spec: &EndpointSpec) -> Result<String, DataplaneError> {
             delete_link(&mut node, stale.index, name)?;
         }
     }
-    let mut p = LinkMessage::default();
-    p.attributes.push(LinkAttribute::IfName(peer.clone()));
-    p.attributes.push(LinkAttribute::Mtu(spec.mtu));
-    let mut msg = LinkMessage::default();
-    msg.attributes.push(LinkAttribute::IfName(host.clone()));
-    msg.attributes.push(LinkAttribute::Mtu(spec.mtu));
-    msg.attributes
-        .push(LinkAttribute::Address(HOST_MAC.to_vec()));
-    msg.attributes.push(LinkAttribute::LinkInfo(vec![
-        LinkInfo::Kind(InfoKind::Veth),
-        LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(p))),
-    ]));
-    node.request(RouteNetlinkMessage::NewLink(msg), NLM_F_CREATE | NLM_F_EXCL)
-        .map_err(|e| nl_err(&node, "create veth", format!("{host} <-> {peer}"), e))?;
+    create_veth(
+        &mut node,
+        (&host, Some(&HOST_MAC[..])),
+        &peer,
+        spec.mtu,
+        None,
+    )?;
     let built = (|| {
         let host_link =
             find_link(&mut node, &host)?.ok_or_else(|| DataplaneError::DeviceNotFound {

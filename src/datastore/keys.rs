@@ -3,6 +3,8 @@
 
 use ipnetwork::IpNetwork;
 
+use crate::config::resource::Storage;
+
 /// Root of every v3 resource: `/calico/resources/v3/projectcalico.org/<plural>/<name>`.
 pub const RESOURCES_PREFIX: &str = "/calico/resources/v3/projectcalico.org/";
 /// Root of all IPAM blocks (both families).
@@ -12,7 +14,7 @@ pub const AFFINITIES_PREFIX: &str = "/calico/ipam/v2/host/";
 /// Root of all IPAM handles.
 pub const HANDLES_PREFIX: &str = "/calico/ipam/v2/handle/";
 /// The single IPAM configuration object (Calico's v1 model `IPAMConfig`).
-pub const IPAM_CONFIG_KEY: &str = "/calico/ipam/v2/config";
+pub const IPAM_CONFIG_KEY: &str = crate::config::ipam_config::STORED_KEY;
 
 /// margay's own keys (no Calico equivalent; calicoctl never reads them). Liveness: one key per running node,
 /// bound to an etcd lease the node keeps alive.
@@ -115,6 +117,14 @@ pub fn parse_handle_key(key: &str) -> Option<&str> {
 /// `/calico/resources/v3/projectcalico.org/<plural>/<name>` (cluster-scoped resources).
 pub fn resource_key(plural: &str, name: &str) -> String {
     format!("{RESOURCES_PREFIX}{plural}/{name}")
+}
+
+/// The key of the object `name` of a kind stored as `storage`.
+pub fn storage_key(storage: &Storage, name: &str) -> String {
+    match storage {
+        Storage::Resources { plural } => resource_key(plural, name),
+        Storage::Singleton { key, .. } => key.to_string(),
+    }
 }
 
 /// Prefix of every resource of one kind.

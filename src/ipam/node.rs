@@ -504,15 +504,7 @@ impl State {
             }
             TxnOutcome::Conflict { current, revision } => {
                 for (key, kv) in current {
-                    if let Some(cidr) = keys::parse_block_key(&key) {
-                        match kv {
-                            Some(kv) => {
-                                let b: Block = parse(&key, &kv.value)?;
-                                self.view.apply_block(cidr, Some(b), kv.mod_revision);
-                            }
-                            None => self.view.apply_block(cidr, None, revision),
-                        }
-                    }
+                    self.view.apply_read(&key, kv.as_ref(), revision)?;
                 }
                 Ok(None)
             }
@@ -1032,15 +1024,10 @@ impl State {
                 }
                 TxnOutcome::Conflict { current, revision } => {
                     for (key, kv) in current {
-                        if let Some(cidr) = keys::parse_block_key(&key) {
-                            match kv {
-                                Some(kv) => {
-                                    let b: Block = parse(&key, &kv.value)?;
-                                    self.view.apply_block(cidr, Some(b), kv.mod_revision);
-                                }
-                                None => self.view.apply_block(cidr, None, revision),
-                            }
-                        } else if key == hkey {
+                        if self.view.apply_read(&key, kv.as_ref(), revision)? {
+                            continue;
+                        }
+                        if key == hkey {
                             handle = match kv {
                                 Some(kv) => Some(Cached {
                                     value: parse(&key, &kv.value)?,

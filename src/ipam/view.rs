@@ -14,11 +14,12 @@ use std::time::Duration;
 
 use super::block::{Block, Cooldown};
 use super::candidates::{block_containing, candidates, fnv1a32};
+use super::{parse, IpamError};
 use crate::config::ipam_config::{
     IpamConfigSpec, StoredIpamConfig, DEFAULT_EMPTY_BLOCK_GRACE, DEFAULT_RELEASE_COOLDOWN,
 };
 use crate::config::ippool::{AllowedUse, IpPool, PLURAL};
-use crate::datastore::{keys, WatchEvent, WatchEventKind};
+use crate::datastore::{keys, KeyValue, WatchEvent, WatchEventKind};
 
 /// A node as IPAM needs it: its name and labels (for pools' nodeSelector).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -174,6 +175,27 @@ impl View {
             now_ms,
             cooldown_ms: self.release_cooldown().as_millis() as u64,
         }
+    }
+
+    /// A key read back by a transaction whose compare failed, at `revision` (the store revision of that
+    /// read): a block goes into the cache. False when `key` is not a block's.
+    pub fn apply_read(
+        &mut self,
+        key: &str,
+        kv: Option<&KeyValue>,
+        revision: i64,
+    ) -> Result<bool, IpamError> {
+        let Some(cidr) = keys::parse_block_key(key) else {
+            return Ok(false);
+        };
+        match kv {
+            Some(kv) => {
+                let b: Block = parse(key, &kv.value)?;
+                self.apply_block(cidr, Some(b), kv.mod_revision);
+            }
+            None => self.apply_block(cidr, None, revision),
+        }
+        Ok(true)
     }
 
     /// Record a block's state at `revision` (None = absent), unless we already know a newer one.

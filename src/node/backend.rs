@@ -24,7 +24,7 @@ use crate::cni::backend::{
     HostVethRequest, PodRequest, StatusRequest,
 };
 use crate::cni::proto::{write_spool, Command, Request, PROTOCOL_VERSION};
-use crate::cni::types::{codes, Cidr, CniArgs, CniError, Dns, PoolRef, Route as CniRoute};
+use crate::cni::types::{cidr, codes, CniArgs, CniError, Dns, PoolRef, Route as CniRoute};
 use crate::config::ippool::AllowedUse;
 use crate::dataplane::hostveth::{self, HostVethSpec};
 use crate::dataplane::pod::{self, PodSpec, POD_GATEWAY_V4, POD_GATEWAY_V6};
@@ -97,28 +97,16 @@ pub fn attachment(
     let mut ips = Vec::new();
     let mut routes = Vec::new();
     if let Some(ip) = ipv4 {
-        ips.push(Cidr {
-            addr: IpAddr::V4(ip),
-            prefix: 32,
-        });
+        ips.push(cidr::host(IpAddr::V4(ip)));
         routes.push(CniRoute {
-            dst: Cidr {
-                addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-                prefix: 0,
-            },
+            dst: cidr::default_route(false),
             gw: Some(IpAddr::V4(POD_GATEWAY_V4)),
         });
     }
     if let Some(ip) = ipv6 {
-        ips.push(Cidr {
-            addr: IpAddr::V6(ip),
-            prefix: 128,
-        });
+        ips.push(cidr::host(IpAddr::V6(ip)));
         routes.push(CniRoute {
-            dst: Cidr {
-                addr: IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-                prefix: 0,
-            },
+            dst: cidr::default_route(true),
             gw: Some(IpAddr::V6(POD_GATEWAY_V6)),
         });
     }
@@ -166,7 +154,7 @@ pub fn resolve_pools(
     for r in refs {
         let found = pools.iter().find(|p| match r {
             PoolRef::Name(n) => p.name() == n,
-            PoolRef::Cidr(c) => p.spec.cidr.ip() == c.addr && p.spec.cidr.prefix() == c.prefix,
+            PoolRef::Cidr(c) => p.spec.cidr == *c,
         });
         let Some(p) = found else {
             let known: Vec<String> = pools
@@ -331,12 +319,7 @@ impl NodeBackend {
         } else {
             Vec::new()
         };
-        routes.extend(
-            req.conf
-                .extra_routes
-                .iter()
-                .filter_map(|c| ipnetwork::IpNetwork::new(c.addr, c.prefix).ok()),
-        );
+        routes.extend(req.conf.extra_routes.iter().copied());
         HostVethSpec {
             node_netns: self.netns.clone(),
             pod_netns: req.netns.clone(),
@@ -361,10 +344,7 @@ fn host_veth_attachment(spec: &HostVethSpec, r: hostveth::HostVethResult) -> Hos
             .pod_routes()
             .into_iter()
             .map(|(dst, gw, _)| CniRoute {
-                dst: Cidr {
-                    addr: dst.network(),
-                    prefix: dst.prefix(),
-                },
+                dst: ipnetwork::IpNetwork::new(dst.network(), dst.prefix()).unwrap_or(dst),
                 gw,
             })
             .collect(),

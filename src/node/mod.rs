@@ -973,9 +973,9 @@ mod tests {
             None,
         );
         assert_eq!(a.ips.len(), 1);
-        assert_eq!(a.ips[0].prefix, 32);
+        assert_eq!(a.ips[0].prefix(), 32);
         assert_eq!(a.routes.len(), 1);
-        assert_eq!(a.routes[0].dst.prefix, 0);
+        assert_eq!(a.routes[0].dst.prefix(), 0);
         assert_eq!(a.routes[0].gw, Some(IpAddr::V4(POD_GATEWAY_V4)));
         let r = a.to_result("/var/run/netns/p");
         assert_eq!(r.interfaces[0].sandbox, None);

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use common::dataplane::ns_path;
 use common::lab::{eventually, in_ns, Lab, ETCD};
+use common::subnets::{proto77_text, tx_packets, AcrossRouter};
 use common::{have, require, unique, Netns};
 use margay::dataplane::{in_netns, DataplaneError};
 
@@ -440,11 +441,6 @@ fn pools_follow_node_labels() {
     lab.wait_ready(&n2);
     let d = add_pod(&lab, &n2, &pods[3]);
     assert!(in_pool(d, "10.50.0.0/16"), "{d}");
-}
-
-/// margay's routes in `ns` as `ip route` prints them.
-fn proto77_text(ns: &str) -> String {
-    common::sh(&format!("ip -n {ns} route show proto 77"))
 }
 
 /// ```text
@@ -903,21 +899,16 @@ fn ignored_settings_are_reported_and_ipip_says_how_to_fix() {
     assert!(s["dataplane"]["ipip"].is_null(), "{s}");
 }
 
-/// TX packets of `dev` in `ns` (0 when it does not exist).
-fn tx_packets(ns: &str, dev: &str) -> u64 {
-    let (ok, out) = in_ns(ns, &["ip", "-s", "-j", "link", "show", dev]);
-    if !ok {
-        return 0;
-    }
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
-    v[0]["stats64"]["tx"]["packets"].as_u64().unwrap_or(0)
+/// The lab's default pool with `encap` (`vxlanMode`, `ipipMode`) set to `mode`.
+fn encap_pool_yaml(encap: &str, mode: &str) -> String {
+    format!(
+        "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata:\n  name: default-ipv4-ippool\nspec:\n  \
+         cidr: 10.244.0.0/16\n  blockSize: 26\n  natOutgoing: true\n  {encap}: {mode}\n  nodeSelector: all()\n"
+    )
 }
 
 fn pool_mode_yaml(mode: &str) -> String {
-    format!(
-        "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata:\n  name: default-ipv4-ippool\nspec:\n  \
-         cidr: 10.244.0.0/16\n  blockSize: 26\n  natOutgoing: true\n  vxlanMode: {mode}\n  nodeSelector: all()\n"
-    )
+    encap_pool_yaml("vxlanMode", mode)
 }
 
 /// ```text
@@ -1096,96 +1087,25 @@ fn two_subnets_crosssubnet_encapsulates_only_across_the_router() {
         return;
     }
     let lab = Lab::with("sub", 3, 1, &["--subnets", "2"]);
-    let node = |i: usize| lab.nodes[i].0.clone();
-    let (n1, n2, n3) = (node(0), node(1), node(2));
-    assert_eq!(lab.nodes[1].1.to_string(), "10.99.1.12");
-    for n in [&n1, &n2, &n3] {
-        lab.wait_ready(n);
-    }
-    let pod = |n: &str| {
-        lab.pods
-            .iter()
-            .find(|(_, pn, _)| pn == n)
-            .expect("pod")
-            .clone()
-    };
-    let (p1, p2, p3) = (pod(&n1), pod(&n2), pod(&n3));
-    let (b2, b3) = (
-        common::lab::own_block(&n2).to_string(),
-        common::lab::own_block(&n3).to_string(),
-    );
-    let reach = |to: &(String, String, std::net::Ipv4Addr)| {
-        in_ns(
-            &p1.0,
-            &["ping", "-c", "3", "-i", "0.2", "-W", "2", &to.2.to_string()],
-        )
-        .0
-    };
-    let route_of = |b: &str| -> String {
-        proto77_text(&n1)
-            .lines()
-            .find(|l| l.starts_with(&format!("{b} ")))
-            .unwrap_or("")
-            .to_string()
-    };
+    let x = AcrossRouter::new(&lab);
 
     // CrossSubnet.
-    assert!(
-        eventually(Duration::from_secs(15), || route_of(&b2)
-            .contains("dev vxlan.calico")
-            && route_of(&b3).contains("via 10.99.0.13 dev eth0")),
-        "n2: {:?} n3: {:?}\n{}",
-        route_of(&b2),
-        route_of(&b3),
-        lab.node_logs(&n1)
-    );
-    let tx = || tx_packets(&n1, "vxlan.calico");
-    let before = tx();
-    assert!(reach(&p3), "p1 -> p3 (same segment)");
-    assert_eq!(tx(), before, "same-segment traffic was encapsulated");
-    assert!(reach(&p2), "p1 -> p2 (across the router, VXLAN)");
-    assert!(
-        tx() >= before + 3,
-        "cross-segment traffic was not encapsulated"
-    );
-    assert!(
-        in_ns(&p2.0, &["ping", "-c", "1", "-W", "2", &p3.2.to_string()]).0,
-        "p2 -> p3"
-    );
+    x.wait_routes(&["dev vxlan.calico"], &["via 10.99.0.13 dev eth0"]);
+    x.crosssubnet_traffic("vxlan.calico");
 
     // Always: the same-segment node goes through the tunnel too.
-    apply(&lab, &n1, &pool_mode_yaml("Always"));
-    assert!(
-        eventually(Duration::from_secs(15), || route_of(&b3)
-            .contains("dev vxlan.calico")),
-        "{}",
-        route_of(&b3)
-    );
-    let before = tx();
-    assert!(reach(&p3), "p1 -> p3 with Always");
-    assert!(tx() >= before + 3);
+    apply(&lab, &x.n1, &pool_mode_yaml("Always"));
+    x.wait_routes(&[], &["dev vxlan.calico"]);
+    x.always_traffic("vxlan.calico");
 
     // Never: n2's block resolves through the default route; the router drops it (no pod route there).
-    apply(&lab, &n1, &pool_mode_yaml("Never"));
-    assert!(
-        eventually(Duration::from_secs(15), || route_of(&b2)
-            .contains("via 10.99.0.1 dev eth0")),
-        "not resolved recursively: {:?}\n{}",
-        route_of(&b2),
-        proto77_text(&n1)
-    );
-    assert!(reach(&p3), "p1 -> p3 without encapsulation");
-    assert!(
-        !reach(&p2),
-        "p1 reached p2 through a router that knows no pod route"
-    );
+    apply(&lab, &x.n1, &pool_mode_yaml("Never"));
+    x.wait_routes(&["via 10.99.0.1 dev eth0"], &[]);
+    x.never_traffic();
 }
 
 fn pool_ipip_yaml(mode: &str) -> String {
-    format!(
-        "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata:\n  name: default-ipv4-ippool\nspec:\n  \
-         cidr: 10.244.0.0/16\n  blockSize: 26\n  natOutgoing: true\n  ipipMode: {mode}\n  nodeSelector: all()\n"
-    )
+    encap_pool_yaml("ipipMode", mode)
 }
 
 /// ```text
@@ -1217,119 +1137,55 @@ fn ipip_crosssubnet_always_never_across_the_router() {
         return;
     }
     let lab = Lab::with("ipx", 3, 1, &["--subnets", "2"]);
-    let node = |i: usize| lab.nodes[i].0.clone();
-    let (n1, n2, n3) = (node(0), node(1), node(2));
-    for n in [&n1, &n2, &n3] {
-        lab.wait_ready(n);
-    }
-    let pod = |n: &str| {
-        lab.pods
-            .iter()
-            .find(|(_, pn, _)| pn == n)
-            .expect("pod")
-            .clone()
-    };
-    let (p1, p2, p3) = (pod(&n1), pod(&n2), pod(&n3));
-    let (b2, b3) = (
-        common::lab::own_block(&n2).to_string(),
-        common::lab::own_block(&n3).to_string(),
-    );
-    let reach = |to: &(String, String, std::net::Ipv4Addr)| {
-        in_ns(
-            &p1.0,
-            &["ping", "-c", "3", "-i", "0.2", "-W", "2", &to.2.to_string()],
-        )
-        .0
-    };
-    let route_of = |b: &str| -> String {
-        proto77_text(&n1)
-            .lines()
-            .find(|l| l.starts_with(&format!("{b} ")))
-            .unwrap_or("")
-            .to_string()
-    };
+    let x = AcrossRouter::new(&lab);
+    let (n1, n2, n3) = (&x.n1, &x.n2, &x.n3);
     let ipip_addr = |n: &str| {
         node_json(&lab, n)["spec"]["bgp"]["ipv4IPIPTunnelAddr"]
             .as_str()
             .map(String::from)
     };
 
-    apply(&lab, &n1, &pool_ipip_yaml("CrossSubnet"));
-    assert!(
-        eventually(Duration::from_secs(15), || route_of(&b2)
-            .contains("via 10.99.1.12 dev tunl0")
-            && route_of(&b2).contains("onlink")
-            && route_of(&b3).contains("via 10.99.0.13 dev eth0")),
-        "n2: {:?} n3: {:?}\n{}",
-        route_of(&b2),
-        route_of(&b3),
-        lab.node_logs(&n1)
+    apply(&lab, n1, &pool_ipip_yaml("CrossSubnet"));
+    x.wait_routes(
+        &["via 10.99.1.12 dev tunl0", "onlink"],
+        &["via 10.99.0.13 dev eth0"],
     );
-    for n in [&n1, &n2, &n3] {
+    for n in [n1, n2, n3] {
         assert!(
             eventually(Duration::from_secs(10), || ipip_addr(n).is_some()),
             "{n}: no ipv4IPIPTunnelAddr: {}",
             node_json(&lab, n)
         );
     }
-    let t1 = ipip_addr(&n1).expect("n1's tunnel address");
+    let t1 = ipip_addr(n1).expect("n1's tunnel address");
     let addrs = common::sh(&format!("ip -n {n1} -4 -o addr show dev tunl0"));
     assert!(
         addrs.contains(&format!("inet {t1}/32")) && addrs.lines().count() == 1,
         "tunl0 on n1: {addrs}"
     );
-    let tx = || tx_packets(&n1, "tunl0");
-    let before = tx();
-    assert!(reach(&p3), "p1 -> p3 (same segment)");
-    assert_eq!(tx(), before, "same-segment traffic was encapsulated");
-    assert!(reach(&p2), "p1 -> p2 (across the router, IPIP)");
-    assert!(
-        tx() >= before + 3,
-        "cross-segment traffic was not encapsulated"
-    );
-    assert!(
-        in_ns(&p2.0, &["ping", "-c", "1", "-W", "2", &p3.2.to_string()]).0,
-        "p2 -> p3"
-    );
-    let (_, table) = in_ns(&n1, &[MARGAY, "status"]);
+    x.crosssubnet_traffic("tunl0");
+    let (_, table) = in_ns(n1, &[MARGAY, "status"]);
     assert!(
         table.contains(&format!("IPIP: tunl0 up, tunnel address {t1}")),
         "{table}"
     );
 
     // Always: the same-segment node goes through the tunnel too.
-    apply(&lab, &n1, &pool_ipip_yaml("Always"));
-    assert!(
-        eventually(Duration::from_secs(15), || route_of(&b3)
-            .contains("via 10.99.0.13 dev tunl0")),
-        "{}",
-        route_of(&b3)
-    );
-    let before = tx();
-    assert!(reach(&p3), "p1 -> p3 with Always");
-    assert!(tx() >= before + 3);
+    apply(&lab, n1, &pool_ipip_yaml("Always"));
+    x.wait_routes(&[], &["via 10.99.0.13 dev tunl0"]);
+    x.always_traffic("tunl0");
 
     // Never: plain routes, resolved recursively; the router drops pod traffic; tunl0 released.
-    apply(&lab, &n1, &pool_ipip_yaml("Never"));
-    assert!(
-        eventually(Duration::from_secs(15), || route_of(&b2)
-            .contains("via 10.99.0.1 dev eth0")),
-        "{:?}\n{}",
-        route_of(&b2),
-        proto77_text(&n1)
-    );
-    assert!(eventually(Duration::from_secs(10), || ipip_addr(&n1).is_none()));
+    apply(&lab, n1, &pool_ipip_yaml("Never"));
+    x.wait_routes(&["via 10.99.0.1 dev eth0"], &[]);
+    assert!(eventually(Duration::from_secs(10), || ipip_addr(n1).is_none()));
     assert!(
         common::sh(&format!("ip -n {n1} -4 -o addr show dev tunl0"))
             .trim()
             .is_empty(),
         "tunl0 kept an address"
     );
-    assert!(reach(&p3), "p1 -> p3 without encapsulation");
-    assert!(
-        !reach(&p2),
-        "p1 reached p2 through a router that knows no pod route"
-    );
+    x.never_traffic();
 }
 
 /// ```text

@@ -17,6 +17,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use common::bgp_peers::{have_bird, have_frr, have_gobgp, in_netns, Bird, Frr, GoBgp, Link};
+use common::session::{established, expect_event, output_until, status_until, LIMIT};
 use common::{is_root, require};
 use ipnetwork::IpNetwork;
 use margay::bgp::session::{
@@ -24,8 +25,6 @@ use margay::bgp::session::{
 };
 use margay::bgp::wire::{AsPath, AsSegment, Family, Nlri, Origin, PathAttributes, Update};
 use tokio::sync::mpsc;
-
-const LIMIT: Duration = Duration::from_secs(60);
 
 fn prereqs(test: &str, daemon_ok: bool, daemon: &str) -> bool {
     require(is_root(), test, "needs root for network namespaces")
@@ -49,27 +48,6 @@ fn peer_cfg(peer: &str, peer_as: u32, local_as: u32) -> PeerConfig {
     c
 }
 
-/// Wait for the first event matching `pred`, keeping the others in `seen`.
-async fn expect_event(
-    rx: &mut mpsc::Receiver<SessionEvent>,
-    seen: &mut Vec<SessionEvent>,
-    what: &str,
-    pred: impl Fn(&SessionEvent) -> bool,
-) -> SessionEvent {
-    if let Some(i) = seen.iter().position(&pred) {
-        return seen.remove(i);
-    }
-    let deadline = tokio::time::Instant::now() + LIMIT;
-    loop {
-        match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Ok(Some(ev)) if pred(&ev) => return ev,
-            Ok(Some(ev)) => seen.push(ev),
-            Ok(None) => panic!("event channel closed while waiting for {what}; seen: {seen:#?}"),
-            Err(_) => panic!("no {what} within {LIMIT:?}; seen: {seen:#?}"),
-        }
-    }
-}
-
 /// Poll a condition (e.g. a daemon's CLI) while letting margay's tasks run.
 async fn eventually<T>(what: &str, mut f: impl FnMut() -> Result<T, String>) -> T {
     let deadline = tokio::time::Instant::now() + LIMIT;
@@ -82,24 +60,6 @@ async fn eventually<T>(what: &str, mut f: impl FnMut() -> Result<T, String>) -> 
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     panic!("gave up waiting for {what}; last seen:\n{last}");
-}
-
-/// Wait until the peer's status satisfies `pred`.
-async fn status_until(
-    h: &PeerHandle,
-    what: &str,
-    pred: impl Fn(&margay::bgp::session::PeerStatus) -> bool,
-) {
-    let mut w = h.watch_status();
-    let r = tokio::time::timeout(LIMIT, w.wait_for(|s| pred(s))).await;
-    match r {
-        Ok(Ok(_)) => {}
-        _ => panic!(
-            "peer {} never reached {what}; status: {:#?}",
-            h.peer(),
-            h.status()
-        ),
-    }
 }
 
 fn announced(ev: &SessionEvent) -> Vec<IpNetwork> {
@@ -271,14 +231,11 @@ fn bird_sessions_ipv4_ipv6_four_octet_as_and_end_of_rib() {
         })
         .await
         .expect("send");
-        let route = eventually("BIRD to hold 203.0.113.0/24 from margay", || {
-            let out = bird.birdc("show route 203.0.113.0/24 all");
-            if out.contains("203.0.113.0/24") && out.contains("4200000001") {
-                Ok(out)
-            } else {
-                Err(out)
-            }
-        })
+        let route = output_until(
+            "BIRD to hold 203.0.113.0/24 from margay",
+            || bird.birdc("show route 203.0.113.0/24 all"),
+            |out| out.contains("203.0.113.0/24") && out.contains("4200000001"),
+        )
         .await;
         assert!(route.contains("10.0.0.1"), "next hop as sent: {route}");
         for proto in ["margay4", "margay6"] {
@@ -297,14 +254,11 @@ fn bird_sessions_ipv4_ipv6_four_octet_as_and_end_of_rib() {
         p4.shutdown().await;
         p6.shutdown().await;
         // Cease / administrative shutdown reached BIRD.
-        eventually("BIRD to see our shutdown", || {
-            let out = bird.birdc("show protocols all margay4");
-            if !out.contains("Established") {
-                Ok(())
-            } else {
-                Err(out)
-            }
-        })
+        output_until(
+            "BIRD to see our shutdown",
+            || bird.birdc("show protocols all margay4"),
+            |out| !out.contains("Established"),
+        )
         .await;
     });
     drop(link);
@@ -326,14 +280,11 @@ fn bird_wrong_as_keeps_session_down_with_plain_reason() {
         let want = "OPEN from 10.0.0.2: bad peer AS 4200000002, expected 65099";
         status_until(&p, want, |s| s.last_error.as_deref() == Some(want)).await;
         // BIRD got our NOTIFICATION (OPEN error / bad peer AS).
-        eventually("BIRD to report the bad peer AS NOTIFICATION", || {
-            let out = bird.birdc("show protocols all margay4");
-            if out.to_lowercase().contains("bad peer as") {
-                Ok(())
-            } else {
-                Err(out)
-            }
-        })
+        output_until(
+            "BIRD to report the bad peer AS NOTIFICATION",
+            || bird.birdc("show protocols all margay4"),
+            |out| out.to_lowercase().contains("bad peer as"),
+        )
         .await;
         assert_ne!(p.status().state, State::Established);
         while let Ok(ev) = rx.try_recv() {
@@ -368,10 +319,7 @@ fn bird_hold_timer_expires_when_peer_is_stopped() {
         cfg.timers.hold_time = 3;
         let p = spawn_peer(cfg, None, tx);
         let mut seen = Vec::new();
-        expect_event(&mut rx, &mut seen, "Established", |e| {
-            matches!(e, SessionEvent::Established { .. })
-        })
-        .await;
+        established(&mut rx, &mut seen, "Established").await;
         bird.stop_signal();
         let ev = expect_event(&mut rx, &mut seen, "Down", |e| {
             matches!(e, SessionEvent::Down { .. })
@@ -442,13 +390,7 @@ fn gobgp_md5_password_right_and_wrong() {
         cfg.password = Some(Password("s3cret-md5".into()));
         let p = spawn_peer(cfg.clone(), None, tx.clone());
         let mut seen = Vec::new();
-        let ev = expect_event(&mut rx, &mut seen, "Established", |e| {
-            matches!(e, SessionEvent::Established { .. })
-        })
-        .await;
-        let SessionEvent::Established { negotiated, .. } = ev else {
-            unreachable!()
-        };
+        let (_, negotiated) = established(&mut rx, &mut seen, "Established").await;
         assert_eq!(
             negotiated.families,
             vec![Family::IPV4_UNICAST, Family::IPV6_UNICAST]
@@ -461,24 +403,18 @@ fn gobgp_md5_password_right_and_wrong() {
             .await;
             got.extend(announced(&ev));
         }
-        eventually("gobgp to show the neighbor Established", || {
-            let out = gobgp.gobgp("neighbor");
-            if out.contains("10.0.0.1") && out.contains("Establ") {
-                Ok(())
-            } else {
-                Err(out)
-            }
-        })
+        output_until(
+            "gobgp to show the neighbor Established",
+            || gobgp.gobgp("neighbor"),
+            |out| out.contains("10.0.0.1") && out.contains("Establ"),
+        )
         .await;
         p.shutdown().await;
-        eventually("gobgp to see the session go", || {
-            let out = gobgp.gobgp("neighbor");
-            if !out.contains("Establ") {
-                Ok(())
-            } else {
-                Err(out)
-            }
-        })
+        output_until(
+            "gobgp to see the session go",
+            || gobgp.gobgp("neighbor"),
+            |out| !out.contains("Establ"),
+        )
         .await;
 
         // Now the wrong password: our SYNs carry a signature GoBGP's kernel rejects.
@@ -544,13 +480,7 @@ router bgp 65000
         cfg.password = Some(Password("frr-md5-key".into()));
         let p = spawn_peer(cfg, Some(listener.handle()), tx);
         let mut seen = Vec::new();
-        let ev = expect_event(&mut rx, &mut seen, "Established", |e| {
-            matches!(e, SessionEvent::Established { .. })
-        })
-        .await;
-        let SessionEvent::Established { negotiated, .. } = ev else {
-            unreachable!()
-        };
+        let (_, negotiated) = established(&mut rx, &mut seen, "Established").await;
         assert!(negotiated.is_ibgp());
         assert_eq!(negotiated.families, vec![Family::IPV6_UNICAST]);
         let mut got = Vec::new();
@@ -610,13 +540,7 @@ fn bird_killed_and_restarted_with_graceful_restart() {
         let (tx, mut rx) = mpsc::channel(1024);
         let p = spawn_peer(peer_cfg("10.0.0.2", 4200000002, 4200000001), None, tx);
         let mut seen = Vec::new();
-        let ev = expect_event(&mut rx, &mut seen, "Established", |e| {
-            matches!(e, SessionEvent::Established { .. })
-        })
-        .await;
-        let SessionEvent::Established { session: first, .. } = ev else {
-            unreachable!()
-        };
+        let (first, _) = established(&mut rx, &mut seen, "Established").await;
         expect_event(&mut rx, &mut seen, "End-of-RIB", |e| {
             matches!(e, SessionEvent::EndOfRib { .. })
         })
@@ -643,18 +567,7 @@ fn bird_killed_and_restarted_with_graceful_restart() {
         );
 
         bird.restart_with_args(&["-R"]);
-        let ev = expect_event(&mut rx, &mut seen, "Established again", |e| {
-            matches!(e, SessionEvent::Established { .. })
-        })
-        .await;
-        let SessionEvent::Established {
-            session: second,
-            negotiated,
-            ..
-        } = ev
-        else {
-            unreachable!()
-        };
+        let (second, negotiated) = established(&mut rx, &mut seen, "Established again").await;
         assert!(second > first, "a new session id for the new session");
         let gr = negotiated
             .peer_graceful_restart
@@ -717,14 +630,11 @@ protocol bgp margay4 {
         let listener = Listener::bind(&[SocketAddr::new(ip("10.0.0.1"), 179)])
             .await
             .expect("bind listener");
-        eventually("BIRD to be rejected by margay's listener", || {
-            let out = bird.birdc("show protocols all margay4");
-            if out.to_lowercase().contains("connection rejected") {
-                Ok(())
-            } else {
-                Err(out)
-            }
-        })
+        output_until(
+            "BIRD to be rejected by margay's listener",
+            || bird.birdc("show protocols all margay4"),
+            |out| out.to_lowercase().contains("connection rejected"),
+        )
         .await;
         let (tx, _rx) = mpsc::channel(16);
         let p = spawn_peer(peer_cfg("10.0.0.2", 65002, 65001), None, tx);
@@ -775,10 +685,7 @@ protocol bgp margay4 {
         cfg.source_addr = Some(ip("10.0.0.1"));
         let p = spawn_peer(cfg, None, tx);
         let mut seen = Vec::new();
-        expect_event(&mut rx, &mut seen, "Established", |e| {
-            matches!(e, SessionEvent::Established { .. })
-        })
-        .await;
+        established(&mut rx, &mut seen, "Established").await;
         let out = bird.birdc("show protocols all margay4");
         assert!(out.contains("Established"), "{out}");
         p.shutdown().await;
@@ -838,13 +745,7 @@ fn margay_graceful_restart_bird_keeps_routes_until_end_of_rib() {
             update: &Update,
         ) -> PeerHandle {
             let p = spawn_peer(cfg, None, tx);
-            let ev = expect_event(rx, seen, "Established", |e| {
-                matches!(e, SessionEvent::Established { .. })
-            })
-            .await;
-            let SessionEvent::Established { session, .. } = ev else {
-                unreachable!()
-            };
+            let (session, _) = established(rx, seen, "Established").await;
             let updates = vec![update.clone()];
             p.send(PeerCommand::SendUpdateList { session, updates })
                 .await
@@ -908,13 +809,7 @@ fn margay_graceful_restart_bird_keeps_routes_until_end_of_rib() {
             g.restarting = true;
         }
         let p = spawn_peer(restarted, None, tx);
-        let ev = expect_event(&mut rx, &mut seen, "Established after restart", |e| {
-            matches!(e, SessionEvent::Established { .. })
-        })
-        .await;
-        let SessionEvent::Established { session, .. } = ev else {
-            unreachable!()
-        };
+        let (session, _) = established(&mut rx, &mut seen, "Established after restart").await;
         assert!(has_route(), "still kept before our End-of-RIB");
         p.send(PeerCommand::SendEndOfRib {
             session,
@@ -957,18 +852,7 @@ fn bird_add_path_negotiated_and_decoded() {
         cfg.add_path = vec![(Family::IPV4_UNICAST, margay::bgp::wire::AddPathMode::Both)];
         let p = spawn_peer(cfg, None, tx);
         let mut seen = Vec::new();
-        let ev = expect_event(&mut rx, &mut seen, "Established", |e| {
-            matches!(e, SessionEvent::Established { .. })
-        })
-        .await;
-        let SessionEvent::Established {
-            session,
-            negotiated,
-            ..
-        } = ev
-        else {
-            unreachable!()
-        };
+        let (session, negotiated) = established(&mut rx, &mut seen, "Established").await;
         assert_eq!(negotiated.add_path_rx, vec![Family::IPV4_UNICAST]);
         assert_eq!(negotiated.add_path_tx, vec![Family::IPV4_UNICAST]);
         let mut got = Vec::new();
@@ -1020,14 +904,11 @@ fn bird_add_path_negotiated_and_decoded() {
         })
         .await
         .expect("send");
-        eventually("BIRD to hold our route sent with a path id", || {
-            let out = bird.birdc("show route 203.0.113.0/24");
-            if out.contains("203.0.113.0/24") {
-                Ok(())
-            } else {
-                Err(out)
-            }
-        })
+        output_until(
+            "BIRD to hold our route sent with a path id",
+            || bird.birdc("show route 203.0.113.0/24"),
+            |out| out.contains("203.0.113.0/24"),
+        )
         .await;
         p.shutdown().await;
     });
@@ -1060,10 +941,7 @@ fn bird_negotiates_long_lived_graceful_restart() {
         }
         let p = spawn_peer(cfg, None, tx);
         let mut seen = Vec::new();
-        let ev = expect_event(&mut rx, &mut seen, "Established", |e| {
-            matches!(e, SessionEvent::Established { .. })
-        })
-        .await;
+        let (_, negotiated) = established(&mut rx, &mut seen, "Established").await;
         // BIRD's view while the session is up (it may take a moment to reach Established itself).
         let mut out = String::new();
         for _ in 0..20 {
@@ -1074,10 +952,7 @@ fn bird_negotiates_long_lived_graceful_restart() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         p.shutdown().await;
-        match ev {
-            SessionEvent::Established { negotiated, .. } => (negotiated, out),
-            _ => unreachable!(),
-        }
+        (negotiated, out)
     });
     let ll = negotiated
         .peer_graceful_restart

@@ -10,23 +10,22 @@
 //! ```
 //! The scripted speakers write bytes we craft by hand; they are test peers, not a model of BGP.
 
+use crate::common;
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::str::FromStr;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use common::session::{loopback_listener, next_established, next_matching, status_until, LIMIT};
 use ipnetwork::IpNetwork;
-use margay::bgp::session::{
-    spawn_peer, Listener, PeerCommand, PeerConfig, PeerHandle, SessionEvent, State,
-};
+use margay::bgp::session::{spawn_peer, PeerCommand, PeerConfig, SessionEvent, State};
 use margay::bgp::wire::{
     decode, encode, peek_len, Capability, DecodeCtx, EncodeCtx, Family, Message, Nlri, Open,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::mpsc;
-
-const LIMIT: Duration = Duration::from_secs(30);
 
 struct Scripted {
     stream: TcpStream,
@@ -169,40 +168,6 @@ fn passive(peer: &str, asn: u32) -> PeerConfig {
     c
 }
 
-async fn next_matching(
-    rx: &mut mpsc::Receiver<SessionEvent>,
-    what: &str,
-    pred: impl Fn(&SessionEvent) -> bool,
-) -> SessionEvent {
-    loop {
-        let ev = tokio::time::timeout(LIMIT, rx.recv())
-            .await
-            .unwrap_or_else(|_| panic!("no {what} within {LIMIT:?}"))
-            .expect("events channel open");
-        if pred(&ev) {
-            return ev;
-        }
-    }
-}
-
-async fn status_until(
-    h: &PeerHandle,
-    what: &str,
-    pred: impl Fn(&margay::bgp::session::PeerStatus) -> bool,
-) {
-    let mut w = h.watch_status();
-    if tokio::time::timeout(LIMIT, w.wait_for(|s| pred(s)))
-        .await
-        .is_err()
-    {
-        panic!(
-            "peer {} never reached {what}; status: {:#?}",
-            h.peer(),
-            h.status()
-        );
-    }
-}
-
 fn withdrawn_v4(ev: &SessionEvent) -> Vec<IpNetwork> {
     match ev {
         SessionEvent::Updates { updates, .. } => updates
@@ -225,10 +190,7 @@ fn announced_v4(ev: &SessionEvent) -> Vec<IpNetwork> {
 
 #[tokio::test]
 async fn malformed_updates_get_rfc7606_treatment_and_other_sessions_are_untouched() {
-    let listener = Listener::bind(&[SocketAddr::from(([127, 0, 0, 1], 0))])
-        .await
-        .expect("listener");
-    let addr = listener.local_addrs()[0];
+    let (listener, addr) = loopback_listener().await;
     let (tx, mut rx) = mpsc::channel(1024);
     let bad = spawn_peer(
         passive("127.0.0.2", 65002),
@@ -240,10 +202,7 @@ async fn malformed_updates_get_rfc7606_treatment_and_other_sessions_are_untouche
     let mut b = Scripted::establish(Ipv4Addr::new(127, 0, 0, 2), 65002, addr).await;
     let mut g = Scripted::establish(Ipv4Addr::new(127, 0, 0, 3), 65003, addr).await;
     for _ in 0..2 {
-        next_matching(&mut rx, "Established", |e| {
-            matches!(e, SessionEvent::Established { .. })
-        })
-        .await;
+        next_established(&mut rx, "Established").await;
     }
 
     // A good UPDATE, then the same prefix with a bad ORIGIN length: RFC 7606 7.1 treat-as-withdraw.
@@ -318,10 +277,7 @@ async fn malformed_updates_get_rfc7606_treatment_and_other_sessions_are_untouche
 
     // It comes back, and a broken header (bad marker) is a reset with 1/1.
     let mut b = Scripted::establish(Ipv4Addr::new(127, 0, 0, 2), 65002, addr).await;
-    next_matching(&mut rx, "Established again", |e| {
-        matches!(e, SessionEvent::Established { .. })
-    })
-    .await;
+    next_established(&mut rx, "Established again").await;
     let mut junk = update_msg(&body(&[], &[]));
     junk[3] = 0;
     b.send_raw(&junk).await;
@@ -361,26 +317,12 @@ async fn malformed_updates_get_rfc7606_treatment_and_other_sessions_are_untouche
 
 #[tokio::test]
 async fn end_of_rib_and_updates_flow_out_and_reconfigure_resets_only_on_change() {
-    let listener = Listener::bind(&[SocketAddr::from(([127, 0, 0, 1], 0))])
-        .await
-        .expect("listener");
-    let addr = listener.local_addrs()[0];
+    let (listener, addr) = loopback_listener().await;
     let (tx, mut rx) = mpsc::channel(1024);
     let cfg = passive("127.0.0.4", 65004);
     let p = spawn_peer(cfg.clone(), Some(listener.handle()), tx);
     let mut s = Scripted::establish(Ipv4Addr::new(127, 0, 0, 4), 65004, addr).await;
-    let ev = next_matching(&mut rx, "Established", |e| {
-        matches!(e, SessionEvent::Established { .. })
-    })
-    .await;
-    let SessionEvent::Established {
-        session,
-        negotiated,
-        ..
-    } = ev
-    else {
-        unreachable!()
-    };
+    let (session, negotiated) = next_established(&mut rx, "Established").await;
     assert!(negotiated.route_refresh);
 
     // Pre-encoded UPDATEs in one buffer, then End-of-RIB; bytes for an old session id are dropped.
@@ -456,13 +398,7 @@ async fn end_of_rib_and_updates_flow_out_and_reconfigure_resets_only_on_change()
         "Cease / other configuration change"
     );
     let _s = Scripted::establish(Ipv4Addr::new(127, 0, 0, 4), 65004, addr).await;
-    let ev = next_matching(&mut rx, "Established after Reconfigure", |e| {
-        matches!(e, SessionEvent::Established { .. })
-    })
-    .await;
-    let SessionEvent::Established { negotiated, .. } = ev else {
-        unreachable!()
-    };
+    let (_, negotiated) = next_established(&mut rx, "Established after Reconfigure").await;
     assert_eq!(negotiated.hold_time, 30);
     assert_eq!(p.status().counters.established, 2);
     p.shutdown().await;
@@ -477,17 +413,11 @@ async fn end_of_rib_and_updates_flow_out_and_reconfigure_resets_only_on_change()
 ///   as data (RFC 4271 6.1), without waiting for the body (the hold timer is 90 s).
 #[tokio::test]
 async fn rfc7606_and_rfc4271_samples_over_a_live_session() {
-    let listener = Listener::bind(&[SocketAddr::from(([127, 0, 0, 1], 0))])
-        .await
-        .expect("listener");
-    let addr = listener.local_addrs()[0];
+    let (listener, addr) = loopback_listener().await;
     let (tx, mut rx) = mpsc::channel(1024);
     let peer = spawn_peer(passive("127.0.0.2", 65002), Some(listener.handle()), tx);
     let mut b = Scripted::establish(Ipv4Addr::new(127, 0, 0, 2), 65002, addr).await;
-    next_matching(&mut rx, "Established", |e| {
-        matches!(e, SessionEvent::Established { .. })
-    })
-    .await;
+    next_established(&mut rx, "Established").await;
 
     const LOCAL_PREF_BAD_LEN: &[u8] = &[0x40, 5, 5, 0, 0, 0, 0, 100];
     b.send_raw(&update_msg(&body(
@@ -513,10 +443,7 @@ async fn rfc7606_and_rfc4271_samples_over_a_live_session() {
     next_matching(&mut rx, "Down", |e| matches!(e, SessionEvent::Down { .. })).await;
 
     let mut b = Scripted::establish(Ipv4Addr::new(127, 0, 0, 2), 65002, addr).await;
-    next_matching(&mut rx, "Established again", |e| {
-        matches!(e, SessionEvent::Established { .. })
-    })
-    .await;
+    next_established(&mut rx, "Established again").await;
     let mut header = vec![0xff; 16];
     header.extend_from_slice(&5000u16.to_be_bytes());
     header.push(2);
@@ -534,17 +461,11 @@ async fn rfc7606_and_rfc4271_samples_over_a_live_session() {
 /// the session stays up and a good route after them is announced.
 #[tokio::test]
 async fn next_hop_semantics_over_a_live_session() {
-    let listener = Listener::bind(&[SocketAddr::from(([127, 0, 0, 1], 0))])
-        .await
-        .expect("listener");
-    let addr = listener.local_addrs()[0];
+    let (listener, addr) = loopback_listener().await;
     let (tx, mut rx) = mpsc::channel(1024);
     let peer = spawn_peer(passive("127.0.0.2", 65002), Some(listener.handle()), tx);
     let mut b = Scripted::establish(Ipv4Addr::new(127, 0, 0, 2), 65002, addr).await;
-    next_matching(&mut rx, "Established", |e| {
-        matches!(e, SessionEvent::Established { .. })
-    })
-    .await;
+    next_established(&mut rx, "Established").await;
     let updates = |ev: &SessionEvent| !announced_v4(ev).is_empty() || !withdrawn_v4(ev).is_empty();
 
     b.send_raw(&update_msg(&body(

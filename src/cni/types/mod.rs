@@ -1,8 +1,9 @@
 //! CNI data model shared by the `margay-cni` shim and the daemon: spec versions, the network configuration a
 //! runtime passes on stdin, `CNI_ARGS`, results in every version margay answers, and CNI error objects.
 //!
-//! This file must depend on nothing but `std`, `serde` and `serde_json`: the shim links it and must stay
-//! small (no tokio, no etcd, no netlink). Everything here is pure data and parsing.
+//! This file must depend on nothing but `std`, `serde`, `serde_json` and `ipnetwork` (prefixes; a small
+//! crate with no dependencies of its own): the shim links it and must stay small (no tokio, no etcd, no
+//! netlink). Everything here is pure data and parsing.
 //!
 //! References are to the CNI specification (`SPEC.md` of containernetworking/cni): section "Execution
 //! Protocol" for the environment, "Section 1: Network configuration format", "Section 5: Result Types".
@@ -12,8 +13,8 @@ use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
 
-use serde::de::Error as _;
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use ipnetwork::IpNetwork;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 mod error;
@@ -250,13 +251,13 @@ mod tests {
         assert_eq!(
             c.ipv4_pools,
             vec![
-                PoolRef::Cidr("10.65.0.0/16".parse().unwrap()),
+                PoolRef::Cidr(cidr::parse("10.65.0.0/16").unwrap()),
                 PoolRef::Name("pool-a".into())
             ]
         );
         assert_eq!(
             c.ipv6_pools,
-            vec![PoolRef::Cidr("fd00:65::/48".parse().unwrap())]
+            vec![PoolRef::Cidr(cidr::parse("fd00:65::/48").unwrap())]
         );
         assert_eq!(c.runtime_config, Some(json!({"portMappings": []})));
         assert_eq!(c.valid_attachments.unwrap()[0].container_id, "abc");
@@ -446,16 +447,25 @@ mod tests {
 
     #[test]
     fn cidr_parse_and_network_check() {
-        let c: Cidr = "10.65.0.0/26".parse().unwrap();
-        assert!(c.is_network());
-        assert!(!"10.65.0.1/26".parse::<Cidr>().unwrap().is_network());
-        assert!("0.0.0.0/0".parse::<Cidr>().unwrap().is_network());
-        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
-        assert!("fd00::/129".parse::<Cidr>().is_err());
-        assert!("nope/8".parse::<Cidr>().is_err());
+        let c = cidr::parse("10.65.0.0/26").unwrap();
+        assert!(cidr::is_network(&c));
+        assert!(!cidr::is_network(&cidr::parse("10.65.0.1/26").unwrap()));
+        assert!(cidr::is_network(&cidr::parse("0.0.0.0/0").unwrap()));
+        assert!(cidr::parse("10.0.0.0/33").is_err());
+        assert!(cidr::parse("fd00::/129").is_err());
+        assert!(cidr::parse("nope/8").is_err());
+        // A bare address is not a CIDR here (ipnetwork alone would read it as /32).
+        assert!(cidr::parse("10.65.0.1").is_err());
         assert_eq!(
-            Cidr::host("fd00::1".parse().unwrap()).to_string(),
+            cidr::host("fd00::1".parse().unwrap()).to_string(),
             "fd00::1/128"
         );
+        // JSON both ways as before: the string form, the strict parser.
+        let r: Route = serde_json::from_str(r#"{"dst":"10.0.0.0/8"}"#).unwrap();
+        assert_eq!(
+            serde_json::to_string(&r).unwrap(),
+            r#"{"dst":"10.0.0.0/8"}"#
+        );
+        assert!(serde_json::from_str::<Route>(r#"{"dst":"10.0.0.0"}"#).is_err());
     }
 }

@@ -4,65 +4,21 @@
 #[allow(unused_imports)]
 use super::*;
 
-/// An address with a prefix length, as CNI writes them (`10.65.0.7/32`, `fd00::5/128`). Host bits may be set
-/// (an interface address); [`Cidr::is_network`] tells whether it is a clean prefix.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Cidr {
-    pub addr: IpAddr,
-    pub prefix: u8,
-}
+/// Addresses with a prefix length, as CNI writes them (`10.65.0.7/32`, `fd00::5/128`), are
+/// `ipnetwork::IpNetwork` (host bits may be set: an interface address; [`cidr::is_network`] tells whether
+/// it is a clean prefix). What CNI needs beyond ipnetwork is here: a parser that insists on the prefix
+/// length (ipnetwork reads a bare address as a host prefix, CNI's Go `ParseCIDR` refuses it) with messages
+/// naming the bad part, and serde with that parser (`#[serde(with = "cidr")]`). Written with `Display`,
+/// which is `ADDRESS/PREFIX` as before, so the JSON is unchanged.
+pub mod cidr {
+    use std::net::IpAddr;
 
-impl Cidr {
-    pub fn new(addr: IpAddr, prefix: u8) -> Result<Cidr, String> {
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        if prefix > max {
-            return Err(format!("prefix length {prefix} is longer than {max}"));
-        }
-        Ok(Cidr { addr, prefix })
-    }
+    use ipnetwork::IpNetwork;
+    use serde::de::Error as _;
+    use serde::{Deserialize, Deserializer, Serializer};
 
-    /// A host route / single address: /32 or /128.
-    pub fn host(addr: IpAddr) -> Cidr {
-        Cidr {
-            addr,
-            prefix: if addr.is_ipv4() { 32 } else { 128 },
-        }
-    }
-
-    /// True when no host bits are set (a pool or route destination).
-    pub fn is_network(&self) -> bool {
-        match self.addr {
-            IpAddr::V4(a) => {
-                let bits = u32::from(a);
-                let mask = if self.prefix == 0 {
-                    0
-                } else {
-                    u32::MAX << (32 - self.prefix)
-                };
-                bits & !mask == 0
-            }
-            IpAddr::V6(a) => {
-                let bits = u128::from(a);
-                let mask = if self.prefix == 0 {
-                    0
-                } else {
-                    u128::MAX << (128 - self.prefix)
-                };
-                bits & !mask == 0
-            }
-        }
-    }
-}
-
-impl fmt::Display for Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
-}
-
-impl FromStr for Cidr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Cidr, String> {
+    /// `ADDRESS/PREFIX`, both parts required.
+    pub fn parse(s: &str) -> Result<IpNetwork, String> {
         let (a, p) = s
             .split_once('/')
             .ok_or_else(|| format!("{s:?} is not ADDRESS/PREFIX"))?;
@@ -72,20 +28,38 @@ impl FromStr for Cidr {
         let prefix: u8 = p
             .parse()
             .map_err(|_| format!("{s:?}: {p:?} is not a prefix length"))?;
-        Cidr::new(addr, prefix).map_err(|e| format!("{s:?}: {e}"))
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        IpNetwork::new(addr, prefix)
+            .map_err(|_| format!("{s:?}: prefix length {prefix} is longer than {max}"))
     }
-}
 
-impl Serialize for Cidr {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
+    /// A host route / single address: /32 or /128.
+    pub fn host(addr: IpAddr) -> IpNetwork {
+        IpNetwork::from(addr)
     }
-}
 
-impl<'de> Deserialize<'de> for Cidr {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Cidr, D::Error> {
+    /// The default route of a family: `0.0.0.0/0` or `::/0`.
+    pub fn default_route(v6: bool) -> IpNetwork {
+        let addr = if v6 {
+            IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+        } else {
+            IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
+        };
+        IpNetwork::new(addr, 0).expect("a prefix length of 0 is valid in both families")
+    }
+
+    /// True when no host bits are set (a pool or route destination).
+    pub fn is_network(c: &IpNetwork) -> bool {
+        c.network() == c.ip()
+    }
+
+    pub fn serialize<S: Serializer>(c: &IpNetwork, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(c)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<IpNetwork, D::Error> {
         let s = String::deserialize(d)?;
-        s.parse().map_err(D::Error::custom)
+        parse(&s).map_err(D::Error::custom)
     }
 }
 
@@ -93,7 +67,7 @@ impl<'de> Deserialize<'de> for Cidr {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PoolRef {
-    Cidr(Cidr),
+    Cidr(#[serde(with = "cidr")] IpNetwork),
     Name(String),
 }
 
@@ -101,17 +75,16 @@ impl PoolRef {
     /// Parse one entry of `ipv4_pools` / `ipv6_pools`; `v6` says which list it came from.
     fn parse(field: &str, s: &str, v6: bool) -> Result<PoolRef, CniError> {
         if s.contains('/') {
-            let c: Cidr = s
-                .parse()
-                .map_err(|e| CniError::invalid_config(format!("{field}: {e}")))?;
-            if c.addr.is_ipv6() != v6 {
+            let c =
+                cidr::parse(s).map_err(|e| CniError::invalid_config(format!("{field}: {e}")))?;
+            if c.is_ipv6() != v6 {
                 return Err(CniError::invalid_config(format!(
                     "{field}: {s:?} is an IPv{} CIDR in the IPv{} list",
                     if v6 { 4 } else { 6 },
                     if v6 { 6 } else { 4 }
                 )));
             }
-            if !c.is_network() {
+            if !cidr::is_network(&c) {
                 return Err(CniError::invalid_config(format!(
                     "{field}: {s:?} has host bits set; write the pool's network address"
                 )));
@@ -227,8 +200,8 @@ pub struct HostVethConf {
     /// The veth's name inside the pod (`CNI_IFNAME` is the previous plugin's interface).
     pub veth_name: String,
     /// Destinations routed through the veth besides the node's addresses and the service CIDRs.
-    #[serde(default)]
-    pub extra_routes: Vec<Cidr>,
+    #[serde(default, with = "cidrs")]
+    pub extra_routes: Vec<IpNetwork>,
     /// Route the BGPConfiguration's service CIDRs through the veth (default true).
     #[serde(default = "yes")]
     pub service_routes: bool,
@@ -236,6 +209,30 @@ pub struct HostVethConf {
 
 fn yes() -> bool {
     true
+}
+
+/// [`cidr`]'s serde for a list.
+mod cidrs {
+    use ipnetwork::IpNetwork;
+    use serde::ser::SerializeSeq;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[IpNetwork], s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(v.len()))?;
+        for c in v {
+            seq.serialize_element(&c.to_string())?;
+        }
+        seq.end()
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpNetwork>, D::Error> {
+        #[derive(Deserialize)]
+        struct One(#[serde(with = "super::cidr")] IpNetwork);
+        Ok(Vec::<One>::deserialize(d)?
+            .into_iter()
+            .map(|o| o.0)
+            .collect())
+    }
 }
 
 /// The veth's default name inside the pod in host-veth mode.
@@ -265,10 +262,10 @@ impl HostVethConf {
                             "field \"extra_routes\": {e} is not a string"
                         ))
                     })?;
-                    let c: Cidr = s.parse().map_err(|e| {
+                    let c = cidr::parse(s).map_err(|e| {
                         CniError::invalid_config(format!("field \"extra_routes\": {e}"))
                     })?;
-                    if !c.is_network() {
+                    if !cidr::is_network(&c) {
                         return Err(CniError::invalid_config(format!(
                             "field \"extra_routes\": {s:?} has host bits set; write the network address"
                         )));

@@ -20,7 +20,8 @@ pub struct Interface {
 /// An address in a result; `interface` indexes `interfaces`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IpConfig {
-    pub address: Cidr,
+    #[serde(with = "cidr")]
+    pub address: IpNetwork,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<IpAddr>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -29,7 +30,8 @@ pub struct IpConfig {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Route {
-    pub dst: Cidr,
+    #[serde(with = "cidr")]
+    pub dst: IpNetwork,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gw: Option<IpAddr>,
 }
@@ -87,7 +89,7 @@ impl CniResult {
                 .map(|ip| {
                     let mut o = Map::new();
                     if version.ips_carry_version() {
-                        let fam = if ip.address.addr.is_ipv4() { "4" } else { "6" };
+                        let fam = if ip.address.is_ipv4() { "4" } else { "6" };
                         o.insert("version".into(), Value::String(fam.into()));
                     }
                     if let Some(i) = ip.interface {

@@ -14,7 +14,7 @@ use std::time::Duration;
 use margay::cni::backend::{
     Attachment, CniBackend, DelRequest, GcRequest, PodRequest, StatusRequest,
 };
-use margay::cni::types::{Cidr, CniError, Dns, Route, ValidAttachment};
+use margay::cni::types::{cidr, CniError, Dns, Route, ValidAttachment};
 use margay::cni::{CniServer, ServerConfig, ServerError};
 use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
@@ -36,7 +36,7 @@ pub enum Hook {
 #[derive(Default)]
 pub struct State {
     next: u32,
-    pub allocs: HashMap<(String, String), Cidr>,
+    pub allocs: HashMap<(String, String), ipnetwork::IpNetwork>,
     /// Every call in order: "add-start c1", "add-done c1", "del c1", "check c1", "status", "gc".
     pub events: Vec<String>,
     in_flight: HashMap<String, usize>,
@@ -108,8 +108,8 @@ impl TestBackend {
         self.state.lock().unwrap().events.push(e);
     }
 
-    fn attachment(req: &PodRequest, ip: Cidr) -> Attachment {
-        let n = match ip.addr {
+    fn attachment(req: &PodRequest, ip: ipnetwork::IpNetwork) -> Attachment {
+        let n = match ip.ip() {
             std::net::IpAddr::V4(a) => a.octets()[3],
             std::net::IpAddr::V6(_) => 0,
         };
@@ -155,7 +155,7 @@ impl CniBackend for TestBackend {
                 None => {
                     s.next += 1;
                     let n = s.next;
-                    let ip = Cidr::host(
+                    let ip = cidr::host(
                         std::net::Ipv4Addr::new(10, 77, (n >> 8) as u8, (n & 0xff) as u8).into(),
                     );
                     s.allocs.insert(key, ip);

@@ -7,7 +7,7 @@ use std::path::Path;
 use margay::cni::backend::{
     Attachment, CniBackend, DelRequest, GcRequest, PodRequest, StatusRequest,
 };
-use margay::cni::types::{Cidr, CniError, Dns, Route};
+use margay::cni::types::{cidr, CniError, Dns, Route};
 use serde_json::Value;
 
 use crate::common::try_sh;
@@ -46,7 +46,7 @@ impl VethBackend {
             pod_ifname: req.ifname.clone(),
             pod_mac: Some(mac(netns_name, &req.ifname)?),
             mtu: Some(1500),
-            ips: vec![Cidr::host("10.78.0.1".parse().unwrap())],
+            ips: vec![cidr::host("10.78.0.1".parse().unwrap())],
             routes: vec![Route {
                 dst: "0.0.0.0/0".parse().unwrap(),
                 gw: Some("169.254.1.1".parse().unwrap()),

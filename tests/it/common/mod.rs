@@ -190,4 +190,6 @@ pub mod etcd;
 pub mod lab;
 pub mod podman;
 pub mod reflector;
+pub mod session;
+pub mod subnets;
 pub mod wire;
