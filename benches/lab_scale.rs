@@ -118,8 +118,8 @@ impl RouteCounter {
             };
             let mut off = 0;
             while off + 16 <= n {
-                let len = u32::from_ne_bytes([rx[off], rx[off + 1], rx[off + 2], rx[off + 3]])
-                    as usize;
+                let len =
+                    u32::from_ne_bytes([rx[off], rx[off + 1], rx[off + 2], rx[off + 3]]) as usize;
                 let kind = u16::from_ne_bytes([rx[off + 4], rx[off + 5]]);
                 if len < 16 || off + len > n {
                     break;
@@ -128,7 +128,8 @@ impl RouteCounter {
                     // NLMSG_DONE / NLMSG_ERROR: the dump is over.
                     return (own, learned);
                 }
-                if let Ok(m) = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&rx[off..off + len])
+                if let Ok(m) =
+                    NetlinkMessage::<RouteNetlinkMessage>::deserialize(&rx[off..off + len])
                 {
                     if let NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(r)) =
                         m.payload
@@ -162,7 +163,8 @@ fn http_in(ns: &str, addr: &str, path: &str) -> Option<String> {
         s.spawn(|| {
             let f = std::fs::File::open(&nsf).ok()?;
             nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).ok()?;
-            let mut c = TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_secs(2)).ok()?;
+            let mut c =
+                TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_secs(2)).ok()?;
             c.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
             write!(
                 c,
@@ -192,7 +194,10 @@ fn metric(text: &str, name: &str) -> Option<f64> {
 fn etcd_requests(lab: &str) -> BTreeMap<String, f64> {
     let text = http_in(&format!("{lab}-etcd"), ETCD_METRICS, "/metrics").unwrap_or_default();
     let mut by = BTreeMap::new();
-    for l in text.lines().filter(|l| l.starts_with("grpc_server_handled_total{")) {
+    for l in text
+        .lines()
+        .filter(|l| l.starts_with("grpc_server_handled_total{"))
+    {
         let service = l
             .split("grpc_service=\"")
             .nth(1)
@@ -336,7 +341,8 @@ fn one_run(n: usize, reflectors: usize, run: usize, settle: u64, idle: u64) -> R
         let mut done = 0;
         for i in 0..n {
             let ns = format!("{name}-n{}", i + 1);
-            if counters[i].is_none() && std::path::Path::new(&format!("/var/run/netns/{ns}")).exists()
+            if counters[i].is_none()
+                && std::path::Path::new(&format!("/var/run/netns/{ns}")).exists()
             {
                 counters[i] = RouteCounter::open(&ns);
             }
@@ -379,7 +385,12 @@ fn one_run(n: usize, reflectors: usize, run: usize, settle: u64, idle: u64) -> R
         status.success(),
         "margay lab up --nodes {n} failed (logs in {}):\n{}\n{err}",
         state.display(),
-        stdout_text.lines().rev().take(30).collect::<Vec<_>>().join("\n")
+        stdout_text
+            .lines()
+            .rev()
+            .take(30)
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     let converged = converged.unwrap_or_else(|| {
         panic!(
@@ -416,7 +427,8 @@ fn one_run(n: usize, reflectors: usize, run: usize, settle: u64, idle: u64) -> R
         .collect();
 
     let daemons: Vec<String> = nodes.iter().chain(&rrs).cloned().collect();
-    let sum_margay = |who: &[String]| -> f64 { who.iter().filter_map(|ns| margay_requests(ns)).sum() };
+    let sum_margay =
+        |who: &[String]| -> f64 { who.iter().filter_map(|ns| margay_requests(ns)).sum() };
     let (m0, e0) = (sum_margay(&daemons), etcd_requests(&name));
     let ti = Instant::now();
     std::thread::sleep(Duration::from_secs(idle));
@@ -541,6 +553,8 @@ fn main() {
     }
     println!(
         "load at end: {}",
-        std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
     );
 }
