@@ -139,6 +139,20 @@ const MAX_REFLECTORS: usize = 7;
 /// One L2 segment (`--subnets 1`) is 10.99.0.0/16 and one bridge: the kernel's limit of ports per bridge
 /// (BR_MAX_PORTS, 1024) minus etcd and the reflectors bounds it; the pod pool's 1,024 /26 blocks too.
 const MAX_NODES: usize = 1000;
+/// The most learned (ARP / neighbour-discovery) entries a lab may hold, per address family: below the
+/// kernel's `gc_thresh2` (512), from which it starts evicting entries of every namespace on the machine.
+/// Node-to-node entries are pinned (permanent, not counted: see `up::pin_neighbours`); what is left is
+/// learned per pod and per namespace.
+const NEIGHBOUR_BUDGET: usize = 450;
+
+/// The learned neighbour entries a lab of `nodes` nodes with `pods` pods each holds, per family, as
+/// measured in a 100-node lab with one pod per node (about 400 IPv4 entries): per node its loopback's
+/// and its eth0's (2), per pod the node's entry for the pod and the pod's for its gateway (2), and a few for
+/// etcd, the reflectors and the bridge.
+fn learned_neighbours(nodes: usize, pods: usize) -> usize {
+    2 * nodes + 2 * nodes * pods + 10
+}
+
 /// With two segments each is a /24 (10.99.0.0/24, 10.99.1.0/24), nodes from host .11: 244 fit.
 const MAX_NODES_TWO_SEGMENTS: usize = 244;
 /// The reflector's cluster id (Calico's documentation uses this one too).
@@ -239,6 +253,15 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<()> {
             };
             if !(1..=max).contains(&nodes) {
                 bail!("--nodes {nodes}: must be between 1 and {max} (with --subnets {subnets})");
+            }
+            let learned = learned_neighbours(nodes, pods);
+            if learned > NEIGHBOUR_BUDGET {
+                bail!(
+                    "--nodes {nodes} --pods {pods}: the lab would hold about {learned} learned neighbour entries, over its budget of {NEIGHBOUR_BUDGET}: \
+                     the kernel's neighbour table is one for every namespace of this machine (the host's too), bounded by \
+                     net.ipv4.neigh.default.gc_thresh3 (1,024; from gc_thresh2, 512, it evicts), and a lab that fills it breaks \
+                     every other user of the machine; use fewer pods per node (--pods 0 or 1 for a big lab) or fewer nodes"
+                );
             }
             // Before anything is built, so a machine that cannot run the lab is told why and left untouched.
             let missing = preflight::check(&format!("{}-pre", common.name));

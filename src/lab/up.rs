@@ -47,9 +47,13 @@ pub(super) fn up(
         .with_context(|| format!("linking {} into {}", cni.display(), bin_dir.display()))?;
 
     let br = format!("{p}-br");
+    BIG_LAB_NO_IPV6.store(n_nodes > IPV6_NODES, std::sync::atomic::Ordering::Relaxed);
     // One segment is a /16 (room for MAX_NODES); two segments are /24s routed by the bridge namespace.
     let plen = if subnets > 1 { 24 } else { 16 };
     ip(&["netns", "add", &br])?;
+    if n_nodes > IPV6_NODES {
+        ipv6_off(&br)?;
+    }
     ip(&["-n", &br, "link", "add", "br0", "type", "bridge"])?;
     ip(&[
         "-n",
@@ -290,6 +294,9 @@ pub(super) fn attach_to(
         ("br1", BRIDGE_IP_B)
     };
     ip(&["netns", "add", ns])?;
+    if BIG_LAB_NO_IPV6.load(std::sync::atomic::Ordering::Relaxed) {
+        ipv6_off(ns)?;
+    }
     let mac = mac_of(addr);
     ip(&[
         "-n", br, "link", "add", port, "type", "veth", "peer", "name", "eth0", "address", &mac,
@@ -309,6 +316,33 @@ pub(super) fn attach_to(
     ip(&["-n", ns, "link", "set", "eth0", "up"])?;
     // A default route: proxy ARP for the pods' gateway 169.254.1.1 needs a route covering it.
     ip(&["-n", ns, "route", "add", "default", "via", gateway])?;
+    Ok(())
+}
+
+/// Set by `up` for a big lab (more than [`IPV6_NODES`] nodes): its namespaces run without IPv6.
+pub(super) static BIG_LAB_NO_IPV6: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Above this many nodes the lab's namespaces (bridge, etcd, reflectors, nodes; not the pods) run without
+/// IPv6: every interface's IPv6 (link-local addresses, router solicitations, multicast listener reports)
+/// fills the kernel's one neighbour-discovery table for the whole machine (`net.ipv6.neigh.default.
+/// gc_thresh3`, 1,024) with a few entries per interface, and a big lab is IPv4 only anyway.
+pub(super) const IPV6_NODES: usize = 20;
+
+/// IPv6 off in namespace `ns` (its own sysctls, before any interface exists there), for a big lab.
+fn ipv6_off(ns: &str) -> anyhow::Result<()> {
+    for key in [
+        "net.ipv6.conf.default.disable_ipv6=1",
+        "net.ipv6.conf.all.disable_ipv6=1",
+    ] {
+        let out = ns_exec(ns, &["sysctl", "-qw", key])?;
+        if !out.status.success() {
+            bail!(
+                "sysctl -w {key} in {ns}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+    }
     Ok(())
 }
 
@@ -550,6 +584,10 @@ pub(super) fn add_node(args: &LabArgs) -> anyhow::Result<()> {
     };
     let (addr, plen) = node_addr(i, subnets);
     let name = format!("{p}-n{i}");
+    BIG_LAB_NO_IPV6.store(
+        lab.nodes.len() + 1 > IPV6_NODES,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     attach_to(
         &format!("{p}-br"),
         &name,
