@@ -381,6 +381,18 @@ impl FeedCounters {
     }
 }
 
+/// Whether a feed follows etcd, shared with a readiness report. Survives the re-lists: the feed hands the
+/// same health to every watch it starts.
+#[derive(Debug, Clone)]
+pub struct FeedHealth(Arc<WatchHealth>);
+
+impl FeedHealth {
+    /// None while the snapshots follow etcd; why not otherwise.
+    pub fn down(&self) -> Option<String> {
+        self.0.down()
+    }
+}
+
 /// The running feed. Dropping it stops the task and its watch.
 pub struct ConfigFeed {
     rx: watch::Receiver<Arc<Snapshot>>,
@@ -412,6 +424,12 @@ impl ConfigFeed {
     /// The newest snapshot stays available either way: it may be stale.
     pub fn down(&self) -> Option<String> {
         self.health.down()
+    }
+
+    /// A handle that answers [`ConfigFeed::down`] after the feed itself has been handed to its consumer (the
+    /// node's peer loop owns the feed; its readiness report keeps this).
+    pub fn health(&self) -> FeedHealth {
+        FeedHealth(self.health.clone())
     }
 
     /// A receiver of every new snapshot; the current one is marked seen.

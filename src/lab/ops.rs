@@ -42,8 +42,8 @@ pub(super) fn restart_node(args: &LabArgs, node: &str) -> anyhow::Result<()> {
     use nix::unistd::Pid;
     let state = args.state();
     let lab = load(&state)?;
-    if lab.reflector.as_deref() == Some(node) {
-        return restart_reflector(&state, node);
+    if let Some(k) = lab.reflector_names().iter().position(|r| r == node) {
+        return restart_reflector(&state, node, reflector_ip(k));
     }
     let Some(n) = lab.nodes.iter().find(|n| n.name == node) else {
         bail!(
@@ -87,7 +87,7 @@ pub(super) fn restart_node(args: &LabArgs, node: &str) -> anyhow::Result<()> {
 
 /// `restart-node` for the lab's route reflector: stop it (if it still runs), keep its log under a
 /// timestamped name, start it again (it finds its run marker and announces the restart, RFC 4724 R bit).
-fn restart_reflector(state: &Path, rr: &str) -> anyhow::Result<()> {
+fn restart_reflector(state: &Path, rr: &str, router_id: Ipv4Addr) -> anyhow::Result<()> {
     stop_pid_file(&state.join(format!("{rr}.pid")), &format!("reflector {rr}"))?;
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -98,7 +98,7 @@ fn restart_reflector(state: &Path, rr: &str) -> anyhow::Result<()> {
         state.join(format!("{rr}.log")),
         state.join(format!("{rr}.before-{stamp}.log")),
     );
-    let pid = start_reflector(state, rr)?;
+    let pid = start_reflector(state, rr, router_id)?;
     println!("{rr}: reflector restarted (pid {pid})");
     Ok(())
 }

@@ -3,7 +3,7 @@
 //! ```text
 //!   <lab>-br: bridge br0 10.99.0.1/24
 //!     |-- <lab>-n1 .. nN   margay nodes (AS 64512), each with a session to the router: one global BGPPeer
-//!     `-- <lab>-rtr  eth0 10.99.0.4   BIRD 2, AS 64567: learns the nodes' blocks and service CIDRs into
+//!     `-- <lab>-rtr  eth0 10.99.0.10   BIRD 2, AS 64567: learns the nodes' blocks and service CIDRs into
 //!            |                        its kernel (ECMP where several nodes send one prefix), sends the
 //!            |                        nodes everything (next hop itself): a default route, its outside
 //!            |                        segment, and the blocks back (which the nodes refuse: AS loop)
@@ -18,7 +18,7 @@
 use super::*;
 
 /// The router's address on the nodes' segment (the global BGPPeer's peerIP).
-pub(super) const ROUTER_IP: &str = "10.99.0.4";
+pub(super) const ROUTER_IP: &str = "10.99.0.10";
 /// The router's AS (an external AS: eBGP to the nodes).
 pub(super) const ROUTER_AS: u32 = 64567;
 /// The router's address on the outside segment, and the outside host's.
@@ -105,14 +105,14 @@ pub(super) fn start_router(
     state: &Path,
     p: &str,
     nodes: &[Ipv4Addr],
-    attach: &dyn Fn(&str, &str, &str) -> anyhow::Result<()>,
+    attach: &dyn Fn(&str, &str, Ipv4Addr) -> anyhow::Result<()>,
 ) -> anyhow::Result<String> {
     if !which("bird") || !which("birdc") {
         bail!("--outside-router needs BIRD 2 (bird, birdc): apt-get install bird2 (scripts/install-deps.sh)");
     }
     let rtr = format!("{p}-rtr");
     let ext = format!("{p}-ext");
-    attach(&rtr, "rtr", ROUTER_IP)?;
+    attach(&rtr, "rtr", ROUTER_IP.parse()?)?;
     crate::dataplane::sysctl::ensure_node(Some(Path::new(&format!("/var/run/netns/{rtr}"))))?;
     ip(&["netns", "add", &ext])?;
     ip(&[
@@ -183,6 +183,6 @@ mod tests {
         let c = bird_conf(&["10.99.0.11".parse().unwrap(), "10.99.0.12".parse().unwrap()]);
         assert!(c.contains("protocol bgp node1 from node { neighbor 10.99.0.11 as 64512; }"));
         assert!(c.contains("protocol bgp node2 from node { neighbor 10.99.0.12 as 64512; }"));
-        assert!(c.contains("local 10.99.0.4 as 64567;"));
+        assert!(c.contains("local 10.99.0.10 as 64567;"));
     }
 }

@@ -37,6 +37,44 @@ pub(super) fn ping_matrix(pods: &[LabPod]) -> BTreeMap<(String, String), bool> {
         .collect()
 }
 
+/// Above this many pods the lab checks a ring instead of every pair (100 pods would be 9,900 pings).
+const FULL_MATRIX_PODS: usize = 12;
+
+/// Reachability the lab checks: every ordered pair in a small lab; in a big one, each pod to the next
+/// pod in the list that lives on another node (a ring through every node, O(pods) pings).
+pub(super) fn reach(pods: &[LabPod]) -> BTreeMap<(String, String), bool> {
+    if pods.len() <= FULL_MATRIX_PODS {
+        return ping_matrix(pods);
+    }
+    let mut children = Vec::new();
+    for (i, a) in pods.iter().enumerate() {
+        let b = (1..pods.len())
+            .map(|d| &pods[(i + d) % pods.len()])
+            .find(|b| b.node != a.node)
+            .unwrap_or(&pods[(i + 1) % pods.len()]);
+        let c = b.ip.and_then(|dst| {
+            Command::new("ip")
+                .args(["netns", "exec", &a.name, "ping", "-c", "1", "-W", "1", "-q"])
+                .arg(dst.to_string())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .ok()
+        });
+        children.push(((a.name.clone(), b.name.clone()), c));
+    }
+    children
+        .into_iter()
+        .map(|(k, c)| {
+            let ok = c
+                .and_then(|mut c| c.wait().ok())
+                .map(|s| s.success())
+                .unwrap_or(false);
+            (k, ok)
+        })
+        .collect()
+}
+
 /// Print the lab; true when every pod reaches every other pod.
 pub(super) fn status(args: &LabArgs) -> anyhow::Result<bool> {
     let state = args.state();
@@ -44,8 +82,14 @@ pub(super) fn status(args: &LabArgs) -> anyhow::Result<bool> {
     let margay = std::env::current_exe()?;
     let margay_s = margay.to_string_lossy().to_string();
     println!("== nodes");
-    println!("{:<14} {:<12} {:<8} ready", "NODE", "ADDRESS", "PID");
-    for n in &lab.nodes {
+    println!(
+        "{:<14} {:<12} {:<8} {:<11} {:<9} ready",
+        "NODE", "ADDRESS", "PID", "PROCESS", "BGP UP"
+    );
+    let reports = super::up::parallel(&lab.nodes, 8, |n| {
+        super::up::status_in(&n.name, crate::api::DEFAULT_LISTEN)
+    });
+    for (n, report) in lab.nodes.iter().zip(reports) {
         let pid =
             std::fs::read_to_string(state.join(format!("{}.pid", n.name))).unwrap_or_default();
         let alive = pid
@@ -53,18 +97,37 @@ pub(super) fn status(args: &LabArgs) -> anyhow::Result<bool> {
             .parse::<i32>()
             .map(|p| Path::new(&format!("/proc/{p}")).exists())
             .unwrap_or(false);
+        let (bgp, ready) = match report {
+            Ok(r) => (
+                format!(
+                    "{}/{}",
+                    r.peers
+                        .iter()
+                        .filter(|p| p.fsm_state == "Established")
+                        .count(),
+                    r.peers.len()
+                ),
+                match r.ready.reason {
+                    None if r.ready.ready => "yes".to_string(),
+                    reason => format!("no: {}", reason.unwrap_or_else(|| "starting".into())),
+                },
+            ),
+            Err(e) => ("-".into(), format!("status unavailable: {e:#}")),
+        };
         println!(
-            "{:<14} {:<12} {:<8} {}",
+            "{:<14} {:<12} {:<8} {:<11} {:<9} {ready}",
             n.name,
             n.ip,
             pid.trim(),
-            if alive { "running" } else { "NOT RUNNING" }
+            if alive { "running" } else { "NOT RUNNING" },
+            bgp
         );
     }
     println!();
-    if let Some(rr) = &lab.reflector {
+    for (k, rr) in lab.reflector_names().iter().enumerate() {
         println!(
-            "== route reflector {rr} ({REFLECTOR_IP}, cluster id {CLUSTER_ID}; margay status)"
+            "== route reflector {rr} ({}, cluster id {CLUSTER_ID}; margay status)",
+            reflector_ip(k)
         );
         match ns_exec(rr, &[&margay_s, "status", "--endpoint", RR_HTTP]) {
             Ok(o) if o.status.success() => print!("{}", String::from_utf8_lossy(&o.stdout)),
@@ -94,7 +157,12 @@ pub(super) fn status(args: &LabArgs) -> anyhow::Result<bool> {
         }
         println!();
     }
-    for n in &lab.nodes {
+    // A big lab's peer tables (N x N lines in a mesh) would bury the rest: the table above counts them.
+    for n in lab.nodes.iter().take(if lab.nodes.len() > 10 {
+        0
+    } else {
+        lab.nodes.len()
+    }) {
         println!("== BGP peers of {} (margay status)", n.name);
         match ns_exec(&n.name, &[&margay_s, "status"]) {
             Ok(o) if o.status.success() => print!("{}", String::from_utf8_lossy(&o.stdout)),
@@ -140,7 +208,27 @@ pub(super) fn status(args: &LabArgs) -> anyhow::Result<bool> {
         );
     }
     println!();
-    let matrix = ping_matrix(&lab.pods);
+    let matrix = reach(&lab.pods);
+    if lab.pods.len() > FULL_MATRIX_PODS {
+        let failed: Vec<String> = matrix
+            .iter()
+            .filter(|(_, ok)| !**ok)
+            .map(|((a, b), _)| format!("  {a} -> {b}: FAIL"))
+            .collect();
+        println!(
+            "== pings around a ring of the {} pods (each to the next pod on another node)",
+            lab.pods.len()
+        );
+        for f in &failed {
+            println!("{f}");
+        }
+        println!(
+            "\n{} of {} ring pings answered",
+            matrix.len() - failed.len(),
+            matrix.len()
+        );
+        return Ok(failed.is_empty());
+    }
     println!("== ping matrix (row pings column; ok / FAIL)");
     print!("{:<16}", "");
     for b in &lab.pods {

@@ -270,6 +270,7 @@ pub async fn run_with(
         .await
         .map_err(|e| on_etcd(e.into()))?;
     let feed_counters = feed.counters().clone();
+    let feed_health = feed.health();
     let feed_for_cni = feed.subscribe();
     let set = feed
         .current()
@@ -678,7 +679,14 @@ pub async fn run_with(
         // Ready once the datastore is synced (IPAM view loaded before this endpoint starts, peers derived
         // and applied) and BGP has converged (End-of-RIB from the Established peers, bounded wait). Not
         // tied to every peer being Established.
-        let reason = ready_rx.borrow().reason();
+        // And not ready while the configuration feed does not follow etcd (its watch is lost, or a re-list
+        // fails): the peers may then be stale, as the reflector reports too. It comes back by itself once
+        // the watch resumes (or the re-list succeeds).
+        let reason = ready_rx.borrow().reason().or_else(|| {
+            feed_health
+                .down()
+                .map(|why| format!("configuration feed not following etcd: {why}"))
+        });
         let gateway_netns = gateway_netns.clone();
         async move {
             // Read at every request (a few /proc reads on a blocking thread: the netns switch is per thread),

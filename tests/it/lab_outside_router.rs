@@ -9,8 +9,8 @@
 //!   <lab>-br: bridge br0 10.99.0.0/24 (its own router knows no pod route and not 10.97.0.0/24)
 //!     |-- <lab>-n1 10.99.0.11 ─┐
 //!     |-- <lab>-n2 10.99.0.12 ─┼─ iBGP mesh (AS 64512); each also eBGP to the router (global BGPPeer)
-//!     |-- <lab>-n3 10.99.0.13 ─┘   learn: 0.0.0.0/0 and 10.97.0.0/24 via 10.99.0.4 (proto 77)
-//!     `-- <lab>-rtr 10.99.0.4, BIRD AS 64567: every node's /26 and 10.96.0.0/12 in its table and kernel
+//!     |-- <lab>-n3 10.99.0.13 ─┘   learn: 0.0.0.0/0 and 10.97.0.0/24 via 10.99.0.10 (proto 77)
+//!     `-- <lab>-rtr 10.99.0.10, BIRD AS 64567: every node's /26 and 10.96.0.0/12 in its table and kernel
 //!            `-- eth1 10.97.0.1/24 ── <lab>-ext 10.97.0.2 (default via the router)
 //!   every node: nft table kubeproxy: 10.96.0.10 -> DNAT n2's pod (masquerade when from outside the pool)
 //! ```
@@ -83,8 +83,8 @@ fn outside_router_learns_blocks_and_services_and_reaches_pods() {
     for n in &nodes {
         let learned = sh(&format!("ip -n {n} route show proto 77"));
         assert!(
-            learned.contains("default via 10.99.0.4")
-                && learned.contains("10.97.0.0/24 via 10.99.0.4"),
+            learned.contains("default via 10.99.0.10")
+                && learned.contains("10.97.0.0/24 via 10.99.0.10"),
             "{n} did not learn the router's routes:\n{learned}"
         );
     }
@@ -97,7 +97,7 @@ fn outside_router_learns_blocks_and_services_and_reaches_pods() {
             !learned
                 .lines()
                 .any(|l| (l.starts_with("10.244.") || l.starts_with("10.96."))
-                    && l.contains("10.99.0.4")),
+                    && l.contains("10.99.0.10")),
             "{n} took a block or service route back from the router (a loop):\n{learned}"
         );
     }
@@ -105,7 +105,7 @@ fn outside_router_learns_blocks_and_services_and_reaches_pods() {
     let st = lab.status(&nodes[0]).expect("n1 status");
     let rtr_peer = st["peers"]
         .as_array()
-        .and_then(|ps| ps.iter().find(|p| p["address"] == "10.99.0.4"))
+        .and_then(|ps| ps.iter().find(|p| p["address"] == "10.99.0.10"))
         .unwrap_or_else(|| panic!("no router peer in {st}"));
     assert!(
         rtr_peer["prefixesReceived"].as_u64() > rtr_peer["prefixesAccepted"].as_u64(),

@@ -251,3 +251,58 @@ fn a_node_runs_in_process_on_given_listeners_until_shut_down() {
     );
     assert!(matches!(ended, Ok(Ok(()))), "{ended:?}");
 }
+
+/// /readyz follows the configuration feed: with the lab's etcd stopped the node's watch is lost, so the
+/// node is not ready (its peers may be stale) and says why, while its sessions stay up; with etcd back the
+/// watch resumes and the node is ready again, without a restart.
+///
+/// ```text
+///   netns <lab>-br: bridge 10.99.0.1     etcd 10.99.0.2 (stopped, then started again)
+///     n1 10.99.0.11 ◀──mesh──▶ n2 10.99.0.12
+///   etcd down ─▶ n1 /readyz 503 "configuration feed not following etcd: ...", mesh session Established
+///   etcd up   ─▶ n1 /readyz 200
+/// ```
+#[test]
+#[ignore = "needs root (network namespaces), etcd and iproute2: scripts/test.sh runs it (--include-ignored)"]
+fn readiness_goes_false_while_the_configuration_watch_is_lost_and_comes_back() {
+    const T: &str = "readiness_goes_false_while_the_configuration_watch_is_lost_and_comes_back";
+    if !common::lab::lab_prerequisites(T) {
+        return;
+    }
+    let lab = Lab::with("fdl", 2, 0, &[]);
+    let n1 = lab.node(0).to_string();
+    lab.wait_ready(&n1);
+    let (ok, out) = lab.margay_lab("etcd", &["stop"]);
+    assert!(ok, "etcd stop: {out}");
+    let mut last = None;
+    let unready = eventually(Duration::from_secs(30), || {
+        last = common::lab::http_get(&n1, "127.0.0.1:9190", "/readyz").ok();
+        last.as_ref().is_some_and(|(code, body)| {
+            *code == 503 && body.contains("configuration feed not following etcd")
+        })
+    });
+    assert!(
+        unready,
+        "{n1} /readyz with etcd stopped: {last:?}\n{}",
+        lab.node_logs(&n1)
+    );
+    let status = lab.status(&n1).expect("status with etcd down");
+    assert_eq!(status["ready"]["ready"], false, "{status}");
+    assert!(
+        status["peers"]
+            .as_array()
+            .is_some_and(|p| p.iter().all(|p| p["fsmState"] == "Established")),
+        "the mesh session must stay up while etcd is away: {status}"
+    );
+    let (ok, out) = lab.margay_lab("etcd", &["start"]);
+    assert!(ok, "etcd start: {out}");
+    let ready = eventually(Duration::from_secs(30), || {
+        last = common::lab::http_get(&n1, "127.0.0.1:9190", "/readyz").ok();
+        last.as_ref().is_some_and(|(code, _)| *code == 200)
+    });
+    assert!(
+        ready,
+        "{n1} /readyz after etcd came back: {last:?}\n{}",
+        lab.node_logs(&n1)
+    );
+}
