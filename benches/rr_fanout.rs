@@ -127,11 +127,10 @@ fn main() {
         let joins: Vec<f64> = all.iter().flat_map(|f| f.join.clone()).collect();
         let wdrs: Vec<f64> = all.iter().flat_map(|f| f.withdraw.clone()).collect();
         // A storm that did not finish counts as infinitely slow in the median.
-        let storm = med(
-            all.iter()
-                .map(|f| f.storm.unwrap_or(f64::INFINITY))
-                .collect(),
-        );
+        let storm = med(all
+            .iter()
+            .map(|f| f.storm.unwrap_or(f64::INFINITY))
+            .collect());
         println!(
             "{:<7} {:>13.3} {:>10.3} {:>8.1}ms {:>8.1}ms {:>8.1}ms {:>8.1}ms {:>9.3} {:>8.1} {:>7.2}",
             daemon,
@@ -428,7 +427,10 @@ impl Storm {
 enum Seen {
     Established,
     Full,
-    Probe { announced: bool, at: Instant },
+    Probe {
+        announced: bool,
+        at: Instant,
+    },
     /// After the storm began: every restarted block heard again and every block held.
     Back,
 }

@@ -13,8 +13,8 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 
 use crate::bgp::rib::{
-    NextHopMode, PeerGracefulRestart as RibGr, PeerId, PeerInfo, PeerLongLived, RibInput, RibOutput,
-    SharedWire,
+    NextHopMode, PeerGracefulRestart as RibGr, PeerId, PeerInfo, PeerLongLived, RibInput,
+    RibOutput, SharedWire,
 };
 use crate::bgp::wire::{encode_updates, encode_withdrawals, EncodeCtx, Family};
 
@@ -124,13 +124,16 @@ pub(crate) async fn write_rib_output(
                     nlri,
                     wire,
                 } => {
-                    let encode = |b: &mut BytesMut| encode_updates(&attrs, family, &nlri, &ctx, b).map(|_| ());
+                    let encode = |b: &mut BytesMut| {
+                        encode_updates(&attrs, family, &nlri, &ctx, b).map(|_| ())
+                    };
                     if let Err(e) = add(&wire, &ctx, encode, &mut buf, &mut pieces, &mut size) {
                         tracing::error!(%peer, error = %e, prefixes = nlri.len(), "cannot encode UPDATE; routes not sent");
                     }
                 }
                 RibOutput::Withdraw { family, nlri, wire } => {
-                    let encode = |b: &mut BytesMut| encode_withdrawals(family, &nlri, &ctx, b).map(|_| ());
+                    let encode =
+                        |b: &mut BytesMut| encode_withdrawals(family, &nlri, &ctx, b).map(|_| ());
                     if let Err(e) = add(&wire, &ctx, encode, &mut buf, &mut pieces, &mut size) {
                         tracing::error!(%peer, error = %e, "cannot encode withdrawal");
                     }
