@@ -655,6 +655,13 @@ async fn client(
                 if len - off < mlen {
                     break;
                 }
+                if buf[off + 18] == 3 && mlen >= 21 {
+                    return Err(format!(
+                        "client {i}: NOTIFICATION {}/{} from the reflector",
+                        buf[off + 19],
+                        buf[off + 20]
+                    ));
+                }
                 if buf[off + 18] == 2 {
                     let body = &buf[off + 19..off + mlen];
                     let wl = u16::from_be_bytes([body[0], body[1]]) as usize;
