@@ -12,18 +12,22 @@
 //!
 //! The simulator is one current-thread tokio runtime: each client is a task that reads into a buffer and
 //! only walks the NLRI bytes, so at N = 1,000 it uses a fraction of a core (the reflector gets the rest).
-//! Both reflectors are passive (BIRD `passive on`; margay makes Calico nodes with the higher address
-//! passive), so neither spends time on connection attempts. Peak RSS is the reflector's VmHWM, CPU its
-//! utime + stime from /proc. Needs root (network namespace), BIRD 2 for its row, a release build of margay.
+//! Every reflector is passive (BIRD `passive on`, GoBGP `passive-mode`; margay makes Calico nodes with the
+//! higher address passive), so none spends time on connection attempts. After the probe rounds comes a
+//! restart storm: every tenth client closes its session and reconnects at once; the clock runs until every
+//! client has heard each of those blocks announced again and holds every block. Peak RSS is the
+//! reflector's VmHWM, CPU its utime + stime from /proc, both over the whole run. Needs root (network
+//! namespace), BIRD 2 and GoBGP (`gobgpd`) for their rows, a release build of margay. Addressing allows up
+//! to 16,000 clients (client 16,380's block would be the probe's).
 //!
-//! Run: `cargo bench --bench rr_fanout -- [--clients N] [--rounds R] [--runs K] [--only bird,margay]`
+//! Run: `cargo bench --bench rr_fanout -- [--clients N] [--rounds R] [--runs K] [--only bird,gobgp,margay]`
 
 #![allow(clippy::unwrap_used)] // bench code: a panic is the failure report
 
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -51,6 +55,8 @@ struct Figures {
     full: f64,
     join: Vec<f64>,
     withdraw: Vec<f64>,
+    /// Restart storm: seconds until every route is back (None: not back within the time limit).
+    storm: Option<f64>,
     rss_kb: u64,
     cpu_s: f64,
 }
@@ -60,7 +66,7 @@ fn main() {
     let mut clients = 200usize;
     let mut rounds = 20usize;
     let mut runs = 1usize;
-    let mut only: Vec<String> = vec!["bird".into(), "margay".into()];
+    let mut only: Vec<String> = vec!["bird".into(), "gobgp".into(), "margay".into()];
     let mut i = 1;
     while i < args.len() {
         let next = |i: usize| args.get(i + 1).cloned().unwrap_or_default();
@@ -89,10 +95,12 @@ fn main() {
         eprintln!("rr_fanout bench: needs root (it creates a network namespace); skipped");
         return;
     }
-    assert!(clients <= 62_000, "--clients at most 62000");
+    assert!(clients <= 16_000, "--clients at most 16000");
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!("rr_fanout: {clients} iBGP clients x one /26, {rounds} probe rounds, {runs} run(s) per daemon; medians");
+    println!("load average at start: {}", load.trim());
     println!(
-        "{:<7} {:>13} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8} {:>7}",
+        "{:<7} {:>13} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>8} {:>7}",
         "daemon",
         "established s",
         "full s",
@@ -100,6 +108,7 @@ fn main() {
         "join p99",
         "wdr p50",
         "wdr p99",
+        "storm s",
         "RSS MB",
         "CPU s"
     );
@@ -117,8 +126,13 @@ fn main() {
         let med = |v: Vec<f64>| -> f64 { pct(v, 50.0) };
         let joins: Vec<f64> = all.iter().flat_map(|f| f.join.clone()).collect();
         let wdrs: Vec<f64> = all.iter().flat_map(|f| f.withdraw.clone()).collect();
+        // A storm that did not finish counts as infinitely slow in the median.
+        let storm = med(all
+            .iter()
+            .map(|f| f.storm.unwrap_or(f64::INFINITY))
+            .collect());
         println!(
-            "{:<7} {:>13.3} {:>10.3} {:>8.1}ms {:>8.1}ms {:>8.1}ms {:>8.1}ms {:>8.1} {:>7.2}",
+            "{:<7} {:>13.3} {:>10.3} {:>8.1}ms {:>8.1}ms {:>8.1}ms {:>8.1}ms {:>9.3} {:>8.1} {:>7.2}",
             daemon,
             med(all.iter().map(|f| f.established).collect()),
             med(all.iter().map(|f| f.full).collect()),
@@ -126,9 +140,23 @@ fn main() {
             pct(joins, 99.0) * 1e3,
             pct(wdrs.clone(), 50.0) * 1e3,
             pct(wdrs, 99.0) * 1e3,
+            storm,
             med(all.iter().map(|f| f.rss_kb as f64).collect()) / 1024.0,
             med(all.iter().map(|f| f.cpu_s).collect()),
         );
+        let per_run: Vec<String> = all
+            .iter()
+            .map(|f| {
+                format!(
+                    "full {:.2}s storm {} RSS {:.1}MB CPU {:.2}s",
+                    f.full,
+                    f.storm.map_or("-".into(), |s| format!("{s:.2}s")),
+                    f.rss_kb as f64 / 1024.0,
+                    f.cpu_s
+                )
+            })
+            .collect();
+        println!("        runs: {}", per_run.join("; "));
     }
 }
 
@@ -225,6 +253,40 @@ fn start(daemon: &str, ns: &str, d: &std::path::Path, clients: usize) -> Result<
                 .spawn()
                 .map_err(|e| format!("spawn bird: {e}"))
         }
+        "gobgp" => {
+            let mut conf = format!(
+                "[global.config]\n  as = {AS}\n  router-id = \"10.255.0.1\"\n  port = 179\n  \
+                 local-address-list = [\"127.0.0.1\"]\n"
+            );
+            for i in 0..n {
+                conf.push_str(&format!(
+                    "[[neighbors]]\n  [neighbors.config]\n    neighbor-address = \"{}\"\n    peer-as = {AS}\n  \
+                     [neighbors.transport.config]\n    passive-mode = true\n  \
+                     [neighbors.route-reflector.config]\n    route-reflector-client = true\n    \
+                     route-reflector-cluster-id = \"10.255.0.1\"\n  \
+                     [[neighbors.afi-safis]]\n    [neighbors.afi-safis.config]\n      afi-safi-name = \"ipv4-unicast\"\n",
+                    client_addr(i)
+                ));
+            }
+            let path = d.join("gobgpd.toml");
+            std::fs::write(&path, conf).map_err(|e| e.to_string())?;
+            Command::new("ip")
+                .args(["netns", "exec", ns, "gobgpd", "-f"])
+                .arg(&path)
+                .args([
+                    "-t",
+                    "toml",
+                    "-l",
+                    "warn",
+                    "--api-hosts",
+                    "127.0.0.1:50051",
+                    "--pprof-disable",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("spawn gobgpd: {e}"))
+        }
         "margay" => {
             // Calico's reflector layout: the reflector is a Node with a cluster id and a label, the clients
             // are Nodes, one BGPPeer peers the reflector with every client.
@@ -278,7 +340,7 @@ fn run_one(daemon: &str, clients: usize, rounds: usize) -> Result<Figures, Strin
     let _guard = Daemon(child);
     // The simulator runs inside the namespace: a thread of its own enters it and runs the runtime.
     let ns_path = format!("/var/run/netns/{}", ns.0);
-    let sim = std::thread::spawn(move || -> Result<(f64, f64, Vec<f64>, Vec<f64>), String> {
+    let sim = std::thread::spawn(move || -> Result<Sim, String> {
         let f = std::fs::File::open(&ns_path).map_err(|e| e.to_string())?;
         nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| e.to_string())?;
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -287,7 +349,13 @@ fn run_one(daemon: &str, clients: usize, rounds: usize) -> Result<Figures, Strin
             .map_err(|e| e.to_string())?;
         rt.block_on(simulate(clients, rounds))
     });
-    let (established, full, join, withdraw) = sim.join().map_err(|_| "simulator panicked")??;
+    let Sim {
+        established,
+        full,
+        join,
+        withdraw,
+        storm,
+    } = sim.join().map_err(|_| "simulator panicked")??;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let rss_kb = status
         .lines()
@@ -313,19 +381,61 @@ fn run_one(daemon: &str, clients: usize, rounds: usize) -> Result<Figures, Strin
         full,
         join,
         withdraw,
+        storm,
         rss_kb,
         cpu_s,
     })
+}
+
+/// What the simulator measured.
+struct Sim {
+    established: f64,
+    full: f64,
+    join: Vec<f64>,
+    withdraw: Vec<f64>,
+    storm: Option<f64>,
+}
+
+/// The restart storm as the clients see it: which clients restart, and whether it has begun.
+struct Storm {
+    begun: AtomicBool,
+    restarting: Vec<bool>,
+    /// One per client: told to drop its session and reconnect.
+    kick: Vec<tokio::sync::Notify>,
+}
+
+impl Storm {
+    fn new(clients: usize) -> Storm {
+        Storm {
+            begun: AtomicBool::new(false),
+            // Every tenth client: 10% of them, spread over the address range.
+            restarting: (0..clients).map(|i| i % 10 == 0).collect(),
+            kick: (0..clients).map(|_| tokio::sync::Notify::new()).collect(),
+        }
+    }
+
+    /// The blocks a client must hear announced again before its routes count as back.
+    fn blocks_for(&self, me: usize) -> HashSet<u32> {
+        (0..self.restarting.len())
+            .filter(|&i| self.restarting[i] && i != me)
+            .map(|i| u32::from_be_bytes(client_block(i)))
+            .collect()
+    }
 }
 
 /// What a client task reports.
 enum Seen {
     Established,
     Full,
-    Probe { announced: bool, at: Instant },
+    Probe {
+        announced: bool,
+        at: Instant,
+    },
+    /// After the storm began: every restarted block heard again and every block held.
+    Back,
 }
 
-async fn simulate(clients: usize, rounds: usize) -> Result<(f64, f64, Vec<f64>, Vec<f64>), String> {
+async fn simulate(clients: usize, rounds: usize) -> Result<Sim, String> {
     // Wait for the reflector to listen.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -341,12 +451,14 @@ async fn simulate(clients: usize, rounds: usize) -> Result<(f64, f64, Vec<f64>, 
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (tx, mut rx) = mpsc::unbounded_channel::<(usize, Seen)>();
     let failed = Arc::new(AtomicUsize::new(0));
+    let storm = Arc::new(Storm::new(clients));
     let t0 = Instant::now();
     for i in 0..clients {
         let tx = tx.clone();
         let failed = failed.clone();
+        let storm = storm.clone();
         tokio::spawn(async move {
-            if let Err(e) = client(i, clients, tx).await {
+            if let Err(e) = client(i, clients, tx, storm).await {
                 if failed.fetch_add(1, Ordering::Relaxed) < 3 {
                     eprintln!("client {i}: {e}");
                 }
@@ -415,7 +527,38 @@ async fn simulate(clients: usize, rounds: usize) -> Result<(f64, f64, Vec<f64>, 
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    Ok((t_est, t_full, join, withdraw))
+    // The restart storm: every tenth client drops its session and reconnects at once.
+    storm.begun.store(true, Ordering::SeqCst);
+    let t_storm = Instant::now();
+    for (i, k) in storm.kick.iter().enumerate() {
+        if storm.restarting[i] {
+            k.notify_one();
+        }
+    }
+    let mut back = 0usize;
+    let mut storm_s = None;
+    while back < clients {
+        match tokio::time::timeout(Duration::from_secs(120), rx.recv()).await {
+            Ok(Some((_, Seen::Back))) => {
+                back += 1;
+                if back == clients {
+                    storm_s = Some(t_storm.elapsed().as_secs_f64());
+                }
+            }
+            Ok(Some(_)) => {}
+            _ => {
+                eprintln!("restart storm: only {back} of {clients} clients got every route back");
+                break;
+            }
+        }
+    }
+    Ok(Sim {
+        established: t_est,
+        full: t_full,
+        join,
+        withdraw,
+        storm: storm_s,
+    })
 }
 
 /// Connect and exchange OPEN / KEEPALIVE, trying again while the reflector is not ready for this client
@@ -467,70 +610,106 @@ async fn client(
     i: usize,
     clients: usize,
     tx: mpsc::UnboundedSender<(usize, Seen)>,
+    storm: Arc<Storm>,
 ) -> Result<(), String> {
-    let mut s = connect_and_open(i).await?;
-    let _ = tx.send((i, Seen::Established));
-    let mut first = update(&[], Some((&client_block(i), client_nh(i))));
-    first.extend_from_slice(&update(&[], None)); // End-of-RIB
-    s.write_all(&first).await.map_err(|e| e.to_string())?;
     // Every other client's block, by index; our own does not come back.
     let mut have: HashSet<u32> = HashSet::with_capacity(clients);
     let mut full_sent = false;
+    // Restarted blocks not yet heard again since the storm began (None: no storm yet).
+    let mut awaited: Option<HashSet<u32>> = None;
+    let mut back_sent = false;
     let mut buf = vec![0u8; 1 << 16];
-    let mut len = 0usize;
-    loop {
-        if len == buf.len() {
-            buf.resize(buf.len() * 2, 0);
+    'session: loop {
+        let mut s = connect_and_open(i).await?;
+        if awaited.is_none() {
+            let _ = tx.send((i, Seen::Established));
         }
-        let r = s.read(&mut buf[len..]).await.map_err(|e| e.to_string())?;
-        if r == 0 {
-            return Err(format!("client {i}: reflector closed the session"));
-        }
-        len += r;
-        let mut off = 0;
-        while len - off >= 19 {
-            let mlen = u16::from_be_bytes([buf[off + 16], buf[off + 17]]) as usize;
-            if len - off < mlen {
-                break;
+        // A new session starts from nothing: the reflector sends the whole table again.
+        have.clear();
+        let mut first = update(&[], Some((&client_block(i), client_nh(i))));
+        first.extend_from_slice(&update(&[], None)); // End-of-RIB
+        s.write_all(&first).await.map_err(|e| e.to_string())?;
+        let mut len = 0usize;
+        loop {
+            if len == buf.len() {
+                buf.resize(buf.len() * 2, 0);
             }
-            if buf[off + 18] == 2 {
-                let body = &buf[off + 19..off + mlen];
-                let wl = u16::from_be_bytes([body[0], body[1]]) as usize;
-                for p in prefixes(&body[2..2 + wl]) {
-                    if p == PROBE_BLOCK {
-                        let _ = tx.send((
-                            i,
-                            Seen::Probe {
-                                announced: false,
-                                at: Instant::now(),
-                            },
-                        ));
-                    } else {
-                        have.remove(&u32::from_be_bytes(p));
+            let r = tokio::select! {
+                r = s.read(&mut buf[len..]) => r.map_err(|e| e.to_string())?,
+                _ = storm.kick[i].notified() => {
+                    // The restart: close (no NOTIFICATION, as a crashed node) and connect again.
+                    drop(s);
+                    continue 'session;
+                }
+            };
+            if r == 0 {
+                return Err(format!("client {i}: reflector closed the session"));
+            }
+            if awaited.is_none() && storm.begun.load(Ordering::SeqCst) {
+                awaited = Some(storm.blocks_for(i));
+            }
+            len += r;
+            let mut off = 0;
+            while len - off >= 19 {
+                let mlen = u16::from_be_bytes([buf[off + 16], buf[off + 17]]) as usize;
+                if len - off < mlen {
+                    break;
+                }
+                if buf[off + 18] == 3 && mlen >= 21 {
+                    return Err(format!(
+                        "client {i}: NOTIFICATION {}/{} from the reflector",
+                        buf[off + 19],
+                        buf[off + 20]
+                    ));
+                }
+                if buf[off + 18] == 2 {
+                    let body = &buf[off + 19..off + mlen];
+                    let wl = u16::from_be_bytes([body[0], body[1]]) as usize;
+                    for p in prefixes(&body[2..2 + wl]) {
+                        if p == PROBE_BLOCK {
+                            let _ = tx.send((
+                                i,
+                                Seen::Probe {
+                                    announced: false,
+                                    at: Instant::now(),
+                                },
+                            ));
+                        } else {
+                            have.remove(&u32::from_be_bytes(p));
+                        }
+                    }
+                    let al = u16::from_be_bytes([body[2 + wl], body[3 + wl]]) as usize;
+                    for p in prefixes(&body[4 + wl + al..]) {
+                        if p == PROBE_BLOCK {
+                            let _ = tx.send((
+                                i,
+                                Seen::Probe {
+                                    announced: true,
+                                    at: Instant::now(),
+                                },
+                            ));
+                        } else {
+                            let b = u32::from_be_bytes(p);
+                            have.insert(b);
+                            if let Some(a) = awaited.as_mut() {
+                                a.remove(&b);
+                            }
+                        }
                     }
                 }
-                let al = u16::from_be_bytes([body[2 + wl], body[3 + wl]]) as usize;
-                for p in prefixes(&body[4 + wl + al..]) {
-                    if p == PROBE_BLOCK {
-                        let _ = tx.send((
-                            i,
-                            Seen::Probe {
-                                announced: true,
-                                at: Instant::now(),
-                            },
-                        ));
-                    } else {
-                        have.insert(u32::from_be_bytes(p));
-                    }
-                }
+                off += mlen;
             }
-            off += mlen;
-        }
-        buf.copy_within(off..len, 0);
-        len -= off;
-        if !full_sent && have.len() + 1 >= clients {
-            full_sent = true;
-            let _ = tx.send((i, Seen::Full));
+            buf.copy_within(off..len, 0);
+            len -= off;
+            let is_full = have.len() + 1 >= clients;
+            if !full_sent && is_full {
+                full_sent = true;
+                let _ = tx.send((i, Seen::Full));
+            }
+            if !back_sent && is_full && awaited.as_ref().is_some_and(|a| a.is_empty()) {
+                back_sent = true;
+                let _ = tx.send((i, Seen::Back));
+            }
         }
     }
 }

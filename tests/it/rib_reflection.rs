@@ -330,7 +330,8 @@ fn full_table_to_a_new_peer_grouped_by_attributes_then_end_of_rib() {
             nlri: vec![margay::bgp::wire::Nlri {
                 prefix: net("10.100.0.0/24"),
                 path_id: 0
-            }]
+            }],
+            wire: margay::bgp::rib::SharedWire::none(),
         }]
     );
     // The derived Adj-RIB-Out agrees with what the peer was told.

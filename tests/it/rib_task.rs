@@ -80,6 +80,7 @@ async fn routes_flow_through_the_task() {
             family,
             attrs,
             nlri,
+            ..
         } => {
             assert_eq!(family, Family::IPV4_UNICAST);
             assert_eq!(nlri.len(), 300, "one group for one attribute set");

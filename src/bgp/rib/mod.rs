@@ -36,13 +36,14 @@ mod table;
 mod task;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use bytes::Bytes;
 use ipnetwork::IpNetwork;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::bgp::wire::{Family, Nlri, PathAttributes};
+use crate::bgp::wire::{EncodeCtx, Family, Nlri, PathAttributes};
 
 pub use self::core::Rib;
 pub use self::decision::DEFAULT_LOCAL_PREF;
@@ -302,14 +303,74 @@ pub enum RibOutput {
         family: Family,
         attrs: Arc<PathAttributes>,
         nlri: Vec<Nlri>,
+        /// The encoded UPDATEs, shared by every member of the update group that got this same message.
+        wire: SharedWire,
     },
     /// Withdraw `nlri`.
-    Withdraw { family: Family, nlri: Vec<Nlri> },
+    Withdraw {
+        family: Family,
+        nlri: Vec<Nlri>,
+        /// As for `Updates`.
+        wire: SharedWire,
+    },
     /// The initial table of `family` has been sent in full (RFC 4724 section 2).
     EndOfRib(Family),
     /// The peer sent more prefixes than its `max_prefixes`; the session should send NOTIFICATION Cease /
     /// Maximum Number of Prefixes Reached (RFC 4486 subcode 1) and close.
     MaxPrefixExceeded { limit: u32 },
+}
+
+/// The wire form of one [`RibOutput`], shared by the sessions that receive the same message from one RIB
+/// step (a route reflected to every client of an update group): the first session writer that needs it
+/// encodes it, every other one sends the same bytes (FRR's and GoBGP's update groups do the same). The
+/// bytes are kept with the encoding context they were made for; a member that negotiated differently
+/// (2-octet AS, ADD-PATH, extended messages) encodes its own. Not part of the message's value: `==`
+/// ignores it, and [`SharedWire::none`] is a message of one peer.
+#[derive(Clone, Default)]
+pub struct SharedWire(Option<Arc<OnceLock<(EncodeCtx, Bytes)>>>);
+
+impl SharedWire {
+    /// Not shared: the session encodes it for itself.
+    pub fn none() -> SharedWire {
+        SharedWire(None)
+    }
+
+    /// A slot for bytes that several sessions will send.
+    pub fn shared() -> SharedWire {
+        SharedWire(Some(Arc::new(OnceLock::new())))
+    }
+
+    pub fn is_shared(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// The bytes another member encoded under the same context, if any.
+    pub fn get(&self, ctx: &EncodeCtx) -> Option<Bytes> {
+        let (c, b) = self.0.as_ref()?.get()?;
+        (c == ctx).then(|| b.clone())
+    }
+
+    /// Offer bytes encoded under `ctx` to the other members (the first offer wins).
+    pub fn offer(&self, ctx: &EncodeCtx, bytes: &Bytes) {
+        if let Some(cell) = &self.0 {
+            // Already set by another member: theirs is kept, ours is sent by us alone.
+            let _ = cell.set((ctx.clone(), bytes.clone()));
+        }
+    }
+}
+
+impl PartialEq for SharedWire {
+    fn eq(&self, _: &SharedWire) -> bool {
+        true
+    }
+}
+
+impl Eq for SharedWire {}
+
+impl std::fmt::Debug for SharedWire {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.is_shared() { "shared" } else { "own" })
+    }
 }
 
 /// A change of the ECMP next-hop set of a prefix, for the FIB task. Only routes learned from peers appear:

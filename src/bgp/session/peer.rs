@@ -203,7 +203,10 @@ struct Conn {
 
 /// How many pre-encoded buffers may wait for the socket per connection.
 const DATA_QUEUE: usize = 8;
-const READ_CHUNK: usize = 256 * 1024;
+/// The read buffer of a connection: its size when quiet, and the most it grows to for a burst (a message
+/// longer than that, up to 65,535 bytes under RFC 8654, grows it just for that message).
+const READ_MIN: usize = 4 * 1024;
+const READ_MAX: usize = 256 * 1024;
 
 struct PeerTask {
     cfg: PeerConfig,
@@ -288,6 +291,9 @@ impl PeerTask {
         }
     }
 
+    /// The task's loop. The handlers are boxed where they are awaited: the task's own future stays a few
+    /// hundred bytes per peer instead of the size of its deepest handler (kilobytes, times thousands of
+    /// sessions on a reflector), and a handler's state exists only while it runs.
     async fn run(
         mut self,
         mut cmds: mpsc::Receiver<PeerCommand>,
@@ -313,7 +319,7 @@ impl PeerTask {
             }
             _ => {}
         }
-        self.feed(Event::ManualStart).await;
+        Box::pin(self.feed(Event::ManualStart)).await;
         let mut for_restart = false;
         loop {
             self.publish();
@@ -336,17 +342,17 @@ impl PeerTask {
                     break;
                 }
                 cmd = cmds.recv(), if can_take => match cmd {
-                    Some(c) => self.command(c, &in_tx).await,
+                    Some(c) => Box::pin(self.command(c, &in_tx)).await,
                     None => break,
                 },
-                Some(stream) = incoming.recv() => self.accepted(stream).await,
-                Some(msg) = self.internal_rx.recv() => self.internal(msg).await,
+                Some(stream) = incoming.recv() => Box::pin(self.accepted(stream)).await,
+                Some(msg) = self.internal_rx.recv() => Box::pin(self.internal(msg)).await,
                 _ = sleep_until_opt(next_timer), if next_timer.is_some() => {
                     // Messages that arrived while we were busy (e.g. waiting on a slow RIB) come first:
                     // a KEEPALIVE sitting in the queue must restart the hold timer, not lose to it.
                     for _ in 0..64 {
                         match self.internal_rx.try_recv() {
-                            Ok(msg) => self.internal(msg).await,
+                            Ok(msg) => Box::pin(self.internal(msg)).await,
                             Err(_) => break,
                         }
                     }
@@ -354,7 +360,7 @@ impl PeerTask {
                     for (i, ev) in TIMER_EVENTS.iter().enumerate() {
                         if self.timers[i].is_some_and(|t| t <= now) {
                             self.timers[i] = None;
-                            self.feed(ev.clone()).await;
+                            Box::pin(self.feed(ev.clone())).await;
                         }
                     }
                 }
@@ -369,7 +375,7 @@ impl PeerTask {
             }
         } else {
             // Clean stop: Cease to the peer, Down to the RIB.
-            self.feed(Event::ManualStop).await;
+            Box::pin(self.feed(Event::ManualStop)).await;
         }
         self.publish();
         if let Some(l) = &self.listener {
@@ -1012,19 +1018,38 @@ async fn connect(cfg: &PeerConfig) -> io::Result<TcpStream> {
     sock.connect(dest).await
 }
 
-/// Read large chunks, split them into whole messages, pass each chunk's messages on as one batch.
+/// Read what the socket has, split it into whole messages, pass each read's messages on as one batch.
+///
+/// The read buffer starts small ([`READ_MIN`]) and doubles, up to [`READ_MAX`] (or the length of a message
+/// that does not fit), only while reads keep filling it: a table dump arrives in large reads, a quiet session
+/// holds one small buffer. Once a burst is over and the buffer is empty it shrinks back. The messages of a
+/// read are copied out into one allocation of their own, so a frame the RIB still holds never pins the read
+/// buffer (a thousand idle sessions hold a thousand small buffers, not a thousand 256 KiB chunks).
 async fn reader(
     id: ConnId,
     mut rd: OwnedReadHalf,
     extended: Arc<AtomicBool>,
     tx: mpsc::Sender<Internal>,
 ) {
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut buf: Vec<u8> = vec![0; READ_MIN];
+    let mut len = 0usize;
     loop {
-        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-            buf.reserve(READ_CHUNK);
+        if len == buf.len() {
+            // Full: a burst (or one message longer than the buffer). Grow, up to the larger of the cap and
+            // the message at the front.
+            let need = DecodeCtx {
+                extended_message: extended.load(Ordering::Relaxed),
+                ..Default::default()
+            }
+            .peek_len(&buf[..len])
+            .ok()
+            .flatten()
+            .unwrap_or(0);
+            // Never a zero-length read (it would look like the peer closing): always some room.
+            let grown = (buf.len() * 2).min(READ_MAX).max(need).max(len + READ_MIN);
+            buf.resize(grown, 0);
         }
-        match rd.read_buf(&mut buf).await {
+        let r = match rd.read(&mut buf[len..]).await {
             Ok(0) => {
                 // Reader to its peer task: a closed channel means the task (and its interest) is gone.
                 let _ = tx
@@ -1032,33 +1057,58 @@ async fn reader(
                     .await;
                 return;
             }
-            Ok(_) => {}
+            Ok(r) => r,
             Err(e) => {
                 // As above: no peer task, nobody to tell.
                 let _ = tx.send(Internal::Closed(id, sockopt::io_text(&e))).await;
                 return;
             }
-        }
-        let mut frames = Vec::new();
+        };
+        len += r;
         // The negotiated maximum, not the largest any session may use: a header announcing more than this
         // session allows is a Bad Message Length now, not after waiting for a body that may never come.
         let ctx = DecodeCtx {
             extended_message: extended.load(Ordering::Relaxed),
             ..Default::default()
         };
+        let mut ends = Vec::new();
+        let mut off = 0usize;
+        let mut error = None;
         loop {
-            match ctx.peek_len(&buf) {
-                Ok(Some(len)) if buf.len() >= len => frames.push(buf.split_to(len).freeze()),
+            match ctx.peek_len(&buf[off..len]) {
+                Ok(Some(l)) if len - off >= l => {
+                    off += l;
+                    ends.push(off);
+                }
                 Ok(_) => break,
                 Err(e) => {
-                    // As above: no peer task, nobody to tell (both sends).
-                    if !frames.is_empty() {
-                        let _ = tx.send(Internal::Frames(id, frames)).await;
-                    }
-                    let _ = tx.send(Internal::HeaderError(id, e)).await;
-                    return;
+                    error = Some(e);
+                    break;
                 }
             }
+        }
+        let mut frames = Vec::with_capacity(ends.len());
+        if off > 0 {
+            let whole = Bytes::copy_from_slice(&buf[..off]);
+            let mut start = 0;
+            for end in ends {
+                frames.push(whole.slice(start..end));
+                start = end;
+            }
+            buf.copy_within(off..len, 0);
+            len -= off;
+        }
+        if len == 0 && buf.len() > READ_MIN && r < buf.len() / 4 {
+            // The burst is over: give the large buffer back.
+            buf = vec![0; READ_MIN];
+        }
+        if let Some(e) = error {
+            // As above: no peer task, nobody to tell (both sends).
+            if !frames.is_empty() {
+                let _ = tx.send(Internal::Frames(id, frames)).await;
+            }
+            let _ = tx.send(Internal::HeaderError(id, e)).await;
+            return;
         }
         if !frames.is_empty() && tx.send(Internal::Frames(id, frames)).await.is_err() {
             return;

@@ -9,11 +9,12 @@
 use std::net::{IpAddr, Ipv6Addr};
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 
 use crate::bgp::rib::{
-    NextHopMode, PeerGracefulRestart as RibGr, PeerId, PeerInfo, PeerLongLived, RibInput, RibOutput,
+    NextHopMode, PeerGracefulRestart as RibGr, PeerId, PeerInfo, PeerLongLived, RibInput,
+    RibOutput, SharedWire,
 };
 use crate::bgp::wire::{encode_updates, encode_withdrawals, EncodeCtx, Family};
 
@@ -91,7 +92,14 @@ pub fn peer_info(cfg: &PeerConfig, role: &RibRole, n: &Negotiated) -> PeerInfo {
     }
 }
 
-/// Encode the RIB's output for one session into large pre-encoded batches for the peer task.
+/// Most bytes one batch of encoded UPDATEs holds before it goes to the peer task. Small on purpose: the
+/// encoder must not run ahead of the socket (the kernel's send buffer is the queue), so a table dump
+/// costs a session about this much while it drains, not the encoded table.
+const BATCH: usize = 16 * 1024;
+
+/// Encode the RIB's output for one session into batches of pre-encoded UPDATEs for the peer task.
+/// Messages the RIB marked as shared by an update group are encoded by the first member and sent as the
+/// same bytes by the others.
 pub(crate) async fn write_rib_output(
     peer: IpAddr,
     session: SessionId,
@@ -99,10 +107,12 @@ pub(crate) async fn write_rib_output(
     mut rx: mpsc::Receiver<RibOutput>,
     cmds: mpsc::Sender<PeerCommand>,
 ) {
-    const BATCH: usize = 1 << 20;
-    // Grown as needed and handed over whole: a buffer reserved up front would be touched page by page as
-    // batches are split off it, about 1 MiB resident per session on a reflector with a thousand clients.
+    // Grown as needed and handed over whole: a buffer reserved up front would stay resident per session.
     let mut buf = BytesMut::new();
+    // The batch so far, in order: this session's own encoding (split off `buf`) and shared pieces;
+    // `size` counts the bytes in `pieces`.
+    let mut pieces: Vec<Bytes> = Vec::new();
+    let mut size = 0usize;
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
         let mut eors: Vec<Family> = Vec::new();
@@ -112,13 +122,19 @@ pub(crate) async fn write_rib_output(
                     family,
                     attrs,
                     nlri,
+                    wire,
                 } => {
-                    if let Err(e) = encode_updates(&attrs, family, &nlri, &ctx, &mut buf) {
+                    let encode = |b: &mut BytesMut| {
+                        encode_updates(&attrs, family, &nlri, &ctx, b).map(|_| ())
+                    };
+                    if let Err(e) = add(&wire, &ctx, encode, &mut buf, &mut pieces, &mut size) {
                         tracing::error!(%peer, error = %e, prefixes = nlri.len(), "cannot encode UPDATE; routes not sent");
                     }
                 }
-                RibOutput::Withdraw { family, nlri } => {
-                    if let Err(e) = encode_withdrawals(family, &nlri, &ctx, &mut buf) {
+                RibOutput::Withdraw { family, nlri, wire } => {
+                    let encode =
+                        |b: &mut BytesMut| encode_withdrawals(family, &nlri, &ctx, b).map(|_| ());
+                    if let Err(e) = add(&wire, &ctx, encode, &mut buf, &mut pieces, &mut size) {
                         tracing::error!(%peer, error = %e, "cannot encode withdrawal");
                     }
                 }
@@ -130,13 +146,29 @@ pub(crate) async fn write_rib_output(
                     return;
                 }
             }
-            if buf.len() >= BATCH || !eors.is_empty() {
+            if size + buf.len() >= BATCH || !eors.is_empty() {
                 break;
             }
             next = rx.try_recv().ok();
         }
         if !buf.is_empty() {
-            let bytes = buf.split().freeze();
+            size += buf.len();
+            pieces.push(buf.split().freeze());
+        }
+        let bytes = match pieces.len() {
+            0 => None,
+            // One piece (a shared UPDATE alone, the usual fan-out case): sent as it is, not copied.
+            1 => pieces.pop(),
+            _ => {
+                let mut all = BytesMut::with_capacity(size);
+                for p in pieces.drain(..) {
+                    all.extend_from_slice(&p);
+                }
+                Some(all.freeze())
+            }
+        };
+        size = 0;
+        if let Some(bytes) = bytes {
             if cmds
                 .send(PeerCommand::SendUpdates { session, bytes })
                 .await
@@ -155,4 +187,36 @@ pub(crate) async fn write_rib_output(
             }
         }
     }
+}
+
+/// Add one message to the batch: the shared bytes when another member has encoded it under our
+/// context, else our own encoding (offered to the other members when the message is shared).
+fn add<E>(
+    wire: &SharedWire,
+    ctx: &EncodeCtx,
+    encode: impl FnOnce(&mut BytesMut) -> Result<(), E>,
+    buf: &mut BytesMut,
+    pieces: &mut Vec<Bytes>,
+    size: &mut usize,
+) -> Result<(), E> {
+    if !wire.is_shared() {
+        return encode(buf);
+    }
+    let bytes = match wire.get(ctx) {
+        Some(b) => b,
+        None => {
+            let mut own = BytesMut::new();
+            encode(&mut own)?;
+            let b = own.freeze();
+            wire.offer(ctx, &b);
+            b
+        }
+    };
+    if !buf.is_empty() {
+        *size += buf.len();
+        pieces.push(buf.split().freeze());
+    }
+    *size += bytes.len();
+    pieces.push(bytes);
+    Ok(())
 }

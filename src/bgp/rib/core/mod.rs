@@ -19,7 +19,7 @@ use super::table::{
 };
 use super::{
     family_of, FibEvent, NextHopMode, PathSource, PathView, PeerCounters, PeerId, PeerInfo, Policy,
-    Query, RibConfig, RibInput, RibOutput, RibSummary, RouteView,
+    Query, RibConfig, RibInput, RibOutput, RibSummary, RouteView, SharedWire,
 };
 use crate::bgp::wire::{
     AsPath, AsSegment, Family, Nlri, Origin, PathAttributes, LLGR_STALE, NO_LLGR,
@@ -445,6 +445,7 @@ impl Rib {
                                     family,
                                     attrs: a.clone(),
                                     nlri: Vec::new(),
+                                    wire: SharedWire::none(),
                                 });
                                 msgs.len() - 1
                             });
@@ -457,6 +458,7 @@ impl Rib {
                                 msgs.push(RibOutput::Withdraw {
                                     family,
                                     nlri: Vec::new(),
+                                    wire: SharedWire::none(),
                                 });
                                 msgs.len() - 1
                             });

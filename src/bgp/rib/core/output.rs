@@ -419,6 +419,7 @@ impl State {
                 family: g.0,
                 attrs: g.1.clone(),
                 nlri,
+                wire: SharedWire::none(),
             };
             self.send(t, msg);
         }
@@ -439,7 +440,14 @@ impl State {
         w.push(Nlri { prefix, path_id });
         if w.len() >= max {
             let nlri = std::mem::take(w);
-            self.send(t, RibOutput::Withdraw { family, nlri });
+            self.send(
+                t,
+                RibOutput::Withdraw {
+                    family,
+                    nlri,
+                    wire: SharedWire::none(),
+                },
+            );
         }
     }
 
@@ -473,33 +481,74 @@ impl State {
         }
     }
 
+    /// Hand every peer what this step queued for it. Messages that several peers get unchanged (the same
+    /// attribute set and prefixes: a route reflected to a whole update group) carry one [`SharedWire`],
+    /// so the UPDATE is encoded once for all of them.
+    pub(super) fn flush_all(&mut self) {
+        let mut shared = WireShare {
+            enabled: true,
+            ..Default::default()
+        };
+        for t in 0..self.slots.len() as u16 {
+            if !self.slots[t as usize].pending.is_empty() {
+                self.flush_into(t, &mut shared);
+            }
+        }
+    }
+
+    /// Hand one peer what is queued for it (a table dump or a route refresh: nobody else gets the same).
     pub(super) fn flush(&mut self, t: u16) {
+        self.flush_into(t, &mut WireShare::default());
+    }
+
+    fn flush_into(&mut self, t: u16, shared: &mut WireShare) {
         let p = std::mem::take(&mut self.slots[t as usize].pending);
         for (family, nlri) in p.withdrawn {
             if !nlri.is_empty() {
-                self.send(t, RibOutput::Withdraw { family, nlri });
+                let wire = shared.wire(family, 0, &nlri);
+                self.send(t, RibOutput::Withdraw { family, nlri, wire });
             }
         }
         for (family, attrs, nlri) in p.groups {
             if !nlri.is_empty() {
+                let wire = shared.wire(family, Arc::as_ptr(&attrs) as usize, &nlri);
                 self.send(
                     t,
                     RibOutput::Updates {
                         family,
                         attrs,
                         nlri,
+                        wire,
                     },
                 );
             }
         }
     }
+}
 
-    pub(super) fn flush_all(&mut self) {
-        for t in 0..self.slots.len() as u16 {
-            if !self.slots[t as usize].pending.is_empty() {
-                self.flush(t);
-            }
+/// The messages of one flush, by content, so equal messages to different peers share their encoding.
+/// Only small messages are compared (a route or a few changing, the fan-out case); a table dump goes
+/// to one peer at a time and is not worth hashing.
+#[derive(Default)]
+struct WireShare {
+    enabled: bool,
+    seen: HashMap<(Family, usize, Vec<Nlri>), SharedWire>,
+}
+
+impl WireShare {
+    /// Most prefixes in a message that is looked up for sharing.
+    const MAX_PREFIXES: usize = 64;
+
+    /// `attrs`: the interned attribute set's address (0 for a withdrawal); interning makes equal sets
+    /// the same allocation.
+    fn wire(&mut self, family: Family, attrs: usize, nlri: &[Nlri]) -> SharedWire {
+        if !self.enabled || nlri.len() > Self::MAX_PREFIXES {
+            return SharedWire::none();
         }
+        self.seen
+            .entry((family, attrs, nlri.to_vec()))
+            .or_insert_with(SharedWire::shared)
+            .clone()
     }
 }
 
