@@ -213,10 +213,10 @@ fn bfd_multihop_with_bird_across_a_router() {
     }
     const FAR_PEER: &str = "10.99.1.200";
     const ROUTER: &str = "10.99.0.1";
-    let lab = Lab::with("bfdm", 1, 0, &["--subnets", "2"]);
+    let lab = Lab::with("bfdh", 1, 0, &["--subnets", "2"]);
     let node = lab.node(0).to_string();
     let node_ip = lab.nodes[0].1.to_string();
-    let ns = unique("bfdmp");
+    let ns = unique("bfdhp");
     let _g = Netns::new(&[&ns]);
     let br = format!("{}-br", lab.name);
     let port = unique("bp");
