@@ -47,26 +47,6 @@ spec:
     apply_file(state, etcd_ns, "outside-router.yaml", &doc)
 }
 
-/// `margay apply -f <state>/<file>` inside the etcd namespace (the file stays for the operator to read).
-pub(super) fn apply_file(state: &Path, etcd_ns: &str, file: &str, doc: &str) -> anyhow::Result<()> {
-    let file = state.join(file);
-    std::fs::write(&file, doc).with_context(|| format!("writing {}", file.display()))?;
-    let margay = std::env::current_exe()?.to_string_lossy().to_string();
-    let client = format!("http://{ETCD_IP}:2379");
-    let file_s = file.to_string_lossy().to_string();
-    let out = ns_exec(
-        etcd_ns,
-        &[&margay, "apply", "-f", &file_s, "--etcd-endpoints", &client],
-    )?;
-    if !out.status.success() {
-        bail!(
-            "margay apply -f {file_s}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
 /// BIRD's configuration: one eBGP session per node; everything learned goes to the kernel (ECMP); the
 /// nodes get everything the router has, as a ToR sends it: its default route and outside segment, and the
 /// other nodes' blocks and the service CIDRs back with AS path `64567 64512`, which the nodes must refuse

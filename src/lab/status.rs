@@ -7,24 +7,29 @@ use super::*;
 pub(super) fn ping_matrix(pods: &[LabPod]) -> BTreeMap<(String, String), bool> {
     let mut children = Vec::new();
     for a in pods {
-        for b in pods {
-            if a.name == b.name {
-                continue;
-            }
-            let Some(dst) = b.ip else {
-                children.push(((a.name.clone(), b.name.clone()), None));
-                continue;
-            };
-            let c = Command::new("ip")
-                .args(["netns", "exec", &a.name, "ping", "-c", "1", "-W", "1", "-q"])
-                .arg(dst.to_string())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .ok();
-            children.push(((a.name.clone(), b.name.clone()), c));
+        for b in pods.iter().filter(|b| b.name != a.name) {
+            children.push(((a.name.clone(), b.name.clone()), ping_once(a, b)));
         }
     }
+    collect_pings(children)
+}
+
+/// One ping from pod `a` to pod `b`, started and not waited for (None: `b` has no address, or no ping).
+fn ping_once(a: &LabPod, b: &LabPod) -> Option<std::process::Child> {
+    let dst = b.ip?;
+    Command::new("ip")
+        .args(["netns", "exec", &a.name, "ping", "-c", "1", "-W", "1", "-q"])
+        .arg(dst.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()
+}
+
+/// Wait for every ping started by [`ping_once`]: (from, to) -> answered.
+fn collect_pings(
+    children: Vec<((String, String), Option<std::process::Child>)>,
+) -> BTreeMap<(String, String), bool> {
     children
         .into_iter()
         .map(|(k, c)| {
@@ -52,27 +57,9 @@ pub(super) fn reach(pods: &[LabPod]) -> BTreeMap<(String, String), bool> {
             .map(|d| &pods[(i + d) % pods.len()])
             .find(|b| b.node != a.node)
             .unwrap_or(&pods[(i + 1) % pods.len()]);
-        let c = b.ip.and_then(|dst| {
-            Command::new("ip")
-                .args(["netns", "exec", &a.name, "ping", "-c", "1", "-W", "1", "-q"])
-                .arg(dst.to_string())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .ok()
-        });
-        children.push(((a.name.clone(), b.name.clone()), c));
+        children.push(((a.name.clone(), b.name.clone()), ping_once(a, b)));
     }
-    children
-        .into_iter()
-        .map(|(k, c)| {
-            let ok = c
-                .and_then(|mut c| c.wait().ok())
-                .map(|s| s.success())
-                .unwrap_or(false);
-            (k, ok)
-        })
-        .collect()
+    collect_pings(children)
 }
 
 /// Print the lab; true when every pod reaches every other pod.

@@ -739,6 +739,26 @@ pub(super) fn start_etcd(state: &Path, etcd_ns: &str) -> anyhow::Result<()> {
     })
 }
 
+/// `margay apply -f <state>/<file>` inside the etcd namespace (the file stays for the operator to read).
+pub(super) fn apply_file(state: &Path, etcd_ns: &str, file: &str, doc: &str) -> anyhow::Result<()> {
+    let file = state.join(file);
+    std::fs::write(&file, doc).with_context(|| format!("writing {}", file.display()))?;
+    let margay = std::env::current_exe()?.to_string_lossy().to_string();
+    let client = format!("http://{ETCD_IP}:2379");
+    let file_s = file.to_string_lossy().to_string();
+    let out = ns_exec(
+        etcd_ns,
+        &[&margay, "apply", "-f", &file_s, "--etcd-endpoints", &client],
+    )?;
+    if !out.status.success() {
+        bail!(
+            "margay apply -f {file_s}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 /// The Calico resources of a reflector topology (Calico's confd peering rules), applied with `margay apply` as an operator
 /// would (the file stays in the state directory): the mesh off, the reflector's Node with its cluster id and
 /// label, and one BGPPeer that makes every node peer with every labelled Node.
@@ -759,22 +779,7 @@ spec:
   nodeSelector: all()
 "
     );
-    let file = state.join("pool.yaml");
-    std::fs::write(&file, doc).with_context(|| format!("writing {}", file.display()))?;
-    let margay = std::env::current_exe()?.to_string_lossy().to_string();
-    let client = format!("http://{ETCD_IP}:2379");
-    let file_s = file.to_string_lossy().to_string();
-    let out = ns_exec(
-        etcd_ns,
-        &[&margay, "apply", "-f", &file_s, "--etcd-endpoints", &client],
-    )?;
-    if !out.status.success() {
-        bail!(
-            "margay apply -f {file_s}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    apply_file(state, etcd_ns, "pool.yaml", &doc)
 }
 
 pub(super) fn write_reflector_resources(
@@ -823,22 +828,7 @@ spec:
   peerSelector: has({RR_LABEL})
 "
     ));
-    let file = state.join("reflector-resources.yaml");
-    std::fs::write(&file, doc).with_context(|| format!("writing {}", file.display()))?;
-    let margay = std::env::current_exe()?.to_string_lossy().to_string();
-    let client = format!("http://{ETCD_IP}:2379");
-    let file_s = file.to_string_lossy().to_string();
-    let out = ns_exec(
-        etcd_ns,
-        &[&margay, "apply", "-f", &file_s, "--etcd-endpoints", &client],
-    )?;
-    if !out.status.success() {
-        bail!(
-            "margay apply -f {file_s}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    apply_file(state, etcd_ns, "reflector-resources.yaml", &doc)
 }
 
 /// Start `margay reflector` in its namespace against the lab's etcd.

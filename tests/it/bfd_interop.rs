@@ -143,6 +143,52 @@ fn cut_and_expect_withdrawal(
     took
 }
 
+/// BIRD 2 as the peer at `local` (AS 65001, announcing ROUTE) of the margay node at `node_ip`, BFD at
+/// 100 ms x 3: single hop (`interface "*"`) or multihop (RFC 5883: BIRD's `multihop` block and a
+/// multihop BGP session).
+fn bird_bfd_conf(local: &str, node_ip: &str, multihop: bool) -> String {
+    let (bfd_block, bgp_multihop) = if multihop {
+        ("multihop", "  multihop;\n")
+    } else {
+        ("interface \"*\"", "")
+    };
+    format!(
+        r#"router id {local};
+protocol device {{ }}
+protocol bfd {{
+  {bfd_block} {{ min rx interval 100 ms; min tx interval 100 ms; idle tx interval 1 s; multiplier 3; }};
+}}
+protocol static {{ ipv4; route {ROUTE} unreachable; }}
+protocol bgp margay {{
+  local {local} as 65001;
+  neighbor {node_ip} as 64512;
+{bgp_multihop}  hold time 240;
+  connect retry time 2;
+  error wait time 1, 5;
+  bfd on;
+  ipv4 {{ import all; export all; }};
+}}
+"#
+    )
+}
+
+/// BIRD's side: its BFD session to the node Up and its BGP session Established.
+fn bird_sees_margay_up(bird: &Bird, node_ip: &str) -> bool {
+    bird.birdc("show bfd sessions")
+        .lines()
+        .any(|l| l.contains(node_ip) && l.contains("Up"))
+        && bird.birdc("show protocols margay").contains("Established")
+}
+
+fn bird_diag(bird: &Bird) -> String {
+    format!(
+        "{}\n{}\n{}",
+        bird.birdc("show bfd sessions"),
+        bird.birdc("show protocols all margay"),
+        bird.log()
+    )
+}
+
 #[test]
 #[ignore = "needs root, network namespaces, etcd and BIRD 2: scripts/test.sh runs it (--include-ignored)"]
 fn bfd_with_bird_withdraws_at_once_on_link_cut_and_recovers() {
@@ -154,40 +200,11 @@ fn bfd_with_bird_withdraws_at_once_on_link_cut_and_recovers() {
     let node = lab.node(0).to_string();
     let node_ip = lab.nodes[0].1.to_string();
     let (_g, ns) = peer_namespace(&lab, "bfdbp");
-    let conf = format!(
-        r#"router id {PEER_IP};
-protocol device {{ }}
-protocol bfd {{
-  interface "*" {{ min rx interval 100 ms; min tx interval 100 ms; idle tx interval 1 s; multiplier 3; }};
-}}
-protocol static {{ ipv4; route {ROUTE} unreachable; }}
-protocol bgp margay {{
-  local {PEER_IP} as 65001;
-  neighbor {node_ip} as 64512;
-  hold time 240;
-  connect retry time 2;
-  error wait time 1, 5;
-  bfd on;
-  ipv4 {{ import all; export all; }};
-}}
-"#
-    );
+    let conf = bird_bfd_conf(PEER_IP, &node_ip, false);
     let bird = Bird::start(&ns, &conf);
     tor_peer(&lab, 65001);
-    let bird_up = || {
-        bird.birdc("show bfd sessions")
-            .lines()
-            .any(|l| l.contains(&node_ip) && l.contains("Up"))
-            && bird.birdc("show protocols margay").contains("Established")
-    };
-    let diag = || {
-        format!(
-            "{}\n{}\n{}",
-            bird.birdc("show bfd sessions"),
-            bird.birdc("show protocols all margay"),
-            bird.log()
-        )
-    };
+    let bird_up = || bird_sees_margay_up(&bird, &node_ip);
+    let diag = || bird_diag(&bird);
     assert_all_up(&lab, &node, PEER_IP, (ROUTE, PEER_IP), &bird_up, &diag);
     // The negotiated figures: max(100 ms, 100 ms), 3 x 100 ms.
     let st = lab.status(&node).unwrap_or(Value::Null);
@@ -227,25 +244,7 @@ fn bfd_multihop_with_bird_across_a_router() {
     sh(&format!("ip -n {ns} addr add {FAR_PEER}/24 dev eth0"));
     sh(&format!("ip -n {ns} link set eth0 up"));
     sh(&format!("ip -n {ns} route add default via 10.99.1.1"));
-    let conf = format!(
-        r#"router id {FAR_PEER};
-protocol device {{ }}
-protocol bfd {{
-  multihop {{ min rx interval 100 ms; min tx interval 100 ms; idle tx interval 1 s; multiplier 3; }};
-}}
-protocol static {{ ipv4; route {ROUTE} unreachable; }}
-protocol bgp margay {{
-  local {FAR_PEER} as 65001;
-  neighbor {node_ip} as 64512;
-  multihop;
-  hold time 240;
-  connect retry time 2;
-  error wait time 1, 5;
-  bfd on;
-  ipv4 {{ import all; export all; }};
-}}
-"#
-    );
+    let conf = bird_bfd_conf(FAR_PEER, &node_ip, true);
     let bird = Bird::start(&ns, &conf);
     put(
         &lab,
@@ -255,20 +254,8 @@ protocol bgp margay {{
             r#"{{"apiVersion":"projectcalico.org/v3","kind":"BGPPeer","metadata":{{"name":"far","annotations":{{"margay.io/bfd":"true","margay.io/bfd-multihop":"true","margay.io/bfd-min-rx":"100ms","margay.io/bfd-min-tx":"100ms","margay.io/bfd-multiplier":"3"}}}},"spec":{{"peerIP":"{FAR_PEER}","asNumber":65001}}}}"#
         ),
     );
-    let bird_up = || {
-        bird.birdc("show bfd sessions")
-            .lines()
-            .any(|l| l.contains(&node_ip) && l.contains("Up"))
-            && bird.birdc("show protocols margay").contains("Established")
-    };
-    let diag = || {
-        format!(
-            "{}\n{}\n{}",
-            bird.birdc("show bfd sessions"),
-            bird.birdc("show protocols all margay"),
-            bird.log()
-        )
-    };
+    let bird_up = || bird_sees_margay_up(&bird, &node_ip);
+    let diag = || bird_diag(&bird);
     assert_all_up(&lab, &node, FAR_PEER, (ROUTE, ROUTER), &bird_up, &diag);
     let st = lab.status(&node).unwrap_or(Value::Null);
     let b = bfd_of(&st, FAR_PEER);
