@@ -116,32 +116,19 @@ pub(super) fn status(args: &LabArgs) -> anyhow::Result<bool> {
             "== route reflector {rr} ({}, cluster id {CLUSTER_ID}; margay status)",
             reflector_ip(k)
         );
-        match ns_exec(rr, &[&margay_s, "status", "--endpoint", RR_HTTP]) {
-            Ok(o) if o.status.success() => print!("{}", String::from_utf8_lossy(&o.stdout)),
-            Ok(o) => println!(
-                "  unavailable: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            ),
-            Err(e) => println!("  unavailable: {e}"),
-        }
+        print_output(ns_exec(rr, &[&margay_s, "status", "--endpoint", RR_HTTP]));
         println!();
     }
     if let Some(rtr) = &lab.router {
         println!("== outside router {rtr} ({ROUTER_IP}, AS {ROUTER_AS}; birdc show route)");
         let ctl = router_ctl(&args.state(), &args.name);
-        match Command::new("birdc")
-            .arg("-s")
-            .arg(&ctl)
-            .args(["show", "route"])
-            .output()
-        {
-            Ok(o) if o.status.success() => print!("{}", String::from_utf8_lossy(&o.stdout)),
-            Ok(o) => println!(
-                "  unavailable: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            ),
-            Err(e) => println!("  unavailable: {e}"),
-        }
+        print_output(
+            Command::new("birdc")
+                .arg("-s")
+                .arg(&ctl)
+                .args(["show", "route"])
+                .output(),
+        );
         println!();
     }
     // A big lab's peer tables (N x N lines in a mesh) would bury the rest: the table above counts them.
@@ -151,14 +138,7 @@ pub(super) fn status(args: &LabArgs) -> anyhow::Result<bool> {
         lab.nodes.len()
     }) {
         println!("== BGP peers of {} (margay status)", n.name);
-        match ns_exec(&n.name, &[&margay_s, "status"]) {
-            Ok(o) if o.status.success() => print!("{}", String::from_utf8_lossy(&o.stdout)),
-            Ok(o) => println!(
-                "  unavailable: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            ),
-            Err(e) => println!("  unavailable: {e}"),
-        }
+        print_output(ns_exec(&n.name, &[&margay_s, "status"]));
         println!();
     }
     if let Some(n) = lab.nodes.first() {
@@ -243,4 +223,16 @@ pub(super) fn status(args: &LabArgs) -> anyhow::Result<bool> {
         matrix.len()
     );
     Ok(failed == 0)
+}
+
+/// A command's output, or why it is unavailable (its stderr, or the error starting it).
+fn print_output(out: std::io::Result<std::process::Output>) {
+    match out {
+        Ok(o) if o.status.success() => print!("{}", String::from_utf8_lossy(&o.stdout)),
+        Ok(o) => println!(
+            "  unavailable: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
+        Err(e) => println!("  unavailable: {e}"),
+    }
 }
