@@ -482,7 +482,7 @@ impl Drop for Child {
 /// ```text
 ///   netns <lab>-br: bridge 10.99.0.1/24, etcd 10.99.0.2
 ///     A = n1 10.99.0.11 (autodetected: cidr=10.99.0.0/24) ─▶ 10.99.0.31      B = n2 10.99.0.12
-///     expect: Node A ipv4Address 10.99.0.31/24; B: peer 10.99.0.31 Established, A's block via 10.99.0.31
+///     expect: Node A ipv4Address 10.99.0.31/<the lab's prefix, 16>; B: peer 10.99.0.31 Established, A's block via 10.99.0.31
 /// ```
 #[test]
 #[ignore = "needs root (network namespaces), etcd, iproute2 and ping: scripts/test.sh runs it (--include-ignored)"]
@@ -543,11 +543,20 @@ fn a_changed_node_address_is_followed_by_the_node_resource_and_the_peers() {
 
     // The address changes (promote_secondaries keeps the new one when the old primary goes).
     let (_, out) = in_ns(&a, &["ip", "-4", "-o", "addr", "show"]);
-    let dev = out
+    let line = out
         .lines()
         .find(|l| l.contains(&format!(" {a_ip}/")))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .unwrap_or_else(|| panic!("no interface with {a_ip} in {a}: {out}"))
+        .unwrap_or_else(|| panic!("no interface with {a_ip} in {a}: {out}"));
+    let dev = line
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_else(|| panic!("no device in {line}"))
+        .to_string();
+    // The lab's prefix length (its segment is a /16), kept for the new address.
+    let plen = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{a_ip}/")))
+        .unwrap_or_else(|| panic!("no prefix length in {line}"))
         .to_string();
     let new_ip = "10.99.0.31";
     for cmd in [
@@ -556,10 +565,17 @@ fn a_changed_node_address_is_followed_by_the_node_resource_and_the_peers() {
             "-qw".into(),
             format!("net.ipv4.conf.{dev}.promote_secondaries=1"),
         ],
-        ["ip", "addr", "add", &format!("{new_ip}/24"), "dev", &dev]
-            .map(String::from)
-            .to_vec(),
-        ["ip", "addr", "del", &format!("{a_ip}/24"), "dev", &dev]
+        [
+            "ip",
+            "addr",
+            "add",
+            &format!("{new_ip}/{plen}"),
+            "dev",
+            &dev,
+        ]
+        .map(String::from)
+        .to_vec(),
+        ["ip", "addr", "del", &format!("{a_ip}/{plen}"), "dev", &dev]
             .map(String::from)
             .to_vec(),
     ] {
@@ -584,7 +600,7 @@ fn a_changed_node_address_is_followed_by_the_node_resource_and_the_peers() {
                 ],
             )
             .1;
-            stored.contains(&format!("\"ipv4Address\":\"{new_ip}/24\""))
+            stored.contains(&format!("\"ipv4Address\":\"{new_ip}/{plen}\""))
         }),
         "Node {a} not updated: {stored}\n{}",
         logs()
