@@ -716,11 +716,17 @@ mod tests {
         s.local_addr().unwrap().port()
     }
 
-    /// Two BFD tasks on one loopback (each listening on its own port, sending to the other's): the
-    /// session comes Up on both, both report it; one side removed sends AdminDown, which the other must
-    /// not report as a failure (RFC 5882 3.2); a silent peer is Down after the detection time.
-    #[tokio::test]
-    async fn two_tasks_come_up_and_detect_a_silent_peer() {
+    /// Two BFD tasks on one loopback, each listening on its own port and sending to the other's, with
+    /// their event receivers, the loopback address and a 20 ms x 3 single-hop session to apply on both.
+    #[allow(clippy::type_complexity)]
+    fn two_tasks_on_loopback() -> (
+        BfdHandle,
+        mpsc::Receiver<BfdEvent>,
+        BfdHandle,
+        mpsc::Receiver<BfdEvent>,
+        IpAddr,
+        BfdPeer,
+    ) {
         let (pa, pb) = (free_udp_port(), free_udp_port());
         let ports = |me: u16, peer: u16| BfdPorts {
             listen_single_hop: me,
@@ -728,8 +734,8 @@ mod tests {
             peer_single_hop: peer,
             peer_multihop: 1,
         };
-        let (ea_tx, mut ea) = mpsc::channel(16);
-        let (eb_tx, mut eb) = mpsc::channel(16);
+        let (ea_tx, ea) = mpsc::channel(16);
+        let (eb_tx, eb) = mpsc::channel(16);
         let a = spawn(ports(pa, pb), ea_tx);
         let b = spawn(ports(pb, pa), eb_tx);
         let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -743,6 +749,15 @@ mod tests {
                 detect_mult: 3,
             },
         };
+        (a, ea, b, eb, lo, peer)
+    }
+
+    /// Two BFD tasks on one loopback (each listening on its own port, sending to the other's): the
+    /// session comes Up on both, both report it; one side removed sends AdminDown, which the other must
+    /// not report as a failure (RFC 5882 3.2); a silent peer is Down after the detection time.
+    #[tokio::test]
+    async fn two_tasks_come_up_and_detect_a_silent_peer() {
+        let (a, mut ea, b, mut eb, lo, peer) = two_tasks_on_loopback();
         a.apply(vec![peer.clone()]).await.unwrap();
         b.apply(vec![peer.clone()]).await.unwrap();
         assert_eq!(
@@ -817,28 +832,7 @@ mod tests {
 
     #[tokio::test]
     async fn admin_down_from_the_peer_is_not_a_failure() {
-        let (pa, pb) = (free_udp_port(), free_udp_port());
-        let ports = |me: u16, peer: u16| BfdPorts {
-            listen_single_hop: me,
-            listen_multihop: free_udp_port(),
-            peer_single_hop: peer,
-            peer_multihop: 1,
-        };
-        let (ea_tx, mut ea) = mpsc::channel(16);
-        let (eb_tx, mut eb) = mpsc::channel(16);
-        let a = spawn(ports(pa, pb), ea_tx);
-        let b = spawn(ports(pb, pa), eb_tx);
-        let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
-        let peer = BfdPeer {
-            peer: lo,
-            local: Some(lo),
-            multihop: false,
-            timers: Timers {
-                desired_min_tx: Duration::from_millis(20),
-                required_min_rx: Duration::from_millis(20),
-                detect_mult: 3,
-            },
-        };
+        let (a, mut ea, b, mut eb, _, peer) = two_tasks_on_loopback();
         a.apply(vec![peer.clone()]).await.unwrap();
         b.apply(vec![peer.clone()]).await.unwrap();
         assert!(next(&mut ea, 10).await.is_ok());

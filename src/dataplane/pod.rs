@@ -594,25 +594,44 @@ pub fn add_pod(spec: &PodSpec) -> Result<PodResult, DataplaneError> {
     }
 }
 
+/// The host end of a workload's veth, made ready: Calico's host-side sysctls (proxy ARP, forwarding, IPv6
+/// when `v6`) set, and the link up with the workload id as its alias. Shared by pod ADD and Docker endpoints.
+fn ready_host_end(
+    node: &mut NlSocket,
+    node_netns: Option<&Path>,
+    host: &str,
+    v6: bool,
+    workload_id: &str,
+) -> Result<Link, DataplaneError> {
+    let host_link = find_link(node, host)?.ok_or_else(|| DataplaneError::DeviceNotFound {
+        name: host.to_string(),
+        netns: node.netns.clone(),
+    })?;
+    let (s4, s6) = sysctl::host_veth_settings(host, v6);
+    let node_label = node.netns.clone();
+    in_netns(node_netns, || {
+        sysctl::set_here(&node_label, &s4, false)?;
+        sysctl::set_here(&node_label, &s6, !v6)?;
+        Ok(())
+    })?;
+    set_link_up(node, host_link.index, host, Some(workload_id))?;
+    Ok(host_link)
+}
+
 fn build(
     spec: &PodSpec,
     host: &str,
     node: &mut NlSocket,
     pod: &mut NlSocket,
 ) -> Result<PodResult, DataplaneError> {
-    let host_link = find_link(node, host)?.ok_or_else(|| DataplaneError::DeviceNotFound {
-        name: host.to_string(),
-        netns: node.netns.clone(),
-    })?;
     let v6 = spec.ipv6.is_some();
-    let (s4, s6) = sysctl::host_veth_settings(host, v6);
-    let node_label = node.netns.clone();
-    in_netns(spec.node_netns.as_deref(), || {
-        sysctl::set_here(&node_label, &s4, false)?;
-        sysctl::set_here(&node_label, &s6, !v6)?;
-        Ok(())
-    })?;
-    set_link_up(node, host_link.index, host, Some(&spec.workload_id))?;
+    let host_link = ready_host_end(
+        node,
+        spec.node_netns.as_deref(),
+        host,
+        v6,
+        &spec.workload_id,
+    )?;
 
     let pod_link = find_link(pod, &spec.ifname)?.ok_or_else(|| DataplaneError::DeviceNotFound {
         name: spec.ifname.clone(),
@@ -867,20 +886,13 @@ pub fn add_endpoint(spec: &EndpointSpec) -> Result<String, DataplaneError> {
         None,
     )?;
     let built = (|| {
-        let host_link =
-            find_link(&mut node, &host)?.ok_or_else(|| DataplaneError::DeviceNotFound {
-                name: host.clone(),
-                netns: node.netns.clone(),
-            })?;
-        let v6 = spec.ipv6.is_some();
-        let (s4, s6) = sysctl::host_veth_settings(&host, v6);
-        let node_label = node.netns.clone();
-        in_netns(spec.node_netns.as_deref(), || {
-            sysctl::set_here(&node_label, &s4, false)?;
-            sysctl::set_here(&node_label, &s6, !v6)?;
-            Ok(())
-        })?;
-        set_link_up(&mut node, host_link.index, &host, Some(&spec.workload_id))?;
+        let host_link = ready_host_end(
+            &mut node,
+            spec.node_netns.as_deref(),
+            &host,
+            spec.ipv6.is_some(),
+            &spec.workload_id,
+        )?;
         for ip in spec
             .ipv4
             .map(IpAddr::V4)
