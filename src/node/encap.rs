@@ -626,14 +626,20 @@ pub async fn follow_tunnel(
 /// node, and every address borrowed by another node towards that node (/32), as Felix derives routes from
 /// the IPAM blocks; fed into the same route path as BGP
 /// would (`FibEvent`s into [`super::nexthop::learned_routes`], which sends them through the tunnel).
+///
+/// The prefixes it routes are published in `owned` (this family's share of the set) before they are sent,
+/// so the restart sweep never takes one for an orphan; `first_round` is told once the first set is out.
 pub async fn route_by_affinities(
     me: String,
     mut affinities: watch::Receiver<BTreeMap<IpNetwork, String>>,
     mut vxlan: watch::Receiver<EncapRouting>,
     out: tokio::sync::mpsc::Sender<Vec<crate::bgp::rib::FibEvent>>,
+    owned: watch::Sender<BTreeSet<IpNetwork>>,
+    first_round: tokio::sync::oneshot::Sender<()>,
 ) {
     use crate::bgp::rib::FibEvent;
     let mut current: BTreeMap<IpNetwork, IpAddr> = BTreeMap::new();
+    let mut first_round = Some(first_round);
     loop {
         let want: BTreeMap<IpNetwork, IpAddr> = {
             let a = affinities.borrow_and_update();
@@ -644,6 +650,17 @@ pub async fn route_by_affinities(
                 .filter_map(|(b, host)| Some((*b, *v.hosts.get(host)?)))
                 .collect()
         };
+        // `current` is this task's share of the set (the other family's task owns the rest).
+        owned.send_if_modified(|set| {
+            let before = set.len();
+            set.retain(|p| !current.contains_key(p) || want.contains_key(p));
+            let removed = set.len() != before;
+            let mut added = false;
+            for p in want.keys() {
+                added |= set.insert(*p);
+            }
+            removed || added
+        });
         let mut events = Vec::new();
         for p in current.keys().filter(|p| !want.contains_key(p)) {
             events.push(FibEvent::Remove { prefix: *p });
@@ -667,6 +684,10 @@ pub async fn route_by_affinities(
             }
         }
         current = want;
+        if let Some(tx) = first_round.take() {
+            // Nobody waiting any more: the daemon is stopping.
+            let _ = tx.send(());
+        }
         tokio::select! {
             r = affinities.changed() => if r.is_err() { return },
             r = vxlan.changed() => if r.is_err() { return },
@@ -676,17 +697,47 @@ pub async fn route_by_affinities(
 
 /// Both VXLAN families' route computation without BGP, joined (one task). IPIP needs BGP (as in Calico's
 /// BIRD backend): it is not part of the VXLAN-only mode.
+/// `applied` turns true once every family has published and sent its first set of routes: the restart
+/// sweep waits for it, so it never removes an adopted route the affinity path is about to own.
 pub async fn route_by_affinities_all(
     me: String,
     affinities: watch::Receiver<BTreeMap<IpNetwork, String>>,
     routing: Vec<watch::Receiver<EncapRouting>>,
     out: tokio::sync::mpsc::Sender<Vec<crate::bgp::rib::FibEvent>>,
+    owned: watch::Sender<BTreeSet<IpNetwork>>,
+    applied: watch::Sender<bool>,
 ) {
-    let tasks = routing
+    let mut firsts = Vec::new();
+    let tasks: Vec<_> = routing
         .into_iter()
         .filter(|r| r.borrow().tunnel.is_vxlan())
-        .map(|v| route_by_affinities(me.clone(), affinities.clone(), v, out.clone()));
-    futures::future::join_all(tasks).await;
+        .map(|v| {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            firsts.push(rx);
+            route_by_affinities(
+                me.clone(),
+                affinities.clone(),
+                v,
+                out.clone(),
+                owned.clone(),
+                tx,
+            )
+        })
+        .collect();
+    let ready = async move {
+        for rx in firsts {
+            // A task that ended before its first round has nothing to own.
+            let _ = rx.await;
+        }
+        applied.send_replace(true);
+        std::future::pending::<()>().await
+    };
+    // `ready` first: with no VXLAN family at all it still says "applied" before the (empty) join ends.
+    tokio::select! {
+        biased;
+        _ = ready => {}
+        _ = futures::future::join_all(tasks) => {}
+    }
 }
 
 /// Start one follower per tunnel the node can have: VXLAN for each family it has an address of (IPv6 only

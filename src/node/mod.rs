@@ -484,12 +484,14 @@ pub async fn run_with(
         ),
     );
     let (applied_tx, applied_rx) = watch::channel(false);
+    // The routes the vxlan backend derives from block affinities (the restart sweep keeps them).
+    let (affinity_owned_tx, affinity_owned_rx) = watch::channel(BTreeSet::new());
     let peers = if args.networking_backend == "vxlan" {
-        // No BGP session at all (Calico's vxlan backend): nothing to wait for before readiness.
+        // No BGP session at all (Calico's vxlan backend): readiness waits only for the first routes
+        // derived from block affinities (`applied_tx` turns true once they are out).
         tracing::info!(
             "networking backend vxlan: no BGP peers; routes from block affinities through VXLAN"
         );
-        applied_tx.send_replace(true);
         task::spawn(
             "vxlan-routes",
             encap::route_by_affinities_all(
@@ -497,10 +499,13 @@ pub async fn run_with(
                 ipam.subscribe_affinities(),
                 tunnel_routing,
                 affinity_routes_tx,
+                affinity_owned_tx,
+                applied_tx,
             ),
         )
     } else {
         drop(affinity_routes_tx);
+        drop(affinity_owned_tx);
         task::spawn(
             "peer-loop",
             peer_loop(
@@ -562,6 +567,7 @@ pub async fn run_with(
         restart::run(
             spk.clone(),
             fib.clone(),
+            affinity_owned_rx,
             ipam.clone(),
             applied_rx,
             ready_tx,

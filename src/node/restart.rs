@@ -17,8 +17,9 @@
 //! arrived from its peers; margay selects at once (the kernel keeps the adopted routes meanwhile, and a
 //! re-learned route replaces its adopted copy in place), and defers only the *removal* of what was not
 //! re-learned. The wait is bounded, so a peer that never comes back cannot hold the node's FIB stale.
-//! This module never removes a route that has a live owner: a peer's path in the Loc-RIB, or one of the
-//! node's own blocks in IPAM.
+//! This module never removes a route that has a live owner: a peer's path in the Loc-RIB, one of the
+//! node's own blocks in IPAM, or (with the `vxlan` networking backend, no BGP) a route the block-affinity
+//! path wants ([`super::encap::route_by_affinities`] publishes its set before it sends the routes).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -237,10 +238,12 @@ pub fn classify(
 }
 
 /// Remove the FIB routes that have no owner any more (see [`classify`]). The order of the reads (FIB, then
-/// RIB, then IPAM) means a route added meanwhile is either not seen or seen with its owner.
+/// RIB, the affinity routes and IPAM) means a route added meanwhile is either not seen or seen with its
+/// owner: every owner records a route before it sends it to the FIB.
 pub async fn sweep(
     fib: &FibHandle,
     rib: &mpsc::Sender<RibInput>,
+    affinity_routes: &watch::Receiver<BTreeSet<IpNetwork>>,
     ipam: &NodeIpam,
     hold: &BTreeSet<IpAddr>,
 ) -> anyhow::Result<SweepReport> {
@@ -248,7 +251,8 @@ pub async fn sweep(
         .desired()
         .await
         .map_err(|e| anyhow::anyhow!("reading the FIB: {e}"))?;
-    let learned = learned_prefixes(rib).await?;
+    let mut learned = learned_prefixes(rib).await?;
+    learned.extend(affinity_routes.borrow().iter().copied());
     let blocks: BTreeSet<IpNetwork> = ipam
         .routes()
         .await
@@ -282,10 +286,12 @@ fn pending_peers(peers: &[PeerSync]) -> BTreeSet<IpAddr> {
 
 /// The restart task: wait for the peers to be applied, converge (bounded by `min_wait` / `max_wait`, see
 /// [`convergence`]), sweep, report ready; then keep sweeping, once a second, the routes held for peers
-/// that were not back, as they come back, and all of them when `max_wait` is over.
+/// that were not back, as they come back, and all of them when `max_wait` is over. `affinity_routes`: the
+/// routes the `vxlan` backend derives from block affinities (always empty with BGP).
 pub async fn run(
     spk: Arc<SpeakerHandle>,
     fib: FibHandle,
+    affinity_routes: watch::Receiver<BTreeSet<IpNetwork>>,
     ipam: Arc<NodeIpam>,
     mut peers_applied: watch::Receiver<bool>,
     ready: watch::Sender<Readiness>,
@@ -305,7 +311,7 @@ pub async fn run(
         } else {
             pending_peers(&spk.sync_state().await.unwrap_or_default())
         };
-        match sweep(&fib, &rib, &ipam, &hold).await {
+        match sweep(&fib, &rib, &affinity_routes, &ipam, &hold).await {
             Ok(r) => {
                 if first || !r.routes.is_empty() || !r.blackholes.is_empty() || r.held != last_held
                 {
