@@ -168,7 +168,7 @@ fn spawn(
     if let Some(link) = rib {
         task.rib = Some((link, cmd_tx.clone()));
     }
-    let join = tokio::spawn(task.run(cmd_rx, owner_rx, registration));
+    let join = tokio::spawn(Box::new(task).run(cmd_rx, owner_rx, registration));
     PeerHandle {
         peer,
         cmd: cmd_tx,
@@ -178,16 +178,17 @@ fn spawn(
     }
 }
 
-/// What the per-connection tasks and the listener report.
+/// What the per-connection tasks and the listener report. The rare variants are boxed: every session's
+/// channel of these allocates its slots in blocks of 32, so the size of the largest variant counts 32 times.
 enum Internal {
     /// The listener accepted a connection from the peer.
-    Accepted(TcpStream),
-    Connected(ConnId, io::Result<TcpStream>),
+    Accepted(Box<TcpStream>),
+    Connected(ConnId, Box<io::Result<TcpStream>>),
     Frames(ConnId, Vec<Bytes>),
     /// The connection ended or broke; `String` is the reason in plain words.
     Closed(ConnId, String),
     /// The byte stream is not BGP (bad marker, length or type): RFC 4271 6.1.
-    HeaderError(ConnId, DecodeError),
+    HeaderError(ConnId, Box<DecodeError>),
 }
 
 /// The listener's way into a peer task: accepted connections arrive in the task's `Internal` channel.
@@ -195,7 +196,7 @@ struct PeerInbox(mpsc::Sender<Internal>);
 
 impl ConnInbox for PeerInbox {
     fn deliver(&self, stream: TcpStream) -> Result<(), String> {
-        match self.0.try_send(Internal::Accepted(stream)) {
+        match self.0.try_send(Internal::Accepted(Box::new(stream))) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(msg)) => {
                 // The task is busy with a burst from its connection: wait for room off the listener's
@@ -421,9 +422,11 @@ impl PeerTask {
 
     /// The task's loop. The handlers are boxed where they are awaited: the task's own future stays a few
     /// hundred bytes per peer instead of the size of its deepest handler (kilobytes, times thousands of
-    /// sessions on a reflector), and a handler's state exists only while it runs.
+    /// sessions on a reflector), and a handler's state exists only while it runs. The task's state comes
+    /// boxed as well: an async fn keeps its arguments apart from its locals, so a `PeerTask` passed by value
+    /// would be held twice in the future.
     async fn run(
-        mut self,
+        mut self: Box<Self>,
         mut cmds: mpsc::Receiver<PeerCommand>,
         mut owner: oneshot::Receiver<StopMode>,
         registration: Option<oneshot::Receiver<Result<(), ListenerError>>>,
@@ -680,7 +683,7 @@ impl PeerTask {
             // No timeout here: the FSM's ConnectRetryTimer replaces an attempt that takes too long.
             let r = connect(&cfg).await;
             // The peer task is gone (and the stream with it) if nobody receives the result.
-            let _ = tx.send(Internal::Connected(id, r)).await;
+            let _ = tx.send(Internal::Connected(id, Box::new(r))).await;
         });
         self.connecting = Some(AbortOnDrop(task));
     }
@@ -719,17 +722,20 @@ impl PeerTask {
 
     async fn internal(&mut self, msg: Internal) {
         match msg {
-            Internal::Accepted(stream) => self.accepted(stream).await,
-            Internal::Connected(id, Ok(stream)) => {
+            Internal::Accepted(stream) => self.accepted(*stream).await,
+            Internal::Connected(id, r) => {
                 self.connecting = None;
-                self.start_io(id, stream);
-                self.feed(Event::TcpCrAcked(id)).await;
-            }
-            Internal::Connected(id, Err(e)) => {
-                self.connecting = None;
-                let reason = format!("connect: {}", sockopt::io_text(&e));
-                self.feed(Event::TcpConnectionFails { conn: id, reason })
-                    .await;
+                match *r {
+                    Ok(stream) => {
+                        self.start_io(id, stream);
+                        self.feed(Event::TcpCrAcked(id)).await;
+                    }
+                    Err(e) => {
+                        let reason = format!("connect: {}", sockopt::io_text(&e));
+                        self.feed(Event::TcpConnectionFails { conn: id, reason })
+                            .await;
+                    }
+                }
             }
             Internal::Closed(id, reason) => {
                 if self.conns.remove(&id).is_some() {
@@ -1192,7 +1198,7 @@ async fn reader(
                     if !frames.is_empty() {
                         let _ = tx.send(Internal::Frames(id, frames)).await;
                     }
-                    let _ = tx.send(Internal::HeaderError(id, e)).await;
+                    let _ = tx.send(Internal::HeaderError(id, Box::new(e))).await;
                     return;
                 }
                 if !frames.is_empty() && tx.send(Internal::Frames(id, frames)).await.is_err() {
