@@ -1335,11 +1335,8 @@ mod tests {
             .expect("room after the writer took a buffer");
         q.close();
         let mut seen = Vec::new();
-        loop {
-            match q.next().await {
-                Write::Bytes(b) => seen.push(b),
-                Write::Close => break,
-            }
+        while let Write::Bytes(b) = q.next().await {
+            seen.push(b);
         }
         assert_eq!(
             seen.len(),
