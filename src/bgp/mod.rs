@@ -10,7 +10,7 @@
 //!     │               speaker ◀───────────────────────────────────────────────┐
 //!     │                                                                        │
 //!     │     listener task ──TcpStream──▶ peer task (one per peer, session/peer.rs) ◀──▶ reader / writer task per TCP connection
-//!     │                                   │ ▲                                          (data: mpsc 8 pre-encoded buffers)
+//!     │                                   │ ▲                       (write queue: control first, then at most 8 pre-encoded buffers)
 //!     │   RibInput::Session{generation,   │ │ PeerCommand (mpsc 64: SendUpdates, SendEndOfRib, Stop, ...)
 //!     │   PeerUp | Routes | Withdraw |    │ │
 //!     │   EndOfRib | RouteRefresh |       │ rib writer task (one per Established session, session/rib_link.rs):
@@ -24,8 +24,8 @@
 //! Every UPDATE goes peer task → RIB task in one hop. The generation in `RibInput::Session` numbers a
 //! peer's sessions, so the RIB drops a late batch of a session that has been replaced. The speaker starts and
 //! stops peer tasks and keeps the per-peer bookkeeping the owner asks about (End-of-RIB seen, for convergence).
-//! Unbounded channels left: the peer task's control queue to its connection writer (OPEN, KEEPALIVE,
-//! NOTIFICATION: a few small messages per session, which must never wait behind UPDATE data).
+//! Unbounded queues left: the control half of a connection's write queue (OPEN, KEEPALIVE, NOTIFICATION: a
+//! few small messages per session, which must never wait behind UPDATE data).
 
 pub mod converge;
 pub mod policy;

@@ -45,11 +45,21 @@ pub enum ListenerError {
     Gone,
 }
 
+/// Where the listener hands a registered peer's connections: the peer task's own inbox. A peer task
+/// takes its connections in the channel it already reads its connection events from, so a session costs
+/// no channel of its own for the rare accepted connection.
+pub trait ConnInbox: Send + Sync + 'static {
+    /// Hand `stream` over; `Err` names why it could not be (the peer task is gone or cannot take it).
+    fn deliver(&self, stream: TcpStream) -> Result<(), String>;
+    /// The peer task is gone: its registration is stale.
+    fn is_closed(&self) -> bool;
+}
+
 enum Request {
     Register {
         peer: IpAddr,
         password: Option<Password>,
-        conns: mpsc::Sender<TcpStream>,
+        conns: Box<dyn ConnInbox>,
         reply: oneshot::Sender<Result<(), ListenerError>>,
     },
     Unregister {
@@ -69,14 +79,14 @@ impl ListenerHandle {
         &self,
         peer: IpAddr,
         password: Option<Password>,
-        conns: mpsc::Sender<TcpStream>,
+        conns: impl ConnInbox,
     ) -> Result<(), ListenerError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Request::Register {
                 peer,
                 password,
-                conns,
+                conns: Box::new(conns),
                 reply,
             })
             .await
@@ -91,14 +101,14 @@ impl ListenerHandle {
         &self,
         peer: IpAddr,
         password: Option<Password>,
-        conns: mpsc::Sender<TcpStream>,
+        conns: impl ConnInbox,
     ) -> Option<oneshot::Receiver<Result<(), ListenerError>>> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .try_send(Request::Register {
                 peer,
                 password,
-                conns,
+                conns: Box::new(conns),
                 reply,
             })
             .ok()?;
@@ -185,7 +195,7 @@ fn bind_one(addr: SocketAddr, v6only: bool) -> io::Result<TcpListener> {
 }
 
 struct Registration {
-    conns: mpsc::Sender<TcpStream>,
+    conns: Box<dyn ConnInbox>,
     has_password: bool,
 }
 
@@ -255,8 +265,8 @@ async fn run(listeners: Vec<Arc<TcpListener>>, mut requests: mpsc::Receiver<Requ
                 let ip = canonical(from.ip());
                 match peers.get(&ip) {
                     Some(r) if !r.conns.is_closed() => {
-                        if let Err(e) = r.conns.try_send(stream) {
-                            tracing::warn!("BGP connection from {from}: peer task busy, closing ({e})");
+                        if let Err(e) = r.conns.deliver(stream) {
+                            tracing::warn!("BGP connection from {from}: closing, {e}");
                         }
                     }
                     _ => {

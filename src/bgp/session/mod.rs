@@ -9,7 +9,7 @@
 //!
 //! ```text
 //!                       Listener task (one per listen address set)
-//!   TCP :179  ──accept──►  match source address ──► peer's mpsc<TcpStream>   (unknown: NOTIFICATION Cease/5, close)
+//!   TCP :179  ──accept──►  match source address ──► peer task's own inbox     (unknown: NOTIFICATION Cease/5, close)
 //!                                                        │
 //!   ┌────────────────────────── peer task (one per peer) ▼ ────────────────────────────────┐
 //!   │  select! { socket reads, outgoing connect, FSM timers, PeerCommand, incoming conns }   │

@@ -7,7 +7,8 @@
 //! both end with the connection. The peer task itself never blocks on a slow peer: RIB commands are
 //! only taken while the connection's data queue has room, so reading (and the hold timer) go on.
 
-use std::collections::HashMap;
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,10 +16,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -29,7 +30,7 @@ use crate::bgp::wire::{
 
 use super::config::PeerConfig;
 use super::fsm::{Action, ConnId, Event, MessageError, Session, State, Timer};
-use super::listener::{ListenerError, ListenerHandle};
+use super::listener::{ConnInbox, ListenerError, ListenerHandle};
 use super::open::{family_text, Negotiated};
 use super::rib_link::{self, RibLink};
 use super::sockopt;
@@ -154,17 +155,17 @@ fn spawn(
         counters: Counters::default(),
     };
     let (status_tx, status_rx) = watch::channel(status);
+    let mut task = PeerTask::new(cfg, listener, events, status_tx);
     // Register with the listener before returning, so the peer's connections are never rejected
     // because the task had not run yet.
-    let (in_tx, incoming) = mpsc::channel::<TcpStream>(4);
-    let registration = listener
+    let registration = task
+        .listener
         .as_ref()
-        .and_then(|l| l.register_now(cfg.peer_addr, cfg.password.clone(), in_tx.clone()));
-    let mut task = PeerTask::new(cfg, listener, events, status_tx);
+        .and_then(|l| l.register_now(task.cfg.peer_addr, task.cfg.password.clone(), task.inbox()));
     if let Some(link) = rib {
         task.rib = Some((link, cmd_tx.clone()));
     }
-    let join = tokio::spawn(task.run(cmd_rx, owner_rx, in_tx, incoming, registration));
+    let join = tokio::spawn(Box::new(task).run(cmd_rx, owner_rx, registration));
     PeerHandle {
         peer,
         cmd: cmd_tx,
@@ -174,19 +175,134 @@ fn spawn(
     }
 }
 
-/// What the per-connection tasks report.
+/// What the per-connection tasks and the listener report. The rare variants are boxed: every session's
+/// channel of these allocates its slots in blocks of 32, so the size of the largest variant counts 32 times.
 enum Internal {
-    Connected(ConnId, io::Result<TcpStream>),
+    /// The listener accepted a connection from the peer.
+    Accepted(Box<TcpStream>),
+    Connected(ConnId, Box<io::Result<TcpStream>>),
     Frames(ConnId, Vec<Bytes>),
     /// The connection ended or broke; `String` is the reason in plain words.
     Closed(ConnId, String),
     /// The byte stream is not BGP (bad marker, length or type): RFC 4271 6.1.
-    HeaderError(ConnId, DecodeError),
+    HeaderError(ConnId, Box<DecodeError>),
 }
 
-enum WriteMsg {
+/// The listener's way into a peer task: accepted connections arrive in the task's `Internal` channel.
+struct PeerInbox(mpsc::Sender<Internal>);
+
+impl ConnInbox for PeerInbox {
+    fn deliver(&self, stream: TcpStream) -> Result<(), String> {
+        match self.0.try_send(Internal::Accepted(Box::new(stream))) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(msg)) => {
+                // The task is busy with a burst from its connection: wait for room off the listener's
+                // loop, which serves every other peer too.
+                let tx = self.0.clone();
+                tokio::spawn(async move {
+                    // A task gone meanwhile drops the connection, which closes it.
+                    let _ = tx.send(msg).await;
+                });
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err("the peer task has stopped".into()),
+        }
+    }
+    fn is_closed(&self) -> bool {
+        self.0.is_closed()
+    }
+}
+
+/// What the peer task has queued for one connection's writer: control messages (OPEN, KEEPALIVE,
+/// NOTIFICATION) are never refused and leave first, so a peer that stops reading cannot stop our
+/// keepalives or our NOTIFICATION to it (a handful of small messages per session); UPDATE data waits for
+/// room, at most [`DATA_QUEUE`] buffers. One small shared queue instead of two channels: a session costs
+/// the few buffers it really has queued, not two channel blocks of 32 slots each.
+#[derive(Default)]
+struct WriteQueue {
+    pending: std::sync::Mutex<Pending>,
+    /// Wakes the writer: something was queued, or the connection is to be closed.
+    wake: Notify,
+    /// Wakes the peer task: the data queue has room again.
+    room: Notify,
+}
+
+#[derive(Default)]
+struct Pending {
+    control: VecDeque<Bytes>,
+    data: VecDeque<Bytes>,
+    close: bool,
+}
+
+/// What the writer does next.
+enum Write {
     Bytes(Bytes),
     Close,
+}
+
+impl WriteQueue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+        // Nothing panics while holding the lock; a poisoned one still holds consistent queues.
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn control(&self, b: Bytes) {
+        self.lock().control.push_back(b);
+        self.wake.notify_one();
+    }
+
+    fn has_room(&self) -> bool {
+        self.lock().data.len() < DATA_QUEUE
+    }
+
+    /// Queue UPDATE data, waiting while [`DATA_QUEUE`] buffers are already queued.
+    async fn data(&self, b: Bytes) {
+        loop {
+            let room = self.room.notified();
+            {
+                let mut p = self.lock();
+                if p.close {
+                    return;
+                }
+                if p.data.len() < DATA_QUEUE {
+                    p.data.push_back(b);
+                    break;
+                }
+            }
+            room.await;
+        }
+        self.wake.notify_one();
+    }
+
+    /// Flush what is queued (control first), then shut the connection.
+    fn close(&self) {
+        self.lock().close = true;
+        self.wake.notify_one();
+    }
+
+    async fn next(&self) -> Write {
+        loop {
+            let wake = self.wake.notified();
+            {
+                let mut p = self.lock();
+                if let Some(b) = p.control.pop_front() {
+                    return Write::Bytes(b);
+                }
+                if let Some(b) = p.data.pop_front() {
+                    if p.data.is_empty() && p.data.capacity() > DATA_QUEUE {
+                        p.data.shrink_to_fit();
+                    }
+                    drop(p);
+                    self.room.notify_one();
+                    return Write::Bytes(b);
+                }
+                if p.close {
+                    return Write::Close;
+                }
+            }
+            wake.await;
+        }
+    }
 }
 
 struct Conn {
@@ -195,18 +311,23 @@ struct Conn {
     /// Whether extended messages (RFC 8654) were negotiated on this connection: the reader frames the
     /// stream against the negotiated maximum, so an over-long header is answered at once (RFC 4271 6.1).
     extended: Arc<AtomicBool>,
-    control: mpsc::UnboundedSender<WriteMsg>,
-    data: mpsc::Sender<Bytes>,
+    queue: Arc<WriteQueue>,
     _reader: AbortOnDrop,
-    writer: JoinHandle<()>,
+    writer: Option<JoinHandle<()>>,
+}
+
+impl Drop for Conn {
+    /// A connection the task lets go of is closed: its writer flushes what is queued and shuts it.
+    fn drop(&mut self) {
+        self.queue.close();
+    }
 }
 
 /// How many pre-encoded buffers may wait for the socket per connection.
 const DATA_QUEUE: usize = 8;
-/// The read buffer of a connection: its size when quiet, and the most it grows to for a burst (a message
-/// longer than that, up to 65,535 bytes under RFC 8654, grows it just for that message).
-const READ_MIN: usize = 4 * 1024;
-const READ_MAX: usize = 256 * 1024;
+/// How much one read takes from a socket: large, so a table dump arrives in few large batches. The
+/// buffer is per worker thread (see [`reader`]), so its size costs nothing per session.
+const READ_CHUNK: usize = 256 * 1024;
 
 struct PeerTask {
     cfg: PeerConfig,
@@ -278,6 +399,11 @@ impl PeerTask {
         }
     }
 
+    /// Where the listener hands this peer's connections.
+    fn inbox(&self) -> PeerInbox {
+        PeerInbox(self.internal_tx.clone())
+    }
+
     /// Send one input of the current session to the RIB (when this task feeds it).
     async fn to_rib(&self, input: RibInput) {
         if let Some((link, _)) = &self.rib {
@@ -293,19 +419,19 @@ impl PeerTask {
 
     /// The task's loop. The handlers are boxed where they are awaited: the task's own future stays a few
     /// hundred bytes per peer instead of the size of its deepest handler (kilobytes, times thousands of
-    /// sessions on a reflector), and a handler's state exists only while it runs.
+    /// sessions on a reflector), and a handler's state exists only while it runs. The task's state comes
+    /// boxed as well: an async fn keeps its arguments apart from its locals, so a `PeerTask` passed by value
+    /// would be held twice in the future.
     async fn run(
-        mut self,
+        mut self: Box<Self>,
         mut cmds: mpsc::Receiver<PeerCommand>,
         mut owner: oneshot::Receiver<StopMode>,
-        in_tx: mpsc::Sender<TcpStream>,
-        mut incoming: mpsc::Receiver<TcpStream>,
         registration: Option<oneshot::Receiver<Result<(), ListenerError>>>,
     ) {
         let registered = match (registration, &self.listener) {
             (Some(rx), _) => Some(rx.await.unwrap_or(Err(ListenerError::Gone))),
             (None, Some(l)) => Some(
-                l.register(self.cfg.peer_addr, self.cfg.password.clone(), in_tx.clone())
+                l.register(self.cfg.peer_addr, self.cfg.password.clone(), self.inbox())
                     .await,
             ),
             (None, None) => None,
@@ -325,16 +451,16 @@ impl PeerTask {
             self.publish();
             let next_timer = self.timers.iter().flatten().min().copied();
             // Take RIB commands only while the data queue has room (see the module doc).
-            let can_take = self.main_conn().is_none_or(|c| c.data.capacity() > 0);
+            let can_take = self.main_conn().is_none_or(|c| c.queue.has_room());
             // ... and wake up when it has room again: with hold time 0 (no keepalives) and a quiet peer,
             // nothing else would, and a client that stopped reading for a while would never catch up.
             let data_room = (!can_take)
-                .then(|| self.main_conn().map(|c| c.data.clone()))
+                .then(|| self.main_conn().map(|c| c.queue.clone()))
                 .flatten();
             tokio::select! {
                 _ = async {
-                    if let Some(d) = &data_room {
-                        let _ = d.reserve().await;
+                    if let Some(q) = &data_room {
+                        q.room.notified().await;
                     }
                 }, if data_room.is_some() => {}
                 stop = &mut owner => {
@@ -342,10 +468,9 @@ impl PeerTask {
                     break;
                 }
                 cmd = cmds.recv(), if can_take => match cmd {
-                    Some(c) => Box::pin(self.command(c, &in_tx)).await,
+                    Some(c) => Box::pin(self.command(c)).await,
                     None => break,
                 },
-                Some(stream) = incoming.recv() => Box::pin(self.accepted(stream)).await,
                 Some(msg) = self.internal_rx.recv() => Box::pin(self.internal(msg)).await,
                 _ = sleep_until_opt(next_timer), if next_timer.is_some() => {
                     // Messages that arrived while we were busy (e.g. waiting on a slow RIB) come first:
@@ -368,10 +493,12 @@ impl PeerTask {
         }
         if for_restart {
             // Flush what is queued and close; no NOTIFICATION (see `shutdown_for_restart`).
-            for (_, c) in self.conns.drain() {
-                // A writer that is gone has closed the socket already.
-                let _ = c.control.send(WriteMsg::Close);
-                let _ = tokio::time::timeout(Duration::from_secs(2), c.writer).await;
+            for (_, mut c) in self.conns.drain() {
+                c.queue.close();
+                if let Some(w) = c.writer.take() {
+                    // A writer that is gone has closed the socket already.
+                    let _ = tokio::time::timeout(Duration::from_secs(2), w).await;
+                }
             }
         } else {
             // Clean stop: Cease to the peer, Down to the RIB.
@@ -437,15 +564,15 @@ impl PeerTask {
                 self.send_control(id, &Message::Notification(n))
             }
             Action::CloseConnection(id) => {
-                if let Some(c) = self.conns.remove(&id) {
-                    // A writer that is gone has closed the socket already.
-                    let _ = c.control.send(WriteMsg::Close);
-                    // A peer that stopped reading must not keep the writer (and the socket) forever.
-                    let writer = c.writer;
-                    tokio::spawn(async move {
-                        tokio::time::sleep(Duration::from_secs(3)).await;
-                        writer.abort();
-                    });
+                if let Some(mut c) = self.conns.remove(&id) {
+                    // Dropping `c` asks the writer to flush and close. A peer that stopped reading must not
+                    // keep the writer (and the socket) forever.
+                    if let Some(writer) = c.writer.take() {
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_secs(3)).await;
+                            writer.abort();
+                        });
+                    }
                 }
             }
             Action::StartTimer(t, d) => self.timers[timer_index(t)] = Some(Instant::now() + d),
@@ -536,7 +663,7 @@ impl PeerTask {
             Ok(()) => {
                 self.counters.messages_out += 1;
                 // A writer that is gone reports the connection's end through `Internal::Closed`.
-                let _ = c.control.send(WriteMsg::Bytes(buf.freeze()));
+                c.queue.control(buf.freeze());
             }
             Err(e) => tracing::error!(peer = %self.cfg.peer_addr, "cannot encode {msg:?}: {e}"),
         }
@@ -553,7 +680,7 @@ impl PeerTask {
             // No timeout here: the FSM's ConnectRetryTimer replaces an attempt that takes too long.
             let r = connect(&cfg).await;
             // The peer task is gone (and the stream with it) if nobody receives the result.
-            let _ = tx.send(Internal::Connected(id, r)).await;
+            let _ = tx.send(Internal::Connected(id, Box::new(r))).await;
         });
         self.connecting = Some(AbortOnDrop(task));
     }
@@ -574,45 +701,38 @@ impl PeerTask {
         let _ = stream.set_nodelay(true);
         let local = stream.local_addr().ok().map(|a| a.ip().to_canonical());
         let (rd, wr) = stream.into_split();
-        // Unbounded on purpose: OPEN, KEEPALIVE and NOTIFICATION are a handful of small messages per
-        // session, and they must be queued without waiting behind UPDATE data (the bounded `data` queue),
-        // or a peer that stops reading would also stop our keepalives and our NOTIFICATION to it.
-        let (control_tx, control_rx) = mpsc::unbounded_channel();
-        let (data_tx, data_rx) = mpsc::channel(DATA_QUEUE);
+        let queue = Arc::new(WriteQueue::default());
         let extended = Arc::new(AtomicBool::new(false));
         let reader = tokio::spawn(reader(id, rd, extended.clone(), self.internal_tx.clone()));
-        let writer = tokio::spawn(writer(
-            id,
-            wr,
-            control_rx,
-            data_rx,
-            self.internal_tx.clone(),
-        ));
+        let writer = tokio::spawn(writer(id, wr, queue.clone(), self.internal_tx.clone()));
         self.conns.insert(
             id,
             Conn {
                 local,
                 extended,
-                control: control_tx,
-                data: data_tx,
+                queue,
                 _reader: AbortOnDrop(reader),
-                writer,
+                writer: Some(writer),
             },
         );
     }
 
     async fn internal(&mut self, msg: Internal) {
         match msg {
-            Internal::Connected(id, Ok(stream)) => {
+            Internal::Accepted(stream) => self.accepted(*stream).await,
+            Internal::Connected(id, r) => {
                 self.connecting = None;
-                self.start_io(id, stream);
-                self.feed(Event::TcpCrAcked(id)).await;
-            }
-            Internal::Connected(id, Err(e)) => {
-                self.connecting = None;
-                let reason = format!("connect: {}", sockopt::io_text(&e));
-                self.feed(Event::TcpConnectionFails { conn: id, reason })
-                    .await;
+                match *r {
+                    Ok(stream) => {
+                        self.start_io(id, stream);
+                        self.feed(Event::TcpCrAcked(id)).await;
+                    }
+                    Err(e) => {
+                        let reason = format!("connect: {}", sockopt::io_text(&e));
+                        self.feed(Event::TcpConnectionFails { conn: id, reason })
+                            .await;
+                    }
+                }
             }
             Internal::Closed(id, reason) => {
                 if self.conns.remove(&id).is_some() {
@@ -824,7 +944,7 @@ impl PeerTask {
 
     // ----- commands -----
 
-    async fn command(&mut self, c: PeerCommand, in_tx: &mpsc::Sender<TcpStream>) {
+    async fn command(&mut self, c: PeerCommand) {
         match c {
             PeerCommand::SendUpdates { session, bytes } => self.send_data(session, bytes).await,
             PeerCommand::SendUpdateList { session, updates } => {
@@ -873,7 +993,7 @@ impl PeerTask {
                     if new.password != self.cfg.password || new.peer_addr != self.cfg.peer_addr {
                         l.unregister(self.cfg.peer_addr);
                         if let Err(e) = l
-                            .register(new.peer_addr, new.password.clone(), in_tx.clone())
+                            .register(new.peer_addr, new.password.clone(), self.inbox())
                             .await
                         {
                             self.last_error = Some(e.to_string());
@@ -905,13 +1025,13 @@ impl PeerTask {
             return;
         }
         let Some(c) = self.main_conn() else { return };
-        let data = c.data.clone();
+        let queue = c.queue.clone();
         self.counters.updates_out += count_messages(&bytes);
         self.counters.messages_out += count_messages(&bytes);
         self.counters.update_bytes_out += bytes.len() as u64;
         // The select loop only takes commands when there is room, so this rarely waits. A writer that is
         // gone reports the connection's end through `Internal::Closed`.
-        let _ = data.send(bytes).await;
+        queue.data(bytes).await;
     }
 }
 
@@ -1018,125 +1138,154 @@ async fn connect(cfg: &PeerConfig) -> io::Result<TcpStream> {
     sock.connect(dest).await
 }
 
+thread_local! {
+    /// The read buffer of the worker thread: every reader on the thread reads into it and copies the
+    /// whole messages out before it awaits again, so no session holds a buffer while it waits for data.
+    static READ_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// What one read produced.
+enum ReadOutcome {
+    /// Whole messages (possibly none), and a framing error after them.
+    Frames(Vec<Bytes>, Option<DecodeError>),
+    Closed(String),
+    /// Nothing to read after all (readiness was spurious).
+    WouldBlock,
+}
+
 /// Read what the socket has, split it into whole messages, pass each read's messages on as one batch.
 ///
-/// The read buffer starts small ([`READ_MIN`]) and doubles, up to [`READ_MAX`] (or the length of a message
-/// that does not fit), only while reads keep filling it: a table dump arrives in large reads, a quiet session
-/// holds one small buffer. Once a burst is over and the buffer is empty it shrinks back. The messages of a
-/// read are copied out into one allocation of their own, so a frame the RIB still holds never pins the read
-/// buffer (a thousand idle sessions hold a thousand small buffers, not a thousand 256 KiB chunks).
+/// A session waiting for data holds no buffer: the reader waits for readiness, then reads into its worker
+/// thread's buffer ([`READ_CHUNK`], large, so a table dump arrives in few large batches) and copies the
+/// whole messages out into one allocation of their own before it awaits again. Only the incomplete message
+/// at the end of a read, if any, is kept with the session until the rest arrives (a thousand idle sessions
+/// hold nothing; a frame the RIB still holds pins only its own batch).
 async fn reader(
     id: ConnId,
-    mut rd: OwnedReadHalf,
+    rd: OwnedReadHalf,
     extended: Arc<AtomicBool>,
     tx: mpsc::Sender<Internal>,
 ) {
-    let mut buf: Vec<u8> = vec![0; READ_MIN];
-    let mut len = 0usize;
+    // The start of a message whose end has not arrived yet; empty between messages.
+    let mut partial: Vec<u8> = Vec::new();
     loop {
-        if len == buf.len() {
-            // Full: a burst (or one message longer than the buffer). Grow, up to the larger of the cap and
-            // the message at the front.
-            let need = DecodeCtx {
-                extended_message: extended.load(Ordering::Relaxed),
-                ..Default::default()
+        let outcome = match rd.readable().await {
+            Err(e) => ReadOutcome::Closed(sockopt::io_text(&e)),
+            Ok(()) => {
+                // The negotiated maximum, not the largest any session may use: a header announcing more
+                // than this session allows is a Bad Message Length now, not after waiting for a body that
+                // may never come.
+                let ctx = DecodeCtx {
+                    extended_message: extended.load(Ordering::Relaxed),
+                    ..Default::default()
+                };
+                READ_BUF.with(|b| read_frames(&rd, &mut b.borrow_mut(), &mut partial, &ctx))
             }
-            .peek_len(&buf[..len])
-            .ok()
-            .flatten()
-            .unwrap_or(0);
-            // Never a zero-length read (it would look like the peer closing): always some room.
-            let grown = (buf.len() * 2).min(READ_MAX).max(need).max(len + READ_MIN);
-            buf.resize(grown, 0);
-        }
-        let r = match rd.read(&mut buf[len..]).await {
-            Ok(0) => {
+        };
+        match outcome {
+            ReadOutcome::WouldBlock => {}
+            ReadOutcome::Closed(reason) => {
                 // Reader to its peer task: a closed channel means the task (and its interest) is gone.
-                let _ = tx
-                    .send(Internal::Closed(id, "connection closed by peer".into()))
-                    .await;
+                let _ = tx.send(Internal::Closed(id, reason)).await;
                 return;
             }
-            Ok(r) => r,
-            Err(e) => {
-                // As above: no peer task, nobody to tell.
-                let _ = tx.send(Internal::Closed(id, sockopt::io_text(&e))).await;
-                return;
-            }
-        };
-        len += r;
-        // The negotiated maximum, not the largest any session may use: a header announcing more than this
-        // session allows is a Bad Message Length now, not after waiting for a body that may never come.
-        let ctx = DecodeCtx {
-            extended_message: extended.load(Ordering::Relaxed),
-            ..Default::default()
-        };
-        let mut ends = Vec::new();
-        let mut off = 0usize;
-        let mut error = None;
-        loop {
-            match ctx.peek_len(&buf[off..len]) {
-                Ok(Some(l)) if len - off >= l => {
-                    off += l;
-                    ends.push(off);
+            ReadOutcome::Frames(frames, error) => {
+                if let Some(e) = error {
+                    // As above: no peer task, nobody to tell (both sends).
+                    if !frames.is_empty() {
+                        let _ = tx.send(Internal::Frames(id, frames)).await;
+                    }
+                    let _ = tx.send(Internal::HeaderError(id, Box::new(e))).await;
+                    return;
                 }
-                Ok(_) => break,
-                Err(e) => {
-                    error = Some(e);
-                    break;
+                if !frames.is_empty() && tx.send(Internal::Frames(id, frames)).await.is_err() {
+                    return;
                 }
             }
-        }
-        let mut frames = Vec::with_capacity(ends.len());
-        if off > 0 {
-            let whole = Bytes::copy_from_slice(&buf[..off]);
-            let mut start = 0;
-            for end in ends {
-                frames.push(whole.slice(start..end));
-                start = end;
-            }
-            buf.copy_within(off..len, 0);
-            len -= off;
-        }
-        if len == 0 && buf.len() > READ_MIN && r < buf.len() / 4 {
-            // The burst is over: give the large buffer back.
-            buf = vec![0; READ_MIN];
-        }
-        if let Some(e) = error {
-            // As above: no peer task, nobody to tell (both sends).
-            if !frames.is_empty() {
-                let _ = tx.send(Internal::Frames(id, frames)).await;
-            }
-            let _ = tx.send(Internal::HeaderError(id, e)).await;
-            return;
-        }
-        if !frames.is_empty() && tx.send(Internal::Frames(id, frames)).await.is_err() {
-            return;
         }
     }
 }
 
-/// Write control messages first, then UPDATE data; on `Close` flush briefly and shut the socket.
+/// One read into `buf` (the thread's buffer), framed together with the `partial` message kept from the
+/// read before. Whole messages are copied out; an incomplete one at the end goes back into `partial`.
+fn read_frames(
+    rd: &OwnedReadHalf,
+    buf: &mut Vec<u8>,
+    partial: &mut Vec<u8>,
+    ctx: &DecodeCtx,
+) -> ReadOutcome {
+    if buf.len() < READ_CHUNK {
+        // Zeroed by the allocator (fresh pages stay untouched until a read fills them), not written here.
+        *buf = vec![0; READ_CHUNK];
+    }
+    let r = match rd.try_read(buf) {
+        Ok(0) => return ReadOutcome::Closed("connection closed by peer".into()),
+        Ok(r) => r,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return ReadOutcome::WouldBlock,
+        Err(e) => return ReadOutcome::Closed(sockopt::io_text(&e)),
+    };
+    let data: &[u8] = if partial.is_empty() {
+        &buf[..r]
+    } else {
+        partial.extend_from_slice(&buf[..r]);
+        partial
+    };
+    let mut ends = Vec::new();
+    let mut off = 0usize;
+    let mut error = None;
+    loop {
+        match ctx.peek_len(&data[off..]) {
+            Ok(Some(l)) if data.len() - off >= l => {
+                off += l;
+                ends.push(off);
+            }
+            Ok(_) => break,
+            Err(e) => {
+                error = Some(e);
+                break;
+            }
+        }
+    }
+    let mut frames = Vec::with_capacity(ends.len());
+    if off > 0 {
+        let whole = Bytes::copy_from_slice(&data[..off]);
+        let mut start = 0;
+        for end in ends {
+            frames.push(whole.slice(start..end));
+            start = end;
+        }
+    }
+    if error.is_none() {
+        let rest = data.len() - off;
+        if partial.is_empty() {
+            partial.extend_from_slice(&buf[off..r]);
+        } else if rest == 0 {
+            // Give the memory back: a quiet session keeps nothing.
+            *partial = Vec::new();
+        } else {
+            partial.drain(..off);
+        }
+    }
+    ReadOutcome::Frames(frames, error)
+}
+
+/// Write control messages first, then UPDATE data; on close flush what is queued briefly and shut the
+/// socket.
 async fn writer(
     id: ConnId,
     mut wr: OwnedWriteHalf,
-    mut control: mpsc::UnboundedReceiver<WriteMsg>,
-    mut data: mpsc::Receiver<Bytes>,
+    queue: Arc<WriteQueue>,
     tx: mpsc::Sender<Internal>,
 ) {
     loop {
-        let r = tokio::select! {
-            biased;
-            m = control.recv() => match m {
-                Some(WriteMsg::Bytes(b)) => wr.write_all(&b).await,
-                Some(WriteMsg::Close) | None => {
-                    // Give a NOTIFICATION queued before the close a moment to leave.
-                    let _ = tokio::time::timeout(Duration::from_secs(2), wr.flush()).await;
-                    let _ = wr.shutdown().await;
-                    return;
-                }
-            },
-            Some(b) = data.recv() => wr.write_all(&b).await,
+        let r = match queue.next().await {
+            Write::Bytes(b) => wr.write_all(&b).await,
+            Write::Close => {
+                // Give a NOTIFICATION queued before the close a moment to leave.
+                let _ = tokio::time::timeout(Duration::from_secs(2), wr.flush()).await;
+                let _ = wr.shutdown().await;
+                return;
+            }
         };
         if let Err(e) = r {
             // Writer to its peer task: no peer task, nobody to tell.
@@ -1148,5 +1297,117 @@ async fn writer(
                 .await;
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keepalive() -> Vec<u8> {
+        let mut b = BytesMut::new();
+        encode(&Message::Keepalive, &EncodeCtx::default(), &mut b).expect("encode KEEPALIVE");
+        b.to_vec()
+    }
+
+    #[tokio::test]
+    async fn write_queue_sends_control_first_and_bounds_data() {
+        let q = WriteQueue::default();
+        for i in 0..DATA_QUEUE {
+            q.data(Bytes::from(vec![i as u8])).await;
+        }
+        assert!(!q.has_room(), "{DATA_QUEUE} data buffers fill the queue");
+        q.control(Bytes::from_static(b"ka"));
+        match q.next().await {
+            Write::Bytes(b) => assert_eq!(&b[..], b"ka", "control leaves before queued data"),
+            Write::Close => panic!("closed"),
+        }
+        // A data buffer waits for room, and gets in once the writer took one.
+        let waiting = q.data(Bytes::from_static(b"late"));
+        tokio::pin!(waiting);
+        assert!(
+            futures::poll!(waiting.as_mut()).is_pending(),
+            "no room: the data waits"
+        );
+        assert!(matches!(q.next().await, Write::Bytes(b) if b[0] == 0));
+        tokio::time::timeout(Duration::from_secs(1), waiting)
+            .await
+            .expect("room after the writer took a buffer");
+        q.close();
+        let mut seen = Vec::new();
+        while let Write::Bytes(b) = q.next().await {
+            seen.push(b);
+        }
+        assert_eq!(
+            seen.len(),
+            DATA_QUEUE,
+            "what was queued is flushed before the close"
+        );
+        assert_eq!(&seen[DATA_QUEUE - 1][..], b"late");
+        q.data(Bytes::from_static(b"after")).await;
+        assert!(
+            matches!(q.next().await, Write::Close),
+            "nothing is queued after the close"
+        );
+    }
+
+    /// Messages split across reads (and several in one read) come out whole and in order, and a quiet
+    /// connection keeps no partial buffer.
+    #[tokio::test]
+    async fn reader_frames_messages_split_across_reads() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let mut client = TcpStream::connect(addr).await.expect("connect");
+        let (server, _) = l.accept().await.expect("accept");
+        let (rd, _wr) = server.into_split();
+        let (tx, mut rx) = mpsc::channel(64);
+        let _reader = AbortOnDrop(tokio::spawn(reader(
+            7,
+            rd,
+            Arc::new(AtomicBool::new(false)),
+            tx,
+        )));
+        let ka = keepalive();
+        let mut stream: Vec<u8> = Vec::new();
+        for _ in 0..3 {
+            stream.extend_from_slice(&ka);
+        }
+        // 1.5 messages, then the rest of the second and the third.
+        client
+            .write_all(&stream[..ka.len() + 10])
+            .await
+            .expect("write");
+        client.flush().await.expect("flush");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        client
+            .write_all(&stream[ka.len() + 10..])
+            .await
+            .expect("write");
+        let mut frames = Vec::new();
+        while frames.len() < 3 {
+            match tokio::time::timeout(Duration::from_secs(2), rx.recv()).await {
+                Ok(Some(Internal::Frames(7, f))) => frames.extend(f),
+                _ => panic!("expected frames, got {} so far", frames.len()),
+            }
+        }
+        assert!(frames.iter().all(|f| f[..] == ka[..]), "whole KEEPALIVEs");
+        drop(client);
+        match tokio::time::timeout(Duration::from_secs(2), rx.recv()).await {
+            Ok(Some(Internal::Closed(7, reason))) => assert!(reason.contains("closed"), "{reason}"),
+            _ => panic!("expected the close to be reported"),
+        }
+    }
+
+    /// Every session has a channel of these, allocated in blocks of 32 slots: a large variant would cost
+    /// each of a reflector's thousands of sessions 32 times its size.
+    #[test]
+    fn per_session_sizes_stay_small() {
+        assert!(
+            std::mem::size_of::<Internal>() <= 40,
+            "Internal is {} bytes; its channel allocates 32 of them per block",
+            std::mem::size_of::<Internal>()
+        );
     }
 }
