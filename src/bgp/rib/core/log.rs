@@ -26,6 +26,8 @@ use crate::bgp::wire::Family;
 pub(super) struct ChangeLog {
     /// The sequence number of the last entry appended (0: none yet).
     head: u64,
+    /// `head` when members last read ([`ChangeLog::expose`]): an entry after it has been read by nobody.
+    exposed: u64,
     entries: BTreeMap<u64, IpNetwork>,
     /// Where each prefix in the log is, so a new change of it moves it to the end.
     at: HashMap<IpNetwork, u64, FastHash>,
@@ -43,11 +45,11 @@ impl ChangeLog {
         self.entries.len()
     }
 
-    /// Record that the export of `prefix` may have changed: it goes to the end of the log (once).
+    /// Record that the export of `prefix` may have changed: it goes to the end of the log, unless it is
+    /// already in the part nobody has read yet (several members, or several changes, between two reads).
     pub fn push(&mut self, prefix: IpNetwork) {
         if let Some(&seq) = self.at.get(&prefix) {
-            if seq == self.head {
-                // Already the last entry (the same change seen by several members of the group).
+            if seq > self.exposed {
                 return;
             }
             self.entries.remove(&seq);
@@ -55,6 +57,12 @@ impl ChangeLog {
         self.head += 1;
         self.entries.insert(self.head, prefix);
         self.at.insert(prefix, self.head);
+    }
+
+    /// Members are about to read: every entry so far may be behind some cursor from now on, so a new
+    /// change of its prefix must go to the end again.
+    pub fn expose(&mut self) {
+        self.exposed = self.head;
     }
 
     /// The first entry after `cursor`.
@@ -129,12 +137,27 @@ mod tests {
     #[test]
     fn a_prefix_is_in_the_log_once_at_its_last_change() {
         let mut log = ChangeLog::default();
+        log.expose();
         log.push(p(1));
         log.push(p(2));
+        log.expose();
         log.push(p(1));
         log.push(p(1));
         assert_eq!(log.len(), 2);
         assert_eq!(read(&log, 0).0, vec![p(2), p(1)]);
+    }
+
+    /// A change of a prefix whose entry a member has already read (it is the last entry, nothing came
+    /// after) reaches that member: the entry moves past its cursor.
+    #[test]
+    fn a_change_after_a_read_is_read_again() {
+        let mut log = ChangeLog::default();
+        log.push(p(1));
+        log.expose();
+        let (got, cursor) = read(&log, 0);
+        assert_eq!(got, vec![p(1)]);
+        log.push(p(1));
+        assert_eq!(read(&log, cursor).0, vec![p(1)]);
     }
 
     /// A member that never reads costs at most one entry per prefix however many changes it misses; a
@@ -147,6 +170,7 @@ mod tests {
         for round in 0..1000u32 {
             let k = (round % 50) as u8;
             log.push(p(k));
+            log.expose();
             let (got, c) = read(&log, fast);
             assert_eq!(got, vec![p(k)], "the fast member sees each change at once");
             fast = c;
@@ -184,6 +208,7 @@ mod tests {
             next = table.range(k..).nth(1).map(|(k, _)| *k);
             let changed = p((version * 7 % 20) as u8);
             table.insert(changed, version);
+            log.expose();
             log.push(changed);
             version += 1;
         }
@@ -207,6 +232,7 @@ mod tests {
         let mut log = ChangeLog::default();
         log.push(p(1));
         log.push(p(2));
+        log.expose();
         log.push(p(1));
         let (got, c) = read(&log, 0);
         assert_eq!(got, vec![p(2), p(1)]);

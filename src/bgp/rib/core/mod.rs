@@ -783,6 +783,97 @@ mod tests {
         assert!((0..400).all(|k| fast[&prefix(k)] == 9000 + k));
     }
 
+    /// A member that stops reading in the middle of its table walk holds the group's log from being
+    /// trimmed; a prefix announced and then withdrawn while it is stalled must still reach the others
+    /// both times (the withdrawal's entry goes after what they have read).
+    #[test]
+    fn a_stalled_walk_does_not_hide_later_changes_from_the_others() {
+        let mut cfg = RibConfig::new(65000, Ipv4Addr::new(10, 0, 0, 254));
+        cfg.cluster_id = Some(Ipv4Addr::new(1, 1, 1, 1));
+        let mut rib = Rib::new(cfg, Arc::new(Policy::accept_all()), false);
+        let now = Instant::now();
+        let prefix = |k: u32| {
+            IpNetwork::V4(
+                ipnetwork::Ipv4Network::new(Ipv4Addr::from(0x0a64_0000 + (k << 8)), 24).unwrap(),
+            )
+        };
+        let announce = |rib: &mut Rib, peer: u32, k: u32| {
+            let attrs = PathAttributes {
+                origin: Some(Origin::Igp),
+                as_path: Some(AsPath::default()),
+                next_hop: Some(Ipv4Addr::new(10, 0, 0, peer as u8)),
+                med: Some(k),
+                local_pref: Some(100),
+                ..Default::default()
+            };
+            rib.handle(
+                RibInput::Routes {
+                    peer: PeerId(peer),
+                    announced: vec![Nlri {
+                        prefix: prefix(k),
+                        path_id: 0,
+                    }],
+                    attrs: Arc::new(attrs),
+                    withdrawn: Vec::new(),
+                },
+                now,
+            );
+        };
+        let (src_tx, _src_rx) = mpsc::channel(1 << 10);
+        let (fast_tx, mut fast_rx) = mpsc::channel(1 << 10);
+        rib.handle(
+            RibInput::PeerUp {
+                peer: PeerId(1),
+                info: client(1),
+                out: src_tx,
+            },
+            now,
+        );
+        for k in 0..10 {
+            announce(&mut rib, 1, k);
+        }
+        rib.handle(
+            RibInput::PeerUp {
+                peer: PeerId(2),
+                info: client(2),
+                out: fast_tx,
+            },
+            now,
+        );
+        // Peer 3 takes one message of its walk and never reads again.
+        let (slow_tx, _slow_rx) = mpsc::channel(1);
+        rib.handle(
+            RibInput::PeerUp {
+                peer: PeerId(3),
+                info: client(3),
+                out: slow_tx,
+            },
+            now,
+        );
+        let mut fast = BTreeMap::new();
+        held_after(&mut fast_rx, &mut fast);
+        assert_eq!(fast.len(), 10);
+        announce(&mut rib, 1, 50);
+        held_after(&mut fast_rx, &mut fast);
+        assert!(fast.contains_key(&prefix(50)));
+        rib.handle(
+            RibInput::Withdraw {
+                peer: PeerId(1),
+                withdrawn: vec![Nlri {
+                    prefix: prefix(50),
+                    path_id: 0,
+                }],
+            },
+            now,
+        );
+        held_after(&mut fast_rx, &mut fast);
+        assert!(
+            !fast.contains_key(&prefix(50)),
+            "the withdrawal reached the reading member"
+        );
+        assert!(rib.has_dirty(), "the stalled member is still owed its walk");
+    }
+
     /// The same for ADD-PATH send sessions: the dirty set keeps (prefix, path id), so a slow peer ends with
     /// exactly the paths, ids and attributes a fast one holds, withdrawn paths gone.
     #[test]

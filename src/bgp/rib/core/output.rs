@@ -666,6 +666,9 @@ impl Rib {
             ..Default::default()
         };
         let policy = self.st.policy.clone();
+        for g in &mut self.st.groups {
+            g.log.expose();
+        }
         for t in 1..self.st.slots.len() as u16 {
             if self.st.reads_log(t) {
                 self.pump(t, &policy, &mut share);
