@@ -824,6 +824,9 @@ impl Rib {
     }
 }
 
+/// Prefixes that go out together: one attribute set, in table order.
+type Run = (Arc<PathAttributes>, Vec<Nlri>);
+
 /// One run of a table walk from `from` (None: the start): the prefixes `t` gets, in order, while they
 /// share one attribute set, at most `max`; and where the walk resumes (None: the table is done).
 fn walk_run<K: PrefixKey>(
@@ -833,12 +836,12 @@ fn walk_run<K: PrefixKey>(
     t: u16,
     policy: &Policy,
     max: usize,
-) -> (Option<(Arc<PathAttributes>, Vec<Nlri>)>, Option<IpNetwork>) {
+) -> (Option<Run>, Option<IpNetwork>) {
     let iter: Box<dyn Iterator<Item = (&K, &Dest)>> = match from {
         Some(k) => Box::new(map.iter_from(&k)),
         None => Box::new(map.iter()),
     };
-    let mut run: Option<(Arc<PathAttributes>, Vec<Nlri>)> = None;
+    let mut run: Option<Run> = None;
     for (k, d) in iter {
         let prefix = k.to_net();
         let Some(a) = st.export(t, &prefix, d.best(), policy) else {
