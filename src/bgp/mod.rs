@@ -16,8 +16,9 @@
 //!     │   EndOfRib | RouteRefresh |       │ rib writer task (one per Established session, session/rib_link.rs):
 //!     │   PeerDown}                       │   RibOutput ──encode──▶ SendUpdates
 //!     ▼                                   ▼ ▲
-//!   RIB task (rib/task.rs, bounded mpsc rib_capacity) ──RibOutput (mpsc 32 per session; when full, a dirty
-//!     │                                                 set of prefixes in the RIB, drained as room appears)
+//!   RIB task (rib/task.rs, bounded mpsc rib_capacity) ──RibOutput (mpsc 32 per session, filled as room
+//!     │                                                 appears from the session's cursor in its update
+//!     │                                                 group's change log: rib/core/log.rs)
 //!     └──Vec<FibEvent> (mpsc, node only)──▶ FIB consumer
 //! ```
 //!

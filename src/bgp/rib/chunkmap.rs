@@ -145,6 +145,19 @@ impl<K: Ord + Copy, V> ChunkMap<K, V> {
             .flat_map(|c| c.keys.iter().zip(c.vals.iter()))
     }
 
+    /// The entries from `key` on (`key` itself when present), in key order: a walk resumed where it stopped.
+    pub fn iter_from(&self, key: &K) -> impl Iterator<Item = (&K, &V)> {
+        let (Ok(Pos(ci, i)) | Err(Pos(ci, i))) = self.find(key);
+        self.chunks
+            .iter()
+            .skip(ci)
+            .enumerate()
+            .flat_map(move |(n, c)| {
+                let start = if n == 0 { i.min(c.keys.len()) } else { 0 };
+                c.keys[start..].iter().zip(c.vals[start..].iter())
+            })
+    }
+
     pub fn values_mut(&mut self) -> impl Iterator<Item = &mut V> {
         self.chunks.iter_mut().flat_map(|c| c.vals.iter_mut())
     }

@@ -4,10 +4,11 @@
 //!
 //! ```text
 //!   peer tasks ──RibInput::Session{generation, ..}──▶ ┌──── RIB task (task.rs) ──────────────┐
-//!     (PeerUp, Routes, EndOfRib, PeerDown)  (bounded)  │ Rib (core.rs, Sans-IO, one owner)    │──RibOutput (bounded per session;
-//!   speaker  ──PeerDown (peer removed)───────────────▶ │  tables: prefix → paths, best first  │   then a dirty set)──▶ rib writer
+//!     (PeerUp, Routes, EndOfRib, PeerDown)  (bounded)  │ Rib (core.rs, Sans-IO, one owner)    │──RibOutput (32 per session, filled
+//!   speaker  ──PeerDown (peer removed)───────────────▶ │  tables: prefix → paths, best first  │   from its cursor)──▶ rib writer
 //!   node     ──Originate/WithdrawLocal/SetPolicy─────▶ │  attrs interned (Arc, hashed)        │──Vec<FibEvent>──▶ FIB task
-//!   status   ──Query (oneshot)───────────────────────▶ │  export cache per update group       │
+//!   status   ──Query (oneshot)───────────────────────▶ │  per update group: export cache and  │
+//!                                                      │  change log; per member a cursor     │
 //!                                                      └──────────────────────────────────────┘
 //! ```
 //!
@@ -23,10 +24,23 @@
 //!
 //! Fan-out: peers whose export settings agree (AS, next-hop mode, our addresses) form an update group and
 //! share one export cache, so a reflector rewrites each attribute set once per group, not once per client;
-//! the rewritten sets are interned, so every member's UPDATE carries the same `Arc`. Each session's output
-//! channel is bounded: when it is full the RIB stops queueing for that peer and records the changed prefixes
-//! in a per-peer dirty set, and sends their state as of then when the session has room (`drain_dirty`), so a
-//! client that stops reading costs at most one entry per prefix and holds back nobody else.
+//! the rewritten sets are interned, so every member's UPDATE carries the same `Arc`. The group also owns the
+//! output (`core/log.rs`, as FRR's update groups and BIRD's exports do): a change log holding each prefix
+//! whose export changed at most once, at its last change; every member holds only a cursor into it. When
+//! a session's small output channel has room, the RIB task reads on from the cursor and sends each prefix
+//! as its export is *then* (so repeated changes coalesce, and a withdrawal goes out when there is nothing
+//! left to send); entries every member has read are trimmed. A client that stops reading therefore costs
+//! at most one log entry per prefix, shared with its group, and holds back nobody else; members at the
+//! same place get equal messages, encoded once ([`SharedWire`]). A new session (or a route refresh) walks
+//! the table in prefix order, then reads the log from the position it took when the walk began (changes
+//! behind the walk come through the log), with End-of-RIB after its initial walk.
+//!
+//! Why the RIB task pumps (rather than each writer reading a shared log under a lock): the log is only
+//! meaningful next to the table it indexes, which the RIB task alone owns; the writers stay plain
+//! channel readers, and "has room" is the channel's free capacity, seen by the RIB (its only sender),
+//! which looks again after every input and on a 2 ms tick while some session is behind. Sessions with
+//! ADD-PATH send keep a per-peer queue and dirty set: what they hold is a set of path ids per prefix,
+//! which the log (prefixes only) cannot withdraw without knowing what was sent before.
 
 mod chunkmap;
 mod core;
@@ -157,8 +171,8 @@ pub enum RibInput {
     PeerUp {
         peer: PeerId,
         info: PeerInfo,
-        /// Bounded: when it is full the RIB keeps only a per-peer set of changed prefixes and sends their
-        /// state as of when the session has room again (see [`Rib::drain_dirty`]).
+        /// Bounded: the RIB sends into it only as far as it has room, reading on in the session's update
+        /// group log when it has room again (see [`Rib::drain_dirty`]).
         out: mpsc::Sender<RibOutput>,
     },
     /// Routes from one UPDATE (or several sharing one attribute set). `attrs` carries the next hop

@@ -69,7 +69,17 @@ async fn run(
         // tokio's clock, so deadlines and `now` agree also when a test pauses time.
         let now = tokio::time::Instant::now().into_std();
         match input {
-            Tick::Input(i) => rib.handle(i, now),
+            Tick::Input(i) => {
+                // What else is already waiting is applied with it, and the sessions are served once.
+                let mut batch = vec![i];
+                while batch.len() < INPUT_BATCH {
+                    match rx.try_recv() {
+                        Ok(i) => batch.push(i),
+                        Err(_) => break,
+                    }
+                }
+                rib.handle_batch(batch, now)
+            }
             Tick::Timer => rib.on_timer(now),
             Tick::Drain => rib.drain_dirty(),
         }
@@ -87,6 +97,9 @@ async fn run(
     }
     rib
 }
+
+/// Most inputs applied before the sessions are served (bounds the delay a burst adds to the first change).
+const INPUT_BATCH: usize = 64;
 
 /// How soon a peer whose channel was full is offered its dirty prefixes again.
 const DIRTY_RETRY: std::time::Duration = std::time::Duration::from_millis(2);

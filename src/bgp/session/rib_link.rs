@@ -23,9 +23,10 @@ use super::open::Negotiated;
 use super::{PeerCommand, SessionId};
 
 /// How many RIB output messages may wait for one session's encoder (each holds up to the RIB's
-/// `max_batch` prefixes sharing one attribute set). Beyond it the RIB keeps a dirty set for the peer
-/// instead of queueing (see `Rib::drain_dirty`).
-pub const RIB_OUTPUT_QUEUE: usize = 128;
+/// `max_batch` prefixes sharing one attribute set). Small on purpose: the RIB fills it from the session's
+/// place in its update group's change log when it has room (see `Rib::drain_dirty`), so what is owed to
+/// a session waits there, once per prefix, not here. 32 is one block of tokio's channel.
+pub const RIB_OUTPUT_QUEUE: usize = 32;
 
 /// The RIB-side settings of a peer (Calico BGPPeer / Node derived).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

@@ -25,8 +25,11 @@ use crate::bgp::wire::{
     AsPath, AsSegment, Family, Nlri, Origin, PathAttributes, LLGR_STALE, NO_LLGR,
 };
 
+mod log;
 mod output;
 mod peers;
+
+use log::{ChangeLog, Walk};
 
 #[allow(unused_imports)]
 use peers::*;
@@ -57,6 +60,14 @@ impl GroupKey {
             local_v6: info.local_v6,
         }
     }
+}
+
+/// One update group: the rewritten attribute sets its members share, and the change log they read their
+/// output from (a peer with ADD-PATH send is in a group for the cache but keeps its own queue).
+#[derive(Debug, Default)]
+struct Group {
+    cache: ExportCache,
+    log: ChangeLog,
 }
 
 /// The hasher of the hot per-prefix maps (keys are pointers and small integers the RIB makes itself):
@@ -95,8 +106,14 @@ struct Slot {
     dirty: HashSet<Nlri>,
     /// End-of-RIB markers and the max-prefix signal held back until `dirty` is drained, to keep their order.
     dirty_tail: Vec<RibOutput>,
-    /// Index into `State::groups`: the update group whose export cache this peer uses (0: none yet).
+    /// Index into `State::groups`: the update group whose export cache and change log this peer uses
+    /// (0: none yet).
     group: usize,
+    /// How far this peer has read its group's change log (see `log.rs`); meaningful while `up` and not
+    /// walking. Unused on an ADD-PATH send session, which keeps the per-peer queue (`pending`, `dirty`).
+    cursor: u64,
+    /// The table walk of a new session or a route refresh, while it lasts.
+    walk: Option<Walk>,
     /// The session generation of the last `PeerUp` (0 when it came without one).
     generation: u64,
     counters: PeerCounters,
@@ -123,6 +140,8 @@ impl Slot {
             dirty: HashSet::new(),
             dirty_tail: Vec::new(),
             group: 0,
+            cursor: 0,
+            walk: None,
             generation: 0,
             counters: PeerCounters::default(),
             deadline: None,
@@ -140,8 +159,8 @@ struct State {
     cfg: RibConfig,
     policy: Arc<Policy>,
     slots: Vec<Slot>,
-    /// Export caches, one per update group (index 0 is unused: the local slot never receives).
-    groups: Vec<ExportCache>,
+    /// Update groups: export cache and change log (index 0 is unused: the local slot never receives).
+    groups: Vec<Group>,
     group_ids: HashMap<GroupKey, usize>,
     /// Slots with a non-empty `dirty` set or `dirty_tail`.
     dirty_slots: Vec<u16>,
@@ -194,7 +213,7 @@ impl Rib {
                 cfg,
                 policy,
                 slots: vec![local],
-                groups: vec![ExportCache::default()],
+                groups: vec![Group::default()],
                 group_ids: HashMap::new(),
                 dirty_slots: Vec::new(),
                 by_id: HashMap::new(),
@@ -213,9 +232,20 @@ impl Rib {
     pub fn handle(&mut self, input: RibInput, now: Instant) {
         self.apply(input, now);
         self.st.flush_all();
-        if self.has_dirty() {
-            self.drain_dirty();
+        self.drain_dirty();
+        self.st.maybe_gc();
+    }
+
+    /// Apply several inputs, then hand the sessions their output once: a session that has room gets the
+    /// changes of the whole batch in one go (one wake-up of its writer, one batch of UPDATEs) instead of
+    /// one message per input. The RIB task passes what is waiting in its inbox.
+    pub fn handle_batch(&mut self, inputs: impl IntoIterator<Item = RibInput>, now: Instant) {
+        for input in inputs {
+            self.apply(input, now);
+            // Per input: the ADD-PATH send queues group by attribute set within one input.
+            self.st.flush_all();
         }
+        self.drain_dirty();
         self.st.maybe_gc();
     }
 
@@ -373,19 +403,30 @@ impl Rib {
             }
         }
         self.st.flush_all();
+        self.drain_dirty();
         self.st.maybe_gc();
     }
 
-    /// True while some peer has changes waiting for room in its channel ([`Rib::drain_dirty`]).
+    /// True while some peer is owed output its channel had no room for: a session behind in its update
+    /// group's change log or walking the table, or an ADD-PATH send session with a dirty set
+    /// ([`Rib::drain_dirty`]).
     pub fn has_dirty(&self) -> bool {
-        !self.st.dirty_slots.is_empty()
+        !self.st.dirty_slots.is_empty() || self.st.log_backlog()
     }
 
-    /// Send what slow peers are owed, as far as their channels have room: for each dirty prefix its export
-    /// as of now (an announcement, or a withdrawal when there is nothing to send any more), grouped by
-    /// attribute set; then the held-back End-of-RIB markers. The RIB task calls this after every input and
-    /// on a short tick while [`Rib::has_dirty`].
+    /// Send what peers are owed, as far as their channels have room: each session its table walk and its
+    /// group's change log after its cursor (`log.rs`); each ADD-PATH send session its dirty prefixes, as of
+    /// now (an announcement, or a withdrawal when there is nothing to send any more), grouped by attribute
+    /// set, then its held-back markers. The RIB task calls this after every input and on a short tick while
+    /// [`Rib::has_dirty`].
     pub fn drain_dirty(&mut self) {
+        if !self.st.dirty_slots.is_empty() {
+            self.drain_queues();
+        }
+        self.pump_logs();
+    }
+
+    fn drain_queues(&mut self) {
         let slots = std::mem::take(&mut self.st.dirty_slots);
         let policy = self.st.policy.clone();
         let max = self.st.cfg.max_batch.max(1);
@@ -740,6 +781,97 @@ mod tests {
             "the slow peer ends with what the fast one holds"
         );
         assert!((0..400).all(|k| fast[&prefix(k)] == 9000 + k));
+    }
+
+    /// A member that stops reading in the middle of its table walk holds the group's log from being
+    /// trimmed; a prefix announced and then withdrawn while it is stalled must still reach the others
+    /// both times (the withdrawal's entry goes after what they have read).
+    #[test]
+    fn a_stalled_walk_does_not_hide_later_changes_from_the_others() {
+        let mut cfg = RibConfig::new(65000, Ipv4Addr::new(10, 0, 0, 254));
+        cfg.cluster_id = Some(Ipv4Addr::new(1, 1, 1, 1));
+        let mut rib = Rib::new(cfg, Arc::new(Policy::accept_all()), false);
+        let now = Instant::now();
+        let prefix = |k: u32| {
+            IpNetwork::V4(
+                ipnetwork::Ipv4Network::new(Ipv4Addr::from(0x0a64_0000 + (k << 8)), 24).unwrap(),
+            )
+        };
+        let announce = |rib: &mut Rib, peer: u32, k: u32| {
+            let attrs = PathAttributes {
+                origin: Some(Origin::Igp),
+                as_path: Some(AsPath::default()),
+                next_hop: Some(Ipv4Addr::new(10, 0, 0, peer as u8)),
+                med: Some(k),
+                local_pref: Some(100),
+                ..Default::default()
+            };
+            rib.handle(
+                RibInput::Routes {
+                    peer: PeerId(peer),
+                    announced: vec![Nlri {
+                        prefix: prefix(k),
+                        path_id: 0,
+                    }],
+                    attrs: Arc::new(attrs),
+                    withdrawn: Vec::new(),
+                },
+                now,
+            );
+        };
+        let (src_tx, _src_rx) = mpsc::channel(1 << 10);
+        let (fast_tx, mut fast_rx) = mpsc::channel(1 << 10);
+        rib.handle(
+            RibInput::PeerUp {
+                peer: PeerId(1),
+                info: client(1),
+                out: src_tx,
+            },
+            now,
+        );
+        for k in 0..10 {
+            announce(&mut rib, 1, k);
+        }
+        rib.handle(
+            RibInput::PeerUp {
+                peer: PeerId(2),
+                info: client(2),
+                out: fast_tx,
+            },
+            now,
+        );
+        // Peer 3 takes one message of its walk and never reads again.
+        let (slow_tx, _slow_rx) = mpsc::channel(1);
+        rib.handle(
+            RibInput::PeerUp {
+                peer: PeerId(3),
+                info: client(3),
+                out: slow_tx,
+            },
+            now,
+        );
+        let mut fast = BTreeMap::new();
+        held_after(&mut fast_rx, &mut fast);
+        assert_eq!(fast.len(), 10);
+        announce(&mut rib, 1, 50);
+        held_after(&mut fast_rx, &mut fast);
+        assert!(fast.contains_key(&prefix(50)));
+        rib.handle(
+            RibInput::Withdraw {
+                peer: PeerId(1),
+                withdrawn: vec![Nlri {
+                    prefix: prefix(50),
+                    path_id: 0,
+                }],
+            },
+            now,
+        );
+        held_after(&mut fast_rx, &mut fast);
+        assert!(
+            !fast.contains_key(&prefix(50)),
+            "the withdrawal reached the reading member"
+        );
+        assert!(rib.has_dirty(), "the stalled member is still owed its walk");
     }
 
     /// The same for ADD-PATH send sessions: the dirty set keeps (prefix, path id), so a slow peer ends with

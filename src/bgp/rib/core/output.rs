@@ -1,5 +1,7 @@
 //! The RIB's output side: peer slots and update groups, attribute interning, export decisions per target,
-//! the per-peer queues (bounded, coalescing into a dirty set when full) and their flushing.
+//! the update groups' change logs and the pump that fills each session's channel from its cursor (table
+//! walk, then log), and the per-peer queues kept for ADD-PATH send sessions (bounded, coalescing into a
+//! dirty set when full) and their flushing.
 
 #[allow(unused_imports)]
 use super::*;
@@ -39,6 +41,8 @@ impl State {
         s.in_use = false;
         s.up = false;
         s.out = None;
+        s.walk = None;
+        s.cursor = 0;
         s.dirty = HashSet::new();
         s.dirty_tail = Vec::new();
         s.deadline = None;
@@ -58,7 +62,7 @@ impl State {
 
     pub(super) fn clear_caches(&mut self) {
         for g in &mut self.groups {
-            g.clear();
+            g.cache.clear();
         }
     }
 
@@ -69,7 +73,7 @@ impl State {
         if let Some(g) = self.group_ids.get(&key) {
             return *g;
         }
-        self.groups.push(ExportCache::default());
+        self.groups.push(Group::default());
         let g = self.groups.len() - 1;
         self.group_ids.insert(key, g);
         g
@@ -209,12 +213,14 @@ impl State {
             family != Family::IPV4_UNICAST,
         );
         let group = ts.group;
-        if let Some((_, out)) = self.groups[group].get(&key) {
+        if let Some((_, out)) = self.groups[group].cache.get(&key) {
             return out.clone();
         }
         let rewritten = export::rewrite(path, &src, &tgt, family, self.cfg.effective_cluster_id());
         let out = rewritten.map(|a| self.intern(Arc::new(a)));
-        self.groups[group].insert(key, (path.attrs.clone(), out.clone()));
+        self.groups[group]
+            .cache
+            .insert(key, (path.attrs.clone(), out.clone()));
         out
     }
 
@@ -282,15 +288,27 @@ impl State {
         match (old, new) {
             (Some(o), Some(n)) if Arc::ptr_eq(&o, &n) => {}
             (o, Some(n)) => {
-                if o.is_none() {
+                if o.is_none() && self.counted(t, &prefix) {
                     self.slots[t as usize].counters.advertised += 1;
                 }
-                self.queue_announce(t, prefix, 0, n);
+                if self.reads_log(t) {
+                    let g = self.slots[t as usize].group;
+                    self.groups[g].log.push(prefix);
+                } else {
+                    self.queue_announce(t, prefix, 0, n);
+                }
             }
             (Some(_), None) => {
-                let c = &mut self.slots[t as usize].counters;
-                c.advertised = c.advertised.saturating_sub(1);
-                self.queue_withdraw(t, prefix, 0);
+                if self.counted(t, &prefix) {
+                    let c = &mut self.slots[t as usize].counters;
+                    c.advertised = c.advertised.saturating_sub(1);
+                }
+                if self.reads_log(t) {
+                    let g = self.slots[t as usize].group;
+                    self.groups[g].log.push(prefix);
+                } else {
+                    self.queue_withdraw(t, prefix, 0);
+                }
             }
             (None, None) => {}
         }
@@ -557,4 +575,284 @@ pub(super) fn llgr_aware(info: &PeerInfo) -> bool {
     info.graceful_restart
         .as_ref()
         .is_some_and(|g| g.long_lived.is_some())
+}
+
+/// Is `a` before `b` in table order (the order a walk visits prefixes in)?
+fn table_before(a: &IpNetwork, b: &IpNetwork) -> bool {
+    match (a, b) {
+        (IpNetwork::V4(a), IpNetwork::V4(b)) => V4Key::new(*a) < V4Key::new(*b),
+        (IpNetwork::V6(a), IpNetwork::V6(b)) => V6Key::new(*a) < V6Key::new(*b),
+        _ => false,
+    }
+}
+
+/// Export, whether two messages' attributes are the same (both withdrawals, or the same interned set).
+fn same_attrs(a: &Option<Arc<PathAttributes>>, b: &Option<Arc<PathAttributes>>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        _ => false,
+    }
+}
+
+impl State {
+    /// Does target `t` read its output from its update group's change log? Every established session
+    /// does except those with ADD-PATH send: what such a peer holds is a set of path ids per prefix, which
+    /// "send the current export of this prefix" cannot withdraw correctly without knowing the ids sent
+    /// before, so they keep the per-peer queue (`pending`, then the dirty set).
+    pub(super) fn reads_log(&self, t: u16) -> bool {
+        let s = &self.slots[t as usize];
+        t != LOCAL_SLOT && s.up && s.info.add_path_tx.is_empty()
+    }
+
+    /// Whether a change of `prefix` for `t` moves its `advertised` counter now: not while `t`'s initial
+    /// walk has still to reach the prefix (the walk counts what it sends).
+    pub(super) fn counted(&self, t: u16, prefix: &IpNetwork) -> bool {
+        let Some(w) = &self.slots[t as usize].walk else {
+            return true;
+        };
+        let family = family_of(prefix);
+        match w.families.iter().position(|(f, _)| *f == family) {
+            // Not walked, or walked for a route refresh (which keeps the counter as it is).
+            None => true,
+            Some(i) if !w.families[i].1 => true,
+            Some(0) => w.done || w.next.is_some_and(|n| table_before(prefix, &n)),
+            Some(_) => false,
+        }
+    }
+
+    /// Some log-reading member has not read its group's log to the end, or is walking the table.
+    pub(super) fn log_backlog(&self) -> bool {
+        // While deferring nothing is pumped: no reason to look again before the deferral ends.
+        self.deferring.is_none()
+            && (1..self.slots.len() as u16).any(|t| {
+                self.reads_log(t) && {
+                    let s = &self.slots[t as usize];
+                    s.walk.is_some() || s.cursor < self.groups[s.group].log.head()
+                }
+            })
+    }
+
+    /// Drop the log entries every member of their group has read (all of them in a group with no member
+    /// reading: a member that joins walks the table).
+    pub(super) fn trim_logs(&mut self) {
+        let mut low: Vec<Option<u64>> = vec![None; self.groups.len()];
+        for t in 1..self.slots.len() as u16 {
+            if !self.reads_log(t) {
+                continue;
+            }
+            let s = &self.slots[t as usize];
+            let pos = s.walk.as_ref().map_or(s.cursor, |w| w.from);
+            let l = &mut low[s.group];
+            *l = Some(l.map_or(pos, |l| l.min(pos)));
+        }
+        for (g, l) in self.groups.iter_mut().zip(low) {
+            g.log.trim(l.unwrap_or(u64::MAX));
+        }
+    }
+}
+
+impl Rib {
+    /// Hand every log-reading session what its channel has room for: first the rest of its table walk
+    /// (then End-of-RIB), then the entries of its group's log after its cursor, each as the prefix's
+    /// export is now. Sessions at the same place get equal messages, which share one encoding
+    /// ([`SharedWire`]). Nothing leaves while route selection is deferred (RFC 4724 4.1).
+    pub(super) fn pump_logs(&mut self) {
+        if self.st.deferring.is_some() {
+            return;
+        }
+        let mut share = WireShare {
+            enabled: true,
+            ..Default::default()
+        };
+        let policy = self.st.policy.clone();
+        for g in &mut self.st.groups {
+            g.log.expose();
+        }
+        for t in 1..self.st.slots.len() as u16 {
+            if self.st.reads_log(t) {
+                self.pump(t, &policy, &mut share);
+            }
+        }
+        self.st.trim_logs();
+    }
+
+    fn pump(&mut self, t: u16, policy: &Policy, share: &mut WireShare) {
+        let max = self.st.cfg.max_batch.max(1);
+        loop {
+            let s = &self.st.slots[t as usize];
+            // The RIB is the channel's only sender: room seen here is still there at `try_send`.
+            let room = match &s.out {
+                Some(out) if s.dirty_tail.is_empty() => out.capacity(),
+                _ => 0,
+            };
+            if room == 0 {
+                return;
+            }
+            let msg = if s.walk.is_some() {
+                match self.walk_step(t, policy, max, share) {
+                    Some(m) => m,
+                    None => continue,
+                }
+            } else {
+                match self.log_step(t, policy, max, share) {
+                    Some(m) => m,
+                    None => return,
+                }
+            };
+            if let Some(out) = &self.st.slots[t as usize].out {
+                // Closed: the session is gone and its PeerDown is on the way.
+                let _ = out.try_send(msg);
+            }
+        }
+    }
+
+    /// The next message of `t`'s table walk: a run of prefixes sharing one attribute set, or End-of-RIB.
+    /// None when the walk is over (the member then reads the log from where the walk began).
+    fn walk_step(
+        &mut self,
+        t: u16,
+        policy: &Policy,
+        max: usize,
+        share: &mut WireShare,
+    ) -> Option<RibOutput> {
+        loop {
+            let s = &mut self.st.slots[t as usize];
+            let w = s.walk.as_mut()?;
+            let Some(&(family, eor)) = w.families.first() else {
+                s.cursor = w.from;
+                s.walk = None;
+                return None;
+            };
+            if w.done {
+                w.families.remove(0);
+                w.next = None;
+                w.done = false;
+                if eor {
+                    return Some(RibOutput::EndOfRib(family));
+                }
+                continue;
+            }
+            let start = w.next;
+            let count = eor;
+            let st = &mut self.st;
+            let (run, resume) = if family == Family::IPV4_UNICAST {
+                let from = match start {
+                    Some(IpNetwork::V4(n)) => Some(V4Key::new(n)),
+                    _ => None,
+                };
+                walk_run(&self.tables.v4, from, st, t, policy, max)
+            } else if family == Family::IPV6_UNICAST {
+                let from = match start {
+                    Some(IpNetwork::V6(n)) => Some(V6Key::new(n)),
+                    _ => None,
+                };
+                walk_run(&self.tables.v6, from, st, t, policy, max)
+            } else {
+                (None, None)
+            };
+            let s = &mut self.st.slots[t as usize];
+            if let Some(w) = s.walk.as_mut() {
+                w.next = resume;
+                w.done = resume.is_none();
+            }
+            let Some((attrs, nlri)) = run else { continue };
+            if count {
+                s.counters.advertised += nlri.len() as u64;
+            }
+            let wire = share.wire(family, Arc::as_ptr(&attrs) as usize, &nlri);
+            return Some(RibOutput::Updates {
+                family,
+                attrs,
+                nlri,
+                wire,
+            });
+        }
+    }
+
+    /// The next message from `t`'s group log: the entries after its cursor whose current export is the
+    /// same (one attribute set, or withdrawals of one family), at most `max`. None when it has read all.
+    fn log_step(
+        &mut self,
+        t: u16,
+        policy: &Policy,
+        max: usize,
+        share: &mut WireShare,
+    ) -> Option<RibOutput> {
+        let g = self.st.slots[t as usize].group;
+        let mut cursor = self.st.slots[t as usize].cursor;
+        let mut run: Option<(Family, Option<Arc<PathAttributes>>, Vec<Nlri>)> = None;
+        while let Some((seq, prefix)) = self.st.groups[g].log.next_after(cursor) {
+            let family = family_of(&prefix);
+            if !self.st.slots[t as usize].info.families.contains(&family) {
+                cursor = seq;
+                continue;
+            }
+            let st = &mut self.st;
+            let attrs = self
+                .tables
+                .get(&prefix)
+                .and_then(|d| st.export(t, &prefix, d.best(), policy));
+            let nlri = Nlri { prefix, path_id: 0 };
+            match &mut run {
+                None => run = Some((family, attrs, vec![nlri])),
+                Some((f, a, v)) if *f == family && same_attrs(a, &attrs) && v.len() < max => {
+                    v.push(nlri)
+                }
+                Some(_) => break,
+            }
+            cursor = seq;
+        }
+        self.st.slots[t as usize].cursor = cursor;
+        let (family, attrs, nlri) = run?;
+        let wire = share.wire(
+            family,
+            attrs.as_ref().map_or(0, |a| Arc::as_ptr(a) as usize),
+            &nlri,
+        );
+        Some(match attrs {
+            Some(attrs) => RibOutput::Updates {
+                family,
+                attrs,
+                nlri,
+                wire,
+            },
+            // RFC 4271 3.1: withdrawing a prefix the peer may not hold is allowed; the log does not keep
+            // what each member was sent, so a member unaffected by a change can get one.
+            None => RibOutput::Withdraw { family, nlri, wire },
+        })
+    }
+}
+
+/// Prefixes that go out together: one attribute set, in table order.
+type Run = (Arc<PathAttributes>, Vec<Nlri>);
+
+/// One run of a table walk from `from` (None: the start): the prefixes `t` gets, in order, while they
+/// share one attribute set, at most `max`; and where the walk resumes (None: the table is done).
+fn walk_run<K: PrefixKey>(
+    map: &ChunkMap<K, Dest>,
+    from: Option<K>,
+    st: &mut State,
+    t: u16,
+    policy: &Policy,
+    max: usize,
+) -> (Option<Run>, Option<IpNetwork>) {
+    let iter: Box<dyn Iterator<Item = (&K, &Dest)>> = match from {
+        Some(k) => Box::new(map.iter_from(&k)),
+        None => Box::new(map.iter()),
+    };
+    let mut run: Option<Run> = None;
+    for (k, d) in iter {
+        let prefix = k.to_net();
+        let Some(a) = st.export(t, &prefix, d.best(), policy) else {
+            continue;
+        };
+        let nlri = Nlri { prefix, path_id: 0 };
+        match &mut run {
+            None => run = Some((a, vec![nlri])),
+            Some((r, v)) if Arc::ptr_eq(r, &a) && v.len() < max => v.push(nlri),
+            Some(_) => return (run, Some(prefix)),
+        }
+    }
+    (run, None)
 }

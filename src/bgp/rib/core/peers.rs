@@ -61,6 +61,8 @@ impl Rib {
             s.generation = 0;
             s.up = true;
             s.out = Some(out);
+            s.cursor = 0;
+            s.walk = None;
             s.dirty.clear();
             s.dirty_tail.clear();
             s.counters.received = 0;
@@ -111,6 +113,19 @@ impl Rib {
 
     /// Send the whole Loc-RIB to a newly established peer, then End-of-RIB per family (RFC 4724 2).
     pub(super) fn dump_table(&mut self, slot: u16) {
+        if self.st.reads_log(slot) {
+            // Walked by the session's pump as its channel has room (also once a deferral ends: nothing is
+            // pumped before), then it reads its group's log from here.
+            let s = &mut self.st.slots[slot as usize];
+            s.counters.advertised = 0;
+            s.walk = Some(Walk {
+                families: s.info.families.iter().map(|f| (*f, true)).collect(),
+                next: None,
+                from: self.st.groups[s.group].log.head(),
+                done: false,
+            });
+            return;
+        }
         if self.st.deferring.is_some() {
             // Sent when the deferral ends (`end_deferral`).
             return;
@@ -144,6 +159,22 @@ impl Rib {
             // RFC 2918 4: a refresh for a family not negotiated is ignored.
             return;
         }
+        if self.st.reads_log(slot) {
+            // Walked again by the pump, then the log from where the session is now.
+            let s = &mut self.st.slots[slot as usize];
+            match s.walk.as_mut() {
+                Some(w) => w.add(family, false),
+                None => {
+                    s.walk = Some(Walk {
+                        families: vec![(family, false)],
+                        next: None,
+                        from: s.cursor,
+                        done: false,
+                    })
+                }
+            }
+            return;
+        }
         let advertised = self.st.slots[slot as usize].counters.advertised;
         let policy = self.st.policy.clone();
         let st = &mut self.st;
@@ -175,6 +206,8 @@ impl Rib {
         }
         s.up = false;
         s.out = None;
+        s.walk = None;
+        s.cursor = 0;
         s.dirty = HashSet::new();
         s.dirty_tail = Vec::new();
         s.pending = Pending::default();

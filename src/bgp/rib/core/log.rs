@@ -1,0 +1,263 @@
+//! The output of an update group: one change log of prefixes shared by every member, and the cursor each
+//! member reads it with. Nothing here knows attributes or peers: a log entry says only "the export of this
+//! prefix may have changed since sequence number N"; the member's pump (`output.rs`) looks at the table as it
+//! is when it reads the entry and sends that (an announcement, or a withdrawal when there is nothing to send).
+//!
+//! Why a log and not a queue per member (FRR's update groups and BIRD's exports work the same way): a prefix
+//! is in the log at most once (a later change moves it to the end), so the log never holds more entries than
+//! there are prefixes, whatever a slow member does; a member that is behind only has an older cursor, and
+//! when it reads again it gets each prefix once, as it is then (ten changes while it was stalled cost one
+//! UPDATE). Entries every member has read are trimmed.
+//!
+//! A member that joins (or asks for a route refresh) first walks the table in prefix order ([`Walk`]), then
+//! reads the log from the position it took when the walk started: a change behind the walk's position is in
+//! the log after that position, so nothing is missed, and a change ahead of it is seen by the walk itself.
+
+use std::collections::{BTreeMap, HashMap};
+
+use ipnetwork::IpNetwork;
+
+use super::FastHash;
+use crate::bgp::wire::Family;
+
+/// The change log of one update group. Sequence numbers start at 1; a cursor at `n` has read every entry up
+/// to and including `n` (0: nothing read).
+#[derive(Debug, Default)]
+pub(super) struct ChangeLog {
+    /// The sequence number of the last entry appended (0: none yet).
+    head: u64,
+    /// `head` when members last read ([`ChangeLog::expose`]): an entry after it has been read by nobody.
+    exposed: u64,
+    entries: BTreeMap<u64, IpNetwork>,
+    /// Where each prefix in the log is, so a new change of it moves it to the end.
+    at: HashMap<IpNetwork, u64, FastHash>,
+}
+
+impl ChangeLog {
+    /// The position a cursor has after reading everything there is now.
+    pub fn head(&self) -> u64 {
+        self.head
+    }
+
+    /// Entries held (at most one per prefix).
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Record that the export of `prefix` may have changed: it goes to the end of the log, unless it is
+    /// already in the part nobody has read yet (several members, or several changes, between two reads).
+    pub fn push(&mut self, prefix: IpNetwork) {
+        if let Some(&seq) = self.at.get(&prefix) {
+            if seq > self.exposed {
+                return;
+            }
+            self.entries.remove(&seq);
+        }
+        self.head += 1;
+        self.entries.insert(self.head, prefix);
+        self.at.insert(prefix, self.head);
+    }
+
+    /// Members are about to read: every entry so far may be behind some cursor from now on, so a new
+    /// change of its prefix must go to the end again.
+    pub fn expose(&mut self) {
+        self.exposed = self.head;
+    }
+
+    /// The first entry after `cursor`.
+    pub fn next_after(&self, cursor: u64) -> Option<(u64, IpNetwork)> {
+        self.entries
+            .range(cursor.saturating_add(1)..)
+            .next()
+            .map(|(s, p)| (*s, *p))
+    }
+
+    /// Drop every entry at or before `upto` (every member has read them).
+    pub fn trim(&mut self, upto: u64) {
+        while let Some(entry) = self.entries.first_entry() {
+            if *entry.key() > upto {
+                break;
+            }
+            let prefix = entry.remove();
+            self.at.remove(&prefix);
+        }
+        if self.entries.is_empty() {
+            // Give the maps' memory back after a burst (a table load, a storm of restarts).
+            self.entries = BTreeMap::new();
+            self.at = HashMap::default();
+        }
+    }
+}
+
+/// A member's walk through the table: the families still to send, where the current one is, and the log
+/// position to read on from once it is done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Walk {
+    /// Families to walk, in order, each with whether End-of-RIB follows it (a session's initial table,
+    /// RFC 4724 2) or not (a route refresh, RFC 2918 4).
+    pub families: Vec<(Family, bool)>,
+    /// The first prefix of `families[0]` not sent yet (None: from the start).
+    pub next: Option<IpNetwork>,
+    /// The log position the member continues from after the walk.
+    pub from: u64,
+    /// The table of `families[0]` has been walked to its end (its End-of-RIB, if any, is still due).
+    pub done: bool,
+}
+
+impl Walk {
+    /// Add a family (a route refresh during a walk); one already waiting is walked once, from the start
+    /// of its turn, which includes everything the refresh asks for.
+    pub fn add(&mut self, family: Family, eor: bool) {
+        match self.families.iter_mut().skip(1).find(|(f, _)| *f == family) {
+            Some((_, e)) => *e |= eor,
+            None => self.families.push((family, eor)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(k: u8) -> IpNetwork {
+        format!("10.0.{k}.0/24").parse().unwrap()
+    }
+
+    /// Read everything after `cursor`, returning the prefixes in log order and the new cursor.
+    fn read(log: &ChangeLog, mut cursor: u64) -> (Vec<IpNetwork>, u64) {
+        let mut out = Vec::new();
+        while let Some((s, prefix)) = log.next_after(cursor) {
+            out.push(prefix);
+            cursor = s;
+        }
+        (out, cursor)
+    }
+
+    #[test]
+    fn a_prefix_is_in_the_log_once_at_its_last_change() {
+        let mut log = ChangeLog::default();
+        log.expose();
+        log.push(p(1));
+        log.push(p(2));
+        log.expose();
+        log.push(p(1));
+        log.push(p(1));
+        assert_eq!(log.len(), 2);
+        assert_eq!(read(&log, 0).0, vec![p(2), p(1)]);
+    }
+
+    /// A change of a prefix whose entry a member has already read (it is the last entry, nothing came
+    /// after) reaches that member: the entry moves past its cursor.
+    #[test]
+    fn a_change_after_a_read_is_read_again() {
+        let mut log = ChangeLog::default();
+        log.push(p(1));
+        log.expose();
+        let (got, cursor) = read(&log, 0);
+        assert_eq!(got, vec![p(1)]);
+        log.push(p(1));
+        assert_eq!(read(&log, cursor).0, vec![p(1)]);
+    }
+
+    /// A member that never reads costs at most one entry per prefix however many changes it misses; a
+    /// member that keeps up reads every change and is not held back.
+    #[test]
+    fn a_slow_member_is_bounded_by_the_prefixes_and_delays_nobody() {
+        let mut log = ChangeLog::default();
+        let slow = 0u64;
+        let mut fast = 0u64;
+        for round in 0..1000u32 {
+            let k = (round % 50) as u8;
+            log.push(p(k));
+            log.expose();
+            let (got, c) = read(&log, fast);
+            assert_eq!(got, vec![p(k)], "the fast member sees each change at once");
+            fast = c;
+            log.trim(slow.min(fast));
+            assert!(log.len() <= 50);
+        }
+        let (got, _) = read(&log, slow);
+        assert_eq!(got.len(), 50, "the slow member gets each prefix once");
+    }
+
+    /// A member joining while changes go on: it walks a snapshot of the table position by position and
+    /// then reads the log from where it stood when it began, so every change made during the walk reaches
+    /// it, whether it fell behind or ahead of the walk's position.
+    #[test]
+    fn a_join_during_changes_sees_every_change() {
+        let mut log = ChangeLog::default();
+        let mut table: BTreeMap<IpNetwork, u32> = (0..20).map(|k| (p(k), 0)).collect();
+        for k in 0..20 {
+            log.push(p(k));
+        }
+        let walk = Walk {
+            families: vec![(Family::IPV4_UNICAST, true)],
+            next: None,
+            from: log.head(),
+            done: false,
+        };
+        let mut held: BTreeMap<IpNetwork, u32> = BTreeMap::new();
+        let mut next = Some(p(0));
+        let mut version = 1;
+        while let Some(at) = next {
+            // One prefix of the walk, then a change somewhere in the table (behind and ahead).
+            let item = table.range(at..).next().map(|(k, v)| (*k, *v));
+            let Some((k, v)) = item else { break };
+            held.insert(k, v);
+            next = table.range(k..).nth(1).map(|(k, _)| *k);
+            let changed = p((version * 7 % 20) as u8);
+            table.insert(changed, version);
+            log.expose();
+            log.push(changed);
+            version += 1;
+        }
+        // A withdrawal during the walk too.
+        table.remove(&p(3));
+        log.push(p(3));
+        let (got, _) = read(&log, walk.from);
+        for prefix in got {
+            match table.get(&prefix) {
+                Some(v) => held.insert(prefix, *v),
+                None => held.remove(&prefix),
+            };
+        }
+        assert_eq!(held, table);
+    }
+
+    /// Announce then withdraw before the member reads: it reads the prefix once and, the table holding
+    /// nothing for it, sends one withdrawal (coalesced) instead of an announcement and a withdrawal.
+    #[test]
+    fn withdraw_after_announce_coalesces() {
+        let mut log = ChangeLog::default();
+        log.push(p(1));
+        log.push(p(2));
+        log.expose();
+        log.push(p(1));
+        let (got, c) = read(&log, 0);
+        assert_eq!(got, vec![p(2), p(1)]);
+        log.trim(c);
+        assert_eq!(log.len(), 0);
+        assert_eq!(log.next_after(c), None);
+    }
+
+    #[test]
+    fn a_refresh_during_a_walk_is_walked_once() {
+        let mut w = Walk {
+            families: vec![(Family::IPV4_UNICAST, true), (Family::IPV6_UNICAST, true)],
+            next: None,
+            from: 0,
+            done: false,
+        };
+        w.add(Family::IPV6_UNICAST, false);
+        w.add(Family::IPV4_UNICAST, false);
+        assert_eq!(
+            w.families,
+            vec![
+                (Family::IPV4_UNICAST, true),
+                (Family::IPV6_UNICAST, true),
+                (Family::IPV4_UNICAST, false)
+            ]
+        );
+    }
+}
