@@ -18,6 +18,5 @@ pub mod ipam;
 pub mod lab;
 pub mod node;
 pub mod peering;
-pub mod process;
 pub mod reflector;
 pub mod task;

@@ -124,7 +124,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Reflector(args) => {
             init_tracing();
-            margay::process::map_only_touched_code();
             margay::reflector::run(args)
         }
         Command::Status { endpoint, output } => {
@@ -142,7 +141,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             cmd: margay::cli::NodeCmd::Run(args),
         } => {
             init_tracing();
-            margay::process::map_only_touched_code();
             margay::node::run(etcd, *args)
         }
         Command::Node { etcd, cmd } => print_async(margay::cli::run_node(&etcd, &cmd)),
