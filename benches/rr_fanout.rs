@@ -630,12 +630,18 @@ async fn client(
         first.extend_from_slice(&update(&[], None)); // End-of-RIB
         s.write_all(&first).await.map_err(|e| e.to_string())?;
         let mut len = 0usize;
+        let mut keepalive =
+            tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE);
         loop {
             if len == buf.len() {
                 buf.resize(buf.len() * 2, 0);
             }
             let r = tokio::select! {
                 r = s.read(&mut buf[len..]) => r.map_err(|e| e.to_string())?,
+                _ = keepalive.tick() => {
+                    s.write_all(&keepalive()).await.map_err(|e| e.to_string())?;
+                    continue;
+                }
                 _ = storm.kick[i].notified() => {
                     // The restart: close (no NOTIFICATION, as a crashed node) and connect again.
                     drop(s);
@@ -753,7 +759,13 @@ fn header(out: &mut Vec<u8>, ty: u8, body_len: usize) {
     out.push(ty);
 }
 
-/// OPEN with hold time 0 (no KEEPALIVEs either way, RFC 4271 4.2), MP IPv4 unicast and 4-octet AS.
+/// The clients' hold time. Not 0 (no KEEPALIVEs at all, RFC 4271 4.2): gobgpd 3.10 sets every write's
+/// deadline to now + hold time, so with 0 its first UPDATE times out and it drops the session. Long, so
+/// the reflectors' KEEPALIVEs cost nothing measurable; the clients send theirs every [`KEEPALIVE`].
+const HOLD_TIME: u16 = 240;
+const KEEPALIVE: Duration = Duration::from_secs(60);
+
+/// OPEN with hold time [`HOLD_TIME`], MP IPv4 unicast and 4-octet AS.
 fn open(id: Ipv4Addr) -> Vec<u8> {
     let asn = AS.to_be_bytes();
     let caps: Vec<u8> = vec![
@@ -761,7 +773,7 @@ fn open(id: Ipv4Addr) -> Vec<u8> {
     ];
     let mut body = vec![4];
     body.extend_from_slice(&(AS as u16).to_be_bytes());
-    body.extend_from_slice(&0u16.to_be_bytes());
+    body.extend_from_slice(&HOLD_TIME.to_be_bytes());
     body.extend_from_slice(&id.octets());
     body.push(caps.len() as u8);
     body.extend_from_slice(&caps);
