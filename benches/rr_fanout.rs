@@ -630,7 +630,7 @@ async fn client(
         first.extend_from_slice(&update(&[], None)); // End-of-RIB
         s.write_all(&first).await.map_err(|e| e.to_string())?;
         let mut len = 0usize;
-        let mut keepalive =
+        let mut ka_timer =
             tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE);
         loop {
             if len == buf.len() {
@@ -638,7 +638,7 @@ async fn client(
             }
             let r = tokio::select! {
                 r = s.read(&mut buf[len..]) => r.map_err(|e| e.to_string())?,
-                _ = keepalive.tick() => {
+                _ = ka_timer.tick() => {
                     s.write_all(&keepalive()).await.map_err(|e| e.to_string())?;
                     continue;
                 }
