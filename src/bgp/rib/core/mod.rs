@@ -678,6 +678,24 @@ mod tests {
         }
     }
 
+    /// One route from `peer` with its own next hop (10.0.0.`peer`) and `med`, as a session delivers it.
+    fn one_route(peer: u32, prefix: IpNetwork, med: u32) -> RibInput {
+        let attrs = PathAttributes {
+            origin: Some(Origin::Igp),
+            as_path: Some(AsPath::default()),
+            next_hop: Some(Ipv4Addr::new(10, 0, 0, peer as u8)),
+            med: Some(med),
+            local_pref: Some(100),
+            ..Default::default()
+        };
+        RibInput::Routes {
+            peer: PeerId(peer),
+            announced: vec![Nlri { prefix, path_id: 0 }],
+            attrs: Arc::new(attrs),
+            withdrawn: Vec::new(),
+        }
+    }
+
     fn held_after(rx: &mut mpsc::Receiver<RibOutput>, held: &mut BTreeMap<IpNetwork, u32>) -> bool {
         let mut any = false;
         while let Ok(m) = rx.try_recv() {
@@ -728,26 +746,7 @@ mod tests {
         // Ten rounds over 500 prefixes, each with its own MED: nothing groups, every change is a message.
         for round in 0..10u32 {
             for k in 0..500u32 {
-                let attrs = PathAttributes {
-                    origin: Some(Origin::Igp),
-                    as_path: Some(AsPath::default()),
-                    next_hop: Some(Ipv4Addr::new(10, 0, 0, 1)),
-                    med: Some(round * 1000 + k),
-                    local_pref: Some(100),
-                    ..Default::default()
-                };
-                rib.handle(
-                    RibInput::Routes {
-                        peer: PeerId(1),
-                        announced: vec![Nlri {
-                            prefix: prefix(k),
-                            path_id: 0,
-                        }],
-                        attrs: Arc::new(attrs),
-                        withdrawn: Vec::new(),
-                    },
-                    now,
-                );
+                rib.handle(one_route(1, prefix(k), round * 1000 + k), now);
             }
         }
         // Withdraw the last 100.
@@ -798,26 +797,7 @@ mod tests {
             )
         };
         let announce = |rib: &mut Rib, peer: u32, k: u32| {
-            let attrs = PathAttributes {
-                origin: Some(Origin::Igp),
-                as_path: Some(AsPath::default()),
-                next_hop: Some(Ipv4Addr::new(10, 0, 0, peer as u8)),
-                med: Some(k),
-                local_pref: Some(100),
-                ..Default::default()
-            };
-            rib.handle(
-                RibInput::Routes {
-                    peer: PeerId(peer),
-                    announced: vec![Nlri {
-                        prefix: prefix(k),
-                        path_id: 0,
-                    }],
-                    attrs: Arc::new(attrs),
-                    withdrawn: Vec::new(),
-                },
-                now,
-            );
+            rib.handle(one_route(peer, prefix(k), k), now);
         };
         let (src_tx, _src_rx) = mpsc::channel(1 << 10);
         let (fast_tx, mut fast_rx) = mpsc::channel(1 << 10);
@@ -914,26 +894,7 @@ mod tests {
         for round in 0..3u32 {
             for src in [1u32, 2] {
                 for k in 0..200u32 {
-                    let attrs = PathAttributes {
-                        origin: Some(Origin::Igp),
-                        as_path: Some(AsPath::default()),
-                        next_hop: Some(Ipv4Addr::new(10, 0, 0, src as u8)),
-                        med: Some(round * 1000 + k),
-                        local_pref: Some(100),
-                        ..Default::default()
-                    };
-                    rib.handle(
-                        RibInput::Routes {
-                            peer: PeerId(src),
-                            announced: vec![Nlri {
-                                prefix: prefix(k),
-                                path_id: 0,
-                            }],
-                            attrs: Arc::new(attrs),
-                            withdrawn: Vec::new(),
-                        },
-                        now,
-                    );
+                    rib.handle(one_route(src, prefix(k), round * 1000 + k), now);
                 }
             }
         }
