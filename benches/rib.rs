@@ -17,7 +17,8 @@ use margay::bgp::rib::{
     self, NextHopMode, PeerId, PeerInfo, Policy, Query, RibConfig, RibInput, RibOutput,
 };
 use margay::bgp::wire::{AsPath, Family, Nlri, Origin, PathAttributes};
-use tokio::sync::{mpsc, oneshot};
+use margay::task::chan;
+use tokio::sync::oneshot;
 
 /// Prefixes per input message: what one 4096-byte UPDATE carries for /24s (about 4 bytes each).
 const PER_UPDATE: usize = 800;
@@ -83,8 +84,8 @@ async fn run_rib(n: usize) -> (Duration, u64, usize) {
     let handle = rib::spawn(cfg, Arc::new(Policy::accept_all()), 64, None);
     let tx = handle.tx.clone();
 
-    let (out_a, mut rx_a) = mpsc::channel(1024);
-    let (out_b, mut rx_b) = mpsc::channel(1024);
+    let (out_a, mut rx_a) = chan::channel(1024);
+    let (out_b, mut rx_b) = chan::channel(1024);
     tx.send(RibInput::PeerUp {
         peer: PeerId(2),
         info: client(2),
@@ -162,8 +163,8 @@ fn run_core(n: usize) -> Duration {
     cfg.cluster_id = Some(Ipv4Addr::new(244, 0, 0, 1));
     let mut rib = rib::Rib::new(cfg, Arc::new(Policy::accept_all()), false);
     let now = Instant::now();
-    let (out_a, _rx_a) = mpsc::channel(1024);
-    let (out_b, mut rx_b) = mpsc::channel(1024);
+    let (out_a, _rx_a) = chan::channel(1024);
+    let (out_b, mut rx_b) = chan::channel(1024);
     rib.handle(
         RibInput::PeerUp {
             peer: PeerId(2),

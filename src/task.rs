@@ -11,6 +11,8 @@
 //!
 //! It owns no daemon state and never restarts a task: the process is the unit of restart.
 
+pub mod chan;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};

@@ -9,12 +9,13 @@ use margay::bgp::rib::{
     self, FibEvent, PeerId, PeerInfo, Policy, Query, RibConfig, RibInput, RibOutput,
 };
 use margay::bgp::wire::{Family, Nlri};
+use margay::task::chan;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::rib_common;
 use rib_common::*;
 
-async fn next_update(rx: &mut mpsc::Receiver<RibOutput>) -> RibOutput {
+async fn next_update(rx: &mut chan::Receiver<RibOutput>) -> RibOutput {
     loop {
         match rx.recv().await.expect("output channel open") {
             RibOutput::EndOfRib(_) => continue,
@@ -31,8 +32,8 @@ async fn routes_flow_through_the_task() {
     let handle = rib::spawn(cfg, Arc::new(Policy::accept_all()), 8, Some(fib_tx));
     let tx = handle.tx.clone();
 
-    let (a_tx, mut a_rx) = mpsc::channel(1024);
-    let (b_tx, mut b_rx) = mpsc::channel(1024);
+    let (a_tx, mut a_rx) = chan::channel(1024);
+    let (b_tx, mut b_rx) = chan::channel(1024);
     let client = |n| PeerInfo {
         rr_client: true,
         ..peer(n, LOCAL_AS)

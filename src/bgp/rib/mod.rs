@@ -173,7 +173,7 @@ pub enum RibInput {
         info: PeerInfo,
         /// Bounded: the RIB sends into it only as far as it has room, reading on in the session's update
         /// group log when it has room again (see [`Rib::drain_dirty`]).
-        out: mpsc::Sender<RibOutput>,
+        out: crate::task::chan::Sender<RibOutput>,
     },
     /// Routes from one UPDATE (or several sharing one attribute set). `attrs` carries the next hop
     /// (`next_hop` for IPv4, `mp_reach.next_hop` for other families); the RIB ignores any NLRI inside

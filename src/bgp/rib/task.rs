@@ -54,9 +54,11 @@ async fn run(
     fib: Option<mpsc::Sender<Vec<FibEvent>>>,
 ) -> Rib {
     let mut fib = fib;
+    let bell = rib.room_bell();
     loop {
         let deadline = rib.next_deadline();
-        // While a slow peer is owed changes, look again shortly: its session may have made room.
+        // While a session is owed changes its channel had no room for, its channel rings the bell when it
+        // has room again.
         let dirty = rib.has_dirty();
         let input = tokio::select! {
             input = rx.recv() => match input {
@@ -64,7 +66,8 @@ async fn run(
                 None => break,
             },
             _ = sleep_until(deadline) => Tick::Timer,
-            _ = tokio::time::sleep(DIRTY_RETRY), if dirty => Tick::Drain,
+            _ = bell.notified(), if dirty => Tick::Drain,
+            _ = tokio::time::sleep(DIRTY_BACKSTOP), if dirty => Tick::Drain,
         };
         // tokio's clock, so deadlines and `now` agree also when a test pauses time.
         let now = tokio::time::Instant::now().into_std();
@@ -101,8 +104,9 @@ async fn run(
 /// Most inputs applied before the sessions are served (bounds the delay a burst adds to the first change).
 const INPUT_BATCH: usize = 64;
 
-/// How soon a peer whose channel was full is offered its dirty prefixes again.
-const DIRTY_RETRY: std::time::Duration = std::time::Duration::from_millis(2);
+/// How soon a session that was behind is looked at again if its bell never rang: only a backstop (a
+/// channel closed while full never rings; its PeerDown is on the way).
+const DIRTY_BACKSTOP: std::time::Duration = std::time::Duration::from_millis(100);
 
 // One lives on the stack per loop turn; boxing the input would cost an allocation per RIB input.
 #[allow(clippy::large_enum_variant)]

@@ -3,13 +3,19 @@
 //! FSM's timers, writes what the FSM and the RIB ask for, and publishes the peer's status.
 //!
 //! Per connection there is a reader task (reads large chunks, splits them into messages with
-//! `peek_len`, passes whole batches on) and a writer task (control messages first, then UPDATE data);
-//! both end with the connection. The peer task itself never blocks on a slow peer: RIB commands are
-//! only taken while the connection's data queue has room, so reading (and the hold timer) go on.
+//! `peek_len`, passes whole batches on) and a writer task (control messages first, then UPDATE data,
+//! written vectored so pieces an update group shares are never copied per session); both end with the
+//! connection. The peer task encodes the RIB's output for its Established session itself. It never
+//! blocks on a slow peer: RIB output and commands are only taken while the connection's data queue has
+//! room, so reading (and the hold timer) go on.
+//!
+//! Its three channels (commands, what the connection tasks report, the RIB's output) are
+//! [`crate::task::chan`] channels: a reflector has thousands of these sessions, mostly idle, and an
+//! idle channel of that kind holds no slots.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
-use std::io;
+use std::io::{self, IoSlice};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -20,6 +26,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
+
+use crate::task::chan;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -32,17 +40,17 @@ use super::config::PeerConfig;
 use super::fsm::{Action, ConnId, Event, MessageError, Session, State, Timer};
 use super::listener::{ConnInbox, ListenerError, ListenerHandle};
 use super::open::{family_text, Negotiated};
-use super::rib_link::{self, RibLink};
+use super::rib_link::{self, RibLink, RibOutputs};
 use super::sockopt;
 use super::{Counters, PeerCommand, PeerStatus, SessionError, SessionEvent, SessionId};
-use crate::bgp::rib::RibInput;
+use crate::bgp::rib::{RibInput, RibOutput};
 use crate::task::AbortOnDrop;
 
 /// Owner's handle on a peer task. Dropping it stops the session (NOTIFICATION Cease, then close) and
 /// ends the task.
 pub struct PeerHandle {
     peer: IpAddr,
-    cmd: mpsc::Sender<PeerCommand>,
+    cmd: chan::Sender<PeerCommand>,
     status: watch::Receiver<PeerStatus>,
     owner: Option<oneshot::Sender<StopMode>>,
     task: Option<JoinHandle<()>>,
@@ -54,7 +62,7 @@ impl PeerHandle {
     }
 
     /// A sender for commands (the RIB keeps one per peer).
-    pub fn commands(&self) -> mpsc::Sender<PeerCommand> {
+    pub fn commands(&self) -> chan::Sender<PeerCommand> {
         self.cmd.clone()
     }
 
@@ -143,7 +151,7 @@ fn spawn(
     rib: Option<RibLink>,
 ) -> PeerHandle {
     let peer = cfg.peer_addr;
-    let (cmd_tx, cmd_rx) = mpsc::channel(64);
+    let (cmd_tx, cmd_rx) = chan::channel(64);
     let (owner_tx, owner_rx) = oneshot::channel();
     let status = PeerStatus {
         peer,
@@ -162,9 +170,7 @@ fn spawn(
         .listener
         .as_ref()
         .and_then(|l| l.register_now(task.cfg.peer_addr, task.cfg.password.clone(), task.inbox()));
-    if let Some(link) = rib {
-        task.rib = Some((link, cmd_tx.clone()));
-    }
+    task.rib = rib;
     let join = tokio::spawn(Box::new(task).run(cmd_rx, owner_rx, registration));
     PeerHandle {
         peer,
@@ -175,8 +181,8 @@ fn spawn(
     }
 }
 
-/// What the per-connection tasks and the listener report. The rare variants are boxed: every session's
-/// channel of these allocates its slots in blocks of 32, so the size of the largest variant counts 32 times.
+/// What the per-connection tasks and the listener report. The rare variants are boxed: the largest
+/// variant is the size of every item queued.
 enum Internal {
     /// The listener accepted a connection from the peer.
     Accepted(Box<TcpStream>),
@@ -189,13 +195,13 @@ enum Internal {
 }
 
 /// The listener's way into a peer task: accepted connections arrive in the task's `Internal` channel.
-struct PeerInbox(mpsc::Sender<Internal>);
+struct PeerInbox(chan::Sender<Internal>);
 
 impl ConnInbox for PeerInbox {
     fn deliver(&self, stream: TcpStream) -> Result<(), String> {
         match self.0.try_send(Internal::Accepted(Box::new(stream))) {
             Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(msg)) => {
+            Err(chan::TrySendError::Full(msg)) => {
                 // The task is busy with a burst from its connection: wait for room off the listener's
                 // loop, which serves every other peer too.
                 let tx = self.0.clone();
@@ -205,7 +211,7 @@ impl ConnInbox for PeerInbox {
                 });
                 Ok(())
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => Err("the peer task has stopped".into()),
+            Err(chan::TrySendError::Closed(_)) => Err("the peer task has stopped".into()),
         }
     }
     fn is_closed(&self) -> bool {
@@ -216,8 +222,8 @@ impl ConnInbox for PeerInbox {
 /// What the peer task has queued for one connection's writer: control messages (OPEN, KEEPALIVE,
 /// NOTIFICATION) are never refused and leave first, so a peer that stops reading cannot stop our
 /// keepalives or our NOTIFICATION to it (a handful of small messages per session); UPDATE data waits for
-/// room, at most [`DATA_QUEUE`] buffers. One small shared queue instead of two channels: a session costs
-/// the few buffers it really has queued, not two channel blocks of 32 slots each.
+/// room, at most about [`DATA_QUEUE_BYTES`]. The data is kept as the pieces it was encoded in: a piece an
+/// update group shares is one buffer for all its members, however many of them have it queued.
 #[derive(Default)]
 struct WriteQueue {
     pending: std::sync::Mutex<Pending>,
@@ -231,12 +237,16 @@ struct WriteQueue {
 struct Pending {
     control: VecDeque<Bytes>,
     data: VecDeque<Bytes>,
+    /// The bytes in `data`.
+    data_bytes: usize,
     close: bool,
 }
 
 /// What the writer does next.
 enum Write {
-    Bytes(Bytes),
+    Control(Bytes),
+    /// UPDATE data: pieces to write back to back.
+    Data(Vec<Bytes>),
     Close,
 }
 
@@ -252,11 +262,11 @@ impl WriteQueue {
     }
 
     fn has_room(&self) -> bool {
-        self.lock().data.len() < DATA_QUEUE
+        self.lock().data_bytes < DATA_QUEUE_BYTES
     }
 
-    /// Queue UPDATE data, waiting while [`DATA_QUEUE`] buffers are already queued.
-    async fn data(&self, b: Bytes) {
+    /// Queue one batch of UPDATE data, waiting while [`DATA_QUEUE_BYTES`] are already queued.
+    async fn data(&self, pieces: Vec<Bytes>) {
         loop {
             let room = self.room.notified();
             {
@@ -264,8 +274,11 @@ impl WriteQueue {
                 if p.close {
                     return;
                 }
-                if p.data.len() < DATA_QUEUE {
-                    p.data.push_back(b);
+                if p.data_bytes < DATA_QUEUE_BYTES {
+                    for b in pieces {
+                        p.data_bytes += b.len();
+                        p.data.push_back(b);
+                    }
                     break;
                 }
             }
@@ -286,15 +299,19 @@ impl WriteQueue {
             {
                 let mut p = self.lock();
                 if let Some(b) = p.control.pop_front() {
-                    return Write::Bytes(b);
+                    return Write::Control(b);
                 }
-                if let Some(b) = p.data.pop_front() {
-                    if p.data.is_empty() && p.data.capacity() > DATA_QUEUE {
-                        p.data.shrink_to_fit();
+                if !p.data.is_empty() {
+                    let take = p.data.len().min(WRITE_PIECES);
+                    let pieces: Vec<Bytes> = p.data.drain(..take).collect();
+                    p.data_bytes -= pieces.iter().map(Bytes::len).sum::<usize>();
+                    if p.data.is_empty() && p.data.capacity() > WRITE_PIECES {
+                        // A burst is over: an idle connection keeps no large queue.
+                        p.data = VecDeque::new();
                     }
                     drop(p);
                     self.room.notify_one();
-                    return Write::Bytes(b);
+                    return Write::Data(pieces);
                 }
                 if p.close {
                     return Write::Close;
@@ -323,8 +340,11 @@ impl Drop for Conn {
     }
 }
 
-/// How many pre-encoded buffers may wait for the socket per connection.
-const DATA_QUEUE: usize = 8;
+/// About how many bytes of UPDATE data may wait for the socket per connection (one more batch may go in
+/// while fewer are queued). The kernel's send buffer is the real queue; this only keeps the writer fed.
+const DATA_QUEUE_BYTES: usize = 32 * 1024;
+/// Most pieces the writer takes (and hands to one vectored write) at a time.
+const WRITE_PIECES: usize = 64;
 /// How much one read takes from a socket: large, so a table dump arrives in few large batches. The
 /// buffer is per worker thread (see [`reader`]), so its size costs nothing per session.
 const READ_CHUNK: usize = 256 * 1024;
@@ -335,8 +355,8 @@ struct PeerTask {
     listener: Option<ListenerHandle>,
     events: mpsc::Sender<SessionEvent>,
     status: watch::Sender<PeerStatus>,
-    internal_tx: mpsc::Sender<Internal>,
-    internal_rx: mpsc::Receiver<Internal>,
+    internal_tx: chan::Sender<Internal>,
+    internal_rx: chan::Receiver<Internal>,
     conns: HashMap<ConnId, Conn>,
     next_conn: ConnId,
     connecting: Option<AbortOnDrop>,
@@ -347,10 +367,10 @@ struct PeerTask {
     encode_ctx: EncodeCtx,
     counters: Counters,
     last_error: Option<String>,
-    /// The RIB this task feeds directly, and a sender of our own commands for the output encoder.
-    rib: Option<(RibLink, mpsc::Sender<PeerCommand>)>,
-    /// The encoder of the RIB's output for the Established session.
-    rib_writer: Option<AbortOnDrop>,
+    /// The RIB this task feeds directly.
+    rib: Option<RibLink>,
+    /// The RIB's output for the Established session, encoded here.
+    rib_out: Option<RibOutputs>,
 }
 
 fn timer_index(t: Timer) -> usize {
@@ -376,7 +396,7 @@ impl PeerTask {
         events: mpsc::Sender<SessionEvent>,
         status: watch::Sender<PeerStatus>,
     ) -> PeerTask {
-        let (internal_tx, internal_rx) = mpsc::channel(64);
+        let (internal_tx, internal_rx) = chan::channel(64);
         PeerTask {
             session: Session::new(cfg.clone()),
             cfg,
@@ -395,7 +415,7 @@ impl PeerTask {
             counters: Counters::default(),
             last_error: None,
             rib: None,
-            rib_writer: None,
+            rib_out: None,
         }
     }
 
@@ -406,7 +426,7 @@ impl PeerTask {
 
     /// Send one input of the current session to the RIB (when this task feeds it).
     async fn to_rib(&self, input: RibInput) {
-        if let Some((link, _)) = &self.rib {
+        if let Some(link) = &self.rib {
             let ev = RibInput::Session {
                 generation: self.session_id,
                 input: Box::new(input),
@@ -424,7 +444,7 @@ impl PeerTask {
     /// would be held twice in the future.
     async fn run(
         mut self: Box<Self>,
-        mut cmds: mpsc::Receiver<PeerCommand>,
+        mut cmds: chan::Receiver<PeerCommand>,
         mut owner: oneshot::Receiver<StopMode>,
         registration: Option<oneshot::Receiver<Result<(), ListenerError>>>,
     ) {
@@ -450,7 +470,7 @@ impl PeerTask {
         loop {
             self.publish();
             let next_timer = self.timers.iter().flatten().min().copied();
-            // Take RIB commands only while the data queue has room (see the module doc).
+            // Take RIB output and commands only while the data queue has room (see the module doc).
             let can_take = self.main_conn().is_none_or(|c| c.queue.has_room());
             // ... and wake up when it has room again: with hold time 0 (no keepalives) and a quiet peer,
             // nothing else would, and a client that stopped reading for a while would never catch up.
@@ -471,6 +491,9 @@ impl PeerTask {
                     Some(c) => Box::pin(self.command(c)).await,
                     None => break,
                 },
+                Some(out) = recv_some(self.rib_out.as_mut().map(|o| &mut o.rx)), if can_take => {
+                    Box::pin(self.rib_output(out)).await
+                }
                 Some(msg) = self.internal_rx.recv() => Box::pin(self.internal(msg)).await,
                 _ = sleep_until_opt(next_timer), if next_timer.is_some() => {
                     // Messages that arrived while we were busy (e.g. waiting on a slow RIB) come first:
@@ -582,18 +605,12 @@ impl PeerTask {
                 self.counters.established += 1;
                 self.last_error = None;
                 self.set_contexts(&neg);
-                if let Some((link, cmds)) = &self.rib {
+                if let Some(link) = &self.rib {
                     // The RIB hears of the session before any of its routes: both go down this channel.
-                    let (out_tx, out_rx) = mpsc::channel(rib_link::RIB_OUTPUT_QUEUE);
+                    let (out_tx, out_rx) = chan::channel(rib_link::RIB_OUTPUT_QUEUE);
                     let info = rib_link::peer_info(&self.cfg, &link.role, &neg);
                     let peer = link.peer;
-                    self.rib_writer = Some(AbortOnDrop(tokio::spawn(rib_link::write_rib_output(
-                        self.cfg.peer_addr,
-                        self.session_id,
-                        self.encode_ctx.clone(),
-                        out_rx,
-                        cmds.clone(),
-                    ))));
+                    self.rib_out = Some(RibOutputs::new(out_rx, self.encode_ctx.clone()));
                     self.to_rib(RibInput::PeerUp {
                         peer,
                         info,
@@ -614,8 +631,8 @@ impl PeerTask {
                 reason,
                 graceful_restart,
             } => {
-                self.rib_writer = None;
-                if let Some((link, _)) = &self.rib {
+                self.rib_out = None;
+                if let Some(link) = &self.rib {
                     let peer = link.peer;
                     self.to_rib(RibInput::PeerDown {
                         peer,
@@ -809,7 +826,7 @@ impl PeerTask {
                             saw_update = true;
                             if let Some(family) = u.end_of_rib() {
                                 self.flush_updates(&mut batch).await;
-                                if let Some(peer) = self.rib.as_ref().map(|(l, _)| l.peer) {
+                                if let Some(peer) = self.rib.as_ref().map(|l| l.peer) {
                                     self.to_rib(RibInput::EndOfRib { peer, family }).await;
                                 }
                                 // The owner tracks End-of-RIB for convergence (restart handling).
@@ -838,7 +855,7 @@ impl PeerTask {
                             if established {
                                 saw_update = true;
                                 self.flush_updates(&mut batch).await;
-                                if let Some(peer) = self.rib.as_ref().map(|(l, _)| l.peer) {
+                                if let Some(peer) = self.rib.as_ref().map(|l| l.peer) {
                                     tracing::info!(peer = %self.cfg.peer_addr, family = %r.family, "route refresh requested by peer");
                                     self.to_rib(RibInput::RouteRefresh {
                                         peer,
@@ -925,7 +942,7 @@ impl PeerTask {
             return;
         }
         let updates = std::mem::take(batch);
-        if let Some(peer) = self.rib.as_ref().map(|(l, _)| l.peer) {
+        if let Some(peer) = self.rib.as_ref().map(|l| l.peer) {
             for u in updates {
                 if let Some(input) = RibInput::from_received(peer, u) {
                     self.to_rib(input).await;
@@ -946,7 +963,9 @@ impl PeerTask {
 
     async fn command(&mut self, c: PeerCommand) {
         match c {
-            PeerCommand::SendUpdates { session, bytes } => self.send_data(session, bytes).await,
+            PeerCommand::SendUpdates { session, bytes } => {
+                self.send_data(session, vec![bytes]).await
+            }
             PeerCommand::SendUpdateList { session, updates } => {
                 let mut buf = BytesMut::new();
                 for u in &updates {
@@ -955,13 +974,13 @@ impl PeerTask {
                         tracing::error!(peer = %self.cfg.peer_addr, "UPDATE not sent: {e}");
                     }
                 }
-                self.send_data(session, buf.freeze()).await;
+                self.send_data(session, vec![buf.freeze()]).await;
             }
             PeerCommand::SendEndOfRib { session, family } => {
                 let mut buf = BytesMut::new();
                 let eor = Message::Update(Update::end_of_rib_for(family));
                 match encode(&eor, &self.encode_ctx, &mut buf) {
-                    Ok(()) => self.send_data(session, buf.freeze()).await,
+                    Ok(()) => self.send_data(session, vec![buf.freeze()]).await,
                     Err(e) => {
                         tracing::error!(peer = %self.cfg.peer_addr, "End-of-RIB for {}: {e}", family_text(family))
                     }
@@ -1016,22 +1035,47 @@ impl PeerTask {
         }
     }
 
-    /// Queue pre-encoded UPDATEs on the Established connection of `session`; dropped otherwise.
-    async fn send_data(&mut self, session: SessionId, bytes: Bytes) {
-        if session != self.session_id
-            || self.session.state() != State::Established
-            || bytes.is_empty()
-        {
+    /// Queue pre-encoded UPDATEs (pieces written back to back) on the Established connection of
+    /// `session`; dropped otherwise.
+    async fn send_data(&mut self, session: SessionId, pieces: Vec<Bytes>) {
+        if session != self.session_id || self.session.state() != State::Established {
+            return;
+        }
+        let pieces: Vec<Bytes> = pieces.into_iter().filter(|b| !b.is_empty()).collect();
+        if pieces.is_empty() {
             return;
         }
         let Some(c) = self.main_conn() else { return };
         let queue = c.queue.clone();
-        self.counters.updates_out += count_messages(&bytes);
-        self.counters.messages_out += count_messages(&bytes);
-        self.counters.update_bytes_out += bytes.len() as u64;
-        // The select loop only takes commands when there is room, so this rarely waits. A writer that is
-        // gone reports the connection's end through `Internal::Closed`.
-        queue.data(bytes).await;
+        for b in &pieces {
+            let n = count_messages(b);
+            self.counters.updates_out += n;
+            self.counters.messages_out += n;
+            self.counters.update_bytes_out += b.len() as u64;
+        }
+        // The select loop only takes commands and RIB output when there is room, so this rarely waits. A
+        // writer that is gone reports the connection's end through `Internal::Closed`.
+        queue.data(pieces).await;
+    }
+
+    /// Encode one batch of the RIB's output (`first` and what else waits) and queue it.
+    async fn rib_output(&mut self, first: RibOutput) {
+        let Some(out) = self.rib_out.as_mut() else {
+            return;
+        };
+        let batch = out.batch(self.cfg.peer_addr, first);
+        self.send_data(self.session_id, batch.pieces).await;
+        if batch.max_prefix_exceeded.is_some() {
+            self.feed(Event::ManualStop).await;
+        }
+    }
+}
+
+/// The next item of an optional receiver; never, without one.
+async fn recv_some<T>(rx: Option<&mut chan::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -1164,7 +1208,7 @@ async fn reader(
     id: ConnId,
     rd: OwnedReadHalf,
     extended: Arc<AtomicBool>,
-    tx: mpsc::Sender<Internal>,
+    tx: chan::Sender<Internal>,
 ) {
     // The start of a message whose end has not arrived yet; empty between messages.
     let mut partial: Vec<u8> = Vec::new();
@@ -1275,11 +1319,12 @@ async fn writer(
     id: ConnId,
     mut wr: OwnedWriteHalf,
     queue: Arc<WriteQueue>,
-    tx: mpsc::Sender<Internal>,
+    tx: chan::Sender<Internal>,
 ) {
     loop {
         let r = match queue.next().await {
-            Write::Bytes(b) => wr.write_all(&b).await,
+            Write::Control(b) => wr.write_all(&b).await,
+            Write::Data(pieces) => write_pieces(&mut wr, pieces).await,
             Write::Close => {
                 // Give a NOTIFICATION queued before the close a moment to leave.
                 let _ = tokio::time::timeout(Duration::from_secs(2), wr.flush()).await;
@@ -1300,6 +1345,34 @@ async fn writer(
     }
 }
 
+/// Write `pieces` back to back, as many at a time as one vectored write takes.
+async fn write_pieces(wr: &mut OwnedWriteHalf, pieces: Vec<Bytes>) -> io::Result<()> {
+    let mut pieces = VecDeque::from(pieces);
+    while !pieces.is_empty() {
+        let n = {
+            let slices: Vec<IoSlice<'_>> = pieces.iter().map(|b| IoSlice::new(b)).collect();
+            wr.write_vectored(&slices).await?
+        };
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        let mut n = n;
+        while n > 0 {
+            let Some(front) = pieces.front_mut() else {
+                break;
+            };
+            if n >= front.len() {
+                n -= front.len();
+                pieces.pop_front();
+            } else {
+                bytes::Buf::advance(front, n);
+                n = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1313,42 +1386,83 @@ mod tests {
     #[tokio::test]
     async fn write_queue_sends_control_first_and_bounds_data() {
         let q = WriteQueue::default();
-        for i in 0..DATA_QUEUE {
-            q.data(Bytes::from(vec![i as u8])).await;
+        let piece = |i: u8| Bytes::from(vec![i; DATA_QUEUE_BYTES / 4]);
+        for i in 0..4 {
+            q.data(vec![piece(i)]).await;
         }
-        assert!(!q.has_room(), "{DATA_QUEUE} data buffers fill the queue");
+        assert!(!q.has_room(), "{DATA_QUEUE_BYTES} bytes fill the queue");
         q.control(Bytes::from_static(b"ka"));
         match q.next().await {
-            Write::Bytes(b) => assert_eq!(&b[..], b"ka", "control leaves before queued data"),
-            Write::Close => panic!("closed"),
+            Write::Control(b) => assert_eq!(&b[..], b"ka", "control leaves before queued data"),
+            _ => panic!("expected the control message"),
         }
-        // A data buffer waits for room, and gets in once the writer took one.
-        let waiting = q.data(Bytes::from_static(b"late"));
+        // Data waits for room, and gets in once the writer took what was queued.
+        let waiting = q.data(vec![Bytes::from_static(b"late"), Bytes::from_static(b"r")]);
         tokio::pin!(waiting);
         assert!(
             futures::poll!(waiting.as_mut()).is_pending(),
             "no room: the data waits"
         );
-        assert!(matches!(q.next().await, Write::Bytes(b) if b[0] == 0));
+        match q.next().await {
+            Write::Data(p) => {
+                assert_eq!(p.len(), 4, "the writer takes every queued piece");
+                assert!(
+                    p.iter().enumerate().all(|(i, b)| b[0] == i as u8),
+                    "in order"
+                );
+            }
+            _ => panic!("expected data"),
+        }
         tokio::time::timeout(Duration::from_secs(1), waiting)
             .await
-            .expect("room after the writer took a buffer");
+            .expect("room after the writer took the data");
+        assert!(q.has_room());
         q.close();
         let mut seen = Vec::new();
-        while let Write::Bytes(b) = q.next().await {
-            seen.push(b);
+        loop {
+            match q.next().await {
+                Write::Data(p) => seen.extend(p),
+                Write::Control(_) => panic!("no control was queued"),
+                Write::Close => break,
+            }
         }
         assert_eq!(
-            seen.len(),
-            DATA_QUEUE,
+            seen,
+            [&b"late"[..], &b"r"[..]],
             "what was queued is flushed before the close"
         );
-        assert_eq!(&seen[DATA_QUEUE - 1][..], b"late");
-        q.data(Bytes::from_static(b"after")).await;
+        q.data(vec![Bytes::from_static(b"after")]).await;
         assert!(
             matches!(q.next().await, Write::Close),
             "nothing is queued after the close"
         );
+    }
+
+    /// Pieces written vectored arrive whole and in order, also when the socket takes them in parts.
+    #[tokio::test]
+    async fn writer_writes_pieces_back_to_back() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let client = TcpStream::connect(addr).await.expect("connect");
+        let (mut server, _) = l.accept().await.expect("accept");
+        let (_rd, mut wr) = client.into_split();
+        // More than a socket buffer, in pieces of many sizes, so writes end inside pieces.
+        let pieces: Vec<Bytes> = (0..3000u32)
+            .map(|i| Bytes::from(vec![(i % 251) as u8; (i as usize * 37) % 3000 + 1]))
+            .collect();
+        let want: Vec<u8> = pieces.iter().flat_map(|b| b.iter().copied()).collect();
+        let writing = tokio::spawn(async move {
+            write_pieces(&mut wr, pieces).await.expect("write");
+            wr
+        });
+        let mut got = vec![0u8; want.len()];
+        tokio::io::AsyncReadExt::read_exact(&mut server, &mut got)
+            .await
+            .expect("read");
+        writing.await.expect("writer");
+        assert!(got == want, "the bytes arrive as queued");
     }
 
     /// Messages split across reads (and several in one read) come out whole and in order, and a quiet
@@ -1362,7 +1476,7 @@ mod tests {
         let mut client = TcpStream::connect(addr).await.expect("connect");
         let (server, _) = l.accept().await.expect("accept");
         let (rd, _wr) = server.into_split();
-        let (tx, mut rx) = mpsc::channel(64);
+        let (tx, mut rx) = chan::channel(64);
         let _reader = AbortOnDrop(tokio::spawn(reader(
             7,
             rd,
@@ -1400,13 +1514,13 @@ mod tests {
         }
     }
 
-    /// Every session has a channel of these, allocated in blocks of 32 slots: a large variant would cost
-    /// each of a reflector's thousands of sessions 32 times its size.
+    /// Every session has a channel of these: a large variant would cost each item queued by each of a
+    /// reflector's thousands of sessions its size.
     #[test]
     fn per_session_sizes_stay_small() {
         assert!(
             std::mem::size_of::<Internal>() <= 40,
-            "Internal is {} bytes; its channel allocates 32 of them per block",
+            "Internal is {} bytes, and so is every item in a session's channel of them",
             std::mem::size_of::<Internal>()
         );
     }

@@ -1,6 +1,6 @@
 //! A peer task's own link to the RIB: the session feeds the RIB directly (PeerUp with the session's
-//! generation, the decoded routes, End-of-RIB, route refresh, PeerDown) and runs the encoder of the RIB's
-//! output for its Established session. The speaker only starts and stops peers; no route passes through it.
+//! generation, the decoded routes, End-of-RIB, route refresh, PeerDown) and encodes the RIB's output for
+//! its Established session ([`RibOutputs`]) straight into the connection's write queue. The speaker only starts and stops peers; no route passes through it.
 //!
 //! What the RIB must know about the peer beyond what the OPEN exchange negotiated (its route-reflector
 //! role, next-hop mode, limits) is the [`RibRole`] the speaker hands over at spawn; a change of role
@@ -16,16 +16,18 @@ use crate::bgp::rib::{
     NextHopMode, PeerGracefulRestart as RibGr, PeerId, PeerInfo, PeerLongLived, RibInput,
     RibOutput, SharedWire,
 };
-use crate::bgp::wire::{encode_updates, encode_withdrawals, EncodeCtx, Family};
+use crate::bgp::wire::{
+    encode, encode_updates, encode_withdrawals, EncodeCtx, Family, Message, Update,
+};
+use crate::task::chan;
 
 use super::config::PeerConfig;
-use super::open::Negotiated;
-use super::{PeerCommand, SessionId};
+use super::open::{family_text, Negotiated};
 
 /// How many RIB output messages may wait for one session's encoder (each holds up to the RIB's
 /// `max_batch` prefixes sharing one attribute set). Small on purpose: the RIB fills it from the session's
 /// place in its update group's change log when it has room (see `Rib::drain_dirty`), so what is owed to
-/// a session waits there, once per prefix, not here. 32 is one block of tokio's channel.
+/// a session waits there, once per prefix, not here.
 pub const RIB_OUTPUT_QUEUE: usize = 32;
 
 /// The RIB-side settings of a peer (Calico BGPPeer / Node derived).
@@ -93,30 +95,46 @@ pub fn peer_info(cfg: &PeerConfig, role: &RibRole, n: &Negotiated) -> PeerInfo {
     }
 }
 
-/// Most bytes one batch of encoded UPDATEs holds before it goes to the peer task. Small on purpose: the
-/// encoder must not run ahead of the socket (the kernel's send buffer is the queue), so a table dump
-/// costs a session about this much while it drains, not the encoded table.
+/// Most bytes one batch of encoded UPDATEs holds before it goes to the connection's write queue. Small on
+/// purpose: the encoder must not run ahead of the socket (the kernel's send buffer is the queue), so a
+/// table dump costs a session about this much while it drains, not the encoded table.
 const BATCH: usize = 16 * 1024;
 
-/// Encode the RIB's output for one session into batches of pre-encoded UPDATEs for the peer task.
-/// Messages the RIB marked as shared by an update group are encoded by the first member and sent as the
-/// same bytes by the others.
-pub(crate) async fn write_rib_output(
-    peer: IpAddr,
-    session: SessionId,
+/// The RIB's output channel of the Established session and its encoding context: the peer task takes
+/// from it while its connection's write queue has room and encodes straight into that queue.
+pub(crate) struct RibOutputs {
+    pub rx: chan::Receiver<RibOutput>,
     ctx: EncodeCtx,
-    mut rx: mpsc::Receiver<RibOutput>,
-    cmds: mpsc::Sender<PeerCommand>,
-) {
-    // Grown as needed and handed over whole: a buffer reserved up front would stay resident per session.
-    let mut buf = BytesMut::new();
-    // The batch so far, in order: this session's own encoding (split off `buf`) and shared pieces;
-    // `size` counts the bytes in `pieces`.
-    let mut pieces: Vec<Bytes> = Vec::new();
-    let mut size = 0usize;
-    while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
+}
+
+/// One batch of encoded output.
+pub(crate) struct Batch {
+    /// UPDATEs (and End-of-RIB markers last) for the socket, in order: this session's own encoding and
+    /// the pieces shared with its update group, which stay one buffer for every member (the writer
+    /// writes them vectored, nothing is copied per session).
+    pub pieces: Vec<Bytes>,
+    /// The peer exceeded its max-prefix limit: stop the session.
+    pub max_prefix_exceeded: Option<u32>,
+}
+
+impl RibOutputs {
+    pub fn new(rx: chan::Receiver<RibOutput>, ctx: EncodeCtx) -> RibOutputs {
+        RibOutputs { rx, ctx }
+    }
+
+    /// Encode `first` and what else waits, up to [`BATCH`] bytes or the first End-of-RIB. Messages the
+    /// RIB marked as shared by an update group are encoded by the first member and taken as the same
+    /// bytes by the others. Nothing is kept between batches: an idle session holds no buffer.
+    pub fn batch(&mut self, peer: IpAddr, first: RibOutput) -> Batch {
+        let mut buf = BytesMut::new();
+        // The batch so far, in order: this session's own encoding (split off `buf`) and shared pieces;
+        // `size` counts the bytes in `pieces`.
+        let mut pieces: Vec<Bytes> = Vec::new();
+        let mut size = 0usize;
         let mut eors: Vec<Family> = Vec::new();
+        let mut max_prefix_exceeded = None;
+        let ctx = &self.ctx;
+        let mut next = Some(first);
         while let Some(out) = next.take() {
             match out {
                 RibOutput::Updates {
@@ -126,66 +144,44 @@ pub(crate) async fn write_rib_output(
                     wire,
                 } => {
                     let encode = |b: &mut BytesMut| {
-                        encode_updates(&attrs, family, &nlri, &ctx, b).map(|_| ())
+                        encode_updates(&attrs, family, &nlri, ctx, b).map(|_| ())
                     };
-                    if let Err(e) = add(&wire, &ctx, encode, &mut buf, &mut pieces, &mut size) {
+                    if let Err(e) = add(&wire, ctx, encode, &mut buf, &mut pieces, &mut size) {
                         tracing::error!(%peer, error = %e, prefixes = nlri.len(), "cannot encode UPDATE; routes not sent");
                     }
                 }
                 RibOutput::Withdraw { family, nlri, wire } => {
                     let encode =
-                        |b: &mut BytesMut| encode_withdrawals(family, &nlri, &ctx, b).map(|_| ());
-                    if let Err(e) = add(&wire, &ctx, encode, &mut buf, &mut pieces, &mut size) {
+                        |b: &mut BytesMut| encode_withdrawals(family, &nlri, ctx, b).map(|_| ());
+                    if let Err(e) = add(&wire, ctx, encode, &mut buf, &mut pieces, &mut size) {
                         tracing::error!(%peer, error = %e, "cannot encode withdrawal");
                     }
                 }
                 RibOutput::EndOfRib(family) => eors.push(family),
                 RibOutput::MaxPrefixExceeded { limit } => {
                     tracing::warn!(%peer, limit, "peer exceeded its max-prefix limit: stopping the session");
-                    // Closed: the peer task has already ended, which is what Stop asks for.
-                    let _ = cmds.send(PeerCommand::Stop).await;
-                    return;
+                    max_prefix_exceeded = Some(limit);
+                    break;
                 }
             }
             if size + buf.len() >= BATCH || !eors.is_empty() {
                 break;
             }
-            next = rx.try_recv().ok();
+            next = self.rx.try_recv().ok();
+        }
+        // RFC 4724 2: End-of-RIB is an UPDATE with nothing in it, after the table.
+        for family in eors {
+            let eor = Message::Update(Update::end_of_rib_for(family));
+            if let Err(e) = encode(&eor, ctx, &mut buf) {
+                tracing::error!(%peer, "End-of-RIB for {}: {e}", family_text(family));
+            }
         }
         if !buf.is_empty() {
-            size += buf.len();
-            pieces.push(buf.split().freeze());
+            pieces.push(buf.freeze());
         }
-        let bytes = match pieces.len() {
-            0 => None,
-            // One piece (a shared UPDATE alone, the usual fan-out case): sent as it is, not copied.
-            1 => pieces.pop(),
-            _ => {
-                let mut all = BytesMut::with_capacity(size);
-                for p in pieces.drain(..) {
-                    all.extend_from_slice(&p);
-                }
-                Some(all.freeze())
-            }
-        };
-        size = 0;
-        if let Some(bytes) = bytes {
-            if cmds
-                .send(PeerCommand::SendUpdates { session, bytes })
-                .await
-                .is_err()
-            {
-                return;
-            }
-        }
-        for family in eors {
-            if cmds
-                .send(PeerCommand::SendEndOfRib { session, family })
-                .await
-                .is_err()
-            {
-                return;
-            }
+        Batch {
+            pieces,
+            max_prefix_exceeded,
         }
     }
 }

@@ -13,7 +13,7 @@ use margay::bgp::rib::{
     RibOutput,
 };
 use margay::bgp::wire::{AsPath, AsSegment, Family, MpReach, Nlri, Origin, PathAttributes};
-use tokio::sync::mpsc;
+use margay::task::chan;
 
 pub const LOCAL_AS: u32 = 65000;
 pub const RID: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
@@ -105,7 +105,7 @@ pub fn llgr(restart: u64, stale: u64) -> Option<PeerGracefulRestart> {
 pub struct Harness {
     pub rib: Rib,
     pub now: Instant,
-    rx: HashMap<u32, mpsc::Receiver<RibOutput>>,
+    rx: HashMap<u32, chan::Receiver<RibOutput>>,
     /// What each peer holds, rebuilt from its outputs only.
     pub held: HashMap<u32, BTreeMap<IpNetwork, Arc<PathAttributes>>>,
     /// Every output each peer received, in order.
@@ -129,7 +129,7 @@ impl Harness {
 
     pub fn up(&mut self, id: u32, info: PeerInfo) {
         // Roomy: these tests look at exact output sequences, not at the slow-peer path.
-        let (tx, rx) = mpsc::channel(1 << 16);
+        let (tx, rx) = chan::channel(1 << 16);
         self.rx.insert(id, rx);
         self.held.insert(id, BTreeMap::new());
         self.log.insert(id, Vec::new());

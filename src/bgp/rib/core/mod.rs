@@ -7,9 +7,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::task::chan::{self, TrySendError};
 use ipnetwork::IpNetwork;
-use tokio::sync::mpsc;
-use tokio::sync::mpsc::error::TrySendError;
 
 use super::chunkmap::ChunkMap;
 use super::decision::{self, Kind, SourceMeta};
@@ -98,7 +97,7 @@ struct Slot {
     info: PeerInfo,
     kind: Kind,
     up: bool,
-    out: Option<mpsc::Sender<RibOutput>>,
+    out: Option<chan::Sender<RibOutput>>,
     /// Prefixes whose current export this peer still has to get: filled instead of the channel once the
     /// channel is full (a slow session), drained when it has room. A prefix that changes ten times while
     /// the peer is slow is sent once, as it is then, so a stalled peer costs at most one entry per prefix.
@@ -182,6 +181,9 @@ struct State {
 pub struct Rib {
     tables: Tables,
     st: State,
+    /// Rung by a session's output channel when it takes from a full queue: a session the RIB left
+    /// behind has room again ([`Rib::room_bell`]).
+    room: Arc<tokio::sync::Notify>,
 }
 
 fn local_info(cfg: &RibConfig) -> PeerInfo {
@@ -225,7 +227,13 @@ impl Rib {
                 add_path_peers: 0,
                 deferring: None,
             },
+            room: Arc::new(tokio::sync::Notify::new()),
         }
+    }
+
+    /// What the RIB task waits on while [`Rib::has_dirty`]: some session that was behind has room again.
+    pub fn room_bell(&self) -> Arc<tokio::sync::Notify> {
+        self.room.clone()
     }
 
     /// Apply one input. `now` drives the graceful-restart timers.
@@ -417,8 +425,8 @@ impl Rib {
     /// Send what peers are owed, as far as their channels have room: each session its table walk and its
     /// group's change log after its cursor (`log.rs`); each ADD-PATH send session its dirty prefixes, as of
     /// now (an announcement, or a withdrawal when there is nothing to send any more), grouped by attribute
-    /// set, then its held-back markers. The RIB task calls this after every input and on a short tick while
-    /// [`Rib::has_dirty`].
+    /// set, then its held-back markers. The RIB task calls this after every input and, while
+    /// [`Rib::has_dirty`], whenever the [`Rib::room_bell`] rings.
     pub fn drain_dirty(&mut self) {
         if !self.st.dirty_slots.is_empty() {
             self.drain_queues();
@@ -696,7 +704,7 @@ mod tests {
         }
     }
 
-    fn held_after(rx: &mut mpsc::Receiver<RibOutput>, held: &mut BTreeMap<IpNetwork, u32>) -> bool {
+    fn held_after(rx: &mut chan::Receiver<RibOutput>, held: &mut BTreeMap<IpNetwork, u32>) -> bool {
         let mut any = false;
         while let Ok(m) = rx.try_recv() {
             any = true;
@@ -725,9 +733,9 @@ mod tests {
         cfg.cluster_id = Some(Ipv4Addr::new(1, 1, 1, 1));
         let mut rib = Rib::new(cfg, Arc::new(Policy::accept_all()), false);
         let now = Instant::now();
-        let (fast_tx, mut fast_rx) = mpsc::channel(1 << 16);
-        let (slow_tx, mut slow_rx) = mpsc::channel(2);
-        let (src_tx, _src_rx) = mpsc::channel(1 << 16);
+        let (fast_tx, mut fast_rx) = chan::channel(1 << 16);
+        let (slow_tx, mut slow_rx) = chan::channel(2);
+        let (src_tx, _src_rx) = chan::channel(1 << 16);
         for (id, out) in [(1, src_tx), (2, fast_tx), (3, slow_tx)] {
             rib.handle(
                 RibInput::PeerUp {
@@ -799,8 +807,8 @@ mod tests {
         let announce = |rib: &mut Rib, peer: u32, k: u32| {
             rib.handle(one_route(peer, prefix(k), k), now);
         };
-        let (src_tx, _src_rx) = mpsc::channel(1 << 10);
-        let (fast_tx, mut fast_rx) = mpsc::channel(1 << 10);
+        let (src_tx, _src_rx) = chan::channel(1 << 10);
+        let (fast_tx, mut fast_rx) = chan::channel(1 << 10);
         rib.handle(
             RibInput::PeerUp {
                 peer: PeerId(1),
@@ -821,7 +829,7 @@ mod tests {
             now,
         );
         // Peer 3 takes one message of its walk and never reads again.
-        let (slow_tx, _slow_rx) = mpsc::channel(1);
+        let (slow_tx, _slow_rx) = chan::channel(1);
         rib.handle(
             RibInput::PeerUp {
                 peer: PeerId(3),
@@ -866,10 +874,10 @@ mod tests {
             add_path_tx: vec![Family::IPV4_UNICAST],
             ..client(n)
         };
-        let (fast_tx, mut fast_rx) = mpsc::channel(1 << 16);
-        let (slow_tx, mut slow_rx) = mpsc::channel(2);
-        let (a_tx, _a_rx) = mpsc::channel(1 << 16);
-        let (b_tx, _b_rx) = mpsc::channel(1 << 16);
+        let (fast_tx, mut fast_rx) = chan::channel(1 << 16);
+        let (slow_tx, mut slow_rx) = chan::channel(2);
+        let (a_tx, _a_rx) = chan::channel(1 << 16);
+        let (b_tx, _b_rx) = chan::channel(1 << 16);
         for (id, info, out) in [
             (1, client(1), a_tx),
             (2, client(2), b_tx),
@@ -912,7 +920,7 @@ mod tests {
         );
         assert!(rib.has_dirty(), "the slow peer's channel of 2 overflowed");
         let held =
-            |rx: &mut mpsc::Receiver<RibOutput>,
+            |rx: &mut chan::Receiver<RibOutput>,
              h: &mut BTreeMap<(IpNetwork, u32), (Option<Ipv4Addr>, u32)>| {
                 let mut any = false;
                 while let Ok(m) = rx.try_recv() {

@@ -20,7 +20,7 @@ impl Rib {
         &mut self,
         peer: PeerId,
         info: PeerInfo,
-        out: mpsc::Sender<RibOutput>,
+        out: chan::Sender<RibOutput>,
         now: Instant,
     ) {
         if self.up_slot(peer).is_some() {
@@ -53,6 +53,7 @@ impl Rib {
             None => self.st.alloc_slot(peer, info.clone(), kind),
         };
         let group = self.st.group_for(kind, &info);
+        out.ring_on_room(self.room.clone());
         {
             let s = &mut self.st.slots[slot as usize];
             s.info = info;
