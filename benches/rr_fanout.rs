@@ -58,6 +58,9 @@ struct Figures {
     /// Restart storm: seconds until every route is back (None: not back within the time limit).
     storm: Option<f64>,
     rss_kb: u64,
+    /// At the end of the run (not the peak): the heap and stacks, and the mapped files (the binary).
+    anon_kb: u64,
+    file_kb: u64,
     cpu_s: f64,
 }
 
@@ -148,10 +151,12 @@ fn main() {
             .iter()
             .map(|f| {
                 format!(
-                    "full {:.2}s storm {} RSS {:.1}MB CPU {:.2}s",
+                    "full {:.2}s storm {} RSS {:.1}MB (at the end: anon {:.1}MB, file {:.1}MB) CPU {:.2}s",
                     f.full,
                     f.storm.map_or("-".into(), |s| format!("{s:.2}s")),
                     f.rss_kb as f64 / 1024.0,
+                    f.anon_kb as f64 / 1024.0,
+                    f.file_kb as f64 / 1024.0,
                     f.cpu_s
                 )
             })
@@ -357,11 +362,16 @@ fn run_one(daemon: &str, clients: usize, rounds: usize) -> Result<Figures, Strin
         storm,
     } = sim.join().map_err(|_| "simulator panicked")??;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let rss_kb = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        .unwrap_or(0);
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+            .unwrap_or(0)
+    };
+    let rss_kb = field("VmHWM:");
+    let anon_kb = field("RssAnon:");
+    let file_kb = field("RssFile:");
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let fields: Vec<&str> = stat
         .rsplit_once(')')
@@ -383,6 +393,8 @@ fn run_one(daemon: &str, clients: usize, rounds: usize) -> Result<Figures, Strin
         withdraw,
         storm,
         rss_kb,
+        anon_kb,
+        file_kb,
         cpu_s,
     })
 }
