@@ -8,9 +8,9 @@
 //! small shared header. Use it where there is one channel per peer; tokio's channels stay where there are
 //! a few (the RIB's inbox, the FIB's).
 //!
-//! A sender may also hand the channel a [`Notify`] to ring whenever the receiver takes an item from a
-//! full queue: the side that fills many such channels (the RIB) waits on that one bell instead of
-//! polling each.
+//! A sender may also hand the channel a [`Bell`] and a token to ring whenever the receiver takes an item
+//! from a full queue: the side that fills many such channels (the RIB) waits on that one bell and learns
+//! which of its channels have room, instead of polling each.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -35,14 +35,45 @@ struct State<T> {
     queue: VecDeque<T>,
     senders: usize,
     receiver: bool,
-    /// Rung when an item is taken from a full queue (see the module doc).
-    on_room: Option<Arc<Notify>>,
+    /// Rung with its token when an item is taken from a full queue (see the module doc).
+    on_room: Option<(Arc<Bell>, usize)>,
 }
 
 impl<T> Shared<T> {
     fn lock(&self) -> MutexGuard<'_, State<T>> {
         // Nothing panics while holding the lock; a poisoned queue is still a consistent queue.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Rung by the channels that were full and have room again, each with the token it was given.
+#[derive(Debug, Default)]
+pub struct Bell {
+    rung: Mutex<Vec<usize>>,
+    notify: Notify,
+}
+
+impl Bell {
+    pub fn new() -> Bell {
+        Bell::default()
+    }
+
+    /// Wait until a channel rang since the last [`Bell::take`] (at once if one has).
+    pub async fn wait(&self) {
+        self.notify.notified().await
+    }
+
+    /// The tokens of the channels that rang since the last call (a channel may be listed more than once).
+    pub fn take(&self) -> Vec<usize> {
+        std::mem::take(&mut *self.rung.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn ring(&self, token: usize) {
+        self.rung
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(token);
+        self.notify.notify_one();
     }
 }
 
@@ -163,8 +194,8 @@ impl<T> Sender<T> {
 
     /// Ring `bell` whenever the receiver takes an item from a full queue (the filler that stopped at
     /// a full channel waits on it).
-    pub fn ring_on_room(&self, bell: Arc<Notify>) {
-        self.shared.lock().on_room = Some(bell);
+    pub fn ring_on_room(&self, bell: Arc<Bell>, token: usize) {
+        self.shared.lock().on_room = Some((bell, token));
     }
 
     /// The receiver is gone: nothing sent will be read.
@@ -247,8 +278,8 @@ impl<T> Receiver<T> {
             (item, was_full.then(|| s.on_room.clone()).flatten())
         };
         self.shared.room.notify_one();
-        if let Some(bell) = bell {
-            bell.notify_one();
+        if let Some((bell, token)) = bell {
+            bell.ring(token);
         }
         Ok(item)
     }
@@ -347,19 +378,23 @@ mod tests {
     #[tokio::test]
     async fn the_bell_rings_when_a_full_queue_gets_room() {
         let (tx, mut rx) = channel(2);
-        let bell = Arc::new(Notify::new());
-        tx.ring_on_room(bell.clone());
+        let (other, mut other_rx) = channel(1);
+        let bell = Arc::new(Bell::new());
+        tx.ring_on_room(bell.clone(), 7);
+        other.ring_on_room(bell.clone(), 9);
         tx.try_send(1).unwrap();
         // Not full: taking an item does not ring.
         rx.try_recv().unwrap();
-        let rung = bell.notified();
-        tokio::pin!(rung);
-        assert!(futures::poll!(rung.as_mut()).is_pending());
+        assert!(bell.take().is_empty());
         tx.try_send(2).unwrap();
         tx.try_send(3).unwrap();
+        other.try_send(4).unwrap();
         rx.try_recv().unwrap();
-        tokio::time::timeout(Duration::from_secs(1), rung)
+        other_rx.try_recv().unwrap();
+        tokio::time::timeout(Duration::from_secs(1), bell.wait())
             .await
             .expect("the bell rang");
+        assert_eq!(bell.take(), [7, 9], "each channel rang with its token");
+        assert!(bell.take().is_empty());
     }
 }

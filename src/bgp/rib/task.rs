@@ -57,8 +57,7 @@ async fn run(
     let bell = rib.room_bell();
     loop {
         let deadline = rib.next_deadline();
-        // While a session is owed changes its channel had no room for, its channel rings the bell when it
-        // has room again.
+        // A session owed changes its channel had no room for rings the bell when it has room again.
         let dirty = rib.has_dirty();
         let input = tokio::select! {
             input = rx.recv() => match input {
@@ -66,7 +65,7 @@ async fn run(
                 None => break,
             },
             _ = sleep_until(deadline) => Tick::Timer,
-            _ = bell.notified(), if dirty => Tick::Drain,
+            _ = bell.wait() => Tick::Ready,
             _ = tokio::time::sleep(DIRTY_BACKSTOP), if dirty => Tick::Drain,
         };
         // tokio's clock, so deadlines and `now` agree also when a test pauses time.
@@ -84,6 +83,13 @@ async fn run(
                 rib.handle_batch(batch, now)
             }
             Tick::Timer => rib.on_timer(now),
+            Tick::Ready => {
+                // Taken also when nothing is owed, so the rung tokens never pile up.
+                let ready = bell.take();
+                if rib.has_dirty() {
+                    rib.drain_ready(ready);
+                }
+            }
             Tick::Drain => rib.drain_dirty(),
         }
         let events = rib.take_fib_events();
@@ -113,6 +119,8 @@ const DIRTY_BACKSTOP: std::time::Duration = std::time::Duration::from_millis(100
 enum Tick {
     Input(RibInput),
     Timer,
+    /// Sessions that were behind have room again.
+    Ready,
     Drain,
 }
 

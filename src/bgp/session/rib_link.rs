@@ -28,7 +28,7 @@ use super::open::{family_text, Negotiated};
 /// `max_batch` prefixes sharing one attribute set). Small on purpose: the RIB fills it from the session's
 /// place in its update group's change log when it has room (see `Rib::drain_dirty`), so what is owed to
 /// a session waits there, once per prefix, not here.
-pub const RIB_OUTPUT_QUEUE: usize = 32;
+pub const RIB_OUTPUT_QUEUE: usize = 16;
 
 /// The RIB-side settings of a peer (Calico BGPPeer / Node derived).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

@@ -181,9 +181,9 @@ struct State {
 pub struct Rib {
     tables: Tables,
     st: State,
-    /// Rung by a session's output channel when it takes from a full queue: a session the RIB left
-    /// behind has room again ([`Rib::room_bell`]).
-    room: Arc<tokio::sync::Notify>,
+    /// Rung by a session's output channel, with its slot, when its receiver takes from a full queue: a
+    /// session the RIB left behind has room again ([`Rib::room_bell`]).
+    room: Arc<chan::Bell>,
 }
 
 fn local_info(cfg: &RibConfig) -> PeerInfo {
@@ -227,12 +227,13 @@ impl Rib {
                 add_path_peers: 0,
                 deferring: None,
             },
-            room: Arc::new(tokio::sync::Notify::new()),
+            room: Arc::new(chan::Bell::new()),
         }
     }
 
-    /// What the RIB task waits on while [`Rib::has_dirty`]: some session that was behind has room again.
-    pub fn room_bell(&self) -> Arc<tokio::sync::Notify> {
+    /// What the RIB task waits on: sessions that were behind have room again; it hands their tokens
+    /// to [`Rib::drain_ready`].
+    pub fn room_bell(&self) -> Arc<chan::Bell> {
         self.room.clone()
     }
 
@@ -432,6 +433,18 @@ impl Rib {
             self.drain_queues();
         }
         self.pump_logs();
+    }
+
+    /// Serve the sessions whose channels rang the [`Rib::room_bell`] (their tokens, in any order, maybe
+    /// repeated): the ADD-PATH queues and these sessions' walks and logs, as far as they have room. Only
+    /// these: a session that catches up costs the RIB its own work, not a look at every session.
+    pub fn drain_ready(&mut self, mut tokens: Vec<usize>) {
+        if !self.st.dirty_slots.is_empty() {
+            self.drain_queues();
+        }
+        tokens.sort_unstable();
+        tokens.dedup();
+        self.pump_slots(tokens.into_iter().filter_map(|t| u16::try_from(t).ok()));
     }
 
     fn drain_queues(&mut self) {

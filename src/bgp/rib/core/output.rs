@@ -661,6 +661,15 @@ impl Rib {
         if self.st.deferring.is_some() {
             return;
         }
+        self.pump_slots(1..self.st.slots.len() as u16);
+        self.st.trim_logs();
+    }
+
+    /// [`Rib::pump_logs`] for the given slots only, without trimming the logs (the next full pump does).
+    pub(super) fn pump_slots(&mut self, slots: impl Iterator<Item = u16>) {
+        if self.st.deferring.is_some() {
+            return;
+        }
         let mut share = WireShare {
             enabled: true,
             ..Default::default()
@@ -669,12 +678,11 @@ impl Rib {
         for g in &mut self.st.groups {
             g.log.expose();
         }
-        for t in 1..self.st.slots.len() as u16 {
-            if self.st.reads_log(t) {
+        for t in slots {
+            if usize::from(t) < self.st.slots.len() && self.st.reads_log(t) {
                 self.pump(t, &policy, &mut share);
             }
         }
-        self.st.trim_logs();
     }
 
     fn pump(&mut self, t: u16, policy: &Policy, share: &mut WireShare) {

@@ -53,7 +53,7 @@ impl Rib {
             None => self.st.alloc_slot(peer, info.clone(), kind),
         };
         let group = self.st.group_for(kind, &info);
-        out.ring_on_room(self.room.clone());
+        out.ring_on_room(self.room.clone(), usize::from(slot));
         {
             let s = &mut self.st.slots[slot as usize];
             s.info = info;
