@@ -20,7 +20,12 @@
 //! namespace), BIRD 2 and GoBGP (`gobgpd`) for their rows, a release build of margay. Addressing allows up
 //! to 16,000 clients (client 16,380's block would be the probe's).
 //!
+//! Before the probe rounds the simulator waits until no client has heard an UPDATE for 500 ms (the reflector
+//! may still be sending repeats of routes every client already holds); that moment is reported as
+//! `settled`, with how many announcements the clients got per one they needed.
+//!
 //! Run: `cargo bench --bench rr_fanout -- [--clients N] [--rounds R] [--runs K] [--only bird,gobgp,margay]`
+//! (`RR_FANOUT_ROUNDS=1` prints every probe round's time).
 
 #![allow(clippy::unwrap_used)] // bench code: a panic is the failure report
 
@@ -53,6 +58,10 @@ fn client_block(i: usize) -> [u8; 4] {
 struct Figures {
     established: f64,
     full: f64,
+    /// When the last UPDATE of the initial convergence reached a client (the reflector went quiet).
+    settled: f64,
+    /// Announcements the clients received until then, per announcement they needed (1.0: no repeats).
+    repeats: f64,
     join: Vec<f64>,
     withdraw: Vec<f64>,
     /// Restart storm: seconds until every route is back (None: not back within the time limit).
@@ -151,8 +160,10 @@ fn main() {
             .iter()
             .map(|f| {
                 format!(
-                    "full {:.2}s storm {} RSS {:.1}MB (at the end: anon {:.1}MB, file {:.1}MB) CPU {:.2}s",
+                    "full {:.2}s settled {:.2}s ({:.2} announcements per needed one) storm {} RSS {:.1}MB (at the end: anon {:.1}MB, file {:.1}MB) CPU {:.2}s",
                     f.full,
+                    f.settled,
+                    f.repeats,
                     f.storm.map_or("-".into(), |s| format!("{s:.2}s")),
                     f.rss_kb as f64 / 1024.0,
                     f.anon_kb as f64 / 1024.0,
@@ -357,6 +368,8 @@ fn run_one(daemon: &str, clients: usize, rounds: usize) -> Result<Figures, Strin
     let Sim {
         established,
         full,
+        settled,
+        repeats,
         join,
         withdraw,
         storm,
@@ -389,6 +402,8 @@ fn run_one(daemon: &str, clients: usize, rounds: usize) -> Result<Figures, Strin
     Ok(Figures {
         established,
         full,
+        settled,
+        repeats,
         join,
         withdraw,
         storm,
@@ -403,6 +418,8 @@ fn run_one(daemon: &str, clients: usize, rounds: usize) -> Result<Figures, Strin
 struct Sim {
     established: f64,
     full: f64,
+    settled: f64,
+    repeats: f64,
     join: Vec<f64>,
     withdraw: Vec<f64>,
     storm: Option<f64>,
@@ -448,6 +465,10 @@ enum Seen {
 }
 
 async fn simulate(clients: usize, rounds: usize) -> Result<Sim, String> {
+    // Counters of this run only (the simulator runs once per daemon and run in one process).
+    epoch();
+    LAST_UPDATE_NS.store(0, Ordering::Relaxed);
+    ANNOUNCED.store(0, Ordering::Relaxed);
     // Wait for the reflector to listen.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -504,6 +525,22 @@ async fn simulate(clients: usize, rounds: usize) -> Result<Sim, String> {
             }
         }
     }
+    // Let the initial convergence settle before the probe: a reflector may still be sending (repeats of
+    // routes already held) after every client holds every block. The probe rounds measure one change on a
+    // quiet reflector; the time until it went quiet is reported as `settled`.
+    let quiet_deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let last = Duration::from_nanos(LAST_UPDATE_NS.load(Ordering::Relaxed));
+        if epoch().elapsed().saturating_sub(last) >= QUIET || Instant::now() > quiet_deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let settled = (epoch() + Duration::from_nanos(LAST_UPDATE_NS.load(Ordering::Relaxed)))
+        .saturating_duration_since(t0)
+        .as_secs_f64();
+    let repeats =
+        ANNOUNCED.load(Ordering::Relaxed) as f64 / (clients as f64 * (clients as f64 - 1.0));
     // The probe: one more client announcing and withdrawing one block.
     let mut probe = connect_and_open(clients).await?;
     let mut join = Vec::new();
@@ -530,6 +567,14 @@ async fn simulate(clients: usize, rounds: usize) -> Result<Sim, String> {
                 }
             }
             let d = (last - sent).as_secs_f64();
+            if std::env::var_os("RR_FANOUT_ROUNDS").is_some() {
+                eprintln!(
+                    "round {} {}: {:.1} ms",
+                    join.len(),
+                    if announce { "join" } else { "withdraw" },
+                    d * 1e3
+                );
+            }
             if announce {
                 join.push(d);
             } else {
@@ -567,6 +612,8 @@ async fn simulate(clients: usize, rounds: usize) -> Result<Sim, String> {
     Ok(Sim {
         established: t_est,
         full: t_full,
+        settled,
+        repeats,
         join,
         withdraw,
         storm: storm_s,
@@ -616,6 +663,18 @@ async fn try_connect_and_open(i: usize) -> Result<TcpStream, String> {
             _ => {}
         }
     }
+}
+
+/// How long no client may hear an UPDATE before the reflector counts as quiet.
+const QUIET: Duration = Duration::from_millis(500);
+/// When any client last read an UPDATE, in nanoseconds since [`epoch`].
+static LAST_UPDATE_NS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Announcements the clients read before the storm.
+static ANNOUNCED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
 }
 
 async fn client(
@@ -681,6 +740,8 @@ async fn client(
                     ));
                 }
                 if buf[off + 18] == 2 {
+                    LAST_UPDATE_NS
+                        .fetch_max(epoch().elapsed().as_nanos() as u64, Ordering::Relaxed);
                     let body = &buf[off + 19..off + mlen];
                     let wl = u16::from_be_bytes([body[0], body[1]]) as usize;
                     for p in prefixes(&body[2..2 + wl]) {
@@ -707,6 +768,9 @@ async fn client(
                                 },
                             ));
                         } else {
+                            if awaited.is_none() {
+                                ANNOUNCED.fetch_add(1, Ordering::Relaxed);
+                            }
                             let b = u32::from_be_bytes(p);
                             have.insert(b);
                             if let Some(a) = awaited.as_mut() {
