@@ -8,9 +8,9 @@
 //! small shared header. Use it where there is one channel per peer; tokio's channels stay where there are
 //! a few (the RIB's inbox, the FIB's).
 //!
-//! A sender may also hand the channel a [`Bell`] and a token to ring whenever the receiver takes an item
-//! from a full queue: the side that fills many such channels (the RIB) waits on that one bell and learns
-//! which of its channels have room, instead of polling each.
+//! A sender may also hand the channel a [`Bell`] and a token to ring whenever the receiver has drained
+//! the queue to half its bound: the side that fills many such channels (the RIB) and stops at a full one
+//! waits on that one bell and learns which of its channels have room again, instead of polling each.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -192,8 +192,8 @@ impl<T> Sender<T> {
         }
     }
 
-    /// Ring `bell` whenever the receiver takes an item from a full queue (the filler that stopped at
-    /// a full channel waits on it).
+    /// Ring `bell` with `token` whenever the receiver drains the queue to half its bound (the filler
+    /// that stopped at a full channel waits on it).
     pub fn ring_on_room(&self, bell: Arc<Bell>, token: usize) {
         self.shared.lock().on_room = Some((bell, token));
     }
@@ -264,7 +264,10 @@ impl<T> Receiver<T> {
     fn pop(&self) -> Result<T, TryRecvError> {
         let (item, bell) = {
             let mut s = self.shared.lock();
-            let was_full = s.queue.len() >= self.shared.bound;
+            // The bell rings when the queue drains to half its bound: a queue left full reaches that
+            // point on its way down, and the filler then has half a queue of room to fill at once
+            // (ringing at the first item taken would wake it for one slot at a time).
+            let ring = s.queue.len() == self.shared.bound / 2 + 1;
             let Some(item) = s.queue.pop_front() else {
                 return Err(if s.senders == 0 {
                     TryRecvError::Disconnected
@@ -275,7 +278,7 @@ impl<T> Receiver<T> {
             if s.queue.is_empty() && s.queue.capacity() > KEEP_SLOTS {
                 s.queue = VecDeque::new();
             }
-            (item, was_full.then(|| s.on_room.clone()).flatten())
+            (item, ring.then(|| s.on_room.clone()).flatten())
         };
         self.shared.room.notify_one();
         if let Some((bell, token)) = bell {
@@ -383,12 +386,13 @@ mod tests {
         tx.ring_on_room(bell.clone(), 7);
         other.ring_on_room(bell.clone(), 9);
         tx.try_send(1).unwrap();
-        // Not full: taking an item does not ring.
+        // Taken from below half the bound: no ring.
         rx.try_recv().unwrap();
         assert!(bell.take().is_empty());
         tx.try_send(2).unwrap();
         tx.try_send(3).unwrap();
         other.try_send(4).unwrap();
+        // From full to half: ring.
         rx.try_recv().unwrap();
         other_rx.try_recv().unwrap();
         tokio::time::timeout(Duration::from_secs(1), bell.wait())

@@ -13,7 +13,9 @@
 //! reads the log from the position it took when the walk started: a change behind the walk's position is in
 //! the log after that position, so nothing is missed, and a change ahead of it is seen by the walk itself.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{HashMap, VecDeque};
+#[cfg(test)]
+use std::collections::BTreeMap;
 
 use ipnetwork::IpNetwork;
 
@@ -22,16 +24,27 @@ use crate::bgp::wire::Family;
 
 /// The change log of one update group. Sequence numbers start at 1; a cursor at `n` has read every entry up
 /// to and including `n` (0: nothing read).
+///
+/// The entries sit in sequence order in one deque: appending is a push at the back and trimming a pop at
+/// the front (a table load appends and trims a million entries). A prefix that moves to the end leaves a
+/// hole where it was; holes are dropped by trimming, or all at once when they outnumber the entries (a
+/// member stalled behind a flapping prefix must not grow the log).
 #[derive(Debug, Default)]
 pub(super) struct ChangeLog {
     /// The sequence number of the last entry appended (0: none yet).
     head: u64,
     /// `head` when members last read ([`ChangeLog::expose`]): an entry after it has been read by nobody.
     exposed: u64,
-    entries: BTreeMap<u64, IpNetwork>,
+    /// (sequence number, prefix; None where the prefix moved on), in sequence order.
+    entries: VecDeque<(u64, Option<IpNetwork>)>,
+    /// Holes in `entries`.
+    holes: usize,
     /// Where each prefix in the log is, so a new change of it moves it to the end.
     at: HashMap<IpNetwork, u64, FastHash>,
 }
+
+/// Holes are only compacted away beyond this many (and when they outnumber the entries).
+const HOLES_KEPT: usize = 1024;
 
 impl ChangeLog {
     /// The position a cursor has after reading everything there is now.
@@ -42,21 +55,41 @@ impl ChangeLog {
     /// Entries held (at most one per prefix).
     #[cfg(test)]
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.entries.len() - self.holes
+    }
+
+    /// The index of the first entry after `seq`.
+    fn index_after(&self, seq: u64) -> usize {
+        self.entries.partition_point(|(s, _)| *s <= seq)
     }
 
     /// Record that the export of `prefix` may have changed: it goes to the end of the log, unless it is
     /// already in the part nobody has read yet (several members, or several changes, between two reads).
     pub fn push(&mut self, prefix: IpNetwork) {
-        if let Some(&seq) = self.at.get(&prefix) {
-            if seq > self.exposed {
-                return;
-            }
-            self.entries.remove(&seq);
-        }
         self.head += 1;
-        self.entries.insert(self.head, prefix);
-        self.at.insert(prefix, self.head);
+        match self.at.entry(prefix) {
+            std::collections::hash_map::Entry::Occupied(mut e) => {
+                let seq = *e.get();
+                if seq > self.exposed {
+                    self.head -= 1;
+                    return;
+                }
+                e.insert(self.head);
+                let i = self.entries.partition_point(|(s, _)| *s < seq);
+                if let Some(entry) = self.entries.get_mut(i).filter(|e| e.0 == seq) {
+                    entry.1 = None;
+                    self.holes += 1;
+                }
+            }
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(self.head);
+            }
+        }
+        self.entries.push_back((self.head, Some(prefix)));
+        if self.holes > HOLES_KEPT && self.holes * 2 > self.entries.len() {
+            self.entries.retain(|(_, p)| p.is_some());
+            self.holes = 0;
+        }
     }
 
     /// Members are about to read: every entry so far may be behind some cursor from now on, so a new
@@ -68,23 +101,27 @@ impl ChangeLog {
     /// The first entry after `cursor`.
     pub fn next_after(&self, cursor: u64) -> Option<(u64, IpNetwork)> {
         self.entries
-            .range(cursor.saturating_add(1)..)
-            .next()
-            .map(|(s, p)| (*s, *p))
+            .range(self.index_after(cursor)..)
+            .find_map(|(s, p)| p.map(|p| (*s, p)))
     }
 
     /// Drop every entry at or before `upto` (every member has read them).
     pub fn trim(&mut self, upto: u64) {
-        while let Some(entry) = self.entries.first_entry() {
-            if *entry.key() > upto {
+        while let Some(&(seq, prefix)) = self.entries.front() {
+            if seq > upto {
                 break;
             }
-            let prefix = entry.remove();
-            self.at.remove(&prefix);
+            self.entries.pop_front();
+            match prefix {
+                Some(prefix) => {
+                    self.at.remove(&prefix);
+                }
+                None => self.holes -= 1,
+            }
         }
-        if self.entries.is_empty() {
-            // Give the maps' memory back after a burst (a table load, a storm of restarts).
-            self.entries = BTreeMap::new();
+        if self.entries.is_empty() && self.entries.capacity() > HOLES_KEPT {
+            // Give the memory back after a burst (a table load, a storm of restarts).
+            self.entries = VecDeque::new();
             self.at = HashMap::default();
         }
     }
@@ -223,6 +260,33 @@ mod tests {
             };
         }
         assert_eq!(held, table);
+    }
+
+    /// A prefix that keeps changing while a member is stalled (so nothing is trimmed) leaves holes
+    /// behind; they are dropped before they outnumber the entries, and the stalled member still reads
+    /// every prefix once, in the order of their last change.
+    #[test]
+    fn holes_of_a_flapping_prefix_do_not_grow_the_log() {
+        let mut log = ChangeLog::default();
+        for k in 0..10 {
+            log.push(p(k));
+        }
+        for _ in 0..10_000 {
+            log.expose();
+            log.push(p(3));
+        }
+        assert!(
+            log.entries.len() <= 2 * (HOLES_KEPT + 10),
+            "{} entries held",
+            log.entries.len()
+        );
+        let (got, cursor) = read(&log, 0);
+        let mut want: Vec<IpNetwork> = (0..10).filter(|k| *k != 3).map(p).collect();
+        want.push(p(3));
+        assert_eq!(got, want);
+        log.trim(cursor);
+        assert_eq!(log.len(), 0);
+        assert!(log.at.is_empty());
     }
 
     /// Announce then withdraw before the member reads: it reads the prefix once and, the table holding
