@@ -13,9 +13,9 @@
 //! reads the log from the position it took when the walk started: a change behind the walk's position is in
 //! the log after that position, so nothing is missed, and a change ahead of it is seen by the walk itself.
 
-use std::collections::{HashMap, VecDeque};
 #[cfg(test)]
 use std::collections::BTreeMap;
+use std::collections::{HashMap, VecDeque};
 
 use ipnetwork::IpNetwork;
 
@@ -35,13 +35,20 @@ pub(super) struct ChangeLog {
     head: u64,
     /// `head` when members last read ([`ChangeLog::expose`]): an entry after it has been read by nobody.
     exposed: u64,
-    /// (sequence number, prefix; None where the prefix moved on), in sequence order.
-    entries: VecDeque<(u64, Option<IpNetwork>)>,
+    /// In sequence order: (sequence number, prefix (None where the prefix moved on), the member the
+    /// change did not concern ([`ChangeLog::push`])).
+    entries: VecDeque<(u64, Option<IpNetwork>, Quiet)>,
     /// Holes in `entries`.
     holes: usize,
     /// Where each prefix in the log is, so a new change of it moves it to the end.
     at: HashMap<IpNetwork, u64, FastHash>,
 }
+
+/// The one member (its slot) whose export of the prefix was nothing before the change and is nothing
+/// after it, typically the peer the route came from: reading the entry while its export is still
+/// nothing, it sends no withdrawal of a prefix it was never sent. `NO_QUIET`: no such member known.
+pub(super) type Quiet = u16;
+pub(super) const NO_QUIET: Quiet = 0;
 
 /// Holes are only compacted away beyond this many (and when they outnumber the entries).
 const HOLES_KEPT: usize = 1024;
@@ -60,23 +67,37 @@ impl ChangeLog {
 
     /// The index of the first entry after `seq`.
     fn index_after(&self, seq: u64) -> usize {
-        self.entries.partition_point(|(s, _)| *s <= seq)
+        self.entries.partition_point(|(s, _, _)| *s <= seq)
     }
 
     /// Record that the export of `prefix` may have changed: it goes to the end of the log, unless it is
     /// already in the part nobody has read yet (several members, or several changes, between two reads).
-    pub fn push(&mut self, prefix: IpNetwork) {
+    /// `quiet`: the member this change did not concern ([`Quiet`]); an entry that stands for several
+    /// changes keeps it only if they all agree.
+    pub fn push(&mut self, prefix: IpNetwork, quiet: Quiet) {
         self.head += 1;
+        let mut quiet = quiet;
         match self.at.entry(prefix) {
             std::collections::hash_map::Entry::Occupied(mut e) => {
                 let seq = *e.get();
+                let i = self.entries.partition_point(|(s, _, _)| *s < seq);
+                let entry = self.entries.get_mut(i).filter(|e| e.0 == seq);
                 if seq > self.exposed {
+                    // Nobody has read it: this change joins it.
+                    if let Some(entry) = entry {
+                        if entry.2 != quiet {
+                            entry.2 = NO_QUIET;
+                        }
+                    }
                     self.head -= 1;
                     return;
                 }
                 e.insert(self.head);
-                let i = self.entries.partition_point(|(s, _)| *s < seq);
-                if let Some(entry) = self.entries.get_mut(i).filter(|e| e.0 == seq) {
+                if let Some(entry) = entry {
+                    // A member behind it reads the new entry instead: it stands for both changes.
+                    if entry.2 != quiet {
+                        quiet = NO_QUIET;
+                    }
                     entry.1 = None;
                     self.holes += 1;
                 }
@@ -85,9 +106,9 @@ impl ChangeLog {
                 e.insert(self.head);
             }
         }
-        self.entries.push_back((self.head, Some(prefix)));
+        self.entries.push_back((self.head, Some(prefix), quiet));
         if self.holes > HOLES_KEPT && self.holes * 2 > self.entries.len() {
-            self.entries.retain(|(_, p)| p.is_some());
+            self.entries.retain(|(_, p, _)| p.is_some());
             self.holes = 0;
         }
     }
@@ -98,16 +119,29 @@ impl ChangeLog {
         self.exposed = self.head;
     }
 
-    /// The first entry after `cursor`.
-    pub fn next_after(&self, cursor: u64) -> Option<(u64, IpNetwork)> {
+    /// The first entry after `cursor`: its sequence number, prefix and [`Quiet`] member.
+    #[cfg(test)]
+    pub fn next_after(&self, cursor: u64) -> Option<(u64, IpNetwork, Quiet)> {
         self.entries
             .range(self.index_after(cursor)..)
-            .find_map(|(s, p)| p.map(|p| (*s, p)))
+            .find_map(|(s, p, q)| p.map(|p| (*s, p, *q)))
+    }
+
+    /// Up to `n` entries after `cursor`, in order, into `out` (cleared first): one search for the start,
+    /// then a plain walk (a member reading a long log must not search once per entry).
+    pub fn entries_after(&self, cursor: u64, n: usize, out: &mut Vec<(u64, IpNetwork, Quiet)>) {
+        out.clear();
+        out.extend(
+            self.entries
+                .range(self.index_after(cursor)..)
+                .filter_map(|(s, p, q)| p.map(|p| (*s, p, *q)))
+                .take(n),
+        );
     }
 
     /// Drop every entry at or before `upto` (every member has read them).
     pub fn trim(&mut self, upto: u64) {
-        while let Some(&(seq, prefix)) = self.entries.front() {
+        while let Some(&(seq, prefix, _)) = self.entries.front() {
             if seq > upto {
                 break;
             }
@@ -164,7 +198,7 @@ mod tests {
     /// Read everything after `cursor`, returning the prefixes in log order and the new cursor.
     fn read(log: &ChangeLog, mut cursor: u64) -> (Vec<IpNetwork>, u64) {
         let mut out = Vec::new();
-        while let Some((s, prefix)) = log.next_after(cursor) {
+        while let Some((s, prefix, _)) = log.next_after(cursor) {
             out.push(prefix);
             cursor = s;
         }
@@ -175,11 +209,11 @@ mod tests {
     fn a_prefix_is_in_the_log_once_at_its_last_change() {
         let mut log = ChangeLog::default();
         log.expose();
-        log.push(p(1));
-        log.push(p(2));
+        log.push(p(1), NO_QUIET);
+        log.push(p(2), NO_QUIET);
         log.expose();
-        log.push(p(1));
-        log.push(p(1));
+        log.push(p(1), NO_QUIET);
+        log.push(p(1), NO_QUIET);
         assert_eq!(log.len(), 2);
         assert_eq!(read(&log, 0).0, vec![p(2), p(1)]);
     }
@@ -189,11 +223,11 @@ mod tests {
     #[test]
     fn a_change_after_a_read_is_read_again() {
         let mut log = ChangeLog::default();
-        log.push(p(1));
+        log.push(p(1), NO_QUIET);
         log.expose();
         let (got, cursor) = read(&log, 0);
         assert_eq!(got, vec![p(1)]);
-        log.push(p(1));
+        log.push(p(1), NO_QUIET);
         assert_eq!(read(&log, cursor).0, vec![p(1)]);
     }
 
@@ -206,7 +240,7 @@ mod tests {
         let mut fast = 0u64;
         for round in 0..1000u32 {
             let k = (round % 50) as u8;
-            log.push(p(k));
+            log.push(p(k), NO_QUIET);
             log.expose();
             let (got, c) = read(&log, fast);
             assert_eq!(got, vec![p(k)], "the fast member sees each change at once");
@@ -226,7 +260,7 @@ mod tests {
         let mut log = ChangeLog::default();
         let mut table: BTreeMap<IpNetwork, u32> = (0..20).map(|k| (p(k), 0)).collect();
         for k in 0..20 {
-            log.push(p(k));
+            log.push(p(k), NO_QUIET);
         }
         let walk = Walk {
             families: vec![(Family::IPV4_UNICAST, true)],
@@ -246,12 +280,12 @@ mod tests {
             let changed = p((version * 7 % 20) as u8);
             table.insert(changed, version);
             log.expose();
-            log.push(changed);
+            log.push(changed, NO_QUIET);
             version += 1;
         }
         // A withdrawal during the walk too.
         table.remove(&p(3));
-        log.push(p(3));
+        log.push(p(3), NO_QUIET);
         let (got, _) = read(&log, walk.from);
         for prefix in got {
             match table.get(&prefix) {
@@ -269,11 +303,11 @@ mod tests {
     fn holes_of_a_flapping_prefix_do_not_grow_the_log() {
         let mut log = ChangeLog::default();
         for k in 0..10 {
-            log.push(p(k));
+            log.push(p(k), NO_QUIET);
         }
         for _ in 0..10_000 {
             log.expose();
-            log.push(p(3));
+            log.push(p(3), NO_QUIET);
         }
         assert!(
             log.entries.len() <= 2 * (HOLES_KEPT + 10),
@@ -294,10 +328,10 @@ mod tests {
     #[test]
     fn withdraw_after_announce_coalesces() {
         let mut log = ChangeLog::default();
-        log.push(p(1));
-        log.push(p(2));
+        log.push(p(1), NO_QUIET);
+        log.push(p(2), NO_QUIET);
         log.expose();
-        log.push(p(1));
+        log.push(p(1), NO_QUIET);
         let (got, c) = read(&log, 0);
         assert_eq!(got, vec![p(2), p(1)]);
         log.trim(c);

@@ -28,7 +28,7 @@ mod log;
 mod output;
 mod peers;
 
-use log::{ChangeLog, Walk};
+use log::{ChangeLog, Quiet, Walk, NO_QUIET};
 
 #[allow(unused_imports)]
 use peers::*;

@@ -246,6 +246,21 @@ impl State {
         if changed || any_changed {
             let family = family_of(&prefix);
             let policy = self.policy.clone();
+            // The peer the route came from is usually not sent it before or after (it is the source):
+            // the log entry says so, and that member sends no withdrawal for it.
+            let quiet = match new_best.or(old) {
+                Some(p) if changed && self.reads_log(p.slot) && !self.multi(p.slot, family) => {
+                    let t = p.slot;
+                    let before = old.and_then(|p| self.export(t, &prefix, p, &policy));
+                    let after = new_best.and_then(|p| self.export(t, &prefix, p, &policy));
+                    if before.is_none() && after.is_none() {
+                        t
+                    } else {
+                        NO_QUIET
+                    }
+                }
+                _ => NO_QUIET,
+            };
             for t in 0..self.slots.len() as u16 {
                 if !self.slots[t as usize].up {
                     continue;
@@ -259,7 +274,7 @@ impl State {
                 } else if changed {
                     let e_old = old.and_then(|p| self.export(t, &prefix, p, &policy));
                     let e_new = new_best.and_then(|p| self.export(t, &prefix, p, &policy));
-                    self.diff(t, prefix, e_old, e_new);
+                    self.diff(t, prefix, e_old, e_new, quiet);
                 }
             }
         }
@@ -278,12 +293,15 @@ impl State {
         }
     }
 
+    /// What target `t` is owed for a change of `prefix` from export `old` to `new`. `quiet`: the
+    /// member the change does not concern, for the log entry (see `log::Quiet`).
     pub(super) fn diff(
         &mut self,
         t: u16,
         prefix: IpNetwork,
         old: Option<Arc<PathAttributes>>,
         new: Option<Arc<PathAttributes>>,
+        quiet: Quiet,
     ) {
         match (old, new) {
             (Some(o), Some(n)) if Arc::ptr_eq(&o, &n) => {}
@@ -293,7 +311,7 @@ impl State {
                 }
                 if self.reads_log(t) {
                     let g = self.slots[t as usize].group;
-                    self.groups[g].log.push(prefix);
+                    self.groups[g].log.push(prefix, quiet);
                 } else {
                     self.queue_announce(t, prefix, 0, n);
                 }
@@ -305,7 +323,7 @@ impl State {
                 }
                 if self.reads_log(t) {
                     let g = self.slots[t as usize].group;
-                    self.groups[g].log.push(prefix);
+                    self.groups[g].log.push(prefix, quiet);
                 } else {
                     self.queue_withdraw(t, prefix, 0);
                 }
@@ -387,7 +405,7 @@ impl State {
         }
         let e_old = self.export(t, &prefix, d.best(), old);
         let e_new = self.export(t, &prefix, d.best(), new);
-        self.diff(t, prefix, e_old, e_new);
+        self.diff(t, prefix, e_old, e_new, NO_QUIET);
     }
 
     /// Queue what target `t` holds for `prefix` (a table dump, a route refresh): the best path, or every
@@ -790,26 +808,44 @@ impl Rib {
         let g = self.st.slots[t as usize].group;
         let mut cursor = self.st.slots[t as usize].cursor;
         let mut run: Option<(Family, Option<Arc<PathAttributes>>, Vec<Nlri>)> = None;
-        while let Some((seq, prefix)) = self.st.groups[g].log.next_after(cursor) {
-            let family = family_of(&prefix);
-            if !self.st.slots[t as usize].info.families.contains(&family) {
-                cursor = seq;
-                continue;
+        let mut entries = Vec::new();
+        // Read in growing chunks: a run of one prefix (the fan-out case) copies a few entries, a run of
+        // `max` (a table load) a few chunks.
+        let mut chunk = 16usize;
+        'read: loop {
+            self.st.groups[g]
+                .log
+                .entries_after(cursor, chunk, &mut entries);
+            if entries.is_empty() {
+                break;
             }
-            let st = &mut self.st;
-            let attrs = self
-                .tables
-                .get(&prefix)
-                .and_then(|d| st.export(t, &prefix, d.best(), policy));
-            let nlri = Nlri { prefix, path_id: 0 };
-            match &mut run {
-                None => run = Some((family, attrs, vec![nlri])),
-                Some((f, a, v)) if *f == family && same_attrs(a, &attrs) && v.len() < max => {
-                    v.push(nlri)
+            chunk = chunk.saturating_mul(2).min(max.saturating_add(1));
+            for &(seq, prefix, quiet) in &entries {
+                let family = family_of(&prefix);
+                if !self.st.slots[t as usize].info.families.contains(&family) {
+                    cursor = seq;
+                    continue;
                 }
-                Some(_) => break,
+                let st = &mut self.st;
+                let attrs = self
+                    .tables
+                    .get(&prefix)
+                    .and_then(|d| st.export(t, &prefix, d.best(), policy));
+                if attrs.is_none() && quiet == t {
+                    // Nothing before, nothing now: no withdrawal of a prefix it was never sent.
+                    cursor = seq;
+                    continue;
+                }
+                let nlri = Nlri { prefix, path_id: 0 };
+                match &mut run {
+                    None => run = Some((family, attrs, vec![nlri])),
+                    Some((f, a, v)) if *f == family && same_attrs(a, &attrs) && v.len() < max => {
+                        v.push(nlri)
+                    }
+                    Some(_) => break 'read,
+                }
+                cursor = seq;
             }
-            cursor = seq;
         }
         self.st.slots[t as usize].cursor = cursor;
         let (family, attrs, nlri) = run?;
@@ -826,7 +862,8 @@ impl Rib {
                 wire,
             },
             // RFC 4271 3.1: withdrawing a prefix the peer may not hold is allowed; the log does not keep
-            // what each member was sent, so a member unaffected by a change can get one.
+            // what each member was sent, so a member unaffected by a change other than the entry's quiet
+            // one (usually the route's source) can get one.
             None => RibOutput::Withdraw { family, nlri, wire },
         })
     }
