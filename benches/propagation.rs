@@ -324,6 +324,7 @@ fn establish(local: Ipv4Addr, id_last: u8, keepalives: bool) -> Result<TcpStream
                     .map_err(|e| e.to_string())?;
                 // Read the peer's OPEN and KEEPALIVE (skip anything else until the first KEEPALIVE).
                 let mut got_open = false;
+                let mut refused = false;
                 loop {
                     let (ty, _body) = read_msg(&mut s)?;
                     match ty {
@@ -331,10 +332,20 @@ fn establish(local: Ipv4Addr, id_last: u8, keepalives: bool) -> Result<TcpStream
                             got_open = true;
                             s.write_all(&keepalive()).map_err(|e| e.to_string())?;
                         }
+                        // A daemon whose own connection attempt to us had just failed may refuse ours
+                        // (Cease) while it waits to retry: try again, as a BGP speaker would.
+                        3 if Instant::now() < deadline => {
+                            refused = true;
+                            break;
+                        }
                         3 => return Err(format!("NOTIFICATION from reflector to {local}")),
                         4 if got_open => break,
                         _ => {}
                     }
+                }
+                if refused {
+                    std::thread::sleep(Duration::from_millis(200));
+                    continue;
                 }
                 s.set_read_timeout(None).map_err(|e| e.to_string())?;
                 if !keepalives {
