@@ -811,7 +811,7 @@ impl Rib {
         let mut entries = Vec::new();
         // Read in growing chunks: a run of one prefix (the fan-out case) copies a few entries, a run of
         // `max` (a table load) a few chunks.
-        let mut chunk = 16usize;
+        let mut chunk = 2usize;
         'read: loop {
             self.st.groups[g]
                 .log
