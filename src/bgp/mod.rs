@@ -10,17 +10,21 @@
 //!     │               speaker ◀───────────────────────────────────────────────┐
 //!     │                                                                        │
 //!     │     listener task ──TcpStream──▶ peer task (one per peer, session/peer.rs) ◀──▶ reader / writer task per TCP connection
-//!     │                                   │ ▲                       (write queue: control first, then at most 8 pre-encoded buffers)
-//!     │   RibInput::Session{generation,   │ │ PeerCommand (mpsc 64: SendUpdates, SendEndOfRib, Stop, ...)
+//!     │                                   │ ▲                       (write queue: control first, then about 32 KiB of UPDATE
+//!     │                                   │ │                        pieces, written vectored: shared pieces are never copied)
+//!     │   RibInput::Session{generation,   │ │ PeerCommand (chan 64: Stop, Reconfigure, SendRouteRefresh, ...)
 //!     │   PeerUp | Routes | Withdraw |    │ │
-//!     │   EndOfRib | RouteRefresh |       │ rib writer task (one per Established session, session/rib_link.rs):
-//!     │   PeerDown}                       │   RibOutput ──encode──▶ SendUpdates
-//!     ▼                                   ▼ ▲
-//!   RIB task (rib/task.rs, bounded mpsc rib_capacity) ──RibOutput (mpsc 32 per session, filled as room
-//!     │                                                 appears from the session's cursor in its update
-//!     │                                                 group's change log: rib/core/log.rs)
+//!     │   EndOfRib | RouteRefresh |       │ │ RibOutput (chan 16 per Established session: the peer task encodes it,
+//!     │   PeerDown}                       │ │   session/rib_link.rs, straight into the connection's write queue)
+//!     ▼                                   ▼ │
+//!   RIB task (rib/task.rs, bounded mpsc rib_capacity) fills each session's RibOutput channel from the session's
+//!     │     cursor in its update group's change log (rib/core/log.rs); a channel it left full rings the RIB's
+//!     │     bell when it has drained to half, and the RIB serves just those sessions
 //!     └──Vec<FibEvent> (mpsc, node only)──▶ FIB consumer
 //! ```
+//!
+//! "chan" is `task::chan`: per-peer channels that hold no slots while empty (a reflector has thousands of
+//! mostly idle sessions).
 //!
 //! Every UPDATE goes peer task → RIB task in one hop. The generation in `RibInput::Session` numbers a
 //! peer's sessions, so the RIB drops a late batch of a session that has been replaced. The speaker starts and

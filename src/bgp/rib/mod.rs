@@ -4,8 +4,8 @@
 //!
 //! ```text
 //!   peer tasks ──RibInput::Session{generation, ..}──▶ ┌──── RIB task (task.rs) ──────────────┐
-//!     (PeerUp, Routes, EndOfRib, PeerDown)  (bounded)  │ Rib (core.rs, Sans-IO, one owner)    │──RibOutput (32 per session, filled
-//!   speaker  ──PeerDown (peer removed)───────────────▶ │  tables: prefix → paths, best first  │   from its cursor)──▶ rib writer
+//!     (PeerUp, Routes, EndOfRib, PeerDown)  (bounded)  │ Rib (core.rs, Sans-IO, one owner)    │──RibOutput (16 per session, filled
+//!   speaker  ──PeerDown (peer removed)───────────────▶ │  tables: prefix → paths, best first  │   from its cursor)──▶ peer task
 //!   node     ──Originate/WithdrawLocal/SetPolicy─────▶ │  attrs interned (Arc, hashed)        │──Vec<FibEvent>──▶ FIB task
 //!   status   ──Query (oneshot)───────────────────────▶ │  per update group: export cache and  │
 //!                                                      │  change log; per member a cursor     │
@@ -35,10 +35,14 @@
 //! the table in prefix order, then reads the log from the position it took when the walk began (changes
 //! behind the walk come through the log), with End-of-RIB after its initial walk.
 //!
-//! Why the RIB task pumps (rather than each writer reading a shared log under a lock): the log is only
-//! meaningful next to the table it indexes, which the RIB task alone owns; the writers stay plain
+//! Why the RIB task pumps (rather than each session reading a shared log under a lock): the log is only
+//! meaningful next to the table it indexes, which the RIB task alone owns; the sessions stay plain
 //! channel readers, and "has room" is the channel's free capacity, seen by the RIB (its only sender),
-//! which looks again after every input and on a 2 ms tick while some session is behind. Sessions with
+//! which pumps every session after each batch of inputs. A session it left behind (its channel full)
+//! rings the RIB's bell with its slot when its channel has drained to half, and the RIB then serves just
+//! the sessions that rang (`task::chan::Bell`): a session catching up costs its own work, not a look at
+//! every session. A log entry also names the member a change did not concern (the route's source): that
+//! member sends no withdrawal of a prefix it was never sent. Sessions with
 //! ADD-PATH send keep a per-peer queue and dirty set: what they hold is a set of path ids per prefix,
 //! which the log (prefixes only) cannot withdraw without knowing what was sent before.
 

@@ -12,17 +12,18 @@
 //!   TCP :179  ──accept──►  match source address ──► peer task's own inbox     (unknown: NOTIFICATION Cease/5, close)
 //!                                                        │
 //!   ┌────────────────────────── peer task (one per peer) ▼ ────────────────────────────────┐
-//!   │  select! { socket reads, outgoing connect, FSM timers, PeerCommand, incoming conns }   │
+//!   │  select! { socket reads, connect, FSM timers, PeerCommand, RibOutput, incoming conns }  │
 //!   │       │ events                          ▲ actions                                       │
 //!   │       ▼                                 │                                               │
 //!   │  fsm::Session::handle(Event) -> Vec<Action>   (pure: no I/O, no clock)                  │
 //!   └───────┬──────────────────────────────────────────────────▲─────────────────────────────┘
 //!     │     │ mpsc<SessionEvent> (shared by all peers)    │ mpsc<PeerCommand> (per peer)
 //!     │     ▼                                             │
-//!     │  owner (speaker): Established / EndOfRib / Down   SendUpdates (from the rib writer task), SendEndOfRib, Stop
+//!     │  owner (speaker): Established / EndOfRib / Down   Stop, Reconfigure, SendRouteRefresh (and, without a
+//!     │                                                    RIB link: SendUpdates, SendEndOfRib)
 //!     │ RibInput::Session { generation, PeerUp / Routes / EndOfRib / RouteRefresh / PeerDown }
 //!     ▼
-//!   RIB task ──RibOutput (bounded)──▶ rib writer task of the session (rib_link.rs) ──SendUpdates──▶ peer task
+//!   RIB task ──RibOutput (bounded, per session)──▶ peer task: encoded (rib_link.rs) into the write queue
 //!   status: watch<PeerStatus> per peer (state, since, last error in plain words, counters)
 //! ```
 
