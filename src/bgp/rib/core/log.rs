@@ -41,7 +41,56 @@ pub(super) struct ChangeLog {
     /// Holes in `entries`.
     holes: usize,
     /// Where each prefix in the log is, so a new change of it moves it to the end.
-    at: HashMap<IpNetwork, u64, FastHash>,
+    at: Positions,
+}
+
+/// Prefix -> sequence number of its entry. IPv4 prefixes (the bulk of a table) are keyed by one integer:
+/// half the memory of a map keyed by `IpNetwork`, which a table load fills with a million entries.
+#[derive(Debug, Default)]
+struct Positions {
+    v4: HashMap<u64, u64, FastHash>,
+    v6: HashMap<IpNetwork, u64, FastHash>,
+}
+
+/// An IPv4 prefix as one integer: the address and the length.
+fn v4_key(n: &ipnetwork::Ipv4Network) -> u64 {
+    (u64::from(u32::from(n.network())) << 8) | u64::from(n.prefix())
+}
+
+impl Positions {
+    fn get(&self, prefix: &IpNetwork) -> Option<u64> {
+        match prefix {
+            IpNetwork::V4(n) => self.v4.get(&v4_key(n)).copied(),
+            IpNetwork::V6(_) => self.v6.get(prefix).copied(),
+        }
+    }
+
+    fn insert(&mut self, prefix: IpNetwork, seq: u64) {
+        match prefix {
+            IpNetwork::V4(n) => {
+                self.v4.insert(v4_key(&n), seq);
+            }
+            IpNetwork::V6(_) => {
+                self.v6.insert(prefix, seq);
+            }
+        }
+    }
+
+    fn remove(&mut self, prefix: &IpNetwork) {
+        match prefix {
+            IpNetwork::V4(n) => {
+                self.v4.remove(&v4_key(n));
+            }
+            IpNetwork::V6(_) => {
+                self.v6.remove(prefix);
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.v4.is_empty() && self.v6.is_empty()
+    }
 }
 
 /// The one member (its slot) whose export of the prefix was nothing before the change and is nothing
@@ -77,9 +126,8 @@ impl ChangeLog {
     pub fn push(&mut self, prefix: IpNetwork, quiet: Quiet) {
         self.head += 1;
         let mut quiet = quiet;
-        match self.at.entry(prefix) {
-            std::collections::hash_map::Entry::Occupied(mut e) => {
-                let seq = *e.get();
+        match self.at.get(&prefix) {
+            Some(seq) => {
                 let i = self.entries.partition_point(|(s, _, _)| *s < seq);
                 let entry = self.entries.get_mut(i).filter(|e| e.0 == seq);
                 if seq > self.exposed {
@@ -92,7 +140,7 @@ impl ChangeLog {
                     self.head -= 1;
                     return;
                 }
-                e.insert(self.head);
+                self.at.insert(prefix, self.head);
                 if let Some(entry) = entry {
                     // A member behind it reads the new entry instead: it stands for both changes.
                     if entry.2 != quiet {
@@ -102,9 +150,7 @@ impl ChangeLog {
                     self.holes += 1;
                 }
             }
-            std::collections::hash_map::Entry::Vacant(e) => {
-                e.insert(self.head);
-            }
+            None => self.at.insert(prefix, self.head),
         }
         self.entries.push_back((self.head, Some(prefix), quiet));
         if self.holes > HOLES_KEPT && self.holes * 2 > self.entries.len() {
@@ -156,7 +202,7 @@ impl ChangeLog {
         if self.entries.is_empty() && self.entries.capacity() > HOLES_KEPT {
             // Give the memory back after a burst (a table load, a storm of restarts).
             self.entries = VecDeque::new();
-            self.at = HashMap::default();
+            self.at = Positions::default();
         }
     }
 }
