@@ -26,8 +26,6 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
-
-use crate::task::chan;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -44,7 +42,7 @@ use super::rib_link::{self, RibLink, RibOutputs};
 use super::sockopt;
 use super::{Counters, PeerCommand, PeerStatus, SessionError, SessionEvent, SessionId};
 use crate::bgp::rib::{RibInput, RibOutput};
-use crate::task::AbortOnDrop;
+use crate::task::{chan, AbortOnDrop};
 
 /// Owner's handle on a peer task. Dropping it stops the session (NOTIFICATION Cease, then close) and
 /// ends the task.
@@ -61,7 +59,7 @@ impl PeerHandle {
         self.peer
     }
 
-    /// A sender for commands (the RIB keeps one per peer).
+    /// A sender for commands.
     pub fn commands(&self) -> chan::Sender<PeerCommand> {
         self.cmd.clone()
     }
