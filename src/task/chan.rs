@@ -35,7 +35,7 @@ struct State<T> {
     queue: VecDeque<T>,
     senders: usize,
     receiver: bool,
-    /// Rung with its token when an item is taken from a full queue (see the module doc).
+    /// Rung with its token when the receiver drains the queue to half its bound (see the module doc).
     on_room: Option<(Arc<Bell>, usize)>,
 }
 

@@ -84,9 +84,10 @@ async fn run(
             }
             Tick::Timer => rib.on_timer(now),
             Tick::Ready => {
-                // Taken also when nothing is owed, so the rung tokens never pile up.
+                // Taken also when nothing is owed, so the rung tokens never pile up. `dirty` is still
+                // true to the RIB: only this task changes it.
                 let ready = bell.take();
-                if rib.has_dirty() {
+                if dirty {
                     rib.drain_ready(ready);
                 }
             }

@@ -124,34 +124,25 @@ impl ChangeLog {
     /// `quiet`: the member this change did not concern ([`Quiet`]); an entry that stands for several
     /// changes keeps it only if they all agree.
     pub fn push(&mut self, prefix: IpNetwork, quiet: Quiet) {
-        self.head += 1;
         let mut quiet = quiet;
-        match self.at.get(&prefix) {
-            Some(seq) => {
-                let i = self.entries.partition_point(|(s, _, _)| *s < seq);
-                let entry = self.entries.get_mut(i).filter(|e| e.0 == seq);
+        if let Some(seq) = self.at.get(&prefix) {
+            let i = self.entries.partition_point(|(s, _, _)| *s < seq);
+            if let Some(entry) = self.entries.get_mut(i).filter(|e| e.0 == seq) {
+                // The entry stands for this change too: it names a quiet member only if both agree.
+                let agreed = if entry.2 == quiet { quiet } else { NO_QUIET };
                 if seq > self.exposed {
-                    // Nobody has read it: this change joins it.
-                    if let Some(entry) = entry {
-                        if entry.2 != quiet {
-                            entry.2 = NO_QUIET;
-                        }
-                    }
-                    self.head -= 1;
+                    // Nobody has read it: this change joins it where it is.
+                    entry.2 = agreed;
                     return;
                 }
-                self.at.insert(prefix, self.head);
-                if let Some(entry) = entry {
-                    // A member behind it reads the new entry instead: it stands for both changes.
-                    if entry.2 != quiet {
-                        quiet = NO_QUIET;
-                    }
-                    entry.1 = None;
-                    self.holes += 1;
-                }
+                // A member behind it reads the new entry at the end instead.
+                quiet = agreed;
+                entry.1 = None;
+                self.holes += 1;
             }
-            None => self.at.insert(prefix, self.head),
         }
+        self.head += 1;
+        self.at.insert(prefix, self.head);
         self.entries.push_back((self.head, Some(prefix), quiet));
         if self.holes > HOLES_KEPT && self.holes * 2 > self.entries.len() {
             self.entries.retain(|(_, p, _)| p.is_some());

@@ -174,6 +174,9 @@ struct State {
     add_path_peers: usize,
     /// Route selection deferred towards peers until then (RFC 4724 4.1): nothing is sent to any peer.
     deferring: Option<Instant>,
+    /// Log entries a member is reading (`Rib::log_step`), kept between reads so reading costs no
+    /// allocation per message.
+    log_read: Vec<(u64, IpNetwork, Quiet)>,
 }
 
 /// The RIB. One owner (the RIB task); see the module docs of `bgp::rib`.
@@ -181,7 +184,7 @@ struct State {
 pub struct Rib {
     tables: Tables,
     st: State,
-    /// Rung by a session's output channel, with its slot, when its receiver takes from a full queue: a
+    /// Rung by a session's output channel, with its slot, when its receiver has drained it to half: a
     /// session the RIB left behind has room again ([`Rib::room_bell`]).
     room: Arc<chan::Bell>,
 }
@@ -226,6 +229,7 @@ impl Rib {
                 fib: Vec::new(),
                 add_path_peers: 0,
                 deferring: None,
+                log_read: Vec::new(),
             },
             room: Arc::new(chan::Bell::new()),
         }

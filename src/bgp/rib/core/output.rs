@@ -808,7 +808,7 @@ impl Rib {
         let g = self.st.slots[t as usize].group;
         let mut cursor = self.st.slots[t as usize].cursor;
         let mut run: Option<(Family, Option<Arc<PathAttributes>>, Vec<Nlri>)> = None;
-        let mut entries = Vec::new();
+        let mut entries = std::mem::take(&mut self.st.log_read);
         // Read in growing chunks: a run of one prefix (the fan-out case) copies a few entries, a run of
         // `max` (a table load) a few chunks.
         let mut chunk = 2usize;
@@ -847,6 +847,7 @@ impl Rib {
                 cursor = seq;
             }
         }
+        self.st.log_read = entries;
         self.st.slots[t as usize].cursor = cursor;
         let (family, attrs, nlri) = run?;
         let wire = share.wire(
