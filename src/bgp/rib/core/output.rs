@@ -822,7 +822,7 @@ impl Rib {
             chunk = chunk.saturating_mul(2).min(max.saturating_add(1));
             for &(seq, prefix, quiet) in &entries {
                 let family = family_of(&prefix);
-                if !self.st.slots[t as usize].info.families.contains(&family) {
+                if quiet == t || !self.st.slots[t as usize].info.families.contains(&family) {
                     cursor = seq;
                     continue;
                 }
