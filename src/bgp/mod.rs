@@ -18,7 +18,7 @@
 //!     │   PeerDown}                       │ │   session/rib_link.rs, straight into the connection's write queue)
 //!     ▼                                   ▼ │
 //!   RIB task (rib/task.rs, bounded mpsc rib_capacity) fills each session's RibOutput channel from the session's
-//!     │     cursor in its update group's change log (rib/core/log.rs); a channel it left full rings the RIB's
+//!     │     cursor in the RIB's change log (rib/core/log.rs); a channel it left full rings the RIB's
 //!     │     bell when it has drained to half, and the RIB serves just those sessions
 //!     └──Vec<FibEvent> (mpsc, node only)──▶ FIB consumer
 //! ```

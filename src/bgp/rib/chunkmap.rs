@@ -158,6 +158,12 @@ impl<K: Ord + Copy, V> ChunkMap<K, V> {
             })
     }
 
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (&K, &mut V)> {
+        self.chunks
+            .iter_mut()
+            .flat_map(|c| c.keys.iter().zip(c.vals.iter_mut()))
+    }
+
     pub fn values_mut(&mut self) -> impl Iterator<Item = &mut V> {
         self.chunks.iter_mut().flat_map(|c| c.vals.iter_mut())
     }

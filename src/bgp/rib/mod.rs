@@ -7,8 +7,8 @@
 //!     (PeerUp, Routes, EndOfRib, PeerDown)  (bounded)  │ Rib (core.rs, Sans-IO, one owner)    │──RibOutput (16 per session, filled
 //!   speaker  ──PeerDown (peer removed)───────────────▶ │  tables: prefix → paths, best first  │   from its cursor)──▶ peer task
 //!   node     ──Originate/WithdrawLocal/SetPolicy─────▶ │  attrs interned (Arc, hashed)        │──Vec<FibEvent>──▶ FIB task
-//!   status   ──Query (oneshot)───────────────────────▶ │  per update group: export cache and  │
-//!                                                      │  change log; per member a cursor     │
+//!   status   ──Query (oneshot)───────────────────────▶ │  per update group: export cache      │
+//!                                                      │  one change log; per member a cursor │
 //!                                                      └──────────────────────────────────────┘
 //! ```
 //!
@@ -24,13 +24,14 @@
 //!
 //! Fan-out: peers whose export settings agree (AS, next-hop mode, our addresses) form an update group and
 //! share one export cache, so a reflector rewrites each attribute set once per group, not once per client;
-//! the rewritten sets are interned, so every member's UPDATE carries the same `Arc`. The group also owns the
-//! output (`core/log.rs`, as FRR's update groups and BIRD's exports do): a change log holding each prefix
-//! whose export changed at most once, at its last change; every member holds only a cursor into it. When
+//! the rewritten sets are interned, so every member's UPDATE carries the same `Arc`. The output is one
+//! change log (`core/log.rs`, as FRR's update groups and BIRD's exports do) holding each prefix whose
+//! export changed at most once, at its last change, with the update groups the change concerns; the
+//! prefix's table entry knows where its log entry is, and every member holds only a cursor. When
 //! a session's small output channel has room, the RIB task reads on from the cursor and sends each prefix
 //! as its export is *then* (so repeated changes coalesce, and a withdrawal goes out when there is nothing
 //! left to send); entries every member has read are trimmed. A client that stops reading therefore costs
-//! at most one log entry per prefix, shared with its group, and holds back nobody else; members at the
+//! at most one log entry per prefix, shared with everyone, and holds back nobody else; members at the
 //! same place get equal messages, encoded once ([`SharedWire`]). A new session (or a route refresh) walks
 //! the table in prefix order, then reads the log from the position it took when the walk began (changes
 //! behind the walk come through the log), with End-of-RIB after its initial walk.
@@ -175,8 +176,8 @@ pub enum RibInput {
     PeerUp {
         peer: PeerId,
         info: PeerInfo,
-        /// Bounded: the RIB sends into it only as far as it has room, reading on in the session's update
-        /// group log when it has room again (see [`Rib::drain_dirty`]).
+        /// Bounded: the RIB sends into it only as far as it has room, reading on in the change log from
+        /// the session's cursor when it has room again (see [`Rib::drain_dirty`]).
         out: crate::task::chan::Sender<RibOutput>,
     },
     /// Routes from one UPDATE (or several sharing one attribute set). `attrs` carries the next hop

@@ -1,7 +1,8 @@
 //! Compact per-family prefix tables: prefix → paths (best first). Sized for a million prefixes: an IPv4
-//! prefix with one path costs a 24-byte map slot (8-byte key + 16-byte path with its interned attributes
-//! shared), in a `ChunkMap` so memory grows with the table and not in power-of-two steps, and iteration is in
-//! prefix order (full-table dumps come out sorted, which packs well).
+//! prefix with one path costs a 32-byte map slot (8-byte key, 16-byte path with its interned attributes
+//! shared, 8-byte change-log position), in a `ChunkMap` so memory grows with the table and not in
+//! power-of-two steps, and iteration is in prefix order (full-table dumps come out sorted, which packs
+//! well).
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
@@ -47,22 +48,53 @@ impl Path {
     }
 }
 
-/// The paths of one prefix. Invariant: never empty; `paths()[0]` is the best path; paths flagged ECMP
-/// follow it directly.
+/// The paths of one prefix, and where the prefix stands in the RIB's change log. Invariant: never empty;
+/// `paths()[0]` is the best path; paths flagged ECMP follow it directly.
 #[derive(Debug, Clone)]
-pub(crate) enum Dest {
+pub(crate) struct Dest {
+    paths: Paths,
+    /// The sequence number of the prefix's entry in the RIB's change log, 0 for none (`core/log.rs`):
+    /// kept here so that logging a change costs no map from prefix to position.
+    pub log: u64,
+}
+
+#[derive(Debug, Clone)]
+enum Paths {
     One(Path),
-    // Boxed on purpose: a thin pointer keeps `Dest` at 16 bytes (the common one-path case pays for it in
+    // Boxed on purpose: a thin pointer keeps this at 16 bytes (the common one-path case pays for it in
     // every table slot), and the rare multi-path prefix pays one extra allocation.
     #[allow(clippy::box_collection)]
     Many(Box<Vec<Path>>),
 }
 
 impl Dest {
+    /// A prefix with one path, at log position `log`.
+    pub fn one(path: Path, log: u64) -> Dest {
+        Dest {
+            paths: Paths::One(path),
+            log,
+        }
+    }
+
     pub fn paths(&self) -> &[Path] {
-        match self {
-            Dest::One(p) => std::slice::from_ref(p),
-            Dest::Many(v) => v,
+        match &self.paths {
+            Paths::One(p) => std::slice::from_ref(p),
+            Paths::Many(v) => v,
+        }
+    }
+
+    pub fn paths_mut(&mut self) -> &mut [Path] {
+        match &mut self.paths {
+            Paths::One(p) => std::slice::from_mut(p),
+            Paths::Many(v) => v,
+        }
+    }
+
+    /// The path, when there is only one.
+    pub fn only_mut(&mut self) -> Option<&mut Path> {
+        match &mut self.paths {
+            Paths::One(p) => Some(p),
+            Paths::Many(_) => None,
         }
     }
 
@@ -70,17 +102,22 @@ impl Dest {
         &self.paths()[0]
     }
 
-    /// Mutable access as a Vec; call `normalize` afterwards.
+    /// Mutable access as a Vec; give it back with `set_paths`.
     pub fn to_vec(&self) -> Vec<Path> {
         self.paths().to_vec()
     }
 
-    pub fn from_vec(mut v: Vec<Path>) -> Option<Dest> {
-        match v.len() {
-            0 => None,
-            1 => v.pop().map(Dest::One),
-            _ => Some(Dest::Many(Box::new(v))),
-        }
+    /// Replace the paths (the log position stays). False, and nothing changed, when `v` is empty.
+    pub fn set_paths(&mut self, mut v: Vec<Path>) -> bool {
+        self.paths = match v.len() {
+            0 => return false,
+            1 => match v.pop() {
+                Some(p) => Paths::One(p),
+                None => return false,
+            },
+            _ => Paths::Many(Box::new(v)),
+        };
+        true
     }
 }
 

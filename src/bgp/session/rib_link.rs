@@ -26,7 +26,7 @@ use super::open::{family_text, Negotiated};
 
 /// How many RIB output messages may wait for one session's encoder (each holds up to the RIB's
 /// `max_batch` prefixes sharing one attribute set). Small on purpose: the RIB fills it from the session's
-/// place in its update group's change log when it has room (see `Rib::drain_dirty`), so what is owed to
+/// place in the RIB's change log when it has room (see `Rib::drain_dirty`), so what is owed to
 /// a session waits there, once per prefix, not here.
 pub const RIB_OUTPUT_QUEUE: usize = 16;
 

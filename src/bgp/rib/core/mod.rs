@@ -28,7 +28,7 @@ mod log;
 mod output;
 mod peers;
 
-use log::{ChangeLog, Quiet, Walk, NO_QUIET};
+use log::{group_bit, ChangeLog, Entry, Quiet, Walk, NO_QUIET};
 
 #[allow(unused_imports)]
 use peers::*;
@@ -61,12 +61,12 @@ impl GroupKey {
     }
 }
 
-/// One update group: the rewritten attribute sets its members share, and the change log they read their
-/// output from (a peer with ADD-PATH send is in a group for the cache but keeps its own queue).
+/// One update group: the rewritten attribute sets its members share. Its members read their output from
+/// the RIB's change log, whose entries name the groups they concern (a peer with ADD-PATH send is in a
+/// group for the cache but keeps its own queue).
 #[derive(Debug, Default)]
 struct Group {
     cache: ExportCache,
-    log: ChangeLog,
 }
 
 /// The hasher of the hot per-prefix maps (keys are pointers and small integers the RIB makes itself):
@@ -105,10 +105,10 @@ struct Slot {
     dirty: HashSet<Nlri>,
     /// End-of-RIB markers and the max-prefix signal held back until `dirty` is drained, to keep their order.
     dirty_tail: Vec<RibOutput>,
-    /// Index into `State::groups`: the update group whose export cache and change log this peer uses
-    /// (0: none yet).
+    /// Index into `State::groups`: the update group whose export cache this peer uses and whose log
+    /// entries it reads (0: none yet).
     group: usize,
-    /// How far this peer has read its group's change log (see `log.rs`); meaningful while `up` and not
+    /// How far this peer has read the change log (see `log.rs`); meaningful while `up` and not
     /// walking. Unused on an ADD-PATH send session, which keeps the per-peer queue (`pending`, `dirty`).
     cursor: u64,
     /// The table walk of a new session or a route refresh, while it lasts.
@@ -158,8 +158,10 @@ struct State {
     cfg: RibConfig,
     policy: Arc<Policy>,
     slots: Vec<Slot>,
-    /// Update groups: export cache and change log (index 0 is unused: the local slot never receives).
+    /// Update groups (index 0 is unused: the local slot never receives).
     groups: Vec<Group>,
+    /// The change log every log-reading session reads its output from (`log.rs`).
+    log: ChangeLog,
     group_ids: HashMap<GroupKey, usize>,
     /// Slots with a non-empty `dirty` set or `dirty_tail`.
     dirty_slots: Vec<u16>,
@@ -176,7 +178,7 @@ struct State {
     deferring: Option<Instant>,
     /// Log entries a member is reading (`Rib::log_step`), kept between reads so reading costs no
     /// allocation per message.
-    log_read: Vec<(u64, IpNetwork, Quiet)>,
+    log_read: Vec<Entry>,
 }
 
 /// The RIB. One owner (the RIB task); see the module docs of `bgp::rib`.
@@ -230,6 +232,7 @@ impl Rib {
                 add_path_peers: 0,
                 deferring: None,
                 log_read: Vec::new(),
+                log: ChangeLog::default(),
             },
             room: Arc::new(chan::Bell::new()),
         }
@@ -420,15 +423,15 @@ impl Rib {
         self.st.maybe_gc();
     }
 
-    /// True while some peer is owed output its channel had no room for: a session behind in its update
-    /// group's change log or walking the table, or an ADD-PATH send session with a dirty set
+    /// True while some peer is owed output its channel had no room for: a session behind in the change
+    /// log or walking the table, or an ADD-PATH send session with a dirty set
     /// ([`Rib::drain_dirty`]).
     pub fn has_dirty(&self) -> bool {
         !self.st.dirty_slots.is_empty() || self.st.log_backlog()
     }
 
-    /// Send what peers are owed, as far as their channels have room: each session its table walk and its
-    /// group's change log after its cursor (`log.rs`); each ADD-PATH send session its dirty prefixes, as of
+    /// Send what peers are owed, as far as their channels have room: each session its table walk and the
+    /// change log after its cursor (`log.rs`); each ADD-PATH send session its dirty prefixes, as of
     /// now (an announcement, or a withdrawal when there is nothing to send any more), grouped by attribute
     /// set, then its held-back markers. The RIB task calls this after every input and, while
     /// [`Rib::has_dirty`], whenever the [`Rib::room_bell`] rings.
@@ -807,7 +810,7 @@ mod tests {
         assert!((0..400).all(|k| fast[&prefix(k)] == 9000 + k));
     }
 
-    /// A member that stops reading in the middle of its table walk holds the group's log from being
+    /// A member that stops reading in the middle of its table walk holds the log from being
     /// trimmed; a prefix announced and then withdrawn while it is stalled must still reach the others
     /// both times (the withdrawal's entry goes after what they have read).
     #[test]

@@ -1,6 +1,6 @@
 //! The RIB's output side: peer slots and update groups, attribute interning, export decisions per target,
-//! the update groups' change logs and the pump that fills each session's channel from its cursor (table
-//! walk, then log), and the per-peer queues kept for ADD-PATH send sessions (bounded, coalescing into a
+//! the change log and the pump that fills each session's channel from its cursor (table walk, then log),
+//! and the per-peer queues kept for ADD-PATH send sessions (bounded, coalescing into a
 //! dirty set when full) and their flushing.
 
 #[allow(unused_imports)]
@@ -226,7 +226,9 @@ impl State {
 
     /// Propagate a change of `prefix` to every established peer and to the FIB: a best-path change to every
     /// session, any path change to the ADD-PATH send sessions. `old_all` is every path before the change
-    /// (needed only while `add_path_peers > 0`).
+    /// (needed only while `add_path_peers > 0`). `at` is the prefix's change-log position (`Dest::log`);
+    /// returns it as it is after the change, for the caller to store in the prefix's table entry (a prefix
+    /// that leaves the table, `new` None, has it kept by the log).
     pub(super) fn settle(
         &mut self,
         prefix: IpNetwork,
@@ -234,7 +236,9 @@ impl State {
         old_all: &[Path],
         old_nh: Option<Vec<IpAddr>>,
         new: Option<&Dest>,
-    ) {
+        at: u64,
+    ) -> u64 {
+        let mut at = at;
         let new_best = new.map(|d| d.best());
         let new_all = new.map_or(&[][..], |d| d.paths());
         let changed = match (old, new_best) {
@@ -274,9 +278,12 @@ impl State {
                 } else if changed {
                     let e_old = old.and_then(|p| self.export(t, &prefix, p, &policy));
                     let e_new = new_best.and_then(|p| self.export(t, &prefix, p, &policy));
-                    self.diff(t, prefix, e_old, e_new, quiet);
+                    self.diff(t, prefix, e_old, e_new, quiet, &mut at);
                 }
             }
+        }
+        if new.is_none() {
+            self.log.forget(prefix, at);
         }
         if let Some(old_nh) = old_nh {
             let new_nh = new.map(|d| fib_next_hops(prefix, d)).unwrap_or_default();
@@ -291,10 +298,12 @@ impl State {
                 });
             }
         }
+        at
     }
 
     /// What target `t` is owed for a change of `prefix` from export `old` to `new`. `quiet`: the
-    /// member the change does not concern, for the log entry (see `log::Quiet`).
+    /// member the change does not concern, for the log entry (see `log::Quiet`); `at`: the prefix's
+    /// change-log position, updated.
     pub(super) fn diff(
         &mut self,
         t: u16,
@@ -302,6 +311,7 @@ impl State {
         old: Option<Arc<PathAttributes>>,
         new: Option<Arc<PathAttributes>>,
         quiet: Quiet,
+        at: &mut u64,
     ) {
         match (old, new) {
             (Some(o), Some(n)) if Arc::ptr_eq(&o, &n) => {}
@@ -310,8 +320,8 @@ impl State {
                     self.slots[t as usize].counters.advertised += 1;
                 }
                 if self.reads_log(t) {
-                    let g = self.slots[t as usize].group;
-                    self.groups[g].log.push(prefix, quiet);
+                    let g = group_bit(self.slots[t as usize].group);
+                    self.log.push(prefix, at, g, quiet);
                 } else {
                     self.queue_announce(t, prefix, 0, n);
                 }
@@ -322,8 +332,8 @@ impl State {
                     c.advertised = c.advertised.saturating_sub(1);
                 }
                 if self.reads_log(t) {
-                    let g = self.slots[t as usize].group;
-                    self.groups[g].log.push(prefix, quiet);
+                    let g = group_bit(self.slots[t as usize].group);
+                    self.log.push(prefix, at, g, quiet);
                 } else {
                     self.queue_withdraw(t, prefix, 0);
                 }
@@ -389,6 +399,8 @@ impl State {
         out
     }
 
+    /// What target `t` is owed for `d`'s prefix when the export policy changes from `old` to `new`;
+    /// returns the prefix's change-log position as it is after (`Dest::log`).
     pub(super) fn policy_diff(
         &mut self,
         t: u16,
@@ -396,16 +408,18 @@ impl State {
         d: &Dest,
         old: &Policy,
         new: &Policy,
-    ) {
+    ) -> u64 {
         if self.multi(t, family_of(&prefix)) {
             let e_old = self.export_all(t, &prefix, d.paths(), old);
             let e_new = self.export_all(t, &prefix, d.paths(), new);
             self.diff_multi(t, prefix, e_old, e_new);
-            return;
+            return d.log;
         }
         let e_old = self.export(t, &prefix, d.best(), old);
         let e_new = self.export(t, &prefix, d.best(), new);
-        self.diff(t, prefix, e_old, e_new, NO_QUIET);
+        let mut at = d.log;
+        self.diff(t, prefix, e_old, e_new, NO_QUIET, &mut at);
+        at
     }
 
     /// Queue what target `t` holds for `prefix` (a table dump, a route refresh): the best path, or every
@@ -614,7 +628,7 @@ fn same_attrs(a: &Option<Arc<PathAttributes>>, b: &Option<Arc<PathAttributes>>) 
 }
 
 impl State {
-    /// Does target `t` read its output from its update group's change log? Every established session
+    /// Does target `t` read its output from the change log? Every established session
     /// does except those with ADD-PATH send: what such a peer holds is a set of path ids per prefix, which
     /// "send the current export of this prefix" cannot withdraw correctly without knowing the ids sent
     /// before, so they keep the per-peer queue (`pending`, then the dirty set).
@@ -639,40 +653,37 @@ impl State {
         }
     }
 
-    /// Some log-reading member has not read its group's log to the end, or is walking the table.
+    /// Some log-reading member has not read the log to the end, or is walking the table.
     pub(super) fn log_backlog(&self) -> bool {
         // While deferring nothing is pumped: no reason to look again before the deferral ends.
         self.deferring.is_none()
             && (1..self.slots.len() as u16).any(|t| {
                 self.reads_log(t) && {
                     let s = &self.slots[t as usize];
-                    s.walk.is_some() || s.cursor < self.groups[s.group].log.head()
+                    s.walk.is_some() || s.cursor < self.log.head()
                 }
             })
     }
 
-    /// Drop the log entries every member of their group has read (all of them in a group with no member
-    /// reading: a member that joins walks the table).
+    /// Drop the log entries every member has read (all of them when no member reads: a member that joins
+    /// walks the table).
     pub(super) fn trim_logs(&mut self) {
-        let mut low: Vec<Option<u64>> = vec![None; self.groups.len()];
+        let mut low: Option<u64> = None;
         for t in 1..self.slots.len() as u16 {
             if !self.reads_log(t) {
                 continue;
             }
             let s = &self.slots[t as usize];
             let pos = s.walk.as_ref().map_or(s.cursor, |w| w.from);
-            let l = &mut low[s.group];
-            *l = Some(l.map_or(pos, |l| l.min(pos)));
+            low = Some(low.map_or(pos, |l| l.min(pos)));
         }
-        for (g, l) in self.groups.iter_mut().zip(low) {
-            g.log.trim(l.unwrap_or(u64::MAX));
-        }
+        self.log.trim(low.unwrap_or(u64::MAX));
     }
 }
 
 impl Rib {
     /// Hand every log-reading session what its channel has room for: first the rest of its table walk
-    /// (then End-of-RIB), then the entries of its group's log after its cursor, each as the prefix's
+    /// (then End-of-RIB), then the log entries for its group after its cursor, each as the prefix's
     /// export is now. Sessions at the same place get equal messages, which share one encoding
     /// ([`SharedWire`]). Nothing leaves while route selection is deferred (RFC 4724 4.1).
     pub(super) fn pump_logs(&mut self) {
@@ -693,9 +704,7 @@ impl Rib {
             ..Default::default()
         };
         let policy = self.st.policy.clone();
-        for g in &mut self.st.groups {
-            g.log.expose();
-        }
+        self.st.log.expose();
         for t in slots {
             if usize::from(t) < self.st.slots.len() && self.st.reads_log(t) {
                 self.pump(t, &policy, &mut share);
@@ -796,8 +805,9 @@ impl Rib {
         }
     }
 
-    /// The next message from `t`'s group log: the entries after its cursor whose current export is the
-    /// same (one attribute set, or withdrawals of one family), at most `max`. None when it has read all.
+    /// The next message from the log for `t`: the entries after its cursor that concern its update group
+    /// and whose current export is the same (one attribute set, or withdrawals of one family), at most
+    /// `max`. None when it has read all.
     fn log_step(
         &mut self,
         t: u16,
@@ -805,7 +815,7 @@ impl Rib {
         max: usize,
         share: &mut WireShare,
     ) -> Option<RibOutput> {
-        let g = self.st.slots[t as usize].group;
+        let bit = group_bit(self.st.slots[t as usize].group);
         let mut cursor = self.st.slots[t as usize].cursor;
         let mut run: Option<(Family, Option<Arc<PathAttributes>>, Vec<Nlri>)> = None;
         let mut entries = std::mem::take(&mut self.st.log_read);
@@ -813,17 +823,21 @@ impl Rib {
         // `max` (a table load) a few chunks.
         let mut chunk = 2usize;
         'read: loop {
-            self.st.groups[g]
-                .log
-                .entries_after(cursor, chunk, &mut entries);
+            self.st.log.entries_after(cursor, chunk, &mut entries);
             if entries.is_empty() {
                 break;
             }
             chunk = chunk.saturating_mul(2).min(max.saturating_add(1));
-            for &(seq, prefix, quiet) in &entries {
+            for e in &entries {
+                let Some(prefix) = e.prefix else { continue };
                 let family = family_of(&prefix);
-                if quiet == t || !self.st.slots[t as usize].info.families.contains(&family) {
-                    cursor = seq;
+                // Not for its group, or a change that did not concern it (nothing before, nothing
+                // now: no withdrawal of a prefix it was never sent), or a family it does not carry.
+                if e.groups & bit == 0
+                    || e.quiet == t
+                    || !self.st.slots[t as usize].info.families.contains(&family)
+                {
+                    cursor = e.seq;
                     continue;
                 }
                 let st = &mut self.st;
@@ -831,11 +845,6 @@ impl Rib {
                     .tables
                     .get(&prefix)
                     .and_then(|d| st.export(t, &prefix, d.best(), policy));
-                if attrs.is_none() && quiet == t {
-                    // Nothing before, nothing now: no withdrawal of a prefix it was never sent.
-                    cursor = seq;
-                    continue;
-                }
                 let nlri = Nlri { prefix, path_id: 0 };
                 match &mut run {
                     None => run = Some((family, attrs, vec![nlri])),
@@ -844,7 +853,7 @@ impl Rib {
                     }
                     Some(_) => break 'read,
                 }
-                cursor = seq;
+                cursor = e.seq;
             }
         }
         self.st.log_read = entries;

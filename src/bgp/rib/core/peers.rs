@@ -116,13 +116,13 @@ impl Rib {
     pub(super) fn dump_table(&mut self, slot: u16) {
         if self.st.reads_log(slot) {
             // Walked by the session's pump as its channel has room (also once a deferral ends: nothing is
-            // pumped before), then it reads its group's log from here.
+            // pumped before), then it reads the log from here.
             let s = &mut self.st.slots[slot as usize];
             s.counters.advertised = 0;
             s.walk = Some(Walk {
                 families: s.info.families.iter().map(|f| (*f, true)).collect(),
                 next: None,
-                from: self.st.groups[s.group].log.head(),
+                from: self.st.log.head(),
                 done: false,
             });
             return;
@@ -481,11 +481,11 @@ impl Rib {
             if !st.slots[slot as usize].up {
                 continue;
             }
-            for (k, d) in self.tables.v4.iter() {
-                st.policy_diff(slot, k.to_net(), d, &old, &policy);
+            for (k, d) in self.tables.v4.iter_mut() {
+                d.log = st.policy_diff(slot, k.to_net(), d, &old, &policy);
             }
-            for (k, d) in self.tables.v6.iter() {
-                st.policy_diff(slot, k.to_net(), d, &old, &policy);
+            for (k, d) in self.tables.v6.iter_mut() {
+                d.log = st.policy_diff(slot, k.to_net(), d, &old, &policy);
             }
         }
     }
@@ -499,16 +499,13 @@ pub(super) fn mark_stale(
     family: Family,
 ) -> u64 {
     let mut n = 0;
-    let mut mark = |p: &mut Path| {
+    let mark = |p: &mut Path| {
         if p.slot == slot {
             p.flags |= FLAG_STALE;
             n += 1;
         }
     };
-    match d {
-        Dest::One(p) => mark(p),
-        Dest::Many(v) => v.iter_mut().for_each(mark),
-    }
+    d.paths_mut().iter_mut().for_each(mark);
     if n > 0 && !families.contains(&family) {
         families.push(family);
     }
@@ -544,21 +541,31 @@ pub(super) fn upsert_in<K: PrefixKey>(
             }
             st.path_added(&path);
             path.flags = crate::bgp::rib::table::FLAG_ECMP;
-            let pos = map.insert_at(pos, key, Dest::One(path));
+            let at = st.log.revive(&prefix);
+            let pos = map.insert_at(pos, key, Dest::one(path, at));
             let d = map.at_mut(pos);
-            st.settle(prefix, None, &[], st.fib_enabled.then(Vec::new), Some(d));
+            d.log = st.settle(
+                prefix,
+                None,
+                &[],
+                st.fib_enabled.then(Vec::new),
+                Some(d),
+                at,
+            );
             true
         }
         Ok(pos) => {
             let dest = map.at_mut(pos);
             // Fast path: the only path of the prefix replaced by the same peer.
-            if let Dest::One(p) = dest {
+            if let Some(p) = dest.only_mut() {
                 if p.slot == path.slot && p.path_id == path.path_id {
                     if Arc::ptr_eq(&p.attrs, &path.attrs) && !p.stale() {
                         return true;
                     }
                     let old_nh = st.fib_enabled.then(|| fib_next_hops(prefix, dest));
-                    let Dest::One(p) = dest else { return true };
+                    let Some(p) = dest.only_mut() else {
+                        return true;
+                    };
                     if p.stale() {
                         st.slots[p.slot as usize].counters.stale -= 1;
                     }
@@ -567,12 +574,13 @@ pub(super) fn upsert_in<K: PrefixKey>(
                     }
                     path.flags = crate::bgp::rib::table::FLAG_ECMP;
                     let old = std::mem::replace(p, path);
-                    st.settle(
+                    dest.log = st.settle(
                         prefix,
                         Some(&old),
                         std::slice::from_ref(&old),
                         old_nh,
                         Some(dest),
+                        dest.log,
                     );
                     return true;
                 }
@@ -700,15 +708,22 @@ pub(super) fn modify(
         return true;
     }
     if v.is_empty() {
-        st.settle(prefix, Some(&old_best), &old_all, old_nh, None);
+        // The caller removes the prefix; `settle` keeps its log position (`ChangeLog::forget`).
+        dest.log = st.settle(prefix, Some(&old_best), &old_all, old_nh, None, dest.log);
         return false;
     }
     decision::select(&mut v, &|s| st.meta(s));
-    let Some(new) = Dest::from_vec(v) else {
+    if !dest.set_paths(v) {
         return false;
-    };
-    *dest = new;
-    st.settle(prefix, Some(&old_best), &old_all, old_nh, Some(dest));
+    }
+    dest.log = st.settle(
+        prefix,
+        Some(&old_best),
+        &old_all,
+        old_nh,
+        Some(dest),
+        dest.log,
+    );
     true
 }
 
