@@ -123,7 +123,8 @@ impl ChangeLog {
                 e.groups |= groups;
                 return;
             }
-            // A member behind it reads the new entry at the end instead.
+            // A member behind it reads the new entry at the end instead, whichever group it is in (one
+            // of those groups that had read the old entry reads the prefix again: a repeat of its export).
             quiet = agreed;
             groups |= e.groups;
             e.prefix = None;

@@ -113,6 +113,8 @@ struct Slot {
     cursor: u64,
     /// The table walk of a new session or a route refresh, while it lasts.
     walk: Option<Walk>,
+    /// Behind in the log or walking, as of its last pump (counted in `State::behind`).
+    behind: bool,
     /// The session generation of the last `PeerUp` (0 when it came without one).
     generation: u64,
     counters: PeerCounters,
@@ -141,6 +143,7 @@ impl Slot {
             group: 0,
             cursor: 0,
             walk: None,
+            behind: false,
             generation: 0,
             counters: PeerCounters::default(),
             deadline: None,
@@ -162,6 +165,8 @@ struct State {
     groups: Vec<Group>,
     /// The change log every log-reading session reads its output from (`log.rs`).
     log: ChangeLog,
+    /// Slots with `behind` set: sessions with more to read than their channels took.
+    behind: usize,
     group_ids: HashMap<GroupKey, usize>,
     /// Slots with a non-empty `dirty` set or `dirty_tail`.
     dirty_slots: Vec<u16>,
@@ -233,6 +238,7 @@ impl Rib {
                 deferring: None,
                 log_read: Vec::new(),
                 log: ChangeLog::default(),
+                behind: 0,
             },
             room: Arc::new(chan::Bell::new()),
         }

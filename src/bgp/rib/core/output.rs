@@ -35,6 +35,10 @@ impl State {
 
     pub(super) fn free_slot(&mut self, slot: u16) {
         let s = &mut self.slots[slot as usize];
+        if s.behind {
+            s.behind = false;
+            self.behind -= 1;
+        }
         if let Some(id) = s.id.take() {
             self.by_id.remove(&id);
         }
@@ -653,16 +657,43 @@ impl State {
         }
     }
 
-    /// Some log-reading member has not read the log to the end, or is walking the table.
+    /// Some log-reading member has not read the log to the end, or is walking the table. A count kept
+    /// by every pump ([`State::mark_behind`]), not a look at every session: the RIB task asks after each
+    /// bell, and at thousands of sessions the look cost more than serving the sessions that rang.
     pub(super) fn log_backlog(&self) -> bool {
         // While deferring nothing is pumped: no reason to look again before the deferral ends.
-        self.deferring.is_none()
-            && (1..self.slots.len() as u16).any(|t| {
-                self.reads_log(t) && {
-                    let s = &self.slots[t as usize];
-                    s.walk.is_some() || s.cursor < self.log.head()
-                }
-            })
+        if self.deferring.is_some() {
+            return false;
+        }
+        debug_assert_eq!(
+            self.behind,
+            (1..self.slots.len() as u16)
+                .filter(|t| self.is_behind(*t))
+                .count(),
+            "the count of sessions behind in the log is out of step"
+        );
+        self.behind > 0
+    }
+
+    fn is_behind(&self, t: u16) -> bool {
+        self.reads_log(t) && {
+            let s = &self.slots[t as usize];
+            s.walk.is_some() || s.cursor < self.log.head()
+        }
+    }
+
+    /// Note whether `t` is behind in the log (or walking) after a pump: `State::behind` counts them.
+    pub(super) fn mark_behind(&mut self, t: u16) {
+        let now = self.is_behind(t);
+        let s = &mut self.slots[t as usize];
+        if s.behind != now {
+            s.behind = now;
+            if now {
+                self.behind += 1;
+            } else {
+                self.behind -= 1;
+            }
+        }
     }
 
     /// Drop the log entries every member has read (all of them when no member reads: a member that joins
@@ -706,9 +737,13 @@ impl Rib {
         let policy = self.st.policy.clone();
         self.st.log.expose();
         for t in slots {
-            if usize::from(t) < self.st.slots.len() && self.st.reads_log(t) {
+            if usize::from(t) >= self.st.slots.len() {
+                continue;
+            }
+            if self.st.reads_log(t) {
                 self.pump(t, &policy, &mut share);
             }
+            self.st.mark_behind(t);
         }
     }
 
