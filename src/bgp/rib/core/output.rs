@@ -1,7 +1,7 @@
 //! The RIB's output side: peer slots and update groups, attribute interning, export decisions per target,
 //! the change log and the pump that fills each session's channel from its cursor (table walk, then log),
-//! and the per-peer queues kept for ADD-PATH send sessions (bounded, coalescing into a
-//! dirty set when full) and their flushing.
+//! and the per-peer queues kept for ADD-PATH send sessions (bounded, coalescing into a dirty set when full)
+//! and their flushing.
 
 #[allow(unused_imports)]
 use super::*;
@@ -632,8 +632,8 @@ fn same_attrs(a: &Option<Arc<PathAttributes>>, b: &Option<Arc<PathAttributes>>) 
 }
 
 impl State {
-    /// Does target `t` read its output from the change log? Every established session
-    /// does except those with ADD-PATH send: what such a peer holds is a set of path ids per prefix, which
+    /// Does target `t` read its output from the change log? Every established session does except those
+    /// with ADD-PATH send: what such a peer holds is a set of path ids per prefix, which
     /// "send the current export of this prefix" cannot withdraw correctly without knowing the ids sent
     /// before, so they keep the per-peer queue (`pending`, then the dirty set).
     pub(super) fn reads_log(&self, t: u16) -> bool {
