@@ -580,7 +580,7 @@ async fn simulate(clients: usize, rounds: usize) -> Result<Sim, String> {
             if std::env::var_os("RR_FANOUT_ROUNDS").is_some() {
                 eprintln!(
                     "round {} {}: {:.1} ms",
-                    join.len(),
+                    withdraw.len(),
                     if announce { "join" } else { "withdraw" },
                     d * 1e3
                 );

@@ -107,17 +107,14 @@ impl Dest {
         self.paths().to_vec()
     }
 
-    /// Replace the paths (the log position stays). False, and nothing changed, when `v` is empty.
-    pub fn set_paths(&mut self, mut v: Vec<Path>) -> bool {
-        self.paths = match v.len() {
-            0 => return false,
-            1 => match v.pop() {
-                Some(p) => Paths::One(p),
-                None => return false,
-            },
-            _ => Paths::Many(Box::new(v)),
-        };
-        true
+    /// Replace the paths (the log position stays). `v` is not empty (a prefix with no path leaves the
+    /// table); an empty `v` leaves the paths as they were.
+    pub fn set_paths(&mut self, mut v: Vec<Path>) {
+        if v.len() > 1 {
+            self.paths = Paths::Many(Box::new(v));
+        } else if let Some(p) = v.pop() {
+            self.paths = Paths::One(p);
+        }
     }
 }
 

@@ -708,14 +708,12 @@ pub(super) fn modify(
         return true;
     }
     if v.is_empty() {
-        // The caller removes the prefix; `settle` keeps its log position (`ChangeLog::forget`).
-        dest.log = st.settle(prefix, Some(&old_best), &old_all, old_nh, None, dest.log);
+        // The caller removes the prefix; the log keeps its position (`ChangeLog::forget`).
+        st.settle(prefix, Some(&old_best), &old_all, old_nh, None, dest.log);
         return false;
     }
     decision::select(&mut v, &|s| st.meta(s));
-    if !dest.set_paths(v) {
-        return false;
-    }
+    dest.set_paths(v);
     dest.log = st.settle(
         prefix,
         Some(&old_best),
