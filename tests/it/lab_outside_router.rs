@@ -102,14 +102,22 @@ fn outside_router_learns_blocks_and_services_and_reaches_pods() {
         );
     }
     // ... and the nodes did receive them: the router session counts more received than accepted.
-    let st = lab.status(&nodes[0]).expect("n1 status");
-    let rtr_peer = st["peers"]
-        .as_array()
-        .and_then(|ps| ps.iter().find(|p| p["address"] == "10.99.0.10"))
-        .unwrap_or_else(|| panic!("no router peer in {st}"));
+    // The router exports the other nodes' blocks to n1 a moment after it installs them, so wait.
+    let router_peer = || {
+        let st = lab.status(&nodes[0]).expect("n1 status");
+        st["peers"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["address"] == "10.99.0.10"))
+            .cloned()
+            .unwrap_or_else(|| panic!("no router peer in {st}"))
+    };
     assert!(
-        rtr_peer["prefixesReceived"].as_u64() > rtr_peer["prefixesAccepted"].as_u64(),
-        "the router sent the blocks back and nothing was refused? {rtr_peer}"
+        eventually(Duration::from_secs(10), || {
+            let p = router_peer();
+            p["prefixesReceived"].as_u64() > p["prefixesAccepted"].as_u64()
+        }),
+        "the router sent the blocks back and nothing was refused? {}",
+        router_peer()
     );
 
     // The host behind the router reaches a pod on every node, and the service.
