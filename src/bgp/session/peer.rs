@@ -5,7 +5,9 @@
 //! Per connection there is a reader task (reads large chunks, splits them into messages with
 //! `peek_len`, passes whole batches on) and a writer task (control messages first, then UPDATE data,
 //! written vectored so pieces an update group shares are never copied per session); both end with the
-//! connection. The peer task encodes the RIB's output for its Established session itself. It never
+//! connection. The peer task encodes the RIB's output for its Established session itself, and writes it
+//! to the socket itself when nothing is queued and the writer is idle (a reflector's fan-out then wakes
+//! one task per client, not two); what the socket does not take at once is left to the writer. It never
 //! blocks on a slow peer: RIB output and commands are only taken while the connection's data queue has
 //! room, so reading (and the hold timer) go on.
 //!
@@ -22,10 +24,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -44,12 +45,22 @@ use super::{Counters, PeerCommand, PeerStatus, SessionError, SessionEvent, Sessi
 use crate::bgp::rib::{RibInput, RibOutput};
 use crate::task::{chan, AbortOnDrop};
 
+/// The status a peer task publishes on every turn of its loop (counters change with every UPDATE) and
+/// its owner reads when asked: a plain lock, as nobody waits for a change (a watch channel would wake
+/// its notifiers on each publish, thousands of times per change on a reflector).
+type SharedStatus = Arc<std::sync::Mutex<PeerStatus>>;
+
+fn lock_status(s: &SharedStatus) -> std::sync::MutexGuard<'_, PeerStatus> {
+    // Nothing panics while holding it; a poisoned lock still holds a whole status.
+    s.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Owner's handle on a peer task. Dropping it stops the session (NOTIFICATION Cease, then close) and
 /// ends the task.
 pub struct PeerHandle {
     peer: IpAddr,
     cmd: chan::Sender<PeerCommand>,
-    status: watch::Receiver<PeerStatus>,
+    status: SharedStatus,
     owner: Option<oneshot::Sender<StopMode>>,
     task: Option<JoinHandle<()>>,
 }
@@ -73,12 +84,7 @@ impl PeerHandle {
 
     /// The peer's current status.
     pub fn status(&self) -> PeerStatus {
-        self.status.borrow().clone()
-    }
-
-    /// Follow status changes.
-    pub fn watch_status(&self) -> watch::Receiver<PeerStatus> {
-        self.status.clone()
+        lock_status(&self.status).clone()
     }
 
     /// Stop the session cleanly (NOTIFICATION Cease / administrative shutdown, Down to the RIB) and
@@ -160,8 +166,8 @@ fn spawn(
         negotiated: None,
         counters: Counters::default(),
     };
-    let (status_tx, status_rx) = watch::channel(status);
-    let mut task = PeerTask::new(cfg, listener, events, status_tx);
+    let status = Arc::new(std::sync::Mutex::new(status));
+    let mut task = PeerTask::new(cfg, listener, events, status.clone());
     // Register with the listener before returning, so the peer's connections are never rejected
     // because the task had not run yet.
     let registration = task
@@ -173,7 +179,7 @@ fn spawn(
     PeerHandle {
         peer,
         cmd: cmd_tx,
-        status: status_rx,
+        status,
         owner: Some(owner_tx),
         task: Some(join),
     }
@@ -222,6 +228,10 @@ impl ConnInbox for PeerInbox {
 /// keepalives or our NOTIFICATION to it (a handful of small messages per session); UPDATE data waits for
 /// room, at most about [`DATA_QUEUE_BYTES`]. The data is kept as the pieces it was encoded in: a piece an
 /// update group shares is one buffer for all its members, however many of them have it queued.
+///
+/// Who writes: the writer task, except that [`WriteQueue::data`] writes itself, under the lock, when
+/// nothing is queued and the writer holds nothing it took (`Pending::writing`). So bytes leave in the
+/// order they were queued, and one party at a time writes.
 #[derive(Default)]
 struct WriteQueue {
     pending: std::sync::Mutex<Pending>,
@@ -237,7 +247,54 @@ struct Pending {
     data: VecDeque<Bytes>,
     /// The bytes in `data`.
     data_bytes: usize,
+    /// The writer holds something it took from the queue and has not finished writing it.
+    writing: bool,
     close: bool,
+}
+
+/// A socket that takes what it can without waiting: the connection's write half (a fake in tests).
+trait TryWrite {
+    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
+}
+
+impl TryWrite for OwnedWriteHalf {
+    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        OwnedWriteHalf::try_write_vectored(self, bufs)
+    }
+}
+
+/// Write what `sock` takes of `pieces` now (at most [`WRITE_PIECES`] of them, one vectored write) and
+/// drop that from `pieces`; an error writes nothing: the caller's next waiting write meets it again.
+fn write_some(sock: &impl TryWrite, pieces: &mut VecDeque<Bytes>) -> io::Result<()> {
+    let n = {
+        let slices: Vec<IoSlice<'_>> = pieces
+            .iter()
+            .take(WRITE_PIECES)
+            .map(|b| IoSlice::new(b))
+            .collect();
+        sock.try_write_vectored(&slices)?
+    };
+    if n == 0 {
+        return Err(io::ErrorKind::WriteZero.into());
+    }
+    consume(pieces, n);
+    Ok(())
+}
+
+/// Drop the first `n` bytes of `pieces`.
+fn consume(pieces: &mut VecDeque<Bytes>, mut n: usize) {
+    while n > 0 {
+        let Some(front) = pieces.front_mut() else {
+            break;
+        };
+        if n >= front.len() {
+            n -= front.len();
+            pieces.pop_front();
+        } else {
+            bytes::Buf::advance(front, n);
+            n = 0;
+        }
+    }
 }
 
 /// What the writer does next.
@@ -263,14 +320,25 @@ impl WriteQueue {
         self.lock().data_bytes < DATA_QUEUE_BYTES
     }
 
-    /// Queue one batch of UPDATE data, waiting while [`DATA_QUEUE_BYTES`] are already queued.
-    async fn data(&self, pieces: Vec<Bytes>) {
+    /// Send one batch of UPDATE data: written to `sock` at once if nothing is queued and the writer is
+    /// idle (see [`WriteQueue`]); what is left is queued for the writer, waiting while
+    /// [`DATA_QUEUE_BYTES`] are already queued.
+    async fn data(&self, pieces: Vec<Bytes>, sock: &impl TryWrite) {
+        let mut pieces = VecDeque::from(pieces);
         loop {
             let room = self.room.notified();
             {
                 let mut p = self.lock();
                 if p.close {
                     return;
+                }
+                if !p.writing && p.control.is_empty() && p.data.is_empty() {
+                    // A full socket (or a failed one) leaves the rest to the writer, which waits for
+                    // room in the socket or reports the error.
+                    while !pieces.is_empty() && write_some(sock, &mut pieces).is_ok() {}
+                    if pieces.is_empty() {
+                        return;
+                    }
                 }
                 if p.data_bytes < DATA_QUEUE_BYTES {
                     for b in pieces {
@@ -291,12 +359,15 @@ impl WriteQueue {
         self.wake.notify_one();
     }
 
+    /// What the writer writes next; calling it says the writer finished what it took before.
     async fn next(&self) -> Write {
         loop {
             let wake = self.wake.notified();
             {
                 let mut p = self.lock();
+                p.writing = false;
                 if let Some(b) = p.control.pop_front() {
+                    p.writing = true;
                     return Write::Control(b);
                 }
                 if !p.data.is_empty() {
@@ -307,6 +378,7 @@ impl WriteQueue {
                         // A burst is over: an idle connection keeps no large queue.
                         p.data = VecDeque::new();
                     }
+                    p.writing = true;
                     drop(p);
                     self.room.notify_one();
                     return Write::Data(pieces);
@@ -327,6 +399,9 @@ struct Conn {
     /// stream against the negotiated maximum, so an over-long header is answered at once (RFC 4271 6.1).
     extended: Arc<AtomicBool>,
     queue: Arc<WriteQueue>,
+    /// The socket's write half, shared with the writer (see [`WriteQueue`] for who writes); the last
+    /// of the two to let go shuts the socket for writing.
+    wr: Arc<OwnedWriteHalf>,
     _reader: AbortOnDrop,
     writer: Option<JoinHandle<()>>,
 }
@@ -352,7 +427,7 @@ struct PeerTask {
     session: Session,
     listener: Option<ListenerHandle>,
     events: mpsc::Sender<SessionEvent>,
-    status: watch::Sender<PeerStatus>,
+    status: SharedStatus,
     internal_tx: chan::Sender<Internal>,
     internal_rx: chan::Receiver<Internal>,
     conns: HashMap<ConnId, Conn>,
@@ -392,7 +467,7 @@ impl PeerTask {
         cfg: PeerConfig,
         listener: Option<ListenerHandle>,
         events: mpsc::Sender<SessionEvent>,
-        status: watch::Sender<PeerStatus>,
+        status: SharedStatus,
     ) -> PeerTask {
         let (internal_tx, internal_rx) = chan::channel(64);
         PeerTask {
@@ -465,9 +540,18 @@ impl PeerTask {
         }
         Box::pin(self.feed(Event::ManualStart)).await;
         let mut for_restart = false;
+        // One timer for the task's life, moved when the earliest FSM timer changes (a fresh one per turn
+        // of the loop would register and unregister itself with the runtime's timer wheel each time).
+        let timer = tokio::time::sleep_until(Instant::now() + Duration::from_secs(86_400));
+        tokio::pin!(timer);
         loop {
             self.publish();
             let next_timer = self.timers.iter().flatten().min().copied();
+            if let Some(t) = next_timer {
+                if timer.deadline() != t {
+                    timer.as_mut().reset(t);
+                }
+            }
             // Take RIB output and commands only while the data queue has room (see the module doc).
             let can_take = self.main_conn().is_none_or(|c| c.queue.has_room());
             // ... and wake up when it has room again: with hold time 0 (no keepalives) and a quiet peer,
@@ -493,7 +577,7 @@ impl PeerTask {
                     Box::pin(self.rib_output(out)).await
                 }
                 Some(msg) = self.internal_rx.recv() => Box::pin(self.internal(msg)).await,
-                _ = sleep_until_opt(next_timer), if next_timer.is_some() => {
+                _ = &mut timer, if next_timer.is_some() => {
                     // Messages that arrived while we were busy (e.g. waiting on a slow RIB) come first:
                     // a KEEPALIVE sitting in the queue must restart the hold timer, not lose to it.
                     for _ in 0..64 {
@@ -542,24 +626,18 @@ impl PeerTask {
         } else {
             None
         };
-        self.status.send_if_modified(|s| {
-            let mut changed = false;
-            if s.state != state {
-                s.state = state;
-                s.since = SystemTime::now();
-                s.negotiated = neg.cloned();
-                changed = true;
-            }
-            if s.last_error != self.last_error {
-                s.last_error = self.last_error.clone();
-                changed = true;
-            }
-            if s.counters != self.counters {
-                s.counters = self.counters.clone();
-                changed = true;
-            }
-            changed
-        });
+        let mut s = lock_status(&self.status);
+        if s.state != state {
+            s.state = state;
+            s.since = SystemTime::now();
+            s.negotiated = neg.cloned();
+        }
+        if s.last_error != self.last_error {
+            s.last_error.clone_from(&self.last_error);
+        }
+        if s.counters != self.counters {
+            s.counters.clone_from(&self.counters);
+        }
     }
 
     // ----- FSM plumbing -----
@@ -716,16 +794,23 @@ impl PeerTask {
         let _ = stream.set_nodelay(true);
         let local = stream.local_addr().ok().map(|a| a.ip().to_canonical());
         let (rd, wr) = stream.into_split();
+        let wr = Arc::new(wr);
         let queue = Arc::new(WriteQueue::default());
         let extended = Arc::new(AtomicBool::new(false));
         let reader = tokio::spawn(reader(id, rd, extended.clone(), self.internal_tx.clone()));
-        let writer = tokio::spawn(writer(id, wr, queue.clone(), self.internal_tx.clone()));
+        let writer = tokio::spawn(writer(
+            id,
+            wr.clone(),
+            queue.clone(),
+            self.internal_tx.clone(),
+        ));
         self.conns.insert(
             id,
             Conn {
                 local,
                 extended,
                 queue,
+                wr,
                 _reader: AbortOnDrop(reader),
                 writer: Some(writer),
             },
@@ -1043,17 +1128,19 @@ impl PeerTask {
         if pieces.is_empty() {
             return;
         }
-        let Some(c) = self.main_conn() else { return };
-        let queue = c.queue.clone();
+        if self.main_conn().is_none() {
+            return;
+        }
         for b in &pieces {
             let n = count_messages(b);
             self.counters.updates_out += n;
             self.counters.messages_out += n;
             self.counters.update_bytes_out += b.len() as u64;
         }
+        let Some(c) = self.main_conn() else { return };
         // The select loop only takes commands and RIB output when there is room, so this rarely waits. A
         // writer that is gone reports the connection's end through `Internal::Closed`.
-        queue.data(pieces).await;
+        c.queue.data(pieces, &*c.wr).await;
     }
 
     /// Encode one batch of the RIB's output (`first` and what else waits) and queue it.
@@ -1142,13 +1229,6 @@ fn count_messages(mut b: &[u8]) -> u64 {
         n += 1;
     }
     n
-}
-
-async fn sleep_until_opt(t: Option<Instant>) {
-    match t {
-        Some(t) => tokio::time::sleep_until(t).await,
-        None => std::future::pending().await,
-    }
 }
 
 /// Open the TCP connection to the peer with its source address, MD5 key and TTL settings.
@@ -1311,24 +1391,20 @@ fn read_frames(
     ReadOutcome::Frames(frames, error)
 }
 
-/// Write control messages first, then UPDATE data; on close flush what is queued briefly and shut the
-/// socket.
+/// Write control messages first, then UPDATE data, until the close (by then everything queued has
+/// been written: the queue hands out the close last). The socket is shut for writing when the last of
+/// the writer and the connection's owner drops its write half.
 async fn writer(
     id: ConnId,
-    mut wr: OwnedWriteHalf,
+    wr: Arc<OwnedWriteHalf>,
     queue: Arc<WriteQueue>,
     tx: chan::Sender<Internal>,
 ) {
     loop {
         let r = match queue.next().await {
-            Write::Control(b) => wr.write_all(&b).await,
-            Write::Data(pieces) => write_pieces(&mut wr, pieces).await,
-            Write::Close => {
-                // Give a NOTIFICATION queued before the close a moment to leave.
-                let _ = tokio::time::timeout(Duration::from_secs(2), wr.flush()).await;
-                let _ = wr.shutdown().await;
-                return;
-            }
+            Write::Control(b) => write_pieces(&wr, vec![b]).await,
+            Write::Data(pieces) => write_pieces(&wr, pieces).await,
+            Write::Close => return,
         };
         if let Err(e) = r {
             // Writer to its peer task: no peer task, nobody to tell.
@@ -1343,29 +1419,15 @@ async fn writer(
     }
 }
 
-/// Write `pieces` back to back, as many at a time as one vectored write takes.
-async fn write_pieces(wr: &mut OwnedWriteHalf, pieces: Vec<Bytes>) -> io::Result<()> {
+/// Write `pieces` back to back, as many at a time as one vectored write takes, waiting for room in the
+/// socket.
+async fn write_pieces(wr: &OwnedWriteHalf, pieces: Vec<Bytes>) -> io::Result<()> {
     let mut pieces = VecDeque::from(pieces);
     while !pieces.is_empty() {
-        let n = {
-            let slices: Vec<IoSlice<'_>> = pieces.iter().map(|b| IoSlice::new(b)).collect();
-            wr.write_vectored(&slices).await?
-        };
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        let mut n = n;
-        while n > 0 {
-            let Some(front) = pieces.front_mut() else {
-                break;
-            };
-            if n >= front.len() {
-                n -= front.len();
-                pieces.pop_front();
-            } else {
-                bytes::Buf::advance(front, n);
-                n = 0;
-            }
+        match write_some(wr, &mut pieces) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => wr.writable().await?,
+            Err(e) => return Err(e),
         }
     }
     Ok(())
@@ -1374,6 +1436,7 @@ async fn write_pieces(wr: &mut OwnedWriteHalf, pieces: Vec<Bytes>) -> io::Result
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncWriteExt;
 
     fn keepalive() -> Vec<u8> {
         let mut b = BytesMut::new();
@@ -1381,12 +1444,39 @@ mod tests {
         b.to_vec()
     }
 
+    /// A socket that takes at most `room` more bytes, and records them.
+    #[derive(Default)]
+    struct FakeSocket {
+        room: std::cell::Cell<usize>,
+        took: RefCell<Vec<u8>>,
+    }
+
+    impl TryWrite for FakeSocket {
+        fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+            let mut n = 0;
+            for b in bufs {
+                let take = b.len().min(self.room.get());
+                if take == 0 {
+                    break;
+                }
+                self.took.borrow_mut().extend_from_slice(&b[..take]);
+                self.room.set(self.room.get() - take);
+                n += take;
+            }
+            if n == 0 && bufs.iter().any(|b| !b.is_empty()) {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(n)
+        }
+    }
+
     #[tokio::test]
     async fn write_queue_sends_control_first_and_bounds_data() {
         let q = WriteQueue::default();
+        let full = FakeSocket::default();
         let piece = |i: u8| Bytes::from(vec![i; DATA_QUEUE_BYTES / 4]);
         for i in 0..4 {
-            q.data(vec![piece(i)]).await;
+            q.data(vec![piece(i)], &full).await;
         }
         assert!(!q.has_room(), "{DATA_QUEUE_BYTES} bytes fill the queue");
         q.control(Bytes::from_static(b"ka"));
@@ -1395,7 +1485,10 @@ mod tests {
             _ => panic!("expected the control message"),
         }
         // Data waits for room, and gets in once the writer took what was queued.
-        let waiting = q.data(vec![Bytes::from_static(b"late"), Bytes::from_static(b"r")]);
+        let waiting = q.data(
+            vec![Bytes::from_static(b"late"), Bytes::from_static(b"r")],
+            &full,
+        );
         tokio::pin!(waiting);
         assert!(
             futures::poll!(waiting.as_mut()).is_pending(),
@@ -1429,10 +1522,69 @@ mod tests {
             [&b"late"[..], &b"r"[..]],
             "what was queued is flushed before the close"
         );
-        q.data(vec![Bytes::from_static(b"after")]).await;
+        q.data(vec![Bytes::from_static(b"after")], &full).await;
         assert!(
             matches!(q.next().await, Write::Close),
             "nothing is queued after the close"
+        );
+    }
+
+    /// The peer task writes itself only when nothing is queued and the writer holds nothing; what the
+    /// socket does not take is queued whole and in order, after which the writer writes.
+    #[tokio::test]
+    async fn data_is_written_at_once_only_when_the_writer_is_idle() {
+        let q = WriteQueue::default();
+        let sock = FakeSocket::default();
+        sock.room.set(5);
+        q.data(
+            vec![Bytes::from_static(b"abc"), Bytes::from_static(b"defg")],
+            &sock,
+        )
+        .await;
+        assert_eq!(
+            &sock.took.borrow()[..],
+            b"abcde",
+            "the socket took what it had room for"
+        );
+        match q.next().await {
+            Write::Data(p) => assert_eq!(p, [&b"fg"[..]], "the rest waits for the writer"),
+            _ => panic!("expected the rest of the data"),
+        }
+        // The writer is busy with what it took: new data queues behind it, although the socket has room.
+        sock.room.set(100);
+        q.data(vec![Bytes::from_static(b"h")], &sock).await;
+        assert_eq!(
+            &sock.took.borrow()[..],
+            b"abcde",
+            "nothing written past the writer"
+        );
+        match q.next().await {
+            Write::Data(p) => assert_eq!(p, [&b"h"[..]]),
+            _ => panic!("expected the queued data"),
+        }
+        // A control message waiting for the writer goes first, too.
+        let idle = q.next();
+        tokio::pin!(idle);
+        assert!(futures::poll!(idle.as_mut()).is_pending(), "nothing queued");
+        q.control(Bytes::from_static(b"ka"));
+        q.data(vec![Bytes::from_static(b"i")], &sock).await;
+        assert_eq!(
+            &sock.took.borrow()[..],
+            b"abcde",
+            "data waits behind control"
+        );
+        assert!(matches!(idle.await, Write::Control(b) if &b[..] == b"ka"));
+        assert!(matches!(q.next().await, Write::Data(p) if p == [&b"i"[..]]));
+        // Idle writer (waiting in `next`), nothing queued: written at once, nothing left for the writer.
+        let idle = q.next();
+        tokio::pin!(idle);
+        assert!(futures::poll!(idle.as_mut()).is_pending(), "nothing queued");
+        q.data(vec![Bytes::from_static(b"jk")], &sock).await;
+        assert_eq!(&sock.took.borrow()[..], b"abcdejk");
+        q.close();
+        assert!(
+            matches!(idle.await, Write::Close),
+            "the direct write queued nothing"
         );
     }
 
@@ -1445,14 +1597,14 @@ mod tests {
         let addr = l.local_addr().expect("addr");
         let client = TcpStream::connect(addr).await.expect("connect");
         let (mut server, _) = l.accept().await.expect("accept");
-        let (_rd, mut wr) = client.into_split();
+        let (_rd, wr) = client.into_split();
         // More than a socket buffer, in pieces of many sizes, so writes end inside pieces.
         let pieces: Vec<Bytes> = (0..3000u32)
             .map(|i| Bytes::from(vec![(i % 251) as u8; (i as usize * 37) % 3000 + 1]))
             .collect();
         let want: Vec<u8> = pieces.iter().flat_map(|b| b.iter().copied()).collect();
         let writing = tokio::spawn(async move {
-            write_pieces(&mut wr, pieces).await.expect("write");
+            write_pieces(&wr, pieces).await.expect("write");
             wr
         });
         let mut got = vec![0u8; want.len()];

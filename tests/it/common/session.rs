@@ -51,16 +51,17 @@ pub async fn expect_event(
 
 /// Wait until the peer's status satisfies `pred`.
 pub async fn status_until(h: &PeerHandle, what: &str, pred: impl Fn(&PeerStatus) -> bool) {
-    let mut w = h.watch_status();
-    if tokio::time::timeout(LIMIT, w.wait_for(|s| pred(s)))
-        .await
-        .is_err()
-    {
-        panic!(
-            "peer {} never reached {what}; status: {:#?}",
-            h.peer(),
-            h.status()
-        );
+    // The status is published, not announced: look every few milliseconds.
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while !pred(&h.status()) {
+        if tokio::time::Instant::now() >= deadline {
+            panic!(
+                "peer {} never reached {what}; status: {:#?}",
+                h.peer(),
+                h.status()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
