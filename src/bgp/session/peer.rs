@@ -16,7 +16,7 @@
 //! idle channel of that kind holds no slots.
 
 use std::cell::RefCell;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -406,6 +406,33 @@ struct Conn {
     writer: Option<JoinHandle<()>>,
 }
 
+/// A peer task's connections: one, two while a collision is being resolved. A short list, not a hash
+/// map: the Established session's connection is looked up for every batch the peer task writes, and on
+/// a reflector's fan-out each of thousands of sessions does that once per change, from a cold cache.
+#[derive(Default)]
+struct Conns(Vec<(ConnId, Conn)>);
+
+impl Conns {
+    fn get(&self, id: &ConnId) -> Option<&Conn> {
+        self.0.iter().find(|(i, _)| i == id).map(|(_, c)| c)
+    }
+    fn contains_key(&self, id: &ConnId) -> bool {
+        self.get(id).is_some()
+    }
+    fn insert(&mut self, id: ConnId, c: Conn) {
+        // Connection ids are never reused; a replaced entry is dropped (and closed) as a map would.
+        self.remove(&id);
+        self.0.push((id, c));
+    }
+    fn remove(&mut self, id: &ConnId) -> Option<Conn> {
+        let at = self.0.iter().position(|(i, _)| i == id)?;
+        Some(self.0.swap_remove(at).1)
+    }
+    fn drain(&mut self) -> std::vec::Drain<'_, (ConnId, Conn)> {
+        self.0.drain(..)
+    }
+}
+
 impl Drop for Conn {
     /// A connection the task lets go of is closed: its writer flushes what is queued and shuts it.
     fn drop(&mut self) {
@@ -430,7 +457,7 @@ struct PeerTask {
     status: SharedStatus,
     internal_tx: chan::Sender<Internal>,
     internal_rx: chan::Receiver<Internal>,
-    conns: HashMap<ConnId, Conn>,
+    conns: Conns,
     next_conn: ConnId,
     connecting: Option<AbortOnDrop>,
     timers: [Option<Instant>; 4],
@@ -478,7 +505,7 @@ impl PeerTask {
             status,
             internal_tx,
             internal_rx,
-            conns: HashMap::new(),
+            conns: Conns::default(),
             next_conn: 1,
             connecting: None,
             timers: [None; 4],
