@@ -31,6 +31,10 @@
 //! 70-110 ms against 20-27 ms for the next ones): a pause of one second before a later round makes that
 //! round as slow, so it is the cost of a fan-out after an idle spell, not of the probe's new session.
 //!
+//! With `--runs K` the daemons take turns (run 1 of each, then run 2 of each, ...), so a machine whose speed
+//! drifts over minutes slows every daemon's runs alike; each daemon's row pools its runs, and the line under
+//! it gives each run's p50s, to be compared with the other daemon's run of the same turn.
+//!
 //! Run: `cargo bench --bench rr_fanout -- [--clients N] [--rounds R] [--runs K] [--only bird,gobgp,margay]`
 //! (`RR_FANOUT_ROUNDS=1` prints every probe round's time).
 
@@ -116,7 +120,7 @@ fn main() {
     }
     assert!(clients <= 16_000, "--clients at most 16000");
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    println!("rr_fanout: {clients} iBGP clients x one /26, {rounds} probe rounds, {runs} run(s) per daemon; medians");
+    println!("rr_fanout: {clients} iBGP clients x one /26, {rounds} probe rounds, {runs} run(s) per daemon, alternating; medians");
     println!("load average at start: {}", load.trim());
     println!(
         "{:<7} {:>13} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>8} {:>7}",
@@ -131,14 +135,18 @@ fn main() {
         "RSS MB",
         "CPU s"
     );
-    for daemon in &only {
-        let mut all = Vec::new();
-        for _ in 0..runs {
+    // The runs alternate between the daemons (BIRD, margay, BIRD, margay, ...): this machine's speed drifts
+    // over minutes, and a drift must not land on one daemon's runs only.
+    let mut results: Vec<(&String, Vec<Figures>)> = only.iter().map(|d| (d, Vec::new())).collect();
+    for _ in 0..runs {
+        for (daemon, all) in results.iter_mut() {
             match run_one(daemon, clients, rounds) {
                 Ok(f) => all.push(f),
                 Err(e) => println!("{daemon:<7} failed: {e}"),
             }
         }
+    }
+    for (daemon, all) in results {
         if all.is_empty() {
             continue;
         }
@@ -180,6 +188,17 @@ fn main() {
             })
             .collect();
         println!("        runs: {}", per_run.join("; "));
+        let p50s = |v: fn(&Figures) -> &Vec<f64>| -> String {
+            all.iter()
+                .map(|f| format!("{:.1}", pct(v(f).clone(), 50.0) * 1e3))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        };
+        println!(
+            "        p50 per run (ms): join {}, withdraw {}",
+            p50s(|f| &f.join),
+            p50s(|f| &f.withdraw)
+        );
     }
 }
 

@@ -11,7 +11,8 @@
 //!     │                                                                        │
 //!     │     listener task ──TcpStream──▶ peer task (one per peer, session/peer.rs) ◀──▶ reader / writer task per TCP connection
 //!     │                                   │ ▲                       (write queue: control first, then about 32 KiB of UPDATE
-//!     │                                   │ │                        pieces, written vectored: shared pieces are never copied)
+//!     │                                   │ │                        pieces, written vectored: shared pieces are never copied;
+//!     │                                   │ │                        the peer task writes itself while the queue is empty)
 //!     │   RibInput::Session{generation,   │ │ PeerCommand (chan 64: Stop, Reconfigure, SendRouteRefresh, ...)
 //!     │   PeerUp | Routes | Withdraw |    │ │
 //!     │   EndOfRib | RouteRefresh |       │ │ RibOutput (chan 16 per Established session: the peer task encodes it,

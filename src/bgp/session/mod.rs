@@ -23,8 +23,10 @@
 //!     │                                                    RIB link: SendUpdates, SendEndOfRib)
 //!     │ RibInput::Session { generation, PeerUp / Routes / EndOfRib / RouteRefresh / PeerDown }
 //!     ▼
-//!   RIB task ──RibOutput (bounded, per session)──▶ peer task: encoded (rib_link.rs) into the write queue
-//!   status: watch<PeerStatus> per peer (state, since, last error in plain words, counters)
+//!   RIB task ──RibOutput (bounded, per session)──▶ peer task: encoded (rib_link.rs) and written to the
+//!     socket at once while nothing is queued and the writer is idle, else into the write queue
+//!   status: PeerStatus per peer behind a lock (state, since, last error in plain words, counters), read
+//!     by the owner when asked
 //! ```
 
 pub mod config;
