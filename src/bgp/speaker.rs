@@ -266,6 +266,7 @@ pub fn spawn_on(
         events_tx,
         peers: BTreeMap::new(),
         next_id: 1,
+        deferred: Vec::new(),
     };
     let rib_task = task.rib.watch();
     let join = crate::task::spawn("speaker", task.run(rx, events_rx));
@@ -323,6 +324,9 @@ struct Speaker {
     events_tx: mpsc::Sender<SessionEvent>,
     peers: BTreeMap<IpAddr, RunningPeer>,
     next_id: u32,
+    /// Session events taken while `apply` waited for peers to stop (see [`Speaker::stop_peer`]), handled
+    /// when it is done.
+    deferred: Vec<SessionEvent>,
 }
 
 impl Speaker {
@@ -336,8 +340,12 @@ impl Speaker {
                 cmd = cmds.recv() => match cmd {
                     // Replies: a dropped receiver only means the asker went away (the work is done).
                     Some(SpeakerCommand::Apply(desired, reply)) => {
-                        let report = self.apply(desired).await;
+                        let report = self.apply(desired, &mut events).await;
                         let _ = reply.send(report);
+                        // What arrived while peers were stopping, in the order it arrived.
+                        for ev in std::mem::take(&mut self.deferred) {
+                            self.on_event(ev).await;
+                        }
                     }
                     Some(SpeakerCommand::Status(reply)) => {
                         let _ = reply.send(self.status().await);
@@ -370,7 +378,11 @@ impl Speaker {
         self.listener.as_ref().map(|l| l.handle())
     }
 
-    async fn apply(&mut self, desired: Vec<DesiredPeer>) -> ApplyReport {
+    async fn apply(
+        &mut self,
+        desired: Vec<DesiredPeer>,
+        events: &mut mpsc::Receiver<SessionEvent>,
+    ) -> ApplyReport {
         let mut report = ApplyReport::default();
         let mut want: BTreeMap<IpAddr, DesiredPeer> = desired
             .into_iter()
@@ -380,7 +392,7 @@ impl Speaker {
         for addr in existing {
             match want.remove(&addr) {
                 None => {
-                    self.stop_peer(addr).await;
+                    self.stop_peer(addr, events).await;
                     report.removed.push(addr);
                 }
                 Some(d) => {
@@ -396,7 +408,7 @@ impl Speaker {
                         || p.desired.next_hop_v6 != d.next_hop_v6
                     {
                         // The RIB learns a peer's role at PeerUp: restart this one peer.
-                        self.stop_peer(addr).await;
+                        self.stop_peer(addr, events).await;
                         self.start_peer(d);
                         report.restarted.push(addr);
                     } else {
@@ -456,9 +468,20 @@ impl Speaker {
         );
     }
 
-    async fn stop_peer(&mut self, addr: IpAddr) {
+    /// Stop one peer and tell the RIB. The session events that arrive meanwhile are kept for later
+    /// (`deferred`): a peer task stopping reports Down on the same channel, and when more peers stop in one
+    /// `apply` than the channel holds (removing a reflector's 2,000 clients), one waiting for room while we
+    /// wait for it would cost each of the rest its join's 5-s timeout (see [`stop_all`]).
+    async fn stop_peer(&mut self, addr: IpAddr, events: &mut mpsc::Receiver<SessionEvent>) {
         if let Some(p) = self.peers.remove(&addr) {
-            p.handle.shutdown().await;
+            let stopping = p.handle.shutdown();
+            tokio::pin!(stopping);
+            loop {
+                tokio::select! {
+                    () = &mut stopping => break,
+                    Some(ev) = events.recv() => self.deferred.push(ev),
+                }
+            }
             // Removed by configuration: its routes go now, no graceful restart. Also when its session is
             // already down in graceful restart: the RIB still holds its routes as stale, and a peer that
             // is no longer configured is not coming back (RFC 4724 4.2 leaves the local policy to us). The
