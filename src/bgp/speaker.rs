@@ -290,11 +290,27 @@ struct RunningPeer {
     end_of_rib: Vec<Family>,
 }
 
-/// Stop every peer task, one after the other, while taking (and dropping: the speaker is going away) the
-/// session events they and the others send meanwhile. Without that, when more sessions go down at once
-/// than the event channel holds (a reflector told to stop while its clients vanish), a peer task waits
-/// for room in the channel, the speaker waits for that peer task, and each of the rest costs its join's
-/// 5-s timeout: a reflector with 2,000 clients did not exit for minutes.
+/// Wait for `stopping` (peer tasks being stopped) while handing every session event that arrives
+/// meanwhile to `take`. A stopping peer task reports on the event channel; without this, when more
+/// sessions go down at once than the channel holds (a reflector told to stop while its clients vanish, or
+/// a change that removes its 2,000 clients), a peer task waits for room in the channel, the speaker waits
+/// for that peer task, and each of the rest costs its join's 5-s timeout: minutes.
+async fn taking_events(
+    stopping: impl std::future::Future<Output = ()>,
+    events: &mut mpsc::Receiver<SessionEvent>,
+    mut take: impl FnMut(SessionEvent),
+) {
+    tokio::pin!(stopping);
+    loop {
+        tokio::select! {
+            () = &mut stopping => return,
+            Some(ev) = events.recv() => take(ev),
+        }
+    }
+}
+
+/// Stop every peer task, one after the other; the events they send meanwhile are dropped (the speaker is
+/// going away).
 async fn stop_all(
     peers: BTreeMap<IpAddr, RunningPeer>,
     for_restart: bool,
@@ -309,13 +325,7 @@ async fn stop_all(
             }
         }
     };
-    tokio::pin!(stopping);
-    loop {
-        tokio::select! {
-            () = &mut stopping => return,
-            Some(_) = events.recv() => {}
-        }
-    }
+    taking_events(stopping, events, drop).await;
 }
 
 struct Speaker {
@@ -468,20 +478,12 @@ impl Speaker {
         );
     }
 
-    /// Stop one peer and tell the RIB. The session events that arrive meanwhile are kept for later
-    /// (`deferred`): a peer task stopping reports Down on the same channel, and when more peers stop in one
-    /// `apply` than the channel holds (removing a reflector's 2,000 clients), one waiting for room while we
-    /// wait for it would cost each of the rest its join's 5-s timeout (see [`stop_all`]).
+    /// Stop one peer and tell the RIB. The session events that arrive meanwhile are kept for after `apply`
+    /// (`deferred`; see [`taking_events`] for why they must be taken).
     async fn stop_peer(&mut self, addr: IpAddr, events: &mut mpsc::Receiver<SessionEvent>) {
         if let Some(p) = self.peers.remove(&addr) {
-            let stopping = p.handle.shutdown();
-            tokio::pin!(stopping);
-            loop {
-                tokio::select! {
-                    () = &mut stopping => break,
-                    Some(ev) = events.recv() => self.deferred.push(ev),
-                }
-            }
+            let deferred = &mut self.deferred;
+            taking_events(p.handle.shutdown(), events, |ev| deferred.push(ev)).await;
             // Removed by configuration: its routes go now, no graceful restart. Also when its session is
             // already down in graceful restart: the RIB still holds its routes as stale, and a peer that
             // is no longer configured is not coming back (RFC 4724 4.2 leaves the local policy to us). The
