@@ -90,6 +90,7 @@ async fn run_rib(n: usize) -> (Duration, u64, usize) {
         peer: PeerId(2),
         info: client(2),
         out: out_b,
+        direct: None,
     })
     .await
     .expect("rib");
@@ -97,6 +98,7 @@ async fn run_rib(n: usize) -> (Duration, u64, usize) {
         peer: PeerId(1),
         info: client(1),
         out: out_a,
+        direct: None,
     })
     .await
     .expect("rib");
@@ -170,6 +172,7 @@ fn run_core(n: usize) -> Duration {
             peer: PeerId(2),
             info: client(2),
             out: out_b,
+            direct: None,
         },
         now,
     );
@@ -178,6 +181,7 @@ fn run_core(n: usize) -> Duration {
             peer: PeerId(1),
             info: client(1),
             out: out_a,
+            direct: None,
         },
         now,
     );

@@ -42,6 +42,7 @@ async fn routes_flow_through_the_task() {
         peer: PeerId(1),
         info: client(1),
         out: a_tx,
+        direct: None,
     })
     .await
     .expect("send");
@@ -49,6 +50,7 @@ async fn routes_flow_through_the_task() {
         peer: PeerId(2),
         info: client(2),
         out: b_tx,
+        direct: None,
     })
     .await
     .expect("send");

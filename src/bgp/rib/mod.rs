@@ -179,6 +179,8 @@ pub enum RibInput {
         /// Bounded: the RIB sends into it only as far as it has room, reading on in the change log from
         /// the session's cursor when it has room again (see [`Rib::drain_dirty`]).
         out: crate::task::chan::Sender<RibOutput>,
+        /// The session's socket, for the fan-out case: see [`DirectOut`]. None: everything goes through `out`.
+        direct: Option<Arc<dyn DirectOut>>,
     },
     /// Routes from one UPDATE (or several sharing one attribute set). `attrs` carries the next hop
     /// (`next_hop` for IPv4, `mp_reach.next_hop` for other families); the RIB ignores any NLRI inside
@@ -337,6 +339,30 @@ pub enum RibOutput {
     /// The peer sent more prefixes than its `max_prefixes`; the session should send NOTIFICATION Cease /
     /// Maximum Number of Prefixes Reached (RFC 4486 subcode 1) and close.
     MaxPrefixExceeded { limit: u32 },
+}
+
+/// An Established session's socket, which the RIB may write one shared UPDATE to itself: the fan-out
+/// case, where a change reaches thousands of idle sessions and waking each one's task to copy the same
+/// bytes to its socket costs more than the write. Order is kept by two counts: the RIB numbers the
+/// messages it sends through the session's output channel, and the session counts those it has taken
+/// and queued for its socket ([`DirectOut::done`]). The RIB writes itself only when the two agree (the
+/// session holds nothing of ours) and [`DirectOut::try_write`] finds nothing queued for the socket;
+/// otherwise the message goes through the channel as usual.
+pub trait DirectOut: Send + Sync {
+    /// The encoding the session negotiated.
+    fn ctx(&self) -> &EncodeCtx;
+    /// How many messages of the output channel the session has taken and queued (or dropped).
+    fn done(&self) -> u64;
+    /// Write `bytes` (whole UPDATE messages) if nothing is queued ahead of them: what the socket does
+    /// not take now is queued, in order, for the session's writer. False: not written, something is
+    /// queued; send it through the channel.
+    fn try_write(&self, bytes: &Bytes) -> bool;
+}
+
+impl std::fmt::Debug for dyn DirectOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DirectOut")
+    }
 }
 
 /// The wire form of one [`RibOutput`], shared by the sessions that receive the same message from one RIB

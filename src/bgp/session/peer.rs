@@ -19,7 +19,7 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -42,17 +42,25 @@ use super::open::{family_text, Negotiated};
 use super::rib_link::{self, RibLink, RibOutputs};
 use super::sockopt;
 use super::{Counters, PeerCommand, PeerStatus, SessionError, SessionEvent, SessionId};
-use crate::bgp::rib::{RibInput, RibOutput};
+use crate::bgp::rib::{DirectOut, RibInput, RibOutput};
 use crate::task::{chan, AbortOnDrop};
 
 /// The status a peer task publishes on every turn of its loop (counters change with every UPDATE) and
 /// its owner reads when asked: a plain lock, as nobody waits for a change (a watch channel would wake
 /// its notifiers on each publish, thousands of times per change on a reflector).
-type SharedStatus = Arc<std::sync::Mutex<PeerStatus>>;
+type SharedStatus = Arc<StatusCell>;
+
+struct StatusCell {
+    status: std::sync::Mutex<PeerStatus>,
+    /// What the RIB wrote to the session's socket itself ([`DirectSink`]), counted here because the peer
+    /// task does not run for it; added to the published counters when the status is read.
+    direct_updates: AtomicU64,
+    direct_bytes: AtomicU64,
+}
 
 fn lock_status(s: &SharedStatus) -> std::sync::MutexGuard<'_, PeerStatus> {
     // Nothing panics while holding it; a poisoned lock still holds a whole status.
-    s.lock().unwrap_or_else(|e| e.into_inner())
+    s.status.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Owner's handle on a peer task. Dropping it stops the session (NOTIFICATION Cease, then close) and
@@ -84,7 +92,12 @@ impl PeerHandle {
 
     /// The peer's current status.
     pub fn status(&self) -> PeerStatus {
-        lock_status(&self.status).clone()
+        let mut s = lock_status(&self.status).clone();
+        let updates = self.status.direct_updates.load(Ordering::Relaxed);
+        s.counters.updates_out += updates;
+        s.counters.messages_out += updates;
+        s.counters.update_bytes_out += self.status.direct_bytes.load(Ordering::Relaxed);
+        s
     }
 
     /// Stop the session cleanly (NOTIFICATION Cease / administrative shutdown, Down to the RIB) and
@@ -166,7 +179,11 @@ fn spawn(
         negotiated: None,
         counters: Counters::default(),
     };
-    let status = Arc::new(std::sync::Mutex::new(status));
+    let status = Arc::new(StatusCell {
+        status: std::sync::Mutex::new(status),
+        direct_updates: AtomicU64::new(0),
+        direct_bytes: AtomicU64::new(0),
+    });
     let mut task = PeerTask::new(cfg, listener, events, status.clone());
     // Register with the listener before returning, so the peer's connections are never rejected
     // because the task had not run yet.
@@ -353,6 +370,33 @@ impl WriteQueue {
         self.wake.notify_one();
     }
 
+    /// [`WriteQueue::data`] for the RIB's own writes ([`DirectSink`]): write `bytes` to `sock` now if
+    /// nothing is queued and the writer is idle, queueing what the socket does not take (the queue is
+    /// empty, so there is room); false, and nothing done, if something is queued ahead.
+    fn try_now(&self, bytes: &Bytes, sock: &impl TryWrite) -> bool {
+        let mut p = self.lock();
+        if p.close {
+            // Closing: dropped, as `data` drops it.
+            return true;
+        }
+        if p.writing || !p.control.is_empty() || !p.data.is_empty() {
+            return false;
+        }
+        let mut pieces = VecDeque::from([bytes.clone()]);
+        while !pieces.is_empty() && write_some(sock, &mut pieces).is_ok() {}
+        if pieces.is_empty() {
+            return true;
+        }
+        // A full (or failed) socket: the writer waits for room or reports the error.
+        for b in pieces {
+            p.data_bytes += b.len();
+            p.data.push_back(b);
+        }
+        drop(p);
+        self.wake.notify_one();
+        true
+    }
+
     /// Flush what is queued (control first), then shut the connection.
     fn close(&self) {
         self.lock().close = true;
@@ -389,6 +433,51 @@ impl WriteQueue {
             }
             wake.await;
         }
+    }
+}
+
+/// The Established connection's socket as the RIB sees it ([`DirectOut`]): the RIB writes a shared
+/// UPDATE here itself when the session holds nothing it sent (`done`, counted by the peer task after it
+/// has queued what it took from the RIB's channel) and nothing is queued for the socket.
+pub(crate) struct DirectSink {
+    queue: Arc<WriteQueue>,
+    /// Weak: the connection and its writer decide when the socket is shut, not the RIB.
+    wr: std::sync::Weak<OwnedWriteHalf>,
+    ctx: EncodeCtx,
+    done: AtomicU64,
+    status: SharedStatus,
+}
+
+impl DirectSink {
+    /// The peer task has queued (or dropped) `n` more messages it took from the RIB's channel.
+    pub(super) fn taken(&self, n: u64) {
+        self.done.fetch_add(n, Ordering::Release);
+    }
+}
+
+impl DirectOut for DirectSink {
+    fn ctx(&self) -> &EncodeCtx {
+        &self.ctx
+    }
+
+    fn done(&self) -> u64 {
+        self.done.load(Ordering::Acquire)
+    }
+
+    fn try_write(&self, bytes: &Bytes) -> bool {
+        // A connection that is gone: the channel, where the session drops it.
+        let Some(wr) = self.wr.upgrade() else {
+            return false;
+        };
+        if !self.queue.try_now(bytes, &*wr) {
+            return false;
+        }
+        let st = &self.status;
+        st.direct_updates
+            .fetch_add(count_messages(bytes), Ordering::Relaxed);
+        st.direct_bytes
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        true
     }
 }
 
@@ -713,11 +802,25 @@ impl PeerTask {
                     let (out_tx, out_rx) = chan::channel(rib_link::RIB_OUTPUT_QUEUE);
                     let info = rib_link::peer_info(&self.cfg, &link.role, &neg);
                     let peer = link.peer;
-                    self.rib_out = Some(RibOutputs::new(out_rx, self.encode_ctx.clone()));
+                    let direct = self.main_conn().map(|c| {
+                        Arc::new(DirectSink {
+                            queue: c.queue.clone(),
+                            wr: Arc::downgrade(&c.wr),
+                            ctx: self.encode_ctx.clone(),
+                            done: AtomicU64::new(0),
+                            status: self.status.clone(),
+                        })
+                    });
+                    self.rib_out = Some(RibOutputs::new(
+                        out_rx,
+                        self.encode_ctx.clone(),
+                        direct.clone(),
+                    ));
                     self.to_rib(RibInput::PeerUp {
                         peer,
                         info,
                         out: out_tx,
+                        direct: direct.map(|d| d as Arc<dyn DirectOut>),
                     })
                     .await;
                 }
@@ -1176,7 +1279,11 @@ impl PeerTask {
             return;
         };
         let batch = out.batch(self.cfg.peer_addr, first);
+        let direct = out.direct.clone();
         self.send_data(self.session_id, batch.pieces).await;
+        if let Some(d) = direct {
+            d.taken(batch.taken);
+        }
         if batch.max_prefix_exceeded.is_some() {
             self.feed(Event::ManualStop).await;
         }
@@ -1613,6 +1720,47 @@ mod tests {
             matches!(idle.await, Write::Close),
             "the direct write queued nothing"
         );
+    }
+
+    /// The RIB's own write ([`WriteQueue::try_now`]) happens only when nothing is queued and the writer
+    /// holds nothing; what the socket does not take is queued for the writer; a closing queue drops it.
+    #[tokio::test]
+    async fn the_rib_writes_only_to_an_idle_queue() {
+        let q = WriteQueue::default();
+        let sock = FakeSocket::default();
+        sock.room.set(1);
+        assert!(q.try_now(&Bytes::from_static(b"ab"), &sock));
+        assert_eq!(&sock.took.borrow()[..], b"a");
+        // The rest is queued: a second write must wait behind it.
+        sock.room.set(100);
+        assert!(!q.try_now(&Bytes::from_static(b"c"), &sock), "b is queued");
+        match q.next().await {
+            Write::Data(p) => assert_eq!(p, [&b"b"[..]]),
+            _ => panic!("expected the rest of the data"),
+        }
+        assert!(
+            !q.try_now(&Bytes::from_static(b"c"), &sock),
+            "the writer holds b"
+        );
+        // The writer is done (back in `next`): idle again.
+        let idle = q.next();
+        tokio::pin!(idle);
+        assert!(futures::poll!(idle.as_mut()).is_pending(), "nothing queued");
+        q.control(Bytes::from_static(b"ka"));
+        assert!(
+            !q.try_now(&Bytes::from_static(b"c"), &sock),
+            "a control message waits"
+        );
+        assert!(matches!(idle.await, Write::Control(_)));
+        let idle = q.next();
+        tokio::pin!(idle);
+        assert!(futures::poll!(idle.as_mut()).is_pending(), "nothing queued");
+        assert!(q.try_now(&Bytes::from_static(b"cd"), &sock));
+        assert_eq!(&sock.took.borrow()[..], b"acd");
+        q.close();
+        assert!(q.try_now(&Bytes::from_static(b"e"), &sock), "dropped");
+        assert!(matches!(idle.await, Write::Close), "nothing queued");
+        assert_eq!(&sock.took.borrow()[..], b"acd");
     }
 
     /// Pieces written vectored arrive whole and in order, also when the socket takes them in parts.

@@ -7,6 +7,7 @@
 //! restarts the peer task, so the role never changes under a running session.
 
 use std::net::{IpAddr, Ipv6Addr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -23,6 +24,7 @@ use crate::task::chan;
 
 use super::config::PeerConfig;
 use super::open::{family_text, Negotiated};
+use super::peer::DirectSink;
 
 /// How many RIB output messages may wait for one session's encoder (each holds up to the RIB's
 /// `max_batch` prefixes sharing one attribute set). Small on purpose: the RIB fills it from the session's
@@ -105,6 +107,8 @@ const BATCH: usize = 16 * 1024;
 pub(crate) struct RibOutputs {
     pub rx: chan::Receiver<RibOutput>,
     ctx: EncodeCtx,
+    /// The socket as the RIB writes to it; told how many messages each batch took.
+    pub direct: Option<Arc<DirectSink>>,
 }
 
 /// One batch of encoded output.
@@ -115,11 +119,17 @@ pub(crate) struct Batch {
     pub pieces: Vec<Bytes>,
     /// The peer exceeded its max-prefix limit: stop the session.
     pub max_prefix_exceeded: Option<u32>,
+    /// How many messages of the channel the batch took.
+    pub taken: u64,
 }
 
 impl RibOutputs {
-    pub fn new(rx: chan::Receiver<RibOutput>, ctx: EncodeCtx) -> RibOutputs {
-        RibOutputs { rx, ctx }
+    pub fn new(
+        rx: chan::Receiver<RibOutput>,
+        ctx: EncodeCtx,
+        direct: Option<Arc<DirectSink>>,
+    ) -> RibOutputs {
+        RibOutputs { rx, ctx, direct }
     }
 
     /// Encode `first` and what else waits, up to [`BATCH`] bytes or the first End-of-RIB. Messages the
@@ -135,7 +145,9 @@ impl RibOutputs {
         let mut max_prefix_exceeded = None;
         let ctx = &self.ctx;
         let mut next = Some(first);
+        let mut taken = 0;
         while let Some(out) = next.take() {
+            taken += 1;
             match out {
                 RibOutput::Updates {
                     family,
@@ -182,6 +194,7 @@ impl RibOutputs {
         Batch {
             pieces,
             max_prefix_exceeded,
+            taken,
         }
     }
 }

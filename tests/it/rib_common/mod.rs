@@ -138,6 +138,7 @@ impl Harness {
                 peer: PeerId(id),
                 info,
                 out: tx,
+                direct: None,
             },
             self.now,
         );

@@ -17,12 +17,14 @@ use super::table::{
     Dest, Path, PrefixKey, Tables, V4Key, V6Key, FLAG_LLGR, FLAG_STALE, LOCAL_SLOT,
 };
 use super::{
-    family_of, FibEvent, NextHopMode, PathSource, PathView, PeerCounters, PeerId, PeerInfo, Policy,
-    Query, RibConfig, RibInput, RibOutput, RibSummary, RouteView, SharedWire,
+    family_of, DirectOut, FibEvent, NextHopMode, PathSource, PathView, PeerCounters, PeerId,
+    PeerInfo, Policy, Query, RibConfig, RibInput, RibOutput, RibSummary, RouteView, SharedWire,
 };
 use crate::bgp::wire::{
-    AsPath, AsSegment, Family, Nlri, Origin, PathAttributes, LLGR_STALE, NO_LLGR,
+    encode_updates, encode_withdrawals, AsPath, AsSegment, Family, Nlri, Origin, PathAttributes,
+    LLGR_STALE, NO_LLGR,
 };
+use bytes::BytesMut;
 
 mod log;
 mod output;
@@ -90,6 +92,33 @@ impl Pending {
     }
 }
 
+/// An Established session's output channel, the number of messages sent into it, and the session's
+/// socket for the RIB's own writes ([`DirectOut`]).
+#[derive(Debug)]
+struct Out {
+    tx: chan::Sender<RibOutput>,
+    sent: u64,
+    direct: Option<Arc<dyn DirectOut>>,
+}
+
+impl Out {
+    fn try_send(&mut self, msg: RibOutput) -> Result<(), TrySendError<RibOutput>> {
+        self.tx.try_send(msg)?;
+        self.sent += 1;
+        Ok(())
+    }
+
+    fn capacity(&self) -> usize {
+        self.tx.capacity()
+    }
+
+    /// The session holds nothing the RIB sent it: a message written to its socket now goes out after
+    /// everything before it.
+    fn direct_ok(&self) -> Option<&Arc<dyn DirectOut>> {
+        self.direct.as_ref().filter(|d| d.done() == self.sent)
+    }
+}
+
 #[derive(Debug)]
 struct Slot {
     id: Option<PeerId>,
@@ -97,7 +126,7 @@ struct Slot {
     info: PeerInfo,
     kind: Kind,
     up: bool,
-    out: Option<chan::Sender<RibOutput>>,
+    out: Option<Out>,
     /// Prefixes whose current export this peer still has to get: filled instead of the channel once the
     /// channel is full (a slow session), drained when it has room. A prefix that changes ten times while
     /// the peer is slow is sent once, as it is then, so a stalled peer costs at most one entry per prefix.
@@ -300,7 +329,12 @@ impl Rib {
                     );
                 }
             }
-            RibInput::PeerUp { peer, info, out } => self.peer_up(peer, info, out, now),
+            RibInput::PeerUp {
+                peer,
+                info,
+                out,
+                direct,
+            } => self.peer_up(peer, info, out, direct, now),
             RibInput::Routes {
                 peer,
                 announced,
@@ -481,7 +515,7 @@ impl Rib {
                 if s.dirty.is_empty() {
                     // Markers go out in order once every prefix before them is out.
                     while let Some(m) = s.dirty_tail.first() {
-                        let Some(out) = &s.out else { break };
+                        let Some(out) = &mut s.out else { break };
                         match out.try_send(m.clone()) {
                             Ok(()) => {
                                 s.dirty_tail.remove(0);
@@ -545,7 +579,7 @@ impl Rib {
                 }
                 let s = &mut self.st.slots[t as usize];
                 for m in msgs {
-                    let full = match (&s.out, m) {
+                    let full = match (&mut s.out, m) {
                         (Some(out), m) => match out.try_send(m) {
                             Ok(()) => None,
                             Err(TrySendError::Full(m)) => Some(m),
@@ -768,6 +802,7 @@ mod tests {
                     peer: PeerId(id),
                     info: client(id as u8),
                     out,
+                    direct: None,
                 },
                 now,
             );
@@ -816,6 +851,148 @@ mod tests {
         assert!((0..400).all(|k| fast[&prefix(k)] == 9000 + k));
     }
 
+    /// A session's socket as a test sees it: what the RIB wrote, and whether it may write.
+    #[derive(Default)]
+    struct FakeDirect {
+        ctx: crate::bgp::wire::EncodeCtx,
+        done: std::sync::atomic::AtomicU64,
+        refuse: std::sync::atomic::AtomicBool,
+        written: std::sync::Mutex<Vec<bytes::Bytes>>,
+    }
+
+    impl DirectOut for FakeDirect {
+        fn ctx(&self) -> &crate::bgp::wire::EncodeCtx {
+            &self.ctx
+        }
+        fn done(&self) -> u64 {
+            self.done.load(std::sync::atomic::Ordering::SeqCst)
+        }
+        fn try_write(&self, bytes: &bytes::Bytes) -> bool {
+            if self.refuse.load(std::sync::atomic::Ordering::SeqCst) {
+                return false;
+            }
+            self.written.lock().unwrap().push(bytes.clone());
+            true
+        }
+    }
+
+    /// The prefixes of the UPDATEs the RIB wrote itself.
+    fn written_prefixes(d: &FakeDirect) -> Vec<IpNetwork> {
+        let ctx = crate::bgp::wire::DecodeCtx::default();
+        let mut out = Vec::new();
+        for b in d.written.lock().unwrap().drain(..) {
+            match crate::bgp::wire::decode(&b, &ctx).expect("a whole UPDATE") {
+                crate::bgp::wire::Message::Update(u) => {
+                    out.extend(u.nlri.iter().map(|n| n.prefix));
+                    out.extend(u.withdrawn.iter().map(|n| n.prefix));
+                }
+                m => panic!("expected an UPDATE, got {m:?}"),
+            }
+        }
+        out
+    }
+
+    /// The fan-out case: the RIB writes a member's one new message to its socket itself, but only while
+    /// the session has taken and queued everything the RIB sent through its channel; otherwise (and
+    /// when the socket has something queued) the message goes through the channel, so order is kept.
+    #[test]
+    fn the_rib_writes_to_an_idle_session_itself_and_keeps_order_otherwise() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let mut cfg = RibConfig::new(65000, Ipv4Addr::new(10, 0, 0, 254));
+        cfg.cluster_id = Some(Ipv4Addr::new(1, 1, 1, 1));
+        let mut rib = Rib::new(cfg, Arc::new(Policy::accept_all()), false);
+        let now = Instant::now();
+        let prefix = |k: u32| {
+            IpNetwork::V4(
+                ipnetwork::Ipv4Network::new(Ipv4Addr::from(0x0a64_0000 + (k << 8)), 24).unwrap(),
+            )
+        };
+        let (src_tx, _src_rx) = chan::channel(64);
+        let (tx, mut rx) = chan::channel(64);
+        let direct = Arc::new(FakeDirect::default());
+        rib.handle(
+            RibInput::PeerUp {
+                peer: PeerId(1),
+                info: client(1),
+                out: src_tx,
+                direct: None,
+            },
+            now,
+        );
+        rib.handle(one_route(1, prefix(0), 0), now);
+        rib.handle(
+            RibInput::PeerUp {
+                peer: PeerId(2),
+                info: client(2),
+                out: tx,
+                direct: Some(direct.clone()),
+            },
+            now,
+        );
+        // The table walk and End-of-RIB go through the channel.
+        let mut taken = 0;
+        let mut held = BTreeMap::new();
+        while let Ok(m) = rx.try_recv() {
+            taken += 1;
+            if let RibOutput::Updates { nlri, .. } = m {
+                held.extend(nlri.iter().map(|n| (n.prefix, 0)));
+            }
+        }
+        assert!(taken >= 2, "the walk and End-of-RIB");
+        assert!(held.contains_key(&prefix(0)));
+        // The session has not said it queued them: a change waits behind them in the channel.
+        rib.handle(one_route(1, prefix(1), 1), now);
+        assert!(
+            matches!(rx.try_recv(), Ok(RibOutput::Updates { nlri, .. }) if nlri[0].prefix == prefix(1))
+        );
+        taken += 1;
+        assert!(written_prefixes(&direct).is_empty());
+        // Everything taken and queued: the next change is written, nothing goes through the channel.
+        direct.done.store(taken, SeqCst);
+        rib.handle(one_route(1, prefix(2), 2), now);
+        assert_eq!(written_prefixes(&direct), [prefix(2)]);
+        assert_eq!(rx.try_recv(), Err(chan::TryRecvError::Empty));
+        // The socket has something queued: the channel again ...
+        direct.refuse.store(true, SeqCst);
+        rib.handle(one_route(1, prefix(3), 3), now);
+        assert!(
+            matches!(rx.try_recv(), Ok(RibOutput::Updates { nlri, .. }) if nlri[0].prefix == prefix(3))
+        );
+        // ... and while that message is not queued by the session, the channel, whatever the socket says.
+        direct.refuse.store(false, SeqCst);
+        rib.handle(
+            RibInput::Withdraw {
+                peer: PeerId(1),
+                withdrawn: vec![Nlri {
+                    prefix: prefix(3),
+                    path_id: 0,
+                }],
+            },
+            now,
+        );
+        assert!(
+            matches!(rx.try_recv(), Ok(RibOutput::Withdraw { nlri, .. }) if nlri[0].prefix == prefix(3))
+        );
+        assert!(written_prefixes(&direct).is_empty());
+        direct.done.store(taken + 2, SeqCst);
+        rib.handle(
+            RibInput::Withdraw {
+                peer: PeerId(1),
+                withdrawn: vec![Nlri {
+                    prefix: prefix(2),
+                    path_id: 0,
+                }],
+            },
+            now,
+        );
+        assert_eq!(
+            written_prefixes(&direct),
+            [prefix(2)],
+            "a withdrawal, written"
+        );
+        assert_eq!(rx.try_recv(), Err(chan::TryRecvError::Empty));
+    }
+
     /// A member that stops reading in the middle of its table walk holds the log from being
     /// trimmed; a prefix announced and then withdrawn while it is stalled must still reach the others
     /// both times (the withdrawal's entry goes after what they have read).
@@ -840,6 +1017,7 @@ mod tests {
                 peer: PeerId(1),
                 info: client(1),
                 out: src_tx,
+                direct: None,
             },
             now,
         );
@@ -851,6 +1029,7 @@ mod tests {
                 peer: PeerId(2),
                 info: client(2),
                 out: fast_tx,
+                direct: None,
             },
             now,
         );
@@ -861,6 +1040,7 @@ mod tests {
                 peer: PeerId(3),
                 info: client(3),
                 out: slow_tx,
+                direct: None,
             },
             now,
         );
@@ -915,6 +1095,7 @@ mod tests {
                     peer: PeerId(id),
                     info,
                     out,
+                    direct: None,
                 },
                 now,
             );

@@ -56,6 +56,49 @@ impl State {
         self.clear_caches();
     }
 
+    /// Write `msg` to `t`'s socket here ([`DirectOut`]) if its session holds nothing the RIB sent it and
+    /// nothing is queued for its socket: one member of an update group costs one write, not a wake-up of
+    /// its task. The bytes are the group's shared encoding when its context matches. Returns the message
+    /// when it must go through the channel instead.
+    pub(super) fn write_direct(&mut self, t: u16, msg: RibOutput) -> Option<RibOutput> {
+        let Some(d) = self.slots[t as usize].out.as_ref().and_then(Out::direct_ok) else {
+            return Some(msg);
+        };
+        let ctx = d.ctx();
+        let (wire, encoded) = match &msg {
+            RibOutput::Updates {
+                family,
+                attrs,
+                nlri,
+                wire,
+            } => (
+                wire,
+                wire.get(ctx).map(Ok).unwrap_or_else(|| {
+                    let mut b = BytesMut::new();
+                    encode_updates(attrs, *family, nlri, ctx, &mut b).map(|_| b.freeze())
+                }),
+            ),
+            RibOutput::Withdraw { family, nlri, wire } => (
+                wire,
+                wire.get(ctx).map(Ok).unwrap_or_else(|| {
+                    let mut b = BytesMut::new();
+                    encode_withdrawals(*family, nlri, ctx, &mut b).map(|_| b.freeze())
+                }),
+            ),
+            _ => return Some(msg),
+        };
+        // An encoding error is the session's to report: it gets the message.
+        let Ok(bytes) = encoded else {
+            return Some(msg);
+        };
+        wire.offer(ctx, &bytes);
+        if d.try_write(&bytes) {
+            None
+        } else {
+            Some(msg)
+        }
+    }
+
     pub(super) fn recount_add_path(&mut self) {
         self.add_path_peers = self
             .slots
@@ -513,7 +556,7 @@ impl State {
             return;
         }
         let s = &mut self.slots[t as usize];
-        let Some(out) = &s.out else { return };
+        let Some(out) = &mut s.out else { return };
         let msg = if s.dirty.is_empty() && s.dirty_tail.is_empty() {
             match out.try_send(msg) {
                 Ok(()) => return,
@@ -587,6 +630,9 @@ impl State {
 struct WireShare {
     enabled: bool,
     seen: HashMap<(Family, usize, Vec<Nlri>), SharedWire>,
+    /// The last message asked for: members read in turn, so in the fan-out case every member after the
+    /// first asks for the same one (no key to build, nothing to hash).
+    last: Option<(Family, usize, Vec<Nlri>, SharedWire)>,
 }
 
 impl WireShare {
@@ -599,10 +645,18 @@ impl WireShare {
         if !self.enabled || nlri.len() > Self::MAX_PREFIXES {
             return SharedWire::none();
         }
-        self.seen
+        if let Some((f, a, n, w)) = &self.last {
+            if *f == family && *a == attrs && n[..] == *nlri {
+                return w.clone();
+            }
+        }
+        let w = self
+            .seen
             .entry((family, attrs, nlri.to_vec()))
             .or_insert_with(SharedWire::shared)
-            .clone()
+            .clone();
+        self.last = Some((family, attrs, nlri.to_vec(), w.clone()));
+        w
     }
 }
 
@@ -751,9 +805,16 @@ impl Rib {
         let max = self.st.cfg.max_batch.max(1);
         loop {
             let s = &self.st.slots[t as usize];
-            // The RIB is the channel's only sender: room seen here is still there at `try_send`.
+            // The RIB is the channel's only sender: room seen here is still there at `try_send`. A
+            // session that has taken everything sent to it has an empty channel (no lock to look).
             let room = match &s.out {
-                Some(out) if s.dirty_tail.is_empty() => out.capacity(),
+                Some(out) if s.dirty_tail.is_empty() => {
+                    if out.direct_ok().is_some() {
+                        usize::MAX
+                    } else {
+                        out.capacity()
+                    }
+                }
                 _ => 0,
             };
             if room == 0 {
@@ -765,12 +826,21 @@ impl Rib {
                     None => continue,
                 }
             } else {
-                match self.log_step(t, policy, max, share) {
+                let Some(m) = self.log_step(t, policy, max, share) else {
+                    return;
+                };
+                // The fan-out case: the member has read the whole log, and this is all it gets now.
+                let last = self.st.slots[t as usize].cursor == self.st.log.head();
+                match if last {
+                    self.st.write_direct(t, m)
+                } else {
+                    Some(m)
+                } {
                     Some(m) => m,
                     None => return,
                 }
             };
-            if let Some(out) = &self.st.slots[t as usize].out {
+            if let Some(out) = &mut self.st.slots[t as usize].out {
                 // Closed: the session is gone and its PeerDown is on the way.
                 let _ = out.try_send(msg);
             }

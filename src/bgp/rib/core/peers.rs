@@ -21,6 +21,7 @@ impl Rib {
         peer: PeerId,
         info: PeerInfo,
         out: chan::Sender<RibOutput>,
+        direct: Option<Arc<dyn DirectOut>>,
         now: Instant,
     ) {
         if self.up_slot(peer).is_some() {
@@ -61,7 +62,11 @@ impl Rib {
             s.group = group;
             s.generation = 0;
             s.up = true;
-            s.out = Some(out);
+            s.out = Some(Out {
+                tx: out,
+                sent: 0,
+                direct,
+            });
             s.cursor = 0;
             s.walk = None;
             s.dirty.clear();
