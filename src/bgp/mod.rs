@@ -21,6 +21,9 @@
 //!   RIB task (rib/task.rs, bounded mpsc rib_capacity) fills each session's RibOutput channel from the session's
 //!     │     cursor in the RIB's change log (rib/core/log.rs); a channel it left full rings the RIB's
 //!     │     bell when it has drained to half, and the RIB serves just those sessions
+//!     │──the fan-out case (rib::DirectOut): a session that holds nothing the RIB sent it and has nothing
+//!     │     queued for its socket gets the group's shared UPDATE written to its socket by the RIB itself
+//!     │     (one write per client per change, no task woken)
 //!     └──Vec<FibEvent> (mpsc, node only)──▶ FIB consumer
 //! ```
 //!

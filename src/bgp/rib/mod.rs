@@ -34,7 +34,10 @@
 //! at most one log entry per prefix, shared with everyone, and holds back nobody else; members at the
 //! same place get equal messages, encoded once ([`SharedWire`]). A new session (or a route refresh) walks
 //! the table in prefix order, then reads the log from the position it took when the walk began (changes
-//! behind the walk come through the log), with End-of-RIB after its initial walk.
+//! behind the walk come through the log), with End-of-RIB after its initial walk. A member that has read
+//! the whole log and whose session is idle gets its one new message written to its socket by the RIB
+//! itself ([`DirectOut`]): a change reaching thousands of clients costs one write each, not a wake-up
+//! of each session's task (BIRD writes from its one thread the same way).
 //!
 //! Why the RIB task pumps (rather than each session reading a shared log under a lock): the log is only
 //! meaningful next to the table it indexes, which the RIB task alone owns; the sessions stay plain

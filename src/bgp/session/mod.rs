@@ -24,7 +24,9 @@
 //!     │ RibInput::Session { generation, PeerUp / Routes / EndOfRib / RouteRefresh / PeerDown }
 //!     ▼
 //!   RIB task ──RibOutput (bounded, per session)──▶ peer task: encoded (rib_link.rs) and written to the
-//!     socket at once while nothing is queued and the writer is idle, else into the write queue
+//!     │ socket at once while nothing is queued and the writer is idle, else into the write queue
+//!     └──shared UPDATE, written to the socket by the RIB itself (peer::DirectSink) while the peer task
+//!        holds nothing the RIB sent and nothing is queued; what the socket does not take is queued
 //!   status: PeerStatus per peer behind a lock (state, since, last error in plain words, counters), read
 //!     by the owner when asked
 //! ```

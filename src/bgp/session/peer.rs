@@ -52,10 +52,16 @@ type SharedStatus = Arc<StatusCell>;
 
 struct StatusCell {
     status: std::sync::Mutex<PeerStatus>,
-    /// What the RIB wrote to the session's socket itself ([`DirectSink`]), counted here because the peer
-    /// task does not run for it; added to the published counters when the status is read.
-    direct_updates: AtomicU64,
-    direct_bytes: AtomicU64,
+    /// The Established session's socket as the RIB writes to it ([`DirectSink`]): what the RIB wrote
+    /// there is counted in the sink (the peer task does not run for it), added to the published counters
+    /// when the status is read, and folded into them when the session ends. Locked after `status`.
+    direct: std::sync::Mutex<Option<Arc<DirectSink>>>,
+}
+
+impl StatusCell {
+    fn lock_direct(&self) -> std::sync::MutexGuard<'_, Option<Arc<DirectSink>>> {
+        self.direct.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 fn lock_status(s: &SharedStatus) -> std::sync::MutexGuard<'_, PeerStatus> {
@@ -92,11 +98,11 @@ impl PeerHandle {
 
     /// The peer's current status.
     pub fn status(&self) -> PeerStatus {
-        let mut s = lock_status(&self.status).clone();
-        let updates = self.status.direct_updates.load(Ordering::Relaxed);
-        s.counters.updates_out += updates;
-        s.counters.messages_out += updates;
-        s.counters.update_bytes_out += self.status.direct_bytes.load(Ordering::Relaxed);
+        let locked = lock_status(&self.status);
+        let mut s = locked.clone();
+        if let Some(d) = self.status.lock_direct().as_ref() {
+            d.add_to(&mut s.counters);
+        }
         s
     }
 
@@ -181,8 +187,7 @@ fn spawn(
     };
     let status = Arc::new(StatusCell {
         status: std::sync::Mutex::new(status),
-        direct_updates: AtomicU64::new(0),
-        direct_bytes: AtomicU64::new(0),
+        direct: std::sync::Mutex::new(None),
     });
     let mut task = PeerTask::new(cfg, listener, events, status.clone());
     // Register with the listener before returning, so the peer's connections are never rejected
@@ -314,6 +319,15 @@ fn consume(pieces: &mut VecDeque<Bytes>, mut n: usize) {
     }
 }
 
+/// What became of bytes handed to [`WriteQueue::try_now`].
+#[derive(Debug, PartialEq, Eq)]
+enum Taken {
+    /// Written, or queued for the writer behind nothing.
+    Written,
+    /// The connection is closing: dropped.
+    Dropped,
+}
+
 /// What the writer does next.
 enum Write {
     Control(Bytes),
@@ -372,20 +386,20 @@ impl WriteQueue {
 
     /// [`WriteQueue::data`] for the RIB's own writes ([`DirectSink`]): write `bytes` to `sock` now if
     /// nothing is queued and the writer is idle, queueing what the socket does not take (the queue is
-    /// empty, so there is room); false, and nothing done, if something is queued ahead.
-    fn try_now(&self, bytes: &Bytes, sock: &impl TryWrite) -> bool {
+    /// empty, so there is room); None, and nothing done, if something is queued ahead.
+    fn try_now(&self, bytes: &Bytes, sock: &impl TryWrite) -> Option<Taken> {
         let mut p = self.lock();
         if p.close {
             // Closing: dropped, as `data` drops it.
-            return true;
+            return Some(Taken::Dropped);
         }
         if p.writing || !p.control.is_empty() || !p.data.is_empty() {
-            return false;
+            return None;
         }
         let mut pieces = VecDeque::from([bytes.clone()]);
         while !pieces.is_empty() && write_some(sock, &mut pieces).is_ok() {}
         if pieces.is_empty() {
-            return true;
+            return Some(Taken::Written);
         }
         // A full (or failed) socket: the writer waits for room or reports the error.
         for b in pieces {
@@ -394,7 +408,7 @@ impl WriteQueue {
         }
         drop(p);
         self.wake.notify_one();
-        true
+        Some(Taken::Written)
     }
 
     /// Flush what is queued (control first), then shut the connection.
@@ -445,13 +459,23 @@ pub(crate) struct DirectSink {
     wr: std::sync::Weak<OwnedWriteHalf>,
     ctx: EncodeCtx,
     done: AtomicU64,
-    status: SharedStatus,
+    /// UPDATE messages and bytes the RIB wrote here (next to `done`: the cache line the RIB reads anyway).
+    updates: AtomicU64,
+    bytes: AtomicU64,
 }
 
 impl DirectSink {
     /// The peer task has queued (or dropped) `n` more messages it took from the RIB's channel.
     pub(super) fn taken(&self, n: u64) {
         self.done.fetch_add(n, Ordering::Release);
+    }
+
+    /// Add what the RIB wrote here to `c`.
+    fn add_to(&self, c: &mut Counters) {
+        let updates = self.updates.load(Ordering::Relaxed);
+        c.updates_out += updates;
+        c.messages_out += updates;
+        c.update_bytes_out += self.bytes.load(Ordering::Relaxed);
     }
 }
 
@@ -469,15 +493,16 @@ impl DirectOut for DirectSink {
         let Some(wr) = self.wr.upgrade() else {
             return false;
         };
-        if !self.queue.try_now(bytes, &*wr) {
-            return false;
+        match self.queue.try_now(bytes, &*wr) {
+            None => false,
+            Some(Taken::Dropped) => true,
+            Some(Taken::Written) => {
+                self.updates
+                    .fetch_add(count_messages(bytes), Ordering::Relaxed);
+                self.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                true
+            }
         }
-        let st = &self.status;
-        st.direct_updates
-            .fetch_add(count_messages(bytes), Ordering::Relaxed);
-        st.direct_bytes
-            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        true
     }
 }
 
@@ -731,6 +756,16 @@ impl PeerTask {
         }
     }
 
+    /// The session has ended: what the RIB wrote to its socket joins the task's own counters, in the
+    /// published status too, at once (a reader never sees the counters go back).
+    fn fold_direct(&mut self) {
+        let mut s = lock_status(&self.status);
+        if let Some(d) = self.status.lock_direct().take() {
+            d.add_to(&mut self.counters);
+            d.add_to(&mut s.counters);
+        }
+    }
+
     fn main_conn(&self) -> Option<&Conn> {
         self.session.main_conn().and_then(|id| self.conns.get(&id))
     }
@@ -808,9 +843,14 @@ impl PeerTask {
                             wr: Arc::downgrade(&c.wr),
                             ctx: self.encode_ctx.clone(),
                             done: AtomicU64::new(0),
-                            status: self.status.clone(),
+                            updates: AtomicU64::new(0),
+                            bytes: AtomicU64::new(0),
                         })
                     });
+                    {
+                        let _status = lock_status(&self.status);
+                        self.status.lock_direct().clone_from(&direct);
+                    }
                     self.rib_out = Some(RibOutputs::new(
                         out_rx,
                         self.encode_ctx.clone(),
@@ -838,6 +878,7 @@ impl PeerTask {
                 graceful_restart,
             } => {
                 self.rib_out = None;
+                self.fold_direct();
                 if let Some(link) = &self.rib {
                     let peer = link.peer;
                     self.to_rib(RibInput::PeerDown {
@@ -1729,17 +1770,25 @@ mod tests {
         let q = WriteQueue::default();
         let sock = FakeSocket::default();
         sock.room.set(1);
-        assert!(q.try_now(&Bytes::from_static(b"ab"), &sock));
+        assert_eq!(
+            q.try_now(&Bytes::from_static(b"ab"), &sock),
+            Some(Taken::Written)
+        );
         assert_eq!(&sock.took.borrow()[..], b"a");
         // The rest is queued: a second write must wait behind it.
         sock.room.set(100);
-        assert!(!q.try_now(&Bytes::from_static(b"c"), &sock), "b is queued");
+        assert_eq!(
+            q.try_now(&Bytes::from_static(b"c"), &sock),
+            None,
+            "b is queued"
+        );
         match q.next().await {
             Write::Data(p) => assert_eq!(p, [&b"b"[..]]),
             _ => panic!("expected the rest of the data"),
         }
-        assert!(
-            !q.try_now(&Bytes::from_static(b"c"), &sock),
+        assert_eq!(
+            q.try_now(&Bytes::from_static(b"c"), &sock),
+            None,
             "the writer holds b"
         );
         // The writer is done (back in `next`): idle again.
@@ -1747,18 +1796,25 @@ mod tests {
         tokio::pin!(idle);
         assert!(futures::poll!(idle.as_mut()).is_pending(), "nothing queued");
         q.control(Bytes::from_static(b"ka"));
-        assert!(
-            !q.try_now(&Bytes::from_static(b"c"), &sock),
+        assert_eq!(
+            q.try_now(&Bytes::from_static(b"c"), &sock),
+            None,
             "a control message waits"
         );
         assert!(matches!(idle.await, Write::Control(_)));
         let idle = q.next();
         tokio::pin!(idle);
         assert!(futures::poll!(idle.as_mut()).is_pending(), "nothing queued");
-        assert!(q.try_now(&Bytes::from_static(b"cd"), &sock));
+        assert_eq!(
+            q.try_now(&Bytes::from_static(b"cd"), &sock),
+            Some(Taken::Written)
+        );
         assert_eq!(&sock.took.borrow()[..], b"acd");
         q.close();
-        assert!(q.try_now(&Bytes::from_static(b"e"), &sock), "dropped");
+        assert_eq!(
+            q.try_now(&Bytes::from_static(b"e"), &sock),
+            Some(Taken::Dropped)
+        );
         assert!(matches!(idle.await, Write::Close), "nothing queued");
         assert_eq!(&sock.took.borrow()[..], b"acd");
     }
