@@ -344,22 +344,26 @@ pub enum RibOutput {
     MaxPrefixExceeded { limit: u32 },
 }
 
-/// An Established session's socket, which the RIB may write one shared UPDATE to itself: the fan-out
+/// An Established session's socket, to which the RIB may hand one shared UPDATE itself: the fan-out
 /// case, where a change reaches thousands of idle sessions and waking each one's task to copy the same
 /// bytes to its socket costs more than the write. Order is kept by two counts: the RIB numbers the
 /// messages it sends through the session's output channel, and the session counts those it has taken
-/// and queued for its socket ([`DirectOut::done`]). The RIB writes itself only when the two agree (the
-/// session holds nothing of ours) and [`DirectOut::try_write`] finds nothing queued for the socket;
-/// otherwise the message goes through the channel as usual.
+/// and queued for its socket ([`DirectOut::done`]). The RIB queues itself only when the two agree (the
+/// session holds nothing of ours) and [`DirectOut::try_queue`] finds nothing queued for the socket;
+/// otherwise the message goes through the channel as usual. What it queued is written by
+/// [`DirectOut::flush`], which the RIB task calls for a few dozen sessions at a time, on its own thread
+/// or on a helper task's (so the writes of one change spread over the runtime's worker threads).
 pub trait DirectOut: Send + Sync {
     /// The encoding the session negotiated.
     fn ctx(&self) -> &EncodeCtx;
     /// How many messages of the output channel the session has taken and queued (or dropped).
     fn done(&self) -> u64;
-    /// Write `bytes` (whole UPDATE messages) if nothing is queued ahead of them: what the socket does
-    /// not take now is queued, in order, for the session's writer. False: not written, something is
-    /// queued; send it through the channel.
-    fn try_write(&self, bytes: &Bytes) -> bool;
+    /// Queue `bytes` (whole UPDATE messages) for the socket if nothing is queued ahead of them. False:
+    /// nothing done, something is queued; send it through the channel.
+    fn try_queue(&self, bytes: &Bytes) -> bool;
+    /// Write what is queued, unless the session's writer is at it (what the socket does not take is
+    /// left to the writer).
+    fn flush(&self);
 }
 
 impl std::fmt::Debug for dyn DirectOut {

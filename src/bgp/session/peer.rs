@@ -319,11 +319,11 @@ fn consume(pieces: &mut VecDeque<Bytes>, mut n: usize) {
     }
 }
 
-/// What became of bytes handed to [`WriteQueue::try_now`].
+/// What became of bytes handed to [`WriteQueue::try_queue`].
 #[derive(Debug, PartialEq, Eq)]
 enum Taken {
-    /// Written, or queued for the writer behind nothing.
-    Written,
+    /// Queued behind nothing, for [`WriteQueue::flush`].
+    Queued,
     /// The connection is closing: dropped.
     Dropped,
 }
@@ -384,10 +384,10 @@ impl WriteQueue {
         self.wake.notify_one();
     }
 
-    /// [`WriteQueue::data`] for the RIB's own writes ([`DirectSink`]): write `bytes` to `sock` now if
-    /// nothing is queued and the writer is idle, queueing what the socket does not take (the queue is
-    /// empty, so there is room); None, and nothing done, if something is queued ahead.
-    fn try_now(&self, bytes: &Bytes, sock: &impl TryWrite) -> Option<Taken> {
+    /// [`WriteQueue::data`] for the RIB's own output ([`DirectSink`]): queue `bytes` if nothing is queued
+    /// and the writer is idle, without waking the writer: [`WriteQueue::flush`] writes them (or the
+    /// writer, woken by whatever is queued next). None, and nothing done, if something is queued ahead.
+    fn try_queue(&self, bytes: &Bytes) -> Option<Taken> {
         let mut p = self.lock();
         if p.close {
             // Closing: dropped, as `data` drops it.
@@ -396,19 +396,34 @@ impl WriteQueue {
         if p.writing || !p.control.is_empty() || !p.data.is_empty() {
             return None;
         }
-        let mut pieces = VecDeque::from([bytes.clone()]);
-        while !pieces.is_empty() && write_some(sock, &mut pieces).is_ok() {}
-        if pieces.is_empty() {
-            return Some(Taken::Written);
+        p.data_bytes += bytes.len();
+        p.data.push_back(bytes.clone());
+        Some(Taken::Queued)
+    }
+
+    /// Write the queued data to `sock` now, under the lock, unless the writer holds some (it writes the
+    /// rest itself) or a control message waits (it must go first: the writer is woken for it). What the
+    /// socket does not take is left to the writer.
+    fn flush(&self, sock: &impl TryWrite) {
+        let mut p = self.lock();
+        if p.writing || p.close || p.data.is_empty() {
+            return;
         }
-        // A full (or failed) socket: the writer waits for room or reports the error.
-        for b in pieces {
-            p.data_bytes += b.len();
-            p.data.push_back(b);
+        if p.control.is_empty() {
+            let before: usize = p.data.iter().map(Bytes::len).sum();
+            while !p.data.is_empty() && write_some(sock, &mut p.data).is_ok() {}
+            let after: usize = p.data.iter().map(Bytes::len).sum();
+            p.data_bytes -= before - after;
+            if p.data.is_empty() {
+                if p.data.capacity() > WRITE_PIECES {
+                    p.data = VecDeque::new();
+                }
+                return;
+            }
         }
+        // A full (or failed) socket, or control first: the writer waits for room or reports the error.
         drop(p);
         self.wake.notify_one();
-        Some(Taken::Written)
     }
 
     /// Flush what is queued (control first), then shut the connection.
@@ -488,20 +503,23 @@ impl DirectOut for DirectSink {
         self.done.load(Ordering::Acquire)
     }
 
-    fn try_write(&self, bytes: &Bytes) -> bool {
-        // A connection that is gone: the channel, where the session drops it.
-        let Some(wr) = self.wr.upgrade() else {
-            return false;
-        };
-        match self.queue.try_now(bytes, &*wr) {
+    fn try_queue(&self, bytes: &Bytes) -> bool {
+        match self.queue.try_queue(bytes) {
             None => false,
             Some(Taken::Dropped) => true,
-            Some(Taken::Written) => {
+            Some(Taken::Queued) => {
                 self.updates
                     .fetch_add(count_messages(bytes), Ordering::Relaxed);
                 self.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
                 true
             }
+        }
+    }
+
+    fn flush(&self) {
+        // A connection that is gone has nothing to write to.
+        if let Some(wr) = self.wr.upgrade() {
+            self.queue.flush(&*wr);
         }
     }
 }
@@ -1763,31 +1781,26 @@ mod tests {
         );
     }
 
-    /// The RIB's own write ([`WriteQueue::try_now`]) happens only when nothing is queued and the writer
-    /// holds nothing; what the socket does not take is queued for the writer; a closing queue drops it.
+    /// The RIB queues its own output ([`WriteQueue::try_queue`]) only when nothing is queued and the
+    /// writer holds nothing; [`WriteQueue::flush`] writes it, leaving what the socket does not take to the
+    /// writer; a closing queue drops it.
     #[tokio::test]
-    async fn the_rib_writes_only_to_an_idle_queue() {
+    async fn the_rib_queues_only_behind_nothing_and_flushes() {
         let q = WriteQueue::default();
         let sock = FakeSocket::default();
         sock.room.set(1);
-        assert_eq!(
-            q.try_now(&Bytes::from_static(b"ab"), &sock),
-            Some(Taken::Written)
-        );
+        assert_eq!(q.try_queue(&Bytes::from_static(b"ab")), Some(Taken::Queued));
+        assert_eq!(q.try_queue(&Bytes::from_static(b"c")), None, "ab is queued");
+        q.flush(&sock);
         assert_eq!(&sock.took.borrow()[..], b"a");
-        // The rest is queued: a second write must wait behind it.
+        // The rest is the writer's.
         sock.room.set(100);
-        assert_eq!(
-            q.try_now(&Bytes::from_static(b"c"), &sock),
-            None,
-            "b is queued"
-        );
         match q.next().await {
             Write::Data(p) => assert_eq!(p, [&b"b"[..]]),
             _ => panic!("expected the rest of the data"),
         }
         assert_eq!(
-            q.try_now(&Bytes::from_static(b"c"), &sock),
+            q.try_queue(&Bytes::from_static(b"c")),
             None,
             "the writer holds b"
         );
@@ -1797,7 +1810,7 @@ mod tests {
         assert!(futures::poll!(idle.as_mut()).is_pending(), "nothing queued");
         q.control(Bytes::from_static(b"ka"));
         assert_eq!(
-            q.try_now(&Bytes::from_static(b"c"), &sock),
+            q.try_queue(&Bytes::from_static(b"c")),
             None,
             "a control message waits"
         );
@@ -1805,16 +1818,13 @@ mod tests {
         let idle = q.next();
         tokio::pin!(idle);
         assert!(futures::poll!(idle.as_mut()).is_pending(), "nothing queued");
-        assert_eq!(
-            q.try_now(&Bytes::from_static(b"cd"), &sock),
-            Some(Taken::Written)
-        );
+        assert_eq!(q.try_queue(&Bytes::from_static(b"cd")), Some(Taken::Queued));
+        // Queued, not written, until flushed.
+        assert_eq!(&sock.took.borrow()[..], b"a");
+        q.flush(&sock);
         assert_eq!(&sock.took.borrow()[..], b"acd");
         q.close();
-        assert_eq!(
-            q.try_now(&Bytes::from_static(b"e"), &sock),
-            Some(Taken::Dropped)
-        );
+        assert_eq!(q.try_queue(&Bytes::from_static(b"e")), Some(Taken::Dropped));
         assert!(matches!(idle.await, Write::Close), "nothing queued");
         assert_eq!(&sock.took.borrow()[..], b"acd");
     }

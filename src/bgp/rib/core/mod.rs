@@ -196,6 +196,12 @@ struct State {
     log: ChangeLog,
     /// Slots with `behind` set: sessions with more to read than their channels took.
     behind: usize,
+    /// Sessions with bytes the RIB queued itself, not yet flushed ([`State::hand_flushes`]).
+    flushes: Vec<Arc<dyn DirectOut>>,
+    /// The flusher task's inbox (bounded: a full one means the RIB flushes the chunk itself).
+    flusher: Option<std::sync::mpsc::SyncSender<Vec<Arc<dyn DirectOut>>>>,
+    /// Whose turn the next chunk is: the flusher's or the RIB's.
+    flush_turn: bool,
     group_ids: HashMap<GroupKey, usize>,
     /// Slots with a non-empty `dirty` set or `dirty_tail`.
     dirty_slots: Vec<u16>,
@@ -268,9 +274,18 @@ impl Rib {
                 log_read: Vec::new(),
                 log: ChangeLog::default(),
                 behind: 0,
+                flushes: Vec::new(),
+                flusher: None,
+                flush_turn: false,
             },
             room: Arc::new(chan::Bell::new()),
         }
+    }
+
+    /// Where every other chunk of the RIB's direct writes is flushed ([`DirectOut`]): a thread that calls
+    /// [`DirectOut::flush`] on each (without one, the RIB flushes them all itself).
+    pub fn set_flusher(&mut self, tx: std::sync::mpsc::SyncSender<Vec<Arc<dyn DirectOut>>>) {
+        self.st.flusher = Some(tx);
     }
 
     /// What the RIB task waits on: sessions that were behind have room again; it hands their tokens
@@ -858,6 +873,7 @@ mod tests {
         done: std::sync::atomic::AtomicU64,
         refuse: std::sync::atomic::AtomicBool,
         written: std::sync::Mutex<Vec<bytes::Bytes>>,
+        flushed: std::sync::atomic::AtomicU64,
     }
 
     impl DirectOut for FakeDirect {
@@ -867,12 +883,16 @@ mod tests {
         fn done(&self) -> u64 {
             self.done.load(std::sync::atomic::Ordering::SeqCst)
         }
-        fn try_write(&self, bytes: &bytes::Bytes) -> bool {
+        fn try_queue(&self, bytes: &bytes::Bytes) -> bool {
             if self.refuse.load(std::sync::atomic::Ordering::SeqCst) {
                 return false;
             }
             self.written.lock().unwrap().push(bytes.clone());
             true
+        }
+        fn flush(&self) {
+            self.flushed
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
     }
 
@@ -951,6 +971,7 @@ mod tests {
         direct.done.store(taken, SeqCst);
         rib.handle(one_route(1, prefix(2), 2), now);
         assert_eq!(written_prefixes(&direct), [prefix(2)]);
+        assert_eq!(direct.flushed.load(SeqCst), 1, "and flushed");
         assert_eq!(rx.try_recv(), Err(chan::TryRecvError::Empty));
         // The socket has something queued: the channel again ...
         direct.refuse.store(true, SeqCst);

@@ -92,10 +92,37 @@ impl State {
             return Some(msg);
         };
         wire.offer(ctx, &bytes);
-        if d.try_write(&bytes) {
-            None
-        } else {
-            Some(msg)
+        if !d.try_queue(&bytes) {
+            return Some(msg);
+        }
+        let d = d.clone();
+        self.flushes.push(d);
+        if self.flushes.len() >= FLUSH_CHUNK {
+            self.hand_flushes();
+        }
+        None
+    }
+
+    /// Write what [`State::write_direct`] queued: every other chunk on the flusher thread (another core,
+    /// when one is free), the rest here.
+    pub(super) fn hand_flushes(&mut self) {
+        if self.flushes.is_empty() {
+            return;
+        }
+        let chunk = std::mem::take(&mut self.flushes);
+        self.flush_turn = !self.flush_turn;
+        let chunk = match &self.flusher {
+            Some(tx) if self.flush_turn => match tx.try_send(chunk) {
+                Ok(()) => return,
+                Err(
+                    std::sync::mpsc::TrySendError::Full(c)
+                    | std::sync::mpsc::TrySendError::Disconnected(c),
+                ) => c,
+            },
+            _ => chunk,
+        };
+        for d in &chunk {
+            d.flush();
         }
     }
 
@@ -623,6 +650,11 @@ impl State {
     }
 }
 
+/// How many sessions' direct writes are handed on at once ([`State::hand_flushes`]): small enough that
+/// the first sessions' bytes leave while the RIB still reads for the others, large enough that handing
+/// a chunk to the flusher task costs little beside its writes.
+const FLUSH_CHUNK: usize = 64;
+
 /// The messages of one flush, by content, so equal messages to different peers share their encoding.
 /// Only small messages are compared (a route or a few changing, the fan-out case); a table dump goes
 /// to one peer at a time and is not worth hashing.
@@ -799,6 +831,7 @@ impl Rib {
             }
             self.st.mark_behind(t);
         }
+        self.st.hand_flushes();
     }
 
     fn pump(&mut self, t: u16, policy: &Policy, share: &mut WireShare) {
