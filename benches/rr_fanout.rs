@@ -35,7 +35,12 @@
 //! drifts over minutes slows every daemon's runs alike; each daemon's row pools its runs, and the line under
 //! it gives each run's p50s, to be compared with the other daemon's run of the same turn.
 //!
-//! Run: `cargo bench --bench rr_fanout -- [--clients N] [--rounds R] [--runs K] [--only bird,gobgp,margay]`
+//! With `--pin` every thread of the daemon runs on CPU 0 (`taskset -c 0`) and the simulator on CPU 1, so
+//! neither takes CPU from the other: each daemon is measured on one core of its own (BIRD uses one
+//! thread anyway; margay's worker and flusher threads share that core), and the simulator's CPU no longer
+//! lands on the daemon measured. Needs two CPUs.
+//!
+//! Run: `cargo bench --bench rr_fanout -- [--clients N] [--rounds R] [--runs K] [--only bird,gobgp,margay] [--pin]`
 //! (`RR_FANOUT_ROUNDS=1` prints every probe round's time).
 
 #![allow(clippy::unwrap_used)] // bench code: a panic is the failure report
@@ -90,6 +95,7 @@ fn main() {
     let mut rounds = 20usize;
     let mut runs = 1usize;
     let mut only: Vec<String> = vec!["bird".into(), "gobgp".into(), "margay".into()];
+    let mut pin = false;
     let mut i = 1;
     while i < args.len() {
         let next = |i: usize| args.get(i + 1).cloned().unwrap_or_default();
@@ -110,6 +116,7 @@ fn main() {
                 only = next(i).split(',').map(str::to_string).collect();
                 i += 1;
             }
+            "--pin" => pin = true,
             _ => {}
         }
         i += 1;
@@ -120,7 +127,10 @@ fn main() {
     }
     assert!(clients <= 16_000, "--clients at most 16000");
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    println!("rr_fanout: {clients} iBGP clients x one /26, {rounds} probe rounds, {runs} run(s) per daemon, alternating; medians");
+    println!(
+        "rr_fanout: {clients} iBGP clients x one /26, {rounds} probe rounds, {runs} run(s) per daemon, alternating; medians{}",
+        if pin { "; daemon on CPU 0, simulator on CPU 1" } else { "" }
+    );
     println!("load average at start: {}", load.trim());
     println!(
         "{:<7} {:>13} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>8} {:>7}",
@@ -140,7 +150,7 @@ fn main() {
     let mut results: Vec<(&String, Vec<Figures>)> = only.iter().map(|d| (d, Vec::new())).collect();
     for _ in 0..runs {
         for (daemon, all) in results.iter_mut() {
-            match run_one(daemon, clients, rounds) {
+            match run_one(daemon, clients, rounds, pin) {
                 Ok(f) => all.push(f),
                 Err(e) => println!("{daemon:<7} failed: {e}"),
             }
@@ -266,7 +276,24 @@ fn margay_exe() -> Result<std::path::PathBuf, String> {
     }
 }
 
-fn start(daemon: &str, ns: &str, d: &std::path::Path, clients: usize) -> Result<Child, String> {
+/// `ip netns exec ...` for a daemon: with `pin`, under `taskset -c 0` (every thread on CPU 0).
+fn netns_exec(pin: bool) -> Command {
+    if pin {
+        let mut c = Command::new("taskset");
+        c.args(["-c", "0", "ip"]);
+        c
+    } else {
+        Command::new("ip")
+    }
+}
+
+fn start(
+    daemon: &str,
+    ns: &str,
+    d: &std::path::Path,
+    clients: usize,
+    pin: bool,
+) -> Result<Child, String> {
     // The probe is client `clients` (one more than the measured ones).
     let n = clients + 1;
     match daemon {
@@ -285,7 +312,7 @@ fn start(daemon: &str, ns: &str, d: &std::path::Path, clients: usize) -> Result<
             }
             let path = d.join("bird.conf");
             std::fs::write(&path, conf).map_err(|e| e.to_string())?;
-            Command::new("ip")
+            netns_exec(pin)
                 .args(["netns", "exec", ns, "bird", "-f", "-c"])
                 .arg(&path)
                 .arg("-s")
@@ -312,7 +339,7 @@ fn start(daemon: &str, ns: &str, d: &std::path::Path, clients: usize) -> Result<
             }
             let path = d.join("gobgpd.toml");
             std::fs::write(&path, conf).map_err(|e| e.to_string())?;
-            Command::new("ip")
+            netns_exec(pin)
                 .args(["netns", "exec", ns, "gobgpd", "-f"])
                 .arg(&path)
                 .args([
@@ -349,7 +376,7 @@ fn start(daemon: &str, ns: &str, d: &std::path::Path, clients: usize) -> Result<
             }
             let path = d.join("margay.yaml");
             std::fs::write(&path, conf).map_err(|e| e.to_string())?;
-            Command::new("ip")
+            netns_exec(pin)
                 .args(["netns", "exec", ns])
                 .arg(margay_exe()?)
                 .args(["reflector", "--node-name", "rr", "--state-dir"])
@@ -374,10 +401,10 @@ fn start(daemon: &str, ns: &str, d: &std::path::Path, clients: usize) -> Result<
     }
 }
 
-fn run_one(daemon: &str, clients: usize, rounds: usize) -> Result<Figures, String> {
+fn run_one(daemon: &str, clients: usize, rounds: usize, pin: bool) -> Result<Figures, String> {
     let ns = Netns::new();
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let child = start(daemon, &ns.0, dir.path(), clients)?;
+    let child = start(daemon, &ns.0, dir.path(), clients, pin)?;
     let pid = child.id();
     let _guard = Daemon(child);
     // The simulator runs inside the namespace: a thread of its own enters it and runs the runtime.
@@ -385,6 +412,12 @@ fn run_one(daemon: &str, clients: usize, rounds: usize) -> Result<Figures, Strin
     let sim = std::thread::spawn(move || -> Result<Sim, String> {
         let f = std::fs::File::open(&ns_path).map_err(|e| e.to_string())?;
         nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| e.to_string())?;
+        if pin {
+            let mut cpus = nix::sched::CpuSet::new();
+            cpus.set(1).map_err(|e| e.to_string())?;
+            nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus)
+                .map_err(|e| format!("--pin: the simulator on CPU 1: {e}"))?;
+        }
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

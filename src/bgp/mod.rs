@@ -22,8 +22,9 @@
 //!     │     cursor in the RIB's change log (rib/core/log.rs); a channel it left full rings the RIB's
 //!     │     bell when it has drained to half, and the RIB serves just those sessions
 //!     │──the fan-out case (rib::DirectOut): a session that holds nothing the RIB sent it and has nothing
-//!     │     queued for its socket gets the group's shared UPDATE written to its socket by the RIB itself
-//!     │     (one write per client per change, no task woken)
+//!     │     queued for its socket gets the group's shared UPDATE queued by the RIB itself, no task woken;
+//!     │     the RIB writes the queued sockets in chunks, every other chunk on the rib-flush thread
+//!     │     (rib/task.rs), so one change's writes use two cores
 //!     └──Vec<FibEvent> (mpsc, node only)──▶ FIB consumer
 //! ```
 //!

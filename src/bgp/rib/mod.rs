@@ -12,9 +12,10 @@
 //!                                                      └──────────────────────────────────────┘
 //! ```
 //!
-//! What it owns: every route margay knows, in one task. It never touches a socket, the kernel or etcd: sessions
+//! What it owns: every route margay knows, in one task. It never touches the kernel or etcd: sessions
 //! feed it decoded routes, it hands back per-peer updates grouped by attribute set (so the encoder packs many
-//! prefixes per UPDATE) and ECMP next-hop sets for the FIB.
+//! prefixes per UPDATE) and ECMP next-hop sets for the FIB. The one socket operation it makes is through
+//! the sessions' own [`DirectOut`]: queueing a shared UPDATE for an idle session and flushing it.
 //!
 //! Adj-RIB-In is stored inside the Loc-RIB: each prefix keeps the accepted paths of every peer, best first.
 //! Adj-RIB-Out is *derived*: what peer P holds for prefix X is `export(P, best(X))`, a pure function of the best
@@ -35,9 +36,9 @@
 //! same place get equal messages, encoded once ([`SharedWire`]). A new session (or a route refresh) walks
 //! the table in prefix order, then reads the log from the position it took when the walk began (changes
 //! behind the walk come through the log), with End-of-RIB after its initial walk. A member that has read
-//! the whole log and whose session is idle gets its one new message written to its socket by the RIB
-//! itself ([`DirectOut`]): a change reaching thousands of clients costs one write each, not a wake-up
-//! of each session's task (BIRD writes from its one thread the same way).
+//! the whole log and whose session is idle gets its one new message queued for its socket by the RIB
+//! itself and written in a chunk of sessions, on the RIB's thread or its flusher thread ([`DirectOut`]):
+//! a change reaching thousands of clients costs one write each, not a wake-up of each session's task.
 //!
 //! Why the RIB task pumps (rather than each session reading a shared log under a lock): the log is only
 //! meaningful next to the table it indexes, which the RIB task alone owns; the sessions stay plain
@@ -350,16 +351,20 @@ pub enum RibOutput {
 /// messages it sends through the session's output channel, and the session counts those it has taken
 /// and queued for its socket ([`DirectOut::done`]). The RIB queues itself only when the two agree (the
 /// session holds nothing of ours) and [`DirectOut::try_queue`] finds nothing queued for the socket;
-/// otherwise the message goes through the channel as usual. What it queued is written by
-/// [`DirectOut::flush`], which the RIB task calls for a few dozen sessions at a time, on its own thread
-/// or on a helper task's (so the writes of one change spread over the runtime's worker threads).
+/// otherwise the message goes through the channel as usual. The RIB writes the first few dozen such
+/// sessions of a change itself ([`DirectOut::try_write`]), queues the next few dozen
+/// ([`DirectOut::try_queue`]) and hands them to its flusher thread ([`DirectOut::flush`]), and so on in
+/// turn, so the writes of one change use two cores when they are free.
 pub trait DirectOut: Send + Sync {
     /// The encoding the session negotiated.
     fn ctx(&self) -> &EncodeCtx;
     /// How many messages of the output channel the session has taken and queued (or dropped).
     fn done(&self) -> u64;
-    /// Queue `bytes` (whole UPDATE messages) for the socket if nothing is queued ahead of them. False:
-    /// nothing done, something is queued; send it through the channel.
+    /// Write `bytes` (whole UPDATE messages) to the socket now if nothing is queued ahead of them (what
+    /// the socket does not take is left to the session's writer). False: nothing done, something is
+    /// queued; send it through the channel.
+    fn try_write(&self, bytes: &Bytes) -> bool;
+    /// [`DirectOut::try_write`], but only queued, for a later [`DirectOut::flush`].
     fn try_queue(&self, bytes: &Bytes) -> bool;
     /// Write what is queued, unless the session's writer is at it (what the socket does not take is
     /// left to the writer).

@@ -277,18 +277,27 @@ struct Pending {
 /// A socket that takes what it can without waiting: the connection's write half (a fake in tests).
 trait TryWrite {
     fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
+    /// One buffer: a plain write (the kernel's vectored path costs more for one piece).
+    fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        self.try_write_vectored(&[IoSlice::new(buf)])
+    }
 }
 
 impl TryWrite for OwnedWriteHalf {
     fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         OwnedWriteHalf::try_write_vectored(self, bufs)
     }
+    fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        OwnedWriteHalf::try_write(self, buf)
+    }
 }
 
 /// Write what `sock` takes of `pieces` now (at most [`WRITE_PIECES`] of them, one vectored write) and
 /// drop that from `pieces`; an error writes nothing: the caller's next waiting write meets it again.
 fn write_some(sock: &impl TryWrite, pieces: &mut VecDeque<Bytes>) -> io::Result<()> {
-    let n = {
+    let n = if pieces.len() == 1 {
+        sock.try_write(&pieces[0])?
+    } else {
         let slices: Vec<IoSlice<'_>> = pieces
             .iter()
             .take(WRITE_PIECES)
@@ -324,6 +333,8 @@ fn consume(pieces: &mut VecDeque<Bytes>, mut n: usize) {
 enum Taken {
     /// Queued behind nothing, for [`WriteQueue::flush`].
     Queued,
+    /// Written (what the socket did not take queued for the writer).
+    Written,
     /// The connection is closing: dropped.
     Dropped,
 }
@@ -401,6 +412,31 @@ impl WriteQueue {
         Some(Taken::Queued)
     }
 
+    /// [`WriteQueue::try_queue`], written at once: the bytes go to `sock` now if nothing is queued and
+    /// the writer is idle; what the socket does not take is queued for the writer.
+    fn try_now(&self, bytes: &Bytes, sock: &impl TryWrite) -> Option<Taken> {
+        let mut p = self.lock();
+        if p.close {
+            return Some(Taken::Dropped);
+        }
+        if p.writing || !p.control.is_empty() || !p.data.is_empty() {
+            return None;
+        }
+        let mut pieces = VecDeque::from([bytes.clone()]);
+        while !pieces.is_empty() && write_some(sock, &mut pieces).is_ok() {}
+        if pieces.is_empty() {
+            return Some(Taken::Written);
+        }
+        // A full (or failed) socket: the writer waits for room or reports the error.
+        for b in pieces {
+            p.data_bytes += b.len();
+            p.data.push_back(b);
+        }
+        drop(p);
+        self.wake.notify_one();
+        Some(Taken::Written)
+    }
+
     /// Write the queued data to `sock` now, under the lock, unless the writer holds some (it writes the
     /// rest itself) or a control message waits (it must go first: the writer is woken for it). What the
     /// socket does not take is left to the writer.
@@ -413,7 +449,12 @@ impl WriteQueue {
             let before: usize = p.data.iter().map(Bytes::len).sum();
             while !p.data.is_empty() && write_some(sock, &mut p.data).is_ok() {}
             let after: usize = p.data.iter().map(Bytes::len).sum();
+            let was_full = p.data_bytes >= DATA_QUEUE_BYTES;
             p.data_bytes -= before - after;
+            if was_full && p.data_bytes < DATA_QUEUE_BYTES {
+                // One large UPDATE (extended messages) can fill the queue: the peer task may wait for room.
+                self.room.notify_one();
+            }
             if p.data.is_empty() {
                 if p.data.capacity() > WRITE_PIECES {
                     p.data = VecDeque::new();
@@ -503,23 +544,38 @@ impl DirectOut for DirectSink {
         self.done.load(Ordering::Acquire)
     }
 
+    fn try_write(&self, bytes: &Bytes) -> bool {
+        // A connection that is gone: the channel, where the session drops it.
+        let Some(wr) = self.wr.upgrade() else {
+            return false;
+        };
+        self.count(self.queue.try_now(bytes, &*wr), bytes)
+    }
+
     fn try_queue(&self, bytes: &Bytes) -> bool {
-        match self.queue.try_queue(bytes) {
-            None => false,
-            Some(Taken::Dropped) => true,
-            Some(Taken::Queued) => {
-                self.updates
-                    .fetch_add(count_messages(bytes), Ordering::Relaxed);
-                self.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                true
-            }
-        }
+        self.count(self.queue.try_queue(bytes), bytes)
     }
 
     fn flush(&self) {
         // A connection that is gone has nothing to write to.
         if let Some(wr) = self.wr.upgrade() {
             self.queue.flush(&*wr);
+        }
+    }
+}
+
+impl DirectSink {
+    /// Count what the queue took; whether it took it.
+    fn count(&self, taken: Option<Taken>, bytes: &Bytes) -> bool {
+        match taken {
+            None => false,
+            Some(Taken::Dropped) => true,
+            Some(Taken::Queued | Taken::Written) => {
+                self.updates
+                    .fetch_add(count_messages(bytes), Ordering::Relaxed);
+                self.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                true
+            }
         }
     }
 }

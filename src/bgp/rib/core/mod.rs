@@ -1,5 +1,6 @@
 //! The Sans-IO RIB: every route margay knows and every rule that moves them, with no task, socket or clock of
-//! its own. [`Rib::handle`] applies one [`RibInput`]; outputs go to the per-peer senders given at `PeerUp` and to
+//! its own. [`Rib::handle`] applies one [`RibInput`]; outputs go to the per-peer senders given at `PeerUp` (or,
+//! for an idle session, through its [`DirectOut`], the session's own code) and to
 //! [`Rib::take_fib_events`]; timers are [`Rib::next_deadline`] / [`Rib::on_timer`]. `task.rs` drives it.
 
 use std::collections::{HashMap, HashSet};
@@ -200,8 +201,8 @@ struct State {
     flushes: Vec<Arc<dyn DirectOut>>,
     /// The flusher task's inbox (bounded: a full one means the RIB flushes the chunk itself).
     flusher: Option<std::sync::mpsc::SyncSender<Vec<Arc<dyn DirectOut>>>>,
-    /// Whose turn the next chunk is: the flusher's or the RIB's.
-    flush_turn: bool,
+    /// Sessions written or queued directly in this pump (whose turn a session is: see `write_direct`).
+    direct_n: usize,
     group_ids: HashMap<GroupKey, usize>,
     /// Slots with a non-empty `dirty` set or `dirty_tail`.
     dirty_slots: Vec<u16>,
@@ -276,7 +277,7 @@ impl Rib {
                 behind: 0,
                 flushes: Vec::new(),
                 flusher: None,
-                flush_turn: false,
+                direct_n: 0,
             },
             room: Arc::new(chan::Bell::new()),
         }
@@ -874,6 +875,7 @@ mod tests {
         refuse: std::sync::atomic::AtomicBool,
         written: std::sync::Mutex<Vec<bytes::Bytes>>,
         flushed: std::sync::atomic::AtomicU64,
+        queued: std::sync::atomic::AtomicU64,
     }
 
     impl DirectOut for FakeDirect {
@@ -883,12 +885,17 @@ mod tests {
         fn done(&self) -> u64 {
             self.done.load(std::sync::atomic::Ordering::SeqCst)
         }
-        fn try_queue(&self, bytes: &bytes::Bytes) -> bool {
+        fn try_write(&self, bytes: &bytes::Bytes) -> bool {
             if self.refuse.load(std::sync::atomic::Ordering::SeqCst) {
                 return false;
             }
             self.written.lock().unwrap().push(bytes.clone());
             true
+        }
+        fn try_queue(&self, bytes: &bytes::Bytes) -> bool {
+            self.queued
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.try_write(bytes)
         }
         fn flush(&self) {
             self.flushed
@@ -971,7 +978,11 @@ mod tests {
         direct.done.store(taken, SeqCst);
         rib.handle(one_route(1, prefix(2), 2), now);
         assert_eq!(written_prefixes(&direct), [prefix(2)]);
-        assert_eq!(direct.flushed.load(SeqCst), 1, "and flushed");
+        assert_eq!(
+            direct.queued.load(SeqCst),
+            0,
+            "the first sessions of a change are written at once"
+        );
         assert_eq!(rx.try_recv(), Err(chan::TryRecvError::Empty));
         // The socket has something queued: the channel again ...
         direct.refuse.store(true, SeqCst);

@@ -92,34 +92,42 @@ impl State {
             return Some(msg);
         };
         wire.offer(ctx, &bytes);
-        if !d.try_queue(&bytes) {
-            return Some(msg);
+        // Chunks of FLUSH_CHUNK sessions in turn: written here, then queued for the flusher thread.
+        let mine = self.flusher.is_none() || (self.direct_n / FLUSH_CHUNK).is_multiple_of(2);
+        if mine {
+            if !d.try_write(&bytes) {
+                return Some(msg);
+            }
+        } else {
+            if !d.try_queue(&bytes) {
+                return Some(msg);
+            }
+            let d = d.clone();
+            self.flushes.push(d);
         }
-        let d = d.clone();
-        self.flushes.push(d);
+        self.direct_n += 1;
         if self.flushes.len() >= FLUSH_CHUNK {
             self.hand_flushes();
         }
         None
     }
 
-    /// Write what [`State::write_direct`] queued: every other chunk on the flusher thread (another core,
-    /// when one is free), the rest here.
+    /// Hand what [`State::write_direct`] queued to the flusher thread (another core, when one is free),
+    /// or write it here if the flusher is gone or has too much; the next change starts a new turn.
     pub(super) fn hand_flushes(&mut self) {
         if self.flushes.is_empty() {
             return;
         }
         let chunk = std::mem::take(&mut self.flushes);
-        self.flush_turn = !self.flush_turn;
         let chunk = match &self.flusher {
-            Some(tx) if self.flush_turn => match tx.try_send(chunk) {
+            Some(tx) => match tx.try_send(chunk) {
                 Ok(()) => return,
                 Err(
                     std::sync::mpsc::TrySendError::Full(c)
                     | std::sync::mpsc::TrySendError::Disconnected(c),
                 ) => c,
             },
-            _ => chunk,
+            None => chunk,
         };
         for d in &chunk {
             d.flush();
@@ -832,6 +840,7 @@ impl Rib {
             self.st.mark_behind(t);
         }
         self.st.hand_flushes();
+        self.st.direct_n = 0;
     }
 
     fn pump(&mut self, t: u16, policy: &Policy, share: &mut WireShare) {
