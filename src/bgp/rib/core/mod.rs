@@ -801,13 +801,25 @@ mod tests {
         any
     }
 
+    /// A route reflector's RIB (cluster id 1.1.1.1, AS 65000) that accepts everything.
+    fn reflector_rib() -> Rib {
+        let mut cfg = RibConfig::new(65000, Ipv4Addr::new(10, 0, 0, 254));
+        cfg.cluster_id = Some(Ipv4Addr::new(1, 1, 1, 1));
+        Rib::new(cfg, Arc::new(Policy::accept_all()), false)
+    }
+
+    /// The k-th test /24 (10.100.k.0/24 onwards).
+    fn prefix(k: u32) -> IpNetwork {
+        IpNetwork::V4(
+            ipnetwork::Ipv4Network::new(Ipv4Addr::from(0x0a64_0000 + (k << 8)), 24).unwrap(),
+        )
+    }
+
     /// A peer whose channel is full gets, once it reads again, exactly the current state: every prefix with
     /// its last attributes, withdrawn ones gone, without the RIB ever queueing more than the channel holds.
     #[test]
     fn a_slow_peer_is_coalesced_to_the_current_state() {
-        let mut cfg = RibConfig::new(65000, Ipv4Addr::new(10, 0, 0, 254));
-        cfg.cluster_id = Some(Ipv4Addr::new(1, 1, 1, 1));
-        let mut rib = Rib::new(cfg, Arc::new(Policy::accept_all()), false);
+        let mut rib = reflector_rib();
         let now = Instant::now();
         let (fast_tx, mut fast_rx) = chan::channel(1 << 16);
         let (slow_tx, mut slow_rx) = chan::channel(2);
@@ -823,11 +835,6 @@ mod tests {
                 now,
             );
         }
-        let prefix = |k: u32| {
-            IpNetwork::V4(
-                ipnetwork::Ipv4Network::new(Ipv4Addr::from(0x0a64_0000 + (k << 8)), 24).unwrap(),
-            )
-        };
         // Ten rounds over 500 prefixes, each with its own MED: nothing groups, every change is a message.
         for round in 0..10u32 {
             for k in 0..500u32 {
@@ -925,37 +932,20 @@ mod tests {
     #[test]
     fn the_rib_writes_to_an_idle_session_itself_and_keeps_order_otherwise() {
         use std::sync::atomic::Ordering::SeqCst;
-        let mut cfg = RibConfig::new(65000, Ipv4Addr::new(10, 0, 0, 254));
-        cfg.cluster_id = Some(Ipv4Addr::new(1, 1, 1, 1));
-        let mut rib = Rib::new(cfg, Arc::new(Policy::accept_all()), false);
+        let mut rib = reflector_rib();
         let now = Instant::now();
-        let prefix = |k: u32| {
-            IpNetwork::V4(
-                ipnetwork::Ipv4Network::new(Ipv4Addr::from(0x0a64_0000 + (k << 8)), 24).unwrap(),
-            )
-        };
         let (src_tx, _src_rx) = chan::channel(64);
         let (tx, mut rx) = chan::channel(64);
         let direct = Arc::new(FakeDirect::default());
-        rib.handle(
-            RibInput::PeerUp {
-                peer: PeerId(1),
-                info: client(1),
-                out: src_tx,
-                direct: None,
-            },
-            now,
-        );
+        let up = |id: u8, out, direct| RibInput::PeerUp {
+            peer: PeerId(u32::from(id)),
+            info: client(id),
+            out,
+            direct,
+        };
+        rib.handle(up(1, src_tx, None), now);
         rib.handle(one_route(1, prefix(0), 0), now);
-        rib.handle(
-            RibInput::PeerUp {
-                peer: PeerId(2),
-                info: client(2),
-                out: tx,
-                direct: Some(direct.clone()),
-            },
-            now,
-        );
+        rib.handle(up(2, tx, Some(direct.clone() as Arc<dyn DirectOut>)), now);
         // The table walk and End-of-RIB go through the channel.
         let mut taken = 0;
         let mut held = BTreeMap::new();
@@ -1030,15 +1020,8 @@ mod tests {
     /// both times (the withdrawal's entry goes after what they have read).
     #[test]
     fn a_stalled_walk_does_not_hide_later_changes_from_the_others() {
-        let mut cfg = RibConfig::new(65000, Ipv4Addr::new(10, 0, 0, 254));
-        cfg.cluster_id = Some(Ipv4Addr::new(1, 1, 1, 1));
-        let mut rib = Rib::new(cfg, Arc::new(Policy::accept_all()), false);
+        let mut rib = reflector_rib();
         let now = Instant::now();
-        let prefix = |k: u32| {
-            IpNetwork::V4(
-                ipnetwork::Ipv4Network::new(Ipv4Addr::from(0x0a64_0000 + (k << 8)), 24).unwrap(),
-            )
-        };
         let announce = |rib: &mut Rib, peer: u32, k: u32| {
             rib.handle(one_route(peer, prefix(k), k), now);
         };
@@ -1104,9 +1087,7 @@ mod tests {
     /// exactly the paths, ids and attributes a fast one holds, withdrawn paths gone.
     #[test]
     fn a_slow_add_path_peer_is_coalesced_to_the_current_paths() {
-        let mut cfg = RibConfig::new(65000, Ipv4Addr::new(10, 0, 0, 254));
-        cfg.cluster_id = Some(Ipv4Addr::new(1, 1, 1, 1));
-        let mut rib = Rib::new(cfg, Arc::new(Policy::accept_all()), false);
+        let mut rib = reflector_rib();
         let now = Instant::now();
         let multi = |n: u8| PeerInfo {
             add_path_tx: vec![Family::IPV4_UNICAST],
@@ -1132,11 +1113,6 @@ mod tests {
                 now,
             );
         }
-        let prefix = |k: u32| {
-            IpNetwork::V4(
-                ipnetwork::Ipv4Network::new(Ipv4Addr::from(0x0a64_0000 + (k << 8)), 24).unwrap(),
-            )
-        };
         // Two origins per prefix, three rounds of changes each, then origin 1 withdraws half.
         for round in 0..3u32 {
             for src in [1u32, 2] {
