@@ -1837,6 +1837,44 @@ mod tests {
         );
     }
 
+    /// The RIB's immediate write ([`WriteQueue::try_now`]) happens only behind nothing; what the socket
+    /// does not take is queued for the writer, which is woken for it.
+    #[tokio::test]
+    async fn the_rib_writes_at_once_only_behind_nothing() {
+        let q = WriteQueue::default();
+        let sock = FakeSocket::default();
+        sock.room.set(1);
+        assert_eq!(
+            q.try_now(&Bytes::from_static(b"ab"), &sock),
+            Some(Taken::Written)
+        );
+        assert_eq!(&sock.took.borrow()[..], b"a");
+        sock.room.set(100);
+        assert_eq!(q.try_now(&Bytes::from_static(b"c"), &sock), None, "b waits");
+        match q.next().await {
+            Write::Data(p) => assert_eq!(p, [&b"b"[..]], "the writer has the rest"),
+            _ => panic!("expected the rest of the data"),
+        }
+        assert_eq!(
+            q.try_now(&Bytes::from_static(b"c"), &sock),
+            None,
+            "the writer holds b"
+        );
+        let idle = q.next();
+        tokio::pin!(idle);
+        assert!(futures::poll!(idle.as_mut()).is_pending(), "nothing queued");
+        assert_eq!(
+            q.try_now(&Bytes::from_static(b"cd"), &sock),
+            Some(Taken::Written)
+        );
+        assert_eq!(&sock.took.borrow()[..], b"acd");
+        q.close();
+        assert!(
+            matches!(idle.await, Write::Close),
+            "nothing was left queued"
+        );
+    }
+
     /// The RIB queues its own output ([`WriteQueue::try_queue`]) only when nothing is queued and the
     /// writer holds nothing; [`WriteQueue::flush`] writes it, leaving what the socket does not take to the
     /// writer; a closing queue drops it.
