@@ -407,6 +407,22 @@ impl SharedWire {
         (c == ctx).then(|| b.clone())
     }
 
+    /// The bytes another member encoded under `ctx`, or else `encode`'s, offered to the others.
+    pub fn get_or_encode<E>(
+        &self,
+        ctx: &EncodeCtx,
+        encode: impl FnOnce(&mut bytes::BytesMut) -> Result<(), E>,
+    ) -> Result<Bytes, E> {
+        if let Some(b) = self.get(ctx) {
+            return Ok(b);
+        }
+        let mut own = bytes::BytesMut::new();
+        encode(&mut own)?;
+        let b = own.freeze();
+        self.offer(ctx, &b);
+        Ok(b)
+    }
+
     /// Offer bytes encoded under `ctx` to the other members (the first offer wins).
     pub fn offer(&self, ctx: &EncodeCtx, bytes: &Bytes) {
         if let Some(cell) = &self.0 {

@@ -212,16 +212,7 @@ fn add<E>(
     if !wire.is_shared() {
         return encode(buf);
     }
-    let bytes = match wire.get(ctx) {
-        Some(b) => b,
-        None => {
-            let mut own = BytesMut::new();
-            encode(&mut own)?;
-            let b = own.freeze();
-            wire.offer(ctx, &b);
-            b
-        }
-    };
+    let bytes = wire.get_or_encode(ctx, encode)?;
     if !buf.is_empty() {
         *size += buf.len();
         pieces.push(buf.split().freeze());

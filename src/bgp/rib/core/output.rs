@@ -65,33 +65,24 @@ impl State {
             return Some(msg);
         };
         let ctx = d.ctx();
-        let (wire, encoded) = match &msg {
+        let encoded = match &msg {
             RibOutput::Updates {
                 family,
                 attrs,
                 nlri,
                 wire,
-            } => (
-                wire,
-                wire.get(ctx).map(Ok).unwrap_or_else(|| {
-                    let mut b = BytesMut::new();
-                    encode_updates(attrs, *family, nlri, ctx, &mut b).map(|_| b.freeze())
-                }),
-            ),
-            RibOutput::Withdraw { family, nlri, wire } => (
-                wire,
-                wire.get(ctx).map(Ok).unwrap_or_else(|| {
-                    let mut b = BytesMut::new();
-                    encode_withdrawals(*family, nlri, ctx, &mut b).map(|_| b.freeze())
-                }),
-            ),
+            } => wire.get_or_encode(ctx, |b| {
+                encode_updates(attrs, *family, nlri, ctx, b).map(|_| ())
+            }),
+            RibOutput::Withdraw { family, nlri, wire } => wire.get_or_encode(ctx, |b| {
+                encode_withdrawals(*family, nlri, ctx, b).map(|_| ())
+            }),
             _ => return Some(msg),
         };
         // An encoding error is the session's to report: it gets the message.
         let Ok(bytes) = encoded else {
             return Some(msg);
         };
-        wire.offer(ctx, &bytes);
         // Chunks of FLUSH_CHUNK sessions in turn: written here, then queued for the flusher thread.
         let mine = self.flusher.is_none() || (self.direct_n / FLUSH_CHUNK).is_multiple_of(2);
         if mine {
