@@ -23,8 +23,8 @@
 //!     │     bell when it has drained to half, and the RIB serves just those sessions
 //!     │──the fan-out case (rib::DirectOut): a session that holds nothing the RIB sent it and has nothing
 //!     │     queued for its socket gets the group's shared UPDATE queued by the RIB itself, no task woken;
-//!     │     the RIB writes the queued sockets in chunks, every other chunk on the rib-flush thread
-//!     │     (rib/task.rs), so one change's writes use two cores
+//!     │     the RIB and its rib-flush helper thread write the queued sockets in chunks, oldest first;
+//!     │     the RIB writes what is left at the end of the change (rib/flush.rs)
 //!     └──Vec<FibEvent> (mpsc, node only)──▶ FIB consumer
 //! ```
 //!

@@ -37,8 +37,9 @@
 //! the table in prefix order, then reads the log from the position it took when the walk began (changes
 //! behind the walk come through the log), with End-of-RIB after its initial walk. A member that has read
 //! the whole log and whose session is idle gets its one new message queued for its socket by the RIB
-//! itself and written in a chunk of sessions, on the RIB's thread or its flusher thread ([`DirectOut`]):
-//! a change reaching thousands of clients costs one write each, not a wake-up of each session's task.
+//! itself and written in a chunk of sessions, by the RIB or by its helper thread when a core is free
+//! (`flush.rs`, [`DirectOut`]): a change reaching thousands of clients costs one write each, not a
+//! wake-up of each session's task.
 //!
 //! Why the RIB task pumps (rather than each session reading a shared log under a lock): the log is only
 //! meaningful next to the table it indexes, which the RIB task alone owns; the sessions stay plain
@@ -55,6 +56,7 @@ mod chunkmap;
 mod core;
 mod decision;
 mod export;
+mod flush;
 mod table;
 mod task;
 
@@ -351,10 +353,11 @@ pub enum RibOutput {
 /// messages it sends through the session's output channel, and the session counts those it has taken
 /// and queued for its socket ([`DirectOut::done`]). The RIB queues itself only when the two agree (the
 /// session holds nothing of ours) and [`DirectOut::try_queue`] finds nothing queued for the socket;
-/// otherwise the message goes through the channel as usual. The RIB writes the first few dozen such
-/// sessions of a change itself ([`DirectOut::try_write`]), queues the next few dozen
-/// ([`DirectOut::try_queue`]) and hands them to its flusher thread ([`DirectOut::flush`]), and so on in
-/// turn, so the writes of one change use two cores when they are free.
+/// otherwise the message goes through the channel as usual. The RIB queues such sessions
+/// ([`DirectOut::try_queue`]) in chunks of a few dozen, which it and a helper thread take oldest first
+/// and write ([`DirectOut::flush`]); the RIB writes what is left when the change is done, so the writes
+/// of one change use two cores when one is free and never wait for the helper. Without a helper the RIB
+/// writes each session at once ([`DirectOut::try_write`]).
 pub trait DirectOut: Send + Sync {
     /// The encoding the session negotiated.
     fn ctx(&self) -> &EncodeCtx;

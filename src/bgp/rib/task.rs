@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc;
 
-use super::{DirectOut, FibEvent, Policy, Rib, RibConfig, RibInput};
+use super::{FibEvent, Policy, Rib, RibConfig, RibInput};
 
 /// The running RIB: the input sender, and the task, aborted when the handle is dropped.
 pub struct RibHandle {
@@ -44,33 +44,22 @@ pub fn spawn(
 ) -> RibHandle {
     let (tx, rx) = mpsc::channel(capacity.max(1));
     let mut rib = Rib::new(cfg, policy, fib.is_some());
-    // A thread, not a task: a task woken by the RIB's task waits on the same worker thread until the
-    // RIB's task yields (tokio runs it next there, and nobody can steal it), so the writes would not
-    // overlap at all.
-    let (flush_tx, flush_rx) = std::sync::mpsc::sync_channel(FLUSH_CHUNKS);
+    // The direct writes' helper (`flush.rs`) is a thread, not a task: a task woken by the RIB's task
+    // waits on the same worker thread until the RIB's task yields (tokio runs it next there, and nobody
+    // can steal it), so the writes would not overlap at all.
+    let q = Arc::new(super::flush::FlushQueue::default());
+    let helper = q.clone();
     match std::thread::Builder::new()
         .name("rib-flush".into())
-        .spawn(move || flush(flush_rx))
+        .spawn(move || helper.help())
     {
-        Ok(_) => rib.set_flusher(flush_tx),
+        Ok(_) => rib.set_flusher(q),
         Err(e) => {
             tracing::warn!("cannot start the RIB's flusher thread ({e}); the RIB writes alone")
         }
     }
     let task = crate::task::spawn("rib", run(rib, rx, fib));
     RibHandle { tx, task }
-}
-
-/// Chunks of direct writes that may wait for the flusher; with more, the RIB flushes them itself.
-const FLUSH_CHUNKS: usize = 64;
-
-/// Flush the sessions the RIB hands over, chunk by chunk, until the RIB is gone.
-fn flush(rx: std::sync::mpsc::Receiver<Vec<Arc<dyn DirectOut>>>) {
-    while let Ok(chunk) = rx.recv() {
-        for d in chunk {
-            d.flush();
-        }
-    }
 }
 
 async fn run(

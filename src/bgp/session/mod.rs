@@ -26,7 +26,7 @@
 //!   RIB task ──RibOutput (bounded, per session)──▶ peer task: encoded (rib_link.rs) and written to the
 //!     │ socket at once while nothing is queued and the writer is idle, else into the write queue
 //!     └──shared UPDATE, queued and written by the RIB itself (peer::DirectSink: on the RIB's thread or
-//!        its flusher's) while the peer task holds nothing the RIB sent and nothing is queued; what the
+//!        its helper's) while the peer task holds nothing the RIB sent and nothing is queued; what the
 //!        socket does not take is left to the writer
 //!   status: PeerStatus per peer behind a lock (state, since, last error in plain words, counters), read
 //!     by the owner when asked

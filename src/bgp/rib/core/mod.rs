@@ -198,10 +198,8 @@ struct State {
     behind: usize,
     /// Sessions with bytes the RIB queued itself, not yet flushed ([`State::hand_flushes`]).
     flushes: Vec<Arc<dyn DirectOut>>,
-    /// The flusher thread's inbox (bounded: a full one means the RIB flushes the chunk itself).
-    flusher: Option<std::sync::mpsc::SyncSender<Vec<Arc<dyn DirectOut>>>>,
-    /// Sessions written or queued directly in this pump (whose turn a session is: see `write_direct`).
-    direct_n: usize,
+    /// Chunks of `flushes` shared with the helper thread (none: the RIB writes at once, alone).
+    flusher: Option<Arc<super::flush::FlushQueue>>,
     group_ids: HashMap<GroupKey, usize>,
     /// Slots with a non-empty `dirty` set or `dirty_tail`.
     dirty_slots: Vec<u16>,
@@ -250,6 +248,15 @@ fn local_info(cfg: &RibConfig) -> PeerInfo {
     }
 }
 
+impl Drop for State {
+    /// The flusher thread ends with the RIB.
+    fn drop(&mut self) {
+        if let Some(q) = &self.flusher {
+            q.close();
+        }
+    }
+}
+
 impl Rib {
     /// A RIB with no peers. `fib`: whether to compute [`FibEvent`]s (a reflector has no FIB).
     pub fn new(cfg: RibConfig, policy: Arc<Policy>, fib: bool) -> Rib {
@@ -276,16 +283,15 @@ impl Rib {
                 behind: 0,
                 flushes: Vec::new(),
                 flusher: None,
-                direct_n: 0,
             },
             room: Arc::new(chan::Bell::new()),
         }
     }
 
-    /// Where every other chunk of the RIB's direct writes is flushed ([`DirectOut`]): a thread that calls
-    /// [`DirectOut::flush`] on each (without one, the RIB flushes them all itself).
-    pub fn set_flusher(&mut self, tx: std::sync::mpsc::SyncSender<Vec<Arc<dyn DirectOut>>>) {
-        self.st.flusher = Some(tx);
+    /// The queue the RIB shares with its helper thread for direct writes (`flush.rs`); without one, the
+    /// RIB writes each session at once ([`DirectOut::try_write`]).
+    pub fn set_flusher(&mut self, q: Arc<super::flush::FlushQueue>) {
+        self.st.flusher = Some(q);
     }
 
     /// What the RIB task waits on: sessions that were behind have room again; it hands their tokens
@@ -881,6 +887,8 @@ mod tests {
         refuse: std::sync::atomic::AtomicBool,
         written: std::sync::Mutex<Vec<bytes::Bytes>>,
         queued: std::sync::atomic::AtomicU64,
+        /// Queued, not yet flushed.
+        pending: std::sync::Mutex<Vec<bytes::Bytes>>,
     }
 
     impl DirectOut for FakeDirect {
@@ -898,12 +906,18 @@ mod tests {
             true
         }
         fn try_queue(&self, bytes: &bytes::Bytes) -> bool {
+            if self.refuse.load(std::sync::atomic::Ordering::SeqCst) {
+                return false;
+            }
             self.queued
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            self.try_write(bytes)
+            self.pending.lock().unwrap().push(bytes.clone());
+            true
         }
-        /// Nothing to do: `try_queue` recorded the bytes as written.
-        fn flush(&self) {}
+        fn flush(&self) {
+            let mut pending = self.pending.lock().unwrap();
+            self.written.lock().unwrap().append(&mut pending);
+        }
     }
 
     /// The prefixes of the UPDATEs the RIB wrote itself.
@@ -1009,6 +1023,58 @@ mod tests {
             "a withdrawal, written"
         );
         assert_eq!(rx.try_recv(), Err(chan::TryRecvError::Empty));
+    }
+
+    /// With a helper thread that never runs (a busy machine), the RIB still writes every idle member
+    /// of a change before it is done with it: it queues them in chunks, leaves only the newest chunk
+    /// for the helper while it queues the next, and writes every chunk left at the end.
+    #[test]
+    fn the_rib_writes_every_chunk_itself_when_its_helper_never_runs() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let mut rib = reflector_rib();
+        let q = Arc::new(super::super::flush::FlushQueue::default());
+        rib.set_flusher(q.clone());
+        let now = Instant::now();
+        let (src_tx, _src_rx) = chan::channel(64);
+        rib.handle(
+            RibInput::PeerUp {
+                peer: PeerId(1),
+                info: client(1),
+                out: src_tx,
+                direct: None,
+            },
+            now,
+        );
+        // More members than two chunks hold.
+        let mut members = Vec::new();
+        for id in 2..=200u8 {
+            let (tx, mut rx) = chan::channel(64);
+            let direct = Arc::new(FakeDirect::default());
+            rib.handle(
+                RibInput::PeerUp {
+                    peer: PeerId(u32::from(id)),
+                    info: client(id),
+                    out: tx,
+                    direct: Some(direct.clone() as Arc<dyn DirectOut>),
+                },
+                now,
+            );
+            // End-of-RIB went through the channel; the session has taken it.
+            let mut taken = 0;
+            while rx.try_recv().is_ok() {
+                taken += 1;
+            }
+            direct.done.store(taken, SeqCst);
+            members.push((direct, rx));
+        }
+        rib.handle(one_route(1, prefix(7), 7), now);
+        for (direct, rx) in &mut members {
+            assert_eq!(direct.queued.load(SeqCst), 1, "queued by the RIB");
+            assert!(direct.pending.lock().unwrap().is_empty(), "and written");
+            assert_eq!(written_prefixes(direct), [prefix(7)]);
+            assert_eq!(rx.try_recv(), Err(chan::TryRecvError::Empty));
+        }
+        assert!(q.take_beyond(0).is_none(), "nothing left for the helper");
     }
 
     /// A member that stops reading in the middle of its table walk holds the log from being

@@ -5,6 +5,7 @@
 
 #[allow(unused_imports)]
 use super::*;
+use crate::bgp::rib::flush::flush_now;
 
 impl State {
     pub(super) fn meta(&self, slot: u16) -> SourceMeta {
@@ -83,45 +84,37 @@ impl State {
         let Ok(bytes) = encoded else {
             return Some(msg);
         };
-        // Chunks of FLUSH_CHUNK sessions in turn: written here, then queued for the flusher thread.
-        let mine = self.flusher.is_none() || (self.direct_n / FLUSH_CHUNK).is_multiple_of(2);
-        if mine {
-            if !d.try_write(&bytes) {
-                return Some(msg);
-            }
-        } else {
-            if !d.try_queue(&bytes) {
-                return Some(msg);
-            }
-            let d = d.clone();
-            self.flushes.push(d);
+        // Alone, the RIB writes at once; with a helper, it queues and writes by chunks.
+        if self.flusher.is_none() {
+            return (!d.try_write(&bytes)).then_some(msg);
         }
-        self.direct_n += 1;
+        if !d.try_queue(&bytes) {
+            return Some(msg);
+        }
+        let d = d.clone();
+        self.flushes.push(d);
         if self.flushes.len() >= FLUSH_CHUNK {
-            self.hand_flushes();
+            self.hand_flushes(false);
         }
         None
     }
 
-    /// Hand what [`State::write_direct`] queued to the flusher thread (another core, when one is free),
-    /// or write it here if the flusher is gone or has too much; the next change starts a new turn.
-    pub(super) fn hand_flushes(&mut self) {
-        if self.flushes.is_empty() {
+    /// Put what [`State::write_direct`] queued in the flush queue, and write its older chunks here,
+    /// leaving the newest to the helper thread; at the end of a change (`last`), write every chunk
+    /// left, so nothing waits for the helper.
+    pub(super) fn hand_flushes(&mut self, last: bool) {
+        let Some(q) = &self.flusher else {
             return;
-        }
-        let chunk = std::mem::take(&mut self.flushes);
-        let chunk = match &self.flusher {
-            Some(tx) => match tx.try_send(chunk) {
-                Ok(()) => return,
-                Err(
-                    std::sync::mpsc::TrySendError::Full(c)
-                    | std::sync::mpsc::TrySendError::Disconnected(c),
-                ) => c,
-            },
-            None => chunk,
         };
-        for d in &chunk {
-            d.flush();
+        let chunk = std::mem::take(&mut self.flushes);
+        if last {
+            q.drain();
+            flush_now(&chunk);
+        } else {
+            q.push(chunk);
+            if let Some(older) = q.take_beyond(1) {
+                flush_now(&older);
+            }
         }
     }
 
@@ -649,9 +642,10 @@ impl State {
     }
 }
 
-/// How many sessions' direct writes are handed on at once ([`State::hand_flushes`]): small enough that
-/// the first sessions' bytes leave while the RIB still reads for the others, large enough that handing
-/// a chunk to the flusher task costs little beside its writes.
+/// How many sessions' direct writes make one chunk of the flush queue ([`State::hand_flushes`]): small
+/// enough that the first sessions' bytes leave while the RIB still queues for the others (queueing 64
+/// costs about what writing 4 does), large enough that a chunk's lock and wake-up cost little beside its
+/// writes.
 const FLUSH_CHUNK: usize = 64;
 
 /// The messages of one flush, by content, so equal messages to different peers share their encoding.
@@ -830,8 +824,7 @@ impl Rib {
             }
             self.st.mark_behind(t);
         }
-        self.st.hand_flushes();
-        self.st.direct_n = 0;
+        self.st.hand_flushes(true);
     }
 
     fn pump(&mut self, t: u16, policy: &Policy, share: &mut WireShare) {
