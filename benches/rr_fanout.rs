@@ -41,15 +41,16 @@
 //! lands on the daemon measured. Needs two CPUs.
 //!
 //! Run: `cargo bench --bench rr_fanout -- [--clients N] [--rounds R] [--runs K] [--only bird,gobgp,margay] [--pin]`
-//! (`RR_FANOUT_ROUNDS=1` prints every probe round's time).
+//! (`RR_FANOUT_ROUNDS=1` prints every probe round's time). Stopped by a signal (Ctrl-C, `timeout`), it kills
+//! the daemon it started and deletes its namespace before it exits.
 
 #![allow(clippy::unwrap_used)] // bench code: a panic is the failure report
 
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -126,6 +127,7 @@ fn main() {
         return;
     }
     assert!(clients <= 16_000, "--clients at most 16000");
+    clean_up_on_signals();
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
         "rr_fanout: {clients} iBGP clients x one /26, {rounds} probe rounds, {runs} run(s) per daemon, alternating; medians{}",
@@ -221,6 +223,53 @@ fn pct(mut v: Vec<f64>, p: f64) -> f64 {
     v[k.min(v.len() - 1)]
 }
 
+/// What the current run must not leave behind if a signal ends the bench: its namespace and its
+/// daemon's pid (the guards below register and clear them).
+static LIVE: Mutex<(Option<String>, Option<u32>)> = Mutex::new((None, None));
+/// The signal that asked the bench to stop (0: none).
+static SIGNALLED: AtomicI32 = AtomicI32::new(0);
+
+fn live() -> std::sync::MutexGuard<'static, (Option<String>, Option<u32>)> {
+    LIVE.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    // Only an atomic store: the watcher thread does the rest outside the handler.
+    SIGNALLED.store(sig, Ordering::SeqCst);
+}
+
+/// SIGINT, SIGTERM and SIGHUP (Ctrl-C, `timeout`) end the bench as its guards would: the daemon
+/// killed, the namespace deleted. Without this a signal left `mgrf<pid>` and the daemon behind (drop
+/// guards do not run when a signal ends the process).
+fn clean_up_on_signals() {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        let act = SigAction::new(
+            SigHandler::Handler(on_signal),
+            SaFlags::empty(),
+            SigSet::empty(),
+        );
+        // SAFETY: the handler only stores to an atomic. Children get the default disposition back at exec.
+        unsafe { sigaction(sig, &act) }.expect("install a signal handler");
+    }
+    std::thread::spawn(|| loop {
+        let sig = SIGNALLED.load(Ordering::SeqCst);
+        if sig != 0 {
+            let live = live();
+            if let Some(pid) = live.1 {
+                let _ =
+                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
+            }
+            if let Some(ns) = &live.0 {
+                let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            }
+            eprintln!("rr_fanout: stopped by signal {sig}; its daemon and namespace are gone");
+            std::process::exit(128 + sig);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    });
+}
+
 /// A namespace that is deleted, with everything in it, when dropped.
 struct Netns(String);
 impl Netns {
@@ -230,6 +279,7 @@ impl Netns {
             .args(["netns", "del", &name])
             .stderr(Stdio::null())
             .status();
+        live().0 = Some(name.clone());
         run("ip", &["netns", "add", &name]);
         run("ip", &["-n", &name, "link", "set", "lo", "up"]);
         Netns(name)
@@ -238,14 +288,22 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        live().0 = None;
     }
 }
 
 struct Daemon(Child);
+impl Daemon {
+    fn new(child: Child) -> Daemon {
+        live().1 = Some(child.id());
+        Daemon(child)
+    }
+}
 impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+        live().1 = None;
     }
 }
 
@@ -406,7 +464,7 @@ fn run_one(daemon: &str, clients: usize, rounds: usize, pin: bool) -> Result<Fig
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let child = start(daemon, &ns.0, dir.path(), clients, pin)?;
     let pid = child.id();
-    let _guard = Daemon(child);
+    let _guard = Daemon::new(child);
     // The simulator runs inside the namespace: a thread of its own enters it and runs the runtime.
     let ns_path = format!("/var/run/netns/{}", ns.0);
     let sim = std::thread::spawn(move || -> Result<Sim, String> {

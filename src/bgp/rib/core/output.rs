@@ -643,10 +643,11 @@ impl State {
 }
 
 /// How many sessions' direct writes make one chunk of the flush queue ([`State::hand_flushes`]): small
-/// enough that the first sessions' bytes leave while the RIB still queues for the others (queueing 64
-/// costs about what writing 4 does), large enough that a chunk's lock and wake-up cost little beside its
-/// writes.
-const FLUSH_CHUNK: usize = 64;
+/// enough that the first sessions' bytes leave while the RIB still queues for the others and that the
+/// RIB and its helper end a change close together, large enough that a chunk's lock and wake-up cost
+/// little beside its writes. At 2,000 clients 32 was a little faster than 64 and no slower than 16
+/// (BENCHMARKS.md, session 12).
+const FLUSH_CHUNK: usize = 32;
 
 /// The messages of one flush, by content, so equal messages to different peers share their encoding.
 /// Only small messages are compared (a route or a few changing, the fan-out case); a table dump goes
