@@ -292,6 +292,44 @@ impl TryWrite for OwnedWriteHalf {
     }
 }
 
+/// The RIB's way to a session's socket: one buffer goes to the descriptor with `send(2)` directly, not
+/// through tokio, whose readiness state is one more cold cache line per session and change on a
+/// reflector's fan-out. Tokio's readiness may then say "writable" after such a write met a full socket:
+/// the writer's next write finds out and waits, as for any stale readiness.
+struct RawSock<'a> {
+    fd: std::os::fd::RawFd,
+    /// Held for the call, so `fd` is this connection's open descriptor.
+    wr: &'a OwnedWriteHalf,
+}
+
+impl<'a> RawSock<'a> {
+    fn new(fd: std::os::fd::RawFd, wr: &'a OwnedWriteHalf) -> Self {
+        debug_assert_eq!(fd, std::os::fd::AsRawFd::as_raw_fd(wr.as_ref()));
+        RawSock { fd, wr }
+    }
+}
+
+impl TryWrite for RawSock<'_> {
+    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.wr.try_write_vectored(bufs)
+    }
+    fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        // SAFETY: `fd` is open while `wr` is held (it owns the socket); `buf` is valid for its length.
+        let n = unsafe {
+            libc::send(
+                self.fd,
+                buf.as_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+}
+
 /// Write what `sock` takes of `pieces` now (at most [`WRITE_PIECES`] of them, one vectored write) and
 /// drop that from `pieces`; an error writes nothing: the caller's next waiting write meets it again.
 fn write_some(sock: &impl TryWrite, pieces: &mut VecDeque<Bytes>) -> io::Result<()> {
@@ -513,6 +551,8 @@ pub(crate) struct DirectSink {
     queue: Arc<WriteQueue>,
     /// Weak: the connection and its writer decide when the socket is shut, not the RIB.
     wr: std::sync::Weak<OwnedWriteHalf>,
+    /// `wr`'s descriptor, used only while `wr` is held ([`RawSock`]).
+    fd: std::os::fd::RawFd,
     ctx: EncodeCtx,
     done: AtomicU64,
     /// UPDATE messages and bytes the RIB wrote here (next to `done`: the cache line the RIB reads anyway).
@@ -549,7 +589,10 @@ impl DirectOut for DirectSink {
         let Some(wr) = self.wr.upgrade() else {
             return false;
         };
-        self.count(self.queue.try_now(bytes, &*wr), bytes)
+        self.count(
+            self.queue.try_now(bytes, &RawSock::new(self.fd, &wr)),
+            bytes,
+        )
     }
 
     fn try_queue(&self, bytes: &Bytes) -> bool {
@@ -559,7 +602,7 @@ impl DirectOut for DirectSink {
     fn flush(&self) {
         // A connection that is gone has nothing to write to.
         if let Some(wr) = self.wr.upgrade() {
-            self.queue.flush(&*wr);
+            self.queue.flush(&RawSock::new(self.fd, &wr));
         }
     }
 }
@@ -915,6 +958,7 @@ impl PeerTask {
                         Arc::new(DirectSink {
                             queue: c.queue.clone(),
                             wr: Arc::downgrade(&c.wr),
+                            fd: std::os::fd::AsRawFd::as_raw_fd(c.wr.as_ref().as_ref()),
                             ctx: self.encode_ctx.clone(),
                             done: AtomicU64::new(0),
                             updates: AtomicU64::new(0),
@@ -1873,6 +1917,37 @@ mod tests {
             matches!(idle.await, Write::Close),
             "nothing was left queued"
         );
+    }
+
+    /// The RIB's raw write reaches the peer, and a full socket says "would block" (the writer's case),
+    /// not an error that would end the session.
+    #[tokio::test]
+    async fn the_rib_raw_write_reaches_the_peer_and_would_block_when_full() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) =
+            tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+        let (mut peer, _) = accepted.unwrap();
+        let (_rd, wr) = client.unwrap().into_split();
+        let sock = RawSock::new(std::os::fd::AsRawFd::as_raw_fd(wr.as_ref()), &wr);
+        assert_eq!(sock.try_write(b"hello").unwrap(), 5);
+        let mut got = [0u8; 5];
+        peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"hello");
+        // Nobody reads now: the socket fills, and then the write would block.
+        let chunk = vec![0u8; 1 << 16];
+        let mut full = None;
+        for _ in 0..10_000 {
+            match sock.try_write(&chunk) {
+                Ok(_) => {}
+                Err(e) => {
+                    full = Some(e.kind());
+                    break;
+                }
+            }
+        }
+        assert_eq!(full, Some(io::ErrorKind::WouldBlock));
     }
 
     /// The RIB queues its own output ([`WriteQueue::try_queue`]) only when nothing is queued and the
