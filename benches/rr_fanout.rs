@@ -13,9 +13,9 @@
 //!
 //! The simulator is one current-thread tokio runtime: each client is a task that reads into a buffer and
 //! only walks the NLRI bytes, one receive call per message (see `read_some`). It still shares the
-//! machine: at N = 2,000 it takes about 11 ms of CPU per probe change (three quarters of it the kernel's
-//! receive and ACK path), against 16-21 ms for the reflector; on two cores that CPU is taken from the
-//! reflector being measured.
+//! machine: at N = 2,000 it takes 11-14 ms of CPU per probe change (about three quarters of it the
+//! kernel's receive and ACK path), against 12.5-16.4 ms for margay's reflector and 18.7 ms for BIRD's; on
+//! two cores that CPU is taken from the reflector being measured, and its reads end the measurement.
 //! Every reflector is passive (BIRD `passive on`, GoBGP `passive-mode`; margay makes Calico nodes with the
 //! higher address passive), so none spends time on connection attempts. After the probe rounds comes a
 //! restart storm: every tenth client closes its session and reconnects at once; the clock runs until every
@@ -37,7 +37,7 @@
 //!
 //! With `--pin` every thread of the daemon runs on CPU 0 (`taskset -c 0`) and the simulator on CPU 1, so
 //! neither takes CPU from the other: each daemon is measured on one core of its own (BIRD uses one
-//! thread anyway; margay's worker and flusher threads share that core), and the simulator's CPU no longer
+//! thread anyway; margay's worker and helper threads share that core), and the simulator's CPU no longer
 //! lands on the daemon measured. Needs two CPUs.
 //!
 //! Run: `cargo bench --bench rr_fanout -- [--clients N] [--rounds R] [--runs K] [--only bird,gobgp,margay] [--pin]`

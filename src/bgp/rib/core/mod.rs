@@ -768,6 +768,20 @@ mod tests {
     }
 
     /// One route from `peer` with its own next hop (10.0.0.`peer`) and `med`, as a session delivers it.
+    /// Client `id` (see [`client`]) comes up with output channel `out`.
+    fn peer_up(
+        id: u8,
+        out: chan::Sender<RibOutput>,
+        direct: Option<Arc<dyn DirectOut>>,
+    ) -> RibInput {
+        RibInput::PeerUp {
+            peer: PeerId(u32::from(id)),
+            info: client(id),
+            out,
+            direct,
+        }
+    }
+
     fn one_route(peer: u32, prefix: IpNetwork, med: u32) -> RibInput {
         let attrs = PathAttributes {
             origin: Some(Origin::Igp),
@@ -830,15 +844,7 @@ mod tests {
         let (slow_tx, mut slow_rx) = chan::channel(2);
         let (src_tx, _src_rx) = chan::channel(1 << 16);
         for (id, out) in [(1, src_tx), (2, fast_tx), (3, slow_tx)] {
-            rib.handle(
-                RibInput::PeerUp {
-                    peer: PeerId(id),
-                    info: client(id as u8),
-                    out,
-                    direct: None,
-                },
-                now,
-            );
+            rib.handle(peer_up(id, out, None), now);
         }
         // Ten rounds over 500 prefixes, each with its own MED: nothing groups, every change is a message.
         for round in 0..10u32 {
@@ -947,15 +953,12 @@ mod tests {
         let (src_tx, _src_rx) = chan::channel(64);
         let (tx, mut rx) = chan::channel(64);
         let direct = Arc::new(FakeDirect::default());
-        let up = |id: u8, out, direct| RibInput::PeerUp {
-            peer: PeerId(u32::from(id)),
-            info: client(id),
-            out,
-            direct,
-        };
-        rib.handle(up(1, src_tx, None), now);
+        rib.handle(peer_up(1, src_tx, None), now);
         rib.handle(one_route(1, prefix(0), 0), now);
-        rib.handle(up(2, tx, Some(direct.clone() as Arc<dyn DirectOut>)), now);
+        rib.handle(
+            peer_up(2, tx, Some(direct.clone() as Arc<dyn DirectOut>)),
+            now,
+        );
         // The table walk and End-of-RIB go through the channel.
         let mut taken = 0;
         let mut held = BTreeMap::new();
@@ -1036,27 +1039,14 @@ mod tests {
         rib.set_flusher(q.clone());
         let now = Instant::now();
         let (src_tx, _src_rx) = chan::channel(64);
-        rib.handle(
-            RibInput::PeerUp {
-                peer: PeerId(1),
-                info: client(1),
-                out: src_tx,
-                direct: None,
-            },
-            now,
-        );
+        rib.handle(peer_up(1, src_tx, None), now);
         // More members than two chunks hold.
         let mut members = Vec::new();
         for id in 2..=200u8 {
             let (tx, mut rx) = chan::channel(64);
             let direct = Arc::new(FakeDirect::default());
             rib.handle(
-                RibInput::PeerUp {
-                    peer: PeerId(u32::from(id)),
-                    info: client(id),
-                    out: tx,
-                    direct: Some(direct.clone() as Arc<dyn DirectOut>),
-                },
+                peer_up(id, tx, Some(direct.clone() as Arc<dyn DirectOut>)),
                 now,
             );
             // End-of-RIB went through the channel; the session has taken it.
@@ -1089,38 +1079,14 @@ mod tests {
         };
         let (src_tx, _src_rx) = chan::channel(1 << 10);
         let (fast_tx, mut fast_rx) = chan::channel(1 << 10);
-        rib.handle(
-            RibInput::PeerUp {
-                peer: PeerId(1),
-                info: client(1),
-                out: src_tx,
-                direct: None,
-            },
-            now,
-        );
+        rib.handle(peer_up(1, src_tx, None), now);
         for k in 0..10 {
             announce(&mut rib, 1, k);
         }
-        rib.handle(
-            RibInput::PeerUp {
-                peer: PeerId(2),
-                info: client(2),
-                out: fast_tx,
-                direct: None,
-            },
-            now,
-        );
+        rib.handle(peer_up(2, fast_tx, None), now);
         // Peer 3 takes one message of its walk and never reads again.
         let (slow_tx, _slow_rx) = chan::channel(1);
-        rib.handle(
-            RibInput::PeerUp {
-                peer: PeerId(3),
-                info: client(3),
-                out: slow_tx,
-                direct: None,
-            },
-            now,
-        );
+        rib.handle(peer_up(3, slow_tx, None), now);
         let mut fast = BTreeMap::new();
         held_after(&mut fast_rx, &mut fast);
         assert_eq!(fast.len(), 10);
