@@ -88,10 +88,21 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
+/// How long a network naming a pool that etcd holds waits for the node's view of the pools to catch up
+/// (its watch resumes within seconds after an etcd outage).
+const POOL_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl Backend for NodeDocker {
     async fn pools(&self) -> Result<Vec<IpPool>, PluginError> {
         self.ipam
             .pools()
+            .await
+            .map_err(|e| PluginError::ipam("IPAM pools", e))
+    }
+
+    async fn pools_naming(&self, name: &str) -> Result<Vec<IpPool>, PluginError> {
+        self.ipam
+            .pools_naming(name, POOL_CATCH_UP)
             .await
             .map_err(|e| PluginError::ipam("IPAM pools", e))
     }

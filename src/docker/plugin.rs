@@ -70,6 +70,12 @@ impl PluginError {
 pub trait Backend: Send + Sync + 'static {
     /// Every IPPool the node's IPAM view holds.
     fn pools(&self) -> impl Future<Output = Result<Vec<IpPool>, PluginError>> + Send;
+    /// [`Backend::pools`], including `name` if the datastore holds it (the view may be a moment behind a
+    /// pool written just now).
+    fn pools_naming(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<Vec<IpPool>, PluginError>> + Send;
     /// The pools an assign without a pool list draws from (the node's selected, enabled pools).
     fn usable_pools(
         &self,
@@ -275,7 +281,10 @@ impl<B: Backend> Plugin<B> {
         if by_name.is_none() && req.pool.is_empty() {
             return Ok(None);
         }
-        let pools = self.backend.pools().await?;
+        let pools = match by_name {
+            Some(n) => self.backend.pools_naming(n).await?,
+            None => self.backend.pools().await?,
+        };
         let known = || {
             let v: Vec<String> = pools
                 .iter()
@@ -581,6 +590,9 @@ mod tests {
                 return Err(PluginError::ipam("IPAM pools", unreachable()));
             }
             Ok(self.pools.clone())
+        }
+        async fn pools_naming(&self, _: &str) -> Result<Vec<IpPool>, PluginError> {
+            self.pools().await
         }
         async fn usable_pools(&self, v6: bool) -> Result<Vec<String>, PluginError> {
             Ok(self

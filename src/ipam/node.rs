@@ -132,6 +132,8 @@ enum Request {
     Routes(oneshot::Sender<NodeRoutes>),
     Allocations(oneshot::Sender<Vec<NodeAllocation>>),
     Pools(oneshot::Sender<Vec<IpPool>>),
+    /// Whether etcd holds a pool of this name now (not the view: it may be behind).
+    PoolStored(String, oneshot::Sender<Result<bool, IpamError>>),
     Usable(Family, oneshot::Sender<Vec<String>>),
     /// The node's labels changed (its Node resource): pools' nodeSelector is evaluated with these from now on.
     SetLabels(BTreeMap<String, String>, oneshot::Sender<()>),
@@ -257,6 +259,36 @@ impl NodeIpam {
             .await
             .map_err(|_| IpamError::Stopped(self.node.clone()))?;
         rx.await.map_err(|_| IpamError::Stopped(self.node.clone()))
+    }
+
+    /// The pools as [`NodeIpam::pools`] gives them, but once they include `name` if etcd holds a pool of
+    /// that name: a pool written just now (`margay apply`, then at once `docker network create` naming
+    /// it) reaches the view through its watch a moment later, longer while the watch resumes after an
+    /// etcd outage. Waits at most `within` for it; a name etcd does not hold is answered at once.
+    pub async fn pools_naming(
+        &self,
+        name: &str,
+        within: Duration,
+    ) -> Result<Vec<IpPool>, IpamError> {
+        let named = |pools: &[IpPool]| pools.iter().any(|p| p.name() == name);
+        let pools = self.pools().await?;
+        if named(&pools) {
+            return Ok(pools);
+        }
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Request::PoolStored(name.to_string(), reply))
+            .await
+            .map_err(|_| IpamError::Stopped(self.node.clone()))?;
+        let stored = rx
+            .await
+            .map_err(|_| IpamError::Stopped(self.node.clone()))??;
+        if !stored {
+            return Ok(pools);
+        }
+        let mut published = self.pools.clone();
+        let _ = tokio::time::timeout(within, published.wait_for(|p| named(p))).await;
+        self.pools().await
     }
 
     /// The IP pools as the view holds them, published again whenever a pool is added, changed or deleted
@@ -672,6 +704,15 @@ impl State {
             }
             Request::Pools(reply) => {
                 let _ = reply.send(self.pool_list());
+            }
+            Request::PoolStored(name, reply) => {
+                let stored = self
+                    .ds
+                    .get(&keys::resource_key(PLURAL, &name))
+                    .await
+                    .map(|kv| kv.is_some())
+                    .map_err(IpamError::from);
+                let _ = reply.send(stored);
             }
             Request::ViewBlock(cidr, reply) => {
                 let _ = reply.send(
