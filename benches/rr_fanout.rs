@@ -14,7 +14,7 @@
 //! The simulator is one current-thread tokio runtime: each client is a task that reads into a buffer and
 //! only walks the NLRI bytes, one receive call per message (see `read_some`). It still shares the
 //! machine: at N = 2,000 it takes 11-14 ms of CPU per probe change (about three quarters of it the
-//! kernel's receive and ACK path), against 12.5-16.4 ms for margay's reflector and 18.7 ms for BIRD's; on
+//! kernel's receive and ACK path), against 12.5-16.0 ms for margay's reflector and 18.7 ms for BIRD's; on
 //! two cores that CPU is taken from the reflector being measured, and its reads end the measurement.
 //! Every reflector is passive (BIRD `passive on`, GoBGP `passive-mode`; margay makes Calico nodes with the
 //! higher address passive), so none spends time on connection attempts. After the probe rounds comes a
