@@ -122,9 +122,6 @@ mod tests {
         fn done(&self) -> u64 {
             0
         }
-        fn try_write(&self, _: &Bytes) -> bool {
-            true
-        }
         fn try_queue(&self, _: &Bytes) -> bool {
             true
         }

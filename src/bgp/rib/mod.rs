@@ -357,17 +357,15 @@ pub enum RibOutput {
 /// ([`DirectOut::try_queue`]) in chunks of a few dozen, which it and a helper thread take oldest first
 /// and write ([`DirectOut::flush`]); the RIB writes what is left when the change is done, so the writes
 /// of one change use two cores when one is free and never wait for the helper. Without a helper the RIB
-/// writes each session at once ([`DirectOut::try_write`]).
+/// flushes each session as soon as it has queued it.
 pub trait DirectOut: Send + Sync {
     /// The encoding the session negotiated.
     fn ctx(&self) -> &EncodeCtx;
     /// How many messages of the output channel the session has taken and queued (or dropped).
     fn done(&self) -> u64;
-    /// Write `bytes` (whole UPDATE messages) to the socket now if nothing is queued ahead of them (what
-    /// the socket does not take is left to the session's writer). False: nothing done, something is
+    /// Queue `bytes` (whole UPDATE messages) for the socket, for [`DirectOut::flush`], if nothing is
+    /// queued ahead of them, without waking the session's writer. False: nothing done, something is
     /// queued; send it through the channel.
-    fn try_write(&self, bytes: &Bytes) -> bool;
-    /// [`DirectOut::try_write`], but only queued, for a later [`DirectOut::flush`].
     fn try_queue(&self, bytes: &Bytes) -> bool;
     /// Write what is queued, unless the session's writer is at it (what the socket does not take is
     /// left to the writer).

@@ -371,8 +371,6 @@ fn consume(pieces: &mut VecDeque<Bytes>, mut n: usize) {
 enum Taken {
     /// Queued behind nothing, for [`WriteQueue::flush`].
     Queued,
-    /// Written (what the socket did not take queued for the writer).
-    Written,
     /// The connection is closing: dropped.
     Dropped,
 }
@@ -448,31 +446,6 @@ impl WriteQueue {
         p.data_bytes += bytes.len();
         p.data.push_back(bytes.clone());
         Some(Taken::Queued)
-    }
-
-    /// [`WriteQueue::try_queue`], written at once: the bytes go to `sock` now if nothing is queued and
-    /// the writer is idle; what the socket does not take is queued for the writer.
-    fn try_now(&self, bytes: &Bytes, sock: &impl TryWrite) -> Option<Taken> {
-        let mut p = self.lock();
-        if p.close {
-            return Some(Taken::Dropped);
-        }
-        if p.writing || !p.control.is_empty() || !p.data.is_empty() {
-            return None;
-        }
-        let mut pieces = VecDeque::from([bytes.clone()]);
-        while !pieces.is_empty() && write_some(sock, &mut pieces).is_ok() {}
-        if pieces.is_empty() {
-            return Some(Taken::Written);
-        }
-        // A full (or failed) socket: the writer waits for room or reports the error.
-        for b in pieces {
-            p.data_bytes += b.len();
-            p.data.push_back(b);
-        }
-        drop(p);
-        self.wake.notify_one();
-        Some(Taken::Written)
     }
 
     /// Write the queued data to `sock` now, under the lock, unless the writer holds some (it writes the
@@ -584,17 +557,6 @@ impl DirectOut for DirectSink {
         self.done.load(Ordering::Acquire)
     }
 
-    fn try_write(&self, bytes: &Bytes) -> bool {
-        // A connection that is gone: the channel, where the session drops it.
-        let Some(wr) = self.wr.upgrade() else {
-            return false;
-        };
-        self.count(
-            self.queue.try_now(bytes, &RawSock::new(self.fd, &wr)),
-            bytes,
-        )
-    }
-
     fn try_queue(&self, bytes: &Bytes) -> bool {
         self.count(self.queue.try_queue(bytes), bytes)
     }
@@ -613,7 +575,7 @@ impl DirectSink {
         match taken {
             None => false,
             Some(Taken::Dropped) => true,
-            Some(Taken::Queued | Taken::Written) => {
+            Some(Taken::Queued) => {
                 self.updates
                     .fetch_add(count_messages(bytes), Ordering::Relaxed);
                 self.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
@@ -1878,44 +1840,6 @@ mod tests {
         assert!(
             matches!(idle.await, Write::Close),
             "the direct write queued nothing"
-        );
-    }
-
-    /// The RIB's immediate write ([`WriteQueue::try_now`]) happens only behind nothing; what the socket
-    /// does not take is queued for the writer, which is woken for it.
-    #[tokio::test]
-    async fn the_rib_writes_at_once_only_behind_nothing() {
-        let q = WriteQueue::default();
-        let sock = FakeSocket::default();
-        sock.room.set(1);
-        assert_eq!(
-            q.try_now(&Bytes::from_static(b"ab"), &sock),
-            Some(Taken::Written)
-        );
-        assert_eq!(&sock.took.borrow()[..], b"a");
-        sock.room.set(100);
-        assert_eq!(q.try_now(&Bytes::from_static(b"c"), &sock), None, "b waits");
-        match q.next().await {
-            Write::Data(p) => assert_eq!(p, [&b"b"[..]], "the writer has the rest"),
-            _ => panic!("expected the rest of the data"),
-        }
-        assert_eq!(
-            q.try_now(&Bytes::from_static(b"c"), &sock),
-            None,
-            "the writer holds b"
-        );
-        let idle = q.next();
-        tokio::pin!(idle);
-        assert!(futures::poll!(idle.as_mut()).is_pending(), "nothing queued");
-        assert_eq!(
-            q.try_now(&Bytes::from_static(b"cd"), &sock),
-            Some(Taken::Written)
-        );
-        assert_eq!(&sock.took.borrow()[..], b"acd");
-        q.close();
-        assert!(
-            matches!(idle.await, Write::Close),
-            "nothing was left queued"
         );
     }
 

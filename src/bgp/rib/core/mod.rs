@@ -289,7 +289,7 @@ impl Rib {
     }
 
     /// The queue the RIB shares with its helper thread for direct writes (`flush.rs`); without one, the
-    /// RIB writes each session at once ([`DirectOut::try_write`]).
+    /// RIB flushes each session as soon as it has queued it.
     pub fn set_flusher(&mut self, q: Arc<super::flush::FlushQueue>) {
         self.st.flusher = Some(q);
     }
@@ -904,13 +904,6 @@ mod tests {
         fn done(&self) -> u64 {
             self.done.load(std::sync::atomic::Ordering::SeqCst)
         }
-        fn try_write(&self, bytes: &bytes::Bytes) -> bool {
-            if self.refuse.load(std::sync::atomic::Ordering::SeqCst) {
-                return false;
-            }
-            self.written.lock().unwrap().push(bytes.clone());
-            true
-        }
         fn try_queue(&self, bytes: &bytes::Bytes) -> bool {
             if self.refuse.load(std::sync::atomic::Ordering::SeqCst) {
                 return false;
@@ -981,10 +974,9 @@ mod tests {
         direct.done.store(taken, SeqCst);
         rib.handle(one_route(1, prefix(2), 2), now);
         assert_eq!(written_prefixes(&direct), [prefix(2)]);
-        assert_eq!(
-            direct.queued.load(SeqCst),
-            0,
-            "the first sessions of a change are written at once"
+        assert!(
+            direct.pending.lock().unwrap().is_empty(),
+            "without a helper, queued and flushed at once"
         );
         assert_eq!(rx.try_recv(), Err(chan::TryRecvError::Empty));
         // The socket has something queued: the channel again ...

@@ -84,12 +84,13 @@ impl State {
         let Ok(bytes) = encoded else {
             return Some(msg);
         };
-        // Alone, the RIB writes at once; with a helper, it queues and writes by chunks.
-        if self.flusher.is_none() {
-            return (!d.try_write(&bytes)).then_some(msg);
-        }
         if !d.try_queue(&bytes) {
             return Some(msg);
+        }
+        // Alone, the RIB writes it at once; with a helper, by chunks.
+        if self.flusher.is_none() {
+            d.flush();
+            return None;
         }
         let d = d.clone();
         self.flushes.push(d);
